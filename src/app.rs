@@ -1,0 +1,176 @@
+//! Building the application from settings: store, migrations, server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use chrono::Duration;
+
+use crate::domain::entry::DEFAULT_LATE_HORIZON_DAYS;
+use crate::domain::{Catalog, KeySecret, Role};
+use crate::http::{AppState, Server};
+use crate::store::{self, NewApiKey, Store};
+
+/// The default database: a SQLite file in the working directory.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://tally.db";
+/// The default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7600";
+
+/// Everything a Tally process is configured with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `sqlite://FILE` or `postgres://…`.
+    pub database_url: String,
+    /// A plan catalog file; `None` for the built-in one.
+    pub plans: Option<PathBuf>,
+    /// Where `serve` listens.
+    pub listen: SocketAddr,
+    /// Entries older than this many days are refused.
+    pub late_horizon_days: i64,
+    /// An extra admin key from the environment.
+    pub admin_key: Option<String>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            database_url: DEFAULT_DATABASE_URL.into(),
+            plans: None,
+            listen: DEFAULT_LISTEN.parse().expect("valid default address"),
+            late_horizon_days: DEFAULT_LATE_HORIZON_DAYS,
+            admin_key: None,
+        }
+    }
+}
+
+impl Settings {
+    /// Loads the catalog the settings name.
+    pub fn load_catalog(&self) -> anyhow::Result<Catalog> {
+        match &self.plans {
+            None => Ok(Catalog::builtin()),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read plan catalog {}", path.display()))?;
+                Catalog::parse(&text).with_context(|| format!("in plan catalog {}", path.display()))
+            }
+        }
+    }
+
+    /// Opens the database and runs its migrations.
+    pub async fn open_store(&self) -> anyhow::Result<(Arc<dyn Store>, Arc<Catalog>)> {
+        let catalog = Arc::new(self.load_catalog()?);
+        let store = store::connect(&self.database_url, catalog.clone())
+            .await
+            .with_context(|| format!("cannot open database {}", redact_url(&self.database_url)))?;
+        store.migrate().await.context("cannot run database migrations")?;
+        Ok((store, catalog))
+    }
+}
+
+/// A URL with its password hidden, for messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!("{}{}:***{}", &url[..scheme + 3], &userinfo[..colon], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// A running-ready Tally: store opened, migrated, server bound.
+pub struct Application {
+    server: Server,
+    state: AppState,
+    port: u16,
+}
+
+impl Application {
+    /// Opens the store, runs migrations and binds the listener.
+    pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
+        let (store, catalog) = settings.open_store().await?;
+        let state = AppState::new(
+            store,
+            catalog,
+            settings.admin_key.as_deref(),
+            Duration::days(settings.late_horizon_days),
+        );
+        let server = Server::bind(settings.listen, state.clone())
+            .await
+            .with_context(|| format!("cannot listen on {}", settings.listen))?;
+        let port = server.local_addr()?.port();
+        Ok(Self { server, state, port })
+    }
+
+    /// The port bound (useful with port 0).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The shared state (store, catalog, metrics).
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// On a database with no key at all, creates one admin key and returns its
+    /// plaintext, to be shown once.
+    pub async fn bootstrap_admin_key(&self) -> anyhow::Result<Option<KeySecret>> {
+        if self.state.store.count_api_keys().await? > 0 {
+            return Ok(None);
+        }
+        let secret = create_key(self.state.store.as_ref(), Role::Admin, None, Some("bootstrap".into())).await?;
+        Ok(Some(secret))
+    }
+
+    /// Serves until `shutdown` resolves.
+    pub async fn run_until(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        self.server.run(shutdown).await.context("HTTP server failed")
+    }
+}
+
+/// Creates a key and returns its plaintext (stored only as a hash).
+pub async fn create_key(
+    store: &dyn Store,
+    role: Role,
+    account: Option<crate::domain::AccountId>,
+    name: Option<String>,
+) -> anyhow::Result<KeySecret> {
+    let secret = KeySecret::generate();
+    store
+        .create_api_key(&NewApiKey {
+            hash: secret.hash(),
+            prefix: secret.prefix(),
+            role,
+            account,
+            name,
+        })
+        .await?;
+    Ok(secret)
+}
+
+/// Resolves when the process is asked to stop (Ctrl-C or SIGTERM).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutdown requested; finishing requests in flight");
+}

@@ -1,0 +1,3 @@
+//! `tally-bench`: measures Tally against baselines in the same run.
+
+fn main() {}

@@ -1,0 +1,213 @@
+//! `tally import FILE.csv`: bulk-load entries in the entries export format,
+//! through the same validation and insert path as the HTTP API.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use chrono::Utc;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::app::Settings;
+use crate::domain::entry::EntryRules;
+use crate::domain::{EntryInput, InsertStatus, NewEntry};
+use crate::store::{Store, StoreError};
+
+/// Rows per insert batch.
+const BATCH: usize = 1_000;
+
+/// Arguments of `tally import`.
+#[derive(Debug, clap::Args)]
+pub struct ImportArgs {
+    /// CSV with a header row; columns as in `tally export entries`
+    /// (account, resource, amount, idempotency_key required; occurred_at,
+    /// source, metadata, reverses, id optional; recorded_at ignored).
+    file: PathBuf,
+    /// Accept entries older than the late-arrival horizon (backfills).
+    #[arg(long)]
+    allow_late: bool,
+}
+
+/// What an import did.
+#[derive(Debug, Default)]
+pub struct ImportSummary {
+    /// New ledger rows.
+    pub created: usize,
+    /// Rows whose key was already there with the same content.
+    pub duplicates: usize,
+    /// (line, reason) of each row refused.
+    pub rejected: Vec<(u64, String)>,
+}
+
+struct PendingRow {
+    line: u64,
+    source_id: Option<i64>,
+    entry: NewEntry,
+}
+
+/// Reads the file, inserts valid rows in batches and prints a summary.
+pub async fn run(settings: &Settings, args: ImportArgs) -> anyhow::Result<ExitCode> {
+    let (store, catalog) = settings.open_store().await?;
+    let file = File::open(&args.file).with_context(|| format!("cannot open {}", args.file.display()))?;
+    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let progress = ProgressBar::new(size)
+        .with_style(ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {msg}").expect("valid template"));
+    let mut reader = csv::Reader::from_reader(progress.wrap_read(file));
+    let headers = reader.headers().context("cannot read the CSV header row")?.clone();
+    let column = |name: &str| headers.iter().position(|h| h == name);
+    let required = ["account", "resource", "amount", "idempotency_key"];
+    let missing: Vec<_> = required.iter().filter(|c| column(c).is_none()).collect();
+    if !missing.is_empty() {
+        anyhow::bail!(
+            "{}: the header lacks {:?}; expected the entries export header: id,account,resource,amount,occurred_at,recorded_at,idempotency_key,source,reverses,metadata",
+            args.file.display(),
+            missing
+        );
+    }
+    let rules = EntryRules {
+        catalog: &catalog,
+        now: Utc::now(),
+        late_horizon: chrono::Duration::days(settings.late_horizon_days),
+        allow_late: args.allow_late,
+    };
+
+    let mut summary = ImportSummary::default();
+    // Ids in the file → ids in this ledger, so `reverses` follows its target.
+    let mut id_map: HashMap<i64, i64> = HashMap::new();
+    let mut batch: Vec<PendingRow> = Vec::with_capacity(BATCH);
+    for record in reader.records() {
+        let record = match record {
+            Ok(r) => r,
+            Err(e) => {
+                let line = e.position().map_or(0, |p| p.line());
+                summary.rejected.push((line, format!("unreadable CSV row: {e}")));
+                continue;
+            }
+        };
+        let line = record.position().map_or(0, |p| p.line());
+        let field = |name: &str| column(name).and_then(|i| record.get(i)).filter(|v| !v.is_empty());
+        let metadata = match field("metadata")
+            .map(serde_json::from_str::<serde_json::Value>)
+            .transpose()
+        {
+            Ok(m) => m,
+            Err(e) => {
+                summary.rejected.push((line, format!("metadata is not JSON: {e}")));
+                continue;
+            }
+        };
+        let input = EntryInput {
+            account: field("account").map(str::to_owned),
+            resource: field("resource").map(str::to_owned),
+            amount: field("amount").map(|a| serde_json::value::to_raw_value(a).expect("a string is JSON")),
+            idempotency_key: field("idempotency_key").map(str::to_owned),
+            occurred_at: field("occurred_at").map(str::to_owned),
+            source: field("source").map(str::to_owned),
+            metadata,
+        };
+        let source_id = field("id").and_then(|v| v.parse().ok());
+        let reverses = match field("reverses").map(str::parse::<i64>).transpose() {
+            Ok(r) => r,
+            Err(_) => {
+                summary.rejected.push((line, "reverses is not an entry id".into()));
+                continue;
+            }
+        };
+        let mut entry = match input.validate(0, rules) {
+            Ok(entry) => entry,
+            Err(errors) => {
+                let reasons: Vec<String> = errors.iter().map(|e| format!("{}: {}", e.field, e.message)).collect();
+                summary.rejected.push((line, reasons.join("; ")));
+                continue;
+            }
+        };
+        if let Some(target) = reverses {
+            // The target may be in the batch not yet written: write it first.
+            if batch.iter().any(|row| row.source_id == Some(target)) {
+                flush(store.as_ref(), &mut batch, &mut id_map, &mut summary).await?;
+            }
+            entry.reverses = Some(id_map.get(&target).copied().unwrap_or(target));
+        }
+        batch.push(PendingRow { line, source_id, entry });
+        if batch.len() >= BATCH {
+            flush(store.as_ref(), &mut batch, &mut id_map, &mut summary).await?;
+        }
+    }
+    flush(store.as_ref(), &mut batch, &mut id_map, &mut summary).await?;
+    progress.finish_and_clear();
+
+    eprintln!(
+        "{}: {} created, {} duplicate, {} rejected",
+        args.file.display(),
+        summary.created,
+        summary.duplicates,
+        summary.rejected.len()
+    );
+    for (line, reason) in &summary.rejected {
+        eprintln!("  line {line}: {reason}");
+    }
+    Ok(if summary.rejected.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// Inserts a batch. A batch the store refuses as a whole (a conflicting key, a
+/// second reversal) is retried row by row, so that only the bad rows are rejected.
+async fn flush(
+    store: &dyn Store,
+    batch: &mut Vec<PendingRow>,
+    id_map: &mut HashMap<i64, i64>,
+    summary: &mut ImportSummary,
+) -> anyhow::Result<()> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let entries: Vec<NewEntry> = batch.iter().map(|r| r.entry.clone()).collect();
+    match store.insert_entries(&entries).await {
+        Ok(outcomes) => {
+            for (row, outcome) in batch.iter().zip(outcomes) {
+                record(row, outcome.id, outcome.status, id_map, summary);
+            }
+        }
+        Err(StoreError::Unavailable(e)) => return Err(e).context("the database became unavailable during the import"),
+        Err(_) => {
+            for row in batch.iter() {
+                match store.insert_entries(std::slice::from_ref(&row.entry)).await {
+                    Ok(mut outcomes) => {
+                        let outcome = outcomes.remove(0);
+                        record(row, outcome.id, outcome.status, id_map, summary);
+                    }
+                    Err(StoreError::Unavailable(e)) => {
+                        return Err(e).context("the database became unavailable during the import");
+                    }
+                    Err(StoreError::Internal(e)) => summary
+                        .rejected
+                        .push((row.line, format!("refused by the database: {e}"))),
+                    Err(e) => summary.rejected.push((row.line, e.to_string())),
+                }
+            }
+        }
+    }
+    batch.clear();
+    Ok(())
+}
+
+fn record(
+    row: &PendingRow,
+    id: i64,
+    status: InsertStatus,
+    id_map: &mut HashMap<i64, i64>,
+    summary: &mut ImportSummary,
+) {
+    match status {
+        InsertStatus::Created => summary.created += 1,
+        InsertStatus::Duplicate => summary.duplicates += 1,
+    }
+    if let Some(source_id) = row.source_id {
+        id_map.insert(source_id, id);
+    }
+}

@@ -1,0 +1,125 @@
+//! The `tally` command line: one binary, clap subcommands. Every read has a
+//! twin here that talks to the database directly, no server needed.
+
+mod import;
+mod keys;
+mod plans;
+mod post;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::app::{self, Application, Settings};
+use crate::domain::entry::DEFAULT_LATE_HORIZON_DAYS;
+
+/// Tally: a usage ledger for SaaS products.
+#[derive(Debug, Parser)]
+#[command(name = "tally", version, about)]
+pub struct Cli {
+    /// Database URL: sqlite://FILE (created if missing) or postgres://…
+    #[arg(long, env = "TALLY_DATABASE_URL", default_value = app::DEFAULT_DATABASE_URL, global = true)]
+    pub database_url: String,
+    /// Plan catalog (TOML); the built-in catalog when absent.
+    #[arg(long, env = "TALLY_PLANS", global = true)]
+    pub plans: Option<PathBuf>,
+    /// Entries older than this many days are refused as too_late.
+    #[arg(long, env = "TALLY_LATE_HORIZON_DAYS", default_value_t = DEFAULT_LATE_HORIZON_DAYS, global = true)]
+    pub late_horizon_days: i64,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP API.
+    Serve {
+        /// Address to listen on.
+        #[arg(long, default_value = app::DEFAULT_LISTEN)]
+        listen: SocketAddr,
+    },
+    /// Run database migrations and exit.
+    Migrate,
+    /// Post one entry.
+    Post(post::PostArgs),
+    /// Manage API keys.
+    #[command(subcommand)]
+    Keys(keys::KeysCommand),
+    /// Work with plan catalogs.
+    #[command(subcommand)]
+    Plans(plans::PlansCommand),
+    /// Bulk-load entries from a CSV file (the entries export format).
+    Import(import::ImportArgs),
+}
+
+impl Cli {
+    fn settings(&self) -> Settings {
+        Settings {
+            database_url: self.database_url.clone(),
+            plans: self.plans.clone(),
+            late_horizon_days: self.late_horizon_days,
+            admin_key: std::env::var("TALLY_ADMIN_KEY").ok().filter(|k| !k.is_empty()),
+            ..Settings::default()
+        }
+    }
+}
+
+/// Parses the command line, runs it and maps the outcome to an exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    crate::telemetry::init_tracing();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs one parsed command.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let settings = cli.settings();
+    match cli.command {
+        Command::Serve { listen } => serve(Settings { listen, ..settings }).await,
+        Command::Migrate => {
+            settings.open_store().await?;
+            eprintln!(
+                "migrations are up to date on {}",
+                app::redact_url(&settings.database_url)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Post(args) => post::run(&settings, args).await,
+        Command::Keys(command) => keys::run(&settings, command).await,
+        Command::Plans(command) => plans::run(&settings, command),
+        Command::Import(args) => import::run(&settings, args).await,
+    }
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<ExitCode> {
+    let application = Application::build(&settings).await?;
+    if let Some(secret) = application.bootstrap_admin_key().await? {
+        eprintln!("No API key existed, so Tally created this admin key. It is shown once; keep it:");
+        eprintln!("{}", secret.expose());
+    }
+    tracing::info!(
+        listen = %settings.listen,
+        database = %app::redact_url(&settings.database_url),
+        "tally listening on http://{}",
+        std::net::SocketAddr::new(settings.listen.ip(), application.port())
+    );
+    application.run_until(app::shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,76 @@
+//! `tally post`: one entry from the command line.
+
+use std::process::ExitCode;
+
+use chrono::Utc;
+use rand::RngCore;
+
+use crate::app::Settings;
+use crate::domain::EntryInput;
+use crate::domain::entry::{EntryRules, validate_batch};
+
+/// Arguments of `tally post`.
+#[derive(Debug, clap::Args)]
+pub struct PostArgs {
+    /// Account id.
+    account: String,
+    /// Resource name (see `tally plans show`).
+    resource: String,
+    /// Signed amount, e.g. 1500 or -0.25.
+    #[arg(allow_hyphen_values = true)]
+    amount: String,
+    /// When it happened (RFC 3339); now by default.
+    #[arg(long)]
+    at: Option<String>,
+    /// Idempotency key; a random one by default.
+    #[arg(long)]
+    key: Option<String>,
+    /// Who sent it.
+    #[arg(long, default_value = "cli")]
+    source: String,
+}
+
+/// Validates and appends the entry, printing its id and status.
+pub async fn run(settings: &Settings, args: PostArgs) -> anyhow::Result<ExitCode> {
+    let (store, catalog) = settings.open_store().await?;
+    let key = args.key.unwrap_or_else(|| {
+        let mut bytes = [0u8; 12];
+        rand::rng().fill_bytes(&mut bytes);
+        format!("cli-{}", hex::encode(bytes))
+    });
+    let input = EntryInput {
+        account: Some(args.account),
+        resource: Some(args.resource),
+        amount: Some(serde_json::value::to_raw_value(&args.amount)?),
+        idempotency_key: Some(key),
+        occurred_at: args.at,
+        source: Some(args.source),
+        metadata: None,
+    };
+    let rules = EntryRules {
+        catalog: &catalog,
+        now: Utc::now(),
+        late_horizon: chrono::Duration::days(settings.late_horizon_days),
+        allow_late: false,
+    };
+    let entries = match validate_batch(vec![input], rules) {
+        Ok(entries) => entries,
+        Err(errors) => {
+            for e in errors {
+                eprintln!("error: {}: {}", e.field, e.message);
+            }
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let outcome = store.insert_entries(&entries).await?.remove(0);
+    println!(
+        "{} entry {} (idempotency_key {})",
+        match outcome.status {
+            crate::domain::InsertStatus::Created => "created",
+            crate::domain::InsertStatus::Duplicate => "duplicate of",
+        },
+        outcome.id,
+        outcome.idempotency_key
+    );
+    Ok(ExitCode::SUCCESS)
+}

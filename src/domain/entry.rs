@@ -1,0 +1,339 @@
+//! Ledger entries: what clients send ([`EntryInput`]), what is validated for
+//! the store ([`NewEntry`]) and what the ledger holds ([`Entry`]).
+
+use chrono::{DateTime, Duration, SubsecRound, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::{AccountId, Amount, Catalog, IdempotencyKey, ResourceName};
+
+/// The most bytes an entry's metadata may take, as compact JSON.
+pub const MAX_METADATA_BYTES: usize = 4096;
+/// How far ahead of now `occurred_at` may be.
+pub const MAX_CLOCK_SKEW: Duration = Duration::minutes(5);
+/// The default late-arrival horizon.
+pub const DEFAULT_LATE_HORIZON_DAYS: i64 = 35;
+
+/// An entry as a client sends it, before validation. Required fields are
+/// optional here so that a missing one is reported per field (422), not as a
+/// malformed body.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntryInput {
+    /// Account id.
+    pub account: Option<String>,
+    /// Resource name.
+    pub resource: Option<String>,
+    /// A JSON string or number, kept as written so it is parsed exactly.
+    pub amount: Option<Box<RawValue>>,
+    /// Client-chosen key, unique per account.
+    pub idempotency_key: Option<String>,
+    /// RFC 3339; defaults to now.
+    pub occurred_at: Option<String>,
+    /// Free text naming the sender.
+    pub source: Option<String>,
+    /// A JSON object of at most 4 KiB.
+    pub metadata: Option<serde_json::Value>,
+}
+
+/// One validation problem, located by the entry's index and field.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldError {
+    /// Index of the entry in the request (0 for a single entry).
+    pub index: usize,
+    /// The field at fault.
+    pub field: &'static str,
+    /// A machine-readable code (`unknown_resource`, `in_future`, `too_late`, `invalid`, `missing`).
+    pub code: &'static str,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+/// The rules an entry is validated against.
+#[derive(Debug, Clone, Copy)]
+pub struct EntryRules<'a> {
+    /// The catalog that declares resources and their precision.
+    pub catalog: &'a Catalog,
+    /// The instant the request is judged at.
+    pub now: DateTime<Utc>,
+    /// Entries older than this are refused (`too_late`) unless `allow_late`.
+    pub late_horizon: Duration,
+    /// Backfills (`tally import --allow-late`) skip the horizon.
+    pub allow_late: bool,
+}
+
+/// A validated entry, ready for the store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEntry {
+    /// Account id.
+    pub account: AccountId,
+    /// Declared resource.
+    pub resource: ResourceName,
+    /// Exact amount in the resource's precision.
+    pub amount: Amount,
+    /// Idempotency key.
+    pub idempotency_key: IdempotencyKey,
+    /// When the usage happened (UTC, microseconds).
+    pub occurred_at: DateTime<Utc>,
+    /// Whether the client named `occurred_at`; a retry that leaves it out must
+    /// not conflict with the first post's defaulted "now".
+    pub occurred_at_given: bool,
+    /// Free text naming the sender.
+    pub source: Option<String>,
+    /// Compact JSON object text.
+    pub metadata: Option<String>,
+    /// The entry this one reverses.
+    pub reverses: Option<i64>,
+}
+
+impl NewEntry {
+    /// Whether `existing` (stored under the same key) records the same usage.
+    /// Resource, amount and, if the client gave one, occurred_at must match.
+    pub fn same_content_as(&self, existing: &Entry) -> bool {
+        self.resource == existing.resource
+            && self.amount == existing.amount
+            && (!self.occurred_at_given || self.occurred_at == existing.occurred_at)
+    }
+}
+
+/// Parses an RFC 3339 timestamp into UTC, truncated to microseconds (what both
+/// databases keep).
+pub fn parse_timestamp(text: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&Utc).trunc_subsecs(6))
+        .map_err(|e| format!("{text:?} is not an RFC 3339 timestamp ({e}); write it like 2026-11-23T14:05:00Z"))
+}
+
+impl EntryInput {
+    /// Validates the entry at `index`, collecting every problem.
+    pub fn validate(self, index: usize, rules: EntryRules<'_>) -> Result<NewEntry, Vec<FieldError>> {
+        let mut errors = Vec::new();
+        let mut fail = |field: &'static str, code: &'static str, message: String| {
+            errors.push(FieldError {
+                index,
+                field,
+                code,
+                message,
+            });
+        };
+
+        let account = match self.account.as_deref() {
+            None => {
+                fail("account", "missing", "account is required".into());
+                None
+            }
+            Some(raw) => AccountId::parse(raw).map_err(|m| fail("account", "invalid", m)).ok(),
+        };
+        let resource = match self.resource.as_deref() {
+            None => {
+                fail("resource", "missing", "resource is required".into());
+                None
+            }
+            Some(raw) => match rules.catalog.resource(raw) {
+                Ok((name, spec)) => Some((name.clone(), spec.decimals)),
+                Err(e) => {
+                    fail("resource", "unknown_resource", e.to_string());
+                    None
+                }
+            },
+        };
+        let amount = match (&self.amount, &resource) {
+            (None, _) => {
+                fail("amount", "missing", "amount is required".into());
+                None
+            }
+            (Some(raw), Some((name, decimals))) => match amount_text(raw) {
+                Ok(text) => Amount::parse(&text, *decimals)
+                    .map_err(|e| {
+                        fail(
+                            "amount",
+                            "invalid",
+                            format!("{e} ('{name}' takes {decimals} fractional digits)"),
+                        )
+                    })
+                    .ok(),
+                Err(m) => {
+                    fail("amount", "invalid", m);
+                    None
+                }
+            },
+            (Some(_), None) => None,
+        };
+        let idempotency_key = match self.idempotency_key.as_deref() {
+            None => {
+                fail("idempotency_key", "missing", "idempotency_key is required".into());
+                None
+            }
+            Some(raw) => IdempotencyKey::parse(raw)
+                .map_err(|m| fail("idempotency_key", "invalid", m))
+                .ok(),
+        };
+        let occurred_at = match self.occurred_at.as_deref() {
+            None => Some(rules.now.trunc_subsecs(6)),
+            Some(raw) => match parse_timestamp(raw) {
+                Err(m) => {
+                    fail("occurred_at", "invalid", m);
+                    None
+                }
+                Ok(t) if t > rules.now + MAX_CLOCK_SKEW => {
+                    fail(
+                        "occurred_at",
+                        "in_future",
+                        format!(
+                            "occurred_at {raw} is more than 5 minutes ahead of the server's clock ({})",
+                            rules.now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                        ),
+                    );
+                    None
+                }
+                Ok(t) if !rules.allow_late && t < rules.now - rules.late_horizon => {
+                    fail(
+                        "occurred_at",
+                        "too_late",
+                        format!(
+                            "occurred_at {raw} is older than the late-arrival horizon of {} days; backfill it with `tally import --allow-late`",
+                            rules.late_horizon.num_days()
+                        ),
+                    );
+                    None
+                }
+                Ok(t) => Some(t),
+            },
+        };
+        if let Some(source) = &self.source {
+            if source.chars().count() > 255 {
+                fail("source", "invalid", "source must be at most 255 characters".into());
+            }
+        }
+        let metadata = match self.metadata {
+            None | Some(serde_json::Value::Null) => None,
+            Some(value @ serde_json::Value::Object(_)) => {
+                let text = value.to_string();
+                if text.len() > MAX_METADATA_BYTES {
+                    fail(
+                        "metadata",
+                        "invalid",
+                        format!(
+                            "metadata is {} bytes as JSON; the limit is {MAX_METADATA_BYTES}",
+                            text.len()
+                        ),
+                    );
+                    None
+                } else {
+                    Some(text)
+                }
+            }
+            Some(_) => {
+                fail("metadata", "invalid", "metadata must be a JSON object".into());
+                None
+            }
+        };
+
+        match (account, resource, amount, idempotency_key, occurred_at) {
+            (Some(account), Some((resource, _)), Some(amount), Some(idempotency_key), Some(occurred_at))
+                if errors.is_empty() =>
+            {
+                Ok(NewEntry {
+                    account,
+                    resource,
+                    amount,
+                    idempotency_key,
+                    occurred_at,
+                    occurred_at_given: self.occurred_at.is_some(),
+                    source: self.source,
+                    metadata,
+                    reverses: None,
+                })
+            }
+            _ => Err(errors),
+        }
+    }
+}
+
+/// The text of a JSON amount: a string's contents, or a number's literal digits.
+fn amount_text(raw: &RawValue) -> Result<String, String> {
+    let text = raw.get();
+    if text.starts_with('"') {
+        serde_json::from_str::<String>(text).map_err(|e| format!("amount is not a valid JSON string: {e}"))
+    } else if text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
+        Ok(text.to_owned())
+    } else {
+        Err(format!("amount must be a decimal string or a JSON number, not {text}"))
+    }
+}
+
+/// An entry as the ledger holds it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Entry {
+    /// Ledger id (ascending in insertion order).
+    pub id: i64,
+    /// Account id.
+    pub account: AccountId,
+    /// Resource name.
+    pub resource: ResourceName,
+    /// Signed exact amount.
+    pub amount: Amount,
+    /// When the usage happened.
+    pub occurred_at: DateTime<Utc>,
+    /// When the ledger recorded it.
+    pub recorded_at: DateTime<Utc>,
+    /// The idempotency key it was posted with.
+    pub idempotency_key: IdempotencyKey,
+    /// Free text naming the sender.
+    pub source: Option<String>,
+    /// The JSON object posted with it.
+    pub metadata: Option<serde_json::Value>,
+    /// The entry this one reverses.
+    pub reverses: Option<i64>,
+}
+
+/// Whether a post created a row or matched an earlier one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InsertStatus {
+    /// A new ledger row.
+    Created,
+    /// The same key with the same content was already there; nothing changed.
+    Duplicate,
+}
+
+/// The outcome of one posted entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InsertOutcome {
+    /// The ledger id (the earlier one for a duplicate).
+    pub id: i64,
+    /// The key as posted.
+    pub idempotency_key: IdempotencyKey,
+    /// Created or duplicate.
+    pub status: InsertStatus,
+}
+
+/// Which ledger rows to list.
+#[derive(Debug, Clone, Default)]
+pub struct EntryFilter {
+    /// Only this account.
+    pub account: Option<AccountId>,
+    /// Only this resource.
+    pub resource: Option<ResourceName>,
+    /// occurred_at ≥ from.
+    pub from: Option<DateTime<Utc>>,
+    /// occurred_at < to.
+    pub to: Option<DateTime<Utc>>,
+    /// id > after_id (keyset pagination).
+    pub after_id: Option<i64>,
+    /// At most this many rows.
+    pub limit: u32,
+}
+
+/// Validates every entry of a batch; all problems are reported together.
+pub fn validate_batch(inputs: Vec<EntryInput>, rules: EntryRules<'_>) -> Result<Vec<NewEntry>, Vec<FieldError>> {
+    let mut valid = Vec::with_capacity(inputs.len());
+    let mut errors = Vec::new();
+    for (index, input) in inputs.into_iter().enumerate() {
+        match input.validate(index, rules) {
+            Ok(entry) => valid.push(entry),
+            Err(mut e) => errors.append(&mut e),
+        }
+    }
+    if errors.is_empty() { Ok(valid) } else { Err(errors) }
+}

@@ -1,0 +1,18 @@
+//! Validated domain types. Each has a `parse` constructor; once parsed, the
+//! rest of the code never re-checks them.
+
+pub mod account;
+pub mod amount;
+pub mod api_key;
+pub mod catalog;
+pub mod entry;
+pub mod idempotency;
+pub mod resource;
+
+pub use account::AccountId;
+pub use amount::{Amount, AmountError};
+pub use api_key::{ApiKey, KeySecret, Role};
+pub use catalog::Catalog;
+pub use entry::{Entry, EntryFilter, EntryInput, EntryRules, FieldError, InsertOutcome, InsertStatus, NewEntry};
+pub use idempotency::IdempotencyKey;
+pub use resource::ResourceName;

@@ -1,0 +1,93 @@
+//! Bearer-key authentication and role checks.
+
+use axum::extract::FromRequestParts;
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+
+use super::AppState;
+use super::error::ApiError;
+use crate::domain::{AccountId, KeySecret, Role};
+
+/// Who is calling: the role and account of the presented key.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The key's role.
+    pub role: Role,
+    /// The account the key is bound to, if any.
+    pub account: Option<AccountId>,
+}
+
+impl Caller {
+    /// 403 unless the caller has one of `roles`.
+    pub fn require(&self, roles: &[Role], action: &str) -> Result<(), ApiError> {
+        if roles.contains(&self.role) {
+            Ok(())
+        } else {
+            let names: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
+            Err(ApiError::Forbidden(format!(
+                "a {} key cannot {action}; this needs a key with role {}",
+                self.role,
+                names.join(" or ")
+            )))
+        }
+    }
+
+    /// 403 unless the caller may read `account`: admin and service keys read
+    /// any account (unless bound to one), readers only their own.
+    pub fn require_read(&self, account: &AccountId) -> Result<(), ApiError> {
+        self.require_account(account, "read")
+    }
+
+    /// 403 unless the caller may write for `account` (service or admin, bound
+    /// to that account if bound at all).
+    pub fn require_write(&self, account: &AccountId) -> Result<(), ApiError> {
+        self.require(&[Role::Admin, Role::Service], "post entries")?;
+        self.require_account(account, "write to")
+    }
+
+    fn require_account(&self, account: &AccountId, verb: &str) -> Result<(), ApiError> {
+        match (&self.account, self.role) {
+            (_, Role::Admin) | (None, Role::Service) => Ok(()),
+            (Some(own), _) if own == account => Ok(()),
+            (Some(own), _) => Err(ApiError::Forbidden(format!(
+                "this key belongs to account '{own}' and cannot {verb} account '{account}'"
+            ))),
+            (None, Role::Reader) => Err(ApiError::Forbidden(format!(
+                "this reader key is bound to no account and cannot {verb} account '{account}'"
+            ))),
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let header = parts.headers.get(AUTHORIZATION).ok_or_else(|| {
+            ApiError::Unauthorized(
+                "missing Authorization header; send `Authorization: Bearer KEY` (create a key with `tally keys create --role service`)".into(),
+            )
+        })?;
+        let presented = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .ok_or_else(|| ApiError::Unauthorized("the Authorization header must be `Bearer KEY`".into()))?;
+        let hash = KeySecret::from_presented(presented).hash();
+        if state.admin_key_hash.as_deref() == Some(hash.as_str()) {
+            return Ok(Caller {
+                role: Role::Admin,
+                account: None,
+            });
+        }
+        match state.store.api_key_by_hash(&hash).await? {
+            Some(key) => Ok(Caller {
+                role: key.role,
+                account: key.account,
+            }),
+            None => Err(ApiError::Unauthorized("unknown or revoked API key".into())),
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! The ledger over HTTP: post entries, reverse one, list an account's rows.
+
+use std::collections::HashMap;
+
+use axum::extract::{Path, State};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::AppState;
+use super::auth::Caller;
+use super::error::ApiError;
+use super::extract::{Body, JsonBody, QueryParams, parse_json};
+use super::params;
+use crate::domain::entry::{EntryRules, validate_batch};
+use crate::domain::{AccountId, Entry, EntryFilter, EntryInput, IdempotencyKey, InsertOutcome, InsertStatus, Role};
+use crate::store::reversal_of;
+
+/// The most entries one request may carry.
+pub const MAX_BATCH: usize = 10_000;
+/// The most rows one listing returns.
+pub const MAX_PAGE: u32 = 1_000;
+/// Rows per listing when `limit` is not given.
+pub const DEFAULT_PAGE: u32 = 100;
+
+/// The ledger's routes.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/entries", post(post_entries))
+        .route("/v1/entries/{id}/reversal", post(reverse_entry))
+        .route("/v1/accounts/{account}/entries", get(list_entries))
+}
+
+#[derive(Serialize)]
+struct PostEntriesResponse {
+    created: usize,
+    duplicates: usize,
+    entries: Vec<InsertOutcome>,
+}
+
+/// Splits a body into its entries: `{"entries": […]}` or one entry. The body is
+/// first read as a map of borrowed raw values, so amounts stay as written.
+fn entries_of(bytes: &[u8]) -> Result<Vec<EntryInput>, ApiError> {
+    let fields: HashMap<&str, &RawValue> = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::MalformedBody(format!("the body is not a JSON object: {e}")))?;
+    match fields.get("entries") {
+        Some(list) if fields.len() == 1 => parse_json(list.get().as_bytes()),
+        Some(_) => Err(ApiError::MalformedBody(
+            "a body is either one entry or {\"entries\": […]}, not both".into(),
+        )),
+        None => parse_json(bytes).map(|one| vec![one]),
+    }
+}
+
+async fn post_entries(
+    State(state): State<AppState>,
+    caller: Caller,
+    Body(bytes): Body,
+) -> Result<Json<PostEntriesResponse>, ApiError> {
+    caller.require(&[Role::Admin, Role::Service], "post entries")?;
+    let inputs = entries_of(&bytes)?;
+    if inputs.len() > MAX_BATCH {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "{} entries in one request; the limit is {MAX_BATCH}: split the batch",
+            inputs.len()
+        )));
+    }
+    if inputs.is_empty() {
+        return Err(ApiError::invalid("entries", "entries must hold 1 to 10000 entries"));
+    }
+    let entries = validate_batch(inputs, state.entry_rules()).map_err(ApiError::from_field_errors)?;
+    for entry in &entries {
+        caller.require_write(&entry.account)?;
+    }
+    let outcomes = state.store.insert_entries(&entries).await?;
+    let created = outcomes.iter().filter(|o| o.status == InsertStatus::Created).count();
+    state.metrics.entries_ingested(created as u64);
+    tracing::debug!(
+        created,
+        total = outcomes.len(),
+        "posted {created} of {} entries",
+        outcomes.len()
+    );
+    Ok(Json(PostEntriesResponse {
+        created,
+        duplicates: outcomes.len() - created,
+        entries: outcomes,
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReversalRequest {
+    idempotency_key: Option<String>,
+    reason: Option<String>,
+}
+
+#[derive(Serialize)]
+struct ReversalResponse {
+    #[serde(flatten)]
+    entry: Entry,
+    status: InsertStatus,
+}
+
+async fn reverse_entry(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    JsonBody(request): JsonBody<ReversalRequest>,
+) -> Result<Json<ReversalResponse>, ApiError> {
+    caller.require(&[Role::Admin, Role::Service], "reverse entries")?;
+    let id: i64 = id
+        .parse()
+        .map_err(|_| ApiError::NotFound(format!("entry {id:?} does not exist; entry ids are integers")))?;
+    let key = match request.idempotency_key.as_deref() {
+        None => return Err(ApiError::invalid("idempotency_key", "idempotency_key is required")),
+        Some(raw) => IdempotencyKey::parse(raw).map_err(|m| ApiError::invalid("idempotency_key", m))?,
+    };
+    if request.reason.as_ref().is_some_and(|r| r.chars().count() > 1000) {
+        return Err(ApiError::invalid("reason", "reason must be at most 1000 characters"));
+    }
+    let original = state.store.entry(id).await?;
+    caller.require_write(&original.account)?;
+    let reversal = reversal_of(&original, key, request.reason.as_deref())?;
+    let outcome = state
+        .store
+        .insert_entries(std::slice::from_ref(&reversal))
+        .await?
+        .pop()
+        .expect("one outcome per entry");
+    if outcome.status == InsertStatus::Created {
+        state.metrics.entries_ingested(1);
+    }
+    tracing::info!(
+        entry.id = id,
+        reversal.id = outcome.id,
+        "reversed entry {id} with entry {}",
+        outcome.id
+    );
+    let entry = state.store.entry(outcome.id).await?;
+    Ok(Json(ReversalResponse {
+        entry,
+        status: outcome.status,
+    }))
+}
+
+#[derive(Serialize)]
+struct EntryPage {
+    entries: Vec<Entry>,
+    next_after_id: Option<i64>,
+}
+
+async fn list_entries(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(account): Path<String>,
+    QueryParams(query): QueryParams,
+) -> Result<Json<EntryPage>, ApiError> {
+    let account = params::account(&account)?;
+    caller.require_read(&account)?;
+    let filter = entry_filter(account, &query, &state)?;
+    let entries = state.store.list_entries(&filter).await?;
+    let next_after_id = if entries.len() == filter.limit as usize {
+        entries.last().map(|e| e.id)
+    } else {
+        None
+    };
+    Ok(Json(EntryPage { entries, next_after_id }))
+}
+
+fn entry_filter(
+    account: AccountId,
+    query: &HashMap<String, String>,
+    state: &AppState,
+) -> Result<EntryFilter, ApiError> {
+    params::reject_unknown(query, &["from", "to", "resource", "after_id", "limit"])?;
+    let from = query.get("from").map(|v| params::instant("from", v)).transpose()?;
+    let to = query.get("to").map(|v| params::instant("to", v)).transpose()?;
+    if let (Some(from), Some(to)) = (from, to) {
+        if from > to {
+            return Err(ApiError::invalid("from", format!("from ({from}) is after to ({to})")));
+        }
+    }
+    let resource = query
+        .get("resource")
+        .map(|r| params::resource(&state.catalog, r))
+        .transpose()?;
+    let after_id = query
+        .get("after_id")
+        .map(|v| {
+            v.parse::<i64>()
+                .map_err(|_| ApiError::invalid("after_id", format!("after_id {v:?} is not an integer")))
+        })
+        .transpose()?;
+    let limit = match query.get("limit") {
+        None => DEFAULT_PAGE,
+        Some(v) => match v.parse::<u32>() {
+            Ok(n) if (1..=MAX_PAGE).contains(&n) => n,
+            _ => {
+                return Err(ApiError::invalid(
+                    "limit",
+                    format!("limit {v:?} must be an integer from 1 to {MAX_PAGE}"),
+                ));
+            }
+        },
+    };
+    Ok(EntryFilter {
+        account: Some(account),
+        resource,
+        from,
+        to,
+        after_id,
+        limit,
+    })
+}
+
+impl AppState {
+    /// The validation rules for entries posted now.
+    pub fn entry_rules(&self) -> EntryRules<'_> {
+        EntryRules {
+            catalog: &self.catalog,
+            now: Utc::now(),
+            late_horizon: self.late_horizon,
+            allow_late: false,
+        }
+    }
+}

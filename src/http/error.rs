@@ -1,0 +1,150 @@
+//! The one error type of the HTTP layer. Every failure leaves as the
+//! contract's body: `{"error": {"code", "message", "details"}}`.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::domain::FieldError;
+use crate::store::StoreError;
+
+/// An error answered to an HTTP client.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: the body is not the JSON we take.
+    #[error("{0}")]
+    MalformedBody(String),
+    /// 401: no key, or one we do not know.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// 403: the key lacks the role or the account.
+    #[error("{0}")]
+    Forbidden(String),
+    /// 404: no such entry or route.
+    #[error("{0}")]
+    NotFound(String),
+    /// 409 with a specific code (`idempotency_conflict`, `already_reversed`).
+    #[error("{message}")]
+    Conflict {
+        /// The error code.
+        code: &'static str,
+        /// What conflicts and what to do.
+        message: String,
+    },
+    /// 413: too many entries or too many bytes.
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// 422: well-formed but invalid; one item per problem.
+    #[error("{message}")]
+    Validation {
+        /// The error code (`validation_failed`, `unknown_resource`, `in_future`, `too_late`).
+        code: &'static str,
+        /// A summary.
+        message: String,
+        /// Every problem, located.
+        errors: Vec<FieldError>,
+    },
+    /// 503: the database cannot be reached.
+    #[error("the database is unavailable; retry shortly")]
+    Unavailable(#[source] StoreError),
+    /// 500: a bug or an unexpected database error; the cause goes to the log only.
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+impl ApiError {
+    /// A 422 about one field of a request that is not a list of entries.
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        Self::from_field_errors(vec![FieldError {
+            index: 0,
+            field,
+            code: "invalid",
+            message: message.into(),
+        }])
+    }
+
+    /// A 422 from validation problems; the code is the first specific one.
+    pub fn from_field_errors(errors: Vec<FieldError>) -> Self {
+        let code = errors
+            .iter()
+            .map(|e| e.code)
+            .find(|c| matches!(*c, "unknown_resource" | "in_future" | "too_late"))
+            .unwrap_or("validation_failed");
+        let message = match errors.as_slice() {
+            [one] => one.message.clone(),
+            many => format!(
+                "{} problems; the first: {}",
+                many.len(),
+                many.first().map_or("", |e| e.message.as_str())
+            ),
+        };
+        Self::Validation { code, message, errors }
+    }
+
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::MalformedBody(_) => (StatusCode::BAD_REQUEST, "malformed_body"),
+            Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Self::Conflict { code, .. } => (StatusCode::CONFLICT, code),
+            Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            Self::Validation { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, code),
+            Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"),
+            Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(m) => Self::NotFound(m),
+            StoreError::IdempotencyConflict { .. } => Self::Conflict {
+                code: "idempotency_conflict",
+                message: e.to_string(),
+            },
+            StoreError::AlreadyReversed(id) => Self::Conflict {
+                code: "already_reversed",
+                message: format!("entry {id} is already reversed; a second reversal would count the correction twice"),
+            },
+            StoreError::Invalid(m) => Self::invalid("id", m),
+            StoreError::Unavailable(_) => Self::Unavailable(e),
+            StoreError::Internal(_) => Self::Internal(e.into()),
+        }
+    }
+}
+
+/// Renders the chain of causes for the log.
+fn cause_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        if status.is_server_error() {
+            tracing::error!(error.code = code, error.cause = %cause_chain(&self), "request failed: {}", cause_chain(&self));
+        }
+        let details = match &self {
+            Self::Validation { errors, .. } => json!({ "errors": errors }),
+            _ => json!({}),
+        };
+        let body = json!({ "error": { "code": code, "message": self.to_string(), "details": details } });
+        let mut response = (status, Json(body)).into_response();
+        if matches!(self, Self::Unavailable(_)) {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}

@@ -1,0 +1,65 @@
+//! Request extractors that fail in the contract's error format.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use serde::de::DeserializeOwned;
+
+use super::error::ApiError;
+
+/// The most bytes a request body may have.
+pub const MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
+
+/// A request body as raw bytes, with 413 past [`MAX_BODY_BYTES`] and 400 on a
+/// broken stream.
+pub struct Body(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for Body {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        Bytes::from_request(req, state).await.map(Body).map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge(format!(
+                    "the request body is larger than {} MiB; split it into smaller batches",
+                    MAX_BODY_BYTES / 1024 / 1024
+                ))
+            } else {
+                ApiError::MalformedBody(format!("could not read the request body: {rejection}"))
+            }
+        })
+    }
+}
+
+/// Parses a JSON body, answering 400 with serde's located message.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::MalformedBody(format!("the body is not valid JSON for this endpoint: {e}")))
+}
+
+/// A JSON body (400 if malformed, 413 if too large).
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let Body(bytes) = Body::from_request(req, state).await?;
+        parse_json(&bytes).map(JsonBody)
+    }
+}
+
+/// Query parameters as text, so each one is parsed with a clear 422.
+pub struct QueryParams(pub std::collections::HashMap<String, String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for QueryParams {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(map)| QueryParams(map))
+            .map_err(|e| ApiError::MalformedBody(format!("the query string is malformed: {e}")))
+    }
+}

@@ -1,0 +1,94 @@
+//! The HTTP API (axum). Each module has a `router()`; [`router`] merges them.
+
+pub mod auth;
+pub mod entries;
+pub mod error;
+pub mod extract;
+pub mod health;
+pub mod params;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use chrono::Duration;
+use tokio::net::TcpListener;
+use tower_http::trace::TraceLayer;
+
+use crate::domain::{Catalog, KeySecret};
+use crate::store::Store;
+use crate::telemetry::Metrics;
+use error::ApiError;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    /// The database.
+    pub store: Arc<dyn Store>,
+    /// Resources and plans.
+    pub catalog: Arc<Catalog>,
+    /// Hash of `TALLY_ADMIN_KEY`, when set.
+    pub admin_key_hash: Option<String>,
+    /// Entries older than this are `too_late`.
+    pub late_horizon: Duration,
+    /// Counters for `/metrics`.
+    pub metrics: Arc<Metrics>,
+}
+
+impl AppState {
+    /// State over a store, with the settings that matter to handlers.
+    pub fn new(store: Arc<dyn Store>, catalog: Arc<Catalog>, admin_key: Option<&str>, late_horizon: Duration) -> Self {
+        Self {
+            store,
+            catalog,
+            admin_key_hash: admin_key.map(|k| KeySecret::from_presented(k).hash()),
+            late_horizon,
+            metrics: Arc::new(Metrics::default()),
+        }
+    }
+}
+
+/// All routes, with the body limit and request tracing.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .merge(entries::router())
+        .merge(health::router())
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::NotFound(format!("no route for {uri}; see API.md for the endpoints"))
+}
+
+/// A bound server, ready to run. Tests build it on port 0 and read the port.
+pub struct Server {
+    listener: TcpListener,
+    router: Router,
+}
+
+impl Server {
+    /// Binds `listen` (port 0 picks a free port).
+    pub async fn bind(listen: SocketAddr, state: AppState) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(listen).await?;
+        Ok(Self {
+            listener,
+            router: router(state),
+        })
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` resolves, then finishes requests in flight.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown)
+            .await
+    }
+}

@@ -1,0 +1,49 @@
+//! Parsing of path and query parameters, each failure a located 422.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, NaiveDate, Utc};
+
+use super::error::ApiError;
+use crate::domain::entry::parse_timestamp;
+use crate::domain::{AccountId, Catalog, ResourceName};
+
+/// An account id from the path.
+pub fn account(raw: &str) -> Result<AccountId, ApiError> {
+    AccountId::parse(raw).map_err(|m| ApiError::invalid("account", m))
+}
+
+/// A declared resource.
+pub fn resource(catalog: &Catalog, raw: &str) -> Result<ResourceName, ApiError> {
+    catalog.resource(raw).map(|(name, _)| name.clone()).map_err(|e| {
+        ApiError::from_field_errors(vec![crate::domain::FieldError {
+            index: 0,
+            field: "resource",
+            code: "unknown_resource",
+            message: e.to_string(),
+        }])
+    })
+}
+
+/// An instant: RFC 3339, or a bare date meaning its UTC midnight.
+pub fn instant(field: &'static str, raw: &str) -> Result<DateTime<Utc>, ApiError> {
+    if let Ok(day) = NaiveDate::parse_from_str(raw, "%Y-%m-%d") {
+        return Ok(day.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc());
+    }
+    parse_timestamp(raw).map_err(|m| ApiError::invalid(field, format!("{field}: {m} (or a date like 2026-11-01)")))
+}
+
+/// 422 for a query parameter this endpoint does not take (a typo would
+/// otherwise silently widen the result).
+pub fn reject_unknown(query: &HashMap<String, String>, known: &[&str]) -> Result<(), ApiError> {
+    match query.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(unknown) => Err(ApiError::invalid(
+            "query",
+            format!(
+                "unknown query parameter {unknown:?}; this endpoint takes {}",
+                known.join(", ")
+            ),
+        )),
+        None => Ok(()),
+    }
+}

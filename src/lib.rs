@@ -1,0 +1,14 @@
+//! Tally: a usage ledger for SaaS products.
+//!
+//! Services post signed entries into an append-only ledger (`store`), a
+//! scheduled rollup folds them into daily and monthly totals (`jobs`), and
+//! quota checks, usage views and exports read those totals (`http`, `export`,
+//! `cli`). See `docs/architecture.md`.
+
+pub mod app;
+pub mod cli;
+pub mod domain;
+pub mod http;
+pub mod store;
+pub mod telemetry;
+pub mod testing;

@@ -1,0 +1,249 @@
+//! Storage: one trait, one implementation per database engine.
+//!
+//! HTTP handlers and jobs talk to `dyn Store`, never to a pool. Queries are
+//! runtime-checked (`sqlx::query_as` + `FromRow`); there is no `sqlx::Any`,
+//! which lacks NUMERIC, timestamptz and Decimal.
+
+pub mod postgres;
+pub mod sqlite;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::domain::{
+    AccountId, ApiKey, Catalog, Entry, EntryFilter, IdempotencyKey, InsertOutcome, InsertStatus, NewEntry, Role,
+};
+
+/// Which database engine a store runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Embedded SQLite (the default).
+    Sqlite,
+    /// PostgreSQL (production).
+    Postgres,
+}
+
+/// What can go wrong in the store, small enough for callers to match on.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The row asked for does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// An idempotency key was reused with different content.
+    #[error("entry {index}: {message}")]
+    IdempotencyConflict {
+        /// Index of the offending entry in the batch.
+        index: usize,
+        /// What differs.
+        message: String,
+    },
+    /// The entry already has a reversal.
+    #[error("entry {0} is already reversed")]
+    AlreadyReversed(i64),
+    /// A request that contradicts what is stored (e.g. reversing a reversal).
+    #[error("{0}")]
+    Invalid(String),
+    /// The database cannot be reached or is overloaded.
+    #[error("database unavailable")]
+    Unavailable(#[source] sqlx::Error),
+    /// Anything else; the cause goes to the log, not to clients.
+    #[error("database error")]
+    Internal(#[source] sqlx::Error),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => {
+                StoreError::Unavailable(e)
+            }
+            sqlx::Error::Database(ref db) if is_unavailable_code(db.code().as_deref()) => StoreError::Unavailable(e),
+            other => StoreError::Internal(other),
+        }
+    }
+}
+
+/// SQLite BUSY/LOCKED and PostgreSQL's "cannot connect now"/"too many connections"
+/// mean "try again later", not a bug.
+fn is_unavailable_code(code: Option<&str>) -> bool {
+    matches!(code, Some("5" | "6" | "517" | "57P03" | "53300" | "53000"))
+}
+
+/// The ledger and everything around it, on one database.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The engine behind this store.
+    fn backend(&self) -> Backend;
+
+    /// Runs pending migrations.
+    async fn migrate(&self) -> anyhow::Result<()>;
+
+    /// Answers whether the database is reachable.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Appends a batch, all or nothing. An entry whose (account, key) exists
+    /// with the same content is a duplicate; with other content the whole batch
+    /// fails with [`StoreError::IdempotencyConflict`].
+    async fn insert_entries(&self, entries: &[NewEntry]) -> Result<Vec<InsertOutcome>, StoreError>;
+
+    /// One entry by id.
+    async fn entry(&self, id: i64) -> Result<Entry, StoreError>;
+
+    /// Ledger rows in ascending id order.
+    async fn list_entries(&self, filter: &EntryFilter) -> Result<Vec<Entry>, StoreError>;
+
+    /// Stores a new key's hash.
+    async fn create_api_key(&self, new: &NewApiKey) -> Result<ApiKey, StoreError>;
+
+    /// The unrevoked key with this hash, if any.
+    async fn api_key_by_hash(&self, hash: &str) -> Result<Option<ApiKey>, StoreError>;
+
+    /// Every key, revoked ones included.
+    async fn list_api_keys(&self) -> Result<Vec<ApiKey>, StoreError>;
+
+    /// Revokes a key; revoking twice keeps the first time.
+    async fn revoke_api_key(&self, id: i64) -> Result<ApiKey, StoreError>;
+
+    /// How many keys exist, revoked ones included.
+    async fn count_api_keys(&self) -> Result<i64, StoreError>;
+}
+
+/// A key to store: its hash and what it may do.
+#[derive(Debug, Clone)]
+pub struct NewApiKey {
+    /// SHA-256 of the plaintext, hex.
+    pub hash: String,
+    /// First characters of the plaintext.
+    pub prefix: String,
+    /// What it may do.
+    pub role: Role,
+    /// The account it is bound to.
+    pub account: Option<AccountId>,
+    /// A name for people.
+    pub name: Option<String>,
+}
+
+/// Opens the store a database URL names (`sqlite://…` or `postgres://…`).
+pub async fn connect(url: &str, catalog: Arc<Catalog>) -> anyhow::Result<Arc<dyn Store>> {
+    if url.starts_with("sqlite:") {
+        Ok(Arc::new(sqlite::SqliteStore::connect(url, catalog).await?))
+    } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        Ok(Arc::new(postgres::PgStore::connect(url, catalog).await?))
+    } else {
+        anyhow::bail!("unsupported database URL {url:?}; use sqlite://FILE or postgres://USER@HOST/DB")
+    }
+}
+
+/// Turns the rows a batch insert created, plus the rows already stored under
+/// the other keys, into per-entry outcomes in request order. Shared by both
+/// engines so that "duplicate or conflict" is decided in one place.
+pub(crate) fn resolve_outcomes(
+    entries: &[NewEntry],
+    created: &HashMap<(String, String), i64>,
+    existing: &HashMap<(String, String), Entry>,
+) -> Result<Vec<InsertOutcome>, StoreError> {
+    let mut seen_created = std::collections::HashSet::new();
+    entries
+        .iter()
+        .enumerate()
+        .map(|(index, entry)| {
+            let key = (entry.account.to_string(), entry.idempotency_key.to_string());
+            // The first occurrence of a key the insert created is "created";
+            // a repeat of it inside the same batch is compared like any duplicate.
+            if let Some(&id) = created.get(&key) {
+                if seen_created.insert(key.clone()) {
+                    return Ok(InsertOutcome {
+                        id,
+                        idempotency_key: entry.idempotency_key.clone(),
+                        status: InsertStatus::Created,
+                    });
+                }
+                let first = entries
+                    .iter()
+                    .find(|e| e.account == entry.account && e.idempotency_key == entry.idempotency_key)
+                    .expect("the first occurrence is in the batch");
+                return if same_new_content(first, entry) {
+                    Ok(InsertOutcome {
+                        id,
+                        idempotency_key: entry.idempotency_key.clone(),
+                        status: InsertStatus::Duplicate,
+                    })
+                } else {
+                    Err(conflict(index, entry, "an earlier entry of this batch"))
+                };
+            }
+            let stored = existing.get(&key).ok_or_else(|| {
+                StoreError::Invalid(format!("entry {index}: neither inserted nor found; retry the request"))
+            })?;
+            if entry.same_content_as(stored) && entry.reverses == stored.reverses {
+                Ok(InsertOutcome {
+                    id: stored.id,
+                    idempotency_key: entry.idempotency_key.clone(),
+                    status: InsertStatus::Duplicate,
+                })
+            } else {
+                Err(conflict(index, entry, &format!("entry {}", stored.id)))
+            }
+        })
+        .collect()
+}
+
+fn same_new_content(a: &NewEntry, b: &NewEntry) -> bool {
+    a.resource == b.resource
+        && a.amount == b.amount
+        && a.reverses == b.reverses
+        && (!(a.occurred_at_given && b.occurred_at_given) || a.occurred_at == b.occurred_at)
+}
+
+fn conflict(index: usize, entry: &NewEntry, other: &str) -> StoreError {
+    StoreError::IdempotencyConflict {
+        index,
+        message: format!(
+            "idempotency_key '{}' of account '{}' was already used by {other} with a different resource, amount or occurred_at; use a new key for new usage",
+            entry.idempotency_key, entry.account
+        ),
+    }
+}
+
+/// Builds the reversal of `original`: the opposite amount, in the same bucket.
+pub fn reversal_of(original: &Entry, key: IdempotencyKey, reason: Option<&str>) -> Result<NewEntry, StoreError> {
+    if let Some(reversed) = original.reverses {
+        return Err(StoreError::Invalid(format!(
+            "entry {} is itself the reversal of entry {reversed}; post a new entry instead of reversing a reversal",
+            original.id
+        )));
+    }
+    Ok(NewEntry {
+        account: original.account.clone(),
+        resource: original.resource.clone(),
+        amount: original.amount.negated(),
+        idempotency_key: key,
+        // Same occurred_at: the correction lands in the buckets the original counted in.
+        occurred_at: original.occurred_at,
+        occurred_at_given: true,
+        source: Some("reversal".into()),
+        metadata: reason.map(|r| serde_json::json!({ "reason": r }).to_string()),
+        reverses: Some(original.id),
+    })
+}
+
+/// Identifies a row by (account, idempotency key), the ledger's natural key.
+pub(crate) fn natural_key(entry: &NewEntry) -> (String, String) {
+    (entry.account.to_string(), entry.idempotency_key.to_string())
+}
+
+/// The reversal constraint's name in both engines' migrations.
+pub(crate) const REVERSES_INDEX: &str = "entries_reverses";
+
+pub(crate) fn map_reversal_violation(e: sqlx::Error, entries: &[NewEntry]) -> StoreError {
+    if let sqlx::Error::Database(db) = &e {
+        let mentions_reverses = db.constraint() == Some(REVERSES_INDEX) || db.message().contains("entries.reverses");
+        if db.is_unique_violation() && mentions_reverses {
+            let id = entries.iter().find_map(|e| e.reverses).unwrap_or_default();
+            return StoreError::AlreadyReversed(id);
+        }
+    }
+    e.into()
+}

@@ -1,0 +1,277 @@
+//! The SQLite store: the embedded default.
+//!
+//! WAL mode with a busy timeout; one writer connection (SQLite has one writer
+//! anyway, and queueing in-process beats spinning on SQLITE_BUSY) and a pool of
+//! readers. Writes begin with `BEGIN IMMEDIATE` so a transaction that reads
+//! before it writes never fails to upgrade its lock.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{FromRow, QueryBuilder, Sqlite, SqlitePool};
+
+use super::{Backend, NewApiKey, Store, StoreError, natural_key, resolve_outcomes};
+use crate::domain::{
+    AccountId, Amount, ApiKey, Catalog, Entry, EntryFilter, IdempotencyKey, InsertOutcome, NewEntry, ResourceName, Role,
+};
+
+/// The SQLite implementation of [`Store`].
+pub struct SqliteStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+    catalog: Arc<Catalog>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database file a `sqlite://` URL names.
+    pub async fn connect(url: &str, catalog: Arc<Catalog>) -> Result<Self, sqlx::Error> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: a ledger must not lose a committed entry on power loss.
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options.clone())
+            .await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options.read_only(false))
+            .await?;
+        Ok(Self {
+            writer,
+            reader,
+            catalog,
+        })
+    }
+
+    /// The pool for reads (for benchmarks and tests that inspect the database).
+    pub fn pool(&self) -> &SqlitePool {
+        &self.reader
+    }
+
+    fn entry_from_row(&self, row: EntryRow) -> Entry {
+        let decimals = self.catalog.decimals(&row.resource);
+        Entry {
+            id: row.id,
+            account: AccountId::from_stored(row.account),
+            resource: ResourceName::from_stored(row.resource),
+            amount: Amount::from_minor(row.amount, decimals),
+            occurred_at: from_micros(row.occurred_at),
+            recorded_at: from_micros(row.recorded_at),
+            idempotency_key: IdempotencyKey::from_stored(row.idempotency_key),
+            source: row.source,
+            metadata: row.metadata.and_then(|m| serde_json::from_str(&m).ok()),
+            reverses: row.reverses,
+        }
+    }
+}
+
+/// µs since the epoch, the stored form of a timestamp.
+pub(crate) fn to_micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+/// The inverse of [`to_micros`].
+pub(crate) fn from_micros(us: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(us).unwrap_or_default()
+}
+
+#[derive(FromRow)]
+struct EntryRow {
+    id: i64,
+    account: String,
+    resource: String,
+    amount: i64,
+    occurred_at: i64,
+    recorded_at: i64,
+    idempotency_key: String,
+    source: Option<String>,
+    metadata: Option<String>,
+    reverses: Option<i64>,
+}
+
+const ENTRY_COLUMNS: &str =
+    "id, account, resource, amount, occurred_at, recorded_at, idempotency_key, source, metadata, reverses";
+
+#[derive(FromRow)]
+struct ApiKeyRow {
+    id: i64,
+    name: Option<String>,
+    role: String,
+    account: Option<String>,
+    prefix: String,
+    created_at: i64,
+    revoked_at: Option<i64>,
+}
+
+impl From<ApiKeyRow> for ApiKey {
+    fn from(row: ApiKeyRow) -> Self {
+        ApiKey {
+            id: row.id,
+            name: row.name,
+            role: Role::parse(&row.role).unwrap_or(Role::Reader),
+            account: row.account.map(AccountId::from_stored),
+            prefix: row.prefix,
+            created_at: from_micros(row.created_at),
+            revoked_at: row.revoked_at.map(from_micros),
+        }
+    }
+}
+
+const API_KEY_COLUMNS: &str = "id, name, role, account, prefix, created_at, revoked_at";
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn backend(&self) -> Backend {
+        Backend::Sqlite
+    }
+
+    async fn migrate(&self) -> anyhow::Result<()> {
+        sqlx::migrate!("migrations/sqlite").run(&self.writer).await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.reader).await?;
+        Ok(())
+    }
+
+    async fn insert_entries(&self, entries: &[NewEntry]) -> Result<Vec<InsertOutcome>, StoreError> {
+        let recorded_at = to_micros(Utc::now());
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let mut created = HashMap::new();
+        let mut existing = HashMap::new();
+        for entry in entries {
+            let id: Option<i64> = sqlx::query_scalar(
+                "INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key, source, metadata, reverses)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                 ON CONFLICT (account, idempotency_key) DO NOTHING
+                 RETURNING id",
+            )
+            .bind(entry.account.as_str())
+            .bind(entry.resource.as_str())
+            .bind(entry.amount.minor())
+            .bind(to_micros(entry.occurred_at))
+            .bind(recorded_at)
+            .bind(entry.idempotency_key.as_str())
+            .bind(entry.source.as_deref())
+            .bind(entry.metadata.as_deref())
+            .bind(entry.reverses)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(|e| super::map_reversal_violation(e, entries))?;
+            let key = natural_key(entry);
+            match id {
+                Some(id) => {
+                    created.insert(key, id);
+                }
+                None if !created.contains_key(&key) => {
+                    let row: EntryRow = sqlx::query_as(&format!(
+                        "SELECT {ENTRY_COLUMNS} FROM entries WHERE account = ? AND idempotency_key = ?"
+                    ))
+                    .bind(entry.account.as_str())
+                    .bind(entry.idempotency_key.as_str())
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    existing.insert(key, self.entry_from_row(row));
+                }
+                None => {}
+            }
+        }
+        // Decide before committing: a conflict anywhere rolls the whole batch back.
+        let outcomes = resolve_outcomes(entries, &created, &existing)?;
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+
+    async fn entry(&self, id: i64) -> Result<Entry, StoreError> {
+        let row: Option<EntryRow> = sqlx::query_as(&format!("SELECT {ENTRY_COLUMNS} FROM entries WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&self.reader)
+            .await?;
+        row.map(|r| self.entry_from_row(r))
+            .ok_or_else(|| StoreError::NotFound(format!("entry {id} does not exist")))
+    }
+
+    async fn list_entries(&self, filter: &EntryFilter) -> Result<Vec<Entry>, StoreError> {
+        let mut query = QueryBuilder::<Sqlite>::new(format!("SELECT {ENTRY_COLUMNS} FROM entries WHERE id > "));
+        query.push_bind(filter.after_id.unwrap_or(0));
+        if let Some(account) = &filter.account {
+            query.push(" AND account = ").push_bind(account.as_str());
+        }
+        if let Some(resource) = &filter.resource {
+            query.push(" AND resource = ").push_bind(resource.as_str());
+        }
+        if let Some(from) = filter.from {
+            query.push(" AND occurred_at >= ").push_bind(to_micros(from));
+        }
+        if let Some(to) = filter.to {
+            query.push(" AND occurred_at < ").push_bind(to_micros(to));
+        }
+        query.push(" ORDER BY id LIMIT ").push_bind(i64::from(filter.limit));
+        let rows: Vec<EntryRow> = query.build_query_as().fetch_all(&self.reader).await?;
+        Ok(rows.into_iter().map(|r| self.entry_from_row(r)).collect())
+    }
+
+    async fn create_api_key(&self, new: &NewApiKey) -> Result<ApiKey, StoreError> {
+        let row: ApiKeyRow = sqlx::query_as(&format!(
+            "INSERT INTO api_keys (name, role, account, key_hash, prefix, created_at)
+             VALUES (?, ?, ?, ?, ?, ?) RETURNING {API_KEY_COLUMNS}"
+        ))
+        .bind(new.name.as_deref())
+        .bind(new.role.as_str())
+        .bind(new.account.as_ref().map(AccountId::as_str))
+        .bind(&new.hash)
+        .bind(&new.prefix)
+        .bind(to_micros(Utc::now()))
+        .fetch_one(&self.writer)
+        .await?;
+        Ok(row.into())
+    }
+
+    async fn api_key_by_hash(&self, hash: &str) -> Result<Option<ApiKey>, StoreError> {
+        let row: Option<ApiKeyRow> = sqlx::query_as(&format!(
+            "SELECT {API_KEY_COLUMNS} FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL"
+        ))
+        .bind(hash)
+        .fetch_optional(&self.reader)
+        .await?;
+        Ok(row.map(Into::into))
+    }
+
+    async fn list_api_keys(&self) -> Result<Vec<ApiKey>, StoreError> {
+        let rows: Vec<ApiKeyRow> = sqlx::query_as(&format!("SELECT {API_KEY_COLUMNS} FROM api_keys ORDER BY id"))
+            .fetch_all(&self.reader)
+            .await?;
+        Ok(rows.into_iter().map(Into::into).collect())
+    }
+
+    async fn revoke_api_key(&self, id: i64) -> Result<ApiKey, StoreError> {
+        let row: Option<ApiKeyRow> = sqlx::query_as(&format!(
+            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ? RETURNING {API_KEY_COLUMNS}"
+        ))
+        .bind(to_micros(Utc::now()))
+        .bind(id)
+        .fetch_optional(&self.writer)
+        .await?;
+        row.map(Into::into).ok_or_else(|| {
+            StoreError::NotFound(format!("API key {id} does not exist; `tally keys list` shows the keys"))
+        })
+    }
+
+    async fn count_api_keys(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM api_keys")
+            .fetch_one(&self.reader)
+            .await?)
+    }
+}

@@ -1,0 +1,3 @@
+//! Test and benchmark support: real databases, no mocks.
+
+pub mod pg_cluster;
