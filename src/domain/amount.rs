@@ -210,7 +210,7 @@ mod tests {
             Amount::parse("999999999999999", 9),
             Err(AmountError::TooLargeForPrecision(_))
         ));
-        assert!(Amount::parse("9999999999.123456789", 9).is_ok());
+        assert!(Amount::parse("999999999.123456789", 9).is_ok());
     }
 
     #[test]

@@ -1,0 +1,119 @@
+//! Keys and roles: 401 without a known key, 403 without the role or account.
+
+use serde_json::json;
+use tally::domain::Role;
+
+use crate::both;
+use crate::helpers::{TestApp, entry};
+
+both!(
+    a_request_without_a_key_is_401,
+    an_unknown_key_is_401,
+    a_service_key_posts_and_reads_any_account,
+    a_reader_key_reads_only_its_own_account_and_cannot_post,
+    a_service_key_bound_to_an_account_cannot_post_for_another,
+    a_revoked_key_is_401,
+);
+
+async fn a_request_without_a_key_is_401(app: TestApp) {
+    let reply = app
+        .request(
+            "POST",
+            "/v1/entries",
+            None,
+            Some(entry("acme", "api_requests", "1", "k").to_string()),
+        )
+        .await;
+    assert_eq!(reply.status, 401);
+    assert_eq!(reply.code(), "unauthorized");
+    assert!(reply.body["error"]["message"].as_str().unwrap().contains("Bearer"));
+    assert_eq!(app.count_entries().await, 0);
+    let list = app.request("GET", "/v1/accounts/acme/entries", None, None).await;
+    assert_eq!(list.status, 401);
+}
+
+async fn an_unknown_key_is_401(app: TestApp) {
+    let reply = app
+        .request(
+            "POST",
+            "/v1/entries",
+            Some("tly_nope"),
+            Some(entry("acme", "api_requests", "1", "k").to_string()),
+        )
+        .await;
+    assert_eq!(reply.status, 401);
+    assert_eq!(app.count_entries().await, 0);
+}
+
+async fn a_service_key_posts_and_reads_any_account(app: TestApp) {
+    let key = app.key(Role::Service, None).await;
+    let body = entry("acme", "api_requests", "1", "k").to_string();
+    assert_eq!(
+        app.request("POST", "/v1/entries", Some(&key), Some(body)).await.status,
+        200
+    );
+    assert_eq!(
+        app.request("GET", "/v1/accounts/acme/entries", Some(&key), None)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        app.request("GET", "/v1/accounts/other/entries", Some(&key), None)
+            .await
+            .status,
+        200
+    );
+}
+
+async fn a_reader_key_reads_only_its_own_account_and_cannot_post(app: TestApp) {
+    let key = app.key(Role::Reader, Some("acme")).await;
+    assert_eq!(
+        app.request("GET", "/v1/accounts/acme/entries", Some(&key), None)
+            .await
+            .status,
+        200
+    );
+    let other = app
+        .request("GET", "/v1/accounts/globex/entries", Some(&key), None)
+        .await;
+    assert_eq!(other.status, 403);
+    assert_eq!(other.code(), "forbidden");
+    let post = app
+        .request(
+            "POST",
+            "/v1/entries",
+            Some(&key),
+            Some(entry("acme", "api_requests", "1", "k").to_string()),
+        )
+        .await;
+    assert_eq!(post.status, 403);
+    let reversal = app
+        .request(
+            "POST",
+            "/v1/entries/1/reversal",
+            Some(&key),
+            Some(json!({"idempotency_key": "r"}).to_string()),
+        )
+        .await;
+    assert_eq!(reversal.status, 403);
+    assert_eq!(app.count_entries().await, 0);
+}
+
+async fn a_service_key_bound_to_an_account_cannot_post_for_another(app: TestApp) {
+    let key = app.key(Role::Service, Some("acme")).await;
+    let body = json!({"entries": [entry("acme", "api_requests", "1", "a"), entry("globex", "api_requests", "1", "b")]});
+    let reply = app
+        .request("POST", "/v1/entries", Some(&key), Some(body.to_string()))
+        .await;
+    assert_eq!(reply.status, 403);
+    assert_eq!(app.count_entries().await, 0);
+}
+
+async fn a_revoked_key_is_401(app: TestApp) {
+    let key = app.key(Role::Service, None).await;
+    let id = app.store.list_api_keys().await.unwrap().last().unwrap().id;
+    app.store.revoke_api_key(id).await.unwrap();
+    let reply = app.request("GET", "/v1/accounts/acme/entries", Some(&key), None).await;
+    assert_eq!(reply.status, 401);
+}

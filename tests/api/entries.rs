@@ -1,0 +1,337 @@
+//! The ledger's contract: post, duplicate, conflict, batch, reversal, listing.
+
+use serde_json::json;
+
+use crate::both;
+use crate::helpers::{TestApp, entry};
+
+both!(
+    posting_an_entry_creates_it_and_lists_it_with_its_exact_amount,
+    reposting_the_same_key_and_content_is_a_duplicate_that_changes_nothing,
+    a_retry_without_occurred_at_is_a_duplicate_not_a_conflict,
+    the_same_key_with_another_amount_is_a_conflict_that_writes_nothing,
+    the_same_key_in_another_account_is_a_different_entry,
+    a_batch_reports_every_entry_in_request_order,
+    a_batch_with_one_conflict_writes_nothing,
+    a_key_repeated_inside_one_batch_is_created_once,
+    amounts_given_as_json_numbers_are_parsed_exactly,
+    a_reversal_appends_the_opposite_amount_once,
+    reversing_a_missing_entry_is_404,
+    listing_pages_through_the_ledger_in_id_order,
+    listing_filters_by_resource_and_time,
+    health_reports_the_database,
+    unknown_routes_are_404_in_the_contract_format,
+);
+
+async fn posting_an_entry_creates_it_and_lists_it_with_its_exact_amount(app: TestApp) {
+    let reply = app
+        .post_entries(json!({
+            "account": "acme", "resource": "agent_minutes", "amount": "1.25", "idempotency_key": "k1",
+            "occurred_at": "2026-11-20T10:00:00Z", "source": "billing-api", "metadata": {"region": "eu", "note": "a,\"b\"\nc"}
+        }))
+        .await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    assert_eq!(reply.body["created"], 1);
+    assert_eq!(reply.body["duplicates"], 0);
+    assert_eq!(reply.body["entries"][0]["status"], "created");
+    assert_eq!(reply.body["entries"][0]["idempotency_key"], "k1");
+    let id = reply.body["entries"][0]["id"].as_i64().unwrap();
+
+    let listed = app.get("/v1/accounts/acme/entries").await;
+    assert_eq!(listed.status, 200);
+    let row = &listed.body["entries"][0];
+    assert_eq!(row["id"], id);
+    assert_eq!(row["amount"], "1.25");
+    assert_eq!(row["occurred_at"], "2026-11-20T10:00:00Z");
+    assert_eq!(row["source"], "billing-api");
+    assert_eq!(row["metadata"], json!({"region": "eu", "note": "a,\"b\"\nc"}));
+    assert_eq!(row["reverses"], serde_json::Value::Null);
+    assert!(row["recorded_at"].as_str().is_some());
+    insta::assert_json_snapshot!("listed_entry", listed.body, {
+        ".entries[].id" => "[id]",
+        ".entries[].recorded_at" => "[recorded_at]",
+    });
+}
+
+async fn reposting_the_same_key_and_content_is_a_duplicate_that_changes_nothing(app: TestApp) {
+    let body = json!({"account": "acme", "resource": "api_requests", "amount": 5, "idempotency_key": "k1",
+                      "occurred_at": "2026-11-20T10:00:00Z"});
+    let first = app.post_entries(body.clone()).await;
+    let again = app.post_entries(body).await;
+    assert_eq!(again.status, 200);
+    assert_eq!(again.body["created"], 0);
+    assert_eq!(again.body["duplicates"], 1);
+    assert_eq!(again.body["entries"][0]["status"], "duplicate");
+    assert_eq!(again.body["entries"][0]["id"], first.body["entries"][0]["id"]);
+    assert_eq!(app.count_entries().await, 1);
+}
+
+async fn a_retry_without_occurred_at_is_a_duplicate_not_a_conflict(app: TestApp) {
+    let body = entry("acme", "api_requests", "5", "k1");
+    app.post_entries(body.clone()).await;
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let again = app.post_entries(body).await;
+    assert_eq!(again.status, 200, "{:?}", again.body);
+    assert_eq!(again.body["entries"][0]["status"], "duplicate");
+    assert_eq!(app.count_entries().await, 1);
+}
+
+async fn the_same_key_with_another_amount_is_a_conflict_that_writes_nothing(app: TestApp) {
+    app.post_entries(entry("acme", "api_requests", "5", "k1")).await;
+    let conflict = app.post_entries(entry("acme", "api_requests", "6", "k1")).await;
+    assert_eq!(conflict.status, 409);
+    assert_eq!(conflict.code(), "idempotency_conflict");
+    assert!(conflict.body["error"]["message"].as_str().unwrap().contains("'k1'"));
+    let other_resource = app.post_entries(entry("acme", "llm_tokens", "5", "k1")).await;
+    assert_eq!(other_resource.status, 409);
+    let other_time = app
+        .post_entries(json!({"account": "acme", "resource": "api_requests", "amount": "5",
+                             "idempotency_key": "k1", "occurred_at": "2026-11-01T00:00:00Z"}))
+        .await;
+    assert_eq!(other_time.status, 409);
+    assert_eq!(app.count_entries().await, 1);
+}
+
+async fn the_same_key_in_another_account_is_a_different_entry(app: TestApp) {
+    app.post_entries(entry("acme", "api_requests", "5", "k1")).await;
+    let other = app.post_entries(entry("globex", "api_requests", "7", "k1")).await;
+    assert_eq!(other.body["created"], 1);
+    assert_eq!(app.count_entries().await, 2);
+}
+
+async fn a_batch_reports_every_entry_in_request_order(app: TestApp) {
+    app.post_entries(entry("acme", "api_requests", "1", "b")).await;
+    let reply = app
+        .post_entries(json!({"entries": [
+            entry("acme", "api_requests", "3", "c"),
+            entry("acme", "api_requests", "1", "b"),
+            entry("zeta", "storage_bytes", "-100", "a"),
+        ]}))
+        .await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    assert_eq!(reply.body["created"], 2);
+    assert_eq!(reply.body["duplicates"], 1);
+    let statuses: Vec<_> = reply.body["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["idempotency_key"].as_str().unwrap().to_owned(),
+                e["status"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            ("c".into(), "created".into()),
+            ("b".into(), "duplicate".into()),
+            ("a".into(), "created".into())
+        ]
+    );
+    assert_eq!(app.count_entries().await, 3);
+}
+
+async fn a_batch_with_one_conflict_writes_nothing(app: TestApp) {
+    app.post_entries(entry("acme", "api_requests", "1", "taken")).await;
+    let reply = app
+        .post_entries(json!({"entries": [
+            entry("acme", "api_requests", "1", "new-1"),
+            entry("acme", "api_requests", "2", "taken"),
+            entry("acme", "api_requests", "1", "new-2"),
+        ]}))
+        .await;
+    assert_eq!(reply.status, 409);
+    assert_eq!(reply.code(), "idempotency_conflict");
+    assert_eq!(app.count_entries().await, 1);
+}
+
+async fn a_key_repeated_inside_one_batch_is_created_once(app: TestApp) {
+    let reply = app
+        .post_entries(json!({"entries": [
+            entry("acme", "api_requests", "1", "same"),
+            entry("acme", "api_requests", "1", "same"),
+        ]}))
+        .await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    assert_eq!(reply.body["created"], 1);
+    assert_eq!(reply.body["duplicates"], 1);
+    assert_eq!(reply.body["entries"][0]["id"], reply.body["entries"][1]["id"]);
+    let conflicting = app
+        .post_entries(json!({"entries": [
+            entry("acme", "api_requests", "1", "twice"),
+            entry("acme", "api_requests", "2", "twice"),
+        ]}))
+        .await;
+    assert_eq!(conflicting.status, 409);
+    assert_eq!(app.count_entries().await, 1);
+}
+
+async fn amounts_given_as_json_numbers_are_parsed_exactly(app: TestApp) {
+    // 0.1 and 999999999999999 are not exact in f64 arithmetic sums; we never go through f64.
+    let reply = app
+        .post_entries(
+            serde_json::from_str(
+                r#"{"entries": [
+                {"account": "acme", "resource": "agent_minutes", "amount": 0.1, "idempotency_key": "a"},
+                {"account": "acme", "resource": "agent_minutes", "amount": 0.2, "idempotency_key": "b"},
+                {"account": "acme", "resource": "api_requests", "amount": 999999999999999, "idempotency_key": "c"},
+                {"account": "acme", "resource": "api_requests", "amount": -12, "idempotency_key": "d"}
+            ]}"#,
+            )
+            .unwrap(),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    let listed = app.get("/v1/accounts/acme/entries").await;
+    let amounts: Vec<_> = listed.body["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["amount"].clone())
+        .collect();
+    assert_eq!(
+        amounts,
+        [json!("0.1"), json!("0.2"), json!("999999999999999"), json!("-12")]
+    );
+    assert_eq!(
+        app.scalar_i64("SELECT CAST(SUM(amount) AS BIGINT) FROM entries WHERE resource = 'agent_minutes'")
+            .await,
+        30
+    );
+}
+
+async fn a_reversal_appends_the_opposite_amount_once(app: TestApp) {
+    let posted = app
+        .post_entries(json!({"account": "acme", "resource": "agent_minutes", "amount": "2.5",
+                             "idempotency_key": "k1", "occurred_at": "2026-11-20T10:00:00Z"}))
+        .await;
+    let id = posted.body["entries"][0]["id"].as_i64().unwrap();
+    let reversal = app
+        .post(
+            &format!("/v1/entries/{id}/reversal"),
+            json!({"idempotency_key": "undo-1", "reason": "double billed"}),
+        )
+        .await;
+    assert_eq!(reversal.status, 200, "{:?}", reversal.body);
+    assert_eq!(reversal.body["status"], "created");
+    assert_eq!(reversal.body["amount"], "-2.5");
+    assert_eq!(reversal.body["reverses"], id);
+    assert_eq!(reversal.body["occurred_at"], "2026-11-20T10:00:00Z");
+    assert_eq!(reversal.body["metadata"]["reason"], "double billed");
+
+    let retried = app
+        .post(
+            &format!("/v1/entries/{id}/reversal"),
+            json!({"idempotency_key": "undo-1"}),
+        )
+        .await;
+    assert_eq!(retried.status, 200, "{:?}", retried.body);
+    assert_eq!(retried.body["status"], "duplicate");
+    assert_eq!(retried.body["id"], reversal.body["id"]);
+
+    let second = app
+        .post(
+            &format!("/v1/entries/{id}/reversal"),
+            json!({"idempotency_key": "undo-2"}),
+        )
+        .await;
+    assert_eq!(second.status, 409);
+    assert_eq!(second.code(), "already_reversed");
+
+    let reversal_id = reversal.body["id"].as_i64().unwrap();
+    let of_reversal = app
+        .post(
+            &format!("/v1/entries/{reversal_id}/reversal"),
+            json!({"idempotency_key": "undo-3"}),
+        )
+        .await;
+    assert_eq!(of_reversal.status, 422, "{:?}", of_reversal.body);
+    assert_eq!(app.count_entries().await, 2);
+    assert_eq!(
+        app.scalar_i64("SELECT CAST(SUM(amount) AS BIGINT) FROM entries").await,
+        0
+    );
+}
+
+async fn reversing_a_missing_entry_is_404(app: TestApp) {
+    let reply = app
+        .post("/v1/entries/4242/reversal", json!({"idempotency_key": "x"}))
+        .await;
+    assert_eq!(reply.status, 404);
+    assert_eq!(reply.code(), "not_found");
+    let no_key = app.post("/v1/entries/4242/reversal", json!({})).await;
+    assert_eq!(no_key.status, 422);
+    assert_eq!(app.count_entries().await, 0);
+}
+
+async fn listing_pages_through_the_ledger_in_id_order(app: TestApp) {
+    let batch: Vec<_> = (0..25)
+        .map(|i| entry("acme", "api_requests", "1", &format!("k{i:02}")))
+        .collect();
+    app.post_entries(json!({ "entries": batch })).await;
+    app.post_entries(entry("other", "api_requests", "1", "x")).await;
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let path = match after {
+            None => "/v1/accounts/acme/entries?limit=10".to_owned(),
+            Some(id) => format!("/v1/accounts/acme/entries?limit=10&after_id={id}"),
+        };
+        let page = app.get(&path).await;
+        assert_eq!(page.status, 200, "{:?}", page.body);
+        for e in page.body["entries"].as_array().unwrap() {
+            assert_eq!(e["account"], "acme");
+            seen.push(e["id"].as_i64().unwrap());
+        }
+        match page.body["next_after_id"].as_i64() {
+            Some(id) => after = Some(id),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 25);
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "ascending ids: {seen:?}");
+    let too_many = app.get("/v1/accounts/acme/entries?limit=1001").await;
+    assert_eq!(too_many.status, 422);
+}
+
+async fn listing_filters_by_resource_and_time(app: TestApp) {
+    app.post_entries(json!({"entries": [
+        {"account": "acme", "resource": "api_requests", "amount": "1", "idempotency_key": "a", "occurred_at": "2026-11-01T00:00:00Z"},
+        {"account": "acme", "resource": "api_requests", "amount": "2", "idempotency_key": "b", "occurred_at": "2026-11-02T00:00:00Z"},
+        {"account": "acme", "resource": "llm_tokens", "amount": "3", "idempotency_key": "c", "occurred_at": "2026-11-01T12:00:00Z"},
+    ]}))
+    .await;
+    let page = app
+        .get("/v1/accounts/acme/entries?resource=api_requests&from=2026-11-01&to=2026-11-02T00:00:00Z")
+        .await;
+    assert_eq!(page.status, 200, "{:?}", page.body);
+    let keys: Vec<_> = page.body["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["idempotency_key"].clone())
+        .collect();
+    assert_eq!(keys, [json!("a")]);
+    let unknown = app.get("/v1/accounts/acme/entries?resource=tokens").await;
+    assert_eq!(unknown.status, 422);
+    assert_eq!(unknown.code(), "unknown_resource");
+    let typo = app.get("/v1/accounts/acme/entries?form=2026-11-01").await;
+    assert_eq!(typo.status, 422);
+    let reversed = app.get("/v1/accounts/acme/entries?from=2026-11-03&to=2026-11-01").await;
+    assert_eq!(reversed.status, 422);
+}
+
+async fn health_reports_the_database(app: TestApp) {
+    let reply = app.request("GET", "/healthz", None, None).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body["status"], "ok");
+    assert_eq!(reply.body["database"], "ok");
+}
+
+async fn unknown_routes_are_404_in_the_contract_format(app: TestApp) {
+    let reply = app.get("/v1/nothing-here").await;
+    assert_eq!(reply.status, 404);
+    assert_eq!(reply.code(), "not_found");
+}

@@ -1,0 +1,199 @@
+//! Spawning the app on a fresh database, and a client that speaks its API.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+use tally::app::{Application, Settings};
+use tally::domain::{Catalog, Role};
+use tally::store::Store;
+use tally::testing::pg_cluster::PgCluster;
+use tempfile::TempDir;
+
+/// The engines every test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Generates `on_sqlite` and `on_postgres` tests for each listed
+/// `async fn name(app: TestApp)`.
+#[macro_export]
+macro_rules! both {
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn on_sqlite() {
+                if let Some(app) = $crate::helpers::TestApp::spawn($crate::helpers::Backend::Sqlite).await {
+                    super::$name(app).await;
+                }
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn on_postgres() {
+                if let Some(app) = $crate::helpers::TestApp::spawn($crate::helpers::Backend::Postgres).await {
+                    super::$name(app).await;
+                }
+            }
+        }
+    )+};
+}
+
+/// A fresh database URL for `backend`, or `None` when PostgreSQL is not
+/// installed and not required (`TALLY_TEST_REQUIRE_POSTGRES=1` makes that a failure).
+pub async fn fresh_database(backend: Backend) -> Option<(String, Option<TempDir>)> {
+    match backend {
+        Backend::Sqlite => {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let url = format!("sqlite://{}", dir.path().join("tally.db").display());
+            Some((url, Some(dir)))
+        }
+        Backend::Postgres => match PgCluster::shared() {
+            Ok(cluster) => Some((cluster.create_database().await.expect("create database"), None)),
+            Err(e) if std::env::var("TALLY_TEST_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") => {
+                panic!("PostgreSQL is required (TALLY_TEST_REQUIRE_POSTGRES=1) but unavailable: {e}")
+            }
+            Err(e) => {
+                eprintln!("skipping a PostgreSQL test: {e}");
+                None
+            }
+        },
+    }
+}
+
+/// The running app and what a test needs to talk to it.
+pub struct TestApp {
+    pub backend: Backend,
+    pub address: String,
+    pub database_url: String,
+    pub admin_key: String,
+    pub client: reqwest::Client,
+    pub store: Arc<dyn Store>,
+    pub catalog: Arc<Catalog>,
+    _dir: Option<TempDir>,
+}
+
+/// A response's status and JSON body.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+}
+
+impl Reply {
+    /// The error code of a contract error body.
+    pub fn code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or_default()
+    }
+}
+
+impl TestApp {
+    /// Builds the real application on port 0 over a fresh database.
+    pub async fn spawn(backend: Backend) -> Option<Self> {
+        tally::telemetry::init_tracing();
+        let (database_url, dir) = fresh_database(backend).await?;
+        let admin_key = "test-admin-key".to_owned();
+        let settings = Settings {
+            database_url: database_url.clone(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            admin_key: Some(admin_key.clone()),
+            ..Settings::default()
+        };
+        let app = Application::build(&settings).await.expect("the app builds");
+        let address = format!("http://127.0.0.1:{}", app.port());
+        let store = app.state().store.clone();
+        let catalog = app.state().catalog.clone();
+        tokio::spawn(app.run_until(std::future::pending()));
+        Some(Self {
+            backend,
+            address,
+            database_url,
+            admin_key,
+            client: reqwest::Client::new(),
+            store,
+            catalog,
+            _dir: dir,
+        })
+    }
+
+    /// Sends a request with `key` (None: no Authorization header).
+    pub async fn request(&self, method: &str, path: &str, key: Option<&str>, body: Option<String>) -> Reply {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut request = self.client.request(method, format!("{}{path}", self.address));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        if let Some(body) = body {
+            request = request.header("content-type", "application/json").body(body);
+        }
+        let response = request.send().await.expect("the request reaches the app");
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Reply { status, body }
+    }
+
+    /// POST as admin.
+    pub async fn post(&self, path: &str, body: Value) -> Reply {
+        self.request("POST", path, Some(&self.admin_key), Some(body.to_string()))
+            .await
+    }
+
+    /// GET as admin.
+    pub async fn get(&self, path: &str) -> Reply {
+        self.request("GET", path, Some(&self.admin_key), None).await
+    }
+
+    /// POST /v1/entries as admin.
+    pub async fn post_entries(&self, body: Value) -> Reply {
+        self.post("/v1/entries", body).await
+    }
+
+    /// A new key with `role`, bound to `account` if given.
+    pub async fn key(&self, role: Role, account: Option<&str>) -> String {
+        let account = account.map(|a| tally::domain::AccountId::parse(a).unwrap());
+        tally::app::create_key(self.store.as_ref(), role, account, None)
+            .await
+            .unwrap()
+            .expose()
+            .to_owned()
+    }
+
+    /// Every ledger row, read straight from the database.
+    pub async fn count_entries(&self) -> i64 {
+        self.scalar_i64("SELECT COUNT(*) FROM entries").await
+    }
+
+    /// Runs a statement on the database directly, outside the app.
+    pub async fn execute_raw(&self, sql: &str) -> Result<u64, sqlx::Error> {
+        match self.backend {
+            Backend::Sqlite => {
+                let pool = sqlx::SqlitePool::connect(&self.database_url).await?;
+                Ok(sqlx::query(sql).execute(&pool).await?.rows_affected())
+            }
+            Backend::Postgres => {
+                let pool = sqlx::PgPool::connect(&self.database_url).await?;
+                Ok(sqlx::query(sql).execute(&pool).await?.rows_affected())
+            }
+        }
+    }
+
+    /// One integer from a query run directly on the database.
+    pub async fn scalar_i64(&self, sql: &str) -> i64 {
+        match self.backend {
+            Backend::Sqlite => {
+                let pool = sqlx::SqlitePool::connect(&self.database_url).await.unwrap();
+                sqlx::query_scalar(sql).fetch_one(&pool).await.unwrap()
+            }
+            Backend::Postgres => {
+                let pool = sqlx::PgPool::connect(&self.database_url).await.unwrap();
+                sqlx::query_scalar(sql).fetch_one(&pool).await.unwrap()
+            }
+        }
+    }
+}
+
+/// A valid entry for `account` with `key`.
+pub fn entry(account: &str, resource: &str, amount: &str, key: &str) -> Value {
+    serde_json::json!({ "account": account, "resource": resource, "amount": amount, "idempotency_key": key })
+}

@@ -1,0 +1,11 @@
+//! Black-box tests: the real app on port 0, a fresh database per test, real
+//! HTTP. Every test runs on SQLite and on PostgreSQL (see `helpers::both`).
+
+mod helpers;
+
+mod auth;
+mod cli;
+mod concurrency;
+mod entries;
+mod invariants;
+mod validation;

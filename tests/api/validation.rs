@@ -1,0 +1,272 @@
+//! Bad input gets a clear error in the contract's format and writes nothing.
+
+use chrono::{Duration, SecondsFormat, Utc};
+use serde_json::{Value, json};
+
+use crate::both;
+use crate::helpers::{Reply, TestApp, entry};
+
+both!(
+    malformed_json_is_400,
+    a_body_with_both_one_entry_and_entries_is_400,
+    a_batch_over_10000_entries_is_413,
+    a_body_over_10_mib_is_413,
+    an_empty_batch_is_422,
+    an_unknown_resource_is_422_naming_the_known_ones,
+    a_zero_amount_is_422,
+    too_many_fractional_digits_is_422,
+    an_amount_of_10_to_the_15_is_422,
+    an_amount_that_is_not_a_number_is_422,
+    an_account_with_bad_characters_is_422,
+    an_account_over_128_characters_is_422,
+    an_idempotency_key_over_255_characters_is_422,
+    a_missing_idempotency_key_is_422,
+    metadata_over_4_kib_is_422,
+    metadata_that_is_not_an_object_is_422,
+    occurred_at_more_than_5_minutes_ahead_is_in_future,
+    occurred_at_older_than_the_horizon_is_too_late,
+    occurred_at_that_is_not_rfc3339_is_422,
+    one_bad_entry_fails_the_whole_batch_with_its_index,
+);
+
+/// Posts `body` and checks the 422 names `field` (at `index`) and wrote nothing.
+async fn assert_rejected(app: &TestApp, body: Value, code: &str, index: usize, field: &str) -> Reply {
+    let reply = app.post_entries(body).await;
+    assert_eq!(reply.status, 422, "{:?}", reply.body);
+    assert_eq!(reply.code(), code, "{:?}", reply.body);
+    let errors = reply.body["error"]["details"]["errors"]
+        .as_array()
+        .expect("details.errors");
+    assert!(
+        errors.iter().any(|e| e["index"] == index
+            && e["field"] == field
+            && e["message"].as_str().is_some_and(|m| !m.is_empty())),
+        "expected an error on entries[{index}].{field}: {errors:?}"
+    );
+    assert_eq!(app.count_entries().await, 0, "a rejected request writes nothing");
+    reply
+}
+
+fn with(field: &str, value: Value) -> Value {
+    let mut body = entry("acme", "api_requests", "1", "k1");
+    body[field] = value;
+    body
+}
+
+async fn malformed_json_is_400(app: TestApp) {
+    let reply = app
+        .request(
+            "POST",
+            "/v1/entries",
+            Some(&app.admin_key),
+            Some("{\"account\": ".into()),
+        )
+        .await;
+    assert_eq!(reply.status, 400);
+    assert_eq!(reply.code(), "malformed_body");
+    let wrong_type = app.post_entries(with("account", json!(17))).await;
+    assert_eq!(wrong_type.status, 400, "{:?}", wrong_type.body);
+    let typo = app
+        .post_entries(with("ocurred_at", json!("2026-11-01T00:00:00Z")))
+        .await;
+    assert_eq!(typo.status, 400);
+    assert!(typo.body["error"]["message"].as_str().unwrap().contains("ocurred_at"));
+    assert_eq!(app.count_entries().await, 0);
+}
+
+async fn a_body_with_both_one_entry_and_entries_is_400(app: TestApp) {
+    let mut body = entry("acme", "api_requests", "1", "k1");
+    body["entries"] = json!([entry("acme", "api_requests", "1", "k2")]);
+    let reply = app.post_entries(body).await;
+    assert_eq!(reply.status, 400);
+    assert_eq!(app.count_entries().await, 0);
+}
+
+async fn a_batch_over_10000_entries_is_413(app: TestApp) {
+    let batch: Vec<_> = (0..10_001)
+        .map(|i| entry("acme", "api_requests", "1", &format!("k{i}")))
+        .collect();
+    let reply = app.post_entries(json!({ "entries": batch })).await;
+    assert_eq!(reply.status, 413);
+    assert_eq!(reply.code(), "payload_too_large");
+    assert_eq!(app.count_entries().await, 0);
+}
+
+async fn a_body_over_10_mib_is_413(app: TestApp) {
+    let mut body = entry("acme", "api_requests", "1", "k1");
+    body["source"] = json!("x".repeat(11 * 1024 * 1024));
+    let reply = app.post_entries(body).await;
+    assert_eq!(reply.status, 413);
+    assert_eq!(reply.code(), "payload_too_large");
+    assert_eq!(app.count_entries().await, 0);
+}
+
+async fn an_empty_batch_is_422(app: TestApp) {
+    let reply = app.post_entries(json!({ "entries": [] })).await;
+    assert_eq!(reply.status, 422);
+    assert_eq!(app.count_entries().await, 0);
+}
+
+async fn an_unknown_resource_is_422_naming_the_known_ones(app: TestApp) {
+    let reply = assert_rejected(
+        &app,
+        with("resource", json!("tokens")),
+        "unknown_resource",
+        0,
+        "resource",
+    )
+    .await;
+    assert_eq!(
+        reply.body["error"]["message"],
+        "resource 'tokens' is not in the catalog; known: agent_minutes, ai_generations, api_requests, llm_tokens, storage_bytes"
+    );
+}
+
+async fn a_zero_amount_is_422(app: TestApp) {
+    assert_rejected(&app, with("amount", json!("0")), "validation_failed", 0, "amount").await;
+    assert_rejected(&app, with("amount", json!(0)), "validation_failed", 0, "amount").await;
+}
+
+async fn too_many_fractional_digits_is_422(app: TestApp) {
+    assert_rejected(&app, with("amount", json!("1.5")), "validation_failed", 0, "amount").await;
+    let mut minutes = entry("acme", "agent_minutes", "1.255", "k1");
+    let reply = assert_rejected(&app, minutes.clone(), "validation_failed", 0, "amount").await;
+    assert!(reply.body["error"]["message"].as_str().unwrap().contains("allows 2"));
+    minutes["amount"] = json!("1.25");
+    assert_eq!(app.post_entries(minutes).await.status, 200);
+}
+
+async fn an_amount_of_10_to_the_15_is_422(app: TestApp) {
+    assert_rejected(
+        &app,
+        with("amount", json!("1000000000000000")),
+        "validation_failed",
+        0,
+        "amount",
+    )
+    .await;
+    assert_rejected(
+        &app,
+        with("amount", json!(-1_000_000_000_000_000i64)),
+        "validation_failed",
+        0,
+        "amount",
+    )
+    .await;
+}
+
+async fn an_amount_that_is_not_a_number_is_422(app: TestApp) {
+    assert_rejected(&app, with("amount", json!("twelve")), "validation_failed", 0, "amount").await;
+    assert_rejected(&app, with("amount", json!(true)), "validation_failed", 0, "amount").await;
+}
+
+async fn an_account_with_bad_characters_is_422(app: TestApp) {
+    assert_rejected(
+        &app,
+        with("account", json!("acme corp")),
+        "validation_failed",
+        0,
+        "account",
+    )
+    .await;
+    assert_rejected(
+        &app,
+        with("account", json!("acme/1")),
+        "validation_failed",
+        0,
+        "account",
+    )
+    .await;
+    assert_rejected(&app, with("account", json!("")), "validation_failed", 0, "account").await;
+}
+
+async fn an_account_over_128_characters_is_422(app: TestApp) {
+    assert_rejected(
+        &app,
+        with("account", json!("a".repeat(129))),
+        "validation_failed",
+        0,
+        "account",
+    )
+    .await;
+}
+
+async fn an_idempotency_key_over_255_characters_is_422(app: TestApp) {
+    assert_rejected(
+        &app,
+        with("idempotency_key", json!("k".repeat(256))),
+        "validation_failed",
+        0,
+        "idempotency_key",
+    )
+    .await;
+}
+
+async fn a_missing_idempotency_key_is_422(app: TestApp) {
+    let mut body = entry("acme", "api_requests", "1", "k1");
+    body.as_object_mut().unwrap().remove("idempotency_key");
+    assert_rejected(&app, body, "validation_failed", 0, "idempotency_key").await;
+}
+
+async fn metadata_over_4_kib_is_422(app: TestApp) {
+    assert_rejected(
+        &app,
+        with("metadata", json!({ "blob": "x".repeat(4100) })),
+        "validation_failed",
+        0,
+        "metadata",
+    )
+    .await;
+}
+
+async fn metadata_that_is_not_an_object_is_422(app: TestApp) {
+    assert_rejected(&app, with("metadata", json!(["a"])), "validation_failed", 0, "metadata").await;
+    assert_rejected(
+        &app,
+        with("metadata", json!("text")),
+        "validation_failed",
+        0,
+        "metadata",
+    )
+    .await;
+}
+
+async fn occurred_at_more_than_5_minutes_ahead_is_in_future(app: TestApp) {
+    let ahead = (Utc::now() + Duration::minutes(6)).to_rfc3339_opts(SecondsFormat::Secs, true);
+    assert_rejected(&app, with("occurred_at", json!(ahead)), "in_future", 0, "occurred_at").await;
+    let slightly_ahead = (Utc::now() + Duration::minutes(4)).to_rfc3339_opts(SecondsFormat::Secs, true);
+    assert_eq!(
+        app.post_entries(with("occurred_at", json!(slightly_ahead)))
+            .await
+            .status,
+        200
+    );
+}
+
+async fn occurred_at_older_than_the_horizon_is_too_late(app: TestApp) {
+    let old = (Utc::now() - Duration::days(36)).to_rfc3339_opts(SecondsFormat::Secs, true);
+    let reply = assert_rejected(&app, with("occurred_at", json!(old)), "too_late", 0, "occurred_at").await;
+    assert!(reply.body["error"]["message"].as_str().unwrap().contains("35 days"));
+    let recent = (Utc::now() - Duration::days(34)).to_rfc3339_opts(SecondsFormat::Secs, true);
+    assert_eq!(app.post_entries(with("occurred_at", json!(recent))).await.status, 200);
+}
+
+async fn occurred_at_that_is_not_rfc3339_is_422(app: TestApp) {
+    assert_rejected(
+        &app,
+        with("occurred_at", json!("yesterday")),
+        "validation_failed",
+        0,
+        "occurred_at",
+    )
+    .await;
+}
+
+async fn one_bad_entry_fails_the_whole_batch_with_its_index(app: TestApp) {
+    let body = json!({"entries": [
+        entry("acme", "api_requests", "1", "a"),
+        entry("acme", "api_requests", "1", "b"),
+        entry("acme", "api_requests", "0", "c"),
+    ]});
+    assert_rejected(&app, body, "validation_failed", 2, "amount").await;
+}
