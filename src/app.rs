@@ -30,6 +30,8 @@ pub struct Settings {
     pub late_horizon_days: i64,
     /// An extra admin key from the environment.
     pub admin_key: Option<String>,
+    /// Job definitions directory; `jobs/` when present, else the built-in schedule.
+    pub jobs: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -40,6 +42,7 @@ impl Default for Settings {
             listen: DEFAULT_LISTEN.parse().expect("valid default address"),
             late_horizon_days: DEFAULT_LATE_HORIZON_DAYS,
             admin_key: None,
+            jobs: None,
         }
     }
 }
@@ -124,6 +127,15 @@ impl Application {
         }
         let secret = create_key(self.state.store.as_ref(), Role::Admin, None, Some("bootstrap".into())).await?;
         Ok(Some(secret))
+    }
+
+    /// A job runner over this application's store and metrics.
+    pub fn job_runner(&self, jobs: Vec<crate::jobs::JobDefinition>) -> Arc<crate::jobs::JobRunner> {
+        Arc::new(crate::jobs::JobRunner::new(
+            self.state.store.clone(),
+            self.state.metrics.clone(),
+            jobs,
+        ))
     }
 
     /// Serves until `shutdown` resolves.

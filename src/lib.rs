@@ -9,6 +9,8 @@ pub mod app;
 pub mod cli;
 pub mod domain;
 pub mod http;
+pub mod jobs;
 pub mod store;
 pub mod telemetry;
 pub mod testing;
+pub mod usage;

@@ -1,6 +1,10 @@
 //! Logs and metrics.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 
 /// Sets up `tracing` to stderr, filtered by `RUST_LOG` (default `info`).
 pub fn init_tracing() {
@@ -13,20 +17,84 @@ pub fn init_tracing() {
         .try_init();
 }
 
-/// Process-wide counters.
-#[derive(Debug, Default)]
+/// Labels of an HTTP request counter.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    /// The matched route pattern (`/v1/accounts/{account}/entries`), not the raw path.
+    pub route: String,
+    /// GET, POST, …
+    pub method: String,
+    /// The response status code.
+    pub status: u16,
+}
+
+/// Process-wide metrics, exposed at `GET /metrics` in Prometheus text format.
+#[derive(Debug)]
 pub struct Metrics {
-    entries_ingested: AtomicU64,
+    registry: Registry,
+    /// Ledger rows created by this process.
+    pub entries_ingested: Counter,
+    /// Ledger rows folded into totals by this process.
+    pub entries_folded: Counter,
+    /// Rollup runs finished by this process.
+    pub rollup_runs: Counter,
+    /// Rollup runs that failed.
+    pub rollup_failures: Counter,
+    /// Seconds since the oldest unfolded entry was recorded (set at scrape time).
+    pub rollup_lag_seconds: Gauge,
+    /// HTTP requests by route, method and status.
+    pub http_requests: Family<HttpLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("tally");
+        let entries_ingested = Counter::default();
+        let entries_folded = Counter::default();
+        let rollup_runs = Counter::default();
+        let rollup_failures = Counter::default();
+        let rollup_lag_seconds = Gauge::default();
+        let http_requests = Family::<HttpLabels, Counter>::default();
+        registry.register("entries_ingested", "Ledger entries created", entries_ingested.clone());
+        registry.register(
+            "entries_folded",
+            "Ledger entries folded into totals",
+            entries_folded.clone(),
+        );
+        registry.register("rollup_runs", "Rollup runs finished", rollup_runs.clone());
+        registry.register("rollup_failures", "Rollup runs that failed", rollup_failures.clone());
+        registry.register(
+            "rollup_lag_seconds",
+            "Seconds since the oldest entry not yet folded was recorded",
+            rollup_lag_seconds.clone(),
+        );
+        registry.register(
+            "http_requests",
+            "HTTP requests by route, method and status",
+            http_requests.clone(),
+        );
+        Self {
+            registry,
+            entries_ingested,
+            entries_folded,
+            rollup_runs,
+            rollup_failures,
+            rollup_lag_seconds,
+            http_requests,
+        }
+    }
 }
 
 impl Metrics {
     /// Counts newly created ledger rows.
     pub fn entries_ingested(&self, n: u64) {
-        self.entries_ingested.fetch_add(n, Ordering::Relaxed);
+        self.entries_ingested.inc_by(n);
     }
 
-    /// Ledger rows created by this process.
-    pub fn entries_ingested_total(&self) -> u64 {
-        self.entries_ingested.load(Ordering::Relaxed)
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("writing to a String cannot fail");
+        text
     }
 }

@@ -2,9 +2,11 @@
 //! twin here that talks to the database directly, no server needed.
 
 mod import;
+mod jobs;
 mod keys;
 mod plans;
 mod post;
+mod usage;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -28,6 +30,9 @@ pub struct Cli {
     /// Entries older than this many days are refused as too_late.
     #[arg(long, env = "TALLY_LATE_HORIZON_DAYS", default_value_t = DEFAULT_LATE_HORIZON_DAYS, global = true)]
     pub late_horizon_days: i64,
+    /// Job definitions directory (default: jobs/ when present, else the built-in schedule).
+    #[arg(long, env = "TALLY_JOBS", global = true)]
+    pub jobs: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -41,6 +46,9 @@ pub enum Command {
         /// Address to listen on.
         #[arg(long, default_value = app::DEFAULT_LISTEN)]
         listen: SocketAddr,
+        /// Do not run the scheduled jobs in this process.
+        #[arg(long)]
+        no_jobs: bool,
     },
     /// Run database migrations and exit.
     Migrate,
@@ -54,6 +62,15 @@ pub enum Command {
     Plans(plans::PlansCommand),
     /// Bulk-load entries from a CSV file (the entries export format).
     Import(import::ImportArgs),
+    /// Fold the ledger into daily and monthly totals once, then exit.
+    Rollup(jobs::RollupArgs),
+    /// Recompute every total from the ledger; exit 1 and list differences if any.
+    Verify,
+    /// List or run scheduled jobs.
+    #[command(subcommand)]
+    Jobs(jobs::JobsCommand),
+    /// Print an account's usage per day or month (exact: folded totals plus the unfolded tail).
+    Timeseries(usage::TimeseriesArgs),
 }
 
 impl Cli {
@@ -63,6 +80,7 @@ impl Cli {
             plans: self.plans.clone(),
             late_horizon_days: self.late_horizon_days,
             admin_key: std::env::var("TALLY_ADMIN_KEY").ok().filter(|k| !k.is_empty()),
+            jobs: self.jobs.clone(),
             ..Settings::default()
         }
     }
@@ -92,7 +110,7 @@ pub fn main() -> ExitCode {
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let settings = cli.settings();
     match cli.command {
-        Command::Serve { listen } => serve(Settings { listen, ..settings }).await,
+        Command::Serve { listen, no_jobs } => serve(Settings { listen, ..settings }, !no_jobs).await,
         Command::Migrate => {
             settings.open_store().await?;
             eprintln!(
@@ -105,11 +123,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Keys(command) => keys::run(&settings, command).await,
         Command::Plans(command) => plans::run(&settings, command),
         Command::Import(args) => import::run(&settings, args).await,
+        Command::Rollup(args) => jobs::rollup(&settings, args).await,
+        Command::Verify => jobs::verify(&settings).await,
+        Command::Jobs(command) => jobs::run(&settings, command).await,
+        Command::Timeseries(args) => usage::timeseries(&settings, args).await,
     }
 }
 
-async fn serve(settings: Settings) -> anyhow::Result<ExitCode> {
+async fn serve(settings: Settings, with_jobs: bool) -> anyhow::Result<ExitCode> {
     let application = Application::build(&settings).await?;
+    let scheduler = if with_jobs {
+        let definitions = crate::jobs::load(settings.jobs.as_deref())?;
+        let names: Vec<_> = definitions
+            .iter()
+            .map(|j| format!("{} ({})", j.name, j.schedule))
+            .collect();
+        tracing::info!(jobs = %names.join(", "), "scheduling jobs: {}", names.join(", "));
+        Some(crate::jobs::Scheduler::start(application.job_runner(definitions)).await?)
+    } else {
+        None
+    };
     if let Some(secret) = application.bootstrap_admin_key().await? {
         eprintln!("No API key existed, so Tally created this admin key. It is shown once; keep it:");
         eprintln!("{}", secret.expose());
@@ -121,5 +154,8 @@ async fn serve(settings: Settings) -> anyhow::Result<ExitCode> {
         std::net::SocketAddr::new(settings.listen.ip(), application.port())
     );
     application.run_until(app::shutdown_signal()).await?;
+    if let Some(scheduler) = scheduler {
+        scheduler.shutdown().await;
+    }
     Ok(ExitCode::SUCCESS)
 }

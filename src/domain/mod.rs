@@ -7,6 +7,7 @@ pub mod api_key;
 pub mod catalog;
 pub mod entry;
 pub mod idempotency;
+pub mod period;
 pub mod resource;
 
 pub use account::AccountId;

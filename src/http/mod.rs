@@ -4,14 +4,15 @@ pub mod auth;
 pub mod entries;
 pub mod error;
 pub mod extract;
-pub mod health;
+pub mod operations;
 pub mod params;
+pub mod usage;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::Router;
 use axum::extract::DefaultBodyLimit;
+use axum::{Router, middleware};
 use chrono::Duration;
 use tokio::net::TcpListener;
 use tower_http::trace::TraceLayer;
@@ -53,8 +54,13 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(entries::router())
-        .merge(health::router())
+        .merge(usage::router())
+        .merge(operations::router())
         .fallback(not_found)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            operations::count_requests,
+        ))
         .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))
         .layer(TraceLayer::new_for_http())
         .with_state(state)

@@ -11,9 +11,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use chrono::{DateTime, NaiveDate, Utc};
 
+use crate::domain::period::Granularity;
 use crate::domain::{
-    AccountId, ApiKey, Catalog, Entry, EntryFilter, IdempotencyKey, InsertOutcome, InsertStatus, NewEntry, Role,
+    AccountId, ApiKey, Catalog, Entry, EntryFilter, IdempotencyKey, InsertOutcome, InsertStatus, NewEntry,
+    ResourceName, Role,
 };
 
 /// Which database engine a store runs on.
@@ -108,6 +111,127 @@ pub trait Store: Send + Sync + 'static {
 
     /// How many keys exist, revoked ones included.
     async fn count_api_keys(&self) -> Result<i64, StoreError>;
+
+    /// Folds the next batch of at most `max_entries` ledger rows into the daily
+    /// and monthly totals and moves the cursor, in one transaction. Returns how
+    /// many rows it folded (0: caught up). `before_commit` runs just before the
+    /// commit; an error from it rolls the batch back (tests use it as a failpoint).
+    async fn rollup_batch(&self, max_entries: u32, before_commit: &BeforeCommit) -> Result<u64, StoreError>;
+
+    /// When the oldest ledger row not yet folded was recorded (None: caught up).
+    async fn oldest_unfolded(&self) -> Result<Option<DateTime<Utc>>, StoreError>;
+
+    /// Sparse (bucket, minor units) of one account and resource in [from, to):
+    /// folded totals plus the unfolded tail, read in one statement. A bucket may
+    /// appear twice (folded and tail); the caller adds them.
+    async fn bucket_totals(
+        &self,
+        account: &AccountId,
+        resource: &ResourceName,
+        granularity: Granularity,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<Vec<(NaiveDate, i64)>, StoreError>;
+
+    /// Recomputes every daily and monthly total from the folded ledger rows and
+    /// lists the differences, all read in one snapshot.
+    async fn verify_totals(&self) -> Result<Vec<TotalMismatch>, StoreError>;
+
+    /// Takes the lock that keeps two runs of a job apart across processes
+    /// (PostgreSQL advisory lock; SQLite needs none beyond its single writer).
+    /// `None` when another process holds it.
+    async fn try_job_lock(&self, job: &str) -> Result<Option<JobLock>, StoreError>;
+}
+
+/// A hook run just before a rollup batch commits.
+pub type BeforeCommit = dyn Fn() -> Result<(), StoreError> + Send + Sync;
+
+/// A total that differs from what the ledger says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TotalMismatch {
+    /// `daily` or `monthly`.
+    pub table: &'static str,
+    /// Account.
+    pub account: String,
+    /// Resource.
+    pub resource: String,
+    /// The bucket's first day.
+    pub bucket: NaiveDate,
+    /// (amount, entries) recomputed from the ledger; None if the ledger has none.
+    pub expected: Option<(i64, i64)>,
+    /// (amount, entries) stored; None if the row is missing.
+    pub actual: Option<(i64, i64)>,
+}
+
+/// Held while a job runs; releasing it (or dropping it, which closes its
+/// connection) lets another process run the job.
+pub struct JobLock {
+    pg: Option<(sqlx::PgConnection, i64)>,
+}
+
+impl JobLock {
+    /// A lock that needs no database state (SQLite).
+    pub fn in_process() -> Self {
+        Self { pg: None }
+    }
+
+    /// A PostgreSQL session advisory lock held on `conn`.
+    pub(crate) fn postgres(conn: sqlx::PgConnection, key: i64) -> Self {
+        Self { pg: Some((conn, key)) }
+    }
+
+    /// Releases the lock now.
+    pub async fn release(self) {
+        if let Some((mut conn, key)) = self.pg {
+            let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+                .bind(key)
+                .execute(&mut conn)
+                .await;
+            let _ = sqlx::Connection::close(conn).await;
+        }
+    }
+}
+
+/// Compares recomputed and stored totals, keyed by (account, resource, bucket).
+pub(crate) fn diff_totals(
+    table: &'static str,
+    expected: Vec<(String, String, NaiveDate, i64, i64)>,
+    actual: Vec<(String, String, NaiveDate, i64, i64)>,
+) -> Vec<TotalMismatch> {
+    let mut stored: HashMap<(String, String, NaiveDate), (i64, i64)> = actual
+        .into_iter()
+        .map(|(a, r, b, amount, n)| ((a, r, b), (amount, n)))
+        .collect();
+    let mut mismatches = Vec::new();
+    for (account, resource, bucket, amount, n) in expected {
+        let actual = stored.remove(&(account.clone(), resource.clone(), bucket));
+        if actual != Some((amount, n)) {
+            mismatches.push(TotalMismatch {
+                table,
+                account,
+                resource,
+                bucket,
+                expected: Some((amount, n)),
+                actual,
+            });
+        }
+    }
+    // Stored rows the ledger does not explain (a zero total with no entries is
+    // impossible: every folded row counts at least one entry).
+    for ((account, resource, bucket), values) in stored {
+        mismatches.push(TotalMismatch {
+            table,
+            account,
+            resource,
+            bucket,
+            expected: None,
+            actual: Some(values),
+        });
+    }
+    mismatches.sort_by(|a, b| {
+        (a.table, &a.account, &a.resource, a.bucket).cmp(&(b.table, &b.account, &b.resource, b.bucket))
+    });
+    mismatches
 }
 
 /// A key to store: its hash and what it may do.

@@ -9,12 +9,16 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::domain::period::{Granularity, start_of};
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{FromRow, PgPool, Postgres, QueryBuilder};
 
-use super::{Backend, NewApiKey, Store, StoreError, natural_key, resolve_outcomes};
+use super::{
+    Backend, BeforeCommit, JobLock, NewApiKey, Store, StoreError, TotalMismatch, diff_totals, natural_key,
+    resolve_outcomes,
+};
 use crate::domain::{
     AccountId, Amount, ApiKey, Catalog, Entry, EntryFilter, IdempotencyKey, InsertOutcome, NewEntry, ResourceName, Role,
 };
@@ -277,4 +281,136 @@ impl Store for PgStore {
             .fetch_one(&self.pool)
             .await?)
     }
+    async fn rollup_batch(&self, max_entries: u32, before_commit: &BeforeCommit) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // Two rollups (two replicas, or a manual run beside the scheduled one)
+        // take turns per batch; each then reads the cursor the other left.
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(ROLLUP_LOCK_KEY)
+            .execute(&mut *tx)
+            .await?;
+        let (last_tx, last_id, watermark): (String, i64, String) = sqlx::query_as(
+            "SELECT last_tx::text, last_id, pg_snapshot_xmin(pg_current_snapshot())::text
+             FROM rollup_cursor WHERE name = 'rollup'",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        let batch: Option<(String, i64, i64)> = sqlx::query_as(include_str!("sql/postgres/rollup_next_batch.sql"))
+            .bind(&last_tx)
+            .bind(last_id)
+            .bind(&watermark)
+            .bind(i64::from(max_entries))
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some((upper_tx, upper_id, size)) = batch else {
+            return Ok(0);
+        };
+        for sql in [
+            include_str!("sql/postgres/rollup_daily.sql"),
+            include_str!("sql/postgres/rollup_monthly.sql"),
+        ] {
+            sqlx::query(sql)
+                .bind(&last_tx)
+                .bind(last_id)
+                .bind(&upper_tx)
+                .bind(upper_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query(
+            "UPDATE rollup_cursor SET last_tx = $1::text::xid8, last_id = $2, updated_at = now() WHERE name = 'rollup'",
+        )
+        .bind(&upper_tx)
+        .bind(upper_id)
+        .execute(&mut *tx)
+        .await?;
+        before_commit()?;
+        tx.commit().await?;
+        Ok(size as u64)
+    }
+
+    async fn oldest_unfolded(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        // The first row past the cursor in commit order: close to the oldest
+        // unfolded one without scanning the whole tail.
+        Ok(sqlx::query_scalar(
+            "SELECT e.recorded_at FROM entries AS e, rollup_cursor AS c
+             WHERE c.name = 'rollup' AND (e.tx_id, e.id) > (c.last_tx, c.last_id)
+             ORDER BY e.tx_id, e.id LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    async fn bucket_totals(
+        &self,
+        account: &AccountId,
+        resource: &ResourceName,
+        granularity: Granularity,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<Vec<(NaiveDate, i64)>, StoreError> {
+        let sql = match granularity {
+            Granularity::Day => include_str!("sql/postgres/bucket_totals_day.sql"),
+            Granularity::Month => include_str!("sql/postgres/bucket_totals_month.sql"),
+        };
+        Ok(sqlx::query_as(sql)
+            .bind(account.as_str())
+            .bind(resource.as_str())
+            .bind(from)
+            .bind(to)
+            .bind(start_of(from))
+            .bind(start_of(to))
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    async fn verify_totals(&self) -> Result<Vec<TotalMismatch>, StoreError> {
+        // REPEATABLE READ: all four reads see one snapshot, even while a rollup runs.
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        let mut mismatches = Vec::new();
+        for (table, expected_sql, actual_sql) in [
+            (
+                "daily",
+                include_str!("sql/postgres/verify_daily.sql"),
+                "SELECT account, resource, day, amount, entries FROM daily_totals",
+            ),
+            (
+                "monthly",
+                include_str!("sql/postgres/verify_monthly.sql"),
+                "SELECT account, resource, month, amount, entries FROM monthly_totals",
+            ),
+        ] {
+            let expected = sqlx::query_as(expected_sql).fetch_all(&mut *tx).await?;
+            let actual = sqlx::query_as(actual_sql).fetch_all(&mut *tx).await?;
+            mismatches.extend(diff_totals(table, expected, actual));
+        }
+        tx.rollback().await?;
+        Ok(mismatches)
+    }
+
+    async fn try_job_lock(&self, job: &str) -> Result<Option<JobLock>, StoreError> {
+        // A session lock on a connection of its own, detached from the pool: if
+        // this process dies, the connection closes and the lock goes with it.
+        let mut conn = self.pool.acquire().await?.detach();
+        let key: i64 = sqlx::query_scalar("SELECT hashtextextended('tally.job.' || $1, 0)")
+            .bind(job)
+            .fetch_one(&mut conn)
+            .await?;
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(key)
+            .fetch_one(&mut conn)
+            .await?;
+        if locked {
+            Ok(Some(JobLock::postgres(conn, key)))
+        } else {
+            let _ = sqlx::Connection::close(conn).await;
+            Ok(None)
+        }
+    }
 }
+
+/// The advisory lock key that serialises rollup batches.
+const ROLLUP_LOCK_KEY: i64 = 0x7461_6c6c_7972_6f6c; // "tallyrol"

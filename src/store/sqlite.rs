@@ -11,11 +11,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{FromRow, QueryBuilder, Sqlite, SqlitePool};
 
-use super::{Backend, NewApiKey, Store, StoreError, natural_key, resolve_outcomes};
+use super::{
+    Backend, BeforeCommit, JobLock, NewApiKey, Store, StoreError, TotalMismatch, diff_totals, natural_key,
+    resolve_outcomes,
+};
+use crate::domain::period::{Granularity, start_of};
 use crate::domain::{
     AccountId, Amount, ApiKey, Catalog, Entry, EntryFilter, IdempotencyKey, InsertOutcome, NewEntry, ResourceName, Role,
 };
@@ -274,4 +278,116 @@ impl Store for SqliteStore {
             .fetch_one(&self.reader)
             .await?)
     }
+    async fn rollup_batch(&self, max_entries: u32, before_commit: &BeforeCommit) -> Result<u64, StoreError> {
+        // BEGIN IMMEDIATE takes the write lock first: two rollups (or a rollup
+        // and a post) queue instead of both reading the same cursor.
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let last_id: i64 = sqlx::query_scalar("SELECT last_id FROM rollup_cursor WHERE name = 'rollup'")
+            .fetch_one(&mut *tx)
+            .await?;
+        let (upper, size): (Option<i64>, i64) =
+            sqlx::query_as("SELECT MAX(id), COUNT(*) FROM (SELECT id FROM entries WHERE id > ?1 ORDER BY id LIMIT ?2)")
+                .bind(last_id)
+                .bind(i64::from(max_entries))
+                .fetch_one(&mut *tx)
+                .await?;
+        let Some(upper) = upper else {
+            return Ok(0);
+        };
+        for sql in [
+            include_str!("sql/sqlite/rollup_daily.sql"),
+            include_str!("sql/sqlite/rollup_monthly.sql"),
+        ] {
+            sqlx::query(sql).bind(last_id).bind(upper).execute(&mut *tx).await?;
+        }
+        sqlx::query("UPDATE rollup_cursor SET last_id = ?1, updated_at = ?2 WHERE name = 'rollup'")
+            .bind(upper)
+            .bind(to_micros(Utc::now()))
+            .execute(&mut *tx)
+            .await?;
+        before_commit()?;
+        tx.commit().await?;
+        Ok(size as u64)
+    }
+
+    async fn oldest_unfolded(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let oldest: Option<i64> = sqlx::query_scalar(
+            "SELECT recorded_at FROM entries
+             WHERE id > (SELECT last_id FROM rollup_cursor WHERE name = 'rollup')
+             ORDER BY id LIMIT 1",
+        )
+        .fetch_optional(&self.reader)
+        .await?;
+        Ok(oldest.map(from_micros))
+    }
+
+    async fn bucket_totals(
+        &self,
+        account: &AccountId,
+        resource: &ResourceName,
+        granularity: Granularity,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<Vec<(NaiveDate, i64)>, StoreError> {
+        let sql = match granularity {
+            Granularity::Day => include_str!("sql/sqlite/bucket_totals_day.sql"),
+            Granularity::Month => include_str!("sql/sqlite/bucket_totals_month.sql"),
+        };
+        let rows: Vec<(String, i64)> = sqlx::query_as(sql)
+            .bind(account.as_str())
+            .bind(resource.as_str())
+            .bind(from.to_string())
+            .bind(to.to_string())
+            .bind(to_micros(start_of(from)))
+            .bind(to_micros(start_of(to)))
+            .fetch_all(&self.reader)
+            .await?;
+        rows.into_iter()
+            .map(|(bucket, amount)| Ok((parse_date(&bucket)?, amount)))
+            .collect()
+    }
+
+    async fn verify_totals(&self) -> Result<Vec<TotalMismatch>, StoreError> {
+        // One read transaction: WAL gives it one snapshot for all four reads.
+        let mut tx = self.reader.begin().await?;
+        let mut mismatches = Vec::new();
+        for (table, expected_sql, actual_sql) in [
+            (
+                "daily",
+                include_str!("sql/sqlite/verify_daily.sql"),
+                "SELECT account, resource, day, amount, entries FROM daily_totals",
+            ),
+            (
+                "monthly",
+                include_str!("sql/sqlite/verify_monthly.sql"),
+                "SELECT account, resource, month, amount, entries FROM monthly_totals",
+            ),
+        ] {
+            let expected: Vec<(String, String, String, i64, i64)> =
+                sqlx::query_as(expected_sql).fetch_all(&mut *tx).await?;
+            let actual: Vec<(String, String, String, i64, i64)> =
+                sqlx::query_as(actual_sql).fetch_all(&mut *tx).await?;
+            mismatches.extend(diff_totals(table, with_dates(expected)?, with_dates(actual)?));
+        }
+        tx.rollback().await?;
+        Ok(mismatches)
+    }
+
+    async fn try_job_lock(&self, _job: &str) -> Result<Option<JobLock>, StoreError> {
+        Ok(Some(JobLock::in_process()))
+    }
+}
+
+/// Parses a stored 'YYYY-MM-DD' bucket.
+fn parse_date(text: &str) -> Result<NaiveDate, StoreError> {
+    text.parse()
+        .map_err(|_| StoreError::Invalid(format!("the database holds a malformed date {text:?}")))
+}
+
+type TotalRow<D> = (String, String, D, i64, i64);
+
+fn with_dates(rows: Vec<TotalRow<String>>) -> Result<Vec<TotalRow<NaiveDate>>, StoreError> {
+    rows.into_iter()
+        .map(|(a, r, bucket, amount, n)| Ok((a, r, parse_date(&bucket)?, amount, n)))
+        .collect()
 }

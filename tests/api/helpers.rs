@@ -197,3 +197,129 @@ impl TestApp {
 pub fn entry(account: &str, resource: &str, amount: &str, key: &str) -> Value {
     serde_json::json!({ "account": account, "resource": resource, "amount": amount, "idempotency_key": key })
 }
+
+impl TestApp {
+    /// Appends entries straight through the store, skipping the late-arrival
+    /// horizon so tests can use fixed dates. Each tuple: (account, resource,
+    /// amount, idempotency key, occurred_at).
+    pub async fn insert(&self, rows: &[(&str, &str, &str, &str, &str)]) -> Vec<i64> {
+        let inputs = rows
+            .iter()
+            .map(|(account, resource, amount, key, at)| {
+                serde_json::from_value(serde_json::json!({
+                    "account": account, "resource": resource, "amount": amount,
+                    "idempotency_key": key, "occurred_at": at,
+                }))
+                .unwrap()
+            })
+            .collect();
+        let rules = tally::domain::entry::EntryRules {
+            catalog: &self.catalog,
+            now: chrono::Utc::now(),
+            late_horizon: chrono::Duration::days(35),
+            allow_late: true,
+        };
+        let entries = tally::domain::entry::validate_batch(inputs, rules).expect("valid test entries");
+        self.store
+            .insert_entries(&entries)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.id)
+            .collect()
+    }
+
+    /// Runs the rollup until every committed entry is folded; returns the sum
+    /// of the runs' reports. On PostgreSQL one run may stop short: it folds only
+    /// rows whose transaction is below the cluster-wide xmin, and other tests'
+    /// transactions in the same cluster hold that back for a moment.
+    pub async fn rollup(&self) -> tally::jobs::rollup::RollupReport {
+        let mut total = tally::jobs::rollup::RollupReport {
+            batches: 0,
+            entries: 0,
+            elapsed: Default::default(),
+        };
+        for _ in 0..500 {
+            let report = self
+                .rollup_with(tally::jobs::rollup::RollupOptions::default())
+                .await
+                .unwrap();
+            total.batches += report.batches;
+            total.entries += report.entries;
+            if self.store.oldest_unfolded().await.unwrap().is_none() {
+                return total;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("the rollup did not catch up within 5 s");
+    }
+
+    /// Retries a rollup that should fail at a failpoint until it does (on
+    /// PostgreSQL a run may stop short before reaching the failpoint's batch).
+    pub async fn rollup_until_failpoint(&self, options: tally::jobs::rollup::RollupOptions) {
+        for _ in 0..500 {
+            if self.rollup_with(options).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("the failpoint never fired");
+    }
+
+    /// Runs the rollup with options (batch size, failpoint).
+    pub async fn rollup_with(
+        &self,
+        options: tally::jobs::rollup::RollupOptions,
+    ) -> Result<tally::jobs::rollup::RollupReport, tally::store::StoreError> {
+        tally::jobs::rollup::run(self.store.as_ref(), &options, &tally::telemetry::Metrics::default()).await
+    }
+
+    /// The plain SUM over the ledger for one account and resource, in minor units.
+    pub async fn ledger_sum(&self, account: &str, resource: &str) -> i64 {
+        self.scalar_i64(&format!(
+            "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM entries WHERE account = '{account}' AND resource = '{resource}'"
+        ))
+        .await
+    }
+
+    /// The folded daily total of a bucket, in minor units (0 when absent).
+    pub async fn daily_total(&self, account: &str, resource: &str, day: &str) -> i64 {
+        let day_expr = match self.backend {
+            Backend::Sqlite => format!("'{day}'"),
+            Backend::Postgres => format!("DATE '{day}'"),
+        };
+        self.scalar_i64(&format!(
+            "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM daily_totals WHERE account = '{account}' AND resource = '{resource}' AND day = {day_expr}"
+        ))
+        .await
+    }
+
+    /// The folded monthly total of a month (given by its first day), in minor units.
+    pub async fn monthly_total(&self, account: &str, resource: &str, month: &str) -> i64 {
+        let month_expr = match self.backend {
+            Backend::Sqlite => format!("'{month}'"),
+            Backend::Postgres => format!("DATE '{month}'"),
+        };
+        self.scalar_i64(&format!(
+            "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM monthly_totals WHERE account = '{account}' AND resource = '{resource}' AND month = {month_expr}"
+        ))
+        .await
+    }
+
+    /// The whole series' sum in minor units, read through the API's time series.
+    pub async fn series_sum(&self, account: &str, resource: &str, from: &str, to: &str, granularity: &str) -> i64 {
+        let reply = self
+            .get(&format!(
+                "/v1/accounts/{account}/timeseries?resource={resource}&granularity={granularity}&from={from}&to={to}"
+            ))
+            .await;
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+        let decimals = self.catalog.decimals(resource);
+        reply.body["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| tally::domain::Amount::parse(p["amount"].as_str().unwrap(), decimals).map_or(0, |a| a.minor()))
+            .sum()
+    }
+}

@@ -8,4 +8,7 @@ mod cli;
 mod concurrency;
 mod entries;
 mod invariants;
+mod jobs;
+mod rollup;
+mod timeseries;
 mod validation;

@@ -1,0 +1,111 @@
+//! `tally rollup`, `tally verify`, `tally jobs list|run`.
+
+use std::process::ExitCode;
+
+use chrono::Utc;
+
+use crate::app::Settings;
+use crate::jobs::rollup::{self, Failpoint, RollupOptions};
+use crate::jobs::{self as scheduled, JobOutcome, JobRunner};
+use crate::telemetry::Metrics;
+
+/// Arguments of `tally rollup`.
+#[derive(Debug, clap::Args)]
+pub struct RollupArgs {
+    /// Ledger rows per batch (one transaction each).
+    #[arg(long, default_value_t = rollup::DEFAULT_BATCH)]
+    batch_size: u32,
+    /// Test hook: STAGE:BATCH[:abort] with STAGE before_commit or after_commit.
+    #[arg(long, env = "TALLY_FAILPOINT", hide = true)]
+    failpoint: Option<String>,
+}
+
+/// `tally jobs …`
+#[derive(Debug, clap::Subcommand)]
+pub enum JobsCommand {
+    /// Each job, its schedule (UTC) and its next run.
+    List,
+    /// Run one job now (skipped if a run of it is in flight anywhere).
+    Run {
+        /// The job's name.
+        name: String,
+    },
+}
+
+/// Runs the rollup once and prints what it folded.
+pub async fn rollup(settings: &Settings, args: RollupArgs) -> anyhow::Result<ExitCode> {
+    let (store, _) = settings.open_store().await?;
+    let failpoint = args
+        .failpoint
+        .as_deref()
+        .map(Failpoint::parse)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let options = RollupOptions {
+        batch_size: args.batch_size.max(1),
+        failpoint,
+    };
+    let report = rollup::run(store.as_ref(), &options, &Metrics::default()).await?;
+    println!("{report}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Recomputes the totals from the ledger and prints every difference.
+pub async fn verify(settings: &Settings) -> anyhow::Result<ExitCode> {
+    let (store, catalog) = settings.open_store().await?;
+    let mismatches = store.verify_totals().await?;
+    if mismatches.is_empty() {
+        println!("ok: every daily and monthly total equals the sum of its folded ledger entries");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let show = |resource: &str, values: Option<(i64, i64)>| match values {
+        None => "missing".to_owned(),
+        Some((minor, entries)) => {
+            let amount = crate::domain::Amount::from_minor(minor, catalog.decimals(resource));
+            format!("{amount} from {entries} entries")
+        }
+    };
+    for m in &mismatches {
+        println!(
+            "{} total of {} / {} / {}: stored {}, ledger says {}",
+            m.table,
+            m.account,
+            m.resource,
+            m.bucket,
+            show(&m.resource, m.actual),
+            show(&m.resource, m.expected)
+        );
+    }
+    eprintln!("{} totals differ from the ledger", mismatches.len());
+    Ok(ExitCode::FAILURE)
+}
+
+/// Lists or runs jobs.
+pub async fn run(settings: &Settings, command: JobsCommand) -> anyhow::Result<ExitCode> {
+    let definitions = scheduled::load(settings.jobs.as_deref())?;
+    match command {
+        JobsCommand::List => {
+            let now = Utc::now();
+            println!("{:<20} {:<20} {:<12} next run (UTC)", "name", "schedule", "runs");
+            for job in &definitions {
+                println!(
+                    "{:<20} {:<20} {:<12} {}",
+                    job.name,
+                    job.schedule,
+                    format!("{:?}", job.run).to_lowercase(),
+                    job.next_run(now)?.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        JobsCommand::Run { name } => {
+            let (store, _) = settings.open_store().await?;
+            let runner = JobRunner::new(store, std::sync::Arc::new(Metrics::default()), definitions);
+            match runner.run(&name).await? {
+                JobOutcome::Ran(summary) => println!("{name}: {summary}"),
+                JobOutcome::Skipped(why) => println!("{name}: skipped: {why}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

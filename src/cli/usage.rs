@@ -1,0 +1,48 @@
+//! `tally timeseries`.
+
+use std::process::ExitCode;
+
+use crate::app::Settings;
+use crate::domain::AccountId;
+use crate::domain::period::Granularity;
+use crate::usage::timeseries::timeseries as series;
+
+/// Arguments of `tally timeseries`.
+#[derive(Debug, clap::Args)]
+pub struct TimeseriesArgs {
+    /// Account id.
+    account: String,
+    /// Resource name.
+    resource: String,
+    /// Bucket size.
+    #[arg(long, value_enum, default_value = "day")]
+    granularity: Granularity,
+    /// First bucket (inclusive), YYYY-MM-DD.
+    #[arg(long)]
+    from: chrono::NaiveDate,
+    /// End (exclusive), YYYY-MM-DD.
+    #[arg(long)]
+    to: chrono::NaiveDate,
+}
+
+/// Prints `start,amount` lines, zero-filled.
+pub async fn timeseries(settings: &Settings, args: TimeseriesArgs) -> anyhow::Result<ExitCode> {
+    let (store, catalog) = settings.open_store().await?;
+    let account = AccountId::parse(&args.account).map_err(anyhow::Error::msg)?;
+    let (resource, _) = catalog.resource(&args.resource)?;
+    let points = series(
+        store.as_ref(),
+        &catalog,
+        &account,
+        resource,
+        args.granularity,
+        args.from,
+        args.to,
+    )
+    .await?;
+    println!("start,amount");
+    for point in points {
+        println!("{},{}", point.start, point.amount);
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,104 @@
+//! UTC days and months: the buckets totals are kept in (DESIGN.md, invariant 7).
+
+use chrono::{DateTime, Datelike, Months, NaiveDate, Utc};
+use serde::{Deserialize, Serialize};
+
+/// The size of a bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Granularity {
+    /// A UTC day.
+    Day,
+    /// A UTC calendar month.
+    Month,
+}
+
+impl Granularity {
+    /// Parses `day` or `month`.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        match raw {
+            "day" => Ok(Self::Day),
+            "month" => Ok(Self::Month),
+            other => Err(format!("granularity {other:?} is not day or month")),
+        }
+    }
+
+    /// The bucket containing `date`.
+    pub fn bucket_of(self, date: NaiveDate) -> NaiveDate {
+        match self {
+            Self::Day => date,
+            Self::Month => month_start(date),
+        }
+    }
+
+    /// The bucket after `bucket`.
+    pub fn next(self, bucket: NaiveDate) -> NaiveDate {
+        match self {
+            Self::Day => bucket.succ_opt().expect("dates far from the end of time"),
+            Self::Month => bucket
+                .checked_add_months(Months::new(1))
+                .expect("dates far from the end of time"),
+        }
+    }
+
+    /// Every bucket start in [from, to), at most `max` of them (None if more).
+    pub fn buckets(self, from: NaiveDate, to: NaiveDate, max: usize) -> Option<Vec<NaiveDate>> {
+        let mut buckets = Vec::new();
+        let mut bucket = self.bucket_of(from);
+        while bucket < to {
+            if buckets.len() == max {
+                return None;
+            }
+            buckets.push(bucket);
+            bucket = self.next(bucket);
+        }
+        Some(buckets)
+    }
+}
+
+/// The first day of `date`'s month.
+pub fn month_start(date: NaiveDate) -> NaiveDate {
+    date.with_day(1).expect("every month has a first day")
+}
+
+/// Midnight UTC at the start of `date`.
+pub fn start_of(date: NaiveDate) -> DateTime<Utc> {
+    date.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(s: &str) -> NaiveDate {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn months_run_from_first_to_first() {
+        assert_eq!(Granularity::Month.bucket_of(d("2026-02-28")), d("2026-02-01"));
+        assert_eq!(Granularity::Month.next(d("2026-12-01")), d("2027-01-01"));
+        assert_eq!(
+            Granularity::Month
+                .buckets(d("2026-01-01"), d("2026-04-01"), 10)
+                .unwrap(),
+            [d("2026-01-01"), d("2026-02-01"), d("2026-03-01")]
+        );
+    }
+
+    #[test]
+    fn too_many_buckets_is_none() {
+        assert!(
+            Granularity::Day
+                .buckets(d("2026-01-01"), d("2036-01-10"), 3660)
+                .is_none()
+        );
+        assert_eq!(
+            Granularity::Day
+                .buckets(d("2026-01-01"), d("2026-01-01"), 10)
+                .unwrap()
+                .len(),
+            0
+        );
+    }
+}

@@ -1,0 +1,73 @@
+//! Operations: liveness/readiness and Prometheus metrics (no key needed).
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use chrono::Utc;
+use serde_json::{Value, json};
+
+use super::AppState;
+use crate::telemetry::HttpLabels;
+use crate::usage::rollup_lag_seconds;
+
+/// `GET /healthz` and `GET /metrics`.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+}
+
+async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+    match rollup_lag_seconds(state.store.as_ref(), Utc::now()).await {
+        Ok(lag) => (
+            StatusCode::OK,
+            Json(json!({ "status": "ok", "database": "ok", "rollup_lag_seconds": lag })),
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "health check: database unavailable: {e}");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({ "status": "degraded", "database": "unavailable", "rollup_lag_seconds": null })),
+            )
+        }
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    // The lag is read at scrape time, so it is right even with jobs off here.
+    if let Ok(lag) = rollup_lag_seconds(state.store.as_ref(), Utc::now()).await {
+        state.metrics.rollup_lag_seconds.set(lag);
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Counts every request by its route pattern (not the raw path, which would
+/// make one series per account), method and status.
+pub async fn count_requests(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = request.method().to_string();
+    let response = next.run(request).await;
+    state
+        .metrics
+        .http_requests
+        .get_or_create(&HttpLabels {
+            route,
+            method,
+            status: response.status().as_u16(),
+        })
+        .inc();
+    response
+}

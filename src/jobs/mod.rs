@@ -1,0 +1,218 @@
+//! Scheduled jobs. Definitions live in `jobs/*.toml` (name, 6-field cron in
+//! UTC, what to run); `serve` fires them with tokio-cron-scheduler, and every
+//! job can be run by hand (`tally jobs run NAME`, `tally rollup`).
+//!
+//! tokio-cron-scheduler prevents neither overlapping runs nor runs on several
+//! replicas, so each run holds an in-process mutex and the store's job lock
+//! (a PostgreSQL advisory lock). Shutdown waits for the run in flight.
+
+pub mod rollup;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use tokio::sync::Mutex;
+use tokio_cron_scheduler::{Job, JobScheduler};
+
+use crate::store::Store;
+use crate::telemetry::Metrics;
+
+/// The default schedule when no `jobs/` directory is found: fold every 10 s.
+pub const BUILTIN_JOBS: &[(&str, &str, JobKind)] = &[("rollup", "*/10 * * * * *", JobKind::Rollup)];
+
+/// What a job does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    /// Fold the ledger into daily and monthly totals.
+    Rollup,
+}
+
+/// One scheduled job.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobDefinition {
+    /// Unique name (`tally jobs run NAME`).
+    pub name: String,
+    /// Cron with seconds: `sec min hour day-of-month month day-of-week`, in UTC.
+    pub schedule: String,
+    /// What it runs.
+    pub run: JobKind,
+    /// A description for people.
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+impl JobDefinition {
+    /// The next time the schedule fires after `after`.
+    pub fn next_run(&self, after: DateTime<Utc>) -> anyhow::Result<DateTime<Utc>> {
+        parse_schedule(&self.schedule)?
+            .find_next_occurrence(&after, false)
+            .with_context(|| format!("schedule {:?} of job '{}' never fires", self.schedule, self.name))
+    }
+}
+
+fn parse_schedule(schedule: &str) -> anyhow::Result<croner::Cron> {
+    croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Required)
+        .dom_and_dow(true)
+        .build()
+        .parse(schedule)
+        .map_err(|e| anyhow::anyhow!("schedule {schedule:?} is not a 6-field cron (sec min hour dom month dow): {e}"))
+}
+
+/// Where job definitions come from: `--jobs DIR`, else `jobs/` when present,
+/// else the built-in schedule.
+pub fn load(dir: Option<&Path>) -> anyhow::Result<Vec<JobDefinition>> {
+    let dir: Option<PathBuf> = match dir {
+        Some(dir) => Some(dir.to_owned()),
+        None => Some(PathBuf::from("jobs")).filter(|d| d.is_dir()),
+    };
+    let Some(dir) = dir else {
+        return Ok(builtin());
+    };
+    let mut jobs = BTreeMap::new();
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| format!("cannot read the jobs directory {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    paths.sort();
+    for path in paths {
+        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let job: JobDefinition =
+            toml::from_str(&text).with_context(|| format!("invalid job file {}", path.display()))?;
+        parse_schedule(&job.schedule).with_context(|| format!("in {}", path.display()))?;
+        if let Some(previous) = jobs.insert(job.name.clone(), job) {
+            anyhow::bail!("two job files in {} define job '{}'", dir.display(), previous.name);
+        }
+    }
+    Ok(jobs.into_values().collect())
+}
+
+/// The built-in schedule.
+pub fn builtin() -> Vec<JobDefinition> {
+    BUILTIN_JOBS
+        .iter()
+        .map(|(name, schedule, run)| JobDefinition {
+            name: (*name).into(),
+            schedule: (*schedule).into(),
+            run: *run,
+            description: None,
+        })
+        .collect()
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobOutcome {
+    /// It ran; a summary for the log.
+    Ran(String),
+    /// Another run held the lock (in this process or another); nothing done.
+    Skipped(String),
+}
+
+/// Runs jobs by name, one run of each at a time.
+pub struct JobRunner {
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    jobs: BTreeMap<String, (JobDefinition, Arc<Mutex<()>>)>,
+}
+
+impl JobRunner {
+    /// A runner for `jobs` over `store`.
+    pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>, jobs: Vec<JobDefinition>) -> Self {
+        let jobs = jobs
+            .into_iter()
+            .map(|j| (j.name.clone(), (j, Arc::new(Mutex::new(())))))
+            .collect();
+        Self { store, metrics, jobs }
+    }
+
+    /// The definitions, by name.
+    pub fn definitions(&self) -> impl Iterator<Item = &JobDefinition> {
+        self.jobs.values().map(|(j, _)| j)
+    }
+
+    /// Runs job `name` now, unless a run of it is in flight here or elsewhere.
+    pub async fn run(&self, name: &str) -> anyhow::Result<JobOutcome> {
+        let (job, guard) = self.jobs.get(name).with_context(|| {
+            format!(
+                "no job named '{name}'; jobs: {}",
+                self.jobs.keys().cloned().collect::<Vec<_>>().join(", ")
+            )
+        })?;
+        let Ok(_running) = guard.try_lock() else {
+            return Ok(JobOutcome::Skipped(format!(
+                "job '{name}' is already running in this process"
+            )));
+        };
+        let Some(lock) = self.store.try_job_lock(name).await? else {
+            return Ok(JobOutcome::Skipped(format!(
+                "job '{name}' is running in another process"
+            )));
+        };
+        let result = match job.run {
+            JobKind::Rollup => rollup::run(self.store.as_ref(), &rollup::RollupOptions::default(), &self.metrics)
+                .await
+                .map(|report| JobOutcome::Ran(report.to_string()))
+                .map_err(anyhow::Error::from),
+        };
+        lock.release().await;
+        result
+    }
+
+    /// Waits until no job is running, then keeps them from starting.
+    pub async fn drain(&self) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
+        let mut guards = Vec::new();
+        for (_, guard) in self.jobs.values() {
+            guards.push(guard.lock().await);
+        }
+        guards
+    }
+}
+
+/// Fires the jobs on their schedules until shut down.
+pub struct Scheduler {
+    scheduler: JobScheduler,
+    runner: Arc<JobRunner>,
+}
+
+impl Scheduler {
+    /// Registers every job of `runner` and starts firing them.
+    pub async fn start(runner: Arc<JobRunner>) -> anyhow::Result<Self> {
+        let scheduler = JobScheduler::new().await.context("cannot create the job scheduler")?;
+        for definition in runner.definitions() {
+            let name = definition.name.clone();
+            let job_runner = runner.clone();
+            let job = Job::new_async(definition.schedule.as_str(), move |_id, _scheduler| {
+                let runner = job_runner.clone();
+                let name = name.clone();
+                Box::pin(async move {
+                    match runner.run(&name).await {
+                        Ok(JobOutcome::Ran(summary)) => tracing::debug!(job = %name, "job {name}: {summary}"),
+                        Ok(JobOutcome::Skipped(why)) => tracing::debug!(job = %name, "job {name} skipped: {why}"),
+                        Err(e) => tracing::error!(job = %name, error = %format!("{e:#}"), "job {name} failed: {e:#}"),
+                    }
+                })
+            })
+            .with_context(|| format!("cannot schedule job '{}' ({:?})", definition.name, definition.schedule))?;
+            scheduler.add(job).await.context("cannot add a job to the scheduler")?;
+        }
+        scheduler.start().await.context("cannot start the job scheduler")?;
+        Ok(Self { scheduler, runner })
+    }
+
+    /// Stops firing and waits for the runs in flight.
+    pub async fn shutdown(mut self) {
+        if let Err(e) = self.scheduler.shutdown().await {
+            tracing::warn!(error = %e, "job scheduler did not shut down cleanly: {e}");
+        }
+        let _idle = self.runner.drain().await;
+        tracing::info!("jobs stopped");
+    }
+}

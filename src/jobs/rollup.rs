@@ -1,0 +1,170 @@
+//! The rollup: folds the ledger into daily and monthly totals, batch by batch,
+//! each batch one transaction that also moves the cursor (exactly once).
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use crate::store::{Store, StoreError};
+use crate::telemetry::Metrics;
+
+/// Rows per batch: large enough to amortise the per-batch statements, small
+/// enough to keep each transaction (and a post waiting behind it on SQLite) short.
+pub const DEFAULT_BATCH: u32 = 50_000;
+
+/// Where a deliberate failure is injected (tests and `TALLY_FAILPOINT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Failpoint {
+    /// The batch (1-based) it fires in.
+    pub batch: u64,
+    /// Before that batch commits, or after.
+    pub stage: Stage,
+    /// What happens there.
+    pub action: FailAction,
+}
+
+/// When a failpoint fires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Inside the transaction, after the totals and cursor were written.
+    BeforeCommit,
+    /// Between batches: this batch committed, the next has not begun.
+    AfterCommit,
+}
+
+/// What a failpoint does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailAction {
+    /// Return an error (the transaction rolls back as in a crash).
+    Error,
+    /// Abort the process on the spot: a real crash.
+    Abort,
+}
+
+impl Failpoint {
+    /// Parses `before_commit:N[:abort]` or `after_commit:N[:abort]`.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = raw.split(':').collect();
+        let usage = || format!("failpoint {raw:?} is not STAGE:BATCH[:abort] (STAGE = before_commit | after_commit)");
+        let stage = match parts.first() {
+            Some(&"before_commit") => Stage::BeforeCommit,
+            Some(&"after_commit") => Stage::AfterCommit,
+            _ => return Err(usage()),
+        };
+        let batch = parts
+            .get(1)
+            .and_then(|n| n.parse().ok())
+            .filter(|n| *n > 0)
+            .ok_or_else(usage)?;
+        let action = match parts.get(2) {
+            None => FailAction::Error,
+            Some(&"abort") => FailAction::Abort,
+            Some(_) => return Err(usage()),
+        };
+        Ok(Self { batch, stage, action })
+    }
+
+    fn fire(&self, batch: u64, stage: Stage) -> Result<(), StoreError> {
+        if self.batch != batch || self.stage != stage {
+            return Ok(());
+        }
+        match self.action {
+            FailAction::Abort => {
+                eprintln!("failpoint: aborting the process in batch {batch} ({stage:?})");
+                std::process::abort()
+            }
+            FailAction::Error => Err(StoreError::Invalid(format!(
+                "failpoint fired in batch {batch} ({stage:?})"
+            ))),
+        }
+    }
+}
+
+/// How to run the rollup.
+#[derive(Debug, Clone, Copy)]
+pub struct RollupOptions {
+    /// Rows per batch.
+    pub batch_size: u32,
+    /// An injected failure, for tests.
+    pub failpoint: Option<Failpoint>,
+}
+
+impl Default for RollupOptions {
+    fn default() -> Self {
+        Self {
+            batch_size: DEFAULT_BATCH,
+            failpoint: None,
+        }
+    }
+}
+
+/// What a run folded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RollupReport {
+    /// Batches committed.
+    pub batches: u64,
+    /// Ledger rows folded.
+    pub entries: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+impl fmt::Display for RollupReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "folded {} entries in {} batches ({:.3} s)",
+            self.entries,
+            self.batches,
+            self.elapsed.as_secs_f64()
+        )
+    }
+}
+
+/// Folds everything since the cursor, batch after batch, until caught up.
+/// A crash at any point leaves every committed batch counted once and the
+/// rest for the next run.
+pub async fn run(store: &dyn Store, options: &RollupOptions, metrics: &Metrics) -> Result<RollupReport, StoreError> {
+    let started = Instant::now();
+    let mut report = RollupReport {
+        batches: 0,
+        entries: 0,
+        elapsed: Duration::ZERO,
+    };
+    let result = loop {
+        let batch_no = report.batches + 1;
+        let failpoint = options.failpoint;
+        let before_commit = move || failpoint.map_or(Ok(()), |f| f.fire(batch_no, Stage::BeforeCommit));
+        match store.rollup_batch(options.batch_size, &before_commit).await {
+            Ok(0) => break Ok(()),
+            Ok(folded) => {
+                report.batches = batch_no;
+                report.entries += folded;
+                metrics.entries_folded.inc_by(folded);
+                if let Some(f) = options.failpoint {
+                    if let Err(e) = f.fire(batch_no, Stage::AfterCommit) {
+                        break Err(e);
+                    }
+                }
+                if folded < u64::from(options.batch_size) {
+                    break Ok(());
+                }
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    report.elapsed = started.elapsed();
+    match result {
+        Ok(()) => {
+            metrics.rollup_runs.inc();
+            if report.entries > 0 {
+                tracing::info!(entries = report.entries, batches = report.batches, "rollup: {report}");
+            }
+            Ok(report)
+        }
+        Err(e) => {
+            metrics.rollup_failures.inc();
+            tracing::error!(entries = report.entries, error = %e, "rollup failed after {report}: {e}");
+            Err(e)
+        }
+    }
+}

@@ -1,0 +1,11 @@
+-- Monthly buckets of one account and resource: folded totals plus the unfolded
+-- tail, in one statement (one snapshot).
+SELECT month AS bucket, amount
+FROM monthly_totals
+WHERE account = $1 AND resource = $2 AND month >= $3 AND month < $4
+UNION ALL
+SELECT date_trunc('month', e.occurred_at AT TIME ZONE 'UTC')::date, SUM(e.amount)::bigint
+FROM entries AS e, rollup_cursor AS c
+WHERE c.name = 'rollup' AND (e.tx_id, e.id) > (c.last_tx, c.last_id)
+  AND e.account = $1 AND e.resource = $2 AND e.occurred_at >= $5 AND e.occurred_at < $6
+GROUP BY 1

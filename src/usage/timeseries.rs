@@ -1,0 +1,81 @@
+//! Zero-filled time series of one account and resource.
+
+use std::collections::BTreeMap;
+
+use chrono::NaiveDate;
+use serde::Serialize;
+
+use crate::domain::period::Granularity;
+use crate::domain::{AccountId, Amount, Catalog, ResourceName};
+use crate::store::{Store, StoreError};
+
+/// The most points one series may have.
+pub const MAX_POINTS: usize = 3_660;
+
+/// One bucket of a series.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Point {
+    /// The bucket's first day.
+    pub start: NaiveDate,
+    /// Net usage in the bucket, exact.
+    pub amount: Amount,
+}
+
+/// Why a series cannot be produced.
+#[derive(Debug, thiserror::Error)]
+pub enum SeriesError {
+    /// The range is empty, reversed, misaligned or too long.
+    #[error("{0}")]
+    Range(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A bucket's sum left the 64-bit range.
+    #[error("a bucket's total overflows")]
+    Overflow,
+}
+
+/// Every bucket in [from, to), ascending, zero-filled. For months, `from` and
+/// `to` must be first days of months.
+pub async fn timeseries(
+    store: &dyn Store,
+    catalog: &Catalog,
+    account: &AccountId,
+    resource: &ResourceName,
+    granularity: Granularity,
+    from: NaiveDate,
+    to: NaiveDate,
+) -> Result<Vec<Point>, SeriesError> {
+    if from >= to {
+        return Err(SeriesError::Range(format!("from ({from}) must be before to ({to})")));
+    }
+    if granularity == Granularity::Month {
+        for (name, date) in [("from", from), ("to", to)] {
+            if granularity.bucket_of(date) != date {
+                return Err(SeriesError::Range(format!(
+                    "{name} ({date}) must be the first day of a month for granularity=month (e.g. {})",
+                    granularity.bucket_of(date)
+                )));
+            }
+        }
+    }
+    let buckets = granularity.buckets(from, to, MAX_POINTS).ok_or_else(|| {
+        SeriesError::Range(format!(
+            "{from} to {to} by {granularity:?} is more than {MAX_POINTS} points; narrow the range or use granularity=month"
+        ))
+    })?;
+    let decimals = catalog.decimals(resource.as_str());
+    let mut sums: BTreeMap<NaiveDate, Amount> = buckets.iter().map(|b| (*b, Amount::zero(decimals))).collect();
+    // Folded totals and the tail may both name a bucket: add them.
+    for (bucket, minor) in store.bucket_totals(account, resource, granularity, from, to).await? {
+        if let Some(sum) = sums.get_mut(&bucket) {
+            *sum = sum
+                .checked_add(Amount::from_minor(minor, decimals))
+                .map_err(|_| SeriesError::Overflow)?;
+        }
+    }
+    Ok(sums
+        .into_iter()
+        .map(|(start, amount)| Point { start, amount })
+        .collect())
+}

@@ -1,0 +1,413 @@
+//! The rollup folds every entry into the right buckets exactly once: across
+//! boundaries, late, negative, through crashes, concurrency and (PostgreSQL)
+//! out-of-order commits.
+
+use std::sync::Arc;
+
+use serde_json::json;
+use tally::jobs::rollup::{FailAction, Failpoint, RollupOptions, Stage};
+
+use crate::both;
+use crate::helpers::{Backend, TestApp};
+
+both!(
+    entries_fold_into_their_utc_day_and_month_across_boundaries,
+    negative_entries_reversals_and_late_entries_fold_into_their_buckets,
+    a_second_rollup_with_nothing_new_changes_nothing,
+    a_corrupted_total_makes_verify_fail,
+    a_failure_before_a_commit_leaves_totals_exact_after_the_next_run,
+    a_failure_between_batches_leaves_totals_exact_after_the_next_run,
+    a_rollup_process_killed_mid_batch_leaves_totals_exact_after_the_next_run,
+    concurrent_rollups_never_double_count,
+    usage_is_exact_at_any_instant_while_posting_and_rolling_up,
+    random_interleavings_of_posting_and_rolling_up_keep_totals_equal_to_the_ledger,
+);
+
+async fn entries_fold_into_their_utc_day_and_month_across_boundaries(app: TestApp) {
+    app.insert(&[
+        ("acme", "api_requests", "1", "a", "2026-01-31T23:59:59.999Z"),
+        ("acme", "api_requests", "10", "b", "2026-02-01T00:00:00Z"),
+        ("acme", "api_requests", "100", "c", "2026-02-01T23:59:59.999999Z"),
+        ("acme", "api_requests", "1000", "d", "2026-02-02T00:00:00Z"),
+        // An offset is converted to UTC: 2026-02-02T01:00+02:00 is 2026-02-01T23:00Z.
+        ("acme", "api_requests", "10000", "e", "2026-02-02T01:00:00+02:00"),
+        ("acme", "agent_minutes", "0.25", "f", "2026-02-01T12:00:00Z"),
+    ])
+    .await;
+    let report = app.rollup().await;
+    assert_eq!(report.entries, 6);
+    assert_eq!(app.daily_total("acme", "api_requests", "2026-01-31").await, 1);
+    assert_eq!(app.daily_total("acme", "api_requests", "2026-02-01").await, 10_110);
+    assert_eq!(app.daily_total("acme", "api_requests", "2026-02-02").await, 1000);
+    assert_eq!(app.monthly_total("acme", "api_requests", "2026-01-01").await, 1);
+    assert_eq!(app.monthly_total("acme", "api_requests", "2026-02-01").await, 11_110);
+    assert_eq!(app.daily_total("acme", "agent_minutes", "2026-02-01").await, 25);
+    assert!(app.store.verify_totals().await.unwrap().is_empty());
+    let entries = app
+        .scalar_i64("SELECT CAST(entries AS BIGINT) FROM monthly_totals WHERE resource = 'api_requests' AND account = 'acme' AND amount = 11110")
+        .await;
+    assert_eq!(entries, 4, "the monthly total counts its entries");
+}
+
+async fn negative_entries_reversals_and_late_entries_fold_into_their_buckets(app: TestApp) {
+    let ids = app
+        .insert(&[
+            ("acme", "storage_bytes", "5000", "up", "2026-03-10T10:00:00Z"),
+            ("acme", "storage_bytes", "-2000", "delete", "2026-03-11T10:00:00Z"),
+            ("acme", "api_requests", "40", "req", "2026-03-10T11:00:00Z"),
+        ])
+        .await;
+    app.rollup().await;
+    // A reversal (API) and a late entry for an earlier, already folded day.
+    let reversal = app
+        .post(
+            &format!("/v1/entries/{}/reversal", ids[2]),
+            json!({"idempotency_key": "undo"}),
+        )
+        .await;
+    assert_eq!(reversal.status, 200, "{:?}", reversal.body);
+    app.insert(&[("acme", "storage_bytes", "7", "late", "2026-03-01T00:00:00Z")])
+        .await;
+    app.rollup().await;
+    assert_eq!(app.daily_total("acme", "storage_bytes", "2026-03-10").await, 5000);
+    assert_eq!(app.daily_total("acme", "storage_bytes", "2026-03-11").await, -2000);
+    assert_eq!(app.daily_total("acme", "storage_bytes", "2026-03-01").await, 7);
+    assert_eq!(app.daily_total("acme", "api_requests", "2026-03-10").await, 0);
+    assert_eq!(app.monthly_total("acme", "storage_bytes", "2026-03-01").await, 3007);
+    assert!(app.store.verify_totals().await.unwrap().is_empty());
+}
+
+async fn a_second_rollup_with_nothing_new_changes_nothing(app: TestApp) {
+    app.insert(&[("acme", "api_requests", "3", "a", "2026-04-01T00:00:00Z")])
+        .await;
+    assert_eq!(app.rollup().await.entries, 1);
+    assert_eq!(app.rollup_with(RollupOptions::default()).await.unwrap().entries, 0);
+    assert_eq!(app.daily_total("acme", "api_requests", "2026-04-01").await, 3);
+}
+
+async fn a_corrupted_total_makes_verify_fail(app: TestApp) {
+    app.insert(&[
+        ("acme", "api_requests", "3", "a", "2026-04-01T00:00:00Z"),
+        ("acme", "api_requests", "4", "b", "2026-04-02T00:00:00Z"),
+    ])
+    .await;
+    app.rollup().await;
+    let ok = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["verify", "--database-url", &app.database_url])
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stdout));
+    app.execute_raw("UPDATE daily_totals SET amount = amount + 1 WHERE amount = 3")
+        .await
+        .unwrap();
+    let mismatches = app.store.verify_totals().await.unwrap();
+    assert_eq!(mismatches.len(), 1, "{mismatches:?}");
+    assert_eq!(mismatches[0].table, "daily");
+    assert_eq!(mismatches[0].expected, Some((3, 1)));
+    assert_eq!(mismatches[0].actual, Some((4, 1)));
+    let failed = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["verify", "--database-url", &app.database_url])
+        .output()
+        .unwrap();
+    assert_eq!(failed.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&failed.stdout);
+    assert!(
+        stdout.contains(
+            "daily total of acme / api_requests / 2026-04-01: stored 4 from 1 entries, ledger says 3 from 1 entries"
+        ),
+        "{stdout}"
+    );
+}
+
+/// 25 entries over 5 days, for the crash tests (batches of 10 → 3 batches).
+async fn twenty_five_entries(app: &TestApp) -> i64 {
+    let rows: Vec<(String, String)> = (0..25)
+        .map(|i| (format!("k{i}"), format!("2026-05-0{}T12:00:00Z", 1 + i % 5)))
+        .collect();
+    let rows: Vec<_> = rows
+        .iter()
+        .map(|(k, at)| ("acme", "api_requests", "2", k.as_str(), at.as_str()))
+        .collect();
+    app.insert(&rows).await;
+    50
+}
+
+async fn assert_totals_exact(app: &TestApp, expected: i64) {
+    assert!(app.store.verify_totals().await.unwrap().is_empty());
+    let months = app.monthly_total("acme", "api_requests", "2026-05-01").await;
+    assert_eq!(months, expected, "every entry folded exactly once");
+    let mut days = 0;
+    for d in 1..=5 {
+        days += app.daily_total("acme", "api_requests", &format!("2026-05-0{d}")).await;
+    }
+    assert_eq!(days, expected);
+}
+
+async fn a_failure_before_a_commit_leaves_totals_exact_after_the_next_run(app: TestApp) {
+    let expected = twenty_five_entries(&app).await;
+    let failing = RollupOptions {
+        batch_size: 10,
+        failpoint: Some(Failpoint {
+            batch: 2,
+            stage: Stage::BeforeCommit,
+            action: FailAction::Error,
+        }),
+    };
+    app.rollup_until_failpoint(failing).await;
+    assert!(
+        app.monthly_total("acme", "api_requests", "2026-05-01").await < expected,
+        "the failed batch rolled back"
+    );
+    assert!(
+        app.store.verify_totals().await.unwrap().is_empty(),
+        "the cursor moved only with what committed"
+    );
+    app.rollup().await;
+    assert_totals_exact(&app, expected).await;
+}
+
+async fn a_failure_between_batches_leaves_totals_exact_after_the_next_run(app: TestApp) {
+    let expected = twenty_five_entries(&app).await;
+    let failing = RollupOptions {
+        batch_size: 10,
+        failpoint: Some(Failpoint {
+            batch: 2,
+            stage: Stage::AfterCommit,
+            action: FailAction::Error,
+        }),
+    };
+    app.rollup_until_failpoint(failing).await;
+    let folded_before = app.monthly_total("acme", "api_requests", "2026-05-01").await;
+    assert!(folded_before >= 40, "two batches of 10 committed: {folded_before}");
+    assert!(app.store.verify_totals().await.unwrap().is_empty());
+    let report = app.rollup().await;
+    assert_eq!(
+        report.entries as i64 * 2,
+        expected - folded_before,
+        "the next run folds only what is left"
+    );
+    assert_totals_exact(&app, expected).await;
+}
+
+async fn a_rollup_process_killed_mid_batch_leaves_totals_exact_after_the_next_run(app: TestApp) {
+    let expected = twenty_five_entries(&app).await;
+    let rollup_process = |failpoint: Option<&str>| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_tally"));
+        command.args(["rollup", "--batch-size", "10", "--database-url", &app.database_url]);
+        if let Some(failpoint) = failpoint {
+            command.env("TALLY_FAILPOINT", failpoint);
+        }
+        command.output().unwrap()
+    };
+    // On PostgreSQL a run may stop short of batch 2; run again until it aborts there.
+    let crashed = (0..100)
+        .map(|_| rollup_process(Some("before_commit:2:abort")))
+        .find(|output| !output.status.success())
+        .expect("the process aborted in batch 2");
+    assert!(String::from_utf8_lossy(&crashed.stderr).contains("failpoint: aborting"));
+    assert!(app.monthly_total("acme", "api_requests", "2026-05-01").await < expected);
+    assert!(app.store.verify_totals().await.unwrap().is_empty());
+    let rerun = rollup_process(None);
+    assert!(rerun.status.success(), "{}", String::from_utf8_lossy(&rerun.stderr));
+    app.rollup().await;
+    assert_totals_exact(&app, expected).await;
+}
+
+async fn concurrent_rollups_never_double_count(app: TestApp) {
+    let app = Arc::new(app);
+    let mut expected = 0;
+    let mut rollups = Vec::new();
+    for round in 0..5 {
+        let rows: Vec<(String, String)> = (0..200)
+            .map(|i| {
+                (
+                    format!("r{round}-{i}"),
+                    format!("2026-06-{:02}T00:00:00Z", 1 + (i % 28)),
+                )
+            })
+            .collect();
+        let rows: Vec<_> = rows
+            .iter()
+            .map(|(k, at)| ("acme", "api_requests", "3", k.as_str(), at.as_str()))
+            .collect();
+        app.insert(&rows).await;
+        expected += 600;
+        for _ in 0..4 {
+            let app = app.clone();
+            rollups.push(tokio::spawn(async move {
+                app.rollup_with(RollupOptions {
+                    batch_size: 37,
+                    failpoint: None,
+                })
+                .await
+                .unwrap()
+                .entries
+            }));
+        }
+    }
+    let mut folded = 0;
+    for r in rollups {
+        folded += r.await.unwrap();
+    }
+    folded += app.rollup().await.entries;
+    assert_eq!(folded, 1000, "every entry folded by exactly one run");
+    assert_eq!(app.monthly_total("acme", "api_requests", "2026-06-01").await, expected);
+    assert!(app.store.verify_totals().await.unwrap().is_empty());
+}
+
+async fn usage_is_exact_at_any_instant_while_posting_and_rolling_up(app: TestApp) {
+    let app = Arc::new(app);
+    let today = chrono::Utc::now().date_naive();
+    let from = today - chrono::Duration::days(3);
+    let to = today + chrono::Duration::days(1);
+    let poster = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            for batch in 0..40 {
+                let entries: Vec<_> = (0..25)
+                    .map(|i| {
+                        json!({"account": "acme", "resource": "api_requests", "amount": "1",
+                                    "idempotency_key": format!("p{batch}-{i}")})
+                    })
+                    .collect();
+                assert_eq!(app.post_entries(json!({ "entries": entries })).await.status, 200);
+            }
+        })
+    };
+    let roller = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            for _ in 0..40 {
+                app.rollup_with(RollupOptions {
+                    batch_size: 17,
+                    failpoint: None,
+                })
+                .await
+                .unwrap();
+            }
+        })
+    };
+    // Entries only grow, so a correct read lies between a ledger SUM taken just
+    // before it and one taken just after. A double count exceeds the upper
+    // bound; a row hidden between the tail and the totals falls below the lower.
+    let (from, to) = (from.to_string(), to.to_string());
+    let mut samples = 0;
+    while !poster.is_finished() || samples < 5 {
+        let before = app.ledger_sum("acme", "api_requests").await;
+        let used = app.series_sum("acme", "api_requests", &from, &to, "day").await;
+        let after = app.ledger_sum("acme", "api_requests").await;
+        assert!(before <= used && used <= after, "{before} <= {used} <= {after}");
+        samples += 1;
+    }
+    poster.await.unwrap();
+    roller.await.unwrap();
+    assert_eq!(app.series_sum("acme", "api_requests", &from, &to, "day").await, 1000);
+    app.rollup().await;
+    assert_eq!(app.series_sum("acme", "api_requests", &from, &to, "day").await, 1000);
+    assert!(app.store.verify_totals().await.unwrap().is_empty());
+}
+
+async fn random_interleavings_of_posting_and_rolling_up_keep_totals_equal_to_the_ledger(app: TestApp) {
+    use proptest::prelude::*;
+    use proptest::strategy::ValueTree;
+
+    // Steps: Some((day, amount)) posts an entry, None runs a rollup with a small batch.
+    let step = prop_oneof![3 => (1u32..=28, -50i64..=100).prop_map(Some), 1 => Just(None)];
+    let mut runner = proptest::test_runner::TestRunner::default();
+    let mut key = 0;
+    for _case in 0..6 {
+        let steps = proptest::collection::vec(step.clone(), 1..60)
+            .new_tree(&mut runner)
+            .unwrap()
+            .current();
+        for step in steps {
+            match step {
+                Some((day, amount)) if amount != 0 => {
+                    key += 1;
+                    let (k, at, amount) = (
+                        format!("p{key}"),
+                        format!("2026-07-{day:02}T08:00:00Z"),
+                        amount.to_string(),
+                    );
+                    app.insert(&[("prop", "llm_tokens", amount.as_str(), k.as_str(), at.as_str())])
+                        .await;
+                }
+                Some(_) => {}
+                None => {
+                    app.rollup_with(RollupOptions {
+                        batch_size: 7,
+                        failpoint: None,
+                    })
+                    .await
+                    .unwrap();
+                }
+            }
+            let ledger = app.ledger_sum("prop", "llm_tokens").await;
+            assert_eq!(
+                app.series_sum("prop", "llm_tokens", "2026-07-01", "2026-08-01", "day")
+                    .await,
+                ledger
+            );
+            assert_eq!(
+                app.series_sum("prop", "llm_tokens", "2026-07-01", "2026-08-01", "month")
+                    .await,
+                ledger
+            );
+            assert!(app.store.verify_totals().await.unwrap().is_empty());
+        }
+    }
+    app.rollup().await;
+    assert_eq!(
+        app.monthly_total("prop", "llm_tokens", "2026-07-01").await,
+        app.ledger_sum("prop", "llm_tokens").await
+    );
+}
+
+/// DESIGN.md §3: an id taken early and committed late must not be skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_an_entry_committed_after_later_ids_is_still_folded_exactly_once() {
+    let Some(app) = TestApp::spawn(Backend::Postgres).await else {
+        return;
+    };
+    let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
+    let mut slow = pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key)
+         VALUES ('acme', 'api_requests', 1000, '2026-08-01T00:00:00Z', now(), 'slow')",
+    )
+    .execute(&mut *slow)
+    .await
+    .unwrap();
+    // Later ids commit while the slow transaction stays open; a rollup runs.
+    app.insert(&[
+        ("acme", "api_requests", "1", "fast-1", "2026-08-01T00:00:00Z"),
+        ("acme", "api_requests", "2", "fast-2", "2026-08-01T00:00:00Z"),
+    ])
+    .await;
+    app.rollup_with(RollupOptions::default()).await.unwrap();
+    assert_eq!(
+        app.daily_total("acme", "api_requests", "2026-08-01").await,
+        0,
+        "nothing past the open transaction is folded"
+    );
+    assert_eq!(
+        app.series_sum("acme", "api_requests", "2026-08-01", "2026-08-02", "day")
+            .await,
+        3
+    );
+    slow.commit().await.unwrap();
+    assert_eq!(
+        app.series_sum("acme", "api_requests", "2026-08-01", "2026-08-02", "day")
+            .await,
+        1003
+    );
+    app.rollup().await;
+    assert_eq!(app.daily_total("acme", "api_requests", "2026-08-01").await, 1003);
+    assert!(app.store.verify_totals().await.unwrap().is_empty());
+    app.rollup_with(RollupOptions::default()).await.unwrap();
+    assert_eq!(
+        app.daily_total("acme", "api_requests", "2026-08-01").await,
+        1003,
+        "and only once"
+    );
+}
