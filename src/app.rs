@@ -106,6 +106,18 @@ impl Application {
             .await
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
         let port = server.local_addr()?.port();
+        // Keep the rate limiters' memory bounded by the keys active lately.
+        let rates = Arc::downgrade(&state.rates);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                match rates.upgrade() {
+                    Some(rates) => rates.retain_recent(),
+                    None => break,
+                }
+            }
+        });
         Ok(Self { server, state, port })
     }
 

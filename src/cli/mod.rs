@@ -1,6 +1,7 @@
 //! The `tally` command line: one binary, clap subcommands. Every read has a
 //! twin here that talks to the database directly, no server needed.
 
+mod accounts;
 mod import;
 mod jobs;
 mod keys;
@@ -69,6 +70,13 @@ pub enum Command {
     /// List or run scheduled jobs.
     #[command(subcommand)]
     Jobs(jobs::JobsCommand),
+    /// Check whether an account may use AMOUNT more of a resource (records nothing).
+    Check(accounts::CheckArgs),
+    /// Where an account stands on every limited or used resource.
+    Usage(accounts::UsageArgs),
+    /// Plans, plan history and overrides of accounts.
+    #[command(subcommand)]
+    Accounts(accounts::AccountsCommand),
     /// Print an account's usage per day or month (exact: folded totals plus the unfolded tail).
     Timeseries(usage::TimeseriesArgs),
 }
@@ -127,6 +135,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Verify => jobs::verify(&settings).await,
         Command::Jobs(command) => jobs::run(&settings, command).await,
         Command::Timeseries(args) => usage::timeseries(&settings, args).await,
+        Command::Check(args) => accounts::check(&settings, args).await,
+        Command::Usage(args) => accounts::usage(&settings, args).await,
+        Command::Accounts(command) => accounts::run(&settings, command).await,
     }
 }
 

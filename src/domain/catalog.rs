@@ -36,6 +36,24 @@ pub enum Window {
     Total,
 }
 
+impl Window {
+    /// The name used in files, the API and the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Window::Day => "day",
+            Window::Month => "month",
+            Window::Total => "total",
+        }
+    }
+
+    /// Parses a name; None if unknown.
+    pub fn parse(raw: &str) -> Option<Self> {
+        [Window::Day, Window::Month, Window::Total]
+            .into_iter()
+            .find(|w| w.as_str() == raw)
+    }
+}
+
 /// What happens at the limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -45,6 +63,23 @@ pub enum Enforcement {
     Hard,
     /// Record it, warn, and bill the overage.
     Soft,
+}
+
+impl Enforcement {
+    /// The name used in files, the API and the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Enforcement::Hard => "hard",
+            Enforcement::Soft => "soft",
+        }
+    }
+
+    /// Parses a name; None if unknown.
+    pub fn parse(raw: &str) -> Option<Self> {
+        [Enforcement::Hard, Enforcement::Soft]
+            .into_iter()
+            .find(|e| e.as_str() == raw)
+    }
 }
 
 /// One plan's rule for one resource.

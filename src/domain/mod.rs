@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod entry;
 pub mod idempotency;
 pub mod period;
+pub mod plan;
 pub mod resource;
 
 pub use account::AccountId;

@@ -45,6 +45,18 @@ pub enum ApiError {
         /// Every problem, located.
         errors: Vec<FieldError>,
     },
+    /// 429: over a quota or a rate limit.
+    #[error("{message}")]
+    TooManyRequests {
+        /// `quota_exceeded` or `rate_limited`.
+        code: &'static str,
+        /// What and when to retry.
+        message: String,
+        /// The check fields, for quota_exceeded.
+        details: serde_json::Value,
+        /// Whole seconds for the Retry-After header.
+        retry_after: Option<u64>,
+    },
     /// 503: the database cannot be reached.
     #[error("the database is unavailable; retry shortly")]
     Unavailable(#[source] StoreError),
@@ -69,7 +81,7 @@ impl ApiError {
         let code = errors
             .iter()
             .map(|e| e.code)
-            .find(|c| matches!(*c, "unknown_resource" | "in_future" | "too_late"))
+            .find(|c| matches!(*c, "unknown_resource" | "unknown_plan" | "in_future" | "too_late"))
             .unwrap_or("validation_failed");
         let message = match errors.as_slice() {
             [one] => one.message.clone(),
@@ -91,6 +103,7 @@ impl ApiError {
             Self::Conflict { code, .. } => (StatusCode::CONFLICT, code),
             Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::Validation { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, code),
+            Self::TooManyRequests { code, .. } => (StatusCode::TOO_MANY_REQUESTS, code),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -136,14 +149,20 @@ impl IntoResponse for ApiError {
         }
         let details = match &self {
             Self::Validation { errors, .. } => json!({ "errors": errors }),
+            Self::TooManyRequests { details, .. } => details.clone(),
             _ => json!({}),
         };
         let body = json!({ "error": { "code": code, "message": self.to_string(), "details": details } });
         let mut response = (status, Json(body)).into_response();
-        if matches!(self, Self::Unavailable(_)) {
+        let retry_after = match &self {
+            Self::Unavailable(_) => Some(1),
+            Self::TooManyRequests { retry_after, .. } => *retry_after,
+            _ => None,
+        };
+        if let Some(seconds) = retry_after {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }

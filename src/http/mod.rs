@@ -1,11 +1,13 @@
 //! The HTTP API (axum). Each module has a `router()`; [`router`] merges them.
 
+pub mod accounts;
 pub mod auth;
 pub mod entries;
 pub mod error;
 pub mod extract;
 pub mod operations;
 pub mod params;
+pub mod quota;
 pub mod usage;
 
 use std::net::SocketAddr;
@@ -20,6 +22,7 @@ use tower_http::trace::TraceLayer;
 use crate::domain::{Catalog, KeySecret};
 use crate::store::Store;
 use crate::telemetry::Metrics;
+use crate::usage::rate_limit::RateLimits;
 use error::ApiError;
 
 /// What every handler shares.
@@ -35,6 +38,8 @@ pub struct AppState {
     pub late_horizon: Duration,
     /// Counters for `/metrics`.
     pub metrics: Arc<Metrics>,
+    /// Per-minute rate limiters (in process).
+    pub rates: Arc<RateLimits>,
 }
 
 impl AppState {
@@ -46,6 +51,7 @@ impl AppState {
             admin_key_hash: admin_key.map(|k| KeySecret::from_presented(k).hash()),
             late_horizon,
             metrics: Arc::new(Metrics::default()),
+            rates: Arc::new(RateLimits::default()),
         }
     }
 }
@@ -55,6 +61,8 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(entries::router())
         .merge(usage::router())
+        .merge(quota::router())
+        .merge(accounts::router())
         .merge(operations::router())
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(

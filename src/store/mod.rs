@@ -14,6 +14,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
 
 use crate::domain::period::Granularity;
+use crate::domain::plan::{Override, Period, PlanAssignment};
 use crate::domain::{
     AccountId, ApiKey, Catalog, Entry, EntryFilter, IdempotencyKey, InsertOutcome, InsertStatus, NewEntry,
     ResourceName, Role,
@@ -141,6 +142,86 @@ pub trait Store: Send + Sync + 'static {
     /// (PostgreSQL advisory lock; SQLite needs none beyond its single writer).
     /// `None` when another process holds it.
     async fn try_job_lock(&self, job: &str) -> Result<Option<JobLock>, StoreError>;
+
+    /// Records that `account` is on `plan` from `effective_at` (history is kept).
+    async fn assign_plan(
+        &self,
+        account: &AccountId,
+        plan: &str,
+        effective_at: DateTime<Utc>,
+    ) -> Result<PlanAssignment, StoreError>;
+
+    /// Every plan assignment of an account, by `effective_at` then creation.
+    async fn plan_history(&self, account: &AccountId) -> Result<Vec<PlanAssignment>, StoreError>;
+
+    /// Sets (replaces) an account's override for one resource.
+    async fn put_override(&self, account: &AccountId, value: &Override) -> Result<(), StoreError>;
+
+    /// Removes an override; false if there was none.
+    async fn delete_override(&self, account: &AccountId, resource: &ResourceName) -> Result<bool, StoreError>;
+
+    /// An account's overrides, expired ones included.
+    async fn overrides(&self, account: &AccountId) -> Result<Vec<Override>, StoreError>;
+
+    /// Minor units used in `period`: folded totals plus the unfolded tail, in
+    /// one statement, exact at the moment of the call.
+    async fn used(&self, account: &AccountId, resource: &ResourceName, period: &Period) -> Result<i64, StoreError>;
+
+    /// Resources the account has any entry for.
+    async fn used_resources(&self, account: &AccountId) -> Result<Vec<String>, StoreError>;
+
+    /// Checks and records atomically: under a per-(account, resource) lock,
+    /// reads `used` for `period`, asks `decide`, and appends `entry` with the
+    /// response `decide` returned — or nothing if it returned `None`. An entry
+    /// already stored under the key is replayed, not recorded again.
+    async fn consume(
+        &self,
+        entry: &NewEntry,
+        period: &Period,
+        decide: &ConsumeDecider<'_>,
+    ) -> Result<ConsumeResult, StoreError>;
+}
+
+/// Decides a consume from the units used so far: `Ok(response)` records the
+/// entry and keeps the response for replays, `Err(reason)` refuses it.
+pub type ConsumeDecider<'a> = dyn Fn(i64) -> Result<String, String> + Send + Sync + 'a;
+
+/// What a consume did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsumeResult {
+    /// Appended; `response` is what `decide` answered.
+    Recorded {
+        /// The new entry.
+        entry_id: i64,
+        /// The response to send.
+        response: String,
+    },
+    /// Refused; nothing written.
+    Rejected {
+        /// Units used when refused.
+        used: i64,
+        /// What `decide` gave as the reason.
+        reason: String,
+    },
+    /// The key was used before with the same content: nothing new recorded.
+    Replayed {
+        /// The earlier entry.
+        entry_id: i64,
+        /// The earlier response, if that entry came from a consume.
+        response: Option<String>,
+    },
+}
+
+/// What to do when a consume finds its key already stored.
+pub(crate) fn replay(entry: &NewEntry, stored: &Entry, response: Option<String>) -> Result<ConsumeResult, StoreError> {
+    if entry.same_content_as(stored) {
+        Ok(ConsumeResult::Replayed {
+            entry_id: stored.id,
+            response,
+        })
+    } else {
+        Err(conflict(0, entry, &format!("entry {}", stored.id)))
+    }
 }
 
 /// A hook run just before a rollup batch commits.

@@ -9,15 +9,17 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::domain::catalog::{Enforcement, Window};
 use crate::domain::period::{Granularity, start_of};
+use crate::domain::plan::{Override, Period, PlanAssignment};
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{FromRow, PgPool, Postgres, QueryBuilder};
 
 use super::{
-    Backend, BeforeCommit, JobLock, NewApiKey, Store, StoreError, TotalMismatch, diff_totals, natural_key,
-    resolve_outcomes,
+    Backend, BeforeCommit, ConsumeDecider, ConsumeResult, JobLock, NewApiKey, Store, StoreError, TotalMismatch,
+    diff_totals, natural_key, replay, resolve_outcomes,
 };
 use crate::domain::{
     AccountId, Amount, ApiKey, Catalog, Entry, EntryFilter, IdempotencyKey, InsertOutcome, NewEntry, ResourceName, Role,
@@ -410,7 +412,218 @@ impl Store for PgStore {
             Ok(None)
         }
     }
+
+    async fn assign_plan(
+        &self,
+        account: &AccountId,
+        plan: &str,
+        effective_at: DateTime<Utc>,
+    ) -> Result<PlanAssignment, StoreError> {
+        let (effective_at, created_at): (DateTime<Utc>, DateTime<Utc>) = sqlx::query_as(
+            "INSERT INTO account_plans (account, plan, effective_at, created_at) VALUES ($1, $2, $3, now())
+             RETURNING effective_at, created_at",
+        )
+        .bind(account.as_str())
+        .bind(plan)
+        .bind(effective_at)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(PlanAssignment {
+            plan: plan.to_owned(),
+            effective_at,
+            created_at,
+        })
+    }
+
+    async fn plan_history(&self, account: &AccountId) -> Result<Vec<PlanAssignment>, StoreError> {
+        let rows: Vec<(String, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT plan, effective_at, created_at FROM account_plans WHERE account = $1 ORDER BY effective_at, id",
+        )
+        .bind(account.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(plan, effective_at, created_at)| PlanAssignment {
+                plan,
+                effective_at,
+                created_at,
+            })
+            .collect())
+    }
+
+    async fn put_override(&self, account: &AccountId, value: &Override) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO account_overrides (account, resource, limit_amount, enforcement, limit_window, expires_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (account, resource) DO UPDATE SET
+                limit_amount = excluded.limit_amount, enforcement = excluded.enforcement,
+                limit_window = excluded.limit_window, expires_at = excluded.expires_at, updated_at = excluded.updated_at",
+        )
+        .bind(account.as_str())
+        .bind(value.resource.as_str())
+        .bind(value.limit.map(Amount::minor))
+        .bind(value.enforcement.map(Enforcement::as_str))
+        .bind(value.window.map(Window::as_str))
+        .bind(value.expires_at)
+        .bind(value.updated_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn delete_override(&self, account: &AccountId, resource: &ResourceName) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM account_overrides WHERE account = $1 AND resource = $2")
+            .bind(account.as_str())
+            .bind(resource.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn overrides(&self, account: &AccountId) -> Result<Vec<Override>, StoreError> {
+        let rows: Vec<OverrideRow> = sqlx::query_as(
+            "SELECT resource, limit_amount, enforcement, limit_window, expires_at, updated_at
+             FROM account_overrides WHERE account = $1 ORDER BY resource",
+        )
+        .bind(account.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                let decimals = self.catalog.decimals(&row.resource);
+                Override {
+                    limit: row.limit_amount.map(|minor| Amount::from_minor(minor, decimals)),
+                    resource: ResourceName::from_stored(row.resource),
+                    enforcement: row.enforcement.as_deref().and_then(Enforcement::parse),
+                    window: row.limit_window.as_deref().and_then(Window::parse),
+                    expires_at: row.expires_at,
+                    updated_at: row.updated_at,
+                }
+            })
+            .collect())
+    }
+
+    async fn used(&self, account: &AccountId, resource: &ResourceName, period: &Period) -> Result<i64, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        Ok(used_on(&mut conn, account, resource, period).await?)
+    }
+
+    async fn used_resources(&self, account: &AccountId) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT resource FROM monthly_totals WHERE account = $1
+             UNION
+             SELECT e.resource FROM entries AS e, rollup_cursor AS c
+             WHERE c.name = 'rollup' AND e.account = $1 AND (e.tx_id, e.id) > (c.last_tx, c.last_id)
+             ORDER BY 1",
+        )
+        .bind(account.as_str())
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn consume(
+        &self,
+        entry: &NewEntry,
+        period: &Period,
+        decide: &ConsumeDecider<'_>,
+    ) -> Result<ConsumeResult, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // One lock per (account, resource), held to commit. Under READ
+        // COMMITTED the `used` read below starts after the lock is granted, so
+        // it sees every consume that committed before us: no overshoot.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(31) || $2, 7))")
+            .bind(entry.account.as_str())
+            .bind(entry.resource.as_str())
+            .execute(&mut *tx)
+            .await?;
+        let stored: Option<EntryRow> = sqlx::query_as(&format!(
+            "SELECT {ENTRY_COLUMNS} FROM entries WHERE account = $1 AND idempotency_key = $2"
+        ))
+        .bind(entry.account.as_str())
+        .bind(entry.idempotency_key.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(row) = stored {
+            let response = sqlx::query_scalar("SELECT response FROM consume_outcomes WHERE entry_id = $1")
+                .bind(row.id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            return replay(entry, &self.entry_from_row(row), response);
+        }
+        let used = used_on(&mut tx, &entry.account, &entry.resource, period).await?;
+        let response = match decide(used) {
+            Ok(response) => response,
+            Err(reason) => return Ok(ConsumeResult::Rejected { used, reason }),
+        };
+        let entry_id: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key, source, metadata, reverses)
+             VALUES ($1, $2, $3, $4, now(), $5, $6, $7::jsonb, $8)
+             ON CONFLICT (account, idempotency_key) DO NOTHING
+             RETURNING id",
+        )
+        .bind(entry.account.as_str())
+        .bind(entry.resource.as_str())
+        .bind(entry.amount.minor())
+        .bind(entry.occurred_at)
+        .bind(entry.idempotency_key.as_str())
+        .bind(entry.source.as_deref())
+        .bind(entry.metadata.as_deref())
+        .bind(entry.reverses)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let entry_id =
+            entry_id.ok_or_else(|| StoreError::Invalid("the idempotency key was taken concurrently; retry".into()))?;
+        sqlx::query("INSERT INTO consume_outcomes (entry_id, response) VALUES ($1, $2)")
+            .bind(entry_id)
+            .bind(&response)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(ConsumeResult::Recorded { entry_id, response })
+    }
 }
 
 /// The advisory lock key that serialises rollup batches.
 const ROLLUP_LOCK_KEY: i64 = 0x7461_6c6c_7972_6f6c; // "tallyrol"
+
+/// Minor units used in `period`, read on `conn` (one statement).
+async fn used_on(
+    conn: &mut sqlx::PgConnection,
+    account: &AccountId,
+    resource: &ResourceName,
+    period: &Period,
+) -> Result<i64, sqlx::Error> {
+    match (period.start, period.end) {
+        (Some(start), Some(end)) => {
+            let table = if period.window == Window::Day { "day" } else { "month" };
+            sqlx::query_scalar(include_str!("sql/postgres/used.sql"))
+                .bind(account.as_str())
+                .bind(resource.as_str())
+                .bind(start)
+                .bind(start_of(start))
+                .bind(start_of(end))
+                .bind(table)
+                .fetch_one(&mut *conn)
+                .await
+        }
+        _ => {
+            sqlx::query_scalar(include_str!("sql/postgres/used_total.sql"))
+                .bind(account.as_str())
+                .bind(resource.as_str())
+                .fetch_one(&mut *conn)
+                .await
+        }
+    }
+}
+
+#[derive(FromRow)]
+struct OverrideRow {
+    resource: String,
+    limit_amount: Option<i64>,
+    enforcement: Option<String>,
+    limit_window: Option<String>,
+    expires_at: Option<DateTime<Utc>>,
+    updated_at: DateTime<Utc>,
+}

@@ -16,10 +16,12 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{FromRow, QueryBuilder, Sqlite, SqlitePool};
 
 use super::{
-    Backend, BeforeCommit, JobLock, NewApiKey, Store, StoreError, TotalMismatch, diff_totals, natural_key,
-    resolve_outcomes,
+    Backend, BeforeCommit, ConsumeDecider, ConsumeResult, JobLock, NewApiKey, Store, StoreError, TotalMismatch,
+    diff_totals, natural_key, replay, resolve_outcomes,
 };
+use crate::domain::catalog::{Enforcement, Window};
 use crate::domain::period::{Granularity, start_of};
+use crate::domain::plan::{Override, Period, PlanAssignment};
 use crate::domain::{
     AccountId, Amount, ApiKey, Catalog, Entry, EntryFilter, IdempotencyKey, InsertOutcome, NewEntry, ResourceName, Role,
 };
@@ -156,24 +158,9 @@ impl Store for SqliteStore {
         let mut created = HashMap::new();
         let mut existing = HashMap::new();
         for entry in entries {
-            let id: Option<i64> = sqlx::query_scalar(
-                "INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key, source, metadata, reverses)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-                 ON CONFLICT (account, idempotency_key) DO NOTHING
-                 RETURNING id",
-            )
-            .bind(entry.account.as_str())
-            .bind(entry.resource.as_str())
-            .bind(entry.amount.minor())
-            .bind(to_micros(entry.occurred_at))
-            .bind(recorded_at)
-            .bind(entry.idempotency_key.as_str())
-            .bind(entry.source.as_deref())
-            .bind(entry.metadata.as_deref())
-            .bind(entry.reverses)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(|e| super::map_reversal_violation(e, entries))?;
+            let id = insert_row(&mut tx, entry, recorded_at)
+                .await
+                .map_err(|e| super::map_reversal_violation(e, entries))?;
             let key = natural_key(entry);
             match id {
                 Some(id) => {
@@ -376,6 +363,230 @@ impl Store for SqliteStore {
     async fn try_job_lock(&self, _job: &str) -> Result<Option<JobLock>, StoreError> {
         Ok(Some(JobLock::in_process()))
     }
+
+    async fn assign_plan(
+        &self,
+        account: &AccountId,
+        plan: &str,
+        effective_at: DateTime<Utc>,
+    ) -> Result<PlanAssignment, StoreError> {
+        let now = Utc::now();
+        sqlx::query("INSERT INTO account_plans (account, plan, effective_at, created_at) VALUES (?, ?, ?, ?)")
+            .bind(account.as_str())
+            .bind(plan)
+            .bind(to_micros(effective_at))
+            .bind(to_micros(now))
+            .execute(&self.writer)
+            .await?;
+        Ok(PlanAssignment {
+            plan: plan.to_owned(),
+            effective_at,
+            created_at: from_micros(to_micros(now)),
+        })
+    }
+
+    async fn plan_history(&self, account: &AccountId) -> Result<Vec<PlanAssignment>, StoreError> {
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT plan, effective_at, created_at FROM account_plans WHERE account = ? ORDER BY effective_at, id",
+        )
+        .bind(account.as_str())
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(plan, effective_at, created_at)| PlanAssignment {
+                plan,
+                effective_at: from_micros(effective_at),
+                created_at: from_micros(created_at),
+            })
+            .collect())
+    }
+
+    async fn put_override(&self, account: &AccountId, value: &Override) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO account_overrides (account, resource, limit_amount, enforcement, limit_window, expires_at, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (account, resource) DO UPDATE SET
+                limit_amount = excluded.limit_amount, enforcement = excluded.enforcement,
+                limit_window = excluded.limit_window, expires_at = excluded.expires_at, updated_at = excluded.updated_at",
+        )
+        .bind(account.as_str())
+        .bind(value.resource.as_str())
+        .bind(value.limit.map(Amount::minor))
+        .bind(value.enforcement.map(Enforcement::as_str))
+        .bind(value.window.map(Window::as_str))
+        .bind(value.expires_at.map(to_micros))
+        .bind(to_micros(value.updated_at))
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn delete_override(&self, account: &AccountId, resource: &ResourceName) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM account_overrides WHERE account = ? AND resource = ?")
+            .bind(account.as_str())
+            .bind(resource.as_str())
+            .execute(&self.writer)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn overrides(&self, account: &AccountId) -> Result<Vec<Override>, StoreError> {
+        let rows: Vec<OverrideRow> = sqlx::query_as(
+            "SELECT resource, limit_amount, enforcement, limit_window, expires_at, updated_at
+             FROM account_overrides WHERE account = ? ORDER BY resource",
+        )
+        .bind(account.as_str())
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                let decimals = self.catalog.decimals(&row.resource);
+                Override {
+                    limit: row.limit_amount.map(|minor| Amount::from_minor(minor, decimals)),
+                    resource: ResourceName::from_stored(row.resource),
+                    enforcement: row.enforcement.as_deref().and_then(Enforcement::parse),
+                    window: row.limit_window.as_deref().and_then(Window::parse),
+                    expires_at: row.expires_at.map(from_micros),
+                    updated_at: from_micros(row.updated_at),
+                }
+            })
+            .collect())
+    }
+
+    async fn used(&self, account: &AccountId, resource: &ResourceName, period: &Period) -> Result<i64, StoreError> {
+        let mut conn = self.reader.acquire().await?;
+        Ok(used_on(&mut conn, account, resource, period).await?)
+    }
+
+    async fn used_resources(&self, account: &AccountId) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT resource FROM monthly_totals WHERE account = ?1
+             UNION
+             SELECT resource FROM entries
+             WHERE account = ?1 AND id > (SELECT last_id FROM rollup_cursor WHERE name = 'rollup')
+             ORDER BY 1",
+        )
+        .bind(account.as_str())
+        .fetch_all(&self.reader)
+        .await?)
+    }
+
+    async fn consume(
+        &self,
+        entry: &NewEntry,
+        period: &Period,
+        decide: &ConsumeDecider<'_>,
+    ) -> Result<ConsumeResult, StoreError> {
+        // BEGIN IMMEDIATE takes SQLite's one write lock before reading `used`:
+        // no other writer can append between the check and the insert.
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let stored: Option<(EntryRow, Option<String>)> = fetch_with_outcome(&mut tx, entry).await?;
+        if let Some((row, response)) = stored {
+            return replay(entry, &self.entry_from_row(row), response);
+        }
+        let used = used_on(&mut tx, &entry.account, &entry.resource, period).await?;
+        let response = match decide(used) {
+            Ok(response) => response,
+            Err(reason) => return Ok(ConsumeResult::Rejected { used, reason }),
+        };
+        let entry_id = insert_row(&mut tx, entry, to_micros(Utc::now()))
+            .await?
+            .ok_or_else(|| StoreError::Invalid("the idempotency key was taken concurrently; retry".into()))?;
+        sqlx::query("INSERT INTO consume_outcomes (entry_id, response) VALUES (?, ?)")
+            .bind(entry_id)
+            .bind(&response)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(ConsumeResult::Recorded { entry_id, response })
+    }
+}
+
+/// Appends one row unless its (account, key) exists; the new id, or None.
+async fn insert_row(
+    tx: &mut sqlx::SqliteConnection,
+    entry: &NewEntry,
+    recorded_at: i64,
+) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key, source, metadata, reverses)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+         ON CONFLICT (account, idempotency_key) DO NOTHING
+         RETURNING id",
+    )
+    .bind(entry.account.as_str())
+    .bind(entry.resource.as_str())
+    .bind(entry.amount.minor())
+    .bind(to_micros(entry.occurred_at))
+    .bind(recorded_at)
+    .bind(entry.idempotency_key.as_str())
+    .bind(entry.source.as_deref())
+    .bind(entry.metadata.as_deref())
+    .bind(entry.reverses)
+    .fetch_optional(&mut *tx)
+    .await
+}
+
+/// Minor units used in `period`, read on `conn` (one statement).
+async fn used_on(
+    conn: &mut sqlx::SqliteConnection,
+    account: &AccountId,
+    resource: &ResourceName,
+    period: &Period,
+) -> Result<i64, sqlx::Error> {
+    match (period.start, period.end) {
+        (Some(start), Some(end)) => {
+            let table = if period.window == Window::Day { "day" } else { "month" };
+            sqlx::query_scalar(include_str!("sql/sqlite/used.sql"))
+                .bind(account.as_str())
+                .bind(resource.as_str())
+                .bind(start.to_string())
+                .bind(to_micros(start_of(start)))
+                .bind(to_micros(start_of(end)))
+                .bind(table)
+                .fetch_one(&mut *conn)
+                .await
+        }
+        _ => {
+            sqlx::query_scalar(include_str!("sql/sqlite/used_total.sql"))
+                .bind(account.as_str())
+                .bind(resource.as_str())
+                .fetch_one(&mut *conn)
+                .await
+        }
+    }
+}
+
+#[derive(FromRow)]
+struct OverrideRow {
+    resource: String,
+    limit_amount: Option<i64>,
+    enforcement: Option<String>,
+    limit_window: Option<String>,
+    expires_at: Option<i64>,
+    updated_at: i64,
+}
+
+/// The row stored under an entry's (account, key), with its consume response.
+async fn fetch_with_outcome(
+    conn: &mut sqlx::SqliteConnection,
+    entry: &NewEntry,
+) -> Result<Option<(EntryRow, Option<String>)>, sqlx::Error> {
+    let row: Option<EntryRow> = sqlx::query_as(&format!(
+        "SELECT {ENTRY_COLUMNS} FROM entries WHERE account = ? AND idempotency_key = ?"
+    ))
+    .bind(entry.account.as_str())
+    .bind(entry.idempotency_key.as_str())
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(row) = row else { return Ok(None) };
+    let response = sqlx::query_scalar("SELECT response FROM consume_outcomes WHERE entry_id = ?")
+        .bind(row.id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(Some((row, response)))
 }
 
 /// Parses a stored 'YYYY-MM-DD' bucket.

@@ -77,6 +77,7 @@ pub struct TestApp {
 #[derive(Debug)]
 pub struct Reply {
     pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
     pub body: Value,
 }
 
@@ -128,9 +129,10 @@ impl TestApp {
         }
         let response = request.send().await.expect("the request reaches the app");
         let status = response.status().as_u16();
+        let headers = response.headers().clone();
         let text = response.text().await.unwrap();
         let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        Reply { status, body }
+        Reply { status, headers, body }
     }
 
     /// POST as admin.

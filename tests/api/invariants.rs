@@ -29,7 +29,7 @@ async fn the_database_refuses_to_update_or_delete_ledger_rows(app: TestApp) {
             .contains("append-only")
     );
     if app.backend == crate::helpers::Backend::Postgres {
-        let truncate = app.execute_raw("TRUNCATE entries").await;
+        let truncate = app.execute_raw("TRUNCATE entries CASCADE").await;
         assert!(
             truncate
                 .expect_err("TRUNCATE must fail")

@@ -9,6 +9,7 @@ mod concurrency;
 mod entries;
 mod invariants;
 mod jobs;
+mod quota;
 mod rollup;
 mod timeseries;
 mod validation;

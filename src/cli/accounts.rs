@@ -1,0 +1,210 @@
+//! `tally accounts …`, `tally check`, `tally usage`: the account and quota
+//! reads and admin writes, straight on the database.
+
+use std::process::ExitCode;
+
+use chrono::{SubsecRound, Utc};
+
+use crate::app::Settings;
+use crate::domain::catalog::{Enforcement, Window};
+use crate::domain::entry::parse_timestamp;
+use crate::domain::plan::{Override, parse_limit};
+use crate::domain::{AccountId, Amount};
+use crate::usage::quota::{Quotas, plan_at};
+
+/// `tally accounts …`
+#[derive(Debug, clap::Subcommand)]
+pub enum AccountsCommand {
+    /// Plan in force, plan history and overrides, as JSON.
+    Show {
+        /// Account id.
+        account: String,
+    },
+    /// Put an account on a plan from an instant (now by default); history is kept.
+    SetPlan {
+        /// Account id.
+        account: String,
+        /// Plan name (see `tally plans show`).
+        plan: String,
+        /// RFC 3339 instant the plan applies from.
+        #[arg(long)]
+        effective_at: Option<String>,
+    },
+    /// Set a per-account limit that beats the plan's.
+    Override {
+        /// Account id.
+        account: String,
+        /// Resource name.
+        resource: String,
+        /// The limit, or "unlimited".
+        #[arg(long)]
+        limit: String,
+        /// hard or soft (default: the plan's).
+        #[arg(long)]
+        enforcement: Option<String>,
+        /// day, month or total (default: the plan's).
+        #[arg(long)]
+        window: Option<String>,
+        /// RFC 3339 instant it stops applying.
+        #[arg(long)]
+        expires_at: Option<String>,
+    },
+    /// Remove an override.
+    ClearOverride {
+        /// Account id.
+        account: String,
+        /// Resource name.
+        resource: String,
+    },
+}
+
+/// Arguments of `tally check`.
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    /// Account id.
+    account: String,
+    /// Resource name.
+    resource: String,
+    /// Amount to check (default 1).
+    amount: Option<String>,
+    /// RFC 3339 instant (default now).
+    #[arg(long)]
+    at: Option<String>,
+}
+
+/// Arguments of `tally usage`.
+#[derive(Debug, clap::Args)]
+pub struct UsageArgs {
+    /// Account id.
+    account: String,
+    /// RFC 3339 instant (default now).
+    #[arg(long)]
+    at: Option<String>,
+}
+
+fn account(raw: &str) -> anyhow::Result<AccountId> {
+    AccountId::parse(raw).map_err(anyhow::Error::msg)
+}
+
+fn instant(raw: Option<&str>) -> anyhow::Result<chrono::DateTime<Utc>> {
+    raw.map_or_else(
+        || Ok(Utc::now().trunc_subsecs(6)),
+        |t| parse_timestamp(t).map_err(anyhow::Error::msg),
+    )
+}
+
+/// Runs an accounts subcommand.
+pub async fn run(settings: &Settings, command: AccountsCommand) -> anyhow::Result<ExitCode> {
+    let (store, catalog) = settings.open_store().await?;
+    match command {
+        AccountsCommand::Show { account: raw } => {
+            let account = account(&raw)?;
+            let history = store.plan_history(&account).await?;
+            let overrides = store.overrides(&account).await?;
+            let view = serde_json::json!({
+                "account": account,
+                "plan": plan_at(&catalog, &history, Utc::now()),
+                "plan_history": history,
+                "overrides": overrides,
+            });
+            println!("{}", serde_json::to_string_pretty(&view)?);
+        }
+        AccountsCommand::SetPlan {
+            account: raw,
+            plan,
+            effective_at,
+        } => {
+            let account = account(&raw)?;
+            if !catalog.plans.contains_key(&plan) {
+                anyhow::bail!(
+                    "plan '{plan}' is not in the catalog; plans: {}",
+                    catalog.plans.keys().cloned().collect::<Vec<_>>().join(", ")
+                );
+            }
+            let assignment = store
+                .assign_plan(&account, &plan, instant(effective_at.as_deref())?)
+                .await?;
+            eprintln!(
+                "account {account} is on plan {plan} from {}",
+                assignment.effective_at.to_rfc3339()
+            );
+        }
+        AccountsCommand::Override {
+            account: raw,
+            resource,
+            limit,
+            enforcement,
+            window,
+            expires_at,
+        } => {
+            let account = account(&raw)?;
+            let (resource, spec) = catalog.resource(&resource)?;
+            let value = Override {
+                resource: resource.clone(),
+                limit: parse_limit(&limit, spec.decimals).map_err(anyhow::Error::msg)?,
+                enforcement: enforcement
+                    .map(|e| {
+                        Enforcement::parse(&e).ok_or_else(|| anyhow::anyhow!("enforcement {e:?} is not hard or soft"))
+                    })
+                    .transpose()?,
+                window: window
+                    .map(|w| {
+                        Window::parse(&w).ok_or_else(|| anyhow::anyhow!("window {w:?} is not day, month or total"))
+                    })
+                    .transpose()?,
+                expires_at: expires_at.as_deref().map(|t| instant(Some(t))).transpose()?,
+                updated_at: Utc::now().trunc_subsecs(6),
+            };
+            store.put_override(&account, &value).await?;
+            println!("{}", serde_json::to_string_pretty(&value)?);
+        }
+        AccountsCommand::ClearOverride { account: raw, resource } => {
+            let account = account(&raw)?;
+            let (resource, _) = catalog.resource(&resource)?;
+            if !store.delete_override(&account, resource).await? {
+                anyhow::bail!("account '{account}' has no override for {resource}");
+            }
+            eprintln!("removed the override of account {account} on {resource}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tally check`: the quota check, as JSON; exit 0 when allowed, 1 when not.
+pub async fn check(settings: &Settings, args: CheckArgs) -> anyhow::Result<ExitCode> {
+    let (store, catalog) = settings.open_store().await?;
+    let account = account(&args.account)?;
+    let (resource, spec) = catalog.resource(&args.resource)?;
+    let amount = match args.amount.as_deref() {
+        None => Amount::from_minor(10i64.pow(spec.decimals), spec.decimals),
+        Some(text) => Amount::parse(text, spec.decimals)?,
+    };
+    anyhow::ensure!(amount.minor() > 0, "amount must be positive");
+    let quotas = Quotas {
+        store: store.as_ref(),
+        catalog: &catalog,
+    };
+    let status = quotas
+        .check(&account, resource, amount, instant(args.at.as_deref())?)
+        .await?;
+    println!("{}", serde_json::to_string_pretty(&status)?);
+    Ok(if status.allowed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// `tally usage`: where an account stands, as JSON.
+pub async fn usage(settings: &Settings, args: UsageArgs) -> anyhow::Result<ExitCode> {
+    let (store, catalog) = settings.open_store().await?;
+    let quotas = Quotas {
+        store: store.as_ref(),
+        catalog: &catalog,
+    };
+    let report = quotas
+        .usage(&account(&args.account)?, instant(args.at.as_deref())?)
+        .await?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,257 @@
+//! Accounts over HTTP: plans, plan history, overrides, features and usage.
+
+use axum::extract::{Path, State};
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use chrono::{DateTime, SubsecRound, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::auth::Caller;
+use super::error::ApiError;
+use super::extract::{JsonBody, QueryParams};
+use super::{AppState, params};
+use crate::domain::catalog::{Enforcement, FeatureValue, Window};
+use crate::domain::entry::parse_timestamp;
+use crate::domain::plan::{Override, PlanAssignment, parse_limit};
+use crate::domain::{AccountId, Catalog, FieldError, Role};
+use crate::usage::quota::{Quotas, UsageReport, plan_at};
+
+/// The account routes.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/plans", get(plans))
+        .route("/v1/accounts/{account}", get(account))
+        .route("/v1/accounts/{account}/plan", put(set_plan))
+        .route(
+            "/v1/accounts/{account}/overrides/{resource}",
+            put(set_override).delete(delete_override),
+        )
+        .route("/v1/accounts/{account}/features/{feature}", get(feature))
+        .route("/v1/accounts/{account}/usage", get(usage))
+}
+
+async fn plans(State(state): State<AppState>, _caller: Caller) -> Json<Catalog> {
+    Json(state.catalog.as_ref().clone())
+}
+
+/// An account's plan, plan history and overrides.
+#[derive(Serialize)]
+pub struct AccountView {
+    account: AccountId,
+    plan: String,
+    plan_history: Vec<PlanAssignment>,
+    overrides: Vec<Override>,
+}
+
+async fn account_view(state: &AppState, account: AccountId) -> Result<AccountView, ApiError> {
+    let plan_history = state.store.plan_history(&account).await?;
+    let overrides = state.store.overrides(&account).await?;
+    let plan = plan_at(&state.catalog, &plan_history, Utc::now()).to_owned();
+    Ok(AccountView {
+        account,
+        plan,
+        plan_history,
+        overrides,
+    })
+}
+
+async fn account(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(account): Path<String>,
+) -> Result<Json<AccountView>, ApiError> {
+    let account = params::account(&account)?;
+    caller.require_read(&account)?;
+    Ok(Json(account_view(&state, account).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetPlan {
+    plan: Option<String>,
+    effective_at: Option<String>,
+}
+
+fn unknown_plan(catalog: &Catalog, plan: &str) -> ApiError {
+    ApiError::from_field_errors(vec![FieldError {
+        index: 0,
+        field: "plan",
+        code: "unknown_plan",
+        message: format!(
+            "plan '{plan}' is not in the catalog; plans: {}",
+            catalog.plans.keys().cloned().collect::<Vec<_>>().join(", ")
+        ),
+    }])
+}
+
+async fn set_plan(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(account): Path<String>,
+    JsonBody(request): JsonBody<SetPlan>,
+) -> Result<Json<AccountView>, ApiError> {
+    caller.require(&[Role::Admin], "change plans")?;
+    let account = params::account(&account)?;
+    let plan = request
+        .plan
+        .ok_or_else(|| ApiError::invalid("plan", "plan is required"))?;
+    if !state.catalog.plans.contains_key(&plan) {
+        return Err(unknown_plan(&state.catalog, &plan));
+    }
+    let effective_at = match request.effective_at.as_deref() {
+        None => Utc::now().trunc_subsecs(6),
+        Some(raw) => parse_timestamp(raw).map_err(|m| ApiError::invalid("effective_at", m))?,
+    };
+    state.store.assign_plan(&account, &plan, effective_at).await?;
+    tracing::info!(account = %account, plan = %plan, "account {account} is on plan {plan} from {effective_at}");
+    Ok(Json(account_view(&state, account).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetOverride {
+    /// Required; JSON null means unlimited.
+    limit: Box<RawValue>,
+    enforcement: Option<String>,
+    window: Option<String>,
+    expires_at: Option<String>,
+}
+
+async fn set_override(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((account, resource)): Path<(String, String)>,
+    JsonBody(request): JsonBody<SetOverride>,
+) -> Result<Json<Override>, ApiError> {
+    caller.require(&[Role::Admin], "set overrides")?;
+    let account = params::account(&account)?;
+    let resource = params::resource(&state.catalog, &resource)?;
+    let decimals = state.catalog.decimals(resource.as_str());
+    let limit = match request.limit.get() {
+        "null" => None,
+        raw => {
+            let text: String = if raw.starts_with('"') {
+                serde_json::from_str(raw).unwrap_or_default()
+            } else {
+                raw.to_owned()
+            };
+            parse_limit(&text, decimals).map_err(|m| ApiError::invalid("limit", m))?
+        }
+    };
+    let enforcement = request
+        .enforcement
+        .as_deref()
+        .map(|e| {
+            Enforcement::parse(e)
+                .ok_or_else(|| ApiError::invalid("enforcement", format!("enforcement {e:?} is not hard or soft")))
+        })
+        .transpose()?;
+    let window = request
+        .window
+        .as_deref()
+        .map(|w| {
+            Window::parse(w)
+                .ok_or_else(|| ApiError::invalid("window", format!("window {w:?} is not day, month or total")))
+        })
+        .transpose()?;
+    let expires_at = request
+        .expires_at
+        .as_deref()
+        .map(|t| parse_timestamp(t).map_err(|m| ApiError::invalid("expires_at", m)))
+        .transpose()?;
+    let value = Override {
+        resource,
+        limit,
+        enforcement,
+        window,
+        expires_at,
+        updated_at: Utc::now().trunc_subsecs(6),
+    };
+    state.store.put_override(&account, &value).await?;
+    tracing::info!(account = %account, resource = %value.resource, "override set for account {account} on {}", value.resource);
+    Ok(Json(value))
+}
+
+async fn delete_override(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((account, resource)): Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    caller.require(&[Role::Admin], "remove overrides")?;
+    let account = params::account(&account)?;
+    let resource = params::resource(&state.catalog, &resource)?;
+    if state.store.delete_override(&account, &resource).await? {
+        Ok(Json(
+            serde_json::json!({ "account": account, "resource": resource, "deleted": true }),
+        ))
+    } else {
+        Err(ApiError::NotFound(format!(
+            "account '{account}' has no override for {resource}"
+        )))
+    }
+}
+
+#[derive(Serialize)]
+struct FeatureView {
+    feature: String,
+    allowed: bool,
+    value: FeatureValue,
+    plan: String,
+}
+
+async fn feature(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((account, feature)): Path<(String, String)>,
+) -> Result<Json<FeatureView>, ApiError> {
+    let account = params::account(&account)?;
+    caller.require_read(&account)?;
+    let known: std::collections::BTreeSet<&String> =
+        state.catalog.plans.values().flat_map(|p| p.features.keys()).collect();
+    if !known.contains(&feature) {
+        return Err(ApiError::NotFound(format!(
+            "feature '{feature}' is not in the catalog; features: {}",
+            known.into_iter().cloned().collect::<Vec<_>>().join(", ")
+        )));
+    }
+    let history = state.store.plan_history(&account).await?;
+    let plan = plan_at(&state.catalog, &history, Utc::now()).to_owned();
+    let value = state
+        .catalog
+        .plans
+        .get(&plan)
+        .and_then(|p| p.features.get(&feature))
+        .cloned()
+        .unwrap_or(FeatureValue::Bool(false));
+    let allowed = match value {
+        FeatureValue::Bool(on) => on,
+        FeatureValue::Number(n) => n > 0,
+    };
+    Ok(Json(FeatureView {
+        feature,
+        allowed,
+        value,
+        plan,
+    }))
+}
+
+async fn usage(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(account): Path<String>,
+    QueryParams(query): QueryParams,
+) -> Result<Json<UsageReport>, ApiError> {
+    let account = params::account(&account)?;
+    caller.require_read(&account)?;
+    params::reject_unknown(&query, &["at"])?;
+    let at: DateTime<Utc> = match query.get("at") {
+        None => Utc::now(),
+        Some(raw) => params::instant("at", raw)?,
+    };
+    let quotas = Quotas {
+        store: state.store.as_ref(),
+        catalog: &state.catalog,
+    };
+    Ok(Json(quotas.usage(&account, at).await?))
+}

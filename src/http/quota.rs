@@ -1,0 +1,165 @@
+//! Quota over HTTP: check (records nothing) and consume (check and record atomically).
+
+use axum::extract::State;
+use axum::routing::post;
+use axum::{Json, Router};
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::auth::Caller;
+use super::error::ApiError;
+use super::extract::{Body, JsonBody, parse_json};
+use super::{AppState, params};
+use crate::domain::entry::parse_timestamp;
+use crate::domain::{Amount, EntryInput, Role};
+use crate::usage::quota::{ConsumeError, ConsumeOutcome, QuotaStatus, Quotas, Warning};
+
+/// The quota routes.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/quota/check", post(check))
+        .route("/v1/quota/consume", post(consume))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckRequest {
+    account: Option<String>,
+    resource: Option<String>,
+    amount: Option<Box<RawValue>>,
+    at: Option<String>,
+}
+
+async fn check(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(request): JsonBody<CheckRequest>,
+) -> Result<Json<QuotaStatus>, ApiError> {
+    caller.require(&[Role::Admin, Role::Service], "check quota")?;
+    let account = params::account(
+        request
+            .account
+            .as_deref()
+            .ok_or_else(|| ApiError::invalid("account", "account is required"))?,
+    )?;
+    caller.require_read(&account)?;
+    let resource = params::resource(
+        &state.catalog,
+        request
+            .resource
+            .as_deref()
+            .ok_or_else(|| ApiError::invalid("resource", "resource is required"))?,
+    )?;
+    let decimals = state.catalog.decimals(resource.as_str());
+    let amount = match &request.amount {
+        None => Amount::from_minor(10i64.pow(decimals), decimals),
+        Some(raw) => positive_amount(raw.get(), decimals)?,
+    };
+    let at = match request.at.as_deref() {
+        None => Utc::now(),
+        Some(raw) => parse_timestamp(raw).map_err(|m| ApiError::invalid("at", m))?,
+    };
+    let quotas = Quotas {
+        store: state.store.as_ref(),
+        catalog: &state.catalog,
+    };
+    Ok(Json(quotas.check(&account, &resource, amount, at).await?))
+}
+
+/// A consume or check amount: exact, and strictly positive.
+fn positive_amount(raw_json: &str, decimals: u32) -> Result<Amount, ApiError> {
+    let text: String = if raw_json.starts_with('"') {
+        parse_json(raw_json.as_bytes())?
+    } else {
+        raw_json.to_owned()
+    };
+    let amount = Amount::parse(&text, decimals).map_err(|e| ApiError::invalid("amount", e.to_string()))?;
+    if amount.minor() <= 0 {
+        return Err(ApiError::invalid(
+            "amount",
+            format!(
+                "amount {amount} must be positive: consume and check count usage; post a negative entry to /v1/entries to correct"
+            ),
+        ));
+    }
+    Ok(amount)
+}
+
+#[derive(Serialize)]
+struct ConsumeResponse {
+    #[serde(flatten)]
+    status: QuotaStatus,
+    entry_id: i64,
+    warnings: Vec<Warning>,
+}
+
+async fn consume(
+    State(state): State<AppState>,
+    caller: Caller,
+    Body(bytes): Body,
+) -> Result<Json<ConsumeResponse>, ApiError> {
+    caller.require(&[Role::Admin, Role::Service], "consume quota")?;
+    let input: EntryInput = parse_json(&bytes)?;
+    let raw_amount = input.amount.as_ref().map(|a| a.get().to_owned());
+    let entry = input
+        .validate(0, state.entry_rules())
+        .map_err(ApiError::from_field_errors)?;
+    caller.require_write(&entry.account)?;
+    if let Some(raw) = raw_amount {
+        positive_amount(&raw, entry.amount.decimals())?;
+    }
+    let quotas = Quotas {
+        store: state.store.as_ref(),
+        catalog: &state.catalog,
+    };
+    match quotas.consume(&entry, &state.rates).await {
+        Ok(ConsumeOutcome::Recorded {
+            status,
+            entry_id,
+            warnings,
+            replayed,
+        }) => {
+            if !replayed {
+                state.metrics.entries_ingested(1);
+            }
+            Ok(Json(ConsumeResponse {
+                status,
+                entry_id,
+                warnings,
+            }))
+        }
+        Ok(ConsumeOutcome::QuotaExceeded { status, retry_after }) => Err(ApiError::TooManyRequests {
+            code: "quota_exceeded",
+            message: format!(
+                "{} would exceed the hard {} limit of {} for {} on plan '{}' ({} used){}",
+                entry.amount,
+                status.window.as_str(),
+                status.limit.as_deref().unwrap_or("?"),
+                status.resource,
+                status.plan,
+                status.used,
+                match retry_after {
+                    Some(s) => format!("; the window resets in {s} s"),
+                    None => "; free some (a negative entry) or raise the limit".into(),
+                }
+            ),
+            details: serde_json::to_value(&status).expect("serialisable"),
+            retry_after,
+        }),
+        Ok(ConsumeOutcome::RateLimited {
+            retry_after,
+            per_minute,
+        }) => Err(ApiError::TooManyRequests {
+            code: "rate_limited",
+            message: format!(
+                "{} for account '{}' is limited to {per_minute} per minute; retry in {retry_after} s",
+                entry.resource, entry.account
+            ),
+            details: serde_json::json!({ "per_minute": per_minute }),
+            retry_after: Some(retry_after),
+        }),
+        Err(e @ ConsumeError::LargerThanRate { .. }) => Err(ApiError::invalid("amount", e.to_string())),
+        Err(ConsumeError::Store(e)) => Err(e.into()),
+    }
+}

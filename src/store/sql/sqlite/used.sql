@@ -1,0 +1,15 @@
+-- Used in one period: the folded total of its bucket plus the ledger tail the
+-- rollup has not reached, in one statement (one snapshot), so a concurrent
+-- rollup can neither hide nor double a row. ?3 is the bucket ('YYYY-MM-DD');
+-- ?4/?5 the period in µs. ?6 picks the table: 'day' or 'month'.
+SELECT
+    COALESCE(CASE ?6
+        WHEN 'day' THEN (SELECT amount FROM daily_totals WHERE account = ?1 AND resource = ?2 AND day = ?3)
+        ELSE (SELECT amount FROM monthly_totals WHERE account = ?1 AND resource = ?2 AND month = ?3)
+    END, 0)
+  + COALESCE((
+        SELECT SUM(amount) FROM entries
+        WHERE account = ?1 AND resource = ?2
+          AND id > (SELECT last_id FROM rollup_cursor WHERE name = 'rollup')
+          AND occurred_at >= ?4 AND occurred_at < ?5
+    ), 0)

@@ -1,0 +1,495 @@
+//! Quota checks and atomic consumption: which limit applies to an account at
+//! an instant (plan history, overrides), how much of it is used (exact), and
+//! whether one more unit may pass.
+
+use chrono::{DateTime, Utc};
+use rust_decimal::prelude::ToPrimitive;
+use rust_decimal::{Decimal, RoundingStrategy};
+use serde::{Deserialize, Serialize};
+
+use super::rate_limit::{RateDecision, RateLimits};
+use crate::domain::catalog::{Enforcement, Window};
+use crate::domain::plan::{Override, Period, PlanAssignment};
+use crate::domain::{AccountId, Amount, Catalog, NewEntry, ResourceName};
+use crate::store::{ConsumeResult, Store, StoreError};
+
+/// The share of a limit from which usage is a `warning`.
+pub const WARNING_PERCENT: i64 = 80;
+
+/// The limit in force for one account and resource at one instant.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EffectiveLimit {
+    /// The plan in force.
+    pub plan: String,
+    /// The counting window.
+    pub window: Window,
+    /// None: unlimited.
+    pub limit: Option<Amount>,
+    /// Hard or soft.
+    pub enforcement: Enforcement,
+    /// Price per unit over a soft limit.
+    pub overage_price: Option<Decimal>,
+    /// Units per minute on consume.
+    pub rate_per_minute: Option<u32>,
+}
+
+/// The plan in force at `at`: the latest assignment effective by then, else the default.
+pub fn plan_at<'a>(catalog: &'a Catalog, history: &'a [PlanAssignment], at: DateTime<Utc>) -> &'a str {
+    history
+        .iter()
+        .filter(|a| a.effective_at <= at)
+        .max_by_key(|a| (a.effective_at, a.created_at))
+        .map_or(catalog.default_plan.as_str(), |a| a.plan.as_str())
+}
+
+/// The limit for `resource` under `plan`, with an active override applied.
+pub fn effective_limit(
+    catalog: &Catalog,
+    plan: &str,
+    overrides: &[Override],
+    resource: &ResourceName,
+    at: DateTime<Utc>,
+) -> EffectiveLimit {
+    let base = catalog.plans.get(plan).and_then(|p| p.limits.get(resource));
+    let mut effective = EffectiveLimit {
+        plan: plan.to_owned(),
+        window: base.map_or(Window::Month, |l| l.window),
+        limit: base.and_then(|l| l.limit),
+        enforcement: base.map_or(Enforcement::Hard, |l| l.enforcement),
+        overage_price: base.and_then(|l| l.overage_price),
+        rate_per_minute: base.and_then(|l| l.rate_per_minute),
+    };
+    if let Some(o) = overrides.iter().find(|o| &o.resource == resource && o.active_at(at)) {
+        effective.limit = o.limit;
+        effective.window = o.window.unwrap_or(effective.window);
+        effective.enforcement = o.enforcement.unwrap_or(effective.enforcement);
+    }
+    effective
+}
+
+/// ok / warning (≥ 80 %) / exceeded (≥ 100 %).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UsageStatus {
+    /// Below 80 % (or unlimited).
+    Ok,
+    /// From 80 % of the limit.
+    Warning,
+    /// At or past the limit.
+    Exceeded,
+}
+
+/// The status of `used` against `limit`.
+pub fn status_of(used: Amount, limit: Option<Amount>) -> UsageStatus {
+    match limit {
+        None => UsageStatus::Ok,
+        // A zero limit with nothing used is a resource the plan does not include, not an excess.
+        Some(limit) if limit.minor() == 0 && used.minor() <= 0 => UsageStatus::Ok,
+        Some(limit) if used.minor() >= limit.minor() => UsageStatus::Exceeded,
+        Some(limit) if i128::from(used.minor()) * 100 >= i128::from(limit.minor()) * i128::from(WARNING_PERCENT) => {
+            UsageStatus::Warning
+        }
+        Some(_) => UsageStatus::Ok,
+    }
+}
+
+/// The answer to "may this account use `amount` more?" — the contract's check fields.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuotaStatus {
+    /// Whether the amount may pass (soft limits and unlimited always pass).
+    pub allowed: bool,
+    /// Account.
+    pub account: String,
+    /// Resource.
+    pub resource: String,
+    /// The plan in force.
+    pub plan: String,
+    /// The window.
+    pub window: Window,
+    /// Used in the period, exact.
+    pub used: String,
+    /// Null: unlimited.
+    pub limit: Option<String>,
+    /// Null: unlimited. Never negative.
+    pub remaining: Option<String>,
+    /// Hard or soft.
+    pub enforcement: Enforcement,
+    /// Start of the period (null for total).
+    pub period_start: Option<DateTime<Utc>>,
+    /// End of the period, exclusive (null for total).
+    pub period_end: Option<DateTime<Utc>>,
+    /// ok, warning or exceeded.
+    pub status: UsageStatus,
+}
+
+impl QuotaStatus {
+    fn new(
+        account: &AccountId,
+        resource: &ResourceName,
+        limit: &EffectiveLimit,
+        period: &Period,
+        used: Amount,
+        allowed: bool,
+    ) -> Self {
+        Self {
+            allowed,
+            account: account.to_string(),
+            resource: resource.to_string(),
+            plan: limit.plan.clone(),
+            window: limit.window,
+            used: used.to_string(),
+            limit: limit.limit.map(|l| l.to_string()),
+            remaining: limit
+                .limit
+                .map(|l| Amount::from_minor((l.minor() - used.minor()).max(0), l.decimals()).to_string()),
+            enforcement: limit.enforcement,
+            period_start: period.starts_at(),
+            period_end: period.ends_at(),
+            status: status_of(used, limit.limit),
+        }
+    }
+}
+
+/// A warning attached to a consume or a usage row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Warning {
+    /// `approaching_limit`, `limit_reached` or `soft_limit_exceeded`.
+    pub code: String,
+    /// The resource it is about.
+    pub resource: String,
+    /// For people.
+    pub message: String,
+}
+
+/// The warnings `used` against `limit` deserves.
+pub fn warnings_for(resource: &ResourceName, limit: &EffectiveLimit, used: Amount) -> Vec<Warning> {
+    let Some(cap) = limit.limit else { return Vec::new() };
+    let window = limit.window.as_str();
+    let (code, message) = match (status_of(used, Some(cap)), limit.enforcement) {
+        (UsageStatus::Ok, _) => return Vec::new(),
+        (UsageStatus::Warning, _) => (
+            "approaching_limit",
+            format!(
+                "{resource} is at {}% of its {window} limit ({used} of {cap})",
+                percent(used, cap).unwrap_or_default()
+            ),
+        ),
+        (UsageStatus::Exceeded, Enforcement::Soft) if used.minor() > cap.minor() => (
+            "soft_limit_exceeded",
+            match limit.overage_price {
+                Some(price) => format!(
+                    "{resource} is over its soft {window} limit ({used} of {cap}); overage is billed at {price} per unit"
+                ),
+                None => format!("{resource} is over its soft {window} limit ({used} of {cap})"),
+            },
+        ),
+        (UsageStatus::Exceeded, _) => (
+            "limit_reached",
+            format!("{resource} has reached its {window} limit ({used} of {cap})"),
+        ),
+    };
+    vec![Warning {
+        code: code.into(),
+        resource: resource.to_string(),
+        message,
+    }]
+}
+
+/// used / limit in percent, rounded half-up to 2 decimals (None when the limit is 0).
+pub fn percent(used: Amount, limit: Amount) -> Option<Decimal> {
+    if limit.minor() == 0 {
+        return None;
+    }
+    let ratio = Decimal::from(used.minor()) * Decimal::from(100) / Decimal::from(limit.minor());
+    Some(
+        ratio
+            .round_dp_with_strategy(2, RoundingStrategy::MidpointAwayFromZero)
+            .normalize(),
+    )
+}
+
+/// The outcome of a consume.
+#[derive(Debug, Clone)]
+pub enum ConsumeOutcome {
+    /// Recorded (or replayed): the check fields after recording, the entry and warnings.
+    Recorded {
+        /// Check fields after recording.
+        status: QuotaStatus,
+        /// The ledger entry.
+        entry_id: i64,
+        /// Approaching or past a limit.
+        warnings: Vec<Warning>,
+        /// Whether this was a replay of an earlier consume with the same key.
+        replayed: bool,
+    },
+    /// Over a hard limit; nothing written.
+    QuotaExceeded {
+        /// Check fields (used as it stands).
+        status: QuotaStatus,
+        /// Whole seconds until the period ends (None for total).
+        retry_after: Option<u64>,
+    },
+    /// Over a per-minute rate limit; nothing written.
+    RateLimited {
+        /// Whole seconds (at least 1) until it would pass.
+        retry_after: u64,
+        /// The rate.
+        per_minute: u32,
+    },
+}
+
+/// Why a consume is refused before any checking.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumeError {
+    /// The amount can never fit the per-minute budget.
+    #[error(
+        "amount {amount} is more than the whole per-minute budget of {per_minute} for {resource}; split it or raise the plan's rate"
+    )]
+    LargerThanRate {
+        /// Requested.
+        amount: String,
+        /// Resource.
+        resource: String,
+        /// Budget.
+        per_minute: u32,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Quotas over a store and a catalog.
+pub struct Quotas<'a> {
+    /// The database.
+    pub store: &'a dyn Store,
+    /// Plans and resources.
+    pub catalog: &'a Catalog,
+}
+
+const RATE_LIMITED: &str = "rate_limited";
+const QUOTA_EXCEEDED: &str = "quota_exceeded";
+
+impl Quotas<'_> {
+    /// The limit for one account and resource at `at`.
+    pub async fn limit_for(
+        &self,
+        account: &AccountId,
+        resource: &ResourceName,
+        at: DateTime<Utc>,
+    ) -> Result<EffectiveLimit, StoreError> {
+        let history = self.store.plan_history(account).await?;
+        let overrides = self.store.overrides(account).await?;
+        Ok(effective_limit(
+            self.catalog,
+            plan_at(self.catalog, &history, at),
+            &overrides,
+            resource,
+            at,
+        ))
+    }
+
+    /// Whether `amount` more may be used at `at`; records nothing.
+    pub async fn check(
+        &self,
+        account: &AccountId,
+        resource: &ResourceName,
+        amount: Amount,
+        at: DateTime<Utc>,
+    ) -> Result<QuotaStatus, StoreError> {
+        let limit = self.limit_for(account, resource, at).await?;
+        let period = Period::containing(limit.window, at);
+        let used = Amount::from_minor(self.store.used(account, resource, &period).await?, amount.decimals());
+        let allowed = allows(&limit, used, amount);
+        Ok(QuotaStatus::new(account, resource, &limit, &period, used, allowed))
+    }
+
+    /// Checks and records `entry` in one atomic step; a key used before
+    /// returns its first outcome and records nothing.
+    pub async fn consume(&self, entry: &NewEntry, rates: &RateLimits) -> Result<ConsumeOutcome, ConsumeError> {
+        let at = entry.occurred_at;
+        let limit = self.limit_for(&entry.account, &entry.resource, at).await?;
+        let units = entry.amount.to_decimal().ceil().to_u32().unwrap_or(u32::MAX);
+        if let Some(per_minute) = limit.rate_per_minute {
+            if units > per_minute {
+                return Err(ConsumeError::LargerThanRate {
+                    amount: entry.amount.to_string(),
+                    resource: entry.resource.to_string(),
+                    per_minute,
+                });
+            }
+        }
+        let period = Period::containing(limit.window, at);
+        let decimals = entry.amount.decimals();
+        let decide = |used_minor: i64| -> Result<String, String> {
+            let used = Amount::from_minor(used_minor, decimals);
+            if !allows(&limit, used, entry.amount) {
+                return Err(QUOTA_EXCEEDED.into());
+            }
+            // The rate is counted only for what will be recorded, under the lock.
+            if let Some(per_minute) = limit.rate_per_minute {
+                match rates.check(per_minute, entry.account.as_str(), entry.resource.as_str(), units) {
+                    RateDecision::Allowed => {}
+                    RateDecision::RetryAfter(wait) => {
+                        return Err(format!("{RATE_LIMITED}:{}", wait.as_secs_f64().ceil().max(1.0) as u64));
+                    }
+                    RateDecision::NeverFits => return Err(format!("{RATE_LIMITED}:60")),
+                }
+            }
+            let after = used.checked_add(entry.amount).map_err(|_| QUOTA_EXCEEDED.to_owned())?;
+            let status = QuotaStatus::new(&entry.account, &entry.resource, &limit, &period, after, true);
+            let warnings = warnings_for(&entry.resource, &limit, after);
+            Ok(serde_json::json!({ "status": status, "warnings": warnings }).to_string())
+        };
+        match self.store.consume(entry, &period, &decide).await? {
+            ConsumeResult::Recorded { entry_id, response } => Ok(recorded(entry_id, &response, false)),
+            ConsumeResult::Replayed {
+                entry_id,
+                response: Some(response),
+            } => Ok(recorded(entry_id, &response, true)),
+            ConsumeResult::Replayed {
+                entry_id,
+                response: None,
+            } => {
+                // Posted through /v1/entries, not consume: answer with the state now.
+                let status = self.check(&entry.account, &entry.resource, entry.amount, at).await?;
+                Ok(ConsumeOutcome::Recorded {
+                    status: QuotaStatus {
+                        allowed: true,
+                        ..status
+                    },
+                    entry_id,
+                    warnings: Vec::new(),
+                    replayed: true,
+                })
+            }
+            ConsumeResult::Rejected { used, reason } => {
+                if let Some(seconds) = reason.strip_prefix(&format!("{RATE_LIMITED}:")) {
+                    return Ok(ConsumeOutcome::RateLimited {
+                        retry_after: seconds.parse().unwrap_or(1),
+                        per_minute: limit.rate_per_minute.unwrap_or_default(),
+                    });
+                }
+                let used = Amount::from_minor(used, decimals);
+                let status = QuotaStatus::new(&entry.account, &entry.resource, &limit, &period, used, false);
+                let retry_after = period.ends_at().map(|end| {
+                    let micros = (end - at).num_microseconds().unwrap_or(i64::MAX).max(0);
+                    (micros as u64).div_ceil(1_000_000)
+                });
+                Ok(ConsumeOutcome::QuotaExceeded { status, retry_after })
+            }
+        }
+    }
+}
+
+/// One resource's line in an account's usage.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct UsageRow {
+    /// Resource.
+    pub resource: String,
+    /// The window.
+    pub window: Window,
+    /// Used in the period.
+    pub used: String,
+    /// Null: unlimited.
+    pub limit: Option<String>,
+    /// Null: unlimited.
+    pub remaining: Option<String>,
+    /// used / limit × 100, 2 decimals (null when unlimited or the limit is 0).
+    pub percent: Option<String>,
+    /// ok, warning or exceeded.
+    pub status: UsageStatus,
+    /// Hard or soft.
+    pub enforcement: Enforcement,
+    /// Start of the period (null for total).
+    pub period_start: Option<DateTime<Utc>>,
+    /// End of the period (null for total).
+    pub period_end: Option<DateTime<Utc>>,
+}
+
+/// Where an account stands on every resource its plan limits or it has used.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct UsageReport {
+    /// Account.
+    pub account: String,
+    /// The plan in force at the instant asked about.
+    pub plan: String,
+    /// One row per resource.
+    pub resources: Vec<UsageRow>,
+    /// At or past 80 % and 100 % of limits.
+    pub warnings: Vec<Warning>,
+}
+
+impl Quotas<'_> {
+    /// The account's usage at `at`.
+    pub async fn usage(&self, account: &AccountId, at: DateTime<Utc>) -> Result<UsageReport, StoreError> {
+        let history = self.store.plan_history(account).await?;
+        let overrides = self.store.overrides(account).await?;
+        let plan = plan_at(self.catalog, &history, at);
+        let mut names: Vec<String> = self
+            .catalog
+            .plans
+            .get(plan)
+            .map(|p| p.limits.keys().map(|r| r.to_string()).collect())
+            .unwrap_or_default();
+        names.extend(
+            overrides
+                .iter()
+                .filter(|o| o.active_at(at))
+                .map(|o| o.resource.to_string()),
+        );
+        names.extend(self.store.used_resources(account).await?);
+        names.sort();
+        names.dedup();
+        let mut report = UsageReport {
+            account: account.to_string(),
+            plan: plan.to_owned(),
+            resources: Vec::new(),
+            warnings: Vec::new(),
+        };
+        for name in names {
+            let Ok((resource, spec)) = self.catalog.resource(&name) else {
+                continue;
+            };
+            let limit = effective_limit(self.catalog, plan, &overrides, resource, at);
+            let period = Period::containing(limit.window, at);
+            let used = Amount::from_minor(self.store.used(account, resource, &period).await?, spec.decimals);
+            let status = QuotaStatus::new(account, resource, &limit, &period, used, true);
+            report.warnings.extend(warnings_for(resource, &limit, used));
+            report.resources.push(UsageRow {
+                resource: name,
+                window: limit.window,
+                used: status.used,
+                limit: status.limit,
+                remaining: status.remaining,
+                percent: limit.limit.and_then(|cap| percent(used, cap)).map(|p| p.to_string()),
+                status: status.status,
+                enforcement: limit.enforcement,
+                period_start: status.period_start,
+                period_end: status.period_end,
+            });
+        }
+        Ok(report)
+    }
+}
+
+fn allows(limit: &EffectiveLimit, used: Amount, amount: Amount) -> bool {
+    match (limit.limit, limit.enforcement) {
+        (None, _) | (_, Enforcement::Soft) => true,
+        (Some(cap), Enforcement::Hard) => used.checked_add(amount).is_ok_and(|after| after.minor() <= cap.minor()),
+    }
+}
+
+fn recorded(entry_id: i64, response: &str, replayed: bool) -> ConsumeOutcome {
+    #[derive(Deserialize)]
+    struct Stored {
+        status: QuotaStatus,
+        warnings: Vec<Warning>,
+    }
+    let stored: Stored = serde_json::from_str(response).expect("consume responses are written by this module");
+    ConsumeOutcome::Recorded {
+        status: stored.status,
+        entry_id,
+        warnings: stored.warnings,
+        replayed,
+    }
+}

@@ -1,0 +1,712 @@
+//! Plans and quotas: exact checks, atomic consume with no overshoot, 429 with a
+//! true Retry-After, rate limits, plan changes, overrides and features.
+
+use std::sync::Arc;
+
+use chrono::{Datelike, Duration, SecondsFormat, Utc};
+use serde_json::{Value, json};
+
+use crate::both;
+use crate::helpers::{Reply, TestApp, entry};
+
+both!(
+    sixty_four_concurrent_consumers_at_a_hard_limit_of_1000_land_exactly_1000,
+    check_is_exact_at_any_instant_while_posting_and_rolling_up,
+    a_day_limit_resets_at_midnight_utc,
+    a_month_limit_resets_on_the_first_and_retry_after_counts_down_to_it,
+    a_total_limit_never_resets_and_deletions_free_room,
+    a_plan_change_applies_from_its_effective_instant,
+    an_override_beats_the_plan_until_it_expires,
+    unlimited_never_rejects_and_soft_limits_record_and_warn,
+    the_101st_request_in_a_minute_on_free_is_rate_limited_until_retry_after,
+    a_consume_retried_with_its_key_returns_the_first_outcome,
+    a_free_account_at_99999_requests_consumes_one_then_is_refused_until_upgraded,
+    fifty_ai_generations_pass_on_free_and_the_51st_is_refused,
+    usage_lists_every_limited_or_used_resource_with_warnings,
+    features_follow_the_plan,
+    bad_quota_and_account_input_is_refused_and_writes_nothing,
+    the_cli_checks_and_reports_usage,
+);
+
+fn iso(t: chrono::DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+async fn consume(app: &TestApp, account: &str, resource: &str, amount: &str, key: &str, at: Option<&str>) -> Reply {
+    let mut body = json!({"account": account, "resource": resource, "amount": amount, "idempotency_key": key});
+    if let Some(at) = at {
+        body["occurred_at"] = json!(at);
+    }
+    app.post("/v1/quota/consume", body).await
+}
+
+async fn check(app: &TestApp, account: &str, resource: &str, amount: &str, at: Option<&str>) -> Value {
+    let mut body = json!({"account": account, "resource": resource, "amount": amount});
+    if let Some(at) = at {
+        body["at"] = json!(at);
+    }
+    let reply = app.post("/v1/quota/check", body).await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    reply.body
+}
+
+fn retry_after(reply: &Reply) -> Option<u64> {
+    reply
+        .headers
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().parse().unwrap())
+}
+
+async fn sixty_four_concurrent_consumers_at_a_hard_limit_of_1000_land_exactly_1000(app: TestApp) {
+    let set = app
+        .request(
+            "PUT",
+            "/v1/accounts/hot/overrides/ai_generations",
+            Some(&app.admin_key),
+            Some(json!({"limit": "1000", "enforcement": "hard"}).to_string()),
+        )
+        .await;
+    assert_eq!(set.status, 200, "{:?}", set.body);
+    let app = Arc::new(app);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let roller = {
+        let (app, stop) = (app.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                app.rollup_with(tally::jobs::rollup::RollupOptions {
+                    batch_size: 50,
+                    failpoint: None,
+                })
+                .await
+                .unwrap();
+            }
+        })
+    };
+    let mut workers = Vec::new();
+    for worker in 0..64 {
+        let app = app.clone();
+        workers.push(tokio::spawn(async move {
+            let (mut ok, mut refused) = (0, 0);
+            for attempt in (worker..1500).step_by(64) {
+                let reply = consume(&app, "hot", "ai_generations", "1", &format!("c{attempt}"), None).await;
+                match reply.status {
+                    200 => ok += 1,
+                    429 => {
+                        assert_eq!(reply.code(), "quota_exceeded");
+                        refused += 1
+                    }
+                    other => panic!("unexpected {other}: {:?}", reply.body),
+                }
+            }
+            (ok, refused)
+        }));
+    }
+    let (mut ok, mut refused) = (0, 0);
+    for w in workers {
+        let (o, r) = w.await.unwrap();
+        ok += o;
+        refused += r;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    roller.await.unwrap();
+    assert_eq!((ok, refused), (1000, 500));
+    assert_eq!(app.ledger_sum("hot", "ai_generations").await, 1000);
+    let after = check(&app, "hot", "ai_generations", "1", None).await;
+    assert_eq!(after["used"], "1000");
+    assert_eq!(after["allowed"], false);
+}
+
+async fn check_is_exact_at_any_instant_while_posting_and_rolling_up(app: TestApp) {
+    let app = Arc::new(app);
+    let poster = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            for batch in 0..30 {
+                let entries: Vec<_> = (0..20)
+                    .map(|i| entry("acme", "llm_tokens", "3", &format!("p{batch}-{i}")))
+                    .collect();
+                assert_eq!(app.post_entries(json!({ "entries": entries })).await.status, 200);
+            }
+        })
+    };
+    let roller = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            for _ in 0..30 {
+                app.rollup_with(tally::jobs::rollup::RollupOptions {
+                    batch_size: 13,
+                    failpoint: None,
+                })
+                .await
+                .unwrap();
+            }
+        })
+    };
+    let mut samples = 0;
+    while !poster.is_finished() || samples < 5 {
+        let before = app.ledger_sum("acme", "llm_tokens").await;
+        let used: i64 = check(&app, "acme", "llm_tokens", "1", None).await["used"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let after = app.ledger_sum("acme", "llm_tokens").await;
+        assert!(before <= used && used <= after, "{before} <= {used} <= {after}");
+        samples += 1;
+    }
+    poster.await.unwrap();
+    roller.await.unwrap();
+    assert_eq!(check(&app, "acme", "llm_tokens", "1", None).await["used"], "1800");
+}
+
+async fn a_day_limit_resets_at_midnight_utc(app: TestApp) {
+    // free: llm_tokens 1 000 per UTC day, hard.
+    let today = Utc::now().date_naive();
+    let last_second = iso(today.and_hms_opt(0, 0, 0).unwrap().and_utc() - Duration::milliseconds(1));
+    let midnight = iso(today.and_hms_opt(0, 0, 0).unwrap().and_utc());
+    assert_eq!(
+        consume(&app, "acme", "llm_tokens", "1000", "a", Some(&last_second))
+            .await
+            .status,
+        200
+    );
+    let refused = consume(&app, "acme", "llm_tokens", "1", "b", Some(&last_second)).await;
+    assert_eq!(refused.status, 429);
+    assert_eq!(retry_after(&refused), Some(1), "1 ms before midnight rounds up to 1 s");
+    let next_day = consume(&app, "acme", "llm_tokens", "1", "c", Some(&midnight)).await;
+    assert_eq!(next_day.status, 200, "{:?}", next_day.body);
+    assert_eq!(next_day.body["used"], "1");
+    assert_eq!(next_day.body["period_start"], format!("{today}T00:00:00Z"));
+}
+
+async fn a_month_limit_resets_on_the_first_and_retry_after_counts_down_to_it(app: TestApp) {
+    // free: ai_generations 50 per UTC month, hard. 23:59:30 on the last day of last month.
+    let first = Utc::now().date_naive().with_day(1).unwrap();
+    let first_instant = first.and_hms_opt(0, 0, 0).unwrap().and_utc();
+    let late = iso(first_instant - Duration::seconds(30));
+    assert_eq!(
+        consume(&app, "acme", "ai_generations", "50", "a", Some(&late))
+            .await
+            .status,
+        200
+    );
+    let refused = consume(&app, "acme", "ai_generations", "1", "b", Some(&late)).await;
+    assert_eq!(refused.status, 429, "{:?}", refused.body);
+    assert_eq!(refused.code(), "quota_exceeded");
+    assert_eq!(retry_after(&refused), Some(30));
+    assert_eq!(refused.body["error"]["details"]["used"], "50");
+    assert_eq!(refused.body["error"]["details"]["limit"], "50");
+    assert_eq!(
+        refused.body["error"]["details"]["period_end"],
+        format!("{first}T00:00:00Z")
+    );
+    let new_month = consume(&app, "acme", "ai_generations", "1", "c", Some(&iso(first_instant))).await;
+    assert_eq!(new_month.status, 200, "{:?}", new_month.body);
+    assert_eq!(app.ledger_sum("acme", "ai_generations").await, 51);
+}
+
+async fn a_total_limit_never_resets_and_deletions_free_room(app: TestApp) {
+    // free: storage_bytes 25 GiB in total, hard.
+    let gib = 1_073_741_824i64;
+    app.post_entries(entry("acme", "storage_bytes", &(25 * gib).to_string(), "fill"))
+        .await;
+    let refused = consume(&app, "acme", "storage_bytes", "1", "more", None).await;
+    assert_eq!(refused.status, 429);
+    assert_eq!(retry_after(&refused), None, "a total window never resets");
+    assert_eq!(refused.body["error"]["details"]["period_end"], Value::Null);
+    app.rollup().await;
+    let next_month = iso(Utc::now() + Duration::minutes(4));
+    assert_eq!(
+        check(&app, "acme", "storage_bytes", "1", Some(&next_month)).await["allowed"],
+        false
+    );
+    app.post_entries(entry("acme", "storage_bytes", &(-gib).to_string(), "delete"))
+        .await;
+    let room = consume(&app, "acme", "storage_bytes", &gib.to_string(), "again", None).await;
+    assert_eq!(room.status, 200, "{:?}", room.body);
+    assert_eq!(room.body["used"], (25 * gib).to_string());
+}
+
+async fn a_plan_change_applies_from_its_effective_instant(app: TestApp) {
+    let before = Utc::now() - Duration::seconds(120);
+    let change = Utc::now() - Duration::seconds(60);
+    assert_eq!(
+        consume(&app, "acme", "ai_generations", "50", "a", Some(&iso(before)))
+            .await
+            .status,
+        200
+    );
+    let set = app
+        .request(
+            "PUT",
+            "/v1/accounts/acme/plan",
+            Some(&app.admin_key),
+            Some(json!({"plan": "pro", "effective_at": iso(change)}).to_string()),
+        )
+        .await;
+    assert_eq!(set.status, 200, "{:?}", set.body);
+    assert_eq!(set.body["plan"], "pro");
+    assert_eq!(set.body["plan_history"][0]["plan"], "pro");
+    let then = check(&app, "acme", "ai_generations", "1", Some(&iso(before))).await;
+    assert_eq!(
+        (then["plan"].as_str(), then["allowed"].as_bool()),
+        (Some("free"), Some(false))
+    );
+    assert_eq!(
+        consume(&app, "acme", "ai_generations", "1", "old", Some(&iso(before)))
+            .await
+            .status,
+        429
+    );
+    let now = consume(&app, "acme", "ai_generations", "1", "new", None).await;
+    assert_eq!(now.status, 200, "{:?}", now.body);
+    assert_eq!(now.body["plan"], "pro");
+    assert_eq!(now.body["limit"], Value::Null);
+}
+
+async fn an_override_beats_the_plan_until_it_expires(app: TestApp) {
+    let expires = Utc::now() + Duration::hours(1);
+    let set = app
+        .request(
+            "PUT",
+            "/v1/accounts/acme/overrides/llm_tokens",
+            Some(&app.admin_key),
+            Some(json!({"limit": "10", "expires_at": iso(expires)}).to_string()),
+        )
+        .await;
+    assert_eq!(set.status, 200, "{:?}", set.body);
+    assert_eq!(check(&app, "acme", "llm_tokens", "1", None).await["limit"], "10");
+    assert_eq!(consume(&app, "acme", "llm_tokens", "11", "big", None).await.status, 429);
+    let later = check(
+        &app,
+        "acme",
+        "llm_tokens",
+        "11",
+        Some(&iso(expires + Duration::seconds(1))),
+    )
+    .await;
+    assert_eq!(
+        (later["limit"].as_str(), later["allowed"].as_bool()),
+        (Some("1000"), Some(true))
+    );
+    let unlimited = app
+        .request(
+            "PUT",
+            "/v1/accounts/acme/overrides/llm_tokens",
+            Some(&app.admin_key),
+            Some(json!({"limit": null}).to_string()),
+        )
+        .await;
+    assert_eq!(unlimited.status, 200);
+    assert_eq!(
+        consume(&app, "acme", "llm_tokens", "5000", "huge", None).await.status,
+        200
+    );
+    let removed = app
+        .request(
+            "DELETE",
+            "/v1/accounts/acme/overrides/llm_tokens",
+            Some(&app.admin_key),
+            None,
+        )
+        .await;
+    assert_eq!(removed.status, 200);
+    assert_eq!(check(&app, "acme", "llm_tokens", "1", None).await["limit"], "1000");
+    let again = app
+        .request(
+            "DELETE",
+            "/v1/accounts/acme/overrides/llm_tokens",
+            Some(&app.admin_key),
+            None,
+        )
+        .await;
+    assert_eq!(again.status, 404);
+}
+
+async fn unlimited_never_rejects_and_soft_limits_record_and_warn(app: TestApp) {
+    app.request(
+        "PUT",
+        "/v1/accounts/acme/plan",
+        Some(&app.admin_key),
+        Some(json!({"plan": "pro"}).to_string()),
+    )
+    .await;
+    let unlimited = consume(&app, "acme", "ai_generations", "999999", "u", None).await;
+    assert_eq!(unlimited.status, 200, "{:?}", unlimited.body);
+    assert_eq!(
+        (unlimited.body["limit"].clone(), unlimited.body["remaining"].clone()),
+        (Value::Null, Value::Null)
+    );
+    assert_eq!(unlimited.body["status"], "ok");
+    // pro: llm_tokens 50 000 per day, soft, 0.00002 per token over.
+    let near = consume(&app, "acme", "llm_tokens", "40000", "s1", None).await;
+    assert_eq!(near.body["status"], "warning");
+    assert_eq!(near.body["warnings"][0]["code"], "approaching_limit");
+    let over = consume(&app, "acme", "llm_tokens", "10001", "s2", None).await;
+    assert_eq!(over.status, 200, "{:?}", over.body);
+    assert_eq!(over.body["status"], "exceeded");
+    assert_eq!(over.body["enforcement"], "soft");
+    assert_eq!(over.body["used"], "50001");
+    assert_eq!(over.body["remaining"], "0");
+    assert_eq!(over.body["warnings"][0]["code"], "soft_limit_exceeded");
+    assert!(
+        over.body["warnings"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("0.00002")
+    );
+    assert_eq!(app.ledger_sum("acme", "llm_tokens").await, 50001);
+}
+
+async fn the_101st_request_in_a_minute_on_free_is_rate_limited_until_retry_after(app: TestApp) {
+    for i in 0..100 {
+        let reply = consume(&app, "acme", "api_requests", "1", &format!("r{i}"), None).await;
+        assert_eq!(reply.status, 200, "request {i}: {:?}", reply.body);
+    }
+    let limited = consume(&app, "acme", "api_requests", "1", "r100", None).await;
+    assert_eq!(limited.status, 429);
+    assert_eq!(limited.code(), "rate_limited");
+    let wait = retry_after(&limited).expect("Retry-After");
+    assert!((1..=60).contains(&wait), "{wait}");
+    assert_eq!(
+        app.ledger_sum("acme", "api_requests").await,
+        100,
+        "a refused request writes nothing"
+    );
+    tokio::time::sleep(std::time::Duration::from_secs(wait)).await;
+    let passed = consume(&app, "acme", "api_requests", "1", "r100", None).await;
+    assert_eq!(passed.status, 200, "{:?}", passed.body);
+    let too_big = consume(&app, "acme", "api_requests", "101", "big", None).await;
+    assert_eq!(too_big.status, 422, "{:?}", too_big.body);
+    assert!(
+        too_big.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("per-minute budget")
+    );
+    // Posting entries is not rate limited.
+    let batch: Vec<_> = (0..300)
+        .map(|i| entry("acme", "api_requests", "1", &format!("e{i}")))
+        .collect();
+    assert_eq!(app.post_entries(json!({ "entries": batch })).await.status, 200);
+}
+
+async fn a_consume_retried_with_its_key_returns_the_first_outcome(app: TestApp) {
+    let first = consume(&app, "acme", "ai_generations", "10", "k", None).await;
+    assert_eq!(first.status, 200);
+    consume(&app, "acme", "ai_generations", "5", "other", None).await;
+    let again = consume(&app, "acme", "ai_generations", "10", "k", None).await;
+    assert_eq!(again.status, 200);
+    assert_eq!(again.body, first.body, "the first outcome, not the state now");
+    assert_eq!(app.ledger_sum("acme", "ai_generations").await, 15);
+    let conflicting = consume(&app, "acme", "ai_generations", "11", "k", None).await;
+    assert_eq!(conflicting.status, 409);
+    // After a rejection, a retry with the same key is judged afresh.
+    let refused = consume(&app, "acme", "ai_generations", "40", "big", None).await;
+    assert_eq!(refused.status, 429);
+    app.request(
+        "PUT",
+        "/v1/accounts/acme/overrides/ai_generations",
+        Some(&app.admin_key),
+        Some(json!({"limit": "100"}).to_string()),
+    )
+    .await;
+    let retried = consume(&app, "acme", "ai_generations", "40", "big", None).await;
+    assert_eq!(retried.status, 200, "{:?}", retried.body);
+    assert_eq!(app.ledger_sum("acme", "ai_generations").await, 55);
+}
+
+async fn a_free_account_at_99999_requests_consumes_one_then_is_refused_until_upgraded(app: TestApp) {
+    assert_eq!(
+        app.post_entries(entry("acme", "api_requests", "99999", "backlog"))
+            .await
+            .status,
+        200
+    );
+    let last = consume(&app, "acme", "api_requests", "1", "one", None).await;
+    assert_eq!(last.status, 200, "{:?}", last.body);
+    assert_eq!(last.body["used"], "100000");
+    assert_eq!(last.body["remaining"], "0");
+    let refused = consume(&app, "acme", "api_requests", "1", "two", None).await;
+    assert_eq!(refused.status, 429);
+    assert_eq!(refused.code(), "quota_exceeded");
+    let until_month_end = retry_after(&refused).unwrap();
+    assert!(until_month_end > 0 && until_month_end <= 31 * 86_400);
+    app.request(
+        "PUT",
+        "/v1/accounts/acme/plan",
+        Some(&app.admin_key),
+        Some(json!({"plan": "pro"}).to_string()),
+    )
+    .await;
+    let upgraded = consume(&app, "acme", "api_requests", "1", "two", None).await;
+    assert_eq!(upgraded.status, 200, "{:?}", upgraded.body);
+    assert_eq!(upgraded.body["plan"], "pro");
+    assert_eq!(upgraded.body["limit"], "1000000");
+}
+
+async fn fifty_ai_generations_pass_on_free_and_the_51st_is_refused(app: TestApp) {
+    for i in 0..50 {
+        assert_eq!(
+            consume(&app, "acme", "ai_generations", "1", &format!("g{i}"), None)
+                .await
+                .status,
+            200
+        );
+    }
+    let refused = consume(&app, "acme", "ai_generations", "1", "g50", None).await;
+    assert_eq!(refused.status, 429);
+    assert_eq!(app.ledger_sum("acme", "ai_generations").await, 50);
+}
+
+async fn usage_lists_every_limited_or_used_resource_with_warnings(app: TestApp) {
+    app.post_entries(json!({"entries": [
+        entry("acme", "ai_generations", "40", "a"),
+        entry("acme", "llm_tokens", "1000", "b"),
+    ]}))
+    .await;
+    let reply = app.get("/v1/accounts/acme/usage").await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    assert_eq!(reply.body["plan"], "free");
+    let rows = reply.body["resources"].as_array().unwrap();
+    let names: Vec<_> = rows.iter().map(|r| r["resource"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "agent_minutes",
+            "ai_generations",
+            "api_requests",
+            "llm_tokens",
+            "storage_bytes"
+        ]
+    );
+    let ai = &rows[1];
+    assert_eq!(
+        (ai["used"].as_str(), ai["limit"].as_str(), ai["remaining"].as_str()),
+        (Some("40"), Some("50"), Some("10"))
+    );
+    assert_eq!(
+        (ai["percent"].as_str(), ai["status"].as_str()),
+        (Some("80"), Some("warning"))
+    );
+    assert_eq!(rows[3]["status"], "exceeded");
+    assert_eq!(
+        rows[0]["status"], "ok",
+        "a zero limit with nothing used is not an excess"
+    );
+    let codes: Vec<_> = reply.body["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| (w["resource"].clone(), w["code"].clone()))
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            (json!("ai_generations"), json!("approaching_limit")),
+            (json!("llm_tokens"), json!("limit_reached"))
+        ]
+    );
+    insta::assert_json_snapshot!("usage_report", reply.body, {
+        ".resources[].period_start" => "[period_start]",
+        ".resources[].period_end" => "[period_end]",
+    });
+    let at = app.get("/v1/accounts/acme/usage?at=2020-01-01T00:00:00Z").await;
+    assert_eq!(at.body["resources"][1]["used"], "0", "another month");
+}
+
+async fn features_follow_the_plan(app: TestApp) {
+    let free = app.get("/v1/accounts/acme/features/git_export").await;
+    assert_eq!(
+        free.body,
+        json!({"feature": "git_export", "allowed": false, "value": false, "plan": "free"})
+    );
+    app.request(
+        "PUT",
+        "/v1/accounts/acme/plan",
+        Some(&app.admin_key),
+        Some(json!({"plan": "scale"}).to_string()),
+    )
+    .await;
+    let scale = app.get("/v1/accounts/acme/features/multi_user").await;
+    assert_eq!(scale.body["allowed"], true);
+    let unknown = app.get("/v1/accounts/acme/features/teleport").await;
+    assert_eq!(unknown.status, 404);
+    assert!(
+        unknown.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("git_export, multi_user")
+    );
+    let plans = app.get("/v1/plans").await;
+    assert_eq!(plans.body["plans"]["pro"]["price"], "10");
+    assert_eq!(
+        plans.body["plans"]["pro"]["limits"]["llm_tokens"]["overage_price"],
+        "0.00002"
+    );
+}
+
+async fn bad_quota_and_account_input_is_refused_and_writes_nothing(app: TestApp) {
+    let cases: Vec<(&str, &str, Value, u16, &str)> = vec![
+        (
+            "PUT",
+            "/v1/accounts/acme/plan",
+            json!({"plan": "gold"}),
+            422,
+            "unknown_plan",
+        ),
+        (
+            "POST",
+            "/v1/quota/check",
+            json!({"account": "acme", "resource": "tokens"}),
+            422,
+            "unknown_resource",
+        ),
+        (
+            "POST",
+            "/v1/quota/check",
+            json!({"account": "acme", "resource": "llm_tokens", "at": "noon"}),
+            422,
+            "validation_failed",
+        ),
+        (
+            "POST",
+            "/v1/quota/check",
+            json!({"account": "acme", "resource": "llm_tokens", "amount": "-1"}),
+            422,
+            "validation_failed",
+        ),
+        (
+            "POST",
+            "/v1/quota/consume",
+            json!({"account": "acme", "resource": "llm_tokens", "amount": "0", "idempotency_key": "z"}),
+            422,
+            "validation_failed",
+        ),
+        (
+            "POST",
+            "/v1/quota/consume",
+            json!({"account": "acme", "resource": "llm_tokens", "amount": "-5", "idempotency_key": "n"}),
+            422,
+            "validation_failed",
+        ),
+        (
+            "POST",
+            "/v1/quota/consume",
+            json!({"account": "acme", "resource": "llm_tokens", "amount": "1.5", "idempotency_key": "f"}),
+            422,
+            "validation_failed",
+        ),
+        (
+            "PUT",
+            "/v1/accounts/acme/overrides/llm_tokens",
+            json!({"limit": "-3"}),
+            422,
+            "validation_failed",
+        ),
+        (
+            "PUT",
+            "/v1/accounts/acme/overrides/llm_tokens",
+            json!({"limit": "lots"}),
+            422,
+            "validation_failed",
+        ),
+        (
+            "PUT",
+            "/v1/accounts/acme/overrides/llm_tokens",
+            json!({"limit": "5", "enforcement": "strict"}),
+            422,
+            "validation_failed",
+        ),
+        (
+            "PUT",
+            "/v1/accounts/acme/overrides/tokens",
+            json!({"limit": "5"}),
+            422,
+            "unknown_resource",
+        ),
+        (
+            "GET",
+            "/v1/accounts/acme/usage?at=soon",
+            Value::Null,
+            422,
+            "validation_failed",
+        ),
+    ];
+    for (method, path, body, status, code) in cases {
+        let body = (!body.is_null()).then(|| body.to_string());
+        let reply = app.request(method, path, Some(&app.admin_key), body).await;
+        assert_eq!(
+            (reply.status, reply.code()),
+            (status, code),
+            "{method} {path}: {:?}",
+            reply.body
+        );
+    }
+    let service = app.key(tally::domain::Role::Service, None).await;
+    let forbidden = app
+        .request(
+            "PUT",
+            "/v1/accounts/acme/plan",
+            Some(&service),
+            Some(json!({"plan": "pro"}).to_string()),
+        )
+        .await;
+    assert_eq!(forbidden.status, 403, "only admins change plans");
+    assert_eq!(app.count_entries().await, 0);
+    let account = app.get("/v1/accounts/acme").await;
+    assert_eq!(account.body["plan_history"], json!([]));
+    assert_eq!(account.body["overrides"], json!([]));
+    assert_eq!(account.body["plan"], "free");
+}
+
+async fn the_cli_checks_and_reports_usage(app: TestApp) {
+    let tally = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(args)
+            .env("TALLY_DATABASE_URL", &app.database_url)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    app.post_entries(entry("acme", "ai_generations", "50", "full")).await;
+    let refused = tally(&["check", "acme", "ai_generations"]);
+    assert_eq!(refused.status.code(), Some(1));
+    let status: Value = serde_json::from_slice(&refused.stdout).unwrap();
+    assert_eq!(
+        (status["used"].as_str(), status["allowed"].as_bool()),
+        (Some("50"), Some(false))
+    );
+    let upgraded = tally(&["accounts", "set-plan", "acme", "pro"]);
+    assert!(
+        upgraded.status.success(),
+        "{}",
+        String::from_utf8_lossy(&upgraded.stderr)
+    );
+    assert!(tally(&["check", "acme", "ai_generations", "5"]).status.success());
+    let capped = tally(&[
+        "accounts",
+        "override",
+        "acme",
+        "llm_tokens",
+        "--limit",
+        "7",
+        "--enforcement",
+        "hard",
+    ]);
+    assert!(capped.status.success(), "{}", String::from_utf8_lossy(&capped.stderr));
+    let usage: Value = serde_json::from_slice(&tally(&["usage", "acme"]).stdout).unwrap();
+    assert_eq!(usage["plan"], "pro");
+    let tokens = usage["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["resource"] == "llm_tokens")
+        .unwrap()
+        .clone();
+    assert_eq!(tokens["limit"], "7");
+    let shown: Value = serde_json::from_slice(&tally(&["accounts", "show", "acme"]).stdout).unwrap();
+    assert_eq!(shown["overrides"][0]["resource"], "llm_tokens");
+    let gold = tally(&["accounts", "set-plan", "acme", "gold"]);
+    assert!(String::from_utf8_lossy(&gold.stderr).contains("plans: free, pro, scale"));
+}
