@@ -6,6 +6,7 @@
 //! `cli`). See `docs/architecture.md`.
 
 pub mod app;
+pub mod bench;
 pub mod cli;
 pub mod domain;
 pub mod http;
