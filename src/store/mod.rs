@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
+use futures_util::stream::BoxStream;
 
 use crate::domain::period::Granularity;
 use crate::domain::plan::{Override, Period, PlanAssignment};
@@ -180,6 +181,64 @@ pub trait Store: Send + Sync + 'static {
         period: &Period,
         decide: &ConsumeDecider<'_>,
     ) -> Result<ConsumeResult, StoreError>;
+
+    /// Ledger rows whose occurred_at is in the filter's range, ascending id,
+    /// streamed (memory stays flat however many rows).
+    fn stream_entries<'a>(&'a self, filter: &'a ExportFilter) -> BoxStream<'a, Result<Entry, StoreError>>;
+
+    /// Totals per (account, resource, bucket), ascending, streamed: folded
+    /// totals plus the unfolded tail, or recomputed from the ledger as of the
+    /// filter's `as_of`.
+    fn stream_totals<'a>(
+        &'a self,
+        granularity: Granularity,
+        filter: &'a ExportFilter,
+    ) -> BoxStream<'a, Result<TotalRow, StoreError>>;
+
+    /// Every plan assignment of every account, by account then effective_at.
+    async fn all_plan_assignments(&self) -> Result<Vec<(String, PlanAssignment)>, StoreError>;
+
+    /// Every override of every account.
+    async fn all_overrides(&self) -> Result<Vec<(String, Override)>, StoreError>;
+}
+
+/// What an export covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportFilter {
+    /// First day (inclusive).
+    pub from: NaiveDate,
+    /// Last day (exclusive).
+    pub to: NaiveDate,
+    /// Only this account.
+    pub account: Option<AccountId>,
+    /// Only this resource.
+    pub resource: Option<ResourceName>,
+    /// Only entries recorded at or before this instant.
+    pub as_of: Option<DateTime<Utc>>,
+}
+
+/// One (account, resource, bucket) total, in minor units.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TotalRow {
+    /// Account.
+    pub account: String,
+    /// Resource.
+    pub resource: String,
+    /// The bucket's first day.
+    pub bucket: NaiveDate,
+    /// Net amount, minor units.
+    pub amount: i64,
+    /// Entries counted.
+    pub entries: i64,
+}
+
+/// The SQL of a totals export for one granularity: fills in the table and the
+/// bucket expressions of a `export_totals*.sql` template.
+pub(crate) fn totals_sql(template: &str, table: &str, bucket: &str, bucket_of_entry: &str) -> String {
+    template
+        .replace("{table}", table)
+        .replace("{bucket_of_entry}", bucket_of_entry)
+        .replace("{bucket}", bucket)
 }
 
 /// Decides a consume from the units used so far: `Ok(response)` records the

@@ -6,7 +6,7 @@
 //! their unique-index locks in the same order and cannot deadlock.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use crate::domain::catalog::{Enforcement, Window};
@@ -14,12 +14,14 @@ use crate::domain::period::{Granularity, start_of};
 use crate::domain::plan::{Override, Period, PlanAssignment};
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{FromRow, PgPool, Postgres, QueryBuilder};
 
 use super::{
-    Backend, BeforeCommit, ConsumeDecider, ConsumeResult, JobLock, NewApiKey, Store, StoreError, TotalMismatch,
-    diff_totals, natural_key, replay, resolve_outcomes,
+    Backend, BeforeCommit, ConsumeDecider, ConsumeResult, ExportFilter, JobLock, NewApiKey, Store, StoreError,
+    TotalMismatch, TotalRow, diff_totals, natural_key, replay, resolve_outcomes, totals_sql,
 };
 use crate::domain::{
     AccountId, Amount, ApiKey, Catalog, Entry, EntryFilter, IdempotencyKey, InsertOutcome, NewEntry, ResourceName, Role,
@@ -582,6 +584,104 @@ impl Store for PgStore {
             .await?;
         tx.commit().await?;
         Ok(ConsumeResult::Recorded { entry_id, response })
+    }
+
+    fn stream_entries<'a>(&'a self, filter: &'a ExportFilter) -> BoxStream<'a, Result<Entry, StoreError>> {
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "SELECT {ENTRY_COLUMNS} FROM entries
+                 WHERE occurred_at >= $1 AND occurred_at < $2
+                   AND ($3::text IS NULL OR account = $3) AND ($4::text IS NULL OR resource = $4)
+                   AND ($5::timestamptz IS NULL OR recorded_at <= $5)
+                 ORDER BY id"
+            )
+        });
+        let rows = sqlx::query_as::<_, EntryRow>(SQL.as_str())
+            .bind(start_of(filter.from))
+            .bind(start_of(filter.to))
+            .bind(filter.account.as_ref().map(|a| a.as_str().to_owned()))
+            .bind(filter.resource.as_ref().map(|r| r.as_str().to_owned()))
+            .bind(filter.as_of)
+            .fetch(&self.pool);
+        Box::pin(rows.map(move |row| row.map(|r| self.entry_from_row(r)).map_err(StoreError::from)))
+    }
+
+    fn stream_totals<'a>(
+        &'a self,
+        granularity: Granularity,
+        filter: &'a ExportFilter,
+    ) -> BoxStream<'a, Result<TotalRow, StoreError>> {
+        static SQL: LazyLock<[String; 4]> = LazyLock::new(|| {
+            let live = include_str!("sql/postgres/export_totals.sql");
+            let as_of = include_str!("sql/postgres/export_totals_as_of.sql");
+            let day = ("daily_totals", "day", "(e.occurred_at AT TIME ZONE 'UTC')::date");
+            let month = (
+                "monthly_totals",
+                "month",
+                "date_trunc('month', e.occurred_at AT TIME ZONE 'UTC')::date",
+            );
+            [
+                totals_sql(live, day.0, day.1, day.2),
+                totals_sql(live, month.0, month.1, month.2),
+                totals_sql(as_of, day.0, day.1, day.2),
+                totals_sql(as_of, month.0, month.1, month.2),
+            ]
+        });
+        let index = usize::from(granularity == Granularity::Month) + 2 * usize::from(filter.as_of.is_some());
+        let rows = sqlx::query_as::<_, (String, String, NaiveDate, i64, i64)>(SQL[index].as_str())
+            .bind(filter.from)
+            .bind(filter.to)
+            .bind(filter.account.as_ref().map(|a| a.as_str().to_owned()))
+            .bind(filter.resource.as_ref().map(|r| r.as_str().to_owned()))
+            .bind(start_of(filter.from))
+            .bind(start_of(filter.to))
+            .bind(filter.as_of)
+            .fetch(&self.pool);
+        Box::pin(rows.map(|row| {
+            let (account, resource, bucket, amount, entries) = row?;
+            Ok(TotalRow {
+                account,
+                resource,
+                bucket,
+                amount,
+                entries,
+            })
+        }))
+    }
+
+    async fn all_plan_assignments(&self) -> Result<Vec<(String, PlanAssignment)>, StoreError> {
+        let rows: Vec<(String, String, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT account, plan, effective_at, created_at FROM account_plans ORDER BY account, effective_at, id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(account, plan, effective_at, created_at)| {
+                (
+                    account,
+                    PlanAssignment {
+                        plan,
+                        effective_at,
+                        created_at,
+                    },
+                )
+            })
+            .collect())
+    }
+
+    async fn all_overrides(&self) -> Result<Vec<(String, Override)>, StoreError> {
+        let accounts: Vec<String> =
+            sqlx::query_scalar("SELECT DISTINCT account FROM account_overrides ORDER BY account")
+                .fetch_all(&self.pool)
+                .await?;
+        let mut all = Vec::new();
+        for account in accounts {
+            for o in self.overrides(&AccountId::from_stored(account.clone())).await? {
+                all.push((account.clone(), o));
+            }
+        }
+        Ok(all)
     }
 }
 

@@ -7,17 +7,19 @@
 
 use std::collections::HashMap;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{FromRow, QueryBuilder, Sqlite, SqlitePool};
 
 use super::{
-    Backend, BeforeCommit, ConsumeDecider, ConsumeResult, JobLock, NewApiKey, Store, StoreError, TotalMismatch,
-    diff_totals, natural_key, replay, resolve_outcomes,
+    Backend, BeforeCommit, ConsumeDecider, ConsumeResult, ExportFilter, JobLock, NewApiKey, Store, StoreError,
+    TotalMismatch, TotalRow, diff_totals, natural_key, replay, resolve_outcomes, totals_sql,
 };
 use crate::domain::catalog::{Enforcement, Window};
 use crate::domain::period::{Granularity, start_of};
@@ -502,6 +504,104 @@ impl Store for SqliteStore {
         tx.commit().await?;
         Ok(ConsumeResult::Recorded { entry_id, response })
     }
+
+    fn stream_entries<'a>(&'a self, filter: &'a ExportFilter) -> BoxStream<'a, Result<Entry, StoreError>> {
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "SELECT {ENTRY_COLUMNS} FROM entries
+                 WHERE occurred_at >= ?1 AND occurred_at < ?2
+                   AND (?3 IS NULL OR account = ?3) AND (?4 IS NULL OR resource = ?4)
+                   AND (?5 IS NULL OR recorded_at <= ?5)
+                 ORDER BY id"
+            )
+        });
+        let rows = sqlx::query_as::<_, EntryRow>(SQL.as_str())
+            .bind(to_micros(start_of(filter.from)))
+            .bind(to_micros(start_of(filter.to)))
+            .bind(filter.account.as_ref().map(|a| a.as_str().to_owned()))
+            .bind(filter.resource.as_ref().map(|r| r.as_str().to_owned()))
+            .bind(filter.as_of.map(to_micros))
+            .fetch(&self.reader);
+        Box::pin(rows.map(move |row| row.map(|r| self.entry_from_row(r)).map_err(StoreError::from)))
+    }
+
+    fn stream_totals<'a>(
+        &'a self,
+        granularity: Granularity,
+        filter: &'a ExportFilter,
+    ) -> BoxStream<'a, Result<TotalRow, StoreError>> {
+        static SQL: LazyLock<[String; 4]> = LazyLock::new(|| {
+            let live = include_str!("sql/sqlite/export_totals.sql");
+            let as_of = include_str!("sql/sqlite/export_totals_as_of.sql");
+            let day = ("daily_totals", "day", "date(occurred_at / 1000000, 'unixepoch')");
+            let month = (
+                "monthly_totals",
+                "month",
+                "strftime('%Y-%m-01', occurred_at / 1000000, 'unixepoch')",
+            );
+            [
+                totals_sql(live, day.0, day.1, day.2),
+                totals_sql(live, month.0, month.1, month.2),
+                totals_sql(as_of, day.0, day.1, day.2),
+                totals_sql(as_of, month.0, month.1, month.2),
+            ]
+        });
+        let index = usize::from(granularity == Granularity::Month) + 2 * usize::from(filter.as_of.is_some());
+        let rows = sqlx::query_as::<_, (String, String, String, i64, i64)>(SQL[index].as_str())
+            .bind(filter.from.to_string())
+            .bind(filter.to.to_string())
+            .bind(filter.account.as_ref().map(|a| a.as_str().to_owned()))
+            .bind(filter.resource.as_ref().map(|r| r.as_str().to_owned()))
+            .bind(to_micros(start_of(filter.from)))
+            .bind(to_micros(start_of(filter.to)))
+            .bind(filter.as_of.map(to_micros))
+            .fetch(&self.reader);
+        Box::pin(rows.map(|row| {
+            let (account, resource, bucket, amount, entries) = row?;
+            Ok(TotalRow {
+                account,
+                resource,
+                bucket: parse_date(&bucket)?,
+                amount,
+                entries,
+            })
+        }))
+    }
+
+    async fn all_plan_assignments(&self) -> Result<Vec<(String, PlanAssignment)>, StoreError> {
+        let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(
+            "SELECT account, plan, effective_at, created_at FROM account_plans ORDER BY account, effective_at, id",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(account, plan, effective_at, created_at)| {
+                (
+                    account,
+                    PlanAssignment {
+                        plan,
+                        effective_at: from_micros(effective_at),
+                        created_at: from_micros(created_at),
+                    },
+                )
+            })
+            .collect())
+    }
+
+    async fn all_overrides(&self) -> Result<Vec<(String, Override)>, StoreError> {
+        let accounts: Vec<String> =
+            sqlx::query_scalar("SELECT DISTINCT account FROM account_overrides ORDER BY account")
+                .fetch_all(&self.reader)
+                .await?;
+        let mut all = Vec::new();
+        for account in accounts {
+            for o in self.overrides(&AccountId::from_stored(account.clone())).await? {
+                all.push((account.clone(), o));
+            }
+        }
+        Ok(all)
+    }
 }
 
 /// Appends one row unless its (account, key) exists; the new id, or None.
@@ -595,9 +695,9 @@ fn parse_date(text: &str) -> Result<NaiveDate, StoreError> {
         .map_err(|_| StoreError::Invalid(format!("the database holds a malformed date {text:?}")))
 }
 
-type TotalRow<D> = (String, String, D, i64, i64);
+type TotalTuple<D> = (String, String, D, i64, i64);
 
-fn with_dates(rows: Vec<TotalRow<String>>) -> Result<Vec<TotalRow<NaiveDate>>, StoreError> {
+fn with_dates(rows: Vec<TotalTuple<String>>) -> Result<Vec<TotalTuple<NaiveDate>>, StoreError> {
     rows.into_iter()
         .map(|(a, r, bucket, amount, n)| Ok((a, r, parse_date(&bucket)?, amount, n)))
         .collect()
