@@ -32,6 +32,8 @@ pub struct Settings {
     pub admin_key: Option<String>,
     /// Job definitions directory; `jobs/` when present, else the built-in schedule.
     pub jobs: Option<PathBuf>,
+    /// Where report jobs write.
+    pub reports_dir: PathBuf,
 }
 
 impl Default for Settings {
@@ -43,6 +45,7 @@ impl Default for Settings {
             late_horizon_days: DEFAULT_LATE_HORIZON_DAYS,
             admin_key: None,
             jobs: None,
+            reports_dir: PathBuf::from("reports"),
         }
     }
 }
@@ -90,6 +93,7 @@ pub struct Application {
     server: Server,
     state: AppState,
     port: u16,
+    reports_dir: PathBuf,
 }
 
 impl Application {
@@ -118,7 +122,12 @@ impl Application {
                 }
             }
         });
-        Ok(Self { server, state, port })
+        Ok(Self {
+            server,
+            state,
+            port,
+            reports_dir: settings.reports_dir.clone(),
+        })
     }
 
     /// The port bound (useful with port 0).
@@ -143,11 +152,13 @@ impl Application {
 
     /// A job runner over this application's store and metrics.
     pub fn job_runner(&self, jobs: Vec<crate::jobs::JobDefinition>) -> Arc<crate::jobs::JobRunner> {
-        Arc::new(crate::jobs::JobRunner::new(
-            self.state.store.clone(),
-            self.state.metrics.clone(),
-            jobs,
-        ))
+        let context = crate::jobs::JobContext {
+            store: self.state.store.clone(),
+            catalog: self.state.catalog.clone(),
+            metrics: self.state.metrics.clone(),
+            reports_dir: self.reports_dir.clone(),
+        };
+        Arc::new(crate::jobs::JobRunner::new(context, jobs))
     }
 
     /// Serves until `shutdown` resolves.

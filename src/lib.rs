@@ -9,6 +9,7 @@ pub mod app;
 pub mod bench;
 pub mod cli;
 pub mod domain;
+pub mod export;
 pub mod http;
 pub mod jobs;
 pub mod store;

@@ -99,8 +99,14 @@ pub async fn run(settings: &Settings, command: JobsCommand) -> anyhow::Result<Ex
             Ok(ExitCode::SUCCESS)
         }
         JobsCommand::Run { name } => {
-            let (store, _) = settings.open_store().await?;
-            let runner = JobRunner::new(store, std::sync::Arc::new(Metrics::default()), definitions);
+            let (store, catalog) = settings.open_store().await?;
+            let context = scheduled::JobContext {
+                store,
+                catalog,
+                metrics: std::sync::Arc::new(Metrics::default()),
+                reports_dir: settings.reports_dir.clone(),
+            };
+            let runner = JobRunner::new(context, definitions);
             match runner.run(&name).await? {
                 JobOutcome::Ran(summary) => println!("{name}: {summary}"),
                 JobOutcome::Skipped(why) => println!("{name}: skipped: {why}"),

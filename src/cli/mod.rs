@@ -2,6 +2,7 @@
 //! twin here that talks to the database directly, no server needed.
 
 mod accounts;
+mod export;
 mod import;
 mod jobs;
 mod keys;
@@ -34,6 +35,9 @@ pub struct Cli {
     /// Job definitions directory (default: jobs/ when present, else the built-in schedule).
     #[arg(long, env = "TALLY_JOBS", global = true)]
     pub jobs: Option<PathBuf>,
+    /// Where report jobs write (monthly totals and invoices).
+    #[arg(long, env = "TALLY_REPORTS_DIR", default_value = "reports", global = true)]
+    pub reports_dir: PathBuf,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -77,6 +81,13 @@ pub enum Command {
     /// Plans, plan history and overrides of accounts.
     #[command(subcommand)]
     Accounts(accounts::AccountsCommand),
+    /// Export the ledger, totals or invoices as CSV.
+    #[command(subcommand)]
+    Export(export::ExportCommand),
+    /// Platform totals for a month (admin stats).
+    Stats(export::StatsArgs),
+    /// Top accounts by usage of a resource in a month.
+    Top(export::TopArgs),
     /// Print an account's usage per day or month (exact: folded totals plus the unfolded tail).
     Timeseries(usage::TimeseriesArgs),
 }
@@ -89,6 +100,7 @@ impl Cli {
             late_horizon_days: self.late_horizon_days,
             admin_key: std::env::var("TALLY_ADMIN_KEY").ok().filter(|k| !k.is_empty()),
             jobs: self.jobs.clone(),
+            reports_dir: self.reports_dir.clone(),
             ..Settings::default()
         }
     }
@@ -136,6 +148,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Jobs(command) => jobs::run(&settings, command).await,
         Command::Timeseries(args) => usage::timeseries(&settings, args).await,
         Command::Check(args) => accounts::check(&settings, args).await,
+        Command::Export(command) => export::run(&settings, command).await,
+        Command::Stats(args) => export::stats(&settings, args).await,
+        Command::Top(args) => export::top(&settings, args).await,
         Command::Usage(args) => accounts::usage(&settings, args).await,
         Command::Accounts(command) => accounts::run(&settings, command).await,
     }

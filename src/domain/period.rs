@@ -66,6 +66,19 @@ pub fn start_of(date: NaiveDate) -> DateTime<Utc> {
     date.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc()
 }
 
+/// Parses a month, `YYYY-MM`, into its first day.
+pub fn parse_month(raw: &str) -> Result<NaiveDate, String> {
+    NaiveDate::parse_from_str(&format!("{raw}-01"), "%Y-%m-%d")
+        .map_err(|_| format!("{raw:?} is not a month like 2026-11"))
+}
+
+/// Parses a date, `YYYY-MM-DD`, or a month, `YYYY-MM`, meaning its first day.
+pub fn parse_date(raw: &str) -> Result<NaiveDate, String> {
+    NaiveDate::parse_from_str(raw, "%Y-%m-%d")
+        .or_else(|_| parse_month(raw))
+        .map_err(|_| format!("{raw:?} is not a date like 2026-11-01 (or a month like 2026-11)"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,7 @@
 //! The HTTP API (axum). Each module has a `router()`; [`router`] merges them.
 
 pub mod accounts;
+pub mod admin;
 pub mod auth;
 pub mod entries;
 pub mod error;
@@ -63,6 +64,7 @@ pub fn router(state: AppState) -> Router {
         .merge(usage::router())
         .merge(quota::router())
         .merge(accounts::router())
+        .merge(admin::router())
         .merge(operations::router())
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(

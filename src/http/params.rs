@@ -50,12 +50,10 @@ pub fn reject_unknown(query: &HashMap<String, String>, known: &[&str]) -> Result
 
 /// A calendar date (`YYYY-MM-DD`), or a month (`YYYY-MM`) meaning its first day.
 pub fn date(field: &'static str, raw: &str) -> Result<NaiveDate, ApiError> {
-    NaiveDate::parse_from_str(raw, "%Y-%m-%d")
-        .or_else(|_| NaiveDate::parse_from_str(&format!("{raw}-01"), "%Y-%m-%d"))
-        .map_err(|_| {
-            ApiError::invalid(
-                field,
-                format!("{field} {raw:?} is not a date like 2026-11-01 (or a month like 2026-11)"),
-            )
-        })
+    crate::domain::period::parse_date(raw).map_err(|m| ApiError::invalid(field, format!("{field}: {m}")))
+}
+
+/// A month, `YYYY-MM`.
+pub fn month(field: &'static str, raw: &str) -> Result<NaiveDate, ApiError> {
+    crate::domain::period::parse_month(raw).map_err(|m| ApiError::invalid(field, format!("{field}: {m}")))
 }

@@ -6,6 +6,7 @@
 //! replicas, so each run holds an in-process mutex and the store's job lock
 //! (a PostgreSQL advisory lock). Shutdown waits for the run in flight.
 
+pub mod reports;
 pub mod rollup;
 
 use std::collections::BTreeMap;
@@ -18,11 +19,16 @@ use serde::Deserialize;
 use tokio::sync::Mutex;
 use tokio_cron_scheduler::{Job, JobScheduler};
 
+use crate::domain::Catalog;
 use crate::store::Store;
 use crate::telemetry::Metrics;
 
-/// The default schedule when no `jobs/` directory is found: fold every 10 s.
-pub const BUILTIN_JOBS: &[(&str, &str, JobKind)] = &[("rollup", "*/10 * * * * *", JobKind::Rollup)];
+/// The default schedule when no `jobs/` directory is found: fold every 10 s;
+/// last month's reports at 00:05 UTC on the 1st.
+pub const BUILTIN_JOBS: &[(&str, &str, JobKind)] = &[
+    ("rollup", "*/10 * * * * *", JobKind::Rollup),
+    ("monthly-reports", "0 5 0 1 * *", JobKind::MonthlyReports),
+];
 
 /// What a job does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -30,6 +36,8 @@ pub const BUILTIN_JOBS: &[(&str, &str, JobKind)] = &[("rollup", "*/10 * * * * *"
 pub enum JobKind {
     /// Fold the ledger into daily and monthly totals.
     Rollup,
+    /// Write last month's monthly totals and invoice CSVs into the reports directory.
+    MonthlyReports,
 }
 
 /// One scheduled job.
@@ -45,6 +53,9 @@ pub struct JobDefinition {
     /// A description for people.
     #[serde(default)]
     pub description: Option<String>,
+    /// For report jobs: replace reports that exist (default: keep them).
+    #[serde(default)]
+    pub overwrite: bool,
 }
 
 impl JobDefinition {
@@ -103,6 +114,7 @@ pub fn builtin() -> Vec<JobDefinition> {
             schedule: (*schedule).into(),
             run: *run,
             description: None,
+            overwrite: false,
         })
         .collect()
 }
@@ -116,21 +128,33 @@ pub enum JobOutcome {
     Skipped(String),
 }
 
+/// What jobs work with.
+#[derive(Clone)]
+pub struct JobContext {
+    /// The database.
+    pub store: Arc<dyn Store>,
+    /// Plans and resources.
+    pub catalog: Arc<Catalog>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Where report jobs write.
+    pub reports_dir: PathBuf,
+}
+
 /// Runs jobs by name, one run of each at a time.
 pub struct JobRunner {
-    store: Arc<dyn Store>,
-    metrics: Arc<Metrics>,
+    context: JobContext,
     jobs: BTreeMap<String, (JobDefinition, Arc<Mutex<()>>)>,
 }
 
 impl JobRunner {
-    /// A runner for `jobs` over `store`.
-    pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>, jobs: Vec<JobDefinition>) -> Self {
+    /// A runner for `jobs`.
+    pub fn new(context: JobContext, jobs: Vec<JobDefinition>) -> Self {
         let jobs = jobs
             .into_iter()
             .map(|j| (j.name.clone(), (j, Arc::new(Mutex::new(())))))
             .collect();
-        Self { store, metrics, jobs }
+        Self { context, jobs }
     }
 
     /// The definitions, by name.
@@ -151,16 +175,33 @@ impl JobRunner {
                 "job '{name}' is already running in this process"
             )));
         };
-        let Some(lock) = self.store.try_job_lock(name).await? else {
+        let context = &self.context;
+        let Some(lock) = context.store.try_job_lock(name).await? else {
             return Ok(JobOutcome::Skipped(format!(
                 "job '{name}' is running in another process"
             )));
         };
         let result = match job.run {
-            JobKind::Rollup => rollup::run(self.store.as_ref(), &rollup::RollupOptions::default(), &self.metrics)
+            JobKind::Rollup => rollup::run(
+                context.store.as_ref(),
+                &rollup::RollupOptions::default(),
+                &context.metrics,
+            )
+            .await
+            .map(|report| JobOutcome::Ran(report.to_string()))
+            .map_err(anyhow::Error::from),
+            JobKind::MonthlyReports => {
+                let month = reports::previous_month(Utc::now());
+                reports::write_monthly_reports(
+                    context.store.as_ref(),
+                    &context.catalog,
+                    &context.reports_dir,
+                    month,
+                    job.overwrite,
+                )
                 .await
-                .map(|report| JobOutcome::Ran(report.to_string()))
-                .map_err(anyhow::Error::from),
+                .map(|outcome| JobOutcome::Ran(format!("{}: {outcome}", month.format("%Y-%m"))))
+            }
         };
         lock.release().await;
         result

@@ -17,11 +17,13 @@ both!(
 );
 
 fn runner(app: &TestApp) -> JobRunner {
-    JobRunner::new(
-        app.store.clone(),
-        std::sync::Arc::new(Metrics::default()),
-        tally::jobs::builtin(),
-    )
+    let context = tally::jobs::JobContext {
+        store: app.store.clone(),
+        catalog: app.catalog.clone(),
+        metrics: std::sync::Arc::new(Metrics::default()),
+        reports_dir: std::env::temp_dir(),
+    };
+    JobRunner::new(context, tally::jobs::builtin())
 }
 
 async fn a_job_run_by_name_folds_the_ledger(app: TestApp) {
@@ -35,7 +37,10 @@ async fn a_job_run_by_name_folds_the_ledger(app: TestApp) {
     let today = chrono::Utc::now().date_naive().to_string();
     assert_eq!(app.daily_total("acme", "api_requests", &today).await, 4);
     let unknown = runner(&app).run("nope").await.unwrap_err().to_string();
-    assert!(unknown.contains("no job named 'nope'; jobs: rollup"), "{unknown}");
+    assert!(
+        unknown.contains("no job named 'nope'; jobs: monthly-reports, rollup"),
+        "{unknown}"
+    );
     let cli = Command::new(env!("CARGO_BIN_EXE_tally"))
         .args(["jobs", "run", "rollup", "--database-url", &app.database_url])
         .output()

@@ -7,6 +7,7 @@ mod auth;
 mod cli;
 mod concurrency;
 mod entries;
+mod export;
 mod invariants;
 mod jobs;
 mod quota;

@@ -1,0 +1,196 @@
+//! `tally export …`, `tally stats`, `tally top`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use chrono::NaiveDate;
+
+use crate::app::Settings;
+use crate::domain::AccountId;
+use crate::domain::entry::parse_timestamp;
+use crate::domain::period::{Granularity, parse_date, parse_month};
+use crate::export::CsvOutput;
+use crate::export::invoice::export_invoices;
+use crate::export::ledger::{export_entries, export_totals};
+use crate::store::ExportFilter;
+use crate::usage::admin;
+
+/// `tally export …`
+#[derive(Debug, clap::Subcommand)]
+pub enum ExportCommand {
+    /// Ledger rows (re-importable with `tally import`).
+    Entries(RangeArgs),
+    /// Daily totals.
+    Daily(RangeArgs),
+    /// Monthly totals.
+    Monthly(RangeArgs),
+    /// Invoice preview for a month.
+    Invoice(InvoiceArgs),
+}
+
+/// Options every export shares.
+#[derive(Debug, clap::Args)]
+pub struct OutputArgs {
+    /// Write to FILE (atomically: nothing appears unless the export completes); stdout by default.
+    #[arg(short = 'o', long = "output")]
+    output: Option<PathBuf>,
+    /// Replace FILE if it exists.
+    #[arg(long)]
+    overwrite: bool,
+    /// Show a row counter on stderr even when it is not a terminal.
+    #[arg(long)]
+    progress: bool,
+    /// Only this account.
+    #[arg(long)]
+    account: Option<String>,
+    /// What the ledger held at this recorded time (RFC 3339): entries recorded later are left out.
+    #[arg(long)]
+    as_of: Option<String>,
+}
+
+/// `--from D --to D` (occurred_at, UTC; from inclusive, to exclusive).
+#[derive(Debug, clap::Args)]
+pub struct RangeArgs {
+    /// First day, YYYY-MM-DD (or YYYY-MM).
+    #[arg(long, value_parser = parse_date)]
+    from: NaiveDate,
+    /// Day after the last, YYYY-MM-DD (or YYYY-MM).
+    #[arg(long, value_parser = parse_date)]
+    to: NaiveDate,
+    /// Only this resource.
+    #[arg(long)]
+    resource: Option<String>,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+/// `--period YYYY-MM`.
+#[derive(Debug, clap::Args)]
+pub struct InvoiceArgs {
+    /// The month, YYYY-MM.
+    #[arg(long, value_parser = parse_month)]
+    period: NaiveDate,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+/// Arguments of `tally stats`.
+#[derive(Debug, clap::Args)]
+pub struct StatsArgs {
+    /// The month, YYYY-MM.
+    #[arg(long, value_parser = parse_month)]
+    period: NaiveDate,
+}
+
+/// Arguments of `tally top`.
+#[derive(Debug, clap::Args)]
+pub struct TopArgs {
+    /// Resource.
+    #[arg(long)]
+    resource: String,
+    /// The month, YYYY-MM.
+    #[arg(long, value_parser = parse_month)]
+    period: NaiveDate,
+    /// How many accounts.
+    #[arg(long, default_value_t = 10)]
+    limit: usize,
+}
+
+/// Runs an export.
+pub async fn run(settings: &Settings, command: ExportCommand) -> anyhow::Result<ExitCode> {
+    let (store, catalog) = settings.open_store().await?;
+    let (output, granularity) = match &command {
+        ExportCommand::Entries(r) => (&r.output, None),
+        ExportCommand::Daily(r) => (&r.output, Some(Granularity::Day)),
+        ExportCommand::Monthly(r) => (&r.output, Some(Granularity::Month)),
+        ExportCommand::Invoice(i) => (&i.output, None),
+    };
+    let account = output
+        .account
+        .as_deref()
+        .map(AccountId::parse)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let as_of = output
+        .as_of
+        .as_deref()
+        .map(parse_timestamp)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    // Validate everything before creating the output.
+    let filter = match &command {
+        ExportCommand::Entries(r) | ExportCommand::Daily(r) | ExportCommand::Monthly(r) => {
+            anyhow::ensure!(r.from < r.to, "--from ({}) must be before --to ({})", r.from, r.to);
+            if granularity == Some(Granularity::Month) {
+                for (flag, date) in [("--from", r.from), ("--to", r.to)] {
+                    anyhow::ensure!(
+                        Granularity::Month.bucket_of(date) == date,
+                        "{flag} ({date}) must be the first day of a month for a monthly export (e.g. {})",
+                        Granularity::Month.bucket_of(date)
+                    );
+                }
+            }
+            let resource = r
+                .resource
+                .as_deref()
+                .map(|name| catalog.resource(name).map(|(n, _)| n.clone()))
+                .transpose()?;
+            Some(ExportFilter {
+                from: r.from,
+                to: r.to,
+                account: account.clone(),
+                resource,
+                as_of,
+            })
+        }
+        ExportCommand::Invoice(_) => None,
+    };
+    let mut out = CsvOutput::to(output.output.as_deref(), output.overwrite)?.with_progress(output.progress);
+    let rows = match (&command, filter) {
+        (ExportCommand::Entries(_), Some(filter)) => export_entries(store.as_ref(), &filter, &mut out).await?,
+        (_, Some(filter)) => {
+            let granularity = granularity.expect("a totals export has a granularity");
+            export_totals(store.as_ref(), &catalog, granularity, &filter, &mut out).await?
+        }
+        (ExportCommand::Invoice(i), None) => {
+            export_invoices(store.as_ref(), &catalog, i.period, account.as_ref(), as_of, &mut out).await?
+        }
+        _ => unreachable!("every export kind is matched above"),
+    };
+    out.finish()?;
+    if rows == 0 {
+        match &account {
+            Some(a) => eprintln!("note: no rows for account '{a}' in that range; the file holds the header only"),
+            None => eprintln!("note: no rows in that range; the file holds the header only"),
+        }
+    }
+    if let Some(path) = &output.output {
+        eprintln!("wrote {rows} rows to {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tally stats`.
+pub async fn stats(settings: &Settings, args: StatsArgs) -> anyhow::Result<ExitCode> {
+    let (store, catalog) = settings.open_store().await?;
+    let stats = admin::stats(store.as_ref(), &catalog, args.period).await?;
+    println!("{}", serde_json::to_string_pretty(&stats)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tally top`.
+pub async fn top(settings: &Settings, args: TopArgs) -> anyhow::Result<ExitCode> {
+    let (store, catalog) = settings.open_store().await?;
+    let (resource, _) = catalog.resource(&args.resource)?;
+    anyhow::ensure!((1..=1000).contains(&args.limit), "--limit must be 1 to 1000");
+    let top = admin::top(store.as_ref(), &catalog, resource, args.period, args.limit).await?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::json!({
+            "period": args.period.format("%Y-%m").to_string(),
+            "resource": resource,
+            "accounts": top,
+        }))?
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,330 @@
+//! Invoice previews: what each account owes for a month, exact.
+//!
+//! The rules (docs/reports.md):
+//! - Each UTC day of the month is billed at the plan in force at that day's
+//!   start; a plan's price is pro-rated by the days it was in force
+//!   (price × days ÷ days in the month). One `plan` line per plan.
+//! - A resource with a month window is judged against the limit in force on
+//!   the month's last day; one with a day window day by day (overage is the sum
+//!   of each day's excess, billed at that day's price); a running balance
+//!   (`total`) is not billed by overage.
+//! - Overage is billed only for soft limits with an overage price; a hard
+//!   limit's excess (possible through posted entries) shows but costs 0.
+//! - Line amounts are exact (rust_decimal); the account's `total` line is
+//!   rounded once, to the cent, half away from zero.
+
+use std::collections::{BTreeSet, HashMap};
+
+use chrono::{Datelike, NaiveDate};
+use futures_util::TryStreamExt;
+use rust_decimal::{Decimal, RoundingStrategy};
+
+use super::CsvOutput;
+use crate::domain::catalog::{Enforcement, Window};
+use crate::domain::period::{Granularity, start_of};
+use crate::domain::plan::{Override, PlanAssignment};
+use crate::domain::{AccountId, Amount, Catalog, ResourceName};
+use crate::store::{ExportFilter, Store, TotalRow};
+use crate::usage::quota::{effective_limit, plan_at};
+
+/// Header of an invoice export (API.md).
+pub const INVOICE_HEADER: [&str; 8] = [
+    "account",
+    "plan",
+    "resource",
+    "used",
+    "included",
+    "overage",
+    "unit_price",
+    "amount_due",
+];
+/// The `resource` of a plan's own price line.
+pub const PLAN_LINE: &str = "plan";
+/// The `resource` of an account's rounded total line.
+pub const TOTAL_LINE: &str = "total";
+
+/// One line of an invoice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvoiceLine {
+    /// Account.
+    pub account: String,
+    /// The plan the line is billed under.
+    pub plan: String,
+    /// A resource, or `plan` / `total`.
+    pub resource: String,
+    /// Units used (days on the plan for a plan line).
+    pub used: String,
+    /// Units included (days in the month for a plan line; `unlimited`).
+    pub included: String,
+    /// Units over the limit.
+    pub overage: String,
+    /// Price per unit over (the monthly price for a plan line).
+    pub unit_price: String,
+    /// Exact amount; rounded to the cent on the total line only.
+    pub amount_due: Decimal,
+}
+
+impl InvoiceLine {
+    /// The CSV fields.
+    pub fn record(&self) -> [String; 8] {
+        [
+            self.account.clone(),
+            self.plan.clone(),
+            self.resource.clone(),
+            self.used.clone(),
+            self.included.clone(),
+            self.overage.clone(),
+            self.unit_price.clone(),
+            if self.resource == TOTAL_LINE {
+                format!("{:.2}", self.amount_due)
+            } else {
+                self.amount_due.normalize().to_string()
+            },
+        ]
+    }
+}
+
+/// One account's invoice for a month.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invoice {
+    /// Account.
+    pub account: String,
+    /// Plan and resource lines, then the total line.
+    pub lines: Vec<InvoiceLine>,
+    /// The total, rounded to the cent.
+    pub total: Decimal,
+}
+
+/// Everything invoicing needs besides usage.
+pub struct InvoiceContext<'a> {
+    catalog: &'a Catalog,
+    month: NaiveDate,
+    days: Vec<NaiveDate>,
+    assignments: HashMap<String, Vec<PlanAssignment>>,
+    overrides: HashMap<String, Vec<Override>>,
+}
+
+impl<'a> InvoiceContext<'a> {
+    /// Loads plan histories and overrides for invoicing `month` (its first day).
+    pub async fn load(store: &dyn Store, catalog: &'a Catalog, month: NaiveDate) -> anyhow::Result<Self> {
+        let mut assignments: HashMap<String, Vec<PlanAssignment>> = HashMap::new();
+        for (account, assignment) in store.all_plan_assignments().await? {
+            assignments.entry(account).or_default().push(assignment);
+        }
+        let mut overrides: HashMap<String, Vec<Override>> = HashMap::new();
+        for (account, o) in store.all_overrides().await? {
+            overrides.entry(account).or_default().push(o);
+        }
+        let end = Granularity::Month.next(month);
+        let days = month.iter_days().take_while(|d| *d < end).collect();
+        Ok(Self {
+            catalog,
+            month,
+            days,
+            assignments,
+            overrides,
+        })
+    }
+
+    /// Accounts with a plan assignment (they may owe a price without usage).
+    pub fn assigned_accounts(&self) -> BTreeSet<String> {
+        self.assignments.keys().cloned().collect()
+    }
+
+    /// The invoice of one account from its daily totals in the month.
+    pub fn invoice(&self, account: &str, daily: &[TotalRow]) -> Invoice {
+        let history = self.assignments.get(account).map(Vec::as_slice).unwrap_or_default();
+        let overrides = self.overrides.get(account).map(Vec::as_slice).unwrap_or_default();
+        let plans: Vec<&str> = self
+            .days
+            .iter()
+            .map(|d| plan_at(self.catalog, history, start_of(*d)))
+            .collect();
+        let days_in_month = Decimal::from(self.days.len());
+        let last_plan = plans.last().copied().unwrap_or(self.catalog.default_plan.as_str());
+        let mut lines = Vec::new();
+
+        // Plan lines, in order of first appearance.
+        let mut seen = Vec::new();
+        for plan in &plans {
+            if !seen.contains(plan) {
+                seen.push(*plan);
+            }
+        }
+        for plan in &seen {
+            let days = plans.iter().filter(|p| *p == plan).count();
+            let price = self.catalog.plans.get(*plan).map_or(Decimal::ZERO, |p| p.price);
+            lines.push(InvoiceLine {
+                account: account.to_owned(),
+                plan: (*plan).to_owned(),
+                resource: PLAN_LINE.into(),
+                used: days.to_string(),
+                included: self.days.len().to_string(),
+                overage: String::new(),
+                unit_price: price.normalize().to_string(),
+                amount_due: price * Decimal::from(days) / days_in_month,
+            });
+        }
+
+        // Resource lines: every resource a plan in force limits, or an override touches.
+        let mut resources: BTreeSet<ResourceName> = seen
+            .iter()
+            .filter_map(|p| self.catalog.plans.get(*p))
+            .flat_map(|p| p.limits.keys().cloned())
+            .collect();
+        resources.extend(overrides.iter().map(|o| o.resource.clone()));
+        let mut used_by_day: HashMap<(&str, NaiveDate), i64> = HashMap::new();
+        for row in daily {
+            *used_by_day.entry((row.resource.as_str(), row.bucket)).or_default() += row.amount;
+        }
+        for resource in resources {
+            let decimals = self.catalog.decimals(resource.as_str());
+            let amount = |minor: i64| Amount::from_minor(minor, decimals);
+            let day_used: Vec<i64> = self
+                .days
+                .iter()
+                .map(|d| used_by_day.get(&(resource.as_str(), *d)).copied().unwrap_or(0))
+                .collect();
+            let used: i64 = day_used.iter().sum();
+            let last_day = *self.days.last().expect("a month has days");
+            let last = effective_limit(self.catalog, last_plan, overrides, &resource, start_of(last_day));
+            let price_of = |l: &crate::usage::quota::EffectiveLimit| match l.enforcement {
+                Enforcement::Soft => l.overage_price.unwrap_or(Decimal::ZERO),
+                Enforcement::Hard => Decimal::ZERO,
+            };
+            let (overage, amount_due) = match last.window {
+                Window::Month => {
+                    let over = last.limit.map_or(0, |cap| (used - cap.minor()).max(0));
+                    (over, amount(over).to_decimal() * price_of(&last))
+                }
+                Window::Day => self.days.iter().zip(&plans).zip(&day_used).fold(
+                    (0i64, Decimal::ZERO),
+                    |(over_sum, due), ((day, plan), used_that_day)| {
+                        let limit = effective_limit(self.catalog, plan, overrides, &resource, start_of(*day));
+                        let over = limit.limit.map_or(0, |cap| (used_that_day - cap.minor()).max(0));
+                        (over_sum + over, due + amount(over).to_decimal() * price_of(&limit))
+                    },
+                ),
+                Window::Total => (0, Decimal::ZERO),
+            };
+            lines.push(InvoiceLine {
+                account: account.to_owned(),
+                plan: last_plan.to_owned(),
+                resource: resource.to_string(),
+                used: amount(used).to_string(),
+                included: last.limit.map_or_else(|| "unlimited".to_owned(), |l| l.to_string()),
+                overage: amount(overage).to_string(),
+                unit_price: price_of(&last).normalize().to_string(),
+                amount_due,
+            });
+        }
+
+        let total = lines
+            .iter()
+            .map(|l| l.amount_due)
+            .sum::<Decimal>()
+            .round_dp_with_strategy(2, RoundingStrategy::MidpointAwayFromZero);
+        lines.push(InvoiceLine {
+            account: account.to_owned(),
+            plan: last_plan.to_owned(),
+            resource: TOTAL_LINE.into(),
+            used: String::new(),
+            included: String::new(),
+            overage: String::new(),
+            unit_price: String::new(),
+            amount_due: total,
+        });
+        Invoice {
+            account: account.to_owned(),
+            lines,
+            total,
+        }
+    }
+
+    /// The month invoiced.
+    pub fn month(&self) -> NaiveDate {
+        self.month
+    }
+}
+
+/// Computes every account's invoice for `month` (first day), in account order,
+/// streaming usage account by account. Accounts with neither usage nor
+/// anything to pay are skipped. `account` narrows to one.
+pub async fn for_each_invoice(
+    store: &dyn Store,
+    catalog: &Catalog,
+    month: NaiveDate,
+    account: Option<&AccountId>,
+    as_of: Option<chrono::DateTime<chrono::Utc>>,
+    mut each: impl FnMut(Invoice) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(month.day() == 1, "an invoice period is a month; got {month}");
+    let context = InvoiceContext::load(store, catalog, month).await?;
+    let filter = ExportFilter {
+        from: month,
+        to: Granularity::Month.next(month),
+        account: account.cloned(),
+        resource: None,
+        as_of,
+    };
+    // Accounts with a plan but maybe no usage, merged in account order.
+    let mut assigned: Vec<String> = context
+        .assigned_accounts()
+        .into_iter()
+        .filter(|a| account.is_none_or(|only| only.as_str() == a))
+        .rev()
+        .collect();
+    let mut emit = |name: &str, rows: &[TotalRow]| -> anyhow::Result<()> {
+        let invoice = context.invoice(name, rows);
+        if !rows.is_empty() || !invoice.total.is_zero() {
+            each(invoice)?;
+        }
+        Ok(())
+    };
+    let mut rows = store.stream_totals(Granularity::Day, &filter);
+    let mut current: Option<String> = None;
+    let mut pending: Vec<TotalRow> = Vec::new();
+    while let Some(row) = rows.try_next().await? {
+        if current.as_deref() != Some(row.account.as_str()) {
+            if let Some(name) = current.take() {
+                emit(&name, &pending)?;
+                pending.clear();
+            }
+            while assigned.last().is_some_and(|a| a.as_str() < row.account.as_str()) {
+                emit(&assigned.pop().expect("checked"), &[])?;
+            }
+            if assigned.last().is_some_and(|a| a == &row.account) {
+                assigned.pop();
+            }
+            current = Some(row.account.clone());
+        }
+        pending.push(row);
+    }
+    if let Some(name) = current {
+        emit(&name, &pending)?;
+    }
+    while let Some(name) = assigned.pop() {
+        emit(&name, &[])?;
+    }
+    Ok(())
+}
+
+/// Writes the invoice CSV for `month`. Returns the rows written.
+pub async fn export_invoices(
+    store: &dyn Store,
+    catalog: &Catalog,
+    month: NaiveDate,
+    account: Option<&AccountId>,
+    as_of: Option<chrono::DateTime<chrono::Utc>>,
+    out: &mut CsvOutput,
+) -> anyhow::Result<u64> {
+    out.header(&INVOICE_HEADER)?;
+    for_each_invoice(store, catalog, month, account, as_of, |invoice| {
+        for line in &invoice.lines {
+            out.row(line.record())?;
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(out.rows())
+}

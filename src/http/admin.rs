@@ -1,0 +1,79 @@
+//! Operator reads: platform stats and top accounts (admin keys only).
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+use chrono::Utc;
+
+use super::auth::Caller;
+use super::error::ApiError;
+use super::extract::QueryParams;
+use super::{AppState, params};
+use crate::domain::Role;
+use crate::domain::period::Granularity;
+use crate::usage::admin::{self, Stats};
+
+/// The admin routes.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/admin/stats", get(stats))
+        .route("/v1/admin/top", get(top))
+}
+
+fn period(query: &std::collections::HashMap<String, String>) -> Result<chrono::NaiveDate, ApiError> {
+    match query.get("period") {
+        Some(raw) => params::month("period", raw),
+        None => Ok(Granularity::Month.bucket_of(Utc::now().date_naive())),
+    }
+}
+
+async fn stats(
+    State(state): State<AppState>,
+    caller: Caller,
+    QueryParams(query): QueryParams,
+) -> Result<Json<Stats>, ApiError> {
+    caller.require(&[Role::Admin], "read platform stats")?;
+    params::reject_unknown(&query, &["period"])?;
+    let month = period(&query)?;
+    Ok(Json(
+        admin::stats(state.store.as_ref(), &state.catalog, month)
+            .await
+            .map_err(ApiError::Internal)?,
+    ))
+}
+
+async fn top(
+    State(state): State<AppState>,
+    caller: Caller,
+    QueryParams(query): QueryParams,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    caller.require(&[Role::Admin], "read top accounts")?;
+    params::reject_unknown(&query, &["resource", "period", "limit"])?;
+    let resource = params::resource(
+        &state.catalog,
+        query
+            .get("resource")
+            .ok_or_else(|| ApiError::invalid("resource", "query parameter resource is required"))?,
+    )?;
+    let month = period(&query)?;
+    let limit = match query.get("limit") {
+        None => 10,
+        Some(raw) => match raw.parse::<usize>() {
+            Ok(n) if (1..=1000).contains(&n) => n,
+            _ => {
+                return Err(ApiError::invalid(
+                    "limit",
+                    format!("limit {raw:?} must be an integer from 1 to 1000"),
+                ));
+            }
+        },
+    };
+    let accounts = admin::top(state.store.as_ref(), &state.catalog, &resource, month, limit)
+        .await
+        .map_err(ApiError::Internal)?;
+    Ok(Json(serde_json::json!({
+        "period": month.format("%Y-%m").to_string(),
+        "resource": resource,
+        "accounts": accounts,
+    })))
+}

@@ -1,0 +1,157 @@
+//! The operator's view of the platform: totals, active accounts, plans,
+//! estimated revenue, top accounts.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use chrono::{DateTime, Duration, NaiveDate, Utc};
+use futures_util::TryStreamExt;
+use rust_decimal::Decimal;
+use serde::Serialize;
+
+use super::quota::plan_at;
+use crate::domain::period::{Granularity, start_of};
+use crate::domain::{Amount, Catalog, ResourceName};
+use crate::export::invoice::for_each_invoice;
+use crate::store::{ExportFilter, Store};
+
+/// One resource's totals in a period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ResourceTotal {
+    /// Resource.
+    pub resource: String,
+    /// Net amount, exact.
+    pub amount: String,
+    /// Entries counted.
+    pub entries: i64,
+    /// Accounts with entries for it.
+    pub accounts: u64,
+}
+
+/// `GET /v1/admin/stats`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    /// `YYYY-MM`.
+    pub period: String,
+    /// Per resource.
+    pub totals: Vec<ResourceTotal>,
+    /// Accounts with any entry in the period.
+    pub active_accounts: u64,
+    /// Accounts (active or with a plan assignment) per plan in force at the period's end.
+    pub accounts_per_plan: BTreeMap<String, u64>,
+    /// The sum of the period's invoice totals (each rounded to the cent).
+    pub estimated_revenue: String,
+}
+
+/// The instant whose plan counts for a period: its last microsecond, or now if earlier.
+fn plan_instant(month: NaiveDate) -> DateTime<Utc> {
+    (start_of(Granularity::Month.next(month)) - Duration::microseconds(1)).min(Utc::now())
+}
+
+/// Platform totals for the month starting `month`.
+pub async fn stats(store: &dyn Store, catalog: &Catalog, month: NaiveDate) -> anyhow::Result<Stats> {
+    let filter = ExportFilter {
+        from: month,
+        to: Granularity::Month.next(month),
+        account: None,
+        resource: None,
+        as_of: None,
+    };
+    let mut per_resource: BTreeMap<String, (i64, i64, u64)> = BTreeMap::new();
+    let mut active = BTreeSet::new();
+    let mut rows = store.stream_totals(Granularity::Month, &filter);
+    while let Some(row) = rows.try_next().await? {
+        let slot = per_resource.entry(row.resource.clone()).or_default();
+        slot.0 = slot
+            .0
+            .checked_add(row.amount)
+            .ok_or_else(|| anyhow::anyhow!("total of {} overflows", row.resource))?;
+        slot.1 += row.entries;
+        slot.2 += 1;
+        active.insert(row.account);
+    }
+    drop(rows);
+    let mut histories: HashMap<String, Vec<_>> = HashMap::new();
+    for (account, assignment) in store.all_plan_assignments().await? {
+        histories.entry(account).or_default().push(assignment);
+    }
+    let at = plan_instant(month);
+    let mut accounts_per_plan: BTreeMap<String, u64> = BTreeMap::new();
+    let known: BTreeSet<&String> = active.iter().chain(histories.keys()).collect();
+    for account in known {
+        let history = histories.get(account).map(Vec::as_slice).unwrap_or_default();
+        *accounts_per_plan
+            .entry(plan_at(catalog, history, at).to_owned())
+            .or_default() += 1;
+    }
+    let mut revenue = Decimal::ZERO;
+    for_each_invoice(store, catalog, month, None, None, |invoice| {
+        revenue += invoice.total;
+        Ok(())
+    })
+    .await?;
+    Ok(Stats {
+        period: month.format("%Y-%m").to_string(),
+        totals: per_resource
+            .into_iter()
+            .map(|(resource, (amount, entries, accounts))| ResourceTotal {
+                amount: Amount::from_minor(amount, catalog.decimals(&resource)).to_string(),
+                resource,
+                entries,
+                accounts,
+            })
+            .collect(),
+        active_accounts: active.len() as u64,
+        accounts_per_plan,
+        estimated_revenue: format!("{:.2}", revenue.round_dp(2)),
+    })
+}
+
+/// One line of a top list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TopAccount {
+    /// Account.
+    pub account: String,
+    /// Net usage in the period.
+    pub amount: String,
+}
+
+/// The `limit` accounts that used the most of `resource` in the month, largest first
+/// (ties by account id).
+pub async fn top(
+    store: &dyn Store,
+    catalog: &Catalog,
+    resource: &ResourceName,
+    month: NaiveDate,
+    limit: usize,
+) -> anyhow::Result<Vec<TopAccount>> {
+    let filter = ExportFilter {
+        from: month,
+        to: Granularity::Month.next(month),
+        account: None,
+        resource: Some(resource.clone()),
+        as_of: None,
+    };
+    // A bounded heap: memory is `limit`, however many accounts.
+    let mut best: std::collections::BinaryHeap<std::cmp::Reverse<(i64, std::cmp::Reverse<String>)>> =
+        std::collections::BinaryHeap::new();
+    let mut rows = store.stream_totals(Granularity::Month, &filter);
+    while let Some(row) = rows.try_next().await? {
+        best.push(std::cmp::Reverse((row.amount, std::cmp::Reverse(row.account))));
+        if best.len() > limit {
+            best.pop();
+        }
+    }
+    let decimals = catalog.decimals(resource.as_str());
+    let mut top: Vec<(i64, String)> = best
+        .into_iter()
+        .map(|std::cmp::Reverse((a, std::cmp::Reverse(n)))| (a, n))
+        .collect();
+    top.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+    Ok(top
+        .into_iter()
+        .map(|(amount, account)| TopAccount {
+            account,
+            amount: Amount::from_minor(amount, decimals).to_string(),
+        })
+        .collect())
+}

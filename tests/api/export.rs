@@ -1,0 +1,648 @@
+//! CSV exports, invoices, admin stats and the monthly reports job.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::json;
+
+use crate::both;
+use crate::helpers::TestApp;
+
+both!(
+    an_entries_export_matches_the_ledger_row_by_row_with_rfc4180_quoting,
+    daily_and_monthly_exports_match_an_independent_sum_of_the_ledger,
+    an_entries_export_reimports_to_the_same_ledger,
+    an_as_of_export_is_reproducible_after_late_entries_and_reversals,
+    an_invoice_prorates_a_mid_month_plan_change_and_bills_soft_overage,
+    admin_stats_and_top_accounts_describe_a_known_dataset,
+    the_monthly_reports_job_writes_each_report_once,
+    bad_export_requests_fail_clearly_and_leave_no_file,
+);
+
+fn tally(app: &TestApp, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(args)
+        .env("TALLY_DATABASE_URL", &app.database_url)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("tally runs")
+}
+
+fn read_csv(path: &Path) -> Vec<Vec<String>> {
+    let mut reader = csv::ReaderBuilder::new().has_headers(false).from_path(path).unwrap();
+    reader
+        .records()
+        .map(|r| r.unwrap().iter().map(str::to_owned).collect())
+        .collect()
+}
+
+fn export(app: &TestApp, dir: &Path, name: &str, args: &[&str]) -> Vec<Vec<String>> {
+    let path = dir.join(name);
+    let mut all = args.to_vec();
+    all.extend(["-o", path.to_str().unwrap()]);
+    let output = tally(app, &all);
+    assert!(
+        output.status.success(),
+        "{:?}: {}",
+        args,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    read_csv(&path)
+}
+
+async fn seed(app: &TestApp) {
+    app.insert(&[
+        ("acme", "api_requests", "100", "a1", "2026-09-01T00:00:00Z"),
+        ("acme", "api_requests", "250", "a2", "2026-09-01T23:59:59.999Z"),
+        ("acme", "agent_minutes", "1.25", "a3", "2026-09-02T10:00:00Z"),
+        ("globex", "api_requests", "7", "g1", "2026-09-30T23:59:59Z"),
+        ("globex", "api_requests", "-2", "g2", "2026-10-01T00:00:00Z"),
+        ("acme", "storage_bytes", "4096", "a4", "2026-08-31T12:00:00Z"),
+    ])
+    .await;
+}
+
+async fn an_entries_export_matches_the_ledger_row_by_row_with_rfc4180_quoting(app: TestApp) {
+    seed(&app).await;
+    let tricky = json!({"note": "commas, \"quotes\"\nand a newline", "n": 1});
+    let posted = app
+        .post_entries(
+            json!({"account": "acme", "resource": "llm_tokens", "amount": "5", "idempotency_key": "meta",
+                             "metadata": tricky, "source": "svc,1"}),
+        )
+        .await;
+    assert_eq!(posted.status, 200);
+    let dir = tempfile::tempdir().unwrap();
+    let rows = export(
+        &app,
+        dir.path(),
+        "entries.csv",
+        &["export", "entries", "--from", "2020-01-01", "--to", "2030-01-01"],
+    );
+    assert_eq!(
+        rows[0],
+        [
+            "id",
+            "account",
+            "resource",
+            "amount",
+            "occurred_at",
+            "recorded_at",
+            "idempotency_key",
+            "source",
+            "reverses",
+            "metadata"
+        ]
+    );
+    let listed = app.get("/v1/accounts/acme/entries?limit=1000").await.body["entries"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let others = app.get("/v1/accounts/globex/entries?limit=1000").await.body["entries"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let mut ledger: Vec<_> = listed.into_iter().chain(others).collect();
+    ledger.sort_by_key(|e| e["id"].as_i64().unwrap());
+    assert_eq!(rows.len() - 1, ledger.len());
+    for (row, entry) in rows[1..].iter().zip(&ledger) {
+        assert_eq!(row[0], entry["id"].to_string());
+        assert_eq!(row[1], entry["account"].as_str().unwrap());
+        assert_eq!(row[2], entry["resource"].as_str().unwrap());
+        assert_eq!(row[3], entry["amount"].as_str().unwrap());
+        assert_eq!(
+            chrono::DateTime::parse_from_rfc3339(&row[4]).unwrap(),
+            chrono::DateTime::parse_from_rfc3339(entry["occurred_at"].as_str().unwrap()).unwrap()
+        );
+        assert_eq!(row[6], entry["idempotency_key"].as_str().unwrap());
+        assert_eq!(row[7], entry["source"].as_str().unwrap_or(""));
+        let metadata = if row[9].is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_str(&row[9]).unwrap()
+        };
+        assert_eq!(metadata, entry["metadata"]);
+    }
+    let filtered = export(
+        &app,
+        dir.path(),
+        "acme.csv",
+        &[
+            "export",
+            "entries",
+            "--from",
+            "2026-09-01",
+            "--to",
+            "2026-10-01",
+            "--account",
+            "acme",
+            "--resource",
+            "api_requests",
+        ],
+    );
+    let keys: Vec<_> = filtered[1..].iter().map(|r| r[6].as_str()).collect();
+    assert_eq!(keys, ["a1", "a2"]);
+}
+
+async fn daily_and_monthly_exports_match_an_independent_sum_of_the_ledger(app: TestApp) {
+    seed(&app).await;
+    app.rollup().await;
+    // More entries after the rollup: the export must count the unfolded tail too.
+    app.insert(&[
+        ("acme", "api_requests", "1", "late1", "2026-09-01T08:00:00Z"),
+        ("zeta", "llm_tokens", "9", "z1", "2026-09-15T08:00:00Z"),
+    ])
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let daily = export(
+        &app,
+        dir.path(),
+        "daily.csv",
+        &["export", "daily", "--from", "2026-09-01", "--to", "2026-10-01"],
+    );
+    assert_eq!(daily[0], ["account", "resource", "day", "amount", "entries"]);
+    assert_eq!(
+        daily[1..].to_vec(),
+        [
+            ["acme", "agent_minutes", "2026-09-02", "1.25", "1"],
+            ["acme", "api_requests", "2026-09-01", "351", "3"],
+            ["globex", "api_requests", "2026-09-30", "7", "1"],
+            ["zeta", "llm_tokens", "2026-09-15", "9", "1"],
+        ]
+        .map(|r| r.map(str::to_owned).to_vec())
+    );
+    // The same, computed independently with a plain GROUP BY over the ledger.
+    let by_sql = app
+        .scalar_i64("SELECT CAST(SUM(amount) AS BIGINT) FROM entries WHERE account = 'acme' AND resource = 'api_requests' AND idempotency_key IN ('a1', 'a2', 'late1')")
+        .await;
+    assert_eq!(by_sql, 351);
+    let monthly = export(
+        &app,
+        dir.path(),
+        "monthly.csv",
+        &["export", "monthly", "--from", "2026-08", "--to", "2026-11"],
+    );
+    assert_eq!(monthly[0], ["account", "resource", "month", "amount", "entries"]);
+    let months: BTreeMap<(String, String, String), (String, String)> = monthly[1..]
+        .iter()
+        .map(|r| ((r[0].clone(), r[1].clone(), r[2].clone()), (r[3].clone(), r[4].clone())))
+        .collect();
+    assert_eq!(
+        months[&("acme".into(), "api_requests".into(), "2026-09".into())],
+        ("351".into(), "3".into())
+    );
+    assert_eq!(
+        months[&("acme".into(), "storage_bytes".into(), "2026-08".into())],
+        ("4096".into(), "1".into())
+    );
+    assert_eq!(
+        months[&("globex".into(), "api_requests".into(), "2026-10".into())],
+        ("-2".into(), "1".into())
+    );
+    assert_eq!(months.len(), 6);
+}
+
+async fn an_entries_export_reimports_to_the_same_ledger(app: TestApp) {
+    seed(&app).await;
+    let ids = app
+        .insert(&[("acme", "llm_tokens", "40", "to-undo", "2026-09-05T00:00:00Z")])
+        .await;
+    let reversal = app
+        .post(
+            &format!("/v1/entries/{}/reversal", ids[0]),
+            json!({"idempotency_key": "undo", "reason": "x, \"y\""}),
+        )
+        .await;
+    assert_eq!(reversal.status, 200);
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["export", "entries", "--from", "2020-01-01", "--to", "2030-01-01"];
+    let original = export(&app, dir.path(), "a.csv", &args);
+
+    let Some(copy) = TestApp::spawn(app.backend).await else {
+        return;
+    };
+    let imported = tally(
+        &copy,
+        &["import", "--allow-late", dir.path().join("a.csv").to_str().unwrap()],
+    );
+    assert!(
+        imported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&imported.stderr)
+    );
+    let again = export(&copy, dir.path(), "b.csv", &args);
+    // Identical but for ids (and recorded_at), which the new ledger assigns.
+    let content = |rows: &[Vec<String>]| -> BTreeMap<String, Vec<String>> {
+        let key_of_id: BTreeMap<&str, &str> = rows[1..].iter().map(|r| (r[0].as_str(), r[6].as_str())).collect();
+        rows[1..]
+            .iter()
+            .map(|r| {
+                let reverses = key_of_id.get(r[8].as_str()).copied().unwrap_or("").to_owned();
+                (
+                    r[6].clone(),
+                    vec![
+                        r[1].clone(),
+                        r[2].clone(),
+                        r[3].clone(),
+                        r[4].clone(),
+                        r[7].clone(),
+                        reverses,
+                        r[9].clone(),
+                    ],
+                )
+            })
+            .collect()
+    };
+    assert_eq!(content(&original), content(&again));
+    assert_eq!(original.len(), again.len());
+}
+
+async fn an_as_of_export_is_reproducible_after_late_entries_and_reversals(app: TestApp) {
+    let ids = app
+        .insert(&[("acme", "api_requests", "10", "a", "2026-09-03T00:00:00Z")])
+        .await;
+    app.insert(&[("acme", "api_requests", "5", "b", "2026-09-04T00:00:00Z")])
+        .await;
+    app.rollup().await;
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let as_of = chrono::Utc::now().to_rfc3339();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, kind: &str, as_of: Option<&str>| {
+        let path = dir.path().join(name);
+        let mut args = vec!["export", kind, "-o", path.to_str().unwrap()];
+        if kind == "invoice" {
+            args.extend(["--period", "2026-09"]);
+        } else {
+            args.extend(["--from", "2026-09-01", "--to", "2026-10-01"]);
+        }
+        if let Some(t) = as_of {
+            args.extend(["--as-of", t]);
+        }
+        let output = tally(&app, &args);
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        std::fs::read(path).unwrap()
+    };
+    let first_daily = write("d1.csv", "daily", Some(&as_of));
+    let first_entries = write("e1.csv", "entries", Some(&as_of));
+    let first_invoice = write("i1.csv", "invoice", Some(&as_of));
+    // Later: a late entry for the same days, and a reversal.
+    app.insert(&[("acme", "api_requests", "100", "late", "2026-09-03T12:00:00Z")])
+        .await;
+    app.post(
+        &format!("/v1/entries/{}/reversal", ids[0]),
+        json!({"idempotency_key": "undo"}),
+    )
+    .await;
+    app.rollup().await;
+    assert_eq!(write("d2.csv", "daily", Some(&as_of)), first_daily, "identical bytes");
+    assert_eq!(write("e2.csv", "entries", Some(&as_of)), first_entries);
+    assert_eq!(write("i2.csv", "invoice", Some(&as_of)), first_invoice);
+    let now = String::from_utf8(write("d3.csv", "daily", None)).unwrap();
+    assert!(now.contains("acme,api_requests,2026-09-03,100,3"), "{now}");
+}
+
+async fn an_invoice_prorates_a_mid_month_plan_change_and_bills_soft_overage(app: TestApp) {
+    // September 2026 has 30 days: 15 on free, then pro from the 16th.
+    let set = app
+        .request(
+            "PUT",
+            "/v1/accounts/acme/plan",
+            Some(&app.admin_key),
+            Some(json!({"plan": "pro", "effective_at": "2026-09-16T00:00:00Z"}).to_string()),
+        )
+        .await;
+    assert_eq!(set.status, 200);
+    app.insert(&[
+        // On free: 2 000 llm_tokens on a 1 000/day hard limit (posted, so not refused): shown, not billed.
+        ("acme", "llm_tokens", "2000", "t1", "2026-09-10T10:00:00Z"),
+        // On pro: 60 000 on a 50 000/day soft limit at 0.00002: 10 000 over = 0.2.
+        ("acme", "llm_tokens", "60000", "t2", "2026-09-20T10:00:00Z"),
+        // And 50 001 the next day: 1 over = 0.00002.
+        ("acme", "llm_tokens", "50001", "t3", "2026-09-21T10:00:00Z"),
+        ("acme", "api_requests", "1234", "r1", "2026-09-21T10:00:00Z"),
+    ])
+    .await;
+    // A scale account a whole month, 10 000 123 requests on a 10 000 000 soft monthly limit at 0.000001.
+    app.request(
+        "PUT",
+        "/v1/accounts/big/plan",
+        Some(&app.admin_key),
+        Some(json!({"plan": "scale", "effective_at": "2026-01-01T00:00:00Z"}).to_string()),
+    )
+    .await;
+    app.insert(&[("big", "api_requests", "10000123", "b1", "2026-09-05T00:00:00Z")])
+        .await;
+    app.rollup().await;
+    let dir = tempfile::tempdir().unwrap();
+    let rows = export(
+        &app,
+        dir.path(),
+        "invoice.csv",
+        &["export", "invoice", "--period", "2026-09"],
+    );
+    assert_eq!(
+        rows[0],
+        [
+            "account",
+            "plan",
+            "resource",
+            "used",
+            "included",
+            "overage",
+            "unit_price",
+            "amount_due"
+        ]
+    );
+    let line = |account: &str, resource: &str| -> Vec<String> {
+        rows.iter()
+            .find(|r| r[0] == account && r[2] == resource)
+            .unwrap_or_else(|| panic!("{account}/{resource}: {rows:?}"))
+            .clone()
+    };
+    assert_eq!(
+        line("acme", "plan")[..],
+        ["acme", "free", "plan", "15", "30", "", "0", "0"]
+    );
+    assert_eq!(line("acme", "plan").len(), 8);
+    let pro = rows
+        .iter()
+        .find(|r| r[0] == "acme" && r[1] == "pro" && r[2] == "plan")
+        .unwrap();
+    assert_eq!(pro[..], ["acme", "pro", "plan", "15", "30", "", "10", "5"]);
+    assert_eq!(
+        line("acme", "llm_tokens")[..],
+        [
+            "acme",
+            "pro",
+            "llm_tokens",
+            "112001",
+            "50000",
+            "11001",
+            "0.00002",
+            "0.20002"
+        ]
+    );
+    assert_eq!(
+        line("acme", "api_requests")[..],
+        ["acme", "pro", "api_requests", "1234", "1000000", "0", "0", "0"]
+    );
+    assert_eq!(line("acme", "ai_generations")[4], "unlimited");
+    assert_eq!(
+        line("acme", "total")[..],
+        ["acme", "pro", "total", "", "", "", "", "5.20"]
+    );
+    assert_eq!(
+        line("big", "api_requests")[..],
+        [
+            "big",
+            "scale",
+            "api_requests",
+            "10000123",
+            "10000000",
+            "123",
+            "0.000001",
+            "0.000123"
+        ]
+    );
+    assert_eq!(line("big", "total")[7], "30.00");
+    let one = export(
+        &app,
+        dir.path(),
+        "one.csv",
+        &["export", "invoice", "--period", "2026-09", "--account", "big"],
+    );
+    assert!(one[1..].iter().all(|r| r[0] == "big"));
+}
+
+async fn admin_stats_and_top_accounts_describe_a_known_dataset(app: TestApp) {
+    seed(&app).await;
+    app.request(
+        "PUT",
+        "/v1/accounts/globex/plan",
+        Some(&app.admin_key),
+        Some(json!({"plan": "pro", "effective_at": "2026-01-01T00:00:00Z"}).to_string()),
+    )
+    .await;
+    app.rollup().await;
+    let stats = app.get("/v1/admin/stats?period=2026-09").await;
+    assert_eq!(stats.status, 200, "{:?}", stats.body);
+    assert_eq!(
+        stats.body,
+        json!({
+            "period": "2026-09",
+            "totals": [
+                {"resource": "agent_minutes", "amount": "1.25", "entries": 1, "accounts": 1},
+                {"resource": "api_requests", "amount": "357", "entries": 3, "accounts": 2},
+            ],
+            "active_accounts": 2,
+            "accounts_per_plan": {"free": 1, "pro": 1},
+            "estimated_revenue": "10.00",
+        })
+    );
+    let top = app
+        .get("/v1/admin/top?resource=api_requests&period=2026-09&limit=1")
+        .await;
+    assert_eq!(top.body["accounts"], json!([{"account": "acme", "amount": "350"}]));
+    let reader = app.key(tally::domain::Role::Service, None).await;
+    assert_eq!(
+        app.request("GET", "/v1/admin/stats?period=2026-09", Some(&reader), None)
+            .await
+            .status,
+        403
+    );
+    assert_eq!(app.get("/v1/admin/stats?period=September").await.status, 422);
+    let cli: serde_json::Value =
+        serde_json::from_slice(&tally(&app, &["stats", "--period", "2026-09"]).stdout).unwrap();
+    assert_eq!(cli, stats.body);
+    let cli_top: serde_json::Value =
+        serde_json::from_slice(&tally(&app, &["top", "--resource", "api_requests", "--period", "2026-09"]).stdout)
+            .unwrap();
+    assert_eq!(
+        cli_top["accounts"],
+        json!([{"account": "acme", "amount": "350"}, {"account": "globex", "amount": "7"}])
+    );
+}
+
+async fn the_monthly_reports_job_writes_each_report_once(app: TestApp) {
+    seed(&app).await;
+    let dir = tempfile::tempdir().unwrap();
+    let month = chrono::NaiveDate::from_ymd_opt(2026, 9, 1).unwrap();
+    let write = |overwrite| {
+        tally::jobs::reports::write_monthly_reports(app.store.as_ref(), &app.catalog, dir.path(), month, overwrite)
+    };
+    let first = write(false).await.unwrap();
+    assert_eq!(
+        first.written,
+        [
+            dir.path().join("monthly-2026-09.csv"),
+            dir.path().join("invoice-2026-09.csv")
+        ]
+    );
+    let monthly = read_csv(&dir.path().join("monthly-2026-09.csv"));
+    assert_eq!(monthly[1], ["acme", "agent_minutes", "2026-09", "1.25", "1"]);
+    // A second run keeps what exists, even if the ledger moved on.
+    std::fs::write(dir.path().join("monthly-2026-09.csv"), "edited by finance\n").unwrap();
+    let second = write(false).await.unwrap();
+    assert!(second.written.is_empty());
+    assert_eq!(second.kept.len(), 2);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("monthly-2026-09.csv")).unwrap(),
+        "edited by finance\n"
+    );
+    let forced = write(true).await.unwrap();
+    assert_eq!(forced.written.len(), 2);
+    assert!(
+        std::fs::read_to_string(dir.path().join("monthly-2026-09.csv"))
+            .unwrap()
+            .starts_with("account,resource,month")
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(leftovers.len(), 2, "no temp files left: {leftovers:?}");
+    // The scheduled job writes last month's reports into --reports-dir.
+    let job_dir = tempfile::tempdir().unwrap();
+    let run = tally(
+        &app,
+        &[
+            "jobs",
+            "run",
+            "monthly-reports",
+            "--reports-dir",
+            job_dir.path().to_str().unwrap(),
+        ],
+    );
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let last = tally::jobs::reports::previous_month(chrono::Utc::now())
+        .format("%Y-%m")
+        .to_string();
+    assert!(job_dir.path().join(format!("invoice-{last}.csv")).exists());
+    assert!(job_dir.path().join(format!("monthly-{last}.csv")).exists());
+}
+
+async fn bad_export_requests_fail_clearly_and_leave_no_file(app: TestApp) {
+    seed(&app).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.csv");
+    let out_str = out.to_str().unwrap();
+    let reversed = tally(
+        &app,
+        &[
+            "export",
+            "daily",
+            "--from",
+            "2026-10-01",
+            "--to",
+            "2026-09-01",
+            "-o",
+            out_str,
+        ],
+    );
+    assert!(!reversed.status.success());
+    assert!(String::from_utf8_lossy(&reversed.stderr).contains("--from (2026-10-01) must be before --to (2026-09-01)"));
+    let garbage = tally(
+        &app,
+        &[
+            "export",
+            "entries",
+            "--from",
+            "last week",
+            "--to",
+            "2026-09-01",
+            "-o",
+            out_str,
+        ],
+    );
+    assert!(!garbage.status.success());
+    assert!(String::from_utf8_lossy(&garbage.stderr).contains("is not a date like 2026-11-01"));
+    let misaligned = tally(
+        &app,
+        &[
+            "export",
+            "monthly",
+            "--from",
+            "2026-09-15",
+            "--to",
+            "2026-10-01",
+            "-o",
+            out_str,
+        ],
+    );
+    assert!(String::from_utf8_lossy(&misaligned.stderr).contains("first day of a month"));
+    let unwritable = tally(
+        &app,
+        &[
+            "export",
+            "entries",
+            "--from",
+            "2026-09-01",
+            "--to",
+            "2026-10-01",
+            "-o",
+            "/nonexistent/dir/x.csv",
+        ],
+    );
+    assert!(!unwritable.status.success());
+    assert!(String::from_utf8_lossy(&unwritable.stderr).contains("cannot write in /nonexistent/dir"));
+    assert!(!out.exists(), "no partial file");
+    let nobody = tally(
+        &app,
+        &[
+            "export",
+            "entries",
+            "--from",
+            "2026-09-01",
+            "--to",
+            "2026-10-01",
+            "--account",
+            "nobody",
+            "-o",
+            out_str,
+        ],
+    );
+    assert!(nobody.status.success());
+    assert!(String::from_utf8_lossy(&nobody.stderr).contains("no rows for account 'nobody'"));
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "id,account,resource,amount,occurred_at,recorded_at,idempotency_key,source,reverses,metadata\n"
+    );
+    let exists = tally(
+        &app,
+        &[
+            "export",
+            "entries",
+            "--from",
+            "2026-09-01",
+            "--to",
+            "2026-10-01",
+            "-o",
+            out_str,
+        ],
+    );
+    assert!(!exists.status.success());
+    assert!(String::from_utf8_lossy(&exists.stderr).contains("--overwrite"));
+    let stdout = tally(
+        &app,
+        &[
+            "export",
+            "monthly",
+            "--from",
+            "2026-09",
+            "--to",
+            "2026-10",
+            "--resource",
+            "agent_minutes",
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&stdout.stdout),
+        "account,resource,month,amount,entries\nacme,agent_minutes,2026-09,1.25,1\n"
+    );
+    assert!(
+        stdout.stderr.is_empty() || !String::from_utf8_lossy(&stdout.stderr).contains("account,"),
+        "nothing extra on stdout"
+    );
+}
