@@ -411,3 +411,73 @@ async fn on_postgres_an_entry_committed_after_later_ids_is_still_folded_exactly_
         "and only once"
     );
 }
+
+/// Two `tally serve` processes on one PostgreSQL, both firing the rollup every
+/// second while entries arrive: every entry is folded exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_two_serve_processes_firing_the_rollup_never_double_count() {
+    let Some(app) = TestApp::spawn(Backend::Postgres).await else {
+        return;
+    };
+    let jobs = tempfile::tempdir().unwrap();
+    std::fs::write(
+        jobs.path().join("rollup.toml"),
+        "name = \"rollup\"\nschedule = \"* * * * * *\"\nrun = \"rollup\"\n",
+    )
+    .unwrap();
+    let spawn_serve = |port: u16| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--jobs",
+                jobs.path().to_str().unwrap(),
+            ])
+            .env("TALLY_DATABASE_URL", &app.database_url)
+            .env("TALLY_ADMIN_KEY", "k")
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let mut replicas = [spawn_serve(free_port()), spawn_serve(free_port())];
+    for round in 0..8 {
+        let rows: Vec<(String, String)> = (0..100)
+            .map(|i| (format!("r{round}-{i}"), format!("2026-06-{:02}T00:00:00Z", 1 + i % 28)))
+            .collect();
+        let rows: Vec<_> = rows
+            .iter()
+            .map(|(k, at)| ("acme", "api_requests", "1", k.as_str(), at.as_str()))
+            .collect();
+        app.insert(&rows).await;
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    }
+    // Let the replicas catch up, then stop them (SIGTERM: they finish the run in flight).
+    for _ in 0..100 {
+        if app.store.oldest_unfolded().await.unwrap().is_none() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    for replica in &mut replicas {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &replica.id().to_string()])
+            .status();
+        replica.wait().unwrap();
+    }
+    assert!(
+        app.store.oldest_unfolded().await.unwrap().is_none(),
+        "the replicas folded everything"
+    );
+    assert_eq!(app.monthly_total("acme", "api_requests", "2026-06-01").await, 800);
+    assert!(app.store.verify_totals().await.unwrap().is_empty());
+}
