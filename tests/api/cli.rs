@@ -1,6 +1,6 @@
 //! The command line, run as a real process against the test's database.
 
-use std::process::{Command, Output};
+use std::process::Command;
 
 use serde_json::json;
 
@@ -14,21 +14,12 @@ both!(
     import_follows_reversals_to_their_new_ids,
 );
 
-fn tally(app: &TestApp, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(args)
-        .env("TALLY_DATABASE_URL", &app.database_url)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("tally runs")
-}
-
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
 async fn keys_create_prints_only_the_key_which_then_authenticates(app: TestApp) {
-    let output = tally(&app, &["keys", "create", "--role", "service", "--name", "ci"]);
+    let output = app.cli(&["keys", "create", "--role", "service", "--name", "ci"]);
     assert!(output.status.success(), "{}", text(&output.stderr));
     let stdout = text(&output.stdout);
     let lines: Vec<_> = stdout.lines().collect();
@@ -40,25 +31,25 @@ async fn keys_create_prints_only_the_key_which_then_authenticates(app: TestApp) 
         .await;
     assert_eq!(reply.status, 200);
 
-    let listed = tally(&app, &["keys", "list"]);
+    let listed = app.cli(&["keys", "list"]);
     let listing = text(&listed.stdout);
     assert!(listing.contains("service") && listing.contains("ci"), "{listing}");
     assert!(!listing.contains(key), "listings never show a plaintext key");
 
-    let reader = tally(&app, &["keys", "create", "--role", "reader"]);
+    let reader = app.cli(&["keys", "create", "--role", "reader"]);
     assert!(!reader.status.success(), "a reader needs --account");
     assert!(text(&reader.stderr).contains("--account"));
 }
 
 async fn post_appends_an_entry_and_refuses_bad_input(app: TestApp) {
-    let ok = tally(&app, &["post", "acme", "agent_minutes", "1.25", "--key", "cli-1"]);
+    let ok = app.cli(&["post", "acme", "agent_minutes", "1.25", "--key", "cli-1"]);
     assert!(ok.status.success(), "{}", text(&ok.stderr));
     assert!(text(&ok.stdout).starts_with("created entry"));
-    let again = tally(&app, &["post", "acme", "agent_minutes", "1.25", "--key", "cli-1"]);
+    let again = app.cli(&["post", "acme", "agent_minutes", "1.25", "--key", "cli-1"]);
     assert!(text(&again.stdout).starts_with("duplicate of entry"));
-    let negative = tally(&app, &["post", "acme", "storage_bytes", "-100"]);
+    let negative = app.cli(&["post", "acme", "storage_bytes", "-100"]);
     assert!(negative.status.success(), "{}", text(&negative.stderr));
-    let bad = tally(&app, &["post", "acme", "tokens", "1"]);
+    let bad = app.cli(&["post", "acme", "tokens", "1"]);
     assert!(!bad.status.success());
     assert!(text(&bad.stderr).contains("resource 'tokens' is not in the catalog"));
     assert_eq!(app.count_entries().await, 2);
@@ -81,7 +72,7 @@ async fn import_loads_valid_rows_and_reports_rejected_lines(app: TestApp) {
         ),
     )
     .unwrap();
-    let output = tally(&app, &["import", file.to_str().unwrap()]);
+    let output = app.cli(&["import", file.to_str().unwrap()]);
     let stderr = text(&output.stderr);
     assert_eq!(
         output.status.code(),
@@ -94,7 +85,7 @@ async fn import_loads_valid_rows_and_reports_rejected_lines(app: TestApp) {
     assert!(stderr.contains("line 5: occurred_at"), "{stderr}");
     assert_eq!(app.count_entries().await, 1);
 
-    let backfill = tally(&app, &["import", "--allow-late", file.to_str().unwrap()]);
+    let backfill = app.cli(&["import", "--allow-late", file.to_str().unwrap()]);
     assert!(
         text(&backfill.stderr).contains("1 created, 2 duplicate, 2 rejected"),
         "{}",
@@ -121,7 +112,7 @@ async fn import_follows_reversals_to_their_new_ids(app: TestApp) {
         ),
     )
     .unwrap();
-    let output = tally(&app, &["import", file.to_str().unwrap()]);
+    let output = app.cli(&["import", file.to_str().unwrap()]);
     assert!(output.status.success(), "{}", text(&output.stderr));
     let listed = app.get("/v1/accounts/acme/entries").await;
     let rows = listed.body["entries"].as_array().unwrap();

@@ -2,7 +2,6 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, Output};
 
 use serde_json::json;
 
@@ -20,15 +19,6 @@ both!(
     bad_export_requests_fail_clearly_and_leave_no_file,
 );
 
-fn tally(app: &TestApp, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(args)
-        .env("TALLY_DATABASE_URL", &app.database_url)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("tally runs")
-}
-
 fn read_csv(path: &Path) -> Vec<Vec<String>> {
     let mut reader = csv::ReaderBuilder::new().has_headers(false).from_path(path).unwrap();
     reader
@@ -41,7 +31,7 @@ fn export(app: &TestApp, dir: &Path, name: &str, args: &[&str]) -> Vec<Vec<Strin
     let path = dir.join(name);
     let mut all = args.to_vec();
     all.extend(["-o", path.to_str().unwrap()]);
-    let output = tally(app, &all);
+    let output = app.cli(&all);
     assert!(
         output.status.success(),
         "{:?}: {}",
@@ -222,10 +212,7 @@ async fn an_entries_export_reimports_to_the_same_ledger(app: TestApp) {
     let Some(copy) = TestApp::spawn(app.backend).await else {
         return;
     };
-    let imported = tally(
-        &copy,
-        &["import", "--allow-late", dir.path().join("a.csv").to_str().unwrap()],
-    );
+    let imported = copy.cli(&["import", "--allow-late", dir.path().join("a.csv").to_str().unwrap()]);
     assert!(
         imported.status.success(),
         "{}",
@@ -280,7 +267,7 @@ async fn an_as_of_export_is_reproducible_after_late_entries_and_reversals(app: T
         if let Some(t) = as_of {
             args.extend(["--as-of", t]);
         }
-        let output = tally(&app, &args);
+        let output = app.cli(&args);
         assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
         std::fs::read(path).unwrap()
     };
@@ -453,12 +440,13 @@ async fn admin_stats_and_top_accounts_describe_a_known_dataset(app: TestApp) {
         403
     );
     assert_eq!(app.get("/v1/admin/stats?period=September").await.status, 422);
-    let cli: serde_json::Value =
-        serde_json::from_slice(&tally(&app, &["stats", "--period", "2026-09"]).stdout).unwrap();
+    let cli: serde_json::Value = serde_json::from_slice(&app.cli(&["stats", "--period", "2026-09"]).stdout).unwrap();
     assert_eq!(cli, stats.body);
-    let cli_top: serde_json::Value =
-        serde_json::from_slice(&tally(&app, &["top", "--resource", "api_requests", "--period", "2026-09"]).stdout)
-            .unwrap();
+    let cli_top: serde_json::Value = serde_json::from_slice(
+        &app.cli(&["top", "--resource", "api_requests", "--period", "2026-09"])
+            .stdout,
+    )
+    .unwrap();
     assert_eq!(
         cli_top["accounts"],
         json!([{"account": "acme", "amount": "350"}, {"account": "globex", "amount": "7"}])
@@ -505,16 +493,13 @@ async fn the_monthly_reports_job_writes_each_report_once(app: TestApp) {
     assert_eq!(leftovers.len(), 2, "no temp files left: {leftovers:?}");
     // The scheduled job writes last month's reports into --reports-dir.
     let job_dir = tempfile::tempdir().unwrap();
-    let run = tally(
-        &app,
-        &[
-            "jobs",
-            "run",
-            "monthly-reports",
-            "--reports-dir",
-            job_dir.path().to_str().unwrap(),
-        ],
-    );
+    let run = app.cli(&[
+        "jobs",
+        "run",
+        "monthly-reports",
+        "--reports-dir",
+        job_dir.path().to_str().unwrap(),
+    ]);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let last = tally::jobs::reports::previous_month(chrono::Utc::now())
         .format("%Y-%m")
@@ -528,115 +513,94 @@ async fn bad_export_requests_fail_clearly_and_leave_no_file(app: TestApp) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("x.csv");
     let out_str = out.to_str().unwrap();
-    let reversed = tally(
-        &app,
-        &[
-            "export",
-            "daily",
-            "--from",
-            "2026-10-01",
-            "--to",
-            "2026-09-01",
-            "-o",
-            out_str,
-        ],
-    );
+    let reversed = app.cli(&[
+        "export",
+        "daily",
+        "--from",
+        "2026-10-01",
+        "--to",
+        "2026-09-01",
+        "-o",
+        out_str,
+    ]);
     assert!(!reversed.status.success());
     assert!(String::from_utf8_lossy(&reversed.stderr).contains("--from (2026-10-01) must be before --to (2026-09-01)"));
-    let garbage = tally(
-        &app,
-        &[
-            "export",
-            "entries",
-            "--from",
-            "last week",
-            "--to",
-            "2026-09-01",
-            "-o",
-            out_str,
-        ],
-    );
+    let garbage = app.cli(&[
+        "export",
+        "entries",
+        "--from",
+        "last week",
+        "--to",
+        "2026-09-01",
+        "-o",
+        out_str,
+    ]);
     assert!(!garbage.status.success());
     assert!(String::from_utf8_lossy(&garbage.stderr).contains("is not a date like 2026-11-01"));
-    let misaligned = tally(
-        &app,
-        &[
-            "export",
-            "monthly",
-            "--from",
-            "2026-09-15",
-            "--to",
-            "2026-10-01",
-            "-o",
-            out_str,
-        ],
-    );
+    let misaligned = app.cli(&[
+        "export",
+        "monthly",
+        "--from",
+        "2026-09-15",
+        "--to",
+        "2026-10-01",
+        "-o",
+        out_str,
+    ]);
     assert!(String::from_utf8_lossy(&misaligned.stderr).contains("first day of a month"));
-    let unwritable = tally(
-        &app,
-        &[
-            "export",
-            "entries",
-            "--from",
-            "2026-09-01",
-            "--to",
-            "2026-10-01",
-            "-o",
-            "/nonexistent/dir/x.csv",
-        ],
-    );
+    let unwritable = app.cli(&[
+        "export",
+        "entries",
+        "--from",
+        "2026-09-01",
+        "--to",
+        "2026-10-01",
+        "-o",
+        "/nonexistent/dir/x.csv",
+    ]);
     assert!(!unwritable.status.success());
     assert!(String::from_utf8_lossy(&unwritable.stderr).contains("cannot write in /nonexistent/dir"));
     assert!(!out.exists(), "no partial file");
-    let nobody = tally(
-        &app,
-        &[
-            "export",
-            "entries",
-            "--from",
-            "2026-09-01",
-            "--to",
-            "2026-10-01",
-            "--account",
-            "nobody",
-            "-o",
-            out_str,
-        ],
-    );
+    let nobody = app.cli(&[
+        "export",
+        "entries",
+        "--from",
+        "2026-09-01",
+        "--to",
+        "2026-10-01",
+        "--account",
+        "nobody",
+        "-o",
+        out_str,
+    ]);
     assert!(nobody.status.success());
     assert!(String::from_utf8_lossy(&nobody.stderr).contains("no rows for account 'nobody'"));
     assert_eq!(
         std::fs::read_to_string(&out).unwrap(),
         "id,account,resource,amount,occurred_at,recorded_at,idempotency_key,source,reverses,metadata\n"
     );
-    let exists = tally(
-        &app,
-        &[
-            "export",
-            "entries",
-            "--from",
-            "2026-09-01",
-            "--to",
-            "2026-10-01",
-            "-o",
-            out_str,
-        ],
-    );
+    let exists = app.cli(&[
+        "export",
+        "entries",
+        "--from",
+        "2026-09-01",
+        "--to",
+        "2026-10-01",
+        "-o",
+        out_str,
+    ]);
     assert!(!exists.status.success());
     assert!(String::from_utf8_lossy(&exists.stderr).contains("--overwrite"));
-    let stdout = tally(
-        &app,
-        &[
-            "export",
-            "monthly",
-            "--from",
-            "2026-09",
-            "--to",
-            "2026-10",
-            "--resource",
-            "agent_minutes",
-        ],
-    );
+    let stdout = app.cli(&[
+        "export",
+        "monthly",
+        "--from",
+        "2026-09",
+        "--to",
+        "2026-10",
+        "--resource",
+        "agent_minutes",
+    ]);
     assert_eq!(
         String::from_utf8_lossy(&stdout.stdout),
         "account,resource,month,amount,entries\nacme,agent_minutes,2026-09,1.25,1\n"

@@ -231,6 +231,16 @@ impl TestApp {
             .collect()
     }
 
+    /// Runs the `tally` binary against this app's database.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(args)
+            .env("TALLY_DATABASE_URL", &self.database_url)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("tally runs")
+    }
+
     /// Runs the rollup until every committed entry is folded; returns the sum
     /// of the runs' reports. On PostgreSQL one run may stop short: it folds only
     /// rows whose transaction is below the cluster-wide xmin, and other tests'

@@ -661,30 +661,22 @@ async fn bad_quota_and_account_input_is_refused_and_writes_nothing(app: TestApp)
 }
 
 async fn the_cli_checks_and_reports_usage(app: TestApp) {
-    let tally = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
-            .args(args)
-            .env("TALLY_DATABASE_URL", &app.database_url)
-            .env("RUST_LOG", "warn")
-            .output()
-            .unwrap()
-    };
     app.post_entries(entry("acme", "ai_generations", "50", "full")).await;
-    let refused = tally(&["check", "acme", "ai_generations"]);
+    let refused = app.cli(&["check", "acme", "ai_generations"]);
     assert_eq!(refused.status.code(), Some(1));
     let status: Value = serde_json::from_slice(&refused.stdout).unwrap();
     assert_eq!(
         (status["used"].as_str(), status["allowed"].as_bool()),
         (Some("50"), Some(false))
     );
-    let upgraded = tally(&["accounts", "set-plan", "acme", "pro"]);
+    let upgraded = app.cli(&["accounts", "set-plan", "acme", "pro"]);
     assert!(
         upgraded.status.success(),
         "{}",
         String::from_utf8_lossy(&upgraded.stderr)
     );
-    assert!(tally(&["check", "acme", "ai_generations", "5"]).status.success());
-    let capped = tally(&[
+    assert!(app.cli(&["check", "acme", "ai_generations", "5"]).status.success());
+    let capped = app.cli(&[
         "accounts",
         "override",
         "acme",
@@ -695,7 +687,7 @@ async fn the_cli_checks_and_reports_usage(app: TestApp) {
         "hard",
     ]);
     assert!(capped.status.success(), "{}", String::from_utf8_lossy(&capped.stderr));
-    let usage: Value = serde_json::from_slice(&tally(&["usage", "acme"]).stdout).unwrap();
+    let usage: Value = serde_json::from_slice(&app.cli(&["usage", "acme"]).stdout).unwrap();
     assert_eq!(usage["plan"], "pro");
     let tokens = usage["resources"]
         .as_array()
@@ -705,8 +697,8 @@ async fn the_cli_checks_and_reports_usage(app: TestApp) {
         .unwrap()
         .clone();
     assert_eq!(tokens["limit"], "7");
-    let shown: Value = serde_json::from_slice(&tally(&["accounts", "show", "acme"]).stdout).unwrap();
+    let shown: Value = serde_json::from_slice(&app.cli(&["accounts", "show", "acme"]).stdout).unwrap();
     assert_eq!(shown["overrides"][0]["resource"], "llm_tokens");
-    let gold = tally(&["accounts", "set-plan", "acme", "gold"]);
+    let gold = app.cli(&["accounts", "set-plan", "acme", "gold"]);
     assert!(String::from_utf8_lossy(&gold.stderr).contains("plans: free, pro, scale"));
 }
