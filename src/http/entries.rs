@@ -40,9 +40,23 @@ struct PostEntriesResponse {
     entries: Vec<InsertOutcome>,
 }
 
-/// Splits a body into its entries: `{"entries": […]}` or one entry. The body is
-/// first read as a map of borrowed raw values, so amounts stay as written.
+/// A batch body, `{"entries": […]}` and nothing else.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchBody {
+    entries: Vec<EntryInput>,
+}
+
+/// Splits a body into its entries: `{"entries": […]}` or one entry.
+///
+/// A well-formed batch is parsed in one pass. Anything else (one entry, or a
+/// malformed body) takes the general path: the body is first read as a map of
+/// borrowed raw values, which tells the shapes apart and words the errors.
+/// Amounts stay as written either way (`RawValue`).
 fn entries_of(bytes: &[u8]) -> Result<Vec<EntryInput>, ApiError> {
+    if let Ok(batch) = serde_json::from_slice::<BatchBody>(bytes) {
+        return Ok(batch.entries);
+    }
     let fields: HashMap<&str, &RawValue> = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::MalformedBody(format!("the body is not a JSON object: {e}")))?;
     match fields.get("entries") {

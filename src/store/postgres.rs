@@ -67,6 +67,108 @@ impl PgStore {
     }
 }
 
+/// A batch as the column arrays `UNNEST` takes, in insertion order.
+struct Columns<'a> {
+    accounts: Vec<&'a str>,
+    resources: Vec<&'a str>,
+    amounts: Vec<i64>,
+    occurred: Vec<DateTime<Utc>>,
+    keys: Vec<&'a str>,
+    sources: Vec<Option<&'a str>>,
+    metadata: Vec<Option<&'a str>>,
+    reverses: Vec<Option<i64>>,
+    recorded_at: DateTime<Utc>,
+}
+
+impl<'a> Columns<'a> {
+    fn of(entries: impl Iterator<Item = &'a NewEntry>, len: usize) -> Self {
+        let mut columns = Columns {
+            accounts: Vec::with_capacity(len),
+            resources: Vec::with_capacity(len),
+            amounts: Vec::with_capacity(len),
+            occurred: Vec::with_capacity(len),
+            keys: Vec::with_capacity(len),
+            sources: Vec::with_capacity(len),
+            metadata: Vec::with_capacity(len),
+            reverses: Vec::with_capacity(len),
+            recorded_at: Utc::now(),
+        };
+        for e in entries {
+            columns.accounts.push(e.account.as_str());
+            columns.resources.push(e.resource.as_str());
+            columns.amounts.push(e.amount.minor());
+            columns.occurred.push(e.occurred_at);
+            columns.keys.push(e.idempotency_key.as_str());
+            columns.sources.push(e.source.as_deref());
+            columns.metadata.push(e.metadata.as_deref());
+            columns.reverses.push(e.reverses);
+        }
+        columns
+    }
+}
+
+/// The batch INSERT, followed by `$tail`. No ORDER BY and no join: rows go in
+/// in array order (the lock order, see `insert_entries`).
+macro_rules! insert_batch_sql {
+    ($tail:literal) => {
+        concat!(
+            "INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key, source, metadata, reverses)
+             SELECT account, resource, amount, occurred_at, $9, idempotency_key, source, metadata::jsonb, reverses
+             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::timestamptz[], $5::text[], $6::text[], $7::text[], $8::bigint[])
+                  AS batch (account, resource, amount, occurred_at, idempotency_key, source, metadata, reverses)",
+            $tail
+        )
+    };
+}
+
+/// Inserts the batch in one statement; the new ids (only the ids: see
+/// [`ids_in_order`]). With `skip_existing`, rows whose (account, key) exists
+/// are skipped (ON CONFLICT DO NOTHING); without, such a row fails the statement.
+async fn insert_columns(
+    conn: &mut sqlx::PgConnection,
+    columns: &Columns<'_>,
+    skip_existing: bool,
+) -> Result<Vec<i64>, sqlx::Error> {
+    let sql = if skip_existing {
+        insert_batch_sql!(" ON CONFLICT (account, idempotency_key) DO NOTHING RETURNING id")
+    } else {
+        insert_batch_sql!(" RETURNING id")
+    };
+    sqlx::query_scalar(sql)
+        .bind(&columns.accounts)
+        .bind(&columns.resources)
+        .bind(&columns.amounts)
+        .bind(&columns.occurred)
+        .bind(&columns.keys)
+        .bind(&columns.sources)
+        .bind(&columns.metadata)
+        .bind(&columns.reverses)
+        .bind(columns.recorded_at)
+        .fetch_all(conn)
+        .await
+}
+
+/// Maps the ids of a statement that inserted every row of the batch back to
+/// the entries. The rows went in in array order (`order`), each taking the
+/// identity sequence's next value, and a session's values only grow: so the
+/// ascending ids follow `order`, whatever order RETURNING lists them in.
+fn ids_in_order(entries: &[NewEntry], order: &[usize], mut ids: Vec<i64>) -> HashMap<(String, String), i64> {
+    ids.sort_unstable();
+    order
+        .iter()
+        .zip(ids)
+        .map(|(&i, id)| (natural_key(&entries[i]), id))
+        .collect()
+}
+
+/// Whether `e` is a duplicate (account, idempotency_key).
+fn is_idempotency_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation() && db.constraint() == Some(IDEMPOTENCY_INDEX))
+}
+
+/// The unique index on (account, idempotency_key) in the migrations.
+const IDEMPOTENCY_INDEX: &str = "entries_idempotency";
+
 #[derive(FromRow)]
 struct EntryRow {
     id: i64,
@@ -128,53 +230,58 @@ impl Store for PgStore {
     }
 
     async fn insert_entries(&self, entries: &[NewEntry]) -> Result<Vec<InsertOutcome>, StoreError> {
-        let mut accounts = Vec::with_capacity(entries.len());
-        let mut resources = Vec::with_capacity(entries.len());
-        let mut amounts = Vec::with_capacity(entries.len());
-        let mut occurred = Vec::with_capacity(entries.len());
-        let mut keys = Vec::with_capacity(entries.len());
-        let mut sources = Vec::with_capacity(entries.len());
-        let mut metadata = Vec::with_capacity(entries.len());
-        let mut reverses = Vec::with_capacity(entries.len());
-        for e in entries {
-            accounts.push(e.account.as_str());
-            resources.push(e.resource.as_str());
-            amounts.push(e.amount.minor());
-            occurred.push(e.occurred_at);
-            keys.push(e.idempotency_key.as_str());
-            sources.push(e.source.as_deref());
-            metadata.push(e.metadata.as_deref());
-            reverses.push(e.reverses);
+        // A fixed lock order across concurrent batches (no deadlocks): rows go
+        // in sorted by (account, idempotency_key), sorted here rather than by
+        // an ORDER BY. A plain INSERT … SELECT FROM UNNEST (no join, no sort)
+        // inserts in array order. The sort is stable, so of a key repeated in
+        // the batch the first occurrence in request order is the one stored.
+        // Byte order equals ORDER BY under the C collation; under another
+        // collation it is still one total order that every batch follows.
+        let mut order: Vec<usize> = (0..entries.len()).collect();
+        order.sort_by(|&a, &b| {
+            let (a, b) = (&entries[a], &entries[b]);
+            (a.account.as_str(), a.idempotency_key.as_str()).cmp(&(b.account.as_str(), b.idempotency_key.as_str()))
+        });
+        let columns = Columns::of(order.iter().map(|&i| &entries[i]), entries.len());
+
+        // First try: a plain INSERT. It does less work per row than ON
+        // CONFLICT DO NOTHING (no pre-check of the unique index, no
+        // speculative insertion to confirm), and when every key is new, the
+        // usual case, it is all there is. A key already stored (a retry) or
+        // repeated in the batch makes it fail on `entries_idempotency`: roll
+        // back and take the general path below in a fresh transaction.
+        let mut tx = self.pool.begin().await?;
+        match insert_columns(&mut tx, &columns, false).await {
+            Ok(ids) => {
+                let created = ids_in_order(entries, &order, ids);
+                let outcomes = resolve_outcomes(entries, &created, &HashMap::new())?;
+                tx.commit().await?;
+                return Ok(outcomes);
+            }
+            Err(e) if is_idempotency_violation(&e) => tx.rollback().await?,
+            Err(e) => return Err(super::map_reversal_violation(e, entries)),
         }
 
         let mut tx = self.pool.begin().await?;
-        // ORDER BY: a fixed lock order across concurrent batches (no deadlocks).
         // ON CONFLICT DO NOTHING also skips a key repeated inside this batch.
-        let inserted: Vec<(i64, String, String)> = sqlx::query_as(
-            "INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key, source, metadata, reverses)
-             SELECT account, resource, amount, occurred_at, $9, idempotency_key, source, metadata::jsonb, reverses
-             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::timestamptz[], $5::text[], $6::text[], $7::text[], $8::bigint[])
-                  AS batch (account, resource, amount, occurred_at, idempotency_key, source, metadata, reverses)
-             ORDER BY account, idempotency_key
-             ON CONFLICT (account, idempotency_key) DO NOTHING
-             RETURNING id, account, idempotency_key",
-        )
-        .bind(&accounts)
-        .bind(&resources)
-        .bind(&amounts)
-        .bind(&occurred)
-        .bind(&keys)
-        .bind(&sources)
-        .bind(&metadata)
-        .bind(&reverses)
-        .bind(Utc::now())
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(|e| super::map_reversal_violation(e, entries))?;
-        let created: HashMap<(String, String), i64> = inserted
-            .into_iter()
-            .map(|(id, account, key)| ((account, key), id))
-            .collect();
+        let ids = insert_columns(&mut tx, &columns, true)
+            .await
+            .map_err(|e| super::map_reversal_violation(e, entries))?;
+        let created: HashMap<(String, String), i64> = if ids.len() == entries.len() {
+            ids_in_order(entries, &order, ids)
+        } else if ids.is_empty() {
+            HashMap::new()
+        } else {
+            // Some were skipped: ask which (account, key) each new id holds.
+            let rows: Vec<(i64, String, String)> =
+                sqlx::query_as("SELECT id, account, idempotency_key FROM entries WHERE id = ANY($1)")
+                    .bind(&ids)
+                    .fetch_all(&mut *tx)
+                    .await?;
+            rows.into_iter()
+                .map(|(id, account, key)| ((account, key), id))
+                .collect()
+        };
 
         let mut existing = HashMap::new();
         if created.len() < entries.len() {
