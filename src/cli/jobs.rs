@@ -12,9 +12,12 @@ use crate::telemetry::Metrics;
 /// Arguments of `tally rollup`.
 #[derive(Debug, clap::Args)]
 pub struct RollupArgs {
-    /// Ledger rows per batch (one transaction each).
+    /// Ledger rows in the first batch (one transaction each).
     #[arg(long, default_value_t = rollup::DEFAULT_BATCH)]
     batch_size: u32,
+    /// The most rows a batch grows to while catching up (each full batch doubles the next).
+    #[arg(long, default_value_t = rollup::DEFAULT_MAX_BATCH)]
+    max_batch_size: u32,
     /// Test hook: STAGE:BATCH[:abort] with STAGE before_commit or after_commit.
     #[arg(long, env = "TALLY_FAILPOINT", hide = true)]
     failpoint: Option<String>,
@@ -43,6 +46,7 @@ pub async fn rollup(settings: &Settings, args: RollupArgs) -> anyhow::Result<Exi
         .map_err(anyhow::Error::msg)?;
     let options = RollupOptions {
         batch_size: args.batch_size.max(1),
+        max_batch_size: args.max_batch_size,
         failpoint,
     };
     let report = rollup::run(store.as_ref(), &options, &Metrics::default()).await?;

@@ -7,9 +7,15 @@ use std::time::{Duration, Instant};
 use crate::store::{Store, StoreError};
 use crate::telemetry::Metrics;
 
-/// Rows per batch: large enough to amortise the per-batch statements, small
-/// enough to keep each transaction (and a post waiting behind it on SQLite) short.
+/// Rows in a run's first batch: large enough to amortise the per-batch
+/// statements, small enough to keep each transaction (and a post waiting
+/// behind it on SQLite) short when the rollup keeps up.
 pub const DEFAULT_BATCH: u32 = 50_000;
+
+/// The largest batch a run grows to while it catches up (each full batch
+/// doubles the next). A batch upserts into pages spread over the whole totals
+/// table, so the pages written per row fall as batches grow.
+pub const DEFAULT_MAX_BATCH: u32 = 1_000_000;
 
 /// Where a deliberate failure is injected (tests and `TALLY_FAILPOINT`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,8 +88,10 @@ impl Failpoint {
 /// How to run the rollup.
 #[derive(Debug, Clone, Copy)]
 pub struct RollupOptions {
-    /// Rows per batch.
+    /// Rows in the first batch.
     pub batch_size: u32,
+    /// The most rows a batch grows to while catching up.
+    pub max_batch_size: u32,
     /// An injected failure, for tests.
     pub failpoint: Option<Failpoint>,
 }
@@ -92,6 +100,7 @@ impl Default for RollupOptions {
     fn default() -> Self {
         Self {
             batch_size: DEFAULT_BATCH,
+            max_batch_size: DEFAULT_MAX_BATCH,
             failpoint: None,
         }
     }
@@ -130,11 +139,12 @@ pub async fn run(store: &dyn Store, options: &RollupOptions, metrics: &Metrics) 
         entries: 0,
         elapsed: Duration::ZERO,
     };
+    let mut batch_size = options.batch_size.max(1);
     let result = loop {
         let batch_no = report.batches + 1;
         let failpoint = options.failpoint;
         let before_commit = move || failpoint.map_or(Ok(()), |f| f.fire(batch_no, Stage::BeforeCommit));
-        match store.rollup_batch(options.batch_size, &before_commit).await {
+        match store.rollup_batch(batch_size, &before_commit).await {
             Ok(0) => break Ok(()),
             Ok(folded) => {
                 report.batches = batch_no;
@@ -145,9 +155,11 @@ pub async fn run(store: &dyn Store, options: &RollupOptions, metrics: &Metrics) 
                         break Err(e);
                     }
                 }
-                if folded < u64::from(options.batch_size) {
+                if folded < u64::from(batch_size) {
                     break Ok(());
                 }
+                // Behind: the next batch may be larger.
+                batch_size = batch_size.saturating_mul(2).min(options.max_batch_size.max(batch_size));
             }
             Err(e) => break Err(e),
         }

@@ -76,6 +76,7 @@ async fn sixty_four_concurrent_consumers_at_a_hard_limit_of_1000_land_exactly_10
                 app.rollup_with(tally::jobs::rollup::RollupOptions {
                     batch_size: 50,
                     failpoint: None,
+                    max_batch_size: tally::jobs::rollup::DEFAULT_MAX_BATCH,
                 })
                 .await
                 .unwrap();
@@ -136,6 +137,7 @@ async fn check_is_exact_at_any_instant_while_posting_and_rolling_up(app: TestApp
                 app.rollup_with(tally::jobs::rollup::RollupOptions {
                     batch_size: 13,
                     failpoint: None,
+                    max_batch_size: tally::jobs::rollup::DEFAULT_MAX_BATCH,
                 })
                 .await
                 .unwrap();
