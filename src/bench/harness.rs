@@ -12,6 +12,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::app::{Application, Settings};
+use crate::bench::workload::SqlLedger;
 use crate::domain::KeySecret;
 use crate::testing::pg_cluster::PgCluster;
 
@@ -21,6 +22,7 @@ pub struct RunningTally {
     admin_key: String,
     shutdown: Option<oneshot::Sender<()>>,
     server: JoinHandle<anyhow::Result<()>>,
+    scheduler: Option<crate::jobs::Scheduler>,
 }
 
 impl RunningTally {
@@ -31,6 +33,21 @@ impl RunningTally {
     ///
     /// Fails if the database cannot be opened or migrated, or binding fails.
     pub async fn start(database_url: &str) -> anyhow::Result<Self> {
+        Self::start_inner(database_url, false).await
+    }
+
+    /// Like [`RunningTally::start`], but also fires the built-in scheduled
+    /// jobs (the rollup every 10 s) as `tally serve` does; [`RunningTally::stop`]
+    /// shuts the scheduler down and waits for the run in flight.
+    ///
+    /// # Errors
+    ///
+    /// As [`RunningTally::start`], or if the scheduler cannot start.
+    pub async fn start_with_jobs(database_url: &str) -> anyhow::Result<Self> {
+        Self::start_inner(database_url, true).await
+    }
+
+    async fn start_inner(database_url: &str, jobs: bool) -> anyhow::Result<Self> {
         let admin_key = KeySecret::generate().expose().to_owned();
         let settings = Settings {
             database_url: database_url.to_owned(),
@@ -40,6 +57,12 @@ impl RunningTally {
         };
         let app = Application::build(&settings).await.context("starting Tally")?;
         let port = app.port();
+        let scheduler = if jobs {
+            let runner = app.job_runner(crate::jobs::builtin());
+            Some(crate::jobs::Scheduler::start(runner).await?)
+        } else {
+            None
+        };
         let (tx, rx) = oneshot::channel::<()>();
         let server = tokio::spawn(app.run_until(async move {
             let _ = rx.await;
@@ -49,6 +72,7 @@ impl RunningTally {
             admin_key,
             shutdown: Some(tx),
             server,
+            scheduler,
         })
     }
 
@@ -68,6 +92,9 @@ impl RunningTally {
     ///
     /// Fails if the server task failed or did not stop in time.
     pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(scheduler) = self.scheduler.take() {
+            scheduler.shutdown().await;
+        }
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -180,6 +207,43 @@ impl PgScratch {
         Ok(())
     }
 
+    /// A copy of the database at `url` (`CREATE DATABASE … TEMPLATE …`), with
+    /// every row and index; returns the copy's sqlx URL. Sessions connected to
+    /// the original are terminated first (a template must have none); a pool
+    /// that held them reconnects on its next use.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the maintenance database cannot be reached or the copy fails.
+    pub async fn clone_database(&self, url: &str) -> anyhow::Result<String> {
+        let original = pg_database_name(url)?.to_owned();
+        let copy = format!("{original}_copy");
+        let mut conn = sqlx::PgConnection::connect(&self.cluster.admin_url()).await?;
+        let mut attempts = 0;
+        loop {
+            sqlx::query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+            )
+            .bind(&original)
+            .execute(&mut conn)
+            .await?;
+            match sqlx::raw_sql(&format!("CREATE DATABASE \"{copy}\" TEMPLATE \"{original}\""))
+                .execute(&mut conn)
+                .await
+            {
+                Ok(_) => break,
+                Err(e) if attempts < 20 => {
+                    attempts += 1;
+                    tracing::debug!("CREATE DATABASE … TEMPLATE failed, retrying: {e}");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => return Err(e).context("copying a database"),
+            }
+        }
+        conn.close().await.ok();
+        Ok(url.replacen(&format!("/{original}"), &format!("/{copy}"), 1))
+    }
+
     /// The `psql` to use: the cluster's own, else the one on `PATH`.
     pub fn psql(&self) -> PathBuf {
         let own = self.cluster.bin_dir().join("psql");
@@ -224,6 +288,105 @@ pub async fn count_rows(url: &str, table: &str) -> anyhow::Result<u64> {
         count
     };
     u64::try_from(count).context("negative row count")
+}
+
+/// Inserts `ledger`'s rows into `entries` of the migrated database at `url`
+/// with one statement, in one transaction, and returns how long it took.
+///
+/// With `rebuild_indexes`, the secondary indexes of `entries` are dropped
+/// first and re-created afterwards from their own definitions (read from
+/// `sqlite_master` / `pg_indexes`), which is much faster than maintaining them
+/// row by row; the result is the same schema. PostgreSQL then gets
+/// `VACUUM ANALYZE entries`, as autovacuum would eventually do.
+///
+/// # Errors
+///
+/// Fails if the database cannot be reached or a statement fails.
+pub async fn fill_ledger(url: &str, ledger: &SqlLedger, rebuild_indexes: bool) -> anyhow::Result<Duration> {
+    fill_ledger_with_metadata(url, ledger, 0, rebuild_indexes).await
+}
+
+/// [`fill_ledger`], with `metadata` on every `metadata_every`-th row (none
+/// when 0; see [`SqlLedger::sqlite_insert_with_metadata`]).
+///
+/// # Errors
+///
+/// As [`fill_ledger`].
+pub async fn fill_ledger_with_metadata(
+    url: &str,
+    ledger: &SqlLedger,
+    metadata_every: u64,
+    rebuild_indexes: bool,
+) -> anyhow::Result<Duration> {
+    let start = std::time::Instant::now();
+    if url.starts_with("sqlite:") {
+        let options = SqliteConnectOptions::from_str(url)?
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(60))
+            .pragma("cache_size", "-1000000");
+        let mut conn = SqliteConnection::connect_with(&options).await?;
+        let indexes: Vec<(String, String)> = if rebuild_indexes {
+            sqlx::query_as(
+                "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'entries' AND sql IS NOT NULL",
+            )
+            .fetch_all(&mut conn)
+            .await?
+        } else {
+            Vec::new()
+        };
+        let mut tx = conn.begin().await?;
+        for (name, _) in &indexes {
+            sqlx::raw_sql(&format!("DROP INDEX \"{name}\""))
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::raw_sql(&ledger.sqlite_insert_with_metadata(metadata_every))
+            .execute(&mut *tx)
+            .await
+            .context("generating ledger rows (SQLite)")?;
+        for (_, sql) in &indexes {
+            sqlx::raw_sql(sql).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        sqlx::raw_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&mut conn)
+            .await?;
+        conn.close().await.ok();
+    } else {
+        let mut conn = sqlx::PgConnection::connect(url).await?;
+        sqlx::raw_sql("SET maintenance_work_mem = '1GB'")
+            .execute(&mut conn)
+            .await?;
+        let indexes: Vec<(String, String)> = if rebuild_indexes {
+            sqlx::query_as(
+                "SELECT i.indexname::text, i.indexdef FROM pg_indexes AS i \
+                 WHERE i.schemaname = current_schema() AND i.tablename = 'entries' \
+                 AND NOT EXISTS (SELECT 1 FROM pg_constraint AS c WHERE c.conname = i.indexname)",
+            )
+            .fetch_all(&mut conn)
+            .await?
+        } else {
+            Vec::new()
+        };
+        let mut tx = conn.begin().await?;
+        for (name, _) in &indexes {
+            sqlx::raw_sql(&format!("DROP INDEX \"{name}\""))
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::raw_sql(&ledger.postgres_insert_with_metadata(metadata_every))
+            .execute(&mut *tx)
+            .await
+            .context("generating ledger rows (PostgreSQL)")?;
+        for (_, sql) in &indexes {
+            sqlx::raw_sql(sql).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        sqlx::raw_sql("VACUUM ANALYZE entries").execute(&mut conn).await?;
+        conn.close().await.ok();
+    }
+    Ok(start.elapsed())
 }
 
 #[cfg(test)]

@@ -10,6 +10,14 @@
 //! - `ingest` ([`ingest`]): `POST /v1/entries` in batches against
 //!   `psql \copy` (PostgreSQL) and one prepared statement in one transaction
 //!   (SQLite).
+//! - `rollup` ([`rollup`]): `jobs::rollup::run` over a generated ledger against
+//!   one `INSERT … SELECT … GROUP BY … ON CONFLICT DO UPDATE` per table;
+//!   `rollup-lag`: `/healthz` lag under steady ingestion with the jobs running.
+//! - `quota` ([`quota`]): check latency (in-process and HTTP) against
+//!   `SELECT SUM(amount)`, and consume throughput against a counter upsert.
+//! - `export` ([`export`]): the `tally export entries|daily` binary on a
+//!   generated ledger against `psql \copy (SELECT …) TO` (PostgreSQL) and the
+//!   `sqlite3` shell's CSV mode (SQLite): rows/s and peak RSS.
 //!
 //! The layout is meant to grow: shared pieces (the workload generator in
 //! [`workload`], the in-process server and throwaway databases in
@@ -17,8 +25,11 @@
 //! `ingest`, so `rollup`, `quota` and `export` can be added as sibling modules
 //! and [`Command`] variants.
 
+pub mod export;
 pub mod harness;
 pub mod ingest;
+pub mod quota;
+pub mod rollup;
 pub mod workload;
 
 use std::fmt;
@@ -50,6 +61,18 @@ pub struct Cli {
 pub enum Command {
     /// Bulk ingestion: POST /v1/entries in batches over several connections.
     Ingest(ingest::IngestArgs),
+    /// Folding the ledger into daily and monthly totals, against one
+    /// `INSERT … SELECT … GROUP BY … ON CONFLICT DO UPDATE` per table.
+    Rollup(rollup::RollupArgs),
+    /// `/healthz` rollup lag while entries are posted at a steady rate, with
+    /// the scheduled jobs running.
+    RollupLag(rollup::LagArgs),
+    /// Quota check latency on a large ledger, and consume throughput, against
+    /// `SELECT SUM(amount)` and a counter upsert.
+    Quota(quota::QuotaArgs),
+    /// `tally export entries|daily` as a child process (rows/s, peak RSS),
+    /// against the database's own CSV dump of the same columns.
+    Export(export::ExportArgs),
 }
 
 /// Which engines a benchmark runs on.
@@ -147,5 +170,9 @@ pub fn main() -> ExitCode {
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Ingest(args) => ingest::run(&args).await,
+        Command::Rollup(args) => rollup::run(&args).await,
+        Command::RollupLag(args) => rollup::run_lag(&args).await,
+        Command::Quota(args) => quota::run(&args).await,
+        Command::Export(args) => export::run(&args).await,
     }
 }

@@ -81,6 +81,11 @@ impl Workload {
     pub fn rows(&self, count: u64) -> Vec<Row> {
         (0..count).map(|i| self.row(i)).collect()
     }
+
+    /// Rows `first..first + count`.
+    pub fn rows_from(&self, first: u64, count: u64) -> Vec<Row> {
+        (first..first + count).map(|i| self.row(i)).collect()
+    }
 }
 
 /// An entry in a `POST /v1/entries` body (amount as a decimal string).
@@ -160,5 +165,138 @@ mod tests {
         assert_eq!(entries[1]["resource"], "storage_bytes");
         assert!(entries[1]["amount"].is_string());
         assert!(entries[1]["occurred_at"].as_str().expect("string").ends_with('Z'));
+    }
+}
+
+/// Ledger rows generated inside the database by one SQL statement (no client
+/// round trip per row), for benchmarks that need millions of rows already
+/// stored: `tally-bench rollup` and `tally-bench quota`.
+///
+/// Row `i` (for `i` in `first..first + count`):
+///
+/// - account `{account_prefix}{i % accounts}`;
+/// - resource: `resource` when set, else one of [`RESOURCES`],
+///   `(i + i / accounts) % 5` (so an account sees every resource);
+/// - amount: `(i × 7 919) % 100 + 1` (a whole number from 1 to 100, valid for
+///   every built-in resource, in minor units: for `agent_minutes`, which has 2
+///   decimals, that is 0.01–1.00);
+/// - idempotency key `{key_prefix}{i}`;
+/// - `occurred_at`: whole seconds, `base` minus `(i × 104 729) % (days × 86 400)`
+///   seconds, so spread over the `days` days before `base`, never in the future;
+/// - `recorded_at`: the time of the insert.
+#[derive(Debug, Clone)]
+pub struct SqlLedger {
+    /// First row number.
+    pub first: u64,
+    /// Rows to insert.
+    pub count: u64,
+    /// Distinct accounts; at least 1.
+    pub accounts: u64,
+    /// Account names are this prefix and a number.
+    pub account_prefix: String,
+    /// A single resource for every row, else the built-in ones round-robin.
+    pub resource: Option<&'static str>,
+    /// Days `occurred_at` spreads over; at least 1.
+    pub days: u64,
+    /// The newest `occurred_at`, in whole seconds since the epoch.
+    pub base_epoch_seconds: i64,
+    /// Idempotency keys are this prefix and the row number.
+    pub key_prefix: String,
+}
+
+impl SqlLedger {
+    fn span_seconds(&self) -> u64 {
+        self.days.max(1) * SPREAD_SECONDS
+    }
+
+    fn resource_sql(&self) -> String {
+        match self.resource {
+            Some(resource) => format!("'{resource}'"),
+            None => {
+                let arms: String = RESOURCES
+                    .iter()
+                    .enumerate()
+                    .map(|(n, r)| format!(" WHEN {n} THEN '{r}'"))
+                    .collect();
+                format!(
+                    "CASE (i + i / {}) % {}{arms} END",
+                    self.accounts.max(1),
+                    RESOURCES.len()
+                )
+            }
+        }
+    }
+
+    /// The SQLite statement (a recursive CTE feeding one `INSERT … SELECT`).
+    pub fn sqlite_insert(&self) -> String {
+        self.sqlite_insert_with_metadata(0)
+    }
+
+    /// [`SqlLedger::sqlite_insert`], with `metadata` set on the rows whose
+    /// number is a multiple of `every` (none when 0): a JSON object of about
+    /// 100 bytes, `{"note": "a, \"quoted\" note", "region": "eu-{i % 3}",
+    /// "request_id": "req-{i}", "tags": ["batch", "export"]}` (a comma and
+    /// quotes, so CSV quoting is exercised; no newline).
+    pub fn sqlite_insert_with_metadata(&self, every: u64) -> String {
+        let (first, last) = (self.first, self.first + self.count);
+        let (column, value) = if every > 0 {
+            (
+                ", metadata",
+                format!(
+                    ", CASE WHEN i % {every} = 0 THEN json_object('note', 'a, \"quoted\" note', \
+                     'region', 'eu-' || (i % 3), 'request_id', 'req-' || i, 'tags', json_array('batch', 'export')) END"
+                ),
+            )
+        } else {
+            ("", String::new())
+        };
+        format!(
+            "WITH RECURSIVE n(i) AS (SELECT {first} UNION ALL SELECT i + 1 FROM n WHERE i + 1 < {last}) \
+             INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key{column}) \
+             SELECT '{account}' || (i % {accounts}), {resource}, (i * 7919) % 100 + 1, \
+             ({base} - (i * 104729) % {span}) * 1000000, \
+             CAST((julianday('now') - 2440587.5) * 86400000000 AS INTEGER), '{key}' || i{value} FROM n",
+            account = self.account_prefix,
+            accounts = self.accounts.max(1),
+            resource = self.resource_sql(),
+            base = self.base_epoch_seconds,
+            span = self.span_seconds(),
+            key = self.key_prefix,
+        )
+    }
+
+    /// The PostgreSQL statement (`generate_series` feeding one `INSERT … SELECT`;
+    /// `tx_id` takes its default, the inserting transaction).
+    pub fn postgres_insert(&self) -> String {
+        self.postgres_insert_with_metadata(0)
+    }
+
+    /// [`SqlLedger::postgres_insert`], with `metadata` on every `every`-th row
+    /// as in [`SqlLedger::sqlite_insert_with_metadata`] (a `jsonb` object).
+    pub fn postgres_insert_with_metadata(&self, every: u64) -> String {
+        let (first, last) = (self.first, self.first + self.count - 1);
+        let (column, value) = if every > 0 {
+            (
+                ", metadata",
+                format!(
+                    ", CASE WHEN i % {every} = 0 THEN jsonb_build_object('note', 'a, \"quoted\" note', \
+                     'region', 'eu-' || (i % 3), 'request_id', 'req-' || i, 'tags', jsonb_build_array('batch', 'export')) END"
+                ),
+            )
+        } else {
+            ("", String::new())
+        };
+        format!(
+            "INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key{column}) \
+             SELECT '{account}' || (i % {accounts}), {resource}, (i * 7919) % 100 + 1, \
+             to_timestamp({base} - (i * 104729) % {span}), now(), '{key}' || i{value} \
+             FROM generate_series({first}::bigint, {last}::bigint) AS g(i)",
+            account = self.account_prefix,
+            accounts = self.accounts.max(1),
+            resource = self.resource_sql(),
+            base = self.base_epoch_seconds,
+            span = self.span_seconds(),
+            key = self.key_prefix,
+        )
     }
 }

@@ -1,0 +1,764 @@
+//! `tally-bench quota`: the latency of a quota check on a large ledger, and
+//! the throughput of `consume`, each beside a baseline measured in the same run.
+//!
+//! **Check** (`--part check` or `both`), per engine and per ledger size
+//! (`--small-rows`, then `--rows`):
+//!
+//! 1. A database created by Tally's migrations gets that many ledger rows for
+//!    one account (`quota-hot0`, resource `storage_bytes`, whose window is
+//!    `total` on every built-in plan, so every row counts), generated inside
+//!    the database ([`SqlLedger`]); Tally's rollup folds them all; then
+//!    `--tail` more rows are inserted and left unfolded.
+//! 2. **Tally**, `--iterations` checks of 1 unit each, one after the other:
+//!    in-process (`Quotas::check` on a store opened on the same database) and
+//!    over HTTP (`POST /v1/quota/check`, one keep-alive connection). Every
+//!    answer's `used` must equal `SUM(amount)` over the account's ledger.
+//! 3. **Baseline**: an index on `entries (account, resource, occurred_at)` is
+//!    added, then `SELECT SUM(amount) FROM entries WHERE account = ? AND
+//!    resource = ?` runs on a direct connection, repeated until
+//!    `--iterations` or `--baseline-seconds` is reached (at least 3 times).
+//!
+//! **Consume** (`--part consume` or `both`), per engine: Tally in-process with
+//! its scheduled jobs (the rollup every 10 s, as `tally serve` runs), every
+//! account on plan `scale` (`llm_tokens` unlimited, no rate limit; the
+//! assignments are inserted in SQL), `--clients` concurrent HTTP clients each
+//! posting `POST /v1/quota/consume` of 1 `llm_tokens` with a unique key, one
+//! after the other, for `--consume-seconds`: spread over `--accounts`
+//! accounts, then all on one account. **Baseline**: a counter upsert
+//! (`INSERT … ON CONFLICT DO UPDATE SET count = count + 1`, on PostgreSQL
+//! wrapped in a SQL function `bump(account, resource)` called as
+//! `SELECT bump($1, $2)`) from as many concurrent connections, same keys
+//! pattern, same duration. It checks nothing. On SQLite the baseline is the
+//! same upsert through one writer connection (Tally's own discipline) on a
+//! separate file with Tally's pragmas.
+
+use std::io::Write as _;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use clap::{Args, ValueEnum};
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
+use sqlx::Connection as _;
+use tokio::task::JoinSet;
+
+use super::harness::{PG_CLUSTER_SETTINGS, PgScratch, RunningTally, SQLITE_SETTINGS, SqliteScratch, fill_ledger};
+use super::workload::SqlLedger;
+use super::{Engine, EngineChoice, rate};
+use crate::app::Settings;
+use crate::domain::{AccountId, Amount};
+use crate::jobs::rollup::RollupOptions;
+use crate::store::Store;
+use crate::telemetry::Metrics;
+use crate::usage::quota::Quotas;
+
+/// Target p99 of an in-process check.
+pub const TARGET_P99_IN_PROCESS: Duration = Duration::from_millis(1);
+/// Target p99 of a check over HTTP.
+pub const TARGET_P99_HTTP: Duration = Duration::from_millis(2);
+/// Target ratio of consume throughput to the counter baseline's.
+pub const TARGET_CONSUME_RATIO: f64 = 1.0;
+
+/// The account the check part measures.
+const CHECK_ACCOUNT: &str = "quota-hot0";
+/// The resource the check part measures (window `total`).
+const CHECK_RESOURCE: &str = "storage_bytes";
+/// The resource consumed (unlimited on plan `scale`, no rate limit).
+const CONSUME_RESOURCE: &str = "llm_tokens";
+
+/// Which parts of `tally-bench quota` run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Part {
+    /// Check latency only.
+    Check,
+    /// Consume throughput only.
+    Consume,
+    /// Both.
+    Both,
+}
+
+/// Options of `tally-bench quota`.
+#[derive(Debug, Clone, Args)]
+pub struct QuotaArgs {
+    /// Folded ledger rows of the checked account (the large ledger).
+    #[arg(long, default_value_t = 10_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub rows: u64,
+    /// Folded ledger rows of the checked account (the small ledger); 0 skips it.
+    #[arg(long, default_value_t = 100_000)]
+    pub small_rows: u64,
+    /// Unfolded rows inserted after the rollup.
+    #[arg(long, default_value_t = 10_000)]
+    pub tail: u64,
+    /// Checks per measurement (in-process, HTTP, baseline at most).
+    #[arg(long, default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(10..))]
+    pub iterations: u64,
+    /// The baseline stops after this many seconds (after at least 3 queries).
+    #[arg(long, default_value_t = 20)]
+    pub baseline_seconds: u64,
+    /// Concurrent consume clients (and baseline connections).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=16))]
+    pub clients: u64,
+    /// Accounts the spread consume case cycles through.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub accounts: u64,
+    /// Seconds each consume measurement runs.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
+    pub consume_seconds: u64,
+    /// Which parts run.
+    #[arg(long, value_enum, default_value_t = Part::Both)]
+    pub part: Part,
+    /// Which engines to measure.
+    #[arg(long, value_enum, default_value_t = EngineChoice::Both)]
+    pub engine: EngineChoice,
+    /// Exit with status 1 when a target is missed.
+    #[arg(long)]
+    pub check: bool,
+}
+
+/// Latency percentiles of a sorted sample.
+#[derive(Debug, Clone, Copy)]
+struct Latencies {
+    count: usize,
+    p50: Duration,
+    p99: Duration,
+    max: Duration,
+}
+
+impl Latencies {
+    fn of(mut samples: Vec<Duration>) -> Self {
+        samples.sort_unstable();
+        let at = |percent: usize| -> Duration {
+            let index = (samples.len() * percent).div_ceil(100).saturating_sub(1);
+            samples.get(index).copied().unwrap_or_default()
+        };
+        Self {
+            count: samples.len(),
+            p50: at(50),
+            p99: at(99),
+            max: samples.last().copied().unwrap_or_default(),
+        }
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "p50 {:>9.3} ms  p99 {:>9.3} ms  max {:>9.3} ms  (n={})",
+            ms(self.p50),
+            ms(self.p99),
+            ms(self.max),
+            self.count
+        )
+    }
+}
+
+fn ms(latency: Duration) -> f64 {
+    latency.as_secs_f64() * 1000.0
+}
+
+/// Runs `tally-bench quota`.
+///
+/// # Errors
+///
+/// Fails when a database or Tally cannot be started, an answer is not what
+/// the ledger says, or a request fails.
+pub async fn run(args: &QuotaArgs) -> anyhow::Result<ExitCode> {
+    let mut summary = Vec::new();
+    let mut all_met = true;
+    for engine in args.engine.engines() {
+        if args.part != Part::Consume {
+            let mut sizes = vec![args.small_rows, args.rows];
+            sizes.retain(|&n| n > 0);
+            for rows in sizes {
+                let (met, line) = check_on(args, engine, rows)
+                    .await
+                    .with_context(|| format!("quota check benchmark on {engine} ({rows} rows)"))?;
+                all_met &= met;
+                summary.push(line);
+            }
+        }
+        if args.part != Part::Check {
+            let (met, lines) = consume_on(args, engine)
+                .await
+                .with_context(|| format!("quota consume benchmark on {engine}"))?;
+            all_met &= met;
+            summary.extend(lines);
+        }
+    }
+    println!();
+    for line in summary {
+        println!("{line}");
+    }
+    std::io::stdout().flush().ok();
+    Ok(if args.check && !all_met {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+async fn open(url: &str) -> anyhow::Result<(Arc<dyn Store>, Arc<crate::domain::Catalog>)> {
+    let settings = Settings {
+        database_url: url.to_owned(),
+        ..Settings::default()
+    };
+    settings.open_store().await
+}
+
+fn settings_of(engine: Engine) -> String {
+    match engine {
+        Engine::Sqlite => format!("{SQLITE_SETTINGS} (Tally and baseline alike)"),
+        Engine::Postgres => format!("throwaway cluster, {PG_CLUSTER_SETTINGS} (Tally and baseline alike)"),
+    }
+}
+
+/// Either engine's direct connection, for the baselines.
+enum Direct {
+    Sqlite(sqlx::SqliteConnection),
+    Postgres(sqlx::PgConnection),
+}
+
+impl Direct {
+    async fn connect(url: &str, sqlite: Option<&SqliteScratch>) -> anyhow::Result<Self> {
+        Ok(match sqlite {
+            Some(scratch) => Self::Sqlite(scratch.connect("quota.db").await?),
+            None => Self::Postgres(sqlx::PgConnection::connect(url).await?),
+        })
+    }
+
+    async fn execute(&mut self, sql: &str) -> anyhow::Result<()> {
+        match self {
+            Self::Sqlite(conn) => sqlx::raw_sql(sql).execute(conn).await.map(drop)?,
+            Self::Postgres(conn) => sqlx::raw_sql(sql).execute(conn).await.map(drop)?,
+        }
+        Ok(())
+    }
+
+    /// `SELECT SUM(amount)` of the account's resource over the whole ledger.
+    async fn sum(&mut self) -> anyhow::Result<i64> {
+        Ok(match self {
+            Self::Sqlite(conn) => {
+                sqlx::query_scalar("SELECT COALESCE(SUM(amount), 0) FROM entries WHERE account = ?1 AND resource = ?2")
+                    .bind(CHECK_ACCOUNT)
+                    .bind(CHECK_RESOURCE)
+                    .fetch_one(conn)
+                    .await?
+            }
+            Self::Postgres(conn) => {
+                sqlx::query_scalar(
+                    "SELECT COALESCE(SUM(amount), 0)::bigint FROM entries WHERE account = $1 AND resource = $2",
+                )
+                .bind(CHECK_ACCOUNT)
+                .bind(CHECK_RESOURCE)
+                .fetch_one(conn)
+                .await?
+            }
+        })
+    }
+
+    async fn close(self) {
+        match self {
+            Self::Sqlite(conn) => conn.close().await.ok(),
+            Self::Postgres(conn) => conn.close().await.ok(),
+        };
+    }
+}
+
+/// The check part on one engine and ledger size; returns (targets met, summary line).
+async fn check_on(args: &QuotaArgs, engine: Engine, rows: u64) -> anyhow::Result<(bool, String)> {
+    let sqlite;
+    let pg;
+    let (url, scratch) = match engine {
+        Engine::Sqlite => {
+            sqlite = SqliteScratch::new()?;
+            (sqlite.url("quota.db"), Some(&sqlite))
+        }
+        Engine::Postgres => {
+            eprintln!("[postgres] starting a throwaway cluster ({PG_CLUSTER_SETTINGS})…");
+            pg = PgScratch::start().await?;
+            (pg.create_database().await?, None)
+        }
+    };
+    let (store, catalog) = open(&url).await?;
+    let base_epoch_seconds = chrono::Utc::now().timestamp() - 120;
+    let ledger = SqlLedger {
+        first: 0,
+        count: rows,
+        accounts: 1,
+        account_prefix: "quota-hot".into(),
+        resource: Some(CHECK_RESOURCE),
+        days: 60,
+        base_epoch_seconds,
+        key_prefix: "q-".into(),
+    };
+    eprintln!("[{engine}] generating {rows} ledger rows for {CHECK_ACCOUNT} / {CHECK_RESOURCE}…");
+    let generated = fill_ledger(&url, &ledger, true).await?;
+    eprintln!(
+        "[{engine}] generated in {:.1} s; folding them…",
+        generated.as_secs_f64()
+    );
+    let folded = crate::jobs::rollup::run(store.as_ref(), &RollupOptions::default(), &Metrics::default()).await?;
+    ensure!(
+        folded.entries == rows,
+        "the rollup folded {} of {rows} rows",
+        folded.entries
+    );
+    if args.tail > 0 {
+        let tail = SqlLedger {
+            first: rows,
+            count: args.tail,
+            ..ledger
+        };
+        fill_ledger(&url, &tail, false).await?;
+    }
+    let lag = store.oldest_unfolded().await?;
+    ensure!(args.tail == 0 || lag.is_some(), "the tail was folded");
+
+    let account = AccountId::parse(CHECK_ACCOUNT).map_err(anyhow::Error::msg)?;
+    let (resource, spec) = catalog.resource(CHECK_RESOURCE)?;
+    let resource = resource.clone();
+    let one = Amount::from_minor(1, spec.decimals);
+    let quotas = Quotas {
+        store: store.as_ref(),
+        catalog: &catalog,
+    };
+
+    // The answer every check must give.
+    let mut direct = Direct::connect(&url, scratch).await?;
+    let expected = direct.sum().await?;
+
+    eprintln!("[{engine}] Tally in-process: {} checks…", args.iterations);
+    for _ in 0..args.iterations.min(200) {
+        quotas.check(&account, &resource, one, chrono::Utc::now()).await?;
+    }
+    let mut samples = Vec::new();
+    for _ in 0..args.iterations {
+        let start = Instant::now();
+        let status = quotas.check(&account, &resource, one, chrono::Utc::now()).await?;
+        samples.push(start.elapsed());
+        ensure!(
+            status.used == expected.to_string(),
+            "check said used={}, the ledger sums to {expected}",
+            status.used
+        );
+    }
+    let in_process = Latencies::of(samples);
+
+    eprintln!("[{engine}] Tally over HTTP: {} checks…", args.iterations);
+    let tally = RunningTally::start(&url).await?;
+    let client = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(1)
+        .build()?;
+    let check_url = tally.url("/v1/quota/check");
+    let auth = format!("Bearer {}", tally.admin_key());
+    let body = serde_json::to_vec(&serde_json::json!({
+        "account": CHECK_ACCOUNT, "resource": CHECK_RESOURCE, "amount": "1"
+    }))?;
+    let http_check = || async {
+        let response = client
+            .post(&check_url)
+            .header(AUTHORIZATION, &auth)
+            .header(CONTENT_TYPE, "application/json")
+            .body(body.clone())
+            .send()
+            .await?;
+        let status = response.status();
+        let bytes = response.bytes().await?;
+        if !status.is_success() {
+            bail!("POST /v1/quota/check: {status}: {}", String::from_utf8_lossy(&bytes));
+        }
+        anyhow::Ok(bytes)
+    };
+    for _ in 0..args.iterations.min(200) {
+        http_check().await?;
+    }
+    let mut samples = Vec::new();
+    let mut last = None;
+    for _ in 0..args.iterations {
+        let start = Instant::now();
+        let bytes = http_check().await?;
+        samples.push(start.elapsed());
+        last = Some(bytes);
+    }
+    let http = Latencies::of(samples);
+    let answer: serde_json::Value = serde_json::from_slice(&last.context("no HTTP check ran")?)?;
+    ensure!(
+        answer["used"] == expected.to_string().as_str(),
+        "HTTP check said {answer}, the ledger sums to {expected}"
+    );
+    tally.stop().await?;
+    drop(store);
+
+    eprintln!("[{engine}] baseline: CREATE INDEX ON entries (account, resource, occurred_at)…");
+    let start = Instant::now();
+    direct
+        .execute("CREATE INDEX bench_entries_account_resource_time ON entries (account, resource, occurred_at)")
+        .await?;
+    if engine == Engine::Postgres {
+        direct.execute("ANALYZE entries").await?;
+    }
+    let index_elapsed = start.elapsed();
+    eprintln!("[{engine}] baseline: SELECT SUM(amount) …");
+    let mut samples = Vec::new();
+    let started = Instant::now();
+    while (samples.len() as u64) < args.iterations
+        && (samples.len() < 3 || started.elapsed() < Duration::from_secs(args.baseline_seconds))
+    {
+        let start = Instant::now();
+        let sum = direct.sum().await?;
+        samples.push(start.elapsed());
+        ensure!(sum == expected, "the baseline summed {sum}, expected {expected}");
+    }
+    direct.close().await;
+    let baseline = Latencies::of(samples);
+
+    let ledger_rows = rows + args.tail;
+    println!();
+    println!(
+        "quota check  engine={engine}  account={CHECK_ACCOUNT} resource={CHECK_RESOURCE} (window total)  \
+         folded={rows} tail={} (ledger {ledger_rows} rows)",
+        args.tail
+    );
+    println!("  settings    {}", settings_of(engine));
+    println!("  answer      used={expected} (every check and the baseline agree)");
+    println!("  in-process  {}  [Quotas::check]", in_process.line());
+    println!(
+        "  http        {}  [POST /v1/quota/check, one keep-alive connection]",
+        http.line()
+    );
+    println!(
+        "  baseline    {}  [SELECT SUM(amount) … with an index on (account, resource, occurred_at); index built in {:.1} s]",
+        baseline.line(),
+        index_elapsed.as_secs_f64()
+    );
+    println!(
+        "  ratio       baseline p50 / Tally in-process p50 = {:.0}×",
+        ms(baseline.p50) / ms(in_process.p50).max(1e-9)
+    );
+    std::io::stdout().flush().ok();
+    let in_met = in_process.p99 < TARGET_P99_IN_PROCESS;
+    let http_met = http.p99 < TARGET_P99_HTTP;
+    let line = format!(
+        "summary engine={:<8} check rows={ledger_rows:<9} in-process p99={:.3} ms (target < 1 ms: {})  \
+         http p99={:.3} ms (target < 2 ms: {})  baseline p50={:.3} ms",
+        engine.name(),
+        ms(in_process.p99),
+        if in_met { "met" } else { "NOT met" },
+        ms(http.p99),
+        if http_met { "met" } else { "NOT met" },
+        ms(baseline.p50),
+    );
+    Ok((in_met && http_met, line))
+}
+
+/// One consume-throughput measurement.
+#[derive(Debug, Clone, Copy)]
+struct Throughput {
+    done: u64,
+    elapsed: Duration,
+}
+
+impl Throughput {
+    fn per_second(self) -> f64 {
+        rate(self.done, self.elapsed)
+    }
+}
+
+/// Which accounts a consume measurement uses.
+#[derive(Debug, Clone, Copy)]
+enum Spread {
+    /// `c-{k % accounts}`.
+    Accounts(u64),
+    /// `hot-0` only.
+    Hot,
+}
+
+impl Spread {
+    fn account(self, k: u64) -> String {
+        match self {
+            Self::Accounts(n) => format!("c-{}", k % n),
+            Self::Hot => "hot-0".to_owned(),
+        }
+    }
+
+    fn name(self) -> String {
+        match self {
+            Self::Accounts(n) => format!("spread over {n} accounts"),
+            Self::Hot => "one hot account".to_owned(),
+        }
+    }
+}
+
+/// Puts `c-0` … `c-{accounts-1}` and `hot-0` on plan `scale` (SQL, one statement).
+async fn assign_scale(url: &str, accounts: u64) -> anyhow::Result<()> {
+    if url.starts_with("sqlite:") {
+        let mut conn = sqlx::SqliteConnection::connect(url).await?;
+        sqlx::raw_sql(&format!(
+            "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i + 1 < {accounts}) \
+             INSERT INTO account_plans (account, plan, effective_at, created_at) \
+             SELECT 'c-' || i, 'scale', 0, 0 FROM n UNION ALL SELECT 'hot-0', 'scale', 0, 0"
+        ))
+        .execute(&mut conn)
+        .await?;
+        conn.close().await.ok();
+    } else {
+        let mut conn = sqlx::PgConnection::connect(url).await?;
+        sqlx::raw_sql(&format!(
+            "INSERT INTO account_plans (account, plan, effective_at, created_at) \
+             SELECT 'c-' || i, 'scale', 'epoch'::timestamptz, 'epoch'::timestamptz FROM generate_series(0, {accounts} - 1) AS g(i) \
+             UNION ALL SELECT 'hot-0', 'scale', 'epoch'::timestamptz, 'epoch'::timestamptz; ANALYZE account_plans"
+        ))
+        .execute(&mut conn)
+        .await?;
+        conn.close().await.ok();
+    }
+    Ok(())
+}
+
+/// `--clients` concurrent HTTP clients posting consumes for `--consume-seconds`.
+async fn consume_tally(
+    args: &QuotaArgs,
+    tally: &RunningTally,
+    spread: Spread,
+    tag: &str,
+) -> anyhow::Result<Throughput> {
+    let url: Arc<str> = tally.url("/v1/quota/consume").into();
+    let auth: Arc<str> = format!("Bearer {}", tally.admin_key()).into();
+    let counter = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(args.consume_seconds);
+    let start = Instant::now();
+    let mut tasks = JoinSet::new();
+    for _ in 0..args.clients {
+        let client = reqwest::Client::builder()
+            .tcp_nodelay(true)
+            .pool_max_idle_per_host(1)
+            .timeout(Duration::from_secs(60))
+            .build()?;
+        let (url, auth, counter, tag) = (url.clone(), auth.clone(), counter.clone(), tag.to_owned());
+        tasks.spawn(async move {
+            let mut done = 0_u64;
+            while Instant::now() < deadline {
+                let k = counter.fetch_add(1, Ordering::Relaxed);
+                let body = serde_json::to_vec(&serde_json::json!({
+                    "account": spread.account(k),
+                    "resource": CONSUME_RESOURCE,
+                    "amount": "1",
+                    "idempotency_key": format!("{tag}-{k}"),
+                }))?;
+                let response = client
+                    .post(&*url)
+                    .header(AUTHORIZATION, &*auth)
+                    .header(CONTENT_TYPE, "application/json")
+                    .body(body)
+                    .send()
+                    .await?;
+                let status = response.status();
+                if !status.is_success() {
+                    let text = response.text().await.unwrap_or_default();
+                    bail!("POST /v1/quota/consume: {status}: {text}");
+                }
+                response.bytes().await?;
+                done += 1;
+            }
+            anyhow::Ok(done)
+        });
+    }
+    let mut done = 0;
+    while let Some(joined) = tasks.join_next().await {
+        done += joined.context("a consume client panicked")??;
+    }
+    Ok(Throughput {
+        done,
+        elapsed: start.elapsed(),
+    })
+}
+
+/// The counter-upsert baseline from `--clients` concurrent connections.
+async fn consume_baseline(args: &QuotaArgs, url: &str, spread: Spread) -> anyhow::Result<Throughput> {
+    let deadline = Instant::now() + Duration::from_secs(args.consume_seconds);
+    let counter = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = JoinSet::new();
+    if url.starts_with("sqlite:") {
+        // One writer connection, as Tally's SQLite store has.
+        let options = std::str::FromStr::from_str(url).map(|o: sqlx::sqlite::SqliteConnectOptions| {
+            o.journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+                .synchronous(sqlx::sqlite::SqliteSynchronous::Full)
+                .busy_timeout(Duration::from_secs(10))
+        })?;
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await?;
+        for _ in 0..args.clients {
+            let (pool, counter) = (pool.clone(), counter.clone());
+            tasks.spawn(async move {
+                let mut done = 0_u64;
+                while Instant::now() < deadline {
+                    let k = counter.fetch_add(1, Ordering::Relaxed);
+                    sqlx::query(
+                        "INSERT INTO counters (account, resource, count) VALUES (?1, ?2, 1) \
+                         ON CONFLICT (account, resource) DO UPDATE SET count = count + 1",
+                    )
+                    .bind(spread.account(k))
+                    .bind(CONSUME_RESOURCE)
+                    .execute(&pool)
+                    .await?;
+                    done += 1;
+                }
+                anyhow::Ok(done)
+            });
+        }
+    } else {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(u32::try_from(args.clients)?)
+            .min_connections(u32::try_from(args.clients)?)
+            .connect(url)
+            .await?;
+        for _ in 0..args.clients {
+            let (pool, counter) = (pool.clone(), counter.clone());
+            tasks.spawn(async move {
+                let mut conn = pool.acquire().await?;
+                let mut done = 0_u64;
+                while Instant::now() < deadline {
+                    let k = counter.fetch_add(1, Ordering::Relaxed);
+                    sqlx::query("SELECT bump($1, $2)")
+                        .bind(spread.account(k))
+                        .bind(CONSUME_RESOURCE)
+                        .execute(&mut *conn)
+                        .await?;
+                    done += 1;
+                }
+                anyhow::Ok(done)
+            });
+        }
+    }
+    let mut done = 0;
+    while let Some(joined) = tasks.join_next().await {
+        done += joined.context("a baseline client panicked")??;
+    }
+    Ok(Throughput {
+        done,
+        elapsed: start.elapsed(),
+    })
+}
+
+/// The consume part on one engine; returns (targets met, summary lines).
+async fn consume_on(args: &QuotaArgs, engine: Engine) -> anyhow::Result<(bool, Vec<String>)> {
+    let sqlite;
+    let pg;
+    let (url, baseline_url) = match engine {
+        Engine::Sqlite => {
+            sqlite = SqliteScratch::new()?;
+            (sqlite.url("consume.db"), sqlite.url("counters.db"))
+        }
+        Engine::Postgres => {
+            eprintln!("[postgres] starting a throwaway cluster ({PG_CLUSTER_SETTINGS})…");
+            pg = PgScratch::start().await?;
+            (pg.create_database().await?, pg.create_database().await?)
+        }
+    };
+    let tally = RunningTally::start_with_jobs(&url).await?;
+    assign_scale(&url, args.accounts).await?;
+    match engine {
+        Engine::Sqlite => {
+            let mut conn = sqlx::SqliteConnection::connect_with(&std::str::FromStr::from_str(&baseline_url).map(
+                |o: sqlx::sqlite::SqliteConnectOptions| {
+                    o.create_if_missing(true)
+                        .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+                },
+            )?)
+            .await?;
+            sqlx::raw_sql(
+                "CREATE TABLE counters (account TEXT NOT NULL, resource TEXT NOT NULL, count INTEGER NOT NULL, \
+                 PRIMARY KEY (account, resource)) STRICT, WITHOUT ROWID",
+            )
+            .execute(&mut conn)
+            .await?;
+            conn.close().await.ok();
+        }
+        Engine::Postgres => {
+            let mut conn = sqlx::PgConnection::connect(&baseline_url).await?;
+            sqlx::raw_sql(
+                "CREATE TABLE counters (account TEXT NOT NULL, resource TEXT NOT NULL, count BIGINT NOT NULL, \
+                 PRIMARY KEY (account, resource)); \
+                 CREATE FUNCTION bump(a text, r text) RETURNS void LANGUAGE sql AS $$ \
+                 INSERT INTO counters (account, resource, count) VALUES (a, r, 1) \
+                 ON CONFLICT (account, resource) DO UPDATE SET count = counters.count + 1 $$",
+            )
+            .execute(&mut conn)
+            .await?;
+            conn.close().await.ok();
+        }
+    }
+
+    let mut results = Vec::new();
+    for (spread, tag) in [(Spread::Accounts(args.accounts), "s"), (Spread::Hot, "h")] {
+        eprintln!(
+            "[{engine}] Tally: POST /v1/quota/consume, {} clients, {}, {} s…",
+            args.clients,
+            spread.name(),
+            args.consume_seconds
+        );
+        let ours = consume_tally(args, &tally, spread, tag).await?;
+        eprintln!(
+            "[{engine}] baseline: counter upsert, {} connections, {}…",
+            args.clients,
+            spread.name()
+        );
+        let baseline = consume_baseline(args, &baseline_url, spread).await?;
+        results.push((spread, ours, baseline));
+    }
+    // The hot account's used must be exactly what was consumed on it.
+    let client = reqwest::Client::new();
+    let answer: serde_json::Value = client
+        .post(tally.url("/v1/quota/check"))
+        .header(AUTHORIZATION, format!("Bearer {}", tally.admin_key()))
+        .json(&serde_json::json!({"account": "hot-0", "resource": CONSUME_RESOURCE, "amount": "1"}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let hot_done = results.last().map_or(0, |r| r.1.done);
+    ensure!(
+        answer["used"] == hot_done.to_string().as_str(),
+        "hot-0 used {} after {hot_done} consumes",
+        answer["used"]
+    );
+    tally.stop().await?;
+
+    println!();
+    println!(
+        "quota consume  engine={engine}  clients={} seconds={} resource={CONSUME_RESOURCE} plan=scale (unlimited) jobs=built-in",
+        args.clients, args.consume_seconds
+    );
+    println!("  settings    {}", settings_of(engine));
+    let mut met = true;
+    let mut lines = Vec::new();
+    for (spread, ours, baseline) in results {
+        let ratio = ours.per_second() / baseline.per_second().max(1e-9);
+        met &= ratio >= TARGET_CONSUME_RATIO;
+        println!(
+            "  {:<26} tally {:>8.0}/s ({} in {:.1} s)  baseline {:>8.0}/s ({} in {:.1} s)  ratio {ratio:.2}",
+            spread.name(),
+            ours.per_second(),
+            ours.done,
+            ours.elapsed.as_secs_f64(),
+            baseline.per_second(),
+            baseline.done,
+            baseline.elapsed.as_secs_f64()
+        );
+        lines.push(format!(
+            "summary engine={:<8} consume {:<26} tally={:.0}/s baseline={:.0}/s ratio={ratio:.2} (target ≥ {TARGET_CONSUME_RATIO:.1}: {})",
+            engine.name(),
+            spread.name(),
+            ours.per_second(),
+            baseline.per_second(),
+            if ratio >= TARGET_CONSUME_RATIO { "met" } else { "NOT met" }
+        ));
+    }
+    println!("  checked     hot-0 used = {hot_done} = consumes answered 200");
+    std::io::stdout().flush().ok();
+    Ok((met, lines))
+}
