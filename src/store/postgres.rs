@@ -666,11 +666,16 @@ impl Store for PgStore {
             Ok(response) => response,
             Err(reason) => return Ok(ConsumeResult::Rejected { used, reason }),
         };
+        // The entry and its response in one statement: one round trip less
+        // while the (account, resource) lock is held.
         let entry_id: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key, source, metadata, reverses)
-             VALUES ($1, $2, $3, $4, now(), $5, $6, $7::jsonb, $8)
-             ON CONFLICT (account, idempotency_key) DO NOTHING
-             RETURNING id",
+            "WITH entry AS (
+                 INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key, source, metadata, reverses)
+                 VALUES ($1, $2, $3, $4, now(), $5, $6, $7::jsonb, $8)
+                 ON CONFLICT (account, idempotency_key) DO NOTHING
+                 RETURNING id
+             )
+             INSERT INTO consume_outcomes (entry_id, response) SELECT id, $9 FROM entry RETURNING entry_id",
         )
         .bind(entry.account.as_str())
         .bind(entry.resource.as_str())
@@ -680,15 +685,11 @@ impl Store for PgStore {
         .bind(entry.source.as_deref())
         .bind(entry.metadata.as_deref())
         .bind(entry.reverses)
+        .bind(&response)
         .fetch_optional(&mut *tx)
         .await?;
         let entry_id =
             entry_id.ok_or_else(|| StoreError::Invalid("the idempotency key was taken concurrently; retry".into()))?;
-        sqlx::query("INSERT INTO consume_outcomes (entry_id, response) VALUES ($1, $2)")
-            .bind(entry_id)
-            .bind(&response)
-            .execute(&mut *tx)
-            .await?;
         tx.commit().await?;
         Ok(ConsumeResult::Recorded { entry_id, response })
     }
