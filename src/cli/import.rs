@@ -128,7 +128,16 @@ pub async fn run(settings: &Settings, args: ImportArgs) -> anyhow::Result<ExitCo
             if batch.iter().any(|row| row.source_id == Some(target)) {
                 flush(store.as_ref(), &mut batch, &mut id_map, &mut summary).await?;
             }
-            entry.reverses = Some(id_map.get(&target).copied().unwrap_or(target));
+            // Only a target imported from this file: a raw id from another ledger
+            // would point at an unrelated row here and take its one reversal.
+            let Some(&mapped) = id_map.get(&target) else {
+                summary.rejected.push((
+                    line,
+                    format!("reverses {target}, which is not an entry imported from this file"),
+                ));
+                continue;
+            };
+            entry.reverses = Some(mapped);
         }
         batch.push(PendingRow { line, source_id, entry });
         if batch.len() >= BATCH {

@@ -96,7 +96,7 @@ pub async fn run(settings: &Settings, command: JobsCommand) -> anyhow::Result<Ex
                     "{:<20} {:<20} {:<12} {}",
                     job.name,
                     job.schedule,
-                    format!("{:?}", job.run).to_lowercase(),
+                    job.run.as_str(),
                     job.next_run(now)?.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
                 );
             }

@@ -99,9 +99,17 @@ impl NewEntry {
 /// Parses an RFC 3339 timestamp into UTC, truncated to microseconds (what both
 /// databases keep).
 pub fn parse_timestamp(text: &str) -> Result<DateTime<Utc>, String> {
+    use chrono::Datelike;
     DateTime::parse_from_rfc3339(text)
         .map(|t| t.with_timezone(&Utc).trunc_subsecs(6))
         .map_err(|e| format!("{text:?} is not an RFC 3339 timestamp ({e}); write it like 2026-11-23T14:05:00Z"))
+        .and_then(|t| {
+            if (1..=9999).contains(&t.year()) {
+                Ok(t)
+            } else {
+                Err(format!("{text:?} is outside the years 1 to 9999"))
+            }
+        })
 }
 
 impl EntryInput {

@@ -66,17 +66,27 @@ pub fn start_of(date: NaiveDate) -> DateTime<Utc> {
     date.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc()
 }
 
+/// Years Tally accepts in dates: four digits, so that period arithmetic never
+/// reaches the end of chrono's calendar.
+fn plausible(date: NaiveDate) -> Option<NaiveDate> {
+    (1..=9999).contains(&date.year()).then_some(date)
+}
+
 /// Parses a month, `YYYY-MM`, into its first day.
 pub fn parse_month(raw: &str) -> Result<NaiveDate, String> {
     NaiveDate::parse_from_str(&format!("{raw}-01"), "%Y-%m-%d")
-        .map_err(|_| format!("{raw:?} is not a month like 2026-11"))
+        .ok()
+        .and_then(plausible)
+        .ok_or_else(|| format!("{raw:?} is not a month like 2026-11"))
 }
 
 /// Parses a date, `YYYY-MM-DD`, or a month, `YYYY-MM`, meaning its first day.
 pub fn parse_date(raw: &str) -> Result<NaiveDate, String> {
     NaiveDate::parse_from_str(raw, "%Y-%m-%d")
-        .or_else(|_| parse_month(raw))
-        .map_err(|_| format!("{raw:?} is not a date like 2026-11-01 (or a month like 2026-11)"))
+        .ok()
+        .and_then(plausible)
+        .or_else(|| parse_month(raw).ok())
+        .ok_or_else(|| format!("{raw:?} is not a date like 2026-11-01 (or a month like 2026-11)"))
 }
 
 #[cfg(test)]

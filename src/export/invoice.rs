@@ -132,7 +132,8 @@ impl<'a> InvoiceContext<'a> {
     }
 
     /// The invoice of one account from its daily totals in the month.
-    pub fn invoice(&self, account: &str, daily: &[TotalRow]) -> Invoice {
+    pub fn invoice(&self, account: &str, daily: &[TotalRow]) -> anyhow::Result<Invoice> {
+        let overflow = || anyhow::anyhow!("the usage of account '{account}' overflows 64-bit minor units");
         let history = self.assignments.get(account).map(Vec::as_slice).unwrap_or_default();
         let overrides = self.overrides.get(account).map(Vec::as_slice).unwrap_or_default();
         let plans: Vec<&str> = self
@@ -175,7 +176,8 @@ impl<'a> InvoiceContext<'a> {
         resources.extend(overrides.iter().map(|o| o.resource.clone()));
         let mut used_by_day: HashMap<(&str, NaiveDate), i64> = HashMap::new();
         for row in daily {
-            *used_by_day.entry((row.resource.as_str(), row.bucket)).or_default() += row.amount;
+            let slot = used_by_day.entry((row.resource.as_str(), row.bucket)).or_default();
+            *slot = slot.checked_add(row.amount).ok_or_else(overflow)?;
         }
         for resource in resources {
             let decimals = self.catalog.decimals(resource.as_str());
@@ -185,7 +187,10 @@ impl<'a> InvoiceContext<'a> {
                 .iter()
                 .map(|d| used_by_day.get(&(resource.as_str(), *d)).copied().unwrap_or(0))
                 .collect();
-            let used: i64 = day_used.iter().sum();
+            let used = day_used
+                .iter()
+                .try_fold(0i64, |sum, d| sum.checked_add(*d))
+                .ok_or_else(overflow)?;
             let last_day = *self.days.last().expect("a month has days");
             let last = effective_limit(self.catalog, last_plan, overrides, &resource, start_of(last_day));
             let price_of = |l: &crate::usage::quota::EffectiveLimit| match l.enforcement {
@@ -194,15 +199,20 @@ impl<'a> InvoiceContext<'a> {
             };
             let (overage, amount_due) = match last.window {
                 Window::Month => {
-                    let over = last.limit.map_or(0, |cap| (used - cap.minor()).max(0));
+                    let over = last.limit.map_or(0, |cap| used.saturating_sub(cap.minor()).max(0));
                     (over, amount(over).to_decimal() * price_of(&last))
                 }
                 Window::Day => self.days.iter().zip(&plans).zip(&day_used).fold(
                     (0i64, Decimal::ZERO),
                     |(over_sum, due), ((day, plan), used_that_day)| {
                         let limit = effective_limit(self.catalog, plan, overrides, &resource, start_of(*day));
-                        let over = limit.limit.map_or(0, |cap| (used_that_day - cap.minor()).max(0));
-                        (over_sum + over, due + amount(over).to_decimal() * price_of(&limit))
+                        let over = limit
+                            .limit
+                            .map_or(0, |cap| used_that_day.saturating_sub(cap.minor()).max(0));
+                        (
+                            over_sum.saturating_add(over),
+                            due + amount(over).to_decimal() * price_of(&limit),
+                        )
                     },
                 ),
                 Window::Total => (0, Decimal::ZERO),
@@ -234,11 +244,11 @@ impl<'a> InvoiceContext<'a> {
             unit_price: String::new(),
             amount_due: total,
         });
-        Invoice {
+        Ok(Invoice {
             account: account.to_owned(),
             lines,
             total,
-        }
+        })
     }
 
     /// The month invoiced.
@@ -275,7 +285,7 @@ pub async fn for_each_invoice(
         .rev()
         .collect();
     let mut emit = |name: &str, rows: &[TotalRow]| -> anyhow::Result<()> {
-        let invoice = context.invoice(name, rows);
+        let invoice = context.invoice(name, rows)?;
         if !rows.is_empty() || !invoice.total.is_zero() {
             each(invoice)?;
         }

@@ -40,6 +40,16 @@ pub enum JobKind {
     MonthlyReports,
 }
 
+impl JobKind {
+    /// The name used in job files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Rollup => "rollup",
+            JobKind::MonthlyReports => "monthly_reports",
+        }
+    }
+}
+
 /// One scheduled job.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

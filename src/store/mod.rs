@@ -438,8 +438,9 @@ pub(crate) fn resolve_outcomes(
                     Err(conflict(index, entry, "an earlier entry of this batch"))
                 };
             }
-            let stored = existing.get(&key).ok_or_else(|| {
-                StoreError::Invalid(format!("entry {index}: neither inserted nor found; retry the request"))
+            let stored = existing.get(&key).ok_or_else(|| StoreError::IdempotencyConflict {
+                index,
+                message: "the idempotency key was taken by a concurrent request; retry to get its outcome".into(),
             })?;
             if entry.same_content_as(stored) && entry.reverses == stored.reverses {
                 Ok(InsertOutcome {

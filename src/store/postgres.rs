@@ -688,8 +688,10 @@ impl Store for PgStore {
         .bind(&response)
         .fetch_optional(&mut *tx)
         .await?;
-        let entry_id =
-            entry_id.ok_or_else(|| StoreError::Invalid("the idempotency key was taken concurrently; retry".into()))?;
+        let entry_id = entry_id.ok_or_else(|| StoreError::IdempotencyConflict {
+            index: 0,
+            message: "the idempotency key was taken by a concurrent request; retry to get its outcome".into(),
+        })?;
         tx.commit().await?;
         Ok(ConsumeResult::Recorded { entry_id, response })
     }

@@ -64,7 +64,7 @@ impl SqliteStore {
         let reader = SqlitePoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(30))
-            .connect_with(options.read_only(false))
+            .connect_with(options)
             .await?;
         Ok(Self {
             writer,
@@ -519,7 +519,10 @@ impl Store for SqliteStore {
         };
         let entry_id = insert_row(&mut tx, entry, to_micros(Utc::now()))
             .await?
-            .ok_or_else(|| StoreError::Invalid("the idempotency key was taken concurrently; retry".into()))?;
+            .ok_or_else(|| StoreError::IdempotencyConflict {
+                index: 0,
+                message: "the idempotency key was taken by a concurrent request; retry to get its outcome".into(),
+            })?;
         sqlx::query("INSERT INTO consume_outcomes (entry_id, response) VALUES (?, ?)")
             .bind(entry_id)
             .bind(&response)

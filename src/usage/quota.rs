@@ -341,11 +341,11 @@ impl Quotas<'_> {
             Ok(serde_json::json!({ "status": status, "warnings": warnings }).to_string())
         };
         match self.store.consume(entry, &period, &decide).await? {
-            ConsumeResult::Recorded { entry_id, response } => Ok(recorded(entry_id, &response, false)),
+            ConsumeResult::Recorded { entry_id, response } => Ok(recorded(entry_id, &response, false)?),
             ConsumeResult::Replayed {
                 entry_id,
                 response: Some(response),
-            } => Ok(recorded(entry_id, &response, true)),
+            } => Ok(recorded(entry_id, &response, true)?),
             ConsumeResult::Replayed {
                 entry_id,
                 response: None,
@@ -479,17 +479,21 @@ fn allows(limit: &EffectiveLimit, used: Amount, amount: Amount) -> bool {
     }
 }
 
-fn recorded(entry_id: i64, response: &str, replayed: bool) -> ConsumeOutcome {
+fn recorded(entry_id: i64, response: &str, replayed: bool) -> Result<ConsumeOutcome, StoreError> {
     #[derive(Deserialize)]
     struct Stored {
         status: QuotaStatus,
         warnings: Vec<Warning>,
     }
-    let stored: Stored = serde_json::from_str(response).expect("consume responses are written by this module");
-    ConsumeOutcome::Recorded {
+    let stored: Stored = serde_json::from_str(response).map_err(|e| {
+        StoreError::Invalid(format!(
+            "the stored outcome of consume entry {entry_id} cannot be read back: {e}"
+        ))
+    })?;
+    Ok(ConsumeOutcome::Recorded {
         status: stored.status,
         entry_id,
         warnings: stored.warnings,
         replayed,
-    }
+    })
 }

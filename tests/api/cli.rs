@@ -108,12 +108,18 @@ async fn import_follows_reversals_to_their_new_ids(app: TestApp) {
         format!(
             "id,account,resource,amount,occurred_at,recorded_at,idempotency_key,source,reverses,metadata\n\
              1,acme,api_requests,7,{at},,orig,,,\n\
-             2,acme,api_requests,-7,{at},,undo,reversal,1,\n"
+             2,acme,api_requests,-7,{at},,undo,reversal,1,\n\
+             3,acme,api_requests,-1,{at},,stray,reversal,999,\n"
         ),
     )
     .unwrap();
     let output = app.cli(&["import", file.to_str().unwrap()]);
-    assert!(output.status.success(), "{}", text(&output.stderr));
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("line 4: reverses 999, which is not an entry imported from this file"),
+        "{stderr}"
+    );
     let listed = app.get("/v1/accounts/acme/entries").await;
     let rows = listed.body["entries"].as_array().unwrap();
     assert_eq!(rows.len(), 2);

@@ -17,4 +17,6 @@ FROM (
       AND ($3::text IS NULL OR e.account = $3) AND ($4::text IS NULL OR e.resource = $4)
 ) AS combined
 GROUP BY account, resource, bucket
-ORDER BY account, resource, bucket
+-- COLLATE "C": byte order, the order Rust compares account names in when
+-- invoices merge this stream with the accounts that have a plan.
+ORDER BY account COLLATE "C", resource COLLATE "C", bucket

@@ -8,4 +8,5 @@ WHERE e.recorded_at <= $7
   AND ($3::text IS NULL OR e.account = $3) AND ($4::text IS NULL OR e.resource = $4)
   AND $1::date IS NOT NULL AND $2::date IS NOT NULL
 GROUP BY 1, 2, 3
-ORDER BY 1, 2, 3
+-- COLLATE "C": byte order, as Rust compares account names (see export_totals.sql).
+ORDER BY e.account COLLATE "C", e.resource COLLATE "C", 3
