@@ -634,6 +634,20 @@ async fn bad_quota_and_account_input_is_refused_and_writes_nothing(app: TestApp)
             422,
             "validation_failed",
         ),
+        (
+            "GET",
+            "/v1/accounts/acme/usage?at=%2B262142-12-31",
+            Value::Null,
+            422,
+            "validation_failed",
+        ),
+        (
+            "POST",
+            "/v1/quota/check",
+            json!({"account": "acme", "resource": "llm_tokens", "at": "+262142-12-31T00:00:00Z"}),
+            422,
+            "validation_failed",
+        ),
     ];
     for (method, path, body, status, code) in cases {
         let body = (!body.is_null()).then(|| body.to_string());
