@@ -60,7 +60,7 @@ use crate::telemetry::Metrics;
 /// Target ratio of Tally's export rate to the baseline's.
 pub const TARGET_RATIO: f64 = 0.8;
 /// Target ceiling of the exporting process's peak resident set, MiB.
-pub const TARGET_PEAK_RSS_MIB: f64 = 100.0;
+pub const TARGET_PEAK_RSS_MIB: u64 = 100;
 
 /// GNU time, used for the child's peak RSS when present.
 const GNU_TIME: &str = "/usr/bin/time";
@@ -160,8 +160,9 @@ impl Side {
         rate(self.rows, self.elapsed)
     }
 
-    fn peak_rss_mib(&self) -> f64 {
-        self.peak_rss_kib as f64 / 1024.0
+    /// Peak RSS in MiB, for printing (one decimal, integer arithmetic).
+    fn peak_rss_mib(&self) -> String {
+        format!("{}.{}", self.peak_rss_kib / 1024, self.peak_rss_kib % 1024 * 10 / 1024)
     }
 }
 
@@ -188,7 +189,7 @@ impl KindReport {
     }
 
     fn rss_met(&self) -> bool {
-        self.tally.peak_rss_mib() < TARGET_PEAK_RSS_MIB
+        self.tally.peak_rss_kib < TARGET_PEAK_RSS_MIB * 1024
     }
 }
 
@@ -278,7 +279,7 @@ pub async fn run(args: &ExportArgs) -> anyhow::Result<ExitCode> {
         for kind in &report.kinds {
             all_met &= kind.ratio_met() && kind.rss_met();
             line.push_str(&format!(
-                "  {}: {:.0} rows/s ratio={:.2} (target ≥ {TARGET_RATIO:.2}: {}) peak_rss={:.1} MiB (target < {TARGET_PEAK_RSS_MIB:.0}: {})",
+                "  {}: {:.0} rows/s ratio={:.2} (target ≥ {TARGET_RATIO:.2}: {}) peak_rss={} MiB (target < {TARGET_PEAK_RSS_MIB}: {})",
                 kind.kind.name(),
                 kind.tally.rows_per_sec(),
                 kind.ratio(),
@@ -415,7 +416,7 @@ async fn run_engine(
             let measured = measure(baseline_command(&target, kind, range, &path)?, rss_source).await?;
             let baseline = inspect(&measured, &path, kind, false, expected)?;
             eprintln!(
-                "[{engine}] {} run {run}: tally {:.2} s {:.1} MiB, baseline {:.2} s {:.1} MiB",
+                "[{engine}] {} run {run}: tally {:.2} s {} MiB, baseline {:.2} s {} MiB",
                 kind.name(),
                 secs(tally.elapsed),
                 tally.peak_rss_mib(),
@@ -615,8 +616,8 @@ fn measure_blocking(command: Command, rss_source: RssSource) -> anyhow::Result<R
             let fields: Vec<&str> = report.lines().last().unwrap_or_default().split_whitespace().collect();
             let (Some(Ok(peak_rss_kib)), Some(Ok(user_seconds)), Some(Ok(system_seconds))) = (
                 fields.first().map(|f| u64::from_str(f)),
-                fields.get(1).map(|f| f64::from_str(f)),
-                fields.get(2).map(|f| f64::from_str(f)),
+                fields.get(1).map(|seconds| f64::from_str(seconds)),
+                fields.get(2).map(|seconds| f64::from_str(seconds)),
             ) else {
                 bail!("unexpected /usr/bin/time report: {report:?}");
             };
@@ -779,12 +780,12 @@ fn print_report(args: &ExportArgs, cores: usize, rss_source: RssSource, tally_bi
                 .cpu_seconds
                 .map_or_else(|| "n/a".to_owned(), |cpu_seconds| format!("{cpu_seconds:.2} s"));
             println!(
-                "  {name:<8} {label:<9} {:>9.0} rows/s  ({:>6.2} s, cpu {cpu}, {} rows, {:.0} MiB file)  \
-                 peak RSS {:>6.1} MiB  [{method}]",
+                "  {name:<8} {label:<9} {:>9.0} rows/s  ({:>6.2} s, cpu {cpu}, {} rows, {} MiB file)  \
+                 peak RSS {:>6} MiB  [{method}]",
                 side.rows_per_sec(),
                 secs(side.elapsed),
                 side.rows,
-                side.file_bytes as f64 / (1024.0 * 1024.0),
+                side.file_bytes / (1024 * 1024),
                 side.peak_rss_mib(),
             );
         }
