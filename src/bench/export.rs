@@ -176,9 +176,9 @@ struct KindReport {
 
 impl KindReport {
     fn ratio(&self) -> f64 {
-        let baseline_rate = self.baseline.rows_per_sec();
-        if baseline_rate > 0.0 {
-            self.tally.rows_per_sec() / baseline_rate
+        let baseline_rows_per_sec = self.baseline.rows_per_sec();
+        if baseline_rows_per_sec > 0.0 {
+            self.tally.rows_per_sec() / baseline_rows_per_sec
         } else {
             0.0
         }

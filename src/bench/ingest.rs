@@ -87,22 +87,22 @@ pub struct EngineReport {
 
 impl EngineReport {
     /// Tally's entries per second.
-    pub fn tally_rate(&self) -> f64 {
+    pub fn tally_rows_per_sec(&self) -> f64 {
         rate(self.entries, self.tally_elapsed)
     }
 
     /// The baseline's rows per second.
-    pub fn baseline_rate(&self) -> f64 {
+    pub fn baseline_rows_per_sec(&self) -> f64 {
         rate(self.entries, self.baseline_elapsed)
     }
 
     /// Tally's rate over the baseline's.
     pub fn ratio(&self) -> f64 {
-        ratio_of(self.tally_rate(), self.baseline_rate())
+        ratio_of(self.tally_rows_per_sec(), self.baseline_rows_per_sec())
     }
 
     /// The reference load's rows per second, if one ran.
-    pub fn reference_rate(&self) -> Option<f64> {
+    pub fn reference_rows_per_sec(&self) -> Option<f64> {
         self.reference_elapsed.map(|elapsed| rate(self.entries, elapsed))
     }
 
@@ -185,14 +185,14 @@ pub async fn run(args: &IngestArgs) -> anyhow::Result<ExitCode> {
         reports.push(report);
     }
 
-    let pg_baseline_rate = reports
+    let pg_baseline_rows_per_sec = reports
         .iter()
         .find(|r| r.engine == Engine::Postgres)
-        .map(EngineReport::baseline_rate);
+        .map(EngineReport::baseline_rows_per_sec);
     let mut all_met = true;
     println!();
     for report in &reports {
-        all_met &= print_summary(report, pg_baseline_rate);
+        all_met &= print_summary(report, pg_baseline_rows_per_sec);
     }
     std::io::stdout().flush().ok();
     Ok(if args.check && !all_met {
@@ -550,38 +550,38 @@ fn print_report(args: &IngestArgs, cores: usize, report: &EngineReport) {
     println!("  settings  {}", report.settings());
     println!(
         "  tally    {:>8.0} entries/s  ({tally_seconds:.2} s)  [HTTP, POST /v1/entries]",
-        report.tally_rate()
+        report.tally_rows_per_sec()
     );
     println!(
         "  baseline {:>8.0} rows/s     ({baseline_seconds:.2} s)  [{}]",
-        report.baseline_rate(),
+        report.baseline_rows_per_sec(),
         report.baseline_method()
     );
     println!("  ratio    {:>8.2} × baseline", report.ratio());
-    if let (Some(reference_rate), Some(elapsed)) = (report.reference_rate(), report.reference_elapsed) {
+    if let (Some(reference_rows_per_sec), Some(elapsed)) = (report.reference_rows_per_sec(), report.reference_elapsed) {
         let reference_seconds = elapsed.as_secs_f64();
         println!(
-            "  reference {reference_rate:>7.0} rows/s     ({reference_seconds:.2} s)  [not a target: one transaction, \
+            "  reference {reference_rows_per_sec:>7.0} rows/s     ({reference_seconds:.2} s)  [not a target: one transaction, \
              one prepared statement, {SQLITE_ROWS_PER_STATEMENT} rows per execution; tally = {:.2} × this]",
-            ratio_of(report.tally_rate(), reference_rate)
+            ratio_of(report.tally_rows_per_sec(), reference_rows_per_sec)
         );
     }
     std::io::stdout().flush().ok();
 }
 
 /// Prints one engine's summary line; returns whether every target is met.
-fn print_summary(report: &EngineReport, pg_baseline_rate: Option<f64>) -> bool {
-    let tally_rate = report.tally_rate();
+fn print_summary(report: &EngineReport, pg_baseline_rows_per_sec: Option<f64>) -> bool {
+    let tally_rows_per_sec = report.tally_rows_per_sec();
     let target_rate = TARGET_ENTRIES_PER_SEC as f64;
-    let rate_met = tally_rate >= target_rate;
+    let rate_met = tally_rows_per_sec >= target_rate;
     let rate_verdict = if rate_met {
-        format!("met (+{:.0}%)", (tally_rate / target_rate - 1.0) * 100.0)
+        format!("met (+{:.0}%)", (tally_rows_per_sec / target_rate - 1.0) * 100.0)
     } else {
-        format!("NOT met ({:.0}% of target)", tally_rate / target_rate * 100.0)
+        format!("NOT met ({:.0}% of target)", tally_rows_per_sec / target_rate * 100.0)
     };
-    let (pg_ratio_text, pg_ratio_met) = match pg_baseline_rate {
-        Some(baseline_rate) => {
-            let pg_ratio = ratio_of(tally_rate, baseline_rate);
+    let (pg_ratio_text, pg_ratio_met) = match pg_baseline_rows_per_sec {
+        Some(baseline_rows_per_sec) => {
+            let pg_ratio = ratio_of(tally_rows_per_sec, baseline_rows_per_sec);
             let met = pg_ratio >= 1.0;
             let verdict = if met { "met" } else { "NOT met" };
             (format!("{pg_ratio:.2} (target ≥ 1.00: {verdict})"), met)
@@ -592,7 +592,7 @@ fn print_summary(report: &EngineReport, pg_baseline_rate: Option<f64>) -> bool {
         "summary engine={:<8} tally={:.0} entries/s (target ≥ {TARGET_ENTRIES_PER_SEC}: {rate_verdict})  \
          ratio_vs_own_baseline={:.2}  ratio_vs_pg_baseline={pg_ratio_text}",
         report.engine.name(),
-        tally_rate,
+        tally_rows_per_sec,
         report.ratio(),
     );
     rate_met && pg_ratio_met

@@ -114,18 +114,18 @@ struct FoldReport {
 }
 
 impl FoldReport {
-    fn tally_rate(&self) -> f64 {
+    fn tally_rows_per_sec(&self) -> f64 {
         rate(self.rows, self.tally_elapsed)
     }
 
-    fn baseline_rate(&self) -> f64 {
+    fn baseline_rows_per_sec(&self) -> f64 {
         rate(self.rows, self.baseline_daily + self.baseline_monthly)
     }
 
     fn ratio(&self) -> f64 {
-        let baseline_rate = self.baseline_rate();
-        if baseline_rate > 0.0 {
-            self.tally_rate() / baseline_rate
+        let baseline_rows_per_sec = self.baseline_rows_per_sec();
+        if baseline_rows_per_sec > 0.0 {
+            self.tally_rows_per_sec() / baseline_rows_per_sec
         } else {
             0.0
         }
@@ -151,15 +151,15 @@ pub async fn run(args: &RollupArgs) -> anyhow::Result<ExitCode> {
     }
     println!();
     for report in &reports {
-        let tally_rate = report.tally_rate();
-        let rate_met = tally_rate >= TARGET_ENTRIES_PER_SEC as f64;
+        let tally_rows_per_sec = report.tally_rows_per_sec();
+        let rate_met = tally_rows_per_sec >= TARGET_ENTRIES_PER_SEC as f64;
         let ratio_met = report.ratio() >= TARGET_RATIO;
         all_met &= rate_met && ratio_met;
         println!(
-            "summary engine={:<8} tally={tally_rate:.0} entries/s (target ≥ {TARGET_ENTRIES_PER_SEC}: {})  \
+            "summary engine={:<8} tally={tally_rows_per_sec:.0} entries/s (target ≥ {TARGET_ENTRIES_PER_SEC}: {})  \
              ratio={:.2} (target ≥ {TARGET_RATIO:.2}: {})",
             report.engine.name(),
-            verdict(rate_met, tally_rate / TARGET_ENTRIES_PER_SEC as f64),
+            verdict(rate_met, tally_rows_per_sec / TARGET_ENTRIES_PER_SEC as f64),
             report.ratio(),
             verdict(ratio_met, report.ratio() / TARGET_RATIO),
         );
@@ -441,14 +441,14 @@ fn print_fold_report(args: &RollupArgs, cores: usize, report: &FoldReport) {
     );
     println!(
         "  tally    {:>9.0} entries/s  ({:.2} s, {} batches)  [jobs::rollup::run]",
-        report.tally_rate(),
+        report.tally_rows_per_sec(),
         secs(report.tally_elapsed),
         report.tally_batches
     );
     println!(
         "  baseline {:>9.0} rows/s     ({:.2} s = daily {:.2} s + monthly {:.2} s; {} daily rows, {} monthly rows)  \
          [one INSERT … SELECT … GROUP BY … ON CONFLICT DO UPDATE per table]",
-        report.baseline_rate(),
+        report.baseline_rows_per_sec(),
         secs(report.baseline_daily + report.baseline_monthly),
         secs(report.baseline_daily),
         secs(report.baseline_monthly),
