@@ -78,6 +78,20 @@ impl SqliteStore {
         &self.reader
     }
 
+    /// An override row with its account.
+    fn override_from_row(&self, row: OverrideRow) -> (String, Override) {
+        let decimals = self.catalog.decimals(&row.resource);
+        let value = Override {
+            limit: row.limit_amount.map(|minor| Amount::from_minor(minor, decimals)),
+            resource: ResourceName::from_stored(row.resource),
+            enforcement: row.enforcement.as_deref().and_then(Enforcement::parse),
+            window: row.limit_window.as_deref().and_then(Window::parse),
+            expires_at: row.expires_at.map(from_micros),
+            updated_at: from_micros(row.updated_at),
+        };
+        (row.account, value)
+    }
+
     fn entry_from_row(&self, row: EntryRow) -> Entry {
         let decimals = self.catalog.decimals(&row.resource);
         Entry {
@@ -459,26 +473,13 @@ impl Store for SqliteStore {
 
     async fn overrides(&self, account: &AccountId) -> Result<Vec<Override>, StoreError> {
         let rows: Vec<OverrideRow> = sqlx::query_as(
-            "SELECT resource, limit_amount, enforcement, limit_window, expires_at, updated_at
+            "SELECT account, resource, limit_amount, enforcement, limit_window, expires_at, updated_at
              FROM account_overrides WHERE account = ? ORDER BY resource",
         )
         .bind(account.as_str())
         .fetch_all(&self.reader)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|row| {
-                let decimals = self.catalog.decimals(&row.resource);
-                Override {
-                    limit: row.limit_amount.map(|minor| Amount::from_minor(minor, decimals)),
-                    resource: ResourceName::from_stored(row.resource),
-                    enforcement: row.enforcement.as_deref().and_then(Enforcement::parse),
-                    window: row.limit_window.as_deref().and_then(Window::parse),
-                    expires_at: row.expires_at.map(from_micros),
-                    updated_at: from_micros(row.updated_at),
-                }
-            })
-            .collect())
+        Ok(rows.into_iter().map(|row| self.override_from_row(row).1).collect())
     }
 
     async fn used(&self, account: &AccountId, resource: &ResourceName, period: &Period) -> Result<i64, StoreError> {
@@ -617,17 +618,13 @@ impl Store for SqliteStore {
     }
 
     async fn all_overrides(&self) -> Result<Vec<(String, Override)>, StoreError> {
-        let accounts: Vec<String> =
-            sqlx::query_scalar("SELECT DISTINCT account FROM account_overrides ORDER BY account")
-                .fetch_all(&self.reader)
-                .await?;
-        let mut all = Vec::new();
-        for account in accounts {
-            for o in self.overrides(&AccountId::from_stored(account.clone())).await? {
-                all.push((account.clone(), o));
-            }
-        }
-        Ok(all)
+        let rows: Vec<OverrideRow> = sqlx::query_as(
+            "SELECT account, resource, limit_amount, enforcement, limit_window, expires_at, updated_at
+             FROM account_overrides ORDER BY account, resource",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows.into_iter().map(|row| self.override_from_row(row)).collect())
     }
 }
 
@@ -803,6 +800,7 @@ async fn used_on(
 
 #[derive(FromRow)]
 struct OverrideRow {
+    account: String,
     resource: String,
     limit_amount: Option<i64>,
     enforcement: Option<String>,
