@@ -17,7 +17,8 @@
 //! 3. **Baseline**, on the copy: one `INSERT … SELECT … GROUP BY …
 //!    ON CONFLICT DO UPDATE` for the days and one for the months, over every
 //!    row, into plain tables with the same primary keys, using the same bucket
-//!    expressions as Tally's `rollup_daily.sql` / `rollup_monthly.sql`.
+//!    expressions as Tally's `rollup_fold.sql` (SQLite: `rollup_daily.sql` /
+//!    `rollup_monthly.sql`).
 //!
 //! `rollup-lag`, per engine: Tally in-process with its scheduled jobs (the
 //! rollup every 10 s), entries posted at a steady `--rate` for
@@ -67,6 +68,10 @@ pub struct RollupArgs {
     /// Rows per rollup batch (one transaction each).
     #[arg(long, default_value_t = DEFAULT_BATCH, value_parser = clap::value_parser!(u32).range(1..))]
     pub batch_size: u32,
+    /// The most rows a batch grows to while catching up (default: the
+    /// engine's bound, as `tally rollup` uses).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_batch_size: Option<u32>,
     /// Also run `Store::verify_totals` (a full recomputation) after folding.
     #[arg(long)]
     pub verify: bool,
@@ -282,11 +287,13 @@ async fn fold_with_tally(
     let options = RollupOptions {
         batch_size: args.batch_size,
         failpoint: None,
-        max_batch_size: crate::jobs::rollup::DEFAULT_MAX_BATCH,
+        max_batch_size: args.max_batch_size,
     };
     eprintln!(
-        "[{engine}] Tally: folding {} rows in batches of {}…",
-        args.rows, args.batch_size
+        "[{engine}] Tally: folding {} rows, first batch {}, growing to the backlog up to {}…",
+        args.rows,
+        args.batch_size,
+        args.max_batch_size.unwrap_or_else(|| store.rollup_batch_cap())
     );
     let start = Instant::now();
     let report = crate::jobs::rollup::run(store.as_ref(), &options, &Metrics::default()).await?;
@@ -430,8 +437,14 @@ fn print_fold_report(args: &RollupArgs, cores: usize, report: &FoldReport) {
     };
     println!();
     println!(
-        "rollup  engine={}  rows={} accounts={} days={} batch_size={} cores={cores}",
-        report.engine, report.rows, args.accounts, args.days, args.batch_size
+        "rollup  engine={}  rows={} accounts={} days={} batch_size={} max_batch_size={} cores={cores}",
+        report.engine,
+        report.rows,
+        args.accounts,
+        args.days,
+        args.batch_size,
+        args.max_batch_size
+            .map_or_else(|| "engine default".to_owned(), |cap| cap.to_string()),
     );
     println!("  settings  {settings}");
     println!(

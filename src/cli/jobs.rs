@@ -15,9 +15,10 @@ pub struct RollupArgs {
     /// Ledger rows in the first batch (one transaction each).
     #[arg(long, default_value_t = rollup::DEFAULT_BATCH)]
     batch_size: u32,
-    /// The most rows a batch grows to while catching up (each full batch doubles the next).
-    #[arg(long, default_value_t = rollup::DEFAULT_MAX_BATCH)]
-    max_batch_size: u32,
+    /// The most rows a batch grows to while catching up (default: the engine's
+    /// bound, 1 000 000 on SQLite, 10 000 000 on PostgreSQL).
+    #[arg(long)]
+    max_batch_size: Option<u32>,
     /// Test hook: STAGE:BATCH[:abort] with STAGE before_commit or after_commit.
     #[arg(long, env = "TALLY_FAILPOINT", hide = true)]
     failpoint: Option<String>,

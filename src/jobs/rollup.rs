@@ -12,11 +12,6 @@ use crate::telemetry::Metrics;
 /// behind it on SQLite) short when the rollup keeps up.
 pub const DEFAULT_BATCH: u32 = 50_000;
 
-/// The largest batch a run grows to while it catches up (each full batch
-/// doubles the next). A batch upserts into pages spread over the whole totals
-/// table, so the pages written per row fall as batches grow.
-pub const DEFAULT_MAX_BATCH: u32 = 1_000_000;
-
 /// Where a deliberate failure is injected (tests and `TALLY_FAILPOINT`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Failpoint {
@@ -90,8 +85,9 @@ impl Failpoint {
 pub struct RollupOptions {
     /// Rows in the first batch.
     pub batch_size: u32,
-    /// The most rows a batch grows to while catching up.
-    pub max_batch_size: u32,
+    /// The most rows a batch grows to while catching up; `None` takes the
+    /// engine's own bound ([`Store::rollup_batch_cap`]).
+    pub max_batch_size: Option<u32>,
     /// An injected failure, for tests.
     pub failpoint: Option<Failpoint>,
 }
@@ -100,7 +96,7 @@ impl Default for RollupOptions {
     fn default() -> Self {
         Self {
             batch_size: DEFAULT_BATCH,
-            max_batch_size: DEFAULT_MAX_BATCH,
+            max_batch_size: None,
             failpoint: None,
         }
     }
@@ -139,8 +135,17 @@ pub async fn run(store: &dyn Store, options: &RollupOptions, metrics: &Metrics) 
         entries: 0,
         elapsed: Duration::ZERO,
     };
-    let mut batch_size = options.batch_size.max(1);
+    let cap = options
+        .max_batch_size
+        .unwrap_or_else(|| store.rollup_batch_cap())
+        .max(1);
+    let mut last_full_batch = 0;
     let result = loop {
+        let backlog = match store.unfolded_estimate().await {
+            Ok(backlog) => backlog,
+            Err(e) => break Err(e),
+        };
+        let batch_size = next_batch_size(backlog, options.batch_size, last_full_batch, cap);
         let batch_no = report.batches + 1;
         let failpoint = options.failpoint;
         let before_commit = move || failpoint.map_or(Ok(()), |f| f.fire(batch_no, Stage::BeforeCommit));
@@ -158,8 +163,7 @@ pub async fn run(store: &dyn Store, options: &RollupOptions, metrics: &Metrics) 
                 if folded < u64::from(batch_size) {
                     break Ok(());
                 }
-                // Behind: the next batch may be larger.
-                batch_size = batch_size.saturating_mul(2).min(options.max_batch_size.max(batch_size));
+                last_full_batch = batch_size;
             }
             Err(e) => break Err(e),
         }
@@ -178,5 +182,36 @@ pub async fn run(store: &dyn Store, options: &RollupOptions, metrics: &Metrics) 
             tracing::error!(entries = report.entries, error = %e, "rollup failed after {report}: {e}");
             Err(e)
         }
+    }
+}
+
+/// The size of the next batch. A batch costs about one pass over the totals
+/// it touches, however few rows it folds, so a batch takes the whole backlog:
+/// at least `floor`, and twice the last full batch should the estimate run
+/// low, but never more than `cap`.
+fn next_batch_size(backlog: u64, floor: u32, last_full_batch: u32, cap: u32) -> u32 {
+    let wanted = backlog
+        .max(u64::from(floor))
+        .max(u64::from(last_full_batch) * 2)
+        .min(u64::from(cap))
+        .max(1);
+    u32::try_from(wanted).unwrap_or(cap)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_batch_size;
+
+    #[test]
+    fn a_batch_takes_the_backlog_between_the_floor_and_the_cap() {
+        assert_eq!(next_batch_size(120, 50_000, 0, 1_000_000), 50_000);
+        assert_eq!(next_batch_size(700_000, 50_000, 0, 1_000_000), 700_000);
+        assert_eq!(next_batch_size(9_000_000, 50_000, 0, 1_000_000), 1_000_000);
+    }
+
+    #[test]
+    fn an_estimate_running_low_still_doubles_the_last_full_batch() {
+        assert_eq!(next_batch_size(10, 50_000, 50_000, 1_000_000), 100_000);
+        assert_eq!(next_batch_size(10, 10, 10, 10), 10);
     }
 }

@@ -120,6 +120,13 @@ pub trait Store: Send + Sync + 'static {
     /// commit; an error from it rolls the batch back (tests use it as a failpoint).
     async fn rollup_batch(&self, max_entries: u32, before_commit: &BeforeCommit) -> Result<u64, StoreError>;
 
+    /// About how many ledger rows the rollup has not folded yet (cheap: from
+    /// the ids, not a count), to size the next batch.
+    async fn unfolded_estimate(&self) -> Result<u64, StoreError>;
+
+    /// The most rows one rollup batch (one transaction) folds on this engine.
+    fn rollup_batch_cap(&self) -> u32;
+
     /// When the oldest ledger row not yet folded was recorded (None: caught up).
     async fn oldest_unfolded(&self) -> Result<Option<DateTime<Utc>>, StoreError>;
 

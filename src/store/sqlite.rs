@@ -337,6 +337,24 @@ impl Store for SqliteStore {
         Ok(size as u64)
     }
 
+    async fn unfolded_estimate(&self) -> Result<u64, StoreError> {
+        // AUTOINCREMENT ids follow commit order: the ids past the cursor are
+        // the backlog, less any ids a rolled-back insert burned.
+        let backlog: i64 = sqlx::query_scalar(
+            "SELECT (SELECT COALESCE(MAX(id), 0) FROM entries)
+                  - (SELECT last_id FROM rollup_cursor WHERE name = 'rollup')",
+        )
+        .fetch_one(&self.reader)
+        .await?;
+        Ok(u64::try_from(backlog).unwrap_or(0))
+    }
+
+    fn rollup_batch_cap(&self) -> u32 {
+        // A batch holds SQLite's one write lock from start to commit, and
+        // posts wait behind it: a million rows is a few seconds here.
+        1_000_000
+    }
+
     async fn oldest_unfolded(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
         let oldest: Option<i64> = sqlx::query_scalar(
             "SELECT recorded_at FROM entries

@@ -147,7 +147,7 @@ async fn a_failure_before_a_commit_leaves_totals_exact_after_the_next_run(app: T
     let expected = twenty_five_entries(&app).await;
     let failing = RollupOptions {
         batch_size: 10,
-        max_batch_size: 10,
+        max_batch_size: Some(10),
         failpoint: Some(Failpoint {
             batch: 2,
             stage: Stage::BeforeCommit,
@@ -171,7 +171,7 @@ async fn a_failure_between_batches_leaves_totals_exact_after_the_next_run(app: T
     let expected = twenty_five_entries(&app).await;
     let failing = RollupOptions {
         batch_size: 10,
-        max_batch_size: 10,
+        max_batch_size: Some(10),
         failpoint: Some(Failpoint {
             batch: 2,
             stage: Stage::AfterCommit,
@@ -248,7 +248,7 @@ async fn concurrent_rollups_never_double_count(app: TestApp) {
                 app.rollup_with(RollupOptions {
                     batch_size: 37,
                     failpoint: None,
-                    max_batch_size: tally::jobs::rollup::DEFAULT_MAX_BATCH,
+                    max_batch_size: None,
                 })
                 .await
                 .unwrap()
@@ -292,7 +292,7 @@ async fn usage_is_exact_at_any_instant_while_posting_and_rolling_up(app: TestApp
                 app.rollup_with(RollupOptions {
                     batch_size: 17,
                     failpoint: None,
-                    max_batch_size: tally::jobs::rollup::DEFAULT_MAX_BATCH,
+                    max_batch_size: None,
                 })
                 .await
                 .unwrap();
@@ -349,7 +349,7 @@ async fn random_interleavings_of_posting_and_rolling_up_keep_totals_equal_to_the
                     app.rollup_with(RollupOptions {
                         batch_size: 7,
                         failpoint: None,
-                        max_batch_size: tally::jobs::rollup::DEFAULT_MAX_BATCH,
+                        max_batch_size: None,
                     })
                     .await
                     .unwrap();
