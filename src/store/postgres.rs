@@ -420,22 +420,40 @@ impl Store for PgStore {
         )
         .fetch_one(&mut *tx)
         .await?;
-        let batch: Option<(String, i64, i64)> = sqlx::query_as(include_str!("sql/postgres/rollup_next_batch.sql"))
-            .bind(&last_tx)
-            .bind(last_id)
-            .bind(&watermark)
-            .bind(i64::from(max_entries))
-            .fetch_optional(&mut *tx)
+        // A backlog that fits in the batch (the usual case: the caller sizes
+        // batches to it) ends at the last foldable row, found in one index
+        // step; a larger one is walked to its max_entries-th row. Ids only
+        // size the batch: whatever its end, it folds exactly the rows up to it.
+        let newest_id: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM entries")
+            .fetch_one(&mut *tx)
             .await?;
-        let Some((upper_tx, upper_id, size)) = batch else {
+        let mut upper: Option<(String, i64)> = None;
+        if newest_id - last_id > i64::from(max_entries) {
+            upper = sqlx::query_as(include_str!("sql/postgres/rollup_next_batch.sql"))
+                .bind(&last_tx)
+                .bind(last_id)
+                .bind(&watermark)
+                .bind(i64::from(max_entries))
+                .fetch_optional(&mut *tx)
+                .await?;
+        }
+        if upper.is_none() {
+            upper = sqlx::query_as(include_str!("sql/postgres/rollup_last_foldable.sql"))
+                .bind(&last_tx)
+                .bind(last_id)
+                .bind(&watermark)
+                .fetch_optional(&mut *tx)
+                .await?;
+        }
+        let Some((upper_tx, upper_id)) = upper else {
             return Ok(0);
         };
-        sqlx::query(include_str!("sql/postgres/rollup_fold.sql"))
+        let folded: i64 = sqlx::query_scalar(include_str!("sql/postgres/rollup_fold.sql"))
             .bind(&last_tx)
             .bind(last_id)
             .bind(&upper_tx)
             .bind(upper_id)
-            .execute(&mut *tx)
+            .fetch_one(&mut *tx)
             .await?;
         sqlx::query(
             "UPDATE rollup_cursor SET last_tx = $1::text::xid8, last_id = $2, updated_at = now() WHERE name = 'rollup'",
@@ -446,7 +464,7 @@ impl Store for PgStore {
         .await?;
         before_commit()?;
         tx.commit().await?;
-        Ok(size as u64)
+        Ok(u64::try_from(folded).unwrap_or(0))
     }
 
     async fn unfolded_estimate(&self) -> Result<u64, StoreError> {

@@ -8,6 +8,7 @@
 -- share of them; in key order each index and heap page is visited once per
 -- batch, not once per row.
 -- SUM(bigint)::bigint and bigint + bigint raise on overflow rather than wrap.
+-- Returns the number of ledger rows folded.
 WITH daily AS MATERIALIZED (
     SELECT account, resource, (occurred_at AT TIME ZONE 'UTC')::date AS day,
            SUM(amount)::bigint AS amount, COUNT(*) AS entries
@@ -22,12 +23,15 @@ folded_days AS (
     ON CONFLICT (account, resource, day) DO UPDATE
     SET amount = t.amount + excluded.amount,
         entries = t.entries + excluded.entries
+),
+folded_months AS (
+    INSERT INTO monthly_totals AS t (account, resource, month, amount, entries)
+    SELECT account, resource, date_trunc('month', day::timestamp)::date, SUM(amount)::bigint, SUM(entries)::bigint
+    FROM daily
+    GROUP BY 1, 2, 3
+    ORDER BY 1, 2, 3
+    ON CONFLICT (account, resource, month) DO UPDATE
+    SET amount = t.amount + excluded.amount,
+        entries = t.entries + excluded.entries
 )
-INSERT INTO monthly_totals AS t (account, resource, month, amount, entries)
-SELECT account, resource, date_trunc('month', day::timestamp)::date, SUM(amount)::bigint, SUM(entries)::bigint
-FROM daily
-GROUP BY 1, 2, 3
-ORDER BY 1, 2, 3
-ON CONFLICT (account, resource, month) DO UPDATE
-SET amount = t.amount + excluded.amount,
-    entries = t.entries + excluded.entries
+SELECT COALESCE(SUM(entries), 0)::bigint AS folded FROM daily
