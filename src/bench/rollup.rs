@@ -202,67 +202,61 @@ fn ledger(args: &RollupArgs) -> SqlLedger {
 
 async fn fold_on(args: &RollupArgs, engine: Engine) -> anyhow::Result<FoldReport> {
     let ledger = ledger(args);
-    match engine {
+    // Each arm generates the ledger, copies it for the baseline, folds it
+    // with Tally and runs the baseline on the copy; the scratch database
+    // lives until the arm ends.
+    let (generate_elapsed, (tally_elapsed, tally_batches, verified), baseline) = match engine {
         Engine::Sqlite => {
             let scratch = SqliteScratch::new()?;
             let url = scratch.url("rollup.db");
-            drop(open(&url).await?);
-            eprintln!("[sqlite] generating {} ledger rows…", args.rows);
-            let generate_elapsed = fill_ledger(&url, &ledger, true).await?;
-            eprintln!(
-                "[sqlite] generated in {:.1} s; copying the file for the baseline…",
-                secs(generate_elapsed)
-            );
+            let generate_elapsed = generate(engine, &url, &ledger).await?;
             std::fs::copy(scratch.path("rollup.db"), scratch.path("baseline.db")).context("copying the database")?;
-            let (tally_elapsed, tally_batches, verified) = fold_with_tally(args, engine, &url).await?;
+            let tally = fold_with_tally(args, engine, &url).await?;
             let mut conn = scratch.connect("baseline.db").await?;
             let baseline = sqlite_baseline(&mut conn).await?;
             conn.close().await.ok();
-            Ok(FoldReport {
-                engine,
-                rows: args.rows,
-                generate_elapsed,
-                tally_elapsed,
-                tally_batches,
-                baseline_daily: baseline.0,
-                baseline_monthly: baseline.1,
-                daily_rows: baseline.2,
-                monthly_rows: baseline.3,
-                verified,
-            })
+            (generate_elapsed, tally, baseline)
         }
         Engine::Postgres => {
             eprintln!("[postgres] starting a throwaway cluster ({PG_CLUSTER_SETTINGS})…");
             let pg = PgScratch::start().await?;
             let url = pg.create_database().await?;
-            drop(open(&url).await?);
-            eprintln!("[postgres] generating {} ledger rows…", args.rows);
-            let generate_elapsed = fill_ledger(&url, &ledger, true).await?;
-            eprintln!(
-                "[postgres] generated in {:.1} s; copying the database for the baseline…",
-                secs(generate_elapsed)
-            );
+            let generate_elapsed = generate(engine, &url, &ledger).await?;
             let baseline_url = pg.clone_database(&url).await?;
             pg.checkpoint().await?;
-            let (tally_elapsed, tally_batches, verified) = fold_with_tally(args, engine, &url).await?;
+            let tally = fold_with_tally(args, engine, &url).await?;
             pg.checkpoint().await?;
             let mut conn = sqlx::PgConnection::connect(&baseline_url).await?;
             let baseline = pg_baseline(&mut conn).await?;
             conn.close().await.ok();
-            Ok(FoldReport {
-                engine,
-                rows: args.rows,
-                generate_elapsed,
-                tally_elapsed,
-                tally_batches,
-                baseline_daily: baseline.0,
-                baseline_monthly: baseline.1,
-                daily_rows: baseline.2,
-                monthly_rows: baseline.3,
-                verified,
-            })
+            (generate_elapsed, tally, baseline)
         }
-    }
+    };
+    Ok(FoldReport {
+        engine,
+        rows: args.rows,
+        generate_elapsed,
+        tally_elapsed,
+        tally_batches,
+        baseline_daily: baseline.0,
+        baseline_monthly: baseline.1,
+        daily_rows: baseline.2,
+        monthly_rows: baseline.3,
+        verified,
+    })
+}
+
+/// Migrates an empty database and fills its ledger; returns how long the
+/// filling took.
+async fn generate(engine: Engine, url: &str, ledger: &SqlLedger) -> anyhow::Result<Duration> {
+    drop(open(url).await?);
+    eprintln!("[{engine}] generating {} ledger rows…", ledger.count);
+    let generate_elapsed = fill_ledger(url, ledger, true).await?;
+    eprintln!(
+        "[{engine}] generated in {:.1} s; copying the database for the baseline…",
+        secs(generate_elapsed)
+    );
+    Ok(generate_elapsed)
 }
 
 fn secs(elapsed: Duration) -> f64 {
