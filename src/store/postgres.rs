@@ -19,9 +19,11 @@ use futures_util::stream::BoxStream;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{FromRow, PgPool, Postgres, QueryBuilder};
 
+use super::settled::{Settled, SettledSums, bounds};
 use super::{
-    Backend, BeforeCommit, ConsumeDecider, ConsumeResult, ExportFilter, JobLock, NewApiKey, Store, StoreError,
-    TotalMismatch, TotalRow, diff_totals, natural_key, replay, resolve_outcomes, totals_sql,
+    Backend, BeforeCommit, ConsumeDecider, ConsumeResult, ConsumeRules, DecidedConsume, ExportFilter, JobLock,
+    NewApiKey, Store, StoreError, TotalMismatch, TotalRow, diff_totals, natural_key, replay, resolve_outcomes,
+    totals_sql,
 };
 use crate::domain::{
     AccountId, Amount, ApiKey, Catalog, Entry, EntryFilter, IdempotencyKey, InsertOutcome, NewEntry, ResourceName, Role,
@@ -31,6 +33,8 @@ use crate::domain::{
 pub struct PgStore {
     pool: PgPool,
     catalog: Arc<Catalog>,
+    /// Settled sums behind `used` (see [`super::settled`]).
+    settled: SettledSums,
 }
 
 impl PgStore {
@@ -42,7 +46,11 @@ impl PgStore {
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options.application_name("tally"))
             .await?;
-        Ok(Self { pool, catalog })
+        Ok(Self {
+            pool,
+            catalog,
+            settled: SettledSums::default(),
+        })
     }
 
     /// The pool (for benchmarks and tests that inspect the database).
@@ -615,9 +623,133 @@ impl Store for PgStore {
         Ok(rows.into_iter().map(|row| self.override_from_row(row).1).collect())
     }
 
+    async fn plans_and_overrides(
+        &self,
+        account: &AccountId,
+    ) -> Result<(Vec<PlanAssignment>, Vec<Override>), StoreError> {
+        // One round trip: plan rows (kind 'p') then override rows (kind 'o').
+        let rows: Vec<PlanOrOverrideRow> = sqlx::query_as(
+            "SELECT 'p' AS kind, plan AS name, effective_at AS at, created_at AS stamp,
+                    NULL::bigint AS limit_amount, NULL::text AS enforcement, NULL::text AS limit_window, id
+               FROM account_plans WHERE account = $1
+             UNION ALL
+             SELECT 'o', resource, expires_at, updated_at, limit_amount, enforcement, limit_window, 0
+               FROM account_overrides WHERE account = $1
+             ORDER BY 1 DESC, 3, 8, 2",
+        )
+        .bind(account.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        let mut plans = Vec::new();
+        let mut overrides = Vec::new();
+        for row in rows {
+            if row.kind == "p" {
+                plans.push(PlanAssignment {
+                    plan: row.name,
+                    effective_at: row.at.unwrap_or_default(),
+                    created_at: row.stamp,
+                });
+            } else {
+                let (_, value) = self.override_from_row(OverrideRow {
+                    account: String::new(),
+                    resource: row.name,
+                    limit_amount: row.limit_amount,
+                    enforcement: row.enforcement,
+                    limit_window: row.limit_window,
+                    expires_at: row.at,
+                    updated_at: row.stamp,
+                });
+                overrides.push(value);
+            }
+        }
+        overrides.sort_by(|a, b| a.resource.as_str().cmp(b.resource.as_str()));
+        Ok((plans, overrides))
+    }
+
+    async fn consume_decided(
+        &self,
+        entry: &NewEntry,
+        rules: &ConsumeRules,
+    ) -> Result<Option<DecidedConsume>, StoreError> {
+        let likely = bounds(&rules.likely_period);
+        let known = self
+            .settled
+            .get(entry.account.as_str(), entry.resource.as_str(), likely);
+        let plans: Vec<&str> = rules.plans.iter().map(|r| r.plan.as_str()).collect();
+        let limits: Vec<Option<i64>> = rules.plans.iter().map(|r| r.limit).collect();
+        let enforcements: Vec<&str> = rules.plans.iter().map(|r| r.enforcement.as_str()).collect();
+        let windows: Vec<&str> = rules.plans.iter().map(|r| r.window.as_str()).collect();
+        let prices: Vec<Option<&str>> = rules.plans.iter().map(|r| r.overage_price.as_deref()).collect();
+        // One statement in autocommit: one transaction, one round trip; the
+        // function takes the lock and reads everything after it.
+        let row: DecidedRow = sqlx::query_as(
+            "SELECT outcome, entry_id, used, context, period_start, period_end, mark, settled
+               FROM tally_consume($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
+        )
+        .bind(entry.account.as_str())
+        .bind(entry.resource.as_str())
+        .bind(entry.amount.minor())
+        .bind(entry.occurred_at)
+        .bind(entry.idempotency_key.as_str())
+        .bind(entry.source.as_deref())
+        .bind(entry.metadata.as_deref())
+        .bind(entry.reverses)
+        .bind(rules.default_plan.as_str())
+        .bind(&plans)
+        .bind(&limits)
+        .bind(&enforcements)
+        .bind(&windows)
+        .bind(&prices)
+        .bind(likely.0)
+        .bind(likely.1)
+        .bind(known.map(|k| k.mark))
+        .bind(known.map(|k| k.sum))
+        .fetch_one(&self.pool)
+        .await?;
+        if let (Some(mark), Some(sum)) = (row.mark, row.settled) {
+            self.settled.offer(
+                entry.account.as_str(),
+                entry.resource.as_str(),
+                (row.period_start, row.period_end),
+                Settled { mark, sum },
+            );
+        }
+        let decided = match (row.outcome.as_str(), row.entry_id, row.used, row.context) {
+            ("recorded", Some(entry_id), _, Some(context)) => DecidedConsume::Recorded { entry_id, context },
+            ("rejected", _, Some(used), Some(context)) => DecidedConsume::Rejected { used, context },
+            ("replayed", Some(entry_id), _, _) => {
+                let (stored, response): (EntryRow, Option<String>) = {
+                    let stored: EntryRow =
+                        sqlx::query_as(&format!("SELECT {ENTRY_COLUMNS} FROM entries WHERE id = $1"))
+                            .bind(entry_id)
+                            .fetch_one(&self.pool)
+                            .await?;
+                    let response = sqlx::query_scalar("SELECT response FROM consume_outcomes WHERE entry_id = $1")
+                        .bind(entry_id)
+                        .fetch_optional(&self.pool)
+                        .await?;
+                    (stored, response)
+                };
+                DecidedConsume::Replayed(replay(entry, &self.entry_from_row(stored), response)?)
+            }
+            ("conflict", ..) => {
+                return Err(StoreError::IdempotencyConflict {
+                    index: 0,
+                    message: "the idempotency key was taken by a concurrent request; retry to get its outcome".into(),
+                });
+            }
+            (other, ..) => {
+                return Err(StoreError::Invalid(format!(
+                    "tally_consume answered an outcome this version does not know: {other:?}"
+                )));
+            }
+        };
+        Ok(Some(decided))
+    }
+
     async fn used(&self, account: &AccountId, resource: &ResourceName, period: &Period) -> Result<i64, StoreError> {
         let mut conn = self.pool.acquire().await?;
-        Ok(used_on(&mut conn, account, resource, period).await?)
+        used_on(&mut conn, &self.settled, account, resource, period).await
     }
 
     async fn used_resources(&self, account: &AccountId) -> Result<Vec<String>, StoreError> {
@@ -662,7 +794,7 @@ impl Store for PgStore {
                 .await?;
             return replay(entry, &self.entry_from_row(row), response);
         }
-        let used = used_on(&mut tx, &entry.account, &entry.resource, period).await?;
+        let used = used_on(&mut tx, &self.settled, &entry.account, &entry.resource, period).await?;
         let response = match decide(used) {
             Ok(response) => response,
             Err(reason) => return Ok(ConsumeResult::Rejected { used, reason }),
@@ -795,34 +927,71 @@ impl Store for PgStore {
 /// The advisory lock key that serialises rollup batches.
 const ROLLUP_LOCK_KEY: i64 = 0x7461_6c6c_7972_6f6c; // "tallyrol"
 
-/// Minor units used in `period`, read on `conn` (one statement).
+/// Minor units used in `period`, read on `conn` in one statement (one
+/// snapshot), from the settled watermark when one is known; the new watermark
+/// is remembered. See [`super::settled`] and `tally_used_settled` (migration
+/// 0005) for why this is exact.
 async fn used_on(
     conn: &mut sqlx::PgConnection,
+    settled: &SettledSums,
     account: &AccountId,
     resource: &ResourceName,
     period: &Period,
-) -> Result<i64, sqlx::Error> {
-    match (period.start, period.end) {
-        (Some(start), Some(end)) => {
-            let table = if period.window == Window::Day { "day" } else { "month" };
-            sqlx::query_scalar(include_str!("sql/postgres/used.sql"))
-                .bind(account.as_str())
-                .bind(resource.as_str())
-                .bind(start)
-                .bind(start_of(start))
-                .bind(start_of(end))
-                .bind(table)
-                .fetch_one(&mut *conn)
-                .await
-        }
-        _ => {
-            sqlx::query_scalar(include_str!("sql/postgres/used_total.sql"))
-                .bind(account.as_str())
-                .bind(resource.as_str())
-                .fetch_one(&mut *conn)
-                .await
-        }
-    }
+) -> Result<i64, StoreError> {
+    let table = match period.window {
+        Window::Day => "day",
+        Window::Month => "month",
+        Window::Total => "total",
+    };
+    let known = settled.get(account.as_str(), resource.as_str(), bounds(period));
+    let (used, mark, sum): (i64, i64, i64) = sqlx::query_as(
+        "SELECT used, mark, settled FROM tally_used_settled($1, $2, $3, $4,
+             COALESCE($5::timestamptz, '-infinity'), COALESCE($6::timestamptz, 'infinity'), $7, $8)",
+    )
+    .bind(account.as_str())
+    .bind(resource.as_str())
+    .bind(table)
+    .bind(period.start)
+    .bind(period.starts_at())
+    .bind(period.ends_at())
+    .bind(known.map(|k| k.mark))
+    .bind(known.map(|k| k.sum))
+    .fetch_one(&mut *conn)
+    .await?;
+    settled.offer(
+        account.as_str(),
+        resource.as_str(),
+        bounds(period),
+        Settled { mark, sum },
+    );
+    Ok(used)
+}
+
+/// A row of `plans_and_overrides`: a plan assignment ('p') or an override ('o').
+#[derive(FromRow)]
+struct PlanOrOverrideRow {
+    kind: String,
+    name: String,
+    /// effective_at of a plan, expires_at of an override.
+    at: Option<DateTime<Utc>>,
+    /// created_at of a plan, updated_at of an override.
+    stamp: DateTime<Utc>,
+    limit_amount: Option<i64>,
+    enforcement: Option<String>,
+    limit_window: Option<String>,
+}
+
+/// What `tally_consume` returns.
+#[derive(FromRow)]
+struct DecidedRow {
+    outcome: String,
+    entry_id: Option<i64>,
+    used: Option<i64>,
+    context: Option<String>,
+    period_start: Option<NaiveDate>,
+    period_end: Option<NaiveDate>,
+    mark: Option<i64>,
+    settled: Option<i64>,
 }
 
 #[derive(FromRow)]
