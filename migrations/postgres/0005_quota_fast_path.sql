@@ -1,6 +1,14 @@
 -- Quota fast path: `used` whose cost does not grow with the unfolded tail, and
 -- consume in one round trip.
 
+-- What a consume answered, on its own ledger row: written once by the INSERT
+-- that appends the entry (the ledger stays append-only), so a consume costs
+-- one heap row and no foreign-key check instead of two rows and a row lock.
+-- consume_outcomes (0003) keeps the outcomes recorded before this column;
+-- readers take the column first, then that table. NULL: not from a consume.
+-- Adding a nullable column without a default rewrites nothing.
+ALTER TABLE entries ADD COLUMN consume_outcome TEXT;
+
 -- Used in one period, from a settled watermark.
 --
 -- Why it is exact: a ledger row whose transaction id is below the snapshot's
@@ -48,21 +56,25 @@ BEGIN
            AND occurred_at >= p_from AND occurred_at < p_to;
         settled := p_settled + COALESCE(below, 0);
     ELSE
-        folded := CASE p_table
-            WHEN 'day' THEN (SELECT amount FROM daily_totals
-                             WHERE account = p_account AND resource = p_resource AND day = p_bucket)
-            WHEN 'month' THEN (SELECT amount FROM monthly_totals
-                               WHERE account = p_account AND resource = p_resource AND month = p_bucket)
-            ELSE (SELECT SUM(amount) FROM monthly_totals WHERE account = p_account AND resource = p_resource)
-        END;
         SELECT last_tx, last_id INTO c_tx, c_id FROM rollup_cursor WHERE name = 'rollup';
-        -- EXECUTE: planned with the cursor's values (see tally_unfolded_sum, 0004).
-        EXECUTE 'SELECT SUM(amount) FILTER (WHERE tx_id < $7), SUM(amount) FILTER (WHERE tx_id >= $7)
-                   FROM entries
-                  WHERE account = $1 AND resource = $2 AND (tx_id, id) > ($3, $4)
-                    AND occurred_at >= $5 AND occurred_at < $6'
-            INTO below, above
-            USING p_account, p_resource, c_tx, c_id, p_from, p_to, x;
+        -- c_tx and c_id are parameters of this statement, so PL/pgSQL's plan
+        -- cache plans it with their values (custom plans) until a generic plan
+        -- is estimated as cheap: it range-scans entries_unfolded_tail (the
+        -- subquery of a plain statement hid the cursor from the planner; see
+        -- tally_unfolded_sum in 0004, which pays a parse and plan per call).
+        SELECT CASE p_table
+                   WHEN 'day' THEN (SELECT t.amount FROM daily_totals AS t
+                                    WHERE t.account = p_account AND t.resource = p_resource AND t.day = p_bucket)
+                   WHEN 'month' THEN (SELECT t.amount FROM monthly_totals AS t
+                                      WHERE t.account = p_account AND t.resource = p_resource AND t.month = p_bucket)
+                   ELSE (SELECT SUM(t.amount) FROM monthly_totals AS t
+                         WHERE t.account = p_account AND t.resource = p_resource)
+               END,
+               SUM(e.amount) FILTER (WHERE e.tx_id < x), SUM(e.amount) FILTER (WHERE e.tx_id >= x)
+          INTO folded, below, above
+          FROM entries AS e
+         WHERE e.account = p_account AND e.resource = p_resource AND (e.tx_id, e.id) > (c_tx, c_id)
+           AND e.occurred_at >= p_from AND e.occurred_at < p_to;
         settled := (COALESCE(folded, 0) + COALESCE(below, 0))::bigint;
     END IF;
     used := (settled::numeric + COALESCE(above, 0))::bigint;
@@ -90,7 +102,7 @@ $$;
 -- * Decide: a hard limit passes when used + amount <= limit; any limit refuses
 --   when used + amount leaves BIGINT (Rust's checked_add). No rates here:
 --   resources with a per-minute rate take the multi-statement path.
--- * Append: the entry and its outcome. The outcome is the resolved limit as
+-- * Append: the entry with its outcome (entries.consume_outcome). The outcome is the resolved limit as
 --   JSON plus used_after; Rust rebuilds the check fields and warnings from it,
 --   the same way for the first answer and every replay.
 -- outcome: 'recorded', 'rejected', 'replayed' or 'conflict' (the key was taken
@@ -111,25 +123,36 @@ DECLARE
     v_enforcement text := 'hard';
     v_window text := 'month';
     v_price text;
-    o record;
+    v_has_override boolean;
+    v_override_limit bigint;
+    v_override_enforcement text;
+    v_override_window text;
     v_after numeric;
     v_ctx jsonb;
     v_same boolean;
+    u record;
 BEGIN
     IF current_setting('transaction_isolation') <> 'read committed' THEN
         RAISE EXCEPTION 'tally_consume needs READ COMMITTED, not %', current_setting('transaction_isolation');
     END IF;
     PERFORM pg_advisory_xact_lock(hashtextextended(p_account || chr(31) || p_resource, 7));
 
-    SELECT e.id INTO entry_id FROM entries AS e WHERE e.account = p_account AND e.idempotency_key = p_key;
-    IF FOUND THEN
+    -- One statement for the key, the plan in force and the override.
+    SELECT (SELECT e.id FROM entries AS e WHERE e.account = p_account AND e.idempotency_key = p_key),
+           (SELECT ap.plan FROM account_plans AS ap
+             WHERE ap.account = p_account AND ap.effective_at <= p_occurred_at
+             ORDER BY ap.effective_at DESC, ap.created_at DESC, ap.id DESC LIMIT 1),
+           ao.account IS NOT NULL, ao.limit_amount, ao.enforcement, ao.limit_window
+      INTO entry_id, v_plan, v_has_override, v_override_limit, v_override_enforcement, v_override_window
+      FROM (SELECT) AS one
+      LEFT JOIN account_overrides AS ao
+        ON ao.account = p_account AND ao.resource = p_resource
+       AND (ao.expires_at IS NULL OR p_occurred_at < ao.expires_at);
+    IF entry_id IS NOT NULL THEN
         outcome := 'replayed';
         RETURN;
     END IF;
 
-    SELECT ap.plan INTO v_plan FROM account_plans AS ap
-     WHERE ap.account = p_account AND ap.effective_at <= p_occurred_at
-     ORDER BY ap.effective_at DESC, ap.created_at DESC, ap.id DESC LIMIT 1;
     v_plan := COALESCE(v_plan, p_default_plan);
     i := array_position(p_plans, v_plan);
     IF i IS NOT NULL THEN
@@ -138,13 +161,10 @@ BEGIN
         v_window := p_windows[i];
         v_price := p_prices[i];
     END IF;
-    SELECT ao.limit_amount, ao.enforcement, ao.limit_window INTO o FROM account_overrides AS ao
-     WHERE ao.account = p_account AND ao.resource = p_resource
-       AND (ao.expires_at IS NULL OR p_occurred_at < ao.expires_at);
-    IF FOUND THEN
-        v_limit := o.limit_amount;
-        v_window := COALESCE(o.limit_window, v_window);
-        v_enforcement := COALESCE(o.enforcement, v_enforcement);
+    IF v_has_override THEN
+        v_limit := v_override_limit;
+        v_window := COALESCE(v_override_window, v_window);
+        v_enforcement := COALESCE(v_override_enforcement, v_enforcement);
     END IF;
 
     IF v_window = 'day' THEN
@@ -156,11 +176,15 @@ BEGIN
     END IF;
 
     v_same := p_mark_start IS NOT DISTINCT FROM period_start AND p_mark_end IS NOT DISTINCT FROM period_end;
-    SELECT u.used, u.mark, u.settled INTO used, mark, settled
-      FROM tally_used_settled(p_account, p_resource, v_window, period_start,
-           COALESCE(period_start::timestamp AT TIME ZONE 'UTC', '-infinity'),
-           COALESCE(period_end::timestamp AT TIME ZONE 'UTC', 'infinity'),
-           CASE WHEN v_same THEN p_mark END, CASE WHEN v_same THEN p_settled END) AS u;
+    -- An expression, not a query: PL/pgSQL evaluates it on its fast path,
+    -- with a fresh snapshot (this function is VOLATILE), taken after the lock.
+    u := tally_used_settled(p_account, p_resource, v_window, period_start,
+             COALESCE(period_start::timestamp AT TIME ZONE 'UTC', '-infinity'),
+             COALESCE(period_end::timestamp AT TIME ZONE 'UTC', 'infinity'),
+             CASE WHEN v_same THEN p_mark END, CASE WHEN v_same THEN p_settled END);
+    used := u.used;
+    mark := u.mark;
+    settled := u.settled;
 
     v_ctx := jsonb_build_object(
         'v', 2, 'plan', v_plan, 'window', v_window, 'limit', v_limit, 'enforcement', v_enforcement,
@@ -173,16 +197,18 @@ BEGIN
         RETURN;
     END IF;
 
-    INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key, source, metadata, reverses)
-    VALUES (p_account, p_resource, p_amount, p_occurred_at, now(), p_key, p_source, p_metadata::jsonb, p_reverses)
+    context := (v_ctx || jsonb_build_object('used_after', v_after::bigint))::text;
+    INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key, source, metadata,
+                         reverses, consume_outcome)
+    VALUES (p_account, p_resource, p_amount, p_occurred_at, now(), p_key, p_source, p_metadata::jsonb,
+            p_reverses, context)
     ON CONFLICT (account, idempotency_key) DO NOTHING
     RETURNING id INTO entry_id;
     IF entry_id IS NULL THEN
         outcome := 'conflict';
+        context := NULL;
         RETURN;
     END IF;
-    context := (v_ctx || jsonb_build_object('used_after', v_after::bigint))::text;
-    INSERT INTO consume_outcomes (entry_id, response) VALUES (entry_id, context);
     outcome := 'recorded';
 END;
 $$;

@@ -188,6 +188,12 @@ fn is_idempotency_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.is_unique_violation() && db.constraint() == Some(IDEMPOTENCY_INDEX))
 }
 
+/// The stored outcome of a consume entry: on the row itself (migration 0005),
+/// else in consume_outcomes (rows recorded before it); NULL: not a consume.
+const OUTCOME_SQL: &str = "SELECT COALESCE(e.consume_outcome, o.response)
+     FROM entries AS e LEFT JOIN consume_outcomes AS o ON o.entry_id = e.id
+     WHERE e.id = $1";
+
 /// The unique index on (account, idempotency_key) in the migrations.
 const IDEMPOTENCY_INDEX: &str = "entries_idempotency";
 
@@ -724,9 +730,9 @@ impl Store for PgStore {
                             .bind(entry_id)
                             .fetch_one(&self.pool)
                             .await?;
-                    let response = sqlx::query_scalar("SELECT response FROM consume_outcomes WHERE entry_id = $1")
+                    let response = sqlx::query_scalar(OUTCOME_SQL)
                         .bind(entry_id)
-                        .fetch_optional(&self.pool)
+                        .fetch_one(&self.pool)
                         .await?;
                     (stored, response)
                 };
@@ -788,10 +794,7 @@ impl Store for PgStore {
         .fetch_optional(&mut *tx)
         .await?;
         if let Some(row) = stored {
-            let response = sqlx::query_scalar("SELECT response FROM consume_outcomes WHERE entry_id = $1")
-                .bind(row.id)
-                .fetch_optional(&mut *tx)
-                .await?;
+            let response = sqlx::query_scalar(OUTCOME_SQL).bind(row.id).fetch_one(&mut *tx).await?;
             return replay(entry, &self.entry_from_row(row), response);
         }
         let used = used_on(&mut tx, &self.settled, &entry.account, &entry.resource, period).await?;
@@ -799,16 +802,14 @@ impl Store for PgStore {
             Ok(response) => response,
             Err(reason) => return Ok(ConsumeResult::Rejected { used, reason }),
         };
-        // The entry and its response in one statement: one round trip less
-        // while the (account, resource) lock is held.
+        // The entry and its response in one row (entries.consume_outcome,
+        // migration 0005): one round trip less while the lock is held.
         let entry_id: Option<i64> = sqlx::query_scalar(
-            "WITH entry AS (
-                 INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key, source, metadata, reverses)
-                 VALUES ($1, $2, $3, $4, now(), $5, $6, $7::jsonb, $8)
-                 ON CONFLICT (account, idempotency_key) DO NOTHING
-                 RETURNING id
-             )
-             INSERT INTO consume_outcomes (entry_id, response) SELECT id, $9 FROM entry RETURNING entry_id",
+            "INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key, source, metadata,
+                                  reverses, consume_outcome)
+             VALUES ($1, $2, $3, $4, now(), $5, $6, $7::jsonb, $8, $9)
+             ON CONFLICT (account, idempotency_key) DO NOTHING
+             RETURNING id",
         )
         .bind(entry.account.as_str())
         .bind(entry.resource.as_str())
