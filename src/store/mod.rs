@@ -175,6 +175,20 @@ pub trait Store: Send + Sync + 'static {
         Ok((self.plan_history(account).await?, self.overrides(account).await?))
     }
 
+    /// What a quota check reads: [`Store::plans_and_overrides`] and `used`
+    /// in `likely` (the period the check most likely counts in). An engine may
+    /// read all of it in one statement (one round trip, one snapshot).
+    async fn check_inputs(
+        &self,
+        account: &AccountId,
+        resource: &ResourceName,
+        likely: &Period,
+    ) -> Result<CheckInputs, StoreError> {
+        let (plans, overrides) = self.plans_and_overrides(account).await?;
+        let used = self.used(account, resource, likely).await?;
+        Ok(CheckInputs { plans, overrides, used })
+    }
+
     /// Minor units used in `period`: folded totals plus the unfolded tail, in
     /// one statement, exact at the moment of the call.
     async fn used(&self, account: &AccountId, resource: &ResourceName, period: &Period) -> Result<i64, StoreError>;
@@ -294,6 +308,17 @@ pub enum ConsumeResult {
         /// The earlier response, if that entry came from a consume.
         response: Option<String>,
     },
+}
+
+/// What [`Store::check_inputs`] reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckInputs {
+    /// Plan assignments, by `effective_at` then creation.
+    pub plans: Vec<PlanAssignment>,
+    /// Overrides, expired ones included.
+    pub overrides: Vec<Override>,
+    /// Minor units used in the period asked about.
+    pub used: i64,
 }
 
 /// The catalog's rule for one resource on one plan, in minor units.

@@ -21,8 +21,8 @@ use sqlx::{FromRow, PgPool, Postgres, QueryBuilder};
 
 use super::settled::{Settled, SettledSums, bounds};
 use super::{
-    Backend, BeforeCommit, ConsumeDecider, ConsumeResult, ConsumeRules, DecidedConsume, ExportFilter, JobLock,
-    NewApiKey, Store, StoreError, TotalMismatch, TotalRow, diff_totals, natural_key, replay, resolve_outcomes,
+    Backend, BeforeCommit, CheckInputs, ConsumeDecider, ConsumeResult, ConsumeRules, DecidedConsume, ExportFilter,
+    JobLock, NewApiKey, Store, StoreError, TotalMismatch, TotalRow, diff_totals, natural_key, replay, resolve_outcomes,
     totals_sql,
 };
 use crate::domain::{
@@ -672,6 +672,91 @@ impl Store for PgStore {
         Ok((plans, overrides))
     }
 
+    async fn check_inputs(
+        &self,
+        account: &AccountId,
+        resource: &ResourceName,
+        likely: &Period,
+    ) -> Result<CheckInputs, StoreError> {
+        // One statement, so one round trip and one snapshot: `used` (from the
+        // settled watermark, see used_on) beside the plan history and the
+        // overrides as arrays.
+        let known = self.settled.get(account.as_str(), resource.as_str(), bounds(likely));
+        let row: CheckRow = sqlx::query_as(
+            "SELECT u.used, u.mark, u.settled, p.names, p.effective, p.created,
+                    o.resources, o.limits, o.enforcements, o.windows, o.expires, o.updated
+               FROM tally_used_settled($1, $2, $3, $4,
+                        COALESCE($5::timestamptz, '-infinity'), COALESCE($6::timestamptz, 'infinity'), $7, $8) AS u,
+                    LATERAL (SELECT array_agg(plan ORDER BY effective_at, id) AS names,
+                                    array_agg(effective_at ORDER BY effective_at, id) AS effective,
+                                    array_agg(created_at ORDER BY effective_at, id) AS created
+                               FROM account_plans WHERE account = $1) AS p,
+                    LATERAL (SELECT array_agg(resource ORDER BY resource) AS resources,
+                                    array_agg(limit_amount ORDER BY resource) AS limits,
+                                    array_agg(enforcement ORDER BY resource) AS enforcements,
+                                    array_agg(limit_window ORDER BY resource) AS windows,
+                                    array_agg(expires_at ORDER BY resource) AS expires,
+                                    array_agg(updated_at ORDER BY resource) AS updated
+                               FROM account_overrides WHERE account = $1) AS o",
+        )
+        .bind(account.as_str())
+        .bind(resource.as_str())
+        .bind(window_table(likely.window))
+        .bind(likely.start)
+        .bind(likely.starts_at())
+        .bind(likely.ends_at())
+        .bind(known.map(|k| k.mark))
+        .bind(known.map(|k| k.sum))
+        .fetch_one(&self.pool)
+        .await?;
+        self.settled.offer(
+            account.as_str(),
+            resource.as_str(),
+            bounds(likely),
+            Settled {
+                mark: row.mark,
+                sum: row.settled,
+            },
+        );
+        let plans = row
+            .names
+            .unwrap_or_default()
+            .into_iter()
+            .zip(row.effective.unwrap_or_default())
+            .zip(row.created.unwrap_or_default())
+            .map(|((plan, effective_at), created_at)| PlanAssignment {
+                plan,
+                effective_at,
+                created_at,
+            })
+            .collect();
+        let resources = row.resources.unwrap_or_default();
+        let n = resources.len();
+        let mut limits = row.limits.unwrap_or_default().into_iter();
+        let mut enforcements = row.enforcements.unwrap_or_default().into_iter();
+        let mut windows = row.windows.unwrap_or_default().into_iter();
+        let mut expires = row.expires.unwrap_or_default().into_iter();
+        let mut updated = row.updated.unwrap_or_default().into_iter();
+        let mut overrides = Vec::with_capacity(n);
+        for resource in resources {
+            let (_, value) = self.override_from_row(OverrideRow {
+                account: String::new(),
+                resource,
+                limit_amount: limits.next().flatten(),
+                enforcement: enforcements.next().flatten(),
+                limit_window: windows.next().flatten(),
+                expires_at: expires.next().flatten(),
+                updated_at: updated.next().unwrap_or_default(),
+            });
+            overrides.push(value);
+        }
+        Ok(CheckInputs {
+            plans,
+            overrides,
+            used: row.used,
+        })
+    }
+
     async fn consume_decided(
         &self,
         entry: &NewEntry,
@@ -939,11 +1024,7 @@ async fn used_on(
     resource: &ResourceName,
     period: &Period,
 ) -> Result<i64, StoreError> {
-    let table = match period.window {
-        Window::Day => "day",
-        Window::Month => "month",
-        Window::Total => "total",
-    };
+    let table = window_table(period.window);
     let known = settled.get(account.as_str(), resource.as_str(), bounds(period));
     let (used, mark, sum): (i64, i64, i64) = sqlx::query_as(
         "SELECT used, mark, settled FROM tally_used_settled($1, $2, $3, $4,
@@ -966,6 +1047,33 @@ async fn used_on(
         Settled { mark, sum },
     );
     Ok(used)
+}
+
+/// The `p_table` argument of tally_used_settled for a window.
+fn window_table(window: Window) -> &'static str {
+    match window {
+        Window::Day => "day",
+        Window::Month => "month",
+        Window::Total => "total",
+    }
+}
+
+/// What `check_inputs` reads: used and the watermark, plan history and
+/// overrides as parallel arrays (NULL when the account has none).
+#[derive(FromRow)]
+struct CheckRow {
+    used: i64,
+    mark: i64,
+    settled: i64,
+    names: Option<Vec<String>>,
+    effective: Option<Vec<DateTime<Utc>>>,
+    created: Option<Vec<DateTime<Utc>>>,
+    resources: Option<Vec<String>>,
+    limits: Option<Vec<Option<i64>>>,
+    enforcements: Option<Vec<Option<String>>>,
+    windows: Option<Vec<Option<String>>>,
+    expires: Option<Vec<Option<DateTime<Utc>>>>,
+    updated: Option<Vec<DateTime<Utc>>>,
 }
 
 /// A row of `plans_and_overrides`: a plan assignment ('p') or an override ('o').

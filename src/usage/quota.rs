@@ -295,11 +295,36 @@ impl Quotas<'_> {
         amount: Amount,
         at: DateTime<Utc>,
     ) -> Result<QuotaStatus, StoreError> {
-        let limit = self.limit_for(account, resource, at).await?;
+        // Plan, overrides and `used` in the likely period in one read; a
+        // second read only when the plan or an override picks another window.
+        let likely = Period::containing(self.likely_window(resource), at);
+        let inputs = self.store.check_inputs(account, resource, &likely).await?;
+        let limit = effective_limit(
+            self.catalog,
+            plan_at(self.catalog, &inputs.plans, at),
+            &inputs.overrides,
+            resource,
+            at,
+        );
         let period = Period::containing(limit.window, at);
-        let used = Amount::from_minor(self.store.used(account, resource, &period).await?, amount.decimals());
+        let used_minor = if period == likely {
+            inputs.used
+        } else {
+            self.store.used(account, resource, &period).await?
+        };
+        let used = Amount::from_minor(used_minor, amount.decimals());
         let allowed = allows(&limit, used, amount);
         Ok(QuotaStatus::new(account, resource, &limit, &period, used, allowed))
+    }
+
+    /// The window `resource` most likely counts in: the default plan's (most
+    /// accounts are on it), else month (a plan that does not list it).
+    fn likely_window(&self, resource: &ResourceName) -> Window {
+        self.catalog
+            .plans
+            .get(&self.catalog.default_plan)
+            .and_then(|p| p.limits.get(resource))
+            .map_or(Window::Month, |l| l.window)
     }
 
     /// Checks and records `entry` in one atomic step; a key used before
@@ -386,17 +411,10 @@ impl Quotas<'_> {
                 overage_price: limit.overage_price.map(|p| p.to_string()),
             });
         }
-        // Most accounts are on the default plan: its window is the best guess.
-        let window = self
-            .catalog
-            .plans
-            .get(&self.catalog.default_plan)
-            .and_then(|p| p.limits.get(resource))
-            .map_or(Window::Month, |l| l.window);
         Some(ConsumeRules {
             default_plan: self.catalog.default_plan.clone(),
             plans,
-            likely_period: Period::containing(window, at),
+            likely_period: Period::containing(self.likely_window(resource), at),
         })
     }
 

@@ -29,6 +29,7 @@ both!(
     a_cached_check_stays_exact_after_a_rollup_and_after_another_process_inserts,
     a_consume_replays_its_first_outcome_after_the_plan_changes,
     an_override_written_by_another_process_applies_to_the_next_consume_at_once,
+    an_override_with_another_window_counts_over_that_window_in_check_and_consume,
 );
 
 fn iso(t: chrono::DateTime<Utc>) -> String {
@@ -874,4 +875,52 @@ async fn an_override_written_by_another_process_applies_to_the_next_consume_at_o
     assert_eq!(refused.status, 429);
     assert_eq!(refused.body["error"]["details"]["limit"], "50");
     assert_eq!(app.ledger_sum("acme", "ai_generations").await, 51);
+}
+
+async fn an_override_with_another_window_counts_over_that_window_in_check_and_consume(app: TestApp) {
+    // llm_tokens counts per day on free; the override makes it a month. The
+    // check and consume first read the likely (day) period, then the month.
+    let now = Utc::now();
+    let earlier = (now.day() > 1).then(|| {
+        now.date_naive()
+            .with_day(1)
+            .unwrap()
+            .and_hms_opt(12, 0, 0)
+            .unwrap()
+            .and_utc()
+    });
+    if let Some(at) = earlier {
+        app.insert(&[("acme", "llm_tokens", "7", "early", &iso(at))]).await;
+    }
+    let before_today = if earlier.is_some() { 7 } else { 0 };
+    assert_eq!(consume(&app, "acme", "llm_tokens", "10", "k1", None).await.status, 200);
+    let put = app
+        .request(
+            "PUT",
+            "/v1/accounts/acme/overrides/llm_tokens",
+            Some(&app.admin_key),
+            Some(json!({"limit": "5000", "window": "month"}).to_string()),
+        )
+        .await;
+    assert_eq!(put.status, 200, "{:?}", put.body);
+    let body = check(&app, "acme", "llm_tokens", "1", None).await;
+    assert_eq!(body["window"], "month");
+    assert_eq!(body["limit"], "5000");
+    assert_eq!(body["used"], (before_today + 10).to_string());
+    let consumed = consume(&app, "acme", "llm_tokens", "5", "k2", None).await;
+    assert_eq!(consumed.status, 200, "{:?}", consumed.body);
+    assert_eq!(consumed.body["window"], "month");
+    assert_eq!(consumed.body["used"], (before_today + 15).to_string());
+    let deleted = app
+        .request(
+            "DELETE",
+            "/v1/accounts/acme/overrides/llm_tokens",
+            Some(&app.admin_key),
+            None,
+        )
+        .await;
+    assert!(deleted.status < 300, "{:?}", deleted.body);
+    let body = check(&app, "acme", "llm_tokens", "1", None).await;
+    assert_eq!(body["window"], "day");
+    assert_eq!(body["used"], "15");
 }
