@@ -102,9 +102,9 @@ $$;
 -- * Decide: a hard limit passes when used + amount <= limit; any limit refuses
 --   when used + amount leaves BIGINT (Rust's checked_add). No rates here:
 --   resources with a per-minute rate take the multi-statement path.
--- * Append: the entry with its outcome (entries.consume_outcome). The outcome is the resolved limit as
---   JSON plus used_after; Rust rebuilds the check fields and warnings from it,
---   the same way for the first answer and every replay.
+-- * Append: the entry with its outcome (entries.consume_outcome): the
+--   resolved limit as JSON plus used_after. Rust rebuilds the check fields and
+--   warnings from it, the same way for the first answer and every replay.
 -- outcome: 'recorded', 'rejected', 'replayed' or 'conflict' (the key was taken
 -- by a concurrent request for another resource).
 CREATE FUNCTION tally_consume(
