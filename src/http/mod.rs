@@ -41,6 +41,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Per-minute rate limiters (in process).
     pub rates: Arc<RateLimits>,
+    /// Keys recently authenticated (see [`auth::KEY_CACHE_TTL`]).
+    pub keys: Arc<auth::KeyCache>,
 }
 
 impl AppState {
@@ -53,6 +55,7 @@ impl AppState {
             late_horizon,
             metrics: Arc::new(Metrics::default()),
             rates: Arc::new(RateLimits::default()),
+            keys: Arc::new(auth::KeyCache::default()),
         }
     }
 }

@@ -5,6 +5,7 @@
 //! which lacks NUMERIC, timestamptz and Decimal.
 
 pub mod postgres;
+pub mod settled;
 pub mod sqlite;
 
 use std::collections::HashMap;
@@ -14,6 +15,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
 use futures_util::stream::BoxStream;
 
+use crate::domain::catalog::{Enforcement, Window};
 use crate::domain::period::Granularity;
 use crate::domain::plan::{Override, Period, PlanAssignment};
 use crate::domain::{
@@ -171,6 +173,29 @@ pub trait Store: Send + Sync + 'static {
     /// An account's overrides, expired ones included.
     async fn overrides(&self, account: &AccountId) -> Result<Vec<Override>, StoreError>;
 
+    /// [`Store::plan_history`] and [`Store::overrides`] together; an engine
+    /// may read both in one round trip.
+    async fn plans_and_overrides(
+        &self,
+        account: &AccountId,
+    ) -> Result<(Vec<PlanAssignment>, Vec<Override>), StoreError> {
+        Ok((self.plan_history(account).await?, self.overrides(account).await?))
+    }
+
+    /// What a quota check reads: [`Store::plans_and_overrides`] and `used`
+    /// in `likely` (the period the check most likely counts in). An engine may
+    /// read all of it in one statement (one round trip, one snapshot).
+    async fn check_inputs(
+        &self,
+        account: &AccountId,
+        resource: &ResourceName,
+        likely: &Period,
+    ) -> Result<CheckInputs, StoreError> {
+        let (plans, overrides) = self.plans_and_overrides(account).await?;
+        let used = self.used(account, resource, likely).await?;
+        Ok(CheckInputs { plans, overrides, used })
+    }
+
     /// Minor units used in `period`: folded totals plus the unfolded tail, in
     /// one statement, exact at the moment of the call.
     async fn used(&self, account: &AccountId, resource: &ResourceName, period: &Period) -> Result<i64, StoreError>;
@@ -188,6 +213,20 @@ pub trait Store: Send + Sync + 'static {
         period: &Period,
         decide: &ConsumeDecider<'_>,
     ) -> Result<ConsumeResult, StoreError>;
+
+    /// Consume decided by the database itself, in one round trip: under the
+    /// same per-(account, resource) lock as [`Store::consume`], it reads the
+    /// plan in force and the override, `used`, decides against `rules`, and
+    /// records. `Ok(None)`: the engine has no such path (use
+    /// [`Store::consume`]). Only for resources without a per-minute rate
+    /// (rates are counted in process, under the lock of `consume`).
+    async fn consume_decided(
+        &self,
+        _entry: &NewEntry,
+        _rules: &ConsumeRules,
+    ) -> Result<Option<DecidedConsume>, StoreError> {
+        Ok(None)
+    }
 
     /// Ledger rows whose occurred_at is in the filter's range, ascending id,
     /// streamed (memory stays flat however many rows).
@@ -276,6 +315,66 @@ pub enum ConsumeResult {
         /// The earlier response, if that entry came from a consume.
         response: Option<String>,
     },
+}
+
+/// What [`Store::check_inputs`] reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckInputs {
+    /// Plan assignments, by `effective_at` then creation.
+    pub plans: Vec<PlanAssignment>,
+    /// Overrides, expired ones included.
+    pub overrides: Vec<Override>,
+    /// Minor units used in the period asked about.
+    pub used: i64,
+}
+
+/// The catalog's rule for one resource on one plan, in minor units.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanRule {
+    /// The plan.
+    pub plan: String,
+    /// None: unlimited.
+    pub limit: Option<i64>,
+    /// Hard or soft.
+    pub enforcement: Enforcement,
+    /// The counting window.
+    pub window: Window,
+    /// Price per unit over a soft limit, as exact decimal text.
+    pub overage_price: Option<String>,
+}
+
+/// What the database needs to decide a consume on its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumeRules {
+    /// The plan of an account with no assignment in force.
+    pub default_plan: String,
+    /// The plans that list the resource (the others: unlimited, hard, month).
+    pub plans: Vec<PlanRule>,
+    /// The period the consume most likely counts in, for the settled-sum
+    /// cache (a wrong guess costs a cold read, never a wrong answer).
+    pub likely_period: Period,
+}
+
+/// What [`Store::consume_decided`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecidedConsume {
+    /// Appended. `context` is the stored outcome: the resolved limit as JSON,
+    /// with `used_after`.
+    Recorded {
+        /// The new entry.
+        entry_id: i64,
+        /// The stored outcome.
+        context: String,
+    },
+    /// Over a hard limit (or past BIGINT); nothing written.
+    Rejected {
+        /// Units used when refused.
+        used: i64,
+        /// The resolved limit as JSON.
+        context: String,
+    },
+    /// The key was used before: as [`Store::consume`] answers it.
+    Replayed(ConsumeResult),
 }
 
 /// What to do when a consume finds its key already stored.

@@ -19,9 +19,11 @@ use futures_util::stream::BoxStream;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{FromRow, PgPool, Postgres, QueryBuilder};
 
+use super::settled::{Settled, SettledSums, bounds};
 use super::{
-    Backend, BeforeCommit, ConsumeDecider, ConsumeResult, ExportFilter, JobLock, NewApiKey, Store, StoreError,
-    TotalMismatch, TotalRow, diff_totals, natural_key, replay, resolve_outcomes, totals_sql,
+    Backend, BeforeCommit, CheckInputs, ConsumeDecider, ConsumeResult, ConsumeRules, DecidedConsume, ExportFilter,
+    JobLock, NewApiKey, Store, StoreError, TotalMismatch, TotalRow, diff_totals, natural_key, replay, resolve_outcomes,
+    totals_sql,
 };
 use crate::domain::{
     AccountId, Amount, ApiKey, Catalog, Entry, EntryFilter, IdempotencyKey, InsertOutcome, NewEntry, ResourceName, Role,
@@ -31,6 +33,8 @@ use crate::domain::{
 pub struct PgStore {
     pool: PgPool,
     catalog: Arc<Catalog>,
+    /// Settled sums behind `used` (see [`super::settled`]).
+    settled: SettledSums,
 }
 
 impl PgStore {
@@ -42,7 +46,11 @@ impl PgStore {
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options.application_name("tally"))
             .await?;
-        Ok(Self { pool, catalog })
+        Ok(Self {
+            pool,
+            catalog,
+            settled: SettledSums::default(),
+        })
     }
 
     /// The pool (for benchmarks and tests that inspect the database).
@@ -179,6 +187,12 @@ fn ids_in_order(entries: &[NewEntry], order: &[usize], mut ids: Vec<i64>) -> Has
 fn is_idempotency_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.is_unique_violation() && db.constraint() == Some(IDEMPOTENCY_INDEX))
 }
+
+/// The stored outcome of a consume entry: on the row itself (migration 0005),
+/// else in consume_outcomes (rows recorded before it); NULL: not a consume.
+const OUTCOME_SQL: &str = "SELECT COALESCE(e.consume_outcome, o.response)
+     FROM entries AS e LEFT JOIN consume_outcomes AS o ON o.entry_id = e.id
+     WHERE e.id = $1";
 
 /// The unique index on (account, idempotency_key) in the migrations.
 const IDEMPOTENCY_INDEX: &str = "entries_idempotency";
@@ -648,9 +662,218 @@ impl Store for PgStore {
         Ok(rows.into_iter().map(|row| self.override_from_row(row).1).collect())
     }
 
+    async fn plans_and_overrides(
+        &self,
+        account: &AccountId,
+    ) -> Result<(Vec<PlanAssignment>, Vec<Override>), StoreError> {
+        // One round trip: plan rows (kind 'p') then override rows (kind 'o').
+        let rows: Vec<PlanOrOverrideRow> = sqlx::query_as(
+            "SELECT 'p' AS kind, plan AS name, effective_at AS at, created_at AS stamp,
+                    NULL::bigint AS limit_amount, NULL::text AS enforcement, NULL::text AS limit_window, id
+               FROM account_plans WHERE account = $1
+             UNION ALL
+             SELECT 'o', resource, expires_at, updated_at, limit_amount, enforcement, limit_window, 0
+               FROM account_overrides WHERE account = $1
+             ORDER BY 1 DESC, 3, 8, 2",
+        )
+        .bind(account.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        let mut plans = Vec::new();
+        let mut overrides = Vec::new();
+        for row in rows {
+            if row.kind == "p" {
+                plans.push(PlanAssignment {
+                    plan: row.name,
+                    effective_at: row.at.unwrap_or_default(),
+                    created_at: row.stamp,
+                });
+            } else {
+                let (_, value) = self.override_from_row(OverrideRow {
+                    account: String::new(),
+                    resource: row.name,
+                    limit_amount: row.limit_amount,
+                    enforcement: row.enforcement,
+                    limit_window: row.limit_window,
+                    expires_at: row.at,
+                    updated_at: row.stamp,
+                });
+                overrides.push(value);
+            }
+        }
+        overrides.sort_by(|a, b| a.resource.as_str().cmp(b.resource.as_str()));
+        Ok((plans, overrides))
+    }
+
+    async fn check_inputs(
+        &self,
+        account: &AccountId,
+        resource: &ResourceName,
+        likely: &Period,
+    ) -> Result<CheckInputs, StoreError> {
+        // One statement, so one round trip and one snapshot: `used` (from the
+        // settled watermark, see used_on) beside the plan history and the
+        // overrides as arrays.
+        let known = self.settled.get(account.as_str(), resource.as_str(), bounds(likely));
+        let row: CheckRow = sqlx::query_as(
+            "SELECT u.used, u.mark, u.settled, p.names, p.effective, p.created,
+                    o.resources, o.limits, o.enforcements, o.windows, o.expires, o.updated
+               FROM tally_used_settled($1, $2, $3, $4,
+                        COALESCE($5::timestamptz, '-infinity'), COALESCE($6::timestamptz, 'infinity'), $7, $8) AS u,
+                    LATERAL (SELECT array_agg(plan ORDER BY effective_at, id) AS names,
+                                    array_agg(effective_at ORDER BY effective_at, id) AS effective,
+                                    array_agg(created_at ORDER BY effective_at, id) AS created
+                               FROM account_plans WHERE account = $1) AS p,
+                    LATERAL (SELECT array_agg(resource ORDER BY resource) AS resources,
+                                    array_agg(limit_amount ORDER BY resource) AS limits,
+                                    array_agg(enforcement ORDER BY resource) AS enforcements,
+                                    array_agg(limit_window ORDER BY resource) AS windows,
+                                    array_agg(expires_at ORDER BY resource) AS expires,
+                                    array_agg(updated_at ORDER BY resource) AS updated
+                               FROM account_overrides WHERE account = $1) AS o",
+        )
+        .bind(account.as_str())
+        .bind(resource.as_str())
+        .bind(window_table(likely.window))
+        .bind(likely.start)
+        .bind(likely.starts_at())
+        .bind(likely.ends_at())
+        .bind(known.map(|k| k.mark))
+        .bind(known.map(|k| k.sum))
+        .fetch_one(&self.pool)
+        .await?;
+        self.settled.offer(
+            account.as_str(),
+            resource.as_str(),
+            bounds(likely),
+            Settled {
+                mark: row.mark,
+                sum: row.settled,
+            },
+        );
+        let plans = row
+            .names
+            .unwrap_or_default()
+            .into_iter()
+            .zip(row.effective.unwrap_or_default())
+            .zip(row.created.unwrap_or_default())
+            .map(|((plan, effective_at), created_at)| PlanAssignment {
+                plan,
+                effective_at,
+                created_at,
+            })
+            .collect();
+        let resources = row.resources.unwrap_or_default();
+        let n = resources.len();
+        let mut limits = row.limits.unwrap_or_default().into_iter();
+        let mut enforcements = row.enforcements.unwrap_or_default().into_iter();
+        let mut windows = row.windows.unwrap_or_default().into_iter();
+        let mut expires = row.expires.unwrap_or_default().into_iter();
+        let mut updated = row.updated.unwrap_or_default().into_iter();
+        let mut overrides = Vec::with_capacity(n);
+        for resource in resources {
+            let (_, value) = self.override_from_row(OverrideRow {
+                account: String::new(),
+                resource,
+                limit_amount: limits.next().flatten(),
+                enforcement: enforcements.next().flatten(),
+                limit_window: windows.next().flatten(),
+                expires_at: expires.next().flatten(),
+                updated_at: updated.next().unwrap_or_default(),
+            });
+            overrides.push(value);
+        }
+        Ok(CheckInputs {
+            plans,
+            overrides,
+            used: row.used,
+        })
+    }
+
+    async fn consume_decided(
+        &self,
+        entry: &NewEntry,
+        rules: &ConsumeRules,
+    ) -> Result<Option<DecidedConsume>, StoreError> {
+        let likely = bounds(&rules.likely_period);
+        let known = self
+            .settled
+            .get(entry.account.as_str(), entry.resource.as_str(), likely);
+        let plans: Vec<&str> = rules.plans.iter().map(|r| r.plan.as_str()).collect();
+        let limits: Vec<Option<i64>> = rules.plans.iter().map(|r| r.limit).collect();
+        let enforcements: Vec<&str> = rules.plans.iter().map(|r| r.enforcement.as_str()).collect();
+        let windows: Vec<&str> = rules.plans.iter().map(|r| r.window.as_str()).collect();
+        let prices: Vec<Option<&str>> = rules.plans.iter().map(|r| r.overage_price.as_deref()).collect();
+        // One statement in autocommit: one transaction, one round trip; the
+        // function takes the lock and reads everything after it.
+        let row: DecidedRow = sqlx::query_as(
+            "SELECT outcome, entry_id, used, context, period_start, period_end, mark, settled
+               FROM tally_consume($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
+        )
+        .bind(entry.account.as_str())
+        .bind(entry.resource.as_str())
+        .bind(entry.amount.minor())
+        .bind(entry.occurred_at)
+        .bind(entry.idempotency_key.as_str())
+        .bind(entry.source.as_deref())
+        .bind(entry.metadata.as_deref())
+        .bind(entry.reverses)
+        .bind(rules.default_plan.as_str())
+        .bind(&plans)
+        .bind(&limits)
+        .bind(&enforcements)
+        .bind(&windows)
+        .bind(&prices)
+        .bind(likely.0)
+        .bind(likely.1)
+        .bind(known.map(|k| k.mark))
+        .bind(known.map(|k| k.sum))
+        .fetch_one(&self.pool)
+        .await?;
+        if let (Some(mark), Some(sum)) = (row.mark, row.settled) {
+            self.settled.offer(
+                entry.account.as_str(),
+                entry.resource.as_str(),
+                (row.period_start, row.period_end),
+                Settled { mark, sum },
+            );
+        }
+        let decided = match (row.outcome.as_str(), row.entry_id, row.used, row.context) {
+            ("recorded", Some(entry_id), _, Some(context)) => DecidedConsume::Recorded { entry_id, context },
+            ("rejected", _, Some(used), Some(context)) => DecidedConsume::Rejected { used, context },
+            ("replayed", Some(entry_id), _, _) => {
+                let (stored, response): (EntryRow, Option<String>) = {
+                    let stored: EntryRow =
+                        sqlx::query_as(&format!("SELECT {ENTRY_COLUMNS} FROM entries WHERE id = $1"))
+                            .bind(entry_id)
+                            .fetch_one(&self.pool)
+                            .await?;
+                    let response = sqlx::query_scalar(OUTCOME_SQL)
+                        .bind(entry_id)
+                        .fetch_one(&self.pool)
+                        .await?;
+                    (stored, response)
+                };
+                DecidedConsume::Replayed(replay(entry, &self.entry_from_row(stored), response)?)
+            }
+            ("conflict", ..) => {
+                return Err(StoreError::IdempotencyConflict {
+                    index: 0,
+                    message: "the idempotency key was taken by a concurrent request; retry to get its outcome".into(),
+                });
+            }
+            (other, ..) => {
+                return Err(StoreError::Invalid(format!(
+                    "tally_consume answered an outcome this version does not know: {other:?}"
+                )));
+            }
+        };
+        Ok(Some(decided))
+    }
+
     async fn used(&self, account: &AccountId, resource: &ResourceName, period: &Period) -> Result<i64, StoreError> {
         let mut conn = self.pool.acquire().await?;
-        Ok(used_on(&mut conn, account, resource, period).await?)
+        used_on(&mut conn, &self.settled, account, resource, period).await
     }
 
     async fn used_resources(&self, account: &AccountId) -> Result<Vec<String>, StoreError> {
@@ -689,27 +912,22 @@ impl Store for PgStore {
         .fetch_optional(&mut *tx)
         .await?;
         if let Some(row) = stored {
-            let response = sqlx::query_scalar("SELECT response FROM consume_outcomes WHERE entry_id = $1")
-                .bind(row.id)
-                .fetch_optional(&mut *tx)
-                .await?;
+            let response = sqlx::query_scalar(OUTCOME_SQL).bind(row.id).fetch_one(&mut *tx).await?;
             return replay(entry, &self.entry_from_row(row), response);
         }
-        let used = used_on(&mut tx, &entry.account, &entry.resource, period).await?;
+        let used = used_on(&mut tx, &self.settled, &entry.account, &entry.resource, period).await?;
         let response = match decide(used) {
             Ok(response) => response,
             Err(reason) => return Ok(ConsumeResult::Rejected { used, reason }),
         };
-        // The entry and its response in one statement: one round trip less
-        // while the (account, resource) lock is held.
+        // The entry and its response in one row (entries.consume_outcome,
+        // migration 0005): one round trip less while the lock is held.
         let entry_id: Option<i64> = sqlx::query_scalar(
-            "WITH entry AS (
-                 INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key, source, metadata, reverses)
-                 VALUES ($1, $2, $3, $4, now(), $5, $6, $7::jsonb, $8)
-                 ON CONFLICT (account, idempotency_key) DO NOTHING
-                 RETURNING id
-             )
-             INSERT INTO consume_outcomes (entry_id, response) SELECT id, $9 FROM entry RETURNING entry_id",
+            "INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key, source, metadata,
+                                  reverses, consume_outcome)
+             VALUES ($1, $2, $3, $4, now(), $5, $6, $7::jsonb, $8, $9)
+             ON CONFLICT (account, idempotency_key) DO NOTHING
+             RETURNING id",
         )
         .bind(entry.account.as_str())
         .bind(entry.resource.as_str())
@@ -828,34 +1046,94 @@ impl Store for PgStore {
 /// The advisory lock key that serialises rollup batches.
 const ROLLUP_LOCK_KEY: i64 = 0x7461_6c6c_7972_6f6c; // "tallyrol"
 
-/// Minor units used in `period`, read on `conn` (one statement).
+/// Minor units used in `period`, read on `conn` in one statement (one
+/// snapshot), from the settled watermark when one is known; the new watermark
+/// is remembered. See [`super::settled`] and `tally_used_settled` (migration
+/// 0005) for why this is exact.
 async fn used_on(
     conn: &mut sqlx::PgConnection,
+    settled: &SettledSums,
     account: &AccountId,
     resource: &ResourceName,
     period: &Period,
-) -> Result<i64, sqlx::Error> {
-    match (period.start, period.end) {
-        (Some(start), Some(end)) => {
-            let table = if period.window == Window::Day { "day" } else { "month" };
-            sqlx::query_scalar(include_str!("sql/postgres/used.sql"))
-                .bind(account.as_str())
-                .bind(resource.as_str())
-                .bind(start)
-                .bind(start_of(start))
-                .bind(start_of(end))
-                .bind(table)
-                .fetch_one(&mut *conn)
-                .await
-        }
-        _ => {
-            sqlx::query_scalar(include_str!("sql/postgres/used_total.sql"))
-                .bind(account.as_str())
-                .bind(resource.as_str())
-                .fetch_one(&mut *conn)
-                .await
-        }
+) -> Result<i64, StoreError> {
+    let table = window_table(period.window);
+    let known = settled.get(account.as_str(), resource.as_str(), bounds(period));
+    let (used, mark, sum): (i64, i64, i64) = sqlx::query_as(
+        "SELECT used, mark, settled FROM tally_used_settled($1, $2, $3, $4,
+             COALESCE($5::timestamptz, '-infinity'), COALESCE($6::timestamptz, 'infinity'), $7, $8)",
+    )
+    .bind(account.as_str())
+    .bind(resource.as_str())
+    .bind(table)
+    .bind(period.start)
+    .bind(period.starts_at())
+    .bind(period.ends_at())
+    .bind(known.map(|k| k.mark))
+    .bind(known.map(|k| k.sum))
+    .fetch_one(&mut *conn)
+    .await?;
+    settled.offer(
+        account.as_str(),
+        resource.as_str(),
+        bounds(period),
+        Settled { mark, sum },
+    );
+    Ok(used)
+}
+
+/// The `p_table` argument of tally_used_settled for a window.
+fn window_table(window: Window) -> &'static str {
+    match window {
+        Window::Day => "day",
+        Window::Month => "month",
+        Window::Total => "total",
     }
+}
+
+/// What `check_inputs` reads: used and the watermark, plan history and
+/// overrides as parallel arrays (NULL when the account has none).
+#[derive(FromRow)]
+struct CheckRow {
+    used: i64,
+    mark: i64,
+    settled: i64,
+    names: Option<Vec<String>>,
+    effective: Option<Vec<DateTime<Utc>>>,
+    created: Option<Vec<DateTime<Utc>>>,
+    resources: Option<Vec<String>>,
+    limits: Option<Vec<Option<i64>>>,
+    enforcements: Option<Vec<Option<String>>>,
+    windows: Option<Vec<Option<String>>>,
+    expires: Option<Vec<Option<DateTime<Utc>>>>,
+    updated: Option<Vec<DateTime<Utc>>>,
+}
+
+/// A row of `plans_and_overrides`: a plan assignment ('p') or an override ('o').
+#[derive(FromRow)]
+struct PlanOrOverrideRow {
+    kind: String,
+    name: String,
+    /// effective_at of a plan, expires_at of an override.
+    at: Option<DateTime<Utc>>,
+    /// created_at of a plan, updated_at of an override.
+    stamp: DateTime<Utc>,
+    limit_amount: Option<i64>,
+    enforcement: Option<String>,
+    limit_window: Option<String>,
+}
+
+/// What `tally_consume` returns.
+#[derive(FromRow)]
+struct DecidedRow {
+    outcome: String,
+    entry_id: Option<i64>,
+    used: Option<i64>,
+    context: Option<String>,
+    period_start: Option<NaiveDate>,
+    period_end: Option<NaiveDate>,
+    mark: Option<i64>,
+    settled: Option<i64>,
 }
 
 #[derive(FromRow)]

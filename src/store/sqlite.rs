@@ -17,6 +17,7 @@ use futures_util::stream::BoxStream;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{FromRow, QueryBuilder, Sqlite, SqlitePool};
 
+use super::settled::{Settled, SettledSums, bounds};
 use super::{
     Backend, BeforeCommit, ConsumeDecider, ConsumeResult, ExportFilter, JobLock, NewApiKey, Store, StoreError,
     TotalMismatch, TotalRow, diff_totals, natural_key, replay, resolve_outcomes, totals_sql,
@@ -33,6 +34,8 @@ pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
     catalog: Arc<Catalog>,
+    /// Settled sums behind `used` (see [`super::settled`]).
+    settled: SettledSums,
 }
 
 impl SqliteStore {
@@ -70,6 +73,7 @@ impl SqliteStore {
             writer,
             reader,
             catalog,
+            settled: SettledSums::default(),
         })
     }
 
@@ -502,7 +506,7 @@ impl Store for SqliteStore {
 
     async fn used(&self, account: &AccountId, resource: &ResourceName, period: &Period) -> Result<i64, StoreError> {
         let mut conn = self.reader.acquire().await?;
-        Ok(used_on(&mut conn, account, resource, period).await?)
+        used_on(&mut conn, &self.settled, account, resource, period).await
     }
 
     async fn used_resources(&self, account: &AccountId) -> Result<Vec<String>, StoreError> {
@@ -531,7 +535,7 @@ impl Store for SqliteStore {
         if let Some((row, response)) = stored {
             return replay(entry, &self.entry_from_row(row), response);
         }
-        let used = used_on(&mut tx, &entry.account, &entry.resource, period).await?;
+        let used = used_on(&mut tx, &self.settled, &entry.account, &entry.resource, period).await?;
         let response = match decide(used) {
             Ok(response) => response,
             Err(reason) => return Ok(ConsumeResult::Rejected { used, reason }),
@@ -786,34 +790,81 @@ async fn insert_row(
     .await
 }
 
-/// Minor units used in `period`, read on `conn` (one statement).
+/// Minor units used in `period`, read on `conn` in one statement (one
+/// snapshot). With a settled watermark (see [`super::settled`]) it sums only
+/// the rows after it (entries_unfolded_tail range-scans them); without one,
+/// folded totals + the unfolded tail. Either way it also reads the largest id,
+/// the new watermark: one writer and AUTOINCREMENT make every row up to it
+/// final. Must not run after this transaction wrote to the ledger (the
+/// watermark would cover uncommitted rows): `consume` reads before it inserts.
 async fn used_on(
     conn: &mut sqlx::SqliteConnection,
+    settled: &SettledSums,
     account: &AccountId,
     resource: &ResourceName,
     period: &Period,
-) -> Result<i64, sqlx::Error> {
-    match (period.start, period.end) {
-        (Some(start), Some(end)) => {
+) -> Result<i64, StoreError> {
+    let (from, to) = match (period.starts_at(), period.ends_at()) {
+        (Some(from), Some(to)) => (to_micros(from), to_micros(to)),
+        _ => (i64::MIN, i64::MAX),
+    };
+    if let Some(known) = settled.get(account.as_str(), resource.as_str(), bounds(period)) {
+        let (after, mark): (i64, i64) = sqlx::query_as(
+            "SELECT COALESCE((SELECT SUM(amount) FROM entries
+                               WHERE account = ?1 AND resource = ?2 AND id > ?3
+                                 AND occurred_at >= ?4 AND occurred_at < ?5), 0),
+                    (SELECT COALESCE(MAX(id), 0) FROM entries)",
+        )
+        .bind(account.as_str())
+        .bind(resource.as_str())
+        .bind(known.mark)
+        .bind(from)
+        .bind(to)
+        .fetch_one(&mut *conn)
+        .await?;
+        // A read older than the watermark cannot happen (the watermark was
+        // read before this statement began), but if it did, go cold.
+        if mark >= known.mark {
+            let used = known.sum.checked_add(after).ok_or_else(|| {
+                StoreError::Invalid(format!("{resource} used by {account} overflows 64-bit minor units"))
+            })?;
+            settled.offer(
+                account.as_str(),
+                resource.as_str(),
+                bounds(period),
+                Settled { mark, sum: used },
+            );
+            return Ok(used);
+        }
+    }
+    let (used, mark): (i64, i64) = match (period.start, period.end) {
+        (Some(start), Some(_)) => {
             let table = if period.window == Window::Day { "day" } else { "month" };
-            sqlx::query_scalar(include_str!("sql/sqlite/used.sql"))
+            sqlx::query_as(include_str!("sql/sqlite/used.sql"))
                 .bind(account.as_str())
                 .bind(resource.as_str())
                 .bind(start.to_string())
-                .bind(to_micros(start_of(start)))
-                .bind(to_micros(start_of(end)))
+                .bind(from)
+                .bind(to)
                 .bind(table)
                 .fetch_one(&mut *conn)
-                .await
+                .await?
         }
         _ => {
-            sqlx::query_scalar(include_str!("sql/sqlite/used_total.sql"))
+            sqlx::query_as(include_str!("sql/sqlite/used_total.sql"))
                 .bind(account.as_str())
                 .bind(resource.as_str())
                 .fetch_one(&mut *conn)
-                .await
+                .await?
         }
-    }
+    };
+    settled.offer(
+        account.as_str(),
+        resource.as_str(),
+        bounds(period),
+        Settled { mark, sum: used },
+    );
+    Ok(used)
 }
 
 #[derive(FromRow)]

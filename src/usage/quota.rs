@@ -11,7 +11,7 @@ use super::rate_limit::{RateDecision, RateLimits};
 use crate::domain::catalog::{Enforcement, Window};
 use crate::domain::plan::{Override, Period, PlanAssignment};
 use crate::domain::{AccountId, Amount, Catalog, NewEntry, ResourceName};
-use crate::store::{ConsumeResult, Store, StoreError};
+use crate::store::{ConsumeResult, ConsumeRules, DecidedConsume, PlanRule, Store, StoreError};
 
 /// The share of a limit from which usage is a `warning`.
 pub const WARNING_PERCENT: i64 = 80;
@@ -277,8 +277,7 @@ impl Quotas<'_> {
         resource: &ResourceName,
         at: DateTime<Utc>,
     ) -> Result<EffectiveLimit, StoreError> {
-        let history = self.store.plan_history(account).await?;
-        let overrides = self.store.overrides(account).await?;
+        let (history, overrides) = self.store.plans_and_overrides(account).await?;
         Ok(effective_limit(
             self.catalog,
             plan_at(self.catalog, &history, at),
@@ -296,17 +295,47 @@ impl Quotas<'_> {
         amount: Amount,
         at: DateTime<Utc>,
     ) -> Result<QuotaStatus, StoreError> {
-        let limit = self.limit_for(account, resource, at).await?;
+        // Plan, overrides and `used` in the likely period in one read; a
+        // second read only when the plan or an override picks another window.
+        let likely = Period::containing(self.likely_window(resource), at);
+        let inputs = self.store.check_inputs(account, resource, &likely).await?;
+        let limit = effective_limit(
+            self.catalog,
+            plan_at(self.catalog, &inputs.plans, at),
+            &inputs.overrides,
+            resource,
+            at,
+        );
         let period = Period::containing(limit.window, at);
-        let used = Amount::from_minor(self.store.used(account, resource, &period).await?, amount.decimals());
+        let used_minor = if period == likely {
+            inputs.used
+        } else {
+            self.store.used(account, resource, &period).await?
+        };
+        let used = Amount::from_minor(used_minor, amount.decimals());
         let allowed = allows(&limit, used, amount);
         Ok(QuotaStatus::new(account, resource, &limit, &period, used, allowed))
+    }
+
+    /// The window `resource` most likely counts in: the default plan's (most
+    /// accounts are on it), else month (a plan that does not list it).
+    fn likely_window(&self, resource: &ResourceName) -> Window {
+        self.catalog
+            .plans
+            .get(&self.catalog.default_plan)
+            .and_then(|p| p.limits.get(resource))
+            .map_or(Window::Month, |l| l.window)
     }
 
     /// Checks and records `entry` in one atomic step; a key used before
     /// returns its first outcome and records nothing.
     pub async fn consume(&self, entry: &NewEntry, rates: &RateLimits) -> Result<ConsumeOutcome, ConsumeError> {
         let at = entry.occurred_at;
+        if let Some(rules) = self.rules_without_rate(&entry.resource, at) {
+            if let Some(decided) = self.store.consume_decided(entry, &rules).await? {
+                return self.decided(entry, decided).await;
+            }
+        }
         let limit = self.limit_for(&entry.account, &entry.resource, at).await?;
         let units = entry.amount.to_decimal().ceil().to_u32().unwrap_or(u32::MAX);
         if let Some(per_minute) = limit.rate_per_minute {
@@ -341,17 +370,87 @@ impl Quotas<'_> {
             Ok(serde_json::json!({ "status": status, "warnings": warnings }).to_string())
         };
         match self.store.consume(entry, &period, &decide).await? {
-            ConsumeResult::Recorded { entry_id, response } => Ok(recorded(entry_id, &response, false)?),
+            ConsumeResult::Recorded { entry_id, response } => Ok(recorded(entry, entry_id, &response, false)?),
+            replayed @ ConsumeResult::Replayed { .. } => self.replayed(entry, replayed).await,
+            ConsumeResult::Rejected { used, reason } => {
+                if let Some(seconds) = reason.strip_prefix(&format!("{RATE_LIMITED}:")) {
+                    return Ok(ConsumeOutcome::RateLimited {
+                        retry_after: seconds.parse().unwrap_or(1),
+                        per_minute: limit.rate_per_minute.unwrap_or_default(),
+                    });
+                }
+                let used = Amount::from_minor(used, decimals);
+                let status = QuotaStatus::new(&entry.account, &entry.resource, &limit, &period, used, false);
+                Ok(ConsumeOutcome::QuotaExceeded {
+                    status,
+                    retry_after: retry_after(&period, at),
+                })
+            }
+        }
+    }
+}
+
+impl Quotas<'_> {
+    /// The catalog's rules for `resource` when no plan gives it a per-minute
+    /// rate (None otherwise: rates are counted in process, under the lock of
+    /// the multi-statement path).
+    fn rules_without_rate(&self, resource: &ResourceName, at: DateTime<Utc>) -> Option<ConsumeRules> {
+        let mut plans = Vec::new();
+        for (name, plan) in &self.catalog.plans {
+            let Some(limit) = plan.limits.get(resource) else {
+                continue;
+            };
+            if limit.rate_per_minute.is_some() {
+                return None;
+            }
+            plans.push(PlanRule {
+                plan: name.clone(),
+                limit: limit.limit.map(Amount::minor),
+                enforcement: limit.enforcement,
+                window: limit.window,
+                overage_price: limit.overage_price.map(|p| p.to_string()),
+            });
+        }
+        Some(ConsumeRules {
+            default_plan: self.catalog.default_plan.clone(),
+            plans,
+            likely_period: Period::containing(self.likely_window(resource), at),
+        })
+    }
+
+    /// The outcome of a consume the database decided.
+    async fn decided(&self, entry: &NewEntry, decided: DecidedConsume) -> Result<ConsumeOutcome, ConsumeError> {
+        match decided {
+            DecidedConsume::Recorded { entry_id, context } => Ok(recorded(entry, entry_id, &context, false)?),
+            DecidedConsume::Replayed(replayed) => self.replayed(entry, replayed).await,
+            DecidedConsume::Rejected { used, context } => {
+                let stored = StoredLimit::parse(&context, 0)?;
+                let (limit, period) = stored.limit(entry.amount.decimals())?;
+                let used = Amount::from_minor(used, entry.amount.decimals());
+                let status = QuotaStatus::new(&entry.account, &entry.resource, &limit, &period, used, false);
+                Ok(ConsumeOutcome::QuotaExceeded {
+                    status,
+                    retry_after: retry_after(&period, entry.occurred_at),
+                })
+            }
+        }
+    }
+
+    /// The outcome of a consume whose key was used before.
+    async fn replayed(&self, entry: &NewEntry, result: ConsumeResult) -> Result<ConsumeOutcome, ConsumeError> {
+        match result {
             ConsumeResult::Replayed {
                 entry_id,
                 response: Some(response),
-            } => Ok(recorded(entry_id, &response, true)?),
+            } => Ok(recorded(entry, entry_id, &response, true)?),
             ConsumeResult::Replayed {
                 entry_id,
                 response: None,
             } => {
                 // Posted through /v1/entries, not consume: answer with the state now.
-                let status = self.check(&entry.account, &entry.resource, entry.amount, at).await?;
+                let status = self
+                    .check(&entry.account, &entry.resource, entry.amount, entry.occurred_at)
+                    .await?;
                 Ok(ConsumeOutcome::Recorded {
                     status: QuotaStatus {
                         allowed: true,
@@ -362,22 +461,68 @@ impl Quotas<'_> {
                     replayed: true,
                 })
             }
-            ConsumeResult::Rejected { used, reason } => {
-                if let Some(seconds) = reason.strip_prefix(&format!("{RATE_LIMITED}:")) {
-                    return Ok(ConsumeOutcome::RateLimited {
-                        retry_after: seconds.parse().unwrap_or(1),
-                        per_minute: limit.rate_per_minute.unwrap_or_default(),
-                    });
-                }
-                let used = Amount::from_minor(used, decimals);
-                let status = QuotaStatus::new(&entry.account, &entry.resource, &limit, &period, used, false);
-                let retry_after = period.ends_at().map(|end| {
-                    let micros = (end - at).num_microseconds().unwrap_or(i64::MAX).max(0);
-                    (micros as u64).div_ceil(1_000_000)
-                });
-                Ok(ConsumeOutcome::QuotaExceeded { status, retry_after })
-            }
+            other => Err(ConsumeError::Store(StoreError::Invalid(format!(
+                "a replay was expected, the store answered {other:?}"
+            )))),
         }
+    }
+}
+
+/// Whole seconds from `at` to the end of `period` (None for total).
+fn retry_after(period: &Period, at: DateTime<Utc>) -> Option<u64> {
+    period.ends_at().map(|end| {
+        let micros = (end - at).num_microseconds().unwrap_or(i64::MAX).max(0);
+        (micros as u64).div_ceil(1_000_000)
+    })
+}
+
+/// The outcome the database stores for a consume it decided
+/// (`tally_consume`, migration 0005): the limit it resolved, in minor units,
+/// and `used_after`. The check fields and warnings are rebuilt from it, the
+/// same way for the first answer and for every replay.
+#[derive(Debug, Deserialize)]
+struct StoredLimit {
+    plan: String,
+    window: Window,
+    limit: Option<i64>,
+    enforcement: Enforcement,
+    overage_price: Option<String>,
+    period_start: Option<chrono::NaiveDate>,
+    period_end: Option<chrono::NaiveDate>,
+    used_after: Option<i64>,
+}
+
+impl StoredLimit {
+    fn parse(text: &str, entry_id: i64) -> Result<Self, StoreError> {
+        serde_json::from_str(text).map_err(|e| {
+            StoreError::Invalid(format!(
+                "the stored outcome of consume entry {entry_id} cannot be read back: {e}"
+            ))
+        })
+    }
+
+    fn limit(&self, decimals: u32) -> Result<(EffectiveLimit, Period), StoreError> {
+        let overage_price = match &self.overage_price {
+            None => None,
+            Some(text) => Some(
+                text.parse::<Decimal>()
+                    .map_err(|e| StoreError::Invalid(format!("stored overage price {text:?}: {e}")))?,
+            ),
+        };
+        let limit = EffectiveLimit {
+            plan: self.plan.clone(),
+            window: self.window,
+            limit: self.limit.map(|minor| Amount::from_minor(minor, decimals)),
+            enforcement: self.enforcement,
+            overage_price,
+            rate_per_minute: None,
+        };
+        let period = Period {
+            window: self.window,
+            start: self.period_start,
+            end: self.period_end,
+        };
+        Ok((limit, period))
     }
 }
 
@@ -422,8 +567,7 @@ pub struct UsageReport {
 impl Quotas<'_> {
     /// The account's usage at `at`.
     pub async fn usage(&self, account: &AccountId, at: DateTime<Utc>) -> Result<UsageReport, StoreError> {
-        let history = self.store.plan_history(account).await?;
-        let overrides = self.store.overrides(account).await?;
+        let (history, overrides) = self.store.plans_and_overrides(account).await?;
         let plan = plan_at(self.catalog, &history, at);
         let mut names: Vec<String> = self
             .catalog
@@ -479,21 +623,38 @@ fn allows(limit: &EffectiveLimit, used: Amount, amount: Amount) -> bool {
     }
 }
 
-fn recorded(entry_id: i64, response: &str, replayed: bool) -> Result<ConsumeOutcome, StoreError> {
+/// A recorded consume from its stored outcome: the full check fields and
+/// warnings (the multi-statement path), or the resolved limit and used_after
+/// (the database-decided path, see [`StoredLimit`]).
+fn recorded(entry: &NewEntry, entry_id: i64, response: &str, replayed: bool) -> Result<ConsumeOutcome, StoreError> {
     #[derive(Deserialize)]
     struct Stored {
         status: QuotaStatus,
         warnings: Vec<Warning>,
     }
-    let stored: Stored = serde_json::from_str(response).map_err(|e| {
-        StoreError::Invalid(format!(
-            "the stored outcome of consume entry {entry_id} cannot be read back: {e}"
-        ))
-    })?;
+    if let Ok(stored) = serde_json::from_str::<Stored>(response) {
+        return Ok(ConsumeOutcome::Recorded {
+            status: stored.status,
+            entry_id,
+            warnings: stored.warnings,
+            replayed,
+        });
+    }
+    let stored = StoredLimit::parse(response, entry_id)?;
+    let decimals = entry.amount.decimals();
+    let (limit, period) = stored.limit(decimals)?;
+    let after = Amount::from_minor(
+        stored.used_after.ok_or_else(|| {
+            StoreError::Invalid(format!(
+                "the stored outcome of consume entry {entry_id} has no used_after"
+            ))
+        })?,
+        decimals,
+    );
     Ok(ConsumeOutcome::Recorded {
-        status: stored.status,
+        status: QuotaStatus::new(&entry.account, &entry.resource, &limit, &period, after, true),
         entry_id,
-        warnings: stored.warnings,
+        warnings: warnings_for(&entry.resource, &limit, after),
         replayed,
     })
 }

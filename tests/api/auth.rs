@@ -13,6 +13,7 @@ both!(
     a_reader_key_reads_only_its_own_account_and_cannot_post,
     a_service_key_bound_to_an_account_cannot_post_for_another,
     a_revoked_key_is_401,
+    a_key_revoked_after_use_is_refused_once_the_key_cache_expires,
 );
 
 async fn a_request_without_a_key_is_401(app: TestApp) {
@@ -114,6 +115,17 @@ async fn a_revoked_key_is_401(app: TestApp) {
     let key = app.key(Role::Service, None).await;
     let id = app.store.list_api_keys().await.unwrap().last().unwrap().id;
     app.store.revoke_api_key(id).await.unwrap();
+    let reply = app.request("GET", "/v1/accounts/acme/entries", Some(&key), None).await;
+    assert_eq!(reply.status, 401);
+}
+
+async fn a_key_revoked_after_use_is_refused_once_the_key_cache_expires(app: TestApp) {
+    let key = app.key(Role::Service, None).await;
+    let reply = app.request("GET", "/v1/accounts/acme/entries", Some(&key), None).await;
+    assert_eq!(reply.status, 200);
+    let id = app.store.list_api_keys().await.unwrap().last().unwrap().id;
+    app.store.revoke_api_key(id).await.unwrap();
+    tokio::time::sleep(tally::http::auth::KEY_CACHE_TTL + std::time::Duration::from_millis(100)).await;
     let reply = app.request("GET", "/v1/accounts/acme/entries", Some(&key), None).await;
     assert_eq!(reply.status, 401);
 }

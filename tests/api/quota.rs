@@ -26,6 +26,10 @@ both!(
     features_follow_the_plan,
     bad_quota_and_account_input_is_refused_and_writes_nothing,
     the_cli_checks_and_reports_usage,
+    a_cached_check_stays_exact_after_a_rollup_and_after_another_process_inserts,
+    a_consume_replays_its_first_outcome_after_the_plan_changes,
+    an_override_written_by_another_process_applies_to_the_next_consume_at_once,
+    an_override_with_another_window_counts_over_that_window_in_check_and_consume,
 );
 
 fn iso(t: chrono::DateTime<Utc>) -> String {
@@ -739,4 +743,206 @@ async fn the_cli_checks_and_reports_usage(app: TestApp) {
     assert_eq!(shown["overrides"][0]["resource"], "llm_tokens");
     let gold = app.cli(&["accounts", "set-plan", "acme", "gold"]);
     assert!(String::from_utf8_lossy(&gold.stderr).contains("plans: free, pro, scale"));
+}
+
+/// `used` as a number, from a check.
+async fn used_now(app: &TestApp, account: &str, resource: &str) -> i64 {
+    check(app, account, resource, "1", None).await["used"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+async fn a_cached_check_stays_exact_after_a_rollup_and_after_another_process_inserts(app: TestApp) {
+    // A second store on the same database stands for another process: its
+    // inserts bypass this app's settled-sum cache, and it has a cache of its own.
+    let other = tally::store::connect(&app.database_url, app.catalog.clone())
+        .await
+        .unwrap();
+    let other_quotas = |account: &'static str, resource: &'static str| {
+        let other = other.clone();
+        let catalog = app.catalog.clone();
+        async move {
+            let quotas = tally::usage::quota::Quotas {
+                store: other.as_ref(),
+                catalog: &catalog,
+            };
+            let resource = tally::domain::ResourceName::parse(resource).unwrap();
+            let account = tally::domain::AccountId::parse(account).unwrap();
+            let one = tally::domain::Amount::from_minor(1, 0);
+            quotas.check(&account, &resource, one, Utc::now()).await.unwrap().used
+        }
+    };
+    for resource in ["storage_bytes", "llm_tokens"] {
+        let batch: Vec<_> = (0..40)
+            .map(|i| entry("acme", resource, "5", &format!("{resource}-a{i}")))
+            .collect();
+        assert_eq!(app.post_entries(json!({ "entries": batch })).await.status, 200);
+        // Warm both caches.
+        assert_eq!(used_now(&app, "acme", resource).await, 200);
+        assert_eq!(other_quotas("acme", resource).await, "200");
+
+        let inputs = (0..7)
+            .map(|i| {
+                serde_json::from_value(json!({
+                    "account": "acme", "resource": resource, "amount": "3",
+                    "idempotency_key": format!("{resource}-b{i}"),
+                }))
+                .unwrap()
+            })
+            .collect();
+        let rules = tally::domain::entry::EntryRules {
+            catalog: &app.catalog,
+            now: Utc::now(),
+            late_horizon: Duration::days(35),
+            allow_late: false,
+        };
+        let theirs = tally::domain::entry::validate_batch(inputs, rules).unwrap();
+        other.insert_entries(&theirs).await.unwrap();
+        assert_eq!(
+            used_now(&app, "acme", resource).await,
+            221,
+            "rows another process inserted count"
+        );
+        assert_eq!(app.ledger_sum("acme", resource).await, 221);
+
+        app.rollup().await;
+        assert_eq!(
+            used_now(&app, "acme", resource).await,
+            221,
+            "a rollup moves rows, not the sum"
+        );
+        assert_eq!(other_quotas("acme", resource).await, "221");
+
+        // Half folded, half not; and a correction.
+        assert_eq!(
+            app.post_entries(json!(entry("acme", resource, "-4", &format!("{resource}-c"))))
+                .await
+                .status,
+            200
+        );
+        assert_eq!(used_now(&app, "acme", resource).await, 217);
+        app.rollup().await;
+        let more: Vec<_> = (0..3)
+            .map(|i| entry("acme", resource, "2", &format!("{resource}-d{i}")))
+            .collect();
+        assert_eq!(app.post_entries(json!({ "entries": more })).await.status, 200);
+        assert_eq!(used_now(&app, "acme", resource).await, 223);
+        assert_eq!(other_quotas("acme", resource).await, "223");
+        assert_eq!(app.ledger_sum("acme", resource).await, 223);
+    }
+}
+
+async fn a_consume_replays_its_first_outcome_after_the_plan_changes(app: TestApp) {
+    let first = consume(&app, "acme", "ai_generations", "45", "k", None).await;
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    assert_eq!(first.body["plan"], "free");
+    assert_eq!(first.body["limit"], "50");
+    assert_eq!(first.body["used"], "45");
+    assert_eq!(first.body["remaining"], "5");
+    assert_eq!(first.body["status"], "warning");
+    assert_eq!(first.body["warnings"][0]["code"], "approaching_limit");
+    let upgraded = app
+        .request(
+            "PUT",
+            "/v1/accounts/acme/plan",
+            Some(&app.admin_key),
+            Some(json!({"plan": "pro"}).to_string()),
+        )
+        .await;
+    assert_eq!(upgraded.status, 200, "{:?}", upgraded.body);
+    let again = consume(&app, "acme", "ai_generations", "45", "k", None).await;
+    assert_eq!(again.status, 200);
+    assert_eq!(again.body, first.body, "the first outcome, on the plan of then");
+    let next = consume(&app, "acme", "ai_generations", "45", "k2", None).await;
+    assert_eq!(next.status, 200);
+    assert_eq!(next.body["plan"], "pro");
+    assert_eq!(next.body["limit"], Value::Null);
+    assert_eq!(next.body["used"], "90");
+    assert_eq!(app.ledger_sum("acme", "ai_generations").await, 90);
+}
+
+async fn an_override_written_by_another_process_applies_to_the_next_consume_at_once(app: TestApp) {
+    for i in 0..5 {
+        assert_eq!(
+            consume(&app, "acme", "ai_generations", "10", &format!("a{i}"), None)
+                .await
+                .status,
+            200
+        );
+    }
+    let refused = consume(&app, "acme", "ai_generations", "1", "over", None).await;
+    assert_eq!(refused.status, 429);
+    assert_eq!(refused.body["error"]["details"]["used"], "50");
+    // Straight into the database, as `tally` on another host would.
+    let stamp = match app.backend {
+        crate::helpers::Backend::Sqlite => "0",
+        crate::helpers::Backend::Postgres => "now()",
+    };
+    app.execute_raw(&format!(
+        "INSERT INTO account_overrides (account, resource, limit_amount, updated_at) \
+         VALUES ('acme', 'ai_generations', 60, {stamp})"
+    ))
+    .await
+    .unwrap();
+    let passed = consume(&app, "acme", "ai_generations", "1", "over", None).await;
+    assert_eq!(passed.status, 200, "{:?}", passed.body);
+    assert_eq!(passed.body["limit"], "60");
+    assert_eq!(passed.body["used"], "51");
+    app.execute_raw("DELETE FROM account_overrides WHERE account = 'acme'")
+        .await
+        .unwrap();
+    let refused = consume(&app, "acme", "ai_generations", "1", "over-again", None).await;
+    assert_eq!(refused.status, 429);
+    assert_eq!(refused.body["error"]["details"]["limit"], "50");
+    assert_eq!(app.ledger_sum("acme", "ai_generations").await, 51);
+}
+
+async fn an_override_with_another_window_counts_over_that_window_in_check_and_consume(app: TestApp) {
+    // llm_tokens counts per day on free; the override makes it a month. The
+    // check and consume first read the likely (day) period, then the month.
+    let now = Utc::now();
+    let earlier = (now.day() > 1).then(|| {
+        now.date_naive()
+            .with_day(1)
+            .unwrap()
+            .and_hms_opt(12, 0, 0)
+            .unwrap()
+            .and_utc()
+    });
+    if let Some(at) = earlier {
+        app.insert(&[("acme", "llm_tokens", "7", "early", &iso(at))]).await;
+    }
+    let before_today = if earlier.is_some() { 7 } else { 0 };
+    assert_eq!(consume(&app, "acme", "llm_tokens", "10", "k1", None).await.status, 200);
+    let put = app
+        .request(
+            "PUT",
+            "/v1/accounts/acme/overrides/llm_tokens",
+            Some(&app.admin_key),
+            Some(json!({"limit": "5000", "window": "month"}).to_string()),
+        )
+        .await;
+    assert_eq!(put.status, 200, "{:?}", put.body);
+    let body = check(&app, "acme", "llm_tokens", "1", None).await;
+    assert_eq!(body["window"], "month");
+    assert_eq!(body["limit"], "5000");
+    assert_eq!(body["used"], (before_today + 10).to_string());
+    let consumed = consume(&app, "acme", "llm_tokens", "5", "k2", None).await;
+    assert_eq!(consumed.status, 200, "{:?}", consumed.body);
+    assert_eq!(consumed.body["window"], "month");
+    assert_eq!(consumed.body["used"], (before_today + 15).to_string());
+    let deleted = app
+        .request(
+            "DELETE",
+            "/v1/accounts/acme/overrides/llm_tokens",
+            Some(&app.admin_key),
+            None,
+        )
+        .await;
+    assert!(deleted.status < 300, "{:?}", deleted.body);
+    let body = check(&app, "acme", "llm_tokens", "1", None).await;
+    assert_eq!(body["window"], "day");
+    assert_eq!(body["used"], "15");
 }

@@ -1,6 +1,8 @@
 -- Used in one period: the folded total of its bucket plus the ledger tail the
 -- rollup has not reached, in one statement (one snapshot), so a concurrent
--- rollup can neither hide nor double a row. ?3 is the bucket ('YYYY-MM-DD');
+-- rollup can neither hide nor double a row. The second column is the
+-- largest ledger id the statement sees: the settled watermark (every row up
+-- to it is final, see store/settled.rs). ?3 is the bucket ('YYYY-MM-DD');
 -- ?4/?5 the period in µs. ?6 picks the table: 'day' or 'month'.
 SELECT
     COALESCE(CASE ?6
@@ -12,4 +14,5 @@ SELECT
         WHERE account = ?1 AND resource = ?2
           AND id > (SELECT last_id FROM rollup_cursor WHERE name = 'rollup')
           AND occurred_at >= ?4 AND occurred_at < ?5
-    ), 0)
+    ), 0),
+    (SELECT COALESCE(MAX(id), 0) FROM entries)
