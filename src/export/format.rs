@@ -8,7 +8,7 @@
 //! after each record), instants as `to_rfc3339_opts(AutoSi, true)` and amounts
 //! as `Amount`'s `Display` (normalised decimal), all with integer arithmetic.
 
-use chrono::{DateTime, Datelike, NaiveDate, Timelike};
+use chrono::{DateTime, Datelike, NaiveDate};
 
 use crate::domain::Catalog;
 use crate::domain::period::Granularity;
@@ -45,6 +45,8 @@ pub(crate) struct RowFormatter<'c> {
     catalog: &'c Catalog,
     decimals: Vec<(Vec<u8>, u32)>,
     scratch: Vec<u8>,
+    occurred_day: DayCache,
+    recorded_day: DayCache,
 }
 
 impl<'c> RowFormatter<'c> {
@@ -54,6 +56,8 @@ impl<'c> RowFormatter<'c> {
             catalog,
             decimals: Vec::new(),
             scratch: Vec::new(),
+            occurred_day: DayCache::default(),
+            recorded_day: DayCache::default(),
         }
     }
 
@@ -79,9 +83,9 @@ impl<'c> RowFormatter<'c> {
         buf.push(b',');
         push_amount(buf, row.amount, decimals);
         buf.push(b',');
-        push_instant(buf, row.occurred_at)?;
+        push_instant(buf, row.occurred_at, &mut self.occurred_day)?;
         buf.push(b',');
-        push_instant(buf, row.recorded_at)?;
+        push_instant(buf, row.recorded_at, &mut self.recorded_day)?;
         buf.push(b',');
         push_field(buf, row.idempotency_key);
         buf.push(b',');
@@ -186,25 +190,39 @@ fn push_padded(buf: &mut Vec<u8>, value: u64, width: usize) {
     buf.extend_from_slice(text.as_bytes());
 }
 
+const MICROS_PER_DAY: i64 = 86_400_000_000;
+
+/// The date part of the last instant written: rows of an export often share
+/// a day, and the calendar arithmetic is the costly part of an instant.
+#[derive(Default)]
+pub(crate) struct DayCache {
+    day: Option<i64>,
+    text: Vec<u8>,
+}
+
 /// An instant (µs since the Unix epoch) as RFC 3339 in UTC with `Z` and only
 /// the fractional digits needed (none, 3 or 6), like
 /// `to_rfc3339_opts(SecondsFormat::AutoSi, true)`.
-pub(crate) fn push_instant(buf: &mut Vec<u8>, micros: i64) -> Result<(), FormatError> {
-    let t = DateTime::from_timestamp_micros(micros)
-        .ok_or_else(|| FormatError(format!("timestamp {micros} µs is out of range")))?
-        .naive_utc();
-    push_year(buf, t.year());
-    buf.push(b'-');
-    push_2(buf, t.month());
-    buf.push(b'-');
-    push_2(buf, t.day());
+pub(crate) fn push_instant(buf: &mut Vec<u8>, micros: i64, cache: &mut DayCache) -> Result<(), FormatError> {
+    let day = micros.div_euclid(MICROS_PER_DAY);
+    if cache.day != Some(day) {
+        let date = DateTime::from_timestamp_micros(micros)
+            .ok_or_else(|| FormatError(format!("timestamp {micros} µs is out of range")))?
+            .date_naive();
+        cache.text.clear();
+        push_date(&mut cache.text, date, Granularity::Day);
+        cache.day = Some(day);
+    }
+    buf.extend_from_slice(&cache.text);
+    let of_day = micros.rem_euclid(MICROS_PER_DAY);
+    let seconds = (of_day / 1_000_000) as u32;
     buf.push(b'T');
-    push_2(buf, t.hour());
+    push_2(buf, seconds / 3600);
     buf.push(b':');
-    push_2(buf, t.minute());
+    push_2(buf, seconds / 60 % 60);
     buf.push(b':');
-    push_2(buf, t.second());
-    let us = micros.rem_euclid(1_000_000) as u32;
+    push_2(buf, seconds % 60);
+    let us = (of_day % 1_000_000) as u32;
     if us != 0 {
         buf.push(b'.');
         let (value, width) = if us % 1000 == 0 { (us / 1000, 3) } else { (us, 6) };
@@ -257,7 +275,7 @@ mod tests {
 
     fn instant(micros: i64) -> String {
         let mut buf = Vec::new();
-        push_instant(&mut buf, micros).unwrap();
+        push_instant(&mut buf, micros, &mut DayCache::default()).unwrap();
         String::from_utf8(buf).unwrap()
     }
 
@@ -277,6 +295,21 @@ mod tests {
         assert_eq!(instant(0), "1970-01-01T00:00:00Z");
         assert_eq!(instant(1_000), "1970-01-01T00:00:00.001Z");
         assert_eq!(instant(-1), "1969-12-31T23:59:59.999999Z");
+    }
+
+    #[test]
+    fn a_cached_day_is_only_reused_for_the_same_day() {
+        let mut cache = DayCache::default();
+        let mut buf = Vec::new();
+        for micros in [0, 86_399_999_999, 86_400_000_000, -1, 1] {
+            buf.clear();
+            push_instant(&mut buf, micros, &mut cache).unwrap();
+            let expected = Utc
+                .timestamp_micros(micros)
+                .unwrap()
+                .to_rfc3339_opts(SecondsFormat::AutoSi, true);
+            assert_eq!(String::from_utf8(buf.clone()).unwrap(), expected);
+        }
     }
 
     #[test]

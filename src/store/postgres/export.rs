@@ -181,11 +181,18 @@ async fn merge_folded_and_tail(
         format!("{bucket} < {}", date_literal(filter.to)),
     ];
     conditions.extend(name_conditions(filter));
-    // COLLATE "C": byte order, the order the merge compares keys in (and the
-    // primary key's own order when the database's collation is C).
+    // The merge needs byte order. Under a C collation that is the primary
+    // key's order, so the plain ORDER BY is an index range scan; spelling out
+    // COLLATE "C" there would make the planner sort every total instead (an
+    // index only serves its own collation). Other collations get the sort.
+    let bytewise: bool =
+        sqlx::query_scalar("SELECT datcollate IN ('C', 'POSIX') FROM pg_database WHERE datname = current_database()")
+            .fetch_one(&mut **folded_conn)
+            .await?;
+    let collate = if bytewise { "" } else { " COLLATE \"C\"" };
     let folded_sql = format!(
         "COPY (SELECT account, resource, {bucket}, amount, entries FROM {table} WHERE {}
-               ORDER BY account COLLATE \"C\", resource COLLATE \"C\", {bucket}) TO STDOUT (FORMAT binary)",
+               ORDER BY account{collate}, resource{collate}, {bucket}) TO STDOUT (FORMAT binary)",
         conditions.join(" AND ")
     );
     let mut format = RowFormatter::new(catalog);
