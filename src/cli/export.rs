@@ -150,7 +150,7 @@ pub async fn run(settings: &Settings, command: ExportCommand) -> anyhow::Result<
         (ExportCommand::Entries(_), Some(filter)) => export_entries(store.as_ref(), &filter, &mut out).await?,
         (_, Some(filter)) => {
             let granularity = granularity.expect("a totals export has a granularity");
-            export_totals(store.as_ref(), &catalog, granularity, &filter, &mut out).await?
+            export_totals(store.as_ref(), granularity, &filter, &mut out).await?
         }
         (ExportCommand::Invoice(i), None) => {
             export_invoices(store.as_ref(), &catalog, i.period, account.as_ref(), as_of, &mut out).await?

@@ -117,10 +117,18 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
-        Ok(code) => code,
-        Err(e) => {
+    // Run the command as a task on a worker thread, not on this thread
+    // inside `block_on`: a worker also drives the I/O, so a streaming command
+    // (an export reading a socket) is not woken across threads for every
+    // message the database sends.
+    match runtime.block_on(async { tokio::spawn(run(cli)).await }) {
+        Ok(Ok(code)) => code,
+        Ok(Err(e)) => {
             eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("error: the command failed: {e}");
             ExitCode::FAILURE
         }
     }

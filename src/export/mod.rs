@@ -3,6 +3,7 @@
 //! in the destination's folder, renamed when complete, so an error never
 //! leaves a partial file), exact decimals as plain strings.
 
+pub mod format;
 pub mod invoice;
 pub mod ledger;
 
@@ -12,12 +13,14 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-/// Where an export goes.
+/// Where an export goes. Lines are formatted by [`format`] (by the stores for
+/// ledger and totals exports) and arrive here as whole lines.
 pub struct CsvOutput {
-    writer: csv::Writer<Box<dyn Write + Send>>,
+    writer: Box<dyn Write + Send>,
     file: Option<(tempfile::TempPath, PathBuf, bool)>,
     progress: Option<ProgressBar>,
     rows: u64,
+    line: Vec<u8>,
 }
 
 impl CsvOutput {
@@ -58,10 +61,11 @@ impl CsvOutput {
 
     fn new(writer: Box<dyn Write + Send>, file: Option<(tempfile::TempPath, PathBuf, bool)>) -> Self {
         Self {
-            writer: csv::WriterBuilder::new().from_writer(writer),
+            writer,
             file,
             progress: None,
             rows: 0,
+            line: Vec::new(),
         }
     }
 
@@ -83,23 +87,44 @@ impl CsvOutput {
 
     /// Writes the header row.
     pub fn header(&mut self, columns: &[&str]) -> anyhow::Result<()> {
-        self.writer.write_record(columns).context("cannot write the CSV header")
+        self.record(columns).context("cannot write the CSV header")
     }
 
-    /// Writes one row (RFC 4180 quoting is the csv crate's).
+    /// Writes one row (RFC 4180 quoting: [`format::push_field`]).
     pub fn row<I, T>(&mut self, fields: I) -> anyhow::Result<()>
     where
         I: IntoIterator<Item = T>,
         T: AsRef<[u8]>,
     {
-        self.writer.write_record(fields).context("cannot write a CSV row")?;
-        self.rows += 1;
-        if self.rows % 4096 == 0 {
+        self.record(fields).context("cannot write a CSV row")?;
+        self.counted(1);
+        Ok(())
+    }
+
+    fn record<I, T>(&mut self, fields: I) -> std::io::Result<()>
+    where
+        I: IntoIterator<Item = T>,
+        T: AsRef<[u8]>,
+    {
+        self.line.clear();
+        for (i, field) in fields.into_iter().enumerate() {
+            if i > 0 {
+                self.line.push(b',');
+            }
+            format::push_field(&mut self.line, field.as_ref());
+        }
+        self.line.push(b'\n');
+        self.writer.write_all(&self.line)
+    }
+
+    fn counted(&mut self, rows: u64) {
+        let before = self.rows;
+        self.rows += rows;
+        if before / 4096 != self.rows / 4096 {
             if let Some(bar) = &self.progress {
                 bar.set_position(self.rows);
             }
         }
-        Ok(())
     }
 
     /// Rows written so far (header excluded).
@@ -114,12 +139,9 @@ impl CsvOutput {
         if let Some(bar) = &self.progress {
             bar.finish_and_clear();
         }
-        let mut inner = self
-            .writer
-            .into_inner()
-            .map_err(|e| anyhow::anyhow!("cannot flush the CSV: {}", e.error()))?;
-        inner.flush().context("cannot flush the CSV")?;
-        drop(inner);
+        let mut writer = self.writer;
+        writer.flush().context("cannot flush the CSV")?;
+        drop(writer);
         if let Some((temp, dest, overwrite)) = self.file {
             if overwrite {
                 temp.persist(&dest)
@@ -130,5 +152,13 @@ impl CsvOutput {
             }
         }
         Ok(rows)
+    }
+}
+
+impl crate::store::CsvSink for CsvOutput {
+    fn write_lines(&mut self, lines: &[u8], rows: u64) -> std::io::Result<()> {
+        self.writer.write_all(lines)?;
+        self.counted(rows);
+        Ok(())
     }
 }

@@ -74,7 +74,7 @@ pub async fn write_monthly_reports(
             as_of: None,
         };
         let mut out = CsvOutput::file(&monthly, overwrite)?;
-        export_totals(store, catalog, Granularity::Month, &filter, &mut out).await?;
+        export_totals(store, Granularity::Month, &filter, &mut out).await?;
         out.finish()?;
         outcome.written.push(monthly);
     } else {

@@ -228,9 +228,23 @@ pub trait Store: Send + Sync + 'static {
         Ok(None)
     }
 
-    /// Ledger rows whose occurred_at is in the filter's range, ascending id,
-    /// streamed (memory stays flat however many rows).
-    fn stream_entries<'a>(&'a self, filter: &'a ExportFilter) -> BoxStream<'a, Result<Entry, StoreError>>;
+    /// Writes the ledger rows whose occurred_at is in the filter's range, as
+    /// the entries export's CSV lines (no header), ascending id, streamed in
+    /// chunks of whole lines (memory stays flat however many rows). Returns
+    /// the row count.
+    async fn export_entries(&self, filter: &ExportFilter, sink: &mut dyn CsvSink) -> Result<u64, ExportError>;
+
+    /// Writes the totals per (account, resource, bucket) of the filter's range
+    /// as the daily or monthly export's CSV lines (no header), ascending by
+    /// account and resource (byte order) and bucket: the folded totals plus the
+    /// unfolded tail read in one snapshot, or recomputed from the ledger as of
+    /// the filter's `as_of`. Streamed like [`Store::export_entries`].
+    async fn export_totals(
+        &self,
+        granularity: Granularity,
+        filter: &ExportFilter,
+        sink: &mut dyn CsvSink,
+    ) -> Result<u64, ExportError>;
 
     /// Totals per (account, resource, bucket), ascending, streamed: folded
     /// totals plus the unfolded tail, or recomputed from the ledger as of the
@@ -261,6 +275,121 @@ pub struct ExportFilter {
     pub resource: Option<ResourceName>,
     /// Only entries recorded at or before this instant.
     pub as_of: Option<DateTime<Utc>>,
+}
+
+/// Where a store writes an export's CSV lines.
+pub trait CsvSink: Send {
+    /// Appends `lines`, which hold `rows` whole CSV records.
+    fn write_lines(&mut self, lines: &[u8], rows: u64) -> std::io::Result<()>;
+}
+
+/// Why an export stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// Reading the database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Reading the database through the exports' own SQLite connection failed.
+    #[error("database error")]
+    Sqlite(#[from] rusqlite::Error),
+    /// Writing the output failed.
+    #[error("cannot write the export")]
+    Write(#[source] std::io::Error),
+    /// A stored value cannot be written (e.g. a total overflowing 64 bits).
+    #[error("cannot export: {0}")]
+    Data(String),
+}
+
+impl From<sqlx::Error> for ExportError {
+    fn from(e: sqlx::Error) -> Self {
+        ExportError::Store(e.into())
+    }
+}
+
+impl From<crate::export::format::FormatError> for ExportError {
+    fn from(e: crate::export::format::FormatError) -> Self {
+        ExportError::Data(e.0)
+    }
+}
+
+/// CSV lines on their way to a [`CsvSink`], handed over in chunks of about
+/// [`CHUNK_BYTES`](crate::export::format::CHUNK_BYTES).
+pub(crate) struct Chunk {
+    pub bytes: Vec<u8>,
+    pub rows: u64,
+    pub total_rows: u64,
+}
+
+impl Chunk {
+    pub(crate) fn new() -> Self {
+        Self {
+            bytes: Vec::with_capacity(crate::export::format::CHUNK_BYTES + 4096),
+            rows: 0,
+            total_rows: 0,
+        }
+    }
+
+    /// Counts the line just appended; true when the chunk is full.
+    pub(crate) fn line_done(&mut self) -> bool {
+        self.rows += 1;
+        self.bytes.len() >= crate::export::format::CHUNK_BYTES
+    }
+
+    /// Hands what is buffered to `sink`.
+    pub(crate) fn flush(&mut self, sink: &mut dyn CsvSink) -> Result<(), ExportError> {
+        if self.rows > 0 {
+            sink.write_lines(&self.bytes, self.rows).map_err(ExportError::Write)?;
+        }
+        self.total_rows += self.rows;
+        self.bytes.clear();
+        self.rows = 0;
+        Ok(())
+    }
+}
+
+/// A total of the unfolded tail, merged into the folded totals of the same key.
+pub(crate) struct TailTotal {
+    pub account: String,
+    pub resource: String,
+    pub bucket: NaiveDate,
+    pub amount: i64,
+    pub entries: i64,
+}
+
+impl TailTotal {
+    /// Orders this tail total against a folded key, in export order.
+    pub(crate) fn cmp_key(&self, account: &[u8], resource: &[u8], bucket: NaiveDate) -> std::cmp::Ordering {
+        (self.account.as_bytes(), self.resource.as_bytes(), self.bucket).cmp(&(account, resource, bucket))
+    }
+
+    pub(crate) fn fields(&self) -> crate::export::format::TotalFields<'_> {
+        crate::export::format::TotalFields {
+            account: self.account.as_bytes(),
+            resource: self.resource.as_bytes(),
+            bucket: self.bucket,
+            amount: self.amount,
+            entries: self.entries,
+        }
+    }
+}
+
+/// A folded total plus the tail total of the same key; overflow is an error,
+/// never a wrap.
+pub(crate) fn add_tail<'a>(
+    folded: crate::export::format::TotalFields<'a>,
+    tail: &TailTotal,
+) -> Result<crate::export::format::TotalFields<'a>, ExportError> {
+    let overflow = || {
+        ExportError::Data(format!(
+            "the total of account '{}', resource '{}', {} exceeds 64 bits",
+            tail.account, tail.resource, tail.bucket
+        ))
+    };
+    Ok(crate::export::format::TotalFields {
+        amount: folded.amount.checked_add(tail.amount).ok_or_else(overflow)?,
+        entries: folded.entries.checked_add(tail.entries).ok_or_else(overflow)?,
+        ..folded
+    })
 }
 
 /// One (account, resource, bucket) total, in minor units.

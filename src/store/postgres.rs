@@ -5,6 +5,8 @@
 //! (account, idempotency_key) so that two concurrent batches sharing keys take
 //! their unique-index locks in the same order and cannot deadlock.
 
+mod export;
+
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -21,9 +23,9 @@ use sqlx::{FromRow, PgPool, Postgres, QueryBuilder};
 
 use super::settled::{Settled, SettledSums, bounds};
 use super::{
-    Backend, BeforeCommit, CheckInputs, ConsumeDecider, ConsumeResult, ConsumeRules, DecidedConsume, ExportFilter,
-    JobLock, NewApiKey, Store, StoreError, TotalMismatch, TotalRow, diff_totals, natural_key, replay, resolve_outcomes,
-    totals_sql,
+    Backend, BeforeCommit, CheckInputs, ConsumeDecider, ConsumeResult, ConsumeRules, CsvSink, DecidedConsume,
+    ExportError, ExportFilter, JobLock, NewApiKey, Store, StoreError, TotalMismatch, TotalRow, diff_totals,
+    natural_key, replay, resolve_outcomes, totals_sql,
 };
 use crate::domain::{
     AccountId, Amount, ApiKey, Catalog, Entry, EntryFilter, IdempotencyKey, InsertOutcome, NewEntry, ResourceName, Role,
@@ -948,24 +950,17 @@ impl Store for PgStore {
         Ok(ConsumeResult::Recorded { entry_id, response })
     }
 
-    fn stream_entries<'a>(&'a self, filter: &'a ExportFilter) -> BoxStream<'a, Result<Entry, StoreError>> {
-        static SQL: LazyLock<String> = LazyLock::new(|| {
-            format!(
-                "SELECT {ENTRY_COLUMNS} FROM entries
-                 WHERE occurred_at >= $1 AND occurred_at < $2
-                   AND ($3::text IS NULL OR account = $3) AND ($4::text IS NULL OR resource = $4)
-                   AND ($5::timestamptz IS NULL OR recorded_at <= $5)
-                 ORDER BY id"
-            )
-        });
-        let rows = sqlx::query_as::<_, EntryRow>(SQL.as_str())
-            .bind(start_of(filter.from))
-            .bind(start_of(filter.to))
-            .bind(filter.account.as_ref().map(|a| a.as_str().to_owned()))
-            .bind(filter.resource.as_ref().map(|r| r.as_str().to_owned()))
-            .bind(filter.as_of)
-            .fetch(&self.pool);
-        Box::pin(rows.map(move |row| row.map(|r| self.entry_from_row(r)).map_err(StoreError::from)))
+    async fn export_entries(&self, filter: &ExportFilter, sink: &mut dyn CsvSink) -> Result<u64, ExportError> {
+        export::entries(&self.pool, &self.catalog, filter, sink).await
+    }
+
+    async fn export_totals(
+        &self,
+        granularity: Granularity,
+        filter: &ExportFilter,
+        sink: &mut dyn CsvSink,
+    ) -> Result<u64, ExportError> {
+        export::totals(&self.pool, &self.catalog, granularity, filter, sink).await
     }
 
     fn stream_totals<'a>(

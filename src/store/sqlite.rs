@@ -5,6 +5,8 @@
 //! readers. Writes begin with `BEGIN IMMEDIATE` so a transaction that reads
 //! before it writes never fails to upgrade its lock.
 
+mod export;
+
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::{Arc, LazyLock};
@@ -19,8 +21,8 @@ use sqlx::{FromRow, QueryBuilder, Sqlite, SqlitePool};
 
 use super::settled::{Settled, SettledSums, bounds};
 use super::{
-    Backend, BeforeCommit, ConsumeDecider, ConsumeResult, ExportFilter, JobLock, NewApiKey, Store, StoreError,
-    TotalMismatch, TotalRow, diff_totals, natural_key, replay, resolve_outcomes, totals_sql,
+    Backend, BeforeCommit, ConsumeDecider, ConsumeResult, CsvSink, ExportError, ExportFilter, JobLock, NewApiKey,
+    Store, StoreError, TotalMismatch, TotalRow, diff_totals, natural_key, replay, resolve_outcomes, totals_sql,
 };
 use crate::domain::catalog::{Enforcement, Window};
 use crate::domain::period::{Granularity, start_of};
@@ -36,6 +38,7 @@ pub struct SqliteStore {
     catalog: Arc<Catalog>,
     /// Settled sums behind `used` (see [`super::settled`]).
     settled: SettledSums,
+    export_source: Arc<export::Source>,
 }
 
 impl SqliteStore {
@@ -48,6 +51,7 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
+        let export_source = Arc::new(export::Source::of(options.get_filename()));
         // The writer's page cache holds the hot index pages: a batch of
         // entries spread over many accounts lands on as many leaf pages of
         // `entries_idempotency` and `entries_account_id` (64 MiB, against
@@ -74,6 +78,7 @@ impl SqliteStore {
             reader,
             catalog,
             settled: SettledSums::default(),
+            export_source,
         })
     }
 
@@ -555,24 +560,17 @@ impl Store for SqliteStore {
         Ok(ConsumeResult::Recorded { entry_id, response })
     }
 
-    fn stream_entries<'a>(&'a self, filter: &'a ExportFilter) -> BoxStream<'a, Result<Entry, StoreError>> {
-        static SQL: LazyLock<String> = LazyLock::new(|| {
-            format!(
-                "SELECT {ENTRY_COLUMNS} FROM entries
-                 WHERE occurred_at >= ?1 AND occurred_at < ?2
-                   AND (?3 IS NULL OR account = ?3) AND (?4 IS NULL OR resource = ?4)
-                   AND (?5 IS NULL OR recorded_at <= ?5)
-                 ORDER BY id"
-            )
-        });
-        let rows = sqlx::query_as::<_, EntryRow>(SQL.as_str())
-            .bind(to_micros(start_of(filter.from)))
-            .bind(to_micros(start_of(filter.to)))
-            .bind(filter.account.as_ref().map(|a| a.as_str().to_owned()))
-            .bind(filter.resource.as_ref().map(|r| r.as_str().to_owned()))
-            .bind(filter.as_of.map(to_micros))
-            .fetch(&self.reader);
-        Box::pin(rows.map(move |row| row.map(|r| self.entry_from_row(r)).map_err(StoreError::from)))
+    async fn export_entries(&self, filter: &ExportFilter, sink: &mut dyn CsvSink) -> Result<u64, ExportError> {
+        export::entries(&self.export_source, &self.catalog, filter, sink).await
+    }
+
+    async fn export_totals(
+        &self,
+        granularity: Granularity,
+        filter: &ExportFilter,
+        sink: &mut dyn CsvSink,
+    ) -> Result<u64, ExportError> {
+        export::totals(&self.export_source, &self.catalog, granularity, filter, sink).await
     }
 
     fn stream_totals<'a>(

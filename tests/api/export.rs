@@ -17,6 +17,7 @@ both!(
     admin_stats_and_top_accounts_describe_a_known_dataset,
     the_monthly_reports_job_writes_each_report_once,
     bad_export_requests_fail_clearly_and_leave_no_file,
+    exports_write_fractional_and_negative_amounts_exactly_for_any_decimals,
 );
 
 fn read_csv(path: &Path) -> Vec<Vec<String>> {
@@ -608,5 +609,109 @@ async fn bad_export_requests_fail_clearly_and_leave_no_file(app: TestApp) {
     assert!(
         stdout.stderr.is_empty() || !String::from_utf8_lossy(&stdout.stderr).contains("account,"),
         "nothing extra on stdout"
+    );
+}
+
+/// Runs the `tally` binary with a plan catalog file.
+fn cli_with_plans(app: &TestApp, plans: &Path, args: &[&str]) -> String {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(args)
+        .env("TALLY_DATABASE_URL", &app.database_url)
+        .env("TALLY_PLANS", plans)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("tally runs");
+    assert!(
+        output.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+async fn exports_write_fractional_and_negative_amounts_exactly_for_any_decimals(app: TestApp) {
+    let dir = tempfile::tempdir().unwrap();
+    let plans = dir.path().join("plans.toml");
+    std::fs::write(
+        &plans,
+        format!(
+            "{}\n[resources.gpu_seconds]\ndecimals = 9\n",
+            tally::domain::catalog::BUILTIN_CATALOG_TOML
+        ),
+    )
+    .unwrap();
+    let day = (chrono::Utc::now() - chrono::Duration::days(2)).date_naive();
+    let next = day.succ_opt().unwrap();
+    let import = |name: &str, rows: &[(&str, &str, &str, &str)]| {
+        let path = dir.path().join(name);
+        let mut csv = String::from("account,resource,amount,occurred_at,idempotency_key\n");
+        for (account, resource, amount, key) in rows {
+            csv.push_str(&format!("{account},{resource},{amount},{day}T12:00:00.25Z,{key}\n"));
+        }
+        std::fs::write(&path, csv).unwrap();
+        cli_with_plans(&app, &plans, &["import", path.to_str().unwrap()]);
+    };
+    import(
+        "folded.csv",
+        &[
+            ("acme", "agent_minutes", "-0.05", "m1"),
+            ("acme", "agent_minutes", "1.25", "m2"),
+            ("acme", "gpu_seconds", "0.000000001", "g1"),
+            ("acme", "gpu_seconds", "-1.5", "g2"),
+            ("beta", "gpu_seconds", "123.456789012", "g3"),
+        ],
+    );
+    cli_with_plans(&app, &plans, &["rollup"]);
+    // The unfolded tail: one key already folded (merged into its total), one new.
+    import(
+        "tail.csv",
+        &[
+            ("acme", "agent_minutes", "-1.25", "m3"),
+            ("acme", "gpu_seconds", "-0.000000002", "g4"),
+            ("alfa", "gpu_seconds", "7", "g5"),
+        ],
+    );
+    let range = ["--from", &day.to_string(), "--to", &next.to_string(), "-o"];
+    let entries = dir.path().join("entries.csv");
+    let mut args = vec!["export", "entries"];
+    args.extend(range);
+    args.push(entries.to_str().unwrap());
+    cli_with_plans(&app, &plans, &args);
+    // By key: PostgreSQL numbers a batch in (account, key) order, SQLite in file order.
+    let mut amounts: Vec<_> = read_csv(&entries)[1..]
+        .iter()
+        .map(|r| (r[6].clone(), r[3].clone(), r[4].clone()))
+        .collect();
+    amounts.sort();
+    let at = format!("{day}T12:00:00.250Z");
+    let expected = [
+        ("m1", "-0.05"),
+        ("m2", "1.25"),
+        ("g1", "0.000000001"),
+        ("g2", "-1.5"),
+        ("g3", "123.456789012"),
+        ("m3", "-1.25"),
+        ("g4", "-0.000000002"),
+        ("g5", "7"),
+    ]
+    .map(|(key, amount)| (key.to_owned(), amount.to_owned(), at.clone()));
+    let mut expected = expected.to_vec();
+    expected.sort();
+    assert_eq!(amounts, expected);
+    let daily = dir.path().join("daily.csv");
+    let mut args = vec!["export", "daily"];
+    args.extend(range);
+    args.push(daily.to_str().unwrap());
+    cli_with_plans(&app, &plans, &args);
+    let text = std::fs::read_to_string(&daily).unwrap();
+    assert_eq!(
+        text,
+        format!(
+            "account,resource,day,amount,entries\n\
+             acme,agent_minutes,{day},-0.05,3\n\
+             acme,gpu_seconds,{day},-1.500000001,3\n\
+             alfa,gpu_seconds,{day},7,1\n\
+             beta,gpu_seconds,{day},123.456789012,1\n"
+        )
     );
 }

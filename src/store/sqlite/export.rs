@@ -1,0 +1,356 @@
+//! SQLite exports, read through a synchronous connection on a blocking thread.
+//!
+//! Why not sqlx here: its SQLite driver steps the statement on a worker thread
+//! and hands every row to the async side over a channel, which costs a thread
+//! wake-up and a copy of every value per row, several times SQLite's own work.
+//! Here one thread steps the statement and formats each row from borrowed
+//! values; only 64 KiB chunks of finished CSV lines cross to the async side,
+//! through a channel of two, so memory stays flat.
+
+use std::cmp::Ordering;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::NaiveDate;
+use rusqlite::types::ValueRef;
+use rusqlite::{Connection, OpenFlags, Row, params};
+use tokio::sync::mpsc;
+
+use super::to_micros;
+use crate::domain::Catalog;
+use crate::domain::period::{Granularity, start_of};
+use crate::export::format::{EntryFields, RowFormatter, TotalFields};
+use crate::store::{Chunk, CsvSink, ExportError, ExportFilter, TailTotal, add_tail, totals_sql};
+
+/// The database file the exports open (beside sqlx's pools).
+pub(super) enum Source {
+    /// A file.
+    File(PathBuf),
+    /// sqlx's shared-cache in-memory database of this process (its URI).
+    Memory(String),
+}
+
+impl Source {
+    /// What sqlx opened `filename` as.
+    pub(super) fn of(filename: &Path) -> Self {
+        let name = filename.to_string_lossy();
+        if name.starts_with("file:sqlx-in-memory-") {
+            Source::Memory(format!("{name}?mode=memory&cache=shared"))
+        } else {
+            Source::File(filename.to_owned())
+        }
+    }
+
+    fn open(&self) -> rusqlite::Result<Connection> {
+        let conn = match self {
+            Source::File(path) => {
+                Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?
+            }
+            Source::Memory(uri) => Connection::open_with_flags(
+                uri,
+                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_URI | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?,
+        };
+        conn.busy_timeout(Duration::from_secs(10))?;
+        Ok(conn)
+    }
+}
+
+/// Finished lines on the blocking thread, sent on when a chunk is full.
+struct Lines {
+    chunk: Chunk,
+    tx: mpsc::Sender<Chunk>,
+}
+
+impl Lines {
+    fn line_done(&mut self) -> Result<(), ExportError> {
+        if self.chunk.line_done() {
+            self.send()?;
+        }
+        Ok(())
+    }
+
+    fn send(&mut self) -> Result<(), ExportError> {
+        let full = std::mem::replace(&mut self.chunk, Chunk::new());
+        // Fails only when the async side stopped (its error is the one reported).
+        self.tx
+            .blocking_send(full)
+            .map_err(|_| ExportError::Data("the export was abandoned".into()))
+    }
+}
+
+/// Runs `job` on a blocking thread with its own connection and copies the
+/// lines it produces into `sink`. Returns the row count.
+async fn run<F>(source: &Arc<Source>, sink: &mut dyn CsvSink, job: F) -> Result<u64, ExportError>
+where
+    F: FnOnce(&Connection, &mut Lines) -> Result<(), ExportError> + Send + 'static,
+{
+    let (tx, mut rx) = mpsc::channel(2);
+    let source = Arc::clone(source);
+    let worker = tokio::task::spawn_blocking(move || {
+        let conn = source.open()?;
+        let mut lines = Lines {
+            chunk: Chunk::new(),
+            tx,
+        };
+        job(&conn, &mut lines)?;
+        lines.send()
+    });
+    let mut rows = 0;
+    while let Some(chunk) = rx.recv().await {
+        if chunk.rows > 0 {
+            sink.write_lines(&chunk.bytes, chunk.rows).map_err(ExportError::Write)?;
+            rows += chunk.rows;
+        }
+    }
+    worker
+        .await
+        .map_err(|e| ExportError::Data(format!("the export thread failed: {e}")))??;
+    Ok(rows)
+}
+
+const ENTRIES_SQL: &str = "SELECT id, account, resource, amount, occurred_at, recorded_at, idempotency_key,
+       source, reverses, metadata
+FROM entries
+WHERE occurred_at >= ?1 AND occurred_at < ?2
+  AND (?3 IS NULL OR account = ?3) AND (?4 IS NULL OR resource = ?4)
+  AND (?5 IS NULL OR recorded_at <= ?5)
+ORDER BY id";
+
+/// The entries export (see [`crate::store::Store::export_entries`]).
+pub(super) async fn entries(
+    source: &Arc<Source>,
+    catalog: &Arc<Catalog>,
+    filter: &ExportFilter,
+    sink: &mut dyn CsvSink,
+) -> Result<u64, ExportError> {
+    let catalog = Arc::clone(catalog);
+    let filter = filter.clone();
+    run(source, sink, move |conn, lines| {
+        let mut format = RowFormatter::new(&catalog);
+        let mut statement = conn.prepare(ENTRIES_SQL)?;
+        let mut rows = statement.query(params![
+            to_micros(start_of(filter.from)),
+            to_micros(start_of(filter.to)),
+            filter.account.as_ref().map(|a| a.as_str()),
+            filter.resource.as_ref().map(|r| r.as_str()),
+            filter.as_of.map(to_micros),
+        ])?;
+        while let Some(row) = rows.next()? {
+            let entry = EntryFields {
+                id: integer(row, 0)?,
+                account: text(row, 1)?,
+                resource: text(row, 2)?,
+                amount: integer(row, 3)?,
+                occurred_at: integer(row, 4)?,
+                recorded_at: integer(row, 5)?,
+                idempotency_key: text(row, 6)?,
+                source: optional_text(row, 7)?,
+                reverses: optional_integer(row, 8)?,
+                metadata: optional_text(row, 9)?,
+            };
+            format.entry(&mut lines.chunk.bytes, &entry)?;
+            lines.line_done()?;
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// The table, bucket column and bucket-of-an-entry expression of a granularity.
+fn shape(granularity: Granularity) -> (&'static str, &'static str, &'static str) {
+    match granularity {
+        Granularity::Day => ("daily_totals", "day", "date(occurred_at / 1000000, 'unixepoch')"),
+        Granularity::Month => (
+            "monthly_totals",
+            "month",
+            "strftime('%Y-%m-01', occurred_at / 1000000, 'unixepoch')",
+        ),
+    }
+}
+
+/// The totals export (see [`crate::store::Store::export_totals`]).
+pub(super) async fn totals(
+    source: &Arc<Source>,
+    catalog: &Arc<Catalog>,
+    granularity: Granularity,
+    filter: &ExportFilter,
+    sink: &mut dyn CsvSink,
+) -> Result<u64, ExportError> {
+    let catalog = Arc::clone(catalog);
+    let filter = filter.clone();
+    run(source, sink, move |conn, lines| {
+        let mut format = RowFormatter::new(&catalog);
+        if let Some(as_of) = filter.as_of {
+            let (table, bucket, bucket_of_entry) = shape(granularity);
+            let sql = totals_sql(
+                include_str!("../sql/sqlite/export_totals_as_of.sql"),
+                table,
+                bucket,
+                bucket_of_entry,
+            );
+            let mut statement = conn.prepare(&sql)?;
+            let mut rows = statement.query(params![
+                filter.from.to_string(),
+                filter.to.to_string(),
+                filter.account.as_ref().map(|a| a.as_str()),
+                filter.resource.as_ref().map(|r| r.as_str()),
+                to_micros(start_of(filter.from)),
+                to_micros(start_of(filter.to)),
+                to_micros(as_of),
+            ])?;
+            while let Some(row) = rows.next()? {
+                format.total(&mut lines.chunk.bytes, granularity, &total_fields(row)?);
+                lines.line_done()?;
+            }
+            return Ok(());
+        }
+        // Both statements read one snapshot: a deferred transaction takes it
+        // at the first read and keeps it until COMMIT (WAL mode).
+        conn.execute_batch("BEGIN")?;
+        merge_folded_and_tail(conn, &filter, granularity, &mut format, lines)?;
+        conn.execute_batch("COMMIT")?;
+        Ok(())
+    })
+    .await
+}
+
+/// The folded totals in key order (an index range scan, no sort, no
+/// aggregate) with the unfolded tail, grouped and sorted the same way, merged
+/// in: a tail total with the key of a folded one is added to it.
+fn merge_folded_and_tail(
+    conn: &Connection,
+    filter: &ExportFilter,
+    granularity: Granularity,
+    format: &mut RowFormatter<'_>,
+    lines: &mut Lines,
+) -> Result<(), ExportError> {
+    let (table, bucket, bucket_of_entry) = shape(granularity);
+    let account = filter.account.as_ref().map(|a| a.as_str());
+    let resource = filter.resource.as_ref().map(|r| r.as_str());
+    let tail_sql = totals_sql(
+        include_str!("../sql/sqlite/export_totals_tail.sql"),
+        table,
+        bucket,
+        bucket_of_entry,
+    );
+    let mut tail_statement = conn.prepare(&tail_sql)?;
+    let mut tail_rows = tail_statement.query(params![
+        to_micros(start_of(filter.from)),
+        to_micros(start_of(filter.to)),
+        account,
+        resource,
+    ])?;
+    let mut tail = tail_total(&mut tail_rows)?;
+    let folded_sql = format!(
+        "SELECT account, resource, {bucket}, amount, entries FROM {table}
+         WHERE {bucket} >= ?1 AND {bucket} < ?2
+           AND (?3 IS NULL OR account = ?3) AND (?4 IS NULL OR resource = ?4)
+         ORDER BY account, resource, {bucket}"
+    );
+    let mut statement = conn.prepare(&folded_sql)?;
+    let mut rows = statement.query(params![
+        filter.from.to_string(),
+        filter.to.to_string(),
+        account,
+        resource
+    ])?;
+    while let Some(row) = rows.next()? {
+        let mut folded = total_fields(row)?;
+        while let Some(t) = &tail {
+            match t.cmp_key(folded.account, folded.resource, folded.bucket) {
+                Ordering::Less => {
+                    format.total(&mut lines.chunk.bytes, granularity, &t.fields());
+                    lines.line_done()?;
+                }
+                Ordering::Equal => folded = add_tail(folded, t)?,
+                Ordering::Greater => break,
+            }
+            tail = tail_total(&mut tail_rows)?;
+        }
+        format.total(&mut lines.chunk.bytes, granularity, &folded);
+        lines.line_done()?;
+    }
+    while let Some(t) = &tail {
+        format.total(&mut lines.chunk.bytes, granularity, &t.fields());
+        lines.line_done()?;
+        tail = tail_total(&mut tail_rows)?;
+    }
+    Ok(())
+}
+
+/// The next total of the tail, owned (the tail is read alongside the folded rows).
+fn tail_total(rows: &mut rusqlite::Rows<'_>) -> Result<Option<TailTotal>, ExportError> {
+    let Some(row) = rows.next()? else { return Ok(None) };
+    let t = total_fields(row)?;
+    Ok(Some(TailTotal {
+        account: String::from_utf8_lossy(t.account).into_owned(),
+        resource: String::from_utf8_lossy(t.resource).into_owned(),
+        bucket: t.bucket,
+        amount: t.amount,
+        entries: t.entries,
+    }))
+}
+
+/// (account, resource, bucket text, amount, entries) as borrowed fields.
+fn total_fields<'r>(row: &'r Row<'_>) -> Result<TotalFields<'r>, ExportError> {
+    Ok(TotalFields {
+        account: text(row, 0)?,
+        resource: text(row, 1)?,
+        bucket: date(text(row, 2)?)?,
+        amount: integer(row, 3)?,
+        entries: integer(row, 4)?,
+    })
+}
+
+fn integer(row: &Row<'_>, index: usize) -> Result<i64, ExportError> {
+    optional_integer(row, index)?.ok_or_else(|| unexpected(index, "NULL"))
+}
+
+fn optional_integer(row: &Row<'_>, index: usize) -> Result<Option<i64>, ExportError> {
+    match row.get_ref(index)? {
+        ValueRef::Integer(v) => Ok(Some(v)),
+        ValueRef::Null => Ok(None),
+        _ => Err(unexpected(index, "a value that is not an integer")),
+    }
+}
+
+fn text<'r>(row: &'r Row<'_>, index: usize) -> Result<&'r [u8], ExportError> {
+    optional_text(row, index)?.ok_or_else(|| unexpected(index, "NULL"))
+}
+
+fn optional_text<'r>(row: &'r Row<'_>, index: usize) -> Result<Option<&'r [u8]>, ExportError> {
+    match row.get_ref(index)? {
+        ValueRef::Text(v) | ValueRef::Blob(v) => Ok(Some(v)),
+        ValueRef::Null => Ok(None),
+        _ => Err(unexpected(index, "a number where text belongs")),
+    }
+}
+
+fn unexpected(index: usize, what: &str) -> ExportError {
+    ExportError::Data(format!("column {index} of a stored row holds {what}"))
+}
+
+/// A stored `YYYY-MM-DD` bucket, read without a general date parser.
+fn date(text: &[u8]) -> Result<NaiveDate, ExportError> {
+    let digits = |range: std::ops::Range<usize>| {
+        text[range]
+            .iter()
+            .try_fold(0u32, |n, &b| b.is_ascii_digit().then(|| n * 10 + u32::from(b - b'0')))
+    };
+    let parsed = if text.len() == 10 && text[4] == b'-' && text[7] == b'-' {
+        match (digits(0..4), digits(5..7), digits(8..10)) {
+            (Some(y), Some(m), Some(d)) => NaiveDate::from_ymd_opt(y as i32, m, d),
+            _ => None,
+        }
+    } else {
+        None
+    };
+    parsed.ok_or_else(|| {
+        ExportError::Data(format!(
+            "the database holds a malformed date {:?}",
+            String::from_utf8_lossy(text)
+        ))
+    })
+}
