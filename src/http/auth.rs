@@ -89,13 +89,16 @@ impl FromRequestParts<AppState> for Caller {
         if let Some(caller) = state.keys.get(&hash) {
             return Ok(caller);
         }
+        // Stamped before the lookup: a revocation committing during it is
+        // then honoured within the TTL, never later.
+        let looked_up = Instant::now();
         match state.store.api_key_by_hash(&hash).await? {
             Some(key) => {
                 let caller = Caller {
                     role: key.role,
                     account: key.account,
                 };
-                state.keys.put(hash, caller.clone());
+                state.keys.put(hash, looked_up, caller.clone());
                 Ok(caller)
             }
             None => Err(ApiError::Unauthorized("unknown or revoked API key".into())),
@@ -127,7 +130,7 @@ impl KeyCache {
             .map(|(_, caller)| caller.clone())
     }
 
-    fn put(&self, hash: String, caller: Caller) {
+    fn put(&self, hash: String, looked_up: Instant, caller: Caller) {
         let mut map = self.map.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if map.len() >= Self::CAPACITY {
             map.retain(|_, (found, _)| found.elapsed() < KEY_CACHE_TTL);
@@ -135,6 +138,6 @@ impl KeyCache {
                 map.clear();
             }
         }
-        map.insert(hash, (Instant::now(), caller));
+        map.insert(hash, (looked_up, caller));
     }
 }

@@ -347,6 +347,42 @@ impl Chunk {
     }
 }
 
+/// Checks that folded totals arrive in strictly ascending byte order, which
+/// the merge with the tail relies on: a database sorting otherwise would
+/// split a key's total silently, so it fails loudly instead. Reuses its
+/// buffers (no allocation per row once warm).
+#[derive(Default)]
+pub(crate) struct AscendingKeys {
+    account: Vec<u8>,
+    resource: Vec<u8>,
+    bucket: Option<NaiveDate>,
+}
+
+impl AscendingKeys {
+    /// Accepts the next key, or errs when it does not come after the last.
+    pub(crate) fn advance(&mut self, account: &[u8], resource: &[u8], bucket: NaiveDate) -> Result<(), ExportError> {
+        if let Some(last) = self.bucket {
+            if (account, resource, bucket) <= (self.account.as_slice(), self.resource.as_slice(), last) {
+                return Err(ExportError::Data(format!(
+                    "totals arrived out of byte order ({} / {} / {bucket} after {} / {} / {last}); \
+                     the database's collation is not byte order: export from a database created with \
+                     LC_COLLATE 'C' or report this",
+                    String::from_utf8_lossy(account),
+                    String::from_utf8_lossy(resource),
+                    String::from_utf8_lossy(&self.account),
+                    String::from_utf8_lossy(&self.resource),
+                )));
+            }
+        }
+        self.account.clear();
+        self.account.extend_from_slice(account);
+        self.resource.clear();
+        self.resource.extend_from_slice(resource);
+        self.bucket = Some(bucket);
+        Ok(())
+    }
+}
+
 /// A total of the unfolded tail, merged into the folded totals of the same key.
 pub(crate) struct TailTotal {
     pub account: String,
@@ -746,4 +782,30 @@ pub(crate) fn map_reversal_violation(e: sqlx::Error, entries: &[NewEntry]) -> St
         }
     }
     e.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::NaiveDate;
+
+    use super::AscendingKeys;
+
+    fn day(d: u32) -> NaiveDate {
+        NaiveDate::from_ymd_opt(2026, 5, d).unwrap()
+    }
+
+    #[test]
+    fn totals_in_byte_order_pass_and_a_key_going_back_is_an_error() {
+        let mut order = AscendingKeys::default();
+        order.advance(b"Zed", b"api_requests", day(1)).unwrap();
+        order.advance(b"Zed", b"api_requests", day(2)).unwrap();
+        order.advance(b"Zed", b"llm_tokens", day(1)).unwrap();
+        // Byte order puts "a" after "Z"; a case-folding collation would not.
+        order.advance(b"acme", b"api_requests", day(1)).unwrap();
+        assert!(order.advance(b"Zoe", b"api_requests", day(1)).is_err());
+        assert!(
+            order.advance(b"acme", b"api_requests", day(1)).is_err(),
+            "a repeated key"
+        );
+    }
 }

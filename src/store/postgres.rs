@@ -40,6 +40,80 @@ pub struct PgStore {
 }
 
 impl PgStore {
+    /// One rollup batch (see [`Store::rollup_batch`]). `walk` finds the
+    /// batch's end by walking `max_entries` rows; otherwise a backlog that
+    /// looks small by its ids ends at the last foldable row, and a batch that
+    /// turns out larger than `max_entries` is rolled back (`Ok(None)`).
+    async fn fold_batch(
+        &self,
+        max_entries: u32,
+        walk: bool,
+        before_commit: &BeforeCommit,
+    ) -> Result<Option<u64>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // Two rollups (two replicas, or a manual run beside the scheduled one)
+        // take turns per batch; each then reads the cursor the other left.
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(ROLLUP_LOCK_KEY)
+            .execute(&mut *tx)
+            .await?;
+        let (last_tx, last_id, watermark): (String, i64, String) = sqlx::query_as(
+            "SELECT last_tx::text, last_id, pg_snapshot_xmin(pg_current_snapshot())::text
+             FROM rollup_cursor WHERE name = 'rollup'",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        // A backlog that fits in the batch (the usual case: the caller sizes
+        // batches to it) ends at the last foldable row, found in one index
+        // step; a larger one is walked to its max_entries-th row. Ids only
+        // size the batch: whatever its end, it folds exactly the rows up to it.
+        let newest_id: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM entries")
+            .fetch_one(&mut *tx)
+            .await?;
+        let walk = walk || newest_id - last_id > i64::from(max_entries);
+        let mut upper: Option<(String, i64)> = None;
+        if walk {
+            upper = sqlx::query_as(include_str!("sql/postgres/rollup_next_batch.sql"))
+                .bind(&last_tx)
+                .bind(last_id)
+                .bind(&watermark)
+                .bind(i64::from(max_entries))
+                .fetch_optional(&mut *tx)
+                .await?;
+        }
+        if upper.is_none() {
+            upper = sqlx::query_as(include_str!("sql/postgres/rollup_last_foldable.sql"))
+                .bind(&last_tx)
+                .bind(last_id)
+                .bind(&watermark)
+                .fetch_optional(&mut *tx)
+                .await?;
+        }
+        let Some((upper_tx, upper_id)) = upper else {
+            return Ok(Some(0));
+        };
+        let folded: i64 = sqlx::query_scalar(include_str!("sql/postgres/rollup_fold.sql"))
+            .bind(&last_tx)
+            .bind(last_id)
+            .bind(&upper_tx)
+            .bind(upper_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        if !walk && folded > i64::from(max_entries) {
+            return Ok(None);
+        }
+        sqlx::query(
+            "UPDATE rollup_cursor SET last_tx = $1::text::xid8, last_id = $2, updated_at = now() WHERE name = 'rollup'",
+        )
+        .bind(&upper_tx)
+        .bind(upper_id)
+        .execute(&mut *tx)
+        .await?;
+        before_commit()?;
+        tx.commit().await?;
+        Ok(Some(u64::try_from(folded).unwrap_or(0)))
+    }
+
     /// Connects to the database a `postgres://` URL names.
     pub async fn connect(url: &str, catalog: Arc<Catalog>) -> Result<Self, sqlx::Error> {
         let options: PgConnectOptions = url.parse()?;
@@ -423,64 +497,12 @@ impl Store for PgStore {
             .await?)
     }
     async fn rollup_batch(&self, max_entries: u32, before_commit: &BeforeCommit) -> Result<u64, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        // Two rollups (two replicas, or a manual run beside the scheduled one)
-        // take turns per batch; each then reads the cursor the other left.
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(ROLLUP_LOCK_KEY)
-            .execute(&mut *tx)
-            .await?;
-        let (last_tx, last_id, watermark): (String, i64, String) = sqlx::query_as(
-            "SELECT last_tx::text, last_id, pg_snapshot_xmin(pg_current_snapshot())::text
-             FROM rollup_cursor WHERE name = 'rollup'",
-        )
-        .fetch_one(&mut *tx)
-        .await?;
-        // A backlog that fits in the batch (the usual case: the caller sizes
-        // batches to it) ends at the last foldable row, found in one index
-        // step; a larger one is walked to its max_entries-th row. Ids only
-        // size the batch: whatever its end, it folds exactly the rows up to it.
-        let newest_id: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM entries")
-            .fetch_one(&mut *tx)
-            .await?;
-        let mut upper: Option<(String, i64)> = None;
-        if newest_id - last_id > i64::from(max_entries) {
-            upper = sqlx::query_as(include_str!("sql/postgres/rollup_next_batch.sql"))
-                .bind(&last_tx)
-                .bind(last_id)
-                .bind(&watermark)
-                .bind(i64::from(max_entries))
-                .fetch_optional(&mut *tx)
-                .await?;
+        if let Some(folded) = self.fold_batch(max_entries, false, before_commit).await? {
+            return Ok(folded);
         }
-        if upper.is_none() {
-            upper = sqlx::query_as(include_str!("sql/postgres/rollup_last_foldable.sql"))
-                .bind(&last_tx)
-                .bind(last_id)
-                .bind(&watermark)
-                .fetch_optional(&mut *tx)
-                .await?;
-        }
-        let Some((upper_tx, upper_id)) = upper else {
-            return Ok(0);
-        };
-        let folded: i64 = sqlx::query_scalar(include_str!("sql/postgres/rollup_fold.sql"))
-            .bind(&last_tx)
-            .bind(last_id)
-            .bind(&upper_tx)
-            .bind(upper_id)
-            .fetch_one(&mut *tx)
-            .await?;
-        sqlx::query(
-            "UPDATE rollup_cursor SET last_tx = $1::text::xid8, last_id = $2, updated_at = now() WHERE name = 'rollup'",
-        )
-        .bind(&upper_tx)
-        .bind(upper_id)
-        .execute(&mut *tx)
-        .await?;
-        before_commit()?;
-        tx.commit().await?;
-        Ok(u64::try_from(folded).unwrap_or(0))
+        // The shortcut's batch came out larger than allowed (rows with ids
+        // below the cursor's committed late) and was rolled back: walk.
+        Ok(self.fold_batch(max_entries, true, before_commit).await?.unwrap_or(0))
     }
 
     async fn unfolded_estimate(&self) -> Result<u64, StoreError> {

@@ -425,6 +425,59 @@ async fn on_postgres_an_entry_committed_after_later_ids_is_still_folded_exactly_
     );
 }
 
+/// A batch stays within its bound even when the backlog hides below the
+/// cursor's id: rows of a long transaction (ids taken early) commit after an
+/// older transaction's later id was folded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_rows_committed_below_the_cursors_id_still_fold_in_bounded_batches() {
+    let Some(app) = TestApp::spawn(Backend::Postgres).await else {
+        return;
+    };
+    let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
+    // `older` takes its transaction id first, so it sorts before `long`.
+    let mut older = pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *older)
+        .await
+        .unwrap();
+    let mut long = pool.begin().await.unwrap();
+    for i in 0..25 {
+        sqlx::query(
+            "INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key)
+             VALUES ('acme', 'api_requests', 2, '2026-05-01T12:00:00Z', now(), $1)",
+        )
+        .bind(format!("long-{i}"))
+        .execute(&mut *long)
+        .await
+        .unwrap();
+    }
+    sqlx::query(
+        "INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key)
+         VALUES ('acme', 'api_requests', 7, '2026-05-02T12:00:00Z', now(), 'older')",
+    )
+    .execute(&mut *older)
+    .await
+    .unwrap();
+    older.commit().await.unwrap();
+    let options = RollupOptions {
+        batch_size: 10,
+        max_batch_size: Some(10),
+        failpoint: None,
+    };
+    let first = app.rollup_with(options).await.unwrap();
+    assert_eq!(
+        first.entries, 1,
+        "only the older transaction's row (the highest id) is foldable"
+    );
+    long.commit().await.unwrap();
+    // Its 25 rows all have ids below the cursor's: by ids nothing is left.
+    let second = app.rollup_with(options).await.unwrap();
+    assert_eq!((second.entries, second.batches), (25, 3), "batches of at most 10");
+    assert_eq!(app.daily_total("acme", "api_requests", "2026-05-01").await, 50);
+    assert_eq!(app.daily_total("acme", "api_requests", "2026-05-02").await, 7);
+    assert!(app.store.verify_totals().await.unwrap().is_empty());
+}
+
 /// Two `tally serve` processes on one PostgreSQL, both firing the rollup every
 /// second while entries arrive: every entry is folded exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,7 +21,7 @@ use sqlx::pool::PoolConnection;
 use crate::domain::Catalog;
 use crate::domain::period::{Granularity, start_of};
 use crate::export::format::{EntryFields, RowFormatter, TotalFields};
-use crate::store::{Chunk, CsvSink, ExportError, ExportFilter, TailTotal, add_tail, totals_sql};
+use crate::store::{AscendingKeys, Chunk, CsvSink, ExportError, ExportFilter, TailTotal, add_tail, totals_sql};
 
 /// The entries export (see [`crate::store::Store::export_entries`]).
 pub(super) async fn entries(
@@ -185,10 +185,16 @@ async fn merge_folded_and_tail(
     // key's order, so the plain ORDER BY is an index range scan; spelling out
     // COLLATE "C" there would make the planner sort every total instead (an
     // index only serves its own collation). Other collations get the sort.
-    let bytewise: bool =
-        sqlx::query_scalar("SELECT datcollate IN ('C', 'POSIX') FROM pg_database WHERE datname = current_database()")
-            .fetch_one(&mut **folded_conn)
-            .await?;
+    // Since PostgreSQL 15 an ICU database can show datcollate 'C' and still
+    // sort by ICU rules: only the libc provider ('c') counts.
+    let bytewise: bool = sqlx::query_scalar(
+        "SELECT datcollate IN ('C', 'POSIX')
+                AND (current_setting('server_version_num')::int < 150000
+                     OR (to_jsonb(d) ->> 'datlocprovider') = 'c')
+         FROM pg_database AS d WHERE datname = current_database()",
+    )
+    .fetch_one(&mut **folded_conn)
+    .await?;
     let collate = if bytewise { "" } else { " COLLATE \"C\"" };
     let folded_sql = format!(
         "COPY (SELECT account, resource, {bucket}, amount, entries FROM {table} WHERE {}
@@ -198,11 +204,13 @@ async fn merge_folded_and_tail(
     let mut format = RowFormatter::new(catalog);
     let mut chunk = Chunk::new();
     let mut reader = BinaryCopy::default();
+    let mut order = AscendingKeys::default();
     let mut copy = folded_conn.copy_out_raw(&folded_sql).await?;
     while let Some(bytes) = copy.try_next().await? {
         reader.push(&bytes);
         while let Some(tuple) = reader.next_tuple(5)? {
             let mut folded = total_fields(&reader, &tuple)?;
+            order.advance(folded.account, folded.resource, folded.bucket)?;
             while let Some(t) = &tail {
                 match t.cmp_key(folded.account, folded.resource, folded.bucket) {
                     Ordering::Less => {
@@ -291,10 +299,10 @@ fn name_conditions(filter: &ExportFilter) -> Vec<String> {
     conditions
 }
 
-/// A string literal whatever `standard_conforming_strings` says (`E'…'`,
-/// backslashes and quotes escaped).
+/// A string literal whatever `standard_conforming_strings` and
+/// `backslash_quote` say (`E'…'`, backslashes escaped, quotes doubled).
 fn text_literal(text: &str) -> String {
-    format!("E'{}'", text.replace('\\', "\\\\").replace('\'', "\\'"))
+    format!("E'{}'", text.replace('\\', "\\\\").replace('\'', "''"))
 }
 
 fn instant(t: DateTime<Utc>) -> String {
@@ -477,6 +485,6 @@ mod tests {
 
     #[test]
     fn literals_cannot_end_early() {
-        assert_eq!(text_literal(r"a'b\c"), r"E'a\'b\\c'");
+        assert_eq!(text_literal(r"a'b\c"), r"E'a''b\\c'");
     }
 }

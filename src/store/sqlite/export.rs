@@ -21,7 +21,7 @@ use super::to_micros;
 use crate::domain::Catalog;
 use crate::domain::period::{Granularity, start_of};
 use crate::export::format::{EntryFields, RowFormatter, TotalFields};
-use crate::store::{Chunk, CsvSink, ExportError, ExportFilter, TailTotal, add_tail, totals_sql};
+use crate::store::{AscendingKeys, Chunk, CsvSink, ExportError, ExportFilter, TailTotal, add_tail, totals_sql};
 
 /// The database file the exports open (beside sqlx's pools).
 pub(super) enum Source {
@@ -256,8 +256,10 @@ fn merge_folded_and_tail(
         account,
         resource
     ])?;
+    let mut order = AscendingKeys::default();
     while let Some(row) = rows.next()? {
         let mut folded = total_fields(row)?;
+        order.advance(folded.account, folded.resource, folded.bucket)?;
         while let Some(t) = &tail {
             match t.cmp_key(folded.account, folded.resource, folded.bucket) {
                 Ordering::Less => {
