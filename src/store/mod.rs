@@ -554,6 +554,13 @@ pub(crate) fn replay(entry: &NewEntry, stored: &Entry, response: Option<String>)
     }
 }
 
+/// About how many ledger rows the rollup has not folded: the ids past the
+/// cursor's (same statement on both engines). On SQLite, less any ids a
+/// rolled-back insert burned; on PostgreSQL a row that commits late may also
+/// sit below the cursor's id. Close enough to size a batch, never to bound it.
+pub(crate) const UNFOLDED_ESTIMATE_SQL: &str = "SELECT (SELECT COALESCE(MAX(id), 0) FROM entries)
+      - (SELECT last_id FROM rollup_cursor WHERE name = 'rollup')";
+
 /// A hook run just before a rollup batch commits.
 pub type BeforeCommit = dyn Fn() -> Result<(), StoreError> + Send + Sync;
 

@@ -506,14 +506,9 @@ impl Store for PgStore {
     }
 
     async fn unfolded_estimate(&self) -> Result<u64, StoreError> {
-        // Ids past the cursor's: close enough to size a batch (a row that
-        // commits late may sit below the cursor's id, and burned ids count).
-        let backlog: i64 = sqlx::query_scalar(
-            "SELECT (SELECT COALESCE(MAX(id), 0) FROM entries)
-                  - (SELECT last_id FROM rollup_cursor WHERE name = 'rollup')",
-        )
-        .fetch_one(&self.pool)
-        .await?;
+        let backlog: i64 = sqlx::query_scalar(super::UNFOLDED_ESTIMATE_SQL)
+            .fetch_one(&self.pool)
+            .await?;
         Ok(u64::try_from(backlog).unwrap_or(0))
     }
 

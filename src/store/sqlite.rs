@@ -347,14 +347,9 @@ impl Store for SqliteStore {
     }
 
     async fn unfolded_estimate(&self) -> Result<u64, StoreError> {
-        // AUTOINCREMENT ids follow commit order: the ids past the cursor are
-        // the backlog, less any ids a rolled-back insert burned.
-        let backlog: i64 = sqlx::query_scalar(
-            "SELECT (SELECT COALESCE(MAX(id), 0) FROM entries)
-                  - (SELECT last_id FROM rollup_cursor WHERE name = 'rollup')",
-        )
-        .fetch_one(&self.reader)
-        .await?;
+        let backlog: i64 = sqlx::query_scalar(super::UNFOLDED_ESTIMATE_SQL)
+            .fetch_one(&self.reader)
+            .await?;
         Ok(u64::try_from(backlog).unwrap_or(0))
     }
 
