@@ -290,12 +290,7 @@ pub async fn run(args: &ExportArgs) -> anyhow::Result<ExitCode> {
         }
         println!("{line}");
     }
-    std::io::stdout().flush().ok();
-    Ok(if args.check && !all_met {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(super::exit_status(args.check, all_met))
 }
 
 fn met(is_met: bool) -> &'static str {

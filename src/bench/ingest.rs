@@ -194,12 +194,7 @@ pub async fn run(args: &IngestArgs) -> anyhow::Result<ExitCode> {
     for report in &reports {
         all_met &= print_summary(report, pg_baseline_rows_per_sec);
     }
-    std::io::stdout().flush().ok();
-    Ok(if args.check && !all_met {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(super::exit_status(args.check, all_met))
 }
 
 /// Tally on a temporary SQLite file, then the baseline on another file in the

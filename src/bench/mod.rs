@@ -122,6 +122,17 @@ impl fmt::Display for Engine {
     }
 }
 
+/// Flushes the printed results and picks the exit status: 1 when `--check`
+/// was given and a target was missed.
+pub fn exit_status(check: bool, all_met: bool) -> ExitCode {
+    std::io::Write::flush(&mut std::io::stdout()).ok();
+    if check && !all_met {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
 /// Items per second; 0 for a zero duration.
 pub fn rate(count: u64, elapsed: Duration) -> f64 {
     let seconds = elapsed.as_secs_f64();

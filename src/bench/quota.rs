@@ -189,12 +189,7 @@ pub async fn run(args: &QuotaArgs) -> anyhow::Result<ExitCode> {
     for line in summary {
         println!("{line}");
     }
-    std::io::stdout().flush().ok();
-    Ok(if args.check && !all_met {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(super::exit_status(args.check, all_met))
 }
 
 async fn open(url: &str) -> anyhow::Result<(Arc<dyn Store>, Arc<crate::domain::Catalog>)> {

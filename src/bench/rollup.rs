@@ -169,12 +169,7 @@ pub async fn run(args: &RollupArgs) -> anyhow::Result<ExitCode> {
             verdict(ratio_met, report.ratio() / TARGET_RATIO),
         );
     }
-    std::io::stdout().flush().ok();
-    Ok(if args.check && !all_met {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(super::exit_status(args.check, all_met))
 }
 
 /// "met (+N%)" or "NOT met (N% of target)" for a measured/target ratio.
@@ -487,12 +482,7 @@ pub async fn run_lag(args: &LagArgs) -> anyhow::Result<ExitCode> {
     for line in lines {
         println!("{line}");
     }
-    std::io::stdout().flush().ok();
-    Ok(if args.check && !all_met {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(super::exit_status(args.check, all_met))
 }
 
 async fn lag_on(args: &LagArgs, engine: Engine) -> anyhow::Result<(bool, String)> {

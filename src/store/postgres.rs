@@ -988,12 +988,7 @@ impl Store for PgStore {
         static SQL: LazyLock<[String; 4]> = LazyLock::new(|| {
             let live = include_str!("sql/postgres/export_totals.sql");
             let as_of = include_str!("sql/postgres/export_totals_as_of.sql");
-            let day = ("daily_totals", "day", "(e.occurred_at AT TIME ZONE 'UTC')::date");
-            let month = (
-                "monthly_totals",
-                "month",
-                "date_trunc('month', e.occurred_at AT TIME ZONE 'UTC')::date",
-            );
+            let [day, month] = [Granularity::Day, Granularity::Month].map(export::shape);
             [
                 totals_sql(live, day.0, day.1, day.2),
                 totals_sql(live, month.0, month.1, month.2),

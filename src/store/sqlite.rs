@@ -576,12 +576,7 @@ impl Store for SqliteStore {
         static SQL: LazyLock<[String; 4]> = LazyLock::new(|| {
             let live = include_str!("sql/sqlite/export_totals.sql");
             let as_of = include_str!("sql/sqlite/export_totals_as_of.sql");
-            let day = ("daily_totals", "day", "date(occurred_at / 1000000, 'unixepoch')");
-            let month = (
-                "monthly_totals",
-                "month",
-                "strftime('%Y-%m-01', occurred_at / 1000000, 'unixepoch')",
-            );
+            let [day, month] = [Granularity::Day, Granularity::Month].map(export::shape);
             [
                 totals_sql(live, day.0, day.1, day.2),
                 totals_sql(live, month.0, month.1, month.2),

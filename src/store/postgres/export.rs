@@ -90,7 +90,7 @@ async fn copy_entries(
 }
 
 /// The table, bucket column and bucket-of-an-entry expression of a granularity.
-fn shape(granularity: Granularity) -> (&'static str, &'static str, &'static str) {
+pub(super) fn shape(granularity: Granularity) -> (&'static str, &'static str, &'static str) {
     match granularity {
         Granularity::Day => ("daily_totals", "day", "(e.occurred_at AT TIME ZONE 'UTC')::date"),
         Granularity::Month => (

@@ -159,7 +159,7 @@ pub(super) async fn entries(
 }
 
 /// The table, bucket column and bucket-of-an-entry expression of a granularity.
-fn shape(granularity: Granularity) -> (&'static str, &'static str, &'static str) {
+pub(super) fn shape(granularity: Granularity) -> (&'static str, &'static str, &'static str) {
     match granularity {
         Granularity::Day => ("daily_totals", "day", "date(occurred_at / 1000000, 'unixepoch')"),
         Granularity::Month => (
