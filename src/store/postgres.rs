@@ -5,6 +5,7 @@
 //! (account, idempotency_key) so that two concurrent batches sharing keys take
 //! their unique-index locks in the same order and cannot deadlock.
 
+mod consume_group;
 mod export;
 
 use std::collections::HashMap;
@@ -30,6 +31,7 @@ use super::{
 use crate::domain::{
     AccountId, Amount, ApiKey, Catalog, Entry, EntryFilter, IdempotencyKey, InsertOutcome, NewEntry, ResourceName, Role,
 };
+use consume_group::ConsumeGroups;
 
 /// The PostgreSQL implementation of [`Store`].
 pub struct PgStore {
@@ -37,6 +39,9 @@ pub struct PgStore {
     catalog: Arc<Catalog>,
     /// Settled sums behind `used` (see [`super::settled`]).
     settled: SettledSums,
+    /// Consumes decided in groups, started on the first consume (on the
+    /// runtime that runs it).
+    consume_groups: std::sync::OnceLock<ConsumeGroups>,
 }
 
 impl PgStore {
@@ -126,6 +131,7 @@ impl PgStore {
             pool,
             catalog,
             settled: SettledSums::default(),
+            consume_groups: std::sync::OnceLock::new(),
         })
     }
 
@@ -818,37 +824,18 @@ impl Store for PgStore {
         let known = self
             .settled
             .get(entry.account.as_str(), entry.resource.as_str(), likely);
-        let plans: Vec<&str> = rules.plans.iter().map(|r| r.plan.as_str()).collect();
-        let limits: Vec<Option<i64>> = rules.plans.iter().map(|r| r.limit).collect();
-        let enforcements: Vec<&str> = rules.plans.iter().map(|r| r.enforcement.as_str()).collect();
-        let windows: Vec<&str> = rules.plans.iter().map(|r| r.window.as_str()).collect();
-        let prices: Vec<Option<&str>> = rules.plans.iter().map(|r| r.overage_price.as_deref()).collect();
-        // One statement in autocommit: one transaction, one round trip; the
-        // function takes the lock and reads everything after it.
-        let row: DecidedRow = sqlx::query_as(
-            "SELECT outcome, entry_id, used, context, period_start, period_end, mark, settled
-               FROM tally_consume($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
-        )
-        .bind(entry.account.as_str())
-        .bind(entry.resource.as_str())
-        .bind(entry.amount.minor())
-        .bind(entry.occurred_at)
-        .bind(entry.idempotency_key.as_str())
-        .bind(entry.source.as_deref())
-        .bind(entry.metadata.as_deref())
-        .bind(entry.reverses)
-        .bind(rules.default_plan.as_str())
-        .bind(&plans)
-        .bind(&limits)
-        .bind(&enforcements)
-        .bind(&windows)
-        .bind(&prices)
-        .bind(likely.0)
-        .bind(likely.1)
-        .bind(known.map(|k| k.mark))
-        .bind(known.map(|k| k.sum))
-        .fetch_one(&self.pool)
-        .await?;
+        // Decided with the consumes waiting beside it: one call, one
+        // transaction, one commit for all of them (see consume_group).
+        let row = self
+            .consume_groups
+            .get_or_init(|| ConsumeGroups::start(&self.pool))
+            .decide(consume_group::Request {
+                entry: entry.clone(),
+                rules: rules.clone(),
+                likely,
+                known,
+            })
+            .await?;
         if let (Some(mark), Some(sum)) = (row.mark, row.settled) {
             self.settled.offer(
                 entry.account.as_str(),
@@ -883,7 +870,7 @@ impl Store for PgStore {
             }
             (other, ..) => {
                 return Err(StoreError::Invalid(format!(
-                    "tally_consume answered an outcome this version does not know: {other:?}"
+                    "tally_consume_group answered an outcome this version does not know: {other:?}"
                 )));
             }
         };
@@ -1128,19 +1115,6 @@ struct PlanOrOverrideRow {
     limit_amount: Option<i64>,
     enforcement: Option<String>,
     limit_window: Option<String>,
-}
-
-/// What `tally_consume` returns.
-#[derive(FromRow)]
-struct DecidedRow {
-    outcome: String,
-    entry_id: Option<i64>,
-    used: Option<i64>,
-    context: Option<String>,
-    period_start: Option<NaiveDate>,
-    period_end: Option<NaiveDate>,
-    mark: Option<i64>,
-    settled: Option<i64>,
 }
 
 #[derive(FromRow)]

@@ -11,6 +11,8 @@ use crate::helpers::{Reply, TestApp, entry};
 
 both!(
     sixty_four_concurrent_consumers_at_a_hard_limit_of_1000_land_exactly_1000,
+    concurrent_consumes_over_several_limits_each_sent_twice_land_each_limit_and_answer_both_copies_alike,
+    a_key_consumed_at_once_for_two_resources_records_one_and_refuses_the_other,
     check_is_exact_at_any_instant_while_posting_and_rolling_up,
     a_day_limit_resets_at_midnight_utc,
     a_month_limit_resets_on_the_first_and_retry_after_counts_down_to_it,
@@ -119,6 +121,111 @@ async fn sixty_four_concurrent_consumers_at_a_hard_limit_of_1000_land_exactly_10
     let after = check(&app, "hot", "ai_generations", "1", None).await;
     assert_eq!(after["used"], "1000");
     assert_eq!(after["allowed"], false);
+}
+
+/// Many consumes at once over three (account, resource) limits, every key
+/// sent twice at the same moment: on PostgreSQL the waiting consumes are
+/// decided in groups (one call, one `used` read per pair), so this checks a
+/// group's running `used` and a key's second copy replayed within a group.
+async fn concurrent_consumes_over_several_limits_each_sent_twice_land_each_limit_and_answer_both_copies_alike(
+    app: TestApp,
+) {
+    let limits = [
+        ("a", "ai_generations", 30),
+        ("b", "ai_generations", 20),
+        ("a", "llm_tokens", 25),
+    ];
+    for (account, resource, limit) in limits {
+        let set = app
+            .request(
+                "PUT",
+                &format!("/v1/accounts/{account}/overrides/{resource}"),
+                Some(&app.admin_key),
+                Some(json!({"limit": limit.to_string(), "enforcement": "hard"}).to_string()),
+            )
+            .await;
+        assert_eq!(set.status, 200, "{:?}", set.body);
+    }
+    let app = Arc::new(app);
+    let keys_per_pair = 40;
+    let mut sent = Vec::new();
+    for (pair, (account, resource, _)) in limits.into_iter().enumerate() {
+        for i in 0..keys_per_pair {
+            for _copy in 0..2 {
+                let app = app.clone();
+                let key = format!("p{pair}-{i}");
+                sent.push(tokio::spawn(async move {
+                    let reply = consume(&app, account, resource, "1", &key, None).await;
+                    (pair, key, reply)
+                }));
+            }
+        }
+    }
+    let mut by_key: std::collections::BTreeMap<(usize, String), Vec<Reply>> = Default::default();
+    for task in sent {
+        let (pair, key, reply) = task.await.unwrap();
+        by_key.entry((pair, key)).or_default().push(reply);
+    }
+    let mut used_after: Vec<Vec<i64>> = vec![Vec::new(); limits.len()];
+    for ((pair, key), replies) in &by_key {
+        let [one, two] = &replies[..] else {
+            panic!("{key}: {} replies", replies.len())
+        };
+        assert_eq!(one.status, two.status, "{key}: {:?} / {:?}", one.body, two.body);
+        match one.status {
+            200 => {
+                assert_eq!(
+                    one.body["entry_id"], two.body["entry_id"],
+                    "{key}: one entry for both copies"
+                );
+                used_after[*pair].push(one.body["used"].as_str().unwrap().parse().unwrap());
+            }
+            429 => assert_eq!((one.code(), two.code()), ("quota_exceeded", "quota_exceeded")),
+            other => panic!("{key}: unexpected {other}: {:?}", one.body),
+        }
+    }
+    for (pair, (account, resource, limit)) in limits.into_iter().enumerate() {
+        let mut seen = std::mem::take(&mut used_after[pair]);
+        seen.sort_unstable();
+        assert_eq!(
+            seen,
+            (1..=limit).collect::<Vec<i64>>(),
+            "{account}/{resource}: each recorded consume saw the ones before it"
+        );
+        assert_eq!(app.ledger_sum(account, resource).await, limit, "{account}/{resource}");
+    }
+}
+
+/// Each key is sent at the same moment for two resources: whichever comes
+/// first is recorded, the other is an idempotency conflict (409), never a
+/// second row — also when the two meet inside one PostgreSQL group or in two
+/// groups at once (the group then falls back to deciding each alone).
+async fn a_key_consumed_at_once_for_two_resources_records_one_and_refuses_the_other(app: TestApp) {
+    let app = Arc::new(app);
+    let mut sent = Vec::new();
+    for i in 0..30 {
+        for resource in ["ai_generations", "llm_tokens"] {
+            let app = app.clone();
+            sent.push(tokio::spawn(async move {
+                let key = format!("k{i}");
+                let reply = consume(&app, "acme", resource, "1", &key, None).await;
+                (key, reply)
+            }));
+        }
+    }
+    let mut statuses: std::collections::BTreeMap<String, Vec<u16>> = Default::default();
+    for task in sent {
+        let (key, reply) = task.await.unwrap();
+        if reply.status == 409 {
+            assert_eq!(reply.code(), "idempotency_conflict", "{:?}", reply.body);
+        }
+        statuses.entry(key).or_default().push(reply.status);
+    }
+    for (key, mut got) in statuses {
+        got.sort_unstable();
+        assert_eq!(got, [200, 409], "{key}");
+    }
+    assert_eq!(app.count_entries().await, 30);
 }
 
 async fn check_is_exact_at_any_instant_while_posting_and_rolling_up(app: TestApp) {
