@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use crate::app::{Application, Settings};
 use crate::bench::workload::SqlLedger;
 use crate::domain::KeySecret;
-use crate::testing::pg_cluster::PgCluster;
+use crate::testing::pg_cluster::{Durability, PgCluster};
 
 /// Tally serving HTTP on `127.0.0.1` (a free port) from this process.
 pub struct RunningTally {
@@ -162,7 +162,7 @@ pub struct PgScratch {
 }
 
 /// How the throwaway PostgreSQL cluster is tuned, for reports.
-pub const PG_CLUSTER_SETTINGS: &str = "fsync=off synchronous_commit=off full_page_writes=off shared_buffers=128MB";
+pub const PG_CLUSTER_SETTINGS: &str = Durability::Fast.settings();
 
 /// Tally's SQLite pragmas, for reports.
 pub const SQLITE_SETTINGS: &str = "journal_mode=WAL synchronous=FULL";
@@ -174,7 +174,16 @@ impl PgScratch {
     ///
     /// See [`PgCluster::start`].
     pub async fn start() -> anyhow::Result<Self> {
-        let cluster = tokio::task::spawn_blocking(PgCluster::start)
+        Self::start_with(Durability::Fast).await
+    }
+
+    /// [`PgScratch::start`] with the given durability.
+    ///
+    /// # Errors
+    ///
+    /// See [`PgCluster::start`].
+    pub async fn start_with(durability: Durability) -> anyhow::Result<Self> {
+        let cluster = tokio::task::spawn_blocking(move || PgCluster::start_with(durability))
             .await
             .context("the PostgreSQL start-up task panicked")??;
         Ok(Self { cluster })

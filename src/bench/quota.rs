@@ -18,19 +18,27 @@
 //!    resource = ?` runs on a direct connection, repeated until
 //!    `--iterations` or `--baseline-seconds` is reached (at least 3 times).
 //!
-//! **Consume** (`--part consume` or `both`), per engine: Tally in-process with
-//! its scheduled jobs (the rollup every 10 s, as `tally serve` runs), every
-//! account on plan `scale` (`llm_tokens` unlimited, no rate limit; the
-//! assignments are inserted in SQL), `--clients` concurrent HTTP clients each
-//! posting `POST /v1/quota/consume` of 1 `llm_tokens` with a unique key, one
-//! after the other, for `--consume-seconds`: spread over `--accounts`
-//! accounts, then all on one account. **Baseline**: a counter upsert
-//! (`INSERT … ON CONFLICT DO UPDATE SET count = count + 1`, on PostgreSQL
-//! wrapped in a SQL function `bump(account, resource)` called as
-//! `SELECT bump($1, $2)`) from as many concurrent connections, same keys
-//! pattern, same duration. It checks nothing. On SQLite the baseline is the
-//! same upsert through one writer connection (Tally's own discipline) on a
-//! separate file with Tally's pragmas.
+//! **Consume** (`--part consume` or `both`), per engine, and on PostgreSQL per
+//! `--durability` (a cluster with fsync off as the tests run, then one with
+//! PostgreSQL's durable defaults): Tally with its scheduled jobs (the rollup
+//! every 10 s, as `tally serve` runs), every account on plan `scale`
+//! (`llm_tokens` unlimited, no rate limit; the assignments are inserted in
+//! SQL). For `--consume-seconds` each, spread over `--accounts` accounts,
+//! then all on one account:
+//!
+//! 1. **Tally in-process** (the target's comparison: the same kind of
+//!    connections as the baseline): `--clients` tasks each calling
+//!    `Quotas::consume` (what the HTTP handler calls) of 1 `llm_tokens` with a
+//!    unique key, one after the other, on a store opened on the database.
+//! 2. **Tally over HTTP**, for information: `--clients` HTTP clients posting
+//!    `POST /v1/quota/consume` the same way.
+//! 3. **Baseline**: a counter upsert (`INSERT … ON CONFLICT DO UPDATE SET
+//!    count = count + 1`, on PostgreSQL wrapped in a SQL function
+//!    `bump(account, resource)` called as `SELECT bump($1, $2)`) from as many
+//!    concurrent connections, same keys pattern, same duration. It checks
+//!    nothing. On SQLite the baseline is the same upsert through one writer
+//!    connection (Tally's own discipline) on a separate file with Tally's
+//!    pragmas.
 
 use std::io::Write as _;
 use std::process::ExitCode;
@@ -48,11 +56,14 @@ use super::harness::{PG_CLUSTER_SETTINGS, PgScratch, RunningTally, SQLITE_SETTIN
 use super::workload::SqlLedger;
 use super::{Engine, EngineChoice, rate};
 use crate::app::Settings;
-use crate::domain::{AccountId, Amount};
+use crate::domain::{AccountId, Amount, IdempotencyKey, NewEntry};
 use crate::jobs::rollup::RollupOptions;
 use crate::store::Store;
 use crate::telemetry::Metrics;
+use crate::testing::pg_cluster::Durability;
+use crate::usage::quota::ConsumeOutcome;
 use crate::usage::quota::Quotas;
+use chrono::SubsecRound as _;
 
 /// Target p99 of an in-process check.
 pub const TARGET_P99_IN_PROCESS: Duration = Duration::from_millis(1);
@@ -77,6 +88,27 @@ pub enum Part {
     Consume,
     /// Both.
     Both,
+}
+
+/// Which PostgreSQL clusters the consume part runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DurabilityChoice {
+    /// fsync, synchronous_commit and full_page_writes off.
+    Fast,
+    /// PostgreSQL's defaults.
+    Durable,
+    /// Fast, then durable.
+    Both,
+}
+
+impl DurabilityChoice {
+    fn durabilities(self) -> Vec<Durability> {
+        match self {
+            Self::Fast => vec![Durability::Fast],
+            Self::Durable => vec![Durability::Durable],
+            Self::Both => vec![Durability::Fast, Durability::Durable],
+        }
+    }
 }
 
 /// Options of `tally-bench quota`.
@@ -112,6 +144,11 @@ pub struct QuotaArgs {
     /// Which engines to measure.
     #[arg(long, value_enum, default_value_t = EngineChoice::Both)]
     pub engine: EngineChoice,
+    /// PostgreSQL clusters the consume part runs on: `fast` (fsync off, as the
+    /// tests run), `durable` (PostgreSQL's defaults: every commit flushed), or
+    /// both, one after the other.
+    #[arg(long, value_enum, default_value_t = DurabilityChoice::Both)]
+    pub durability: DurabilityChoice,
     /// Exit with status 1 when a target is missed.
     #[arg(long)]
     pub check: bool,
@@ -178,11 +215,17 @@ pub async fn run(args: &QuotaArgs) -> anyhow::Result<ExitCode> {
             }
         }
         if args.part != Part::Check {
-            let (met, lines) = consume_on(args, engine)
-                .await
-                .with_context(|| format!("quota consume benchmark on {engine}"))?;
-            all_met &= met;
-            summary.extend(lines);
+            let durabilities = match engine {
+                Engine::Sqlite => vec![Durability::Fast],
+                Engine::Postgres => args.durability.durabilities(),
+            };
+            for durability in durabilities {
+                let (met, lines) = consume_on(args, engine, durability)
+                    .await
+                    .with_context(|| format!("quota consume benchmark on {engine}"))?;
+                all_met &= met;
+                summary.extend(lines);
+            }
         }
     }
     println!();
@@ -511,6 +554,62 @@ async fn assign_scale(url: &str, accounts: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--clients` concurrent tasks calling `Quotas::consume` (what the HTTP
+/// handler calls) on `store` for `--consume-seconds`.
+async fn consume_in_process(
+    args: &QuotaArgs,
+    store: &Arc<dyn Store>,
+    catalog: &Arc<crate::domain::Catalog>,
+    spread: Spread,
+    tag: &str,
+) -> anyhow::Result<Throughput> {
+    let (resource, spec) = catalog.resource(CONSUME_RESOURCE)?;
+    let (resource, one) = (resource.clone(), Amount::from_minor(1, spec.decimals));
+    let rates = Arc::new(crate::usage::rate_limit::RateLimits::default());
+    let counter = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(args.consume_seconds);
+    let start = Instant::now();
+    let mut tasks = JoinSet::new();
+    for _ in 0..args.clients {
+        let (store, catalog, rates, counter) = (store.clone(), catalog.clone(), rates.clone(), counter.clone());
+        let (resource, tag) = (resource.clone(), tag.to_owned());
+        tasks.spawn(async move {
+            let quotas = Quotas {
+                store: store.as_ref(),
+                catalog: &catalog,
+            };
+            let mut done = 0_u64;
+            while Instant::now() < deadline {
+                let k = counter.fetch_add(1, Ordering::Relaxed);
+                let entry = NewEntry {
+                    account: AccountId::parse(&spread.account(k)).map_err(anyhow::Error::msg)?,
+                    resource: resource.clone(),
+                    amount: one,
+                    idempotency_key: IdempotencyKey::parse(&format!("{tag}-{k}")).map_err(anyhow::Error::msg)?,
+                    occurred_at: chrono::Utc::now().trunc_subsecs(6),
+                    occurred_at_given: false,
+                    source: None,
+                    metadata: None,
+                    reverses: None,
+                };
+                match quotas.consume(&entry, &rates).await? {
+                    ConsumeOutcome::Recorded { replayed: false, .. } => done += 1,
+                    other => bail!("consume {k} was not recorded: {other:?}"),
+                }
+            }
+            anyhow::Ok(done)
+        });
+    }
+    let mut done = 0;
+    while let Some(joined) = tasks.join_next().await {
+        done += joined.context("a consume task panicked")??;
+    }
+    Ok(Throughput {
+        done,
+        elapsed: start.elapsed(),
+    })
+}
+
 /// `--clients` concurrent HTTP clients posting consumes for `--consume-seconds`.
 async fn consume_tally(
     args: &QuotaArgs,
@@ -639,8 +738,9 @@ async fn consume_baseline(args: &QuotaArgs, url: &str, spread: Spread) -> anyhow
     })
 }
 
-/// The consume part on one engine; returns (targets met, summary lines).
-async fn consume_on(args: &QuotaArgs, engine: Engine) -> anyhow::Result<(bool, Vec<String>)> {
+/// The consume part on one engine (PostgreSQL: on a cluster of the given
+/// durability); returns (targets met, summary lines).
+async fn consume_on(args: &QuotaArgs, engine: Engine, durability: Durability) -> anyhow::Result<(bool, Vec<String>)> {
     let sqlite;
     let pg;
     let (url, baseline_url) = match engine {
@@ -649,12 +749,13 @@ async fn consume_on(args: &QuotaArgs, engine: Engine) -> anyhow::Result<(bool, V
             (sqlite.url("consume.db"), sqlite.url("counters.db"))
         }
         Engine::Postgres => {
-            eprintln!("[postgres] starting a throwaway cluster ({PG_CLUSTER_SETTINGS})…");
-            pg = PgScratch::start().await?;
+            eprintln!("[postgres] starting a throwaway cluster ({})…", durability.settings());
+            pg = PgScratch::start_with(durability).await?;
             (pg.create_database().await?, pg.create_database().await?)
         }
     };
     let tally = RunningTally::start_with_jobs(&url).await?;
+    let (store, catalog) = open(&url).await?;
     assign_scale(&url, args.accounts).await?;
     match engine {
         Engine::Sqlite => {
@@ -691,19 +792,26 @@ async fn consume_on(args: &QuotaArgs, engine: Engine) -> anyhow::Result<(bool, V
     let mut results = Vec::new();
     for (spread, tag) in [(Spread::Accounts(args.accounts), "s"), (Spread::Hot, "h")] {
         eprintln!(
-            "[{engine}] Tally: POST /v1/quota/consume, {} clients, {}, {} s…",
+            "[{engine}] Tally in-process: Quotas::consume, {} tasks, {}, {} s…",
             args.clients,
             spread.name(),
             args.consume_seconds
         );
-        let ours = consume_tally(args, &tally, spread, tag).await?;
+        let in_process = consume_in_process(args, &store, &catalog, spread, &format!("{tag}p")).await?;
+        eprintln!(
+            "[{engine}] Tally over HTTP: POST /v1/quota/consume, {} clients, {}, {} s…",
+            args.clients,
+            spread.name(),
+            args.consume_seconds
+        );
+        let http = consume_tally(args, &tally, spread, tag).await?;
         eprintln!(
             "[{engine}] baseline: counter upsert, {} connections, {}…",
             args.clients,
             spread.name()
         );
         let baseline = consume_baseline(args, &baseline_url, spread).await?;
-        results.push((spread, ours, baseline));
+        results.push((spread, in_process, http, baseline));
     }
     // The hot account's used must be exactly what was consumed on it.
     let client = reqwest::Client::new();
@@ -715,7 +823,7 @@ async fn consume_on(args: &QuotaArgs, engine: Engine) -> anyhow::Result<(bool, V
         .await?
         .json()
         .await?;
-    let hot_done = results.last().map_or(0, |r| r.1.done);
+    let hot_done = results.last().map_or(0, |r| r.1.done + r.2.done);
     ensure!(
         answer["used"] == hot_done.to_string().as_str(),
         "hot-0 used {} after {hot_done} consumes",
@@ -723,37 +831,59 @@ async fn consume_on(args: &QuotaArgs, engine: Engine) -> anyhow::Result<(bool, V
     );
     tally.stop().await?;
 
+    let settings = match engine {
+        Engine::Sqlite => format!("{SQLITE_SETTINGS} (Tally and baseline alike)"),
+        Engine::Postgres => format!(
+            "throwaway cluster, {} (Tally and baseline alike)",
+            durability.settings()
+        ),
+    };
+    let durability_tag = match engine {
+        Engine::Sqlite => String::new(),
+        Engine::Postgres => format!(" durability={durability:?}").to_lowercase(),
+    };
     println!();
     println!(
-        "quota consume  engine={engine}  clients={} seconds={} resource={CONSUME_RESOURCE} plan=scale (unlimited) jobs=built-in",
+        "quota consume  engine={engine}{durability_tag}  clients={} seconds={} resource={CONSUME_RESOURCE} plan=scale (unlimited) jobs=built-in",
         args.clients, args.consume_seconds
     );
-    println!("  settings    {}", settings_of(engine));
+    println!("  settings    {settings}");
     let mut met = true;
     let mut lines = Vec::new();
-    for (spread, ours, baseline) in results {
-        let ratio = ours.per_second() / baseline.per_second().max(1e-9);
+    for (spread, in_process, http, baseline) in results {
+        let ratio = in_process.per_second() / baseline.per_second().max(1e-9);
+        let http_ratio = http.per_second() / baseline.per_second().max(1e-9);
         met &= ratio >= TARGET_CONSUME_RATIO;
         println!(
-            "  {:<26} tally {:>8.0}/s ({} in {:.1} s)  baseline {:>8.0}/s ({} in {:.1} s)  ratio {ratio:.2}",
+            "  {:<26} in-process {:>8.0}/s ({} in {:.1} s)  http {:>8.0}/s ({} in {:.1} s)  \
+             baseline {:>8.0}/s ({} in {:.1} s)  ratio {ratio:.2} (http {http_ratio:.2})",
             spread.name(),
-            ours.per_second(),
-            ours.done,
-            ours.elapsed.as_secs_f64(),
+            in_process.per_second(),
+            in_process.done,
+            in_process.elapsed.as_secs_f64(),
+            http.per_second(),
+            http.done,
+            http.elapsed.as_secs_f64(),
             baseline.per_second(),
             baseline.done,
             baseline.elapsed.as_secs_f64()
         );
         lines.push(format!(
-            "summary engine={:<8} consume {:<26} tally={:.0}/s baseline={:.0}/s ratio={ratio:.2} (target ≥ {TARGET_CONSUME_RATIO:.1}: {})",
+            "summary engine={:<8}{durability_tag} consume {:<26} tally={:.0}/s baseline={:.0}/s ratio={ratio:.2} \
+             (target ≥ {TARGET_CONSUME_RATIO:.1}: {}); over HTTP {:.0}/s ({http_ratio:.2})",
             engine.name(),
             spread.name(),
-            ours.per_second(),
+            in_process.per_second(),
             baseline.per_second(),
-            if ratio >= TARGET_CONSUME_RATIO { "met" } else { "NOT met" }
+            if ratio >= TARGET_CONSUME_RATIO {
+                "met"
+            } else {
+                "NOT met"
+            },
+            http.per_second(),
         ));
     }
-    println!("  checked     hot-0 used = {hot_done} = consumes answered 200");
+    println!("  checked     hot-0 used = {hot_done} = consumes recorded (in-process and HTTP)");
     std::io::stdout().flush().ok();
     Ok((met, lines))
 }

@@ -12,7 +12,8 @@
 //! a Unix socket.
 //!
 //! The server is tuned for speed, not durability (`fsync = off`,
-//! `synchronous_commit = off`, `full_page_writes = off`). PostgreSQL refuses
+//! `synchronous_commit = off`, `full_page_writes = off`), unless started with
+//! [`Durability::Durable`] (benchmarks of commit-bound work). PostgreSQL refuses
 //! to run as root, so when the current user is root the server programs run
 //! as the `postgres` user through `runuser`.
 //!
@@ -48,6 +49,29 @@ const MAX_SOCKET_PATH: usize = 100;
 /// Counter making database names unique within the process.
 static DB_COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// Whether a throwaway cluster flushes commits to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// `fsync`, `synchronous_commit` and `full_page_writes` off: tests, and
+    /// benchmarks of CPU cost.
+    Fast,
+    /// PostgreSQL's defaults: every commit waits for its WAL flush, as on a
+    /// production server.
+    Durable,
+}
+
+impl Durability {
+    /// The settings it implies, for reports.
+    pub const fn settings(self) -> &'static str {
+        match self {
+            Self::Fast => "fsync=off synchronous_commit=off full_page_writes=off shared_buffers=128MB",
+            Self::Durable => {
+                "fsync=on synchronous_commit=on full_page_writes=on (PostgreSQL defaults) shared_buffers=128MB"
+            }
+        }
+    }
+}
+
 /// A running, throwaway PostgreSQL cluster.
 ///
 /// The cluster is stopped and its directory removed when the value is dropped,
@@ -68,6 +92,8 @@ pub struct PgCluster {
     port: u16,
     /// Whether the server programs run as [`SERVER_OS_USER`] via `runuser`.
     run_as_postgres: bool,
+    /// Whether commits reach the disk.
+    durability: Durability,
     /// The detached process cleaning up after the current process exits.
     watchdog: Option<Child>,
 }
@@ -87,6 +113,15 @@ impl PgCluster {
     /// user is needed but missing, or if `initdb` or the server fail; the
     /// error then includes the tail of their output.
     pub fn start() -> anyhow::Result<PgCluster> {
+        Self::start_with(Durability::Fast)
+    }
+
+    /// [`PgCluster::start`] with the given durability.
+    ///
+    /// # Errors
+    ///
+    /// As [`PgCluster::start`].
+    pub fn start_with(durability: Durability) -> anyhow::Result<PgCluster> {
         let bin_dir = find_bin_dir()?;
         let run_as_postgres = current_uid() == Some(0);
         if run_as_postgres {
@@ -119,6 +154,7 @@ impl PgCluster {
             bin_dir,
             port: PORT,
             run_as_postgres,
+            durability,
             watchdog: None,
         };
         // From here on, dropping `cluster` (also on error) cleans up.
@@ -226,19 +262,23 @@ impl PgCluster {
         check(&out, "initdb")?;
 
         let mut conf = String::from("\n# Throwaway test cluster (tally::testing::pg_cluster)\n");
-        let settings = [
+        let mut settings = vec![
             ("listen_addresses", "''".to_owned()),
             (
                 "unix_socket_directories",
                 conf_string(&self.socket_dir.to_string_lossy()),
             ),
             ("port", self.port.to_string()),
-            ("fsync", "off".to_owned()),
-            ("synchronous_commit", "off".to_owned()),
-            ("full_page_writes", "off".to_owned()),
             ("max_connections", "300".to_owned()),
             ("shared_buffers", "'128MB'".to_owned()),
         ];
+        if self.durability == Durability::Fast {
+            settings.extend([
+                ("fsync", "off".to_owned()),
+                ("synchronous_commit", "off".to_owned()),
+                ("full_page_writes", "off".to_owned()),
+            ]);
+        }
         for (key, value) in settings {
             writeln!(conf, "{key} = {value}").expect("writing to a String");
         }
