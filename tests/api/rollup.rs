@@ -562,3 +562,45 @@ async fn on_postgres_two_serve_processes_firing_the_rollup_never_double_count() 
     assert_eq!(app.monthly_total("acme", "api_requests", "2026-06-01").await, 800);
     assert!(app.store.verify_totals().await.unwrap().is_empty());
 }
+
+/// Two processes on one SQLite file (here two stores, each with its own
+/// connections), rolling up at once while entries arrive. Each stages its
+/// batches before it takes the write lock, so one may stage rows the other
+/// then folds first: it must find the cursor moved, drop what it staged and
+/// fold every entry exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_sqlite_two_processes_rolling_up_at_once_never_double_count() {
+    let Some(app) = TestApp::spawn(Backend::Sqlite).await else {
+        return;
+    };
+    let app = Arc::new(app);
+    let other_process = tally::store::connect(&app.database_url, app.catalog.clone())
+        .await
+        .unwrap();
+    let small_batches = RollupOptions {
+        batch_size: 13,
+        max_batch_size: Some(13),
+        failpoint: None,
+    };
+    let metrics = tally::telemetry::Metrics::default();
+    let mut folded = 0;
+    for round in 0..5 {
+        let rows: Vec<(String, String)> = (0..200)
+            .map(|i| (format!("r{round}-{i}"), format!("2026-06-{:02}T00:00:00Z", 1 + i % 28)))
+            .collect();
+        let rows: Vec<_> = rows
+            .iter()
+            .map(|(k, at)| ("acme", "api_requests", "2", k.as_str(), at.as_str()))
+            .collect();
+        app.insert(&rows).await;
+        let (here, there) = tokio::join!(
+            app.rollup_with(small_batches),
+            tally::jobs::rollup::run(other_process.as_ref(), &small_batches, &metrics),
+        );
+        folded += here.unwrap().entries + there.unwrap().entries;
+    }
+    folded += app.rollup().await.entries;
+    assert_eq!(folded, 1000, "every entry folded by exactly one of the two");
+    assert_eq!(app.monthly_total("acme", "api_requests", "2026-06-01").await, 2000);
+    assert!(app.store.verify_totals().await.unwrap().is_empty());
+}
