@@ -357,9 +357,10 @@ impl Store for SqliteStore {
 
     fn rollup_batch_cap(&self) -> u32 {
         // A batch holds SQLite's one write lock, with posts waiting behind
-        // it, only while it adds its staged sums to the totals: for ten
-        // million rows a few seconds here (docs/performance.md), about what a
-        // million-row batch held when it read the ledger under the lock.
+        // it, only while it adds its staged sums to the totals. That costs
+        // about one pass over the totals the batch touches, whatever its
+        // rows: on a large ledger a smaller cap does not shorten the longest
+        // hold, it only adds holds (docs/performance.md).
         10_000_000
     }
 
