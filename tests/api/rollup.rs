@@ -223,24 +223,25 @@ async fn a_rollup_process_killed_mid_batch_leaves_totals_exact_after_the_next_ru
     assert_totals_exact(&app, expected).await;
 }
 
+/// Round `round` of the concurrency tests: `count` entries of `amount` to
+/// acme's api_requests, spread over the first 28 days of June 2026.
+async fn insert_june_round(app: &TestApp, round: usize, count: usize, amount: &str) {
+    let rows: Vec<(String, String)> = (0..count)
+        .map(|i| (format!("r{round}-{i}"), format!("2026-06-{:02}T00:00:00Z", 1 + i % 28)))
+        .collect();
+    let rows: Vec<_> = rows
+        .iter()
+        .map(|(k, at)| ("acme", "api_requests", amount, k.as_str(), at.as_str()))
+        .collect();
+    app.insert(&rows).await;
+}
+
 async fn concurrent_rollups_never_double_count(app: TestApp) {
     let app = Arc::new(app);
     let mut expected = 0;
     let mut rollups = Vec::new();
     for round in 0..5 {
-        let rows: Vec<(String, String)> = (0..200)
-            .map(|i| {
-                (
-                    format!("r{round}-{i}"),
-                    format!("2026-06-{:02}T00:00:00Z", 1 + (i % 28)),
-                )
-            })
-            .collect();
-        let rows: Vec<_> = rows
-            .iter()
-            .map(|(k, at)| ("acme", "api_requests", "3", k.as_str(), at.as_str()))
-            .collect();
-        app.insert(&rows).await;
+        insert_june_round(&app, round, 200, "3").await;
         expected += 600;
         for _ in 0..4 {
             let app = app.clone();
@@ -532,14 +533,7 @@ async fn on_postgres_two_serve_processes_firing_the_rollup_never_double_count() 
     };
     let mut replicas = [spawn_serve(free_port()), spawn_serve(free_port())];
     for round in 0..8 {
-        let rows: Vec<(String, String)> = (0..100)
-            .map(|i| (format!("r{round}-{i}"), format!("2026-06-{:02}T00:00:00Z", 1 + i % 28)))
-            .collect();
-        let rows: Vec<_> = rows
-            .iter()
-            .map(|(k, at)| ("acme", "api_requests", "1", k.as_str(), at.as_str()))
-            .collect();
-        app.insert(&rows).await;
+        insert_june_round(&app, round, 100, "1").await;
         tokio::time::sleep(std::time::Duration::from_millis(400)).await;
     }
     // Let the replicas catch up, then stop them (SIGTERM: they finish the run in flight).
@@ -585,14 +579,7 @@ async fn on_sqlite_two_processes_rolling_up_at_once_never_double_count() {
     let metrics = tally::telemetry::Metrics::default();
     let mut folded = 0;
     for round in 0..5 {
-        let rows: Vec<(String, String)> = (0..200)
-            .map(|i| (format!("r{round}-{i}"), format!("2026-06-{:02}T00:00:00Z", 1 + i % 28)))
-            .collect();
-        let rows: Vec<_> = rows
-            .iter()
-            .map(|(k, at)| ("acme", "api_requests", "2", k.as_str(), at.as_str()))
-            .collect();
-        app.insert(&rows).await;
+        insert_june_round(&app, round, 200, "2").await;
         let (here, there) = tokio::join!(
             app.rollup_with(small_batches),
             tally::jobs::rollup::run(other_process.as_ref(), &small_batches, &metrics),
