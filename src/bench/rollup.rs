@@ -17,8 +17,7 @@
 //! 3. **Baseline**, on the copy: one `INSERT … SELECT … GROUP BY …
 //!    ON CONFLICT DO UPDATE` for the days and one for the months, over every
 //!    row, into plain tables with the same primary keys, using the same bucket
-//!    expressions as Tally's `rollup_fold.sql` (SQLite: `rollup_daily.sql` /
-//!    `rollup_monthly.sql`).
+//!    expressions as Tally's `rollup_fold.sql` (SQLite: `rollup_stage_days.sql`).
 //!
 //! `rollup-lag`, per engine: Tally in-process with its scheduled jobs (the
 //! rollup every 10 s), entries posted at a steady `--rate` for

@@ -16,7 +16,7 @@ pub struct RollupArgs {
     #[arg(long, default_value_t = rollup::DEFAULT_BATCH)]
     batch_size: u32,
     /// The most rows a batch grows to while catching up (default: the engine's
-    /// bound, 1 000 000 on SQLite, 10 000 000 on PostgreSQL).
+    /// bound, 10 000 000 on both).
     #[arg(long)]
     max_batch_size: Option<u32>,
     /// Test hook: STAGE:BATCH[:abort] with STAGE before_commit or after_commit.

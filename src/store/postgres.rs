@@ -521,8 +521,8 @@ impl Store for PgStore {
     fn rollup_batch_cap(&self) -> u32 {
         // Under MVCC a batch blocks no writer, and each batch costs about a
         // pass over the totals it touches, so a backlog is best folded in
-        // few large batches. Ten million rows is about a minute here; the
-        // aggregate spills to disk past work_mem rather than growing memory.
+        // few large batches. Ten million rows is about half a minute here;
+        // the aggregate spills to disk past work_mem rather than growing memory.
         10_000_000
     }
 

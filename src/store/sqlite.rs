@@ -17,7 +17,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{FromRow, QueryBuilder, Sqlite, SqlitePool};
+use sqlx::{Connection as _, FromRow, QueryBuilder, Sqlite, SqlitePool};
 
 use super::settled::{Settled, SettledSums, bounds};
 use super::{
@@ -35,6 +35,10 @@ use crate::domain::{
 pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
+    /// The rollup's own connection: it stages a batch in TEMP tables, which
+    /// belong to one connection, before it takes the write lock (see
+    /// [`Store::rollup_batch`] below); two rollups of this process take turns on it.
+    rollup: SqlitePool,
     catalog: Arc<Catalog>,
     /// Settled sums behind `used` (see [`super::settled`]).
     settled: SettledSums,
@@ -66,6 +70,13 @@ impl SqliteStore {
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(30))
+            .connect_with(writer_options.clone())
+            .await?;
+        // A second rollup of this process waits for the batch in flight,
+        // which may be a large one while catching up.
+        let rollup = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(600))
             .connect_with(writer_options)
             .await?;
         let reader = SqlitePoolOptions::new()
@@ -76,6 +87,7 @@ impl SqliteStore {
         Ok(Self {
             writer,
             reader,
+            rollup,
             catalog,
             settled: SettledSums::default(),
             export_source,
@@ -315,35 +327,25 @@ impl Store for SqliteStore {
             .await?)
     }
     async fn rollup_batch(&self, max_entries: u32, before_commit: &BeforeCommit) -> Result<u64, StoreError> {
-        // BEGIN IMMEDIATE takes the write lock first: two rollups (or a rollup
-        // and a post) queue instead of both reading the same cursor.
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let last_id: i64 = sqlx::query_scalar("SELECT last_id FROM rollup_cursor WHERE name = 'rollup'")
-            .fetch_one(&mut *tx)
-            .await?;
-        let (upper, size): (Option<i64>, i64) =
-            sqlx::query_as("SELECT MAX(id), COUNT(*) FROM (SELECT id FROM entries WHERE id > ?1 ORDER BY id LIMIT ?2)")
-                .bind(last_id)
-                .bind(i64::from(max_entries))
-                .fetch_one(&mut *tx)
+        // Reading and summing the batch is most of the work, and it needs no
+        // write lock: it runs on the rollup's connection into TEMP tables
+        // while posts go on. The write lock is then held only to add the
+        // staged sums to the totals and move the cursor.
+        let mut conn = self.rollup.acquire().await?;
+        loop {
+            let Some(staged) = stage_batch(&mut conn, max_entries).await? else {
+                return Ok(0);
+            };
+            let written = write_staged_batch(&mut conn, &self.writer, &staged, before_commit).await;
+            sqlx::query(include_str!("sql/sqlite/rollup_stage_reset.sql"))
+                .execute(&mut *conn)
                 .await?;
-        let Some(upper) = upper else {
-            return Ok(0);
-        };
-        for sql in [
-            include_str!("sql/sqlite/rollup_daily.sql"),
-            include_str!("sql/sqlite/rollup_monthly.sql"),
-        ] {
-            sqlx::query(sql).bind(last_id).bind(upper).execute(&mut *tx).await?;
+            if written? {
+                return Ok(staged.entries);
+            }
+            // Another process's rollup moved the cursor since this batch was
+            // staged: its rows may be folded already. Stage afresh.
         }
-        sqlx::query("UPDATE rollup_cursor SET last_id = ?1, updated_at = ?2 WHERE name = 'rollup'")
-            .bind(upper)
-            .bind(to_micros(Utc::now()))
-            .execute(&mut *tx)
-            .await?;
-        before_commit()?;
-        tx.commit().await?;
-        Ok(size as u64)
     }
 
     async fn unfolded_estimate(&self) -> Result<u64, StoreError> {
@@ -354,9 +356,12 @@ impl Store for SqliteStore {
     }
 
     fn rollup_batch_cap(&self) -> u32 {
-        // A batch holds SQLite's one write lock from start to commit, and
-        // posts wait behind it: a million rows is a few seconds here.
-        1_000_000
+        // A batch holds SQLite's one write lock, with posts waiting behind
+        // it, only while it adds its staged sums to the totals. That costs
+        // about one pass over the totals the batch touches, whatever its
+        // rows: on a large ledger a smaller cap does not shorten the longest
+        // hold, it only adds holds (docs/performance.md).
+        10_000_000
     }
 
     async fn oldest_unfolded(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
@@ -636,6 +641,97 @@ impl Store for SqliteStore {
         .await?;
         Ok(rows.into_iter().map(|row| self.override_from_row(row)).collect())
     }
+}
+
+/// A rollup batch summed into the rollup connection's TEMP tables, not yet
+/// added to the totals.
+struct StagedBatch {
+    /// The cursor the batch starts after, as read when staging.
+    after_id: i64,
+    /// Its last ledger id.
+    last_id: i64,
+    /// Ledger rows in it.
+    entries: u64,
+}
+
+/// Sums the next batch of at most `max_entries` rows past the cursor into the
+/// TEMP tables of `conn`, without the write lock (None: nothing to fold).
+///
+/// One writer and AUTOINCREMENT make id order commit order, so once a read
+/// sees id N committed, no row at or below N can still appear: the batch's
+/// rows are final even though no lock holds them.
+async fn stage_batch(conn: &mut sqlx::SqliteConnection, max_entries: u32) -> Result<Option<StagedBatch>, StoreError> {
+    let after_id: i64 = sqlx::query_scalar("SELECT last_id FROM rollup_cursor WHERE name = 'rollup'")
+        .fetch_one(&mut *conn)
+        .await?;
+    let (last_id, entries): (Option<i64>, i64) =
+        sqlx::query_as("SELECT MAX(id), COUNT(*) FROM (SELECT id FROM entries WHERE id > ?1 ORDER BY id LIMIT ?2)")
+            .bind(after_id)
+            .bind(i64::from(max_entries))
+            .fetch_one(&mut *conn)
+            .await?;
+    let Some(last_id) = last_id else {
+        return Ok(None);
+    };
+    sqlx::query(include_str!("sql/sqlite/rollup_stage_reset.sql"))
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(include_str!("sql/sqlite/rollup_stage_days.sql"))
+        .bind(after_id)
+        .bind(last_id)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(include_str!("sql/sqlite/rollup_stage_months.sql"))
+        .execute(&mut *conn)
+        .await?;
+    Ok(Some(StagedBatch {
+        after_id,
+        last_id,
+        entries: u64::try_from(entries).unwrap_or(0),
+    }))
+}
+
+/// Adds the batch staged on `conn` to the totals and moves the cursor, in one
+/// transaction under SQLite's write lock. False, with nothing written, when
+/// the cursor is no longer where the batch starts (another process's rollup
+/// folded meanwhile).
+async fn write_staged_batch(
+    conn: &mut sqlx::SqliteConnection,
+    writer: &SqlitePool,
+    staged: &StagedBatch,
+    before_commit: &BeforeCommit,
+) -> Result<bool, StoreError> {
+    // This process's writes queue for its one writer connection; holding it
+    // keeps them queued there (not spinning on SQLITE_BUSY) while the rollup's
+    // connection holds the write lock.
+    let _writer_turn = writer.acquire().await?;
+    let started = std::time::Instant::now();
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+    let cursor: i64 = sqlx::query_scalar("SELECT last_id FROM rollup_cursor WHERE name = 'rollup'")
+        .fetch_one(&mut *tx)
+        .await?;
+    if cursor != staged.after_id {
+        return Ok(false);
+    }
+    for sql in [
+        include_str!("sql/sqlite/rollup_daily.sql"),
+        include_str!("sql/sqlite/rollup_monthly.sql"),
+    ] {
+        sqlx::query(sql).execute(&mut *tx).await?;
+    }
+    sqlx::query("UPDATE rollup_cursor SET last_id = ?1, updated_at = ?2 WHERE name = 'rollup'")
+        .bind(staged.last_id)
+        .bind(to_micros(Utc::now()))
+        .execute(&mut *tx)
+        .await?;
+    before_commit()?;
+    tx.commit().await?;
+    tracing::debug!(
+        entries = staged.entries,
+        write_lock_ms = started.elapsed().as_millis(),
+        "rollup batch written"
+    );
+    Ok(true)
 }
 
 /// The most rows one multi-row statement of [`insert_entries`] carries: 9

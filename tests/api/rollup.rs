@@ -223,24 +223,25 @@ async fn a_rollup_process_killed_mid_batch_leaves_totals_exact_after_the_next_ru
     assert_totals_exact(&app, expected).await;
 }
 
+/// Round `round` of the concurrency tests: `count` entries of `amount` to
+/// acme's api_requests, spread over the first 28 days of June 2026.
+async fn insert_june_round(app: &TestApp, round: usize, count: usize, amount: &str) {
+    let rows: Vec<(String, String)> = (0..count)
+        .map(|i| (format!("r{round}-{i}"), format!("2026-06-{:02}T00:00:00Z", 1 + i % 28)))
+        .collect();
+    let rows: Vec<_> = rows
+        .iter()
+        .map(|(k, at)| ("acme", "api_requests", amount, k.as_str(), at.as_str()))
+        .collect();
+    app.insert(&rows).await;
+}
+
 async fn concurrent_rollups_never_double_count(app: TestApp) {
     let app = Arc::new(app);
     let mut expected = 0;
     let mut rollups = Vec::new();
     for round in 0..5 {
-        let rows: Vec<(String, String)> = (0..200)
-            .map(|i| {
-                (
-                    format!("r{round}-{i}"),
-                    format!("2026-06-{:02}T00:00:00Z", 1 + (i % 28)),
-                )
-            })
-            .collect();
-        let rows: Vec<_> = rows
-            .iter()
-            .map(|(k, at)| ("acme", "api_requests", "3", k.as_str(), at.as_str()))
-            .collect();
-        app.insert(&rows).await;
+        insert_june_round(&app, round, 200, "3").await;
         expected += 600;
         for _ in 0..4 {
             let app = app.clone();
@@ -532,14 +533,7 @@ async fn on_postgres_two_serve_processes_firing_the_rollup_never_double_count() 
     };
     let mut replicas = [spawn_serve(free_port()), spawn_serve(free_port())];
     for round in 0..8 {
-        let rows: Vec<(String, String)> = (0..100)
-            .map(|i| (format!("r{round}-{i}"), format!("2026-06-{:02}T00:00:00Z", 1 + i % 28)))
-            .collect();
-        let rows: Vec<_> = rows
-            .iter()
-            .map(|(k, at)| ("acme", "api_requests", "1", k.as_str(), at.as_str()))
-            .collect();
-        app.insert(&rows).await;
+        insert_june_round(&app, round, 100, "1").await;
         tokio::time::sleep(std::time::Duration::from_millis(400)).await;
     }
     // Let the replicas catch up, then stop them (SIGTERM: they finish the run in flight).
@@ -560,5 +554,40 @@ async fn on_postgres_two_serve_processes_firing_the_rollup_never_double_count() 
         "the replicas folded everything"
     );
     assert_eq!(app.monthly_total("acme", "api_requests", "2026-06-01").await, 800);
+    assert!(app.store.verify_totals().await.unwrap().is_empty());
+}
+
+/// Two processes on one SQLite file (here two stores, each with its own
+/// connections), rolling up at once while entries arrive. Each stages its
+/// batches before it takes the write lock, so one may stage rows the other
+/// then folds first: it must find the cursor moved, drop what it staged and
+/// fold every entry exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_sqlite_two_processes_rolling_up_at_once_never_double_count() {
+    let Some(app) = TestApp::spawn(Backend::Sqlite).await else {
+        return;
+    };
+    let app = Arc::new(app);
+    let other_process = tally::store::connect(&app.database_url, app.catalog.clone())
+        .await
+        .unwrap();
+    let small_batches = RollupOptions {
+        batch_size: 13,
+        max_batch_size: Some(13),
+        failpoint: None,
+    };
+    let metrics = tally::telemetry::Metrics::default();
+    let mut folded = 0;
+    for round in 0..5 {
+        insert_june_round(&app, round, 200, "2").await;
+        let (here, there) = tokio::join!(
+            app.rollup_with(small_batches),
+            tally::jobs::rollup::run(other_process.as_ref(), &small_batches, &metrics),
+        );
+        folded += here.unwrap().entries + there.unwrap().entries;
+    }
+    folded += app.rollup().await.entries;
+    assert_eq!(folded, 1000, "every entry folded by exactly one of the two");
+    assert_eq!(app.monthly_total("acme", "api_requests", "2026-06-01").await, 2000);
     assert!(app.store.verify_totals().await.unwrap().is_empty());
 }

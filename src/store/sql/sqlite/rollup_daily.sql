@@ -1,10 +1,12 @@
--- Fold the ledger rows (?1, ?2] into daily totals. SUM over INTEGER is exact
--- and raises on overflow; the bucket is the UTC date of occurred_at (µs).
+-- Add the staged daily sums to the daily totals, under the write lock. Rows
+-- come in key order (rollup_days' primary key), so each page of the totals
+-- is visited once. `WHERE true` tells the parser that ON CONFLICT belongs to
+-- the INSERT, not to a join. A sum past 64 bits becomes REAL, which the
+-- STRICT INTEGER column refuses: an error, never a wrap or a rounding.
 INSERT INTO daily_totals (account, resource, day, amount, entries)
-SELECT account, resource, date(occurred_at / 1000000, 'unixepoch'), SUM(amount), COUNT(*)
-FROM entries
-WHERE id > ?1 AND id <= ?2
-GROUP BY 1, 2, 3
+SELECT account, resource, day, amount, entries
+FROM temp.rollup_days
+WHERE true
 ON CONFLICT (account, resource, day) DO UPDATE
 SET amount = amount + excluded.amount,
     entries = entries + excluded.entries

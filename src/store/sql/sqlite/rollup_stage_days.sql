@@ -1,0 +1,13 @@
+-- Sum the ledger rows (?1, ?2] per (account, resource, UTC day) into the
+-- staging table, outside the write lock (rollup_stage_reset.sql). The only
+-- read of the batch's rows. SUM over INTEGER is exact and raises on overflow;
+-- the bucket is the UTC date of occurred_at (µs), its month the first day of
+-- that date's month.
+INSERT INTO temp.rollup_days (account, resource, month, day, amount, entries)
+SELECT account, resource, substr(day, 1, 8) || '01', day, SUM(amount), COUNT(*)
+FROM (
+    SELECT account, resource, date(occurred_at / 1000000, 'unixepoch') AS day, amount
+    FROM entries
+    WHERE id > ?1 AND id <= ?2
+)
+GROUP BY account, resource, day
