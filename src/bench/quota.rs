@@ -498,6 +498,18 @@ struct Throughput {
 }
 
 impl Throughput {
+    /// Waits for `tasks` (each returning how many it did) and adds them up.
+    async fn collect(mut tasks: JoinSet<anyhow::Result<u64>>, start: Instant, what: &str) -> anyhow::Result<Self> {
+        let mut done = 0;
+        while let Some(joined) = tasks.join_next().await {
+            done += joined.with_context(|| format!("{what} panicked"))??;
+        }
+        Ok(Self {
+            done,
+            elapsed: start.elapsed(),
+        })
+    }
+
     fn per_second(self) -> f64 {
         rate(self.done, self.elapsed)
     }
@@ -600,14 +612,7 @@ async fn consume_in_process(
             anyhow::Ok(done)
         });
     }
-    let mut done = 0;
-    while let Some(joined) = tasks.join_next().await {
-        done += joined.context("a consume task panicked")??;
-    }
-    Ok(Throughput {
-        done,
-        elapsed: start.elapsed(),
-    })
+    Throughput::collect(tasks, start, "a consume task").await
 }
 
 /// `--clients` concurrent HTTP clients posting consumes for `--consume-seconds`.
@@ -658,14 +663,7 @@ async fn consume_tally(
             anyhow::Ok(done)
         });
     }
-    let mut done = 0;
-    while let Some(joined) = tasks.join_next().await {
-        done += joined.context("a consume client panicked")??;
-    }
-    Ok(Throughput {
-        done,
-        elapsed: start.elapsed(),
-    })
+    Throughput::collect(tasks, start, "a consume client").await
 }
 
 /// The counter-upsert baseline from `--clients` concurrent connections.
@@ -728,14 +726,7 @@ async fn consume_baseline(args: &QuotaArgs, url: &str, spread: Spread) -> anyhow
             });
         }
     }
-    let mut done = 0;
-    while let Some(joined) = tasks.join_next().await {
-        done += joined.context("a baseline client panicked")??;
-    }
-    Ok(Throughput {
-        done,
-        elapsed: start.elapsed(),
-    })
+    Throughput::collect(tasks, start, "a baseline client").await
 }
 
 /// The consume part on one engine (PostgreSQL: on a cluster of the given

@@ -3,15 +3,17 @@
 //! transaction, one commit, and one `used` read per (account, resource)
 //! instead of one per consume.
 //!
-//! Nothing waits to form a group: a worker takes whatever is queued the
-//! moment it is free (a lone consume goes at once, as a group of one). Groups
-//! grow only while every worker is busy, that is, exactly when one call per
-//! consume would be the bottleneck. A worker holds one pool connection while
-//! its group runs; [`WORKERS`] bounds them.
+//! Nothing waits on a timer to form a group: a worker takes whatever is
+//! queued when it is free, after letting the tasks that are ready run once
+//! (a lone consume goes at once, as a group of one). Groups grow while every
+//! worker is busy, that is, exactly when one call per consume would be the
+//! bottleneck. A worker holds one pool connection while its group runs;
+//! [`WORKERS`] bounds them.
 //!
 //! A group never holds two consumes with the same (account, idempotency key):
-//! the later one waits for the next group. If a group's call fails, each of its consumes is retried alone, so
-//! every caller gets its own answer (or its own error).
+//! the later one waits for the next group. If a group's call fails, each of
+//! its consumes is retried alone, so every caller gets its own answer (or its
+//! own error).
 
 use std::collections::HashSet;
 use std::sync::Arc;
