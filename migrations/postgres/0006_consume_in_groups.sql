@@ -23,7 +23,8 @@
 --   than to run for one row). The caller never puts one (account, key) twice
 --   in a group. A key taken meanwhile by a consume of another resource makes
 --   the INSERT skip a row; the group then fails as a whole (its later
---   decisions counted that row) and the caller decides each consume alone.
+--   decisions counted that row) and the caller decides each consume alone;
+--   alone, it answers 'conflict'.
 --
 -- p_rules: the catalog's rules of the group's resources, as
 --   {"resource": {"plan": {"limit": n|null, "enforcement": "hard"|"soft",
@@ -207,7 +208,12 @@ BEGIN
         -- Fewer rows than decided: a key was taken meanwhile by a consume of
         -- another resource, or (never from Tally) one (account, key) came
         -- twice; either way some decisions counted a row that is not there.
-        IF v_inserted <> cardinality(r_pos) OR cardinality(v_positions) <> cardinality(r_pos) THEN
+        IF n = 1 AND v_inserted = 0 THEN
+            -- Alone, no other decision counted it: answer 'conflict' (the
+            -- caller reports it as such; a retry gets the key's outcome).
+            o_outcome[1] := 'conflict';
+            o_context[1] := NULL;
+        ELSIF v_inserted <> cardinality(r_pos) OR cardinality(v_positions) <> cardinality(r_pos) THEN
             RAISE EXCEPTION 'tally_consume_group: % consumes decided, % appended: a key was taken by a concurrent consume of another resource, or came twice',
                 cardinality(r_pos), v_inserted
                 USING ERRCODE = 'unique_violation';

@@ -7,7 +7,7 @@ use chrono::{Datelike, Duration, SecondsFormat, Utc};
 use serde_json::{Value, json};
 
 use crate::both;
-use crate::helpers::{Reply, TestApp, entry};
+use crate::helpers::{Backend, Reply, TestApp, entry};
 
 both!(
     sixty_four_concurrent_consumers_at_a_hard_limit_of_1000_land_exactly_1000,
@@ -1052,4 +1052,50 @@ async fn an_override_with_another_window_counts_over_that_window_in_check_and_co
     let body = check(&app, "acme", "llm_tokens", "1", None).await;
     assert_eq!(body["window"], "day");
     assert_eq!(body["used"], "15");
+}
+
+/// A consume whose key another transaction holds, uncommitted, for another
+/// resource waits for it and, once it commits, answers 409: never a second
+/// row, never a 500 (the one case where PostgreSQL's consume group finds its
+/// INSERT skipped with nothing else decided on it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_consume_meeting_its_key_committed_meanwhile_for_another_resource_is_a_conflict() {
+    let Some(app) = TestApp::spawn(Backend::Postgres).await else {
+        return;
+    };
+    let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
+    let mut other = pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key)
+         VALUES ('acme', 'llm_tokens', 1, now(), now(), 'k')",
+    )
+    .execute(&mut *other)
+    .await
+    .unwrap();
+    let app = Arc::new(app);
+    let consuming = {
+        let app = app.clone();
+        tokio::spawn(async move { consume(&app, "acme", "ai_generations", "1", "k", None).await })
+    };
+    // Until the consume waits on the uncommitted key.
+    let mut waited = 0;
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        waited += 1;
+        assert!(waited < 200, "the consume never waited on the key");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    other.commit().await.unwrap();
+    let reply = consuming.await.unwrap();
+    assert_eq!(reply.status, 409, "{:?}", reply.body);
+    assert_eq!(reply.code(), "idempotency_conflict");
+    assert_eq!(app.count_entries().await, 1);
 }
