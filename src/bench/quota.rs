@@ -243,10 +243,14 @@ async fn open(url: &str) -> anyhow::Result<(Arc<dyn Store>, Arc<crate::domain::C
     settings.open_store().await
 }
 
-fn settings_of(engine: Engine) -> String {
+/// How the database was set up, for reports (`durability`: PostgreSQL only).
+fn settings_of(engine: Engine, durability: Durability) -> String {
     match engine {
         Engine::Sqlite => format!("{SQLITE_SETTINGS} (Tally and baseline alike)"),
-        Engine::Postgres => format!("throwaway cluster, {PG_CLUSTER_SETTINGS} (Tally and baseline alike)"),
+        Engine::Postgres => format!(
+            "throwaway cluster, {} (Tally and baseline alike)",
+            durability.settings()
+        ),
     }
 }
 
@@ -458,7 +462,7 @@ async fn check_on(args: &QuotaArgs, engine: Engine, rows: u64) -> anyhow::Result
          folded={rows} tail={} (ledger {ledger_rows} rows)",
         args.tail
     );
-    println!("  settings    {}", settings_of(engine));
+    println!("  settings    {}", settings_of(engine, Durability::Fast));
     println!("  answer      used={expected} (every check and the baseline agree)");
     println!("  in-process  {}  [Quotas::check]", in_process.line());
     println!(
@@ -822,13 +826,7 @@ async fn consume_on(args: &QuotaArgs, engine: Engine, durability: Durability) ->
     );
     tally.stop().await?;
 
-    let settings = match engine {
-        Engine::Sqlite => format!("{SQLITE_SETTINGS} (Tally and baseline alike)"),
-        Engine::Postgres => format!(
-            "throwaway cluster, {} (Tally and baseline alike)",
-            durability.settings()
-        ),
-    };
+    let settings = settings_of(engine, durability);
     let durability_tag = match engine {
         Engine::Sqlite => String::new(),
         Engine::Postgres => format!(" durability={durability:?}").to_lowercase(),

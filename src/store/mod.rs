@@ -223,7 +223,7 @@ pub trait Store: Send + Sync + 'static {
     async fn consume_decided(
         &self,
         _entry: &NewEntry,
-        _rules: &ConsumeRules,
+        _rules: ConsumeRules,
     ) -> Result<Option<DecidedConsume>, StoreError> {
         Ok(None)
     }

@@ -818,7 +818,7 @@ impl Store for PgStore {
     async fn consume_decided(
         &self,
         entry: &NewEntry,
-        rules: &ConsumeRules,
+        rules: ConsumeRules,
     ) -> Result<Option<DecidedConsume>, StoreError> {
         let likely = bounds(&rules.likely_period);
         let known = self
@@ -831,7 +831,7 @@ impl Store for PgStore {
             .get_or_init(|| ConsumeGroups::start(&self.pool))
             .decide(consume_group::Request {
                 entry: entry.clone(),
-                rules: rules.clone(),
+                rules,
                 likely,
                 known,
             })

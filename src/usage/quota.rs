@@ -332,7 +332,7 @@ impl Quotas<'_> {
     pub async fn consume(&self, entry: &NewEntry, rates: &RateLimits) -> Result<ConsumeOutcome, ConsumeError> {
         let at = entry.occurred_at;
         if let Some(rules) = self.rules_without_rate(&entry.resource, at) {
-            if let Some(decided) = self.store.consume_decided(entry, &rules).await? {
+            if let Some(decided) = self.store.consume_decided(entry, rules).await? {
                 return self.decided(entry, decided).await;
             }
         }

@@ -31,13 +31,13 @@ use crate::domain::NewEntry;
 /// noise of each other with fsync off; with fsync on, 2 beat 4 (10 553/s vs
 /// 7 603/s spread): more workers split the queue into smaller groups, and
 /// consumes of one hot (account, resource) wait on each other's lock anyway.
-pub(super) const WORKERS: usize = 2;
+const WORKERS: usize = 2;
 
 /// How many times a worker lets other tasks run before it takes its group.
 const MAX_YIELDS: usize = 8;
 
 /// The most consumes decided in one call.
-pub(super) const MAX_GROUP: usize = 512;
+const MAX_GROUP: usize = 512;
 
 /// One consume to decide.
 pub(super) struct Request {
