@@ -13,6 +13,7 @@ both!(
     sixty_four_concurrent_consumers_at_a_hard_limit_of_1000_land_exactly_1000,
     concurrent_consumes_over_several_limits_each_sent_twice_land_each_limit_and_answer_both_copies_alike,
     a_key_consumed_at_once_for_two_resources_records_one_and_refuses_the_other,
+    consumes_at_once_on_two_days_each_stop_at_their_own_day_limit,
     check_is_exact_at_any_instant_while_posting_and_rolling_up,
     a_day_limit_resets_at_midnight_utc,
     a_month_limit_resets_on_the_first_and_retry_after_counts_down_to_it,
@@ -226,6 +227,50 @@ async fn a_key_consumed_at_once_for_two_resources_records_one_and_refuses_the_ot
         assert_eq!(got, [200, 409], "{key}");
     }
     assert_eq!(app.count_entries().await, 30);
+}
+
+/// Consumes of one (account, resource) dated on two days, sent at once and
+/// interleaved: each day's limit lands exactly. On PostgreSQL such consumes can
+/// meet in one group, whose `used` must then be kept per day (a group that
+/// re-read a day's `used` after the other day's would miss its own consumes
+/// of that day and overshoot).
+async fn consumes_at_once_on_two_days_each_stop_at_their_own_day_limit(app: TestApp) {
+    let limit = 10;
+    let set = app
+        .request(
+            "PUT",
+            "/v1/accounts/acme/overrides/llm_tokens",
+            Some(&app.admin_key),
+            Some(json!({"limit": limit.to_string(), "enforcement": "hard"}).to_string()),
+        )
+        .await;
+    assert_eq!(set.status, 200, "{:?}", set.body);
+    // Now and 24 h before are always on two UTC days.
+    let now = Utc::now();
+    let days = [iso(now - Duration::days(1)), iso(now)];
+    let app = Arc::new(app);
+    let mut sent = Vec::new();
+    for i in 0..80 {
+        let (app, at) = (app.clone(), days[i % 2].clone());
+        sent.push(tokio::spawn(async move {
+            consume(&app, "acme", "llm_tokens", "1", &format!("k{i}"), Some(&at)).await
+        }));
+    }
+    let mut recorded = 0;
+    for task in sent {
+        let reply = task.await.unwrap();
+        match reply.status {
+            200 => recorded += 1,
+            429 => assert_eq!(reply.code(), "quota_exceeded", "{:?}", reply.body),
+            other => panic!("unexpected {other}: {:?}", reply.body),
+        }
+    }
+    assert_eq!(recorded, 2 * limit, "each day records exactly its limit");
+    for at in &days {
+        let body = check(&app, "acme", "llm_tokens", "1", Some(at)).await;
+        assert_eq!(body["used"], limit.to_string(), "used on the day of {at}");
+    }
+    assert_eq!(app.ledger_sum("acme", "llm_tokens").await, 2 * limit);
 }
 
 async fn check_is_exact_at_any_instant_while_posting_and_rolling_up(app: TestApp) {
@@ -1098,4 +1143,104 @@ async fn on_postgres_a_consume_meeting_its_key_committed_meanwhile_for_another_r
     assert_eq!(reply.status, 409, "{:?}", reply.body);
     assert_eq!(reply.code(), "idempotency_conflict");
     assert_eq!(app.count_entries().await, 1);
+}
+
+/// One call of `tally_consume_group` with the given consumes of `acme`
+/// (`llm_tokens`, amount 1, keys `{prefix}0`, `{prefix}1`, …) at the given instants, on the
+/// catalog's free rules (1 000 a day, hard): each consume's (outcome, used),
+/// or the error's SQLSTATE.
+async fn consume_group_directly(
+    pool: &sqlx::PgPool,
+    prefix: &str,
+    at: &[chrono::DateTime<Utc>],
+) -> Result<Vec<(String, i64)>, String> {
+    let n = at.len();
+    let keys: Vec<String> = (0..n).map(|i| format!("{prefix}{i}")).collect();
+    let rules = json!({"llm_tokens": {"free": {"limit": 1000, "enforcement": "hard", "window": "day", "price": null}}});
+    let rows: Result<Vec<(String, Option<i64>)>, sqlx::Error> = sqlx::query_as(
+        "SELECT outcome, used FROM tally_consume_group('free', $1::jsonb, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+          ORDER BY idx",
+    )
+    .bind(rules.to_string())
+    .bind(vec!["acme"; n])
+    .bind(vec!["llm_tokens"; n])
+    .bind(vec![1_i64; n])
+    .bind(at)
+    .bind(&keys)
+    .bind(vec![None::<String>; n])
+    .bind(vec![None::<String>; n])
+    .bind(vec![None::<i64>; n])
+    .bind(vec![None::<chrono::NaiveDate>; n])
+    .bind(vec![None::<chrono::NaiveDate>; n])
+    .bind(vec![None::<i64>; n])
+    .bind(vec![None::<i64>; n])
+    .fetch_all(pool)
+    .await;
+    match rows {
+        Ok(rows) => Ok(rows
+            .into_iter()
+            .map(|(outcome, used)| (outcome, used.unwrap_or(-1)))
+            .collect()),
+        Err(sqlx::Error::Database(e)) => Err(e.code().unwrap_or_default().into_owned()),
+        Err(other) => panic!("{other}"),
+    }
+}
+
+/// A PostgreSQL consume group is decided in arrival order per (account,
+/// resource, period): consumes of two days interleaved in one group each see
+/// their own day's `used`, including the group's earlier consumes of that day;
+/// a group that counts one (account, resource) over two windows refuses to
+/// decide (SQLSTATE TL001) and its caller decides each consume alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_consume_group_keeps_used_per_period_and_refuses_two_windows_of_one_key() {
+    let Some(app) = TestApp::spawn(Backend::Postgres).await else {
+        return;
+    };
+    let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
+    let put = app
+        .request(
+            "PUT",
+            "/v1/accounts/acme/overrides/llm_tokens",
+            Some(&app.admin_key),
+            Some(json!({"limit": "2"}).to_string()),
+        )
+        .await;
+    assert_eq!(put.status, 200, "{:?}", put.body);
+    let today = Utc::now();
+    let yesterday = today - Duration::days(1);
+    let decided = consume_group_directly(&pool, "a", &[yesterday, today, yesterday, today, yesterday, today])
+        .await
+        .unwrap();
+    let expected: Vec<(String, i64)> = [
+        ("recorded", 0),
+        ("recorded", 0),
+        ("recorded", 1),
+        ("recorded", 1),
+        ("rejected", 2),
+        ("rejected", 2),
+    ]
+    .into_iter()
+    .map(|(outcome, used)| (outcome.to_owned(), used))
+    .collect();
+    assert_eq!(decided, expected);
+    assert_eq!(app.ledger_sum("acme", "llm_tokens").await, 4);
+
+    // A month-window override that expired an hour ago: a consume before it
+    // counts over the month, one after over the plan's day.
+    let put = app
+        .request(
+            "PUT",
+            "/v1/accounts/acme/overrides/llm_tokens",
+            Some(&app.admin_key),
+            Some(json!({"limit": "100", "window": "month", "expires_at": iso(today - Duration::hours(1))}).to_string()),
+        )
+        .await;
+    assert_eq!(put.status, 200, "{:?}", put.body);
+    let two_windows = consume_group_directly(&pool, "b", &[today - Duration::hours(2), today]).await;
+    assert_eq!(two_windows, Err("TL001".to_owned()));
+    assert_eq!(
+        app.ledger_sum("acme", "llm_tokens").await,
+        4,
+        "the refused group wrote nothing"
+    );
 }

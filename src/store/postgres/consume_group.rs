@@ -1,6 +1,6 @@
 //! Group commit for consume: the consumes waiting at one instant are decided
-//! by one call of `tally_consume_group` (migration 0006): one round trip, one
-//! transaction, one commit, and one `used` read per (account, resource)
+//! by one call of `tally_consume_group` (migrations 0006, 0007): one round trip, one
+//! transaction, one commit, and one `used` read per (account, resource, period)
 //! instead of one per consume.
 //!
 //! Nothing waits on a timer to form a group: a worker takes whatever is
@@ -195,11 +195,19 @@ async fn decide_group(pool: &PgPool, group: Vec<Waiting>) {
     match call(pool, &requests).await {
         Ok(rows) => answer(group, rows),
         Err(error) if group.len() > 1 => {
-            tracing::warn!(
-                consumes = group.len(),
-                "a group of {} consumes failed, deciding each alone: {error}",
-                group.len()
-            );
+            if is_for_one_at_a_time(&error) {
+                tracing::debug!(
+                    consumes = group.len(),
+                    "a group of {} consumes counts one key over two windows, deciding each alone",
+                    group.len()
+                );
+            } else {
+                tracing::warn!(
+                    consumes = group.len(),
+                    "a group of {} consumes failed, deciding each alone: {error}",
+                    group.len()
+                );
+            }
             for waiting in group {
                 let alone = call(pool, &[&waiting.request]).await;
                 let decided = alone.and_then(|rows| {
@@ -217,6 +225,12 @@ async fn decide_group(pool: &PgPool, group: Vec<Waiting>) {
             }
         }
     }
+}
+
+/// Whether `tally_consume_group` refused the group as one to decide one
+/// consume at a time (SQLSTATE TL001, migration 0007): expected, not a fault.
+fn is_for_one_at_a_time(error: &StoreError) -> bool {
+    matches!(error, StoreError::Internal(sqlx::Error::Database(db)) if db.code().as_deref() == Some("TL001"))
 }
 
 /// Hands each caller its row (by `idx`).
