@@ -268,6 +268,7 @@ pub struct Quotas<'a> {
 
 const RATE_LIMITED: &str = "rate_limited";
 const QUOTA_EXCEEDED: &str = "quota_exceeded";
+const LARGER_THAN_RATE: &str = "larger_than_rate";
 
 impl Quotas<'_> {
     /// The limit for one account and resource at `at`.
@@ -338,18 +339,15 @@ impl Quotas<'_> {
         }
         let limit = self.limit_for(&entry.account, &entry.resource, at).await?;
         let units = entry.amount.to_decimal().ceil().to_u32().unwrap_or(u32::MAX);
-        if let Some(per_minute) = limit.rate_per_minute {
-            if units > per_minute {
-                return Err(ConsumeError::LargerThanRate {
-                    amount: entry.amount.to_string(),
-                    resource: entry.resource.to_string(),
-                    per_minute,
-                });
-            }
-        }
         let period = Period::containing(limit.window, at);
         let decimals = entry.amount.decimals();
         let decide = |used_minor: i64| -> Result<String, String> {
+            // Judged here, after the store found the key unused: a retry of a
+            // consume recorded under a plan without this rate replays its
+            // first outcome instead of failing on today's rate.
+            if limit.rate_per_minute.is_some_and(|per_minute| units > per_minute) {
+                return Err(LARGER_THAN_RATE.into());
+            }
             let used = Amount::from_minor(used_minor, decimals);
             if !allows(&limit, used, entry.amount) {
                 return Err(QUOTA_EXCEEDED.into());
@@ -373,6 +371,13 @@ impl Quotas<'_> {
             ConsumeResult::Recorded { entry_id, response } => Ok(recorded(entry, entry_id, &response, false)?),
             replayed @ ConsumeResult::Replayed { .. } => self.replayed(entry, replayed).await,
             ConsumeResult::Rejected { used, reason } => {
+                if reason == LARGER_THAN_RATE {
+                    return Err(ConsumeError::LargerThanRate {
+                        amount: entry.amount.to_string(),
+                        resource: entry.resource.to_string(),
+                        per_minute: limit.rate_per_minute.unwrap_or_default(),
+                    });
+                }
                 if let Some(seconds) = reason.strip_prefix(&format!("{RATE_LIMITED}:")) {
                     return Ok(ConsumeOutcome::RateLimited {
                         retry_after: seconds.parse().unwrap_or(1),

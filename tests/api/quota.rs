@@ -33,6 +33,7 @@ both!(
     a_consume_replays_its_first_outcome_after_the_plan_changes,
     an_override_written_by_another_process_applies_to_the_next_consume_at_once,
     an_override_with_another_window_counts_over_that_window_in_check_and_consume,
+    a_consume_recorded_on_a_plan_without_a_rate_replays_its_first_outcome_after_a_downgrade_to_one,
 );
 
 fn iso(t: chrono::DateTime<Utc>) -> String {
@@ -1097,6 +1098,46 @@ async fn an_override_with_another_window_counts_over_that_window_in_check_and_co
     let body = check(&app, "acme", "llm_tokens", "1", None).await;
     assert_eq!(body["window"], "day");
     assert_eq!(body["used"], "15");
+}
+
+/// The same idempotency key returns the first outcome (API.md, consume),
+/// whatever the plan says now: 150 api_requests recorded on pro (no rate)
+/// and retried after a downgrade to free (100 a minute) replay the first
+/// answer, while a new key for 150 is still refused with 422 and writes
+/// nothing. The per-minute budget used to be judged before the key was looked
+/// up, so the retry got 422.
+async fn a_consume_recorded_on_a_plan_without_a_rate_replays_its_first_outcome_after_a_downgrade_to_one(app: TestApp) {
+    let set_plan = |plan: &'static str| {
+        let app = &app;
+        async move {
+            let reply = app
+                .request(
+                    "PUT",
+                    "/v1/accounts/acme/plan",
+                    Some(&app.admin_key),
+                    Some(json!({ "plan": plan }).to_string()),
+                )
+                .await;
+            assert_eq!(reply.status, 200, "{:?}", reply.body);
+        }
+    };
+    set_plan("pro").await;
+    let first = consume(&app, "acme", "api_requests", "150", "k", None).await;
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    assert_eq!(first.body["plan"], "pro");
+    set_plan("free").await;
+    let again = consume(&app, "acme", "api_requests", "150", "k", None).await;
+    assert_eq!(again.status, 200, "{:?}", again.body);
+    assert_eq!(again.body, first.body, "the first outcome, on the plan of then");
+    let new_key = consume(&app, "acme", "api_requests", "150", "k2", None).await;
+    assert_eq!(new_key.status, 422, "{:?}", new_key.body);
+    assert!(
+        new_key.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("per-minute budget of 100")
+    );
+    assert_eq!(app.ledger_sum("acme", "api_requests").await, 150);
 }
 
 /// A consume whose key another transaction holds, uncommitted, for another
