@@ -3,7 +3,6 @@
 //! whether one more unit may pass.
 
 use chrono::{DateTime, Utc};
-use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::{Decimal, RoundingStrategy};
 use serde::{Deserialize, Serialize};
 
@@ -338,14 +337,16 @@ impl Quotas<'_> {
             }
         }
         let limit = self.limit_for(&entry.account, &entry.resource, at).await?;
-        let units = entry.amount.to_decimal().ceil().to_u32().unwrap_or(u32::MAX);
+        let cells = limit
+            .rate_per_minute
+            .map(|per_minute| rate_cells(per_minute, entry.amount));
         let period = Period::containing(limit.window, at);
         let decimals = entry.amount.decimals();
         let decide = |used_minor: i64| -> Result<String, String> {
             // Judged here, after the store found the key unused: a retry of a
             // consume recorded under a plan without this rate replays its
             // first outcome instead of failing on today's rate.
-            if limit.rate_per_minute.is_some_and(|per_minute| units > per_minute) {
+            if cells.is_some_and(|c| c.is_none()) {
                 return Err(LARGER_THAN_RATE.into());
             }
             let used = Amount::from_minor(used_minor, decimals);
@@ -353,8 +354,8 @@ impl Quotas<'_> {
                 return Err(QUOTA_EXCEEDED.into());
             }
             // The rate is counted only for what will be recorded, under the lock.
-            if let Some(per_minute) = limit.rate_per_minute {
-                match rates.check(per_minute, entry.account.as_str(), entry.resource.as_str(), units) {
+            if let Some(Some((budget, cells))) = cells {
+                match rates.check(budget, entry.account.as_str(), entry.resource.as_str(), cells) {
                     RateDecision::Allowed => {}
                     RateDecision::RetryAfter(wait) => {
                         return Err(format!("{RATE_LIMITED}:{}", wait.as_secs_f64().ceil().max(1.0) as u64));
@@ -471,6 +472,27 @@ impl Quotas<'_> {
             )))),
         }
     }
+}
+
+/// A per-minute rate and an amount in the limiter's cells: (the budget, the
+/// amount), or None when the amount exceeds the whole budget. A cell is the
+/// resource's minor unit (0.01 of a 2-decimal resource), so fractional
+/// amounts count exactly; only when `per_minute` minor units would not fit a
+/// u32 is a cell coarser (a power of ten), and the amount rounded up to it.
+fn rate_cells(per_minute: u32, amount: Amount) -> Option<(u32, u32)> {
+    let decimals = amount.decimals();
+    let mut digits = decimals;
+    while digits > 0 && u64::from(per_minute) * 10_u64.pow(digits) > u64::from(u32::MAX) {
+        digits -= 1;
+    }
+    let budget = u64::from(per_minute) * 10_u64.pow(digits);
+    let per_cell = 10_i128.pow(decimals - digits);
+    let minor = i128::from(amount.minor()).max(0);
+    let cells = (minor + per_cell - 1) / per_cell;
+    if cells > i128::from(budget) {
+        return None;
+    }
+    Some((u32::try_from(budget).ok()?, u32::try_from(cells).ok()?))
 }
 
 /// Whole seconds from `at` to the end of `period` (None for total).
@@ -662,4 +684,22 @@ fn recorded(entry: &NewEntry, entry_id: i64, response: &str, replayed: bool) -> 
         warnings: warnings_for(&entry.resource, &limit, after),
         replayed,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_cells_count_minor_units_and_coarsen_only_past_32_bits() {
+        let amount = |text: &str, decimals| Amount::parse(text, decimals).unwrap();
+        assert_eq!(rate_cells(100, amount("3", 0)), Some((100, 3)));
+        assert_eq!(rate_cells(100, amount("101", 0)), None);
+        assert_eq!(rate_cells(2, amount("0.5", 2)), Some((200, 50)));
+        assert_eq!(rate_cells(2, amount("2.01", 2)), None);
+        // 100 a minute in nanos would not fit 32 bits: cells of 10^-7, rounded up.
+        assert_eq!(rate_cells(100, amount("0.000000001", 9)), Some((1_000_000_000, 1)));
+        assert_eq!(rate_cells(100, amount("100", 9)), Some((1_000_000_000, 1_000_000_000)));
+        assert_eq!(rate_cells(100, amount("100.000000001", 9)), None);
+    }
 }

@@ -1140,6 +1140,64 @@ async fn a_consume_recorded_on_a_plan_without_a_rate_replays_its_first_outcome_a
     assert_eq!(app.ledger_sum("acme", "api_requests").await, 150);
 }
 
+/// A plan whose rate limits a resource with decimals, 2 units a minute of
+/// `gpu_minutes` (2 fractional digits).
+const DECIMAL_RATE_PLANS: &str = r#"
+default_plan = "free"
+
+[resources.gpu_minutes]
+decimals = 2
+
+[plans.free]
+price = "0"
+
+[plans.free.limits.gpu_minutes]
+window = "month"
+limit = "unlimited"
+rate_per_minute = 2
+"#;
+
+/// `rate_per_minute` counts units of the resource (docs/plans.md), so with a
+/// rate of 2 a minute four consumes of 0.5 pass at once and the fifth waits;
+/// 2.01 can never fit (422) and 2 can. Amounts used to be rounded up to whole
+/// units, so each 0.5 counted as 1 and the third was refused.
+async fn a_rate_counts_fractional_amounts_exactly(backend: Backend) {
+    let Some(app) = TestApp::spawn_with_plans(backend, Some(DECIMAL_RATE_PLANS)).await else {
+        return;
+    };
+    for i in 0..4 {
+        let reply = consume(&app, "acme", "gpu_minutes", "0.5", &format!("half{i}"), None).await;
+        assert_eq!(reply.status, 200, "consume {i} of 0.5: {:?}", reply.body);
+    }
+    let fifth = consume(&app, "acme", "gpu_minutes", "0.5", "half4", None).await;
+    assert_eq!((fifth.status, fifth.code()), (429, "rate_limited"), "{:?}", fifth.body);
+    assert!(
+        retry_after(&fifth).is_some_and(|s| (1..=15).contains(&s)),
+        "{:?}",
+        fifth.headers
+    );
+    let too_big = consume(&app, "other", "gpu_minutes", "2.01", "big", None).await;
+    assert_eq!(too_big.status, 422, "{:?}", too_big.body);
+    let whole = consume(&app, "other", "gpu_minutes", "2", "whole", None).await;
+    assert_eq!(whole.status, 200, "{:?}", whole.body);
+    assert_eq!(app.ledger_sum("acme", "gpu_minutes").await, 200);
+    assert_eq!(app.ledger_sum("other", "gpu_minutes").await, 200);
+}
+
+mod a_rate_counts_fractional_amounts_exactly {
+    use crate::helpers::Backend;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_sqlite() {
+        super::a_rate_counts_fractional_amounts_exactly(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_postgres() {
+        super::a_rate_counts_fractional_amounts_exactly(Backend::Postgres).await;
+    }
+}
+
 /// A consume whose key another transaction holds, uncommitted, for another
 /// resource waits for it and, once it commits, answers 409: never a second
 /// row, never a 500 (the one case where PostgreSQL's consume group finds its
