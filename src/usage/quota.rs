@@ -10,7 +10,7 @@ use super::rate_limit::{RateDecision, RateLimits};
 use crate::domain::catalog::{Enforcement, Window};
 use crate::domain::plan::{Override, Period, PlanAssignment};
 use crate::domain::{AccountId, Amount, Catalog, NewEntry, ResourceName};
-use crate::store::{ConsumeResult, ConsumeRules, DecidedConsume, PlanRule, Store, StoreError};
+use crate::store::{ConsumeDecider, ConsumeResult, ConsumeRules, DecidedConsume, PlanRule, Store, StoreError};
 
 /// The share of a limit from which usage is a `warning`.
 pub const WARNING_PERCENT: i64 = 80;
@@ -265,10 +265,6 @@ pub struct Quotas<'a> {
     pub catalog: &'a Catalog,
 }
 
-const RATE_LIMITED: &str = "rate_limited";
-const QUOTA_EXCEEDED: &str = "quota_exceeded";
-const LARGER_THAN_RATE: &str = "larger_than_rate";
-
 impl Quotas<'_> {
     /// The limit for one account and resource at `at`.
     pub async fn limit_for(
@@ -336,63 +332,139 @@ impl Quotas<'_> {
                 return self.decided(entry, decided).await;
             }
         }
-        let limit = self.limit_for(&entry.account, &entry.resource, at).await?;
-        let cells = limit
-            .rate_per_minute
-            .map(|per_minute| rate_cells(per_minute, entry.amount));
-        let period = Period::containing(limit.window, at);
-        let decimals = entry.amount.decimals();
-        let decide = |used_minor: i64| -> Result<String, String> {
-            // Judged here, after the store found the key unused: a retry of a
-            // consume recorded under a plan without this rate replays its
-            // first outcome instead of failing on today's rate.
-            if cells.is_some_and(|c| c.is_none()) {
-                return Err(LARGER_THAN_RATE.into());
-            }
-            let used = Amount::from_minor(used_minor, decimals);
-            if !allows(&limit, used, entry.amount) {
-                return Err(QUOTA_EXCEEDED.into());
-            }
-            // The rate is counted only for what will be recorded, under the lock.
-            if let Some(Some((budget, cells))) = cells {
-                match rates.check(budget, entry.account.as_str(), entry.resource.as_str(), cells) {
-                    RateDecision::Allowed => {}
-                    RateDecision::RetryAfter(wait) => {
-                        return Err(format!("{RATE_LIMITED}:{}", wait.as_secs_f64().ceil().max(1.0) as u64));
-                    }
-                    RateDecision::NeverFits => return Err(format!("{RATE_LIMITED}:60")),
-                }
-            }
-            let after = used.checked_add(entry.amount).map_err(|_| QUOTA_EXCEEDED.to_owned())?;
-            let status = QuotaStatus::new(&entry.account, &entry.resource, &limit, &period, after, true);
-            let warnings = warnings_for(&entry.resource, &limit, after);
-            Ok(serde_json::json!({ "status": status, "warnings": warnings }).to_string())
+        let decider = Decider {
+            catalog: self.catalog,
+            entry,
+            rates,
         };
-        match self.store.consume(entry, &period, &decide).await? {
+        match self.store.consume(entry, &decider).await? {
             ConsumeResult::Recorded { entry_id, response } => Ok(recorded(entry, entry_id, &response, false)?),
             replayed @ ConsumeResult::Replayed { .. } => self.replayed(entry, replayed).await,
-            ConsumeResult::Rejected { used, reason } => {
-                if reason == LARGER_THAN_RATE {
-                    return Err(ConsumeError::LargerThanRate {
-                        amount: entry.amount.to_string(),
-                        resource: entry.resource.to_string(),
-                        per_minute: limit.rate_per_minute.unwrap_or_default(),
-                    });
-                }
-                if let Some(seconds) = reason.strip_prefix(&format!("{RATE_LIMITED}:")) {
-                    return Ok(ConsumeOutcome::RateLimited {
-                        retry_after: seconds.parse().unwrap_or(1),
-                        per_minute: limit.rate_per_minute.unwrap_or_default(),
-                    });
-                }
-                let used = Amount::from_minor(used, decimals);
-                let status = QuotaStatus::new(&entry.account, &entry.resource, &limit, &period, used, false);
-                Ok(ConsumeOutcome::QuotaExceeded {
-                    status,
-                    retry_after: retry_after(&period, at),
+            ConsumeResult::Rejected { reason, .. } => {
+                let rejected: Rejected = serde_json::from_str(&reason).map_err(|e| {
+                    StoreError::Invalid(format!("a consume was refused for a reason not understood: {e}"))
+                })?;
+                Ok(match rejected {
+                    Rejected::LargerThanRate { per_minute } => {
+                        return Err(ConsumeError::LargerThanRate {
+                            amount: entry.amount.to_string(),
+                            resource: entry.resource.to_string(),
+                            per_minute,
+                        });
+                    }
+                    Rejected::RateLimited {
+                        retry_after,
+                        per_minute,
+                    } => ConsumeOutcome::RateLimited {
+                        retry_after,
+                        per_minute,
+                    },
+                    Rejected::QuotaExceeded { status, retry_after } => {
+                        ConsumeOutcome::QuotaExceeded { status, retry_after }
+                    }
                 })
             }
         }
+    }
+}
+
+/// Why the multi-statement consume refused, as [`Decider::decide`] tells
+/// the store (and the store tells [`Quotas::consume`] back).
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+enum Rejected {
+    LargerThanRate {
+        per_minute: u32,
+    },
+    RateLimited {
+        retry_after: u64,
+        per_minute: u32,
+    },
+    QuotaExceeded {
+        status: QuotaStatus,
+        retry_after: Option<u64>,
+    },
+}
+
+impl Rejected {
+    fn reason(&self) -> String {
+        serde_json::to_string(self).expect("serialisable")
+    }
+}
+
+/// Decides a consume under the store's lock, from the limits and `used` read
+/// there (the multi-statement path: SQLite, or a resource with a rate).
+struct Decider<'a> {
+    catalog: &'a Catalog,
+    entry: &'a NewEntry,
+    rates: &'a RateLimits,
+}
+
+impl Decider<'_> {
+    fn limit(&self, plans: &[PlanAssignment], overrides: &[Override]) -> EffectiveLimit {
+        let at = self.entry.occurred_at;
+        effective_limit(
+            self.catalog,
+            plan_at(self.catalog, plans, at),
+            overrides,
+            &self.entry.resource,
+            at,
+        )
+    }
+}
+
+impl ConsumeDecider for Decider<'_> {
+    fn period(&self, plans: &[PlanAssignment], overrides: &[Override]) -> Period {
+        Period::containing(self.limit(plans, overrides).window, self.entry.occurred_at)
+    }
+
+    fn decide(&self, plans: &[PlanAssignment], overrides: &[Override], used_minor: i64) -> Result<String, String> {
+        let entry = self.entry;
+        let limit = self.limit(plans, overrides);
+        let period = Period::containing(limit.window, entry.occurred_at);
+        // Judged here, after the store found the key unused: a retry of a
+        // consume recorded under a plan without this rate replays its first
+        // outcome instead of failing on today's rate.
+        let cells = limit
+            .rate_per_minute
+            .map(|per_minute| (per_minute, rate_cells(per_minute, entry.amount)));
+        if let Some((per_minute, None)) = cells {
+            return Err(Rejected::LargerThanRate { per_minute }.reason());
+        }
+        let used = Amount::from_minor(used_minor, entry.amount.decimals());
+        let exceeded = || {
+            let status = QuotaStatus::new(&entry.account, &entry.resource, &limit, &period, used, false);
+            Rejected::QuotaExceeded {
+                status,
+                retry_after: retry_after(&period, entry.occurred_at),
+            }
+            .reason()
+        };
+        if !allows(&limit, used, entry.amount) {
+            return Err(exceeded());
+        }
+        // The rate is counted only for what will be recorded, under the lock.
+        if let Some((per_minute, Some((budget, cells)))) = cells {
+            let retry_after = match self
+                .rates
+                .check(budget, entry.account.as_str(), entry.resource.as_str(), cells)
+            {
+                RateDecision::Allowed => None,
+                RateDecision::RetryAfter(wait) => Some(wait.as_secs_f64().ceil().max(1.0) as u64),
+                RateDecision::NeverFits => Some(60),
+            };
+            if let Some(retry_after) = retry_after {
+                return Err(Rejected::RateLimited {
+                    retry_after,
+                    per_minute,
+                }
+                .reason());
+            }
+        }
+        let after = used.checked_add(entry.amount).map_err(|_| exceeded())?;
+        let status = QuotaStatus::new(&entry.account, &entry.resource, &limit, &period, after, true);
+        let warnings = warnings_for(&entry.resource, &limit, after);
+        Ok(serde_json::json!({ "status": status, "warnings": warnings }).to_string())
     }
 }
 

@@ -34,6 +34,7 @@ both!(
     an_override_written_by_another_process_applies_to_the_next_consume_at_once,
     an_override_with_another_window_counts_over_that_window_in_check_and_consume,
     a_consume_recorded_on_a_plan_without_a_rate_replays_its_first_outcome_after_a_downgrade_to_one,
+    a_limit_lowered_while_a_consume_waits_for_the_lock_applies_to_it,
 );
 
 fn iso(t: chrono::DateTime<Utc>) -> String {
@@ -1138,6 +1139,67 @@ async fn a_consume_recorded_on_a_plan_without_a_rate_replays_its_first_outcome_a
             .contains("per-minute budget of 100")
     );
     assert_eq!(app.ledger_sum("acme", "api_requests").await, 150);
+}
+
+/// A consume decides against the limits in force when it holds the lock
+/// (invariant 5): another process lowers `api_requests` (a resource with a
+/// rate, decided in Rust on both engines) from 10 to 5 while holding the lock
+/// a consume waits for; once that commits, the consume sees 5 used of 5 and
+/// is refused. The plan and overrides used to be read before the lock, so it
+/// recorded a sixth unit against the limit of 10 that no longer held.
+async fn a_limit_lowered_while_a_consume_waits_for_the_lock_applies_to_it(app: TestApp) {
+    let put = app
+        .request(
+            "PUT",
+            "/v1/accounts/acme/overrides/api_requests",
+            Some(&app.admin_key),
+            Some(json!({"limit": "10"}).to_string()),
+        )
+        .await;
+    assert_eq!(put.status, 200, "{:?}", put.body);
+    assert_eq!(consume(&app, "acme", "api_requests", "5", "a", None).await.status, 200);
+    let app = Arc::new(app);
+    let waiting_consume = |app: &Arc<TestApp>| {
+        let app = app.clone();
+        tokio::spawn(async move { consume(&app, "acme", "api_requests", "1", "b", None).await })
+    };
+    let lower = "UPDATE account_overrides SET limit_amount = 5 WHERE account = 'acme'";
+    // The other process holds the consume lock (SQLite's write lock, taken
+    // by its UPDATE; PostgreSQL's advisory lock) with the lower limit
+    // written, until the consume has read what it reads before the lock.
+    let reply = match app.backend {
+        Backend::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(&app.database_url).await.unwrap();
+            let mut other = pool.begin().await.unwrap();
+            sqlx::query(lower).execute(&mut *other).await.unwrap();
+            let consuming = waiting_consume(&app);
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            other.commit().await.unwrap();
+            consuming.await.unwrap()
+        }
+        Backend::Postgres => {
+            let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
+            let mut other = pool.begin().await.unwrap();
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('acme' || chr(31) || 'api_requests', 7))")
+                .execute(&mut *other)
+                .await
+                .unwrap();
+            sqlx::query(lower).execute(&mut *other).await.unwrap();
+            let consuming = waiting_consume(&app);
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            other.commit().await.unwrap();
+            consuming.await.unwrap()
+        }
+    };
+    assert_eq!(
+        (reply.status, reply.code()),
+        (429, "quota_exceeded"),
+        "{:?}",
+        reply.body
+    );
+    assert_eq!(reply.body["error"]["details"]["limit"], "5");
+    assert_eq!(reply.body["error"]["details"]["used"], "5");
+    assert_eq!(app.ledger_sum("acme", "api_requests").await, 5);
 }
 
 /// A plan whose rate limits a resource with decimals, 2 units a minute of
