@@ -204,15 +204,13 @@ pub trait Store: Send + Sync + 'static {
     async fn used_resources(&self, account: &AccountId) -> Result<Vec<String>, StoreError>;
 
     /// Checks and records atomically: under a per-(account, resource) lock,
-    /// reads `used` for `period`, asks `decide`, and appends `entry` with the
-    /// response `decide` returned — or nothing if it returned `None`. An entry
-    /// already stored under the key is replayed, not recorded again.
-    async fn consume(
-        &self,
-        entry: &NewEntry,
-        period: &Period,
-        decide: &ConsumeDecider<'_>,
-    ) -> Result<ConsumeResult, StoreError>;
+    /// reads the account's plan history and overrides, `used` for the period
+    /// `decide` picks from them, asks `decide`, and appends `entry` with the
+    /// response `decide` returned — or nothing if it refused. The limits are
+    /// read under the lock, so a plan or override committed before it is
+    /// granted is seen. An entry already stored under the key is replayed,
+    /// not recorded again.
+    async fn consume(&self, entry: &NewEntry, decide: &dyn ConsumeDecider) -> Result<ConsumeResult, StoreError>;
 
     /// Consume decided by the database itself, in one round trip: under the
     /// same per-(account, resource) lock as [`Store::consume`], it reads the
@@ -452,9 +450,17 @@ pub(crate) fn totals_sql(template: &str, table: &str, bucket: &str, bucket_of_en
         .replace("{bucket}", bucket)
 }
 
-/// Decides a consume from the units used so far: `Ok(response)` records the
-/// entry and keeps the response for replays, `Err(reason)` refuses it.
-pub type ConsumeDecider<'a> = dyn Fn(i64) -> Result<String, String> + Send + Sync + 'a;
+/// Decides a consume from the limits and the units used so far, both read
+/// by [`Store::consume`] under its lock.
+pub trait ConsumeDecider: Send + Sync {
+    /// The period `used` is read for, given the account's plan history (by
+    /// `effective_at`, then creation) and overrides (expired ones included).
+    fn period(&self, plans: &[PlanAssignment], overrides: &[Override]) -> Period;
+
+    /// `Ok(response)` records the entry and keeps the response for replays,
+    /// `Err(reason)` refuses it; `used` is for [`ConsumeDecider::period`].
+    fn decide(&self, plans: &[PlanAssignment], overrides: &[Override], used: i64) -> Result<String, String>;
+}
 
 /// What a consume did.
 #[derive(Debug, Clone, PartialEq, Eq)]

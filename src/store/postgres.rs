@@ -154,6 +154,51 @@ impl PgStore {
         (row.account, value)
     }
 
+    /// [`Store::plans_and_overrides`] on `conn`, in one round trip.
+    async fn plans_and_overrides_on(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        account: &AccountId,
+    ) -> Result<(Vec<PlanAssignment>, Vec<Override>), sqlx::Error> {
+        // One round trip: plan rows (kind 'p') then override rows (kind 'o').
+        let rows: Vec<PlanOrOverrideRow> = sqlx::query_as(
+            "SELECT 'p' AS kind, plan AS name, effective_at AS at, created_at AS stamp,
+                    NULL::bigint AS limit_amount, NULL::text AS enforcement, NULL::text AS limit_window, id
+               FROM account_plans WHERE account = $1
+             UNION ALL
+             SELECT 'o', resource, expires_at, updated_at, limit_amount, enforcement, limit_window, 0
+               FROM account_overrides WHERE account = $1
+             ORDER BY 1 DESC, 3, 8, 2",
+        )
+        .bind(account.as_str())
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut plans = Vec::new();
+        let mut overrides = Vec::new();
+        for row in rows {
+            if row.kind == "p" {
+                plans.push(PlanAssignment {
+                    plan: row.name,
+                    effective_at: row.at.unwrap_or_default(),
+                    created_at: row.stamp,
+                });
+            } else {
+                let (_, value) = self.override_from_row(OverrideRow {
+                    account: String::new(),
+                    resource: row.name,
+                    limit_amount: row.limit_amount,
+                    enforcement: row.enforcement,
+                    limit_window: row.limit_window,
+                    expires_at: row.at,
+                    updated_at: row.stamp,
+                });
+                overrides.push(value);
+            }
+        }
+        overrides.sort_by(|a, b| a.resource.as_str().cmp(b.resource.as_str()));
+        Ok((plans, overrides))
+    }
+
     fn entry_from_row(&self, row: EntryRow) -> Entry {
         let decimals = self.catalog.decimals(&row.resource);
         Entry {
@@ -691,43 +736,8 @@ impl Store for PgStore {
         &self,
         account: &AccountId,
     ) -> Result<(Vec<PlanAssignment>, Vec<Override>), StoreError> {
-        // One round trip: plan rows (kind 'p') then override rows (kind 'o').
-        let rows: Vec<PlanOrOverrideRow> = sqlx::query_as(
-            "SELECT 'p' AS kind, plan AS name, effective_at AS at, created_at AS stamp,
-                    NULL::bigint AS limit_amount, NULL::text AS enforcement, NULL::text AS limit_window, id
-               FROM account_plans WHERE account = $1
-             UNION ALL
-             SELECT 'o', resource, expires_at, updated_at, limit_amount, enforcement, limit_window, 0
-               FROM account_overrides WHERE account = $1
-             ORDER BY 1 DESC, 3, 8, 2",
-        )
-        .bind(account.as_str())
-        .fetch_all(&self.pool)
-        .await?;
-        let mut plans = Vec::new();
-        let mut overrides = Vec::new();
-        for row in rows {
-            if row.kind == "p" {
-                plans.push(PlanAssignment {
-                    plan: row.name,
-                    effective_at: row.at.unwrap_or_default(),
-                    created_at: row.stamp,
-                });
-            } else {
-                let (_, value) = self.override_from_row(OverrideRow {
-                    account: String::new(),
-                    resource: row.name,
-                    limit_amount: row.limit_amount,
-                    enforcement: row.enforcement,
-                    limit_window: row.limit_window,
-                    expires_at: row.at,
-                    updated_at: row.stamp,
-                });
-                overrides.push(value);
-            }
-        }
-        overrides.sort_by(|a, b| a.resource.as_str().cmp(b.resource.as_str()));
-        Ok((plans, overrides))
+        let mut conn = self.pool.acquire().await?;
+        Ok(self.plans_and_overrides_on(&mut conn, account).await?)
     }
 
     async fn check_inputs(
@@ -895,12 +905,7 @@ impl Store for PgStore {
         .await?)
     }
 
-    async fn consume(
-        &self,
-        entry: &NewEntry,
-        period: &Period,
-        decide: &ConsumeDecider<'_>,
-    ) -> Result<ConsumeResult, StoreError> {
+    async fn consume(&self, entry: &NewEntry, decide: &dyn ConsumeDecider) -> Result<ConsumeResult, StoreError> {
         let mut tx = self.pool.begin().await?;
         // One lock per (account, resource), held to commit. Under READ
         // COMMITTED the `used` read below starts after the lock is granted, so
@@ -921,8 +926,12 @@ impl Store for PgStore {
             let response = sqlx::query_scalar(OUTCOME_SQL).bind(row.id).fetch_one(&mut *tx).await?;
             return replay(entry, &self.entry_from_row(row), response);
         }
-        let used = used_on(&mut tx, &self.settled, &entry.account, &entry.resource, period).await?;
-        let response = match decide(used) {
+        // The limits too are read after the lock: a plan or override committed
+        // before it was granted applies to this consume.
+        let (plans, overrides) = self.plans_and_overrides_on(&mut tx, &entry.account).await?;
+        let period = decide.period(&plans, &overrides);
+        let used = used_on(&mut tx, &self.settled, &entry.account, &entry.resource, &period).await?;
+        let response = match decide.decide(&plans, &overrides, used) {
             Ok(response) => response,
             Err(reason) => return Ok(ConsumeResult::Rejected { used, reason }),
         };

@@ -113,6 +113,22 @@ impl SqliteStore {
         (row.account, value)
     }
 
+    /// An account's overrides (expired ones included), by resource, read on `conn`.
+    async fn overrides_on(
+        &self,
+        conn: &mut sqlx::SqliteConnection,
+        account: &AccountId,
+    ) -> Result<Vec<Override>, sqlx::Error> {
+        let rows: Vec<OverrideRow> = sqlx::query_as(
+            "SELECT account, resource, limit_amount, enforcement, limit_window, expires_at, updated_at
+             FROM account_overrides WHERE account = ? ORDER BY resource",
+        )
+        .bind(account.as_str())
+        .fetch_all(&mut *conn)
+        .await?;
+        Ok(rows.into_iter().map(|row| self.override_from_row(row).1).collect())
+    }
+
     fn entry_from_row(&self, row: EntryRow) -> Entry {
         let decimals = self.catalog.decimals(&row.resource);
         Entry {
@@ -453,20 +469,8 @@ impl Store for SqliteStore {
     }
 
     async fn plan_history(&self, account: &AccountId) -> Result<Vec<PlanAssignment>, StoreError> {
-        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
-            "SELECT plan, effective_at, created_at FROM account_plans WHERE account = ? ORDER BY effective_at, id",
-        )
-        .bind(account.as_str())
-        .fetch_all(&self.reader)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(plan, effective_at, created_at)| PlanAssignment {
-                plan,
-                effective_at: from_micros(effective_at),
-                created_at: from_micros(created_at),
-            })
-            .collect())
+        let mut conn = self.reader.acquire().await?;
+        Ok(plans_on(&mut conn, account).await?)
     }
 
     async fn put_override(&self, account: &AccountId, value: &Override) -> Result<(), StoreError> {
@@ -499,14 +503,8 @@ impl Store for SqliteStore {
     }
 
     async fn overrides(&self, account: &AccountId) -> Result<Vec<Override>, StoreError> {
-        let rows: Vec<OverrideRow> = sqlx::query_as(
-            "SELECT account, resource, limit_amount, enforcement, limit_window, expires_at, updated_at
-             FROM account_overrides WHERE account = ? ORDER BY resource",
-        )
-        .bind(account.as_str())
-        .fetch_all(&self.reader)
-        .await?;
-        Ok(rows.into_iter().map(|row| self.override_from_row(row).1).collect())
+        let mut conn = self.reader.acquire().await?;
+        Ok(self.overrides_on(&mut conn, account).await?)
     }
 
     async fn used(&self, account: &AccountId, resource: &ResourceName, period: &Period) -> Result<i64, StoreError> {
@@ -527,21 +525,20 @@ impl Store for SqliteStore {
         .await?)
     }
 
-    async fn consume(
-        &self,
-        entry: &NewEntry,
-        period: &Period,
-        decide: &ConsumeDecider<'_>,
-    ) -> Result<ConsumeResult, StoreError> {
-        // BEGIN IMMEDIATE takes SQLite's one write lock before reading `used`:
-        // no other writer can append between the check and the insert.
+    async fn consume(&self, entry: &NewEntry, decide: &dyn ConsumeDecider) -> Result<ConsumeResult, StoreError> {
+        // BEGIN IMMEDIATE takes SQLite's one write lock before reading the
+        // limits and `used`: no other writer can append, or change a plan or
+        // an override, between the check and the insert.
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let stored: Option<(EntryRow, Option<String>)> = fetch_with_outcome(&mut tx, entry).await?;
         if let Some((row, response)) = stored {
             return replay(entry, &self.entry_from_row(row), response);
         }
-        let used = used_on(&mut tx, &self.settled, &entry.account, &entry.resource, period).await?;
-        let response = match decide(used) {
+        let plans = plans_on(&mut tx, &entry.account).await?;
+        let overrides = self.overrides_on(&mut tx, &entry.account).await?;
+        let period = decide.period(&plans, &overrides);
+        let used = used_on(&mut tx, &self.settled, &entry.account, &entry.resource, &period).await?;
+        let response = match decide.decide(&plans, &overrides, used) {
             Ok(response) => response,
             Err(reason) => return Ok(ConsumeResult::Rejected { used, reason }),
         };
@@ -872,6 +869,24 @@ async fn insert_row(
     .bind(entry.reverses)
     .fetch_optional(&mut *tx)
     .await
+}
+
+/// An account's plan assignments, by `effective_at` then creation, read on `conn`.
+async fn plans_on(conn: &mut sqlx::SqliteConnection, account: &AccountId) -> Result<Vec<PlanAssignment>, sqlx::Error> {
+    let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT plan, effective_at, created_at FROM account_plans WHERE account = ? ORDER BY effective_at, id",
+    )
+    .bind(account.as_str())
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(plan, effective_at, created_at)| PlanAssignment {
+            plan,
+            effective_at: from_micros(effective_at),
+            created_at: from_micros(created_at),
+        })
+        .collect())
 }
 
 /// Minor units used in `period`, read on `conn` in one statement (one

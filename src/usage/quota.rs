@@ -3,7 +3,6 @@
 //! whether one more unit may pass.
 
 use chrono::{DateTime, Utc};
-use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::{Decimal, RoundingStrategy};
 use serde::{Deserialize, Serialize};
 
@@ -11,7 +10,7 @@ use super::rate_limit::{RateDecision, RateLimits};
 use crate::domain::catalog::{Enforcement, Window};
 use crate::domain::plan::{Override, Period, PlanAssignment};
 use crate::domain::{AccountId, Amount, Catalog, NewEntry, ResourceName};
-use crate::store::{ConsumeResult, ConsumeRules, DecidedConsume, PlanRule, Store, StoreError};
+use crate::store::{ConsumeDecider, ConsumeResult, ConsumeRules, DecidedConsume, PlanRule, Store, StoreError};
 
 /// The share of a limit from which usage is a `warning`.
 pub const WARNING_PERCENT: i64 = 80;
@@ -266,9 +265,6 @@ pub struct Quotas<'a> {
     pub catalog: &'a Catalog,
 }
 
-const RATE_LIMITED: &str = "rate_limited";
-const QUOTA_EXCEEDED: &str = "quota_exceeded";
-
 impl Quotas<'_> {
     /// The limit for one account and resource at `at`.
     pub async fn limit_for(
@@ -336,57 +332,139 @@ impl Quotas<'_> {
                 return self.decided(entry, decided).await;
             }
         }
-        let limit = self.limit_for(&entry.account, &entry.resource, at).await?;
-        let units = entry.amount.to_decimal().ceil().to_u32().unwrap_or(u32::MAX);
-        if let Some(per_minute) = limit.rate_per_minute {
-            if units > per_minute {
-                return Err(ConsumeError::LargerThanRate {
-                    amount: entry.amount.to_string(),
-                    resource: entry.resource.to_string(),
-                    per_minute,
-                });
-            }
-        }
-        let period = Period::containing(limit.window, at);
-        let decimals = entry.amount.decimals();
-        let decide = |used_minor: i64| -> Result<String, String> {
-            let used = Amount::from_minor(used_minor, decimals);
-            if !allows(&limit, used, entry.amount) {
-                return Err(QUOTA_EXCEEDED.into());
-            }
-            // The rate is counted only for what will be recorded, under the lock.
-            if let Some(per_minute) = limit.rate_per_minute {
-                match rates.check(per_minute, entry.account.as_str(), entry.resource.as_str(), units) {
-                    RateDecision::Allowed => {}
-                    RateDecision::RetryAfter(wait) => {
-                        return Err(format!("{RATE_LIMITED}:{}", wait.as_secs_f64().ceil().max(1.0) as u64));
-                    }
-                    RateDecision::NeverFits => return Err(format!("{RATE_LIMITED}:60")),
-                }
-            }
-            let after = used.checked_add(entry.amount).map_err(|_| QUOTA_EXCEEDED.to_owned())?;
-            let status = QuotaStatus::new(&entry.account, &entry.resource, &limit, &period, after, true);
-            let warnings = warnings_for(&entry.resource, &limit, after);
-            Ok(serde_json::json!({ "status": status, "warnings": warnings }).to_string())
+        let decider = Decider {
+            catalog: self.catalog,
+            entry,
+            rates,
         };
-        match self.store.consume(entry, &period, &decide).await? {
+        match self.store.consume(entry, &decider).await? {
             ConsumeResult::Recorded { entry_id, response } => Ok(recorded(entry, entry_id, &response, false)?),
             replayed @ ConsumeResult::Replayed { .. } => self.replayed(entry, replayed).await,
-            ConsumeResult::Rejected { used, reason } => {
-                if let Some(seconds) = reason.strip_prefix(&format!("{RATE_LIMITED}:")) {
-                    return Ok(ConsumeOutcome::RateLimited {
-                        retry_after: seconds.parse().unwrap_or(1),
-                        per_minute: limit.rate_per_minute.unwrap_or_default(),
-                    });
-                }
-                let used = Amount::from_minor(used, decimals);
-                let status = QuotaStatus::new(&entry.account, &entry.resource, &limit, &period, used, false);
-                Ok(ConsumeOutcome::QuotaExceeded {
-                    status,
-                    retry_after: retry_after(&period, at),
+            ConsumeResult::Rejected { reason, .. } => {
+                let rejected: Rejected = serde_json::from_str(&reason).map_err(|e| {
+                    StoreError::Invalid(format!("a consume was refused for a reason not understood: {e}"))
+                })?;
+                Ok(match rejected {
+                    Rejected::LargerThanRate { per_minute } => {
+                        return Err(ConsumeError::LargerThanRate {
+                            amount: entry.amount.to_string(),
+                            resource: entry.resource.to_string(),
+                            per_minute,
+                        });
+                    }
+                    Rejected::RateLimited {
+                        retry_after,
+                        per_minute,
+                    } => ConsumeOutcome::RateLimited {
+                        retry_after,
+                        per_minute,
+                    },
+                    Rejected::QuotaExceeded { status, retry_after } => {
+                        ConsumeOutcome::QuotaExceeded { status, retry_after }
+                    }
                 })
             }
         }
+    }
+}
+
+/// Why the multi-statement consume refused, as [`Decider::decide`] tells
+/// the store (and the store tells [`Quotas::consume`] back).
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+enum Rejected {
+    LargerThanRate {
+        per_minute: u32,
+    },
+    RateLimited {
+        retry_after: u64,
+        per_minute: u32,
+    },
+    QuotaExceeded {
+        status: QuotaStatus,
+        retry_after: Option<u64>,
+    },
+}
+
+impl Rejected {
+    fn reason(&self) -> String {
+        serde_json::to_string(self).expect("serialisable")
+    }
+}
+
+/// Decides a consume under the store's lock, from the limits and `used` read
+/// there (the multi-statement path: SQLite, or a resource with a rate).
+struct Decider<'a> {
+    catalog: &'a Catalog,
+    entry: &'a NewEntry,
+    rates: &'a RateLimits,
+}
+
+impl Decider<'_> {
+    fn limit(&self, plans: &[PlanAssignment], overrides: &[Override]) -> EffectiveLimit {
+        let at = self.entry.occurred_at;
+        effective_limit(
+            self.catalog,
+            plan_at(self.catalog, plans, at),
+            overrides,
+            &self.entry.resource,
+            at,
+        )
+    }
+}
+
+impl ConsumeDecider for Decider<'_> {
+    fn period(&self, plans: &[PlanAssignment], overrides: &[Override]) -> Period {
+        Period::containing(self.limit(plans, overrides).window, self.entry.occurred_at)
+    }
+
+    fn decide(&self, plans: &[PlanAssignment], overrides: &[Override], used_minor: i64) -> Result<String, String> {
+        let entry = self.entry;
+        let limit = self.limit(plans, overrides);
+        let period = Period::containing(limit.window, entry.occurred_at);
+        // Judged here, after the store found the key unused: a retry of a
+        // consume recorded under a plan without this rate replays its first
+        // outcome instead of failing on today's rate.
+        let cells = limit
+            .rate_per_minute
+            .map(|per_minute| (per_minute, rate_cells(per_minute, entry.amount)));
+        if let Some((per_minute, None)) = cells {
+            return Err(Rejected::LargerThanRate { per_minute }.reason());
+        }
+        let used = Amount::from_minor(used_minor, entry.amount.decimals());
+        let exceeded = || {
+            let status = QuotaStatus::new(&entry.account, &entry.resource, &limit, &period, used, false);
+            Rejected::QuotaExceeded {
+                status,
+                retry_after: retry_after(&period, entry.occurred_at),
+            }
+            .reason()
+        };
+        if !allows(&limit, used, entry.amount) {
+            return Err(exceeded());
+        }
+        // The rate is counted only for what will be recorded, under the lock.
+        if let Some((per_minute, Some((budget, cells)))) = cells {
+            let retry_after = match self
+                .rates
+                .check(budget, entry.account.as_str(), entry.resource.as_str(), cells)
+            {
+                RateDecision::Allowed => None,
+                RateDecision::RetryAfter(wait) => Some(wait.as_secs_f64().ceil().max(1.0) as u64),
+                RateDecision::NeverFits => Some(60),
+            };
+            if let Some(retry_after) = retry_after {
+                return Err(Rejected::RateLimited {
+                    retry_after,
+                    per_minute,
+                }
+                .reason());
+            }
+        }
+        let after = used.checked_add(entry.amount).map_err(|_| exceeded())?;
+        let status = QuotaStatus::new(&entry.account, &entry.resource, &limit, &period, after, true);
+        let warnings = warnings_for(&entry.resource, &limit, after);
+        Ok(serde_json::json!({ "status": status, "warnings": warnings }).to_string())
     }
 }
 
@@ -466,6 +544,27 @@ impl Quotas<'_> {
             )))),
         }
     }
+}
+
+/// A per-minute rate and an amount in the limiter's cells: (the budget, the
+/// amount), or None when the amount exceeds the whole budget. A cell is the
+/// resource's minor unit (0.01 of a 2-decimal resource), so fractional
+/// amounts count exactly; only when `per_minute` minor units would not fit a
+/// u32 is a cell coarser (a power of ten), and the amount rounded up to it.
+fn rate_cells(per_minute: u32, amount: Amount) -> Option<(u32, u32)> {
+    let decimals = amount.decimals();
+    let mut digits = decimals;
+    while digits > 0 && u64::from(per_minute) * 10_u64.pow(digits) > u64::from(u32::MAX) {
+        digits -= 1;
+    }
+    let budget = u64::from(per_minute) * 10_u64.pow(digits);
+    let per_cell = 10_i128.pow(decimals - digits);
+    let minor = i128::from(amount.minor()).max(0);
+    let cells = (minor + per_cell - 1) / per_cell;
+    if cells > i128::from(budget) {
+        return None;
+    }
+    Some((u32::try_from(budget).ok()?, u32::try_from(cells).ok()?))
 }
 
 /// Whole seconds from `at` to the end of `period` (None for total).
@@ -657,4 +756,22 @@ fn recorded(entry: &NewEntry, entry_id: i64, response: &str, replayed: bool) -> 
         warnings: warnings_for(&entry.resource, &limit, after),
         replayed,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_cells_count_minor_units_and_coarsen_only_past_32_bits() {
+        let amount = |text: &str, decimals| Amount::parse(text, decimals).unwrap();
+        assert_eq!(rate_cells(100, amount("3", 0)), Some((100, 3)));
+        assert_eq!(rate_cells(100, amount("101", 0)), None);
+        assert_eq!(rate_cells(2, amount("0.5", 2)), Some((200, 50)));
+        assert_eq!(rate_cells(2, amount("2.01", 2)), None);
+        // 100 a minute in nanos would not fit 32 bits: cells of 10^-7, rounded up.
+        assert_eq!(rate_cells(100, amount("0.000000001", 9)), Some((1_000_000_000, 1)));
+        assert_eq!(rate_cells(100, amount("100", 9)), Some((1_000_000_000, 1_000_000_000)));
+        assert_eq!(rate_cells(100, amount("100.000000001", 9)), None);
+    }
 }

@@ -91,13 +91,25 @@ impl Reply {
 impl TestApp {
     /// Builds the real application on port 0 over a fresh database.
     pub async fn spawn(backend: Backend) -> Option<Self> {
+        Self::spawn_with_plans(backend, None).await
+    }
+
+    /// Builds the real application on port 0 over a fresh database, with the
+    /// plan catalog `plans` (TOML; None: the built-in one).
+    pub async fn spawn_with_plans(backend: Backend, plans: Option<&str>) -> Option<Self> {
         tally::telemetry::init_tracing();
         let (database_url, dir) = fresh_database(backend).await?;
         let admin_key = "test-admin-key".to_owned();
+        let plans_file = plans.map(|text| {
+            let file = tempfile::NamedTempFile::new().expect("temp file");
+            std::fs::write(file.path(), text).expect("the catalog is written");
+            file
+        });
         let settings = Settings {
             database_url: database_url.clone(),
             listen: "127.0.0.1:0".parse().unwrap(),
             admin_key: Some(admin_key.clone()),
+            plans: plans_file.as_ref().map(|f| f.path().to_owned()),
             ..Settings::default()
         };
         let app = Application::build(&settings).await.expect("the app builds");

@@ -33,6 +33,8 @@ both!(
     a_consume_replays_its_first_outcome_after_the_plan_changes,
     an_override_written_by_another_process_applies_to_the_next_consume_at_once,
     an_override_with_another_window_counts_over_that_window_in_check_and_consume,
+    a_consume_recorded_on_a_plan_without_a_rate_replays_its_first_outcome_after_a_downgrade_to_one,
+    a_limit_lowered_while_a_consume_waits_for_the_lock_applies_to_it,
 );
 
 fn iso(t: chrono::DateTime<Utc>) -> String {
@@ -1097,6 +1099,165 @@ async fn an_override_with_another_window_counts_over_that_window_in_check_and_co
     let body = check(&app, "acme", "llm_tokens", "1", None).await;
     assert_eq!(body["window"], "day");
     assert_eq!(body["used"], "15");
+}
+
+/// The same idempotency key returns the first outcome (API.md, consume),
+/// whatever the plan says now: 150 api_requests recorded on pro (no rate)
+/// and retried after a downgrade to free (100 a minute) replay the first
+/// answer, while a new key for 150 is still refused with 422 and writes
+/// nothing. The per-minute budget used to be judged before the key was looked
+/// up, so the retry got 422.
+async fn a_consume_recorded_on_a_plan_without_a_rate_replays_its_first_outcome_after_a_downgrade_to_one(app: TestApp) {
+    let set_plan = |plan: &'static str| {
+        let app = &app;
+        async move {
+            let reply = app
+                .request(
+                    "PUT",
+                    "/v1/accounts/acme/plan",
+                    Some(&app.admin_key),
+                    Some(json!({ "plan": plan }).to_string()),
+                )
+                .await;
+            assert_eq!(reply.status, 200, "{:?}", reply.body);
+        }
+    };
+    set_plan("pro").await;
+    let first = consume(&app, "acme", "api_requests", "150", "k", None).await;
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    assert_eq!(first.body["plan"], "pro");
+    set_plan("free").await;
+    let again = consume(&app, "acme", "api_requests", "150", "k", None).await;
+    assert_eq!(again.status, 200, "{:?}", again.body);
+    assert_eq!(again.body, first.body, "the first outcome, on the plan of then");
+    let new_key = consume(&app, "acme", "api_requests", "150", "k2", None).await;
+    assert_eq!(new_key.status, 422, "{:?}", new_key.body);
+    assert!(
+        new_key.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("per-minute budget of 100")
+    );
+    assert_eq!(app.ledger_sum("acme", "api_requests").await, 150);
+}
+
+/// A consume decides against the limits in force when it holds the lock
+/// (invariant 5): another process lowers `api_requests` (a resource with a
+/// rate, decided in Rust on both engines) from 10 to 5 while holding the lock
+/// a consume waits for; once that commits, the consume sees 5 used of 5 and
+/// is refused. The plan and overrides used to be read before the lock, so it
+/// recorded a sixth unit against the limit of 10 that no longer held.
+async fn a_limit_lowered_while_a_consume_waits_for_the_lock_applies_to_it(app: TestApp) {
+    let put = app
+        .request(
+            "PUT",
+            "/v1/accounts/acme/overrides/api_requests",
+            Some(&app.admin_key),
+            Some(json!({"limit": "10"}).to_string()),
+        )
+        .await;
+    assert_eq!(put.status, 200, "{:?}", put.body);
+    assert_eq!(consume(&app, "acme", "api_requests", "5", "a", None).await.status, 200);
+    let app = Arc::new(app);
+    let waiting_consume = |app: &Arc<TestApp>| {
+        let app = app.clone();
+        tokio::spawn(async move { consume(&app, "acme", "api_requests", "1", "b", None).await })
+    };
+    let lower = "UPDATE account_overrides SET limit_amount = 5 WHERE account = 'acme'";
+    // The other process holds the consume lock (SQLite's write lock, taken
+    // by its UPDATE; PostgreSQL's advisory lock) with the lower limit
+    // written, until the consume has read what it reads before the lock.
+    let reply = match app.backend {
+        Backend::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(&app.database_url).await.unwrap();
+            let mut other = pool.begin().await.unwrap();
+            sqlx::query(lower).execute(&mut *other).await.unwrap();
+            let consuming = waiting_consume(&app);
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            other.commit().await.unwrap();
+            consuming.await.unwrap()
+        }
+        Backend::Postgres => {
+            let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
+            let mut other = pool.begin().await.unwrap();
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('acme' || chr(31) || 'api_requests', 7))")
+                .execute(&mut *other)
+                .await
+                .unwrap();
+            sqlx::query(lower).execute(&mut *other).await.unwrap();
+            let consuming = waiting_consume(&app);
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            other.commit().await.unwrap();
+            consuming.await.unwrap()
+        }
+    };
+    assert_eq!(
+        (reply.status, reply.code()),
+        (429, "quota_exceeded"),
+        "{:?}",
+        reply.body
+    );
+    assert_eq!(reply.body["error"]["details"]["limit"], "5");
+    assert_eq!(reply.body["error"]["details"]["used"], "5");
+    assert_eq!(app.ledger_sum("acme", "api_requests").await, 5);
+}
+
+/// A plan whose rate limits a resource with decimals, 2 units a minute of
+/// `gpu_minutes` (2 fractional digits).
+const DECIMAL_RATE_PLANS: &str = r#"
+default_plan = "free"
+
+[resources.gpu_minutes]
+decimals = 2
+
+[plans.free]
+price = "0"
+
+[plans.free.limits.gpu_minutes]
+window = "month"
+limit = "unlimited"
+rate_per_minute = 2
+"#;
+
+/// `rate_per_minute` counts units of the resource (docs/plans.md), so with a
+/// rate of 2 a minute four consumes of 0.5 pass at once and the fifth waits;
+/// 2.01 can never fit (422) and 2 can. Amounts used to be rounded up to whole
+/// units, so each 0.5 counted as 1 and the third was refused.
+async fn a_rate_counts_fractional_amounts_exactly(backend: Backend) {
+    let Some(app) = TestApp::spawn_with_plans(backend, Some(DECIMAL_RATE_PLANS)).await else {
+        return;
+    };
+    for i in 0..4 {
+        let reply = consume(&app, "acme", "gpu_minutes", "0.5", &format!("half{i}"), None).await;
+        assert_eq!(reply.status, 200, "consume {i} of 0.5: {:?}", reply.body);
+    }
+    let fifth = consume(&app, "acme", "gpu_minutes", "0.5", "half4", None).await;
+    assert_eq!((fifth.status, fifth.code()), (429, "rate_limited"), "{:?}", fifth.body);
+    assert!(
+        retry_after(&fifth).is_some_and(|s| (1..=15).contains(&s)),
+        "{:?}",
+        fifth.headers
+    );
+    let too_big = consume(&app, "other", "gpu_minutes", "2.01", "big", None).await;
+    assert_eq!(too_big.status, 422, "{:?}", too_big.body);
+    let whole = consume(&app, "other", "gpu_minutes", "2", "whole", None).await;
+    assert_eq!(whole.status, 200, "{:?}", whole.body);
+    assert_eq!(app.ledger_sum("acme", "gpu_minutes").await, 200);
+    assert_eq!(app.ledger_sum("other", "gpu_minutes").await, 200);
+}
+
+mod a_rate_counts_fractional_amounts_exactly {
+    use crate::helpers::Backend;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_sqlite() {
+        super::a_rate_counts_fractional_amounts_exactly(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_postgres() {
+        super::a_rate_counts_fractional_amounts_exactly(Backend::Postgres).await;
+    }
 }
 
 /// A consume whose key another transaction holds, uncommitted, for another
