@@ -294,11 +294,9 @@ async fn an_as_of_export_is_reproducible_after_late_entries_and_reversals(app: T
 async fn an_invoice_prorates_a_mid_month_plan_change_and_bills_soft_overage(app: TestApp) {
     // September 2026 has 30 days: 15 on free, then pro from the 16th.
     let set = app
-        .request(
-            "PUT",
+        .put_admin(
             "/v1/accounts/acme/plan",
-            Some(&app.admin_key),
-            Some(json!({"plan": "pro", "effective_at": "2026-09-16T00:00:00Z"}).to_string()),
+            json!({"plan": "pro", "effective_at": "2026-09-16T00:00:00Z"}),
         )
         .await;
     assert_eq!(set.status, 200);
@@ -313,11 +311,9 @@ async fn an_invoice_prorates_a_mid_month_plan_change_and_bills_soft_overage(app:
     ])
     .await;
     // A scale account a whole month, 10 000 123 requests on a 10 000 000 soft monthly limit at 0.000001.
-    app.request(
-        "PUT",
+    app.put_admin(
         "/v1/accounts/big/plan",
-        Some(&app.admin_key),
-        Some(json!({"plan": "scale", "effective_at": "2026-01-01T00:00:00Z"}).to_string()),
+        json!({"plan": "scale", "effective_at": "2026-01-01T00:00:00Z"}),
     )
     .await;
     app.insert(&[("big", "api_requests", "10000123", "b1", "2026-09-05T00:00:00Z")])
@@ -406,11 +402,9 @@ async fn an_invoice_prorates_a_mid_month_plan_change_and_bills_soft_overage(app:
 
 async fn admin_stats_and_top_accounts_describe_a_known_dataset(app: TestApp) {
     seed(&app).await;
-    app.request(
-        "PUT",
+    app.put_admin(
         "/v1/accounts/globex/plan",
-        Some(&app.admin_key),
-        Some(json!({"plan": "pro", "effective_at": "2026-01-01T00:00:00Z"}).to_string()),
+        json!({"plan": "pro", "effective_at": "2026-01-01T00:00:00Z"}),
     )
     .await;
     app.rollup().await;

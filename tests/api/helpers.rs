@@ -147,6 +147,12 @@ impl TestApp {
         Reply { status, headers, body }
     }
 
+    /// PUT with the admin key (plans and overrides).
+    pub async fn put_admin(&self, path: &str, body: Value) -> Reply {
+        self.request("PUT", path, Some(&self.admin_key), Some(body.to_string()))
+            .await
+    }
+
     /// POST as admin.
     pub async fn post(&self, path: &str, body: Value) -> Reply {
         self.request("POST", path, Some(&self.admin_key), Some(body.to_string()))

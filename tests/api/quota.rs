@@ -68,11 +68,9 @@ fn retry_after(reply: &Reply) -> Option<u64> {
 
 async fn sixty_four_concurrent_consumers_at_a_hard_limit_of_1000_land_exactly_1000(app: TestApp) {
     let set = app
-        .request(
-            "PUT",
+        .put_admin(
             "/v1/accounts/hot/overrides/ai_generations",
-            Some(&app.admin_key),
-            Some(json!({"limit": "1000", "enforcement": "hard"}).to_string()),
+            json!({"limit": "1000", "enforcement": "hard"}),
         )
         .await;
     assert_eq!(set.status, 200, "{:?}", set.body);
@@ -140,11 +138,9 @@ async fn concurrent_consumes_over_several_limits_each_sent_twice_land_each_limit
     ];
     for (account, resource, limit) in limits {
         let set = app
-            .request(
-                "PUT",
+            .put_admin(
                 &format!("/v1/accounts/{account}/overrides/{resource}"),
-                Some(&app.admin_key),
-                Some(json!({"limit": limit.to_string(), "enforcement": "hard"}).to_string()),
+                json!({"limit": limit.to_string(), "enforcement": "hard"}),
             )
             .await;
         assert_eq!(set.status, 200, "{:?}", set.body);
@@ -239,11 +235,9 @@ async fn a_key_consumed_at_once_for_two_resources_records_one_and_refuses_the_ot
 async fn consumes_at_once_on_two_days_each_stop_at_their_own_day_limit(app: TestApp) {
     let limit = 10;
     let set = app
-        .request(
-            "PUT",
+        .put_admin(
             "/v1/accounts/acme/overrides/llm_tokens",
-            Some(&app.admin_key),
-            Some(json!({"limit": limit.to_string(), "enforcement": "hard"}).to_string()),
+            json!({"limit": limit.to_string(), "enforcement": "hard"}),
         )
         .await;
     assert_eq!(set.status, 200, "{:?}", set.body);
@@ -397,11 +391,9 @@ async fn a_plan_change_applies_from_its_effective_instant(app: TestApp) {
         200
     );
     let set = app
-        .request(
-            "PUT",
+        .put_admin(
             "/v1/accounts/acme/plan",
-            Some(&app.admin_key),
-            Some(json!({"plan": "pro", "effective_at": iso(change)}).to_string()),
+            json!({"plan": "pro", "effective_at": iso(change)}),
         )
         .await;
     assert_eq!(set.status, 200, "{:?}", set.body);
@@ -427,11 +419,9 @@ async fn a_plan_change_applies_from_its_effective_instant(app: TestApp) {
 async fn an_override_beats_the_plan_until_it_expires(app: TestApp) {
     let expires = Utc::now() + Duration::hours(1);
     let set = app
-        .request(
-            "PUT",
+        .put_admin(
             "/v1/accounts/acme/overrides/llm_tokens",
-            Some(&app.admin_key),
-            Some(json!({"limit": "10", "expires_at": iso(expires)}).to_string()),
+            json!({"limit": "10", "expires_at": iso(expires)}),
         )
         .await;
     assert_eq!(set.status, 200, "{:?}", set.body);
@@ -450,12 +440,7 @@ async fn an_override_beats_the_plan_until_it_expires(app: TestApp) {
         (Some("1000"), Some(true))
     );
     let unlimited = app
-        .request(
-            "PUT",
-            "/v1/accounts/acme/overrides/llm_tokens",
-            Some(&app.admin_key),
-            Some(json!({"limit": null}).to_string()),
-        )
+        .put_admin("/v1/accounts/acme/overrides/llm_tokens", json!({"limit": null}))
         .await;
     assert_eq!(unlimited.status, 200);
     assert_eq!(
@@ -484,13 +469,7 @@ async fn an_override_beats_the_plan_until_it_expires(app: TestApp) {
 }
 
 async fn unlimited_never_rejects_and_soft_limits_record_and_warn(app: TestApp) {
-    app.request(
-        "PUT",
-        "/v1/accounts/acme/plan",
-        Some(&app.admin_key),
-        Some(json!({"plan": "pro"}).to_string()),
-    )
-    .await;
+    app.put_admin("/v1/accounts/acme/plan", json!({"plan": "pro"})).await;
     let unlimited = consume(&app, "acme", "ai_generations", "999999", "u", None).await;
     assert_eq!(unlimited.status, 200, "{:?}", unlimited.body);
     assert_eq!(
@@ -586,13 +565,8 @@ async fn a_consume_retried_with_its_key_returns_the_first_outcome(app: TestApp) 
     // After a rejection, a retry with the same key is judged afresh.
     let refused = consume(&app, "acme", "ai_generations", "40", "big", None).await;
     assert_eq!(refused.status, 429);
-    app.request(
-        "PUT",
-        "/v1/accounts/acme/overrides/ai_generations",
-        Some(&app.admin_key),
-        Some(json!({"limit": "100"}).to_string()),
-    )
-    .await;
+    app.put_admin("/v1/accounts/acme/overrides/ai_generations", json!({"limit": "100"}))
+        .await;
     let retried = consume(&app, "acme", "ai_generations", "40", "big", None).await;
     assert_eq!(retried.status, 200, "{:?}", retried.body);
     assert_eq!(app.ledger_sum("acme", "ai_generations").await, 55);
@@ -614,13 +588,7 @@ async fn a_free_account_at_99999_requests_consumes_one_then_is_refused_until_upg
     assert_eq!(refused.code(), "quota_exceeded");
     let until_month_end = retry_after(&refused).unwrap();
     assert!(until_month_end > 0 && until_month_end <= 31 * 86_400);
-    app.request(
-        "PUT",
-        "/v1/accounts/acme/plan",
-        Some(&app.admin_key),
-        Some(json!({"plan": "pro"}).to_string()),
-    )
-    .await;
+    app.put_admin("/v1/accounts/acme/plan", json!({"plan": "pro"})).await;
     let upgraded = consume(&app, "acme", "api_requests", "1", "two", None).await;
     assert_eq!(upgraded.status, 200, "{:?}", upgraded.body);
     assert_eq!(upgraded.body["plan"], "pro");
@@ -703,13 +671,7 @@ async fn features_follow_the_plan(app: TestApp) {
         free.body,
         json!({"feature": "git_export", "allowed": false, "value": false, "plan": "free"})
     );
-    app.request(
-        "PUT",
-        "/v1/accounts/acme/plan",
-        Some(&app.admin_key),
-        Some(json!({"plan": "scale"}).to_string()),
-    )
-    .await;
+    app.put_admin("/v1/accounts/acme/plan", json!({"plan": "scale"})).await;
     let scale = app.get("/v1/accounts/acme/features/multi_user").await;
     assert_eq!(scale.body["allowed"], true);
     let unknown = app.get("/v1/accounts/acme/features/teleport").await;
@@ -997,14 +959,7 @@ async fn a_consume_replays_its_first_outcome_after_the_plan_changes(app: TestApp
     assert_eq!(first.body["remaining"], "5");
     assert_eq!(first.body["status"], "warning");
     assert_eq!(first.body["warnings"][0]["code"], "approaching_limit");
-    let upgraded = app
-        .request(
-            "PUT",
-            "/v1/accounts/acme/plan",
-            Some(&app.admin_key),
-            Some(json!({"plan": "pro"}).to_string()),
-        )
-        .await;
+    let upgraded = app.put_admin("/v1/accounts/acme/plan", json!({"plan": "pro"})).await;
     assert_eq!(upgraded.status, 200, "{:?}", upgraded.body);
     let again = consume(&app, "acme", "ai_generations", "45", "k", None).await;
     assert_eq!(again.status, 200);
@@ -1071,11 +1026,9 @@ async fn an_override_with_another_window_counts_over_that_window_in_check_and_co
     let before_today = if earlier.is_some() { 7 } else { 0 };
     assert_eq!(consume(&app, "acme", "llm_tokens", "10", "k1", None).await.status, 200);
     let put = app
-        .request(
-            "PUT",
+        .put_admin(
             "/v1/accounts/acme/overrides/llm_tokens",
-            Some(&app.admin_key),
-            Some(json!({"limit": "5000", "window": "month"}).to_string()),
+            json!({"limit": "5000", "window": "month"}),
         )
         .await;
     assert_eq!(put.status, 200, "{:?}", put.body);
@@ -1111,14 +1064,7 @@ async fn a_consume_recorded_on_a_plan_without_a_rate_replays_its_first_outcome_a
     let set_plan = |plan: &'static str| {
         let app = &app;
         async move {
-            let reply = app
-                .request(
-                    "PUT",
-                    "/v1/accounts/acme/plan",
-                    Some(&app.admin_key),
-                    Some(json!({ "plan": plan }).to_string()),
-                )
-                .await;
+            let reply = app.put_admin("/v1/accounts/acme/plan", json!({ "plan": plan })).await;
             assert_eq!(reply.status, 200, "{:?}", reply.body);
         }
     };
@@ -1149,12 +1095,7 @@ async fn a_consume_recorded_on_a_plan_without_a_rate_replays_its_first_outcome_a
 /// recorded a sixth unit against the limit of 10 that no longer held.
 async fn a_limit_lowered_while_a_consume_waits_for_the_lock_applies_to_it(app: TestApp) {
     let put = app
-        .request(
-            "PUT",
-            "/v1/accounts/acme/overrides/api_requests",
-            Some(&app.admin_key),
-            Some(json!({"limit": "10"}).to_string()),
-        )
+        .put_admin("/v1/accounts/acme/overrides/api_requests", json!({"limit": "10"}))
         .await;
     assert_eq!(put.status, 200, "{:?}", put.body);
     assert_eq!(consume(&app, "acme", "api_requests", "5", "a", None).await.status, 200);
@@ -1359,12 +1300,7 @@ async fn on_postgres_a_consume_group_keeps_used_per_period_and_refuses_two_windo
     };
     let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
     let put = app
-        .request(
-            "PUT",
-            "/v1/accounts/acme/overrides/llm_tokens",
-            Some(&app.admin_key),
-            Some(json!({"limit": "2"}).to_string()),
-        )
+        .put_admin("/v1/accounts/acme/overrides/llm_tokens", json!({"limit": "2"}))
         .await;
     assert_eq!(put.status, 200, "{:?}", put.body);
     let today = Utc::now();
@@ -1389,11 +1325,9 @@ async fn on_postgres_a_consume_group_keeps_used_per_period_and_refuses_two_windo
     // A month-window override that expired an hour ago: a consume before it
     // counts over the month, one after over the plan's day.
     let put = app
-        .request(
-            "PUT",
+        .put_admin(
             "/v1/accounts/acme/overrides/llm_tokens",
-            Some(&app.admin_key),
-            Some(json!({"limit": "100", "window": "month", "expires_at": iso(today - Duration::hours(1))}).to_string()),
+            json!({"limit": "100", "window": "month", "expires_at": iso(today - Duration::hours(1))}),
         )
         .await;
     assert_eq!(put.status, 200, "{:?}", put.body);
