@@ -1339,3 +1339,137 @@ async fn on_postgres_a_consume_group_keeps_used_per_period_and_refuses_two_windo
         "the refused group wrote nothing"
     );
 }
+
+/// `widgets` counted per day on `daily` (the default, 10 a day, hard) and per
+/// month on `monthly` (15 a month, hard): one resource, two windows.
+const TWO_WINDOW_PLANS: &str = r#"
+default_plan = "daily"
+
+[resources.widgets]
+decimals = 0
+
+[plans.daily]
+price = "0"
+
+[plans.daily.limits.widgets]
+window = "day"
+limit = "10"
+enforcement = "hard"
+
+[plans.monthly]
+price = "0"
+
+[plans.monthly.limits.widgets]
+window = "month"
+limit = "15"
+enforcement = "hard"
+"#;
+
+/// An account moves from a day-window plan to a month-window plan at an
+/// instant between two bursts of consumes sent at once, so one PostgreSQL
+/// consume group holds consumes of one (account, resource) over two windows
+/// (the store raises TL001 and decides them one at a time). Neither limit is
+/// overshot: the consumes dated before the change stay within 10 for the
+/// day, and everything together within 15 for the month, which the month
+/// consumes then fill exactly.
+async fn concurrent_consumes_across_a_plan_change_that_changes_the_window_overshoot_neither_limit(backend: Backend) {
+    let Some(app) = TestApp::spawn_with_plans(backend, Some(TWO_WINDOW_PLANS)).await else {
+        return;
+    };
+    let now = Utc::now();
+    let day_start = now
+        .date_naive()
+        .and_hms_opt(0, 0, 0)
+        .expect("midnight exists")
+        .and_utc();
+    // Three instants on today's UTC day, none in the future by more than a second or two.
+    let before = std::cmp::max(day_start, now - Duration::minutes(3));
+    let change = before + Duration::seconds(1);
+    let after = before + Duration::seconds(2);
+    let app = Arc::new(app);
+    // A few rounds, each on its own account: how the consumes fall into
+    // groups varies from run to run.
+    for round in 0..3 {
+        let account = format!("acct{round}");
+        let set = app
+            .put_admin(
+                &format!("/v1/accounts/{account}/plan"),
+                json!({"plan": "monthly", "effective_at": iso(change)}),
+            )
+            .await;
+        assert_eq!(set.status, 200, "{:?}", set.body);
+        let mut tasks = Vec::new();
+        for i in 0..40 {
+            for (label, at) in [("before", before), ("after", after)] {
+                let app = app.clone();
+                let account = account.clone();
+                tasks.push(tokio::spawn(async move {
+                    let reply = consume(&app, &account, "widgets", "1", &format!("{label}{i}"), Some(&iso(at))).await;
+                    (label, reply)
+                }));
+            }
+        }
+        let mut recorded_before = 0;
+        let mut recorded_after = 0;
+        for task in tasks {
+            let (label, reply) = task.await.unwrap();
+            match reply.status {
+                200 => {
+                    let (used, limit): (i64, i64) = (
+                        reply.body["used"].as_str().unwrap().parse().unwrap(),
+                        reply.body["limit"].as_str().unwrap().parse().unwrap(),
+                    );
+                    assert!(used <= limit, "{label}: {:?}", reply.body);
+                    let expected = if label == "before" {
+                        ("daily", "day")
+                    } else {
+                        ("monthly", "month")
+                    };
+                    assert_eq!(
+                        (reply.body["plan"].as_str(), reply.body["window"].as_str()),
+                        (Some(expected.0), Some(expected.1)),
+                        "{label}: {:?}",
+                        reply.body
+                    );
+                    if label == "before" {
+                        recorded_before += 1;
+                    } else {
+                        recorded_after += 1;
+                    }
+                }
+                429 => assert_eq!(reply.code(), "quota_exceeded", "{label}: {:?}", reply.body),
+                other => panic!("{label}: status {other}: {:?}", reply.body),
+            }
+        }
+        assert!(
+            recorded_before <= 10,
+            "{account}: {recorded_before} recorded on the day plan"
+        );
+        assert_eq!(
+            recorded_before + recorded_after,
+            15,
+            "{account}: the month consumes fill the month limit exactly"
+        );
+        assert_eq!(app.ledger_sum(&account, "widgets").await, 15, "{account}");
+    }
+}
+
+mod concurrent_consumes_across_a_plan_change_that_changes_the_window_overshoot_neither_limit {
+    use crate::helpers::Backend;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_sqlite() {
+        super::concurrent_consumes_across_a_plan_change_that_changes_the_window_overshoot_neither_limit(
+            Backend::Sqlite,
+        )
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_postgres() {
+        super::concurrent_consumes_across_a_plan_change_that_changes_the_window_overshoot_neither_limit(
+            Backend::Postgres,
+        )
+        .await;
+    }
+}
