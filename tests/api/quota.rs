@@ -1473,3 +1473,105 @@ mod concurrent_consumes_across_a_plan_change_that_changes_the_window_overshoot_n
         .await;
     }
 }
+
+both!(
+    an_override_stops_applying_exactly_at_its_expires_at_in_check_consume_and_usage,
+    of_two_plans_effective_at_one_instant_the_later_assignment_is_in_force_everywhere,
+);
+
+/// `expires_at` is exclusive (docs/api.md): one microsecond before it the
+/// override applies, at it the plan's limit does, alike in check, in consume
+/// (PostgreSQL decides that one in SQL) and in usage.
+async fn an_override_stops_applying_exactly_at_its_expires_at_in_check_consume_and_usage(app: TestApp) {
+    let now = Utc::now();
+    let day_start = now.date_naive().and_hms_opt(0, 0, 0).unwrap().and_utc();
+    // Today (llm_tokens counts per day on free), in the past.
+    let expires = std::cmp::max(day_start + Duration::seconds(10), now - Duration::minutes(3));
+    let just_before = expires - Duration::microseconds(1);
+    let set = app
+        .put_admin(
+            "/v1/accounts/acme/overrides/llm_tokens",
+            json!({"limit": "3", "expires_at": iso(expires)}),
+        )
+        .await;
+    assert_eq!(set.status, 200, "{:?}", set.body);
+    assert_eq!(
+        check(&app, "acme", "llm_tokens", "1", Some(&iso(just_before))).await["limit"],
+        "3"
+    );
+    assert_eq!(
+        check(&app, "acme", "llm_tokens", "1", Some(&iso(expires))).await["limit"],
+        "1000"
+    );
+    let refused = consume(&app, "acme", "llm_tokens", "5", "before", Some(&iso(just_before))).await;
+    assert_eq!(
+        (refused.status, refused.code()),
+        (429, "quota_exceeded"),
+        "{:?}",
+        refused.body
+    );
+    let at_expiry = consume(&app, "acme", "llm_tokens", "5", "at", Some(&iso(expires))).await;
+    assert_eq!(at_expiry.status, 200, "{:?}", at_expiry.body);
+    assert_eq!(at_expiry.body["limit"], "1000");
+    for (at, limit) in [(just_before, "3"), (expires, "1000")] {
+        let usage = app.get(&format!("/v1/accounts/acme/usage?at={}", iso(at))).await;
+        assert_eq!(usage.status, 200, "{:?}", usage.body);
+        let row = usage.body["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["resource"] == "llm_tokens")
+            .cloned()
+            .unwrap();
+        assert_eq!(row["limit"], limit, "usage at {}: {row:?}", iso(at));
+    }
+    assert_eq!(app.ledger_sum("acme", "llm_tokens").await, 5);
+}
+
+/// Two assignments with the same `effective_at`: the later one is in force
+/// (docs/api.md: the latest assignment), in check, consume, usage, features
+/// and the account view, on both engines and on PostgreSQL's SQL path; an
+/// account never assigned, or assigned only from tomorrow, is on the default.
+async fn of_two_plans_effective_at_one_instant_the_later_assignment_is_in_force_everywhere(app: TestApp) {
+    let now = Utc::now();
+    let at = now - Duration::minutes(1);
+    for plan in ["pro", "scale"] {
+        let set = app
+            .put_admin("/v1/accounts/tie/plan", json!({"plan": plan, "effective_at": iso(at)}))
+            .await;
+        assert_eq!(set.status, 200, "{:?}", set.body);
+    }
+    assert_eq!(
+        check(&app, "tie", "llm_tokens", "1", Some(&iso(at))).await["plan"],
+        "scale"
+    );
+    let consumed = consume(&app, "tie", "llm_tokens", "1", "one", Some(&iso(at))).await;
+    assert_eq!(consumed.body["plan"], "scale", "{:?}", consumed.body);
+    let usage = app.get(&format!("/v1/accounts/tie/usage?at={}", iso(at))).await;
+    assert_eq!(usage.body["plan"], "scale");
+    assert_eq!(app.get("/v1/accounts/tie").await.body["plan"], "scale");
+    assert_eq!(
+        app.get("/v1/accounts/tie/features/multi_user").await.body["allowed"],
+        true
+    );
+    // And back: a third assignment at the same instant wins again.
+    app.put_admin("/v1/accounts/tie/plan", json!({"plan": "pro", "effective_at": iso(at)}))
+        .await;
+    let consumed = consume(&app, "tie", "llm_tokens", "1", "two", Some(&iso(at))).await;
+    assert_eq!(consumed.body["plan"], "pro", "{:?}", consumed.body);
+    assert_eq!(
+        app.get("/v1/accounts/tie/features/git_export").await.body["plan"],
+        "pro"
+    );
+
+    let newcomer = consume(&app, "newcomer", "llm_tokens", "1", "one", None).await;
+    assert_eq!(newcomer.body["plan"], "free", "{:?}", newcomer.body);
+    app.put_admin(
+        "/v1/accounts/later/plan",
+        json!({"plan": "scale", "effective_at": iso(now + Duration::days(1))}),
+    )
+    .await;
+    let later = consume(&app, "later", "llm_tokens", "1", "one", None).await;
+    assert_eq!(later.body["plan"], "free", "{:?}", later.body);
+    assert_eq!(app.get("/v1/accounts/later").await.body["plan"], "free");
+}
