@@ -39,10 +39,11 @@ pub enum StoreError {
     #[error("{0}")]
     NotFound(String),
     /// An idempotency key was reused with different content.
-    #[error("entry {index}: {message}")]
+    #[error("{}{message}", index.map(|i| format!("entry {i}: ")).unwrap_or_default())]
     IdempotencyConflict {
-        /// Index of the offending entry in the batch.
-        index: usize,
+        /// Index of the offending entry in a batch; `None` for a request
+        /// of one entry (a consume), whose message needs no position.
+        index: Option<usize>,
         /// What differs.
         message: String,
     },
@@ -58,6 +59,17 @@ pub enum StoreError {
     /// Anything else; the cause goes to the log, not to clients.
     #[error("database error")]
     Internal(#[source] sqlx::Error),
+}
+
+impl StoreError {
+    /// The key was free when looked up but taken before this insert landed,
+    /// by a concurrent request whose outcome a retry will get.
+    pub fn key_taken(index: Option<usize>) -> Self {
+        StoreError::IdempotencyConflict {
+            index,
+            message: "the idempotency key was taken by a concurrent request; retry to get its outcome".into(),
+        }
+    }
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -556,7 +568,7 @@ pub(crate) fn replay(entry: &NewEntry, stored: &Entry, response: Option<String>)
             response,
         })
     } else {
-        Err(conflict(0, entry, &format!("entry {}", stored.id)))
+        Err(conflict(None, entry, &format!("entry {}", stored.id)))
     }
 }
 
@@ -719,13 +731,10 @@ pub(crate) fn resolve_outcomes(
                         status: InsertStatus::Duplicate,
                     })
                 } else {
-                    Err(conflict(index, entry, "an earlier entry of this batch"))
+                    Err(conflict(Some(index), entry, "an earlier entry of this batch"))
                 };
             }
-            let stored = existing.get(&key).ok_or_else(|| StoreError::IdempotencyConflict {
-                index,
-                message: "the idempotency key was taken by a concurrent request; retry to get its outcome".into(),
-            })?;
+            let stored = existing.get(&key).ok_or_else(|| StoreError::key_taken(Some(index)))?;
             if entry.same_content_as(stored) && entry.reverses == stored.reverses {
                 Ok(InsertOutcome {
                     id: stored.id,
@@ -733,7 +742,7 @@ pub(crate) fn resolve_outcomes(
                     status: InsertStatus::Duplicate,
                 })
             } else {
-                Err(conflict(index, entry, &format!("entry {}", stored.id)))
+                Err(conflict(Some(index), entry, &format!("entry {}", stored.id)))
             }
         })
         .collect()
@@ -746,7 +755,7 @@ fn same_new_content(a: &NewEntry, b: &NewEntry) -> bool {
         && (!(a.occurred_at_given && b.occurred_at_given) || a.occurred_at == b.occurred_at)
 }
 
-fn conflict(index: usize, entry: &NewEntry, other: &str) -> StoreError {
+fn conflict(index: Option<usize>, entry: &NewEntry, other: &str) -> StoreError {
     StoreError::IdempotencyConflict {
         index,
         message: format!(

@@ -873,10 +873,7 @@ impl Store for PgStore {
                 DecidedConsume::Replayed(replay(entry, &self.entry_from_row(stored), response)?)
             }
             ("conflict", ..) => {
-                return Err(StoreError::IdempotencyConflict {
-                    index: 0,
-                    message: "the idempotency key was taken by a concurrent request; retry to get its outcome".into(),
-                });
+                return Err(StoreError::key_taken(None));
             }
             (other, ..) => {
                 return Err(StoreError::Invalid(format!(
@@ -955,10 +952,7 @@ impl Store for PgStore {
         .bind(&response)
         .fetch_optional(&mut *tx)
         .await?;
-        let entry_id = entry_id.ok_or_else(|| StoreError::IdempotencyConflict {
-            index: 0,
-            message: "the idempotency key was taken by a concurrent request; retry to get its outcome".into(),
-        })?;
+        let entry_id = entry_id.ok_or_else(|| StoreError::key_taken(None))?;
         tx.commit().await?;
         Ok(ConsumeResult::Recorded { entry_id, response })
     }

@@ -544,10 +544,7 @@ impl Store for SqliteStore {
         };
         let entry_id = insert_row(&mut tx, entry, to_micros(Utc::now()))
             .await?
-            .ok_or_else(|| StoreError::IdempotencyConflict {
-                index: 0,
-                message: "the idempotency key was taken by a concurrent request; retry to get its outcome".into(),
-            })?;
+            .ok_or_else(|| StoreError::key_taken(None))?;
         sqlx::query("INSERT INTO consume_outcomes (entry_id, response) VALUES (?, ?)")
             .bind(entry_id)
             .bind(&response)

@@ -81,7 +81,11 @@ async fn the_same_key_with_another_amount_is_a_conflict_that_writes_nothing(app:
     let conflict = app.post_entries(entry("acme", "api_requests", "6", "k1")).await;
     assert_eq!(conflict.status, 409);
     assert_eq!(conflict.code(), "idempotency_conflict");
-    assert!(conflict.body["error"]["message"].as_str().unwrap().contains("'k1'"));
+    let message = conflict.body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("entry 0: idempotency_key 'k1'"),
+        "a batch names the position: {message}"
+    );
     let other_resource = app.post_entries(entry("acme", "llm_tokens", "5", "k1")).await;
     assert_eq!(other_resource.status, 409);
     let other_time = app

@@ -562,6 +562,12 @@ async fn a_consume_retried_with_its_key_returns_the_first_outcome(app: TestApp) 
     assert_eq!(app.ledger_sum("acme", "ai_generations").await, 15);
     let conflicting = consume(&app, "acme", "ai_generations", "11", "k", None).await;
     assert_eq!(conflicting.status, 409);
+    // One consume is not a batch: its message names the key, not a position.
+    let message = conflicting.body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("idempotency_key 'k' of account 'acme'"),
+        "{message}"
+    );
     // After a rejection, a retry with the same key is judged afresh.
     let refused = consume(&app, "acme", "ai_generations", "40", "big", None).await;
     assert_eq!(refused.status, 429);
