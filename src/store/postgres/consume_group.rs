@@ -31,6 +31,8 @@ use crate::domain::NewEntry;
 /// noise of each other with fsync off; with fsync on, 2 beat 4 (10 553/s vs
 /// 7 603/s spread): more workers split the queue into smaller groups, and
 /// consumes of one hot (account, resource) wait on each other's lock anyway.
+/// 3 against 2 (fsync on, 2026-12-02): spread within noise, hot worse
+/// (docs/performance.md, "Fifth session").
 const WORKERS: usize = 2;
 
 /// How many times a worker lets other tasks run before it takes its group.
