@@ -3,12 +3,14 @@
 //! transaction, one commit, and one `used` read per (account, resource, period)
 //! instead of one per consume.
 //!
-//! Nothing waits on a timer to form a group: a worker takes whatever is
-//! queued when it is free, after letting the tasks that are ready run once
-//! (a lone consume goes at once, as a group of one). Groups grow while every
-//! worker is busy, that is, exactly when one call per consume would be the
-//! bottleneck. A worker holds one pool connection while its group runs;
-//! [`WORKERS`] bounds them.
+//! A worker that is free takes what is queued, after letting the tasks that
+//! are ready run once; a lone consume goes at once, as a group of one. Groups
+//! grow while every worker is busy, that is, exactly when one call per
+//! consume would be the bottleneck. While another group is being decided, a
+//! worker waits (at most [`MAX_WAIT`]) until it holds its share of the
+//! callers, so the workers decide groups of even size side by side (see
+//! [`gather_share`]). A worker holds one pool connection while its group
+//! runs; [`WORKERS`] bounds them.
 //!
 //! A group never holds two consumes with the same (account, idempotency key):
 //! the later one waits for the next group. If a group's call fails, each of
@@ -17,10 +19,11 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::{Map, Value, json};
 use sqlx::{FromRow, PgPool};
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 
 use super::super::settled::{Bounds, Settled};
 use super::super::{ConsumeRules, StoreError};
@@ -37,6 +40,10 @@ const WORKERS: usize = 2;
 
 /// How many times a worker lets other tasks run before it takes its group.
 const MAX_YIELDS: usize = 8;
+
+/// The longest a worker waits for its share of the callers to come back
+/// while another group is being decided (see [`gather_share`]).
+const MAX_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// The most consumes decided in one call.
 const MAX_GROUP: usize = 512;
@@ -84,6 +91,22 @@ struct Waiting {
 /// The queue of consumes and the workers that decide them in groups.
 pub(super) struct ConsumeGroups {
     queue: mpsc::UnboundedSender<Waiting>,
+    shared: Arc<Shared>,
+}
+
+/// What the workers share.
+struct Shared {
+    /// The consumes not yet in a group; the worker holding it is the one
+    /// gathering the next group.
+    receiver: Mutex<mpsc::UnboundedReceiver<Waiting>>,
+    /// Wakes the gathering worker: a consume arrived or a group was answered.
+    changed: Notify,
+    /// Consumes inside a group call now.
+    deciding: AtomicUsize,
+    /// Consumes answered whose callers have not sent another one since: who
+    /// is likely to come back soon. An estimate: a caller that stops never
+    /// comes back, so a wait that times out forgets them all.
+    returning: AtomicUsize,
 }
 
 impl ConsumeGroups {
@@ -91,11 +114,16 @@ impl ConsumeGroups {
     /// is dropped and the queue is empty.
     pub(super) fn start(pool: &PgPool) -> Self {
         let (queue, receiver) = mpsc::unbounded_channel();
-        let receiver = Arc::new(Mutex::new(receiver));
+        let shared = Arc::new(Shared {
+            receiver: Mutex::new(receiver),
+            changed: Notify::new(),
+            deciding: AtomicUsize::new(0),
+            returning: AtomicUsize::new(0),
+        });
         for _ in 0..WORKERS {
-            tokio::spawn(work(pool.clone(), receiver.clone()));
+            tokio::spawn(work(pool.clone(), shared.clone()));
         }
-        Self { queue }
+        Self { queue, shared }
     }
 
     /// Decides `request` in the next group a worker takes.
@@ -104,20 +132,27 @@ impl ConsumeGroups {
         self.queue
             .send(Waiting { request, answer })
             .map_err(|_| StoreError::Unavailable(sqlx::Error::WorkerCrashed))?;
+        // Any caller counts as one that came back: at worst the gathering
+        // worker waits for one caller fewer than it could have.
+        let _ = self
+            .shared
+            .returning
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        self.shared.changed.notify_one();
         answered
             .await
             .map_err(|_| StoreError::Unavailable(sqlx::Error::WorkerCrashed))?
     }
 }
 
-/// A worker: takes everything queued (up to [`MAX_GROUP`]), decides it in one
-/// call, answers each caller, and again.
-async fn work(pool: PgPool, receiver: Arc<Mutex<mpsc::UnboundedReceiver<Waiting>>>) {
+/// A worker: gathers its share of the queue (up to [`MAX_GROUP`]), decides it
+/// in one call, answers each caller, and again.
+async fn work(pool: PgPool, shared: Arc<Shared>) {
     let mut deferred: Vec<Waiting> = Vec::new();
     loop {
         let mut taken = std::mem::take(&mut deferred);
         if taken.is_empty() {
-            let mut receiver = receiver.lock().await;
+            let mut receiver = shared.receiver.lock().await;
             match receiver.recv().await {
                 Some(first) => taken.push(first),
                 None => return,
@@ -133,21 +168,59 @@ async fn work(pool: PgPool, receiver: Arc<Mutex<mpsc::UnboundedReceiver<Waiting>
                     break;
                 }
             }
-            drain(&mut receiver, &mut taken);
-        } else if let Ok(mut receiver) = receiver.try_lock() {
+            gather_share(&shared, &mut receiver, &mut taken).await;
+        } else if let Ok(mut receiver) = shared.receiver.try_lock() {
             // With work in hand, never wait for the queue: the worker holding
             // it may be waiting for a consume that will not come.
-            drain(&mut receiver, &mut taken);
+            drain(&mut receiver, &mut taken, MAX_GROUP);
         }
         let (group, later) = split_group(taken);
         deferred = later;
-        decide_group(&pool, group).await;
+        decide_group(&pool, &shared, group).await;
     }
 }
 
-/// Moves what is queued now into `taken`, up to [`MAX_GROUP`].
-fn drain(receiver: &mut mpsc::UnboundedReceiver<Waiting>, taken: &mut Vec<Waiting>) {
-    while taken.len() < MAX_GROUP {
+/// Fills `taken` up to this worker's share of the callers (all of them, over
+/// [`WORKERS`]), waiting for it only while another group is being decided.
+///
+/// Why: without a share, the worker that has just answered a group takes
+/// the first caller back as a group of one while the other worker takes the
+/// rest, and keeps doing so: measured on 2 cores, half the calls decided a
+/// single consume, each paying a whole call. Waiting costs nothing while the
+/// database is busy with the other group, and never happens when it is idle
+/// (a lone consume goes at once).
+async fn gather_share(shared: &Shared, receiver: &mut mpsc::UnboundedReceiver<Waiting>, taken: &mut Vec<Waiting>) {
+    let deadline = tokio::time::Instant::now() + MAX_WAIT;
+    loop {
+        let deciding = shared.deciding.load(Ordering::Acquire);
+        let callers = taken.len() + receiver.len() + shared.returning.load(Ordering::Acquire) + deciding;
+        let share = callers.div_ceil(WORKERS).clamp(1, MAX_GROUP);
+        drain(receiver, taken, share);
+        if deciding == 0 || taken.len() >= share {
+            return;
+        }
+        // `notify_one` leaves a permit when nobody waits, so a change since
+        // the loads above is not missed.
+        if tokio::time::timeout_at(deadline, shared.changed.notified())
+            .await
+            .is_err()
+        {
+            tracing::trace!(
+                taken = taken.len(),
+                share,
+                "gave up waiting for {share} consumes, taking {}",
+                taken.len()
+            );
+            shared.returning.store(0, Ordering::Release);
+            drain(receiver, taken, share);
+            return;
+        }
+    }
+}
+
+/// Moves what is queued now into `taken`, up to `most` in all.
+fn drain(receiver: &mut mpsc::UnboundedReceiver<Waiting>, taken: &mut Vec<Waiting>, most: usize) {
+    while taken.len() < most {
         match receiver.try_recv() {
             Ok(next) => taken.push(next),
             Err(_) => break,
@@ -190,12 +263,44 @@ fn split_group(taken: Vec<Waiting>) -> (Vec<Waiting>, Vec<Waiting>) {
     (group, later)
 }
 
+/// Decides `group` and answers each caller; keeps the counts
+/// [`gather_share`] reads.
+async fn decide_group(pool: &PgPool, shared: &Shared, group: Vec<Waiting>) {
+    let size = group.len();
+    shared.deciding.fetch_add(size, Ordering::AcqRel);
+    let answers = decide(pool, group).await;
+    // Counted before the answers go out, so that a caller's next consume
+    // cannot arrive before it is expected.
+    shared.returning.fetch_add(size, Ordering::AcqRel);
+    shared.deciding.fetch_sub(size, Ordering::AcqRel);
+    for (caller, decided) in answers {
+        // A caller that stopped waiting needs no answer.
+        let _ = caller.send(decided);
+    }
+    shared.changed.notify_one();
+}
+
+/// A caller's answer and where to send it.
+type Answer = (
+    oneshot::Sender<Result<Decided, StoreError>>,
+    Result<Decided, StoreError>,
+);
+
 /// Decides `group` in one call; if the call fails, each consume alone.
-async fn decide_group(pool: &PgPool, group: Vec<Waiting>) {
+async fn decide(pool: &PgPool, group: Vec<Waiting>) -> Vec<Answer> {
     let requests: Vec<&Request> = group.iter().map(|w| &w.request).collect();
-    tracing::trace!(consumes = group.len(), "deciding a group of {} consumes", group.len());
+    let started = std::time::Instant::now();
     match call(pool, &requests).await {
-        Ok(rows) => answer(group, rows),
+        Ok(rows) => {
+            let micros = started.elapsed().as_micros();
+            tracing::trace!(
+                consumes = group.len(),
+                micros,
+                "decided a group of {} consumes in {micros} µs",
+                group.len()
+            );
+            by_position(group, rows)
+        }
         Err(error) if group.len() > 1 => {
             if is_for_one_at_a_time(&error) {
                 tracing::debug!(
@@ -210,6 +315,7 @@ async fn decide_group(pool: &PgPool, group: Vec<Waiting>) {
                     group.len()
                 );
             }
+            let mut answers = Vec::with_capacity(group.len());
             for waiting in group {
                 let alone = call(pool, &[&waiting.request]).await;
                 let decided = alone.and_then(|rows| {
@@ -217,15 +323,17 @@ async fn decide_group(pool: &PgPool, group: Vec<Waiting>) {
                         .next()
                         .ok_or_else(|| StoreError::Invalid("tally_consume_group answered no row".into()))
                 });
-                // A caller that stopped waiting needs no answer.
-                let _ = waiting.answer.send(decided);
+                answers.push((waiting.answer, decided));
             }
+            answers
         }
-        Err(error) => {
-            if let Some(waiting) = group.into_iter().next() {
-                let _ = waiting.answer.send(Err(error));
-            }
-        }
+        // A group of one: its caller gets the error.
+        Err(error) => group
+            .into_iter()
+            .next()
+            .map(|waiting| (waiting.answer, Err(error)))
+            .into_iter()
+            .collect(),
     }
 }
 
@@ -235,8 +343,8 @@ fn is_for_one_at_a_time(error: &StoreError) -> bool {
     matches!(error, StoreError::Internal(sqlx::Error::Database(db)) if db.code().as_deref() == Some("TL001"))
 }
 
-/// Hands each caller its row (by `idx`).
-fn answer(group: Vec<Waiting>, rows: Vec<Decided>) {
+/// Each caller's row (by `idx`).
+fn by_position(group: Vec<Waiting>, rows: Vec<Decided>) -> Vec<Answer> {
     let mut slots: Vec<Option<Decided>> = (0..group.len()).map(|_| None).collect();
     for row in rows {
         let slot = usize::try_from(row.idx - 1).ok().and_then(|i| slots.get_mut(i));
@@ -244,10 +352,15 @@ fn answer(group: Vec<Waiting>, rows: Vec<Decided>) {
             *slot = Some(row);
         }
     }
-    for (waiting, row) in group.into_iter().zip(slots) {
-        let decided = row.ok_or_else(|| StoreError::Invalid("tally_consume_group left a consume unanswered".into()));
-        let _ = waiting.answer.send(decided);
-    }
+    group
+        .into_iter()
+        .zip(slots)
+        .map(|(waiting, row)| {
+            let decided =
+                row.ok_or_else(|| StoreError::Invalid("tally_consume_group left a consume unanswered".into()));
+            (waiting.answer, decided)
+        })
+        .collect()
 }
 
 /// One call of `tally_consume_group` in autocommit (one transaction).
