@@ -35,7 +35,8 @@ use crate::domain::NewEntry;
 /// 7 603/s spread): more workers split the queue into smaller groups, and
 /// consumes of one hot (account, resource) wait on each other's lock anyway.
 /// 3 against 2 (fsync on, 2026-12-02): spread within noise, hot worse
-/// (docs/performance.md, "Fifth session").
+/// (docs/performance.md, "Fifth session"). With shares ([`gather_share`]),
+/// 3 and 4 workers were worse than 2 on both (fsync on, "Sixth session").
 const WORKERS: usize = 2;
 
 /// How many times a worker lets other tasks run before it takes its group.
