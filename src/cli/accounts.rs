@@ -10,7 +10,7 @@ use crate::domain::catalog::{Enforcement, Window};
 use crate::domain::entry::parse_timestamp;
 use crate::domain::plan::{Override, parse_limit};
 use crate::domain::{AccountId, Amount};
-use crate::usage::quota::{Quotas, plan_at};
+use crate::usage::quota::{QuotaStatus, Quotas, plan_at};
 
 /// `tally accounts …`
 #[derive(Debug, clap::Subcommand)]
@@ -170,8 +170,28 @@ pub async fn run(settings: &Settings, command: AccountsCommand) -> anyhow::Resul
     Ok(ExitCode::SUCCESS)
 }
 
-/// `tally check`: the quota check, as JSON; exit 0 when allowed, 1 when not.
+/// `tally check`: the quota check, as JSON; exit 0 when allowed, 1 when not,
+/// 2 on any error (bad input, an unreachable database), so that a script can
+/// tell "refused" from "could not ask".
 pub async fn check(settings: &Settings, args: CheckArgs) -> anyhow::Result<ExitCode> {
+    match check_status(settings, args).await {
+        Ok(status) => {
+            println!("{}", serde_json::to_string_pretty(&status)?);
+            Ok(if status.allowed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+/// The check `tally check` prints.
+async fn check_status(settings: &Settings, args: CheckArgs) -> anyhow::Result<QuotaStatus> {
     let (store, catalog) = settings.open_store().await?;
     let account = account(&args.account)?;
     let (resource, spec) = catalog.resource(&args.resource)?;
@@ -184,15 +204,9 @@ pub async fn check(settings: &Settings, args: CheckArgs) -> anyhow::Result<ExitC
         store: store.as_ref(),
         catalog: &catalog,
     };
-    let status = quotas
+    Ok(quotas
         .check(&account, resource, amount, instant(args.at.as_deref())?)
-        .await?;
-    println!("{}", serde_json::to_string_pretty(&status)?);
-    Ok(if status.allowed {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+        .await?)
 }
 
 /// `tally usage`: where an account stands, as JSON.

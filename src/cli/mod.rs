@@ -74,7 +74,8 @@ pub enum Command {
     /// List or run scheduled jobs.
     #[command(subcommand)]
     Jobs(jobs::JobsCommand),
-    /// Check whether an account may use AMOUNT more of a resource (records nothing).
+    /// Check whether an account may use AMOUNT more of a resource (records
+    /// nothing); exit 0 when allowed, 1 when not, 2 on an error.
     Check(accounts::CheckArgs),
     /// Where an account stands on every limited or used resource.
     Usage(accounts::UsageArgs),

@@ -840,6 +840,26 @@ async fn the_cli_checks_and_reports_usage(app: TestApp) {
         String::from_utf8_lossy(&upgraded.stderr)
     );
     assert!(app.cli(&["check", "acme", "ai_generations", "5"]).status.success());
+    // Bad input is not a refusal: exit 2 and say what is wrong.
+    let unknown = app.cli(&["check", "acme", "tokens"]);
+    let stderr = String::from_utf8_lossy(&unknown.stderr);
+    assert_eq!(unknown.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("resource 'tokens'") && stderr.contains("api_requests"),
+        "{stderr}"
+    );
+    assert!(unknown.stdout.is_empty());
+    let zero = app.cli(&["check", "acme", "ai_generations", "0"]);
+    let stderr = String::from_utf8_lossy(&zero.stderr);
+    assert_eq!(zero.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("amount must not be zero"), "{stderr}");
+    let bad_at = app.cli(&["check", "acme", "ai_generations", "--at", "yesterday"]);
+    assert_eq!(
+        bad_at.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&bad_at.stderr)
+    );
     let capped = app.cli(&[
         "accounts",
         "override",
