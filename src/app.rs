@@ -74,6 +74,28 @@ impl Settings {
     }
 }
 
+/// Warns, once per plan, when accounts are on a plan the catalog lacks (a
+/// plan removed from the file while accounts were still on it): nothing
+/// limits them. Not fatal: the operator may be about to move them, with this
+/// very binary.
+async fn warn_about_missing_plans(store: &dyn Store, catalog: &Catalog) {
+    match crate::usage::quota::plans_missing_from_catalog(store, catalog, chrono::Utc::now()).await {
+        Ok(missing) => {
+            for (plan, accounts) in missing {
+                tracing::warn!(
+                    plan = %plan,
+                    accounts,
+                    "plan '{plan}' is not in the catalog, yet {accounts} account(s) are on it now or from a later date: \
+                     nothing limits them until the plan is back in the catalog or they move \
+                     (tally accounts set-plan ACCOUNT PLAN); known plans: {}",
+                    catalog.plans.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
+                );
+            }
+        }
+        Err(error) => tracing::warn!("cannot check the plans accounts are on against the catalog: {error}"),
+    }
+}
+
 /// A URL with its password hidden, for messages.
 pub fn redact_url(url: &str) -> String {
     match (url.find("://"), url.find('@')) {
@@ -100,6 +122,7 @@ impl Application {
     /// Opens the store, runs migrations and binds the listener.
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
         let (store, catalog) = settings.open_store().await?;
+        warn_about_missing_plans(store.as_ref(), &catalog).await;
         let state = AppState::new(
             store,
             catalog,

@@ -176,6 +176,11 @@ pub trait Store: Send + Sync + 'static {
     /// Every plan assignment of an account, by `effective_at` then creation.
     async fn plan_history(&self, account: &AccountId) -> Result<Vec<PlanAssignment>, StoreError>;
 
+    /// Each plan some account is on at `at` or is assigned from a later
+    /// instant, with how many such accounts, by plan name. Reads every
+    /// account's history: for startup checks, not for a request's path.
+    async fn plans_in_force(&self, at: DateTime<Utc>) -> Result<Vec<(String, i64)>, StoreError>;
+
     /// Sets (replaces) an account's override for one resource.
     async fn put_override(&self, account: &AccountId, value: &Override) -> Result<(), StoreError>;
 

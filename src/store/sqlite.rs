@@ -473,6 +473,26 @@ impl Store for SqliteStore {
         Ok(plans_on(&mut conn, account).await?)
     }
 
+    async fn plans_in_force(&self, at: DateTime<Utc>) -> Result<Vec<(String, i64)>, StoreError> {
+        // The assignment in force at `at` is the one a consume would pick
+        // (latest effective_at, then created_at, then id; see plan_at).
+        let at = to_micros(at);
+        let mut conn = self.reader.acquire().await?;
+        Ok(sqlx::query_as(
+            "SELECT ap.plan, COUNT(DISTINCT ap.account)
+               FROM account_plans AS ap
+              WHERE ap.effective_at > ?1
+                 OR ap.id = (SELECT x.id FROM account_plans AS x
+                              WHERE x.account = ap.account AND x.effective_at <= ?1
+                              ORDER BY x.effective_at DESC, x.created_at DESC, x.id DESC LIMIT 1)
+              GROUP BY ap.plan
+              ORDER BY ap.plan",
+        )
+        .bind(at)
+        .fetch_all(&mut *conn)
+        .await?)
+    }
+
     async fn put_override(&self, account: &AccountId, value: &Override) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO account_overrides (account, resource, limit_amount, enforcement, limit_window, expires_at, updated_at)

@@ -41,6 +41,19 @@ pub fn plan_at<'a>(catalog: &'a Catalog, history: &'a [PlanAssignment], at: Date
         .map_or(catalog.default_plan.as_str(), |a| a.plan.as_str())
 }
 
+/// The plans accounts are on at `at` (or later) that `catalog` does not
+/// have, each with how many accounts are on it. Nothing limits those
+/// accounts: a plan missing from the catalog has no limits.
+pub async fn plans_missing_from_catalog(
+    store: &dyn Store,
+    catalog: &Catalog,
+    at: DateTime<Utc>,
+) -> Result<Vec<(String, i64)>, StoreError> {
+    let mut in_force = store.plans_in_force(at).await?;
+    in_force.retain(|(plan, _)| !catalog.plans.contains_key(plan));
+    Ok(in_force)
+}
+
 /// The limit for `resource` under `plan`, with an active override applied.
 pub fn effective_limit(
     catalog: &Catalog,

@@ -35,6 +35,7 @@ both!(
     an_override_with_another_window_counts_over_that_window_in_check_and_consume,
     a_consume_recorded_on_a_plan_without_a_rate_replays_its_first_outcome_after_a_downgrade_to_one,
     a_limit_lowered_while_a_consume_waits_for_the_lock_applies_to_it,
+    plans_missing_from_the_catalog_count_the_accounts_on_them_now_or_later,
 );
 
 fn iso(t: chrono::DateTime<Utc>) -> String {
@@ -1600,4 +1601,54 @@ async fn of_two_plans_effective_at_one_instant_the_later_assignment_is_in_force_
     let later = consume(&app, "later", "llm_tokens", "1", "one", None).await;
     assert_eq!(later.body["plan"], "free", "{:?}", later.body);
     assert_eq!(app.get("/v1/accounts/later").await.body["plan"], "free");
+}
+
+/// A plan removed from the catalog while accounts are on it leaves them
+/// unlimited; `tally serve` warns at startup with what
+/// `plans_missing_from_catalog` finds. Only the assignment in force (or a
+/// later one) counts, not history.
+async fn plans_missing_from_the_catalog_count_the_accounts_on_them_now_or_later(app: TestApp) {
+    let now = Utc::now();
+    let day = Duration::days(1);
+    let assign = |account: &'static str, plan: &'static str, at: chrono::DateTime<Utc>| {
+        let store = app.store.clone();
+        async move {
+            let account = tally::domain::AccountId::parse(account).unwrap();
+            store.assign_plan(&account, plan, at).await.unwrap();
+        }
+    };
+    // The store takes any name; the API and CLI refuse plans the catalog lacks.
+    assign("acme", "startup", now - day).await;
+    assign("bob", "startup", now - day * 2).await;
+    assign("bob", "pro", now - day).await;
+    assign("carol", "free", now - day).await;
+    assign("carol", "legacy", now + day).await;
+    assign("dave", "startup", now - day).await;
+
+    let in_force = app.store.plans_in_force(now).await.unwrap();
+    assert_eq!(
+        in_force,
+        vec![
+            ("free".to_owned(), 1),
+            ("legacy".to_owned(), 1),
+            ("pro".to_owned(), 1),
+            ("startup".to_owned(), 2)
+        ]
+    );
+    let missing = tally::usage::quota::plans_missing_from_catalog(app.store.as_ref(), &app.catalog, now)
+        .await
+        .unwrap();
+    assert_eq!(missing, vec![("legacy".to_owned(), 1), ("startup".to_owned(), 2)]);
+    // A day and a half ago bob was on startup, and every other assignment
+    // (his move to pro included) was still to come: each counts.
+    let earlier = app.store.plans_in_force(now - day - day / 2).await.unwrap();
+    assert_eq!(
+        earlier,
+        vec![
+            ("free".to_owned(), 1),
+            ("legacy".to_owned(), 1),
+            ("pro".to_owned(), 1),
+            ("startup".to_owned(), 3)
+        ]
+    );
 }
