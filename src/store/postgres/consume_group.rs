@@ -6,10 +6,10 @@
 //! A worker that is free takes what is queued, after letting the tasks that
 //! are ready run once; a lone consume goes at once, as a group of one. Groups
 //! grow while every worker is busy, that is, exactly when one call per
-//! consume would be the bottleneck. While another group is being decided, a
-//! worker waits (at most [`MAX_WAIT`]) until it holds its share of the
-//! callers, so the workers decide groups of even size side by side (see
-//! [`gather_share`]). A worker holds one pool connection while its group
+//! consume would be the bottleneck. A worker takes at most its share of the
+//! callers, and while another group is being decided it waits (at most
+//! [`MAX_WAIT`]) for the callers on their way back to fill it, so the workers
+//! decide groups of even size side by side (see [`gather_share`]). A worker holds one pool connection while its group
 //! runs; [`WORKERS`] bounds them.
 //!
 //! A group never holds two consumes with the same (account, idempotency key):
@@ -42,8 +42,8 @@ const WORKERS: usize = 2;
 /// How many times a worker lets other tasks run before it takes its group.
 const MAX_YIELDS: usize = 8;
 
-/// The longest a worker waits for its share of the callers to come back
-/// while another group is being decided (see [`gather_share`]).
+/// The longest a worker waits for callers on their way back to fill its
+/// share while another group is being decided (see [`gather_share`]).
 const MAX_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// The most consumes decided in one call.
@@ -182,22 +182,29 @@ async fn work(pool: PgPool, shared: Arc<Shared>) {
 }
 
 /// Fills `taken` up to this worker's share of the callers (all of them, over
-/// [`WORKERS`]), waiting for it only while another group is being decided.
+/// [`WORKERS`]), never past it; while another group is being decided and
+/// callers just answered are on their way back, waits for them (at most
+/// [`MAX_WAIT`]).
 ///
 /// Why: without a share, the worker that has just answered a group takes
 /// the first caller back as a group of one while the other worker takes the
 /// rest, and keeps doing so: measured on 2 cores, half the calls decided a
-/// single consume, each paying a whole call. Waiting costs nothing while the
+/// single consume, each paying a whole call. Waiting costs little while the
 /// database is busy with the other group, and never happens when it is idle
 /// (a lone consume goes at once).
 async fn gather_share(shared: &Shared, receiver: &mut mpsc::UnboundedReceiver<Waiting>, taken: &mut Vec<Waiting>) {
     let deadline = tokio::time::Instant::now() + MAX_WAIT;
     loop {
         let deciding = shared.deciding.load(Ordering::Acquire);
-        let callers = taken.len() + receiver.len() + shared.returning.load(Ordering::Acquire) + deciding;
+        let returning = shared.returning.load(Ordering::Acquire);
+        let callers = taken.len() + receiver.len() + returning + deciding;
         let share = callers.div_ceil(WORKERS).clamp(1, MAX_GROUP);
         drain(receiver, taken, share);
-        if deciding == 0 || taken.len() >= share {
+        // With nobody on the way back, the rest of the share is in the other
+        // group: waiting for it would mean waiting for that group to end
+        // (measured: 17 % fewer consumes with 3 callers). Uneven groups even
+        // out through the share's cap instead.
+        if deciding == 0 || taken.len() >= share || returning == 0 {
             return;
         }
         // `notify_one` leaves a permit when nobody waits, so a change since
