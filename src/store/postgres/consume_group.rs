@@ -9,8 +9,8 @@
 //! consume would be the bottleneck. A worker takes at most its share of the
 //! callers, and while another group is being decided it waits (at most
 //! [`MAX_WAIT`]) for the callers on their way back to fill it, so the workers
-//! decide groups of even size side by side (see [`gather_share`]). A worker holds one pool connection while its group
-//! runs; [`WORKERS`] bounds them.
+//! decide groups of even size side by side (see [`gather_share`]). A worker
+//! holds one pool connection while its group runs; [`WORKERS`] bounds them.
 //!
 //! A group never holds two consumes with the same (account, idempotency key):
 //! the later one waits for the next group. If a group's call fails, each of
