@@ -2,6 +2,7 @@
 //! reads and admin writes, straight on the database.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use chrono::{SubsecRound, Utc};
 
@@ -9,7 +10,7 @@ use crate::app::Settings;
 use crate::domain::catalog::{Enforcement, Window};
 use crate::domain::entry::parse_timestamp;
 use crate::domain::plan::{Override, parse_limit};
-use crate::domain::{AccountId, Amount};
+use crate::domain::{AccountId, Amount, Catalog};
 use crate::usage::quota::{QuotaStatus, Quotas, plan_at};
 
 /// `tally accounts …`
@@ -175,7 +176,8 @@ pub async fn run(settings: &Settings, command: AccountsCommand) -> anyhow::Resul
 /// tell "refused" from "could not ask".
 pub async fn check(settings: &Settings, args: CheckArgs) -> anyhow::Result<ExitCode> {
     match check_status(settings, args).await {
-        Ok(status) => {
+        Ok((status, catalog)) => {
+            warn_if_plan_missing(&catalog, &status.account, &status.plan);
             println!("{}", serde_json::to_string_pretty(&status)?);
             Ok(if status.allowed {
                 ExitCode::SUCCESS
@@ -190,8 +192,20 @@ pub async fn check(settings: &Settings, args: CheckArgs) -> anyhow::Result<ExitC
     }
 }
 
-/// The check `tally check` prints.
-async fn check_status(settings: &Settings, args: CheckArgs) -> anyhow::Result<QuotaStatus> {
+/// Says on stderr when an account's plan is missing from the catalog: its
+/// answer is then "unlimited" for every resource, which is rarely meant.
+fn warn_if_plan_missing(catalog: &Catalog, account: &str, plan: &str) {
+    if !catalog.plans.contains_key(plan) {
+        eprintln!(
+            "warning: account {account} is on plan '{plan}', which the catalog does not have: nothing limits it \
+             (move it with tally accounts set-plan {account} PLAN; known plans: {})",
+            catalog.plans.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
+        );
+    }
+}
+
+/// The check `tally check` prints, and the catalog it was made with.
+async fn check_status(settings: &Settings, args: CheckArgs) -> anyhow::Result<(QuotaStatus, Arc<Catalog>)> {
     let (store, catalog) = settings.open_store().await?;
     let account = account(&args.account)?;
     let (resource, spec) = catalog.resource(&args.resource)?;
@@ -204,9 +218,10 @@ async fn check_status(settings: &Settings, args: CheckArgs) -> anyhow::Result<Qu
         store: store.as_ref(),
         catalog: &catalog,
     };
-    Ok(quotas
+    let status = quotas
         .check(&account, resource, amount, instant(args.at.as_deref())?)
-        .await?)
+        .await?;
+    Ok((status, catalog))
 }
 
 /// `tally usage`: where an account stands, as JSON.
@@ -219,6 +234,7 @@ pub async fn usage(settings: &Settings, args: UsageArgs) -> anyhow::Result<ExitC
     let report = quotas
         .usage(&account(&args.account)?, instant(args.at.as_deref())?)
         .await?;
+    warn_if_plan_missing(&catalog, &report.account, &report.plan);
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(ExitCode::SUCCESS)
 }

@@ -1639,6 +1639,19 @@ async fn plans_missing_from_the_catalog_count_the_accounts_on_them_now_or_later(
         .await
         .unwrap();
     assert_eq!(missing, vec![("legacy".to_owned(), 1), ("startup".to_owned(), 2)]);
+    // The CLI's check and usage say so for the account asked about.
+    for args in [&["check", "acme", "api_requests"][..], &["usage", "acme"][..]] {
+        let output = app.cli(args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("account acme is on plan 'startup', which the catalog does not have: nothing limits it"),
+            "{args:?}: {stderr}"
+        );
+    }
+    let fine = app.cli(&["check", "bob", "api_requests"]);
+    assert!(fine.status.success());
+    assert!(!String::from_utf8_lossy(&fine.stderr).contains("warning"));
     // A day and a half ago bob was on startup, and every other assignment
     // (his move to pro included) was still to come: each counts.
     let earlier = app.store.plans_in_force(now - day - day / 2).await.unwrap();
