@@ -88,7 +88,7 @@ async fn warn_about_missing_plans(store: &dyn Store, catalog: &Catalog) {
                     "plan '{plan}' is not in the catalog, yet {accounts} account(s) are on it now or from a later date: \
                      nothing limits them until the plan is back in the catalog or they move \
                      (tally accounts set-plan ACCOUNT PLAN); known plans: {}",
-                    catalog.plans.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
+                    catalog.plan_names()
                 );
             }
         }

@@ -117,10 +117,7 @@ pub async fn run(settings: &Settings, command: AccountsCommand) -> anyhow::Resul
         } => {
             let account = account(&raw)?;
             if !catalog.plans.contains_key(&plan) {
-                anyhow::bail!(
-                    "plan '{plan}' is not in the catalog; plans: {}",
-                    catalog.plans.keys().cloned().collect::<Vec<_>>().join(", ")
-                );
+                anyhow::bail!("plan '{plan}' is not in the catalog; plans: {}", catalog.plan_names());
             }
             let assignment = store
                 .assign_plan(&account, &plan, instant(effective_at.as_deref())?)
@@ -199,7 +196,7 @@ fn warn_if_plan_missing(catalog: &Catalog, account: &str, plan: &str) {
         eprintln!(
             "warning: account {account} is on plan '{plan}', which the catalog does not have: nothing limits it \
              (move it with tally accounts set-plan {account} PLAN; known plans: {})",
-            catalog.plans.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
+            catalog.plan_names()
         );
     }
 }

@@ -173,6 +173,12 @@ impl Catalog {
         Self::parse(BUILTIN_CATALOG_TOML).expect("the built-in catalog is valid")
     }
 
+    /// The plans' names, sorted and comma-separated, for messages that say
+    /// what a wrong plan name could have been.
+    pub fn plan_names(&self) -> String {
+        self.plans.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
+    }
+
     /// Parses and validates a catalog file, reporting every problem with its line.
     pub fn parse(text: &str) -> Result<Self, CatalogErrors> {
         let raw: RawCatalog = toml::from_str(text).map_err(|e| {

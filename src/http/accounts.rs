@@ -78,10 +78,7 @@ fn unknown_plan(catalog: &Catalog, plan: &str) -> ApiError {
         index: 0,
         field: "plan",
         code: "unknown_plan",
-        message: format!(
-            "plan '{plan}' is not in the catalog; plans: {}",
-            catalog.plans.keys().cloned().collect::<Vec<_>>().join(", ")
-        ),
+        message: format!("plan '{plan}' is not in the catalog; plans: {}", catalog.plan_names()),
     }])
 }
 

@@ -1625,20 +1625,18 @@ async fn plans_missing_from_the_catalog_count_the_accounts_on_them_now_or_later(
     assign("carol", "legacy", now + day).await;
     assign("dave", "startup", now - day).await;
 
+    let counts = |pairs: &[(&str, i64)]| -> Vec<(String, i64)> {
+        pairs.iter().map(|(plan, n)| ((*plan).to_owned(), *n)).collect()
+    };
     let in_force = app.store.plans_in_force(now).await.unwrap();
     assert_eq!(
         in_force,
-        vec![
-            ("free".to_owned(), 1),
-            ("legacy".to_owned(), 1),
-            ("pro".to_owned(), 1),
-            ("startup".to_owned(), 2)
-        ]
+        counts(&[("free", 1), ("legacy", 1), ("pro", 1), ("startup", 2)])
     );
     let missing = tally::usage::quota::plans_missing_from_catalog(app.store.as_ref(), &app.catalog, now)
         .await
         .unwrap();
-    assert_eq!(missing, vec![("legacy".to_owned(), 1), ("startup".to_owned(), 2)]);
+    assert_eq!(missing, counts(&[("legacy", 1), ("startup", 2)]));
     // The CLI's check and usage say so for the account asked about.
     for args in [&["check", "acme", "api_requests"][..], &["usage", "acme"][..]] {
         let output = app.cli(args);
@@ -1657,11 +1655,6 @@ async fn plans_missing_from_the_catalog_count_the_accounts_on_them_now_or_later(
     let earlier = app.store.plans_in_force(now - day - day / 2).await.unwrap();
     assert_eq!(
         earlier,
-        vec![
-            ("free".to_owned(), 1),
-            ("legacy".to_owned(), 1),
-            ("pro".to_owned(), 1),
-            ("startup".to_owned(), 3)
-        ]
+        counts(&[("free", 1), ("legacy", 1), ("pro", 1), ("startup", 3)])
     );
 }

@@ -274,28 +274,25 @@ fn split_group(taken: Vec<Waiting>) -> (Vec<Waiting>, Vec<Waiting>) {
 /// Decides `group` and answers each caller; keeps the counts
 /// [`gather_share`] reads.
 async fn decide_group(pool: &PgPool, shared: &Shared, group: Vec<Waiting>) {
-    let size = group.len();
-    shared.deciding.fetch_add(size, Ordering::AcqRel);
-    let answers = decide(pool, group).await;
-    // Counted before the answers go out, so that a caller's next consume
-    // cannot arrive before it is expected.
-    shared.returning.fetch_add(size, Ordering::AcqRel);
-    shared.deciding.fetch_sub(size, Ordering::AcqRel);
-    for (caller, decided) in answers {
+    shared.deciding.fetch_add(group.len(), Ordering::AcqRel);
+    decide(pool, group, |caller, decided| {
+        // Counted before the answer goes out, so that the caller's next
+        // consume cannot arrive before it is expected.
+        shared.returning.fetch_add(1, Ordering::AcqRel);
+        shared.deciding.fetch_sub(1, Ordering::AcqRel);
         // A caller that stopped waiting needs no answer.
         let _ = caller.send(decided);
-    }
+    })
+    .await;
     shared.changed.notify_one();
 }
 
-/// A caller's answer and where to send it.
-type Answer = (
-    oneshot::Sender<Result<Decided, StoreError>>,
-    Result<Decided, StoreError>,
-);
+/// Where a caller's answer goes.
+type Caller = oneshot::Sender<Result<Decided, StoreError>>;
 
-/// Decides `group` in one call; if the call fails, each consume alone.
-async fn decide(pool: &PgPool, group: Vec<Waiting>) -> Vec<Answer> {
+/// Decides `group` in one call; if the call fails, each consume alone, each
+/// answered as soon as its own call returns.
+async fn decide(pool: &PgPool, group: Vec<Waiting>, mut answer: impl FnMut(Caller, Result<Decided, StoreError>)) {
     let requests: Vec<&Request> = group.iter().map(|w| &w.request).collect();
     let started = std::time::Instant::now();
     match call(pool, &requests).await {
@@ -307,7 +304,9 @@ async fn decide(pool: &PgPool, group: Vec<Waiting>) -> Vec<Answer> {
                 "decided a group of {} consumes in {micros} µs",
                 group.len()
             );
-            by_position(group, rows)
+            for (waiting, decided) in by_position(group, rows) {
+                answer(waiting.answer, decided);
+            }
         }
         Err(error) if group.len() > 1 => {
             if is_for_one_at_a_time(&error) {
@@ -323,7 +322,6 @@ async fn decide(pool: &PgPool, group: Vec<Waiting>) -> Vec<Answer> {
                     group.len()
                 );
             }
-            let mut answers = Vec::with_capacity(group.len());
             for waiting in group {
                 let alone = call(pool, &[&waiting.request]).await;
                 let decided = alone.and_then(|rows| {
@@ -331,17 +329,14 @@ async fn decide(pool: &PgPool, group: Vec<Waiting>) -> Vec<Answer> {
                         .next()
                         .ok_or_else(|| StoreError::Invalid("tally_consume_group answered no row".into()))
                 });
-                answers.push((waiting.answer, decided));
+                answer(waiting.answer, decided);
             }
-            answers
         }
-        // A group of one: its caller gets the error.
-        Err(error) => group
-            .into_iter()
-            .next()
-            .map(|waiting| (waiting.answer, Err(error)))
-            .into_iter()
-            .collect(),
+        Err(error) => {
+            if let Some(waiting) = group.into_iter().next() {
+                answer(waiting.answer, Err(error));
+            }
+        }
     }
 }
 
@@ -351,8 +346,8 @@ fn is_for_one_at_a_time(error: &StoreError) -> bool {
     matches!(error, StoreError::Internal(sqlx::Error::Database(db)) if db.code().as_deref() == Some("TL001"))
 }
 
-/// Each caller's row (by `idx`).
-fn by_position(group: Vec<Waiting>, rows: Vec<Decided>) -> Vec<Answer> {
+/// Each consume of `group` beside its row (by `idx`).
+fn by_position(group: Vec<Waiting>, rows: Vec<Decided>) -> Vec<(Waiting, Result<Decided, StoreError>)> {
     let mut slots: Vec<Option<Decided>> = (0..group.len()).map(|_| None).collect();
     for row in rows {
         let slot = usize::try_from(row.idx - 1).ok().and_then(|i| slots.get_mut(i));
@@ -366,7 +361,7 @@ fn by_position(group: Vec<Waiting>, rows: Vec<Decided>) -> Vec<Answer> {
         .map(|(waiting, row)| {
             let decided =
                 row.ok_or_else(|| StoreError::Invalid("tally_consume_group left a consume unanswered".into()));
-            (waiting.answer, decided)
+            (waiting, decided)
         })
         .collect()
 }
