@@ -2,11 +2,13 @@
 -- invariants as 0007 (whose comment still describes the decision).
 --
 -- Counted with callgrind on a single-user backend, 300 calls for groups of 8
--- different accounts (docs/performance.md, "Seventh session"), 0007 spent,
--- per consume, ≈ 99 000 instructions on `used` (a nested tally_used_settled
--- call: an executor and an aggregate started for each period), ≈ 59 000 on
--- the outcome's JSON (jsonb_build_object, ||, jsonb_out) and ≈ 44 000 on
--- starting two window aggregates. Now:
+-- different accounts (docs/performance.md, "Seventh session"): 5.52 M
+-- instructions a group with 0007, 4.30 M with this one, of which ≈ 1.47 M is
+-- the single-user harness's own (an empty function with these arguments).
+-- In 0007, per consume: `used` cost ≈ 99 000 (a nested tally_used_settled
+-- call, an executor and an aggregate started for each period), the outcome's
+-- JSON ≈ 59 000 (jsonb_build_object, ||, jsonb_out), ON CONFLICT ≈ 19 000
+-- and the plan lookup's sort ≈ 14 000. Now:
 --
 -- * `used` from a known watermark (the caller's, for the consume's period:
 --   the usual case) is read in the statement that resolves the limits, by a
@@ -27,6 +29,15 @@
 --   group with unique_violation, as 0007's count check did, and the caller
 --   decides each consume alone. Alone, ON CONFLICT DO NOTHING still answers
 --   'conflict'.
+-- * The plan in force is the latest assignment by (effective_at, created_at,
+--   id) at or before the instant. account_plans_by_account (account,
+--   effective_at) found the candidates but left a sort under the LIMIT 1 for
+--   every lookup (EXPLAIN: Limit -> Sort -> Index Scan Backward); this index
+--   hands the answer over by a backward scan, for consume, check and usage
+--   alike. It starts with the old index's columns, which goes.
+CREATE INDEX account_plans_in_force ON account_plans (account, effective_at, created_at, id);
+DROP INDEX account_plans_by_account;
+
 CREATE OR REPLACE FUNCTION tally_consume_group(
     p_default_plan text, p_rules jsonb,
     p_accounts text[], p_resources text[], p_amounts bigint[], p_occurred_at timestamptz[],

@@ -1283,11 +1283,43 @@ async fn consume_group_directly(
     prefix: &str,
     at: &[chrono::DateTime<Utc>],
 ) -> Result<Vec<(String, i64)>, String> {
+    let decided = consume_group_with_watermark(pool, prefix, at, None).await?;
+    Ok(decided.into_iter().map(|d| (d.outcome, d.used)).collect())
+}
+
+/// A settled-sum watermark as the store caches it: the period's bounds, the
+/// mark and the sum of the period's rows below it.
+#[derive(Clone, Copy)]
+struct Watermark {
+    start: chrono::NaiveDate,
+    end: chrono::NaiveDate,
+    mark: i64,
+    settled: i64,
+}
+
+/// What `tally_consume_group` answered for one consume.
+#[derive(Debug, sqlx::FromRow)]
+struct DirectlyDecided {
+    outcome: String,
+    used: i64,
+    mark: i64,
+    settled: i64,
+}
+
+/// As [`consume_group_directly`], every consume offering `known` as its
+/// watermark; answers the new watermarks too.
+async fn consume_group_with_watermark(
+    pool: &sqlx::PgPool,
+    prefix: &str,
+    at: &[chrono::DateTime<Utc>],
+    known: Option<Watermark>,
+) -> Result<Vec<DirectlyDecided>, String> {
     let n = at.len();
     let keys: Vec<String> = (0..n).map(|i| format!("{prefix}{i}")).collect();
     let rules = json!({"llm_tokens": {"free": {"limit": 1000, "enforcement": "hard", "window": "day", "price": null}}});
-    let rows: Result<Vec<(String, Option<i64>)>, sqlx::Error> = sqlx::query_as(
-        "SELECT outcome, used FROM tally_consume_group('free', $1::jsonb, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+    let rows = sqlx::query_as(
+        "SELECT outcome, COALESCE(used, -1) AS used, COALESCE(mark, -1) AS mark, COALESCE(settled, -1) AS settled
+           FROM tally_consume_group('free', $1::jsonb, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
           ORDER BY idx",
     )
     .bind(rules.to_string())
@@ -1299,20 +1331,84 @@ async fn consume_group_directly(
     .bind(vec![None::<String>; n])
     .bind(vec![None::<String>; n])
     .bind(vec![None::<i64>; n])
-    .bind(vec![None::<chrono::NaiveDate>; n])
-    .bind(vec![None::<chrono::NaiveDate>; n])
-    .bind(vec![None::<i64>; n])
-    .bind(vec![None::<i64>; n])
+    .bind(vec![known.map(|k| k.start); n])
+    .bind(vec![known.map(|k| k.end); n])
+    .bind(vec![known.map(|k| k.mark); n])
+    .bind(vec![known.map(|k| k.settled); n])
     .fetch_all(pool)
     .await;
     match rows {
-        Ok(rows) => Ok(rows
-            .into_iter()
-            .map(|(outcome, used)| (outcome, used.unwrap_or(-1)))
-            .collect()),
+        Ok(rows) => Ok(rows),
         Err(sqlx::Error::Database(e)) => Err(e.code().unwrap_or_default().into_owned()),
         Err(other) => panic!("{other}"),
     }
+}
+
+/// A PostgreSQL consume group reads `used` from the caller's watermark when it
+/// is for the consume's period and not newer than the group's snapshot: the
+/// settled sum as given plus the rows since the mark (entries posted
+/// meanwhile included). A watermark of another period, or from a newer
+/// snapshot, is ignored and `used` is read whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_consume_group_reads_used_from_a_watermark_only_when_it_holds() {
+    let Some(app) = TestApp::spawn(Backend::Postgres).await else {
+        return;
+    };
+    let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
+    let now = Utc::now();
+    let first = consume_group_with_watermark(&pool, "a", &[now], None).await.unwrap();
+    let (outcome, used) = (&first[0].outcome, first[0].used);
+    assert_eq!((outcome.as_str(), used), ("recorded", 0));
+    let today = now.date_naive();
+    let known = Watermark {
+        start: today,
+        end: today + Duration::days(1),
+        mark: first[0].mark,
+        settled: first[0].settled,
+    };
+    let posted = app
+        .post_entries(json!({"entries": [
+            entry("acme", "llm_tokens", "5", "p1"),
+            entry("acme", "llm_tokens", "7", "p2"),
+        ]}))
+        .await;
+    assert_eq!(posted.status, 200, "{:?}", posted.body);
+
+    // Honest: 1 consumed + 12 posted, then the group's own first consume.
+    let warm = consume_group_with_watermark(&pool, "b", &[now, now], Some(known))
+        .await
+        .unwrap();
+    let used: Vec<i64> = warm.iter().map(|d| d.used).collect();
+    assert_eq!(used, [13, 14]);
+    // The settled sum is taken as given, not re-read: 100 more than the truth
+    // shows in `used`, which is how this test knows the watermark was used.
+    let trusted = Watermark {
+        settled: known.settled + 100,
+        ..known
+    };
+    let trusting = consume_group_with_watermark(&pool, "c", &[now], Some(trusted))
+        .await
+        .unwrap();
+    assert_eq!(trusting[0].used, 115);
+    // Ignored: a watermark of yesterday, and one newer than any snapshot.
+    let yesterday = Watermark {
+        start: today - Duration::days(1),
+        end: today,
+        ..trusted
+    };
+    let other_period = consume_group_with_watermark(&pool, "d", &[now], Some(yesterday))
+        .await
+        .unwrap();
+    assert_eq!(other_period[0].used, 16);
+    let future = Watermark {
+        mark: known.mark + 1_000_000,
+        ..trusted
+    };
+    let too_new = consume_group_with_watermark(&pool, "e", &[now], Some(future))
+        .await
+        .unwrap();
+    assert_eq!(too_new[0].used, 17);
+    assert_eq!(app.ledger_sum("acme", "llm_tokens").await, 18);
 }
 
 /// A PostgreSQL consume group is decided in arrival order per (account,
