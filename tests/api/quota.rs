@@ -1366,11 +1366,14 @@ async fn on_postgres_a_consume_group_reads_used_from_a_watermark_only_when_it_ho
         mark: first[0].mark,
         settled: first[0].settled,
     };
+    // Dated like the consumes, so that all fall on one day even across midnight.
+    let posted_at = |amount: &str, key: &str| {
+        let mut posted = entry("acme", "llm_tokens", amount, key);
+        posted["occurred_at"] = json!(iso(now));
+        posted
+    };
     let posted = app
-        .post_entries(json!({"entries": [
-            entry("acme", "llm_tokens", "5", "p1"),
-            entry("acme", "llm_tokens", "7", "p2"),
-        ]}))
+        .post_entries(json!({"entries": [posted_at("5", "p1"), posted_at("7", "p2")]}))
         .await;
     assert_eq!(posted.status, 200, "{:?}", posted.body);
 
