@@ -3,7 +3,7 @@
 --
 -- Counted with callgrind on a single-user backend, 300 calls for groups of 8
 -- different accounts (docs/performance.md, "Seventh session"): 5.52 M
--- instructions a group with 0007, 4.30 M with this one, of which ≈ 1.47 M is
+-- instructions a group with 0007, 4.21 M with this one, of which ≈ 1.47 M is
 -- the single-user harness's own (an empty function with these arguments).
 -- In 0007, per consume: `used` cost ≈ 99 000 (a nested tally_used_settled
 -- call, an executor and an aggregate started for each period), the outcome's
@@ -23,7 +23,11 @@
 --   counts one (account, resource) over two windows is found in the loop,
 --   which walks the consumes sorted by (account, resource, window, period),
 --   so the second window follows the first. It still raises TL001 before
---   anything is written.
+--   anything is written (an error met earlier in the walk, such as a bigint
+--   overflow in the first window, now comes first; either way the caller
+--   decides each consume alone).
+-- * The plan in force is looked up once per consume: 0007's lookup was
+--   flattened into both places that use it and ran twice.
 -- * A group of more than one appends with a plain INSERT (no arbiter probe):
 --   a key taken meanwhile (only by a consume of another resource) fails the
 --   group with unique_violation, as 0007's count check did, and the caller
@@ -92,87 +96,97 @@ BEGIN
 
     -- After the locks: a fresh snapshot sees every consume committed before.
     FOR c IN
-        SELECT f.*, warm.below, warm.above, warm.known
+        SELECT g.*, warm.below, warm.above
           FROM (
-            SELECT p.*,
-                   pg_snapshot_xmin(pg_current_snapshot()) AS snapshot_xmin,
-                   -- The first consume to decide of its (account, resource,
-                   -- window, period): where that period's `used` is read.
-                   p.stored IS NULL
-                       AND (lag(p.account) OVER by_period IS DISTINCT FROM p.account
-                            OR lag(p.resource) OVER by_period IS DISTINCT FROM p.resource
-                            OR lag(p.win) OVER by_period IS DISTINCT FROM p.win
-                            OR lag(p.p_start) OVER by_period IS DISTINCT FROM p.p_start) AS first_of_period,
-                   -- The outcome without used_after and the closing brace.
-                   '{"v":2,"plan":' || to_json(p.plan)::text
-                       || ',"window":' || to_json(p.win)::text
-                       || ',"limit":' || COALESCE(p.lim::text, 'null')
-                       || ',"enforcement":' || to_json(p.enforcement)::text
-                       || ',"overage_price":' || COALESCE(to_json(p.price)::text, 'null')
-                       || ',"period_start":' || COALESCE(to_json(p.p_start)::text, 'null')
-                       || ',"period_end":' || COALESCE(to_json(p.p_end)::text, 'null') AS outcome_head
+            SELECT f.*,
+                   -- The caller's watermark holds: at the period's first
+                   -- consume, for this period, not newer than this snapshot.
+                   f.first_of_period AND f.mark IS NOT NULL AND f.settled IS NOT NULL
+                       AND f.mark_start IS NOT DISTINCT FROM f.p_start AND f.mark_end IS NOT DISTINCT FROM f.p_end
+                       AND f.mark::text::xid8 <= f.snapshot_xmin AS known
               FROM (
-                SELECT w.*,
-                       CASE w.win WHEN 'day' THEN w.p_start + 1
-                                  WHEN 'month' THEN (w.p_start + interval '1 month')::date END AS p_end
+                SELECT p.*,
+                       pg_snapshot_xmin(pg_current_snapshot()) AS snapshot_xmin,
+                       -- The first consume to decide of its (account, resource,
+                       -- window, period): where that period's `used` is read.
+                       p.stored IS NULL
+                           AND (lag(p.account) OVER by_period IS DISTINCT FROM p.account
+                                OR lag(p.resource) OVER by_period IS DISTINCT FROM p.resource
+                                OR lag(p.win) OVER by_period IS DISTINCT FROM p.win
+                                OR lag(p.p_start) OVER by_period IS DISTINCT FROM p.p_start) AS first_of_period,
+                       -- The outcome without used_after and the closing brace.
+                       '{"v":2,"plan":' || COALESCE(to_json(p.plan)::text, 'null')
+                           || ',"window":' || to_json(p.win)::text
+                           || ',"limit":' || COALESCE(p.lim::text, 'null')
+                           || ',"enforcement":' || to_json(p.enforcement)::text
+                           || ',"overage_price":' || COALESCE(to_json(p.price)::text, 'null')
+                           || ',"period_start":' || COALESCE(to_json(p.p_start)::text, 'null')
+                           || ',"period_end":' || COALESCE(to_json(p.p_end)::text, 'null') AS outcome_head
                   FROM (
-                    SELECT l.*,
-                           CASE l.win WHEN 'day' THEN (l.occurred_at AT TIME ZONE 'UTC')::date
-                                      WHEN 'month' THEN date_trunc('month', l.occurred_at AT TIME ZONE 'UTC')::date
-                           END AS p_start
+                    SELECT w.*,
+                           CASE w.win WHEN 'day' THEN w.p_start + 1
+                                      WHEN 'month' THEN (w.p_start + interval '1 month')::date END AS p_end
                       FROM (
-                        SELECT k.*,
-                               -- The plan's rule (a plan that does not list the
-                               -- resource: unlimited, hard, month), the override over it.
-                               CASE WHEN k.has_override THEN k.override_limit ELSE (k.rule ->> 'limit')::bigint END AS lim,
-                               COALESCE(CASE WHEN k.has_override THEN k.override_enforcement END,
-                                        k.rule ->> 'enforcement', 'hard') AS enforcement,
-                               COALESCE(CASE WHEN k.has_override THEN k.override_window END,
-                                        k.rule ->> 'window', 'month') AS win,
-                               k.rule ->> 'price' AS price
+                        SELECT l.*,
+                               CASE l.win WHEN 'day' THEN (l.occurred_at AT TIME ZONE 'UTC')::date
+                                          WHEN 'month' THEN date_trunc('month', l.occurred_at AT TIME ZONE 'UTC')::date
+                               END AS p_start
                           FROM (
-                            SELECT q.n::int AS n, q.account, q.resource, q.amount, q.occurred_at,
-                                   q.mark_start, q.mark_end, q.mark, q.settled,
-                                   (SELECT e.id FROM entries AS e
-                                     WHERE e.account = q.account AND e.idempotency_key = q.key) AS stored,
-                                   pl.plan, p_rules -> q.resource -> pl.plan AS rule,
-                                   ao.account IS NOT NULL AS has_override, ao.limit_amount AS override_limit,
-                                   ao.enforcement AS override_enforcement, ao.limit_window AS override_window
-                              FROM unnest(p_accounts, p_resources, p_amounts, p_occurred_at, p_keys,
-                                          p_mark_starts, p_mark_ends, p_marks, p_settled)
-                                   WITH ORDINALITY AS q(account, resource, amount, occurred_at, key,
-                                                        mark_start, mark_end, mark, settled, n)
-                             CROSS JOIN LATERAL (
-                                   SELECT COALESCE((SELECT ap.plan FROM account_plans AS ap
-                                                     WHERE ap.account = q.account AND ap.effective_at <= q.occurred_at
-                                                     ORDER BY ap.effective_at DESC, ap.created_at DESC, ap.id DESC
-                                                     LIMIT 1), p_default_plan) AS plan) AS pl
-                              LEFT JOIN account_overrides AS ao
-                                ON ao.account = q.account AND ao.resource = q.resource
-                               AND (ao.expires_at IS NULL OR q.occurred_at < ao.expires_at)
-                            -- Not flattened: each lookup runs once per consume, not once per use.
-                            OFFSET 0
-                          ) AS k
-                      ) AS l
-                  ) AS w
-              ) AS p
-            WINDOW by_period AS (PARTITION BY p.stored IS NULL ORDER BY p.account, p.resource, p.win, p.p_start, p.n)
-          ) AS f
+                            SELECT k.*,
+                                   -- The plan's rule (a plan that does not list the
+                                   -- resource: unlimited, hard, month), the override over it.
+                                   CASE WHEN k.has_override THEN k.override_limit ELSE (k.rule ->> 'limit')::bigint END AS lim,
+                                   COALESCE(CASE WHEN k.has_override THEN k.override_enforcement END,
+                                            k.rule ->> 'enforcement', 'hard') AS enforcement,
+                                   COALESCE(CASE WHEN k.has_override THEN k.override_window END,
+                                            k.rule ->> 'window', 'month') AS win,
+                                   k.rule ->> 'price' AS price
+                              FROM (
+                                SELECT q.n::int AS n, q.account, q.resource, q.amount, q.occurred_at,
+                                       q.mark_start, q.mark_end, q.mark, q.settled,
+                                       (SELECT e.id FROM entries AS e
+                                         WHERE e.account = q.account AND e.idempotency_key = q.key) AS stored,
+                                       pl.plan, p_rules -> q.resource -> pl.plan AS rule,
+                                       ao.account IS NOT NULL AS has_override, ao.limit_amount AS override_limit,
+                                       ao.enforcement AS override_enforcement, ao.limit_window AS override_window
+                                  FROM unnest(p_accounts, p_resources, p_amounts, p_occurred_at, p_keys,
+                                              p_mark_starts, p_mark_ends, p_marks, p_settled)
+                                       WITH ORDINALITY AS q(account, resource, amount, occurred_at, key,
+                                                            mark_start, mark_end, mark, settled, n)
+                                 CROSS JOIN LATERAL (
+                                       SELECT COALESCE((SELECT ap.plan FROM account_plans AS ap
+                                                         WHERE ap.account = q.account AND ap.effective_at <= q.occurred_at
+                                                         ORDER BY ap.effective_at DESC, ap.created_at DESC, ap.id DESC
+                                                         LIMIT 1), p_default_plan) AS plan
+                                        -- Not flattened: `plan` is used twice below, and a
+                                        -- flattened subquery would be looked up twice.
+                                        OFFSET 0) AS pl
+                                  LEFT JOIN account_overrides AS ao
+                                    ON ao.account = q.account AND ao.resource = q.resource
+                                   AND (ao.expires_at IS NULL OR q.occurred_at < ao.expires_at)
+                                -- Not flattened: each lookup runs once per consume, not once per use.
+                                OFFSET 0
+                              ) AS k
+                          ) AS l
+                      ) AS w
+                  ) AS p
+                WINDOW by_period AS (PARTITION BY p.stored IS NULL ORDER BY p.account, p.resource, p.win, p.p_start, p.n)
+              ) AS f
+          ) AS g
           -- `used` from the caller's watermark (tally_used_settled's warm
-          -- branch, set-based): at each period's first consume, when the mark
-          -- is for this period and not newer than this snapshot.
-          LEFT JOIN LATERAL (
-            SELECT true AS known,
-                   SUM(e.amount) FILTER (WHERE e.tx_id < f.snapshot_xmin) AS below,
-                   SUM(e.amount) FILTER (WHERE e.tx_id >= f.snapshot_xmin) AS above
+          -- branch, set-based) where it holds. `known` is in WHERE, not in a
+          -- LEFT JOIN's ON: as a one-time filter it skips the scan, where ON
+          -- would filter the aggregate after it ran for every consume.
+          CROSS JOIN LATERAL (
+            SELECT SUM(e.amount) FILTER (WHERE e.tx_id < g.snapshot_xmin) AS below,
+                   SUM(e.amount) FILTER (WHERE e.tx_id >= g.snapshot_xmin) AS above
               FROM entries AS e
-             WHERE e.account = f.account AND e.resource = f.resource AND e.tx_id >= f.mark::text::xid8
-               AND e.occurred_at >= COALESCE(f.p_start::timestamp AT TIME ZONE 'UTC', '-infinity')
-               AND e.occurred_at < COALESCE(f.p_end::timestamp AT TIME ZONE 'UTC', 'infinity')
-          ) AS warm ON f.first_of_period AND f.mark IS NOT NULL AND f.settled IS NOT NULL
-                   AND f.mark_start IS NOT DISTINCT FROM f.p_start AND f.mark_end IS NOT DISTINCT FROM f.p_end
-                   AND f.mark::text::xid8 <= f.snapshot_xmin
-         ORDER BY f.account, f.resource, f.win, f.p_start, f.n
+             WHERE g.known
+               AND e.account = g.account AND e.resource = g.resource AND e.tx_id >= g.mark::text::xid8
+               AND e.occurred_at >= COALESCE(g.p_start::timestamp AT TIME ZONE 'UTC', '-infinity')
+               AND e.occurred_at < COALESCE(g.p_end::timestamp AT TIME ZONE 'UTC', 'infinity')
+          ) AS warm
+         ORDER BY g.account, g.resource, g.win, g.p_start, g.n
     LOOP
         IF c.stored IS NOT NULL THEN
             o_outcome[c.n] := 'replayed';
