@@ -7,8 +7,8 @@
 -- the single-user harness's own (an empty function with these arguments).
 -- In 0007, per consume: `used` cost ≈ 99 000 (a nested tally_used_settled
 -- call, an executor and an aggregate started for each period), the outcome's
--- JSON ≈ 59 000 (jsonb_build_object, ||, jsonb_out), ON CONFLICT ≈ 19 000
--- and the plan lookup's sort ≈ 14 000. Now:
+-- JSON ≈ 59 000 (jsonb_build_object, ||, jsonb_out) and ON CONFLICT ≈ 19 000;
+-- the plan lookup's sort cost ≈ 14 000 (measured on this function). Now:
 --
 -- * `used` from a known watermark (the caller's, for the consume's period:
 --   the usual case) is read in the statement that resolves the limits, by a

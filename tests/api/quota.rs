@@ -1357,8 +1357,7 @@ async fn on_postgres_a_consume_group_reads_used_from_a_watermark_only_when_it_ho
     let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
     let now = Utc::now();
     let first = consume_group_with_watermark(&pool, "a", &[now], None).await.unwrap();
-    let (outcome, used) = (&first[0].outcome, first[0].used);
-    assert_eq!((outcome.as_str(), used), ("recorded", 0));
+    assert_eq!((first[0].outcome.as_str(), first[0].used), ("recorded", 0));
     let today = now.date_naive();
     let known = Watermark {
         start: today,
@@ -1376,41 +1375,35 @@ async fn on_postgres_a_consume_group_reads_used_from_a_watermark_only_when_it_ho
         .post_entries(json!({"entries": [posted_at("5", "p1"), posted_at("7", "p2")]}))
         .await;
     assert_eq!(posted.status, 200, "{:?}", posted.body);
+    // `used` of each consume of one group at `now`, offering `known`.
+    let used_with = async |prefix: &str, consumes: usize, known: Watermark| -> Vec<i64> {
+        let decided = consume_group_with_watermark(&pool, prefix, &vec![now; consumes], Some(known))
+            .await
+            .unwrap();
+        decided.iter().map(|d| d.used).collect()
+    };
 
     // Honest: 1 consumed + 12 posted, then the group's own first consume.
-    let warm = consume_group_with_watermark(&pool, "b", &[now, now], Some(known))
-        .await
-        .unwrap();
-    let used: Vec<i64> = warm.iter().map(|d| d.used).collect();
-    assert_eq!(used, [13, 14]);
+    assert_eq!(used_with("b", 2, known).await, [13, 14]);
     // The settled sum is taken as given, not re-read: 100 more than the truth
     // shows in `used`, which is how this test knows the watermark was used.
     let trusted = Watermark {
         settled: known.settled + 100,
         ..known
     };
-    let trusting = consume_group_with_watermark(&pool, "c", &[now], Some(trusted))
-        .await
-        .unwrap();
-    assert_eq!(trusting[0].used, 115);
+    assert_eq!(used_with("c", 1, trusted).await, [115]);
     // Ignored: a watermark of yesterday, and one newer than any snapshot.
     let yesterday = Watermark {
         start: today - Duration::days(1),
         end: today,
         ..trusted
     };
-    let other_period = consume_group_with_watermark(&pool, "d", &[now], Some(yesterday))
-        .await
-        .unwrap();
-    assert_eq!(other_period[0].used, 16);
+    assert_eq!(used_with("d", 1, yesterday).await, [16]);
     let future = Watermark {
         mark: known.mark + 1_000_000,
         ..trusted
     };
-    let too_new = consume_group_with_watermark(&pool, "e", &[now], Some(future))
-        .await
-        .unwrap();
-    assert_eq!(too_new[0].used, 17);
+    assert_eq!(used_with("e", 1, future).await, [17]);
     assert_eq!(app.ledger_sum("acme", "llm_tokens").await, 18);
 }
 
