@@ -24,13 +24,16 @@
 //! every 10 s, as `tally serve` runs), every account on plan `scale`
 //! (`llm_tokens` unlimited, no rate limit; the assignments are inserted in
 //! SQL). For `--consume-seconds` each, spread over `--accounts` accounts,
-//! then all on one account:
+//! then all on one account, and all of it once per count of concurrent
+//! callers in `--clients` (default 16, then 64: Tally decides the consumes
+//! waiting at one instant in one call, so its rate grows with the callers
+//! where the counter's does not, and one count alone would hide that):
 //!
 //! 1. **Tally in-process** (the target's comparison: the same kind of
-//!    connections as the baseline): `--clients` tasks each calling
+//!    connections as the baseline): that many tasks each calling
 //!    `Quotas::consume` (what the HTTP handler calls) of 1 `llm_tokens` with a
 //!    unique key, one after the other, on a store opened on the database.
-//! 2. **Tally over HTTP**, for information: `--clients` HTTP clients posting
+//! 2. **Tally over HTTP**, for information: that many HTTP clients posting
 //!    `POST /v1/quota/consume` the same way.
 //! 3. **Baseline**: a counter upsert (`INSERT … ON CONFLICT DO UPDATE SET
 //!    count = count + 1`, on PostgreSQL wrapped in a SQL function
@@ -129,9 +132,12 @@ pub struct QuotaArgs {
     /// The baseline stops after this many seconds (after at least 3 queries).
     #[arg(long, default_value_t = 20)]
     pub baseline_seconds: u64,
-    /// Concurrent consume clients (and baseline connections).
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=16))]
-    pub clients: u64,
+    /// Concurrent consume callers (and baseline connections), one
+    /// measurement per count: group commit gains with concurrency, a
+    /// per-event counter does not, so the ratio depends on it.
+    #[arg(long, value_delimiter = ',', default_values_t = [16, 64],
+          value_parser = clap::value_parser!(u64).range(1..=256))]
+    pub clients: Vec<u64>,
     /// Accounts the spread consume case cycles through.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub accounts: u64,
@@ -570,10 +576,11 @@ async fn assign_scale(url: &str, accounts: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--clients` concurrent tasks calling `Quotas::consume` (what the HTTP
+/// `clients` concurrent tasks calling `Quotas::consume` (what the HTTP
 /// handler calls) on `store` for `--consume-seconds`.
 async fn consume_in_process(
     args: &QuotaArgs,
+    clients: u64,
     store: &Arc<dyn Store>,
     catalog: &Arc<crate::domain::Catalog>,
     spread: Spread,
@@ -586,7 +593,7 @@ async fn consume_in_process(
     let deadline = Instant::now() + Duration::from_secs(args.consume_seconds);
     let start = Instant::now();
     let mut tasks = JoinSet::new();
-    for _ in 0..args.clients {
+    for _ in 0..clients {
         let (store, catalog, rates, counter) = (store.clone(), catalog.clone(), rates.clone(), counter.clone());
         let (resource, tag) = (resource.clone(), tag.to_owned());
         tasks.spawn(async move {
@@ -619,9 +626,10 @@ async fn consume_in_process(
     Throughput::collect(tasks, start, "a consume task").await
 }
 
-/// `--clients` concurrent HTTP clients posting consumes for `--consume-seconds`.
+/// `clients` concurrent HTTP clients posting consumes for `--consume-seconds`.
 async fn consume_tally(
     args: &QuotaArgs,
+    clients: u64,
     tally: &RunningTally,
     spread: Spread,
     tag: &str,
@@ -632,7 +640,7 @@ async fn consume_tally(
     let deadline = Instant::now() + Duration::from_secs(args.consume_seconds);
     let start = Instant::now();
     let mut tasks = JoinSet::new();
-    for _ in 0..args.clients {
+    for _ in 0..clients {
         let client = reqwest::Client::builder()
             .tcp_nodelay(true)
             .pool_max_idle_per_host(1)
@@ -670,8 +678,8 @@ async fn consume_tally(
     Throughput::collect(tasks, start, "a consume client").await
 }
 
-/// The counter-upsert baseline from `--clients` concurrent connections.
-async fn consume_baseline(args: &QuotaArgs, url: &str, spread: Spread) -> anyhow::Result<Throughput> {
+/// The counter-upsert baseline from `clients` concurrent connections.
+async fn consume_baseline(args: &QuotaArgs, clients: u64, url: &str, spread: Spread) -> anyhow::Result<Throughput> {
     let deadline = Instant::now() + Duration::from_secs(args.consume_seconds);
     let counter = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
@@ -687,7 +695,7 @@ async fn consume_baseline(args: &QuotaArgs, url: &str, spread: Spread) -> anyhow
             .max_connections(1)
             .connect_with(options)
             .await?;
-        for _ in 0..args.clients {
+        for _ in 0..clients {
             let (pool, counter) = (pool.clone(), counter.clone());
             tasks.spawn(async move {
                 let mut done = 0_u64;
@@ -708,11 +716,11 @@ async fn consume_baseline(args: &QuotaArgs, url: &str, spread: Spread) -> anyhow
         }
     } else {
         let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(u32::try_from(args.clients)?)
-            .min_connections(u32::try_from(args.clients)?)
+            .max_connections(u32::try_from(clients)?)
+            .min_connections(u32::try_from(clients)?)
             .connect(url)
             .await?;
-        for _ in 0..args.clients {
+        for _ in 0..clients {
             let (pool, counter) = (pool.clone(), counter.clone());
             tasks.spawn(async move {
                 let mut conn = pool.acquire().await?;
@@ -731,6 +739,16 @@ async fn consume_baseline(args: &QuotaArgs, url: &str, spread: Spread) -> anyhow
         }
     }
     Throughput::collect(tasks, start, "a baseline client").await
+}
+
+/// One consume measurement: Tally in-process, over HTTP, and the baseline,
+/// at one count of concurrent callers.
+struct Measured {
+    clients: u64,
+    spread: Spread,
+    in_process: Throughput,
+    http: Throughput,
+    baseline: Throughput,
 }
 
 /// The consume part on one engine (PostgreSQL: on a cluster of the given
@@ -785,28 +803,35 @@ async fn consume_on(args: &QuotaArgs, engine: Engine, durability: Durability) ->
     }
 
     let mut results = Vec::new();
-    for (spread, tag) in [(Spread::Accounts(args.accounts), "s"), (Spread::Hot, "h")] {
-        eprintln!(
-            "[{engine}] Tally in-process: Quotas::consume, {} tasks, {}, {} s…",
-            args.clients,
-            spread.name(),
-            args.consume_seconds
-        );
-        let in_process = consume_in_process(args, &store, &catalog, spread, &format!("{tag}p")).await?;
-        eprintln!(
-            "[{engine}] Tally over HTTP: POST /v1/quota/consume, {} clients, {}, {} s…",
-            args.clients,
-            spread.name(),
-            args.consume_seconds
-        );
-        let http = consume_tally(args, &tally, spread, tag).await?;
-        eprintln!(
-            "[{engine}] baseline: counter upsert, {} connections, {}…",
-            args.clients,
-            spread.name()
-        );
-        let baseline = consume_baseline(args, &baseline_url, spread).await?;
-        results.push((spread, in_process, http, baseline));
+    for &clients in &args.clients {
+        for (spread, tag) in [(Spread::Accounts(args.accounts), "s"), (Spread::Hot, "h")] {
+            // Keys stay unique across client counts: each count is a new run.
+            let tag = format!("{tag}{clients}");
+            eprintln!(
+                "[{engine}] Tally in-process: Quotas::consume, {clients} tasks, {}, {} s…",
+                spread.name(),
+                args.consume_seconds
+            );
+            let in_process = consume_in_process(args, clients, &store, &catalog, spread, &format!("{tag}p")).await?;
+            eprintln!(
+                "[{engine}] Tally over HTTP: POST /v1/quota/consume, {clients} clients, {}, {} s…",
+                spread.name(),
+                args.consume_seconds
+            );
+            let http = consume_tally(args, clients, &tally, spread, &tag).await?;
+            eprintln!(
+                "[{engine}] baseline: counter upsert, {clients} connections, {}…",
+                spread.name()
+            );
+            let baseline = consume_baseline(args, clients, &baseline_url, spread).await?;
+            results.push(Measured {
+                clients,
+                spread,
+                in_process,
+                http,
+                baseline,
+            });
+        }
     }
     // The hot account's used must be exactly what was consumed on it.
     let client = reqwest::Client::new();
@@ -818,7 +843,11 @@ async fn consume_on(args: &QuotaArgs, engine: Engine, durability: Durability) ->
         .await?
         .json()
         .await?;
-    let hot_done = results.last().map_or(0, |r| r.1.done + r.2.done);
+    let hot_done: u64 = results
+        .iter()
+        .filter(|m| matches!(m.spread, Spread::Hot))
+        .map(|m| m.in_process.done + m.http.done)
+        .sum();
     ensure!(
         answer["used"] == hot_done.to_string().as_str(),
         "hot-0 used {} after {hot_done} consumes",
@@ -833,18 +862,25 @@ async fn consume_on(args: &QuotaArgs, engine: Engine, durability: Durability) ->
     };
     println!();
     println!(
-        "quota consume  engine={engine}{durability_tag}  clients={} seconds={} resource={CONSUME_RESOURCE} plan=scale (unlimited) jobs=built-in",
-        args.clients, args.consume_seconds
+        "quota consume  engine={engine}{durability_tag}  seconds={} resource={CONSUME_RESOURCE} plan=scale (unlimited) jobs=built-in",
+        args.consume_seconds
     );
     println!("  settings    {settings}");
     let mut met = true;
     let mut lines = Vec::new();
-    for (spread, in_process, http, baseline) in results {
+    for Measured {
+        clients,
+        spread,
+        in_process,
+        http,
+        baseline,
+    } in results
+    {
         let ratio = in_process.per_second() / baseline.per_second().max(1e-9);
         let http_ratio = http.per_second() / baseline.per_second().max(1e-9);
         met &= ratio >= TARGET_CONSUME_RATIO;
         println!(
-            "  {:<26} in-process {:>8.0}/s ({} in {:.1} s)  http {:>8.0}/s ({} in {:.1} s)  \
+            "  clients={clients:<4} {:<26} in-process {:>8.0}/s ({} in {:.1} s)  http {:>8.0}/s ({} in {:.1} s)  \
              baseline {:>8.0}/s ({} in {:.1} s)  ratio {ratio:.2} (http {http_ratio:.2})",
             spread.name(),
             in_process.per_second(),
@@ -858,8 +894,8 @@ async fn consume_on(args: &QuotaArgs, engine: Engine, durability: Durability) ->
             baseline.elapsed.as_secs_f64()
         );
         lines.push(format!(
-            "summary engine={:<8}{durability_tag} consume {:<26} tally={:.0}/s baseline={:.0}/s ratio={ratio:.2} \
-             (target ≥ {TARGET_CONSUME_RATIO:.1}: {}); over HTTP {:.0}/s ({http_ratio:.2})",
+            "summary engine={:<8}{durability_tag} consume clients={clients:<4} {:<26} tally={:.0}/s baseline={:.0}/s \
+             ratio={ratio:.2} (target ≥ {TARGET_CONSUME_RATIO:.1}: {}); over HTTP {:.0}/s ({http_ratio:.2})",
             engine.name(),
             spread.name(),
             in_process.per_second(),
