@@ -3,7 +3,7 @@
 use serde_json::json;
 
 use crate::both;
-use crate::helpers::{TestApp, entry};
+use crate::helpers::{TestApp, days_ago, days_ago_at, entry};
 
 both!(
     posting_an_entry_creates_it_and_lists_it_with_its_exact_amount,
@@ -24,10 +24,11 @@ both!(
 );
 
 async fn posting_an_entry_creates_it_and_lists_it_with_its_exact_amount(app: TestApp) {
+    let occurred_at = days_ago_at(12, "10:00:00");
     let reply = app
         .post_entries(json!({
             "account": "acme", "resource": "agent_minutes", "amount": "1.25", "idempotency_key": "k1",
-            "occurred_at": "2026-11-20T10:00:00Z", "source": "billing-api", "metadata": {"region": "eu", "note": "a,\"b\"\nc"}
+            "occurred_at": occurred_at, "source": "billing-api", "metadata": {"region": "eu", "note": "a,\"b\"\nc"}
         }))
         .await;
     assert_eq!(reply.status, 200, "{:?}", reply.body);
@@ -42,7 +43,7 @@ async fn posting_an_entry_creates_it_and_lists_it_with_its_exact_amount(app: Tes
     let row = &listed.body["entries"][0];
     assert_eq!(row["id"], id);
     assert_eq!(row["amount"], "1.25");
-    assert_eq!(row["occurred_at"], "2026-11-20T10:00:00Z");
+    assert_eq!(row["occurred_at"], occurred_at.as_str());
     assert_eq!(row["source"], "billing-api");
     assert_eq!(row["metadata"], json!({"region": "eu", "note": "a,\"b\"\nc"}));
     assert_eq!(row["reverses"], serde_json::Value::Null);
@@ -50,12 +51,13 @@ async fn posting_an_entry_creates_it_and_lists_it_with_its_exact_amount(app: Tes
     insta::assert_json_snapshot!("listed_entry", listed.body, {
         ".entries[].id" => "[id]",
         ".entries[].recorded_at" => "[recorded_at]",
+        ".entries[].occurred_at" => "[occurred_at]",
     });
 }
 
 async fn reposting_the_same_key_and_content_is_a_duplicate_that_changes_nothing(app: TestApp) {
     let body = json!({"account": "acme", "resource": "api_requests", "amount": 5, "idempotency_key": "k1",
-                      "occurred_at": "2026-11-20T10:00:00Z"});
+                      "occurred_at": days_ago_at(12, "10:00:00")});
     let first = app.post_entries(body.clone()).await;
     let again = app.post_entries(body).await;
     assert_eq!(again.status, 200);
@@ -90,7 +92,7 @@ async fn the_same_key_with_another_amount_is_a_conflict_that_writes_nothing(app:
     assert_eq!(other_resource.status, 409);
     let other_time = app
         .post_entries(json!({"account": "acme", "resource": "api_requests", "amount": "5",
-                             "idempotency_key": "k1", "occurred_at": "2026-11-01T00:00:00Z"}))
+                             "idempotency_key": "k1", "occurred_at": days_ago_at(30, "00:00:00")}))
         .await;
     assert_eq!(other_time.status, 409);
     assert_eq!(app.count_entries().await, 1);
@@ -207,9 +209,10 @@ async fn amounts_given_as_json_numbers_are_parsed_exactly(app: TestApp) {
 }
 
 async fn a_reversal_appends_the_opposite_amount_once(app: TestApp) {
+    let posted_at = days_ago_at(12, "10:00:00");
     let posted = app
         .post_entries(json!({"account": "acme", "resource": "agent_minutes", "amount": "2.5",
-                             "idempotency_key": "k1", "occurred_at": "2026-11-20T10:00:00Z"}))
+                             "idempotency_key": "k1", "occurred_at": posted_at}))
         .await;
     let id = posted.body["entries"][0]["id"].as_i64().unwrap();
     let reversal = app
@@ -222,7 +225,7 @@ async fn a_reversal_appends_the_opposite_amount_once(app: TestApp) {
     assert_eq!(reversal.body["status"], "created");
     assert_eq!(reversal.body["amount"], "-2.5");
     assert_eq!(reversal.body["reverses"], id);
-    assert_eq!(reversal.body["occurred_at"], "2026-11-20T10:00:00Z");
+    assert_eq!(reversal.body["occurred_at"], posted_at.as_str());
     assert_eq!(reversal.body["metadata"]["reason"], "double billed");
 
     let retried = app
@@ -301,14 +304,17 @@ async fn listing_pages_through_the_ledger_in_id_order(app: TestApp) {
 }
 
 async fn listing_filters_by_resource_and_time(app: TestApp) {
+    let (day, next_day) = (days_ago(3), days_ago(2));
     app.post_entries(json!({"entries": [
-        {"account": "acme", "resource": "api_requests", "amount": "1", "idempotency_key": "a", "occurred_at": "2026-11-01T00:00:00Z"},
-        {"account": "acme", "resource": "api_requests", "amount": "2", "idempotency_key": "b", "occurred_at": "2026-11-02T00:00:00Z"},
-        {"account": "acme", "resource": "llm_tokens", "amount": "3", "idempotency_key": "c", "occurred_at": "2026-11-01T12:00:00Z"},
+        {"account": "acme", "resource": "api_requests", "amount": "1", "idempotency_key": "a", "occurred_at": format!("{day}T00:00:00Z")},
+        {"account": "acme", "resource": "api_requests", "amount": "2", "idempotency_key": "b", "occurred_at": format!("{next_day}T00:00:00Z")},
+        {"account": "acme", "resource": "llm_tokens", "amount": "3", "idempotency_key": "c", "occurred_at": format!("{day}T12:00:00Z")},
     ]}))
     .await;
     let page = app
-        .get("/v1/accounts/acme/entries?resource=api_requests&from=2026-11-01&to=2026-11-02T00:00:00Z")
+        .get(&format!(
+            "/v1/accounts/acme/entries?resource=api_requests&from={day}&to={next_day}T00:00:00Z"
+        ))
         .await;
     assert_eq!(page.status, 200, "{:?}", page.body);
     let keys: Vec<_> = page.body["entries"]

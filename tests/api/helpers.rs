@@ -213,6 +213,20 @@ impl TestApp {
     }
 }
 
+/// The UTC day `days` before today, as `YYYY-MM-DD`: entries posted over
+/// HTTP must fall inside the late-arrival horizon (35 days), so tests that
+/// post a given instant take it relative to today, not as a fixed date.
+pub fn days_ago(days: i64) -> String {
+    (chrono::Utc::now() - chrono::Duration::days(days))
+        .format("%Y-%m-%d")
+        .to_string()
+}
+
+/// `time` (`HH:MM:SS`) on the UTC day `days` before today, as RFC 3339.
+pub fn days_ago_at(days: i64, time: &str) -> String {
+    format!("{}T{time}Z", days_ago(days))
+}
+
 /// A valid entry for `account` with `key`.
 pub fn entry(account: &str, resource: &str, amount: &str, key: &str) -> Value {
     serde_json::json!({ "account": account, "resource": resource, "amount": amount, "idempotency_key": key })
