@@ -12,6 +12,7 @@ use crate::helpers::{Backend, TestApp};
 
 both!(
     entries_fold_into_their_utc_day_and_month_across_boundaries,
+    entries_before_1970_fold_into_their_own_utc_day_and_month,
     negative_entries_reversals_and_late_entries_fold_into_their_buckets,
     a_second_rollup_with_nothing_new_changes_nothing,
     a_corrupted_total_makes_verify_fail,
@@ -47,6 +48,30 @@ async fn entries_fold_into_their_utc_day_and_month_across_boundaries(app: TestAp
         .scalar_i64("SELECT CAST(entries AS BIGINT) FROM monthly_totals WHERE resource = 'api_requests' AND account = 'acme' AND amount = 11110")
         .await;
     assert_eq!(entries, 4, "the monthly total counts its entries");
+}
+
+/// SQLite stores microseconds since 1970 and its integer division rounds
+/// toward zero: an instant just before 1970 must still fall in 1969.
+async fn entries_before_1970_fold_into_their_own_utc_day_and_month(app: TestApp) {
+    app.insert(&[
+        ("acme", "api_requests", "1", "a", "1969-12-31T23:59:59.5Z"),
+        ("acme", "api_requests", "10", "b", "1969-12-31T23:59:59.999999Z"),
+        ("acme", "api_requests", "100", "c", "1970-01-01T00:00:00Z"),
+        ("acme", "api_requests", "1000", "d", "1969-12-30T23:59:59.000001Z"),
+    ])
+    .await;
+    app.rollup().await;
+    assert_eq!(app.daily_total("acme", "api_requests", "1969-12-30").await, 1000);
+    assert_eq!(app.daily_total("acme", "api_requests", "1969-12-31").await, 11);
+    assert_eq!(app.daily_total("acme", "api_requests", "1970-01-01").await, 100);
+    assert_eq!(app.monthly_total("acme", "api_requests", "1969-12-01").await, 1011);
+    assert_eq!(app.monthly_total("acme", "api_requests", "1970-01-01").await, 100);
+    assert!(app.store.verify_totals().await.unwrap().is_empty());
+    assert_eq!(
+        app.series_sum("acme", "api_requests", "1969-12-31", "1970-01-01", "day")
+            .await,
+        11
+    );
 }
 
 async fn negative_entries_reversals_and_late_entries_fold_into_their_buckets(app: TestApp) {

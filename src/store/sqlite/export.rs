@@ -159,13 +159,19 @@ pub(super) async fn entries(
 }
 
 /// The table, bucket column and bucket-of-an-entry expression of a granularity.
+/// The expressions floor `occurred_at` (µs) to seconds: SQLite's `/` rounds
+/// toward zero, which would put an instant before 1970 in the next day.
 pub(super) fn shape(granularity: Granularity) -> (&'static str, &'static str, &'static str) {
     match granularity {
-        Granularity::Day => ("daily_totals", "day", "date(occurred_at / 1000000, 'unixepoch')"),
+        Granularity::Day => (
+            "daily_totals",
+            "day",
+            "date((occurred_at - (occurred_at % 1000000 + 1000000) % 1000000) / 1000000, 'unixepoch')",
+        ),
         Granularity::Month => (
             "monthly_totals",
             "month",
-            "strftime('%Y-%m-01', occurred_at / 1000000, 'unixepoch')",
+            "strftime('%Y-%m-01', (occurred_at - (occurred_at % 1000000 + 1000000) % 1000000) / 1000000, 'unixepoch')",
         ),
     }
 }
