@@ -112,6 +112,35 @@ pub fn parse_timestamp(text: &str) -> Result<DateTime<Utc>, String> {
         })
 }
 
+/// Why U+0000 is refused, for error messages.
+const NUL_REASON: &str =
+    "the ledger cannot store it (PostgreSQL refuses it in text and JSON); remove it or escape it in your own way";
+
+/// Refuses text holding U+0000 on both engines alike: PostgreSQL cannot
+/// store it in TEXT (SQLSTATE 22021) or JSONB (22P05), and SQLite would keep
+/// what PostgreSQL refuses.
+pub fn refuse_nul(field: &str, text: &str) -> Result<(), String> {
+    if text.contains('\0') {
+        Err(format!(
+            "{field} must not contain the NUL character (\\u0000); {NUL_REASON}"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// Whether a key or string anywhere in `value` holds U+0000.
+fn json_holds_nul(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::String(text) => text.contains('\0'),
+        serde_json::Value::Array(items) => items.iter().any(json_holds_nul),
+        serde_json::Value::Object(fields) => fields
+            .iter()
+            .any(|(key, value)| key.contains('\0') || json_holds_nul(value)),
+        serde_json::Value::Null | serde_json::Value::Bool(_) | serde_json::Value::Number(_) => false,
+    }
+}
+
 impl EntryInput {
     /// Validates the entry at `index`, collecting every problem.
     pub fn validate(self, index: usize, rules: EntryRules<'_>) -> Result<NewEntry, Vec<FieldError>> {
@@ -212,12 +241,24 @@ impl EntryInput {
             if source.chars().count() > 255 {
                 fail("source", "invalid", "source must be at most 255 characters".into());
             }
+            if let Err(message) = refuse_nul("source", source) {
+                fail("source", "invalid", message);
+            }
         }
         let metadata = match self.metadata {
             None | Some(serde_json::Value::Null) => None,
             Some(value @ serde_json::Value::Object(_)) => {
                 let text = value.to_string();
-                if text.len() > MAX_METADATA_BYTES {
+                if json_holds_nul(&value) {
+                    fail(
+                        "metadata",
+                        "invalid",
+                        format!(
+                            "metadata must not contain the NUL character (\\u0000) in a key or string; {NUL_REASON}"
+                        ),
+                    );
+                    None
+                } else if text.len() > MAX_METADATA_BYTES {
                     fail(
                         "metadata",
                         "invalid",

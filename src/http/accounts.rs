@@ -9,7 +9,7 @@ use serde_json::value::RawValue;
 
 use super::auth::Caller;
 use super::error::ApiError;
-use super::extract::{JsonBody, QueryParams};
+use super::extract::{Body, QueryParams, parse_json};
 use super::{AppState, params};
 use crate::domain::catalog::{Enforcement, FeatureValue, Window};
 use crate::domain::entry::parse_timestamp;
@@ -86,9 +86,10 @@ async fn set_plan(
     State(state): State<AppState>,
     caller: Caller,
     Path(account): Path<String>,
-    JsonBody(request): JsonBody<SetPlan>,
+    Body(bytes): Body,
 ) -> Result<Json<AccountView>, ApiError> {
     caller.require(&[Role::Admin], "change plans")?;
+    let request: SetPlan = parse_json(&bytes)?;
     let account = params::account(&account)?;
     let plan = request
         .plan
@@ -108,24 +109,39 @@ async fn set_plan(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SetOverride {
-    /// Required; JSON null means unlimited.
-    limit: Box<RawValue>,
+    /// Required (`None`: missing); JSON null means unlimited.
+    #[serde(default, deserialize_with = "present")]
+    limit: Option<Box<RawValue>>,
     enforcement: Option<String>,
     window: Option<String>,
     expires_at: Option<String>,
+}
+
+/// Deserializes a field that is present, JSON null included, as `Some`;
+/// with `#[serde(default)]` a missing one is `None`. (A plain `Option`
+/// reads null as `None`, and null means unlimited here.)
+fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Box<RawValue>>, D::Error> {
+    Box::<RawValue>::deserialize(deserializer).map(Some)
 }
 
 async fn set_override(
     State(state): State<AppState>,
     caller: Caller,
     Path((account, resource)): Path<(String, String)>,
-    JsonBody(request): JsonBody<SetOverride>,
+    Body(bytes): Body,
 ) -> Result<Json<Override>, ApiError> {
     caller.require(&[Role::Admin], "set overrides")?;
+    let request: SetOverride = parse_json(&bytes)?;
     let account = params::account(&account)?;
     let resource = params::resource(&state.catalog, &resource)?;
     let decimals = state.catalog.decimals(resource.as_str());
-    let limit = match request.limit.get() {
+    let Some(limit) = request.limit else {
+        return Err(ApiError::invalid(
+            "limit",
+            "limit is required: a decimal string such as \"5000\", or null for unlimited",
+        ));
+    };
+    let limit = match limit.get() {
         "null" => None,
         raw => {
             let text: String = if raw.starts_with('"') {

@@ -12,9 +12,9 @@ use serde_json::value::RawValue;
 use super::AppState;
 use super::auth::Caller;
 use super::error::ApiError;
-use super::extract::{Body, JsonBody, QueryParams, parse_json};
+use super::extract::{Body, QueryParams, parse_json};
 use super::params;
-use crate::domain::entry::{EntryRules, validate_batch};
+use crate::domain::entry::{EntryRules, refuse_nul, validate_batch};
 use crate::domain::{AccountId, Entry, EntryFilter, EntryInput, IdempotencyKey, InsertOutcome, InsertStatus, Role};
 use crate::store::reversal_of;
 
@@ -122,9 +122,10 @@ async fn reverse_entry(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    JsonBody(request): JsonBody<ReversalRequest>,
+    Body(bytes): Body,
 ) -> Result<Json<ReversalResponse>, ApiError> {
     caller.require(&[Role::Admin, Role::Service], "reverse entries")?;
+    let request: ReversalRequest = parse_json(&bytes)?;
     let id: i64 = id
         .parse()
         .map_err(|_| ApiError::NotFound(format!("entry {id:?} does not exist; entry ids are integers")))?;
@@ -132,8 +133,11 @@ async fn reverse_entry(
         None => return Err(ApiError::invalid("idempotency_key", "idempotency_key is required")),
         Some(raw) => IdempotencyKey::parse(raw).map_err(|m| ApiError::invalid("idempotency_key", m))?,
     };
-    if request.reason.as_ref().is_some_and(|r| r.chars().count() > 1000) {
-        return Err(ApiError::invalid("reason", "reason must be at most 1000 characters"));
+    if let Some(reason) = &request.reason {
+        if reason.chars().count() > 1000 {
+            return Err(ApiError::invalid("reason", "reason must be at most 1000 characters"));
+        }
+        refuse_nul("reason", reason).map_err(|m| ApiError::invalid("reason", m))?;
     }
     let original = state.store.entry(id).await?;
     caller.require_write(&original.account)?;

@@ -24,6 +24,9 @@ pub enum ApiError {
     /// 404: no such entry or route.
     #[error("{0}")]
     NotFound(String),
+    /// 405: the route exists, the method does not.
+    #[error("{0}")]
+    MethodNotAllowed(String),
     /// 409 with a specific code (`idempotency_conflict`, `already_reversed`).
     #[error("{message}")]
     Conflict {
@@ -100,6 +103,7 @@ impl ApiError {
             Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Self::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Self::Conflict { code, .. } => (StatusCode::CONFLICT, code),
             Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::Validation { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, code),
@@ -124,7 +128,7 @@ impl From<StoreError> for ApiError {
             },
             StoreError::Invalid(m) => Self::invalid("id", m),
             StoreError::Unavailable(_) => Self::Unavailable(e),
-            StoreError::Internal(_) => Self::Internal(e.into()),
+            StoreError::Internal(_) | StoreError::Unexpected(_) => Self::Internal(e.into()),
         }
     }
 }

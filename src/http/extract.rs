@@ -38,18 +38,6 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         .map_err(|e| ApiError::MalformedBody(format!("the body is not valid JSON for this endpoint: {e}")))
 }
 
-/// A JSON body (400 if malformed, 413 if too large).
-pub struct JsonBody<T>(pub T);
-
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let Body(bytes) = Body::from_request(req, state).await?;
-        parse_json(&bytes).map(JsonBody)
-    }
-}
-
 /// Query parameters as text, so each one is parsed with a clear 422.
 pub struct QueryParams(pub std::collections::HashMap<String, String>);
 

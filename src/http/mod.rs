@@ -70,6 +70,8 @@ pub fn router(state: AppState) -> Router {
         .merge(admin::router())
         .merge(operations::router())
         .fallback(not_found)
+        // After the merges: it applies to the routes present when called.
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(
             state.clone(),
             operations::count_requests,
@@ -81,6 +83,13 @@ pub fn router(state: AppState) -> Router {
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {
     ApiError::NotFound(format!("no route for {uri}; see API.md for the endpoints"))
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::MethodNotAllowed(format!(
+        "{method} is not allowed on {}; the Allow header lists the methods it takes",
+        uri.path()
+    ))
 }
 
 /// A bound server, ready to run. Tests build it on port 0 and read the port.

@@ -9,10 +9,10 @@ use serde_json::value::RawValue;
 
 use super::auth::Caller;
 use super::error::ApiError;
-use super::extract::{Body, JsonBody, parse_json};
+use super::extract::{Body, parse_json};
 use super::{AppState, params};
 use crate::domain::entry::parse_timestamp;
-use crate::domain::{Amount, EntryInput, Role};
+use crate::domain::{AccountId, Amount, EntryInput, Role};
 use crate::usage::quota::{ConsumeError, ConsumeOutcome, QuotaStatus, Quotas, Warning};
 
 /// The quota routes.
@@ -34,9 +34,10 @@ struct CheckRequest {
 async fn check(
     State(state): State<AppState>,
     caller: Caller,
-    JsonBody(request): JsonBody<CheckRequest>,
+    Body(bytes): Body,
 ) -> Result<Json<QuotaStatus>, ApiError> {
     caller.require(&[Role::Admin, Role::Service], "check quota")?;
+    let request: CheckRequest = parse_json(&bytes)?;
     let account = params::account(
         request
             .account
@@ -101,11 +102,15 @@ async fn consume(
 ) -> Result<Json<ConsumeResponse>, ApiError> {
     caller.require(&[Role::Admin, Role::Service], "consume quota")?;
     let input: EntryInput = parse_json(&bytes)?;
+    // The account first: a key bound to another account learns nothing
+    // about its body (403 before any 422).
+    if let Some(account) = input.account.as_deref().and_then(|a| AccountId::parse(a).ok()) {
+        caller.require_write(&account)?;
+    }
     let raw_amount = input.amount.as_ref().map(|a| a.get().to_owned());
     let entry = input
         .validate(0, state.entry_rules())
         .map_err(ApiError::from_field_errors)?;
-    caller.require_write(&entry.account)?;
     if let Some(raw) = raw_amount {
         positive_amount(&raw, entry.amount.decimals())?;
     }

@@ -73,7 +73,7 @@ impl Failpoint {
                 eprintln!("failpoint: aborting the process in batch {batch} ({stage:?})");
                 std::process::abort()
             }
-            FailAction::Error => Err(StoreError::Invalid(format!(
+            FailAction::Error => Err(StoreError::Unexpected(format!(
                 "failpoint fired in batch {batch} ({stage:?})"
             ))),
         }

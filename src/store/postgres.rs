@@ -122,10 +122,16 @@ impl PgStore {
     /// Connects to the database a `postgres://` URL names.
     pub async fn connect(url: &str, catalog: Arc<Catalog>) -> Result<Self, sqlx::Error> {
         let options: PgConnectOptions = url.parse()?;
+        // Consume's no-overshoot rests on READ COMMITTED (the total is read
+        // after the lock, in a fresh snapshot): ask for it whatever the
+        // database's default. The backslash escapes the space for `-c`.
+        let options = options
+            .application_name("tally")
+            .options([("default_transaction_isolation", r"read\ committed")]);
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options.application_name("tally"))
+            .connect_with(options)
             .await?;
         Ok(Self {
             pool,
@@ -894,7 +900,7 @@ impl Store for PgStore {
                 return Err(StoreError::key_taken(None));
             }
             (other, ..) => {
-                return Err(StoreError::Invalid(format!(
+                return Err(StoreError::Unexpected(format!(
                     "tally_consume_group answered an outcome this version does not know: {other:?}"
                 )));
             }

@@ -1017,7 +1017,7 @@ async fn fetch_with_outcome(
 /// Parses a stored 'YYYY-MM-DD' bucket.
 fn parse_date(text: &str) -> Result<NaiveDate, StoreError> {
     text.parse()
-        .map_err(|_| StoreError::Invalid(format!("the database holds a malformed date {text:?}")))
+        .map_err(|_| StoreError::Unexpected(format!("the database holds a malformed date {text:?}")))
 }
 
 type TotalTuple<D> = (String, String, D, i64, i64);

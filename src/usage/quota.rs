@@ -355,7 +355,7 @@ impl Quotas<'_> {
             replayed @ ConsumeResult::Replayed { .. } => self.replayed(entry, replayed).await,
             ConsumeResult::Rejected { reason, .. } => {
                 let rejected: Rejected = serde_json::from_str(&reason).map_err(|e| {
-                    StoreError::Invalid(format!("a consume was refused for a reason not understood: {e}"))
+                    StoreError::Unexpected(format!("a consume was refused for a reason not understood: {e}"))
                 })?;
                 Ok(match rejected {
                     Rejected::LargerThanRate { per_minute } => {
@@ -552,7 +552,7 @@ impl Quotas<'_> {
                     replayed: true,
                 })
             }
-            other => Err(ConsumeError::Store(StoreError::Invalid(format!(
+            other => Err(ConsumeError::Store(StoreError::Unexpected(format!(
                 "a replay was expected, the store answered {other:?}"
             )))),
         }
@@ -607,7 +607,7 @@ struct StoredLimit {
 impl StoredLimit {
     fn parse(text: &str, entry_id: i64) -> Result<Self, StoreError> {
         serde_json::from_str(text).map_err(|e| {
-            StoreError::Invalid(format!(
+            StoreError::Unexpected(format!(
                 "the stored outcome of consume entry {entry_id} cannot be read back: {e}"
             ))
         })
@@ -618,7 +618,7 @@ impl StoredLimit {
             None => None,
             Some(text) => Some(
                 text.parse::<Decimal>()
-                    .map_err(|e| StoreError::Invalid(format!("stored overage price {text:?}: {e}")))?,
+                    .map_err(|e| StoreError::Unexpected(format!("stored overage price {text:?}: {e}")))?,
             ),
         };
         let limit = EffectiveLimit {
@@ -757,7 +757,7 @@ fn recorded(entry: &NewEntry, entry_id: i64, response: &str, replayed: bool) -> 
     let (limit, period) = stored.limit(decimals)?;
     let after = Amount::from_minor(
         stored.used_after.ok_or_else(|| {
-            StoreError::Invalid(format!(
+            StoreError::Unexpected(format!(
                 "the stored outcome of consume entry {entry_id} has no used_after"
             ))
         })?,

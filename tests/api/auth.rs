@@ -14,6 +14,7 @@ both!(
     a_service_key_bound_to_an_account_cannot_post_for_another,
     a_revoked_key_is_401,
     a_key_revoked_after_use_is_refused_once_the_key_cache_expires,
+    the_role_and_the_account_are_checked_before_the_body,
 );
 
 async fn a_request_without_a_key_is_401(app: TestApp) {
@@ -128,4 +129,43 @@ async fn a_key_revoked_after_use_is_refused_once_the_key_cache_expires(app: Test
     tokio::time::sleep(tally::http::auth::KEY_CACHE_TTL + std::time::Duration::from_millis(100)).await;
     let reply = app.request("GET", "/v1/accounts/acme/entries", Some(&key), None).await;
     assert_eq!(reply.status, 401);
+}
+
+/// A key without the role or the account gets 403 whatever its body holds:
+/// the body is read only for a caller allowed to send it.
+async fn the_role_and_the_account_are_checked_before_the_body(app: TestApp) {
+    let reader = app.key(Role::Reader, Some("acme")).await;
+    for (method, path) in [
+        ("PUT", "/v1/accounts/acme/plan"),
+        ("PUT", "/v1/accounts/acme/overrides/llm_tokens"),
+        ("POST", "/v1/quota/check"),
+        ("POST", "/v1/entries/1/reversal"),
+    ] {
+        let reply = app
+            .request(method, path, Some(&reader), Some("{\"broken\": ".into()))
+            .await;
+        assert_eq!(reply.status, 403, "{method} {path}: {:?}", reply.body);
+        assert_eq!(reply.code(), "forbidden");
+    }
+
+    let bound = app.key(Role::Service, Some("acme")).await;
+    let invalid_for_another =
+        json!({"account": "globex", "resource": "llm_tokens", "amount": "0", "idempotency_key": "k"});
+    let reply = app
+        .request(
+            "POST",
+            "/v1/quota/consume",
+            Some(&bound),
+            Some(invalid_for_another.to_string()),
+        )
+        .await;
+    assert_eq!(reply.status, 403, "{:?}", reply.body);
+    assert!(
+        reply.body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("globex")),
+        "{:?}",
+        reply.body
+    );
+    assert_eq!(app.count_entries().await, 0);
 }

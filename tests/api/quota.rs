@@ -765,6 +765,13 @@ async fn bad_quota_and_account_input_is_refused_and_writes_nothing(app: TestApp)
         (
             "PUT",
             "/v1/accounts/acme/overrides/llm_tokens",
+            json!({"enforcement": "soft"}),
+            422,
+            "validation_failed",
+        ),
+        (
+            "PUT",
+            "/v1/accounts/acme/overrides/llm_tokens",
             json!({"limit": "5", "enforcement": "strict"}),
             422,
             "validation_failed",
@@ -1749,4 +1756,34 @@ async fn plans_missing_from_the_catalog_count_the_accounts_on_them_now_or_later(
         earlier,
         counts(&[("free", 1), ("legacy", 1), ("pro", 1), ("startup", 3)])
     );
+}
+
+/// Consume's no-overshoot rests on READ COMMITTED (PostgreSQL reads the total
+/// after the lock, in a fresh snapshot). Tally's connections ask for it, so a
+/// database whose default an operator changed cannot break it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tally_runs_under_read_committed_on_a_postgres_database_that_defaults_to_repeatable_read() {
+    use sqlx::Connection;
+    let Some(app) = TestApp::spawn(Backend::Postgres).await else {
+        return;
+    };
+    app.execute_raw(
+        "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET default_transaction_isolation = %L', \
+         current_database(), 'repeatable read'); END $$",
+    )
+    .await
+    .expect("changing the database's default isolation");
+    let show = "SHOW transaction_isolation";
+    let mut plain = sqlx::PgConnection::connect(&app.database_url).await.unwrap();
+    let default: String = sqlx::query_scalar(show).fetch_one(&mut plain).await.unwrap();
+    assert_eq!(
+        default, "repeatable read",
+        "the database's new default applies to other clients"
+    );
+
+    let store = tally::store::postgres::PgStore::connect(&app.database_url, app.catalog.clone())
+        .await
+        .unwrap();
+    let tallys: String = sqlx::query_scalar(show).fetch_one(store.pool()).await.unwrap();
+    assert_eq!(tallys, "read committed");
 }

@@ -8,6 +8,7 @@ use crate::helpers::{Reply, TestApp, entry};
 
 both!(
     malformed_json_is_400,
+    a_method_a_route_does_not_take_is_405_with_the_error_body,
     a_body_with_both_one_entry_and_entries_is_400,
     a_batch_over_10000_entries_is_413,
     a_body_over_10_mib_is_413,
@@ -23,6 +24,7 @@ both!(
     a_missing_idempotency_key_is_422,
     metadata_over_4_kib_is_422,
     metadata_that_is_not_an_object_is_422,
+    text_holding_the_nul_character_is_422_on_every_write,
     occurred_at_more_than_5_minutes_ahead_is_in_future,
     occurred_at_older_than_the_horizon_is_too_late,
     occurred_at_that_is_not_rfc3339_is_422,
@@ -72,6 +74,23 @@ async fn malformed_json_is_400(app: TestApp) {
     assert_eq!(typo.status, 400);
     assert!(typo.body["error"]["message"].as_str().unwrap().contains("ocurred_at"));
     assert_eq!(app.count_entries().await, 0);
+}
+
+async fn a_method_a_route_does_not_take_is_405_with_the_error_body(app: TestApp) {
+    let reply = app
+        .request("GET", "/v1/quota/consume", Some(&app.admin_key), None)
+        .await;
+    assert_eq!(reply.status, 405, "{:?}", reply.body);
+    assert_eq!(reply.code(), "method_not_allowed", "{:?}", reply.body);
+    assert!(
+        reply.body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("GET") && m.contains("/v1/quota/consume")),
+        "{:?}",
+        reply.body
+    );
+    let allow = reply.headers.get("allow").and_then(|v| v.to_str().ok());
+    assert_eq!(allow, Some("POST"), "{:?}", reply.headers);
 }
 
 async fn a_body_with_both_one_entry_and_entries_is_400(app: TestApp) {
@@ -217,6 +236,65 @@ async fn metadata_over_4_kib_is_422(app: TestApp) {
         "metadata",
     )
     .await;
+}
+
+/// PostgreSQL cannot store U+0000 in text or JSON; both engines refuse it
+/// up front instead of one of them failing with a 500.
+async fn text_holding_the_nul_character_is_422_on_every_write(app: TestApp) {
+    let reply = assert_rejected(
+        &app,
+        with("source", json!("gate\u{0}way")),
+        "validation_failed",
+        0,
+        "source",
+    )
+    .await;
+    assert!(
+        reply.body["error"]["details"]["errors"][0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("NUL")),
+        "{:?}",
+        reply.body
+    );
+    assert_rejected(
+        &app,
+        with("metadata", json!({"a\u{0}b": 1})),
+        "validation_failed",
+        0,
+        "metadata",
+    )
+    .await;
+    assert_rejected(
+        &app,
+        with("metadata", json!({"tags": [{"note": "x\u{0}"}]})),
+        "validation_failed",
+        0,
+        "metadata",
+    )
+    .await;
+
+    let consume = app
+        .post(
+            "/v1/quota/consume",
+            json!({"account": "acme", "resource": "llm_tokens", "amount": "1", "idempotency_key": "c1",
+                   "metadata": {"x": "\u{0}"}}),
+        )
+        .await;
+    assert_eq!(consume.status, 422, "{:?}", consume.body);
+    assert_eq!(consume.body["error"]["details"]["errors"][0]["field"], "metadata");
+    assert_eq!(app.count_entries().await, 0, "a refused consume writes nothing");
+
+    let posted = app.post_entries(entry("acme", "api_requests", "1", "k1")).await;
+    let id = posted.body["entries"][0]["id"].as_i64().expect("the entry's id");
+    let reversal = app
+        .post(
+            &format!("/v1/entries/{id}/reversal"),
+            json!({"idempotency_key": "undo", "reason": "typo\u{0}"}),
+        )
+        .await;
+    assert_eq!(reversal.status, 422, "{:?}", reversal.body);
+    assert_eq!(reversal.body["error"]["details"]["errors"][0]["field"], "reason");
+    assert_eq!(app.count_entries().await, 1, "a refused reversal writes nothing");
 }
 
 async fn metadata_that_is_not_an_object_is_422(app: TestApp) {

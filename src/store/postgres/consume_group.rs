@@ -327,7 +327,7 @@ async fn decide(pool: &PgPool, group: Vec<Waiting>, mut answer: impl FnMut(Calle
                 let decided = alone.and_then(|rows| {
                     rows.into_iter()
                         .next()
-                        .ok_or_else(|| StoreError::Invalid("tally_consume_group answered no row".into()))
+                        .ok_or_else(|| StoreError::Unexpected("tally_consume_group answered no row".into()))
                 });
                 answer(waiting.answer, decided);
             }
@@ -360,7 +360,7 @@ fn by_position(group: Vec<Waiting>, rows: Vec<Decided>) -> Vec<(Waiting, Result<
         .zip(slots)
         .map(|(waiting, row)| {
             let decided =
-                row.ok_or_else(|| StoreError::Invalid("tally_consume_group left a consume unanswered".into()));
+                row.ok_or_else(|| StoreError::Unexpected("tally_consume_group left a consume unanswered".into()));
             (waiting, decided)
         })
         .collect()
