@@ -53,8 +53,10 @@ pub enum StoreError {
     /// A request that contradicts what is stored (e.g. reversing a reversal).
     #[error("{0}")]
     Invalid(String),
-    /// The database answered what this version cannot read: a bug or a
-    /// corrupt row, never the client's doing (500, details to the log).
+    /// The database answered what this version cannot read or represent: a
+    /// bug, a corrupt row, or a sum past 64 bits (as PostgreSQL's and
+    /// SQLite's own overflow errors); never the client's doing (500, details
+    /// to the log).
     #[error("{0}")]
     Unexpected(String),
     /// The database cannot be reached or is overloaded.

@@ -942,7 +942,7 @@ async fn used_on(
         // read before this statement began), but if it did, go cold.
         if mark >= known.mark {
             let used = known.sum.checked_add(after).ok_or_else(|| {
-                StoreError::Invalid(format!("{resource} used by {account} overflows 64-bit minor units"))
+                StoreError::Unexpected(format!("{resource} used by {account} overflows 64-bit minor units"))
             })?;
             settled.offer(
                 account.as_str(),

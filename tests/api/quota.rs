@@ -36,6 +36,7 @@ both!(
     a_consume_recorded_on_a_plan_without_a_rate_replays_its_first_outcome_after_a_downgrade_to_one,
     a_limit_lowered_while_a_consume_waits_for_the_lock_applies_to_it,
     plans_missing_from_the_catalog_count_the_accounts_on_them_now_or_later,
+    a_stored_outcome_that_cannot_be_read_back_is_a_500_not_a_validation_error,
 );
 
 fn iso(t: chrono::DateTime<Utc>) -> String {
@@ -1786,4 +1787,29 @@ async fn tally_runs_under_read_committed_on_a_postgres_database_that_defaults_to
         .unwrap();
     let tallys: String = sqlx::query_scalar(show).fetch_one(store.pool()).await.unwrap();
     assert_eq!(tallys, "read committed");
+}
+
+/// A fault the client did not cause is a 500 (cause to the log), not a 422
+/// on a field it never sent.
+async fn a_stored_outcome_that_cannot_be_read_back_is_a_500_not_a_validation_error(app: TestApp) {
+    let now = match app.backend {
+        Backend::Sqlite => "CAST(strftime('%s', 'now') AS INTEGER) * 1000000",
+        Backend::Postgres => "now()",
+    };
+    app.execute_raw(&format!(
+        "INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key) \
+         VALUES ('acme', 'ai_generations', 1, {now}, {now}, 'broken')"
+    ))
+    .await
+    .unwrap();
+    app.execute_raw(
+        "INSERT INTO consume_outcomes (entry_id, response) \
+         SELECT id, 'not an outcome' FROM entries WHERE idempotency_key = 'broken'",
+    )
+    .await
+    .unwrap();
+    let replayed = consume(&app, "acme", "ai_generations", "1", "broken", None).await;
+    assert_eq!(replayed.status, 500, "{:?}", replayed.body);
+    assert_eq!(replayed.code(), "internal");
+    assert_eq!(app.count_entries().await, 1, "nothing new is recorded");
 }
