@@ -3,15 +3,18 @@
 //! The rules (docs/reports.md):
 //! - Each UTC day of the month is billed at the plan in force at that day's
 //!   start; a plan's price is pro-rated by the days it was in force
-//!   (price × days ÷ days in the month). One `plan` line per plan.
+//!   (price × days ÷ days in the month). One `plan` line per account (API.md):
+//!   it names the plan in force on the month's last day, and its amount
+//!   carries every plan's share.
 //! - A resource with a month window is judged against the limit in force on
 //!   the month's last day; one with a day window day by day (overage is the sum
 //!   of each day's excess, billed at that day's price); a running balance
 //!   (`total`) is not billed by overage.
 //! - Overage is billed only for soft limits with an overage price; a hard
 //!   limit's excess (possible through posted entries) shows but costs 0.
-//! - Line amounts are exact (rust_decimal); the account's `total` line is
-//!   rounded once, to the cent, half away from zero.
+//! - Line amounts are exact (rust_decimal). An account's total (for admin
+//!   stats) is rounded once, to the cent, half away from zero; it is not a
+//!   line, so summing `amount_due` never counts an account twice.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -40,8 +43,6 @@ pub const INVOICE_HEADER: [&str; 8] = [
 ];
 /// The `resource` of a plan's own price line.
 pub const PLAN_LINE: &str = "plan";
-/// The `resource` of an account's rounded total line.
-pub const TOTAL_LINE: &str = "total";
 
 /// One line of an invoice.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,7 +51,7 @@ pub struct InvoiceLine {
     pub account: String,
     /// The plan the line is billed under.
     pub plan: String,
-    /// A resource, or `plan` / `total`.
+    /// A resource, or `plan`.
     pub resource: String,
     /// Units used (days on the plan for a plan line).
     pub used: String,
@@ -60,7 +61,7 @@ pub struct InvoiceLine {
     pub overage: String,
     /// Price per unit over (the monthly price for a plan line).
     pub unit_price: String,
-    /// Exact amount; rounded to the cent on the total line only.
+    /// Exact amount.
     pub amount_due: Decimal,
 }
 
@@ -75,11 +76,7 @@ impl InvoiceLine {
             self.included.clone(),
             self.overage.clone(),
             self.unit_price.clone(),
-            if self.resource == TOTAL_LINE {
-                format!("{:.2}", self.amount_due)
-            } else {
-                self.amount_due.normalize().to_string()
-            },
+            self.amount_due.normalize().to_string(),
         ]
     }
 }
@@ -89,9 +86,9 @@ impl InvoiceLine {
 pub struct Invoice {
     /// Account.
     pub account: String,
-    /// Plan and resource lines, then the total line.
+    /// The plan line, then one line per resource.
     pub lines: Vec<InvoiceLine>,
-    /// The total, rounded to the cent.
+    /// The sum of the lines, rounded once to the cent (half away from zero).
     pub total: Decimal,
 }
 
@@ -105,11 +102,21 @@ pub struct InvoiceContext<'a> {
 }
 
 impl<'a> InvoiceContext<'a> {
-    /// Loads plan histories and overrides for invoicing `month` (its first day).
-    pub async fn load(store: &dyn Store, catalog: &'a Catalog, month: NaiveDate) -> anyhow::Result<Self> {
+    /// Loads plan histories and overrides for invoicing `month` (its first
+    /// day). With `as_of`, plan assignments made after it are left out, as the
+    /// entries recorded after it are (overrides keep no history: they are
+    /// read as they are now).
+    pub async fn load(
+        store: &dyn Store,
+        catalog: &'a Catalog,
+        month: NaiveDate,
+        as_of: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> anyhow::Result<Self> {
         let mut assignments: HashMap<String, Vec<PlanAssignment>> = HashMap::new();
         for (account, assignment) in store.all_plan_assignments().await? {
-            assignments.entry(account).or_default().push(assignment);
+            if as_of.is_none_or(|t| assignment.created_at <= t) {
+                assignments.entry(account).or_default().push(assignment);
+            }
         }
         let mut overrides: HashMap<String, Vec<Override>> = HashMap::new();
         for (account, o) in store.all_overrides().await? {
@@ -126,9 +133,15 @@ impl<'a> InvoiceContext<'a> {
         })
     }
 
-    /// Accounts with a plan assignment (they may owe a price without usage).
+    /// Accounts assigned a plan effective before the month's end: they get
+    /// an invoice even without usage (they may owe a price).
     pub fn assigned_accounts(&self) -> BTreeSet<String> {
-        self.assignments.keys().cloned().collect()
+        let end = start_of(Granularity::Month.next(self.month));
+        self.assignments
+            .iter()
+            .filter(|(_, history)| history.iter().any(|a| a.effective_at < end))
+            .map(|(account, _)| account.clone())
+            .collect()
     }
 
     /// The invoice of one account from its daily totals in the month.
@@ -145,27 +158,30 @@ impl<'a> InvoiceContext<'a> {
         let last_plan = plans.last().copied().unwrap_or(self.catalog.default_plan.as_str());
         let mut lines = Vec::new();
 
-        // Plan lines, in order of first appearance.
+        // The plan line: the last day's plan, its days and price; the amount
+        // is every plan's price pro-rated by its days (plans in order of
+        // first appearance).
         let mut seen = Vec::new();
         for plan in &plans {
             if !seen.contains(plan) {
                 seen.push(*plan);
             }
         }
-        for plan in &seen {
-            let days = plans.iter().filter(|p| *p == plan).count();
-            let price = self.catalog.plans.get(*plan).map_or(Decimal::ZERO, |p| p.price);
-            lines.push(InvoiceLine {
-                account: account.to_owned(),
-                plan: (*plan).to_owned(),
-                resource: PLAN_LINE.into(),
-                used: days.to_string(),
-                included: self.days.len().to_string(),
-                overage: String::new(),
-                unit_price: price.normalize().to_string(),
-                amount_due: price * Decimal::from(days) / days_in_month,
-            });
-        }
+        let price_of_plan = |plan: &str| self.catalog.plans.get(plan).map_or(Decimal::ZERO, |p| p.price);
+        let days_on = |plan: &str| plans.iter().filter(|p| **p == plan).count();
+        lines.push(InvoiceLine {
+            account: account.to_owned(),
+            plan: last_plan.to_owned(),
+            resource: PLAN_LINE.into(),
+            used: days_on(last_plan).to_string(),
+            included: self.days.len().to_string(),
+            overage: String::new(),
+            unit_price: price_of_plan(last_plan).normalize().to_string(),
+            amount_due: seen
+                .iter()
+                .map(|plan| price_of_plan(plan) * Decimal::from(days_on(plan)) / days_in_month)
+                .sum(),
+        });
 
         // Resource lines: every resource a plan in force limits, or an override touches.
         let mut resources: BTreeSet<ResourceName> = seen
@@ -234,16 +250,6 @@ impl<'a> InvoiceContext<'a> {
             .map(|l| l.amount_due)
             .sum::<Decimal>()
             .round_dp_with_strategy(2, RoundingStrategy::MidpointAwayFromZero);
-        lines.push(InvoiceLine {
-            account: account.to_owned(),
-            plan: last_plan.to_owned(),
-            resource: TOTAL_LINE.into(),
-            used: String::new(),
-            included: String::new(),
-            overage: String::new(),
-            unit_price: String::new(),
-            amount_due: total,
-        });
         Ok(Invoice {
             account: account.to_owned(),
             lines,
@@ -258,8 +264,8 @@ impl<'a> InvoiceContext<'a> {
 }
 
 /// Computes every account's invoice for `month` (first day), in account order,
-/// streaming usage account by account. Accounts with neither usage nor
-/// anything to pay are skipped. `account` narrows to one.
+/// streaming usage account by account: every account with usage in the
+/// month or a plan assigned before its end. `account` narrows to one.
 pub async fn for_each_invoice(
     store: &dyn Store,
     catalog: &Catalog,
@@ -269,7 +275,7 @@ pub async fn for_each_invoice(
     mut each: impl FnMut(Invoice) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(month.day() == 1, "an invoice period is a month; got {month}");
-    let context = InvoiceContext::load(store, catalog, month).await?;
+    let context = InvoiceContext::load(store, catalog, month, as_of).await?;
     let filter = ExportFilter {
         from: month,
         to: Granularity::Month.next(month),
@@ -284,13 +290,7 @@ pub async fn for_each_invoice(
         .filter(|a| account.is_none_or(|only| only.as_str() == a))
         .rev()
         .collect();
-    let mut emit = |name: &str, rows: &[TotalRow]| -> anyhow::Result<()> {
-        let invoice = context.invoice(name, rows)?;
-        if !rows.is_empty() || !invoice.total.is_zero() {
-            each(invoice)?;
-        }
-        Ok(())
-    };
+    let mut emit = |name: &str, rows: &[TotalRow]| -> anyhow::Result<()> { each(context.invoice(name, rows)?) };
     let mut rows = store.stream_totals(Granularity::Day, &filter);
     let mut current: Option<String> = None;
     let mut pending: Vec<TotalRow> = Vec::new();

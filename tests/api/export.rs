@@ -283,10 +283,18 @@ async fn an_as_of_export_is_reproducible_after_late_entries_and_reversals(app: T
         json!({"idempotency_key": "undo"}),
     )
     .await;
+    // And a plan assigned afterwards, effective from before the month.
+    app.put_admin(
+        "/v1/accounts/acme/plan",
+        json!({"plan": "scale", "effective_at": "2026-08-01T00:00:00Z"}),
+    )
+    .await;
     app.rollup().await;
     assert_eq!(write("d2.csv", "daily", Some(&as_of)), first_daily, "identical bytes");
     assert_eq!(write("e2.csv", "entries", Some(&as_of)), first_entries);
     assert_eq!(write("i2.csv", "invoice", Some(&as_of)), first_invoice);
+    let invoice_now = String::from_utf8(write("i3.csv", "invoice", None)).unwrap();
+    assert!(invoice_now.contains("acme,scale,plan,30,30,,30,30"), "{invoice_now}");
     let now = String::from_utf8(write("d3.csv", "daily", None)).unwrap();
     assert!(now.contains("acme,api_requests,2026-09-03,100,3"), "{now}");
 }
@@ -318,6 +326,17 @@ async fn an_invoice_prorates_a_mid_month_plan_change_and_bills_soft_overage(app:
     .await;
     app.insert(&[("big", "api_requests", "10000123", "b1", "2026-09-05T00:00:00Z")])
         .await;
+    // From one paid plan to another on the 16th: 15 days of pro (5) and 15 of scale (15).
+    for (plan, from) in [("pro", "2026-01-01T00:00:00Z"), ("scale", "2026-09-16T00:00:00Z")] {
+        app.put_admin("/v1/accounts/mover/plan", json!({"plan": plan, "effective_at": from}))
+            .await;
+    }
+    // Assigned only after the month: no invoice for it.
+    app.put_admin(
+        "/v1/accounts/later/plan",
+        json!({"plan": "pro", "effective_at": "2026-10-01T00:00:00Z"}),
+    )
+    .await;
     app.rollup().await;
     let dir = tempfile::tempdir().unwrap();
     let rows = export(
@@ -345,16 +364,32 @@ async fn an_invoice_prorates_a_mid_month_plan_change_and_bills_soft_overage(app:
             .unwrap_or_else(|| panic!("{account}/{resource}: {rows:?}"))
             .clone()
     };
+    // One plan line per account: the last day's plan, its days and price;
+    // the amount carries every plan's pro-rated share (free's is 0).
     assert_eq!(
         line("acme", "plan")[..],
-        ["acme", "free", "plan", "15", "30", "", "0", "0"]
+        ["acme", "pro", "plan", "15", "30", "", "10", "5"]
     );
-    assert_eq!(line("acme", "plan").len(), 8);
-    let pro = rows
+    assert_eq!(
+        line("mover", "plan")[..],
+        ["mover", "scale", "plan", "15", "30", "", "30", "20"]
+    );
+    for account in ["acme", "big", "mover"] {
+        let plan_lines = rows.iter().filter(|r| r[0] == account && r[2] == "plan").count();
+        assert_eq!(plan_lines, 1, "{account}: {rows:?}");
+    }
+    assert!(rows.iter().all(|r| r[0] != "later"), "{rows:?}");
+    assert!(rows.iter().all(|r| r[2] != "total"), "no extra lines: {rows:?}");
+    let acme_due: rust_decimal::Decimal = rows
         .iter()
-        .find(|r| r[0] == "acme" && r[1] == "pro" && r[2] == "plan")
-        .unwrap();
-    assert_eq!(pro[..], ["acme", "pro", "plan", "15", "30", "", "10", "5"]);
+        .filter(|r| r[0] == "acme")
+        .map(|r| r[7].parse::<rust_decimal::Decimal>().unwrap())
+        .sum();
+    assert_eq!(
+        acme_due.to_string(),
+        "5.20002",
+        "summing amount_due counts each line once"
+    );
     assert_eq!(
         line("acme", "llm_tokens")[..],
         [
@@ -374,10 +409,6 @@ async fn an_invoice_prorates_a_mid_month_plan_change_and_bills_soft_overage(app:
     );
     assert_eq!(line("acme", "ai_generations")[4], "unlimited");
     assert_eq!(
-        line("acme", "total")[..],
-        ["acme", "pro", "total", "", "", "", "", "5.20"]
-    );
-    assert_eq!(
         line("big", "api_requests")[..],
         [
             "big",
@@ -390,7 +421,10 @@ async fn an_invoice_prorates_a_mid_month_plan_change_and_bills_soft_overage(app:
             "0.000123"
         ]
     );
-    assert_eq!(line("big", "total")[7], "30.00");
+    assert_eq!(
+        line("big", "plan")[..],
+        ["big", "scale", "plan", "30", "30", "", "30", "30"]
+    );
     let one = export(
         &app,
         dir.path(),
