@@ -1,7 +1,12 @@
 //! The monthly reports job: on the 1st, last month's monthly totals and
 //! invoice CSVs land in the reports directory, written atomically (temp file,
 //! then rename) and never over an existing report unless the job says so.
+//!
+//! The directory is the job's cursor: a run writes every month after the
+//! newest report there, up to last month, so a missed 1st (the server down,
+//! the database unreachable) is made up by the next run instead of lost.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Months, NaiveDate, Utc};
@@ -42,6 +47,55 @@ impl std::fmt::Display for ReportsOutcome {
 /// The month before the one containing `now` (its first day).
 pub fn previous_month(now: DateTime<Utc>) -> NaiveDate {
     month_start(now.date_naive()) - Months::new(1)
+}
+
+/// The months a run writes: every month after the newest month whose two
+/// reports are in `dir`, up to `last` (last month); just `last` when `dir`
+/// holds no such month or already has `last` (kept, or rewritten with
+/// `overwrite`). A month with one report of two is written again (its
+/// existing file kept), so a run that failed halfway loses nothing.
+pub fn months_to_write(dir: &Path, last: NaiveDate) -> Vec<NaiveDate> {
+    let mut monthly = BTreeSet::new();
+    let mut invoice = BTreeSet::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        match report_of(&entry.file_name().to_string_lossy()) {
+            Some((Report::Monthly, month)) => monthly.insert(month),
+            Some((Report::Invoice, month)) => invoice.insert(month),
+            None => false,
+        };
+    }
+    let newest = monthly.intersection(&invoice).max().copied();
+    match newest {
+        Some(newest) if newest < last => {
+            let mut months = Vec::new();
+            let mut month = newest + Months::new(1);
+            while month <= last {
+                months.push(month);
+                month = month + Months::new(1);
+            }
+            months
+        }
+        _ => vec![last],
+    }
+}
+
+/// The two reports of a month.
+enum Report {
+    Monthly,
+    Invoice,
+}
+
+/// The report and month a file's name holds (`monthly-YYYY-MM.csv` or
+/// `invoice-YYYY-MM.csv`).
+fn report_of(name: &str) -> Option<(Report, NaiveDate)> {
+    let (report, rest) = if let Some(rest) = name.strip_prefix("monthly-") {
+        (Report::Monthly, rest)
+    } else {
+        (Report::Invoice, name.strip_prefix("invoice-")?)
+    };
+    let tag = rest.strip_suffix(".csv")?;
+    let month = NaiveDate::parse_from_str(&format!("{tag}-01"), "%Y-%m-%d").ok()?;
+    Some((report, month))
 }
 
 /// The report files of a month.
@@ -89,4 +143,57 @@ pub async fn write_monthly_reports(
         outcome.kept.push(invoice);
     }
     Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn month(text: &str) -> NaiveDate {
+        NaiveDate::parse_from_str(&format!("{text}-01"), "%Y-%m-%d").unwrap()
+    }
+
+    fn touch(dir: &Path, names: &[&str]) {
+        for name in names {
+            std::fs::write(dir.join(name), "x").unwrap();
+        }
+    }
+
+    #[test]
+    fn a_directory_without_reports_gets_last_month_only() {
+        let dir = tempfile::tempdir().unwrap();
+        touch(dir.path(), &["notes.txt", "monthly-2026-13.csv"]);
+        assert_eq!(months_to_write(dir.path(), month("2026-10")), [month("2026-10")]);
+    }
+
+    #[test]
+    fn missed_months_after_the_newest_complete_one_are_caught_up() {
+        let dir = tempfile::tempdir().unwrap();
+        touch(
+            dir.path(),
+            &[
+                "monthly-2026-06.csv",
+                "invoice-2026-06.csv",
+                // Half written: its invoice is missing, so it is not done.
+                "monthly-2026-07.csv",
+            ],
+        );
+        assert_eq!(
+            months_to_write(dir.path(), month("2026-09")),
+            [month("2026-07"), month("2026-08"), month("2026-09")]
+        );
+        // Across a year's end.
+        assert_eq!(
+            months_to_write(dir.path(), month("2027-01")).last(),
+            Some(&month("2027-01"))
+        );
+        assert_eq!(months_to_write(dir.path(), month("2027-01")).len(), 7);
+    }
+
+    #[test]
+    fn a_directory_that_has_last_month_gets_it_again_to_keep_or_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        touch(dir.path(), &["monthly-2026-09.csv", "invoice-2026-09.csv"]);
+        assert_eq!(months_to_write(dir.path(), month("2026-09")), [month("2026-09")]);
+    }
 }

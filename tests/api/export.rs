@@ -535,6 +535,39 @@ async fn the_monthly_reports_job_writes_each_report_once(app: TestApp) {
         .to_string();
     assert!(job_dir.path().join(format!("invoice-{last}.csv")).exists());
     assert!(job_dir.path().join(format!("monthly-{last}.csv")).exists());
+
+    // A missed 1st costs nothing: the next run writes every month after the
+    // newest one the directory holds.
+    let behind = tempfile::tempdir().unwrap();
+    let last_month = tally::jobs::reports::previous_month(chrono::Utc::now());
+    let tag = |months_before: u32| {
+        (last_month - chrono::Months::new(months_before))
+            .format("%Y-%m")
+            .to_string()
+    };
+    for name in [format!("monthly-{}.csv", tag(3)), format!("invoice-{}.csv", tag(3))] {
+        std::fs::write(behind.path().join(name), "written on time\n").unwrap();
+    }
+    let caught_up = app.cli(&[
+        "jobs",
+        "run",
+        "monthly-reports",
+        "--reports-dir",
+        behind.path().to_str().unwrap(),
+    ]);
+    assert!(
+        caught_up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&caught_up.stderr)
+    );
+    for months_before in 0..=2 {
+        for kind in ["monthly", "invoice"] {
+            let path = behind.path().join(format!("{kind}-{}.csv", tag(months_before)));
+            assert!(path.exists(), "{} was not caught up", path.display());
+        }
+    }
+    let kept = std::fs::read_to_string(behind.path().join(format!("monthly-{}.csv", tag(3)))).unwrap();
+    assert_eq!(kept, "written on time\n");
 }
 
 async fn bad_export_requests_fail_clearly_and_leave_no_file(app: TestApp) {
