@@ -13,7 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::app::Settings;
 use crate::domain::entry::EntryRules;
 use crate::domain::{EntryInput, InsertStatus, NewEntry};
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, reversal_of};
 
 /// Rows per insert batch.
 const BATCH: usize = 1_000;
@@ -137,6 +137,41 @@ pub async fn run(settings: &Settings, args: ImportArgs) -> anyhow::Result<ExitCo
                 ));
                 continue;
             };
+            // The same rules as the API's reversal: the opposite of an entry
+            // that is not itself a reversal, in the same account, resource
+            // and bucket.
+            let original = store.entry(mapped).await?;
+            let expected = match reversal_of(&original, entry.idempotency_key.clone(), None) {
+                Ok(expected) => expected,
+                Err(refused) => {
+                    summary.rejected.push((line, refused.to_string()));
+                    continue;
+                }
+            };
+            if (&entry.account, &entry.resource, entry.amount, entry.occurred_at)
+                != (
+                    &expected.account,
+                    &expected.resource,
+                    expected.amount,
+                    expected.occurred_at,
+                )
+            {
+                summary.rejected.push((
+                    line,
+                    format!(
+                        "reverses {target}, but a reversal of it is {} {} {} at {}; this row has {} {} {} at {}",
+                        expected.account,
+                        expected.resource,
+                        expected.amount,
+                        expected.occurred_at.to_rfc3339(),
+                        entry.account,
+                        entry.resource,
+                        entry.amount,
+                        entry.occurred_at.to_rfc3339()
+                    ),
+                ));
+                continue;
+            }
             entry.reverses = Some(mapped);
         }
         batch.push(PendingRow { line, source_id, entry });

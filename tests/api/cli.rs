@@ -109,7 +109,10 @@ async fn import_follows_reversals_to_their_new_ids(app: TestApp) {
             "id,account,resource,amount,occurred_at,recorded_at,idempotency_key,source,reverses,metadata\n\
              1,acme,api_requests,7,{at},,orig,,,\n\
              2,acme,api_requests,-7,{at},,undo,reversal,1,\n\
-             3,acme,api_requests,-1,{at},,stray,reversal,999,\n"
+             3,acme,api_requests,-1,{at},,stray,reversal,999,\n\
+             4,acme,llm_tokens,3,{at},,o2,,,\n\
+             5,bob,llm_tokens,-3,{at},,wrong-account,reversal,4,\n\
+             6,acme,api_requests,7,{at},,undo-undo,reversal,2,\n"
         ),
     )
     .unwrap();
@@ -120,10 +123,26 @@ async fn import_follows_reversals_to_their_new_ids(app: TestApp) {
         stderr.contains("line 4: reverses 999, which is not an entry imported from this file"),
         "{stderr}"
     );
+    // The API's rules for a reversal hold for imported ones too.
+    assert!(
+        stderr.contains("line 6: reverses 4, but a reversal of it is acme llm_tokens -3"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("line 7: entry ") && stderr.contains("is itself the reversal of entry"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("3 created, 0 duplicate, 3 rejected"), "{stderr}");
+    assert_eq!(
+        app.get("/v1/accounts/bob/entries").await.body["entries"],
+        json!([]),
+        "nothing written for the refused rows"
+    );
     let listed = app.get("/v1/accounts/acme/entries").await;
     let rows = listed.body["entries"].as_array().unwrap();
-    assert_eq!(rows.len(), 2);
-    assert_eq!(rows[1]["reverses"], rows[0]["id"]);
+    assert_eq!(rows.len(), 3);
+    let by_key = |key: &str| rows.iter().find(|r| r["idempotency_key"] == key).unwrap();
+    assert_eq!(by_key("undo")["reverses"], by_key("orig")["id"]);
 }
 
 #[test]
