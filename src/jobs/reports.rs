@@ -3,8 +3,9 @@
 //! then rename) and never over an existing report unless the job says so.
 //!
 //! The directory is the job's cursor: a run writes every month after the
-//! newest report there, up to last month, so a missed 1st (the server down,
-//! the database unreachable) is made up by the next run instead of lost.
+//! newest month whose two reports are there, up to last month, so a missed
+//! 1st (the server down, the database unreachable) is made up by the next
+//! run instead of lost. `report_of` reads the names `report_paths` makes.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
