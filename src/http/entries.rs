@@ -16,7 +16,7 @@ use super::extract::{Body, QueryParams, parse_json};
 use super::params;
 use crate::domain::entry::{EntryRules, refuse_nul, validate_batch};
 use crate::domain::{AccountId, Entry, EntryFilter, EntryInput, IdempotencyKey, InsertOutcome, InsertStatus, Role};
-use crate::store::reversal_of;
+use crate::store::{StoreError, reversal_of};
 
 /// The most entries one request may carry.
 pub const MAX_BATCH: usize = 10_000;
@@ -140,7 +140,11 @@ async fn reverse_entry(
         refuse_nul("reason", reason).map_err(|m| ApiError::invalid("reason", m))?;
     }
     let original = state.store.entry(id).await?;
-    caller.require_write(&original.account)?;
+    // A key bound to another account gets the answer for a missing entry:
+    // a 403 would confirm the id and name the account it belongs to.
+    if caller.require_write(&original.account).is_err() {
+        return Err(StoreError::entry_not_found(id).into());
+    }
     let reversal = reversal_of(&original, key, request.reason.as_deref())?;
     let outcome = state
         .store

@@ -68,6 +68,12 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// No entry has this id: the same words wherever an entry is missing,
+    /// or must look missing to the caller.
+    pub fn entry_not_found(id: i64) -> Self {
+        StoreError::NotFound(format!("entry {id} does not exist"))
+    }
+
     /// The key was free when looked up but taken before this insert landed,
     /// by a concurrent request whose outcome a retry will get.
     pub fn key_taken(index: Option<usize>) -> Self {

@@ -479,7 +479,7 @@ impl Store for PgStore {
             .fetch_optional(&self.pool)
             .await?;
         row.map(|r| self.entry_from_row(r))
-            .ok_or_else(|| StoreError::NotFound(format!("entry {id} does not exist")))
+            .ok_or_else(|| StoreError::entry_not_found(id))
     }
 
     async fn list_entries(&self, filter: &EntryFilter) -> Result<Vec<Entry>, StoreError> {

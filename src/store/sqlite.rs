@@ -268,7 +268,7 @@ impl Store for SqliteStore {
             .fetch_optional(&self.reader)
             .await?;
         row.map(|r| self.entry_from_row(r))
-            .ok_or_else(|| StoreError::NotFound(format!("entry {id} does not exist")))
+            .ok_or_else(|| StoreError::entry_not_found(id))
     }
 
     async fn list_entries(&self, filter: &EntryFilter) -> Result<Vec<Entry>, StoreError> {

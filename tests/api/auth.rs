@@ -15,6 +15,7 @@ both!(
     a_revoked_key_is_401,
     a_key_revoked_after_use_is_refused_once_the_key_cache_expires,
     the_role_and_the_account_are_checked_before_the_body,
+    a_key_bound_to_one_account_cannot_tell_another_accounts_entries_from_missing_ones,
 );
 
 async fn a_request_without_a_key_is_401(app: TestApp) {
@@ -168,4 +169,41 @@ async fn the_role_and_the_account_are_checked_before_the_body(app: TestApp) {
         reply.body
     );
     assert_eq!(app.count_entries().await, 0);
+}
+
+/// Reversal names an entry by id only; a key bound to another account must
+/// not learn that the id exists, nor whose it is.
+async fn a_key_bound_to_one_account_cannot_tell_another_accounts_entries_from_missing_ones(app: TestApp) {
+    let posted = app.post_entries(entry("globex", "api_requests", "5", "g1")).await;
+    let id = posted.body["entries"][0]["id"].as_i64().unwrap();
+    let bound = app.key(Role::Service, Some("acme")).await;
+    let body = json!({"idempotency_key": "undo"}).to_string();
+    let others = app
+        .request(
+            "POST",
+            &format!("/v1/entries/{id}/reversal"),
+            Some(&bound),
+            Some(body.clone()),
+        )
+        .await;
+    let missing_id = id + 1000;
+    let missing = app
+        .request(
+            "POST",
+            &format!("/v1/entries/{missing_id}/reversal"),
+            Some(&bound),
+            Some(body),
+        )
+        .await;
+    assert_eq!(others.status, 404, "{:?}", others.body);
+    assert_eq!(others.code(), "not_found");
+    assert!(!others.body.to_string().contains("globex"), "{:?}", others.body);
+    assert_eq!(
+        others.body["error"]["message"],
+        missing.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .replace(&(id + 1000).to_string(), &id.to_string())
+    );
+    assert_eq!(app.count_entries().await, 1, "nothing reversed");
 }
