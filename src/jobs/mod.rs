@@ -155,6 +155,9 @@ pub struct JobContext {
 pub struct JobRunner {
     context: JobContext,
     jobs: BTreeMap<String, (JobDefinition, Arc<Mutex<()>>)>,
+    /// Set by [`JobRunner::drain`]: no run starts after it, even from a
+    /// scheduler tick that fires once the drain is over.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl JobRunner {
@@ -164,7 +167,11 @@ impl JobRunner {
             .into_iter()
             .map(|j| (j.name.clone(), (j, Arc::new(Mutex::new(())))))
             .collect();
-        Self { context, jobs }
+        Self {
+            context,
+            jobs,
+            closed: std::sync::atomic::AtomicBool::new(false),
+        }
     }
 
     /// The definitions, by name.
@@ -185,6 +192,14 @@ impl JobRunner {
                 "job '{name}' is already running in this process"
             )));
         };
+        // Read under the guard: a drain sets it before taking the guards, so
+        // a run either holds its guard first (and the drain waits for it) or
+        // sees the flag.
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(JobOutcome::Skipped(format!(
+                "job '{name}' not started: the jobs are shutting down"
+            )));
+        }
         let context = &self.context;
         let Some(lock) = context.store.try_job_lock(name).await? else {
             return Ok(JobOutcome::Skipped(format!(
@@ -233,8 +248,10 @@ impl JobRunner {
         result
     }
 
-    /// Waits until no job is running, then keeps them from starting.
+    /// Keeps runs from starting from now on, then waits until none is
+    /// running; the guards it returns keep them out too while held.
     pub async fn drain(&self) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
+        self.closed.store(true, std::sync::atomic::Ordering::Release);
         let mut guards = Vec::new();
         for (_, guard) in self.jobs.values() {
             guards.push(guard.lock().await);

@@ -83,6 +83,14 @@ async fn a_run_is_skipped_while_another_process_holds_the_job(app: TestApp) {
             drop(guards);
         }
     }
+    // Drained for shutdown: a tick that fires afterwards starts nothing.
+    let drained = runner(&app);
+    drop(drained.drain().await);
+    let late = drained.run("rollup").await.unwrap();
+    assert!(
+        matches!(&late, JobOutcome::Skipped(why) if why.contains("shutting down")),
+        "{late:?}"
+    );
     assert!(matches!(runner(&app).run("rollup").await.unwrap(), JobOutcome::Ran(_)));
 }
 
