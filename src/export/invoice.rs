@@ -103,9 +103,9 @@ pub struct InvoiceContext<'a> {
 
 impl<'a> InvoiceContext<'a> {
     /// Loads plan histories and overrides for invoicing `month` (its first
-    /// day). With `as_of`, plan assignments made after it are left out, as the
-    /// entries recorded after it are (overrides keep no history: they are
-    /// read as they are now).
+    /// day). With `as_of`, as they were then: plan assignments and override
+    /// changes made after it are left out, as the entries recorded after it
+    /// are.
     pub async fn load(
         store: &dyn Store,
         catalog: &'a Catalog,
@@ -119,7 +119,7 @@ impl<'a> InvoiceContext<'a> {
             }
         }
         let mut overrides: HashMap<String, Vec<Override>> = HashMap::new();
-        for (account, o) in store.all_overrides().await? {
+        for (account, o) in store.all_overrides(as_of).await? {
             overrides.entry(account).or_default().push(o);
         }
         let end = Granularity::Month.next(month);

@@ -285,8 +285,10 @@ pub trait Store: Send + Sync + 'static {
     /// Every plan assignment of every account, by account then effective_at.
     async fn all_plan_assignments(&self) -> Result<Vec<(String, PlanAssignment)>, StoreError>;
 
-    /// Every override of every account.
-    async fn all_overrides(&self) -> Result<Vec<(String, Override)>, StoreError>;
+    /// Every override of every account, by account then resource: as it is
+    /// now, or with `as_of`, as it was then (the latest change made at or
+    /// before it; a removal leaves none).
+    async fn all_overrides(&self, as_of: Option<DateTime<Utc>>) -> Result<Vec<(String, Override)>, StoreError>;
 }
 
 /// What an export covers.

@@ -717,12 +717,19 @@ impl Store for PgStore {
     }
 
     async fn put_override(&self, account: &AccountId, value: &Override) -> Result<(), StoreError> {
+        // One statement: the change and its history row land together.
         sqlx::query(
-            "INSERT INTO account_overrides (account, resource, limit_amount, enforcement, limit_window, expires_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
-             ON CONFLICT (account, resource) DO UPDATE SET
-                limit_amount = excluded.limit_amount, enforcement = excluded.enforcement,
-                limit_window = excluded.limit_window, expires_at = excluded.expires_at, updated_at = excluded.updated_at",
+            "WITH changed AS (
+                INSERT INTO account_overrides (account, resource, limit_amount, enforcement, limit_window, expires_at, updated_at)
+                VALUES ($1, $2, $3, $4, $5, $6, $7)
+                ON CONFLICT (account, resource) DO UPDATE SET
+                   limit_amount = excluded.limit_amount, enforcement = excluded.enforcement,
+                   limit_window = excluded.limit_window, expires_at = excluded.expires_at, updated_at = excluded.updated_at
+                RETURNING account, resource, limit_amount, enforcement, limit_window, expires_at, updated_at
+             )
+             INSERT INTO account_override_history
+                 (account, resource, limit_amount, enforcement, limit_window, expires_at, changed_at, removed)
+             SELECT account, resource, limit_amount, enforcement, limit_window, expires_at, updated_at, false FROM changed",
         )
         .bind(account.as_str())
         .bind(value.resource.as_str())
@@ -737,11 +744,20 @@ impl Store for PgStore {
     }
 
     async fn delete_override(&self, account: &AccountId, resource: &ResourceName) -> Result<bool, StoreError> {
-        let done = sqlx::query("DELETE FROM account_overrides WHERE account = $1 AND resource = $2")
-            .bind(account.as_str())
-            .bind(resource.as_str())
-            .execute(&self.pool)
-            .await?;
+        // One statement: the removal and its history row land together; the
+        // history insert counts the rows removed.
+        let done = sqlx::query(
+            "WITH removed AS (
+                DELETE FROM account_overrides WHERE account = $1 AND resource = $2 RETURNING account, resource
+             )
+             INSERT INTO account_override_history (account, resource, changed_at, removed)
+             SELECT account, resource, $3, true FROM removed",
+        )
+        .bind(account.as_str())
+        .bind(resource.as_str())
+        .bind(Utc::now())
+        .execute(&self.pool)
+        .await?;
         Ok(done.rows_affected() > 0)
     }
 
@@ -1053,13 +1069,23 @@ impl Store for PgStore {
             .collect())
     }
 
-    async fn all_overrides(&self) -> Result<Vec<(String, Override)>, StoreError> {
-        let rows: Vec<OverrideRow> = sqlx::query_as(
-            "SELECT account, resource, limit_amount, enforcement, limit_window, expires_at, updated_at
-             FROM account_overrides ORDER BY account, resource",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+    async fn all_overrides(&self, as_of: Option<DateTime<Utc>>) -> Result<Vec<(String, Override)>, StoreError> {
+        let rows: Vec<OverrideRow> = match as_of {
+            None => {
+                sqlx::query_as(
+                    "SELECT account, resource, limit_amount, enforcement, limit_window, expires_at, updated_at
+                     FROM account_overrides ORDER BY account, resource",
+                )
+                .fetch_all(&self.pool)
+                .await?
+            }
+            Some(as_of) => {
+                sqlx::query_as(include_str!("sql/postgres/overrides_as_of.sql"))
+                    .bind(as_of)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+        };
         Ok(rows.into_iter().map(|row| self.override_from_row(row)).collect())
     }
 }

@@ -494,12 +494,17 @@ impl Store for SqliteStore {
     }
 
     async fn put_override(&self, account: &AccountId, value: &Override) -> Result<(), StoreError> {
+        // The change and its history row in one transaction.
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query(
             "INSERT INTO account_overrides (account, resource, limit_amount, enforcement, limit_window, expires_at, updated_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
              ON CONFLICT (account, resource) DO UPDATE SET
                 limit_amount = excluded.limit_amount, enforcement = excluded.enforcement,
-                limit_window = excluded.limit_window, expires_at = excluded.expires_at, updated_at = excluded.updated_at",
+                limit_window = excluded.limit_window, expires_at = excluded.expires_at, updated_at = excluded.updated_at;
+             INSERT INTO account_override_history
+                 (account, resource, limit_amount, enforcement, limit_window, expires_at, changed_at, removed)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0)",
         )
         .bind(account.as_str())
         .bind(value.resource.as_str())
@@ -508,18 +513,33 @@ impl Store for SqliteStore {
         .bind(value.window.map(Window::as_str))
         .bind(value.expires_at.map(to_micros))
         .bind(to_micros(value.updated_at))
-        .execute(&self.writer)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 
     async fn delete_override(&self, account: &AccountId, resource: &ResourceName) -> Result<bool, StoreError> {
+        // The removal and its history row in one transaction.
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let done = sqlx::query("DELETE FROM account_overrides WHERE account = ? AND resource = ?")
             .bind(account.as_str())
             .bind(resource.as_str())
-            .execute(&self.writer)
+            .execute(&mut *tx)
             .await?;
-        Ok(done.rows_affected() > 0)
+        let removed = done.rows_affected() > 0;
+        if removed {
+            sqlx::query(
+                "INSERT INTO account_override_history (account, resource, changed_at, removed) VALUES (?, ?, ?, 1)",
+            )
+            .bind(account.as_str())
+            .bind(resource.as_str())
+            .bind(to_micros(Utc::now()))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(removed)
     }
 
     async fn overrides(&self, account: &AccountId) -> Result<Vec<Override>, StoreError> {
@@ -646,13 +666,23 @@ impl Store for SqliteStore {
             .collect())
     }
 
-    async fn all_overrides(&self) -> Result<Vec<(String, Override)>, StoreError> {
-        let rows: Vec<OverrideRow> = sqlx::query_as(
-            "SELECT account, resource, limit_amount, enforcement, limit_window, expires_at, updated_at
-             FROM account_overrides ORDER BY account, resource",
-        )
-        .fetch_all(&self.reader)
-        .await?;
+    async fn all_overrides(&self, as_of: Option<DateTime<Utc>>) -> Result<Vec<(String, Override)>, StoreError> {
+        let rows: Vec<OverrideRow> = match as_of {
+            None => {
+                sqlx::query_as(
+                    "SELECT account, resource, limit_amount, enforcement, limit_window, expires_at, updated_at
+                     FROM account_overrides ORDER BY account, resource",
+                )
+                .fetch_all(&self.reader)
+                .await?
+            }
+            Some(as_of) => {
+                sqlx::query_as(include_str!("sql/sqlite/overrides_as_of.sql"))
+                    .bind(to_micros(as_of))
+                    .fetch_all(&self.reader)
+                    .await?
+            }
+        };
         Ok(rows.into_iter().map(|row| self.override_from_row(row)).collect())
     }
 }

@@ -252,6 +252,14 @@ async fn an_as_of_export_is_reproducible_after_late_entries_and_reversals(app: T
         .await;
     app.insert(&[("acme", "api_requests", "5", "b", "2026-09-04T00:00:00Z")])
         .await;
+    // An override in force at T, removed afterwards.
+    let set = app
+        .put_admin(
+            "/v1/accounts/acme/overrides/llm_tokens",
+            json!({"limit": "5000", "enforcement": "soft"}),
+        )
+        .await;
+    assert_eq!(set.status, 200, "{:?}", set.body);
     app.rollup().await;
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     let as_of = chrono::Utc::now().to_rfc3339();
@@ -283,18 +291,37 @@ async fn an_as_of_export_is_reproducible_after_late_entries_and_reversals(app: T
         json!({"idempotency_key": "undo"}),
     )
     .await;
-    // And a plan assigned afterwards, effective from before the month.
+    // And a plan assigned afterwards, effective from before the month; the
+    // override removed, another one set.
     app.put_admin(
         "/v1/accounts/acme/plan",
         json!({"plan": "scale", "effective_at": "2026-08-01T00:00:00Z"}),
     )
     .await;
+    let removed = app
+        .request(
+            "DELETE",
+            "/v1/accounts/acme/overrides/llm_tokens",
+            Some(&app.admin_key),
+            None,
+        )
+        .await;
+    assert_eq!(removed.status, 200, "{:?}", removed.body);
+    app.put_admin("/v1/accounts/acme/overrides/agent_minutes", json!({"limit": "1"}))
+        .await;
     app.rollup().await;
     assert_eq!(write("d2.csv", "daily", Some(&as_of)), first_daily, "identical bytes");
     assert_eq!(write("e2.csv", "entries", Some(&as_of)), first_entries);
     assert_eq!(write("i2.csv", "invoice", Some(&as_of)), first_invoice);
+    let first = String::from_utf8(first_invoice).unwrap();
+    assert!(first.contains("acme,free,llm_tokens,0,5000,"), "{first}");
     let invoice_now = String::from_utf8(write("i3.csv", "invoice", None)).unwrap();
     assert!(invoice_now.contains("acme,scale,plan,30,30,,30,30"), "{invoice_now}");
+    assert!(invoice_now.contains("acme,scale,agent_minutes,0,1,"), "{invoice_now}");
+    assert!(
+        invoice_now.contains("acme,scale,llm_tokens,0,unlimited,"),
+        "{invoice_now}"
+    );
     let now = String::from_utf8(write("d3.csv", "daily", None)).unwrap();
     assert!(now.contains("acme,api_requests,2026-09-03,100,3"), "{now}");
 }
