@@ -8,9 +8,10 @@ use chrono::{SubsecRound, Utc};
 
 use crate::app::Settings;
 use crate::domain::catalog::{Enforcement, Window};
-use crate::domain::entry::parse_timestamp;
+use crate::domain::entry::{parse_instant_or_date, parse_timestamp};
 use crate::domain::plan::{Override, parse_limit};
 use crate::domain::{AccountId, Amount, Catalog};
+use crate::usage::features::feature_at;
 use crate::usage::quota::{QuotaStatus, Quotas, plan_at};
 
 /// `tally accounts …`
@@ -68,7 +69,7 @@ pub struct CheckArgs {
     resource: String,
     /// Amount to check (default 1).
     amount: Option<String>,
-    /// RFC 3339 instant (default now).
+    /// RFC 3339 instant, or a date for its UTC midnight (default now).
     #[arg(long)]
     at: Option<String>,
 }
@@ -78,7 +79,19 @@ pub struct CheckArgs {
 pub struct UsageArgs {
     /// Account id.
     account: String,
-    /// RFC 3339 instant (default now).
+    /// RFC 3339 instant, or a date for its UTC midnight (default now).
+    #[arg(long)]
+    at: Option<String>,
+}
+
+/// Arguments of `tally feature`.
+#[derive(Debug, clap::Args)]
+pub struct FeatureArgs {
+    /// Account id.
+    account: String,
+    /// Feature name (see `tally plans show`).
+    feature: String,
+    /// RFC 3339 instant, or a date for its UTC midnight (default now).
     #[arg(long)]
     at: Option<String>,
 }
@@ -87,10 +100,20 @@ fn account(raw: &str) -> anyhow::Result<AccountId> {
     AccountId::parse(raw).map_err(anyhow::Error::msg)
 }
 
+/// `--effective-at` / `--expires-at`: RFC 3339, as the HTTP bodies take
+/// them; now by default.
+fn timestamp(flag: &str, raw: Option<&str>) -> anyhow::Result<chrono::DateTime<Utc>> {
+    raw.map_or_else(
+        || Ok(Utc::now().trunc_subsecs(6)),
+        |t| parse_timestamp(t).map_err(|m| anyhow::anyhow!("{flag}: {m}")),
+    )
+}
+
+/// `--at`: as the HTTP reads take it (RFC 3339 or a plain date), now by default.
 fn instant(raw: Option<&str>) -> anyhow::Result<chrono::DateTime<Utc>> {
     raw.map_or_else(
         || Ok(Utc::now().trunc_subsecs(6)),
-        |t| parse_timestamp(t).map_err(anyhow::Error::msg),
+        |t| parse_instant_or_date(t).map_err(|m| anyhow::anyhow!("--at: {m}")),
     )
 }
 
@@ -120,7 +143,7 @@ pub async fn run(settings: &Settings, command: AccountsCommand) -> anyhow::Resul
                 anyhow::bail!("plan '{plan}' is not in the catalog; plans: {}", catalog.plan_names());
             }
             let assignment = store
-                .assign_plan(&account, &plan, instant(effective_at.as_deref())?)
+                .assign_plan(&account, &plan, timestamp("--effective-at", effective_at.as_deref())?)
                 .await?;
             eprintln!(
                 "account {account} is on plan {plan} from {}",
@@ -150,7 +173,10 @@ pub async fn run(settings: &Settings, command: AccountsCommand) -> anyhow::Resul
                         Window::parse(&w).ok_or_else(|| anyhow::anyhow!("window {w:?} is not day, month or total"))
                     })
                     .transpose()?,
-                expires_at: expires_at.as_deref().map(|t| instant(Some(t))).transpose()?,
+                expires_at: expires_at
+                    .as_deref()
+                    .map(|t| timestamp("--expires-at", Some(t)))
+                    .transpose()?,
                 updated_at: Utc::now().trunc_subsecs(6),
             };
             store.put_override(&account, &value).await?;
@@ -177,6 +203,33 @@ pub async fn check(settings: &Settings, args: CheckArgs) -> anyhow::Result<ExitC
             warn_if_plan_missing(&catalog, &status.account, &status.plan);
             println!("{}", serde_json::to_string_pretty(&status)?);
             Ok(if status.allowed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+/// `tally feature`: the feature as `GET /v1/accounts/{account}/features/{feature}`
+/// answers it; exit 0 when allowed, 1 when not, 2 on an error (an unknown
+/// feature included), as `tally check`.
+pub async fn feature(settings: &Settings, args: FeatureArgs) -> anyhow::Result<ExitCode> {
+    let answer = async {
+        let (store, catalog) = settings.open_store().await?;
+        let account = account(&args.account)?;
+        let at = instant(args.at.as_deref())?;
+        let history = store.plan_history(&account).await?;
+        feature_at(&catalog, &history, &args.feature, at).map_err(anyhow::Error::msg)
+    };
+    match answer.await {
+        Ok(view) => {
+            println!("{}", serde_json::to_string_pretty(&view)?);
+            Ok(if view.allowed {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE

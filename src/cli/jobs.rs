@@ -29,7 +29,9 @@ pub struct RollupArgs {
 pub enum JobsCommand {
     /// Each job, its schedule (UTC) and its next run.
     List,
-    /// Run one job now (skipped if a run of it is in flight anywhere).
+    /// Run one job now (on PostgreSQL skipped while a run of it is in flight
+    /// in any process; on SQLite only in this one: a second rollup waits for
+    /// the write lock and folds what is left).
     Run {
         /// The job's name.
         name: String,

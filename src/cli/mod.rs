@@ -29,8 +29,10 @@ pub struct Cli {
     /// Plan catalog (TOML); the built-in catalog when absent.
     #[arg(long, env = "TALLY_PLANS", global = true)]
     pub plans: Option<PathBuf>,
-    /// Entries older than this many days are refused as too_late.
-    #[arg(long, env = "TALLY_LATE_HORIZON_DAYS", default_value_t = DEFAULT_LATE_HORIZON_DAYS, global = true)]
+    /// Entries older than this many days are refused as too_late (1 to
+    /// 36 500; older history goes in with `tally import --allow-late`).
+    #[arg(long, env = "TALLY_LATE_HORIZON_DAYS", default_value_t = DEFAULT_LATE_HORIZON_DAYS, global = true,
+          value_parser = clap::value_parser!(i64).range(1..=36_500))]
     pub late_horizon_days: i64,
     /// Job definitions directory (default: jobs/ when present, else the built-in schedule).
     #[arg(long, env = "TALLY_JOBS", global = true)]
@@ -79,6 +81,9 @@ pub enum Command {
     Check(accounts::CheckArgs),
     /// Where an account stands on every limited or used resource.
     Usage(accounts::UsageArgs),
+    /// Whether an account's plan gives it a feature (JSON); exit 0 when
+    /// allowed, 1 when not, 2 on an error.
+    Feature(accounts::FeatureArgs),
     /// Plans, plan history and overrides of accounts.
     #[command(subcommand)]
     Accounts(accounts::AccountsCommand),
@@ -161,6 +166,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Stats(args) => export::stats(&settings, args).await,
         Command::Top(args) => export::top(&settings, args).await,
         Command::Usage(args) => accounts::usage(&settings, args).await,
+        Command::Feature(args) => accounts::feature(&settings, args).await,
         Command::Accounts(command) => accounts::run(&settings, command).await,
     }
 }

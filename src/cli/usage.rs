@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use crate::app::Settings;
 use crate::domain::AccountId;
-use crate::domain::period::Granularity;
+use crate::domain::period::{Granularity, parse_date};
 use crate::usage::timeseries::timeseries as series;
 
 /// Arguments of `tally timeseries`.
@@ -17,11 +17,11 @@ pub struct TimeseriesArgs {
     /// Bucket size.
     #[arg(long, value_enum, default_value = "day")]
     granularity: Granularity,
-    /// First bucket (inclusive), YYYY-MM-DD.
-    #[arg(long)]
+    /// First bucket (inclusive): YYYY-MM-DD, or YYYY-MM for its first day.
+    #[arg(long, value_parser = parse_date)]
     from: chrono::NaiveDate,
-    /// End (exclusive), YYYY-MM-DD.
-    #[arg(long)]
+    /// End (exclusive): YYYY-MM-DD, or YYYY-MM for its first day.
+    #[arg(long, value_parser = parse_date)]
     to: chrono::NaiveDate,
 }
 

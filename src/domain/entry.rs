@@ -112,6 +112,17 @@ pub fn parse_timestamp(text: &str) -> Result<DateTime<Utc>, String> {
         })
 }
 
+/// An instant as the reads take it: RFC 3339, or a plain date (`2026-11-01`)
+/// meaning its UTC midnight. The HTTP query parameters and the CLI's `--at`
+/// alike.
+pub fn parse_instant_or_date(raw: &str) -> Result<DateTime<Utc>, String> {
+    if chrono::NaiveDate::parse_from_str(raw, "%Y-%m-%d").is_ok() {
+        let day = super::period::parse_date(raw)?;
+        return Ok(day.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc());
+    }
+    parse_timestamp(raw).map_err(|m| format!("{m} (or a date like 2026-11-01)"))
+}
+
 /// Why U+0000 is refused, for error messages.
 const NUL_REASON: &str =
     "the ledger cannot store it (PostgreSQL refuses it in text and JSON); remove it or escape it in your own way";

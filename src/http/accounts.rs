@@ -11,10 +11,11 @@ use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::{Body, QueryParams, parse_json};
 use super::{AppState, params};
-use crate::domain::catalog::{Enforcement, FeatureValue, Window};
+use crate::domain::catalog::{Enforcement, Window};
 use crate::domain::entry::parse_timestamp;
 use crate::domain::plan::{Override, PlanAssignment, parse_limit};
 use crate::domain::{AccountId, Catalog, FieldError, Role};
+use crate::usage::features::{FeatureView, feature_at};
 use crate::usage::quota::{Quotas, UsageReport, plan_at};
 
 /// The account routes.
@@ -205,14 +206,6 @@ async fn delete_override(
     }
 }
 
-#[derive(Serialize)]
-struct FeatureView {
-    feature: String,
-    allowed: bool,
-    value: FeatureValue,
-    plan: String,
-}
-
 async fn feature(
     State(state): State<AppState>,
     caller: Caller,
@@ -220,33 +213,10 @@ async fn feature(
 ) -> Result<Json<FeatureView>, ApiError> {
     let account = params::account(&account)?;
     caller.require_read(&account)?;
-    let known: std::collections::BTreeSet<&String> =
-        state.catalog.plans.values().flat_map(|p| p.features.keys()).collect();
-    if !known.contains(&feature) {
-        return Err(ApiError::NotFound(format!(
-            "feature '{feature}' is not in the catalog; features: {}",
-            known.into_iter().cloned().collect::<Vec<_>>().join(", ")
-        )));
-    }
     let history = state.store.plan_history(&account).await?;
-    let plan = plan_at(&state.catalog, &history, Utc::now()).to_owned();
-    let value = state
-        .catalog
-        .plans
-        .get(&plan)
-        .and_then(|p| p.features.get(&feature))
-        .cloned()
-        .unwrap_or(FeatureValue::Bool(false));
-    let allowed = match value {
-        FeatureValue::Bool(on) => on,
-        FeatureValue::Number(n) => n > 0,
-    };
-    Ok(Json(FeatureView {
-        feature,
-        allowed,
-        value,
-        plan,
-    }))
+    feature_at(&state.catalog, &history, &feature, Utc::now())
+        .map(Json)
+        .map_err(ApiError::NotFound)
 }
 
 async fn usage(

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, NaiveDate, Utc};
 
 use super::error::ApiError;
-use crate::domain::entry::parse_timestamp;
+use crate::domain::entry::parse_instant_or_date;
 use crate::domain::{AccountId, Catalog, ResourceName};
 
 /// An account id from the path.
@@ -27,11 +27,7 @@ pub fn resource(catalog: &Catalog, raw: &str) -> Result<ResourceName, ApiError> 
 
 /// An instant: RFC 3339, or a bare date meaning its UTC midnight.
 pub fn instant(field: &'static str, raw: &str) -> Result<DateTime<Utc>, ApiError> {
-    if NaiveDate::parse_from_str(raw, "%Y-%m-%d").is_ok() {
-        let day = crate::domain::period::parse_date(raw).map_err(|m| ApiError::invalid(field, m))?;
-        return Ok(day.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc());
-    }
-    parse_timestamp(raw).map_err(|m| ApiError::invalid(field, format!("{field}: {m} (or a date like 2026-11-01)")))
+    parse_instant_or_date(raw).map_err(|m| ApiError::invalid(field, format!("{field}: {m}")))
 }
 
 /// 422 for a query parameter this endpoint does not take (a typo would

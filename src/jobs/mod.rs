@@ -103,6 +103,14 @@ pub fn load(dir: Option<&Path>) -> anyhow::Result<Vec<JobDefinition>> {
         .filter(|p| p.extension().is_some_and(|x| x == "toml"))
         .collect();
     paths.sort();
+    // An empty directory would silently schedule nothing, the rollup included.
+    anyhow::ensure!(
+        !paths.is_empty(),
+        "the jobs directory {} holds no job files (*.toml), so nothing would run, not even the rollup; \
+         add job files (the repository's jobs/ has the built-in ones), remove the directory to use the \
+         built-in schedule, or run serve --no-jobs",
+        dir.display()
+    );
     for path in paths {
         let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
         let job: JobDefinition =

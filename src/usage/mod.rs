@@ -3,6 +3,7 @@
 //! ledger tail the rollup has not reached yet.
 
 pub mod admin;
+pub mod features;
 pub mod quota;
 pub mod rate_limit;
 pub mod timeseries;

@@ -177,3 +177,15 @@ fn a_job_file_with_a_bad_schedule_is_refused_with_its_path() {
         "{message}"
     );
 }
+
+#[test]
+fn an_empty_jobs_directory_is_refused_rather_than_scheduling_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("README"), "not a job\n").unwrap();
+    let error = tally::jobs::load(Some(dir.path())).unwrap_err();
+    let message = format!("{error:#}");
+    assert!(
+        message.contains("holds no job files") && message.contains("--no-jobs"),
+        "{message}"
+    );
+}

@@ -690,6 +690,19 @@ async fn features_follow_the_plan(app: TestApp) {
             .unwrap()
             .contains("git_export, multi_user")
     );
+    // The CLI twin answers the same JSON; exit 0 allowed, 1 not, 2 error.
+    let cli = app.cli(&["feature", "acme", "multi_user"]);
+    assert_eq!(cli.status.code(), Some(0), "{}", String::from_utf8_lossy(&cli.stderr));
+    assert_eq!(serde_json::from_slice::<Value>(&cli.stdout).unwrap(), scale.body);
+    let before = app.cli(&["feature", "acme", "multi_user", "--at", "2020-01-01"]);
+    assert_eq!(before.status.code(), Some(1));
+    assert_eq!(
+        serde_json::from_slice::<Value>(&before.stdout).unwrap(),
+        json!({"feature": "multi_user", "allowed": false, "value": false, "plan": "free"})
+    );
+    let teleport = app.cli(&["feature", "acme", "teleport"]);
+    assert_eq!(teleport.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&teleport.stderr).contains("git_export, multi_user"));
     let plans = app.get("/v1/plans").await;
     assert_eq!(plans.body["plans"]["pro"]["price"], "10");
     assert_eq!(
@@ -862,6 +875,15 @@ async fn the_cli_checks_and_reports_usage(app: TestApp) {
     let stderr = String::from_utf8_lossy(&zero.stderr);
     assert_eq!(zero.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("amount must not be zero"), "{stderr}");
+    // A date for --at, as the HTTP reads take it: its UTC midnight.
+    let on_a_date = app.cli(&["usage", "acme", "--at", "2020-01-01"]);
+    assert!(
+        on_a_date.status.success(),
+        "{}",
+        String::from_utf8_lossy(&on_a_date.stderr)
+    );
+    let usage: Value = serde_json::from_slice(&on_a_date.stdout).unwrap();
+    assert_eq!(usage["plan"], "free", "{usage}");
     let bad_at = app.cli(&["check", "acme", "ai_generations", "--at", "yesterday"]);
     assert_eq!(
         bad_at.status.code(),

@@ -67,6 +67,23 @@ async fn a_monthly_series_runs_from_first_to_first(app: TestApp) {
             (json!("2026-03-01"), json!("7")),
         ]
     );
+    // The CLI twin takes months as the HTTP one does.
+    let cli = app.cli(&[
+        "timeseries",
+        "acme",
+        "api_requests",
+        "--granularity",
+        "month",
+        "--from",
+        "2026-01",
+        "--to",
+        "2026-04",
+    ]);
+    assert!(cli.status.success(), "{}", String::from_utf8_lossy(&cli.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&cli.stdout),
+        "start,amount\n2026-01-01,5\n2026-02-01,0\n2026-03-01,7\n"
+    );
 }
 
 async fn a_late_entry_for_a_folded_day_counts_before_the_next_rollup(app: TestApp) {
