@@ -198,13 +198,7 @@ impl Catalog {
 
         let mut resources = BTreeMap::new();
         for (name, spec) in &raw.resources {
-            let resource = match ResourceName::parse(name) {
-                Ok(r) => r,
-                Err(e) => {
-                    err(spec.span(), e);
-                    continue;
-                }
-            };
+            // Both checks, so that one file run shows both problems of a resource.
             let decimals = spec.get_ref().decimals.unwrap_or(0);
             if decimals > MAX_DECIMALS {
                 err(
@@ -212,6 +206,13 @@ impl Catalog {
                     format!("resource '{name}' declares {decimals} decimals; at most {MAX_DECIMALS} are supported"),
                 );
             }
+            let resource = match ResourceName::parse(name) {
+                Ok(r) => r,
+                Err(e) => {
+                    err(spec.span(), e);
+                    continue;
+                }
+            };
             resources.insert(
                 resource,
                 ResourceSpec {
@@ -442,6 +443,26 @@ mod tests {
                 .contains("'tokens', which is not declared; known: api_requests")),
             "{lines:?}"
         );
+    }
+
+    #[test]
+    fn the_format_example_in_docs_plans_md_is_a_valid_catalog() {
+        let doc = include_str!("../../docs/plans.md");
+        let start = doc.find("```toml\n").expect("a toml block") + "```toml\n".len();
+        let example = &doc[start..start + doc[start..].find("```").expect("its end")];
+        let catalog = Catalog::parse(example).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(catalog.default_plan, "free");
+        assert_eq!(catalog.decimals("agent_minutes"), 2);
+        assert!(catalog.plans.contains_key("pro"));
+    }
+
+    #[test]
+    fn a_badly_named_resource_also_reports_its_decimals() {
+        let text = "default_plan = \"free\"\n[resources.Tokens]\ndecimals = 10\n[plans.free]\nprice = \"0\"\n";
+        let errors = Catalog::parse(text).unwrap_err().0;
+        let messages: Vec<_> = errors.iter().map(|e| e.message.as_str()).collect();
+        assert!(messages.iter().any(|m| m.contains("10 decimals")), "{messages:?}");
+        assert!(messages.iter().any(|m| m.contains("Tokens")), "{messages:?}");
     }
 
     #[test]
