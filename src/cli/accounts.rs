@@ -67,7 +67,8 @@ pub struct CheckArgs {
     account: String,
     /// Resource name.
     resource: String,
-    /// Amount to check (default 1).
+    /// Amount to check (default 1); a negative one is refused with a message.
+    #[arg(allow_hyphen_values = true)]
     amount: Option<String>,
     /// RFC 3339 instant, or a date for its UTC midnight (default now).
     #[arg(long)]
