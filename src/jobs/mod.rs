@@ -223,34 +223,15 @@ impl JobRunner {
             .await
             .map(|report| JobOutcome::Ran(report.to_string()))
             .map_err(anyhow::Error::from),
-            JobKind::MonthlyReports => {
-                let last = reports::previous_month(Utc::now());
-                let mut done = Vec::new();
-                let mut failed = None;
-                for month in reports::months_to_write(&context.reports_dir, last) {
-                    let written = reports::write_monthly_reports(
-                        context.store.as_ref(),
-                        &context.catalog,
-                        &context.reports_dir,
-                        month,
-                        job.overwrite,
-                    )
-                    .await;
-                    match written {
-                        Ok(outcome) => done.push(format!("{}: {outcome}", month.format("%Y-%m"))),
-                        Err(error) => {
-                            // The months before stay written; the next run
-                            // starts again from the first one missing.
-                            failed = Some(error.context(format!("writing the reports of {}", month.format("%Y-%m"))));
-                            break;
-                        }
-                    }
-                }
-                match failed {
-                    None => Ok(JobOutcome::Ran(done.join("; "))),
-                    Some(error) => Err(error),
-                }
-            }
+            JobKind::MonthlyReports => reports::catch_up(
+                context.store.as_ref(),
+                &context.catalog,
+                &context.reports_dir,
+                reports::previous_month(Utc::now()),
+                job.overwrite,
+            )
+            .await
+            .map(JobOutcome::Ran),
         };
         lock.release().await;
         result

@@ -10,6 +10,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
+use anyhow::Context;
 use chrono::{DateTime, Months, NaiveDate, Utc};
 
 use crate::domain::Catalog;
@@ -97,6 +98,26 @@ fn report_of(name: &str) -> Option<(Report, NaiveDate)> {
     let tag = rest.strip_suffix(".csv")?;
     let month = NaiveDate::parse_from_str(&format!("{tag}-01"), "%Y-%m-%d").ok()?;
     Some((report, month))
+}
+
+/// The job's run: writes [`months_to_write`] in order, up to `last`, and
+/// says what it wrote and kept. A month that fails stops the run; those
+/// before it stay written, and the next run starts from the first missing.
+pub async fn catch_up(
+    store: &dyn Store,
+    catalog: &Catalog,
+    dir: &Path,
+    last: NaiveDate,
+    overwrite: bool,
+) -> anyhow::Result<String> {
+    let mut done = Vec::new();
+    for month in months_to_write(dir, last) {
+        let outcome = write_monthly_reports(store, catalog, dir, month, overwrite)
+            .await
+            .with_context(|| format!("writing the reports of {}", month.format("%Y-%m")))?;
+        done.push(format!("{}: {outcome}", month.format("%Y-%m")));
+    }
+    Ok(done.join("; "))
 }
 
 /// The report files of a month.

@@ -298,14 +298,7 @@ async fn an_as_of_export_is_reproducible_after_late_entries_and_reversals(app: T
         json!({"plan": "scale", "effective_at": "2026-08-01T00:00:00Z"}),
     )
     .await;
-    let removed = app
-        .request(
-            "DELETE",
-            "/v1/accounts/acme/overrides/llm_tokens",
-            Some(&app.admin_key),
-            None,
-        )
-        .await;
+    let removed = app.delete_admin("/v1/accounts/acme/overrides/llm_tokens").await;
     assert_eq!(removed.status, 200, "{:?}", removed.body);
     app.put_admin("/v1/accounts/acme/overrides/agent_minutes", json!({"limit": "1"}))
         .await;

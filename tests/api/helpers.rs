@@ -153,6 +153,11 @@ impl TestApp {
             .await
     }
 
+    /// DELETE with the admin key (overrides).
+    pub async fn delete_admin(&self, path: &str) -> Reply {
+        self.request("DELETE", path, Some(&self.admin_key), None).await
+    }
+
     /// POST as admin.
     pub async fn post(&self, path: &str, body: Value) -> Reply {
         self.request("POST", path, Some(&self.admin_key), Some(body.to_string()))

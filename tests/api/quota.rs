@@ -449,24 +449,10 @@ async fn an_override_beats_the_plan_until_it_expires(app: TestApp) {
         consume(&app, "acme", "llm_tokens", "5000", "huge", None).await.status,
         200
     );
-    let removed = app
-        .request(
-            "DELETE",
-            "/v1/accounts/acme/overrides/llm_tokens",
-            Some(&app.admin_key),
-            None,
-        )
-        .await;
+    let removed = app.delete_admin("/v1/accounts/acme/overrides/llm_tokens").await;
     assert_eq!(removed.status, 200);
     assert_eq!(check(&app, "acme", "llm_tokens", "1", None).await["limit"], "1000");
-    let again = app
-        .request(
-            "DELETE",
-            "/v1/accounts/acme/overrides/llm_tokens",
-            Some(&app.admin_key),
-            None,
-        )
-        .await;
+    let again = app.delete_admin("/v1/accounts/acme/overrides/llm_tokens").await;
     assert_eq!(again.status, 404);
 }
 
@@ -1101,14 +1087,7 @@ async fn an_override_with_another_window_counts_over_that_window_in_check_and_co
     assert_eq!(consumed.status, 200, "{:?}", consumed.body);
     assert_eq!(consumed.body["window"], "month");
     assert_eq!(consumed.body["used"], (before_today + 15).to_string());
-    let deleted = app
-        .request(
-            "DELETE",
-            "/v1/accounts/acme/overrides/llm_tokens",
-            Some(&app.admin_key),
-            None,
-        )
-        .await;
+    let deleted = app.delete_admin("/v1/accounts/acme/overrides/llm_tokens").await;
     assert!(deleted.status < 300, "{:?}", deleted.body);
     let body = check(&app, "acme", "llm_tokens", "1", None).await;
     assert_eq!(body["window"], "day");
