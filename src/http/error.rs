@@ -133,23 +133,12 @@ impl From<StoreError> for ApiError {
     }
 }
 
-/// Renders the chain of causes for the log.
-fn cause_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
         if status.is_server_error() {
-            tracing::error!(error.code = code, error.cause = %cause_chain(&self), "request failed: {}", cause_chain(&self));
+            let cause = crate::telemetry::cause_chain(&self);
+            tracing::error!(error.code = code, error.cause = %cause, "request failed: {cause}");
         }
         let details = match &self {
             Self::Validation { errors, .. } => json!({ "errors": errors }),

@@ -27,7 +27,8 @@ async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
             Json(json!({ "status": "ok", "database": "ok", "rollup_lag_seconds": lag })),
         ),
         Err(e) => {
-            tracing::warn!(error = %e, "health check: database unavailable: {e}");
+            let cause = crate::telemetry::cause_chain(&e);
+            tracing::warn!(error = %cause, "health check: database unavailable: {cause}");
             (
                 StatusCode::SERVICE_UNAVAILABLE,
                 Json(json!({ "status": "degraded", "database": "unavailable", "rollup_lag_seconds": null })),

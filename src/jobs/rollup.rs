@@ -179,7 +179,8 @@ pub async fn run(store: &dyn Store, options: &RollupOptions, metrics: &Metrics) 
         }
         Err(e) => {
             metrics.rollup_failures.inc();
-            tracing::error!(entries = report.entries, error = %e, "rollup failed after {report}: {e}");
+            let cause = crate::telemetry::cause_chain(&e);
+            tracing::error!(entries = report.entries, error = %cause, "rollup failed after {report}: {cause}");
             Err(e)
         }
     }

@@ -778,7 +778,7 @@ fn conflict(index: Option<usize>, entry: &NewEntry, other: &str) -> StoreError {
     StoreError::IdempotencyConflict {
         index,
         message: format!(
-            "idempotency_key '{}' of account '{}' was already used by {other} with a different resource, amount or occurred_at; use a new key for new usage",
+            "idempotency_key '{}' of account '{}' was already used by {other} with a different resource, amount, occurred_at or reversed entry; use a new key for new usage",
             entry.idempotency_key, entry.account
         ),
     }
@@ -817,7 +817,10 @@ pub(crate) const REVERSES_INDEX: &str = "entries_reverses";
 pub(crate) fn map_reversal_violation(e: sqlx::Error, entries: &[NewEntry]) -> StoreError {
     if let sqlx::Error::Database(db) = &e {
         let mentions_reverses = db.constraint() == Some(REVERSES_INDEX) || db.message().contains("entries.reverses");
-        if db.is_unique_violation() && mentions_reverses {
+        // SQLite answers from a trigger (migration 0010) before its unique
+        // index is reached: a constraint error, not a unique violation.
+        let from_trigger = db.kind() == sqlx::error::ErrorKind::Other && db.code().as_deref() == Some("1811");
+        if (db.is_unique_violation() || from_trigger) && mentions_reverses {
             let id = entries.iter().find_map(|e| e.reverses).unwrap_or_default();
             return StoreError::AlreadyReversed(id);
         }

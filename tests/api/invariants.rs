@@ -9,11 +9,13 @@ use tally::domain::entry::EntryRules;
 use tally::domain::{Amount, EntryFilter, EntryInput};
 
 use crate::both;
-use crate::helpers::{TestApp, entry};
+use crate::helpers::{TestApp, days_ago, entry};
 
 both!(
     the_database_refuses_to_update_or_delete_ledger_rows,
-    amounts_survive_parse_store_read_format_unchanged
+    amounts_survive_parse_store_read_format_unchanged,
+    sums_past_two_to_the_53_stay_exact_in_check_series_rollup_and_export,
+    a_total_past_64_bits_is_an_error_never_a_wrapped_number,
 );
 
 async fn the_database_refuses_to_update_or_delete_ledger_rows(app: TestApp) {
@@ -28,7 +30,32 @@ async fn the_database_refuses_to_update_or_delete_ledger_rows(app: TestApp) {
             .to_string()
             .contains("append-only")
     );
-    if app.backend == crate::helpers::Backend::Postgres {
+    // A replacing insert is a delete and an insert in one line.
+    if app.backend == crate::helpers::Backend::Sqlite {
+        let by_id = app
+            .execute_raw(
+                "INSERT OR REPLACE INTO entries (id, account, resource, amount, occurred_at, recorded_at, idempotency_key)
+                 SELECT id, account, resource, 999, occurred_at, recorded_at, 'other' FROM entries",
+            )
+            .await;
+        let message = by_id.expect_err("a replace by id must fail").to_string();
+        assert!(message.contains("append-only"), "{message}");
+        app.execute_raw(
+            "REPLACE INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key)
+             SELECT account, resource, 999, occurred_at, recorded_at, idempotency_key FROM entries",
+        )
+        .await
+        .expect("a replace by key is skipped");
+    } else {
+        let upsert = app
+            .execute_raw(
+                "INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key)
+                 SELECT account, resource, 999, occurred_at, recorded_at, idempotency_key FROM entries
+                 ON CONFLICT (account, idempotency_key) DO UPDATE SET amount = EXCLUDED.amount",
+            )
+            .await;
+        let message = upsert.expect_err("an upsert must fail").to_string();
+        assert!(message.contains("append-only"), "{message}");
         let truncate = app.execute_raw("TRUNCATE entries CASCADE").await;
         assert!(
             truncate
@@ -41,6 +68,7 @@ async fn the_database_refuses_to_update_or_delete_ledger_rows(app: TestApp) {
         app.scalar_i64("SELECT CAST(SUM(amount) AS BIGINT) FROM entries").await,
         5
     );
+    assert_eq!(app.count_entries().await, 1);
 }
 
 /// Canonical decimal text for an amount of `minor` units with `decimals` digits.
@@ -104,6 +132,104 @@ async fn amounts_survive_parse_store_read_format_unchanged(app: TestApp) {
         let read: Vec<String> = outcomes.iter().map(|o| by_id[&o.id].clone()).collect();
         assert_eq!(read, expected);
     }
+}
+
+/// `count` entries of `amount` for `account` and `resource` at `at`, as one batch body.
+fn batch_at(account: &str, resource: &str, amount: &str, count: usize, at: &str) -> serde_json::Value {
+    let entries: Vec<_> = (0..count)
+        .map(|i| {
+            let mut body = entry(account, resource, amount, &format!("{resource}-{amount}-{i}"));
+            body["occurred_at"] = serde_json::json!(at);
+            body
+        })
+        .collect();
+    serde_json::json!({ "entries": entries })
+}
+
+/// 10 × (10^15 − 1) + 1 = 9 999 999 999 999 991 units: odd and above 2^53, so
+/// a sum through f64 anywhere (a float SUM in SQL, a JSON number) would answer
+/// …992. And 999 999 999 999 999.99 has no f64 either: sent as a JSON number
+/// and parsed through f64 it would become 10^15, which is refused.
+async fn sums_past_two_to_the_53_stay_exact_in_check_series_rollup_and_export(app: TestApp) {
+    let day = days_ago(2);
+    let next = days_ago(1);
+    let at = format!("{day}T12:00:00Z");
+    let big = app
+        .post_entries(batch_at("big", "api_requests", "999999999999999", 10, &at))
+        .await;
+    assert_eq!(big.status, 200, "{:?}", big.body);
+    let one = app.post_entries(batch_at("big", "api_requests", "1", 1, &at)).await;
+    assert_eq!(one.status, 200, "{:?}", one.body);
+    // Raw text: the test's own serde_json would hold the number as an f64.
+    let raw = format!(
+        r#"{{"account": "big", "resource": "agent_minutes", "amount": 999999999999999.99,
+             "idempotency_key": "m1", "occurred_at": "{at}"}}"#
+    );
+    let minutes = app
+        .request("POST", "/v1/entries", Some(&app.admin_key), Some(raw))
+        .await;
+    assert_eq!(minutes.status, 200, "{:?}", minutes.body);
+
+    let expected = [
+        ("api_requests", "9999999999999991"),
+        ("agent_minutes", "999999999999999.99"),
+    ];
+    for folded in [false, true] {
+        if folded {
+            assert_eq!(app.rollup().await.entries, 12);
+        }
+        for (resource, want) in expected {
+            let check = app
+                .post(
+                    "/v1/quota/check",
+                    serde_json::json!({"account": "big", "resource": resource, "at": at}),
+                )
+                .await;
+            assert_eq!(check.status, 200, "{:?}", check.body);
+            assert_eq!(check.body["used"], want, "check, folded: {folded}");
+            let series = app
+                .get(&format!(
+                    "/v1/accounts/big/timeseries?resource={resource}&granularity=day&from={day}&to={next}"
+                ))
+                .await;
+            assert_eq!(series.body["points"][0]["amount"], want, "series, folded: {folded}");
+        }
+    }
+    assert!(app.store.verify_totals().await.unwrap().is_empty());
+    let output = app.cli(&["export", "daily", "--from", &day, "--to", &next]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let csv = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        csv.contains(&format!("big,api_requests,{day},9999999999999991,11"))
+            && csv.contains(&format!("big,agent_minutes,{day},999999999999999.99,1")),
+        "{csv}"
+    );
+}
+
+/// 9 224 entries of 10^15 − 1 units sum past i64::MAX on one day: every read
+/// of that total answers an error (500 over HTTP), and the rollup fails
+/// without writing a total, rather than report a wrapped or rounded number.
+async fn a_total_past_64_bits_is_an_error_never_a_wrapped_number(app: TestApp) {
+    let day = days_ago(2);
+    let at = format!("{day}T12:00:00Z");
+    let posted = app
+        .post_entries(batch_at("huge", "api_requests", "999999999999999", 9_224, &at))
+        .await;
+    assert_eq!(posted.status, 200, "{:?}", posted.body);
+    let check = app
+        .post(
+            "/v1/quota/check",
+            serde_json::json!({"account": "huge", "resource": "api_requests", "at": at}),
+        )
+        .await;
+    assert_eq!((check.status, check.code()), (500, "internal"), "{:?}", check.body);
+    let usage = app.get(&format!("/v1/accounts/huge/usage?at={at}")).await;
+    assert_eq!(usage.status, 500, "{:?}", usage.body);
+    let rollup = app.rollup_with(tally::jobs::rollup::RollupOptions::default()).await;
+    assert!(rollup.is_err(), "{rollup:?}");
+    assert_eq!(app.scalar_i64("SELECT COUNT(*) FROM daily_totals").await, 0);
+    assert_eq!(app.scalar_i64("SELECT COUNT(*) FROM monthly_totals").await, 0);
+    assert_eq!(app.count_entries().await, 9_224);
 }
 
 #[test]
