@@ -291,7 +291,8 @@ async fn decide_group(pool: &PgPool, shared: &Shared, group: Vec<Waiting>) {
 type Caller = oneshot::Sender<Result<Decided, StoreError>>;
 
 /// Decides `group` in one call; if the call fails, each consume alone, each
-/// answered as soon as its own call returns.
+/// answered as soon as its own call returns (but if the database is
+/// unavailable, every consume of the group gets that answer at once).
 async fn decide(pool: &PgPool, group: Vec<Waiting>, mut answer: impl FnMut(Caller, Result<Decided, StoreError>)) {
     let requests: Vec<&Request> = group.iter().map(|w| &w.request).collect();
     let started = std::time::Instant::now();
@@ -306,6 +307,23 @@ async fn decide(pool: &PgPool, group: Vec<Waiting>, mut answer: impl FnMut(Calle
             );
             for (waiting, decided) in by_position(group, rows) {
                 answer(waiting.answer, decided);
+            }
+        }
+        Err(StoreError::Unavailable(cause)) => {
+            // The database is out of reach: deciding each consume alone would
+            // make the k-th caller wait k more timeouts for the same answer.
+            let shared = cause.to_string();
+            tracing::warn!(
+                consumes = group.len(),
+                "a group of {} consumes found the database unavailable: {shared}",
+                group.len()
+            );
+            let mut first = Some(cause);
+            for waiting in group {
+                let cause = first
+                    .take()
+                    .unwrap_or_else(|| sqlx::Error::Io(std::io::Error::other(shared.clone())));
+                answer(waiting.answer, Err(StoreError::Unavailable(cause)));
             }
         }
         Err(error) if group.len() > 1 => {
