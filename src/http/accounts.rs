@@ -3,7 +3,7 @@
 use axum::extract::{Path, State};
 use axum::routing::{get, put};
 use axum::{Json, Router};
-use chrono::{DateTime, SubsecRound, Utc};
+use chrono::{SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -210,11 +210,14 @@ async fn feature(
     State(state): State<AppState>,
     caller: Caller,
     Path((account, feature)): Path<(String, String)>,
+    QueryParams(query): QueryParams,
 ) -> Result<Json<FeatureView>, ApiError> {
     let account = params::account(&account)?;
     caller.require_read(&account)?;
+    params::reject_unknown(&query, &["at"])?;
+    let at = params::at(&query)?;
     let history = state.store.plan_history(&account).await?;
-    feature_at(&state.catalog, &history, &feature, Utc::now())
+    feature_at(&state.catalog, &history, &feature, at)
         .map(Json)
         .map_err(ApiError::NotFound)
 }
@@ -228,10 +231,7 @@ async fn usage(
     let account = params::account(&account)?;
     caller.require_read(&account)?;
     params::reject_unknown(&query, &["at"])?;
-    let at: DateTime<Utc> = match query.get("at") {
-        None => Utc::now(),
-        Some(raw) => params::instant("at", raw)?,
-    };
+    let at = params::at(&query)?;
     let quotas = Quotas {
         store: state.store.as_ref(),
         catalog: &state.catalog,

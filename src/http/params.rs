@@ -30,6 +30,12 @@ pub fn instant(field: &'static str, raw: &str) -> Result<DateTime<Utc>, ApiError
     parse_instant_or_date(raw).map_err(|m| ApiError::invalid(field, format!("{field}: {m}")))
 }
 
+/// The `at` query parameter (see [`instant`]): the instant a read is
+/// about, now when absent.
+pub fn at(query: &HashMap<String, String>) -> Result<DateTime<Utc>, ApiError> {
+    query.get("at").map_or_else(|| Ok(Utc::now()), |raw| instant("at", raw))
+}
+
 /// 422 for a query parameter this endpoint does not take (a typo would
 /// otherwise silently widen the result).
 pub fn reject_unknown(query: &HashMap<String, String>, known: &[&str]) -> Result<(), ApiError> {

@@ -11,6 +11,7 @@ use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::{Body, parse_json};
 use super::{AppState, params};
+use crate::domain::catalog::Window;
 use crate::domain::entry::parse_timestamp;
 use crate::domain::{AccountId, Amount, EntryInput, Role};
 use crate::usage::quota::{ConsumeError, ConsumeOutcome, QuotaStatus, Quotas, Warning};
@@ -146,7 +147,11 @@ async fn consume(
                 status.used,
                 match retry_after {
                     Some(s) => format!("; the window resets in {s} s"),
-                    None => "; free some (a negative entry) or raise the limit".into(),
+                    None if status.window == Window::Total =>
+                        "; free some (a negative entry) or raise the limit".into(),
+                    None => "; the amount alone is over the whole limit, so no later window takes it: \
+                             consume less at a time or raise the limit"
+                        .into(),
                 }
             ),
             details: serde_json::to_value(&status).expect("serialisable"),

@@ -449,7 +449,7 @@ impl ConsumeDecider for Decider<'_> {
             let status = QuotaStatus::new(&entry.account, &entry.resource, &limit, &period, used, false);
             Rejected::QuotaExceeded {
                 status,
-                retry_after: retry_after(&period, entry.occurred_at),
+                retry_after: retry_after(&limit, entry.amount, &period, entry.occurred_at),
             }
             .reason()
         };
@@ -521,7 +521,7 @@ impl Quotas<'_> {
                 let status = QuotaStatus::new(&entry.account, &entry.resource, &limit, &period, used, false);
                 Ok(ConsumeOutcome::QuotaExceeded {
                     status,
-                    retry_after: retry_after(&period, entry.occurred_at),
+                    retry_after: retry_after(&limit, entry.amount, &period, entry.occurred_at),
                 })
             }
         }
@@ -580,8 +580,13 @@ fn rate_cells(per_minute: u32, amount: Amount) -> Option<(u32, u32)> {
     Some((u32::try_from(budget).ok()?, u32::try_from(cells).ok()?))
 }
 
-/// Whole seconds from `at` to the end of `period` (None for total).
-fn retry_after(period: &Period, at: DateTime<Utc>) -> Option<u64> {
+/// Whole seconds from `at` to the end of `period`, when waiting for the next
+/// window can let the consume through: None for a total (it never resets)
+/// and for an amount over the whole limit (no fresh window takes it).
+fn retry_after(limit: &EffectiveLimit, amount: Amount, period: &Period, at: DateTime<Utc>) -> Option<u64> {
+    if limit.limit.is_some_and(|whole| amount.minor() > whole.minor()) {
+        return None;
+    }
     period.ends_at().map(|end| {
         let micros = (end - at).num_microseconds().unwrap_or(i64::MAX).max(0);
         (micros as u64).div_ceil(1_000_000)

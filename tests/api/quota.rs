@@ -567,40 +567,62 @@ async fn a_consume_retried_with_its_key_returns_the_first_outcome(app: TestApp) 
 }
 
 async fn a_free_account_at_99999_requests_consumes_one_then_is_refused_until_upgraded(app: TestApp) {
-    assert_eq!(
-        app.post_entries(entry("acme", "api_requests", "99999", "backlog"))
-            .await
-            .status,
-        200
-    );
-    let last = consume(&app, "acme", "api_requests", "1", "one", None).await;
+    // One instant for every step: a run that crosses a month's end must not
+    // split the backlog and the consumes over two windows.
+    let at = iso(Utc::now());
+    let mut backlog = entry("acme", "api_requests", "99999", "backlog");
+    backlog["occurred_at"] = json!(at);
+    assert_eq!(app.post_entries(backlog).await.status, 200);
+    let last = consume(&app, "acme", "api_requests", "1", "one", Some(&at)).await;
     assert_eq!(last.status, 200, "{:?}", last.body);
     assert_eq!(last.body["used"], "100000");
     assert_eq!(last.body["remaining"], "0");
-    let refused = consume(&app, "acme", "api_requests", "1", "two", None).await;
+    let refused = consume(&app, "acme", "api_requests", "1", "two", Some(&at)).await;
     assert_eq!(refused.status, 429);
     assert_eq!(refused.code(), "quota_exceeded");
     let until_month_end = retry_after(&refused).unwrap();
     assert!(until_month_end > 0 && until_month_end <= 31 * 86_400);
-    app.put_admin("/v1/accounts/acme/plan", json!({"plan": "pro"})).await;
-    let upgraded = consume(&app, "acme", "api_requests", "1", "two", None).await;
+    let upgrade = app
+        .put_admin("/v1/accounts/acme/plan", json!({"plan": "pro", "effective_at": at}))
+        .await;
+    assert_eq!(upgrade.status, 200, "{:?}", upgrade.body);
+    let upgraded = consume(&app, "acme", "api_requests", "1", "two", Some(&at)).await;
     assert_eq!(upgraded.status, 200, "{:?}", upgraded.body);
     assert_eq!(upgraded.body["plan"], "pro");
     assert_eq!(upgraded.body["limit"], "1000000");
 }
 
 async fn fifty_ai_generations_pass_on_free_and_the_51st_is_refused(app: TestApp) {
+    let at = iso(Utc::now());
     for i in 0..50 {
         assert_eq!(
-            consume(&app, "acme", "ai_generations", "1", &format!("g{i}"), None)
+            consume(&app, "acme", "ai_generations", "1", &format!("g{i}"), Some(&at))
                 .await
                 .status,
             200
         );
     }
-    let refused = consume(&app, "acme", "ai_generations", "1", "g50", None).await;
+    let refused = consume(&app, "acme", "ai_generations", "1", "g50", Some(&at)).await;
     assert_eq!(refused.status, 429);
+    assert!(
+        retry_after(&refused).is_some(),
+        "next month takes it: {:?}",
+        refused.headers
+    );
     assert_eq!(app.ledger_sum("acme", "ai_generations").await, 50);
+    // 51 at once fits in no month of free: a Retry-After would send the
+    // client back at the 1st for the same answer.
+    let never = consume(&app, "other", "ai_generations", "51", "all", Some(&at)).await;
+    assert_eq!(
+        (never.status, never.code()),
+        (429, "quota_exceeded"),
+        "{:?}",
+        never.body
+    );
+    assert_eq!(retry_after(&never), None, "{:?}", never.headers);
+    let message = never.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("over the whole limit"), "{message}");
+    assert_eq!(app.ledger_sum("other", "ai_generations").await, 0);
 }
 
 async fn usage_lists_every_limited_or_used_resource_with_warnings(app: TestApp) {
@@ -686,6 +708,14 @@ async fn features_follow_the_plan(app: TestApp) {
         serde_json::from_slice::<Value>(&before.stdout).unwrap(),
         json!({"feature": "multi_user", "allowed": false, "value": false, "plan": "free"})
     );
+    // `at` over HTTP asks about that instant, as the CLI's `--at` does.
+    let http_before = app.get("/v1/accounts/acme/features/multi_user?at=2020-01-01").await;
+    assert_eq!(
+        http_before.body,
+        serde_json::from_slice::<Value>(&before.stdout).unwrap()
+    );
+    let typo = app.get("/v1/accounts/acme/features/multi_user?when=2020-01-01").await;
+    assert_eq!(typo.status, 422, "{:?}", typo.body);
     let teleport = app.cli(&["feature", "acme", "teleport"]);
     assert_eq!(teleport.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&teleport.stderr).contains("git_export, multi_user"));
