@@ -200,6 +200,16 @@ pub async fn create_key(
     account: Option<crate::domain::AccountId>,
     name: Option<String>,
 ) -> anyhow::Result<KeySecret> {
+    match (role, &account) {
+        (Role::Reader, None) => anyhow::bail!("a reader key reads one account: pass --account ACCOUNT"),
+        // Admin passes every account check, so a binding would only look
+        // like a limit.
+        (Role::Admin, Some(account)) => anyhow::bail!(
+            "an admin key reaches every account and cannot be bound to '{account}'; \
+             for a key limited to one account use --role service or --role reader with --account"
+        ),
+        _ => {}
+    }
     let secret = KeySecret::generate();
     store
         .create_api_key(&NewApiKey {

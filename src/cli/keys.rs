@@ -37,9 +37,6 @@ pub async fn run(settings: &Settings, command: KeysCommand) -> anyhow::Result<Ex
             let account = account
                 .map(|a| AccountId::parse(&a).map_err(anyhow::Error::msg))
                 .transpose()?;
-            if role == Role::Reader && account.is_none() {
-                anyhow::bail!("a reader key reads one account: pass --account ACCOUNT");
-            }
             let secret = create_key(store.as_ref(), role, account, name).await?;
             println!("{}", secret.expose());
         }

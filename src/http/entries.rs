@@ -14,7 +14,7 @@ use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::{Body, QueryParams, parse_json};
 use super::params;
-use crate::domain::entry::{EntryRules, refuse_nul, validate_batch};
+use crate::domain::entry::{EntryRules, FieldError, refuse_nul, validate_batch};
 use crate::domain::{AccountId, Entry, EntryFilter, EntryInput, IdempotencyKey, InsertOutcome, InsertStatus, Role};
 use crate::store::{StoreError, reversal_of};
 
@@ -146,10 +146,33 @@ async fn reverse_entry(
         return Err(StoreError::entry_not_found(id).into());
     }
     let reversal = reversal_of(&original, key, request.reason.as_deref())?;
+    // A reversal lands in the original's buckets: past the horizon those
+    // periods are closed (reported, invoiced), as they are to a service's new
+    // entries. An operator may still correct one, deliberately, as admin.
+    if original.occurred_at < Utc::now() - state.late_horizon && caller.role != Role::Admin {
+        return Err(ApiError::from_field_errors(vec![FieldError {
+            index: 0,
+            field: "id",
+            code: "too_late",
+            message: format!(
+                "entry {id} occurred at {}, older than the late-arrival horizon of {} days, and its reversal \
+                 would change that closed period; an admin key can reverse it",
+                original
+                    .occurred_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+                state.late_horizon.num_days()
+            ),
+        }]));
+    }
     let outcome = state
         .store
         .insert_entries(std::slice::from_ref(&reversal))
-        .await?
+        .await
+        // Not a batch: the message needs no position.
+        .map_err(|e| match e {
+            StoreError::IdempotencyConflict { message, .. } => StoreError::IdempotencyConflict { index: None, message },
+            other => other,
+        })?
         .pop()
         .expect("one outcome per entry");
     if outcome.status == InsertStatus::Created {

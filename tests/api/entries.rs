@@ -255,10 +255,35 @@ async fn a_reversal_appends_the_opposite_amount_once(app: TestApp) {
         )
         .await;
     assert_eq!(of_reversal.status, 422, "{:?}", of_reversal.body);
-    assert_eq!(app.count_entries().await, 2);
+
+    // The first reversal's key, reused to reverse a twin entry (same
+    // resource, amount and occurred_at): only the reversed entry differs.
+    let twin = app
+        .post_entries(json!({"account": "acme", "resource": "agent_minutes", "amount": "2.5",
+                             "idempotency_key": "k2", "occurred_at": posted_at}))
+        .await;
+    let twin_id = twin.body["entries"][0]["id"].as_i64().unwrap();
+    let reused = app
+        .post(
+            &format!("/v1/entries/{twin_id}/reversal"),
+            json!({"idempotency_key": "undo-1"}),
+        )
+        .await;
+    assert_eq!(
+        (reused.status, reused.code()),
+        (409, "idempotency_conflict"),
+        "{:?}",
+        reused.body
+    );
+    let message = reused.body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("idempotency_key 'undo-1'") && message.contains("reversed entry"),
+        "{message}"
+    );
+    assert_eq!(app.count_entries().await, 3);
     assert_eq!(
         app.scalar_i64("SELECT CAST(SUM(amount) AS BIGINT) FROM entries").await,
-        0
+        250
     );
 }
 

@@ -29,6 +29,8 @@ both!(
     occurred_at_older_than_the_horizon_is_too_late,
     occurred_at_that_is_not_rfc3339_is_422,
     one_bad_entry_fails_the_whole_batch_with_its_index,
+    reversing_an_entry_older_than_the_horizon_is_too_late_for_a_service,
+    an_admin_key_bound_to_an_account_is_refused,
 );
 
 /// Posts `body` and checks the 422 names `field` (at `index`) and wrote nothing.
@@ -347,4 +349,38 @@ async fn one_bad_entry_fails_the_whole_batch_with_its_index(app: TestApp) {
         entry("acme", "api_requests", "0", "c"),
     ]});
     assert_rejected(&app, body, "validation_failed", 2, "amount").await;
+}
+
+/// A reversal lands in its original's period, so the horizon that closes a
+/// period to a service's new entries closes it to its reversals too; an
+/// operator can still correct it, deliberately, with an admin key.
+async fn reversing_an_entry_older_than_the_horizon_is_too_late_for_a_service(app: TestApp) {
+    let old = (Utc::now() - Duration::days(40)).to_rfc3339_opts(SecondsFormat::Secs, true);
+    let id = app.insert(&[("acme", "api_requests", "7", "old", &old)]).await[0];
+    let service = app.key(tally::domain::Role::Service, None).await;
+    let body = json!({"idempotency_key": "undo"}).to_string();
+    let path = format!("/v1/entries/{id}/reversal");
+    let reply = app.request("POST", &path, Some(&service), Some(body.clone())).await;
+    assert_eq!((reply.status, reply.code()), (422, "too_late"), "{:?}", reply.body);
+    let message = reply.body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("35 days") && message.contains("admin key"),
+        "{message}"
+    );
+    assert_eq!(reply.body["error"]["details"]["errors"][0]["field"], "id");
+    assert_eq!(app.count_entries().await, 1, "a refused reversal writes nothing");
+    let admin = app.request("POST", &path, Some(&app.admin_key), Some(body)).await;
+    assert_eq!(admin.status, 200, "{:?}", admin.body);
+    assert_eq!(admin.body["amount"], "-7");
+}
+
+/// An admin key passes every account check, so binding one to an account
+/// would only look like a limit: `keys create` refuses it.
+async fn an_admin_key_bound_to_an_account_is_refused(app: TestApp) {
+    let output = app.cli(&["keys", "create", "--role", "admin", "--account", "acme"]);
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("cannot be bound to 'acme'"), "{stderr}");
+    assert!(output.stdout.is_empty(), "no key printed");
+    assert_eq!(app.scalar_i64("SELECT COUNT(*) FROM api_keys").await, 0);
 }
