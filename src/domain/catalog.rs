@@ -24,6 +24,10 @@ pub struct ResourceSpec {
     pub description: Option<String>,
 }
 
+/// The `resource` column of the invoice line that bills a plan's own price,
+/// so no resource may take this name.
+pub const PLAN_LINE_RESOURCE: &str = "plan";
+
 /// The period a limit counts over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -207,6 +211,16 @@ impl Catalog {
                 );
             }
             let resource = match ResourceName::parse(name) {
+                Ok(r) if r.as_str() == PLAN_LINE_RESOURCE => {
+                    err(
+                        spec.span(),
+                        format!(
+                            "resource name '{PLAN_LINE_RESOURCE}' is reserved: the invoice marks each plan's own \
+                             price line with it; name the resource otherwise"
+                        ),
+                    );
+                    continue;
+                }
                 Ok(r) => r,
                 Err(e) => {
                     err(spec.span(), e);
@@ -463,6 +477,18 @@ mod tests {
         let messages: Vec<_> = errors.iter().map(|e| e.message.as_str()).collect();
         assert!(messages.iter().any(|m| m.contains("10 decimals")), "{messages:?}");
         assert!(messages.iter().any(|m| m.contains("Tokens")), "{messages:?}");
+    }
+
+    #[test]
+    fn a_resource_named_plan_is_refused() {
+        let text = "default_plan = \"free\"\n[resources.plan]\n[plans.free]\nprice = \"0\"\n";
+        let errors = Catalog::parse(text).unwrap_err().0;
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.line == Some(2) && e.message.contains("'plan' is reserved")),
+            "{errors:?}"
+        );
     }
 
     #[test]

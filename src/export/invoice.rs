@@ -18,12 +18,12 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use chrono::{Datelike, NaiveDate};
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use futures_util::TryStreamExt;
 use rust_decimal::{Decimal, RoundingStrategy};
 
 use super::CsvOutput;
-use crate::domain::catalog::{Enforcement, Window};
+use crate::domain::catalog::{Enforcement, PLAN_LINE_RESOURCE, Window};
 use crate::domain::period::{Granularity, start_of};
 use crate::domain::plan::{Override, PlanAssignment};
 use crate::domain::{AccountId, Amount, Catalog, ResourceName};
@@ -41,8 +41,6 @@ pub const INVOICE_HEADER: [&str; 8] = [
     "unit_price",
     "amount_due",
 ];
-/// The `resource` of a plan's own price line.
-pub const PLAN_LINE: &str = "plan";
 
 /// One line of an invoice.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,7 +150,7 @@ impl<'a> InvoiceContext<'a> {
         let plans: Vec<&str> = self
             .days
             .iter()
-            .map(|d| plan_at(self.catalog, history, start_of(*d)))
+            .map(|d| plan_at(self.catalog, history, closing_instant(*d)))
             .collect();
         let days_in_month = Decimal::from(self.days.len());
         let last_plan = plans.last().copied().unwrap_or(self.catalog.default_plan.as_str());
@@ -172,7 +170,7 @@ impl<'a> InvoiceContext<'a> {
         lines.push(InvoiceLine {
             account: account.to_owned(),
             plan: last_plan.to_owned(),
-            resource: PLAN_LINE.into(),
+            resource: PLAN_LINE_RESOURCE.into(),
             used: days_on(last_plan).to_string(),
             included: self.days.len().to_string(),
             overage: String::new(),
@@ -208,7 +206,7 @@ impl<'a> InvoiceContext<'a> {
                 .try_fold(0i64, |sum, d| sum.checked_add(*d))
                 .ok_or_else(overflow)?;
             let last_day = *self.days.last().expect("a month has days");
-            let last = effective_limit(self.catalog, last_plan, overrides, &resource, start_of(last_day));
+            let last = effective_limit(self.catalog, last_plan, overrides, &resource, closing_instant(last_day));
             let price_of = |l: &crate::usage::quota::EffectiveLimit| match l.enforcement {
                 Enforcement::Soft => l.overage_price.unwrap_or(Decimal::ZERO),
                 Enforcement::Hard => Decimal::ZERO,
@@ -221,7 +219,7 @@ impl<'a> InvoiceContext<'a> {
                 Window::Day => self.days.iter().zip(&plans).zip(&day_used).fold(
                     (0i64, Decimal::ZERO),
                     |(over_sum, due), ((day, plan), used_that_day)| {
-                        let limit = effective_limit(self.catalog, plan, overrides, &resource, start_of(*day));
+                        let limit = effective_limit(self.catalog, plan, overrides, &resource, closing_instant(*day));
                         let over = limit
                             .limit
                             .map_or(0, |cap| used_that_day.saturating_sub(cap.minor()).max(0));
@@ -337,4 +335,12 @@ pub async fn export_invoices(
     })
     .await?;
     Ok(out.rows())
+}
+
+/// The last instant (µs) of UTC day `day`: a day is billed and judged by the
+/// plan and overrides in force when it closes, the ones its last consumes
+/// were decided by (an upgrade at 17:29 lets that day's usage count against
+/// the new plan's limit, as consume did from 17:29 on).
+fn closing_instant(day: NaiveDate) -> DateTime<Utc> {
+    start_of(day.succ_opt().expect("a day before the end of time")) - chrono::Duration::microseconds(1)
 }

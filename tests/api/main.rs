@@ -9,6 +9,7 @@ mod concurrency;
 mod entries;
 mod export;
 mod invariants;
+mod invoice;
 mod jobs;
 mod quota;
 mod rollup;
