@@ -372,3 +372,97 @@ impl TestApp {
             .sum()
     }
 }
+
+/// Generates `on_sqlite` and `on_postgres` tests for each listed
+/// `async fn name(app: TestApp, runner: Arc<JobRunner>)`: the runner is the
+/// served app's own (see [`TestApp::spawn_with_job_runner`]).
+#[macro_export]
+macro_rules! both_with_job_runner {
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn on_sqlite() {
+                if let Some((app, runner)) =
+                    $crate::helpers::TestApp::spawn_with_job_runner($crate::helpers::Backend::Sqlite).await
+                {
+                    super::$name(app, runner).await;
+                }
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn on_postgres() {
+                if let Some((app, runner)) =
+                    $crate::helpers::TestApp::spawn_with_job_runner($crate::helpers::Backend::Postgres).await
+                {
+                    super::$name(app, runner).await;
+                }
+            }
+        }
+    )+};
+}
+
+impl TestApp {
+    /// Like [`TestApp::spawn`], and also returns the served app's own job
+    /// runner (the built-in jobs over its store and its metrics), so that what
+    /// a run counts shows in this app's `GET /metrics`. A runner built in the
+    /// test would count into metrics nobody serves.
+    pub async fn spawn_with_job_runner(backend: Backend) -> Option<(Self, Arc<tally::jobs::JobRunner>)> {
+        tally::telemetry::init_tracing();
+        let (database_url, dir) = fresh_database(backend).await?;
+        let admin_key = "test-admin-key".to_owned();
+        let settings = Settings {
+            database_url: database_url.clone(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            admin_key: Some(admin_key.clone()),
+            ..Settings::default()
+        };
+        let app = Application::build(&settings).await.expect("the app builds");
+        let address = format!("http://127.0.0.1:{}", app.port());
+        let store = app.state().store.clone();
+        let catalog = app.state().catalog.clone();
+        let runner = app.job_runner(tally::jobs::builtin());
+        tokio::spawn(app.run_until(std::future::pending()));
+        let app = Self {
+            backend,
+            address,
+            database_url,
+            admin_key,
+            client: reqwest::Client::new(),
+            store,
+            catalog,
+            _dir: dir,
+        };
+        Some((app, runner))
+    }
+
+    /// This app's `GET /metrics` text.
+    pub async fn metrics_text(&self) -> String {
+        scrape_metrics(&self.client, &self.address).await
+    }
+}
+
+/// `GET /metrics` of the app at `address` (`http://host:port`), as text.
+pub async fn scrape_metrics(client: &reqwest::Client, address: &str) -> String {
+    let response = client
+        .get(format!("{address}/metrics"))
+        .send()
+        .await
+        .expect("the app answers /metrics");
+    assert_eq!(response.status(), 200);
+    response.text().await.unwrap()
+}
+
+/// The value of the unlabelled sample `name` in a Prometheus text exposition
+/// (None when absent), so a test can compare a counter with a number rather
+/// than only find its name.
+pub fn metric(text: &str, name: &str) -> Option<u64> {
+    text.lines().find_map(|line| {
+        let value = line.strip_prefix(name)?.strip_prefix(' ')?;
+        Some(
+            value
+                .trim()
+                .parse()
+                .unwrap_or_else(|e| panic!("{name} is not a whole number: {line:?}: {e}")),
+        )
+    })
+}

@@ -1,20 +1,23 @@
 //! Jobs: definitions, manual runs, no overlapping runs, and the operations view.
 
 use std::process::Command;
+use std::sync::Arc;
 
+use chrono::{SubsecRound as _, Timelike as _};
 use serde_json::json;
 use tally::jobs::{JobOutcome, JobRunner};
 use tally::telemetry::Metrics;
 
-use crate::both;
-use crate::helpers::{TestApp, entry};
+use crate::helpers::{Backend, TestApp, days_ago_at, entry, metric};
+use crate::{both, both_with_job_runner};
 
 both!(
     a_job_run_by_name_folds_the_ledger,
     a_run_is_skipped_while_another_process_holds_the_job,
-    health_reports_rollup_lag_and_metrics_count_what_happened,
     jobs_list_shows_each_job_and_its_next_run,
 );
+
+both_with_job_runner!(health_reports_rollup_lag_and_metrics_count_what_happened);
 
 fn runner(app: &TestApp) -> JobRunner {
     let context = tally::jobs::JobContext {
@@ -26,37 +29,92 @@ fn runner(app: &TestApp) -> JobRunner {
     JobRunner::new(context, tally::jobs::builtin())
 }
 
+/// The number of entries a rollup run's summary says it folded.
+fn folded_in(summary: &str) -> u64 {
+    summary
+        .strip_prefix("folded ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("not a rollup summary: {summary:?}"))
+}
+
+/// Runs the rollup job by name until its runs have folded `expected` entries
+/// in all; returns (runs, entries folded). On PostgreSQL one run may fold
+/// less: it folds only rows below the cluster-wide xmin, which other tests'
+/// transactions hold back for a moment.
+async fn run_rollup_job_until_folded(runner: &JobRunner, expected: u64) -> (u64, u64) {
+    let (mut runs, mut folded) = (0, 0);
+    for _ in 0..400 {
+        match runner.run("rollup").await.unwrap() {
+            JobOutcome::Ran(summary) => {
+                runs += 1;
+                folded += folded_in(&summary);
+            }
+            JobOutcome::Skipped(why) => panic!("nothing else runs the rollup here: {why}"),
+        }
+        if folded >= expected {
+            return (runs, folded);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("the rollup job folded {folded} of {expected} entries in {runs} runs");
+}
+
+/// A pinned instant yesterday (not "now"), so a run that crosses 00:00 UTC
+/// reads the day the entry is in.
+fn yesterday_noon() -> (String, String) {
+    let at = days_ago_at(1, "12:00:00");
+    let day = at[..10].to_owned();
+    (at, day)
+}
+
+fn entry_at(account: &str, amount: &str, key: &str, at: &str) -> serde_json::Value {
+    let mut body = entry(account, "api_requests", amount, key);
+    body["occurred_at"] = json!(at);
+    body
+}
+
 async fn a_job_run_by_name_folds_the_ledger(app: TestApp) {
-    app.post_entries(entry("acme", "api_requests", "4", "a")).await;
-    let outcome = runner(&app).run("rollup").await.unwrap();
-    assert!(
-        matches!(&outcome, JobOutcome::Ran(s) if s.starts_with("folded ")),
-        "{outcome:?}"
-    );
-    app.rollup().await;
-    let today = chrono::Utc::now().date_naive().to_string();
-    assert_eq!(app.daily_total("acme", "api_requests", &today).await, 4);
+    let (at, day) = yesterday_noon();
+    assert_eq!(app.post_entries(entry_at("acme", "4", "a", &at)).await.status, 200);
+    let (_, folded) = run_rollup_job_until_folded(&runner(&app), 1).await;
+    assert_eq!(folded, 1, "the job folded the entry, once");
+    // Read before anything else rolls up: the total is the job's work.
+    assert_eq!(app.daily_total("acme", "api_requests", &day).await, 4);
     let unknown = runner(&app).run("nope").await.unwrap_err().to_string();
     assert!(
         unknown.contains("no job named 'nope'; jobs: monthly-reports, rollup"),
         "{unknown}"
     );
-    let cli = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["jobs", "run", "rollup", "--database-url", &app.database_url])
-        .output()
-        .unwrap();
-    assert!(cli.status.success(), "{}", String::from_utf8_lossy(&cli.stderr));
-    assert!(
-        String::from_utf8_lossy(&cli.stdout).starts_with("rollup: folded "),
-        "{}",
-        String::from_utf8_lossy(&cli.stdout)
-    );
+    // The CLI twin folds what was posted since.
+    assert_eq!(app.post_entries(entry_at("acme", "6", "b", &at)).await.status, 200);
+    let mut folded_by_cli = 0;
+    for _ in 0..100 {
+        let cli = Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(["jobs", "run", "rollup", "--database-url", &app.database_url])
+            .output()
+            .unwrap();
+        assert!(cli.status.success(), "{}", String::from_utf8_lossy(&cli.stderr));
+        let stdout = String::from_utf8_lossy(&cli.stdout);
+        let summary = stdout
+            .trim()
+            .strip_prefix("rollup: ")
+            .unwrap_or_else(|| panic!("{stdout}"));
+        folded_by_cli += folded_in(summary);
+        if folded_by_cli > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(folded_by_cli, 1, "tally jobs run rollup folded the second entry");
+    assert_eq!(app.daily_total("acme", "api_requests", &day).await, 10);
 }
 
 async fn a_run_is_skipped_while_another_process_holds_the_job(app: TestApp) {
-    app.post_entries(entry("acme", "api_requests", "4", "a")).await;
+    let (at, day) = yesterday_noon();
+    assert_eq!(app.post_entries(entry_at("acme", "4", "a", &at)).await.status, 200);
     match app.backend {
-        crate::helpers::Backend::Postgres => {
+        Backend::Postgres => {
             // Another replica holds the job's advisory lock.
             let held = app.store.try_job_lock("rollup").await.unwrap().expect("free at first");
             let outcome = runner(&app).run("rollup").await.unwrap();
@@ -64,14 +122,10 @@ async fn a_run_is_skipped_while_another_process_holds_the_job(app: TestApp) {
                 matches!(&outcome, JobOutcome::Skipped(why) if why.contains("another process")),
                 "{outcome:?}"
             );
-            assert_eq!(
-                app.daily_total("acme", "api_requests", &chrono::Utc::now().date_naive().to_string())
-                    .await,
-                0
-            );
+            assert_eq!(app.daily_total("acme", "api_requests", &day).await, 0);
             held.release().await;
         }
-        crate::helpers::Backend::Sqlite => {
+        Backend::Sqlite => {
             // One process: the in-process guard keeps a second run out.
             let runner = std::sync::Arc::new(runner(&app));
             let guards = runner.drain().await;
@@ -94,14 +148,14 @@ async fn a_run_is_skipped_while_another_process_holds_the_job(app: TestApp) {
     assert!(matches!(runner(&app).run("rollup").await.unwrap(), JobOutcome::Ran(_)));
 }
 
-async fn health_reports_rollup_lag_and_metrics_count_what_happened(app: TestApp) {
+async fn health_reports_rollup_lag_and_metrics_count_what_happened(app: TestApp, runner: Arc<JobRunner>) {
     // An entry recorded 30 s ago and not folded yet.
     let pool_sql = match app.backend {
-        crate::helpers::Backend::Sqlite => format!(
+        Backend::Sqlite => format!(
             "INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key) VALUES ('acme', 'api_requests', 1, {0}, {0}, 'old')",
             (chrono::Utc::now() - chrono::Duration::seconds(30)).timestamp_micros()
         ),
-        crate::helpers::Backend::Postgres => "INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key) VALUES ('acme', 'api_requests', 1, now() - interval '30 seconds', now() - interval '30 seconds', 'old')".to_owned(),
+        Backend::Postgres => "INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key) VALUES ('acme', 'api_requests', 1, now() - interval '30 seconds', now() - interval '30 seconds', 'old')".to_owned(),
     };
     app.execute_raw(&pool_sql).await.unwrap();
     let health = app.request("GET", "/healthz", None, None).await;
@@ -111,33 +165,48 @@ async fn health_reports_rollup_lag_and_metrics_count_what_happened(app: TestApp)
         json!({"entries": [entry("acme", "api_requests", "1", "a"), entry("acme", "api_requests", "1", "b")]}),
     )
     .await;
-    app.rollup().await;
+    let before = app.metrics_text().await;
+    assert_eq!(metric(&before, "tally_rollup_runs_total"), Some(0), "{before}");
+    assert_eq!(metric(&before, "tally_entries_folded_total"), Some(0), "{before}");
+    // The served app's own rollup job: what it does shows in this app's metrics.
+    let (runs, folded) = run_rollup_job_until_folded(&runner, 3).await;
+    assert_eq!(folded, 3);
     let health = app.request("GET", "/healthz", None, None).await;
     assert_eq!(health.body["rollup_lag_seconds"], 0);
 
-    let metrics = app
-        .client
-        .get(format!("{}/metrics", app.address))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(metrics.contains("tally_entries_ingested_total 2"), "{metrics}");
-    assert!(metrics.contains("tally_rollup_lag_seconds 0"), "{metrics}");
-    assert!(metrics.contains("tally_rollup_runs_total"), "{metrics}");
-    assert!(metrics.contains("tally_rollup_failures_total"), "{metrics}");
-    assert!(metrics.contains("tally_entries_folded_total"), "{metrics}");
+    let metrics = app.metrics_text().await;
+    assert!(runs >= 1);
+    assert_eq!(metric(&metrics, "tally_rollup_runs_total"), Some(runs), "{metrics}");
+    assert_eq!(metric(&metrics, "tally_entries_folded_total"), Some(3), "{metrics}");
+    assert_eq!(metric(&metrics, "tally_rollup_failures_total"), Some(0), "{metrics}");
+    assert_eq!(metric(&metrics, "tally_entries_ingested_total"), Some(2), "{metrics}");
+    assert_eq!(metric(&metrics, "tally_rollup_lag_seconds"), Some(0), "{metrics}");
     assert!(
         metrics.contains(r#"tally_http_requests_total{route="/v1/entries",method="POST",status="200"} 1"#),
         "{metrics}"
     );
     assert!(metrics.contains(r#"route="/healthz""#), "{metrics}");
+
+    // A run the database fails (its cursor table gone for a moment) counts as
+    // a failure, not as a run.
+    app.execute_raw("ALTER TABLE rollup_cursor RENAME TO rollup_cursor_away")
+        .await
+        .unwrap();
+    let failed = runner.run("rollup").await;
+    app.execute_raw("ALTER TABLE rollup_cursor_away RENAME TO rollup_cursor")
+        .await
+        .unwrap();
+    assert!(failed.is_err(), "{failed:?}");
+    let metrics = app.metrics_text().await;
+    assert_eq!(metric(&metrics, "tally_rollup_failures_total"), Some(1), "{metrics}");
+    assert_eq!(metric(&metrics, "tally_rollup_runs_total"), Some(runs), "{metrics}");
+    assert_eq!(metric(&metrics, "tally_entries_folded_total"), Some(3), "{metrics}");
 }
 
 async fn jobs_list_shows_each_job_and_its_next_run(app: TestApp) {
     let jobs_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("jobs");
+    // Listed to the second: the bounds are whole seconds too.
+    let before = chrono::Utc::now().trunc_subsecs(0);
     let output = Command::new(env!("CARGO_BIN_EXE_tally"))
         .args([
             "jobs",
@@ -157,9 +226,15 @@ async fn jobs_list_shows_each_job_and_its_next_run(app: TestApp) {
         .expect("the rollup job is listed");
     assert!(line.contains("*/10 * * * * *"), "{line}");
     let next = line.split_whitespace().last().unwrap();
-    let next = chrono::DateTime::parse_from_rfc3339(next).unwrap();
-    let wait = next.signed_duration_since(chrono::Utc::now()).num_seconds();
-    assert!((0..=10).contains(&wait), "next run within 10 s: {line}");
+    let next = chrono::DateTime::parse_from_rfc3339(next).unwrap().to_utc();
+    let after = chrono::Utc::now();
+    // The process reads its clock at some instant between `before` and
+    // `after`; the next run of */10 is the first 10-second mark after it.
+    assert_eq!(next.second() % 10, 0, "{line}");
+    assert!(
+        before < next && next <= after + chrono::Duration::seconds(10),
+        "{before} < {next} <= {after} + 10 s: {line}"
+    );
 }
 
 #[test]
