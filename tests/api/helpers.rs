@@ -466,3 +466,123 @@ pub fn metric(text: &str, name: &str) -> Option<u64> {
         )
     })
 }
+
+/// A `tally serve` child process on `127.0.0.1:0`, its stderr collected line
+/// by line (the bootstrap key and the log are read from it). Killed on drop,
+/// so a failing test leaves no server behind.
+pub struct ServeProcess {
+    child: std::process::Child,
+    stderr: Arc<std::sync::Mutex<Vec<String>>>,
+    /// `http://127.0.0.1:PORT`, read from the process's own log.
+    pub address: String,
+}
+
+impl ServeProcess {
+    /// Starts `tally serve --listen 127.0.0.1:0 ARGS` on `database_url` with
+    /// the extra environment `envs` (no `TALLY_ADMIN_KEY` unless given), and
+    /// waits until it logs the address it listens on.
+    pub async fn start(database_url: &str, args: &[&str], envs: &[(&str, &str)]) -> Self {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_tally"));
+        command
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("TALLY_DATABASE_URL", database_url)
+            .env_remove("TALLY_ADMIN_KEY")
+            .env_remove("TALLY_JOBS")
+            // Info: the address line and the shutdown steps are logged at info.
+            .env("RUST_LOG", "info,sqlx=warn,tokio_cron_scheduler=warn")
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        for (name, value) in envs {
+            command.env(name, value);
+        }
+        let mut child = command.spawn().expect("tally serve starts");
+        let pipe = child.stderr.take().unwrap();
+        let stderr = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let lines = stderr.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let mut process = Self {
+            child,
+            stderr,
+            address: String::new(),
+        };
+        let marker = "tally listening on http://";
+        let line = process
+            .wait_for_stderr(marker, std::time::Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|| panic!("tally serve did not start listening:\n{}", process.stderr()));
+        let rest = &line[line.find(marker).unwrap() + marker.len()..];
+        let host_port: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+            .collect();
+        process.address = format!("http://{host_port}");
+        process
+    }
+
+    /// Everything the process wrote on stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().join("\n")
+    }
+
+    /// The first stderr line containing `needle`, waiting up to `timeout`.
+    pub async fn wait_for_stderr(&mut self, needle: &str, timeout: std::time::Duration) -> Option<String> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.stderr.lock().unwrap().iter().find(|l| l.contains(needle)) {
+                return Some(line.clone());
+            }
+            if std::time::Instant::now() > deadline || !self.is_running() {
+                // One last look: the line may have come with the exit.
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                return self.stderr.lock().unwrap().iter().find(|l| l.contains(needle)).cloned();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Whether the process has not exited yet.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("the child's status is readable").is_none()
+    }
+
+    /// Asks the process to stop, as a service manager does (SIGTERM).
+    pub fn terminate(&self) {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "SIGTERM was delivered");
+    }
+
+    /// Waits for the process to exit (up to `timeout`) and returns its status.
+    pub async fn wait_for_exit(&mut self, timeout: std::time::Duration) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "tally serve did not exit within {timeout:?}:\n{}",
+                self.stderr()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -8,7 +8,7 @@ use serde_json::json;
 use tally::jobs::{JobOutcome, JobRunner};
 use tally::telemetry::Metrics;
 
-use crate::helpers::{Backend, TestApp, days_ago_at, entry, metric};
+use crate::helpers::{Backend, ServeProcess, TestApp, days_ago_at, entry, metric};
 use crate::{both, both_with_job_runner};
 
 both!(
@@ -263,4 +263,93 @@ fn an_empty_jobs_directory_is_refused_rather_than_scheduling_nothing() {
         message.contains("holds no job files") && message.contains("--no-jobs"),
         "{message}"
     );
+}
+
+/// DESIGN.md (Jobs): on shutdown `serve` waits for the job in flight. A lock
+/// this test holds on the daily totals stops a scheduled rollup inside its
+/// batch (after it chose its rows, where it writes them), so the run is
+/// certainly in flight when SIGTERM comes; the process must then stay up
+/// until the run can finish, and exit with the batch committed. Were the
+/// run dropped at shutdown, its transaction would roll back and the totals
+/// stay empty. PostgreSQL only: there the waiting run shows in `pg_locks`;
+/// SQLite shows no waiter, and its busy timeout would fail the run instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_shutdown_waits_for_the_rollup_run_in_flight() {
+    let Some(app) = TestApp::spawn(Backend::Postgres).await else {
+        return;
+    };
+    let jobs = tempfile::tempdir().unwrap();
+    std::fs::write(
+        jobs.path().join("rollup.toml"),
+        "name = \"rollup\"\nschedule = \"* * * * * *\"\nrun = \"rollup\"\n",
+    )
+    .unwrap();
+    let mut serve = ServeProcess::start(
+        &app.database_url,
+        &["--jobs", jobs.path().to_str().unwrap()],
+        &[("TALLY_ADMIN_KEY", "k")],
+    )
+    .await;
+
+    let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE daily_totals IN SHARE MODE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    // A lock alone takes no transaction id, so it holds back no rollup's
+    // fold point: the run below does pick the entries up.
+    let xid: Option<String> = sqlx::query_scalar("SELECT pg_current_xact_id_if_assigned()::text")
+        .fetch_one(&mut *holder)
+        .await
+        .unwrap();
+    assert_eq!(xid, None);
+    app.insert(&[
+        ("acme", "api_requests", "3", "a", "2026-05-01T12:00:00Z"),
+        ("acme", "api_requests", "4", "b", "2026-05-01T13:00:00Z"),
+    ])
+    .await;
+    let waiting_on_the_totals = "SELECT COUNT(*) FROM pg_locks AS l JOIN pg_class AS c ON c.oid = l.relation
+         WHERE l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+           AND c.relname = 'daily_totals' AND NOT l.granted";
+    let mut waiting = 0;
+    for _ in 0..400 {
+        waiting = app.scalar_i64(waiting_on_the_totals).await;
+        if waiting > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(waiting, 1, "a scheduled rollup run is blocked inside its batch");
+
+    serve.terminate();
+    serve
+        .wait_for_stderr("shutdown requested", std::time::Duration::from_secs(10))
+        .await
+        .expect("the process saw SIGTERM");
+    // The HTTP side stops first; once it has, only the wait for the job
+    // keeps the process alive.
+    let port = serve.address.rsplit(':').next().unwrap().to_owned();
+    for _ in 0..400 {
+        if std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_err() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(serve.is_running(), "exited with a run in flight:\n{}", serve.stderr());
+    assert!(!serve.stderr().contains("jobs stopped"), "{}", serve.stderr());
+    assert_eq!(app.scalar_i64(waiting_on_the_totals).await, 1, "the run still waits");
+
+    holder.rollback().await.unwrap();
+    let status = serve.wait_for_exit(std::time::Duration::from_secs(30)).await;
+    assert!(status.success(), "{status:?}:\n{}", serve.stderr());
+    assert!(serve.stderr().contains("jobs stopped"), "{}", serve.stderr());
+    assert_eq!(
+        app.daily_total("acme", "api_requests", "2026-05-01").await,
+        7,
+        "the run in flight finished and committed before the process exited"
+    );
+    assert!(app.store.oldest_unfolded().await.unwrap().is_none());
+    assert!(app.store.verify_totals().await.unwrap().is_empty());
 }
