@@ -586,3 +586,40 @@ impl Drop for ServeProcess {
         }
     }
 }
+
+/// Connections to a test's database kept open across queries, for loops that
+/// read often ([`TestApp::scalar_i64`] connects anew on every call, which
+/// would space a sampling loop's reads far apart).
+pub enum RawPool {
+    /// SQLite.
+    Sqlite(sqlx::SqlitePool),
+    /// PostgreSQL.
+    Postgres(sqlx::PgPool),
+}
+
+impl RawPool {
+    /// Connects to `app`'s database.
+    pub async fn connect(app: &TestApp) -> Self {
+        match app.backend {
+            Backend::Sqlite => Self::Sqlite(sqlx::SqlitePool::connect(&app.database_url).await.unwrap()),
+            Backend::Postgres => Self::Postgres(sqlx::PgPool::connect(&app.database_url).await.unwrap()),
+        }
+    }
+
+    /// One integer from `sql`.
+    pub async fn scalar_i64(&self, sql: &str) -> i64 {
+        match self {
+            Self::Sqlite(pool) => sqlx::query_scalar(sql).fetch_one(pool).await.unwrap(),
+            Self::Postgres(pool) => sqlx::query_scalar(sql).fetch_one(pool).await.unwrap(),
+        }
+    }
+
+    /// The plain SUM over the ledger for one account and resource, in minor
+    /// units (as [`TestApp::ledger_sum`]).
+    pub async fn ledger_sum(&self, account: &str, resource: &str) -> i64 {
+        self.scalar_i64(&format!(
+            "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM entries WHERE account = '{account}' AND resource = '{resource}'"
+        ))
+        .await
+    }
+}

@@ -3,12 +3,13 @@
 //! out-of-order commits.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde_json::json;
 use tally::jobs::rollup::{FailAction, Failpoint, RollupOptions, Stage};
 
 use crate::both;
-use crate::helpers::{Backend, TestApp};
+use crate::helpers::{Backend, RawPool, ServeProcess, TestApp, days_ago_at, metric, scrape_metrics};
 
 both!(
     entries_fold_into_their_utc_day_and_month_across_boundaries,
@@ -292,56 +293,102 @@ async fn concurrent_rollups_never_double_count(app: TestApp) {
     assert!(app.store.verify_totals().await.unwrap().is_empty());
 }
 
+/// `used` of acme's api_requests as GET /v1/accounts/acme/usage reports it
+/// for the month holding `at`.
+async fn usage_used(app: &TestApp, at: &str) -> i64 {
+    let reply = app.get(&format!("/v1/accounts/acme/usage?at={at}")).await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    let row = reply.body["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["resource"] == "api_requests")
+        .unwrap_or_else(|| panic!("{:?}", reply.body));
+    assert_eq!(row["window"], "month");
+    row["used"].as_str().unwrap().parse().unwrap()
+}
+
+/// Clears a flag when dropped, even by a panic, so loops waiting on it end.
+struct ClearOnDrop(Arc<AtomicBool>);
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
 async fn usage_is_exact_at_any_instant_while_posting_and_rolling_up(app: TestApp) {
     let app = Arc::new(app);
-    let today = chrono::Utc::now().date_naive();
-    let from = today - chrono::Duration::days(3);
-    let to = today + chrono::Duration::days(1);
+    // Pinned instants on one UTC day, not "now": a run crossing midnight (or
+    // the 1st of a month) still reads the month window holding every entry.
+    let occurred_at = days_ago_at(1, "11:00:00");
+    let at = format!("{}T12:00:00Z", &occurred_at[..10]);
+    let posting = Arc::new(AtomicBool::new(true));
     let poster = {
-        let app = app.clone();
+        let (app, posting) = (app.clone(), posting.clone());
+        let occurred_at = occurred_at.clone();
         tokio::spawn(async move {
+            let _done = ClearOnDrop(posting);
             for batch in 0..40 {
                 let entries: Vec<_> = (0..25)
                     .map(|i| {
                         json!({"account": "acme", "resource": "api_requests", "amount": "1",
-                                    "idempotency_key": format!("p{batch}-{i}")})
+                               "occurred_at": occurred_at, "idempotency_key": format!("p{batch}-{i}")})
                     })
                     .collect();
                 assert_eq!(app.post_entries(json!({ "entries": entries })).await.status, 200);
             }
         })
     };
+    // Rolls up for as long as the poster posts; counts what runs that ended
+    // before the posting did folded, so the samples below are known to have
+    // raced real folds, not an idle rollup.
     let roller = {
-        let app = app.clone();
+        let (app, posting) = (app.clone(), posting.clone());
         tokio::spawn(async move {
-            for _ in 0..40 {
-                app.rollup_with(RollupOptions {
-                    batch_size: 17,
-                    failpoint: None,
-                    max_batch_size: None,
-                })
-                .await
-                .unwrap();
+            let mut folded_while_posting = 0;
+            while posting.load(Ordering::SeqCst) {
+                let report = app
+                    .rollup_with(RollupOptions {
+                        batch_size: 17,
+                        failpoint: None,
+                        max_batch_size: None,
+                    })
+                    .await
+                    .unwrap();
+                if posting.load(Ordering::SeqCst) {
+                    folded_while_posting += report.entries;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
             }
+            folded_while_posting
         })
     };
     // Entries only grow, so a correct read lies between a ledger SUM taken just
     // before it and one taken just after. A double count exceeds the upper
     // bound; a row hidden between the tail and the totals falls below the lower.
-    let (from, to) = (from.to_string(), to.to_string());
-    let mut samples = 0;
-    while !poster.is_finished() || samples < 5 {
-        let before = app.ledger_sum("acme", "api_requests").await;
-        let used = app.series_sum("acme", "api_requests", &from, &to, "day").await;
-        let after = app.ledger_sum("acme", "api_requests").await;
+    let ledger = RawPool::connect(&app).await;
+    let (mut samples, mut samples_while_posting) = (0, 0);
+    while posting.load(Ordering::SeqCst) || samples < 5 {
+        let before = ledger.ledger_sum("acme", "api_requests").await;
+        let used = usage_used(&app, &at).await;
+        let after = ledger.ledger_sum("acme", "api_requests").await;
         assert!(before <= used && used <= after, "{before} <= {used} <= {after}");
         samples += 1;
+        if posting.load(Ordering::SeqCst) {
+            samples_while_posting += 1;
+        }
     }
     poster.await.unwrap();
-    roller.await.unwrap();
-    assert_eq!(app.series_sum("acme", "api_requests", &from, &to, "day").await, 1000);
+    let folded_while_posting = roller.await.unwrap();
+    assert!(
+        folded_while_posting > 0,
+        "the rollup folded entries while the posting went on"
+    );
+    assert!(samples_while_posting > 0, "usage was sampled while the posting went on");
+    assert_eq!(usage_used(&app, &at).await, 1000);
     app.rollup().await;
-    assert_eq!(app.series_sum("acme", "api_requests", &from, &to, "day").await, 1000);
+    assert_eq!(usage_used(&app, &at).await, 1000);
     assert!(app.store.verify_totals().await.unwrap().is_empty());
 }
 
@@ -532,31 +579,11 @@ async fn on_postgres_two_serve_processes_firing_the_rollup_never_double_count() 
         "name = \"rollup\"\nschedule = \"* * * * * *\"\nrun = \"rollup\"\n",
     )
     .unwrap();
-    let spawn_serve = |port: u16| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--jobs",
-                jobs.path().to_str().unwrap(),
-            ])
-            .env("TALLY_DATABASE_URL", &app.database_url)
-            .env("TALLY_ADMIN_KEY", "k")
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap()
-    };
-    let free_port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
-    let mut replicas = [spawn_serve(free_port()), spawn_serve(free_port())];
+    let jobs_dir = jobs.path().to_str().unwrap();
+    let mut replicas = [
+        ServeProcess::start(&app.database_url, &["--jobs", jobs_dir], &[("TALLY_ADMIN_KEY", "k")]).await,
+        ServeProcess::start(&app.database_url, &["--jobs", jobs_dir], &[("TALLY_ADMIN_KEY", "k")]).await,
+    ];
     for round in 0..8 {
         insert_june_round(&app, round, 100, "1").await;
         tokio::time::sleep(std::time::Duration::from_millis(400)).await;
@@ -568,11 +595,24 @@ async fn on_postgres_two_serve_processes_firing_the_rollup_never_double_count() 
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+    // Both replicas were up the whole time and each ran the rollup: the
+    // exactly-once below is about two folding processes, not one.
+    let mut folded_by_replicas = 0;
     for replica in &mut replicas {
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &replica.id().to_string()])
-            .status();
-        replica.wait().unwrap();
+        assert!(replica.is_running(), "a replica exited early:\n{}", replica.stderr());
+        let metrics = scrape_metrics(&app.client, &replica.address).await;
+        let runs = metric(&metrics, "tally_rollup_runs_total").unwrap();
+        assert!(runs > 0, "replica {} never ran the rollup:\n{metrics}", replica.address);
+        folded_by_replicas += metric(&metrics, "tally_entries_folded_total").unwrap();
+    }
+    assert_eq!(
+        folded_by_replicas, 800,
+        "the replicas' own counts add up to every entry once"
+    );
+    for replica in &mut replicas {
+        replica.terminate();
+        let status = replica.wait_for_exit(std::time::Duration::from_secs(30)).await;
+        assert!(status.success(), "{status:?}:\n{}", replica.stderr());
     }
     assert!(
         app.store.oldest_unfolded().await.unwrap().is_none(),
