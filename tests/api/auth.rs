@@ -4,7 +4,7 @@ use serde_json::json;
 use tally::domain::Role;
 
 use crate::both;
-use crate::helpers::{TestApp, entry};
+use crate::helpers::{ServeProcess, TestApp, entry};
 
 both!(
     a_request_without_a_key_is_401,
@@ -16,6 +16,7 @@ both!(
     a_key_revoked_after_use_is_refused_once_the_key_cache_expires,
     the_role_and_the_account_are_checked_before_the_body,
     a_key_bound_to_one_account_cannot_tell_another_accounts_entries_from_missing_ones,
+    serve_on_a_database_without_keys_prints_one_admin_key_once_and_it_works,
 );
 
 async fn a_request_without_a_key_is_401(app: TestApp) {
@@ -206,4 +207,57 @@ async fn a_key_bound_to_one_account_cannot_tell_another_accounts_entries_from_mi
             .replace(&(id + 1000).to_string(), &id.to_string())
     );
     assert_eq!(app.count_entries().await, 1, "nothing reversed");
+}
+
+/// The status of GET /v1/admin/stats (admin only) on the server at `address`.
+async fn admin_stats_status(app: &TestApp, address: &str, key: &str) -> u16 {
+    app.client
+        .get(format!("{address}/v1/admin/stats?period=2026-09"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// API.md: `serve` on a database with no key at all creates one admin key and
+/// prints it once on stderr. The test app's own admin key lives in its
+/// settings, not in the database, so the database starts with none.
+async fn serve_on_a_database_without_keys_prints_one_admin_key_once_and_it_works(app: TestApp) {
+    assert_eq!(app.scalar_i64("SELECT COUNT(*) FROM api_keys").await, 0);
+    let printed_keys = |stderr: &str| -> Vec<String> {
+        stderr
+            .lines()
+            .filter(|l| l.trim().starts_with("tly_"))
+            .map(|l| l.trim().to_owned())
+            .collect()
+    };
+    let mut first = ServeProcess::start(&app.database_url, &["--no-jobs"], &[]).await;
+    let stderr = first.stderr();
+    let keys = printed_keys(&stderr);
+    assert_eq!(keys.len(), 1, "one key, printed once: {stderr}");
+    assert!(stderr.contains("shown once"), "{stderr}");
+    let key = &keys[0];
+    // An admin-only read: the key is an admin key.
+    assert_eq!(admin_stats_status(&app, &first.address, key).await, 200);
+    assert_eq!(admin_stats_status(&app, &first.address, "tly_not_it").await, 401);
+    assert!(first.stop().await.success(), "{}", first.stderr());
+
+    let mut second = ServeProcess::start(&app.database_url, &["--no-jobs"], &[]).await;
+    let stderr = second.stderr();
+    assert_eq!(printed_keys(&stderr), Vec::<String>::new(), "{stderr}");
+    assert!(!stderr.contains("shown once"), "{stderr}");
+    assert_eq!(
+        admin_stats_status(&app, &second.address, key).await,
+        200,
+        "the key was kept"
+    );
+    assert!(second.stop().await.success(), "{}", second.stderr());
+    assert_eq!(
+        app.scalar_i64("SELECT COUNT(*) FROM api_keys WHERE role = 'admin'")
+            .await,
+        1
+    );
+    assert_eq!(app.scalar_i64("SELECT COUNT(*) FROM api_keys").await, 1);
 }

@@ -623,3 +623,11 @@ impl RawPool {
         .await
     }
 }
+
+impl ServeProcess {
+    /// SIGTERM, then the exit status (within 30 s).
+    pub async fn stop(&mut self) -> std::process::ExitStatus {
+        self.terminate();
+        self.wait_for_exit(std::time::Duration::from_secs(30)).await
+    }
+}
