@@ -5,13 +5,16 @@ use std::process::Command;
 use serde_json::json;
 
 use crate::both;
-use crate::helpers::TestApp;
+use crate::helpers::{Backend, TestApp, fresh_database, scalar_i64_at};
 
 both!(
     keys_create_prints_only_the_key_which_then_authenticates,
     post_appends_an_entry_and_refuses_bad_input,
     import_loads_valid_rows_and_reports_rejected_lines,
     import_follows_reversals_to_their_new_ids,
+    keys_revoke_makes_the_key_401_from_then_on,
+    keys_are_stored_hashed_and_the_plaintext_is_nowhere_in_the_keys_table,
+    migrate_creates_the_schema_on_a_fresh_database_and_a_second_run_changes_nothing,
 );
 
 fn text(bytes: &[u8]) -> String {
@@ -143,6 +146,162 @@ async fn import_follows_reversals_to_their_new_ids(app: TestApp) {
     assert_eq!(rows.len(), 3);
     let by_key = |key: &str| rows.iter().find(|r| r["idempotency_key"] == key).unwrap();
     assert_eq!(by_key("undo")["reverses"], by_key("orig")["id"]);
+}
+
+/// Creates a key with the CLI and returns (its plaintext, its id in `tally keys list`).
+fn create_key_by_cli(app: &TestApp, name: &str) -> (String, i64) {
+    let created = app.cli(&["keys", "create", "--role", "service", "--name", name]);
+    assert!(created.status.success(), "{}", text(&created.stderr));
+    let key = text(&created.stdout).trim().to_owned();
+    let listed = app.cli(&["keys", "list"]);
+    assert!(listed.status.success(), "{}", text(&listed.stderr));
+    // A listing shows a key's first characters, never all of it.
+    let prefix: String = key.chars().take(12).collect();
+    let listing = text(&listed.stdout);
+    let line = listing
+        .lines()
+        .find(|l| l.contains(&prefix))
+        .unwrap_or_else(|| panic!("{prefix} is listed: {listing}"));
+    let id = line.split_whitespace().next().unwrap().parse().unwrap();
+    (key, id)
+}
+
+async fn keys_revoke_makes_the_key_401_from_then_on(app: TestApp) {
+    let (key, id) = create_key_by_cli(&app, "to-revoke");
+    let (other, _) = create_key_by_cli(&app, "kept");
+    let read = |key: String| {
+        let app = &app;
+        async move {
+            app.request("GET", "/v1/accounts/acme/entries", Some(&key), None)
+                .await
+                .status
+        }
+    };
+    assert_eq!(read(key.clone()).await, 200);
+    let revoked = app.cli(&["keys", "revoke", &id.to_string()]);
+    assert!(revoked.status.success(), "{}", text(&revoked.stderr));
+    assert!(
+        text(&revoked.stderr).contains(&format!("revoked key {id}")),
+        "{}",
+        text(&revoked.stderr)
+    );
+    let listing = text(&app.cli(&["keys", "list"]).stdout);
+    let line = listing.lines().find(|l| l.contains("to-revoke")).unwrap();
+    assert!(!line.trim_end().ends_with('-'), "the listing shows when: {line}");
+    // The key was used just before: a server may trust it from its key cache
+    // for up to KEY_CACHE_TTL, the documented delay of a revocation.
+    tokio::time::sleep(tally::http::auth::KEY_CACHE_TTL + std::time::Duration::from_millis(100)).await;
+    assert_eq!(read(key).await, 401);
+    assert_eq!(read(other).await, 200, "only that key is revoked");
+    let unknown = app.cli(&["keys", "revoke", "999999"]);
+    assert!(!unknown.status.success(), "an unknown id is an error");
+}
+
+/// API.md: keys are stored hashed. Neither the plaintext nor its secret part
+/// (past the prefix that listings show) is in any column of the keys table,
+/// and what is stored is the key's hash.
+async fn keys_are_stored_hashed_and_the_plaintext_is_nowhere_in_the_keys_table(app: TestApp) {
+    let (key, id) = create_key_by_cli(&app, "hashed");
+    let secret_part = &key[12..];
+    assert!(secret_part.len() >= 32, "{key}");
+    let rows = app.scalar_i64("SELECT COUNT(*) FROM api_keys").await;
+    assert_eq!(rows, 1);
+    let holding_it = app
+        .scalar_i64(&format!(
+            "SELECT COUNT(*) FROM api_keys WHERE COALESCE(name, '') LIKE '%{secret_part}%'
+               OR role LIKE '%{secret_part}%' OR COALESCE(account, '') LIKE '%{secret_part}%'
+               OR key_hash LIKE '%{secret_part}%' OR prefix LIKE '%{secret_part}%'"
+        ))
+        .await;
+    assert_eq!(holding_it, 0, "the plaintext is not stored");
+    let hash = tally::domain::KeySecret::from_presented(&key).hash();
+    assert_eq!(
+        app.scalar_i64(&format!(
+            "SELECT COUNT(*) FROM api_keys WHERE id = {id} AND key_hash = '{hash}'"
+        ))
+        .await,
+        1,
+        "the stored form is the key's hash"
+    );
+}
+
+async fn migrate_creates_the_schema_on_a_fresh_database_and_a_second_run_changes_nothing(app: TestApp) {
+    // Not the test app's database: that one its app has migrated already.
+    let Some((url, _dir)) = fresh_database(app.backend).await else {
+        return;
+    };
+    let tables_sql = match app.backend {
+        Backend::Sqlite => {
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'
+             AND name IN ('entries', 'daily_totals', 'monthly_totals', 'api_keys', 'rollup_cursor')"
+        }
+        Backend::Postgres => {
+            "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = current_schema()
+             AND table_name IN ('entries', 'daily_totals', 'monthly_totals', 'api_keys', 'rollup_cursor')"
+        }
+    };
+    match app.backend {
+        Backend::Sqlite => {
+            let file = url.strip_prefix("sqlite://").unwrap();
+            assert!(!std::path::Path::new(file).exists(), "the file does not exist yet");
+        }
+        Backend::Postgres => assert_eq!(scalar_i64_at(app.backend, &url, tables_sql).await, 0),
+    }
+    let migrate = || {
+        Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(["migrate", "--database-url", &url])
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let first = migrate();
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    assert_eq!(scalar_i64_at(app.backend, &url, tables_sql).await, 5);
+    let engine = match app.backend {
+        Backend::Sqlite => "sqlite",
+        Backend::Postgres => "postgres",
+    };
+    let files = std::fs::read_dir(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("migrations")
+            .join(engine),
+    )
+    .unwrap()
+    .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "sql"))
+    .count();
+    let applied_sql = "SELECT COUNT(*) FROM _sqlx_migrations WHERE success";
+    assert_eq!(scalar_i64_at(app.backend, &url, applied_sql).await, files as i64);
+    // When each migration was applied: a second run must leave them be.
+    let installed_sql = match app.backend {
+        Backend::Sqlite => {
+            "SELECT CAST(SUM(CAST(strftime('%s', installed_on) AS INTEGER)) AS BIGINT) FROM _sqlx_migrations"
+        }
+        Backend::Postgres => {
+            "SELECT CAST(SUM(EXTRACT(EPOCH FROM installed_on) * 1000000) AS BIGINT) FROM _sqlx_migrations"
+        }
+    };
+    let installed = scalar_i64_at(app.backend, &url, installed_sql).await;
+
+    let second = migrate();
+    assert!(second.status.success(), "{}", text(&second.stderr));
+    assert_eq!(scalar_i64_at(app.backend, &url, applied_sql).await, files as i64);
+    assert_eq!(
+        scalar_i64_at(app.backend, &url, "SELECT COUNT(*) FROM _sqlx_migrations").await,
+        files as i64,
+        "no migration recorded twice"
+    );
+    assert_eq!(
+        scalar_i64_at(app.backend, &url, installed_sql).await,
+        installed,
+        "nothing re-applied"
+    );
+    // The schema works: the CLI posts into it.
+    let post = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["post", "acme", "api_requests", "3", "--database-url", &url])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(post.status.success(), "{}", text(&post.stderr));
 }
 
 #[test]

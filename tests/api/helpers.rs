@@ -631,3 +631,22 @@ impl ServeProcess {
         self.wait_for_exit(std::time::Duration::from_secs(30)).await
     }
 }
+
+/// One integer from a query run directly on the database at `url` (for
+/// databases no [`TestApp`] serves, such as one `tally migrate` creates).
+pub async fn scalar_i64_at(backend: Backend, url: &str, sql: &str) -> i64 {
+    match backend {
+        Backend::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(url).await.unwrap();
+            let value = sqlx::query_scalar(sql).fetch_one(&pool).await.unwrap();
+            pool.close().await;
+            value
+        }
+        Backend::Postgres => {
+            let pool = sqlx::PgPool::connect(url).await.unwrap();
+            let value = sqlx::query_scalar(sql).fetch_one(&pool).await.unwrap();
+            pool.close().await;
+            value
+        }
+    }
+}
