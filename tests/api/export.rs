@@ -6,7 +6,7 @@ use std::path::Path;
 use serde_json::json;
 
 use crate::both;
-use crate::helpers::TestApp;
+use crate::helpers::{Backend, TestApp};
 
 both!(
     an_entries_export_matches_the_ledger_row_by_row_with_rfc4180_quoting,
@@ -64,6 +64,22 @@ async fn an_entries_export_matches_the_ledger_row_by_row_with_rfc4180_quoting(ap
         )
         .await;
     assert_eq!(posted.status, 200);
+    // A reversal, so the reverses column holds an id for one row.
+    let a2 = app.get("/v1/accounts/acme/entries?limit=1000").await.body["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["idempotency_key"] == "a2")
+        .unwrap()["id"]
+        .as_i64()
+        .unwrap();
+    let reversal = app
+        .post(
+            &format!("/v1/entries/{a2}/reversal"),
+            json!({"idempotency_key": "undo-a2", "reason": "double count"}),
+        )
+        .await;
+    assert_eq!(reversal.status, 200, "{:?}", reversal.body);
     let dir = tempfile::tempdir().unwrap();
     let rows = export(
         &app,
@@ -97,17 +113,23 @@ async fn an_entries_export_matches_the_ledger_row_by_row_with_rfc4180_quoting(ap
     let mut ledger: Vec<_> = listed.into_iter().chain(others).collect();
     ledger.sort_by_key(|e| e["id"].as_i64().unwrap());
     assert_eq!(rows.len() - 1, ledger.len());
+    assert_eq!(
+        ledger.iter().filter(|e| e["reverses"] == a2).count(),
+        1,
+        "the data holds the reversal"
+    );
+    let instant = |raw: &str| chrono::DateTime::parse_from_rfc3339(raw).unwrap_or_else(|e| panic!("{raw:?}: {e}"));
     for (row, entry) in rows[1..].iter().zip(&ledger) {
         assert_eq!(row[0], entry["id"].to_string());
         assert_eq!(row[1], entry["account"].as_str().unwrap());
         assert_eq!(row[2], entry["resource"].as_str().unwrap());
         assert_eq!(row[3], entry["amount"].as_str().unwrap());
-        assert_eq!(
-            chrono::DateTime::parse_from_rfc3339(&row[4]).unwrap(),
-            chrono::DateTime::parse_from_rfc3339(entry["occurred_at"].as_str().unwrap()).unwrap()
-        );
+        assert_eq!(instant(&row[4]), instant(entry["occurred_at"].as_str().unwrap()));
+        assert_eq!(instant(&row[5]), instant(entry["recorded_at"].as_str().unwrap()));
         assert_eq!(row[6], entry["idempotency_key"].as_str().unwrap());
         assert_eq!(row[7], entry["source"].as_str().unwrap_or(""));
+        let reverses = entry["reverses"].as_i64().map(|id| id.to_string()).unwrap_or_default();
+        assert_eq!(row[8], reverses, "{row:?}");
         let metadata = if row[9].is_empty() {
             serde_json::Value::Null
         } else {
@@ -133,7 +155,8 @@ async fn an_entries_export_matches_the_ledger_row_by_row_with_rfc4180_quoting(ap
         ],
     );
     let keys: Vec<_> = filtered[1..].iter().map(|r| r[6].as_str()).collect();
-    assert_eq!(keys, ["a1", "a2"]);
+    // The reversal takes the instant of what it reverses, so it falls in the range.
+    assert_eq!(keys, ["a1", "a2", "undo-a2"]);
 }
 
 async fn daily_and_monthly_exports_match_an_independent_sum_of_the_ledger(app: TestApp) {
@@ -163,11 +186,18 @@ async fn daily_and_monthly_exports_match_an_independent_sum_of_the_ledger(app: T
         ]
         .map(|r| r.map(str::to_owned).to_vec())
     );
-    // The same, computed independently with a plain GROUP BY over the ledger.
-    let by_sql = app
-        .scalar_i64("SELECT CAST(SUM(amount) AS BIGINT) FROM entries WHERE account = 'acme' AND resource = 'api_requests' AND idempotency_key IN ('a1', 'a2', 'late1')")
-        .await;
-    assert_eq!(by_sql, 351);
+    // Each exported row against a plain SUM and COUNT over the ledger for its
+    // bucket, and all rows together against every entry of the range: a
+    // bucket missing from the file would leave the counts short.
+    let day = |raw: &str| raw.parse::<chrono::NaiveDate>().unwrap();
+    assert_export_matches_the_ledger(&app, &daily, |d| {
+        let start = day(d);
+        (start, start.succ_opt().unwrap())
+    })
+    .await;
+    let (sept, oct) = (day("2026-09-01"), day("2026-10-01"));
+    let exported: i64 = daily[1..].iter().map(|r| r[4].parse::<i64>().unwrap()).sum();
+    assert_eq!(exported, ledger_bucket(&app, None, sept, oct).await.1);
     let monthly = export(
         &app,
         dir.path(),
@@ -192,6 +222,70 @@ async fn daily_and_monthly_exports_match_an_independent_sum_of_the_ledger(app: T
         ("-2".into(), "1".into())
     );
     assert_eq!(months.len(), 6);
+    assert_export_matches_the_ledger(&app, &monthly, |m| {
+        let start = day(&format!("{m}-01"));
+        (start, start + chrono::Months::new(1))
+    })
+    .await;
+    let exported: i64 = monthly[1..].iter().map(|r| r[4].parse::<i64>().unwrap()).sum();
+    assert_eq!(
+        exported,
+        ledger_bucket(&app, None, day("2026-08-01"), day("2026-11-01")).await.1
+    );
+}
+
+/// (SUM of amounts in minor units, COUNT) of the ledger rows of
+/// `account_resource` (all when None) that occurred in [from, to), by SQL.
+async fn ledger_bucket(
+    app: &TestApp,
+    account_resource: Option<(&str, &str)>,
+    from: chrono::NaiveDate,
+    to: chrono::NaiveDate,
+) -> (i64, i64) {
+    let bound = |d: chrono::NaiveDate| {
+        let instant = d.and_hms_opt(0, 0, 0).unwrap().and_utc();
+        match app.backend {
+            // SQLite stores instants as microseconds since 1970.
+            Backend::Sqlite => instant.timestamp_micros().to_string(),
+            Backend::Postgres => format!("TIMESTAMPTZ '{}'", instant.to_rfc3339()),
+        }
+    };
+    let filter = match account_resource {
+        Some((account, resource)) => format!("account = '{account}' AND resource = '{resource}' AND"),
+        None => String::new(),
+    };
+    let range = format!(
+        "{filter} occurred_at >= {} AND occurred_at < {}",
+        bound(from),
+        bound(to)
+    );
+    (
+        app.scalar_i64(&format!(
+            "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM entries WHERE {range}"
+        ))
+        .await,
+        app.scalar_i64(&format!("SELECT COUNT(*) FROM entries WHERE {range}"))
+            .await,
+    )
+}
+
+/// Every row of a daily or monthly export (`account,resource,bucket,amount,entries`)
+/// equals the ledger's SUM and COUNT for its bucket; `bucket` maps the third
+/// column to its [start, end).
+async fn assert_export_matches_the_ledger(
+    app: &TestApp,
+    rows: &[Vec<String>],
+    bucket: impl Fn(&str) -> (chrono::NaiveDate, chrono::NaiveDate),
+) {
+    assert!(rows.len() > 1, "rows to compare: {rows:?}");
+    for row in &rows[1..] {
+        let (from, to) = bucket(&row[2]);
+        let (sum, count) = ledger_bucket(app, Some((&row[0], &row[1])), from, to).await;
+        let amount = tally::domain::Amount::parse(&row[3], app.catalog.decimals(&row[1]))
+            .unwrap_or_else(|e| panic!("{row:?}: {e}"))
+            .minor();
+        assert_eq!((amount, row[4].parse::<i64>().unwrap()), (sum, count), "{row:?}");
+    }
 }
 
 async fn an_entries_export_reimports_to_the_same_ledger(app: TestApp) {
@@ -504,6 +598,16 @@ async fn admin_stats_and_top_accounts_describe_a_known_dataset(app: TestApp) {
 
 async fn the_monthly_reports_job_writes_each_report_once(app: TestApp) {
     seed(&app).await;
+    // Entries in last month too, for the scheduled run below to report (their
+    // own accounts: the seed's months could be last month on some clock).
+    let last_month = tally::jobs::reports::previous_month(chrono::Utc::now());
+    let in_last_month = format!("{}T12:00:00Z", last_month + chrono::Days::new(14));
+    app.insert(&[
+        ("north", "api_requests", "1234", "lm1", &in_last_month),
+        ("north", "api_requests", "66", "lm2", &in_last_month),
+        ("south", "llm_tokens", "7", "lm3", &in_last_month),
+    ])
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let month = chrono::NaiveDate::from_ymd_opt(2026, 9, 1).unwrap();
     let write = |overwrite| {
@@ -550,16 +654,56 @@ async fn the_monthly_reports_job_writes_each_report_once(app: TestApp) {
         job_dir.path().to_str().unwrap(),
     ]);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-    let last = tally::jobs::reports::previous_month(chrono::Utc::now())
-        .format("%Y-%m")
-        .to_string();
-    assert!(job_dir.path().join(format!("invoice-{last}.csv")).exists());
-    assert!(job_dir.path().join(format!("monthly-{last}.csv")).exists());
+    if tally::jobs::reports::previous_month(chrono::Utc::now()) != last_month {
+        // The month turned while the test ran: the job reported another month.
+        return;
+    }
+    let last = last_month.format("%Y-%m").to_string();
+    let monthly = read_csv(&job_dir.path().join(format!("monthly-{last}.csv")));
+    assert_eq!(monthly[0], ["account", "resource", "month", "amount", "entries"]);
+    let ours: Vec<_> = monthly[1..]
+        .iter()
+        .filter(|r| r[0] == "north" || r[0] == "south")
+        .map(|r| r.join(","))
+        .collect();
+    assert_eq!(
+        ours,
+        [
+            format!("north,api_requests,{last},1300,2"),
+            format!("south,llm_tokens,{last},7,1"),
+        ]
+    );
+    let invoice = read_csv(&job_dir.path().join(format!("invoice-{last}.csv")));
+    assert_eq!(
+        invoice[0],
+        [
+            "account",
+            "plan",
+            "resource",
+            "used",
+            "included",
+            "overage",
+            "unit_price",
+            "amount_due"
+        ]
+    );
+    let used = |account: &str, resource: &str| {
+        invoice
+            .iter()
+            .find(|r| r[0] == account && r[2] == resource)
+            .unwrap_or_else(|| panic!("{account}/{resource}: {invoice:?}"))[3]
+            .clone()
+    };
+    assert_eq!(used("north", "api_requests"), "1300");
+    assert_eq!(used("south", "llm_tokens"), "7");
+    // A plan line's `used` is the days on the plan: all of last month.
+    let days = ((last_month + chrono::Months::new(1)) - last_month).num_days();
+    assert_eq!(used("north", "plan"), days.to_string());
+    assert_eq!(used("south", "plan"), days.to_string());
 
     // A missed 1st costs nothing: the next run writes every month after the
     // newest one the directory holds.
     let behind = tempfile::tempdir().unwrap();
-    let last_month = tally::jobs::reports::previous_month(chrono::Utc::now());
     let tag = |months_before: u32| {
         (last_month - chrono::Months::new(months_before))
             .format("%Y-%m")
