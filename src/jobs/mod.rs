@@ -120,6 +120,16 @@ pub fn load(dir: Option<&Path>) -> anyhow::Result<Vec<JobDefinition>> {
             anyhow::bail!("two job files in {} define job '{}'", dir.display(), previous.name);
         }
     }
+    // Allowed (the rollup may run elsewhere, e.g. `tally rollup` from cron),
+    // but worth a word: without it totals, reports and stats fall behind.
+    if !jobs.values().any(|job| job.run == JobKind::Rollup) {
+        let dir = dir.display();
+        tracing::warn!(
+            jobs.dir = %dir,
+            "no job in {dir} runs the rollup: unless it runs elsewhere (another replica, or `tally rollup` \
+             from cron), totals, reports and stats fall behind, and checks slow down as the unfolded tail grows"
+        );
+    }
     Ok(jobs.into_values().collect())
 }
 

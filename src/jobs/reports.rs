@@ -27,6 +27,10 @@ pub struct ReportsOutcome {
     pub written: Vec<PathBuf>,
     /// Files that existed and were kept.
     pub kept: Vec<PathBuf>,
+    /// When the written files were taken: they hold what was committed by
+    /// then, and late entries may still change the month afterwards
+    /// (`tally export … --as-of` this instant reproduces them).
+    pub taken_at: Option<DateTime<Utc>>,
 }
 
 impl std::fmt::Display for ReportsOutcome {
@@ -39,6 +43,9 @@ impl std::fmt::Display for ReportsOutcome {
                 .join(", ")
         };
         write!(f, "wrote [{}]", names(&self.written))?;
+        if let Some(at) = self.taken_at {
+            write!(f, " as of {}", at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))?;
+        }
         if !self.kept.is_empty() {
             write!(f, "; kept existing [{}]", names(&self.kept))?;
         }
@@ -140,7 +147,10 @@ pub async fn write_monthly_reports(
     std::fs::create_dir_all(dir)
         .map_err(|e| anyhow::anyhow!("cannot create the reports directory {}: {e}", dir.display()))?;
     let (monthly, invoice) = report_paths(dir, month);
-    let mut outcome = ReportsOutcome::default();
+    let mut outcome = ReportsOutcome {
+        taken_at: Some(Utc::now()),
+        ..ReportsOutcome::default()
+    };
     if overwrite || !monthly.exists() {
         let filter = ExportFilter {
             from: month,
@@ -163,6 +173,9 @@ pub async fn write_monthly_reports(
         outcome.written.push(invoice);
     } else {
         outcome.kept.push(invoice);
+    }
+    if outcome.written.is_empty() {
+        outcome.taken_at = None;
     }
     Ok(outcome)
 }

@@ -613,6 +613,7 @@ async fn the_monthly_reports_job_writes_each_report_once(app: TestApp) {
     let write = |overwrite| {
         tally::jobs::reports::write_monthly_reports(app.store.as_ref(), &app.catalog, dir.path(), month, overwrite)
     };
+    let before = chrono::Utc::now();
     let first = write(false).await.unwrap();
     assert_eq!(
         first.written,
@@ -621,12 +622,32 @@ async fn the_monthly_reports_job_writes_each_report_once(app: TestApp) {
             dir.path().join("invoice-2026-09.csv")
         ]
     );
+    let taken_at = first.taken_at.expect("written files say when they were taken");
+    assert!(before <= taken_at && taken_at <= chrono::Utc::now());
     let monthly = read_csv(&dir.path().join("monthly-2026-09.csv"));
     assert_eq!(monthly[1], ["acme", "agent_minutes", "2026-09", "1.25", "1"]);
+    // `--as-of` the instant the job reports gives the same file.
+    let as_of = taken_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let again = app.cli(&[
+        "export",
+        "monthly",
+        "--from",
+        "2026-09-01",
+        "--to",
+        "2026-10-01",
+        "--as-of",
+        &as_of,
+    ]);
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    assert_eq!(
+        String::from_utf8(again.stdout).unwrap(),
+        std::fs::read_to_string(dir.path().join("monthly-2026-09.csv")).unwrap()
+    );
     // A second run keeps what exists, even if the ledger moved on.
     std::fs::write(dir.path().join("monthly-2026-09.csv"), "edited by finance\n").unwrap();
     let second = write(false).await.unwrap();
     assert!(second.written.is_empty());
+    assert_eq!(second.taken_at, None, "nothing was taken");
     assert_eq!(second.kept.len(), 2);
     assert_eq!(
         std::fs::read_to_string(dir.path().join("monthly-2026-09.csv")).unwrap(),

@@ -15,6 +15,7 @@ both!(
     a_job_run_by_name_folds_the_ledger,
     a_run_is_skipped_while_another_process_holds_the_job,
     jobs_list_shows_each_job_and_its_next_run,
+    a_jobs_directory_without_the_rollup_is_accepted_with_a_warning,
 );
 
 both_with_job_runner!(health_reports_rollup_lag_and_metrics_count_what_happened);
@@ -352,4 +353,23 @@ async fn on_postgres_a_shutdown_waits_for_the_rollup_run_in_flight() {
     );
     assert!(app.store.oldest_unfolded().await.unwrap().is_none());
     assert!(app.store.verify_totals().await.unwrap().is_empty());
+}
+
+/// The rollup may run elsewhere (another replica, `tally rollup` from cron),
+/// so a directory without it is accepted, but said out loud: otherwise the
+/// totals silently fall behind.
+async fn a_jobs_directory_without_the_rollup_is_accepted_with_a_warning(app: TestApp) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("jobs/monthly-reports.toml"),
+        dir.path().join("monthly-reports.toml"),
+    )
+    .unwrap();
+    let output = app.cli(&["jobs", "list", "--jobs", dir.path().to_str().unwrap()]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("monthly-reports"));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("runs the rollup"), "{stderr}");
+    let with_rollup = app.cli(&["jobs", "list", "--jobs", concat!(env!("CARGO_MANIFEST_DIR"), "/jobs")]);
+    assert!(!String::from_utf8_lossy(&with_rollup.stderr).contains("runs the rollup"));
 }
