@@ -650,3 +650,95 @@ pub async fn scalar_i64_at(backend: Backend, url: &str, sql: &str) -> i64 {
         }
     }
 }
+
+/// Clears a flag when dropped, even by a panic, so loops waiting on it end.
+struct ClearOnDrop(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// DESIGN.md invariant 4, as a race: posts 40 batches of 25 entries of 1
+/// `resource` for `acme` at `occurred_at` while the rollup folds in small
+/// batches, and meanwhile asserts that `read` (the `used` an endpoint
+/// answers) lies between a plain ledger SUM taken just before it and one
+/// just after (entries only grow: a double count exceeds the upper bound, a
+/// row hidden between the tail and the totals falls below the lower). Also
+/// asserts the rollup folded entries, and reads were taken, while posting
+/// went on, so the race was real; then that `read` gives all 1 000 before
+/// and after a final rollup and that the totals verify.
+pub async fn assert_used_exact_while_posting_and_rolling_up<F, Fut>(
+    app: std::sync::Arc<TestApp>,
+    resource: &'static str,
+    occurred_at: String,
+    read: F,
+) where
+    F: Fn(std::sync::Arc<TestApp>) -> Fut,
+    Fut: std::future::Future<Output = i64>,
+{
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let posting = std::sync::Arc::new(AtomicBool::new(true));
+    let poster = {
+        let (app, posting) = (app.clone(), posting.clone());
+        tokio::spawn(async move {
+            let _done = ClearOnDrop(posting);
+            for batch in 0..40 {
+                let entries: Vec<_> = (0..25)
+                    .map(|i| {
+                        serde_json::json!({"account": "acme", "resource": resource, "amount": "1",
+                               "occurred_at": occurred_at, "idempotency_key": format!("p{batch}-{i}")})
+                    })
+                    .collect();
+                let reply = app.post_entries(serde_json::json!({ "entries": entries })).await;
+                assert_eq!(reply.status, 200, "{:?}", reply.body);
+            }
+        })
+    };
+    // Counts what runs that ended before the posting did folded.
+    let roller = {
+        let (app, posting) = (app.clone(), posting.clone());
+        tokio::spawn(async move {
+            let mut folded_while_posting = 0;
+            while posting.load(Ordering::SeqCst) {
+                let report = app
+                    .rollup_with(tally::jobs::rollup::RollupOptions {
+                        batch_size: 17,
+                        failpoint: None,
+                        max_batch_size: None,
+                    })
+                    .await
+                    .unwrap();
+                if posting.load(Ordering::SeqCst) {
+                    folded_while_posting += report.entries;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            folded_while_posting
+        })
+    };
+    let ledger = RawPool::connect(&app).await;
+    let (mut samples, mut samples_while_posting) = (0, 0);
+    while posting.load(Ordering::SeqCst) || samples < 5 {
+        let before = ledger.ledger_sum("acme", resource).await;
+        let used = read(app.clone()).await;
+        let after = ledger.ledger_sum("acme", resource).await;
+        assert!(before <= used && used <= after, "{before} <= {used} <= {after}");
+        samples += 1;
+        if posting.load(Ordering::SeqCst) {
+            samples_while_posting += 1;
+        }
+    }
+    poster.await.unwrap();
+    let folded_while_posting = roller.await.unwrap();
+    assert!(
+        folded_while_posting > 0,
+        "the rollup folded entries while the posting went on"
+    );
+    assert!(samples_while_posting > 0, "used was read while the posting went on");
+    assert_eq!(read(app.clone()).await, 1000);
+    app.rollup().await;
+    assert_eq!(read(app.clone()).await, 1000);
+    assert!(app.store.verify_totals().await.unwrap().is_empty());
+}

@@ -71,9 +71,33 @@ async fn the_database_refuses_to_update_or_delete_ledger_rows(app: TestApp) {
     assert_eq!(app.count_entries().await, 1);
 }
 
-/// Canonical decimal text for an amount of `minor` units with `decimals` digits.
+/// Canonical decimal text for an amount of `minor` units with `decimals`
+/// digits, by integer arithmetic alone (not through `Amount`, whose
+/// formatting is under test): no trailing fractional zeros, no `+`.
 fn canonical(minor: i64, decimals: u32) -> String {
-    Amount::from_minor(minor, decimals).to_string()
+    let scale = 10u64.pow(decimals);
+    let (whole, fraction) = (minor.unsigned_abs() / scale, minor.unsigned_abs() % scale);
+    let sign = if minor < 0 { "-" } else { "" };
+    let fraction = format!("{fraction:0width$}", width = decimals as usize);
+    match fraction.trim_end_matches('0') {
+        "" => format!("{sign}{whole}"),
+        digits => format!("{sign}{whole}.{digits}"),
+    }
+}
+
+/// Another spelling of the same amount, as a client may send it: padded
+/// with the resource's full fractional digits, with a `+`, or in scientific
+/// notation (`150e-2` for 1.5).
+fn spelling(minor: i64, decimals: u32, which: usize) -> String {
+    let scale = 10u64.pow(decimals);
+    let (whole, fraction) = (minor.unsigned_abs() / scale, minor.unsigned_abs() % scale);
+    let sign = if minor < 0 { "-" } else { "" };
+    match which % 4 {
+        0 => canonical(minor, decimals),
+        1 if decimals > 0 => format!("{sign}{whole}.{fraction:0width$}", width = decimals as usize),
+        2 if minor > 0 => format!("+{}", canonical(minor, decimals)),
+        _ => format!("{minor}e-{decimals}"),
+    }
 }
 
 async fn amounts_survive_parse_store_read_format_unchanged(app: TestApp) {
@@ -100,11 +124,11 @@ async fn amounts_survive_parse_store_read_format_unchanged(app: TestApp) {
             if minor == 0 {
                 continue;
             }
-            let text = canonical(minor, decimals);
-            let mut body = entry("prop", resource, &text, &format!("b{batch_no}-{i}"));
+            let sent = spelling(minor, decimals, i);
+            let mut body = entry("prop", resource, &sent, &format!("b{batch_no}-{i}"));
             body["occurred_at"] = serde_json::json!(Utc::now().to_rfc3339());
             inputs.push(serde_json::from_value::<EntryInput>(body).unwrap());
-            expected.push(text);
+            expected.push((minor, canonical(minor, decimals)));
         }
         if inputs.is_empty() {
             continue;
@@ -127,9 +151,12 @@ async fn amounts_survive_parse_store_read_format_unchanged(app: TestApp) {
             })
             .await
             .unwrap();
-        let by_id: HashMap<i64, String> = stored.iter().map(|e| (e.id, e.amount.to_string())).collect();
+        let by_id: HashMap<i64, (i64, String)> = stored
+            .iter()
+            .map(|e| (e.id, (e.amount.minor(), e.amount.to_string())))
+            .collect();
         // Outcomes come in request order (ids need not: PostgreSQL inserts in key order).
-        let read: Vec<String> = outcomes.iter().map(|o| by_id[&o.id].clone()).collect();
+        let read: Vec<(i64, String)> = outcomes.iter().map(|o| by_id[&o.id].clone()).collect();
         assert_eq!(read, expected);
     }
 }

@@ -3,13 +3,14 @@
 //! out-of-order commits.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde_json::json;
 use tally::jobs::rollup::{FailAction, Failpoint, RollupOptions, Stage};
 
 use crate::both;
-use crate::helpers::{Backend, RawPool, ServeProcess, TestApp, days_ago_at, metric, scrape_metrics};
+use crate::helpers::{
+    Backend, ServeProcess, TestApp, assert_used_exact_while_posting_and_rolling_up, days_ago_at, metric, scrape_metrics,
+};
 
 both!(
     entries_fold_into_their_utc_day_and_month_across_boundaries,
@@ -308,88 +309,16 @@ async fn usage_used(app: &TestApp, at: &str) -> i64 {
     row["used"].as_str().unwrap().parse().unwrap()
 }
 
-/// Clears a flag when dropped, even by a panic, so loops waiting on it end.
-struct ClearOnDrop(Arc<AtomicBool>);
-
-impl Drop for ClearOnDrop {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::SeqCst);
-    }
-}
-
 async fn usage_is_exact_at_any_instant_while_posting_and_rolling_up(app: TestApp) {
-    let app = Arc::new(app);
     // Pinned instants on one UTC day, not "now": a run crossing midnight (or
     // the 1st of a month) still reads the month window holding every entry.
     let occurred_at = days_ago_at(1, "11:00:00");
     let at = format!("{}T12:00:00Z", &occurred_at[..10]);
-    let posting = Arc::new(AtomicBool::new(true));
-    let poster = {
-        let (app, posting) = (app.clone(), posting.clone());
-        let occurred_at = occurred_at.clone();
-        tokio::spawn(async move {
-            let _done = ClearOnDrop(posting);
-            for batch in 0..40 {
-                let entries: Vec<_> = (0..25)
-                    .map(|i| {
-                        json!({"account": "acme", "resource": "api_requests", "amount": "1",
-                               "occurred_at": occurred_at, "idempotency_key": format!("p{batch}-{i}")})
-                    })
-                    .collect();
-                assert_eq!(app.post_entries(json!({ "entries": entries })).await.status, 200);
-            }
-        })
-    };
-    // Rolls up for as long as the poster posts; counts what runs that ended
-    // before the posting did folded, so the samples below are known to have
-    // raced real folds, not an idle rollup.
-    let roller = {
-        let (app, posting) = (app.clone(), posting.clone());
-        tokio::spawn(async move {
-            let mut folded_while_posting = 0;
-            while posting.load(Ordering::SeqCst) {
-                let report = app
-                    .rollup_with(RollupOptions {
-                        batch_size: 17,
-                        failpoint: None,
-                        max_batch_size: None,
-                    })
-                    .await
-                    .unwrap();
-                if posting.load(Ordering::SeqCst) {
-                    folded_while_posting += report.entries;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            }
-            folded_while_posting
-        })
-    };
-    // Entries only grow, so a correct read lies between a ledger SUM taken just
-    // before it and one taken just after. A double count exceeds the upper
-    // bound; a row hidden between the tail and the totals falls below the lower.
-    let ledger = RawPool::connect(&app).await;
-    let (mut samples, mut samples_while_posting) = (0, 0);
-    while posting.load(Ordering::SeqCst) || samples < 5 {
-        let before = ledger.ledger_sum("acme", "api_requests").await;
-        let used = usage_used(&app, &at).await;
-        let after = ledger.ledger_sum("acme", "api_requests").await;
-        assert!(before <= used && used <= after, "{before} <= {used} <= {after}");
-        samples += 1;
-        if posting.load(Ordering::SeqCst) {
-            samples_while_posting += 1;
-        }
-    }
-    poster.await.unwrap();
-    let folded_while_posting = roller.await.unwrap();
-    assert!(
-        folded_while_posting > 0,
-        "the rollup folded entries while the posting went on"
-    );
-    assert!(samples_while_posting > 0, "usage was sampled while the posting went on");
-    assert_eq!(usage_used(&app, &at).await, 1000);
-    app.rollup().await;
-    assert_eq!(usage_used(&app, &at).await, 1000);
-    assert!(app.store.verify_totals().await.unwrap().is_empty());
+    assert_used_exact_while_posting_and_rolling_up(Arc::new(app), "api_requests", occurred_at, |app| {
+        let at = at.clone();
+        async move { usage_used(&app, &at).await }
+    })
+    .await;
 }
 
 async fn random_interleavings_of_posting_and_rolling_up_keep_totals_equal_to_the_ledger(app: TestApp) {
