@@ -39,6 +39,13 @@ both!(
     a_stored_outcome_that_cannot_be_read_back_is_a_500_not_a_validation_error,
 );
 
+/// An entry (see [`entry`]) at `at`.
+fn entry_at(account: &str, resource: &str, amount: &str, key: &str, at: &str) -> Value {
+    let mut body = entry(account, resource, amount, key);
+    body["occurred_at"] = json!(at);
+    body
+}
+
 fn iso(t: chrono::DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
@@ -550,8 +557,7 @@ async fn a_free_account_at_99999_requests_consumes_one_then_is_refused_until_upg
     // One instant for every step: a run that crosses a month's end must not
     // split the backlog and the consumes over two windows.
     let at = iso(Utc::now());
-    let mut backlog = entry("acme", "api_requests", "99999", "backlog");
-    backlog["occurred_at"] = json!(at);
+    let backlog = entry_at("acme", "api_requests", "99999", "backlog", &at);
     assert_eq!(app.post_entries(backlog).await.status, 200);
     let last = consume(&app, "acme", "api_requests", "1", "one", Some(&at)).await;
     assert_eq!(last.status, 200, "{:?}", last.body);
@@ -608,14 +614,9 @@ async fn fifty_ai_generations_pass_on_free_and_the_51st_is_refused(app: TestApp)
 async fn usage_lists_every_limited_or_used_resource_with_warnings(app: TestApp) {
     // One pinned instant for the entries and the read (a day window is in it).
     let at = days_ago_at(1, "12:00:00");
-    let at_entry = |resource: &str, amount: &str, key: &str| {
-        let mut body = entry("acme", resource, amount, key);
-        body["occurred_at"] = json!(at);
-        body
-    };
     app.post_entries(json!({"entries": [
-        at_entry("ai_generations", "40", "a"),
-        at_entry("llm_tokens", "1000", "b"),
+        entry_at("acme", "ai_generations", "40", "a", &at),
+        entry_at("acme", "llm_tokens", "1000", "b", &at),
     ]}))
     .await;
     let reply = app.get(&format!("/v1/accounts/acme/usage?at={at}")).await;
@@ -925,9 +926,9 @@ async fn the_cli_checks_and_reports_usage(app: TestApp) {
     assert!(String::from_utf8_lossy(&gold.stderr).contains("plans: free, pro, scale"));
 }
 
-/// `used` as a number, from a check.
-async fn used_now(app: &TestApp, account: &str, resource: &str) -> i64 {
-    check(app, account, resource, "1", None).await["used"]
+/// `used` at `at` as a number, from a check.
+async fn used_at(app: &TestApp, account: &str, resource: &str, at: &str) -> i64 {
+    check(app, account, resource, "1", Some(at)).await["used"]
         .as_str()
         .unwrap()
         .parse()
@@ -935,6 +936,9 @@ async fn used_now(app: &TestApp, account: &str, resource: &str) -> i64 {
 }
 
 async fn a_cached_check_stays_exact_after_a_rollup_and_after_another_process_inserts(app: TestApp) {
+    // One pinned instant for every entry and read (llm_tokens counts per day).
+    let at = days_ago_at(1, "12:00:00");
+    let at_instant = chrono::DateTime::parse_from_rfc3339(&at).unwrap().to_utc();
     // A second store on the same database stands for another process: its
     // inserts bypass this app's settled-sum cache, and it has a cache of its own.
     let other = tally::store::connect(&app.database_url, app.catalog.clone())
@@ -942,6 +946,7 @@ async fn a_cached_check_stays_exact_after_a_rollup_and_after_another_process_ins
         .unwrap();
     let other_quotas = |account: &'static str, resource: &'static str| {
         let other = other.clone();
+        let at = at_instant;
         let catalog = app.catalog.clone();
         async move {
             let quotas = tally::usage::quota::Quotas {
@@ -951,23 +956,23 @@ async fn a_cached_check_stays_exact_after_a_rollup_and_after_another_process_ins
             let resource = tally::domain::ResourceName::parse(resource).unwrap();
             let account = tally::domain::AccountId::parse(account).unwrap();
             let one = tally::domain::Amount::from_minor(1, 0);
-            quotas.check(&account, &resource, one, Utc::now()).await.unwrap().used
+            quotas.check(&account, &resource, one, at).await.unwrap().used
         }
     };
     for resource in ["storage_bytes", "llm_tokens"] {
         let batch: Vec<_> = (0..40)
-            .map(|i| entry("acme", resource, "5", &format!("{resource}-a{i}")))
+            .map(|i| entry_at("acme", resource, "5", &format!("{resource}-a{i}"), &at))
             .collect();
         assert_eq!(app.post_entries(json!({ "entries": batch })).await.status, 200);
         // Warm both caches.
-        assert_eq!(used_now(&app, "acme", resource).await, 200);
+        assert_eq!(used_at(&app, "acme", resource, &at).await, 200);
         assert_eq!(other_quotas("acme", resource).await, "200");
 
         let inputs = (0..7)
             .map(|i| {
                 serde_json::from_value(json!({
                     "account": "acme", "resource": resource, "amount": "3",
-                    "idempotency_key": format!("{resource}-b{i}"),
+                    "idempotency_key": format!("{resource}-b{i}"), "occurred_at": at,
                 }))
                 .unwrap()
             })
@@ -981,7 +986,7 @@ async fn a_cached_check_stays_exact_after_a_rollup_and_after_another_process_ins
         let theirs = tally::domain::entry::validate_batch(inputs, rules).unwrap();
         other.insert_entries(&theirs).await.unwrap();
         assert_eq!(
-            used_now(&app, "acme", resource).await,
+            used_at(&app, "acme", resource, &at).await,
             221,
             "rows another process inserted count"
         );
@@ -989,7 +994,7 @@ async fn a_cached_check_stays_exact_after_a_rollup_and_after_another_process_ins
 
         app.rollup().await;
         assert_eq!(
-            used_now(&app, "acme", resource).await,
+            used_at(&app, "acme", resource, &at).await,
             221,
             "a rollup moves rows, not the sum"
         );
@@ -997,18 +1002,18 @@ async fn a_cached_check_stays_exact_after_a_rollup_and_after_another_process_ins
 
         // Half folded, half not; and a correction.
         assert_eq!(
-            app.post_entries(json!(entry("acme", resource, "-4", &format!("{resource}-c"))))
+            app.post_entries(entry_at("acme", resource, "-4", &format!("{resource}-c"), &at))
                 .await
                 .status,
             200
         );
-        assert_eq!(used_now(&app, "acme", resource).await, 217);
+        assert_eq!(used_at(&app, "acme", resource, &at).await, 217);
         app.rollup().await;
         let more: Vec<_> = (0..3)
-            .map(|i| entry("acme", resource, "2", &format!("{resource}-d{i}")))
+            .map(|i| entry_at("acme", resource, "2", &format!("{resource}-d{i}"), &at))
             .collect();
         assert_eq!(app.post_entries(json!({ "entries": more })).await.status, 200);
-        assert_eq!(used_now(&app, "acme", resource).await, 223);
+        assert_eq!(used_at(&app, "acme", resource, &at).await, 223);
         assert_eq!(other_quotas("acme", resource).await, "223");
         assert_eq!(app.ledger_sum("acme", resource).await, 223);
     }
