@@ -302,10 +302,11 @@ pub async fn count_rows(url: &str, table: &str) -> anyhow::Result<u64> {
 /// Inserts `ledger`'s rows into `entries` of the migrated database at `url`
 /// with one statement, in one transaction, and returns how long it took.
 ///
-/// With `rebuild_indexes`, the secondary indexes of `entries` are dropped
-/// first and re-created afterwards from their own definitions (read from
-/// `sqlite_master` / `pg_indexes`), which is much faster than maintaining them
-/// row by row; the result is the same schema. PostgreSQL then gets
+/// With `rebuild_indexes`, the secondary indexes of `entries` (and on SQLite
+/// its replace-guard triggers) are dropped first and re-created afterwards
+/// from their own definitions (read from `sqlite_master` / `pg_indexes`),
+/// which is much faster than maintaining them row by row; the result is the
+/// same schema. PostgreSQL then gets
 /// `VACUUM ANALYZE entries`, as autovacuum would eventually do.
 ///
 /// # Errors
@@ -335,9 +336,14 @@ pub async fn fill_ledger_with_metadata(
             .busy_timeout(Duration::from_secs(60))
             .pragma("cache_size", "-1000000");
         let mut conn = SqliteConnection::connect_with(&options).await?;
-        let indexes: Vec<(String, String)> = if rebuild_indexes {
+        // With the indexes, the triggers that guard against a replacing
+        // insert go too (migration 0010): each probes the ledger by key, a
+        // full scan per row without its index.
+        let indexes: Vec<(String, String, String)> = if rebuild_indexes {
             sqlx::query_as(
-                "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'entries' AND sql IS NOT NULL",
+                "SELECT type, name, sql FROM sqlite_master \
+                 WHERE type IN ('index', 'trigger') AND tbl_name = 'entries' AND sql IS NOT NULL \
+                   AND (type = 'index' OR name LIKE 'entries_refuse_replace%')",
             )
             .fetch_all(&mut conn)
             .await?
@@ -345,8 +351,8 @@ pub async fn fill_ledger_with_metadata(
             Vec::new()
         };
         let mut tx = conn.begin().await?;
-        for (name, _) in &indexes {
-            sqlx::raw_sql(&format!("DROP INDEX \"{name}\""))
+        for (kind, name, _) in &indexes {
+            sqlx::raw_sql(&format!("DROP {} \"{name}\"", kind.to_uppercase()))
                 .execute(&mut *tx)
                 .await?;
         }
@@ -354,7 +360,7 @@ pub async fn fill_ledger_with_metadata(
             .execute(&mut *tx)
             .await
             .context("generating ledger rows (SQLite)")?;
-        for (_, sql) in &indexes {
+        for (_, _, sql) in &indexes {
             sqlx::raw_sql(sql).execute(&mut *tx).await?;
         }
         tx.commit().await?;

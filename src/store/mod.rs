@@ -153,6 +153,11 @@ pub trait Store: Send + Sync + 'static {
     /// The most rows one rollup batch (one transaction) folds on this engine.
     fn rollup_batch_cap(&self) -> u32;
 
+    /// Forgets the settled sums behind `used` (see [`settled`]), so that the
+    /// next read of each period is cold: sums its folded totals and its whole
+    /// unfolded tail. For the benchmark, which times that read too.
+    fn forget_settled_sums(&self);
+
     /// When the oldest ledger row not yet folded was recorded (None: caught up).
     async fn oldest_unfolded(&self) -> Result<Option<DateTime<Utc>>, StoreError>;
 

@@ -577,6 +577,10 @@ impl Store for PgStore {
         10_000_000
     }
 
+    fn forget_settled_sums(&self) {
+        self.settled.clear();
+    }
+
     async fn oldest_unfolded(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
         // The first row past the cursor in commit order: close to the oldest
         // unfolded one without scanning the whole tail.

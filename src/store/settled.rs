@@ -93,6 +93,11 @@ impl SettledSums {
         self.map.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Forgets every watermark: the next read of each period is cold.
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
     /// How many periods are cached (tests).
     pub fn len(&self) -> usize {
         self.lock().len()

@@ -380,6 +380,10 @@ impl Store for SqliteStore {
         10_000_000
     }
 
+    fn forget_settled_sums(&self) {
+        self.settled.clear();
+    }
+
     async fn oldest_unfolded(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
         let oldest: Option<i64> = sqlx::query_scalar(
             "SELECT recorded_at FROM entries
