@@ -1,6 +1,6 @@
 //! Accounts over HTTP: plans, plan history, overrides, features and usage.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::routing::{get, put};
 use axum::{Json, Router};
 use chrono::{SubsecRound, Utc};
@@ -9,7 +9,7 @@ use serde_json::value::RawValue;
 
 use super::auth::Caller;
 use super::error::ApiError;
-use super::extract::{Body, QueryParams, parse_json};
+use super::extract::{Body, Path, QueryParams, parse_json};
 use super::{AppState, params};
 use crate::domain::catalog::{Enforcement, Window};
 use crate::domain::entry::parse_timestamp;

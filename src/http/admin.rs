@@ -38,7 +38,7 @@ async fn stats(
     Ok(Json(
         admin::stats(state.store.as_ref(), &state.catalog, month)
             .await
-            .map_err(ApiError::Internal)?,
+            .map_err(ApiError::from_report)?,
     ))
 }
 
@@ -70,7 +70,7 @@ async fn top(
     };
     let accounts = admin::top(state.store.as_ref(), &state.catalog, &resource, month, limit)
         .await
-        .map_err(ApiError::Internal)?;
+        .map_err(ApiError::from_report)?;
     Ok(Json(serde_json::json!({
         "period": month.format("%Y-%m").to_string(),
         "resource": resource,

@@ -72,11 +72,14 @@ impl FromRequestParts<AppState> for Caller {
                 "missing Authorization header; send `Authorization: Bearer KEY` (create a key with `tally keys create --role service`)".into(),
             )
         })?;
+        // The scheme name is case-insensitive (RFC 7235), and any blank may
+        // follow it.
         let presented = header
             .to_str()
             .ok()
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .map(str::trim)
+            .and_then(|h| h.split_once([' ', '\t']))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, key)| key.trim())
             .filter(|k| !k.is_empty())
             .ok_or_else(|| ApiError::Unauthorized("the Authorization header must be `Bearer KEY`".into()))?;
         let hash = KeySecret::from_presented(presented).hash();

@@ -114,6 +114,18 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// A report's failure (`anyhow`, as the admin reads return): the store's
+    /// own error keeps its status (503 when the database is out of reach),
+    /// anything else is a 500.
+    pub fn from_report(e: anyhow::Error) -> Self {
+        match e.downcast::<StoreError>() {
+            Ok(store) => store.into(),
+            Err(other) => Self::Internal(other),
+        }
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {

@@ -34,8 +34,32 @@ impl<S: Send + Sync> FromRequest<S> for Body {
 
 /// Parses a JSON body, answering 400 with serde's located message.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| ApiError::MalformedBody(format!("the body is not valid JSON for this endpoint: {e}")))
+    serde_json::from_slice(bytes).map_err(malformed_json)
+}
+
+/// The 400 for a body serde could not read as this endpoint's JSON.
+pub fn malformed_json(e: serde_json::Error) -> ApiError {
+    ApiError::MalformedBody(format!("the body is not valid JSON for this endpoint: {e}"))
+}
+
+/// Path parameters, read by axum's `Path`, with the contract's error body
+/// when one cannot be read (percent-encoding that is not UTF-8, say):
+/// axum's own rejection is plain text.
+pub struct Path<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for Path<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(value)| Path(value))
+            .map_err(|e| ApiError::invalid("path", format!("the path cannot be read: {}", e.body_text())))
+    }
 }
 
 /// Query parameters as text, so each one is parsed with a clear 422.

@@ -1,13 +1,13 @@
 //! Usage reads over HTTP: time series.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
 
 use super::auth::Caller;
 use super::error::ApiError;
-use super::extract::QueryParams;
+use super::extract::{Path, QueryParams};
 use super::{AppState, params};
 use crate::domain::period::Granularity;
 use crate::domain::{AccountId, ResourceName};

@@ -17,6 +17,7 @@ both!(
     the_role_and_the_account_are_checked_before_the_body,
     a_key_bound_to_one_account_cannot_tell_another_accounts_entries_from_missing_ones,
     serve_on_a_database_without_keys_prints_one_admin_key_once_and_it_works,
+    the_bearer_scheme_is_read_whatever_its_case,
 );
 
 async fn a_request_without_a_key_is_401(app: TestApp) {
@@ -112,6 +113,40 @@ async fn a_service_key_bound_to_an_account_cannot_post_for_another(app: TestApp)
         .await;
     assert_eq!(reply.status, 403);
     assert_eq!(app.count_entries().await, 0);
+    // Nothing is said about another account's entries, not even that one
+    // names an unknown resource: the account is checked first.
+    let body = json!({"entries": [entry("globex", "nope", "1", "c")]});
+    let reply = app
+        .request("POST", "/v1/entries", Some(&key), Some(body.to_string()))
+        .await;
+    assert_eq!((reply.status, reply.code()), (403, "forbidden"), "{:?}", reply.body);
+}
+
+/// RFC 7235: the scheme name is case-insensitive.
+async fn the_bearer_scheme_is_read_whatever_its_case(app: TestApp) {
+    for scheme in ["Bearer", "bearer", "BEARER", "Bearer\t"] {
+        let header = if scheme.ends_with('\t') {
+            format!("{scheme}{}", app.admin_key)
+        } else {
+            format!("{scheme} {}", app.admin_key)
+        };
+        let reply = app
+            .client
+            .get(format!("{}/v1/accounts/acme/entries", app.address))
+            .header("authorization", header)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reply.status(), 200, "{scheme:?}");
+    }
+    let basic = app
+        .client
+        .get(format!("{}/v1/accounts/acme/entries", app.address))
+        .header("authorization", format!("Basic {}", app.admin_key))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(basic.status(), 401);
 }
 
 async fn a_revoked_key_is_401(app: TestApp) {

@@ -31,6 +31,7 @@ both!(
     one_bad_entry_fails_the_whole_batch_with_its_index,
     reversing_an_entry_older_than_the_horizon_is_too_late_for_a_service,
     an_admin_key_bound_to_an_account_is_refused,
+    a_path_that_is_not_utf_8_is_422_in_the_contract_format,
 );
 
 /// Posts `body` and checks the 422 names `field` (at `index`) and wrote nothing.
@@ -383,4 +384,25 @@ async fn an_admin_key_bound_to_an_account_is_refused(app: TestApp) {
     assert!(stderr.contains("cannot be bound to 'acme'"), "{stderr}");
     assert!(output.stdout.is_empty(), "no key printed");
     assert_eq!(app.scalar_i64("SELECT COUNT(*) FROM api_keys").await, 0);
+}
+
+/// axum answers an unreadable path in plain text; ours is the error body.
+async fn a_path_that_is_not_utf_8_is_422_in_the_contract_format(app: TestApp) {
+    for path in [
+        "/v1/accounts/%FF/usage",
+        "/v1/accounts/%FF/features/git_export",
+        "/v1/entries/%FF/reversal",
+    ] {
+        let method = if path.ends_with("reversal") { "POST" } else { "GET" };
+        let body = (method == "POST").then(|| json!({"idempotency_key": "k"}).to_string());
+        let reply = app.request(method, path, Some(&app.admin_key), body).await;
+        assert_eq!(
+            (reply.status, reply.code()),
+            (422, "validation_failed"),
+            "{path}: {:?}",
+            reply.body
+        );
+        let message = reply.body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("path"), "{message}");
+    }
 }
