@@ -27,9 +27,10 @@ pub struct ReportsOutcome {
     pub written: Vec<PathBuf>,
     /// Files that existed and were kept.
     pub kept: Vec<PathBuf>,
-    /// When the written files were taken: they hold what was committed by
-    /// then, and late entries may still change the month afterwards
-    /// (`tally export … --as-of` this instant reproduces them).
+    /// When the written files were taken (just before their exports
+    /// started; None when nothing was written). Late entries may still
+    /// change the month afterwards; `tally export … --as-of` this instant
+    /// gives the month as it stood then (docs/reports.md says how close).
     pub taken_at: Option<DateTime<Utc>>,
 }
 
@@ -147,10 +148,8 @@ pub async fn write_monthly_reports(
     std::fs::create_dir_all(dir)
         .map_err(|e| anyhow::anyhow!("cannot create the reports directory {}: {e}", dir.display()))?;
     let (monthly, invoice) = report_paths(dir, month);
-    let mut outcome = ReportsOutcome {
-        taken_at: Some(Utc::now()),
-        ..ReportsOutcome::default()
-    };
+    let taken_at = Utc::now();
+    let mut outcome = ReportsOutcome::default();
     if overwrite || !monthly.exists() {
         let filter = ExportFilter {
             from: month,
@@ -174,9 +173,7 @@ pub async fn write_monthly_reports(
     } else {
         outcome.kept.push(invoice);
     }
-    if outcome.written.is_empty() {
-        outcome.taken_at = None;
-    }
+    outcome.taken_at = (!outcome.written.is_empty()).then_some(taken_at);
     Ok(outcome)
 }
 

@@ -205,16 +205,7 @@ impl TestApp {
 
     /// One integer from a query run directly on the database.
     pub async fn scalar_i64(&self, sql: &str) -> i64 {
-        match self.backend {
-            Backend::Sqlite => {
-                let pool = sqlx::SqlitePool::connect(&self.database_url).await.unwrap();
-                sqlx::query_scalar(sql).fetch_one(&pool).await.unwrap()
-            }
-            Backend::Postgres => {
-                let pool = sqlx::PgPool::connect(&self.database_url).await.unwrap();
-                sqlx::query_scalar(sql).fetch_one(&pool).await.unwrap()
-            }
-        }
+        scalar_i64_at(self.backend, &self.database_url, sql).await
     }
 }
 
@@ -235,6 +226,21 @@ pub fn days_ago_at(days: i64, time: &str) -> String {
 /// A valid entry for `account` with `key`.
 pub fn entry(account: &str, resource: &str, amount: &str, key: &str) -> Value {
     serde_json::json!({ "account": account, "resource": resource, "amount": amount, "idempotency_key": key })
+}
+
+/// A valid entry (see [`entry`]) that occurred at `at`.
+pub fn entry_at(account: &str, resource: &str, amount: &str, key: &str, at: &str) -> Value {
+    let mut body = entry(account, resource, amount, key);
+    body["occurred_at"] = serde_json::json!(at);
+    body
+}
+
+/// The plain SUM over the ledger for one account and resource, in minor
+/// units: what every exactness test compares the API's answers with.
+fn ledger_sum_sql(account: &str, resource: &str) -> String {
+    format!(
+        "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM entries WHERE account = '{account}' AND resource = '{resource}'"
+    )
 }
 
 impl TestApp {
@@ -325,10 +331,7 @@ impl TestApp {
 
     /// The plain SUM over the ledger for one account and resource, in minor units.
     pub async fn ledger_sum(&self, account: &str, resource: &str) -> i64 {
-        self.scalar_i64(&format!(
-            "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM entries WHERE account = '{account}' AND resource = '{resource}'"
-        ))
-        .await
+        self.scalar_i64(&ledger_sum_sql(account, resource)).await
     }
 
     /// The folded daily total of a bucket, in minor units (0 when absent).
@@ -617,10 +620,7 @@ impl RawPool {
     /// The plain SUM over the ledger for one account and resource, in minor
     /// units (as [`TestApp::ledger_sum`]).
     pub async fn ledger_sum(&self, account: &str, resource: &str) -> i64 {
-        self.scalar_i64(&format!(
-            "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM entries WHERE account = '{account}' AND resource = '{resource}'"
-        ))
-        .await
+        self.scalar_i64(&ledger_sum_sql(account, resource)).await
     }
 }
 
@@ -686,10 +686,7 @@ pub async fn assert_used_exact_while_posting_and_rolling_up<F, Fut>(
             let _done = ClearOnDrop(posting);
             for batch in 0..40 {
                 let entries: Vec<_> = (0..25)
-                    .map(|i| {
-                        serde_json::json!({"account": "acme", "resource": resource, "amount": "1",
-                               "occurred_at": occurred_at, "idempotency_key": format!("p{batch}-{i}")})
-                    })
+                    .map(|i| entry_at("acme", resource, "1", &format!("p{batch}-{i}"), &occurred_at))
                     .collect();
                 let reply = app.post_entries(serde_json::json!({ "entries": entries })).await;
                 assert_eq!(reply.status, 200, "{:?}", reply.body);

@@ -9,11 +9,11 @@ use tally::domain::entry::EntryRules;
 use tally::domain::{Amount, EntryFilter, EntryInput};
 
 use crate::both;
-use crate::helpers::{TestApp, days_ago, entry};
+use crate::helpers::{TestApp, days_ago, entry, entry_at};
 
 both!(
     the_database_refuses_to_update_or_delete_ledger_rows,
-    amounts_survive_parse_store_read_format_unchanged,
+    amounts_in_any_spelling_are_stored_exactly_and_read_back_canonical,
     sums_past_two_to_the_53_stay_exact_in_check_series_rollup_and_export,
     a_total_past_64_bits_is_an_error_never_a_wrapped_number,
 );
@@ -100,7 +100,7 @@ fn spelling(minor: i64, decimals: u32, which: usize) -> String {
     }
 }
 
-async fn amounts_survive_parse_store_read_format_unchanged(app: TestApp) {
+async fn amounts_in_any_spelling_are_stored_exactly_and_read_back_canonical(app: TestApp) {
     // (resource, decimals): every precision the built-in catalog has.
     let resources = [("api_requests", 0u32), ("agent_minutes", 2)];
     let strategy = proptest::collection::vec(
@@ -164,11 +164,7 @@ async fn amounts_survive_parse_store_read_format_unchanged(app: TestApp) {
 /// `count` entries of `amount` for `account` and `resource` at `at`, as one batch body.
 fn batch_at(account: &str, resource: &str, amount: &str, count: usize, at: &str) -> serde_json::Value {
     let entries: Vec<_> = (0..count)
-        .map(|i| {
-            let mut body = entry(account, resource, amount, &format!("{resource}-{amount}-{i}"));
-            body["occurred_at"] = serde_json::json!(at);
-            body
-        })
+        .map(|i| entry_at(account, resource, amount, &format!("{resource}-{amount}-{i}"), at))
         .collect();
     serde_json::json!({ "entries": entries })
 }

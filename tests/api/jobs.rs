@@ -8,7 +8,7 @@ use serde_json::json;
 use tally::jobs::{JobOutcome, JobRunner};
 use tally::telemetry::Metrics;
 
-use crate::helpers::{Backend, ServeProcess, TestApp, days_ago_at, entry, metric};
+use crate::helpers::{Backend, ServeProcess, TestApp, days_ago_at, entry, entry_at, metric};
 use crate::{both, both_with_job_runner};
 
 both!(
@@ -69,15 +69,14 @@ fn yesterday_noon() -> (String, String) {
     (at, day)
 }
 
-fn entry_at(account: &str, amount: &str, key: &str, at: &str) -> serde_json::Value {
-    let mut body = entry(account, "api_requests", amount, key);
-    body["occurred_at"] = json!(at);
-    body
-}
-
 async fn a_job_run_by_name_folds_the_ledger(app: TestApp) {
     let (at, day) = yesterday_noon();
-    assert_eq!(app.post_entries(entry_at("acme", "4", "a", &at)).await.status, 200);
+    assert_eq!(
+        app.post_entries(entry_at("acme", "api_requests", "4", "a", &at))
+            .await
+            .status,
+        200
+    );
     let (_, folded) = run_rollup_job_until_folded(&runner(&app), 1).await;
     assert_eq!(folded, 1, "the job folded the entry, once");
     // Read before anything else rolls up: the total is the job's work.
@@ -88,7 +87,12 @@ async fn a_job_run_by_name_folds_the_ledger(app: TestApp) {
         "{unknown}"
     );
     // The CLI twin folds what was posted since.
-    assert_eq!(app.post_entries(entry_at("acme", "6", "b", &at)).await.status, 200);
+    assert_eq!(
+        app.post_entries(entry_at("acme", "api_requests", "6", "b", &at))
+            .await
+            .status,
+        200
+    );
     let mut folded_by_cli = 0;
     for _ in 0..100 {
         let cli = Command::new(env!("CARGO_BIN_EXE_tally"))
@@ -113,7 +117,12 @@ async fn a_job_run_by_name_folds_the_ledger(app: TestApp) {
 
 async fn a_run_is_skipped_while_another_process_holds_the_job(app: TestApp) {
     let (at, day) = yesterday_noon();
-    assert_eq!(app.post_entries(entry_at("acme", "4", "a", &at)).await.status, 200);
+    assert_eq!(
+        app.post_entries(entry_at("acme", "api_requests", "4", "a", &at))
+            .await
+            .status,
+        200
+    );
     match app.backend {
         Backend::Postgres => {
             // Another replica holds the job's advisory lock.
@@ -371,5 +380,6 @@ async fn a_jobs_directory_without_the_rollup_is_accepted_with_a_warning(app: Tes
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("runs the rollup"), "{stderr}");
     let with_rollup = app.cli(&["jobs", "list", "--jobs", concat!(env!("CARGO_MANIFEST_DIR"), "/jobs")]);
+    assert!(with_rollup.status.success(), "{with_rollup:?}");
     assert!(!String::from_utf8_lossy(&with_rollup.stderr).contains("runs the rollup"));
 }

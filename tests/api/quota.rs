@@ -7,7 +7,9 @@ use chrono::{Datelike, Duration, SecondsFormat, Utc};
 use serde_json::{Value, json};
 
 use crate::both;
-use crate::helpers::{Backend, Reply, TestApp, assert_used_exact_while_posting_and_rolling_up, days_ago_at, entry};
+use crate::helpers::{
+    Backend, Reply, TestApp, assert_used_exact_while_posting_and_rolling_up, days_ago_at, entry, entry_at,
+};
 
 both!(
     sixty_four_concurrent_consumers_at_a_hard_limit_of_1000_land_exactly_1000,
@@ -38,13 +40,6 @@ both!(
     plans_missing_from_the_catalog_count_the_accounts_on_them_now_or_later,
     a_stored_outcome_that_cannot_be_read_back_is_a_500_not_a_validation_error,
 );
-
-/// An entry (see [`entry`]) at `at`.
-fn entry_at(account: &str, resource: &str, amount: &str, key: &str, at: &str) -> Value {
-    let mut body = entry(account, resource, amount, key);
-    body["occurred_at"] = json!(at);
-    body
-}
 
 fn iso(t: chrono::DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Micros, true)
@@ -1183,8 +1178,9 @@ async fn a_limit_lowered_while_a_consume_waits_for_the_lock_applies_to_it(app: T
             let mut other = pool.begin().await.unwrap();
             sqlx::query(lower).execute(&mut *other).await.unwrap();
             let consuming = waiting_consume(&app);
-            // SQLite shows no waiter from outside: a settle time, then a
-            // check below that the request went out before the commit.
+            // SQLite shows no waiter from outside: a settle time, and a
+            // check below that the request went out before the commit (it
+            // cannot show the consume waited on the lock, only that it could).
             tokio::time::sleep(std::time::Duration::from_millis(300)).await;
             let committed = std::time::Instant::now();
             other.commit().await.unwrap();

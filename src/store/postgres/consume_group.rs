@@ -318,11 +318,18 @@ async fn decide(pool: &PgPool, group: Vec<Waiting>, mut answer: impl FnMut(Calle
                 "a group of {} consumes found the database unavailable: {shared}",
                 group.len()
             );
+            // sqlx's errors do not clone: the first caller gets the error
+            // itself, the others its kind (pool) or its words (I/O).
+            let pool_timed_out = matches!(cause, sqlx::Error::PoolTimedOut);
             let mut first = Some(cause);
             for waiting in group {
-                let cause = first
-                    .take()
-                    .unwrap_or_else(|| sqlx::Error::Io(std::io::Error::other(shared.clone())));
+                let cause = first.take().unwrap_or_else(|| {
+                    if pool_timed_out {
+                        sqlx::Error::PoolTimedOut
+                    } else {
+                        sqlx::Error::Io(std::io::Error::other(shared.clone()))
+                    }
+                });
                 answer(waiting.answer, Err(StoreError::Unavailable(cause)));
             }
         }
