@@ -70,6 +70,9 @@ pub struct TestApp {
     pub client: reqwest::Client,
     pub store: Arc<dyn Store>,
     pub catalog: Arc<Catalog>,
+    /// The served app's own job runner (the built-in jobs over its store and
+    /// its metrics), so that what a run counts shows in `GET /metrics`.
+    pub jobs: Arc<tally::jobs::JobRunner>,
     _dir: Option<TempDir>,
 }
 
@@ -116,6 +119,7 @@ impl TestApp {
         let address = format!("http://127.0.0.1:{}", app.port());
         let store = app.state().store.clone();
         let catalog = app.state().catalog.clone();
+        let jobs = app.job_runner(tally::jobs::builtin());
         tokio::spawn(app.run_until(std::future::pending()));
         Some(Self {
             backend,
@@ -125,6 +129,7 @@ impl TestApp {
             client: reqwest::Client::new(),
             store,
             catalog,
+            jobs,
             _dir: dir,
         })
     }
@@ -373,69 +378,6 @@ impl TestApp {
             .iter()
             .map(|p| tally::domain::Amount::parse(p["amount"].as_str().unwrap(), decimals).map_or(0, |a| a.minor()))
             .sum()
-    }
-}
-
-/// Generates `on_sqlite` and `on_postgres` tests for each listed
-/// `async fn name(app: TestApp, runner: Arc<JobRunner>)`: the runner is the
-/// served app's own (see [`TestApp::spawn_with_job_runner`]).
-#[macro_export]
-macro_rules! both_with_job_runner {
-    ($($name:ident),+ $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn on_sqlite() {
-                if let Some((app, runner)) =
-                    $crate::helpers::TestApp::spawn_with_job_runner($crate::helpers::Backend::Sqlite).await
-                {
-                    super::$name(app, runner).await;
-                }
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn on_postgres() {
-                if let Some((app, runner)) =
-                    $crate::helpers::TestApp::spawn_with_job_runner($crate::helpers::Backend::Postgres).await
-                {
-                    super::$name(app, runner).await;
-                }
-            }
-        }
-    )+};
-}
-
-impl TestApp {
-    /// Like [`TestApp::spawn`], and also returns the served app's own job
-    /// runner (the built-in jobs over its store and its metrics), so that what
-    /// a run counts shows in this app's `GET /metrics`. A runner built in the
-    /// test would count into metrics nobody serves.
-    pub async fn spawn_with_job_runner(backend: Backend) -> Option<(Self, Arc<tally::jobs::JobRunner>)> {
-        tally::telemetry::init_tracing();
-        let (database_url, dir) = fresh_database(backend).await?;
-        let admin_key = "test-admin-key".to_owned();
-        let settings = Settings {
-            database_url: database_url.clone(),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            admin_key: Some(admin_key.clone()),
-            ..Settings::default()
-        };
-        let app = Application::build(&settings).await.expect("the app builds");
-        let address = format!("http://127.0.0.1:{}", app.port());
-        let store = app.state().store.clone();
-        let catalog = app.state().catalog.clone();
-        let runner = app.job_runner(tally::jobs::builtin());
-        tokio::spawn(app.run_until(std::future::pending()));
-        let app = Self {
-            backend,
-            address,
-            database_url,
-            admin_key,
-            client: reqwest::Client::new(),
-            store,
-            catalog,
-            _dir: dir,
-        };
-        Some((app, runner))
     }
 
     /// This app's `GET /metrics` text.

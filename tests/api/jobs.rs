@@ -1,24 +1,22 @@
 //! Jobs: definitions, manual runs, no overlapping runs, and the operations view.
 
 use std::process::Command;
-use std::sync::Arc;
 
 use chrono::{SubsecRound as _, Timelike as _};
 use serde_json::json;
 use tally::jobs::{JobOutcome, JobRunner};
 use tally::telemetry::Metrics;
 
+use crate::both;
 use crate::helpers::{Backend, ServeProcess, TestApp, days_ago_at, entry, entry_at, metric};
-use crate::{both, both_with_job_runner};
 
 both!(
     a_job_run_by_name_folds_the_ledger,
     a_run_is_skipped_while_another_process_holds_the_job,
     jobs_list_shows_each_job_and_its_next_run,
     a_jobs_directory_without_the_rollup_is_accepted_with_a_warning,
+    health_reports_rollup_lag_and_metrics_count_what_happened,
 );
-
-both_with_job_runner!(health_reports_rollup_lag_and_metrics_count_what_happened);
 
 fn runner(app: &TestApp) -> JobRunner {
     let context = tally::jobs::JobContext {
@@ -158,7 +156,8 @@ async fn a_run_is_skipped_while_another_process_holds_the_job(app: TestApp) {
     assert!(matches!(runner(&app).run("rollup").await.unwrap(), JobOutcome::Ran(_)));
 }
 
-async fn health_reports_rollup_lag_and_metrics_count_what_happened(app: TestApp, runner: Arc<JobRunner>) {
+async fn health_reports_rollup_lag_and_metrics_count_what_happened(app: TestApp) {
+    let runner = app.jobs.clone();
     // An entry recorded 30 s ago and not folded yet.
     let pool_sql = match app.backend {
         Backend::Sqlite => format!(
