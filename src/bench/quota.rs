@@ -59,7 +59,7 @@ use super::harness::{PG_CLUSTER_SETTINGS, PgScratch, RunningTally, SQLITE_SETTIN
 use super::workload::SqlLedger;
 use super::{Engine, EngineChoice, rate};
 use crate::app::Settings;
-use crate::domain::{AccountId, Amount, IdempotencyKey, NewEntry};
+use crate::domain::{AccountId, Amount, IdempotencyKey, NewEntry, ResourceName};
 use crate::jobs::rollup::RollupOptions;
 use crate::store::Store;
 use crate::telemetry::Metrics;
@@ -314,6 +314,26 @@ impl Direct {
     }
 }
 
+/// Times one in-process check (of 1 unit, now) and makes sure it answered
+/// `expected` (outside the timed span).
+async fn timed_check(
+    quotas: &Quotas<'_>,
+    account: &AccountId,
+    resource: &ResourceName,
+    one: Amount,
+    expected: i64,
+) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let status = quotas.check(account, resource, one, chrono::Utc::now()).await?;
+    let elapsed = start.elapsed();
+    ensure!(
+        status.used == expected.to_string(),
+        "check said used={}, the ledger sums to {expected}",
+        status.used
+    );
+    Ok(elapsed)
+}
+
 /// The check part on one engine and ledger size; returns (targets met, summary line).
 async fn check_on(args: &QuotaArgs, engine: Engine, rows: u64) -> anyhow::Result<(bool, String)> {
     let sqlite;
@@ -383,14 +403,7 @@ async fn check_on(args: &QuotaArgs, engine: Engine, rows: u64) -> anyhow::Result
     }
     let mut samples = Vec::new();
     for _ in 0..args.iterations {
-        let start = Instant::now();
-        let status = quotas.check(&account, &resource, one, chrono::Utc::now()).await?;
-        samples.push(start.elapsed());
-        ensure!(
-            status.used == expected.to_string(),
-            "check said used={}, the ledger sums to {expected}",
-            status.used
-        );
+        samples.push(timed_check(&quotas, &account, &resource, one, expected).await?);
     }
     let in_process = Latencies::of(samples);
 
@@ -405,14 +418,7 @@ async fn check_on(args: &QuotaArgs, engine: Engine, rows: u64) -> anyhow::Result
     let mut samples = Vec::new();
     for _ in 0..cold_checks {
         store.forget_settled_sums();
-        let start = Instant::now();
-        let status = quotas.check(&account, &resource, one, chrono::Utc::now()).await?;
-        samples.push(start.elapsed());
-        ensure!(
-            status.used == expected.to_string(),
-            "cold check said used={}, the ledger sums to {expected}",
-            status.used
-        );
+        samples.push(timed_check(&quotas, &account, &resource, one, expected).await?);
     }
     let cold = Latencies::of(samples);
     let posting_checks = args.iterations.min(500);
@@ -433,14 +439,7 @@ async fn check_on(args: &QuotaArgs, engine: Engine, rows: u64) -> anyhow::Result
         };
         store.insert_entries(std::slice::from_ref(&entry)).await?;
         moving += 1;
-        let start = Instant::now();
-        let status = quotas.check(&account, &resource, one, chrono::Utc::now()).await?;
-        samples.push(start.elapsed());
-        ensure!(
-            status.used == moving.to_string(),
-            "check while posting said used={}, the ledger sums to {moving}",
-            status.used
-        );
+        samples.push(timed_check(&quotas, &account, &resource, one, moving).await?);
     }
     let posting = Latencies::of(samples);
     // From here on every answer (HTTP, baseline) includes the posted rows.

@@ -681,3 +681,15 @@ pub async fn assert_used_exact_while_posting_and_rolling_up<F, Fut>(
     assert_eq!(read(app.clone()).await, 1000);
     assert!(app.store.verify_totals().await.unwrap().is_empty());
 }
+
+/// A jobs directory with one job: the rollup, every second (for tests that
+/// run `tally serve` and need its scheduled rollup to fire soon).
+pub fn rollup_every_second_jobs_dir() -> TempDir {
+    let jobs = tempfile::tempdir().unwrap();
+    std::fs::write(
+        jobs.path().join("rollup.toml"),
+        "name = \"rollup\"\nschedule = \"* * * * * *\"\nrun = \"rollup\"\n",
+    )
+    .unwrap();
+    jobs
+}

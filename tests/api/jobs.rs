@@ -8,7 +8,9 @@ use tally::jobs::{JobOutcome, JobRunner};
 use tally::telemetry::Metrics;
 
 use crate::both;
-use crate::helpers::{Backend, ServeProcess, TestApp, days_ago_at, entry, entry_at, metric};
+use crate::helpers::{
+    Backend, ServeProcess, TestApp, days_ago_at, entry, entry_at, metric, rollup_every_second_jobs_dir,
+};
 
 both!(
     a_job_run_by_name_folds_the_ledger,
@@ -287,12 +289,7 @@ async fn on_postgres_a_shutdown_waits_for_the_rollup_run_in_flight() {
     let Some(app) = TestApp::spawn(Backend::Postgres).await else {
         return;
     };
-    let jobs = tempfile::tempdir().unwrap();
-    std::fs::write(
-        jobs.path().join("rollup.toml"),
-        "name = \"rollup\"\nschedule = \"* * * * * *\"\nrun = \"rollup\"\n",
-    )
-    .unwrap();
+    let jobs = rollup_every_second_jobs_dir();
     let mut serve = ServeProcess::start(
         &app.database_url,
         &["--jobs", jobs.path().to_str().unwrap()],

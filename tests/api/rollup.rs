@@ -9,7 +9,8 @@ use tally::jobs::rollup::{FailAction, Failpoint, RollupOptions, Stage};
 
 use crate::both;
 use crate::helpers::{
-    Backend, ServeProcess, TestApp, assert_used_exact_while_posting_and_rolling_up, days_ago_at, metric, scrape_metrics,
+    Backend, ServeProcess, TestApp, assert_used_exact_while_posting_and_rolling_up, days_ago_at, metric,
+    rollup_every_second_jobs_dir, scrape_metrics,
 };
 
 both!(
@@ -502,12 +503,7 @@ async fn on_postgres_two_serve_processes_firing_the_rollup_never_double_count() 
     let Some(app) = TestApp::spawn(Backend::Postgres).await else {
         return;
     };
-    let jobs = tempfile::tempdir().unwrap();
-    std::fs::write(
-        jobs.path().join("rollup.toml"),
-        "name = \"rollup\"\nschedule = \"* * * * * *\"\nrun = \"rollup\"\n",
-    )
-    .unwrap();
+    let jobs = rollup_every_second_jobs_dir();
     let jobs_dir = jobs.path().to_str().unwrap();
     let mut replicas = [
         ServeProcess::start(&app.database_url, &["--jobs", jobs_dir], &[("TALLY_ADMIN_KEY", "k")]).await,
