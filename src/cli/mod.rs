@@ -184,7 +184,10 @@ async fn serve(settings: Settings, with_jobs: bool) -> anyhow::Result<ExitCode> 
     } else {
         None
     };
-    if let Some(secret) = application.bootstrap_admin_key().await? {
+    // TALLY_ADMIN_KEY is a key: API.md creates one only where there is none.
+    if settings.admin_key.is_some() {
+        tracing::info!("no bootstrap key created: TALLY_ADMIN_KEY is accepted as the admin key");
+    } else if let Some(secret) = application.bootstrap_admin_key().await? {
         eprintln!("No API key existed, so Tally created this admin key. It is shown once; keep it:");
         eprintln!("{}", secret.expose());
     }

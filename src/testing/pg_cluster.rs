@@ -290,7 +290,17 @@ impl PgCluster {
         std::io::Write::write_all(&mut file, conf.as_bytes())
             .with_context(|| format!("writing {}", conf_path.display()))?;
         drop(file);
+        self.start_server()
+    }
 
+    /// Starts the server of an initialised (or stopped) cluster and waits
+    /// until it accepts connections.
+    ///
+    /// # Errors
+    ///
+    /// Fails if `pg_ctl start` fails; the error then includes the tail of
+    /// the server log.
+    pub fn start_server(&self) -> anyhow::Result<()> {
         let out = self
             .server_command("pg_ctl")
             .arg("-D")
@@ -308,6 +318,24 @@ impl PgCluster {
             )));
         }
         Ok(())
+    }
+
+    /// Stops the server at once (`pg_ctl stop -m immediate`: connections are
+    /// cut, nothing is shut down cleanly), as when a database host goes away.
+    /// [`PgCluster::start_server`] brings it back with its data.
+    ///
+    /// # Errors
+    ///
+    /// Fails if `pg_ctl stop` fails.
+    pub fn stop_server(&self) -> anyhow::Result<()> {
+        let out = self
+            .server_command("pg_ctl")
+            .arg("-D")
+            .arg(&self.data_dir)
+            .args(["-w", "stop", "-m", "immediate"])
+            .output()
+            .context("running pg_ctl stop")?;
+        check(&out, "pg_ctl stop")
     }
 
     /// A command running server program `program` from the bin dir, as the

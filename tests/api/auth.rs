@@ -17,6 +17,7 @@ both!(
     the_role_and_the_account_are_checked_before_the_body,
     a_key_bound_to_one_account_cannot_tell_another_accounts_entries_from_missing_ones,
     serve_on_a_database_without_keys_prints_one_admin_key_once_and_it_works,
+    serve_with_tally_admin_key_creates_no_bootstrap_key,
     the_bearer_scheme_is_read_whatever_its_case,
 );
 
@@ -254,6 +255,18 @@ async fn admin_stats_status(app: &TestApp, address: &str, key: &str) -> u16 {
         .unwrap()
         .status()
         .as_u16()
+}
+
+/// `TALLY_ADMIN_KEY` is an admin key, so a database without stored keys does
+/// not have "no key at all": `serve` creates none and prints none.
+async fn serve_with_tally_admin_key_creates_no_bootstrap_key(app: TestApp) {
+    let mut serve = ServeProcess::start(&app.database_url, &["--no-jobs"], &[("TALLY_ADMIN_KEY", "env-admin")]).await;
+    let stderr = serve.stderr();
+    assert!(!stderr.contains("shown once"), "{stderr}");
+    assert!(!stderr.lines().any(|l| l.trim().starts_with("tly_")), "{stderr}");
+    assert_eq!(admin_stats_status(&app, &serve.address, "env-admin").await, 200);
+    assert!(serve.stop().await.success(), "{}", serve.stderr());
+    assert_eq!(app.scalar_i64("SELECT COUNT(*) FROM api_keys").await, 0);
 }
 
 /// API.md: `serve` on a database with no key at all creates one admin key and

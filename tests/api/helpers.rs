@@ -6,7 +6,7 @@ use serde_json::Value;
 use tally::app::{Application, Settings};
 use tally::domain::{Catalog, Role};
 use tally::store::Store;
-use tally::testing::pg_cluster::PgCluster;
+use tally::testing::pg_cluster::{Durability, PgCluster};
 use tempfile::TempDir;
 
 /// The engines every test runs on.
@@ -61,6 +61,24 @@ pub async fn fresh_database(backend: Backend) -> Option<(String, Option<TempDir>
     }
 }
 
+/// A PostgreSQL cluster of the caller's own, for a test that stops or
+/// breaks its server; `None` (skip) when PostgreSQL is not installed and not
+/// required, as in [`fresh_database`]. Durable (PostgreSQL's defaults): the
+/// shared cluster's `synchronous_commit = off` would lose the last commits
+/// to an immediate stop, as a crash does.
+pub fn own_pg_cluster() -> Option<PgCluster> {
+    match PgCluster::start_with(Durability::Durable) {
+        Ok(cluster) => Some(cluster),
+        Err(e) if std::env::var("TALLY_TEST_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") => {
+            panic!("PostgreSQL is required (TALLY_TEST_REQUIRE_POSTGRES=1) but unavailable: {e:#}")
+        }
+        Err(e) => {
+            eprintln!("skipping a PostgreSQL test: {e:#}");
+            None
+        }
+    }
+}
+
 /// The running app and what a test needs to talk to it.
 pub struct TestApp {
     pub backend: Backend,
@@ -100,8 +118,15 @@ impl TestApp {
     /// Builds the real application on port 0 over a fresh database, with the
     /// plan catalog `plans` (TOML; None: the built-in one).
     pub async fn spawn_with_plans(backend: Backend, plans: Option<&str>) -> Option<Self> {
-        tally::telemetry::init_tracing();
         let (database_url, dir) = fresh_database(backend).await?;
+        Some(Self::spawn_on(backend, database_url, dir, plans).await)
+    }
+
+    /// Builds the real application on port 0 over the database at
+    /// `database_url` (kept alive by `dir`, if any), with the plan catalog
+    /// `plans` (TOML; None: the built-in one).
+    pub async fn spawn_on(backend: Backend, database_url: String, dir: Option<TempDir>, plans: Option<&str>) -> Self {
+        tally::telemetry::init_tracing();
         let admin_key = "test-admin-key".to_owned();
         let plans_file = plans.map(|text| {
             let file = tempfile::NamedTempFile::new().expect("temp file");
@@ -121,7 +146,7 @@ impl TestApp {
         let catalog = app.state().catalog.clone();
         let jobs = app.job_runner(tally::jobs::builtin());
         tokio::spawn(app.run_until(std::future::pending()));
-        Some(Self {
+        Self {
             backend,
             address,
             database_url,
@@ -131,7 +156,7 @@ impl TestApp {
             catalog,
             jobs,
             _dir: dir,
-        })
+        }
     }
 
     /// Sends a request with `key` (None: no Authorization header).

@@ -1,0 +1,143 @@
+//! When the database is out of reach: every request answers 503
+//! `database_unavailable` in the contract's format, nothing is half-written,
+//! and the same running app serves again once the database is back.
+//!
+//! Neither test can use a shared database: PostgreSQL is stopped under the
+//! app (on a cluster of its own), and SQLite's file is write-locked by a
+//! second connection for as long as the store's busy timeout.
+
+use serde_json::{Value, json};
+use sqlx::Connection;
+
+use crate::helpers::{Backend, Reply, TestApp, entry, own_pg_cluster};
+
+const ACCOUNT: &str = "acct-outage";
+
+fn consume_body(key: &str) -> Value {
+    json!({"account": ACCOUNT, "resource": "api_requests", "amount": "1", "idempotency_key": key})
+}
+
+fn assert_unavailable(reply: &Reply, what: &str) {
+    assert_eq!(reply.status, 503, "{what}: {reply:?}");
+    assert_eq!(reply.code(), "database_unavailable", "{what}: {reply:?}");
+    assert!(
+        reply.body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{what}: {reply:?}"
+    );
+    assert_eq!(
+        reply.headers.get("retry-after").and_then(|v| v.to_str().ok()),
+        Some("1"),
+        "{what}: {reply:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_requests_answer_503_while_the_server_is_down_and_succeed_once_it_is_back() {
+    let Some(cluster) = own_pg_cluster() else { return };
+    let url = cluster.create_database().await.expect("a database on the own cluster");
+    let app = TestApp::spawn_on(Backend::Postgres, url, None, None).await;
+    let before = app.post_entries(entry(ACCOUNT, "api_requests", "5", "before")).await;
+    assert_eq!(before.status, 200, "{before:?}");
+    let month = chrono::Utc::now().format("%Y-%m").to_string();
+
+    cluster.stop_server().expect("the server stops");
+
+    let reads = [
+        format!("/v1/accounts/{ACCOUNT}/usage"),
+        format!("/v1/accounts/{ACCOUNT}/entries"),
+        format!("/v1/accounts/{ACCOUNT}"),
+        format!("/v1/admin/stats?period={month}"),
+        format!("/v1/admin/top?resource=api_requests&period={month}"),
+    ];
+    for path in &reads {
+        assert_unavailable(&app.get(path).await, path);
+    }
+    let posted = app.post_entries(entry(ACCOUNT, "api_requests", "7", "during")).await;
+    assert_unavailable(&posted, "POST /v1/entries");
+    let checked = app
+        .post(
+            "/v1/quota/check",
+            json!({"account": ACCOUNT, "resource": "api_requests"}),
+        )
+        .await;
+    assert_unavailable(&checked, "POST /v1/quota/check");
+    // Eight consumes at once: the consume workers decide them in groups, and
+    // every member of a group the database refused gets its answer.
+    let consumes = futures_util::future::join_all(
+        (0..8).map(|i| app.post("/v1/quota/consume", consume_body(&format!("consume-{i}")))),
+    )
+    .await;
+    for reply in &consumes {
+        assert_unavailable(reply, "POST /v1/quota/consume");
+    }
+    let health = app.request("GET", "/healthz", None, None).await;
+    assert_eq!(health.status, 503, "{health:?}");
+    assert_eq!(health.body["database"], "unavailable", "{health:?}");
+
+    cluster.start_server().expect("the server starts again");
+
+    // The same app, with the same pool, serves again; what was refused was
+    // not written, so its retries are new.
+    let retried = app.post_entries(entry(ACCOUNT, "api_requests", "7", "during")).await;
+    assert_eq!(retried.status, 200, "{retried:?}");
+    assert_eq!(retried.body["created"], 1, "{retried:?}");
+    for i in 0..8 {
+        let reply = app
+            .post("/v1/quota/consume", consume_body(&format!("consume-{i}")))
+            .await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+    }
+    assert_eq!(app.count_entries().await, 1 + 1 + 8);
+    assert_eq!(app.ledger_sum(ACCOUNT, "api_requests").await, 5 + 7 + 8);
+    let health = app.request("GET", "/healthz", None, None).await;
+    assert_eq!(health.status, 200, "{health:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_sqlite_writes_answer_503_while_another_process_holds_the_write_lock_and_reads_go_on() {
+    let app = TestApp::spawn(Backend::Sqlite).await.expect("SQLite is always there");
+    let before = app.post_entries(entry(ACCOUNT, "api_requests", "5", "before")).await;
+    assert_eq!(before.status, 200, "{before:?}");
+
+    // Another process's writer: it takes the write lock and keeps it past
+    // the store's busy timeout.
+    let mut other = sqlx::SqliteConnection::connect(&app.database_url)
+        .await
+        .expect("a second connection to the file");
+    sqlx::raw_sql("BEGIN IMMEDIATE")
+        .execute(&mut other)
+        .await
+        .expect("the write lock is taken");
+
+    let (posted, consumed) = tokio::join!(
+        app.post_entries(entry(ACCOUNT, "api_requests", "7", "during")),
+        app.post("/v1/quota/consume", consume_body("consume-during")),
+    );
+    assert_unavailable(&posted, "POST /v1/entries");
+    assert_unavailable(&consumed, "POST /v1/quota/consume");
+    // WAL: readers do not wait for a writer.
+    let usage = app.get(&format!("/v1/accounts/{ACCOUNT}/usage")).await;
+    assert_eq!(usage.status, 200, "{usage:?}");
+    let checked = app
+        .post(
+            "/v1/quota/check",
+            json!({"account": ACCOUNT, "resource": "api_requests"}),
+        )
+        .await;
+    assert_eq!(checked.status, 200, "{checked:?}");
+    assert_eq!(checked.body["used"], "5", "{checked:?}");
+
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut other)
+        .await
+        .expect("the write lock is released");
+    other.close().await.ok();
+
+    let retried = app.post_entries(entry(ACCOUNT, "api_requests", "7", "during")).await;
+    assert_eq!(retried.status, 200, "{retried:?}");
+    assert_eq!(retried.body["created"], 1, "{retried:?}");
+    let consumed = app.post("/v1/quota/consume", consume_body("consume-during")).await;
+    assert_eq!(consumed.status, 200, "{consumed:?}");
+    assert_eq!(app.count_entries().await, 3);
+    assert_eq!(app.ledger_sum(ACCOUNT, "api_requests").await, 5 + 7 + 1);
+}
