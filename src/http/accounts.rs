@@ -7,14 +7,14 @@ use chrono::{SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::auth::Caller;
+use super::auth::{Admin, Caller};
 use super::error::ApiError;
 use super::extract::{Body, Path, QueryParams, parse_json};
 use super::{AppState, params};
 use crate::domain::catalog::{Enforcement, Window};
 use crate::domain::entry::parse_timestamp;
 use crate::domain::plan::{Override, PlanAssignment, parse_limit};
-use crate::domain::{AccountId, Catalog, FieldError, Role};
+use crate::domain::{AccountId, Catalog, FieldError};
 use crate::usage::features::{FeatureView, feature_at};
 use crate::usage::quota::{Quotas, UsageReport, plan_at};
 
@@ -85,11 +85,10 @@ fn unknown_plan(catalog: &Catalog, plan: &str) -> ApiError {
 
 async fn set_plan(
     State(state): State<AppState>,
-    caller: Caller,
+    _: Admin,
     Path(account): Path<String>,
     Body(bytes): Body,
 ) -> Result<Json<AccountView>, ApiError> {
-    caller.require(&[Role::Admin], "change plans")?;
     let request: SetPlan = parse_json(&bytes)?;
     let account = params::account(&account)?;
     let plan = request
@@ -127,11 +126,10 @@ fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<B
 
 async fn set_override(
     State(state): State<AppState>,
-    caller: Caller,
+    _: Admin,
     Path((account, resource)): Path<(String, String)>,
     Body(bytes): Body,
 ) -> Result<Json<Override>, ApiError> {
-    caller.require(&[Role::Admin], "set overrides")?;
     let request: SetOverride = parse_json(&bytes)?;
     let account = params::account(&account)?;
     let resource = params::resource(&state.catalog, &resource)?;
@@ -189,10 +187,9 @@ async fn set_override(
 
 async fn delete_override(
     State(state): State<AppState>,
-    caller: Caller,
+    _: Admin,
     Path((account, resource)): Path<(String, String)>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    caller.require(&[Role::Admin], "remove overrides")?;
     let account = params::account(&account)?;
     let resource = params::resource(&state.catalog, &resource)?;
     if state.store.delete_override(&account, &resource).await? {

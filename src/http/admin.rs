@@ -5,11 +5,10 @@ use axum::routing::get;
 use axum::{Json, Router};
 use chrono::Utc;
 
-use super::auth::Caller;
+use super::auth::Admin;
 use super::error::ApiError;
 use super::extract::QueryParams;
 use super::{AppState, params};
-use crate::domain::Role;
 use crate::domain::period::Granularity;
 use crate::usage::admin::{self, Stats};
 
@@ -29,10 +28,9 @@ fn period(query: &std::collections::HashMap<String, String>) -> Result<chrono::N
 
 async fn stats(
     State(state): State<AppState>,
-    caller: Caller,
+    _: Admin,
     QueryParams(query): QueryParams,
 ) -> Result<Json<Stats>, ApiError> {
-    caller.require(&[Role::Admin], "read platform stats")?;
     params::reject_unknown(&query, &["period"])?;
     let month = period(&query)?;
     Ok(Json(
@@ -44,10 +42,9 @@ async fn stats(
 
 async fn top(
     State(state): State<AppState>,
-    caller: Caller,
+    _: Admin,
     QueryParams(query): QueryParams,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    caller.require(&[Role::Admin], "read top accounts")?;
     params::reject_unknown(&query, &["resource", "period", "limit"])?;
     let resource = params::resource(
         &state.catalog,

@@ -109,6 +109,42 @@ impl FromRequestParts<AppState> for Caller {
     }
 }
 
+/// A caller whose key may write: post entries, check and consume quota
+/// (admin or service). As an extractor it answers 403 from the headers, so a
+/// reader's body is never read.
+#[derive(Debug, Clone)]
+pub struct Writer(pub Caller);
+
+/// A caller with an admin key; as an extractor, 403 from the headers alone.
+#[derive(Debug, Clone)]
+pub struct Admin(pub Caller);
+
+/// The caller of `parts`, if its key has one of `roles`; the refusal names
+/// the request (`POST /v1/entries`).
+async fn caller_with_role(parts: &mut Parts, state: &AppState, roles: &[Role]) -> Result<Caller, ApiError> {
+    let caller = Caller::from_request_parts(parts, state).await?;
+    caller.require(roles, &format!("{} {}", parts.method, parts.uri.path()))?;
+    Ok(caller)
+}
+
+impl FromRequestParts<AppState> for Writer {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        caller_with_role(parts, state, &[Role::Admin, Role::Service])
+            .await
+            .map(Writer)
+    }
+}
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        caller_with_role(parts, state, &[Role::Admin]).await.map(Admin)
+    }
+}
+
 /// How long a key, once found, is trusted without asking the database again.
 /// A revocation (by `tally keys revoke`, in any process) therefore applies to
 /// every server within this long. Unknown and revoked keys are never cached:

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::AppState;
-use super::auth::Caller;
+use super::auth::{Caller, Writer};
 use super::error::ApiError;
 use super::extract::{Body, Path, QueryParams, malformed_json, parse_json};
 use super::params;
@@ -121,10 +121,9 @@ fn entries_of(bytes: &[u8]) -> Result<Vec<EntryInput>, ApiError> {
 
 async fn post_entries(
     State(state): State<AppState>,
-    caller: Caller,
+    Writer(caller): Writer,
     Body(bytes): Body,
 ) -> Result<Json<PostEntriesResponse>, ApiError> {
-    caller.require(&[Role::Admin, Role::Service], "post entries")?;
     let inputs = entries_of(&bytes)?;
     if inputs.is_empty() {
         return Err(ApiError::invalid("entries", "entries must hold 1 to 10000 entries"));
@@ -171,11 +170,10 @@ struct ReversalResponse {
 
 async fn reverse_entry(
     State(state): State<AppState>,
-    caller: Caller,
+    Writer(caller): Writer,
     Path(id): Path<String>,
     Body(bytes): Body,
 ) -> Result<Json<ReversalResponse>, ApiError> {
-    caller.require(&[Role::Admin, Role::Service], "reverse entries")?;
     let request: ReversalRequest = parse_json(&bytes)?;
     let id: i64 = id
         .parse()

@@ -7,13 +7,13 @@ use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::auth::Caller;
+use super::auth::Writer;
 use super::error::ApiError;
 use super::extract::{Body, parse_json};
 use super::{AppState, params};
 use crate::domain::catalog::Window;
 use crate::domain::entry::parse_timestamp;
-use crate::domain::{AccountId, Amount, EntryInput, Role};
+use crate::domain::{AccountId, Amount, EntryInput};
 use crate::usage::quota::{ConsumeError, ConsumeOutcome, QuotaStatus, Quotas, Warning};
 
 /// The quota routes.
@@ -34,10 +34,9 @@ struct CheckRequest {
 
 async fn check(
     State(state): State<AppState>,
-    caller: Caller,
+    Writer(caller): Writer,
     Body(bytes): Body,
 ) -> Result<Json<QuotaStatus>, ApiError> {
-    caller.require(&[Role::Admin, Role::Service], "check quota")?;
     let request: CheckRequest = parse_json(&bytes)?;
     let account = params::account(
         request
@@ -98,10 +97,9 @@ struct ConsumeResponse {
 
 async fn consume(
     State(state): State<AppState>,
-    caller: Caller,
+    Writer(caller): Writer,
     Body(bytes): Body,
 ) -> Result<Json<ConsumeResponse>, ApiError> {
-    caller.require(&[Role::Admin, Role::Service], "consume quota")?;
     let input: EntryInput = parse_json(&bytes)?;
     // The account first: a key bound to another account learns nothing
     // about its body (403 before any 422).
