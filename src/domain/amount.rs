@@ -3,7 +3,6 @@
 //! point anywhere, SQL included (DESIGN.md, invariant 6).
 
 use std::fmt;
-use std::str::FromStr;
 
 use rust_decimal::Decimal;
 
@@ -35,9 +34,21 @@ pub enum AmountError {
         /// Fractional digits the resource declares.
         allowed: u32,
     },
+    /// More significant or fractional digits than an exact decimal holds.
+    #[error("amount {0} has more than 28 significant or fractional digits; no amount, limit or price is that precise")]
+    TooManyDigits(String),
     /// The minor-unit value does not fit a 64-bit integer (only for resources with many decimals).
-    #[error("amount {0} is too large for a resource with this many fractional digits")]
-    TooLargeForPrecision(String),
+    #[error(
+        "amount {amount} is too large for a resource with {decimals} fractional digits: its minor units must fit 64 bits, so |amount| must be at most {max}"
+    )]
+    TooLargeForPrecision {
+        /// The amount as given.
+        amount: String,
+        /// Fractional digits the resource declares.
+        decimals: u32,
+        /// The largest magnitude that fits.
+        max: Decimal,
+    },
     /// A sum left the 64-bit range.
     #[error("sum overflows the 64-bit range of minor units")]
     Overflow,
@@ -78,7 +89,11 @@ impl Amount {
         let mut scaled = normalized;
         scaled.rescale(decimals);
         let mantissa = scaled.mantissa();
-        let minor = i64::try_from(mantissa).map_err(|_| AmountError::TooLargeForPrecision(original.to_owned()))?;
+        let minor = i64::try_from(mantissa).map_err(|_| AmountError::TooLargeForPrecision {
+            amount: original.to_owned(),
+            decimals,
+            max: Decimal::new(i64::MAX, decimals),
+        })?;
         Ok(Self { minor, decimals })
     }
 
@@ -138,31 +153,68 @@ impl serde::Serialize for Amount {
     }
 }
 
-/// Parses decimal text exactly: `Decimal::from_str_exact` refuses to round, and
-/// scientific notation goes through `from_scientific`, which is exact too.
+/// The most significant digits a [`Decimal`] holds (a 96-bit mantissa).
+const MAX_DIGITS: usize = 28;
+
+/// Parses decimal text exactly, never rounding: `[+-]digits[.digits]`, with an
+/// optional exponent (`e`/`E`, then `[+-]digits`). The digits are shifted by
+/// the exponent as text, so "2.9999999999999999999999999999999e0" is refused
+/// (more than [`MAX_DIGITS`] significant digits) where `Decimal::from_scientific`
+/// would round it to 3; trailing fractional zeros are dropped first, so
+/// "1.000…0" of any length is 1.
 pub fn parse_decimal(text: &str) -> Result<Decimal, AmountError> {
-    let trimmed = text.trim();
     let not_a_number = || AmountError::NotANumber(text.to_owned());
-    if trimmed.is_empty() || trimmed != text {
+    let (mantissa, exponent) = match text.split_once(['e', 'E']) {
+        Some((mantissa, exponent)) => (mantissa, parse_exponent(exponent).ok_or_else(not_a_number)?),
+        None => (text, 0),
+    };
+    let (negative, unsigned) = match mantissa.as_bytes().first() {
+        Some(b'-') => (true, &mantissa[1..]),
+        Some(b'+') => (false, &mantissa[1..]),
+        _ => (false, mantissa),
+    };
+    let (whole, fraction) = unsigned.split_once('.').unwrap_or((unsigned, ""));
+    let all_digits = |part: &str| part.bytes().all(|b| b.is_ascii_digit());
+    if (whole.is_empty() && fraction.is_empty()) || !all_digits(whole) || !all_digits(fraction) {
         return Err(not_a_number());
     }
-    if trimmed.contains(['e', 'E']) {
-        return Decimal::from_scientific(trimmed).map_err(|_| not_a_number());
+    // value = digits × 10^-scale, with no leading zeros and no trailing
+    // fractional zeros.
+    let mut digits: String = format!("{whole}{fraction}").trim_start_matches('0').to_owned();
+    if digits.is_empty() {
+        return Ok(Decimal::ZERO);
     }
-    if !trimmed
-        .trim_start_matches(['-', '+'])
-        .chars()
-        .all(|c| c.is_ascii_digit() || c == '.')
-    {
-        return Err(not_a_number());
+    let mut scale = i64::try_from(fraction.len()).unwrap_or(i64::MAX) - exponent;
+    while scale > 0 && digits.ends_with('0') {
+        digits.pop();
+        scale -= 1;
     }
-    Decimal::from_str_exact(trimmed).or_else(|_| {
-        // from_str_exact refuses digits beyond 28 significant ones; anything
-        // that long is out of range for us anyway, so say so precisely.
-        Decimal::from_str(trimmed)
-            .map_err(|_| not_a_number())
-            .and_then(|_| Err(AmountError::OutOfRange(text.to_owned())))
-    })
+    let whole_digits = i64::try_from(digits.len()).unwrap_or(i64::MAX) - scale;
+    if whole_digits > MAX_DIGITS as i64 {
+        return Err(AmountError::OutOfRange(text.to_owned()));
+    }
+    if scale < 0 {
+        digits.extend(std::iter::repeat_n('0', usize::try_from(-scale).unwrap_or(0)));
+        scale = 0;
+    }
+    if digits.len() > MAX_DIGITS || scale > MAX_DIGITS as i64 {
+        return Err(AmountError::TooManyDigits(text.to_owned()));
+    }
+    let magnitude: i128 = digits.parse().map_err(|_| not_a_number())?;
+    let scale = u32::try_from(scale).map_err(|_| not_a_number())?;
+    Decimal::try_from_i128_with_scale(if negative { -magnitude } else { magnitude }, scale)
+        .map_err(|_| AmountError::TooManyDigits(text.to_owned()))
+}
+
+/// An exponent: `[+-]digits`, at most 6 digits (anything larger is out of
+/// range or too precise for any amount; see [`parse_decimal`]).
+fn parse_exponent(text: &str) -> Option<i64> {
+    let digits = text.strip_prefix(['+', '-']).unwrap_or(text);
+    if digits.is_empty() || digits.len() > 6 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let value: i64 = digits.parse().ok()?;
+    Some(if text.starts_with('-') { -value } else { value })
 }
 
 #[cfg(test)]
@@ -205,10 +257,57 @@ mod tests {
     }
 
     #[test]
+    fn scientific_notation_is_exact_or_refused_never_rounded() {
+        let parsed = |text: &str| parse_decimal(text).map(|d| d.normalize().to_string());
+        for (text, value) in [
+            ("1.5e1", "15"),
+            ("-2.5E-1", "-0.25"),
+            ("1e+2", "100"),
+            ("0e500", "0"),
+            ("12.50e-1", "1.25"),
+            ("1.0000000000000000000000000000000", "1"),
+            ("1.0000000000000000000000000000000e0", "1"),
+            ("9999999999999999999999999999", "9999999999999999999999999999"),
+            (".5", "0.5"),
+            ("5.", "5"),
+        ] {
+            assert_eq!(parsed(text).as_deref(), Ok(value), "{text}");
+        }
+        for text in [
+            "2.9999999999999999999999999999999e0",
+            "1.00000000000000000000000000001e0",
+            "1e-30",
+            "0.0000000000000000000000000000001",
+        ] {
+            assert!(
+                matches!(parse_decimal(text), Err(AmountError::TooManyDigits(_))),
+                "{text}"
+            );
+        }
+        for text in ["1e29", "1e999999", "99999999999999999999999999999"] {
+            assert!(matches!(parse_decimal(text), Err(AmountError::OutOfRange(_))), "{text}");
+        }
+        for text in [
+            "1_0e2",
+            "1e",
+            "e5",
+            "1e2.5",
+            "1e1234567",
+            "--1",
+            "1e+-2",
+            ".",
+            "-",
+            "1 e2",
+        ] {
+            assert!(matches!(parse_decimal(text), Err(AmountError::NotANumber(_))), "{text}");
+        }
+    }
+
+    #[test]
     fn large_amounts_with_many_decimals_are_refused_not_wrapped() {
         assert!(matches!(
             Amount::parse("999999999999999", 9),
-            Err(AmountError::TooLargeForPrecision(_))
+            Err(AmountError::TooLargeForPrecision { decimals: 9, .. })
         ));
         assert!(Amount::parse("999999999.123456789", 9).is_ok());
     }

@@ -98,18 +98,25 @@ impl NewEntry {
 
 /// Parses an RFC 3339 timestamp into UTC, truncated to microseconds (what both
 /// databases keep).
+///
+/// A leap second (`:60`) is refused: both databases would store it as the
+/// next second, possibly in the next day or month, while the instant was
+/// judged in this one, and a retry would then no longer match what is stored.
 pub fn parse_timestamp(text: &str) -> Result<DateTime<Utc>, String> {
-    use chrono::Datelike;
-    DateTime::parse_from_rfc3339(text)
-        .map(|t| t.with_timezone(&Utc).trunc_subsecs(6))
-        .map_err(|e| format!("{text:?} is not an RFC 3339 timestamp ({e}); write it like 2026-11-23T14:05:00Z"))
-        .and_then(|t| {
-            if (1..=9999).contains(&t.year()) {
-                Ok(t)
-            } else {
-                Err(format!("{text:?} is outside the years 1 to 9999"))
-            }
-        })
+    use chrono::{Datelike, Timelike};
+    let parsed = DateTime::parse_from_rfc3339(text)
+        .map_err(|e| format!("{text:?} is not an RFC 3339 timestamp ({e}); write it like 2026-11-23T14:05:00Z"))?;
+    if parsed.nanosecond() >= 1_000_000_000 {
+        return Err(format!(
+            "{text:?} is a leap second (:60), which Tally does not store; write :59.999999 or the next second"
+        ));
+    }
+    let t = parsed.with_timezone(&Utc).trunc_subsecs(6);
+    if (1..=9999).contains(&t.year()) {
+        Ok(t)
+    } else {
+        Err(format!("{text:?} is outside the years 1 to 9999"))
+    }
 }
 
 /// An instant as the reads take it: RFC 3339, or a plain date (`2026-11-01`)

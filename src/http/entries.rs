@@ -104,7 +104,9 @@ fn entries_of(bytes: &[u8]) -> Result<Vec<EntryInput>, ApiError> {
         Err(e) if is_too_many(&e) => return Err(too_many_entries()),
         Err(_) => {}
     }
-    let fields: HashMap<&str, &RawValue> = serde_json::from_slice(bytes)
+    // Owned keys: a key written with an escape (`"acc\u006funt"`) cannot be
+    // borrowed from the body.
+    let fields: HashMap<String, &RawValue> = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::MalformedBody(format!("the body is not a JSON object: {e}")))?;
     match fields.get("entries") {
         Some(list) if fields.len() == 1 => match serde_json::from_slice::<BoundedEntries>(list.get().as_bytes()) {

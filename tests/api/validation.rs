@@ -18,6 +18,9 @@ both!(
     too_many_fractional_digits_is_422,
     an_amount_of_10_to_the_15_is_422,
     an_amount_that_is_not_a_number_is_422,
+    an_amount_that_would_need_rounding_is_422_never_rounded,
+    a_leap_second_is_422_wherever_an_instant_is_written,
+    field_names_written_with_json_escapes_are_read_in_a_single_entry,
     an_account_with_bad_characters_is_422,
     an_account_over_128_characters_is_422,
     an_idempotency_key_over_255_characters_is_422,
@@ -180,6 +183,89 @@ async fn an_amount_of_10_to_the_15_is_422(app: TestApp) {
 async fn an_amount_that_is_not_a_number_is_422(app: TestApp) {
     assert_rejected(&app, with("amount", json!("twelve")), "validation_failed", 0, "amount").await;
     assert_rejected(&app, with("amount", json!(true)), "validation_failed", 0, "amount").await;
+}
+
+/// Scientific notation is parsed exactly: more digits than an exact decimal
+/// holds are refused, never rounded to a nearby amount (this one to 3).
+async fn an_amount_that_would_need_rounding_is_422_never_rounded(app: TestApp) {
+    assert_rejected(
+        &app,
+        with("amount", json!("2.9999999999999999999999999999999e0")),
+        "validation_failed",
+        0,
+        "amount",
+    )
+    .await;
+    // The same as a JSON number, sent as written (json! would round it).
+    let raw = r#"{"account": "acme", "resource": "api_requests", "amount": 1.00000000000000000000000000001e0, "idempotency_key": "k1"}"#;
+    let reply = app
+        .request("POST", "/v1/entries", Some(&app.admin_key), Some(raw.into()))
+        .await;
+    assert_eq!(
+        (reply.status, reply.code()),
+        (422, "validation_failed"),
+        "{:?}",
+        reply.body
+    );
+    assert_eq!(app.count_entries().await, 0);
+    // An exact spelling with many zeros is its value.
+    let ten = app
+        .post_entries(with("amount", json!("1.00000000000000000000000000000000e1")))
+        .await;
+    assert_eq!(ten.status, 200, "{:?}", ten.body);
+    assert_eq!(app.ledger_sum("acme", "api_requests").await, 10);
+}
+
+/// A leap second would be stored as the next second (here, the next day)
+/// while it was judged in its own day, and a retry would then conflict with
+/// what was stored: refused wherever an instant is written or read.
+async fn a_leap_second_is_422_wherever_an_instant_is_written(app: TestApp) {
+    let leap = format!("{}T23:59:60Z", (Utc::now() - Duration::days(1)).format("%Y-%m-%d"));
+    let reply = assert_rejected(
+        &app,
+        with("occurred_at", json!(leap)),
+        "validation_failed",
+        0,
+        "occurred_at",
+    )
+    .await;
+    assert!(reply.body.to_string().contains("leap second"), "{:?}", reply.body);
+    let consume = app
+        .post(
+            "/v1/quota/consume",
+            json!({"account": "acme", "resource": "llm_tokens", "amount": "1", "idempotency_key": "c", "occurred_at": leap}),
+        )
+        .await;
+    assert_eq!(
+        (consume.status, consume.code()),
+        (422, "validation_failed"),
+        "{:?}",
+        consume.body
+    );
+    let check = app
+        .post(
+            "/v1/quota/check",
+            json!({"account": "acme", "resource": "llm_tokens", "at": leap}),
+        )
+        .await;
+    assert_eq!(check.status, 422, "{:?}", check.body);
+    assert_eq!(
+        check.body["error"]["details"]["errors"][0]["field"], "at",
+        "{:?}",
+        check.body
+    );
+    assert_eq!(app.count_entries().await, 0);
+}
+
+/// JSON allows any character of a name to be escaped; a single entry (not
+/// only a batch) reads such names.
+async fn field_names_written_with_json_escapes_are_read_in_a_single_entry(app: TestApp) {
+    let raw = r#"{"acc\u006funt": "acme", "resource": "api_requests", "amount": "2", "idempotency_key": "k1"}"#;
+    let reply = app
+        .request("POST", "/v1/entries", Some(&app.admin_key), Some(raw.into()))
+        .await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    assert_eq!(app.ledger_sum("acme", "api_requests").await, 2);
 }
 
 async fn an_account_with_bad_characters_is_422(app: TestApp) {
