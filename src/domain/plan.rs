@@ -58,6 +58,35 @@ impl Override {
     }
 }
 
+/// One change to an account's override of a resource, as its history keeps
+/// it: set to `value` (whose `updated_at` is when), or removed then.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverrideChange {
+    /// The override as set (for a removal, the resource and the time).
+    pub value: Override,
+    /// Whether the change removed the override.
+    pub removed: bool,
+}
+
+/// The overrides set as of `at` by an account's `history` (its changes in
+/// the order they were made): per resource the latest change made at or
+/// before `at`, unless it was a removal. Whether each one still applies at
+/// `at` is then [`Override::active_at`]'s.
+pub fn overrides_as_of(history: &[OverrideChange], at: DateTime<Utc>) -> Vec<Override> {
+    let mut latest: Vec<&OverrideChange> = Vec::new();
+    for change in history.iter().filter(|c| c.value.updated_at <= at) {
+        match latest.iter_mut().find(|c| c.value.resource == change.value.resource) {
+            Some(slot) => *slot = change,
+            None => latest.push(change),
+        }
+    }
+    latest
+        .into_iter()
+        .filter(|c| !c.removed)
+        .map(|c| c.value.clone())
+        .collect()
+}
+
 /// The period a window covers at an instant: [start, end) in UTC dates, or
 /// all time for `total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,5 +122,44 @@ impl Period {
     /// The instant the period ends (exclusive).
     pub fn ends_at(&self) -> Option<DateTime<Utc>> {
         self.end.map(start_of)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(resource: &str, limit: i64, at: &str, removed: bool) -> OverrideChange {
+        OverrideChange {
+            value: Override {
+                resource: ResourceName::from_stored(resource.to_owned()),
+                limit: Some(Amount::from_minor(limit, 0)),
+                enforcement: None,
+                window: None,
+                expires_at: None,
+                updated_at: at.parse().expect("an instant"),
+            },
+            removed,
+        }
+    }
+
+    #[test]
+    fn overrides_as_of_take_each_resources_latest_change_by_then_and_drop_removals() {
+        let history = [
+            change("a", 1, "2026-09-01T00:00:00Z", false),
+            change("a", 2, "2026-09-10T00:00:00Z", false),
+            change("b", 3, "2026-09-05T00:00:00Z", false),
+            change("b", 0, "2026-09-08T00:00:00Z", true),
+        ];
+        let limits = |at: &str| -> Vec<(String, i64)> {
+            overrides_as_of(&history, at.parse().expect("an instant"))
+                .into_iter()
+                .map(|o| (o.resource.to_string(), o.limit.map_or(-1, Amount::minor)))
+                .collect()
+        };
+        assert_eq!(limits("2026-08-31T23:59:59Z"), vec![]);
+        assert_eq!(limits("2026-09-06T00:00:00Z"), vec![("a".into(), 1), ("b".into(), 3)]);
+        assert_eq!(limits("2026-09-08T00:00:00Z"), vec![("a".into(), 1)]);
+        assert_eq!(limits("2026-09-10T00:00:00Z"), vec![("a".into(), 2)]);
     }
 }

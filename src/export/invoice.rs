@@ -6,10 +6,14 @@
 //!   (price × days ÷ days in the month). One `plan` line per account (API.md):
 //!   it names the plan in force on the month's last day, and its amount
 //!   carries every plan's share.
-//! - A resource with a month window is judged against the limit in force on
-//!   the month's last day; one with a day window day by day (overage is the sum
-//!   of each day's excess, billed at that day's price); a running balance
-//!   (`total`) is not billed by overage.
+//! - Each day is judged by its own plan and overrides (those in force at its
+//!   closing instant, overrides from their history, so a later change never
+//!   rewrites a past bill). Day window: that day's excess over that day's
+//!   limit. Month window: the excess the day itself adds, over that day's
+//!   limit, of the month's running usage (what consume judged); a negative
+//!   day takes excess back. Each day's overage is billed at that day's price,
+//!   so a downgrade on the last day neither waives nor re-prices the excess
+//!   of the days before. A running balance (`total`) is not billed by overage.
 //! - Overage is billed only for soft limits with an overage price; a hard
 //!   limit's excess (possible through posted entries) shows but costs 0.
 //! - Line amounts are exact (rust_decimal). An account's total (for admin
@@ -25,7 +29,7 @@ use rust_decimal::{Decimal, RoundingStrategy};
 use super::CsvOutput;
 use crate::domain::catalog::{Enforcement, PLAN_LINE_RESOURCE, Window};
 use crate::domain::period::{Granularity, start_of};
-use crate::domain::plan::{Override, PlanAssignment};
+use crate::domain::plan::{Override, OverrideChange, PlanAssignment, overrides_as_of};
 use crate::domain::{AccountId, Amount, Catalog, ResourceName};
 use crate::store::{ExportFilter, Store, TotalRow};
 use crate::usage::quota::{effective_limit, plan_at};
@@ -96,7 +100,7 @@ pub struct InvoiceContext<'a> {
     month: NaiveDate,
     days: Vec<NaiveDate>,
     assignments: HashMap<String, Vec<PlanAssignment>>,
-    overrides: HashMap<String, Vec<Override>>,
+    overrides: HashMap<String, Vec<OverrideChange>>,
 }
 
 impl<'a> InvoiceContext<'a> {
@@ -116,9 +120,9 @@ impl<'a> InvoiceContext<'a> {
                 assignments.entry(account).or_default().push(assignment);
             }
         }
-        let mut overrides: HashMap<String, Vec<Override>> = HashMap::new();
-        for (account, o) in store.all_overrides(as_of).await? {
-            overrides.entry(account).or_default().push(o);
+        let mut overrides: HashMap<String, Vec<OverrideChange>> = HashMap::new();
+        for (account, change) in store.override_history(as_of).await? {
+            overrides.entry(account).or_default().push(change);
         }
         let end = Granularity::Month.next(month);
         let days = month.iter_days().take_while(|d| *d < end).collect();
@@ -146,11 +150,16 @@ impl<'a> InvoiceContext<'a> {
     pub fn invoice(&self, account: &str, daily: &[TotalRow]) -> anyhow::Result<Invoice> {
         let overflow = || anyhow::anyhow!("the usage of account '{account}' overflows 64-bit minor units");
         let history = self.assignments.get(account).map(Vec::as_slice).unwrap_or_default();
-        let overrides = self.overrides.get(account).map(Vec::as_slice).unwrap_or_default();
+        let override_history = self.overrides.get(account).map(Vec::as_slice).unwrap_or_default();
         let plans: Vec<&str> = self
             .days
             .iter()
             .map(|d| plan_at(self.catalog, history, closing_instant(*d)))
+            .collect();
+        let overrides: Vec<Vec<Override>> = self
+            .days
+            .iter()
+            .map(|d| overrides_as_of(override_history, closing_instant(*d)))
             .collect();
         let days_in_month = Decimal::from(self.days.len());
         let last_plan = plans.last().copied().unwrap_or(self.catalog.default_plan.as_str());
@@ -181,13 +190,14 @@ impl<'a> InvoiceContext<'a> {
                 .sum(),
         });
 
-        // Resource lines: every resource a plan in force limits, or an override touches.
+        // Resource lines: every resource a plan in force limits, or an
+        // override set on one of the month's days touches.
         let mut resources: BTreeSet<ResourceName> = seen
             .iter()
             .filter_map(|p| self.catalog.plans.get(*p))
             .flat_map(|p| p.limits.keys().cloned())
             .collect();
-        resources.extend(overrides.iter().map(|o| o.resource.clone()));
+        resources.extend(overrides.iter().flatten().map(|o| o.resource.clone()));
         let mut used_by_day: HashMap<(&str, NaiveDate), i64> = HashMap::new();
         for row in daily {
             let slot = used_by_day.entry((row.resource.as_str(), row.bucket)).or_default();
@@ -206,31 +216,42 @@ impl<'a> InvoiceContext<'a> {
                 .try_fold(0i64, |sum, d| sum.checked_add(*d))
                 .ok_or_else(overflow)?;
             let last_day = *self.days.last().expect("a month has days");
-            let last = effective_limit(self.catalog, last_plan, overrides, &resource, closing_instant(last_day));
+            let last = effective_limit(
+                self.catalog,
+                last_plan,
+                overrides.last().map(Vec::as_slice).unwrap_or_default(),
+                &resource,
+                closing_instant(last_day),
+            );
             let price_of = |l: &crate::usage::quota::EffectiveLimit| match l.enforcement {
                 Enforcement::Soft => l.overage_price.unwrap_or(Decimal::ZERO),
                 Enforcement::Hard => Decimal::ZERO,
             };
-            let (overage, amount_due) = match last.window {
-                Window::Month => {
-                    let over = last.limit.map_or(0, |cap| used.saturating_sub(cap.minor()).max(0));
-                    (over, amount(over).to_decimal() * price_of(&last))
-                }
-                Window::Day => self.days.iter().zip(&plans).zip(&day_used).fold(
-                    (0i64, Decimal::ZERO),
-                    |(over_sum, due), ((day, plan), used_that_day)| {
-                        let limit = effective_limit(self.catalog, plan, overrides, &resource, closing_instant(*day));
-                        let over = limit
-                            .limit
-                            .map_or(0, |cap| used_that_day.saturating_sub(cap.minor()).max(0));
-                        (
-                            over_sum.saturating_add(over),
-                            due + amount(over).to_decimal() * price_of(&limit),
-                        )
-                    },
-                ),
-                Window::Total => (0, Decimal::ZERO),
-            };
+            let mut overage = 0i64;
+            let mut amount_due = Decimal::ZERO;
+            let mut month_to_date = 0i64;
+            for (i, day) in self.days.iter().enumerate() {
+                let before = month_to_date;
+                month_to_date = month_to_date.checked_add(day_used[i]).ok_or_else(overflow)?;
+                let limit = effective_limit(self.catalog, plans[i], &overrides[i], &resource, closing_instant(*day));
+                let excess = |used: i64, cap: i64| used.saturating_sub(cap).max(0);
+                let over = match (limit.window, limit.limit) {
+                    (Window::Total, _) | (_, None) => 0,
+                    (Window::Day, Some(cap)) => excess(day_used[i], cap.minor()),
+                    // What this day adds to the month's excess, judged by this
+                    // day's limit: a limit changed today re-bills nothing of
+                    // the days before; a negative day takes excess back.
+                    (Window::Month, Some(cap)) => {
+                        excess(month_to_date, cap.minor()).saturating_sub(excess(before, cap.minor()))
+                    }
+                };
+                overage = overage.saturating_add(over);
+                amount_due += amount(over).to_decimal() * price_of(&limit);
+            }
+            // A correction can take back excess billed at another price (or
+            // at none, under a hard limit): a line never credits money.
+            let amount_due = amount_due.max(Decimal::ZERO);
+            let overage = overage.max(0);
             lines.push(InvoiceLine {
                 account: account.to_owned(),
                 plan: last_plan.to_owned(),

@@ -17,7 +17,7 @@ use futures_util::stream::BoxStream;
 
 use crate::domain::catalog::{Enforcement, Window};
 use crate::domain::period::Granularity;
-use crate::domain::plan::{Override, Period, PlanAssignment};
+use crate::domain::plan::{Override, OverrideChange, Period, PlanAssignment};
 use crate::domain::{
     AccountId, ApiKey, Catalog, Entry, EntryFilter, IdempotencyKey, InsertOutcome, InsertStatus, NewEntry,
     ResourceName, Role,
@@ -290,10 +290,11 @@ pub trait Store: Send + Sync + 'static {
     /// Every plan assignment of every account, by account then effective_at.
     async fn all_plan_assignments(&self) -> Result<Vec<(String, PlanAssignment)>, StoreError>;
 
-    /// Every override of every account, by account then resource: as it is
-    /// now, or with `as_of`, as it was then (the latest change made at or
-    /// before it; a removal leaves none).
-    async fn all_overrides(&self, as_of: Option<DateTime<Utc>>) -> Result<Vec<(String, Override)>, StoreError>;
+    /// Every change of every account's overrides (set or removed), by
+    /// account, resource, then the order they were made in; with `as_of`,
+    /// only those made at or before it.
+    async fn override_history(&self, as_of: Option<DateTime<Utc>>)
+    -> Result<Vec<(String, OverrideChange)>, StoreError>;
 }
 
 /// What an export covers.

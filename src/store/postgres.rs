@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use crate::domain::catalog::{Enforcement, Window};
 use crate::domain::period::{Granularity, start_of};
-use crate::domain::plan::{Override, Period, PlanAssignment};
+use crate::domain::plan::{Override, OverrideChange, Period, PlanAssignment};
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
 use futures_util::StreamExt;
@@ -1073,24 +1073,27 @@ impl Store for PgStore {
             .collect())
     }
 
-    async fn all_overrides(&self, as_of: Option<DateTime<Utc>>) -> Result<Vec<(String, Override)>, StoreError> {
-        let rows: Vec<OverrideRow> = match as_of {
-            None => {
-                sqlx::query_as(
-                    "SELECT account, resource, limit_amount, enforcement, limit_window, expires_at, updated_at
-                     FROM account_overrides ORDER BY account, resource",
+    async fn override_history(
+        &self,
+        as_of: Option<DateTime<Utc>>,
+    ) -> Result<Vec<(String, OverrideChange)>, StoreError> {
+        let rows: Vec<OverrideHistoryRow> = sqlx::query_as(include_str!("sql/postgres/override_history.sql"))
+            .bind(as_of)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|history| {
+                let (account, value) = self.override_from_row(history.row);
+                (
+                    account,
+                    OverrideChange {
+                        value,
+                        removed: history.removed,
+                    },
                 )
-                .fetch_all(&self.pool)
-                .await?
-            }
-            Some(as_of) => {
-                sqlx::query_as(include_str!("sql/postgres/overrides_as_of.sql"))
-                    .bind(as_of)
-                    .fetch_all(&self.pool)
-                    .await?
-            }
-        };
-        Ok(rows.into_iter().map(|row| self.override_from_row(row)).collect())
+            })
+            .collect())
     }
 }
 
@@ -1183,4 +1186,12 @@ struct OverrideRow {
     limit_window: Option<String>,
     expires_at: Option<DateTime<Utc>>,
     updated_at: DateTime<Utc>,
+}
+
+/// One row of `account_override_history`: an override as set, or its removal.
+#[derive(FromRow)]
+struct OverrideHistoryRow {
+    #[sqlx(flatten)]
+    row: OverrideRow,
+    removed: bool,
 }

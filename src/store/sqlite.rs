@@ -26,7 +26,7 @@ use super::{
 };
 use crate::domain::catalog::{Enforcement, Window};
 use crate::domain::period::{Granularity, start_of};
-use crate::domain::plan::{Override, Period, PlanAssignment};
+use crate::domain::plan::{Override, OverrideChange, Period, PlanAssignment};
 use crate::domain::{
     AccountId, Amount, ApiKey, Catalog, Entry, EntryFilter, IdempotencyKey, InsertOutcome, NewEntry, ResourceName, Role,
 };
@@ -670,24 +670,27 @@ impl Store for SqliteStore {
             .collect())
     }
 
-    async fn all_overrides(&self, as_of: Option<DateTime<Utc>>) -> Result<Vec<(String, Override)>, StoreError> {
-        let rows: Vec<OverrideRow> = match as_of {
-            None => {
-                sqlx::query_as(
-                    "SELECT account, resource, limit_amount, enforcement, limit_window, expires_at, updated_at
-                     FROM account_overrides ORDER BY account, resource",
+    async fn override_history(
+        &self,
+        as_of: Option<DateTime<Utc>>,
+    ) -> Result<Vec<(String, OverrideChange)>, StoreError> {
+        let rows: Vec<OverrideHistoryRow> = sqlx::query_as(include_str!("sql/sqlite/override_history.sql"))
+            .bind(as_of.map(to_micros))
+            .fetch_all(&self.reader)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|history| {
+                let (account, value) = self.override_from_row(history.row);
+                (
+                    account,
+                    OverrideChange {
+                        value,
+                        removed: history.removed,
+                    },
                 )
-                .fetch_all(&self.reader)
-                .await?
-            }
-            Some(as_of) => {
-                sqlx::query_as(include_str!("sql/sqlite/overrides_as_of.sql"))
-                    .bind(to_micros(as_of))
-                    .fetch_all(&self.reader)
-                    .await?
-            }
-        };
-        Ok(rows.into_iter().map(|row| self.override_from_row(row)).collect())
+            })
+            .collect())
     }
 }
 
@@ -1026,6 +1029,14 @@ struct OverrideRow {
     limit_window: Option<String>,
     expires_at: Option<i64>,
     updated_at: i64,
+}
+
+/// One row of `account_override_history`: an override as set, or its removal.
+#[derive(FromRow)]
+struct OverrideHistoryRow {
+    #[sqlx(flatten)]
+    row: OverrideRow,
+    removed: bool,
 }
 
 /// The row stored under an entry's (account, key), with its consume response.

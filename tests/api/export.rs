@@ -6,7 +6,7 @@ use std::path::Path;
 use serde_json::json;
 
 use crate::both;
-use crate::helpers::{Backend, TestApp};
+use crate::helpers::{Backend, TestApp, entry};
 
 /// The invoice CSV header as API.md fixes it, spelled out here rather than
 /// taken from the code under test.
@@ -367,16 +367,30 @@ async fn an_as_of_export_is_reproducible_after_late_entries_and_reversals(app: T
         )
         .await;
     assert_eq!(set.status, 200, "{:?}", set.body);
+    // Usage now, so this month has an invoice for acme.
+    let now = app.post_entries(entry("acme", "llm_tokens", "1", "now")).await;
+    assert_eq!(now.status, 200, "{:?}", now.body);
     app.rollup().await;
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     let as_of = chrono::Utc::now().to_rfc3339();
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     let dir = tempfile::tempdir().unwrap();
+    // Overrides are on a day's bill from when they were set: this month's.
+    let this_month = chrono::Utc::now().format("%Y-%m").to_string();
     let write = |name: &str, kind: &str, as_of: Option<&str>| {
         let path = dir.path().join(name);
         let mut args = vec!["export", kind, "-o", path.to_str().unwrap()];
         if kind == "invoice" {
             args.extend(["--period", "2026-09"]);
+        } else if kind == "this-month-invoice" {
+            args = vec![
+                "export",
+                "invoice",
+                "-o",
+                path.to_str().unwrap(),
+                "--period",
+                &this_month,
+            ];
         } else {
             args.extend(["--from", "2026-09-01", "--to", "2026-10-01"]);
         }
@@ -390,6 +404,7 @@ async fn an_as_of_export_is_reproducible_after_late_entries_and_reversals(app: T
     let first_daily = write("d1.csv", "daily", Some(&as_of));
     let first_entries = write("e1.csv", "entries", Some(&as_of));
     let first_invoice = write("i1.csv", "invoice", Some(&as_of));
+    let first_this_month = write("m1.csv", "this-month-invoice", Some(&as_of));
     // Later: a late entry for the same days, and a reversal.
     app.insert(&[("acme", "api_requests", "100", "late", "2026-09-03T12:00:00Z")])
         .await;
@@ -413,11 +428,25 @@ async fn an_as_of_export_is_reproducible_after_late_entries_and_reversals(app: T
     assert_eq!(write("d2.csv", "daily", Some(&as_of)), first_daily, "identical bytes");
     assert_eq!(write("e2.csv", "entries", Some(&as_of)), first_entries);
     assert_eq!(write("i2.csv", "invoice", Some(&as_of)), first_invoice);
-    let first = String::from_utf8(first_invoice).unwrap();
-    assert!(first.contains("acme,free,llm_tokens,0,5000,"), "{first}");
+    assert_eq!(write("m2.csv", "this-month-invoice", Some(&as_of)), first_this_month);
+    let first = String::from_utf8(first_this_month).unwrap();
+    assert!(first.contains("acme,free,llm_tokens,1,5000,"), "{first}");
+    let this_month_now = String::from_utf8(write("m3.csv", "this-month-invoice", None)).unwrap();
+    assert!(
+        this_month_now.contains("acme,scale,agent_minutes,0,1,"),
+        "{this_month_now}"
+    );
+    assert!(
+        this_month_now.contains("acme,scale,llm_tokens,1,unlimited,"),
+        "{this_month_now}"
+    );
     let invoice_now = String::from_utf8(write("i3.csv", "invoice", None)).unwrap();
     assert!(invoice_now.contains("acme,scale,plan,30,30,,30,30"), "{invoice_now}");
-    assert!(invoice_now.contains("acme,scale,agent_minutes,0,1,"), "{invoice_now}");
+    // The agent_minutes override was set after September: not on its bill.
+    assert!(
+        invoice_now.contains("acme,scale,agent_minutes,0,unlimited,"),
+        "{invoice_now}"
+    );
     assert!(
         invoice_now.contains("acme,scale,llm_tokens,0,unlimited,"),
         "{invoice_now}"

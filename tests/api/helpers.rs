@@ -17,9 +17,31 @@ pub enum Backend {
 }
 
 /// Generates `on_sqlite` and `on_postgres` tests for each listed
-/// `async fn name(app: TestApp)`.
+/// `async fn name(app: TestApp)`; after `plans = CONST;` the app runs with
+/// the plan catalog in `CONST` (TOML).
 #[macro_export]
 macro_rules! both {
+    (plans = $plans:ident; $($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn on_sqlite() {
+                if let Some(app) =
+                    $crate::helpers::TestApp::spawn_with_plans($crate::helpers::Backend::Sqlite, Some(super::$plans)).await
+                {
+                    super::$name(app).await;
+                }
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn on_postgres() {
+                if let Some(app) =
+                    $crate::helpers::TestApp::spawn_with_plans($crate::helpers::Backend::Postgres, Some(super::$plans)).await
+                {
+                    super::$name(app).await;
+                }
+            }
+        }
+    )+};
     ($($name:ident),+ $(,)?) => {$(
         mod $name {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -91,6 +113,8 @@ pub struct TestApp {
     /// The served app's own job runner (the built-in jobs over its store and
     /// its metrics), so that what a run counts shows in `GET /metrics`.
     pub jobs: Arc<tally::jobs::JobRunner>,
+    /// The plan catalog file the app runs with (None: the built-in one).
+    plans_file: Option<tempfile::NamedTempFile>,
     _dir: Option<TempDir>,
 }
 
@@ -155,6 +179,7 @@ impl TestApp {
             store,
             catalog,
             jobs,
+            plans_file,
             _dir: dir,
         }
     }
@@ -306,12 +331,17 @@ impl TestApp {
 
     /// Runs the `tally` binary against this app's database.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_tally"));
+        command
             .args(args)
             .env("TALLY_DATABASE_URL", &self.database_url)
-            .env("RUST_LOG", "warn")
-            .output()
-            .expect("tally runs")
+            .env_remove("TALLY_PLANS")
+            .env("RUST_LOG", "warn");
+        // The app's own catalog, as an operator runs the CLI beside a server.
+        if let Some(plans) = &self.plans_file {
+            command.env("TALLY_PLANS", plans.path());
+        }
+        command.output().expect("tally runs")
     }
 
     /// Runs the rollup until every committed entry is folded; returns the sum

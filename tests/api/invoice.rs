@@ -1,11 +1,149 @@
-//! How the invoice judges a day on which the plan changed.
+//! How the invoice judges each day: by the plan and overrides in force when
+//! it closed, whatever changed later.
 
 use serde_json::json;
 
 use crate::both;
 use crate::helpers::TestApp;
 
-both!(a_plan_change_mid_day_puts_the_whole_day_on_the_new_plan_as_consume_did);
+both!(
+    a_plan_change_mid_day_puts_the_whole_day_on_the_new_plan_as_consume_did,
+    an_override_set_after_the_month_leaves_its_invoice_unchanged,
+    month_window_overage_is_billed_on_the_day_it_happens_so_a_last_day_plan_change_neither_waives_nor_adds_it,
+);
+both!(plans = ENTERPRISE_PLANS; a_day_window_overage_is_billed_though_the_last_plan_does_not_limit_the_resource);
+
+/// The September invoice of `account` as CSV lines.
+fn september(app: &TestApp, account: &str) -> Vec<String> {
+    let output = app.cli(&["export", "invoice", "--period", "2026-09", "--account", account]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// An override set in December is not in force on any September day, so a
+/// re-export of September bills as before (it once applied the overrides as
+/// they are now).
+async fn an_override_set_after_the_month_leaves_its_invoice_unchanged(app: TestApp) {
+    app.put_admin(
+        "/v1/accounts/acme/plan",
+        json!({"plan": "pro", "effective_at": "2026-01-01T00:00:00Z"}),
+    )
+    .await;
+    app.insert(&[("acme", "llm_tokens", "60000", "t1", "2026-09-20T10:00:00Z")])
+        .await;
+    let before = september(&app, "acme");
+    let billed = "acme,pro,llm_tokens,60000,50000,10000,0.00002,0.2".to_owned();
+    assert!(before.contains(&billed), "{before:?}");
+    for limit in ["100000", "1"] {
+        let set = app
+            .put_admin("/v1/accounts/acme/overrides/llm_tokens", json!({"limit": limit}))
+            .await;
+        assert_eq!(set.status, 200, "{:?}", set.body);
+        assert_eq!(september(&app, "acme"), before, "override {limit} set now");
+    }
+}
+
+/// Month windows are judged day by day, as consume judged them: what a day
+/// adds to the month's excess over that day's limit, at that day's price.
+/// `down` used 20 M requests on scale (soft 10 M at 0.000001) and moved to
+/// pro on the last day: the 10 M over stay billed (judged by the last day
+/// alone they were 19 M over pro's hard limit, billed at 0). `up` used them
+/// on pro and moved to scale on the last day: the excess stays pro's, at 0.
+/// `fixed` corrected 15 M of its 20 M later in the month: nothing is over.
+async fn month_window_overage_is_billed_on_the_day_it_happens_so_a_last_day_plan_change_neither_waives_nor_adds_it(
+    app: TestApp,
+) {
+    for (account, first, last) in [
+        ("down", "scale", "pro"),
+        ("up", "pro", "scale"),
+        ("fixed", "scale", "scale"),
+    ] {
+        for (plan, from) in [(first, "2026-01-01T00:00:00Z"), (last, "2026-09-30T00:00:00Z")] {
+            let set = app
+                .put_admin(
+                    &format!("/v1/accounts/{account}/plan"),
+                    json!({"plan": plan, "effective_at": from}),
+                )
+                .await;
+            assert_eq!(set.status, 200, "{:?}", set.body);
+        }
+    }
+    app.insert(&[
+        ("down", "api_requests", "20000000", "d", "2026-09-05T10:00:00Z"),
+        ("up", "api_requests", "20000000", "u", "2026-09-25T10:00:00Z"),
+        ("fixed", "api_requests", "20000000", "f", "2026-09-05T10:00:00Z"),
+        ("fixed", "api_requests", "-15000000", "f-fix", "2026-09-20T10:00:00Z"),
+    ])
+    .await;
+    app.rollup().await;
+    let down = september(&app, "down");
+    assert!(
+        down.contains(&"down,pro,api_requests,20000000,1000000,10000000,0,10".to_owned()),
+        "{down:?}"
+    );
+    let up = september(&app, "up");
+    assert!(
+        up.contains(&"up,scale,api_requests,20000000,10000000,19000000,0.000001,0".to_owned()),
+        "{up:?}"
+    );
+    let fixed = september(&app, "fixed");
+    assert!(
+        fixed.contains(&"fixed,scale,api_requests,5000000,10000000,0,0.000001,0".to_owned()),
+        "{fixed:?}"
+    );
+}
+
+/// `enterprise` limits only api_requests: on its days llm_tokens are
+/// unlimited, but the days on pro before still owe their daily excess.
+const ENTERPRISE_PLANS: &str = r#"
+default_plan = "pro"
+
+[resources.api_requests]
+decimals = 0
+
+[resources.llm_tokens]
+decimals = 0
+
+[plans.pro]
+price = "10"
+
+[plans.pro.limits.llm_tokens]
+window = "day"
+limit = "50000"
+enforcement = "soft"
+overage_price = "0.00002"
+
+[plans.enterprise]
+price = "100"
+
+[plans.enterprise.limits.api_requests]
+window = "month"
+limit = "1000"
+enforcement = "hard"
+"#;
+
+/// 90 000 tokens on pro's 50 000/day soft limit on the 10th: 40 000 over at
+/// 0.00002 = 0.8, though the month ends on enterprise, which does not limit
+/// llm_tokens (the line shows enterprise's terms: unlimited, price 0). It
+/// once read the window from the last day only, and billed nothing.
+async fn a_day_window_overage_is_billed_though_the_last_plan_does_not_limit_the_resource(app: TestApp) {
+    app.put_admin(
+        "/v1/accounts/ent/plan",
+        json!({"plan": "enterprise", "effective_at": "2026-09-30T00:00:00Z"}),
+    )
+    .await;
+    app.insert(&[("ent", "llm_tokens", "90000", "t", "2026-09-10T10:00:00Z")])
+        .await;
+    let lines = september(&app, "ent");
+    assert!(
+        lines.contains(&"ent,enterprise,llm_tokens,90000,unlimited,40000,0,0.8".to_owned()),
+        "{lines:?}"
+    );
+}
 
 /// Upgraded to pro at 17:29 on 2026-09-20, the account consumes 55 000
 /// llm_tokens at 18:00; consume judged them against pro's 50 000/day soft

@@ -1255,10 +1255,7 @@ rate_per_minute = 2
 /// rate of 2 a minute four consumes of 0.5 pass at once and the fifth waits;
 /// 2.01 can never fit (422) and 2 can. Amounts used to be rounded up to whole
 /// units, so each 0.5 counted as 1 and the third was refused.
-async fn a_rate_counts_fractional_amounts_exactly(backend: Backend) {
-    let Some(app) = TestApp::spawn_with_plans(backend, Some(DECIMAL_RATE_PLANS)).await else {
-        return;
-    };
+async fn a_rate_counts_fractional_amounts_exactly(app: TestApp) {
     for i in 0..4 {
         let reply = consume(&app, "acme", "gpu_minutes", "0.5", &format!("half{i}"), None).await;
         assert_eq!(reply.status, 200, "consume {i} of 0.5: {:?}", reply.body);
@@ -1278,19 +1275,7 @@ async fn a_rate_counts_fractional_amounts_exactly(backend: Backend) {
     assert_eq!(app.ledger_sum("other", "gpu_minutes").await, 200);
 }
 
-mod a_rate_counts_fractional_amounts_exactly {
-    use crate::helpers::Backend;
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn on_sqlite() {
-        super::a_rate_counts_fractional_amounts_exactly(Backend::Sqlite).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn on_postgres() {
-        super::a_rate_counts_fractional_amounts_exactly(Backend::Postgres).await;
-    }
-}
+both!(plans = DECIMAL_RATE_PLANS; a_rate_counts_fractional_amounts_exactly);
 
 /// A consume whose key another transaction holds, uncommitted, for another
 /// resource waits for it and, once it commits, answers 409: never a second
@@ -1540,10 +1525,7 @@ enforcement = "hard"
 /// overshot: the consumes dated before the change stay within 10 for the
 /// day, and everything together within 15 for the month, which the month
 /// consumes then fill exactly.
-async fn concurrent_consumes_across_a_plan_change_that_changes_the_window_overshoot_neither_limit(backend: Backend) {
-    let Some(app) = TestApp::spawn_with_plans(backend, Some(TWO_WINDOW_PLANS)).await else {
-        return;
-    };
+async fn concurrent_consumes_across_a_plan_change_that_changes_the_window_overshoot_neither_limit(app: TestApp) {
     let now = Utc::now();
     let day_start = now
         .date_naive()
@@ -1622,25 +1604,7 @@ async fn concurrent_consumes_across_a_plan_change_that_changes_the_window_oversh
     }
 }
 
-mod concurrent_consumes_across_a_plan_change_that_changes_the_window_overshoot_neither_limit {
-    use crate::helpers::Backend;
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn on_sqlite() {
-        super::concurrent_consumes_across_a_plan_change_that_changes_the_window_overshoot_neither_limit(
-            Backend::Sqlite,
-        )
-        .await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn on_postgres() {
-        super::concurrent_consumes_across_a_plan_change_that_changes_the_window_overshoot_neither_limit(
-            Backend::Postgres,
-        )
-        .await;
-    }
-}
+both!(plans = TWO_WINDOW_PLANS; concurrent_consumes_across_a_plan_change_that_changes_the_window_overshoot_neither_limit);
 
 both!(
     an_override_stops_applying_exactly_at_its_expires_at_in_check_consume_and_usage,
