@@ -133,7 +133,10 @@ pub async fn run(settings: &Settings, args: ImportArgs) -> anyhow::Result<ExitCo
             let Some(&mapped) = id_map.get(&target) else {
                 summary.rejected.push((
                     line,
-                    format!("reverses {target}, which is not an entry imported from this file"),
+                    format!(
+                        "reverses {target}, which is not an entry imported from this file before this line; \
+                         a reversal must come after the entry it reverses (sort the file by id)"
+                    ),
                 ));
                 continue;
             };
@@ -189,6 +192,8 @@ pub async fn run(settings: &Settings, args: ImportArgs) -> anyhow::Result<ExitCo
         summary.duplicates,
         summary.rejected.len()
     );
+    // Row-by-row retries report their lines after the lines rejected later.
+    summary.rejected.sort_by_key(|(line, _)| *line);
     for (line, reason) in &summary.rejected {
         eprintln!("  line {line}: {reason}");
     }
@@ -231,6 +236,8 @@ async fn flush(
                     Err(StoreError::Internal(e)) => summary
                         .rejected
                         .push((row.line, format!("refused by the database: {e}"))),
+                    // The line says where; a batch position of 0 would not.
+                    Err(StoreError::IdempotencyConflict { message, .. }) => summary.rejected.push((row.line, message)),
                     Err(e) => summary.rejected.push((row.line, e.to_string())),
                 }
             }

@@ -129,6 +129,9 @@ pub fn main() -> ExitCode {
     // message the database sends.
     match runtime.block_on(async { tokio::spawn(run(cli)).await }) {
         Ok(Ok(code)) => code,
+        // A reader that stopped reading (`tally export … | head`) is not an
+        // error of ours: stop quietly, as the classic tools do on SIGPIPE.
+        Ok(Err(e)) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -138,6 +141,14 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether `error` comes from writing to a closed pipe.
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error
+        .chain()
+        .filter_map(|cause| cause.downcast_ref::<std::io::Error>())
+        .any(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
 /// Runs one parsed command.

@@ -13,11 +13,25 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+/// A file export's temp file and where it goes when complete.
+struct Destination {
+    /// The temp file beside the destination (removed if never persisted).
+    temp: tempfile::TempPath,
+    /// A handle on it, to reach the disk before the rename.
+    handle: std::fs::File,
+    /// The destination path.
+    path: PathBuf,
+    /// Its folder, to reach the disk after the rename.
+    dir: PathBuf,
+    /// Whether an existing destination is replaced.
+    overwrite: bool,
+}
+
 /// Where an export goes. Lines are formatted by [`format`] (by the stores for
 /// ledger and totals exports) and arrive here as whole lines.
 pub struct CsvOutput {
     writer: Box<dyn Write + Send>,
-    file: Option<(tempfile::TempPath, PathBuf, bool)>,
+    file: Option<Destination>,
     progress: Option<ProgressBar>,
     rows: u64,
     line: Vec<u8>,
@@ -42,13 +56,30 @@ impl CsvOutput {
             Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
             _ => PathBuf::from("."),
         };
-        let temp = tempfile::Builder::new()
-            .prefix(".tally-export-")
+        let mut builder = tempfile::Builder::new();
+        builder.prefix(".tally-export-");
+        // tempfile creates 0600; a report is read by others (finance), so
+        // ask for 0666 and let the umask decide, as for any new file.
+        #[cfg(unix)]
+        builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+        let temp = builder
             .tempfile_in(&dir)
             .with_context(|| format!("cannot write in {} (for {})", dir.display(), path.display()))?;
-        let (file, temp_path) = temp.into_parts();
+        let (file, temp) = temp.into_parts();
+        let handle = file
+            .try_clone()
+            .with_context(|| format!("cannot write in {} (for {})", dir.display(), path.display()))?;
         let writer = Box::new(std::io::BufWriter::with_capacity(1 << 16, file));
-        Ok(Self::new(writer, Some((temp_path, path.to_owned(), overwrite))))
+        Ok(Self::new(
+            writer,
+            Some(Destination {
+                temp,
+                handle,
+                path: path.to_owned(),
+                dir,
+                overwrite,
+            }),
+        ))
     }
 
     /// Standard output, or `path` when given.
@@ -59,7 +90,7 @@ impl CsvOutput {
         }
     }
 
-    fn new(writer: Box<dyn Write + Send>, file: Option<(tempfile::TempPath, PathBuf, bool)>) -> Self {
+    fn new(writer: Box<dyn Write + Send>, file: Option<Destination>) -> Self {
         Self {
             writer,
             file,
@@ -142,14 +173,27 @@ impl CsvOutput {
         let mut writer = self.writer;
         writer.flush().context("cannot flush the CSV")?;
         drop(writer);
-        if let Some((temp, dest, overwrite)) = self.file {
-            if overwrite {
-                temp.persist(&dest)
+        if let Some(file) = self.file {
+            // On the disk before the rename, and the rename on the disk after
+            // it: a power cut then leaves the old file or the whole new one,
+            // never a renamed empty one (the reports job would take it as
+            // written and never write that month again).
+            file.handle
+                .sync_all()
+                .with_context(|| format!("cannot write the export to disk ({})", file.path.display()))?;
+            let dest = &file.path;
+            if file.overwrite {
+                file.temp
+                    .persist(dest)
                     .with_context(|| format!("cannot move the export into {}", dest.display()))?;
             } else {
-                temp.persist_noclobber(&dest)
+                file.temp
+                    .persist_noclobber(dest)
                     .with_context(|| format!("cannot create {} (it may exist; pass --overwrite)", dest.display()))?;
             }
+            std::fs::File::open(&file.dir)
+                .and_then(|dir| dir.sync_all())
+                .with_context(|| format!("cannot write the folder {} to disk", file.dir.display()))?;
         }
         Ok(rows)
     }

@@ -27,10 +27,10 @@ pub struct ReportsOutcome {
     pub written: Vec<PathBuf>,
     /// Files that existed and were kept.
     pub kept: Vec<PathBuf>,
-    /// When the written files were taken (just before their exports
-    /// started; None when nothing was written). Late entries may still
-    /// change the month afterwards; `tally export … --as-of` this instant
-    /// gives the month as it stood then (docs/reports.md says how close).
+    /// The instant the written files are as of (None when nothing was
+    /// written): both hold the entries recorded by then. Late entries may
+    /// still change the month afterwards; `tally export … --as-of` this
+    /// instant gives the files again.
     pub taken_at: Option<DateTime<Utc>>,
 }
 
@@ -148,6 +148,9 @@ pub async fn write_monthly_reports(
     std::fs::create_dir_all(dir)
         .map_err(|e| anyhow::anyhow!("cannot create the reports directory {}: {e}", dir.display()))?;
     let (monthly, invoice) = report_paths(dir, month);
+    // Both files as of one instant (the entries recorded by then, the plans
+    // and overrides set by then): they agree with each other, and `tally
+    // export … --as-of` that instant gives them again, byte for byte.
     let taken_at = Utc::now();
     let mut outcome = ReportsOutcome::default();
     if overwrite || !monthly.exists() {
@@ -156,7 +159,7 @@ pub async fn write_monthly_reports(
             to: Granularity::Month.next(month),
             account: None,
             resource: None,
-            as_of: None,
+            as_of: Some(taken_at),
         };
         let mut out = CsvOutput::file(&monthly, overwrite)?;
         export_totals(store, Granularity::Month, &filter, &mut out).await?;
@@ -167,7 +170,7 @@ pub async fn write_monthly_reports(
     }
     if overwrite || !invoice.exists() {
         let mut out = CsvOutput::file(&invoice, overwrite)?;
-        export_invoices(store, catalog, month, None, None, &mut out).await?;
+        export_invoices(store, catalog, month, None, Some(taken_at), &mut out).await?;
         out.finish()?;
         outcome.written.push(invoice);
     } else {

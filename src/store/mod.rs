@@ -91,6 +91,12 @@ impl From<sqlx::Error> for StoreError {
                 StoreError::Unavailable(e)
             }
             sqlx::Error::Database(ref db) if is_unavailable_code(db.code().as_deref()) => StoreError::Unavailable(e),
+            sqlx::Error::Database(ref db) if is_overflow(db.as_ref()) => StoreError::Unexpected(format!(
+                "a sum passed the 64-bit range of minor units ({}): a daily or monthly total, or a sum a read \
+                 or report needs, is too large; docs/operations.md, \"When the rollup keeps failing\", says how \
+                 to find and correct the entries",
+                db.message()
+            )),
             other => StoreError::Internal(other),
         }
     }
@@ -100,6 +106,13 @@ impl From<sqlx::Error> for StoreError {
 /// mean "try again later", not a bug.
 fn is_unavailable_code(code: Option<&str>) -> bool {
     matches!(code, Some("5" | "6" | "517" | "57P03" | "53300" | "53000"))
+}
+
+/// PostgreSQL's `numeric_value_out_of_range` (a `bigint` sum or cast) and
+/// SQLite's integer `SUM` overflow: amounts past 64 bits (invariant 6 makes
+/// them errors, never wrapped numbers).
+fn is_overflow(db: &dyn sqlx::error::DatabaseError) -> bool {
+    db.code().as_deref() == Some("22003") || db.message() == "integer overflow"
 }
 
 /// The ledger and everything around it, on one database.

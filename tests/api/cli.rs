@@ -12,6 +12,7 @@ both!(
     post_appends_an_entry_and_refuses_bad_input,
     import_loads_valid_rows_and_reports_rejected_lines,
     import_follows_reversals_to_their_new_ids,
+    import_reports_rejected_lines_in_file_order_by_line_not_batch_position,
     keys_revoke_makes_the_key_401_from_then_on,
     keys_are_stored_hashed_and_the_plaintext_is_nowhere_in_the_keys_table,
     migrate_creates_the_schema_on_a_fresh_database_and_a_second_run_changes_nothing,
@@ -97,6 +98,41 @@ async fn import_loads_valid_rows_and_reports_rejected_lines(app: TestApp) {
     assert_eq!(app.count_entries().await, 2);
     let listed = app.get("/v1/accounts/acme/entries").await;
     assert_eq!(listed.body["entries"][0]["metadata"], json!({"note": "a, b"}));
+}
+
+/// A key reused with another amount is found when the batch is written
+/// (after the lines rejected while reading): the report still lists lines in
+/// file order, and names the line, not a position in a retried batch.
+async fn import_reports_rejected_lines_in_file_order_by_line_not_batch_position(app: TestApp) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("entries.csv");
+    let at = (chrono::Utc::now() - chrono::Duration::days(1)).to_rfc3339();
+    std::fs::write(
+        &file,
+        format!(
+            "id,account,resource,amount,occurred_at,recorded_at,idempotency_key,source,reverses,metadata\n\
+             1,acme,api_requests,7,{at},,a,,,\n\
+             2,acme,api_requests,8,{at},,a,,,\n\
+             3,acme,tokens,1,{at},,b,,,\n\
+             4,acme,api_requests,-1,{at},,c,,9,\n"
+        ),
+    )
+    .unwrap();
+    let output = app.cli(&["import", file.to_str().unwrap()]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let rejected: Vec<&str> = stderr.lines().filter(|l| l.trim_start().starts_with("line ")).collect();
+    assert_eq!(rejected.len(), 3, "{stderr}");
+    assert!(
+        rejected[0].trim_start().starts_with("line 3: idempotency_key 'a'"),
+        "{stderr}"
+    );
+    assert!(rejected[1].trim_start().starts_with("line 4: resource"), "{stderr}");
+    assert!(
+        rejected[2].contains("line 5: reverses 9") && rejected[2].contains("sort the file by id"),
+        "{stderr}"
+    );
+    assert_eq!(app.count_entries().await, 1);
 }
 
 async fn import_follows_reversals_to_their_new_ids(app: TestApp) {

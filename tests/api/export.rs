@@ -31,6 +31,7 @@ both!(
     the_monthly_reports_job_writes_each_report_once,
     bad_export_requests_fail_clearly_and_leave_no_file,
     exports_write_fractional_and_negative_amounts_exactly_for_any_decimals,
+    an_export_file_gets_the_umask_permissions_and_a_closed_pipe_is_not_an_error,
 );
 
 fn read_csv(path: &Path) -> Vec<Vec<String>> {
@@ -673,6 +674,13 @@ async fn the_monthly_reports_job_writes_each_report_once(app: TestApp) {
         String::from_utf8(again.stdout).unwrap(),
         std::fs::read_to_string(dir.path().join("monthly-2026-09.csv")).unwrap()
     );
+    // The invoice too: both files are as of the same instant.
+    let invoice = app.cli(&["export", "invoice", "--period", "2026-09", "--as-of", &as_of]);
+    assert!(invoice.status.success(), "{}", String::from_utf8_lossy(&invoice.stderr));
+    assert_eq!(
+        String::from_utf8(invoice.stdout).unwrap(),
+        std::fs::read_to_string(dir.path().join("invoice-2026-09.csv")).unwrap()
+    );
     // A second run keeps what exists, even if the ledger moved on.
     std::fs::write(dir.path().join("monthly-2026-09.csv"), "edited by finance\n").unwrap();
     let second = write(false).await.unwrap();
@@ -978,4 +986,50 @@ async fn exports_write_fractional_and_negative_amounts_exactly_for_any_decimals(
              beta,gpu_seconds,{day},123.456789012,1\n"
         )
     );
+}
+
+/// The process's umask, from `/proc/self/status` (Linux).
+fn umask() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Umask:"))
+        .expect("a Umask line");
+    u32::from_str_radix(line.trim(), 8).expect("an octal umask")
+}
+
+/// Finance reads the files a service user writes: an export is created as
+/// any new file is (0666 less the umask; tempfile's own 0600 used to stay).
+/// And `tally export … | head` is not an error when `head` stops reading.
+async fn an_export_file_gets_the_umask_permissions_and_a_closed_pipe_is_not_an_error(app: TestApp) {
+    use std::os::unix::fs::PermissionsExt;
+    seed(&app).await;
+    let dir = tempfile::tempdir().unwrap();
+    export(
+        &app,
+        dir.path(),
+        "daily.csv",
+        &["export", "daily", "--from", "2026-09-01", "--to", "2026-10-01"],
+    );
+    let mode = std::fs::metadata(dir.path().join("daily.csv"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o666 & !umask(), "mode {mode:o}");
+
+    // The reading end is closed before the export writes its first line.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["export", "entries", "--from", "2026-09-01", "--to", "2026-10-01"])
+        .env("TALLY_DATABASE_URL", &app.database_url)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("tally runs");
+    drop(child.stdout.take());
+    let output = child.wait_with_output().expect("tally exits");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{:?}: {stderr}", output.status);
+    assert!(!stderr.contains("error"), "{stderr}");
 }
