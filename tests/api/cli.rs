@@ -22,6 +22,19 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// Writes an import file (the entries export's header, then `rows`) into a
+/// fresh folder; the folder lives as long as the returned guard.
+fn entries_csv(rows: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("entries.csv");
+    std::fs::write(
+        &file,
+        format!("id,account,resource,amount,occurred_at,recorded_at,idempotency_key,source,reverses,metadata\n{rows}"),
+    )
+    .unwrap();
+    (dir, file)
+}
+
 async fn keys_create_prints_only_the_key_which_then_authenticates(app: TestApp) {
     let output = app.cli(&["keys", "create", "--role", "service", "--name", "ci"]);
     assert!(output.status.success(), "{}", text(&output.stderr));
@@ -60,22 +73,16 @@ async fn post_appends_an_entry_and_refuses_bad_input(app: TestApp) {
 }
 
 async fn import_loads_valid_rows_and_reports_rejected_lines(app: TestApp) {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("entries.csv");
     let recent = (chrono::Utc::now() - chrono::Duration::days(1)).to_rfc3339();
     let old = "2020-01-01T00:00:00Z";
-    std::fs::write(
-        &file,
-        format!(
-            "id,account,resource,amount,occurred_at,recorded_at,idempotency_key,source,reverses,metadata\n\
-             1,acme,api_requests,10,{recent},,k1,import,,\"{{\"\"note\"\": \"\"a, b\"\"}}\"\n\
-             2,acme,tokens,10,{recent},,k2,import,,\n\
-             3,acme,api_requests,0,{recent},,k3,import,,\n\
-             4,acme,api_requests,5,{old},,k4,import,,\n\
-             5,acme,api_requests,10,{recent},,k1,import,,\n"
-        ),
-    )
-    .unwrap();
+    let (_dir, file) = entries_csv(&format!(
+        "\
+         1,acme,api_requests,10,{recent},,k1,import,,\"{{\"\"note\"\": \"\"a, b\"\"}}\"\n\
+         2,acme,tokens,10,{recent},,k2,import,,\n\
+         3,acme,api_requests,0,{recent},,k3,import,,\n\
+         4,acme,api_requests,5,{old},,k4,import,,\n\
+         5,acme,api_requests,10,{recent},,k1,import,,\n"
+    ));
     let output = app.cli(&["import", file.to_str().unwrap()]);
     let stderr = text(&output.stderr);
     assert_eq!(
@@ -104,20 +111,14 @@ async fn import_loads_valid_rows_and_reports_rejected_lines(app: TestApp) {
 /// (after the lines rejected while reading): the report still lists lines in
 /// file order, and names the line, not a position in a retried batch.
 async fn import_reports_rejected_lines_in_file_order_by_line_not_batch_position(app: TestApp) {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("entries.csv");
     let at = (chrono::Utc::now() - chrono::Duration::days(1)).to_rfc3339();
-    std::fs::write(
-        &file,
-        format!(
-            "id,account,resource,amount,occurred_at,recorded_at,idempotency_key,source,reverses,metadata\n\
-             1,acme,api_requests,7,{at},,a,,,\n\
-             2,acme,api_requests,8,{at},,a,,,\n\
-             3,acme,tokens,1,{at},,b,,,\n\
-             4,acme,api_requests,-1,{at},,c,,9,\n"
-        ),
-    )
-    .unwrap();
+    let (_dir, file) = entries_csv(&format!(
+        "\
+         1,acme,api_requests,7,{at},,a,,,\n\
+         2,acme,api_requests,8,{at},,a,,,\n\
+         3,acme,tokens,1,{at},,b,,,\n\
+         4,acme,api_requests,-1,{at},,c,,9,\n"
+    ));
     let output = app.cli(&["import", file.to_str().unwrap()]);
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
@@ -139,22 +140,16 @@ async fn import_follows_reversals_to_their_new_ids(app: TestApp) {
     // Take an id so the file's ids and the ledger's differ.
     app.post_entries(json!({"account": "x", "resource": "api_requests", "amount": "1", "idempotency_key": "pad"}))
         .await;
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("entries.csv");
     let at = (chrono::Utc::now() - chrono::Duration::days(1)).to_rfc3339();
-    std::fs::write(
-        &file,
-        format!(
-            "id,account,resource,amount,occurred_at,recorded_at,idempotency_key,source,reverses,metadata\n\
-             1,acme,api_requests,7,{at},,orig,,,\n\
-             2,acme,api_requests,-7,{at},,undo,reversal,1,\n\
-             3,acme,api_requests,-1,{at},,stray,reversal,999,\n\
-             4,acme,llm_tokens,3,{at},,o2,,,\n\
-             5,bob,llm_tokens,-3,{at},,wrong-account,reversal,4,\n\
-             6,acme,api_requests,7,{at},,undo-undo,reversal,2,\n"
-        ),
-    )
-    .unwrap();
+    let (_dir, file) = entries_csv(&format!(
+        "\
+         1,acme,api_requests,7,{at},,orig,,,\n\
+         2,acme,api_requests,-7,{at},,undo,reversal,1,\n\
+         3,acme,api_requests,-1,{at},,stray,reversal,999,\n\
+         4,acme,llm_tokens,3,{at},,o2,,,\n\
+         5,bob,llm_tokens,-3,{at},,wrong-account,reversal,4,\n\
+         6,acme,api_requests,7,{at},,undo-undo,reversal,2,\n"
+    ));
     let output = app.cli(&["import", file.to_str().unwrap()]);
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
