@@ -675,13 +675,23 @@ pub async fn assert_used_exact_while_posting_and_rolling_up<F, Fut>(
     F: Fn(std::sync::Arc<TestApp>) -> Fut,
     Fut: std::future::Future<Output = i64>,
 {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let posting = std::sync::Arc::new(AtomicBool::new(true));
+    let folded = std::sync::Arc::new(AtomicU64::new(0));
     let poster = {
-        let (app, posting) = (app.clone(), posting.clone());
+        let (app, posting, folded) = (app.clone(), posting.clone(), folded.clone());
         tokio::spawn(async move {
             let _done = ClearOnDrop(posting);
             for batch in 0..40 {
+                if batch == 39 {
+                    // On a loaded machine 39 batches can commit before the
+                    // rollup's snapshot lets it fold any; wait (bounded) so
+                    // the last batch is posted while folding goes on.
+                    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+                    while folded.load(Ordering::SeqCst) == 0 && std::time::Instant::now() < deadline {
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    }
+                }
                 let entries: Vec<_> = (0..25)
                     .map(|i| entry_at("acme", resource, "1", &format!("p{batch}-{i}"), &occurred_at))
                     .collect();
@@ -692,9 +702,8 @@ pub async fn assert_used_exact_while_posting_and_rolling_up<F, Fut>(
     };
     // Counts what runs that ended before the posting did folded.
     let roller = {
-        let (app, posting) = (app.clone(), posting.clone());
+        let (app, posting, folded) = (app.clone(), posting.clone(), folded.clone());
         tokio::spawn(async move {
-            let mut folded_while_posting = 0;
             while posting.load(Ordering::SeqCst) {
                 let report = app
                     .rollup_with(tally::jobs::rollup::RollupOptions {
@@ -705,11 +714,10 @@ pub async fn assert_used_exact_while_posting_and_rolling_up<F, Fut>(
                     .await
                     .unwrap();
                 if posting.load(Ordering::SeqCst) {
-                    folded_while_posting += report.entries;
+                    folded.fetch_add(report.entries, Ordering::SeqCst);
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(5)).await;
             }
-            folded_while_posting
         })
     };
     let ledger = RawPool::connect(&app).await;
@@ -725,9 +733,9 @@ pub async fn assert_used_exact_while_posting_and_rolling_up<F, Fut>(
         }
     }
     poster.await.unwrap();
-    let folded_while_posting = roller.await.unwrap();
+    roller.await.unwrap();
     assert!(
-        folded_while_posting > 0,
+        folded.load(Ordering::SeqCst) > 0,
         "the rollup folded entries while the posting went on"
     );
     assert!(samples_while_posting > 0, "used was read while the posting went on");
