@@ -239,6 +239,19 @@ impl Catalog {
         let known = resources.keys().map(|r| r.to_string()).collect::<Vec<_>>().join(", ");
         let mut plans = BTreeMap::new();
         for (plan_name, raw_plan) in &raw.plans {
+            // Plan names travel in URLs' bodies, logs and invoice CSVs; a blank
+            // or oddly spelled one is a typo far more often than an intent.
+            if plan_name.is_empty()
+                || plan_name.len() > 64
+                || !plan_name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+            {
+                err(
+                    raw_plan.span(),
+                    format!("plan name {plan_name:?} must be 1 to 64 characters of A-Za-z0-9_.-"),
+                );
+            }
             let price = match parse_money(raw_plan.get_ref().price.get_ref(), "price") {
                 Ok(p) => p,
                 Err(e) => {
@@ -487,6 +500,21 @@ mod tests {
             errors
                 .iter()
                 .any(|e| e.line == Some(2) && e.message.contains("'plan' is reserved")),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn a_blank_or_oddly_spelled_plan_name_is_refused_with_its_line() {
+        let text = "default_plan = \"free\"\n[resources.x]\n[plans.free]\nprice = \"0\"\n[plans.\"\"]\nprice = \"0\"\n[plans.\"pro plus\"]\nprice = \"1\"\n";
+        let errors = Catalog::parse(text).unwrap_err().0;
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(
+            errors[0].line == Some(5) && errors[0].message.contains("plan name \"\" must be"),
+            "{errors:?}"
+        );
+        assert!(
+            errors[1].line == Some(7) && errors[1].message.contains("\"pro plus\""),
             "{errors:?}"
         );
     }
