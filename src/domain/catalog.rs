@@ -104,13 +104,39 @@ pub struct Limit {
 }
 
 /// A feature flag's value: a switch or a number.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum FeatureValue {
     /// On or off.
     Bool(bool),
     /// A numeric allowance (seats, projects…).
     Number(i64),
+}
+
+/// By hand rather than `#[serde(untagged)]`, whose error ("data did not match
+/// any variant") does not say what a feature may be.
+impl<'de> Deserialize<'de> for FeatureValue {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = FeatureValue;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a feature value: true, false or a whole number (e.g. seats = 5)")
+            }
+            fn visit_bool<E: serde::de::Error>(self, on: bool) -> Result<FeatureValue, E> {
+                Ok(FeatureValue::Bool(on))
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<FeatureValue, E> {
+                Ok(FeatureValue::Number(n))
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<FeatureValue, E> {
+                i64::try_from(n)
+                    .map(FeatureValue::Number)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(n), &self))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 /// A plan: its price, its limits per resource and its features.
@@ -517,6 +543,21 @@ mod tests {
             errors[1].line == Some(7) && errors[1].message.contains("\"pro plus\""),
             "{errors:?}"
         );
+    }
+
+    #[test]
+    fn a_feature_that_is_neither_a_switch_nor_a_whole_number_says_what_it_may_be() {
+        let text =
+            "default_plan = \"free\"\n[resources.x]\n[plans.free]\nprice = \"0\"\nfeatures = { seats = \"5\" }\n";
+        let errors = Catalog::parse(text).unwrap_err().0;
+        assert_eq!(errors[0].line, Some(5), "{errors:?}");
+        assert!(
+            errors[0].message.contains("true, false or a whole number"),
+            "{errors:?}"
+        );
+        let text = text.replace("\"5\"", "5");
+        let catalog = Catalog::parse(&text).unwrap();
+        assert_eq!(catalog.plans["free"].features["seats"], FeatureValue::Number(5));
     }
 
     #[test]
