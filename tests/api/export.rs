@@ -1018,7 +1018,8 @@ async fn an_export_file_gets_the_umask_permissions_and_a_closed_pipe_is_not_an_e
         & 0o777;
     assert_eq!(mode, 0o666 & !umask(), "mode {mode:o}");
 
-    // The reading end is closed before the export writes its first line.
+    // The reading end is closed as soon as the process exists; the export
+    // first connects to the database, so its writes find the pipe closed.
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
         .args(["export", "entries", "--from", "2026-09-01", "--to", "2026-10-01"])
         .env("TALLY_DATABASE_URL", &app.database_url)

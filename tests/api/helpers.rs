@@ -700,7 +700,7 @@ pub async fn assert_used_exact_while_posting_and_rolling_up<F, Fut>(
             }
         })
     };
-    // Counts what runs that ended before the posting did folded.
+    // Adds to `folded` what runs that ended before the posting did folded.
     let roller = {
         let (app, posting, folded) = (app.clone(), posting.clone(), folded.clone());
         tokio::spawn(async move {
