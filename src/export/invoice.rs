@@ -190,8 +190,9 @@ impl<'a> InvoiceContext<'a> {
                 .sum(),
         });
 
-        // Resource lines: every resource a plan in force limits, or an
-        // override set on one of the month's days touches.
+        // Resource lines: every resource a plan in force lists, or an
+        // override set on one of the month's days touches, that is limited
+        // on at least one day.
         let mut resources: BTreeSet<ResourceName> = seen
             .iter()
             .filter_map(|p| self.catalog.plans.get(*p))
@@ -230,10 +231,12 @@ impl<'a> InvoiceContext<'a> {
             let mut overage = 0i64;
             let mut amount_due = Decimal::ZERO;
             let mut month_to_date = 0i64;
+            let mut limited_on_some_day = false;
             for (i, day) in self.days.iter().enumerate() {
                 let before = month_to_date;
                 month_to_date = month_to_date.checked_add(day_used[i]).ok_or_else(overflow)?;
                 let limit = effective_limit(self.catalog, plans[i], &overrides[i], &resource, closing_instant(*day));
+                limited_on_some_day |= limit.limit.is_some();
                 let excess = |used: i64, cap: i64| used.saturating_sub(cap).max(0);
                 let over = match (limit.window, limit.limit) {
                     (Window::Total, _) | (_, None) => 0,
@@ -247,6 +250,11 @@ impl<'a> InvoiceContext<'a> {
                 };
                 overage = overage.saturating_add(over);
                 amount_due += amount(over).to_decimal() * price_of(&limit);
+            }
+            // API.md: a line per *limited* resource. A plan may list a
+            // resource as unlimited; unlimited all month, it bills nothing.
+            if !limited_on_some_day {
+                continue;
             }
             // A correction can take back excess billed at another price (or
             // at none, under a hard limit): a line never credits money.

@@ -12,6 +12,7 @@ both!(
     post_appends_an_entry_and_refuses_bad_input,
     import_loads_valid_rows_and_reports_rejected_lines,
     import_follows_reversals_to_their_new_ids,
+    import_refuses_a_header_with_an_unknown_or_repeated_column_and_writes_nothing,
     import_reports_rejected_lines_in_file_order_by_line_not_batch_position,
     keys_revoke_makes_the_key_401_from_then_on,
     keys_are_stored_hashed_and_the_plaintext_is_nowhere_in_the_keys_table,
@@ -134,6 +135,38 @@ async fn import_reports_rejected_lines_in_file_order_by_line_not_batch_position(
         "{stderr}"
     );
     assert_eq!(app.count_entries().await, 1);
+}
+
+/// A misspelt `occurred_at` must not date every row at import time.
+async fn import_refuses_a_header_with_an_unknown_or_repeated_column_and_writes_nothing(app: TestApp) {
+    let dir = tempfile::tempdir().unwrap();
+    for (header, complaint) in [
+        (
+            "account,resource,amount,idempotency_key,ocurred_at",
+            "a column \"ocurred_at\" that the import does not know",
+        ),
+        (
+            "account,resource,amount,idempotency_key,account",
+            "names the column \"account\" twice",
+        ),
+        ("account,resource,idempotency_key", "lacks [\"amount\"]"),
+    ] {
+        let file = dir.path().join("typo.csv");
+        std::fs::write(
+            &file,
+            format!("{header}\nacme,api_requests,5,typo,2026-11-02T00:00:00Z\n"),
+        )
+        .unwrap();
+        let output = app.cli(&["import", file.to_str().unwrap()]);
+        let stderr = text(&output.stderr);
+        assert!(!output.status.success(), "{header}: {stderr}");
+        assert!(stderr.contains(complaint), "{header}: {stderr}");
+        assert!(
+            complaint.contains("twice") || stderr.contains("id,account,resource,amount,occurred_at"),
+            "names the columns: {stderr}"
+        );
+    }
+    assert_eq!(app.count_entries().await, 0);
 }
 
 async fn import_follows_reversals_to_their_new_ids(app: TestApp) {
