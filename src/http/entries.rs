@@ -114,9 +114,14 @@ fn entries_of(bytes: &[u8]) -> Result<Vec<EntryInput>, ApiError> {
             Err(e) if is_too_many(&e) => Err(too_many_entries()),
             Err(e) => Err(malformed_json(e)),
         },
-        Some(_) => Err(ApiError::MalformedBody(
-            "a body is either one entry or {\"entries\": […]}, not both".into(),
-        )),
+        Some(_) => {
+            let mut others: Vec<&str> = fields.keys().map(String::as_str).filter(|k| *k != "entries").collect();
+            others.sort_unstable();
+            Err(ApiError::MalformedBody(format!(
+                "a batch body holds \"entries\" and nothing else, but it also has {others:?}; \
+                 send {{\"entries\": […]}} alone, or one entry without \"entries\""
+            )))
+        }
         None => parse_json(bytes).map(|one| vec![one]),
     }
 }

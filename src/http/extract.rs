@@ -32,14 +32,54 @@ impl<S: Send + Sync> FromRequest<S> for Body {
     }
 }
 
-/// Parses a JSON body, answering 400 with serde's located message.
+/// Parses a JSON object body, answering 400 with serde's located message.
+///
+/// Every body in the contract is an object. serde's derived structs also
+/// accept an array of the fields in declaration order, which would let a
+/// client depend on our field order and slip past `deny_unknown_fields`.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let first = bytes.iter().find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'));
+    if first != Some(&b'{') {
+        let what = match first {
+            None => "empty",
+            Some(b'[') => "a JSON array",
+            Some(_) => "not a JSON object",
+        };
+        return Err(ApiError::MalformedBody(format!(
+            "the body is {what}; send a JSON object ({{\"field\": value, …}}) as the API documents"
+        )));
+    }
     serde_json::from_slice(bytes).map_err(malformed_json)
 }
 
 /// The 400 for a body serde could not read as this endpoint's JSON.
 pub fn malformed_json(e: serde_json::Error) -> ApiError {
-    ApiError::MalformedBody(format!("the body is not valid JSON for this endpoint: {e}"))
+    ApiError::MalformedBody(format!(
+        "the body is not valid JSON for this endpoint: {}",
+        without_type_names(&e.to_string())
+    ))
+}
+
+/// serde names our Rust types ("expected struct EntryInput"); a client
+/// knows them as objects.
+fn without_type_names(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find("struct ") {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + "struct ".len()..];
+        let name_len = after
+            .find(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+            .unwrap_or(after.len());
+        if name_len == 0 {
+            out.push_str("struct ");
+        } else {
+            out.push_str("an object");
+        }
+        rest = &after[name_len..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Path parameters, read by axum's `Path`, with the contract's error body
@@ -73,5 +113,23 @@ impl<S: Send + Sync> FromRequestParts<S> for QueryParams {
             .await
             .map(|axum::extract::Query(map)| QueryParams(map))
             .map_err(|e| ApiError::MalformedBody(format!("the query string is malformed: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_type_names;
+
+    #[test]
+    fn serde_messages_name_objects_not_rust_types() {
+        assert_eq!(
+            without_type_names("invalid type: integer `1`, expected struct EntryInput at line 1 column 14"),
+            "invalid type: integer `1`, expected an object at line 1 column 14"
+        );
+        assert_eq!(
+            without_type_names("expected struct CheckRequest with 4 elements"),
+            "expected an object with 4 elements"
+        );
+        assert_eq!(without_type_names("missing field `account`"), "missing field `account`");
     }
 }

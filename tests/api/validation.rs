@@ -10,6 +10,7 @@ both!(
     malformed_json_is_400,
     a_method_a_route_does_not_take_is_405_with_the_error_body,
     a_body_with_both_one_entry_and_entries_is_400,
+    a_body_that_is_an_array_is_400_on_every_route_that_takes_one,
     a_batch_over_10000_entries_is_413,
     a_body_over_10_mib_is_413,
     an_empty_batch_is_422,
@@ -104,7 +105,62 @@ async fn a_body_with_both_one_entry_and_entries_is_400(app: TestApp) {
     body["entries"] = json!([entry("acme", "api_requests", "1", "k2")]);
     let reply = app.post_entries(body).await;
     assert_eq!(reply.status, 400);
+    let message = reply.body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("[\"account\", \"amount\", \"idempotency_key\", \"resource\"]"),
+        "names the other fields: {message}"
+    );
+    let stray = app
+        .post_entries(json!({"entries": [entry("acme", "api_requests", "1", "k3")], "foo": 1}))
+        .await;
+    assert_eq!(stray.status, 400);
+    assert!(
+        stray.body["error"]["message"].as_str().unwrap().contains("[\"foo\"]"),
+        "{:?}",
+        stray.body
+    );
+    let not_an_object = app.post_entries(json!({"entries": [1]})).await;
+    assert_eq!(not_an_object.status, 400);
+    let message = not_an_object.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("expected an object"), "no Rust type names: {message}");
     assert_eq!(app.count_entries().await, 0);
+}
+
+/// serde reads a struct from an array of its fields in declaration order;
+/// the contract's bodies are objects, so an array is refused, not decoded.
+async fn a_body_that_is_an_array_is_400_on_every_route_that_takes_one(app: TestApp) {
+    for (method, path, body) in [
+        (
+            "POST",
+            "/v1/quota/consume",
+            json!(["acme", "llm_tokens", 1, "q1", null, null, null]),
+        ),
+        ("POST", "/v1/quota/check", json!(["acme", "llm_tokens", null, null])),
+        ("PUT", "/v1/accounts/acme/plan", json!(["pro", null])),
+        (
+            "PUT",
+            "/v1/accounts/acme/overrides/llm_tokens",
+            json!(["5", null, null, null]),
+        ),
+        ("POST", "/v1/entries", json!([entry("acme", "api_requests", "1", "k1")])),
+        ("POST", "/v1/entries/1/reversal", json!(["undo", null])),
+    ] {
+        let reply = app
+            .request(method, path, Some(&app.admin_key), Some(body.to_string()))
+            .await;
+        assert_eq!(reply.status, 400, "{method} {path}: {:?}", reply.body);
+        assert_eq!(reply.code(), "malformed_body", "{method} {path}");
+    }
+    assert_eq!(app.count_entries().await, 0);
+    let account = app.get("/v1/accounts/acme").await;
+    assert_eq!(account.status, 200, "{:?}", account.body);
+    assert_eq!(account.body["plan"], "free", "no plan set: {:?}", account.body);
+    assert_eq!(
+        account.body["overrides"],
+        json!([]),
+        "no override set: {:?}",
+        account.body
+    );
 }
 
 async fn a_batch_over_10000_entries_is_413(app: TestApp) {
