@@ -686,7 +686,7 @@ async fn consume_in_process(
                     metadata: None,
                     reverses: None,
                 };
-                match quotas.consume(&entry, &rates).await? {
+                match quotas.consume(&entry, &rates, chrono::Utc::now()).await? {
                     ConsumeOutcome::Recorded { replayed: false, .. } => done += 1,
                     other => bail!("consume {k} was not recorded: {other:?}"),
                 }

@@ -3,7 +3,7 @@
 use axum::extract::State;
 use axum::routing::{get, put};
 use axum::{Json, Router};
-use chrono::{SubsecRound, Utc};
+use chrono::SubsecRound;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -48,7 +48,7 @@ pub struct AccountView {
 async fn account_view(state: &AppState, account: AccountId) -> Result<AccountView, ApiError> {
     let plan_history = state.store.plan_history(&account).await?;
     let overrides = state.store.overrides(&account).await?;
-    let plan = plan_at(&state.catalog, &plan_history, Utc::now()).to_owned();
+    let plan = plan_at(&state.catalog, &plan_history, state.clock.now()).to_owned();
     Ok(AccountView {
         account,
         plan,
@@ -98,7 +98,7 @@ async fn set_plan(
         return Err(unknown_plan(&state.catalog, &plan));
     }
     let effective_at = match request.effective_at.as_deref() {
-        None => Utc::now().trunc_subsecs(6),
+        None => state.clock.now().trunc_subsecs(6),
         Some(raw) => parse_timestamp(raw).map_err(|m| ApiError::invalid("effective_at", m))?,
     };
     state.store.assign_plan(&account, &plan, effective_at).await?;
@@ -178,7 +178,7 @@ async fn set_override(
         enforcement,
         window,
         expires_at,
-        updated_at: Utc::now().trunc_subsecs(6),
+        updated_at: state.clock.now().trunc_subsecs(6),
     };
     state.store.put_override(&account, &value).await?;
     tracing::info!(account = %account, resource = %value.resource, "override set for account {account} on {}", value.resource);
@@ -212,7 +212,7 @@ async fn feature(
     let account = params::account(&account)?;
     caller.require_read(&account)?;
     params::reject_unknown(&query, &["at"])?;
-    let at = params::at(&query)?;
+    let at = params::at(&query, state.clock.now())?;
     let history = state.store.plan_history(&account).await?;
     feature_at(&state.catalog, &history, &feature, at)
         .map(Json)
@@ -228,7 +228,7 @@ async fn usage(
     let account = params::account(&account)?;
     caller.require_read(&account)?;
     params::reject_unknown(&query, &["at"])?;
-    let at = params::at(&query)?;
+    let at = params::at(&query, state.clock.now())?;
     let quotas = Quotas {
         store: state.store.as_ref(),
         catalog: &state.catalog,

@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -205,7 +204,7 @@ async fn reverse_entry(
     // A reversal lands in the original's buckets: past the horizon those
     // periods are closed (reported, invoiced), as they are to a service's new
     // entries. An operator may still correct one, deliberately, as admin.
-    if original.occurred_at < Utc::now() - state.late_horizon && caller.role != Role::Admin {
+    if original.occurred_at < state.clock.now() - state.late_horizon && caller.role != Role::Admin {
         return Err(ApiError::from_field_errors(vec![FieldError {
             index: 0,
             field: "id",
@@ -322,7 +321,7 @@ impl AppState {
     pub fn entry_rules(&self) -> EntryRules<'_> {
         EntryRules {
             catalog: &self.catalog,
-            now: Utc::now(),
+            now: self.clock.now(),
             late_horizon: self.late_horizon,
             allow_late: false,
         }

@@ -20,6 +20,7 @@ use chrono::Duration;
 use tokio::net::TcpListener;
 use tower_http::trace::TraceLayer;
 
+use crate::clock::Clock;
 use crate::domain::{Catalog, KeySecret};
 use crate::store::Store;
 use crate::telemetry::Metrics;
@@ -43,6 +44,8 @@ pub struct AppState {
     pub rates: Arc<RateLimits>,
     /// Keys recently authenticated (see [`auth::KEY_CACHE_TTL`]).
     pub keys: Arc<auth::KeyCache>,
+    /// "Now" for the handlers (tests freeze it).
+    pub clock: Clock,
 }
 
 impl AppState {
@@ -56,6 +59,7 @@ impl AppState {
             metrics: Arc::new(Metrics::default()),
             rates: Arc::new(RateLimits::default()),
             keys: Arc::new(auth::KeyCache::default()),
+            clock: Clock::default(),
         }
     }
 }

@@ -31,9 +31,9 @@ pub fn instant(field: &'static str, raw: &str) -> Result<DateTime<Utc>, ApiError
 }
 
 /// The `at` query parameter (see [`instant`]): the instant a read is
-/// about, now when absent.
-pub fn at(query: &HashMap<String, String>) -> Result<DateTime<Utc>, ApiError> {
-    query.get("at").map_or_else(|| Ok(Utc::now()), |raw| instant("at", raw))
+/// about, `now` when absent.
+pub fn at(query: &HashMap<String, String>, now: DateTime<Utc>) -> Result<DateTime<Utc>, ApiError> {
+    query.get("at").map_or(Ok(now), |raw| instant("at", raw))
 }
 
 /// 422 for a query parameter this endpoint does not take (a typo would

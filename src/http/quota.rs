@@ -3,13 +3,13 @@
 use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};
-use chrono::Utc;
+use chrono::SecondsFormat;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::auth::Writer;
 use super::error::ApiError;
-use super::extract::{Body, parse_json};
+use super::extract::{Body, malformed_json, parse_json};
 use super::{AppState, params};
 use crate::domain::catalog::Window;
 use crate::domain::entry::parse_timestamp;
@@ -58,7 +58,7 @@ async fn check(
         Some(raw) => positive_amount(raw.get(), decimals)?,
     };
     let at = match request.at.as_deref() {
-        None => Utc::now(),
+        None => state.clock.now(),
         Some(raw) => parse_timestamp(raw).map_err(|m| ApiError::invalid("at", m))?,
     };
     let quotas = Quotas {
@@ -71,7 +71,7 @@ async fn check(
 /// A consume or check amount: exact, and strictly positive.
 fn positive_amount(raw_json: &str, decimals: u32) -> Result<Amount, ApiError> {
     let text: String = if raw_json.starts_with('"') {
-        parse_json(raw_json.as_bytes())?
+        serde_json::from_str(raw_json).map_err(malformed_json)?
     } else {
         raw_json.to_owned()
     };
@@ -117,7 +117,8 @@ async fn consume(
         store: state.store.as_ref(),
         catalog: &state.catalog,
     };
-    match quotas.consume(&entry, &state.rates).await {
+    let now = state.clock.now();
+    match quotas.consume(&entry, &state.rates, now).await {
         Ok(ConsumeOutcome::Recorded {
             status,
             entry_id,
@@ -147,6 +148,13 @@ async fn consume(
                     Some(s) => format!("; the window resets in {s} s"),
                     None if status.window == Window::Total =>
                         "; free some (a negative entry) or raise the limit".into(),
+                    None if status.period_end.is_some_and(|end| end <= now) => format!(
+                        "; occurred_at is in a window that closed at {}, so waiting does not help",
+                        status
+                            .period_end
+                            .map(|end| end.to_rfc3339_opts(SecondsFormat::Secs, true))
+                            .unwrap_or_default()
+                    ),
                     None => "; the amount alone is over the whole limit, so no later window takes it: \
                              consume less at a time or raise the limit"
                         .into(),

@@ -337,18 +337,26 @@ impl Quotas<'_> {
     }
 
     /// Checks and records `entry` in one atomic step; a key used before
-    /// returns its first outcome and records nothing.
-    pub async fn consume(&self, entry: &NewEntry, rates: &RateLimits) -> Result<ConsumeOutcome, ConsumeError> {
+    /// returns its first outcome and records nothing. `now` is when the
+    /// caller is answered: a refusal's `retry_after` counts from it (or from
+    /// `occurred_at`, if later).
+    pub async fn consume(
+        &self,
+        entry: &NewEntry,
+        rates: &RateLimits,
+        now: DateTime<Utc>,
+    ) -> Result<ConsumeOutcome, ConsumeError> {
         let at = entry.occurred_at;
         if let Some(rules) = self.rules_without_rate(&entry.resource, at) {
             if let Some(decided) = self.store.consume_decided(entry, rules).await? {
-                return self.decided(entry, decided).await;
+                return self.decided(entry, decided, now).await;
             }
         }
         let decider = Decider {
             catalog: self.catalog,
             entry,
             rates,
+            now,
         };
         match self.store.consume(entry, &decider).await? {
             ConsumeResult::Recorded { entry_id, response } => Ok(recorded(entry, entry_id, &response, false)?),
@@ -411,6 +419,8 @@ struct Decider<'a> {
     catalog: &'a Catalog,
     entry: &'a NewEntry,
     rates: &'a RateLimits,
+    /// When the caller is answered (for `retry_after`).
+    now: DateTime<Utc>,
 }
 
 impl Decider<'_> {
@@ -449,7 +459,7 @@ impl ConsumeDecider for Decider<'_> {
             let status = QuotaStatus::new(&entry.account, &entry.resource, &limit, &period, used, false);
             Rejected::QuotaExceeded {
                 status,
-                retry_after: retry_after(&limit, entry.amount, &period, entry.occurred_at),
+                retry_after: retry_after(&limit, entry.amount, &period, entry.occurred_at.max(self.now)),
             }
             .reason()
         };
@@ -510,7 +520,12 @@ impl Quotas<'_> {
     }
 
     /// The outcome of a consume the database decided.
-    async fn decided(&self, entry: &NewEntry, decided: DecidedConsume) -> Result<ConsumeOutcome, ConsumeError> {
+    async fn decided(
+        &self,
+        entry: &NewEntry,
+        decided: DecidedConsume,
+        now: DateTime<Utc>,
+    ) -> Result<ConsumeOutcome, ConsumeError> {
         match decided {
             DecidedConsume::Recorded { entry_id, context } => Ok(recorded(entry, entry_id, &context, false)?),
             DecidedConsume::Replayed(replayed) => self.replayed(entry, replayed).await,
@@ -521,7 +536,7 @@ impl Quotas<'_> {
                 let status = QuotaStatus::new(&entry.account, &entry.resource, &limit, &period, used, false);
                 Ok(ConsumeOutcome::QuotaExceeded {
                     status,
-                    retry_after: retry_after(&limit, entry.amount, &period, entry.occurred_at),
+                    retry_after: retry_after(&limit, entry.amount, &period, entry.occurred_at.max(now)),
                 })
             }
         }
@@ -580,17 +595,21 @@ fn rate_cells(per_minute: u32, amount: Amount) -> Option<(u32, u32)> {
     Some((u32::try_from(budget).ok()?, u32::try_from(cells).ok()?))
 }
 
-/// Whole seconds from `at` to the end of `period`, when waiting for the next
-/// window can let the consume through: None for a total (it never resets)
-/// and for an amount over the whole limit (no fresh window takes it).
-fn retry_after(limit: &EffectiveLimit, amount: Amount, period: &Period, at: DateTime<Utc>) -> Option<u64> {
+/// Whole seconds, rounded up, from `from` (the later of now and the
+/// consume's `occurred_at`) to the end of `period`, when waiting can let the
+/// consume through. None for a total (it never resets), for an amount over
+/// the whole limit (no fresh window takes it), and for a window that has
+/// already closed (a backdated consume stays in its window however long one
+/// waits).
+fn retry_after(limit: &EffectiveLimit, amount: Amount, period: &Period, from: DateTime<Utc>) -> Option<u64> {
     if limit.limit.is_some_and(|whole| amount.minor() > whole.minor()) {
         return None;
     }
-    period.ends_at().map(|end| {
-        let micros = (end - at).num_microseconds().unwrap_or(i64::MAX).max(0);
-        (micros as u64).div_ceil(1_000_000)
-    })
+    let micros = (period.ends_at()? - from).num_microseconds().unwrap_or(i64::MAX);
+    u64::try_from(micros)
+        .ok()
+        .filter(|m| *m > 0)
+        .map(|m| m.div_ceil(1_000_000))
 }
 
 /// The outcome the database stores for a consume it decided

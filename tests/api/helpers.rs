@@ -113,6 +113,9 @@ pub struct TestApp {
     /// The served app's own job runner (the built-in jobs over its store and
     /// its metrics), so that what a run counts shows in `GET /metrics`.
     pub jobs: Arc<tally::jobs::JobRunner>,
+    /// The served app's clock: `clock.freeze_at(t)` makes "now" `t` for
+    /// its handlers.
+    pub clock: tally::clock::Clock,
     /// The plan catalog file the app runs with (None: the built-in one).
     plans_file: Option<tempfile::NamedTempFile>,
     _dir: Option<TempDir>,
@@ -169,6 +172,7 @@ impl TestApp {
         let store = app.state().store.clone();
         let catalog = app.state().catalog.clone();
         let jobs = app.job_runner(tally::jobs::builtin());
+        let clock = app.state().clock.clone();
         tokio::spawn(app.run_until(std::future::pending()));
         Self {
             backend,
@@ -179,6 +183,7 @@ impl TestApp {
             store,
             catalog,
             jobs,
+            clock,
             plans_file,
             _dir: dir,
         }

@@ -19,6 +19,7 @@ both!(
     check_is_exact_at_any_instant_while_posting_and_rolling_up,
     a_day_limit_resets_at_midnight_utc,
     a_month_limit_resets_on_the_first_and_retry_after_counts_down_to_it,
+    a_backdated_consume_is_told_the_true_wait_from_now_and_none_once_its_window_closed,
     a_total_limit_never_resets_and_deletions_free_room,
     a_plan_change_applies_from_its_effective_instant,
     an_override_beats_the_plan_until_it_expires,
@@ -296,6 +297,9 @@ async fn a_day_limit_resets_at_midnight_utc(app: TestApp) {
     let today = Utc::now().date_naive();
     let last_second = iso(today.and_hms_opt(0, 0, 0).unwrap().and_utc() - Duration::milliseconds(1));
     let midnight = iso(today.and_hms_opt(0, 0, 0).unwrap().and_utc());
+    // Now is that last millisecond: Retry-After counts from now.
+    app.clock
+        .freeze_at(today.and_hms_opt(0, 0, 0).unwrap().and_utc() - Duration::milliseconds(1));
     assert_eq!(
         consume(&app, "acme", "llm_tokens", "1000", "a", Some(&last_second))
             .await
@@ -316,6 +320,8 @@ async fn a_month_limit_resets_on_the_first_and_retry_after_counts_down_to_it(app
     let first = Utc::now().date_naive().with_day(1).unwrap();
     let first_instant = first.and_hms_opt(0, 0, 0).unwrap().and_utc();
     let late = iso(first_instant - Duration::seconds(30));
+    // Now is 23:59:30 on that last day: Retry-After counts from now.
+    app.clock.freeze_at(first_instant - Duration::seconds(30));
     assert_eq!(
         consume(&app, "acme", "ai_generations", "50", "a", Some(&late))
             .await
@@ -335,6 +341,51 @@ async fn a_month_limit_resets_on_the_first_and_retry_after_counts_down_to_it(app
     let new_month = consume(&app, "acme", "ai_generations", "1", "c", Some(&iso(first_instant))).await;
     assert_eq!(new_month.status, 200, "{:?}", new_month.body);
     assert_eq!(app.ledger_sum("acme", "ai_generations").await, 51);
+}
+
+/// Retry-After is a wait from now: a consume dated 10:00 and refused at
+/// 12:00 waits 12 h for midnight, not 14; one dated in a window that has
+/// closed gets none (it stays in that window however long it waits).
+async fn a_backdated_consume_is_told_the_true_wait_from_now_and_none_once_its_window_closed(app: TestApp) {
+    // free: llm_tokens 1 000 per UTC day, hard.
+    let today = Utc::now().date_naive();
+    let at = |day: chrono::NaiveDate, hour: u32| day.and_hms_opt(hour, 0, 0).unwrap().and_utc();
+    app.clock.freeze_at(at(today, 12));
+    let yesterday = today.pred_opt().unwrap();
+    for (day, tag) in [(today, "today"), (yesterday, "yesterday")] {
+        let full = consume(
+            &app,
+            "acme",
+            "llm_tokens",
+            "1000",
+            &format!("{tag}-full"),
+            Some(&iso(at(day, 10))),
+        )
+        .await;
+        assert_eq!(full.status, 200, "{:?}", full.body);
+    }
+    let refused = consume(&app, "acme", "llm_tokens", "1", "today-more", Some(&iso(at(today, 10)))).await;
+    assert_eq!(refused.status, 429, "{:?}", refused.body);
+    assert_eq!(
+        retry_after(&refused),
+        Some(12 * 3600),
+        "from 12:00 (now), not from 10:00"
+    );
+    let closed = consume(
+        &app,
+        "acme",
+        "llm_tokens",
+        "1",
+        "yesterday-more",
+        Some(&iso(at(yesterday, 10))),
+    )
+    .await;
+    assert_eq!(closed.status, 429, "{:?}", closed.body);
+    assert_eq!(closed.code(), "quota_exceeded");
+    assert_eq!(retry_after(&closed), None, "{:?}", closed.headers);
+    let message = closed.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains(&format!("closed at {today}T00:00:00Z")), "{message}");
+    assert_eq!(app.ledger_sum("acme", "llm_tokens").await, 2000);
 }
 
 async fn a_total_limit_never_resets_and_deletions_free_room(app: TestApp) {
