@@ -7,7 +7,7 @@ use chrono::NaiveDate;
 
 use crate::app::Settings;
 use crate::domain::AccountId;
-use crate::domain::entry::parse_timestamp;
+use crate::domain::entry::parse_instant_or_date;
 use crate::domain::period::{Granularity, parse_date, parse_month};
 use crate::export::CsvOutput;
 use crate::export::invoice::export_invoices;
@@ -43,7 +43,7 @@ pub struct OutputArgs {
     /// Only this account.
     #[arg(long)]
     account: Option<String>,
-    /// What the ledger held at this recorded time (RFC 3339): entries recorded later are left out.
+    /// What the ledger held at this recorded time (RFC 3339, or a date meaning its UTC midnight): entries recorded later are left out.
     #[arg(long)]
     as_of: Option<String>,
 }
@@ -114,9 +114,8 @@ pub async fn run(settings: &Settings, command: ExportCommand) -> anyhow::Result<
     let as_of = output
         .as_of
         .as_deref()
-        .map(parse_timestamp)
-        .transpose()
-        .map_err(anyhow::Error::msg)?;
+        .map(|t| parse_instant_or_date(t).map_err(|m| anyhow::anyhow!("--as-of: {m}")))
+        .transpose()?;
     // Validate everything before creating the output.
     let filter = match &command {
         ExportCommand::Entries(r) | ExportCommand::Daily(r) | ExportCommand::Monthly(r) => {

@@ -104,8 +104,7 @@ impl NewEntry {
 /// judged in this one, and a retry would then no longer match what is stored.
 pub fn parse_timestamp(text: &str) -> Result<DateTime<Utc>, String> {
     use chrono::{Datelike, Timelike};
-    let parsed = DateTime::parse_from_rfc3339(text)
-        .map_err(|e| format!("{text:?} is not an RFC 3339 timestamp ({e}); write it like 2026-11-23T14:05:00Z"))?;
+    let parsed = DateTime::parse_from_rfc3339(text).map_err(|e| not_rfc3339(text, e))?;
     if parsed.nanosecond() >= 1_000_000_000 {
         return Err(format!(
             "{text:?} is a leap second (:60), which Tally does not store; write :59.999999 or the next second"
@@ -116,6 +115,43 @@ pub fn parse_timestamp(text: &str) -> Result<DateTime<Utc>, String> {
         Ok(t)
     } else {
         Err(format!("{text:?} is outside the years 1 to 9999"))
+    }
+}
+
+/// Says what is wrong with `text` as an RFC 3339 timestamp, for the mistakes
+/// clients make (chrono alone says "premature end of input" for most).
+fn not_rfc3339(text: &str, e: chrono::ParseError) -> String {
+    const LIKE: &str = "write it like 2026-11-23T14:05:00Z";
+    let date_shaped = text.len() == 10
+        && text
+            .char_indices()
+            .all(|(i, c)| if i == 4 || i == 7 { c == '-' } else { c.is_ascii_digit() });
+    let without_offset = chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f").is_ok();
+    let plus_read_as_space = text
+        .rsplit_once(' ')
+        .is_some_and(|(head, tail)| DateTime::parse_from_rfc3339(&format!("{head}+{tail}")).is_ok());
+    if date_shaped && chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d").is_err() {
+        format!("{text:?} is not a calendar date (month 1 to 12, a day that month has); {LIKE}")
+    } else if date_shaped {
+        format!("{text:?} is a date without a time; {LIKE} ({text}T00:00:00Z for its midnight)")
+    } else if without_offset {
+        format!("{text:?} has no UTC offset; end it with Z (UTC) or an offset like +01:00: {text}Z")
+    } else if plus_read_as_space {
+        format!(
+            "{text:?} has a space where its offset's '+' belongs: in a URL query '+' means a space, \
+             so write it as %2B (or give the time in UTC with Z)"
+        )
+    } else {
+        let reason = match e.kind() {
+            chrono::format::ParseErrorKind::OutOfRange => {
+                "a field is out of range (a month over 12, an hour over 23, …)"
+            }
+            chrono::format::ParseErrorKind::Impossible => "it names a day that does not exist",
+            chrono::format::ParseErrorKind::TooShort => "it ends too early",
+            chrono::format::ParseErrorKind::TooLong => "there is text after the timestamp",
+            _ => "it does not have the shape YYYY-MM-DDTHH:MM:SS with an offset",
+        };
+        format!("{text:?} is not an RFC 3339 timestamp: {reason}; {LIKE}")
     }
 }
 
@@ -403,4 +439,24 @@ pub fn validate_batch(inputs: Vec<EntryInput>, rules: EntryRules<'_>) -> Result<
         }
     }
     if errors.is_empty() { Ok(valid) } else { Err(errors) }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_bad_timestamp_is_told_what_is_wrong_with_it() {
+        let message = |text: &str| super::parse_timestamp(text).unwrap_err();
+        for (text, says) in [
+            ("2026-12-01", "a date without a time"),
+            ("2026-13-01", "not a calendar date"),
+            ("2026-12-01T00:00:00", "no UTC offset"),
+            ("2026-11-15T12:00:00 01:00", "%2B"),
+            ("2026-12-01T25:00:00Z", "out of range"),
+            ("yesterday", "2026-11-23T14:05:00Z"),
+        ] {
+            let got = message(text);
+            assert!(got.contains(says), "{text}: {got}");
+            assert!(!got.contains("premature"), "{text}: {got}");
+        }
+    }
 }

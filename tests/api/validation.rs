@@ -483,6 +483,47 @@ async fn occurred_at_that_is_not_rfc3339_is_422(app: TestApp) {
         "occurred_at",
     )
     .await;
+    // Each common mistake is named, on every field and query parameter
+    // that takes an instant.
+    let no_offset = assert_rejected(
+        &app,
+        with("occurred_at", json!("2026-11-20T10:00:00")),
+        "validation_failed",
+        0,
+        "occurred_at",
+    )
+    .await;
+    let message = no_offset.body["error"]["details"]["errors"][0]["message"]
+        .as_str()
+        .unwrap();
+    assert!(message.contains("has no UTC offset"), "{message}");
+    let plan = app
+        .put_admin(
+            "/v1/accounts/acme/plan",
+            json!({"plan": "pro", "effective_at": "2026-12-01"}),
+        )
+        .await;
+    assert_eq!(plan.status, 422, "{:?}", plan.body);
+    assert!(
+        plan.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("a date without a time"),
+        "{:?}",
+        plan.body
+    );
+    let unencoded_plus = app
+        .get("/v1/accounts/acme/entries?from=2026-11-15T12:00:00+01:00")
+        .await;
+    assert_eq!(unencoded_plus.status, 422, "{:?}", unencoded_plus.body);
+    assert!(
+        unencoded_plus.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("%2B"),
+        "{:?}",
+        unencoded_plus.body
+    );
 }
 
 async fn one_bad_entry_fails_the_whole_batch_with_its_index(app: TestApp) {
