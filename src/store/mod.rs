@@ -91,14 +91,21 @@ impl From<sqlx::Error> for StoreError {
                 StoreError::Unavailable(e)
             }
             sqlx::Error::Database(ref db) if is_unavailable_code(db.code().as_deref()) => StoreError::Unavailable(e),
-            sqlx::Error::Database(ref db) if is_overflow(db.as_ref()) => StoreError::Unexpected(format!(
-                "a sum passed the 64-bit range of minor units ({}): a daily or monthly total, or a sum a read \
-                 or report needs, is too large; docs/operations.md, \"When the rollup keeps failing\", says how \
-                 to find and correct the entries",
-                db.message()
-            )),
+            sqlx::Error::Database(ref db) if is_overflow(db.as_ref()) => StoreError::overflow(db.message()),
             other => StoreError::Internal(other),
         }
+    }
+}
+
+impl StoreError {
+    /// A sum past 64 bits (the database said `detail`): what it means and
+    /// where the way out is documented.
+    fn overflow(detail: &str) -> Self {
+        StoreError::Unexpected(format!(
+            "a sum passed the 64-bit range of minor units ({detail}): a daily or monthly total, or a sum a read \
+             or report needs, is too large; docs/operations.md, \"When the rollup keeps failing\", says how \
+             to find and correct the entries"
+        ))
     }
 }
 
@@ -339,7 +346,7 @@ pub enum ExportError {
     Store(#[from] StoreError),
     /// Reading the database through the exports' own SQLite connection failed.
     #[error("database error")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(#[source] rusqlite::Error),
     /// Writing the output failed.
     #[error("cannot write the export")]
     Write(#[source] std::io::Error),
@@ -351,6 +358,18 @@ pub enum ExportError {
 impl From<sqlx::Error> for ExportError {
     fn from(e: sqlx::Error) -> Self {
         ExportError::Store(e.into())
+    }
+}
+
+impl From<rusqlite::Error> for ExportError {
+    fn from(e: rusqlite::Error) -> Self {
+        match &e {
+            // The same words as through sqlx (`is_overflow`).
+            rusqlite::Error::SqliteFailure(_, Some(message)) if message == "integer overflow" => {
+                ExportError::Store(StoreError::overflow(message))
+            }
+            _ => ExportError::Sqlite(e),
+        }
     }
 }
 

@@ -257,6 +257,25 @@ async fn a_total_past_64_bits_is_an_error_never_a_wrapped_number(app: TestApp) {
     assert_eq!(app.scalar_i64("SELECT COUNT(*) FROM daily_totals").await, 0);
     assert_eq!(app.scalar_i64("SELECT COUNT(*) FROM monthly_totals").await, 0);
     assert_eq!(app.count_entries().await, 9_224);
+    // The exports say the same, whichever connection reads (SQLite's
+    // exports have their own).
+    for granularity in ["daily", "monthly"] {
+        let month = &day[..7];
+        let (from, to) = if granularity == "daily" {
+            (day.clone(), days_ago(1))
+        } else {
+            (
+                format!("{month}-01"),
+                tally::domain::period::Granularity::Month
+                    .next(format!("{month}-01").parse().unwrap())
+                    .to_string(),
+            )
+        };
+        let export = app.cli(&["export", granularity, "--from", &from, "--to", &to]);
+        let stderr = String::from_utf8_lossy(&export.stderr);
+        assert!(!export.status.success(), "{granularity}: {stderr}");
+        assert!(stderr.contains("passed the 64-bit range"), "{granularity}: {stderr}");
+    }
 }
 
 #[test]
