@@ -46,8 +46,10 @@ pub async fn timeseries(
     from: NaiveDate,
     to: NaiveDate,
 ) -> Result<Vec<Point>, SeriesError> {
-    if from >= to {
-        return Err(SeriesError::Range(format!("from ({from}) must be before to ({to})")));
+    // `to` is exclusive: from = to is an empty range (as in the entries
+    // listing), from > to a mistake.
+    if from > to {
+        return Err(SeriesError::Range(format!("from ({from}) must not be after to ({to})")));
     }
     if granularity == Granularity::Month {
         for (name, date) in [("from", from), ("to", to)] {
@@ -60,9 +62,12 @@ pub async fn timeseries(
         }
     }
     let buckets = granularity.buckets(from, to, MAX_POINTS).ok_or_else(|| {
-        SeriesError::Range(format!(
-            "{from} to {to} by {granularity:?} is more than {MAX_POINTS} points; narrow the range or use granularity=month"
-        ))
+        SeriesError::Range(match granularity {
+            Granularity::Day => {
+                format!("{from} to {to} is more than {MAX_POINTS} days; narrow the range or use granularity=month")
+            }
+            Granularity::Month => format!("{from} to {to} is more than {MAX_POINTS} months; narrow the range"),
+        })
     })?;
     let decimals = catalog.decimals(resource.as_str());
     let mut sums: BTreeMap<NaiveDate, Amount> = buckets.iter().map(|b| (*b, Amount::zero(decimals))).collect();

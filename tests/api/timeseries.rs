@@ -133,6 +133,18 @@ async fn bad_series_requests_are_422(app: TestApp) {
         .await;
     assert_eq!(most.status, 200, "3 660 points are allowed");
     assert_eq!(most.body["points"].as_array().unwrap().len(), 3660);
+    let too_many_months = app
+        .get("/v1/accounts/acme/timeseries?resource=api_requests&granularity=month&from=2000-01-01&to=2305-02-01")
+        .await;
+    assert_eq!(too_many_months.status, 422);
+    let message = too_many_months.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("more than 3660 months; narrow the range"), "{message}");
+    assert!(!message.contains("granularity=month"), "already by month: {message}");
+    let empty = app
+        .get("/v1/accounts/acme/timeseries?resource=api_requests&from=2026-01-01&to=2026-01-01")
+        .await;
+    assert_eq!(empty.status, 200, "to is exclusive: an empty range, {:?}", empty.body);
+    assert_eq!(empty.body["points"], serde_json::json!([]));
 }
 
 async fn a_reader_sees_only_its_own_series(app: TestApp) {
