@@ -5,6 +5,7 @@ use chrono::{DateTime, Duration, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use super::amount::{AmountError, MAX_DECIMALS};
 use super::{AccountId, Amount, Catalog, IdempotencyKey, ResourceName};
 
 /// The most bytes an entry's metadata may take, as compact JSON.
@@ -236,11 +237,13 @@ impl EntryInput {
             (Some(raw), Some((name, decimals))) => match amount_text(raw) {
                 Ok(text) => Amount::parse(&text, *decimals)
                     .map_err(|e| {
-                        fail(
-                            "amount",
-                            "invalid",
-                            format!("{e} ('{name}' takes {decimals} fractional digits)"),
-                        )
+                        let message = match e {
+                            AmountError::TooPrecise { .. } | AmountError::TooLargeForPrecision { .. } => {
+                                format!("{e} ('{name}' takes {decimals} fractional digits)")
+                            }
+                            _ => e.to_string(),
+                        };
+                        fail("amount", "invalid", message);
                     })
                     .ok(),
                 Err(m) => {
@@ -248,7 +251,21 @@ impl EntryInput {
                     None
                 }
             },
-            (Some(_), None) => None,
+            // Without a resource its precision is unknown, but what is wrong
+            // with an amount whatever the resource is reported all the same.
+            (Some(raw), None) => {
+                match amount_text(raw).map(|text| Amount::parse(&text, MAX_DECIMALS)) {
+                    Err(m) => fail("amount", "invalid", m),
+                    Ok(Err(
+                        e @ (AmountError::NotANumber(_)
+                        | AmountError::Zero
+                        | AmountError::OutOfRange(_)
+                        | AmountError::TooManyDigits(_)),
+                    )) => fail("amount", "invalid", e.to_string()),
+                    Ok(_) => {}
+                }
+                None
+            }
         };
         let idempotency_key = match self.idempotency_key.as_deref() {
             None => {

@@ -65,6 +65,19 @@ async fn post_appends_an_entry_and_refuses_bad_input(app: TestApp) {
     assert!(text(&ok.stdout).starts_with("created entry"));
     let again = app.cli(&["post", "acme", "agent_minutes", "1.25", "--key", "cli-1"]);
     assert!(text(&again.stdout).starts_with("duplicate of entry"));
+    let conflict = app.cli(&["post", "acme", "agent_minutes", "2", "--key", "cli-1"]);
+    assert!(!conflict.status.success());
+    let stderr = text(&conflict.stderr);
+    assert!(stderr.contains("idempotency_key 'cli-1'"), "{stderr}");
+    assert!(!stderr.contains("entry 0"), "no batch position for one entry: {stderr}");
+    let zero = app.cli(&["post", "acme", "api_requests", "0"]);
+    assert_eq!(zero.status.code(), Some(2));
+    let stderr = text(&zero.stderr);
+    assert!(stderr.contains("amount must not be zero"), "{stderr}");
+    assert!(
+        !stderr.contains("fractional"),
+        "precision is beside the point: {stderr}"
+    );
     let negative = app.cli(&["post", "acme", "storage_bytes", "-100"]);
     assert!(negative.status.success(), "{}", text(&negative.stderr));
     let bad = app.cli(&["post", "acme", "tokens", "1"]);

@@ -201,6 +201,21 @@ async fn an_unknown_resource_is_422_naming_the_known_ones(app: TestApp) {
         reply.body["error"]["message"],
         "resource 'tokens' is not in the catalog; known: agent_minutes, ai_generations, api_requests, llm_tokens, storage_bytes"
     );
+    // Every problem at once: an amount wrong for any resource is reported
+    // beside the unknown resource; one only the resource could judge is not.
+    for (amount, reported) in [("0", true), ("abc", true), ("1e15", true), ("1.5", false)] {
+        let mut body = with("resource", json!("tokens"));
+        body["amount"] = json!(amount);
+        let reply = app.post_entries(body).await;
+        assert_eq!(reply.status, 422);
+        let fields: Vec<&str> = reply.body["error"]["details"]["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["field"].as_str().unwrap())
+            .collect();
+        assert_eq!(fields.contains(&"amount"), reported, "{amount}: {fields:?}");
+    }
 }
 
 async fn a_zero_amount_is_422(app: TestApp) {
