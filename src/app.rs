@@ -68,7 +68,13 @@ impl Settings {
         let catalog = Arc::new(self.load_catalog()?);
         let store = store::connect(&self.database_url, catalog.clone())
             .await
-            .with_context(|| format!("cannot open database {}", redact_url(&self.database_url)))?;
+            .with_context(|| {
+                format!(
+                    "cannot open database {} (set by --database-url or TALLY_DATABASE_URL; a SQLite file's \
+                     folder must exist, a PostgreSQL server must be running with the database created)",
+                    redact_url(&self.database_url)
+                )
+            })?;
         store.migrate().await.context("cannot run database migrations")?;
         Ok((store, catalog))
     }

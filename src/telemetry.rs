@@ -7,13 +7,20 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 /// An error and its causes, `outer: inner: …`, for the log (5xx details
-/// never go to the client, so the log must carry the whole chain).
+/// never go to the client, so the log must carry the whole chain) and the
+/// command line. A cause whose words its parent already quotes (sqlx's I/O
+/// and SQLite errors repeat their source) is not said twice.
 pub fn cause_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
+    let mut parent = text.clone();
     let mut source = e.source();
     while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
+        let words = cause.to_string();
+        if !parent.contains(&words) {
+            text.push_str(": ");
+            text.push_str(&words);
+        }
+        parent = words;
         source = cause.source();
     }
     text

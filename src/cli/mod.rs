@@ -133,7 +133,7 @@ pub fn main() -> ExitCode {
         // error of ours: stop quietly, as the classic tools do on SIGPIPE.
         Ok(Err(e)) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", crate::telemetry::cause_chain(e.as_ref()));
             ExitCode::FAILURE
         }
         Err(e) => {

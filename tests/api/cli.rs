@@ -409,3 +409,28 @@ fn plans_check_reports_each_problem_with_its_line() {
         .unwrap();
     assert!(ok.status.success(), "{}", text(&ok.stderr));
 }
+
+/// A database that cannot be opened: the command says which, where the
+/// setting comes from and what to check, and each cause once.
+#[test]
+fn a_database_that_cannot_be_opened_is_named_with_what_to_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/missing-folder/tally.db", dir.path().display());
+    let output = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["--database-url", &url, "migrate"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("tally runs");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains(&url) && stderr.contains("folder must exist"),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.matches("unable to open database file").count(),
+        1,
+        "once: {stderr}"
+    );
+    assert!(!dir.path().join("missing-folder").exists(), "creates nothing");
+}
