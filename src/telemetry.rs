@@ -35,6 +35,8 @@ pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, not in a log file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 
@@ -63,6 +65,9 @@ pub struct Metrics {
     pub rollup_failures: Counter,
     /// Seconds since the oldest unfolded entry was recorded (set at scrape time).
     pub rollup_lag_seconds: Gauge,
+    /// 1 when the database answered the scrape's lag query, else 0 (the lag
+    /// then keeps its last value).
+    pub database_up: Gauge,
     /// HTTP requests by route, method and status.
     pub http_requests: Family<HttpLabels, Counter>,
 }
@@ -75,6 +80,7 @@ impl Default for Metrics {
         let rollup_runs = Counter::default();
         let rollup_failures = Counter::default();
         let rollup_lag_seconds = Gauge::default();
+        let database_up = Gauge::default();
         let http_requests = Family::<HttpLabels, Counter>::default();
         registry.register("entries_ingested", "Ledger entries created", entries_ingested.clone());
         registry.register(
@@ -90,6 +96,11 @@ impl Default for Metrics {
             rollup_lag_seconds.clone(),
         );
         registry.register(
+            "database_up",
+            "1 when the database answered at the last scrape, else 0 (rollup_lag_seconds is then stale)",
+            database_up.clone(),
+        );
+        registry.register(
             "http_requests",
             "HTTP requests by route, method and status",
             http_requests.clone(),
@@ -101,6 +112,7 @@ impl Default for Metrics {
             rollup_runs,
             rollup_failures,
             rollup_lag_seconds,
+            database_up,
             http_requests,
         }
     }

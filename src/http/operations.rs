@@ -39,8 +39,15 @@ async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
 
 async fn metrics(State(state): State<AppState>) -> Response {
     // The lag is read at scrape time, so it is right even with jobs off here.
-    if let Ok(lag) = rollup_lag_seconds(state.store.as_ref(), Utc::now()).await {
-        state.metrics.rollup_lag_seconds.set(lag);
+    match rollup_lag_seconds(state.store.as_ref(), Utc::now()).await {
+        Ok(lag) => {
+            state.metrics.rollup_lag_seconds.set(lag);
+            state.metrics.database_up.set(1);
+        }
+        // Not a 0 lag: an outage must not look like a rollup that keeps up.
+        Err(_) => {
+            state.metrics.database_up.set(0);
+        }
     }
     (
         [(

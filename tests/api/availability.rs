@@ -9,7 +9,7 @@
 use serde_json::{Value, json};
 use sqlx::Connection;
 
-use crate::helpers::{Backend, Reply, TestApp, entry, own_pg_cluster};
+use crate::helpers::{Backend, Reply, TestApp, entry, metric, own_pg_cluster};
 
 const ACCOUNT: &str = "acct-outage";
 
@@ -73,6 +73,8 @@ async fn on_postgres_requests_answer_503_while_the_server_is_down_and_succeed_on
     let health = app.request("GET", "/healthz", None, None).await;
     assert_eq!(health.status, 503, "{health:?}");
     assert_eq!(health.body["database"], "unavailable", "{health:?}");
+    let metrics = app.metrics_text().await;
+    assert_eq!(metric(&metrics, "tally_database_up"), Some(0), "{metrics}");
 
     cluster.start_server().expect("the server starts again");
 
@@ -91,6 +93,8 @@ async fn on_postgres_requests_answer_503_while_the_server_is_down_and_succeed_on
     assert_eq!(app.ledger_sum(ACCOUNT, "api_requests").await, 5 + 7 + 8);
     let health = app.request("GET", "/healthz", None, None).await;
     assert_eq!(health.status, 200, "{health:?}");
+    let metrics = app.metrics_text().await;
+    assert_eq!(metric(&metrics, "tally_database_up"), Some(1), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
