@@ -102,17 +102,30 @@ where
     }
 }
 
-/// Query parameters as text, so each one is parsed with a clear 422.
+/// Query parameters as text, so each one is parsed with a clear 422. A
+/// parameter given twice is a 422 too: keeping one of them silently (say
+/// `resource=a&resource=b`) would answer a question the client did not ask.
 pub struct QueryParams(pub std::collections::HashMap<String, String>);
 
 impl<S: Send + Sync> FromRequestParts<S> for QueryParams {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        axum::extract::Query::from_request_parts(parts, state)
-            .await
-            .map(|axum::extract::Query(map)| QueryParams(map))
-            .map_err(|e| ApiError::MalformedBody(format!("the query string is malformed: {e}")))
+        let axum::extract::Query(pairs) =
+            axum::extract::Query::<Vec<(String, String)>>::from_request_parts(parts, state)
+                .await
+                .map_err(|e| ApiError::MalformedBody(format!("the query string is malformed: {e}")))?;
+        let mut params = std::collections::HashMap::with_capacity(pairs.len());
+        for (name, value) in pairs {
+            if params.contains_key(&name) {
+                return Err(ApiError::invalid(
+                    "query",
+                    format!("query parameter {name:?} is given more than once; give it once"),
+                ));
+            }
+            params.insert(name, value);
+        }
+        Ok(QueryParams(params))
     }
 }
 

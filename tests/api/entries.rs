@@ -354,6 +354,18 @@ async fn listing_filters_by_resource_and_time(app: TestApp) {
     assert_eq!(unknown.code(), "unknown_resource");
     let typo = app.get("/v1/accounts/acme/entries?form=2026-11-01").await;
     assert_eq!(typo.status, 422);
+    let twice = app
+        .get("/v1/accounts/acme/entries?resource=llm_tokens&resource=api_requests")
+        .await;
+    assert_eq!(twice.status, 422, "not silently the last one: {:?}", twice.body);
+    assert!(
+        twice.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"resource\" is given more than once"),
+        "{:?}",
+        twice.body
+    );
     let reversed = app.get("/v1/accounts/acme/entries?from=2026-11-03&to=2026-11-01").await;
     assert_eq!(reversed.status, 422);
 }
