@@ -142,6 +142,12 @@ async fn set_override(
     };
     let limit = match limit.get() {
         "null" => None,
+        raw if !raw.starts_with(|c: char| c == '"' || c == '-' || c.is_ascii_digit()) => {
+            return Err(ApiError::invalid(
+                "limit",
+                format!("limit must be a decimal string such as \"5000\", or null for unlimited; got {raw}"),
+            ));
+        }
         raw => {
             let text: String = if raw.starts_with('"') {
                 serde_json::from_str(raw).unwrap_or_default()

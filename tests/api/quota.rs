@@ -829,6 +829,13 @@ async fn bad_quota_and_account_input_is_refused_and_writes_nothing(app: TestApp)
         (
             "PUT",
             "/v1/accounts/acme/overrides/llm_tokens",
+            json!({"limit": true}),
+            422,
+            "validation_failed",
+        ),
+        (
+            "PUT",
+            "/v1/accounts/acme/overrides/llm_tokens",
             json!({"enforcement": "soft"}),
             422,
             "validation_failed",
@@ -879,6 +886,14 @@ async fn bad_quota_and_account_input_is_refused_and_writes_nothing(app: TestApp)
             reply.body
         );
     }
+    let not_text = app
+        .put_admin("/v1/accounts/acme/overrides/llm_tokens", json!({"limit": true}))
+        .await;
+    let message = not_text.body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("decimal string") && message.contains("got true"),
+        "{message}"
+    );
     let service = app.key(tally::domain::Role::Service, None).await;
     let forbidden = app
         .request(
