@@ -49,6 +49,10 @@ impl CsvOutput {
     /// A file, written to a temp file beside it and renamed into place by
     /// [`CsvOutput::finish`]. With `overwrite` false an existing file is an error.
     pub fn file(path: &Path, overwrite: bool) -> anyhow::Result<Self> {
+        // Said before anything is read: a folder cannot be replaced by a file.
+        if path.is_dir() {
+            anyhow::bail!("{} is a folder; give -o a file path in it", path.display());
+        }
         if !overwrite && path.exists() {
             anyhow::bail!("{} exists; pass --overwrite to replace it", path.display());
         }
@@ -56,15 +60,28 @@ impl CsvOutput {
             Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
             _ => PathBuf::from("."),
         };
+        if !dir.is_dir() {
+            anyhow::bail!(
+                "the folder {} does not exist (for {}); create it first",
+                dir.display(),
+                path.display()
+            );
+        }
         let mut builder = tempfile::Builder::new();
         builder.prefix(".tally-export-");
         // tempfile creates 0600; a report is read by others (finance), so
         // ask for 0666 and let the umask decide, as for any new file.
         #[cfg(unix)]
         builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
-        let temp = builder
-            .tempfile_in(&dir)
-            .with_context(|| format!("cannot write in {} (for {})", dir.display(), path.display()))?;
+        // The temp file's own name would only puzzle the reader: say the folder.
+        let temp = builder.tempfile_in(&dir).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot write in {} (for {}): {}",
+                dir.display(),
+                path.display(),
+                std::io::Error::from(e.kind())
+            )
+        })?;
         let (file, temp) = temp.into_parts();
         let handle = file
             .try_clone()

@@ -827,7 +827,11 @@ async fn bad_export_requests_fail_clearly_and_leave_no_file(app: TestApp) {
         "/nonexistent/dir/x.csv",
     ]);
     assert!(!unwritable.status.success());
-    assert!(String::from_utf8_lossy(&unwritable.stderr).contains("cannot write in /nonexistent/dir"));
+    let stderr = String::from_utf8_lossy(&unwritable.stderr);
+    assert!(
+        stderr.contains("the folder /nonexistent/dir does not exist") && !stderr.contains(".tally-export-"),
+        "{stderr}"
+    );
     assert!(!out.exists(), "no partial file");
     let nobody = app.cli(&[
         "export",
@@ -859,6 +863,22 @@ async fn bad_export_requests_fail_clearly_and_leave_no_file(app: TestApp) {
     ]);
     assert!(!exists.status.success());
     assert!(String::from_utf8_lossy(&exists.stderr).contains("--overwrite"));
+    // A folder: said up front, before the export runs.
+    let folder = out.parent().unwrap().to_str().unwrap().to_owned();
+    let refused = app.cli(&[
+        "export",
+        "entries",
+        "--from",
+        "2026-09-01",
+        "--to",
+        "2026-10-01",
+        "--overwrite",
+        "-o",
+        &folder,
+    ]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(stderr.contains("is a folder"), "{stderr}");
     let stdout = app.cli(&[
         "export",
         "monthly",
