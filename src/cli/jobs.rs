@@ -93,10 +93,10 @@ pub async fn run(settings: &Settings, command: JobsCommand) -> anyhow::Result<Ex
     match command {
         JobsCommand::List => {
             let now = Utc::now();
-            println!("{:<20} {:<20} {:<12} next run (UTC)", "name", "schedule", "runs");
+            println!("{:<20} {:<20} {:<16} next run (UTC)", "name", "schedule", "runs");
             for job in &definitions {
                 println!(
-                    "{:<20} {:<20} {:<12} {}",
+                    "{:<20} {:<20} {:<16} {}",
                     job.name,
                     job.schedule,
                     job.run.as_str(),

@@ -49,12 +49,13 @@ pub async fn run(settings: &Settings, command: KeysCommand) -> anyhow::Result<Ex
                 println!(
                     "{:>5}  {:<8} {:<14} {:<20} {:<20} {:<26} {}",
                     key.id,
-                    key.role,
+                    key.role.as_str(),
                     key.prefix,
                     key.account.as_ref().map_or("-", |a| a.as_str()),
                     key.name.as_deref().unwrap_or("-"),
-                    key.created_at.to_rfc3339(),
-                    key.revoked_at.map_or("-".into(), |t| t.to_rfc3339()),
+                    key.created_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    key.revoked_at
+                        .map_or("-".into(), |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
                 );
             }
         }

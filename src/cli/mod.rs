@@ -159,7 +159,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Migrate => {
             settings.open_store().await?;
             // Both engines' folders mirror each other (a test checks it).
-            let latest = sqlx::migrate!("migrations/sqlite").migrations.last().map_or(0, |m| m.version);
+            let latest = sqlx::migrate!("migrations/sqlite")
+                .migrations
+                .last()
+                .map_or(0, |m| m.version);
             eprintln!(
                 "{} is at the latest schema, migration {latest:04} (pending ones, if any, were applied)",
                 app::redact_url(&settings.database_url)
