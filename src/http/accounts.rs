@@ -93,7 +93,7 @@ async fn set_plan(
     let account = params::account(&account)?;
     let plan = request
         .plan
-        .ok_or_else(|| ApiError::invalid("plan", "plan is required"))?;
+        .ok_or_else(|| ApiError::missing("plan", "plan is required"))?;
     if !state.catalog.plans.contains_key(&plan) {
         return Err(unknown_plan(&state.catalog, &plan));
     }
@@ -135,7 +135,7 @@ async fn set_override(
     let resource = params::resource(&state.catalog, &resource)?;
     let decimals = state.catalog.decimals(resource.as_str());
     let Some(limit) = request.limit else {
-        return Err(ApiError::invalid(
+        return Err(ApiError::missing(
             "limit",
             "limit is required: a decimal string such as \"5000\", or null for unlimited",
         ));

@@ -50,7 +50,7 @@ async fn top(
         &state.catalog,
         query
             .get("resource")
-            .ok_or_else(|| ApiError::invalid("resource", "query parameter resource is required"))?,
+            .ok_or_else(|| ApiError::missing("resource", "query parameter resource is required"))?,
     )?;
     let month = period(&query)?;
     let limit = match query.get("limit") {

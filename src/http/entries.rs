@@ -185,7 +185,7 @@ async fn reverse_entry(
         .parse()
         .map_err(|_| ApiError::NotFound(format!("entry {id:?} does not exist; entry ids are integers")))?;
     let key = match request.idempotency_key.as_deref() {
-        None => return Err(ApiError::invalid("idempotency_key", "idempotency_key is required")),
+        None => return Err(ApiError::missing("idempotency_key", "idempotency_key is required")),
         Some(raw) => IdempotencyKey::parse(raw).map_err(|m| ApiError::invalid("idempotency_key", m))?,
     };
     if let Some(reason) = &request.reason {

@@ -79,6 +79,17 @@ impl ApiError {
         }])
     }
 
+    /// A 422 about a required field of a request that is not a list of
+    /// entries, with the item code `missing` (as an entry's own fields have).
+    pub fn missing(field: &'static str, message: impl Into<String>) -> Self {
+        Self::from_field_errors(vec![FieldError {
+            index: 0,
+            field,
+            code: "missing",
+            message: message.into(),
+        }])
+    }
+
     /// A 422 from validation problems; the code is the first specific one.
     pub fn from_field_errors(errors: Vec<FieldError>) -> Self {
         let code = errors

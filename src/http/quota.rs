@@ -42,7 +42,7 @@ async fn check(
         request
             .account
             .as_deref()
-            .ok_or_else(|| ApiError::invalid("account", "account is required"))?,
+            .ok_or_else(|| ApiError::missing("account", "account is required"))?,
     )?;
     caller.require_read(&account)?;
     let resource = params::resource(
@@ -50,7 +50,7 @@ async fn check(
         request
             .resource
             .as_deref()
-            .ok_or_else(|| ApiError::invalid("resource", "resource is required"))?,
+            .ok_or_else(|| ApiError::missing("resource", "resource is required"))?,
     )?;
     let decimals = state.catalog.decimals(resource.as_str());
     let amount = match &request.amount {

@@ -38,7 +38,7 @@ async fn get_timeseries(
     let required = |name: &'static str| {
         query
             .get(name)
-            .ok_or_else(|| ApiError::invalid(name, format!("query parameter {name} is required")))
+            .ok_or_else(|| ApiError::missing(name, format!("query parameter {name} is required")))
     };
     let resource = params::resource(&state.catalog, required("resource")?)?;
     let granularity = match query.get("granularity") {

@@ -894,6 +894,27 @@ async fn bad_quota_and_account_input_is_refused_and_writes_nothing(app: TestApp)
         message.contains("decimal string") && message.contains("got true"),
         "{message}"
     );
+    // A required field left out is `missing` everywhere, as in an entry.
+    for (method, path, body) in [
+        ("POST", "/v1/quota/check", json!({"account": "acme"})),
+        (
+            "POST",
+            "/v1/quota/consume",
+            json!({"account": "acme", "amount": "1", "idempotency_key": "m"}),
+        ),
+        ("PUT", "/v1/accounts/acme/plan", json!({})),
+        ("PUT", "/v1/accounts/acme/overrides/llm_tokens", json!({})),
+    ] {
+        let reply = app
+            .request(method, path, Some(&app.admin_key), Some(body.to_string()))
+            .await;
+        assert_eq!(reply.status, 422, "{method} {path}: {:?}", reply.body);
+        assert_eq!(
+            reply.body["error"]["details"]["errors"][0]["code"], "missing",
+            "{method} {path}: {:?}",
+            reply.body
+        );
+    }
     let service = app.key(tally::domain::Role::Service, None).await;
     let forbidden = app
         .request(
