@@ -166,6 +166,18 @@ pub async fn run(settings: &Settings, args: ImportArgs) -> anyhow::Result<ExitCo
             let original = store.entry(mapped).await?;
             let expected = match reversal_of(&original, entry.idempotency_key.clone(), None) {
                 Ok(expected) => expected,
+                // reversal_of's words name ledger ids; the reader of this
+                // report knows the file's.
+                Err(_) if original.reverses.is_some() => {
+                    summary.rejected.push((
+                        line,
+                        format!(
+                            "reverses {target}, which is itself a reversal; a reversal cannot be reversed: \
+                             post a new entry instead"
+                        ),
+                    ));
+                    continue;
+                }
                 Err(refused) => {
                     summary.rejected.push((line, refused.to_string()));
                     continue;
@@ -186,11 +198,13 @@ pub async fn run(settings: &Settings, args: ImportArgs) -> anyhow::Result<ExitCo
                         expected.account,
                         expected.resource,
                         expected.amount,
-                        expected.occurred_at.to_rfc3339(),
+                        expected
+                            .occurred_at
+                            .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
                         entry.account,
                         entry.resource,
                         entry.amount,
-                        entry.occurred_at.to_rfc3339()
+                        entry.occurred_at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
                     ),
                 ));
                 continue;
