@@ -195,6 +195,19 @@ pub fn warnings_for(resource: &ResourceName, limit: &EffectiveLimit, used: Amoun
                 None => format!("{resource} is over its soft {window} limit ({used} of {cap})"),
             },
         ),
+        // Over, not only at, a hard limit: posted entries are not refused,
+        // and a lowered limit can sit below what was already used.
+        (UsageStatus::Exceeded, _) if used.minor() > cap.minor() => (
+            "limit_reached",
+            format!(
+                "{resource} is over its {window} limit ({used} of {cap}); consumes are refused until {}",
+                if limit.window == Window::Total {
+                    "some is freed or the limit is raised"
+                } else {
+                    "the window resets or the limit is raised"
+                }
+            ),
+        ),
         (UsageStatus::Exceeded, _) => (
             "limit_reached",
             format!("{resource} has reached its {window} limit ({used} of {cap})"),

@@ -711,8 +711,23 @@ async fn usage_lists_every_limited_or_used_resource_with_warnings(app: TestApp) 
         ".resources[].period_start" => "[period_start]",
         ".resources[].period_end" => "[period_end]",
     });
-    let at = app.get("/v1/accounts/acme/usage?at=2020-01-01T00:00:00Z").await;
-    assert_eq!(at.body["resources"][1]["used"], "0", "another month");
+    let long_ago = app.get("/v1/accounts/acme/usage?at=2020-01-01T00:00:00Z").await;
+    assert_eq!(long_ago.body["resources"][1]["used"], "0", "another month");
+    // A limit lowered below what is used: the warning says over, not reached.
+    app.put_admin("/v1/accounts/acme/overrides/llm_tokens", json!({"limit": "500"}))
+        .await;
+    let lowered = app.get(&format!("/v1/accounts/acme/usage?at={at}")).await;
+    let warning = lowered.body["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["resource"] == "llm_tokens")
+        .expect("a warning for llm_tokens")
+        .clone();
+    assert_eq!(warning["code"], "limit_reached");
+    let message = warning["message"].as_str().unwrap();
+    assert!(message.contains("is over its day limit (1000 of 500)"), "{message}");
+    assert!(message.contains("until the window resets"), "{message}");
 }
 
 async fn features_follow_the_plan(app: TestApp) {
