@@ -172,7 +172,7 @@ pub async fn run(settings: &Settings, command: ExportCommand) -> anyhow::Result<
 /// `tally stats`.
 pub async fn stats(settings: &Settings, args: StatsArgs) -> anyhow::Result<ExitCode> {
     let (store, catalog) = settings.open_store().await?;
-    let stats = admin::stats(store.as_ref(), &catalog, args.period).await?;
+    let stats = admin::stats(store.as_ref(), &catalog, args.period, chrono::Utc::now()).await?;
     println!("{}", serde_json::to_string_pretty(&stats)?);
     Ok(ExitCode::SUCCESS)
 }

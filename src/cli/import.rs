@@ -51,6 +51,11 @@ fn check_header(file: &std::path::Path, headers: &csv::StringRecord) -> anyhow::
     let mut seen = std::collections::HashSet::new();
     for name in headers {
         anyhow::ensure!(
+            !name.is_empty(),
+            "{file}: the header has a column without a name (a trailing comma?); \
+             the columns are those of the entries export: {expected}"
+        );
+        anyhow::ensure!(
             ENTRIES_HEADER.contains(&name),
             "{file}: the header has a column {name:?} that the import does not know; \
              the columns are those of the entries export: {expected}"

@@ -139,13 +139,13 @@ fn not_rfc3339(text: &str, e: chrono::ParseError) -> String {
         format!("{text:?} has no UTC offset; end it with Z (UTC) or an offset like +01:00: {text}Z")
     } else if plus_read_as_space {
         format!(
-            "{text:?} has a space where its offset's '+' belongs: in a URL query '+' means a space, \
-             so write it as %2B (or give the time in UTC with Z)"
+            "{text:?} has a space where its offset's '+' belongs; in a URL query string '+' reads as \
+             a space, so write it there as %2B (or give the time in UTC with Z)"
         )
     } else {
         let reason = match e.kind() {
             chrono::format::ParseErrorKind::OutOfRange => {
-                "a field is out of range (a month over 12, an hour over 23, …)"
+                "a field is out of range (a month over 12, a day that month does not have, an hour over 23, …)"
             }
             chrono::format::ParseErrorKind::Impossible => "it names a day that does not exist",
             chrono::format::ParseErrorKind::TooShort => "it ends too early",

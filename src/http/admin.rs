@@ -3,7 +3,7 @@
 use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 
 use super::auth::Admin;
 use super::error::ApiError;
@@ -19,10 +19,14 @@ pub fn router() -> Router<AppState> {
         .route("/v1/admin/top", get(top))
 }
 
-fn period(query: &std::collections::HashMap<String, String>) -> Result<chrono::NaiveDate, ApiError> {
+/// The `period` parameter, this month (as of `now`) when absent.
+fn period(
+    query: &std::collections::HashMap<String, String>,
+    now: DateTime<Utc>,
+) -> Result<chrono::NaiveDate, ApiError> {
     match query.get("period") {
         Some(raw) => params::month("period", raw),
-        None => Ok(Granularity::Month.bucket_of(Utc::now().date_naive())),
+        None => Ok(Granularity::Month.bucket_of(now.date_naive())),
     }
 }
 
@@ -32,9 +36,9 @@ async fn stats(
     QueryParams(query): QueryParams,
 ) -> Result<Json<Stats>, ApiError> {
     params::reject_unknown(&query, &["period"])?;
-    let month = period(&query)?;
+    let month = period(&query, state.clock.now())?;
     Ok(Json(
-        admin::stats(state.store.as_ref(), &state.catalog, month)
+        admin::stats(state.store.as_ref(), &state.catalog, month, state.clock.now())
             .await
             .map_err(ApiError::from_report)?,
     ))
@@ -52,7 +56,7 @@ async fn top(
             .get("resource")
             .ok_or_else(|| ApiError::missing("resource", "query parameter resource is required"))?,
     )?;
-    let month = period(&query)?;
+    let month = period(&query, state.clock.now())?;
     let limit = match query.get("limit") {
         None => 10,
         Some(raw) => match raw.parse::<usize>() {

@@ -11,7 +11,7 @@ use serde_json::value::RawValue;
 use super::AppState;
 use super::auth::{Caller, Writer};
 use super::error::ApiError;
-use super::extract::{Body, Path, QueryParams, malformed_json, parse_json};
+use super::extract::{Body, Path, QueryParams, malformed_json, parse_json, require_object};
 use super::params;
 use crate::domain::entry::{EntryRules, FieldError, refuse_nul, validate_batch};
 use crate::domain::{AccountId, Entry, EntryFilter, EntryInput, IdempotencyKey, InsertOutcome, InsertStatus, Role};
@@ -66,7 +66,7 @@ impl<'de> Deserialize<'de> for BoundedEntries {
 
             fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
                 let mut entries = Vec::new();
-                while let Some(entry) = seq.next_element::<EntryInput>()? {
+                while let Some(ObjectEntry(entry)) = seq.next_element::<ObjectEntry>()? {
                     if entries.len() == MAX_BATCH {
                         return Err(serde::de::Error::custom(TOO_MANY_ENTRIES));
                     }
@@ -76,6 +76,30 @@ impl<'de> Deserialize<'de> for BoundedEntries {
             }
         }
         deserializer.deserialize_seq(Entries)
+    }
+}
+
+/// One entry of a batch, read from a JSON object only. serde's derived
+/// structs also take an array of their fields in declaration order, which
+/// would slip past field names and `deny_unknown_fields`; asking for a map
+/// refuses that in the same single pass.
+struct ObjectEntry(EntryInput);
+
+impl<'de> Deserialize<'de> for ObjectEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Object;
+        impl<'de> serde::de::Visitor<'de> for Object {
+            type Value = ObjectEntry;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an entry object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                EntryInput::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(ObjectEntry)
+            }
+        }
+        deserializer.deserialize_map(Object)
     }
 }
 
@@ -98,6 +122,8 @@ fn too_many_entries() -> ApiError {
 /// borrowed raw values, which tells the shapes apart and words the errors.
 /// Amounts stay as written either way (`RawValue`).
 fn entries_of(bytes: &[u8]) -> Result<Vec<EntryInput>, ApiError> {
+    // `BatchBody` too would read an array (`[[…]]`) as its one field.
+    require_object(bytes)?;
     match serde_json::from_slice::<BatchBody>(bytes) {
         Ok(batch) => return Ok(batch.entries.0),
         Err(e) if is_too_many(&e) => return Err(too_many_entries()),

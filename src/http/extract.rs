@@ -38,18 +38,26 @@ impl<S: Send + Sync> FromRequest<S> for Body {
 /// accept an array of the fields in declaration order, which would let a
 /// client depend on our field order and slip past `deny_unknown_fields`.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let first = bytes.iter().find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'));
-    if first != Some(&b'{') {
-        let what = match first {
-            None => "empty",
-            Some(b'[') => "a JSON array",
-            Some(_) => "not a JSON object",
-        };
-        return Err(ApiError::MalformedBody(format!(
-            "the body is {what}; send a JSON object ({{\"field\": value, …}}) as the API documents"
-        )));
-    }
+    require_object(bytes)?;
     serde_json::from_slice(bytes).map_err(malformed_json)
+}
+
+/// 400 unless the body is a JSON object (by its first byte past whitespace:
+/// serde finds everything else wrong with it).
+pub fn require_object(bytes: &[u8]) -> Result<(), ApiError> {
+    let first = bytes.iter().find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'));
+    if first == Some(&b'{') {
+        return Ok(());
+    }
+    let what = match first {
+        None => "empty",
+        Some(b'[') => "a JSON array",
+        Some(0xEF) => "preceded by a byte order mark (remove it)",
+        Some(_) => "not a JSON object",
+    };
+    Err(ApiError::MalformedBody(format!(
+        "the body is {what}; send a JSON object ({{\"field\": value, …}}) as the API documents"
+    )))
 }
 
 /// The 400 for a body serde could not read as this endpoint's JSON.
@@ -61,13 +69,16 @@ pub fn malformed_json(e: serde_json::Error) -> ApiError {
 }
 
 /// serde names our Rust types ("expected struct EntryInput"); a client
-/// knows them as objects.
+/// knows them as objects. Only serde's own "expected struct" is rewritten,
+/// not words of the client's that happen to read "struct".
 fn without_type_names(message: &str) -> String {
+    const SERDE: &str = "expected struct ";
     let mut out = String::with_capacity(message.len());
     let mut rest = message;
-    while let Some(at) = rest.find("struct ") {
+    while let Some(at) = rest.find(SERDE) {
         out.push_str(&rest[..at]);
-        let after = &rest[at + "struct ".len()..];
+        out.push_str("expected ");
+        let after = &rest[at + SERDE.len()..];
         let name_len = after
             .find(|c: char| !c.is_ascii_alphanumeric() && c != '_')
             .unwrap_or(after.len());
@@ -144,5 +155,9 @@ mod tests {
             "expected an object with 4 elements"
         );
         assert_eq!(without_type_names("missing field `account`"), "missing field `account`");
+        assert_eq!(
+            without_type_names("unknown field `struct x`, expected one of `account`"),
+            "unknown field `struct x`, expected one of `account`"
+        );
     }
 }

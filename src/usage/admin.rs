@@ -43,12 +43,18 @@ pub struct Stats {
 }
 
 /// The instant whose plan counts for a period: its last microsecond, or now if earlier.
-fn plan_instant(month: NaiveDate) -> DateTime<Utc> {
-    (start_of(Granularity::Month.next(month)) - Duration::microseconds(1)).min(Utc::now())
+fn plan_instant(month: NaiveDate, now: DateTime<Utc>) -> DateTime<Utc> {
+    (start_of(Granularity::Month.next(month)) - Duration::microseconds(1)).min(now)
 }
 
-/// Platform totals for the month starting `month`.
-pub async fn stats(store: &dyn Store, catalog: &Catalog, month: NaiveDate) -> anyhow::Result<Stats> {
+/// Platform totals for the month starting `month`, as of `now` (the plans
+/// counted for a month not yet over are those in force now).
+pub async fn stats(
+    store: &dyn Store,
+    catalog: &Catalog,
+    month: NaiveDate,
+    now: DateTime<Utc>,
+) -> anyhow::Result<Stats> {
     let filter = ExportFilter {
         from: month,
         to: Granularity::Month.next(month),
@@ -74,7 +80,7 @@ pub async fn stats(store: &dyn Store, catalog: &Catalog, month: NaiveDate) -> an
     for (account, assignment) in store.all_plan_assignments().await? {
         histories.entry(account).or_default().push(assignment);
     }
-    let at = plan_instant(month);
+    let at = plan_instant(month, now);
     let mut accounts_per_plan: BTreeMap<String, u64> = BTreeMap::new();
     let known: BTreeSet<&String> = active.iter().chain(histories.keys()).collect();
     for account in known {

@@ -200,11 +200,11 @@ pub fn warnings_for(resource: &ResourceName, limit: &EffectiveLimit, used: Amoun
         (UsageStatus::Exceeded, _) if used.minor() > cap.minor() => (
             "limit_reached",
             format!(
-                "{resource} is over its {window} limit ({used} of {cap}); consumes are refused until {}",
+                "{resource} is over its {window} limit ({used} of {cap}); {}",
                 if limit.window == Window::Total {
-                    "some is freed or the limit is raised"
+                    "consumes are refused until some is freed or the limit is raised"
                 } else {
-                    "the window resets or the limit is raised"
+                    "consumes in this window are refused unless the limit is raised"
                 }
             ),
         ),
@@ -351,8 +351,7 @@ impl Quotas<'_> {
 
     /// Checks and records `entry` in one atomic step; a key used before
     /// returns its first outcome and records nothing. `now` is when the
-    /// caller is answered: a refusal's `retry_after` counts from it (or from
-    /// `occurred_at`, if later).
+    /// caller is answered: a refusal's `retry_after` counts from it.
     pub async fn consume(
         &self,
         entry: &NewEntry,
@@ -472,7 +471,7 @@ impl ConsumeDecider for Decider<'_> {
             let status = QuotaStatus::new(&entry.account, &entry.resource, &limit, &period, used, false);
             Rejected::QuotaExceeded {
                 status,
-                retry_after: retry_after(&limit, entry.amount, &period, entry.occurred_at.max(self.now)),
+                retry_after: retry_after(&limit, entry.amount, &period, self.now),
             }
             .reason()
         };
@@ -549,7 +548,7 @@ impl Quotas<'_> {
                 let status = QuotaStatus::new(&entry.account, &entry.resource, &limit, &period, used, false);
                 Ok(ConsumeOutcome::QuotaExceeded {
                     status,
-                    retry_after: retry_after(&limit, entry.amount, &period, entry.occurred_at.max(now)),
+                    retry_after: retry_after(&limit, entry.amount, &period, now),
                 })
             }
         }
@@ -608,12 +607,12 @@ fn rate_cells(per_minute: u32, amount: Amount) -> Option<(u32, u32)> {
     Some((u32::try_from(budget).ok()?, u32::try_from(cells).ok()?))
 }
 
-/// Whole seconds, rounded up, from `from` (the later of now and the
-/// consume's `occurred_at`) to the end of `period`, when waiting can let the
-/// consume through. None for a total (it never resets), for an amount over
-/// the whole limit (no fresh window takes it), and for a window that has
-/// already closed (a backdated consume stays in its window however long one
-/// waits).
+/// Whole seconds, rounded up, from now (`from`) to the end of `period`: the
+/// wait before a consume made then lands in a fresh window. None for a total
+/// (it never resets), for an amount over the whole limit (no fresh window
+/// takes it), and for a window that has already closed (a backdated consume
+/// stays in its window however long one waits). Counted from now even for an
+/// `occurred_at` a little ahead: the window still ends at `period_end`.
 fn retry_after(limit: &EffectiveLimit, amount: Amount, period: &Period, from: DateTime<Utc>) -> Option<u64> {
     if limit.limit.is_some_and(|whole| amount.minor() > whole.minor()) {
         return None;

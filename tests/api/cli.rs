@@ -163,6 +163,10 @@ async fn import_refuses_a_header_with_an_unknown_or_repeated_column_and_writes_n
             "names the column \"account\" twice",
         ),
         ("account,resource,idempotency_key", "lacks [\"amount\"]"),
+        (
+            "account,resource,amount,idempotency_key,",
+            "a column without a name (a trailing comma?)",
+        ),
     ] {
         let file = dir.path().join("typo.csv");
         std::fs::write(

@@ -371,6 +371,15 @@ async fn a_backdated_consume_is_told_the_true_wait_from_now_and_none_once_its_wi
         Some(12 * 3600),
         "from 12:00 (now), not from 10:00"
     );
+    // Dated 3 minutes ahead: the window still ends at midnight, 12 h away.
+    let ahead = iso(at(today, 12) + Duration::minutes(3));
+    let refused_ahead = consume(&app, "acme", "llm_tokens", "1", "today-ahead", Some(&ahead)).await;
+    assert_eq!(refused_ahead.status, 429, "{:?}", refused_ahead.body);
+    assert_eq!(
+        retry_after(&refused_ahead),
+        Some(12 * 3600),
+        "from now, not from occurred_at"
+    );
     let closed = consume(
         &app,
         "acme",
@@ -727,7 +736,7 @@ async fn usage_lists_every_limited_or_used_resource_with_warnings(app: TestApp) 
     assert_eq!(warning["code"], "limit_reached");
     let message = warning["message"].as_str().unwrap();
     assert!(message.contains("is over its day limit (1000 of 500)"), "{message}");
-    assert!(message.contains("until the window resets"), "{message}");
+    assert!(message.contains("consumes in this window are refused"), "{message}");
 }
 
 async fn features_follow_the_plan(app: TestApp) {

@@ -122,7 +122,10 @@ async fn a_body_with_both_one_entry_and_entries_is_400(app: TestApp) {
     let not_an_object = app.post_entries(json!({"entries": [1]})).await;
     assert_eq!(not_an_object.status, 400);
     let message = not_an_object.body["error"]["message"].as_str().unwrap();
-    assert!(message.contains("expected an object"), "no Rust type names: {message}");
+    assert!(
+        message.contains("expected an entry object"),
+        "no Rust type names: {message}"
+    );
     assert_eq!(app.count_entries().await, 0);
 }
 
@@ -143,6 +146,18 @@ async fn a_body_that_is_an_array_is_400_on_every_route_that_takes_one(app: TestA
             json!(["5", null, null, null]),
         ),
         ("POST", "/v1/entries", json!([entry("acme", "api_requests", "1", "k1")])),
+        // A batch body as an array of its one field, and entries as arrays
+        // of theirs: serde's derive reads both unless told otherwise.
+        (
+            "POST",
+            "/v1/entries",
+            json!([[entry("acme", "api_requests", "1", "k1")]]),
+        ),
+        (
+            "POST",
+            "/v1/entries",
+            json!({"entries": [["acme", "api_requests", "1", "k1", null, null, null]]}),
+        ),
         ("POST", "/v1/entries/1/reversal", json!(["undo", null])),
     ] {
         let reply = app
