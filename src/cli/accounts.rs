@@ -210,7 +210,7 @@ pub async fn check(settings: &Settings, args: CheckArgs) -> anyhow::Result<ExitC
             })
         }
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", crate::telemetry::cause_chain(error.as_ref()));
             Ok(ExitCode::from(2))
         }
     }
@@ -237,7 +237,7 @@ pub async fn feature(settings: &Settings, args: FeatureArgs) -> anyhow::Result<E
             })
         }
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", crate::telemetry::cause_chain(error.as_ref()));
             Ok(ExitCode::from(2))
         }
     }
