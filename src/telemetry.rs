@@ -63,6 +63,8 @@ pub struct Metrics {
     pub rollup_runs: Counter,
     /// Rollup runs that failed.
     pub rollup_failures: Counter,
+    /// Rollup runs of this process that failed since its last good one.
+    pub rollup_failures_in_a_row: Gauge,
     /// Seconds since the oldest unfolded entry was recorded (set at scrape time).
     pub rollup_lag_seconds: Gauge,
     /// 1 when the database answered the scrape's lag query, else 0 (the lag
@@ -79,6 +81,7 @@ impl Default for Metrics {
         let entries_folded = Counter::default();
         let rollup_runs = Counter::default();
         let rollup_failures = Counter::default();
+        let rollup_failures_in_a_row = Gauge::default();
         let rollup_lag_seconds = Gauge::default();
         let database_up = Gauge::default();
         let http_requests = Family::<HttpLabels, Counter>::default();
@@ -90,6 +93,11 @@ impl Default for Metrics {
         );
         registry.register("rollup_runs", "Rollup runs finished", rollup_runs.clone());
         registry.register("rollup_failures", "Rollup runs that failed", rollup_failures.clone());
+        registry.register(
+            "rollup_failures_in_a_row",
+            "Rollup runs of this process that failed since its last good one",
+            rollup_failures_in_a_row.clone(),
+        );
         registry.register(
             "rollup_lag_seconds",
             "Seconds since the oldest entry not yet folded was recorded",
@@ -111,6 +119,7 @@ impl Default for Metrics {
             entries_folded,
             rollup_runs,
             rollup_failures,
+            rollup_failures_in_a_row,
             rollup_lag_seconds,
             database_up,
             http_requests,

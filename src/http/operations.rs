@@ -20,18 +20,32 @@ pub fn router() -> Router<AppState> {
         .route("/metrics", get(metrics))
 }
 
+/// 200 while requests can be served; `status` is `degraded` when the latest
+/// rollup run of this process failed (reads stay exact, but the unfolded
+/// tail grows until it runs again), 503 when the database does not answer.
 async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+    let failures_in_a_row = state.metrics.rollup_failures_in_a_row.get();
     match rollup_lag_seconds(state.store.as_ref(), Utc::now()).await {
         Ok(lag) => (
             StatusCode::OK,
-            Json(json!({ "status": "ok", "database": "ok", "rollup_lag_seconds": lag })),
+            Json(json!({
+                "status": if failures_in_a_row > 0 { "degraded" } else { "ok" },
+                "database": "ok",
+                "rollup_lag_seconds": lag,
+                "rollup_failures_in_a_row": failures_in_a_row,
+            })),
         ),
         Err(e) => {
             let cause = crate::telemetry::cause_chain(&e);
             tracing::warn!(error = %cause, "health check: database unavailable: {cause}");
             (
                 StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({ "status": "degraded", "database": "unavailable", "rollup_lag_seconds": null })),
+                Json(json!({
+                    "status": "degraded",
+                    "database": "unavailable",
+                    "rollup_lag_seconds": null,
+                    "rollup_failures_in_a_row": failures_in_a_row,
+                })),
             )
         }
     }

@@ -172,6 +172,7 @@ pub async fn run(store: &dyn Store, options: &RollupOptions, metrics: &Metrics) 
     match result {
         Ok(()) => {
             metrics.rollup_runs.inc();
+            metrics.rollup_failures_in_a_row.set(0);
             if report.entries > 0 {
                 tracing::info!(entries = report.entries, batches = report.batches, "rollup: {report}");
             }
@@ -179,6 +180,7 @@ pub async fn run(store: &dyn Store, options: &RollupOptions, metrics: &Metrics) 
         }
         Err(e) => {
             metrics.rollup_failures.inc();
+            metrics.rollup_failures_in_a_row.inc();
             let cause = crate::telemetry::cause_chain(&e);
             tracing::error!(entries = report.entries, error = %cause, "rollup failed after {report}: {cause}");
             Err(e)

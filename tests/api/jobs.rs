@@ -208,10 +208,20 @@ async fn health_reports_rollup_lag_and_metrics_count_what_happened(app: TestApp)
         .await
         .unwrap();
     assert!(failed.is_err(), "{failed:?}");
+    let health = app.request("GET", "/healthz", None, None).await;
+    assert_eq!(health.status, 200, "serving still works: {health:?}");
+    assert_eq!(health.body["status"], "degraded", "{health:?}");
+    assert_eq!(health.body["rollup_failures_in_a_row"], 1, "{health:?}");
     let metrics = app.metrics_text().await;
     assert_eq!(metric(&metrics, "tally_rollup_failures_total"), Some(1), "{metrics}");
+    assert_eq!(metric(&metrics, "tally_rollup_failures_in_a_row"), Some(1), "{metrics}");
     assert_eq!(metric(&metrics, "tally_rollup_runs_total"), Some(runs), "{metrics}");
     assert_eq!(metric(&metrics, "tally_entries_folded_total"), Some(3), "{metrics}");
+    // A good run clears it.
+    runner.run("rollup").await.expect("the rollup runs again");
+    let health = app.request("GET", "/healthz", None, None).await;
+    assert_eq!(health.body["status"], "ok", "{health:?}");
+    assert_eq!(health.body["rollup_failures_in_a_row"], 0, "{health:?}");
 }
 
 async fn jobs_list_shows_each_job_and_its_next_run(app: TestApp) {
