@@ -112,11 +112,23 @@ pub fn parse_timestamp(text: &str) -> Result<DateTime<Utc>, String> {
         ));
     }
     let t = parsed.with_timezone(&Utc).trunc_subsecs(6);
-    if (1..=9999).contains(&t.year()) {
-        Ok(t)
-    } else {
-        Err(format!("{text:?} is outside the years 1 to 9999"))
+    if !(1..=9999).contains(&t.year()) {
+        return Err(format!("{text:?} is outside the years 1 to 9999"));
     }
+    within_writable_periods(text, t)
+}
+
+/// Refuses an instant in December 9999: its month ends in year 10000, a
+/// `period_end` RFC 3339 cannot write.
+fn within_writable_periods(text: &str, t: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
+    use chrono::Datelike;
+    if t.year() == 9999 && t.month() == 12 {
+        return Err(format!(
+            "{text:?} is in December 9999, whose month would end in year 10000, which RFC 3339 cannot write; \
+             give an instant before 9999-12-01"
+        ));
+    }
+    Ok(t)
 }
 
 /// Says what is wrong with `text` as an RFC 3339 timestamp, for the mistakes
@@ -162,7 +174,7 @@ fn not_rfc3339(text: &str, e: chrono::ParseError) -> String {
 pub fn parse_instant_or_date(raw: &str) -> Result<DateTime<Utc>, String> {
     if chrono::NaiveDate::parse_from_str(raw, "%Y-%m-%d").is_ok() {
         let day = super::period::parse_date(raw)?;
-        return Ok(day.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc());
+        return within_writable_periods(raw, day.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc());
     }
     parse_timestamp(raw).map_err(|m| format!("{m} (or a date like 2026-11-01)"))
 }
@@ -470,6 +482,7 @@ mod tests {
             ("2026-11-15T12:00:00 01:00", "%2B"),
             ("2026-12-01T25:00:00Z", "out of range"),
             ("yesterday", "2026-11-23T14:05:00Z"),
+            ("9999-12-31T00:00:00Z", "before 9999-12-01"),
         ] {
             let got = message(text);
             assert!(got.contains(says), "{text}: {got}");

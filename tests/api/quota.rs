@@ -892,6 +892,21 @@ async fn bad_quota_and_account_input_is_refused_and_writes_nothing(app: TestApp)
             422,
             "validation_failed",
         ),
+        // Its month would end in year 10000: no RFC 3339 period_end.
+        (
+            "GET",
+            "/v1/accounts/acme/usage?at=9999-12-31",
+            Value::Null,
+            422,
+            "validation_failed",
+        ),
+        (
+            "POST",
+            "/v1/quota/check",
+            json!({"account": "acme", "resource": "llm_tokens", "at": "9999-12-31T23:59:59Z"}),
+            422,
+            "validation_failed",
+        ),
         (
             "POST",
             "/v1/quota/check",
