@@ -37,7 +37,7 @@ pub struct OutputArgs {
     /// Replace FILE if it exists.
     #[arg(long)]
     overwrite: bool,
-    /// Show a row counter on stderr even when it is not a terminal.
+    /// Count rows on stderr even when it is not a terminal: a line a second, then the total.
     #[arg(long)]
     progress: bool,
     /// Only this account.

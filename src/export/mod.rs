@@ -33,6 +33,8 @@ pub struct CsvOutput {
     writer: Box<dyn Write + Send>,
     file: Option<Destination>,
     progress: Option<ProgressBar>,
+    /// The counter is written as lines (no terminal), not drawn in place.
+    progress_as_lines: bool,
     rows: u64,
     line: Vec<u8>,
 }
@@ -112,24 +114,31 @@ impl CsvOutput {
             writer,
             file,
             progress: None,
+            progress_as_lines: false,
             rows: 0,
             line: Vec::new(),
         }
     }
 
-    /// Shows a row counter on stderr: when stderr is a terminal, or always with `force`.
+    /// Shows a row counter on stderr: drawn in place when stderr is a
+    /// terminal; with `force` and no terminal (a log, a pipe), as a line a
+    /// second and a last one at the end, since indicatif draws nothing there.
     pub fn with_progress(mut self, force: bool) -> Self {
-        let target = if force {
-            ProgressDrawTarget::stderr_with_hz(4)
+        let (target, template) = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            (ProgressDrawTarget::stderr(), "{spinner} {human_pos} rows ({per_sec})")
+        } else if force {
+            self.progress_as_lines = true;
+            (
+                ProgressDrawTarget::term_like_with_hz(Box::new(ProgressLines), 1),
+                "{human_pos} rows after {elapsed}",
+            )
         } else {
-            ProgressDrawTarget::stderr()
+            return self;
         };
-        let bar = ProgressBar::with_draw_target(None, target).with_style(
-            ProgressStyle::with_template("{spinner} {human_pos} rows ({per_sec})").expect("valid template"),
+        self.progress = Some(
+            ProgressBar::with_draw_target(None, target)
+                .with_style(ProgressStyle::with_template(template).expect("valid template")),
         );
-        if !bar.is_hidden() || force {
-            self.progress = Some(bar);
-        }
         self
     }
 
@@ -186,6 +195,11 @@ impl CsvOutput {
         let rows = self.rows;
         if let Some(bar) = &self.progress {
             bar.finish_and_clear();
+            if self.progress_as_lines {
+                // The whole count: a short export may have passed no redraw.
+                let noun = if rows == 1 { "row" } else { "rows" };
+                eprintln!("{rows} {noun} after {:.1} s", bar.elapsed().as_secs_f64());
+            }
         }
         let mut writer = self.writer;
         writer.flush().context("cannot flush the CSV")?;
@@ -221,5 +235,53 @@ impl crate::store::CsvSink for CsvOutput {
         self.writer.write_all(lines)?;
         self.counted(rows);
         Ok(())
+    }
+}
+
+/// A row counter as plain lines on stderr, for a log or a pipe: indicatif
+/// draws nothing on a stream that is not a terminal. Cursor moves and
+/// clears mean nothing in a log, so they do nothing; each drawing is a line.
+#[derive(Debug)]
+struct ProgressLines;
+
+impl indicatif::TermLike for ProgressLines {
+    fn width(&self) -> u16 {
+        80
+    }
+
+    fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn write_line(&self, s: &str) -> std::io::Result<()> {
+        self.write_str(s)
+    }
+
+    fn write_str(&self, s: &str) -> std::io::Result<()> {
+        let line = s.trim_matches(|c: char| c == '\r' || c.is_whitespace());
+        if line.is_empty() {
+            return Ok(());
+        }
+        writeln!(std::io::stderr(), "{line}")
+    }
+
+    fn clear_line(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        std::io::stderr().flush()
     }
 }

@@ -32,6 +32,7 @@ both!(
     bad_export_requests_fail_clearly_and_leave_no_file,
     exports_write_fractional_and_negative_amounts_exactly_for_any_decimals,
     an_export_file_gets_the_umask_permissions_and_a_closed_pipe_is_not_an_error,
+    progress_is_written_as_lines_when_stderr_is_not_a_terminal,
 );
 
 fn read_csv(path: &Path) -> Vec<Vec<String>> {
@@ -1048,4 +1049,23 @@ async fn an_export_file_gets_the_umask_permissions_and_a_closed_pipe_is_not_an_e
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{:?}: {stderr}", output.status);
     assert!(!stderr.contains("error"), "{stderr}");
+}
+
+/// indicatif draws nothing on a pipe or a log; `--progress` still counts
+/// there, as lines, and without it nothing is added to stderr.
+async fn progress_is_written_as_lines_when_stderr_is_not_a_terminal(app: TestApp) {
+    app.insert(&[
+        ("acme", "api_requests", "1", "a", "2026-09-02T10:00:00Z"),
+        ("acme", "api_requests", "2", "b", "2026-09-03T10:00:00Z"),
+    ])
+    .await;
+    let args = ["export", "entries", "--from", "2026-09-01", "--to", "2026-10-01"];
+    let with = app.cli(&[&args[..], &["--progress"]].concat());
+    assert!(with.status.success());
+    let stderr = String::from_utf8_lossy(&with.stderr);
+    assert!(stderr.contains("2 rows after"), "{stderr}");
+    let without = app.cli(&args);
+    assert!(without.status.success());
+    let stderr = String::from_utf8_lossy(&without.stderr);
+    assert!(!stderr.contains("rows after"), "{stderr}");
 }
