@@ -61,6 +61,15 @@ pub async fn rollup(settings: &Settings, args: RollupArgs) -> anyhow::Result<Exi
 pub async fn verify(settings: &Settings) -> anyhow::Result<ExitCode> {
     let (store, catalog) = settings.open_store().await?;
     let mismatches = store.verify_totals().await?;
+    // verify judges folded rows only: a rollup that keeps failing (a total
+    // past 64 bits, say) leaves them consistent, so say how far behind it is.
+    let lag = crate::usage::rollup_lag_seconds(store.as_ref(), chrono::Utc::now()).await?;
+    if lag > 60 {
+        eprintln!(
+            "note: the oldest entry not yet folded was recorded {lag} s ago; if `tally rollup` fails, \
+             docs/operations.md (\"When the rollup keeps failing\") says what to look for"
+        );
+    }
     if mismatches.is_empty() {
         println!("ok: every daily and monthly total equals the sum of its folded ledger entries");
         return Ok(ExitCode::SUCCESS);

@@ -19,6 +19,7 @@ both!(
     negative_entries_reversals_and_late_entries_fold_into_their_buckets,
     a_second_rollup_with_nothing_new_changes_nothing,
     a_corrupted_total_makes_verify_fail,
+    verify_says_how_far_behind_the_rollup_is,
     a_failure_before_a_commit_leaves_totals_exact_after_the_next_run,
     a_failure_between_batches_leaves_totals_exact_after_the_next_run,
     a_rollup_process_killed_mid_batch_leaves_totals_exact_after_the_next_run,
@@ -145,6 +146,38 @@ async fn a_corrupted_total_makes_verify_fail(app: TestApp) {
         ),
         "{stdout}"
     );
+}
+
+/// verify judges folded rows only; an entry left unfolded for minutes (a
+/// rollup that keeps failing) is named beside its "ok".
+async fn verify_says_how_far_behind_the_rollup_is(app: TestApp) {
+    let verify = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(["verify", "--database-url", &app.database_url])
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let current = verify();
+    assert!(current.status.success());
+    assert!(!String::from_utf8_lossy(&current.stderr).contains("not yet folded"));
+    let old_unfolded = match app.backend {
+        Backend::Sqlite => format!(
+            "INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key) \
+             VALUES ('acme', 'api_requests', 1, {0}, {0}, 'old')",
+            (chrono::Utc::now() - chrono::Duration::minutes(5)).timestamp_micros()
+        ),
+        Backend::Postgres => {
+            "INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key) \
+             VALUES ('acme', 'api_requests', 1, now() - interval '5 minutes', now() - interval '5 minutes', 'old')"
+                .to_owned()
+        }
+    };
+    app.execute_raw(&old_unfolded).await.unwrap();
+    let behind = verify();
+    assert!(behind.status.success(), "the totals themselves agree");
+    let stderr = String::from_utf8_lossy(&behind.stderr);
+    assert!(stderr.contains("not yet folded was recorded"), "{stderr}");
 }
 
 /// 25 entries over 5 days, for the crash tests (batches of 10 → 3 batches).
