@@ -264,19 +264,14 @@ async fn flush(
         Err(StoreError::Unavailable(e)) => return Err(e).context("the database became unavailable during the import"),
         Err(_) => {
             for row in batch.iter() {
-                match store.insert_entries(std::slice::from_ref(&row.entry)).await {
-                    Ok(mut outcomes) => {
-                        let outcome = outcomes.remove(0);
-                        record(row, outcome.id, outcome.status, id_map, summary);
-                    }
+                match store.insert_entry(&row.entry).await {
+                    Ok(outcome) => record(row, outcome.id, outcome.status, id_map, summary),
                     Err(StoreError::Unavailable(e)) => {
                         return Err(e).context("the database became unavailable during the import");
                     }
                     Err(StoreError::Internal(e)) => summary
                         .rejected
                         .push((row.line, format!("refused by the database: {e}"))),
-                    // The line says where; a batch position of 0 would not.
-                    Err(StoreError::IdempotencyConflict { message, .. }) => summary.rejected.push((row.line, message)),
                     Err(e) => summary.rejected.push((row.line, e.to_string())),
                 }
             }

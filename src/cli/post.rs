@@ -8,7 +8,6 @@ use rand::RngCore;
 use crate::app::Settings;
 use crate::domain::EntryInput;
 use crate::domain::entry::{EntryRules, validate_batch};
-use crate::store::StoreError;
 
 /// Arguments of `tally post`.
 #[derive(Debug, clap::Args)]
@@ -63,15 +62,8 @@ pub async fn run(settings: &Settings, args: PostArgs) -> anyhow::Result<ExitCode
             return Ok(ExitCode::from(2));
         }
     };
-    let outcome = store
-        .insert_entries(&entries)
-        .await
-        .map_err(|e| match e {
-            // One entry: a batch position would mean nothing here.
-            StoreError::IdempotencyConflict { message, .. } => StoreError::IdempotencyConflict { index: None, message },
-            other => other,
-        })?
-        .remove(0);
+    // One input validates to one entry.
+    let outcome = store.insert_entry(&entries[0]).await?;
     println!(
         "{} entry {} (idempotency_key {})",
         match outcome.status {

@@ -159,7 +159,6 @@ fn not_rfc3339(text: &str, e: chrono::ParseError) -> String {
             chrono::format::ParseErrorKind::OutOfRange => {
                 "a field is out of range (a month over 12, a day that month does not have, an hour over 23, …)"
             }
-            chrono::format::ParseErrorKind::Impossible => "it names a day that does not exist",
             chrono::format::ParseErrorKind::TooShort => "it ends too early",
             chrono::format::ParseErrorKind::TooLong => "there is text after the timestamp",
             _ => "it does not have the shape YYYY-MM-DDTHH:MM:SS with an offset",

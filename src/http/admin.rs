@@ -36,9 +36,10 @@ async fn stats(
     QueryParams(query): QueryParams,
 ) -> Result<Json<Stats>, ApiError> {
     params::reject_unknown(&query, &["period"])?;
-    let month = period(&query, state.clock.now())?;
+    let now = state.clock.now();
+    let month = period(&query, now)?;
     Ok(Json(
-        admin::stats(state.store.as_ref(), &state.catalog, month, state.clock.now())
+        admin::stats(state.store.as_ref(), &state.catalog, month, now)
             .await
             .map_err(ApiError::from_report)?,
     ))

@@ -245,17 +245,7 @@ async fn reverse_entry(
             ),
         }]));
     }
-    let outcome = state
-        .store
-        .insert_entries(std::slice::from_ref(&reversal))
-        .await
-        // Not a batch: the message needs no position.
-        .map_err(|e| match e {
-            StoreError::IdempotencyConflict { message, .. } => StoreError::IdempotencyConflict { index: None, message },
-            other => other,
-        })?
-        .pop()
-        .expect("one outcome per entry");
+    let outcome = state.store.insert_entry(&reversal).await?;
     if outcome.status == InsertStatus::Created {
         state.metrics.entries_ingested(1);
     }

@@ -71,22 +71,21 @@ pub enum ApiError {
 impl ApiError {
     /// A 422 about one field of a request that is not a list of entries.
     pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
-        Self::from_field_errors(vec![FieldError {
-            index: 0,
-            field,
-            code: "invalid",
-            message: message.into(),
-        }])
+        Self::one_field(field, "invalid", message.into())
     }
 
     /// A 422 about a required field of a request that is not a list of
     /// entries, with the item code `missing` (as an entry's own fields have).
     pub fn missing(field: &'static str, message: impl Into<String>) -> Self {
+        Self::one_field(field, "missing", message.into())
+    }
+
+    fn one_field(field: &'static str, code: &'static str, message: String) -> Self {
         Self::from_field_errors(vec![FieldError {
             index: 0,
             field,
-            code: "missing",
-            message: message.into(),
+            code,
+            message,
         }])
     }
 

@@ -139,6 +139,19 @@ pub trait Store: Send + Sync + 'static {
     /// fails with [`StoreError::IdempotencyConflict`].
     async fn insert_entries(&self, entries: &[NewEntry]) -> Result<Vec<InsertOutcome>, StoreError>;
 
+    /// Appends one entry, as [`Store::insert_entries`] does, but a conflict
+    /// names no batch position ("entry 0: …" would mean nothing to the
+    /// caller of one entry: a reversal, `tally post`, an import's retried line).
+    async fn insert_entry(&self, entry: &NewEntry) -> Result<InsertOutcome, StoreError> {
+        match self.insert_entries(std::slice::from_ref(entry)).await {
+            Ok(mut outcomes) => Ok(outcomes.pop().expect("one outcome per entry")),
+            Err(StoreError::IdempotencyConflict { message, .. }) => {
+                Err(StoreError::IdempotencyConflict { index: None, message })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// One entry by id.
     async fn entry(&self, id: i64) -> Result<Entry, StoreError>;
 

@@ -607,17 +607,17 @@ fn rate_cells(per_minute: u32, amount: Amount) -> Option<(u32, u32)> {
     Some((u32::try_from(budget).ok()?, u32::try_from(cells).ok()?))
 }
 
-/// Whole seconds, rounded up, from now (`from`) to the end of `period`: the
+/// Whole seconds, rounded up, from `now` to the end of `period`: the
 /// wait before a consume made then lands in a fresh window. None for a total
 /// (it never resets), for an amount over the whole limit (no fresh window
 /// takes it), and for a window that has already closed (a backdated consume
 /// stays in its window however long one waits). Counted from now even for an
 /// `occurred_at` a little ahead: the window still ends at `period_end`.
-fn retry_after(limit: &EffectiveLimit, amount: Amount, period: &Period, from: DateTime<Utc>) -> Option<u64> {
+fn retry_after(limit: &EffectiveLimit, amount: Amount, period: &Period, now: DateTime<Utc>) -> Option<u64> {
     if limit.limit.is_some_and(|whole| amount.minor() > whole.minor()) {
         return None;
     }
-    let micros = (period.ends_at()? - from).num_microseconds().unwrap_or(i64::MAX);
+    let micros = (period.ends_at()? - now).num_microseconds().unwrap_or(i64::MAX);
     u64::try_from(micros)
         .ok()
         .filter(|m| *m > 0)
