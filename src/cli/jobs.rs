@@ -74,10 +74,13 @@ pub async fn verify(settings: &Settings) -> anyhow::Result<ExitCode> {
         println!("ok: every daily and monthly total equals the sum of its folded ledger entries");
         return Ok(ExitCode::SUCCESS);
     }
-    let show = |resource: &str, values: Option<(i64, i64)>| match values {
+    let show = |resource: &str, values: Option<(i128, i64)>| match values {
         None => "missing".to_owned(),
         Some((minor, entries)) => {
-            let amount = crate::domain::Amount::from_minor(minor, catalog.decimals(resource));
+            // 128 bits: a total may pass 64 (migration 0011); past Decimal's
+            // 96 bits it is shown in minor units.
+            let amount = rust_decimal::Decimal::try_from_i128_with_scale(minor, catalog.decimals(resource))
+                .map_or_else(|_| format!("{minor} minor units"), |d| d.normalize().to_string());
             format!("{amount} from {entries} entries")
         }
     };

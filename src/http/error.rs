@@ -150,7 +150,7 @@ impl From<StoreError> for ApiError {
             },
             StoreError::Invalid(m) => Self::invalid("id", m),
             StoreError::Unavailable(_) => Self::Unavailable(e),
-            StoreError::Internal(_) | StoreError::Unexpected(_) => Self::Internal(e.into()),
+            StoreError::Internal(_) | StoreError::Unexpected(_) | StoreError::Overflow(_) => Self::Internal(e.into()),
         }
     }
 }

@@ -54,11 +54,15 @@ pub enum StoreError {
     #[error("{0}")]
     Invalid(String),
     /// The database answered what this version cannot read or represent: a
-    /// bug, a corrupt row, or a sum past 64 bits (as PostgreSQL's and
-    /// SQLite's own overflow errors); never the client's doing (500, details
-    /// to the log).
+    /// bug or a corrupt row; never the client's doing (500, details to the
+    /// log).
     #[error("{0}")]
     Unexpected(String),
+    /// A sum past 64 bits of minor units (PostgreSQL's and SQLite's own
+    /// overflow errors): a total too large to read, never wrapped
+    /// (invariant 6); 500, like [`StoreError::Unexpected`].
+    #[error("{0}")]
+    Overflow(String),
     /// The database cannot be reached or is overloaded.
     #[error("database unavailable")]
     Unavailable(#[source] sqlx::Error),
@@ -101,9 +105,9 @@ impl StoreError {
     /// A sum past 64 bits (the database said `detail`): what it means and
     /// where the way out is documented.
     fn overflow(detail: &str) -> Self {
-        StoreError::Unexpected(format!(
+        StoreError::Overflow(format!(
             "a sum passed the 64-bit range of minor units ({detail}): a daily or monthly total, or a sum a read \
-             or report needs, is too large; docs/operations.md, \"When the rollup keeps failing\", says how \
+             or report needs, is too large; docs/operations.md, \"A total past 64 bits\", says how \
              to find and correct the entries"
         ))
     }
@@ -663,10 +667,11 @@ pub struct TotalMismatch {
     pub resource: String,
     /// The bucket's first day.
     pub bucket: NaiveDate,
-    /// (amount, entries) recomputed from the ledger; None if the ledger has none.
-    pub expected: Option<(i64, i64)>,
-    /// (amount, entries) stored; None if the row is missing.
-    pub actual: Option<(i64, i64)>,
+    /// (amount in minor units, entries) recomputed from the ledger; None if
+    /// the ledger has none.
+    pub expected: Option<(i128, i64)>,
+    /// (amount in minor units, entries) stored; None if the row is missing.
+    pub actual: Option<(i128, i64)>,
 }
 
 /// Held while a job runs; releasing it (or dropping it, which closes its
@@ -698,16 +703,23 @@ impl JobLock {
     }
 }
 
+/// One total as `verify` compares it: (account, resource, bucket, amount in
+/// minor units, entries). 128 bits, so a total past 64 bits is compared too.
+pub(crate) type VerifiedTotal = (String, String, NaiveDate, i128, i64);
+
 /// Compares recomputed and stored totals, keyed by (account, resource, bucket).
+/// Stored rows of one key are added: on SQLite a total past 64 bits is kept in
+/// several parts (migration 0011).
 pub(crate) fn diff_totals(
     table: &'static str,
-    expected: Vec<(String, String, NaiveDate, i64, i64)>,
-    actual: Vec<(String, String, NaiveDate, i64, i64)>,
+    expected: Vec<VerifiedTotal>,
+    actual: Vec<VerifiedTotal>,
 ) -> Vec<TotalMismatch> {
-    let mut stored: HashMap<(String, String, NaiveDate), (i64, i64)> = actual
-        .into_iter()
-        .map(|(a, r, b, amount, n)| ((a, r, b), (amount, n)))
-        .collect();
+    let mut stored: HashMap<(String, String, NaiveDate), (i128, i64)> = HashMap::new();
+    for (a, r, b, amount, n) in actual {
+        let sum = stored.entry((a, r, b)).or_default();
+        *sum = (sum.0 + amount, sum.1.saturating_add(n));
+    }
     let mut mismatches = Vec::new();
     for (account, resource, bucket, amount, n) in expected {
         let actual = stored.remove(&(account.clone(), resource.clone(), bucket));

@@ -25,8 +25,8 @@ use sqlx::{FromRow, PgPool, Postgres, QueryBuilder};
 use super::settled::{Settled, SettledSums, bounds};
 use super::{
     Backend, BeforeCommit, CheckInputs, ConsumeDecider, ConsumeResult, ConsumeRules, CsvSink, DecidedConsume,
-    ExportError, ExportFilter, JobLock, NewApiKey, Store, StoreError, TotalMismatch, TotalRow, diff_totals,
-    natural_key, replay, resolve_outcomes, totals_sql,
+    ExportError, ExportFilter, JobLock, NewApiKey, Store, StoreError, TotalMismatch, TotalRow, VerifiedTotal,
+    diff_totals, natural_key, replay, resolve_outcomes, totals_sql,
 };
 use crate::domain::{
     AccountId, Amount, ApiKey, Catalog, Entry, EntryFilter, IdempotencyKey, InsertOutcome, NewEntry, ResourceName, Role,
@@ -627,17 +627,17 @@ impl Store for PgStore {
             (
                 "daily",
                 include_str!("sql/postgres/verify_daily.sql"),
-                "SELECT account, resource, day, amount, entries FROM daily_totals",
+                "SELECT account, resource, day, amount::text, entries FROM daily_totals",
             ),
             (
                 "monthly",
                 include_str!("sql/postgres/verify_monthly.sql"),
-                "SELECT account, resource, month, amount, entries FROM monthly_totals",
+                "SELECT account, resource, month, amount::text, entries FROM monthly_totals",
             ),
         ] {
             let expected = sqlx::query_as(expected_sql).fetch_all(&mut *tx).await?;
             let actual = sqlx::query_as(actual_sql).fetch_all(&mut *tx).await?;
-            mismatches.extend(diff_totals(table, expected, actual));
+            mismatches.extend(diff_totals(table, wide(expected)?, wide(actual)?));
         }
         tx.rollback().await?;
         Ok(mismatches)
@@ -1095,6 +1095,19 @@ impl Store for PgStore {
             })
             .collect())
     }
+}
+
+/// Totals read for `verify` with their amount as NUMERIC text (sums past 64
+/// bits included), in 128 bits.
+fn wide(rows: Vec<(String, String, NaiveDate, String, i64)>) -> Result<Vec<VerifiedTotal>, StoreError> {
+    rows.into_iter()
+        .map(|(account, resource, bucket, amount, entries)| {
+            let amount = amount.parse().map_err(|_| {
+                StoreError::Unexpected(format!("the database holds a total of {amount:?}, not a whole number"))
+            })?;
+            Ok((account, resource, bucket, amount, entries))
+        })
+        .collect()
 }
 
 /// The advisory lock key that serialises rollup batches.

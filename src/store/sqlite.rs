@@ -349,18 +349,28 @@ impl Store for SqliteStore {
         // staged sums to the totals and move the cursor.
         let mut conn = self.rollup.acquire().await?;
         loop {
-            let Some(staged) = stage_batch(&mut conn, max_entries).await? else {
-                return Ok(0);
+            let staged = match stage_batch(&mut conn, max_entries).await {
+                Ok(Some(staged)) => staged,
+                Ok(None) => return Ok(0),
+                Err(e) if passed_64_bits(&e) => {
+                    return fold_with_parts(&mut conn, &self.writer, u64::from(max_entries), before_commit).await;
+                }
+                Err(e) => return Err(e),
             };
             let written = write_staged_batch(&mut conn, &self.writer, &staged, before_commit).await;
             sqlx::query(include_str!("sql/sqlite/rollup_stage_reset.sql"))
                 .execute(&mut *conn)
                 .await?;
-            if written? {
-                return Ok(staged.entries);
+            match written {
+                Ok(true) => return Ok(staged.entries),
+                // Another process's rollup moved the cursor since this batch
+                // was staged: its rows may be folded already. Stage afresh.
+                Ok(false) => {}
+                Err(e) if passed_64_bits(&e) => {
+                    return fold_with_parts(&mut conn, &self.writer, staged.entries, before_commit).await;
+                }
+                Err(e) => return Err(e),
             }
-            // Another process's rollup moved the cursor since this batch was
-            // staged: its rows may be folded already. Stage afresh.
         }
     }
 
@@ -437,11 +447,27 @@ impl Store for SqliteStore {
                 "SELECT account, resource, month, amount, entries FROM monthly_totals",
             ),
         ] {
-            let expected: Vec<(String, String, String, i64, i64)> =
+            let expected: Vec<(String, String, String, i64, i64, i64)> =
                 sqlx::query_as(expected_sql).fetch_all(&mut *tx).await?;
+            let expected = expected
+                .into_iter()
+                .map(|(a, r, bucket, high, low, n)| {
+                    Ok((
+                        a,
+                        r,
+                        parse_date(&bucket)?,
+                        (i128::from(high) << 32) + i128::from(low),
+                        n,
+                    ))
+                })
+                .collect::<Result<_, StoreError>>()?;
             let actual: Vec<(String, String, String, i64, i64)> =
                 sqlx::query_as(actual_sql).fetch_all(&mut *tx).await?;
-            mismatches.extend(diff_totals(table, with_dates(expected)?, with_dates(actual)?));
+            let actual = actual
+                .into_iter()
+                .map(|(a, r, bucket, amount, n)| Ok((a, r, parse_date(&bucket)?, i128::from(amount), n)))
+                .collect::<Result<_, StoreError>>()?;
+            mismatches.extend(diff_totals(table, expected, actual));
         }
         tx.rollback().await?;
         Ok(mismatches)
@@ -785,6 +811,135 @@ async fn write_staged_batch(
     Ok(true)
 }
 
+/// Whether a staged fold failed because a sum left 64 bits: in the staging
+/// SUM (SQLite's "integer overflow"), or in adding to a total, where SQLite's
+/// `+` turns the sum into REAL and the STRICT column refuses it
+/// (SQLITE_CONSTRAINT_DATATYPE, 3091).
+fn passed_64_bits(error: &StoreError) -> bool {
+    match error {
+        StoreError::Overflow(_) => true,
+        StoreError::Internal(sqlx::Error::Database(db)) => db.code().as_deref() == Some("3091"),
+        _ => false,
+    }
+}
+
+/// Rows one transaction of [`fold_with_parts`] folds: its write lock is held
+/// while they travel to Rust and each total they touch is rewritten.
+const PARTS_BATCH: u64 = 10_000;
+
+/// Folds the next `max_entries` rows past the cursor the slow way: summed in
+/// 128 bits in Rust, each total they touch rewritten as parts, part 0 holding
+/// as much as 64 bits do and the rest spilling into parts 1, 2, … (migration
+/// 0011). The rollup comes here only for a batch whose staged fold left 64
+/// bits, so that one (account, resource) cannot hold back everyone's rollup;
+/// reads of that total then fail alone (their SUM raises).
+async fn fold_with_parts(
+    conn: &mut sqlx::SqliteConnection,
+    writer: &SqlitePool,
+    max_entries: u64,
+    before_commit: &BeforeCommit,
+) -> Result<u64, StoreError> {
+    let mut folded = 0;
+    while folded < max_entries {
+        let limit = (max_entries - folded).min(PARTS_BATCH);
+        // As in write_staged_batch: this process's posts queue in-process.
+        let _writer_turn = writer.acquire().await?;
+        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+        let rows: Vec<(i64, String, String, String, i64)> =
+            sqlx::query_as(include_str!("sql/sqlite/rollup_next_rows.sql"))
+                .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                .fetch_all(&mut *tx)
+                .await?;
+        let Some(&(last_id, ..)) = rows.last() else { break };
+        let mut sums: HashMap<(Granularity, String, String, String), (i128, i64)> = HashMap::new();
+        for (_, account, resource, day, amount) in &rows {
+            let month = format!("{}01", &day[..8]);
+            for key in [
+                (Granularity::Day, account.clone(), resource.clone(), day.clone()),
+                (Granularity::Month, account.clone(), resource.clone(), month),
+            ] {
+                let sum = sums.entry(key).or_default();
+                *sum = (sum.0 + i128::from(*amount), sum.1 + 1);
+            }
+        }
+        for ((granularity, account, resource, bucket), (amount, entries)) in sums {
+            let parts = add_to_parts(&mut tx, granularity, &account, &resource, &bucket, amount, entries).await?;
+            if parts > 1 {
+                tracing::warn!(
+                    %account,
+                    %resource,
+                    %bucket,
+                    "the {} total of {account} / {resource} / {bucket} is past 64 bits of minor units: its reads \
+                     fail until entries correct it (docs/operations.md, \"A total past 64 bits\")",
+                    match granularity {
+                        Granularity::Day => "daily",
+                        Granularity::Month => "monthly",
+                    }
+                );
+            }
+        }
+        sqlx::query("UPDATE rollup_cursor SET last_id = ?1, updated_at = ?2 WHERE name = 'rollup'")
+            .bind(last_id)
+            .bind(to_micros(Utc::now()))
+            .execute(&mut *tx)
+            .await?;
+        before_commit()?;
+        tx.commit().await?;
+        folded += rows.len() as u64;
+    }
+    Ok(folded)
+}
+
+/// Adds `amount` (minor units) and `entries` to one total, rewriting it as
+/// parts: part 0 as much as 64 bits hold, the rest in parts 1, 2, … Returns
+/// how many parts it now has.
+async fn add_to_parts(
+    tx: &mut sqlx::SqliteConnection,
+    granularity: Granularity,
+    account: &str,
+    resource: &str,
+    bucket: &str,
+    amount: i128,
+    entries: i64,
+) -> Result<i64, StoreError> {
+    let (table, column, _) = export::shape(granularity);
+    let key = format!("account = ?1 AND resource = ?2 AND {column} = ?3");
+    let parts: Vec<(i64, i64)> = sqlx::query_as(&format!("SELECT amount, entries FROM {table} WHERE {key}"))
+        .bind(account)
+        .bind(resource)
+        .bind(bucket)
+        .fetch_all(&mut *tx)
+        .await?;
+    let mut rest = parts.iter().map(|(a, _)| i128::from(*a)).sum::<i128>() + amount;
+    let entries = parts.iter().map(|(_, n)| n).sum::<i64>() + entries;
+    sqlx::query(&format!("DELETE FROM {table} WHERE {key}"))
+        .bind(account)
+        .bind(resource)
+        .bind(bucket)
+        .execute(&mut *tx)
+        .await?;
+    let mut part = 0_i64;
+    loop {
+        let piece = rest.clamp(i128::from(i64::MIN), i128::from(i64::MAX));
+        sqlx::query(&format!(
+            "INSERT INTO {table} (account, resource, {column}, part, amount, entries) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+        ))
+        .bind(account)
+        .bind(resource)
+        .bind(bucket)
+        .bind(part)
+        .bind(i64::try_from(piece).expect("clamped to 64 bits"))
+        .bind(if part == 0 { entries } else { 0 })
+        .execute(&mut *tx)
+        .await?;
+        rest -= piece;
+        part += 1;
+        if rest == 0 {
+            return Ok(part);
+        }
+    }
+}
+
 /// The most rows one multi-row statement of [`insert_entries`] carries: 9
 /// parameters each, far below SQLite's 32 766 host parameters.
 ///
@@ -978,9 +1133,10 @@ async fn used_on(
         // A read older than the watermark cannot happen (the watermark was
         // read before this statement began), but if it did, go cold.
         if mark >= known.mark {
-            let used = known.sum.checked_add(after).ok_or_else(|| {
-                StoreError::Unexpected(format!("{resource} used by {account} overflows 64-bit minor units"))
-            })?;
+            let used = known
+                .sum
+                .checked_add(after)
+                .ok_or_else(|| past_64_bits(account, resource))?;
             settled.offer(
                 account.as_str(),
                 resource.as_str(),
@@ -990,7 +1146,7 @@ async fn used_on(
             return Ok(used);
         }
     }
-    let (used, mark): (i64, i64) = match (period.start, period.end) {
+    let (folded, tail, mark): (i64, i64, i64) = match (period.start, period.end) {
         (Some(start), Some(_)) => {
             let table = if period.window == Window::Day { "day" } else { "month" };
             sqlx::query_as(include_str!("sql/sqlite/used.sql"))
@@ -1011,6 +1167,9 @@ async fn used_on(
                 .await?
         }
     };
+    let used = folded
+        .checked_add(tail)
+        .ok_or_else(|| past_64_bits(account, resource))?;
     settled.offer(
         account.as_str(),
         resource.as_str(),
@@ -1018,6 +1177,11 @@ async fn used_on(
         Settled { mark, sum: used },
     );
     Ok(used)
+}
+
+/// What is used of `resource` by `account` does not fit 64-bit minor units.
+fn past_64_bits(account: &AccountId, resource: &ResourceName) -> StoreError {
+    StoreError::overflow(&format!("{resource} used by {account}"))
 }
 
 #[derive(FromRow)]
@@ -1063,12 +1227,4 @@ async fn fetch_with_outcome(
 fn parse_date(text: &str) -> Result<NaiveDate, StoreError> {
     text.parse()
         .map_err(|_| StoreError::Unexpected(format!("the database holds a malformed date {text:?}")))
-}
-
-type TotalTuple<D> = (String, String, D, i64, i64);
-
-fn with_dates(rows: Vec<TotalTuple<String>>) -> Result<Vec<TotalTuple<NaiveDate>>, StoreError> {
-    rows.into_iter()
-        .map(|(a, r, bucket, amount, n)| Ok((a, r, parse_date(&bucket)?, amount, n)))
-        .collect()
 }

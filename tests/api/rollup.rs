@@ -9,7 +9,7 @@ use tally::jobs::rollup::{FailAction, Failpoint, RollupOptions, Stage};
 
 use crate::both;
 use crate::helpers::{
-    Backend, ServeProcess, TestApp, assert_used_exact_while_posting_and_rolling_up, days_ago_at, metric,
+    Backend, ServeProcess, TestApp, assert_used_exact_while_posting_and_rolling_up, days_ago_at, entry_at, metric,
     rollup_every_second_jobs_dir, scrape_metrics,
 };
 
@@ -19,6 +19,7 @@ both!(
     negative_entries_reversals_and_late_entries_fold_into_their_buckets,
     a_second_rollup_with_nothing_new_changes_nothing,
     a_corrupted_total_makes_verify_fail,
+    a_total_past_64_bits_fails_its_own_reads_and_holds_back_no_one_else,
     verify_says_how_far_behind_the_rollup_is,
     a_failure_before_a_commit_leaves_totals_exact_after_the_next_run,
     a_failure_between_batches_leaves_totals_exact_after_the_next_run,
@@ -146,6 +147,91 @@ async fn a_corrupted_total_makes_verify_fail(app: TestApp) {
         ),
         "{stdout}"
     );
+}
+
+/// The largest agent_minutes entry, in minor units (hundredths): 93 of them
+/// pass 2^63 - 1, though each is valid.
+const BIGGEST_MINUTES: &str = "999999999999999.99";
+
+/// Posts `count` entries of `amount` agent_minutes for `account`, all at `at`.
+async fn post_minutes(app: &TestApp, account: &str, amount: &str, count: usize, key: &str, at: &str) {
+    let entries: Vec<_> = (0..count)
+        .map(|i| entry_at(account, "agent_minutes", amount, &format!("{key}-{i}"), at))
+        .collect();
+    let reply = app.post_entries(json!({ "entries": entries })).await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+}
+
+/// Valid entries can take one (account, resource)'s day past 64 bits of minor
+/// units. The rollup folds it anyway (SQLite: in parts; PostgreSQL: NUMERIC),
+/// so everyone else's totals keep up; reads of that one total fail (500, an
+/// error, never a wrapped number) until entries bring it back.
+async fn a_total_past_64_bits_fails_its_own_reads_and_holds_back_no_one_else(app: TestApp) {
+    let at = days_ago_at(1, "12:00:00");
+    // 60 fit in 64 bits; 40 more pass them when added to the folded total.
+    post_minutes(&app, "whale", BIGGEST_MINUTES, 60, "first", &at).await;
+    app.rollup().await;
+    post_minutes(&app, "whale", BIGGEST_MINUTES, 40, "second", &at).await;
+    let minnow = app
+        .post_entries(entry_at("minnow", "agent_minutes", "1.25", "m1", &at))
+        .await;
+    assert_eq!(minnow.status, 200);
+    app.rollup().await;
+    // 100 in one batch pass 64 bits within the batch itself.
+    post_minutes(&app, "orca", BIGGEST_MINUTES, 100, "all", &at).await;
+    app.rollup().await;
+    assert!(
+        app.store.oldest_unfolded().await.unwrap().is_none(),
+        "everything is folded"
+    );
+    assert!(app.store.verify_totals().await.unwrap().is_empty());
+    let usage = app.get("/v1/accounts/minnow/usage").await;
+    assert_eq!(usage.status, 200, "{:?}", usage.body);
+    let minutes = usage.body["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["resource"] == "agent_minutes")
+        .unwrap();
+    assert_eq!(minutes["used"], "1.25");
+    for whale in ["whale", "orca"] {
+        let usage = app.get(&format!("/v1/accounts/{whale}/usage")).await;
+        assert_eq!(usage.status, 500, "{:?}", usage.body);
+        // The same account's other resources read as usual.
+        let check = app
+            .post(
+                "/v1/quota/check",
+                json!({ "account": whale, "resource": "api_requests" }),
+            )
+            .await;
+        assert_eq!(check.status, 200, "{:?}", check.body);
+    }
+    // Corrections bring the whale back: 100 - 50 entries fit again.
+    post_minutes(&app, "whale", &format!("-{BIGGEST_MINUTES}"), 50, "fix", &at).await;
+    app.rollup().await;
+    assert!(app.store.verify_totals().await.unwrap().is_empty());
+    let check = app
+        .post(
+            "/v1/quota/check",
+            json!({ "account": "whale", "resource": "agent_minutes", "at": at }),
+        )
+        .await;
+    assert_eq!(check.status, 200, "{:?}", check.body);
+    assert_eq!(check.body["used"], "49999999999999999.5");
+    let series = app
+        .get(&format!(
+            "/v1/accounts/whale/timeseries?resource=agent_minutes&granularity=day&from={}&to={}",
+            &at[..10],
+            &days_ago_at(0, "00:00:00")[..10]
+        ))
+        .await;
+    assert_eq!(series.status, 200, "{:?}", series.body);
+    assert_eq!(series.body["points"][0]["amount"], "49999999999999999.5");
+    let verify = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["verify", "--database-url", &app.database_url])
+        .output()
+        .unwrap();
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
 }
 
 /// verify judges folded rows only; an entry left unfolded for minutes (a

@@ -197,7 +197,7 @@ async fn merge_folded_and_tail(
     .await?;
     let collate = if bytewise { "" } else { " COLLATE \"C\"" };
     let folded_sql = format!(
-        "COPY (SELECT account, resource, {bucket}, amount, entries FROM {table} WHERE {}
+        "COPY (SELECT account, resource, {bucket}, amount::bigint, entries FROM {table} WHERE {}
                ORDER BY account{collate}, resource{collate}, {bucket}) TO STDOUT (FORMAT binary)",
         conditions.join(" AND ")
     );

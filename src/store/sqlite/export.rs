@@ -222,8 +222,8 @@ pub(super) async fn totals(
     .await
 }
 
-/// The folded totals in key order (an index range scan, no sort, no
-/// aggregate) with the unfolded tail, grouped and sorted the same way, merged
+/// The folded totals in key order (an index range scan, no sort) with the
+/// unfolded tail, grouped and sorted the same way, merged
 /// in: a tail total with the key of a folded one is added to it.
 fn merge_folded_and_tail(
     conn: &Connection,
@@ -249,10 +249,14 @@ fn merge_folded_and_tail(
         resource,
     ])?;
     let mut tail = tail_total(&mut tail_rows)?;
+    // A total is the SUM of its parts (migration 0011; one part unless it
+    // passed 64 bits), which raises rather than wraps. The GROUP BY follows
+    // the primary key's order: still a range scan, no sort.
     let folded_sql = format!(
-        "SELECT account, resource, {bucket}, amount, entries FROM {table}
+        "SELECT account, resource, {bucket}, SUM(amount), SUM(entries) FROM {table}
          WHERE {bucket} >= ?1 AND {bucket} < ?2
            AND (?3 IS NULL OR account = ?3) AND (?4 IS NULL OR resource = ?4)
+         GROUP BY account, resource, {bucket}
          ORDER BY account, resource, {bucket}"
     );
     let mut statement = conn.prepare(&folded_sql)?;

@@ -1,7 +1,8 @@
 -- Daily buckets of one account and resource: the folded totals, plus every
 -- committed ledger row past the cursor, grouped the same way. One statement,
 -- one snapshot: a concurrent rollup can neither hide nor double a row.
-SELECT day AS bucket, amount
+-- amount::bigint raises on a total past 64 bits (NUMERIC since migration 0011).
+SELECT day AS bucket, amount::bigint
 FROM daily_totals
 WHERE account = $1 AND resource = $2 AND day >= $3 AND day < $4
 UNION ALL

@@ -1,6 +1,7 @@
 -- Monthly buckets of one account and resource: folded totals plus the unfolded
--- tail, in one statement (one snapshot).
-SELECT month AS bucket, amount
+-- tail, in one statement (one snapshot). amount::bigint raises on a total past
+-- 64 bits (NUMERIC since migration 0011).
+SELECT month AS bucket, amount::bigint
 FROM monthly_totals
 WHERE account = $1 AND resource = $2 AND month >= $3 AND month < $4
 UNION ALL

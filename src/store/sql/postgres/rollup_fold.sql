@@ -21,9 +21,11 @@
 -- the INSERT adds those that do not; the two never meet. Were a total
 -- inserted behind the lock's back, the INSERT would fail on the primary key
 -- and the batch roll back, never count twice.
--- SUM(bigint)::bigint and bigint + bigint raise on overflow rather than wrap.
+-- Why NUMERIC sums: a total may pass 64 bits while every entry is valid, and
+-- the totals are NUMERIC (migration 0011), so a batch always folds; reads
+-- cast to BIGINT and fail for that one total, not the rollup for everyone.
 WITH buckets AS MATERIALIZED (
-    SELECT account, resource, month, day, SUM(amount)::bigint AS amount, COUNT(*) AS entries,
+    SELECT account, resource, month, day, SUM(amount) AS amount, COUNT(*) AS entries,
            GROUPING(day) = 1 AS whole_month
     FROM (
         SELECT account, resource, amount,

@@ -4,6 +4,6 @@ INSERT INTO monthly_totals (account, resource, month, amount, entries)
 SELECT account, resource, month, amount, entries
 FROM temp.rollup_months
 WHERE true
-ON CONFLICT (account, resource, month) DO UPDATE
+ON CONFLICT (account, resource, month, part) DO UPDATE
 SET amount = amount + excluded.amount,
     entries = entries + excluded.entries

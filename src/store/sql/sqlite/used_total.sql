@@ -1,9 +1,10 @@
 -- Used over all time (a running balance such as storage): every monthly total
--- plus the unfolded tail, in one statement; then the largest ledger id the
--- statement sees: the settled watermark (see store/settled.rs).
+-- (all their parts, migration 0011) and the unfolded tail, in one statement,
+-- added in Rust (see used.sql); then the largest ledger id the statement
+-- sees: the settled watermark (see store/settled.rs).
 SELECT
-    COALESCE((SELECT SUM(amount) FROM monthly_totals WHERE account = ?1 AND resource = ?2), 0)
-  + COALESCE((
+    COALESCE((SELECT SUM(amount) FROM monthly_totals WHERE account = ?1 AND resource = ?2), 0),
+    COALESCE((
         SELECT SUM(amount) FROM entries
         WHERE account = ?1 AND resource = ?2
           AND id > (SELECT last_id FROM rollup_cursor WHERE name = 'rollup')
