@@ -10,7 +10,7 @@ use crate::app::Settings;
 use crate::domain::catalog::{Enforcement, Window};
 use crate::domain::entry::{parse_instant_or_date, parse_timestamp};
 use crate::domain::plan::{Override, parse_limit};
-use crate::domain::{AccountId, Amount, Catalog};
+use crate::domain::{AccountId, Amount, Catalog, ResourceName};
 use crate::usage::features::feature_at;
 use crate::usage::quota::{QuotaStatus, Quotas, plan_at};
 
@@ -132,7 +132,7 @@ pub async fn run(settings: &Settings, command: AccountsCommand) -> anyhow::Resul
                 "plan_history": history,
                 "overrides": overrides,
             });
-            println!("{}", serde_json::to_string_pretty(&view)?);
+            outln!("{}", serde_json::to_string_pretty(&view)?)?;
         }
         AccountsCommand::SetPlan {
             account: raw,
@@ -181,12 +181,23 @@ pub async fn run(settings: &Settings, command: AccountsCommand) -> anyhow::Resul
                 updated_at: Utc::now().trunc_subsecs(6),
             };
             store.put_override(&account, &value).await?;
-            println!("{}", serde_json::to_string_pretty(&value)?);
+            outln!("{}", serde_json::to_string_pretty(&value)?)?;
         }
         AccountsCommand::ClearOverride { account: raw, resource } => {
             let account = account(&raw)?;
-            let (resource, _) = catalog.resource(&resource)?;
-            if !store.delete_override(&account, resource).await? {
+            let resource = match catalog.resource(&resource) {
+                Ok((known, _)) => known.clone(),
+                // As over HTTP: an override on a resource dropped from the
+                // catalog can still be removed.
+                Err(unknown) => match ResourceName::parse(&resource) {
+                    Ok(dropped) if store.delete_override(&account, &dropped).await? => {
+                        eprintln!("removed the override of account {account} on {dropped} (not in the catalog)");
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    _ => return Err(unknown.into()),
+                },
+            };
+            if !store.delete_override(&account, &resource).await? {
                 anyhow::bail!("account '{account}' has no override for {resource}");
             }
             eprintln!("removed the override of account {account} on {resource}");
@@ -202,7 +213,7 @@ pub async fn check(settings: &Settings, args: CheckArgs) -> anyhow::Result<ExitC
     match check_status(settings, args).await {
         Ok((status, catalog)) => {
             warn_if_plan_missing(&catalog, &status.account, &status.plan);
-            println!("{}", serde_json::to_string_pretty(&status)?);
+            outln!("{}", serde_json::to_string_pretty(&status)?)?;
             Ok(if status.allowed {
                 ExitCode::SUCCESS
             } else {
@@ -229,7 +240,7 @@ pub async fn feature(settings: &Settings, args: FeatureArgs) -> anyhow::Result<E
     };
     match answer.await {
         Ok(view) => {
-            println!("{}", serde_json::to_string_pretty(&view)?);
+            outln!("{}", serde_json::to_string_pretty(&view)?)?;
             Ok(if view.allowed {
                 ExitCode::SUCCESS
             } else {
@@ -286,6 +297,6 @@ pub async fn usage(settings: &Settings, args: UsageArgs) -> anyhow::Result<ExitC
         .usage(&account(&args.account)?, instant(args.at.as_deref())?)
         .await?;
     warn_if_plan_missing(&catalog, &report.account, &report.plan);
-    println!("{}", serde_json::to_string_pretty(&report)?);
+    outln!("{}", serde_json::to_string_pretty(&report)?)?;
     Ok(ExitCode::SUCCESS)
 }

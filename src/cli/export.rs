@@ -173,7 +173,7 @@ pub async fn run(settings: &Settings, command: ExportCommand) -> anyhow::Result<
 pub async fn stats(settings: &Settings, args: StatsArgs) -> anyhow::Result<ExitCode> {
     let (store, catalog) = settings.open_store().await?;
     let stats = admin::stats(store.as_ref(), &catalog, args.period, chrono::Utc::now()).await?;
-    println!("{}", serde_json::to_string_pretty(&stats)?);
+    outln!("{}", serde_json::to_string_pretty(&stats)?)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -183,13 +183,13 @@ pub async fn top(settings: &Settings, args: TopArgs) -> anyhow::Result<ExitCode>
     let (resource, _) = catalog.resource(&args.resource)?;
     anyhow::ensure!((1..=1000).contains(&args.limit), "--limit must be 1 to 1000");
     let top = admin::top(store.as_ref(), &catalog, resource, args.period, args.limit).await?;
-    println!(
+    outln!(
         "{}",
         serde_json::to_string_pretty(&serde_json::json!({
             "period": args.period.format("%Y-%m").to_string(),
             "resource": resource,
             "accounts": top,
         }))?
-    );
+    )?;
     Ok(ExitCode::SUCCESS)
 }

@@ -53,7 +53,7 @@ pub async fn rollup(settings: &Settings, args: RollupArgs) -> anyhow::Result<Exi
         failpoint,
     };
     let report = rollup::run(store.as_ref(), &options, &Metrics::default()).await?;
-    println!("{report}");
+    outln!("{report}")?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -71,7 +71,7 @@ pub async fn verify(settings: &Settings) -> anyhow::Result<ExitCode> {
         );
     }
     if mismatches.is_empty() {
-        println!("ok: every daily and monthly total equals the sum of its folded ledger entries");
+        outln!("ok: every daily and monthly total equals the sum of its folded ledger entries")?;
         return Ok(ExitCode::SUCCESS);
     }
     let show = |resource: &str, values: Option<(i128, i64)>| match values {
@@ -85,7 +85,7 @@ pub async fn verify(settings: &Settings) -> anyhow::Result<ExitCode> {
         }
     };
     for m in &mismatches {
-        println!(
+        outln!(
             "{} total of {} / {} / {}: stored {}, ledger says {}",
             m.table,
             m.account,
@@ -93,7 +93,7 @@ pub async fn verify(settings: &Settings) -> anyhow::Result<ExitCode> {
             m.bucket,
             show(&m.resource, m.actual),
             show(&m.resource, m.expected)
-        );
+        )?;
     }
     eprintln!("{} totals differ from the ledger", mismatches.len());
     Ok(ExitCode::FAILURE)
@@ -105,15 +105,15 @@ pub async fn run(settings: &Settings, command: JobsCommand) -> anyhow::Result<Ex
     match command {
         JobsCommand::List => {
             let now = Utc::now();
-            println!("{:<20} {:<20} {:<16} next run (UTC)", "name", "schedule", "runs");
+            outln!("{:<20} {:<20} {:<16} next run (UTC)", "name", "schedule", "runs")?;
             for job in &definitions {
-                println!(
+                outln!(
                     "{:<20} {:<20} {:<16} {}",
                     job.name,
                     job.schedule,
                     job.run.as_str(),
                     job.next_run(now)?.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-                );
+                )?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -127,8 +127,8 @@ pub async fn run(settings: &Settings, command: JobsCommand) -> anyhow::Result<Ex
             };
             let runner = JobRunner::new(context, definitions);
             match runner.run(&name).await? {
-                JobOutcome::Ran(summary) => println!("{name}: {summary}"),
-                JobOutcome::Skipped(why) => println!("{name}: skipped: {why}"),
+                JobOutcome::Ran(summary) => outln!("{name}: {summary}")?,
+                JobOutcome::Skipped(why) => outln!("{name}: skipped: {why}")?,
             }
             Ok(ExitCode::SUCCESS)
         }

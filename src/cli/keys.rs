@@ -38,15 +38,20 @@ pub async fn run(settings: &Settings, command: KeysCommand) -> anyhow::Result<Ex
                 .map(|a| AccountId::parse(&a).map_err(anyhow::Error::msg))
                 .transpose()?;
             let secret = create_key(store.as_ref(), role, account, name).await?;
-            println!("{}", secret.expose());
+            outln!("{}", secret.expose())?;
         }
         KeysCommand::List => {
-            println!(
+            outln!(
                 "{:>5}  {:<8} {:<14} {:<20} {:<20} {:<26} revoked",
-                "id", "role", "prefix", "account", "name", "created"
-            );
+                "id",
+                "role",
+                "prefix",
+                "account",
+                "name",
+                "created"
+            )?;
             for key in store.list_api_keys().await? {
-                println!(
+                outln!(
                     "{:>5}  {:<8} {:<14} {:<20} {:<20} {:<26} {}",
                     key.id,
                     key.role.as_str(),
@@ -56,7 +61,7 @@ pub async fn run(settings: &Settings, command: KeysCommand) -> anyhow::Result<Ex
                     key.created_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
                     key.revoked_at
                         .map_or("-".into(), |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
-                );
+                )?;
             }
         }
         KeysCommand::Revoke { id } => {

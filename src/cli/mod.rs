@@ -1,6 +1,14 @@
 //! The `tally` command line: one binary, clap subcommands. Every read has a
 //! twin here that talks to the database directly, no server needed.
 
+/// `println!` for command output: writes one line to stdout and returns the
+/// write's `io::Result` (see [`print_line`]).
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::print_line(format_args!($($arg)*))
+    };
+}
+
 mod accounts;
 mod export;
 mod import;
@@ -140,6 +148,19 @@ pub fn main() -> ExitCode {
             eprintln!("error: the command failed: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Writes one line to stdout. A reader that has gone (`tally keys list |
+/// head -1`) is not an error: the rest of the output is dropped, and the
+/// command still ends with its own exit code (`check`'s says allowed or not;
+/// `println!` would panic, exit 1 and look like a refusal). Any other write
+/// error is returned.
+pub(crate) fn print_line(line: std::fmt::Arguments<'_>) -> std::io::Result<()> {
+    use std::io::Write as _;
+    match writeln!(std::io::stdout().lock(), "{line}") {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        written => written,
     }
 }
 

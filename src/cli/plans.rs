@@ -27,13 +27,13 @@ pub fn run(settings: &Settings, command: PlansCommand) -> anyhow::Result<ExitCod
             let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
             match Catalog::parse(&text) {
                 Ok(catalog) => {
-                    println!(
+                    outln!(
                         "{}: ok ({} resources, {} plans, default plan '{}')",
                         file.display(),
                         catalog.resources.len(),
                         catalog.plans.len(),
                         catalog.default_plan
-                    );
+                    )?;
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(errors) => {
@@ -48,7 +48,7 @@ pub fn run(settings: &Settings, command: PlansCommand) -> anyhow::Result<ExitCod
             }
         }
         PlansCommand::Show => {
-            println!("{}", serde_json::to_string_pretty(&settings.load_catalog()?)?);
+            outln!("{}", serde_json::to_string_pretty(&settings.load_catalog()?)?)?;
             Ok(ExitCode::SUCCESS)
         }
     }

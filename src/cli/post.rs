@@ -64,7 +64,7 @@ pub async fn run(settings: &Settings, args: PostArgs) -> anyhow::Result<ExitCode
     };
     // One input validates to one entry.
     let outcome = store.insert_entry(&entries[0]).await?;
-    println!(
+    outln!(
         "{} entry {} (idempotency_key {})",
         match outcome.status {
             crate::domain::InsertStatus::Created => "created",
@@ -72,6 +72,6 @@ pub async fn run(settings: &Settings, args: PostArgs) -> anyhow::Result<ExitCode
         },
         outcome.id,
         outcome.idempotency_key
-    );
+    )?;
     Ok(ExitCode::SUCCESS)
 }

@@ -40,9 +40,9 @@ pub async fn timeseries(settings: &Settings, args: TimeseriesArgs) -> anyhow::Re
         args.to,
     )
     .await?;
-    println!("start,amount");
+    outln!("start,amount")?;
     for point in points {
-        println!("{},{}", point.start, point.amount);
+        outln!("{},{}", point.start, point.amount)?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -14,7 +14,7 @@ use super::{AppState, params};
 use crate::domain::catalog::{Enforcement, Window};
 use crate::domain::entry::parse_timestamp;
 use crate::domain::plan::{Override, PlanAssignment, parse_limit};
-use crate::domain::{AccountId, Catalog, FieldError};
+use crate::domain::{AccountId, Catalog, FieldError, ResourceName};
 use crate::usage::features::{FeatureView, feature_at};
 use crate::usage::quota::{Quotas, UsageReport, plan_at};
 
@@ -197,7 +197,19 @@ async fn delete_override(
     Path((account, resource)): Path<(String, String)>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let account = params::account(&account)?;
-    let resource = params::resource(&state.catalog, &resource)?;
+    let resource = match params::resource(&state.catalog, &resource) {
+        Ok(known) => known,
+        // A resource dropped from the catalog may still hold an override
+        // (it would apply again were the resource put back): let it go.
+        Err(unknown) => match ResourceName::parse(&resource) {
+            Ok(dropped) if state.store.delete_override(&account, &dropped).await? => {
+                return Ok(Json(
+                    serde_json::json!({ "account": account, "resource": dropped, "deleted": true }),
+                ));
+            }
+            _ => return Err(unknown),
+        },
+    };
     if state.store.delete_override(&account, &resource).await? {
         Ok(Json(
             serde_json::json!({ "account": account, "resource": resource, "deleted": true }),

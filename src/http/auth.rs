@@ -104,7 +104,11 @@ impl FromRequestParts<AppState> for Caller {
                 state.keys.put(hash, looked_up, caller.clone());
                 Ok(caller)
             }
-            None => Err(ApiError::Unauthorized("unknown or revoked API key".into())),
+            None => Err(ApiError::Unauthorized(
+                "unknown or revoked API key; check the key you send, or have an admin create one \
+                 (`tally keys create --role service`)"
+                    .into(),
+            )),
         }
     }
 }

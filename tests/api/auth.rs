@@ -33,6 +33,7 @@ async fn a_request_without_a_key_is_401(app: TestApp) {
     assert_eq!(reply.status, 401);
     assert_eq!(reply.code(), "unauthorized");
     assert!(reply.body["error"]["message"].as_str().unwrap().contains("Bearer"));
+    assert_eq!(reply.headers["www-authenticate"], "Bearer", "RFC 7235 names the scheme");
     assert_eq!(app.count_entries().await, 0);
     let list = app.request("GET", "/v1/accounts/acme/entries", None, None).await;
     assert_eq!(list.status, 401);
@@ -48,6 +49,12 @@ async fn an_unknown_key_is_401(app: TestApp) {
         )
         .await;
     assert_eq!(reply.status, 401);
+    assert_eq!(reply.headers["www-authenticate"], "Bearer");
+    let message = reply.body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("tally keys create"),
+        "says where keys come from: {message}"
+    );
     assert_eq!(app.count_entries().await, 0);
 }
 

@@ -17,6 +17,7 @@ both!(
     keys_revoke_makes_the_key_401_from_then_on,
     keys_are_stored_hashed_and_the_plaintext_is_nowhere_in_the_keys_table,
     migrate_creates_the_schema_on_a_fresh_database_and_a_second_run_changes_nothing,
+    a_reader_that_stops_reading_ends_the_output_quietly_with_the_commands_own_exit_code,
 );
 
 fn text(bytes: &[u8]) -> String {
@@ -34,6 +35,35 @@ fn entries_csv(rows: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     )
     .unwrap();
     (dir, file)
+}
+
+/// `tally … | head -1`: once the reader has gone, writes fail with
+/// EPIPE. The command drops the rest of its output, does not panic, and ends
+/// with its own exit code (for `check`, 1 still means refused).
+async fn a_reader_that_stops_reading_ends_the_output_quietly_with_the_commands_own_exit_code(app: TestApp) {
+    app.post_entries(json!({"account": "acme", "resource": "ai_generations", "amount": 50, "idempotency_key": "all"}))
+        .await;
+    for (args, code) in [
+        (&["plans", "show"][..], 0),
+        (&["keys", "list"][..], 0),
+        (&["check", "acme", "api_requests"][..], 0),
+        (&["check", "acme", "ai_generations"][..], 1),
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(args)
+            .env("TALLY_DATABASE_URL", &app.database_url)
+            .env_remove("TALLY_PLANS")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The read end closes before the command has written a line.
+        drop(child.stdout.take());
+        let output = child.wait_with_output().unwrap();
+        let stderr = text(&output.stderr);
+        assert_eq!(output.status.code(), Some(code), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
 }
 
 async fn keys_create_prints_only_the_key_which_then_authenticates(app: TestApp) {

@@ -23,6 +23,7 @@ both!(
     a_total_limit_never_resets_and_deletions_free_room,
     a_plan_change_applies_from_its_effective_instant,
     an_override_beats_the_plan_until_it_expires,
+    an_override_on_a_resource_dropped_from_the_catalog_can_still_be_removed,
     unlimited_never_rejects_and_soft_limits_record_and_warn,
     the_101st_request_in_a_minute_on_free_is_rate_limited_until_retry_after,
     a_consume_retried_with_its_key_returns_the_first_outcome,
@@ -454,6 +455,38 @@ async fn a_plan_change_applies_from_its_effective_instant(app: TestApp) {
     assert_eq!(now.status, 200, "{:?}", now.body);
     assert_eq!(now.body["plan"], "pro");
     assert_eq!(now.body["limit"], Value::Null);
+}
+
+/// An override outlives its resource in the catalog (and would apply again
+/// were the resource put back): DELETE and `clear-override` still remove it.
+async fn an_override_on_a_resource_dropped_from_the_catalog_can_still_be_removed(app: TestApp) {
+    for (account, resource) in [("acme", "llm_tokens"), ("beta", "ai_generations")] {
+        let set = app
+            .put_admin(
+                &format!("/v1/accounts/{account}/overrides/{resource}"),
+                json!({"limit": "5"}),
+            )
+            .await;
+        assert_eq!(set.status, 200, "{:?}", set.body);
+    }
+    let narrower = TestApp::spawn_on(app.backend, app.database_url.clone(), None, Some(TWO_WINDOW_PLANS)).await;
+    let deleted = narrower.delete_admin("/v1/accounts/acme/overrides/llm_tokens").await;
+    assert_eq!(deleted.status, 200, "{:?}", deleted.body);
+    assert_eq!(deleted.body["resource"], "llm_tokens");
+    let again = narrower.delete_admin("/v1/accounts/acme/overrides/llm_tokens").await;
+    assert_eq!(
+        (again.status, again.code()),
+        (422, "unknown_resource"),
+        "{:?}",
+        again.body
+    );
+    let cleared = narrower.cli(&["accounts", "clear-override", "beta", "ai_generations"]);
+    assert!(cleared.status.success(), "{}", String::from_utf8_lossy(&cleared.stderr));
+    let shown = app.get("/v1/accounts/beta").await;
+    assert_eq!(shown.body["overrides"], json!([]), "{:?}", shown.body);
+    let unknown = narrower.cli(&["accounts", "clear-override", "beta", "ai_generations"]);
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("not in the catalog"));
 }
 
 async fn an_override_beats_the_plan_until_it_expires(app: TestApp) {
