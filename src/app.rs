@@ -102,9 +102,11 @@ async fn warn_about_missing_plans(store: &dyn Store, catalog: &Catalog) {
     }
 }
 
-/// A URL with its password hidden, for messages.
+/// A URL with its password hidden, for messages: in the user info
+/// (`user:secret@`) and in a `password=` query parameter, which PostgreSQL
+/// URLs take too.
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.find('@')) {
+    let url = match (url.find("://"), url.find('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let userinfo = &url[scheme + 3..at];
             match userinfo.find(':') {
@@ -113,6 +115,19 @@ pub fn redact_url(url: &str) -> String {
             }
         }
         _ => url.to_owned(),
+    };
+    match url.split_once('?') {
+        Some((base, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+                    _ => pair.to_owned(),
+                })
+                .collect();
+            format!("{base}?{}", query.join("&"))
+        }
+        None => url,
     }
 }
 
@@ -247,4 +262,22 @@ pub async fn shutdown_signal() {
         () = terminate => {},
     }
     tracing::info!("shutdown requested; finishing requests in flight");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn a_password_is_hidden_in_the_user_info_and_in_the_query() {
+        assert_eq!(
+            redact_url("postgres://tally:s3cret@db/tally?sslmode=require"),
+            "postgres://tally:***@db/tally?sslmode=require"
+        );
+        assert_eq!(
+            redact_url("postgres://tally@db/tally?sslmode=require&password=s3cret"),
+            "postgres://tally@db/tally?sslmode=require&password=***"
+        );
+        assert_eq!(redact_url("sqlite://tally.db"), "sqlite://tally.db");
+    }
 }

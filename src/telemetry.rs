@@ -51,6 +51,13 @@ pub struct HttpLabels {
     pub status: u16,
 }
 
+/// Labels of a job failure counter.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JobLabels {
+    /// The job's name (`rollup`, `monthly-reports`, …).
+    pub job: String,
+}
+
 /// Process-wide metrics, exposed at `GET /metrics` in Prometheus text format.
 #[derive(Debug)]
 pub struct Metrics {
@@ -72,6 +79,9 @@ pub struct Metrics {
     pub database_up: Gauge,
     /// HTTP requests by route, method and status.
     pub http_requests: Family<HttpLabels, Counter>,
+    /// Job runs of this process that failed, by job (any job; the rollup's
+    /// are also in `rollup_failures`).
+    pub job_failures: Family<JobLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -85,6 +95,7 @@ impl Default for Metrics {
         let rollup_lag_seconds = Gauge::default();
         let database_up = Gauge::default();
         let http_requests = Family::<HttpLabels, Counter>::default();
+        let job_failures = Family::<JobLabels, Counter>::default();
         registry.register("entries_ingested", "Ledger entries created", entries_ingested.clone());
         registry.register(
             "entries_folded",
@@ -113,6 +124,7 @@ impl Default for Metrics {
             "HTTP requests by route, method and status",
             http_requests.clone(),
         );
+        registry.register("job_failures", "Job runs that failed, by job", job_failures.clone());
         Self {
             registry,
             entries_ingested,
@@ -123,11 +135,25 @@ impl Default for Metrics {
             rollup_lag_seconds,
             database_up,
             http_requests,
+            job_failures,
         }
     }
 }
 
 impl Metrics {
+    /// Counts a failed rollup run (what `/healthz` calls degraded).
+    pub fn rollup_failed(&self) {
+        self.rollup_failures.inc();
+        self.rollup_failures_in_a_row.inc();
+    }
+
+    /// Counts a failed run of job `name`.
+    pub fn job_failed(&self, name: &str) {
+        self.job_failures
+            .get_or_create(&JobLabels { job: name.to_owned() })
+            .inc();
+    }
+
     /// Counts newly created ledger rows.
     pub fn entries_ingested(&self, n: u64) {
         self.entries_ingested.inc_by(n);

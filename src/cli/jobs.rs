@@ -12,12 +12,12 @@ use crate::telemetry::Metrics;
 /// Arguments of `tally rollup`.
 #[derive(Debug, clap::Args)]
 pub struct RollupArgs {
-    /// Ledger rows in the first batch (one transaction each).
-    #[arg(long, default_value_t = rollup::DEFAULT_BATCH)]
+    /// Ledger rows in the first batch (one transaction each), 1 to 10 000 000.
+    #[arg(long, default_value_t = rollup::DEFAULT_BATCH, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     batch_size: u32,
-    /// The most rows a batch grows to while catching up (default: the engine's
-    /// bound, 10 000 000 on both).
-    #[arg(long)]
+    /// The most rows a batch grows to while catching up, 1 to 10 000 000
+    /// (default: the engine's bound, 10 000 000 on both).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     max_batch_size: Option<u32>,
     /// Test hook: STAGE:BATCH[:abort] with STAGE before_commit or after_commit.
     #[arg(long, env = "TALLY_FAILPOINT", hide = true)]
@@ -48,7 +48,7 @@ pub async fn rollup(settings: &Settings, args: RollupArgs) -> anyhow::Result<Exi
         .transpose()
         .map_err(anyhow::Error::msg)?;
     let options = RollupOptions {
-        batch_size: args.batch_size.max(1),
+        batch_size: args.batch_size,
         max_batch_size: args.max_batch_size,
         failpoint,
     };
@@ -57,8 +57,21 @@ pub async fn rollup(settings: &Settings, args: RollupArgs) -> anyhow::Result<Exi
     Ok(ExitCode::SUCCESS)
 }
 
-/// Recomputes the totals from the ledger and prints every difference.
+/// Recomputes the totals from the ledger and prints every difference: exit
+/// 0 when they agree, 1 when some differ, 2 when it could not tell (an
+/// unreachable database, say), so an alert can tell bad data from an outage.
 pub async fn verify(settings: &Settings) -> anyhow::Result<ExitCode> {
+    match compare_totals(settings).await {
+        Ok(code) => Ok(code),
+        Err(error) => {
+            eprintln!("error: {}", crate::telemetry::cause_chain(error.as_ref()));
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+/// [`verify`]'s work: exit 0 or 1, or the error that kept it from judging.
+async fn compare_totals(settings: &Settings) -> anyhow::Result<ExitCode> {
     let (store, catalog) = settings.open_store().await?;
     let mismatches = store.verify_totals().await?;
     // verify judges folded rows only: a rollup that keeps failing (a total
@@ -66,8 +79,10 @@ pub async fn verify(settings: &Settings) -> anyhow::Result<ExitCode> {
     let lag = crate::usage::rollup_lag_seconds(store.as_ref(), chrono::Utc::now()).await?;
     if lag > 60 {
         eprintln!(
-            "note: the oldest entry not yet folded was recorded {lag} s ago; if `tally rollup` fails, \
-             docs/operations.md (\"When the rollup keeps failing\") says what to look for"
+            "note: the oldest entry not yet folded was recorded {lag} s ago, and verify judges folded rows \
+             only. Either the rollup fails (`tally rollup` says why; docs/operations.md, \"When the rollup \
+             keeps failing\") or, on PostgreSQL, a long transaction anywhere in the cluster holds it back \
+             (docs/operations.md, \"The rollup and PostgreSQL's commit order\")"
         );
     }
     if mismatches.is_empty() {

@@ -63,6 +63,13 @@ pub enum ApiError {
     /// 503: the database cannot be reached.
     #[error("the database is unavailable; retry shortly")]
     Unavailable(#[source] StoreError),
+    /// 500: a total the answer needs is past 64 bits of minor units (valid
+    /// entries can get there); an operator corrects the entries.
+    #[error(
+        "a total this answer needs is past 64 bits of minor units, so it cannot be given exactly; an \
+         operator can find and correct the entries (docs/operations.md, \"A total past 64 bits\")"
+    )]
+    TotalTooLarge(#[source] anyhow::Error),
     /// 500: a bug or an unexpected database error; the cause goes to the log only.
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
@@ -119,6 +126,7 @@ impl ApiError {
             Self::Validation { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, code),
             Self::TooManyRequests { code, .. } => (StatusCode::TOO_MANY_REQUESTS, code),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"),
+            Self::TotalTooLarge(_) => (StatusCode::INTERNAL_SERVER_ERROR, "total_too_large"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -150,7 +158,8 @@ impl From<StoreError> for ApiError {
             },
             StoreError::Invalid(m) => Self::invalid("id", m),
             StoreError::Unavailable(_) => Self::Unavailable(e),
-            StoreError::Internal(_) | StoreError::Unexpected(_) | StoreError::Overflow(_) => Self::Internal(e.into()),
+            StoreError::Overflow(_) => Self::TotalTooLarge(e.into()),
+            StoreError::Internal(_) | StoreError::Unexpected(_) => Self::Internal(e.into()),
         }
     }
 }

@@ -80,7 +80,12 @@ pub async fn count_requests(State(state): State<AppState>, request: Request, nex
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = request.method().to_string();
+    // The standard methods by name; any other a client invents is "other",
+    // or each would add a series for as long as the process lives.
+    let method = match request.method().as_str() {
+        known @ ("GET" | "POST" | "PUT" | "DELETE" | "PATCH" | "HEAD" | "OPTIONS") => known.to_owned(),
+        _ => "other".to_owned(),
+    };
     let response = next.run(request).await;
     state
         .metrics

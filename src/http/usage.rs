@@ -58,9 +58,9 @@ async fn get_timeseries(
     )
     .await
     .map_err(|e| match e {
-        SeriesError::Range(m) => ApiError::invalid("from", m),
+        SeriesError::Range { field, message } => ApiError::invalid(field, message),
         SeriesError::Store(e) => e.into(),
-        SeriesError::Overflow => ApiError::Internal(e.into()),
+        SeriesError::Overflow => ApiError::TotalTooLarge(e.into()),
     })?;
     Ok(Json(Series {
         account,

@@ -115,7 +115,10 @@ pub fn load(dir: Option<&Path>) -> anyhow::Result<Vec<JobDefinition>> {
         let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
         let job: JobDefinition =
             toml::from_str(&text).with_context(|| format!("invalid job file {}", path.display()))?;
-        parse_schedule(&job.schedule).with_context(|| format!("in {}", path.display()))?;
+        // `next_run` parses it too, and refuses a date that never comes
+        // (`0 0 0 31 2 *`), which would leave the job silently idle.
+        job.next_run(Utc::now())
+            .with_context(|| format!("in {}", path.display()))?;
         if let Some(previous) = jobs.insert(job.name.clone(), job) {
             anyhow::bail!("two job files in {} define job '{}'", dir.display(), previous.name);
         }
@@ -219,10 +222,23 @@ impl JobRunner {
             )));
         }
         let context = &self.context;
-        let Some(lock) = context.store.try_job_lock(name).await? else {
-            return Ok(JobOutcome::Skipped(format!(
-                "job '{name}' is running in another process"
-            )));
+        let lock = match context.store.try_job_lock(name).await {
+            Ok(Some(lock)) => lock,
+            Ok(None) => {
+                return Ok(JobOutcome::Skipped(format!(
+                    "job '{name}' is running in another process"
+                )));
+            }
+            Err(e) => {
+                // Before the job itself began (the database out of reach,
+                // say): counted as its failure all the same, or /metrics and
+                // /healthz would show none while every run fails.
+                if job.run == JobKind::Rollup {
+                    context.metrics.rollup_failed();
+                }
+                context.metrics.job_failed(name);
+                return Err(e.into());
+            }
         };
         let result = match job.run {
             JobKind::Rollup => rollup::run(
@@ -244,6 +260,9 @@ impl JobRunner {
             .map(JobOutcome::Ran),
         };
         lock.release().await;
+        if result.is_err() {
+            context.metrics.job_failed(name);
+        }
         result
     }
 
@@ -271,13 +290,20 @@ impl Scheduler {
         let scheduler = JobScheduler::new().await.context("cannot create the job scheduler")?;
         for definition in runner.definitions() {
             let name = definition.name.clone();
+            let kind = definition.run;
             let job_runner = runner.clone();
             let job = Job::new_async(definition.schedule.as_str(), move |_id, _scheduler| {
                 let runner = job_runner.clone();
                 let name = name.clone();
                 Box::pin(async move {
                     match runner.run(&name).await {
-                        Ok(JobOutcome::Ran(summary)) => tracing::debug!(job = %name, "job {name}: {summary}"),
+                        // The rollup logs its own work (every 10 s by default);
+                        // a report job's line names the instant its files are
+                        // as of, which rebuilding them needs (docs/reports.md).
+                        Ok(JobOutcome::Ran(summary)) if kind == JobKind::Rollup => {
+                            tracing::debug!(job = %name, "job {name}: {summary}")
+                        }
+                        Ok(JobOutcome::Ran(summary)) => tracing::info!(job = %name, "job {name}: {summary}"),
                         Ok(JobOutcome::Skipped(why)) => tracing::debug!(job = %name, "job {name} skipped: {why}"),
                         Err(e) => tracing::error!(job = %name, error = %format!("{e:#}"), "job {name} failed: {e:#}"),
                     }

@@ -179,8 +179,7 @@ pub async fn run(store: &dyn Store, options: &RollupOptions, metrics: &Metrics) 
             Ok(report)
         }
         Err(e) => {
-            metrics.rollup_failures.inc();
-            metrics.rollup_failures_in_a_row.inc();
+            metrics.rollup_failed();
             let cause = crate::telemetry::cause_chain(&e);
             tracing::error!(entries = report.entries, error = %cause, "rollup failed after {report}: {cause}");
             Err(e)

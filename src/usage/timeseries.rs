@@ -24,9 +24,15 @@ pub struct Point {
 /// Why a series cannot be produced.
 #[derive(Debug, thiserror::Error)]
 pub enum SeriesError {
-    /// The range is empty, reversed, misaligned or too long.
-    #[error("{0}")]
-    Range(String),
+    /// The range is reversed, misaligned or too long; `field` is the bound
+    /// to change.
+    #[error("{message}")]
+    Range {
+        /// `from` or `to`.
+        field: &'static str,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -49,26 +55,35 @@ pub async fn timeseries(
     // `to` is exclusive: from = to is an empty range (as in the entries
     // listing), from > to a mistake.
     if from > to {
-        return Err(SeriesError::Range(format!("from ({from}) must not be after to ({to})")));
+        return Err(SeriesError::Range {
+            field: "from",
+            message: format!("from ({from}) must not be after to ({to})"),
+        });
     }
     if granularity == Granularity::Month {
         for (name, date) in [("from", from), ("to", to)] {
             if granularity.bucket_of(date) != date {
-                return Err(SeriesError::Range(format!(
-                    "{name} ({date}) must be the first day of a month for granularity=month (e.g. {})",
-                    granularity.bucket_of(date)
-                )));
+                return Err(SeriesError::Range {
+                    field: name,
+                    message: format!(
+                        "{name} ({date}) must be the first day of a month for granularity=month (e.g. {})",
+                        granularity.bucket_of(date)
+                    ),
+                });
             }
         }
     }
-    let buckets = granularity.buckets(from, to, MAX_POINTS).ok_or_else(|| {
-        SeriesError::Range(match granularity {
-            Granularity::Day => {
-                format!("{from} to {to} is more than {MAX_POINTS} days; narrow the range or use granularity=month")
-            }
-            Granularity::Month => format!("{from} to {to} is more than {MAX_POINTS} months; narrow the range"),
-        })
-    })?;
+    let buckets = granularity
+        .buckets(from, to, MAX_POINTS)
+        .ok_or_else(|| SeriesError::Range {
+            field: "from",
+            message: match granularity {
+                Granularity::Day => {
+                    format!("{from} to {to} is more than {MAX_POINTS} days; narrow the range or use granularity=month")
+                }
+                Granularity::Month => format!("{from} to {to} is more than {MAX_POINTS} months; narrow the range"),
+            },
+        })?;
     let decimals = catalog.decimals(resource.as_str());
     let mut sums: BTreeMap<NaiveDate, Amount> = buckets.iter().map(|b| (*b, Amount::zero(decimals))).collect();
     // Folded totals and the tail may both name a bucket: add them.

@@ -75,6 +75,15 @@ async fn on_postgres_requests_answer_503_while_the_server_is_down_and_succeed_on
     assert_eq!(health.body["database"], "unavailable", "{health:?}");
     let metrics = app.metrics_text().await;
     assert_eq!(metric(&metrics, "tally_database_up"), Some(0), "{metrics}");
+    // A job run that cannot even take its lock has failed, and says so where
+    // an operator looks (the rollup's also in what /healthz reads).
+    assert!(app.jobs.run("rollup").await.is_err());
+    let metrics = app.metrics_text().await;
+    assert_eq!(metric(&metrics, "tally_rollup_failures_total"), Some(1), "{metrics}");
+    assert!(
+        metrics.contains("tally_job_failures_total{job=\"rollup\"} 1"),
+        "{metrics}"
+    );
 
     cluster.start_server().expect("the server starts again");
 

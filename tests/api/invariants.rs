@@ -251,7 +251,17 @@ async fn a_total_past_64_bits_is_an_error_never_a_wrapped_number(app: TestApp) {
                 serde_json::json!({"account": "huge", "resource": "api_requests", "at": at}),
             )
             .await;
-        assert_eq!((check.status, check.code()), (500, "internal"), "{:?}", check.body);
+        assert_eq!(
+            (check.status, check.code()),
+            (500, "total_too_large"),
+            "{:?}",
+            check.body
+        );
+        let message = check.body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("A total past 64 bits"),
+            "says where to look: {message}"
+        );
         let usage = app.get(&format!("/v1/accounts/huge/usage?at={at}")).await;
         assert_eq!(usage.status, 500, "{:?}", usage.body);
     }

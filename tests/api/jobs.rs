@@ -197,6 +197,13 @@ async fn health_reports_rollup_lag_and_metrics_count_what_happened(app: TestApp)
         "{metrics}"
     );
     assert!(metrics.contains(r#"route="/healthz""#), "{metrics}");
+    // A method a client invents is counted as "other", not as a new series.
+    app.request("BREW", "/healthz", None, None).await;
+    let metrics = app.metrics_text().await;
+    assert!(
+        metrics.contains(r#"method="other""#) && !metrics.contains("BREW"),
+        "{metrics}"
+    );
 
     // A run the database fails (its cursor table gone for a moment) counts as
     // a failure, not as a run.
@@ -217,6 +224,10 @@ async fn health_reports_rollup_lag_and_metrics_count_what_happened(app: TestApp)
     assert_eq!(metric(&metrics, "tally_rollup_failures_in_a_row"), Some(1), "{metrics}");
     assert_eq!(metric(&metrics, "tally_rollup_runs_total"), Some(runs), "{metrics}");
     assert_eq!(metric(&metrics, "tally_entries_folded_total"), Some(3), "{metrics}");
+    assert!(
+        metrics.contains(r#"tally_job_failures_total{job="rollup"} 1"#),
+        "{metrics}"
+    );
     // A good run clears it.
     runner.run("rollup").await.expect("the rollup runs again");
     let health = app.request("GET", "/healthz", None, None).await;
@@ -270,6 +281,24 @@ fn a_job_file_with_a_bad_schedule_is_refused_with_its_path() {
     let message = format!("{error:#}");
     assert!(
         message.contains("bad.toml") && message.contains("6-field cron"),
+        "{message}"
+    );
+}
+
+/// A valid cron for a date that never comes (February 31st) would leave the
+/// job idle without a word; `jobs list` already refused it, now loading does.
+#[test]
+fn a_job_file_whose_schedule_never_fires_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("never.toml"),
+        "name = \"rollup\"\nschedule = \"0 0 0 31 2 *\"\nrun = \"rollup\"\n",
+    )
+    .unwrap();
+    let error = tally::jobs::load(Some(dir.path())).unwrap_err();
+    let message = format!("{error:#}");
+    assert!(
+        message.contains("never.toml") && message.contains("never fires"),
         "{message}"
     );
 }

@@ -21,6 +21,7 @@ both!(
     a_corrupted_total_makes_verify_fail,
     a_total_past_64_bits_fails_its_own_reads_and_holds_back_no_one_else,
     verify_says_how_far_behind_the_rollup_is,
+    verify_exits_2_when_it_cannot_judge,
     a_failure_before_a_commit_leaves_totals_exact_after_the_next_run,
     a_failure_between_batches_leaves_totals_exact_after_the_next_run,
     a_rollup_process_killed_mid_batch_leaves_totals_exact_after_the_next_run,
@@ -196,7 +197,12 @@ async fn a_total_past_64_bits_fails_its_own_reads_and_holds_back_no_one_else(app
     assert_eq!(minutes["used"], "1.25");
     for whale in ["whale", "orca"] {
         let usage = app.get(&format!("/v1/accounts/{whale}/usage")).await;
-        assert_eq!(usage.status, 500, "{:?}", usage.body);
+        assert_eq!(
+            (usage.status, usage.code()),
+            (500, "total_too_large"),
+            "{:?}",
+            usage.body
+        );
         // The same account's other resources read as usual.
         let check = app
             .post(
@@ -232,6 +238,28 @@ async fn a_total_past_64_bits_fails_its_own_reads_and_holds_back_no_one_else(app
         .output()
         .unwrap();
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+}
+
+/// Exit 1 says totals differ; a database verify cannot open is exit 2, so an
+/// alert can tell bad totals from an outage.
+async fn verify_exits_2_when_it_cannot_judge(app: TestApp) {
+    let missing = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/no/such/folder/tally.db", missing.path().display());
+    let failed = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["verify", "--database-url", &url])
+        .output()
+        .unwrap();
+    assert_eq!(
+        failed.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&failed.stderr)
+    );
+    let ok = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["verify", "--database-url", &app.database_url])
+        .output()
+        .unwrap();
+    assert_eq!(ok.status.code(), Some(0));
 }
 
 /// verify judges folded rows only; an entry left unfolded for minutes (a

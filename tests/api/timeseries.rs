@@ -114,6 +114,10 @@ async fn bad_series_requests_are_422(app: TestApp) {
             "from",
         ),
         (
+            "resource=api_requests&granularity=month&from=2026-01-01&to=2026-03-15",
+            "to",
+        ),
+        (
             "resource=api_requests&granularity=week&from=2026-01-01&to=2026-03-01",
             "granularity",
         ),
