@@ -28,4 +28,9 @@ impl Clock {
     pub fn freeze_at(&self, at: DateTime<Utc>) {
         *self.frozen.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(at);
     }
+
+    /// Back to the system's time (tests).
+    pub fn thaw(&self) {
+        *self.frozen.write().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
 }

@@ -178,13 +178,15 @@ async fn set_override(
         .as_deref()
         .map(|t| parse_timestamp(t).map_err(|m| ApiError::invalid("expires_at", m)))
         .transpose()?;
+    let now = state.clock.now().trunc_subsecs(6);
+    Override::check_expiry(expires_at, now).map_err(|m| ApiError::invalid("expires_at", m))?;
     let value = Override {
         resource,
         limit,
         enforcement,
         window,
         expires_at,
-        updated_at: state.clock.now().trunc_subsecs(6),
+        updated_at: now,
     };
     state.store.put_override(&account, &value).await?;
     tracing::info!(account = %account, resource = %value.resource, "override set for account {account} on {}", value.resource);

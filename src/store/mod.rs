@@ -244,16 +244,22 @@ pub trait Store: Send + Sync + 'static {
     /// An account's overrides, expired ones included.
     async fn overrides(&self, account: &AccountId) -> Result<Vec<Override>, StoreError>;
 
-    /// [`Store::plan_history`] and [`Store::overrides`] together; an engine
-    /// may read both in one round trip.
-    async fn plans_and_overrides(
+    /// Every change to an account's overrides (each set, each removal), in
+    /// the order made: the override in force at an instant is the latest
+    /// change made by then (`overrides_as_of`), as the plan in force is the
+    /// latest assignment effective by then.
+    async fn override_changes(&self, account: &AccountId) -> Result<Vec<OverrideChange>, StoreError>;
+
+    /// [`Store::plan_history`] and [`Store::override_changes`] together; an
+    /// engine may read both in one round trip.
+    async fn plans_and_override_changes(
         &self,
         account: &AccountId,
-    ) -> Result<(Vec<PlanAssignment>, Vec<Override>), StoreError> {
-        Ok((self.plan_history(account).await?, self.overrides(account).await?))
+    ) -> Result<(Vec<PlanAssignment>, Vec<OverrideChange>), StoreError> {
+        Ok((self.plan_history(account).await?, self.override_changes(account).await?))
     }
 
-    /// What a quota check reads: [`Store::plans_and_overrides`] and `used`
+    /// What a quota check reads: [`Store::plans_and_override_changes`] and `used`
     /// in `likely` (the period the check most likely counts in). An engine may
     /// read all of it in one statement (one round trip, one snapshot).
     async fn check_inputs(
@@ -262,9 +268,13 @@ pub trait Store: Send + Sync + 'static {
         resource: &ResourceName,
         likely: &Period,
     ) -> Result<CheckInputs, StoreError> {
-        let (plans, overrides) = self.plans_and_overrides(account).await?;
+        let (plans, override_changes) = self.plans_and_override_changes(account).await?;
         let used = self.used(account, resource, likely).await?;
-        Ok(CheckInputs { plans, overrides, used })
+        Ok(CheckInputs {
+            plans,
+            override_changes,
+            used,
+        })
     }
 
     /// Minor units used in `period`: folded totals plus the unfolded tail, in
@@ -540,12 +550,12 @@ pub(crate) fn totals_sql(template: &str, table: &str, bucket: &str, bucket_of_en
 /// by [`Store::consume`] under its lock.
 pub trait ConsumeDecider: Send + Sync {
     /// The period `used` is read for, given the account's plan history (by
-    /// `effective_at`, then creation) and overrides (expired ones included).
-    fn period(&self, plans: &[PlanAssignment], overrides: &[Override]) -> Period;
+    /// `effective_at`, then creation) and override changes (in the order made).
+    fn period(&self, plans: &[PlanAssignment], overrides: &[OverrideChange]) -> Period;
 
     /// `Ok(response)` records the entry and keeps the response for replays,
     /// `Err(reason)` refuses it; `used` is for [`ConsumeDecider::period`].
-    fn decide(&self, plans: &[PlanAssignment], overrides: &[Override], used: i64) -> Result<String, String>;
+    fn decide(&self, plans: &[PlanAssignment], overrides: &[OverrideChange], used: i64) -> Result<String, String>;
 }
 
 /// What a consume did.
@@ -579,8 +589,8 @@ pub enum ConsumeResult {
 pub struct CheckInputs {
     /// Plan assignments, by `effective_at` then creation.
     pub plans: Vec<PlanAssignment>,
-    /// Overrides, expired ones included.
-    pub overrides: Vec<Override>,
+    /// Every change to the account's overrides, in the order made.
+    pub override_changes: Vec<OverrideChange>,
     /// Minor units used in the period asked about.
     pub used: i64,
 }

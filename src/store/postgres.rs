@@ -160,27 +160,30 @@ impl PgStore {
         (row.account, value)
     }
 
-    /// [`Store::plans_and_overrides`] on `conn`, in one round trip.
-    async fn plans_and_overrides_on(
+    /// [`Store::plans_and_override_changes`] on `conn`, in one round trip.
+    async fn plans_and_override_changes_on(
         &self,
         conn: &mut sqlx::PgConnection,
         account: &AccountId,
-    ) -> Result<(Vec<PlanAssignment>, Vec<Override>), sqlx::Error> {
-        // One round trip: plan rows (kind 'p') then override rows (kind 'o').
+    ) -> Result<(Vec<PlanAssignment>, Vec<OverrideChange>), sqlx::Error> {
+        // One round trip: plan rows (kind 'p') then override changes (kind
+        // 'o'), each in its order (plans by effective_at, changes as made).
         let rows: Vec<PlanOrOverrideRow> = sqlx::query_as(
             "SELECT 'p' AS kind, plan AS name, effective_at AS at, created_at AS stamp,
-                    NULL::bigint AS limit_amount, NULL::text AS enforcement, NULL::text AS limit_window, id
+                    NULL::bigint AS limit_amount, NULL::text AS enforcement, NULL::text AS limit_window,
+                    false AS removed, effective_at AS sort_at, id
                FROM account_plans WHERE account = $1
              UNION ALL
-             SELECT 'o', resource, expires_at, updated_at, limit_amount, enforcement, limit_window, 0
-               FROM account_overrides WHERE account = $1
-             ORDER BY 1 DESC, 3, 8, 2",
+             SELECT 'o', resource, expires_at, changed_at, limit_amount, enforcement, limit_window,
+                    removed, changed_at, id
+               FROM account_override_history WHERE account = $1
+             ORDER BY 1 DESC, 9, 10",
         )
         .bind(account.as_str())
         .fetch_all(&mut *conn)
         .await?;
         let mut plans = Vec::new();
-        let mut overrides = Vec::new();
+        let mut changes = Vec::new();
         for row in rows {
             if row.kind == "p" {
                 plans.push(PlanAssignment {
@@ -198,11 +201,25 @@ impl PgStore {
                     expires_at: row.at,
                     updated_at: row.stamp,
                 });
-                overrides.push(value);
+                changes.push(OverrideChange {
+                    value,
+                    removed: row.removed,
+                });
             }
         }
-        overrides.sort_by(|a, b| a.resource.as_str().cmp(b.resource.as_str()));
-        Ok((plans, overrides))
+        Ok((plans, changes))
+    }
+
+    /// A history row: the change with its account.
+    fn change_from_row(&self, history: OverrideHistoryRow) -> (String, OverrideChange) {
+        let (account, value) = self.override_from_row(history.row);
+        (
+            account,
+            OverrideChange {
+                value,
+                removed: history.removed,
+            },
+        )
     }
 
     fn entry_from_row(&self, row: EntryRow) -> Entry {
@@ -776,12 +793,17 @@ impl Store for PgStore {
         Ok(rows.into_iter().map(|row| self.override_from_row(row).1).collect())
     }
 
-    async fn plans_and_overrides(
+    async fn override_changes(&self, account: &AccountId) -> Result<Vec<OverrideChange>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        Ok(self.plans_and_override_changes_on(&mut conn, account).await?.1)
+    }
+
+    async fn plans_and_override_changes(
         &self,
         account: &AccountId,
-    ) -> Result<(Vec<PlanAssignment>, Vec<Override>), StoreError> {
+    ) -> Result<(Vec<PlanAssignment>, Vec<OverrideChange>), StoreError> {
         let mut conn = self.pool.acquire().await?;
-        Ok(self.plans_and_overrides_on(&mut conn, account).await?)
+        Ok(self.plans_and_override_changes_on(&mut conn, account).await?)
     }
 
     async fn check_inputs(
@@ -796,20 +818,21 @@ impl Store for PgStore {
         let known = self.settled.get(account.as_str(), resource.as_str(), bounds(likely));
         let row: CheckRow = sqlx::query_as(
             "SELECT u.used, u.mark, u.settled, p.names, p.effective, p.created,
-                    o.resources, o.limits, o.enforcements, o.windows, o.expires, o.updated
+                    o.resources, o.limits, o.enforcements, o.windows, o.expires, o.updated, o.removed
                FROM tally_used_settled($1, $2, $3, $4,
                         COALESCE($5::timestamptz, '-infinity'), COALESCE($6::timestamptz, 'infinity'), $7, $8) AS u,
                     LATERAL (SELECT array_agg(plan ORDER BY effective_at, id) AS names,
                                     array_agg(effective_at ORDER BY effective_at, id) AS effective,
                                     array_agg(created_at ORDER BY effective_at, id) AS created
                                FROM account_plans WHERE account = $1) AS p,
-                    LATERAL (SELECT array_agg(resource ORDER BY resource) AS resources,
-                                    array_agg(limit_amount ORDER BY resource) AS limits,
-                                    array_agg(enforcement ORDER BY resource) AS enforcements,
-                                    array_agg(limit_window ORDER BY resource) AS windows,
-                                    array_agg(expires_at ORDER BY resource) AS expires,
-                                    array_agg(updated_at ORDER BY resource) AS updated
-                               FROM account_overrides WHERE account = $1) AS o",
+                    LATERAL (SELECT array_agg(resource ORDER BY changed_at, id) AS resources,
+                                    array_agg(limit_amount ORDER BY changed_at, id) AS limits,
+                                    array_agg(enforcement ORDER BY changed_at, id) AS enforcements,
+                                    array_agg(limit_window ORDER BY changed_at, id) AS windows,
+                                    array_agg(expires_at ORDER BY changed_at, id) AS expires,
+                                    array_agg(changed_at ORDER BY changed_at, id) AS updated,
+                                    array_agg(removed ORDER BY changed_at, id) AS removed
+                               FROM account_override_history WHERE account = $1) AS o",
         )
         .bind(account.as_str())
         .bind(resource.as_str())
@@ -849,7 +872,8 @@ impl Store for PgStore {
         let mut windows = row.windows.unwrap_or_default().into_iter();
         let mut expires = row.expires.unwrap_or_default().into_iter();
         let mut updated = row.updated.unwrap_or_default().into_iter();
-        let mut overrides = Vec::with_capacity(n);
+        let mut removed = row.removed.unwrap_or_default().into_iter();
+        let mut override_changes = Vec::with_capacity(n);
         for resource in resources {
             let (_, value) = self.override_from_row(OverrideRow {
                 account: String::new(),
@@ -860,11 +884,14 @@ impl Store for PgStore {
                 expires_at: expires.next().flatten(),
                 updated_at: updated.next().unwrap_or_default(),
             });
-            overrides.push(value);
+            override_changes.push(OverrideChange {
+                value,
+                removed: removed.next().unwrap_or_default(),
+            });
         }
         Ok(CheckInputs {
             plans,
-            overrides,
+            override_changes,
             used: row.used,
         })
     }
@@ -969,7 +996,7 @@ impl Store for PgStore {
         }
         // The limits too are read after the lock: a plan or override committed
         // before it was granted applies to this consume.
-        let (plans, overrides) = self.plans_and_overrides_on(&mut tx, &entry.account).await?;
+        let (plans, overrides) = self.plans_and_override_changes_on(&mut tx, &entry.account).await?;
         let period = decide.period(&plans, &overrides);
         let used = used_on(&mut tx, &self.settled, &entry.account, &entry.resource, &period).await?;
         let response = match decide.decide(&plans, &overrides, used) {
@@ -1081,19 +1108,7 @@ impl Store for PgStore {
             .bind(as_of)
             .fetch_all(&self.pool)
             .await?;
-        Ok(rows
-            .into_iter()
-            .map(|history| {
-                let (account, value) = self.override_from_row(history.row);
-                (
-                    account,
-                    OverrideChange {
-                        value,
-                        removed: history.removed,
-                    },
-                )
-            })
-            .collect())
+        Ok(rows.into_iter().map(|history| self.change_from_row(history)).collect())
     }
 }
 
@@ -1159,7 +1174,7 @@ fn window_table(window: Window) -> &'static str {
 }
 
 /// What `check_inputs` reads: used and the watermark, plan history and
-/// overrides as parallel arrays (NULL when the account has none).
+/// override changes as parallel arrays (NULL when the account has none).
 #[derive(FromRow)]
 struct CheckRow {
     used: i64,
@@ -1174,20 +1189,24 @@ struct CheckRow {
     windows: Option<Vec<Option<String>>>,
     expires: Option<Vec<Option<DateTime<Utc>>>>,
     updated: Option<Vec<DateTime<Utc>>>,
+    removed: Option<Vec<bool>>,
 }
 
-/// A row of `plans_and_overrides`: a plan assignment ('p') or an override ('o').
+/// A row of `plans_and_override_changes_on`: a plan assignment ('p') or an
+/// override change ('o').
 #[derive(FromRow)]
 struct PlanOrOverrideRow {
     kind: String,
     name: String,
-    /// effective_at of a plan, expires_at of an override.
+    /// effective_at of a plan, expires_at of an override change.
     at: Option<DateTime<Utc>>,
-    /// created_at of a plan, updated_at of an override.
+    /// created_at of a plan, changed_at of an override change.
     stamp: DateTime<Utc>,
     limit_amount: Option<i64>,
     enforcement: Option<String>,
     limit_window: Option<String>,
+    /// Whether an override change removed it (false for a plan).
+    removed: bool,
 }
 
 #[derive(FromRow)]

@@ -129,6 +129,35 @@ impl SqliteStore {
         Ok(rows.into_iter().map(|row| self.override_from_row(row).1).collect())
     }
 
+    /// Every change to an account's overrides, in the order made, read on `conn`.
+    async fn override_changes_on(
+        &self,
+        conn: &mut sqlx::SqliteConnection,
+        account: &AccountId,
+    ) -> Result<Vec<OverrideChange>, sqlx::Error> {
+        let rows: Vec<OverrideHistoryRow> = sqlx::query_as(
+            "SELECT account, resource, limit_amount, enforcement, limit_window, expires_at,
+                    changed_at AS updated_at, removed
+             FROM account_override_history WHERE account = ? ORDER BY changed_at, id",
+        )
+        .bind(account.as_str())
+        .fetch_all(&mut *conn)
+        .await?;
+        Ok(rows.into_iter().map(|row| self.change_from_row(row).1).collect())
+    }
+
+    /// A history row: the change with its account.
+    fn change_from_row(&self, history: OverrideHistoryRow) -> (String, OverrideChange) {
+        let (account, value) = self.override_from_row(history.row);
+        (
+            account,
+            OverrideChange {
+                value,
+                removed: history.removed,
+            },
+        )
+    }
+
     fn entry_from_row(&self, row: EntryRow) -> Entry {
         let decimals = self.catalog.decimals(&row.resource);
         Entry {
@@ -577,6 +606,11 @@ impl Store for SqliteStore {
         Ok(self.overrides_on(&mut conn, account).await?)
     }
 
+    async fn override_changes(&self, account: &AccountId) -> Result<Vec<OverrideChange>, StoreError> {
+        let mut conn = self.reader.acquire().await?;
+        Ok(self.override_changes_on(&mut conn, account).await?)
+    }
+
     async fn used(&self, account: &AccountId, resource: &ResourceName, period: &Period) -> Result<i64, StoreError> {
         let mut conn = self.reader.acquire().await?;
         used_on(&mut conn, &self.settled, account, resource, period).await
@@ -605,7 +639,7 @@ impl Store for SqliteStore {
             return replay(entry, &self.entry_from_row(row), response);
         }
         let plans = plans_on(&mut tx, &entry.account).await?;
-        let overrides = self.overrides_on(&mut tx, &entry.account).await?;
+        let overrides = self.override_changes_on(&mut tx, &entry.account).await?;
         let period = decide.period(&plans, &overrides);
         let used = used_on(&mut tx, &self.settled, &entry.account, &entry.resource, &period).await?;
         let response = match decide.decide(&plans, &overrides, used) {
@@ -704,19 +738,7 @@ impl Store for SqliteStore {
             .bind(as_of.map(to_micros))
             .fetch_all(&self.reader)
             .await?;
-        Ok(rows
-            .into_iter()
-            .map(|history| {
-                let (account, value) = self.override_from_row(history.row);
-                (
-                    account,
-                    OverrideChange {
-                        value,
-                        removed: history.removed,
-                    },
-                )
-            })
-            .collect())
+        Ok(rows.into_iter().map(|history| self.change_from_row(history)).collect())
     }
 }
 

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::rate_limit::{RateDecision, RateLimits};
 use crate::domain::catalog::{Enforcement, Window};
-use crate::domain::plan::{Override, Period, PlanAssignment};
+use crate::domain::plan::{Override, OverrideChange, Period, PlanAssignment, overrides_as_of};
 use crate::domain::{AccountId, Amount, Catalog, NewEntry, ResourceName};
 use crate::store::{ConsumeDecider, ConsumeResult, ConsumeRules, DecidedConsume, PlanRule, Store, StoreError};
 
@@ -299,11 +299,11 @@ impl Quotas<'_> {
         resource: &ResourceName,
         at: DateTime<Utc>,
     ) -> Result<EffectiveLimit, StoreError> {
-        let (history, overrides) = self.store.plans_and_overrides(account).await?;
+        let (history, changes) = self.store.plans_and_override_changes(account).await?;
         Ok(effective_limit(
             self.catalog,
             plan_at(self.catalog, &history, at),
-            &overrides,
+            &overrides_as_of(&changes, at),
             resource,
             at,
         ))
@@ -324,7 +324,7 @@ impl Quotas<'_> {
         let limit = effective_limit(
             self.catalog,
             plan_at(self.catalog, &inputs.plans, at),
-            &inputs.overrides,
+            &overrides_as_of(&inputs.override_changes, at),
             resource,
             at,
         );
@@ -436,12 +436,12 @@ struct Decider<'a> {
 }
 
 impl Decider<'_> {
-    fn limit(&self, plans: &[PlanAssignment], overrides: &[Override]) -> EffectiveLimit {
+    fn limit(&self, plans: &[PlanAssignment], overrides: &[OverrideChange]) -> EffectiveLimit {
         let at = self.entry.occurred_at;
         effective_limit(
             self.catalog,
             plan_at(self.catalog, plans, at),
-            overrides,
+            &overrides_as_of(overrides, at),
             &self.entry.resource,
             at,
         )
@@ -449,11 +449,16 @@ impl Decider<'_> {
 }
 
 impl ConsumeDecider for Decider<'_> {
-    fn period(&self, plans: &[PlanAssignment], overrides: &[Override]) -> Period {
+    fn period(&self, plans: &[PlanAssignment], overrides: &[OverrideChange]) -> Period {
         Period::containing(self.limit(plans, overrides).window, self.entry.occurred_at)
     }
 
-    fn decide(&self, plans: &[PlanAssignment], overrides: &[Override], used_minor: i64) -> Result<String, String> {
+    fn decide(
+        &self,
+        plans: &[PlanAssignment],
+        overrides: &[OverrideChange],
+        used_minor: i64,
+    ) -> Result<String, String> {
         let entry = self.entry;
         let limit = self.limit(plans, overrides);
         let period = Period::containing(limit.window, entry.occurred_at);
@@ -715,8 +720,9 @@ pub struct UsageReport {
 impl Quotas<'_> {
     /// The account's usage at `at`.
     pub async fn usage(&self, account: &AccountId, at: DateTime<Utc>) -> Result<UsageReport, StoreError> {
-        let (history, overrides) = self.store.plans_and_overrides(account).await?;
+        let (history, changes) = self.store.plans_and_override_changes(account).await?;
         let plan = plan_at(self.catalog, &history, at);
+        let overrides = overrides_as_of(&changes, at);
         let mut names: Vec<String> = self
             .catalog
             .plans

@@ -189,6 +189,24 @@ impl TestApp {
         }
     }
 
+    /// Sets an override as if at `since` (the app's clock frozen there for
+    /// the PUT): an override is in force only from when it is set, so one
+    /// meant for backdated instants is set before them.
+    pub async fn put_override_since(
+        &self,
+        account: &str,
+        resource: &str,
+        body: Value,
+        since: chrono::DateTime<chrono::Utc>,
+    ) -> Reply {
+        self.clock.freeze_at(since);
+        let reply = self
+            .put_admin(&format!("/v1/accounts/{account}/overrides/{resource}"), body)
+            .await;
+        self.clock.thaw();
+        reply
+    }
+
     /// Sends a request with `key` (None: no Authorization header).
     pub async fn request(&self, method: &str, path: &str, key: Option<&str>, body: Option<String>) -> Reply {
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();

@@ -24,6 +24,8 @@ both!(
     a_plan_change_applies_from_its_effective_instant,
     an_override_beats_the_plan_until_it_expires,
     an_override_on_a_resource_dropped_from_the_catalog_can_still_be_removed,
+    an_override_applies_from_when_it_is_set_not_to_earlier_instants,
+    an_override_that_would_expire_before_it_is_set_is_refused_and_changes_nothing,
     unlimited_never_rejects_and_soft_limits_record_and_warn,
     the_101st_request_in_a_minute_on_free_is_rate_limited_until_retry_after,
     a_consume_retried_with_its_key_returns_the_first_outcome,
@@ -240,15 +242,17 @@ async fn a_key_consumed_at_once_for_two_resources_records_one_and_refuses_the_ot
 /// of that day and overshoot).
 async fn consumes_at_once_on_two_days_each_stop_at_their_own_day_limit(app: TestApp) {
     let limit = 10;
+    // Now and 24 h before are always on two UTC days.
+    let now = Utc::now();
     let set = app
-        .put_admin(
-            "/v1/accounts/acme/overrides/llm_tokens",
+        .put_override_since(
+            "acme",
+            "llm_tokens",
             json!({"limit": limit.to_string(), "enforcement": "hard"}),
+            now - Duration::days(2),
         )
         .await;
     assert_eq!(set.status, 200, "{:?}", set.body);
-    // Now and 24 h before are always on two UTC days.
-    let now = Utc::now();
     let days = [iso(now - Duration::days(1)), iso(now)];
     let app = Arc::new(app);
     let mut sent = Vec::new();
@@ -487,6 +491,77 @@ async fn an_override_on_a_resource_dropped_from_the_catalog_can_still_be_removed
     let unknown = narrower.cli(&["accounts", "clear-override", "beta", "ai_generations"]);
     assert!(!unknown.status.success());
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("not in the catalog"));
+}
+
+/// The override in force at an instant decides that instant's limits, as the
+/// plan in force does (and as the invoice reads them): one set now does not
+/// reach back to a consume dated two days ago, in check, consume and usage.
+async fn an_override_applies_from_when_it_is_set_not_to_earlier_instants(app: TestApp) {
+    let now = Utc::now();
+    let earlier = iso(now - Duration::days(2));
+    let set = app
+        .put_admin("/v1/accounts/acme/overrides/llm_tokens", json!({"limit": "7"}))
+        .await;
+    assert_eq!(set.status, 200, "{:?}", set.body);
+    assert_eq!(check(&app, "acme", "llm_tokens", "1", None).await["limit"], "7");
+    assert_eq!(
+        check(&app, "acme", "llm_tokens", "1", Some(&earlier)).await["limit"],
+        "1000"
+    );
+    let backdated = consume(&app, "acme", "llm_tokens", "8", "then", Some(&earlier)).await;
+    assert_eq!(backdated.status, 200, "{:?}", backdated.body);
+    assert_eq!(backdated.body["limit"], "1000");
+    let current = consume(&app, "acme", "llm_tokens", "8", "now", None).await;
+    assert_eq!(
+        (current.status, current.code()),
+        (429, "quota_exceeded"),
+        "{:?}",
+        current.body
+    );
+    let usage = app.get(&format!("/v1/accounts/acme/usage?at={earlier}")).await;
+    let row = usage.body["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["resource"] == "llm_tokens")
+        .cloned()
+        .unwrap();
+    assert_eq!(row["limit"], "1000", "{row:?}");
+    assert_eq!(app.ledger_sum("acme", "llm_tokens").await, 8);
+}
+
+/// An expiry not after the moment it is set would make an override that
+/// never applies: a mistake (a past date, a wrong offset), refused over HTTP
+/// and by the CLI, and the override in place stays.
+async fn an_override_that_would_expire_before_it_is_set_is_refused_and_changes_nothing(app: TestApp) {
+    let set = app
+        .put_admin("/v1/accounts/acme/overrides/llm_tokens", json!({"limit": "500"}))
+        .await;
+    assert_eq!(set.status, 200, "{:?}", set.body);
+    let past = app
+        .put_admin(
+            "/v1/accounts/acme/overrides/llm_tokens",
+            json!({"limit": "500", "expires_at": "2020-01-01T00:00:00Z"}),
+        )
+        .await;
+    assert_eq!(past.status, 422, "{:?}", past.body);
+    assert_eq!(past.body["error"]["details"]["errors"][0]["field"], "expires_at");
+    let message = past.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("would never apply"), "{message}");
+    assert_eq!(check(&app, "acme", "llm_tokens", "1", None).await["limit"], "500");
+    let cli = app.cli(&[
+        "accounts",
+        "override",
+        "acme",
+        "llm_tokens",
+        "--limit",
+        "9",
+        "--expires-at",
+        "2020-01-01T00:00:00Z",
+    ]);
+    assert!(!cli.status.success());
+    assert!(String::from_utf8_lossy(&cli.stderr).contains("would never apply"));
+    assert_eq!(check(&app, "acme", "llm_tokens", "1", None).await["limit"], "500");
 }
 
 async fn an_override_beats_the_plan_until_it_expires(app: TestApp) {
@@ -756,7 +831,9 @@ async fn usage_lists_every_limited_or_used_resource_with_warnings(app: TestApp) 
     let long_ago = app.get("/v1/accounts/acme/usage?at=2020-01-01T00:00:00Z").await;
     assert_eq!(long_ago.body["resources"][1]["used"], "0", "another month");
     // A limit lowered below what is used: the warning says over, not reached.
-    app.put_admin("/v1/accounts/acme/overrides/llm_tokens", json!({"limit": "500"}))
+    // (Set before `at`: an override is in force from when it is set.)
+    let before_at = chrono::DateTime::parse_from_rfc3339(&at).unwrap().to_utc() - Duration::hours(1);
+    app.put_override_since("acme", "llm_tokens", json!({"limit": "500"}), before_at)
         .await;
     let lowered = app.get(&format!("/v1/accounts/acme/usage?at={at}")).await;
     let warning = lowered.body["warnings"]
@@ -1207,24 +1284,15 @@ async fn an_override_written_by_another_process_applies_to_the_next_consume_at_o
     let refused = consume(&app, "acme", "ai_generations", "1", "over", None).await;
     assert_eq!(refused.status, 429);
     assert_eq!(refused.body["error"]["details"]["used"], "50");
-    // Straight into the database, as `tally` on another host would.
-    let stamp = match app.backend {
-        crate::helpers::Backend::Sqlite => "0",
-        crate::helpers::Backend::Postgres => "now()",
-    };
-    app.execute_raw(&format!(
-        "INSERT INTO account_overrides (account, resource, limit_amount, updated_at) \
-         VALUES ('acme', 'ai_generations', 60, {stamp})"
-    ))
-    .await
-    .unwrap();
+    // By another process: `tally` on another host.
+    let set = app.cli(&["accounts", "override", "acme", "ai_generations", "--limit", "60"]);
+    assert!(set.status.success(), "{}", String::from_utf8_lossy(&set.stderr));
     let passed = consume(&app, "acme", "ai_generations", "1", "over", None).await;
     assert_eq!(passed.status, 200, "{:?}", passed.body);
     assert_eq!(passed.body["limit"], "60");
     assert_eq!(passed.body["used"], "51");
-    app.execute_raw("DELETE FROM account_overrides WHERE account = 'acme'")
-        .await
-        .unwrap();
+    let cleared = app.cli(&["accounts", "clear-override", "acme", "ai_generations"]);
+    assert!(cleared.status.success(), "{}", String::from_utf8_lossy(&cleared.stderr));
     let refused = consume(&app, "acme", "ai_generations", "1", "over-again", None).await;
     assert_eq!(refused.status, 429);
     assert_eq!(refused.body["error"]["details"]["limit"], "50");
@@ -1251,10 +1319,13 @@ async fn an_override_with_another_window_counts_over_that_window_in_check_and_co
         consume(&app, "acme", "llm_tokens", "10", "k1", Some(&at)).await.status,
         200
     );
+    // Set before `at`: an override is in force from when it is set.
     let put = app
-        .put_admin(
-            "/v1/accounts/acme/overrides/llm_tokens",
+        .put_override_since(
+            "acme",
+            "llm_tokens",
             json!({"limit": "5000", "window": "month"}),
+            day.and_hms_opt(0, 0, 0).unwrap().and_utc(),
         )
         .await;
     assert_eq!(put.status, 200, "{:?}", put.body);
@@ -1266,11 +1337,14 @@ async fn an_override_with_another_window_counts_over_that_window_in_check_and_co
     assert_eq!(consumed.status, 200, "{:?}", consumed.body);
     assert_eq!(consumed.body["window"], "month");
     assert_eq!(consumed.body["used"], "22");
+    // Removed now: from now on the plan's day counts; at `at` the override
+    // was in force, and stays so in the history.
     let deleted = app.delete_admin("/v1/accounts/acme/overrides/llm_tokens").await;
     assert!(deleted.status < 300, "{:?}", deleted.body);
+    assert_eq!(check(&app, "acme", "llm_tokens", "1", None).await["window"], "day");
     let body = check(&app, "acme", "llm_tokens", "1", Some(&at)).await;
-    assert_eq!(body["window"], "day");
-    assert_eq!(body["used"], "15");
+    assert_eq!(body["window"], "month");
+    assert_eq!(body["used"], "22");
 }
 
 /// The same idempotency key returns the first outcome (API.md, consume),
@@ -1327,7 +1401,19 @@ async fn a_limit_lowered_while_a_consume_waits_for_the_lock_applies_to_it(app: T
             (consume(&app, "acme", "api_requests", "1", "b", None).await, sent)
         })
     };
-    let lower = "UPDATE account_overrides SET limit_amount = 5 WHERE account = 'acme'";
+    // As the store writes an override: the current row and its history,
+    // which decides (the override in force at an instant).
+    let (changed_at, kept) = match app.backend {
+        Backend::Sqlite => (Utc::now().timestamp_micros().to_string(), "0"),
+        Backend::Postgres => ("now()".to_owned(), "false"),
+    };
+    let lower = [
+        "UPDATE account_overrides SET limit_amount = 5 WHERE account = 'acme'".to_owned(),
+        format!(
+            "INSERT INTO account_override_history (account, resource, limit_amount, changed_at, removed) \
+             VALUES ('acme', 'api_requests', 5, {changed_at}, {kept})"
+        ),
+    ];
     // The other process holds the consume lock (SQLite's write lock, taken
     // by its UPDATE; PostgreSQL's advisory lock) with the lower limit
     // written, until the consume has read what it reads before the lock.
@@ -1335,7 +1421,9 @@ async fn a_limit_lowered_while_a_consume_waits_for_the_lock_applies_to_it(app: T
         Backend::Sqlite => {
             let pool = sqlx::SqlitePool::connect(&app.database_url).await.unwrap();
             let mut other = pool.begin().await.unwrap();
-            sqlx::query(lower).execute(&mut *other).await.unwrap();
+            for sql in &lower {
+                sqlx::query(sql).execute(&mut *other).await.unwrap();
+            }
             let consuming = waiting_consume(&app);
             // SQLite shows no waiter from outside: a settle time, and a
             // check below that the request went out before the commit (it
@@ -1357,7 +1445,9 @@ async fn a_limit_lowered_while_a_consume_waits_for_the_lock_applies_to_it(app: T
                 .execute(&mut *other)
                 .await
                 .unwrap();
-            sqlx::query(lower).execute(&mut *other).await.unwrap();
+            for sql in &lower {
+                sqlx::query(sql).execute(&mut *other).await.unwrap();
+            }
             let consuming = waiting_consume(&app);
             until_a_backend_waits_on_a_lock(&pool, "the consume never waited on the consume lock").await;
             other.commit().await.unwrap();
@@ -1611,12 +1701,18 @@ async fn on_postgres_a_consume_group_keeps_used_per_period_and_refuses_two_windo
         return;
     };
     let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
-    let put = app
-        .put_admin("/v1/accounts/acme/overrides/llm_tokens", json!({"limit": "2"}))
-        .await;
-    assert_eq!(put.status, 200, "{:?}", put.body);
     let today = Utc::now();
     let yesterday = today - Duration::days(1);
+    // Set before both days' consumes: an override is in force from when it is set.
+    let put = app
+        .put_override_since(
+            "acme",
+            "llm_tokens",
+            json!({"limit": "2"}),
+            yesterday - Duration::hours(1),
+        )
+        .await;
+    assert_eq!(put.status, 200, "{:?}", put.body);
     let decided = consume_group_directly(&pool, "a", &[yesterday, today, yesterday, today, yesterday, today])
         .await
         .unwrap();
@@ -1637,9 +1733,11 @@ async fn on_postgres_a_consume_group_keeps_used_per_period_and_refuses_two_windo
     // A month-window override that expired an hour ago: a consume before it
     // counts over the month, one after over the plan's day.
     let put = app
-        .put_admin(
-            "/v1/accounts/acme/overrides/llm_tokens",
+        .put_override_since(
+            "acme",
+            "llm_tokens",
             json!({"limit": "100", "window": "month", "expires_at": iso(today - Duration::hours(1))}),
+            today - Duration::hours(3),
         )
         .await;
     assert_eq!(put.status, 200, "{:?}", put.body);
@@ -1780,9 +1878,11 @@ async fn an_override_stops_applying_exactly_at_its_expires_at_in_check_consume_a
     let expires = std::cmp::max(day_start + Duration::seconds(10), now - Duration::minutes(3));
     let just_before = expires - Duration::microseconds(1);
     let set = app
-        .put_admin(
-            "/v1/accounts/acme/overrides/llm_tokens",
+        .put_override_since(
+            "acme",
+            "llm_tokens",
             json!({"limit": "3", "expires_at": iso(expires)}),
+            day_start,
         )
         .await;
     assert_eq!(set.status, 200, "{:?}", set.body);
