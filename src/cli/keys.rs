@@ -65,8 +65,19 @@ pub async fn run(settings: &Settings, command: KeysCommand) -> anyhow::Result<Ex
             }
         }
         KeysCommand::Revoke { id } => {
+            // Revoking is idempotent (the first revocation's time is kept);
+            // say so when it was done before, rather than claim it now.
+            let asked = chrono::Utc::now();
             let key = store.revoke_api_key(id).await?;
-            eprintln!("revoked key {} ({})", key.id, key.prefix);
+            match key.revoked_at {
+                Some(when) if when < asked - chrono::Duration::seconds(1) => eprintln!(
+                    "key {} ({}) was already revoked at {}; nothing changed",
+                    key.id,
+                    key.prefix,
+                    when.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                ),
+                _ => eprintln!("revoked key {} ({})", key.id, key.prefix),
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -13,6 +13,7 @@ use super::extract::{Body, malformed_json, parse_json};
 use super::{AppState, params};
 use crate::domain::catalog::Window;
 use crate::domain::entry::parse_timestamp;
+use crate::domain::plan::overrides_as_of;
 use crate::domain::{AccountId, Amount, EntryInput};
 use crate::usage::quota::{ConsumeError, ConsumeOutcome, QuotaStatus, Quotas, Warning};
 
@@ -134,35 +135,51 @@ async fn consume(
                 warnings,
             }))
         }
-        Ok(ConsumeOutcome::QuotaExceeded { status, retry_after }) => Err(ApiError::TooManyRequests {
-            code: "quota_exceeded",
-            message: format!(
-                "{} would exceed the hard {} limit of {} for {} on plan '{}' ({} used){}",
-                entry.amount,
-                status.window.as_str(),
-                status.limit.as_deref().unwrap_or("?"),
-                status.resource,
-                status.plan,
-                status.used,
-                match retry_after {
-                    Some(s) => format!("; the window resets in {s} s"),
-                    None if status.window == Window::Total =>
-                        "; free some (a negative entry) or raise the limit".into(),
-                    None if status.period_end.is_some_and(|end| end <= now) => format!(
-                        "; occurred_at is in a window that closed at {}, so waiting does not help",
-                        status
-                            .period_end
-                            .map(|end| end.to_rfc3339_opts(SecondsFormat::Secs, true))
-                            .unwrap_or_default()
-                    ),
-                    None => "; the amount alone is over the whole limit, so no later window takes it: \
-                             consume less at a time or raise the limit"
-                        .into(),
+        Ok(ConsumeOutcome::QuotaExceeded { status, retry_after }) => {
+            // Who set the limit: a refusal is not the plan's doing when an
+            // account override decided it. Read again, on this path only.
+            let set_by = match state.store.override_changes(&entry.account).await {
+                Ok(changes)
+                    if overrides_as_of(&changes, entry.occurred_at)
+                        .iter()
+                        .any(|o| o.resource == entry.resource && o.active_at(entry.occurred_at)) =>
+                {
+                    format!(
+                        "set by an override of account '{}' (on plan '{}')",
+                        entry.account, status.plan
+                    )
                 }
-            ),
-            details: serde_json::to_value(&status).expect("serialisable"),
-            retry_after,
-        }),
+                _ => format!("on plan '{}'", status.plan),
+            };
+            Err(ApiError::TooManyRequests {
+                code: "quota_exceeded",
+                message: format!(
+                    "{} would exceed the hard {} limit of {} for {} {set_by} ({} used){}",
+                    entry.amount,
+                    status.window.as_str(),
+                    status.limit.as_deref().unwrap_or("?"),
+                    status.resource,
+                    status.used,
+                    match retry_after {
+                        Some(s) => format!("; the window resets in {s} s"),
+                        None if status.window == Window::Total =>
+                            "; free some (a negative entry) or raise the limit".into(),
+                        None if status.period_end.is_some_and(|end| end <= now) => format!(
+                            "; occurred_at is in a window that closed at {}, so waiting does not help",
+                            status
+                                .period_end
+                                .map(|end| end.to_rfc3339_opts(SecondsFormat::Secs, true))
+                                .unwrap_or_default()
+                        ),
+                        None => "; the amount alone is over the whole limit, so no later window takes it: \
+                             consume less at a time or raise the limit"
+                            .into(),
+                    }
+                ),
+                details: serde_json::to_value(&status).expect("serialisable"),
+                retry_after,
+            })
+        }
         Ok(ConsumeOutcome::RateLimited {
             retry_after,
             per_minute,

@@ -96,7 +96,7 @@ pub fn load(dir: Option<&Path>) -> anyhow::Result<Vec<JobDefinition>> {
     let Some(dir) = dir else {
         return Ok(builtin());
     };
-    let mut jobs = BTreeMap::new();
+    let mut jobs: BTreeMap<String, (JobDefinition, PathBuf)> = BTreeMap::new();
     let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
         .with_context(|| format!("cannot read the jobs directory {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -115,17 +115,33 @@ pub fn load(dir: Option<&Path>) -> anyhow::Result<Vec<JobDefinition>> {
         let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
         let job: JobDefinition =
             toml::from_str(&text).with_context(|| format!("invalid job file {}", path.display()))?;
+        anyhow::ensure!(
+            !job.name.trim().is_empty(),
+            "invalid job file {}: name is empty; name the job (it is what `tally jobs run NAME` takes)",
+            path.display()
+        );
+        anyhow::ensure!(
+            !(job.overwrite && job.run == JobKind::Rollup),
+            "invalid job file {}: overwrite applies to report jobs only; the rollup never rewrites a total",
+            path.display()
+        );
         // `next_run` parses it too, and refuses a date that never comes
         // (`0 0 0 31 2 *`), which would leave the job silently idle.
         job.next_run(Utc::now())
             .with_context(|| format!("in {}", path.display()))?;
-        if let Some(previous) = jobs.insert(job.name.clone(), job) {
-            anyhow::bail!("two job files in {} define job '{}'", dir.display(), previous.name);
+        if let Some((_, first)) = jobs.get(&job.name) {
+            anyhow::bail!(
+                "{} and {} both define job '{}'; job names must be unique",
+                first.display(),
+                path.display(),
+                job.name
+            );
         }
+        jobs.insert(job.name.clone(), (job, path));
     }
     // Allowed (the rollup may run elsewhere, e.g. `tally rollup` from cron),
     // but worth a word: without it totals, reports and stats fall behind.
-    if !jobs.values().any(|job| job.run == JobKind::Rollup) {
+    if !jobs.values().any(|(job, _)| job.run == JobKind::Rollup) {
         let dir = dir.display();
         tracing::warn!(
             jobs.dir = %dir,
@@ -133,7 +149,7 @@ pub fn load(dir: Option<&Path>) -> anyhow::Result<Vec<JobDefinition>> {
              from cron), totals, reports and stats fall behind, and checks slow down as the unfolded tail grows"
         );
     }
-    Ok(jobs.into_values().collect())
+    Ok(jobs.into_values().map(|(job, _)| job).collect())
 }
 
 /// The built-in schedule.

@@ -305,6 +305,14 @@ async fn keys_revoke_makes_the_key_401_from_then_on(app: TestApp) {
     tokio::time::sleep(tally::http::auth::KEY_CACHE_TTL + std::time::Duration::from_millis(100)).await;
     assert_eq!(read(key).await, 401);
     assert_eq!(read(other).await, 200, "only that key is revoked");
+    // Again: nothing changes (the first time is kept), and it says so.
+    let again = app.cli(&["keys", "revoke", &id.to_string()]);
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert!(
+        text(&again.stderr).contains("was already revoked at"),
+        "{}",
+        text(&again.stderr)
+    );
     let unknown = app.cli(&["keys", "revoke", "999999"]);
     assert!(!unknown.status.success(), "an unknown id is an error");
 }

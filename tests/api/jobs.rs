@@ -303,6 +303,47 @@ fn a_job_file_whose_schedule_never_fires_is_refused() {
     );
 }
 
+/// Job files that could only be mistakes: a nameless job, `overwrite` on the
+/// rollup (which never rewrites), and two files naming one job (both named).
+#[test]
+fn job_files_with_no_name_a_misplaced_overwrite_or_one_name_twice_are_refused() {
+    for (files, expected) in [
+        (
+            &[("a.toml", "name = \" \"\nschedule = \"0 * * * * *\"\nrun = \"rollup\"\n")][..],
+            vec!["a.toml", "name is empty"],
+        ),
+        (
+            &[(
+                "a.toml",
+                "name = \"rollup\"\nschedule = \"0 * * * * *\"\nrun = \"rollup\"\noverwrite = true\n",
+            )][..],
+            vec!["a.toml", "report jobs only"],
+        ),
+        (
+            &[
+                (
+                    "a.toml",
+                    "name = \"rollup\"\nschedule = \"0 * * * * *\"\nrun = \"rollup\"\n",
+                ),
+                (
+                    "b.toml",
+                    "name = \"rollup\"\nschedule = \"30 * * * * *\"\nrun = \"rollup\"\n",
+                ),
+            ][..],
+            vec!["a.toml", "b.toml", "both define job 'rollup'"],
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        let message = format!("{:#}", tally::jobs::load(Some(dir.path())).unwrap_err());
+        for part in expected {
+            assert!(message.contains(part), "{part:?} in {message}");
+        }
+    }
+}
+
 #[test]
 fn an_empty_jobs_directory_is_refused_rather_than_scheduling_nothing() {
     let dir = tempfile::tempdir().unwrap();

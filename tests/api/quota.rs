@@ -518,6 +518,17 @@ async fn an_override_applies_from_when_it_is_set_not_to_earlier_instants(app: Te
         "{:?}",
         current.body
     );
+    let message = current.body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("limit of 7 for llm_tokens set by an override of account 'acme' (on plan 'free')"),
+        "says who set the limit: {message}"
+    );
+    let by_plan = consume(&app, "acme", "ai_generations", "51", "plan", None).await;
+    let message = by_plan.body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("limit of 50 for ai_generations on plan 'free'"),
+        "{message}"
+    );
     let usage = app.get(&format!("/v1/accounts/acme/usage?at={earlier}")).await;
     let row = usage.body["resources"]
         .as_array()
