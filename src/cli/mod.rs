@@ -112,7 +112,9 @@ impl Cli {
             database_url: self.database_url.clone(),
             plans: self.plans.clone(),
             late_horizon_days: self.late_horizon_days,
-            admin_key: std::env::var("TALLY_ADMIN_KEY").ok().filter(|k| !k.is_empty()),
+            // Blank is unset: a key of spaces can never be sent, and would
+            // otherwise stop serve from creating the first admin key.
+            admin_key: std::env::var("TALLY_ADMIN_KEY").ok().filter(|k| !k.trim().is_empty()),
             jobs: self.jobs.clone(),
             reports_dir: self.reports_dir.clone(),
             ..Settings::default()

@@ -67,6 +67,12 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        // Two keys in one request: which one counts would be a guess.
+        if parts.headers.get_all(AUTHORIZATION).iter().nth(1).is_some() {
+            return Err(ApiError::Unauthorized(
+                "more than one Authorization header; send exactly one, `Authorization: Bearer KEY`".into(),
+            ));
+        }
         let header = parts.headers.get(AUTHORIZATION).ok_or_else(|| {
             ApiError::Unauthorized(
                 "missing Authorization header; send `Authorization: Bearer KEY` (create a key with `tally keys create --role service`)".into(),

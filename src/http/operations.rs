@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use chrono::Utc;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use super::AppState;
 use crate::telemetry::HttpLabels;
@@ -23,7 +23,7 @@ pub fn router() -> Router<AppState> {
 /// 200 while requests can be served; `status` is `degraded` when the latest
 /// rollup run of this process failed (reads stay exact, but the unfolded
 /// tail grows until it runs again), 503 when the database does not answer.
-async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+async fn healthz(State(state): State<AppState>) -> Response {
     let failures_in_a_row = state.metrics.rollup_failures_in_a_row.get();
     match rollup_lag_seconds(state.store.as_ref(), Utc::now()).await {
         Ok(lag) => (
@@ -34,12 +34,15 @@ async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
                 "rollup_lag_seconds": lag,
                 "rollup_failures_in_a_row": failures_in_a_row,
             })),
-        ),
+        )
+            .into_response(),
         Err(e) => {
             let cause = crate::telemetry::cause_chain(&e);
             tracing::warn!(error = %cause, "health check: database unavailable: {cause}");
+            // As every other 503 (ApiError::Unavailable): try again shortly.
             (
                 StatusCode::SERVICE_UNAVAILABLE,
+                [(axum::http::header::RETRY_AFTER, "1")],
                 Json(json!({
                     "status": "degraded",
                     "database": "unavailable",
@@ -47,6 +50,7 @@ async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
                     "rollup_failures_in_a_row": failures_in_a_row,
                 })),
             )
+                .into_response()
         }
     }
 }

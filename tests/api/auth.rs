@@ -9,6 +9,7 @@ use crate::helpers::{ServeProcess, TestApp, entry};
 both!(
     a_request_without_a_key_is_401,
     an_unknown_key_is_401,
+    two_authorization_headers_are_401,
     a_service_key_posts_and_reads_any_account,
     a_reader_key_reads_only_its_own_account_and_cannot_post,
     a_service_key_bound_to_an_account_cannot_post_for_another,
@@ -37,6 +38,29 @@ async fn a_request_without_a_key_is_401(app: TestApp) {
     assert_eq!(app.count_entries().await, 0);
     let list = app.request("GET", "/v1/accounts/acme/entries", None, None).await;
     assert_eq!(list.status, 401);
+}
+
+/// Two Authorization headers: which key counts would be a guess, so neither
+/// does (even when one of them is a good key).
+async fn two_authorization_headers_are_401(app: TestApp) {
+    let key = app.key(Role::Service, None).await;
+    let response = app
+        .client
+        .get(format!("{}/v1/accounts/acme/usage", app.address))
+        .header("Authorization", format!("Bearer {key}"))
+        .header("Authorization", "Bearer tly_other")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("more than one Authorization header"),
+        "{body}"
+    );
 }
 
 async fn an_unknown_key_is_401(app: TestApp) {
@@ -329,7 +353,8 @@ async fn serve_on_a_database_without_keys_prints_one_admin_key_once_and_it_works
             .map(|l| l.trim().to_owned())
             .collect()
     };
-    let mut first = ServeProcess::start(&app.database_url, &["--no-jobs"], &[]).await;
+    // A blank TALLY_ADMIN_KEY is no key (one of spaces can never be sent).
+    let mut first = ServeProcess::start(&app.database_url, &["--no-jobs"], &[("TALLY_ADMIN_KEY", "   ")]).await;
     let stderr = first.stderr();
     let keys = printed_keys(&stderr);
     assert_eq!(keys.len(), 1, "one key, printed once: {stderr}");

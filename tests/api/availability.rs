@@ -72,6 +72,7 @@ async fn on_postgres_requests_answer_503_while_the_server_is_down_and_succeed_on
     }
     let health = app.request("GET", "/healthz", None, None).await;
     assert_eq!(health.status, 503, "{health:?}");
+    assert_eq!(health.headers["retry-after"], "1", "as every 503");
     assert_eq!(health.body["database"], "unavailable", "{health:?}");
     let metrics = app.metrics_text().await;
     assert_eq!(metric(&metrics, "tally_database_up"), Some(0), "{metrics}");
