@@ -104,7 +104,7 @@ impl From<sqlx::Error> for StoreError {
 impl StoreError {
     /// A sum past 64 bits (the database said `detail`): what it means and
     /// where the way out is documented.
-    fn overflow(detail: &str) -> Self {
+    pub(crate) fn overflow(detail: &str) -> Self {
         StoreError::Overflow(format!(
             "a sum passed the 64-bit range of minor units ({detail}): a daily or monthly total, or a sum a read \
              or report needs, is too large; docs/operations.md, \"A total past 64 bits\", says how \

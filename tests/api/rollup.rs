@@ -233,6 +233,26 @@ async fn a_total_past_64_bits_fails_its_own_reads_and_holds_back_no_one_else(app
         .await;
     assert_eq!(series.status, 200, "{:?}", series.body);
     assert_eq!(series.body["points"][0]["amount"], "49999999999999999.5");
+    // The export adds a total's parts (SQLite) as every read does.
+    let day = &at[..10];
+    let next_day =
+        (chrono::NaiveDate::parse_from_str(day, "%Y-%m-%d").unwrap() + chrono::Duration::days(1)).to_string();
+    let export = app.cli(&[
+        "export",
+        "daily",
+        "--from",
+        day,
+        "--to",
+        &next_day,
+        "--account",
+        "whale",
+    ]);
+    let csv = String::from_utf8_lossy(&export.stdout);
+    assert!(export.status.success(), "{}", String::from_utf8_lossy(&export.stderr));
+    assert!(
+        csv.contains(&format!("whale,agent_minutes,{day},49999999999999999.5,150")),
+        "{csv}"
+    );
     let verify = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
         .args(["verify", "--database-url", &app.database_url])
         .output()
