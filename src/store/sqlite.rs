@@ -885,8 +885,8 @@ async fn fold_with_parts(
             }
         }
         for ((granularity, account, resource, bucket), (amount, entries)) in sums {
-            let parts = add_to_parts(&mut tx, granularity, &account, &resource, &bucket, amount, entries).await?;
-            if parts > 1 {
+            let total = add_to_parts(&mut tx, granularity, &account, &resource, &bucket, amount, entries).await?;
+            if i64::try_from(total).is_err() {
                 tracing::warn!(
                     %account,
                     %resource,
@@ -913,8 +913,13 @@ async fn fold_with_parts(
 }
 
 /// Adds `amount` (minor units) and `entries` to one total, rewriting it as
-/// parts: part 0 as much as 64 bits hold, the rest in parts 1, 2, … Returns
-/// how many parts it now has.
+/// parts. Part 0, the one the staged fold adds to, keeps a remainder within
+/// ±2^62, so later batches add to it in plain SQL again (were it full, every
+/// batch touching this total would overflow there and come back here); whole
+/// pieces of ±(2^63 − 1), all of one sign, go to parts 1, 2, … Summed in part
+/// order, the running sum of such parts stays in 64 bits whenever the total
+/// does, so SQLite's SUM raises only for a total that does not fit. Returns
+/// the new total.
 async fn add_to_parts(
     tx: &mut sqlx::SqliteConnection,
     granularity: Granularity,
@@ -923,7 +928,7 @@ async fn add_to_parts(
     bucket: &str,
     amount: i128,
     entries: i64,
-) -> Result<i64, StoreError> {
+) -> Result<i128, StoreError> {
     let (table, column, _) = export::shape(granularity);
     let key = format!("account = ?1 AND resource = ?2 AND {column} = ?3");
     let parts: Vec<(i64, i64)> = sqlx::query_as(&format!("SELECT amount, entries FROM {table} WHERE {key}"))
@@ -932,7 +937,8 @@ async fn add_to_parts(
         .bind(bucket)
         .fetch_all(&mut *tx)
         .await?;
-    let mut rest = parts.iter().map(|(a, _)| i128::from(*a)).sum::<i128>() + amount;
+    let total = parts.iter().map(|(a, _)| i128::from(*a)).sum::<i128>() + amount;
+    let mut rest = total;
     let entries = parts.iter().map(|(_, n)| n).sum::<i64>() + entries;
     sqlx::query(&format!("DELETE FROM {table} WHERE {key}"))
         .bind(account)
@@ -940,26 +946,35 @@ async fn add_to_parts(
         .bind(bucket)
         .execute(&mut *tx)
         .await?;
-    let mut part = 0_i64;
-    loop {
-        let piece = rest.clamp(i128::from(i64::MIN), i128::from(i64::MAX));
-        sqlx::query(&format!(
-            "INSERT INTO {table} (account, resource, {column}, part, amount, entries) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
-        ))
-        .bind(account)
-        .bind(resource)
-        .bind(bucket)
-        .bind(part)
-        .bind(i64::try_from(piece).expect("clamped to 64 bits"))
-        .bind(if part == 0 { entries } else { 0 })
-        .execute(&mut *tx)
-        .await?;
-        rest -= piece;
-        part += 1;
-        if rest == 0 {
-            return Ok(part);
-        }
+    let full = i128::from(i64::MAX);
+    let mut pieces = Vec::new();
+    while rest > full / 2 {
+        pieces.push(i64::MAX);
+        rest -= full;
     }
+    while rest < -(full / 2) {
+        pieces.push(-i64::MAX);
+        rest += full;
+    }
+    let remainder = i64::try_from(rest).expect("within ±2^62");
+    let insert = format!(
+        "INSERT INTO {table} (account, resource, {column}, part, amount, entries) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+    );
+    for (part, (amount, entries)) in std::iter::once((remainder, entries))
+        .chain(pieces.into_iter().map(|piece| (piece, 0)))
+        .enumerate()
+    {
+        sqlx::query(&insert)
+            .bind(account)
+            .bind(resource)
+            .bind(bucket)
+            .bind(i64::try_from(part).unwrap_or(i64::MAX))
+            .bind(amount)
+            .bind(entries)
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(total)
 }
 
 /// The most rows one multi-row statement of [`insert_entries`] carries: 9

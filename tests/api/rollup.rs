@@ -195,6 +195,24 @@ async fn a_total_past_64_bits_fails_its_own_reads_and_holds_back_no_one_else(app
         .find(|r| r["resource"] == "agent_minutes")
         .unwrap();
     assert_eq!(minutes["used"], "1.25");
+    if app.backend == Backend::Sqlite {
+        // Part 0, the one later batches add to in plain SQL, keeps room both
+        // ways (were it full, each batch touching the total would overflow
+        // there and be refolded the slow way); the rest is whole pieces.
+        let crowded = app
+            .scalar_i64(
+                "SELECT COUNT(*) FROM daily_totals WHERE account IN ('whale', 'orca') \
+                 AND ((part = 0 AND abs(amount) > 4611686018427387903) \
+                   OR (part > 0 AND abs(amount) <> 9223372036854775807))",
+            )
+            .await;
+        assert_eq!(crowded, 0);
+        assert_eq!(
+            app.scalar_i64("SELECT COUNT(*) FROM daily_totals WHERE account = 'whale'")
+                .await,
+            2
+        );
+    }
     for whale in ["whale", "orca"] {
         let usage = app.get(&format!("/v1/accounts/{whale}/usage")).await;
         assert_eq!(
