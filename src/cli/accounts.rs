@@ -187,19 +187,20 @@ pub async fn run(settings: &Settings, command: AccountsCommand) -> anyhow::Resul
         }
         AccountsCommand::ClearOverride { account: raw, resource } => {
             let account = account(&raw)?;
+            let removed_at = Utc::now().trunc_subsecs(6);
             let resource = match catalog.resource(&resource) {
                 Ok((known, _)) => known.clone(),
                 // As over HTTP: an override on a resource dropped from the
                 // catalog can still be removed.
                 Err(unknown) => match ResourceName::parse(&resource) {
-                    Ok(dropped) if store.delete_override(&account, &dropped).await? => {
+                    Ok(dropped) if store.delete_override(&account, &dropped, removed_at).await? => {
                         eprintln!("removed the override of account {account} on {dropped} (not in the catalog)");
                         return Ok(ExitCode::SUCCESS);
                     }
                     _ => return Err(unknown.into()),
                 },
             };
-            if !store.delete_override(&account, &resource).await? {
+            if !store.delete_override(&account, &resource, removed_at).await? {
                 anyhow::bail!("account '{account}' has no override for {resource}");
             }
             eprintln!("removed the override of account {account} on {resource}");

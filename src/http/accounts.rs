@@ -199,12 +199,14 @@ async fn delete_override(
     Path((account, resource)): Path<(String, String)>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let account = params::account(&account)?;
+    // The clock the override's own `updated_at` came from.
+    let now = state.clock.now().trunc_subsecs(6);
     let resource = match params::resource(&state.catalog, &resource) {
         Ok(known) => known,
         // A resource dropped from the catalog may still hold an override
         // (it would apply again were the resource put back): let it go.
         Err(unknown) => match ResourceName::parse(&resource) {
-            Ok(dropped) if state.store.delete_override(&account, &dropped).await? => {
+            Ok(dropped) if state.store.delete_override(&account, &dropped, now).await? => {
                 return Ok(Json(
                     serde_json::json!({ "account": account, "resource": dropped, "deleted": true }),
                 ));
@@ -212,7 +214,7 @@ async fn delete_override(
             _ => return Err(unknown),
         },
     };
-    if state.store.delete_override(&account, &resource).await? {
+    if state.store.delete_override(&account, &resource, now).await? {
         Ok(Json(
             serde_json::json!({ "account": account, "resource": resource, "deleted": true }),
         ))

@@ -15,7 +15,7 @@ use crate::domain::catalog::Window;
 use crate::domain::entry::parse_timestamp;
 use crate::domain::plan::overrides_as_of;
 use crate::domain::{AccountId, Amount, EntryInput};
-use crate::usage::quota::{ConsumeError, ConsumeOutcome, QuotaStatus, Quotas, Warning};
+use crate::usage::quota::{ConsumeError, ConsumeOutcome, QuotaStatus, Quotas, Warning, override_at};
 
 /// The quota routes.
 pub fn router() -> Router<AppState> {
@@ -140,9 +140,12 @@ async fn consume(
             // account override decided it. Read again, on this path only.
             let set_by = match state.store.override_changes(&entry.account).await {
                 Ok(changes)
-                    if overrides_as_of(&changes, entry.occurred_at)
-                        .iter()
-                        .any(|o| o.resource == entry.resource && o.active_at(entry.occurred_at)) =>
+                    if override_at(
+                        &overrides_as_of(&changes, entry.occurred_at),
+                        &entry.resource,
+                        entry.occurred_at,
+                    )
+                    .is_some() =>
                 {
                     format!(
                         "set by an override of account '{}' (on plan '{}')",

@@ -239,7 +239,14 @@ pub trait Store: Send + Sync + 'static {
     async fn put_override(&self, account: &AccountId, value: &Override) -> Result<(), StoreError>;
 
     /// Removes an override; false if there was none.
-    async fn delete_override(&self, account: &AccountId, resource: &ResourceName) -> Result<bool, StoreError>;
+    /// `removed_at` is the instant the removal is recorded at in the history:
+    /// the same clock as the `updated_at` of the overrides it follows.
+    async fn delete_override(
+        &self,
+        account: &AccountId,
+        resource: &ResourceName,
+        removed_at: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
 
     /// An account's overrides, expired ones included.
     async fn overrides(&self, account: &AccountId) -> Result<Vec<Override>, StoreError>;

@@ -764,7 +764,12 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn delete_override(&self, account: &AccountId, resource: &ResourceName) -> Result<bool, StoreError> {
+    async fn delete_override(
+        &self,
+        account: &AccountId,
+        resource: &ResourceName,
+        removed_at: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
         // One statement: the removal and its history row land together; the
         // history insert counts the rows removed.
         let done = sqlx::query(
@@ -776,7 +781,7 @@ impl Store for PgStore {
         )
         .bind(account.as_str())
         .bind(resource.as_str())
-        .bind(Utc::now())
+        .bind(removed_at)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() > 0)

@@ -578,7 +578,12 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn delete_override(&self, account: &AccountId, resource: &ResourceName) -> Result<bool, StoreError> {
+    async fn delete_override(
+        &self,
+        account: &AccountId,
+        resource: &ResourceName,
+        removed_at: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
         // The removal and its history row in one transaction.
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let done = sqlx::query("DELETE FROM account_overrides WHERE account = ? AND resource = ?")
@@ -593,7 +598,7 @@ impl Store for SqliteStore {
             )
             .bind(account.as_str())
             .bind(resource.as_str())
-            .bind(to_micros(Utc::now()))
+            .bind(to_micros(removed_at))
             .execute(&mut *tx)
             .await?;
         }
@@ -850,11 +855,11 @@ fn passed_64_bits(error: &StoreError) -> bool {
 const PARTS_BATCH: u64 = 10_000;
 
 /// Folds the next `max_entries` rows past the cursor the slow way: summed in
-/// 128 bits in Rust, each total they touch rewritten as parts, part 0 holding
-/// as much as 64 bits do and the rest spilling into parts 1, 2, … (migration
-/// 0011). The rollup comes here only for a batch whose staged fold left 64
-/// bits, so that one (account, resource) cannot hold back everyone's rollup;
-/// reads of that total then fail alone (their SUM raises).
+/// 128 bits in Rust, each total they touch rewritten as parts
+/// ([`add_to_parts`], migration 0011). The rollup comes here only for a batch
+/// whose staged fold left 64 bits, so that one (account, resource) cannot
+/// hold back everyone's rollup; reads of a total past 64 bits then fail alone
+/// (their SUM raises).
 async fn fold_with_parts(
     conn: &mut sqlx::SqliteConnection,
     writer: &SqlitePool,

@@ -54,6 +54,12 @@ pub async fn plans_missing_from_catalog(
     Ok(in_force)
 }
 
+/// The override of `resource` that applies at `at`, among `overrides` as set
+/// by then ([`overrides_as_of`]): the one not expired by `at`.
+pub fn override_at<'a>(overrides: &'a [Override], resource: &ResourceName, at: DateTime<Utc>) -> Option<&'a Override> {
+    overrides.iter().find(|o| &o.resource == resource && o.active_at(at))
+}
+
 /// The limit for `resource` under `plan`, with an active override applied.
 pub fn effective_limit(
     catalog: &Catalog,
@@ -71,7 +77,7 @@ pub fn effective_limit(
         overage_price: base.and_then(|l| l.overage_price),
         rate_per_minute: base.and_then(|l| l.rate_per_minute),
     };
-    if let Some(o) = overrides.iter().find(|o| &o.resource == resource && o.active_at(at)) {
+    if let Some(o) = override_at(overrides, resource, at) {
         effective.limit = o.limit;
         effective.window = o.window.unwrap_or(effective.window);
         effective.enforcement = o.enforcement.unwrap_or(effective.enforcement);

@@ -25,6 +25,7 @@ both!(
     an_override_beats_the_plan_until_it_expires,
     an_override_on_a_resource_dropped_from_the_catalog_can_still_be_removed,
     an_override_applies_from_when_it_is_set_not_to_earlier_instants,
+    an_override_is_in_force_from_when_it_is_set_until_it_is_removed,
     an_override_that_would_expire_before_it_is_set_is_refused_and_changes_nothing,
     unlimited_never_rejects_and_soft_limits_record_and_warn,
     the_101st_request_in_a_minute_on_free_is_rate_limited_until_retry_after,
@@ -539,6 +540,35 @@ async fn an_override_applies_from_when_it_is_set_not_to_earlier_instants(app: Te
         .unwrap();
     assert_eq!(row["limit"], "1000", "{row:?}");
     assert_eq!(app.ledger_sum("acme", "llm_tokens").await, 8);
+}
+
+/// Setting and removing an override are stamped by the same clock (the
+/// server's), so the history says exactly when it was in force.
+async fn an_override_is_in_force_from_when_it_is_set_until_it_is_removed(app: TestApp) {
+    let now = Utc::now();
+    let (set_at, removed_at) = (now - Duration::hours(3), now - Duration::hours(1));
+    let set = app
+        .put_override_since("acme", "llm_tokens", json!({"limit": "7"}), set_at)
+        .await;
+    assert_eq!(set.status, 200, "{:?}", set.body);
+    app.clock.freeze_at(removed_at);
+    let removed = app.delete_admin("/v1/accounts/acme/overrides/llm_tokens").await;
+    app.clock.thaw();
+    assert_eq!(removed.status, 200, "{:?}", removed.body);
+    for (at, limit) in [
+        (set_at - Duration::minutes(1), "1000"),
+        (set_at, "7"),
+        (removed_at - Duration::minutes(1), "7"),
+        (removed_at, "1000"),
+        (now, "1000"),
+    ] {
+        assert_eq!(
+            check(&app, "acme", "llm_tokens", "1", Some(&iso(at))).await["limit"],
+            limit,
+            "at {}",
+            iso(at)
+        );
+    }
 }
 
 /// An expiry not after the moment it is set would make an override that
