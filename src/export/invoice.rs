@@ -31,7 +31,7 @@ use crate::domain::catalog::{Enforcement, PLAN_LINE_RESOURCE, Window};
 use crate::domain::period::{Granularity, start_of};
 use crate::domain::plan::{Override, OverrideChange, PlanAssignment, overrides_as_of};
 use crate::domain::{AccountId, Amount, Catalog, ResourceName};
-use crate::store::{ExportFilter, Store, TotalRow};
+use crate::store::{ExportFilter, Store, StoreError, TotalRow};
 use crate::usage::quota::{effective_limit, plan_at};
 
 /// Header of an invoice export (API.md).
@@ -148,7 +148,7 @@ impl<'a> InvoiceContext<'a> {
 
     /// The invoice of one account from its daily totals in the month.
     pub fn invoice(&self, account: &str, daily: &[TotalRow]) -> anyhow::Result<Invoice> {
-        let overflow = || anyhow::anyhow!("the usage of account '{account}' overflows 64-bit minor units");
+        let overflow = || StoreError::overflow(&format!("the usage of account '{account}'"));
         let history = self.assignments.get(account).map(Vec::as_slice).unwrap_or_default();
         let override_history = self.overrides.get(account).map(Vec::as_slice).unwrap_or_default();
         let plans: Vec<&str> = self

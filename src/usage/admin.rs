@@ -12,7 +12,7 @@ use super::quota::plan_at;
 use crate::domain::period::{Granularity, start_of};
 use crate::domain::{Amount, Catalog, ResourceName};
 use crate::export::invoice::for_each_invoice;
-use crate::store::{ExportFilter, Store};
+use crate::store::{ExportFilter, Store, StoreError};
 
 /// One resource's totals in a period.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -70,7 +70,7 @@ pub async fn stats(
         slot.0 = slot
             .0
             .checked_add(row.amount)
-            .ok_or_else(|| anyhow::anyhow!("total of {} overflows", row.resource))?;
+            .ok_or_else(|| StoreError::overflow(&format!("the platform total of {}", row.resource)))?;
         slot.1 += row.entries;
         slot.2 += 1;
         active.insert(row.account);

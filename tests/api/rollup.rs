@@ -213,6 +213,14 @@ async fn a_total_past_64_bits_fails_its_own_reads_and_holds_back_no_one_else(app
             2
         );
     }
+    let month = &at[..7];
+    let stats = app.get(&format!("/v1/admin/stats?period={month}")).await;
+    assert_eq!(
+        (stats.status, stats.code()),
+        (500, "total_too_large"),
+        "{:?}",
+        stats.body
+    );
     for whale in ["whale", "orca"] {
         let usage = app.get(&format!("/v1/accounts/{whale}/usage")).await;
         assert_eq!(
