@@ -37,6 +37,10 @@ pub enum AmountError {
     /// More significant or fractional digits than an exact decimal holds.
     #[error("amount {0} has more than 28 significant or fractional digits; no amount, limit or price is that precise")]
     TooManyDigits(String),
+    /// More than 28 digits before the point: past any amount, limit or price
+    /// (an entry amount reports [`AmountError::OutOfRange`] instead).
+    #[error("{0} is too large for any amount, limit or price (more than 28 digits before the point)")]
+    BeyondAnyBound(String),
     /// The minor-unit value does not fit a 64-bit integer (only for resources with many decimals).
     #[error(
         "amount {amount} is too large for a resource with {decimals} fractional digits: its minor units must fit 64 bits, so |amount| must be at most {max}"
@@ -65,7 +69,10 @@ impl Amount {
     /// Parses an entry amount: non-zero, |amount| < 10^15, at most `decimals`
     /// fractional digits. Accepts plain decimals and scientific notation, exactly.
     pub fn parse(text: &str, decimals: u32) -> Result<Self, AmountError> {
-        let value = parse_decimal(text)?;
+        let value = parse_decimal(text).map_err(|e| match e {
+            AmountError::BeyondAnyBound(text) => AmountError::OutOfRange(text),
+            other => other,
+        })?;
         if value.is_zero() {
             return Err(AmountError::Zero);
         }
@@ -191,7 +198,7 @@ pub fn parse_decimal(text: &str) -> Result<Decimal, AmountError> {
     }
     let whole_digits = i64::try_from(digits.len()).unwrap_or(i64::MAX) - scale;
     if whole_digits > MAX_DIGITS as i64 {
-        return Err(AmountError::OutOfRange(text.to_owned()));
+        return Err(AmountError::BeyondAnyBound(text.to_owned()));
     }
     if scale < 0 {
         digits.extend(std::iter::repeat_n('0', usize::try_from(-scale).unwrap_or(0)));
@@ -285,7 +292,14 @@ mod tests {
             );
         }
         for text in ["1e29", "1e999999", "99999999999999999999999999999"] {
-            assert!(matches!(parse_decimal(text), Err(AmountError::OutOfRange(_))), "{text}");
+            assert!(
+                matches!(parse_decimal(text), Err(AmountError::BeyondAnyBound(_))),
+                "{text}"
+            );
+            assert!(
+                matches!(Amount::parse(text, 0), Err(AmountError::OutOfRange(_))),
+                "{text}"
+            );
         }
         for text in [
             "1_0e2",

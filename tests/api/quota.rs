@@ -1084,6 +1084,21 @@ async fn bad_quota_and_account_input_is_refused_and_writes_nothing(app: TestApp)
         message.contains("decimal string") && message.contains("got true"),
         "{message}"
     );
+    // A limit past any decimal names that bound, not an entry's 10^15
+    // (which limits do not have); an entry amount keeps its own.
+    let huge = app
+        .put_admin("/v1/accounts/acme/overrides/llm_tokens", json!({"limit": "1e400"}))
+        .await;
+    let message = huge.body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("too large for any amount, limit or price") && !message.contains("10^15"),
+        "{message}"
+    );
+    let entry_amount = app
+        .post_entries(json!({"account": "acme", "resource": "llm_tokens", "amount": "1e400", "idempotency_key": "h"}))
+        .await;
+    let message = entry_amount.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("below 10^15"), "{message}");
     // A required field left out is `missing` everywhere, as in an entry.
     for (method, path, body) in [
         ("POST", "/v1/quota/check", json!({"account": "acme"})),
