@@ -148,7 +148,9 @@ pub async fn run(settings: &Settings, command: AccountsCommand) -> anyhow::Resul
                 .await?;
             eprintln!(
                 "account {account} is on plan {plan} from {}",
-                assignment.effective_at.to_rfc3339()
+                assignment
+                    .effective_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
             );
         }
         AccountsCommand::Override {

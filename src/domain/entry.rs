@@ -159,7 +159,9 @@ fn not_rfc3339(text: &str, e: chrono::ParseError) -> String {
             chrono::format::ParseErrorKind::OutOfRange => {
                 "a field is out of range (a month over 12, a day that month does not have, an hour over 23, …)"
             }
-            chrono::format::ParseErrorKind::TooShort => "it ends too early",
+            chrono::format::ParseErrorKind::TooShort => {
+                "it is cut short: part of YYYY-MM-DDTHH:MM:SS and its offset is missing"
+            }
             chrono::format::ParseErrorKind::TooLong => "there is text after the timestamp",
             _ => "it does not have the shape YYYY-MM-DDTHH:MM:SS with an offset",
         };
@@ -480,6 +482,7 @@ mod tests {
             ("2026-12-01T00:00:00", "no UTC offset"),
             ("2026-11-15T12:00:00 01:00", "%2B"),
             ("2026-12-01T25:00:00Z", "out of range"),
+            ("2026-12-01T14:0", "cut short"),
             ("yesterday", "2026-11-23T14:05:00Z"),
             ("9999-12-31T00:00:00Z", "before 9999-12-01"),
         ] {

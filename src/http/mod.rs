@@ -86,7 +86,9 @@ pub fn router(state: AppState) -> Router {
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {
-    ApiError::NotFound(format!("no route for {uri}; see API.md for the endpoints"))
+    ApiError::NotFound(format!(
+        "no route for {uri}; the endpoints are listed in docs/api.md (all under /v1/, plus /healthz and /metrics)"
+    ))
 }
 
 async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
