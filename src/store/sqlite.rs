@@ -540,7 +540,13 @@ impl Store for SqliteStore {
         Ok(sqlx::query_as(
             "SELECT ap.plan, COUNT(DISTINCT ap.account)
                FROM account_plans AS ap
-              WHERE ap.effective_at > ?1
+              -- A later assignment, unless another made after it takes
+              -- effect at the same instant (it wins the tie, so this one
+              -- never takes effect); or the one in force now.
+              WHERE (ap.effective_at > ?1
+                     AND NOT EXISTS (SELECT 1 FROM account_plans AS y
+                                      WHERE y.account = ap.account AND y.effective_at = ap.effective_at
+                                        AND (y.created_at, y.id) > (ap.created_at, ap.id)))
                  OR ap.id = (SELECT x.id FROM account_plans AS x
                               WHERE x.account = ap.account AND x.effective_at <= ?1
                               ORDER BY x.effective_at DESC, x.created_at DESC, x.id DESC LIMIT 1)
