@@ -301,6 +301,15 @@ pub fn days_ago_at(days: i64, time: &str) -> String {
     format!("{}T{time}Z", days_ago(days))
 }
 
+/// The row of `resource` in a usage report (`GET …/usage` or `tally usage`);
+/// panics, showing the report, when it has none.
+pub fn usage_row<'a>(report: &'a Value, resource: &str) -> &'a Value {
+    report["resources"]
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["resource"] == resource))
+        .unwrap_or_else(|| panic!("no {resource} row in {report}"))
+}
+
 /// A valid entry for `account` with `key`.
 pub fn entry(account: &str, resource: &str, amount: &str, key: &str) -> Value {
     serde_json::json!({ "account": account, "resource": resource, "amount": amount, "idempotency_key": key })

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use crate::both;
 use crate::helpers::{
-    Backend, Reply, TestApp, assert_used_exact_while_posting_and_rolling_up, days_ago_at, entry, entry_at,
+    Backend, Reply, TestApp, assert_used_exact_while_posting_and_rolling_up, days_ago_at, entry, entry_at, usage_row,
 };
 
 both!(
@@ -531,13 +531,7 @@ async fn an_override_applies_from_when_it_is_set_not_to_earlier_instants(app: Te
         "{message}"
     );
     let usage = app.get(&format!("/v1/accounts/acme/usage?at={earlier}")).await;
-    let row = usage.body["resources"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["resource"] == "llm_tokens")
-        .cloned()
-        .unwrap();
+    let row = usage_row(&usage.body, "llm_tokens");
     assert_eq!(row["limit"], "1000", "{row:?}");
     assert_eq!(app.ledger_sum("acme", "llm_tokens").await, 8);
 }
@@ -1199,13 +1193,7 @@ async fn the_cli_checks_and_reports_usage(app: TestApp) {
     assert!(capped.status.success(), "{}", String::from_utf8_lossy(&capped.stderr));
     let usage: Value = serde_json::from_slice(&app.cli(&["usage", "acme"]).stdout).unwrap();
     assert_eq!(usage["plan"], "pro");
-    let tokens = usage["resources"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["resource"] == "llm_tokens")
-        .unwrap()
-        .clone();
+    let tokens = usage_row(&usage, "llm_tokens");
     assert_eq!(tokens["limit"], "7");
     let shown: Value = serde_json::from_slice(&app.cli(&["accounts", "show", "acme"]).stdout).unwrap();
     assert_eq!(shown["overrides"][0]["resource"], "llm_tokens");
@@ -1963,13 +1951,7 @@ async fn an_override_stops_applying_exactly_at_its_expires_at_in_check_consume_a
     for (at, limit) in [(just_before, "3"), (expires, "1000")] {
         let usage = app.get(&format!("/v1/accounts/acme/usage?at={}", iso(at))).await;
         assert_eq!(usage.status, 200, "{:?}", usage.body);
-        let row = usage.body["resources"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["resource"] == "llm_tokens")
-            .cloned()
-            .unwrap();
+        let row = usage_row(&usage.body, "llm_tokens");
         assert_eq!(row["limit"], limit, "usage at {}: {row:?}", iso(at));
     }
     assert_eq!(app.ledger_sum("acme", "llm_tokens").await, 5);

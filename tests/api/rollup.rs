@@ -10,7 +10,7 @@ use tally::jobs::rollup::{FailAction, Failpoint, RollupOptions, Stage};
 use crate::both;
 use crate::helpers::{
     Backend, ServeProcess, TestApp, assert_used_exact_while_posting_and_rolling_up, days_ago_at, entry_at, metric,
-    rollup_every_second_jobs_dir, scrape_metrics,
+    rollup_every_second_jobs_dir, scrape_metrics, usage_row,
 };
 
 both!(
@@ -188,13 +188,7 @@ async fn a_total_past_64_bits_fails_its_own_reads_and_holds_back_no_one_else(app
     assert!(app.store.verify_totals().await.unwrap().is_empty());
     let usage = app.get("/v1/accounts/minnow/usage").await;
     assert_eq!(usage.status, 200, "{:?}", usage.body);
-    let minutes = usage.body["resources"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["resource"] == "agent_minutes")
-        .unwrap();
-    assert_eq!(minutes["used"], "1.25");
+    assert_eq!(usage_row(&usage.body, "agent_minutes")["used"], "1.25");
     if app.backend == Backend::Sqlite {
         // Part 0, the one later batches add to in plain SQL, keeps room both
         // ways (were it full, each batch touching the total would overflow
@@ -493,12 +487,7 @@ async fn concurrent_rollups_never_double_count(app: TestApp) {
 async fn usage_used(app: &TestApp, at: &str) -> i64 {
     let reply = app.get(&format!("/v1/accounts/acme/usage?at={at}")).await;
     assert_eq!(reply.status, 200, "{:?}", reply.body);
-    let row = reply.body["resources"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["resource"] == "api_requests")
-        .unwrap_or_else(|| panic!("{:?}", reply.body));
+    let row = usage_row(&reply.body, "api_requests");
     assert_eq!(row["window"], "month");
     row["used"].as_str().unwrap().parse().unwrap()
 }
