@@ -159,7 +159,7 @@ fn not_rfc3339(text: &str, e: chrono::ParseError) -> String {
             chrono::format::ParseErrorKind::OutOfRange => {
                 "a field is out of range (a month over 12, a day that month does not have, an hour over 23, …)"
             }
-            chrono::format::ParseErrorKind::TooShort => {
+            chrono::format::ParseErrorKind::TooShort if starts_like_a_timestamp(text) => {
                 "it is cut short: part of YYYY-MM-DDTHH:MM:SS and its offset is missing"
             }
             chrono::format::ParseErrorKind::TooLong => "there is text after the timestamp",
@@ -167,6 +167,19 @@ fn not_rfc3339(text: &str, e: chrono::ParseError) -> String {
         };
         format!("{text:?} is not an RFC 3339 timestamp: {reason}; {LIKE}")
     }
+}
+
+/// Whether `text` begins the way a timestamp does (digits and separators where
+/// YYYY-MM-DDTHH:MM:SS has them), so that chrono's "too short" means a part is
+/// missing, not that the text is something else ("bad", "12/01/2026").
+fn starts_like_a_timestamp(text: &str) -> bool {
+    const SHAPE: &str = "0000-00-00T00:00:00";
+    !text.is_empty()
+        && text.chars().zip(SHAPE.chars()).all(|(c, want)| match want {
+            '0' => c.is_ascii_digit(),
+            'T' => matches!(c, 'T' | 't' | ' '),
+            separator => c == separator,
+        })
 }
 
 /// An instant as the reads take it: RFC 3339, or a plain date (`2026-11-01`)
@@ -483,6 +496,10 @@ mod tests {
             ("2026-11-15T12:00:00 01:00", "%2B"),
             ("2026-12-01T25:00:00Z", "out of range"),
             ("2026-12-01T14:0", "cut short"),
+            ("2026-12-01T14:05:00", "no UTC offset"),
+            ("bad", "does not have the shape"),
+            ("", "does not have the shape"),
+            ("12/01/2026", "does not have the shape"),
             ("yesterday", "2026-11-23T14:05:00Z"),
             ("9999-12-31T00:00:00Z", "before 9999-12-01"),
         ] {

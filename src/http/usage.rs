@@ -60,7 +60,6 @@ async fn get_timeseries(
     .map_err(|e| match e {
         SeriesError::Range { field, message } => ApiError::invalid(field, message),
         SeriesError::Store(e) => e.into(),
-        SeriesError::Overflow => ApiError::TotalTooLarge(e.into()),
     })?;
     Ok(Json(Series {
         account,

@@ -33,12 +33,10 @@ pub enum SeriesError {
         /// What is wrong and how to fix it.
         message: String,
     },
-    /// The store failed.
+    /// The store failed, or a bucket's sum left the 64-bit range
+    /// ([`StoreError::Overflow`], as every other read reports it).
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// A bucket's sum left the 64-bit range.
-    #[error("a bucket's total overflows")]
-    Overflow,
 }
 
 /// Every bucket in [from, to), ascending, zero-filled. For months, `from` and
@@ -91,7 +89,7 @@ pub async fn timeseries(
         if let Some(sum) = sums.get_mut(&bucket) {
             *sum = sum
                 .checked_add(Amount::from_minor(minor, decimals))
-                .map_err(|_| SeriesError::Overflow)?;
+                .map_err(|_| StoreError::overflow(&format!("{account}'s {resource} on {bucket}")))?;
         }
     }
     Ok(sums

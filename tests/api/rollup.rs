@@ -215,6 +215,27 @@ async fn a_total_past_64_bits_fails_its_own_reads_and_holds_back_no_one_else(app
         "{:?}",
         stats.body
     );
+    // The time series says so too, over HTTP and in the CLI, on both engines
+    // with the same message (SQLite used to say only "a bucket's total overflows").
+    let (day, next_day) = (&at[..10], days_ago_at(0, "00:00:00")[..10].to_owned());
+    let series = app
+        .get(&format!(
+            "/v1/accounts/orca/timeseries?resource=agent_minutes&granularity=day&from={day}&to={next_day}"
+        ))
+        .await;
+    assert_eq!(
+        (series.status, series.code()),
+        (500, "total_too_large"),
+        "{:?}",
+        series.body
+    );
+    let series = app.cli(&["timeseries", "orca", "agent_minutes", "--from", day, "--to", &next_day]);
+    assert!(!series.status.success());
+    let said = String::from_utf8_lossy(&series.stderr);
+    assert!(
+        said.contains("64-bit range") && said.contains("docs/operations.md"),
+        "{said}"
+    );
     for whale in ["whale", "orca"] {
         let usage = app.get(&format!("/v1/accounts/{whale}/usage")).await;
         assert_eq!(
