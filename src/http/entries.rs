@@ -11,7 +11,7 @@ use serde_json::value::RawValue;
 use super::AppState;
 use super::auth::{Caller, Writer};
 use super::error::ApiError;
-use super::extract::{Body, Path, QueryParams, malformed_json, parse_json, require_object};
+use super::extract::{Body, Path, QueryParams, malformed_json, malformed_json_in, parse_json, require_object};
 use super::params;
 use crate::domain::entry::{EntryRules, FieldError, refuse_nul, validate_batch};
 use crate::domain::{AccountId, Entry, EntryFilter, EntryInput, IdempotencyKey, InsertOutcome, InsertStatus, Role};
@@ -124,11 +124,13 @@ fn too_many_entries() -> ApiError {
 fn entries_of(bytes: &[u8]) -> Result<Vec<EntryInput>, ApiError> {
     // `BatchBody` too would read an array (`[[…]]`) as its one field.
     require_object(bytes)?;
-    match serde_json::from_slice::<BatchBody>(bytes) {
+    // Kept for a batch that stays malformed below: its line and column are
+    // in the whole body, where the list's own parse would count from `[`.
+    let batch_error = match serde_json::from_slice::<BatchBody>(bytes) {
         Ok(batch) => return Ok(batch.entries.0),
         Err(e) if is_too_many(&e) => return Err(too_many_entries()),
-        Err(_) => {}
-    }
+        Err(e) => e,
+    };
     // Owned keys: a key written with an escape (`"acc\u006funt"`) cannot be
     // borrowed from the body.
     let fields: HashMap<String, &RawValue> = serde_json::from_slice(bytes)
@@ -137,7 +139,7 @@ fn entries_of(bytes: &[u8]) -> Result<Vec<EntryInput>, ApiError> {
         Some(list) if fields.len() == 1 => match serde_json::from_slice::<BoundedEntries>(list.get().as_bytes()) {
             Ok(entries) => Ok(entries.0),
             Err(e) if is_too_many(&e) => Err(too_many_entries()),
-            Err(e) => Err(malformed_json(e)),
+            Err(_) => Err(malformed_batch(list, batch_error)),
         },
         Some(_) => {
             let mut others: Vec<&str> = fields.keys().map(String::as_str).filter(|k| *k != "entries").collect();
@@ -148,6 +150,23 @@ fn entries_of(bytes: &[u8]) -> Result<Vec<EntryInput>, ApiError> {
             )))
         }
         None => parse_json(bytes).map(|one| vec![one]),
+    }
+}
+
+/// The 400 for a batch whose list does not read as entries: serde's words
+/// and position, and which entry is at fault when one is (a batch of
+/// thousands is otherwise hard to search).
+fn malformed_batch(list: &RawValue, error: serde_json::Error) -> ApiError {
+    let culprit = serde_json::from_str::<Vec<&RawValue>>(list.get())
+        .ok()
+        .and_then(|items| {
+            items
+                .iter()
+                .position(|item| serde_json::from_str::<EntryInput>(item.get()).is_err())
+        });
+    match culprit {
+        Some(index) => malformed_json_in(&format!("entries[{index}]"), error),
+        None => malformed_json(error),
     }
 }
 

@@ -68,6 +68,14 @@ pub fn malformed_json(e: serde_json::Error) -> ApiError {
     ))
 }
 
+/// [`malformed_json`] naming the part of the body at fault (`entries[3]`).
+pub fn malformed_json_in(place: &str, e: serde_json::Error) -> ApiError {
+    ApiError::MalformedBody(format!(
+        "the body is not valid JSON for this endpoint: {place}: {}",
+        without_type_names(&e.to_string())
+    ))
+}
+
 /// serde names our Rust types ("expected struct EntryInput"); a client
 /// knows them as objects. Only serde's own "expected struct" is rewritten,
 /// not words of the client's that happen to read "struct".

@@ -80,6 +80,27 @@ async fn malformed_json_is_400(app: TestApp) {
         .await;
     assert_eq!(typo.status, 400);
     assert!(typo.body["error"]["message"].as_str().unwrap().contains("ocurred_at"));
+    // In a batch: the entry at fault, and the position in the whole body (it
+    // was counted from the list's `[`).
+    let good = entry("acme", "api_requests", "1", "k1").to_string();
+    for (body, says) in [
+        (
+            "{\"entries\":[1]}".to_owned(),
+            "entries[0]: invalid type: integer `1`, expected an entry object at line 1 column 13",
+        ),
+        (
+            format!("{{\"entries\": [{good}, {{\"acount\": \"x\"}}]}}"),
+            "entries[1]: unknown field `acount`",
+        ),
+        ("{\"entries\": 5}".to_owned(), "at line 1 column 13"),
+    ] {
+        let reply = app
+            .request("POST", "/v1/entries", Some(&app.admin_key), Some(body.clone()))
+            .await;
+        assert_eq!((reply.status, reply.code()), (400, "malformed_body"), "{body}");
+        let message = reply.body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(says), "{body}: {message}");
+    }
     assert_eq!(app.count_entries().await, 0);
 }
 
