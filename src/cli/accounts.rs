@@ -11,8 +11,9 @@ use crate::domain::catalog::{Enforcement, Window};
 use crate::domain::entry::{parse_instant_or_date, parse_timestamp};
 use crate::domain::plan::{Override, parse_limit};
 use crate::domain::{AccountId, Amount, Catalog, ResourceName};
+use crate::usage::account::account_view;
 use crate::usage::features::feature_at;
-use crate::usage::quota::{QuotaStatus, Quotas, plan_at};
+use crate::usage::quota::{QuotaStatus, Quotas};
 
 /// `tally accounts …`
 #[derive(Debug, clap::Subcommand)]
@@ -124,14 +125,7 @@ pub async fn run(settings: &Settings, command: AccountsCommand) -> anyhow::Resul
     match command {
         AccountsCommand::Show { account: raw } => {
             let account = account(&raw)?;
-            let history = store.plan_history(&account).await?;
-            let overrides = store.overrides(&account).await?;
-            let view = serde_json::json!({
-                "account": account,
-                "plan": plan_at(&catalog, &history, Utc::now()),
-                "plan_history": history,
-                "overrides": overrides,
-            });
+            let view = account_view(store.as_ref(), &catalog, account, Utc::now()).await?;
             outln!("{}", serde_json::to_string_pretty(&view)?)?;
         }
         AccountsCommand::SetPlan {

@@ -4,7 +4,7 @@ use axum::extract::State;
 use axum::routing::{get, put};
 use axum::{Json, Router};
 use chrono::SubsecRound;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::auth::{Admin, Caller};
@@ -13,10 +13,11 @@ use super::extract::{Body, Path, QueryParams, parse_json};
 use super::{AppState, params};
 use crate::domain::catalog::{Enforcement, Window};
 use crate::domain::entry::parse_timestamp;
-use crate::domain::plan::{Override, PlanAssignment, parse_limit};
+use crate::domain::plan::{Override, parse_limit};
 use crate::domain::{AccountId, Catalog, FieldError, ResourceName};
+use crate::usage::account::AccountView;
 use crate::usage::features::{FeatureView, feature_at};
-use crate::usage::quota::{Quotas, UsageReport, plan_at};
+use crate::usage::quota::{Quotas, UsageReport};
 
 /// The account routes.
 pub fn router() -> Router<AppState> {
@@ -36,25 +37,8 @@ async fn plans(State(state): State<AppState>, _caller: Caller) -> Json<Catalog> 
     Json(state.catalog.as_ref().clone())
 }
 
-/// An account's plan, plan history and overrides.
-#[derive(Serialize)]
-pub struct AccountView {
-    account: AccountId,
-    plan: String,
-    plan_history: Vec<PlanAssignment>,
-    overrides: Vec<Override>,
-}
-
 async fn account_view(state: &AppState, account: AccountId) -> Result<AccountView, ApiError> {
-    let plan_history = state.store.plan_history(&account).await?;
-    let overrides = state.store.overrides(&account).await?;
-    let plan = plan_at(&state.catalog, &plan_history, state.clock.now()).to_owned();
-    Ok(AccountView {
-        account,
-        plan,
-        plan_history,
-        overrides,
-    })
+    Ok(crate::usage::account::account_view(state.store.as_ref(), &state.catalog, account, state.clock.now()).await?)
 }
 
 async fn account(

@@ -2,6 +2,7 @@
 //! rollup health. Exact at the moment of the call: folded totals plus the
 //! ledger tail the rollup has not reached yet.
 
+pub mod account;
 pub mod admin;
 pub mod features;
 pub mod quota;

@@ -1955,6 +1955,16 @@ async fn an_override_stops_applying_exactly_at_its_expires_at_in_check_consume_a
         assert_eq!(row["limit"], limit, "usage at {}: {row:?}", iso(at));
     }
     assert_eq!(app.ledger_sum("acme", "llm_tokens").await, 5);
+    // The account view keeps listing it, and says from when it no longer applies.
+    app.clock.freeze_at(just_before);
+    let before = app.get("/v1/accounts/acme").await;
+    app.clock.thaw();
+    assert_eq!(before.body["overrides"][0]["expired"], false, "{:?}", before.body);
+    let after = app.get("/v1/accounts/acme").await;
+    assert_eq!(after.body["overrides"][0]["expired"], true, "{:?}", after.body);
+    assert_eq!(after.body["overrides"][0]["limit"], "3", "{:?}", after.body);
+    let shown: Value = serde_json::from_slice(&app.cli(&["accounts", "show", "acme"]).stdout).unwrap();
+    assert_eq!(shown["overrides"], after.body["overrides"]);
 }
 
 /// Two assignments with the same `effective_at`: the later one is in force
