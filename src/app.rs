@@ -75,7 +75,7 @@ impl Settings {
                     redact_url(&self.database_url)
                 )
             })?;
-        store.migrate().await.context("cannot run database migrations")?;
+        store.migrate().await?;
         Ok((store, catalog))
     }
 }

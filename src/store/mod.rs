@@ -132,7 +132,9 @@ pub trait Store: Send + Sync + 'static {
     /// The engine behind this store.
     fn backend(&self) -> Backend;
 
-    /// Runs pending migrations.
+    /// Runs pending migrations, then checks the database can be used as it
+    /// is (PostgreSQL: its cluster's transaction ids are ahead of the
+    /// ledger's). Every command that opens a store goes through here.
     async fn migrate(&self) -> anyhow::Result<()>;
 
     /// Answers whether the database is reachable.

@@ -8,6 +8,7 @@
 mod consume_group;
 mod export;
 
+use anyhow::Context;
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -391,6 +392,35 @@ impl From<ApiKeyRow> for ApiKey {
 
 const API_KEY_COLUMNS: &str = "id, name, role, account, prefix, created_at, revoked_at";
 
+impl PgStore {
+    /// Refuses a database whose ledger holds transaction ids this cluster has
+    /// not reached yet: a `pg_dump` restored into another cluster. Its new
+    /// entries would sort below the rollup cursor, so they would count toward
+    /// no quota, total or export, silently. The way out is to move the
+    /// cluster's ids past the ledger's (docs/operations.md).
+    async fn refuse_a_cluster_behind_the_ledger(&self) -> anyhow::Result<()> {
+        let (newest, next): (Option<String>, String) =
+            sqlx::query_as(include_str!("sql/postgres/ledger_transaction_ids.sql"))
+                .fetch_one(&self.pool)
+                .await
+                .context("cannot read the ledger's newest transaction id")?;
+        let Some(newest) = newest else { return Ok(()) };
+        let (newest, next): (u64, u64) = (newest.parse()?, next.parse()?);
+        if newest < next {
+            return Ok(());
+        }
+        anyhow::bail!(
+            "this database's ledger holds PostgreSQL transaction ids up to {newest}, but this cluster has only \
+             reached {next}: the database was restored from a dump into another cluster. New entries would get \
+             smaller ids than the ledger's and never count toward quotas, totals or exports, so Tally will not \
+             use it. Stop the cluster, move its ids past the ledger's with `pg_resetwal -e {epoch} -D DATADIR` \
+             (as the cluster's owner, once, while it is stopped), and start it again; docs/operations.md, \
+             \"Restoring a PostgreSQL dump\", has the steps",
+            epoch = (newest >> 32) + 1,
+        )
+    }
+}
+
 #[async_trait]
 impl Store for PgStore {
     fn backend(&self) -> Backend {
@@ -398,8 +428,11 @@ impl Store for PgStore {
     }
 
     async fn migrate(&self) -> anyhow::Result<()> {
-        sqlx::migrate!("migrations/postgres").run(&self.pool).await?;
-        Ok(())
+        sqlx::migrate!("migrations/postgres")
+            .run(&self.pool)
+            .await
+            .context("cannot run database migrations")?;
+        self.refuse_a_cluster_behind_the_ledger().await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

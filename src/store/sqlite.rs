@@ -7,6 +7,7 @@
 
 mod export;
 
+use anyhow::Context;
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::{Arc, LazyLock};
@@ -236,7 +237,10 @@ impl Store for SqliteStore {
     }
 
     async fn migrate(&self) -> anyhow::Result<()> {
-        sqlx::migrate!("migrations/sqlite").run(&self.writer).await?;
+        sqlx::migrate!("migrations/sqlite")
+            .run(&self.writer)
+            .await
+            .context("cannot run database migrations")?;
         Ok(())
     }
 

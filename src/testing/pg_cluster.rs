@@ -338,6 +338,35 @@ impl PgCluster {
         check(&out, "pg_ctl stop")
     }
 
+    /// Stops the server cleanly, moves its transaction ids to epoch `epoch`
+    /// (`pg_resetwal -e`, which wants a clean shutdown) and starts it again:
+    /// what an operator does after restoring a dump taken from a cluster whose
+    /// ids were further along (docs/operations.md).
+    ///
+    /// # Errors
+    ///
+    /// Fails if `pg_ctl stop`, `pg_resetwal` or the restart fail.
+    pub fn set_transaction_epoch(&self, epoch: u32) -> anyhow::Result<()> {
+        let out = self
+            .server_command("pg_ctl")
+            .arg("-D")
+            .arg(&self.data_dir)
+            .args(["-w", "stop", "-m", "fast"])
+            .output()
+            .context("running pg_ctl stop")?;
+        check(&out, "pg_ctl stop")?;
+        let out = self
+            .server_command("pg_resetwal")
+            .arg("-e")
+            .arg(epoch.to_string())
+            .arg("-D")
+            .arg(&self.data_dir)
+            .output()
+            .context("running pg_resetwal")?;
+        check(&out, "pg_resetwal")?;
+        self.start_server()
+    }
+
     /// A command running server program `program` from the bin dir, as the
     /// `postgres` user when we are root, with a neutral environment.
     fn server_command(&self, program: &str) -> Command {

@@ -13,6 +13,7 @@ mod invariants;
 mod invoice;
 mod jobs;
 mod quota;
+mod restore;
 mod rollup;
 mod timeseries;
 mod validation;
