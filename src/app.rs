@@ -63,6 +63,26 @@ impl Settings {
         }
     }
 
+    /// [`Settings::open_store`] for a command that reads what is there (a
+    /// report, a check, `verify`, the rollup): a SQLite file that does not
+    /// exist is an error, not a new empty database. Run from the wrong
+    /// directory, or with a misspelt path, such a command would otherwise
+    /// create one and report on it: an empty export, a `verify` that passes.
+    pub async fn open_existing_store(&self) -> anyhow::Result<(Arc<dyn Store>, Arc<Catalog>)> {
+        if let Some(file) = store::sqlite_file(&self.database_url)? {
+            anyhow::ensure!(
+                file.exists(),
+                "there is no database at {} (from --database-url or TALLY_DATABASE_URL; a relative path, \
+                 such as the default tally.db, is taken from the working directory {}): this command reads \
+                 an existing database and does not create one. `tally serve`, `tally migrate` and \
+                 `tally post` create it",
+                file.display(),
+                std::env::current_dir().map_or_else(|_| "(unknown)".to_owned(), |d| d.display().to_string()),
+            );
+        }
+        self.open_store().await
+    }
+
     /// Opens the database and runs its migrations.
     pub async fn open_store(&self) -> anyhow::Result<(Arc<dyn Store>, Arc<Catalog>)> {
         let catalog = Arc::new(self.load_catalog()?);

@@ -121,7 +121,13 @@ fn instant(raw: Option<&str>) -> anyhow::Result<chrono::DateTime<Utc>> {
 
 /// Runs an accounts subcommand.
 pub async fn run(settings: &Settings, command: AccountsCommand) -> anyhow::Result<ExitCode> {
-    let (store, catalog) = settings.open_store().await?;
+    // Showing reads what is there; the changes may be a new database's first
+    // setup, before it is served.
+    let (store, catalog) = if matches!(command, AccountsCommand::Show { .. }) {
+        settings.open_existing_store().await?
+    } else {
+        settings.open_store().await?
+    };
     match command {
         AccountsCommand::Show { account: raw } => {
             let account = account(&raw)?;
@@ -231,7 +237,7 @@ pub async fn check(settings: &Settings, args: CheckArgs) -> anyhow::Result<ExitC
 /// feature included), as `tally check`.
 pub async fn feature(settings: &Settings, args: FeatureArgs) -> anyhow::Result<ExitCode> {
     let answer = async {
-        let (store, catalog) = settings.open_store().await?;
+        let (store, catalog) = settings.open_existing_store().await?;
         let account = account(&args.account)?;
         let at = instant(args.at.as_deref())?;
         let history = store.plan_history(&account).await?;
@@ -267,7 +273,7 @@ fn warn_if_plan_missing(catalog: &Catalog, account: &str, plan: &str) {
 
 /// The check `tally check` prints, and the catalog it was made with.
 async fn check_status(settings: &Settings, args: CheckArgs) -> anyhow::Result<(QuotaStatus, Arc<Catalog>)> {
-    let (store, catalog) = settings.open_store().await?;
+    let (store, catalog) = settings.open_existing_store().await?;
     let account = account(&args.account)?;
     let (resource, spec) = catalog.resource(&args.resource)?;
     let amount = match args.amount.as_deref() {
@@ -287,7 +293,7 @@ async fn check_status(settings: &Settings, args: CheckArgs) -> anyhow::Result<(Q
 
 /// `tally usage`: where an account stands, as JSON.
 pub async fn usage(settings: &Settings, args: UsageArgs) -> anyhow::Result<ExitCode> {
-    let (store, catalog) = settings.open_store().await?;
+    let (store, catalog) = settings.open_existing_store().await?;
     let quotas = Quotas {
         store: store.as_ref(),
         catalog: &catalog,

@@ -98,7 +98,7 @@ pub struct TopArgs {
 
 /// Runs an export.
 pub async fn run(settings: &Settings, command: ExportCommand) -> anyhow::Result<ExitCode> {
-    let (store, catalog) = settings.open_store().await?;
+    let (store, catalog) = settings.open_existing_store().await?;
     let (output, granularity) = match &command {
         ExportCommand::Entries(r) => (&r.output, None),
         ExportCommand::Daily(r) => (&r.output, Some(Granularity::Day)),
@@ -171,7 +171,7 @@ pub async fn run(settings: &Settings, command: ExportCommand) -> anyhow::Result<
 
 /// `tally stats`.
 pub async fn stats(settings: &Settings, args: StatsArgs) -> anyhow::Result<ExitCode> {
-    let (store, catalog) = settings.open_store().await?;
+    let (store, catalog) = settings.open_existing_store().await?;
     let stats = admin::stats(store.as_ref(), &catalog, args.period, chrono::Utc::now()).await?;
     outln!("{}", serde_json::to_string_pretty(&stats)?)?;
     Ok(ExitCode::SUCCESS)
@@ -179,7 +179,7 @@ pub async fn stats(settings: &Settings, args: StatsArgs) -> anyhow::Result<ExitC
 
 /// `tally top`.
 pub async fn top(settings: &Settings, args: TopArgs) -> anyhow::Result<ExitCode> {
-    let (store, catalog) = settings.open_store().await?;
+    let (store, catalog) = settings.open_existing_store().await?;
     let (resource, _) = catalog.resource(&args.resource)?;
     anyhow::ensure!((1..=1000).contains(&args.limit), "--limit must be 1 to 1000");
     let top = admin::top(store.as_ref(), &catalog, resource, args.period, args.limit).await?;

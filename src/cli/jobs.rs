@@ -40,7 +40,7 @@ pub enum JobsCommand {
 
 /// Runs the rollup once and prints what it folded.
 pub async fn rollup(settings: &Settings, args: RollupArgs) -> anyhow::Result<ExitCode> {
-    let (store, _) = settings.open_store().await?;
+    let (store, _) = settings.open_existing_store().await?;
     let failpoint = args
         .failpoint
         .as_deref()
@@ -72,7 +72,7 @@ pub async fn verify(settings: &Settings) -> anyhow::Result<ExitCode> {
 
 /// [`verify`]'s work: exit 0 or 1, or the error that kept it from judging.
 async fn compare_totals(settings: &Settings) -> anyhow::Result<ExitCode> {
-    let (store, catalog) = settings.open_store().await?;
+    let (store, catalog) = settings.open_existing_store().await?;
     let mismatches = store.verify_totals().await?;
     // verify judges folded rows only: a rollup that keeps failing (a total
     // past 64 bits, say) leaves them consistent, so say how far behind it is.
@@ -133,7 +133,7 @@ pub async fn run(settings: &Settings, command: JobsCommand) -> anyhow::Result<Ex
             Ok(ExitCode::SUCCESS)
         }
         JobsCommand::Run { name } => {
-            let (store, catalog) = settings.open_store().await?;
+            let (store, catalog) = settings.open_existing_store().await?;
             let context = scheduled::JobContext {
                 store,
                 catalog,

@@ -27,7 +27,7 @@ pub struct TimeseriesArgs {
 
 /// Prints `start,amount` lines, zero-filled.
 pub async fn timeseries(settings: &Settings, args: TimeseriesArgs) -> anyhow::Result<ExitCode> {
-    let (store, catalog) = settings.open_store().await?;
+    let (store, catalog) = settings.open_existing_store().await?;
     let account = AccountId::parse(&args.account).map_err(anyhow::Error::msg)?;
     let (resource, _) = catalog.resource(&args.resource)?;
     let points = series(

@@ -8,6 +8,7 @@ pub mod postgres;
 pub mod settled;
 pub mod sqlite;
 
+use anyhow::Context;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -784,6 +785,18 @@ pub struct NewApiKey {
     pub account: Option<AccountId>,
     /// A name for people.
     pub name: Option<String>,
+}
+
+/// The file a `sqlite:` URL names; `None` for another engine or an
+/// in-memory database.
+pub fn sqlite_file(url: &str) -> anyhow::Result<Option<std::path::PathBuf>> {
+    if !url.starts_with("sqlite:") {
+        return Ok(None);
+    }
+    let options = <sqlx::sqlite::SqliteConnectOptions as std::str::FromStr>::from_str(url)
+        .with_context(|| format!("cannot read the SQLite URL {url:?}"))?;
+    let file = options.get_filename();
+    Ok((file != std::path::Path::new(":memory:") && !url.contains("mode=memory")).then(|| file.to_path_buf()))
 }
 
 /// Opens the store a database URL names (`sqlite://…` or `postgres://…`).

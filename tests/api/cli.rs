@@ -18,6 +18,7 @@ both!(
     keys_are_stored_hashed_and_the_plaintext_is_nowhere_in_the_keys_table,
     migrate_creates_the_schema_on_a_fresh_database_and_a_second_run_changes_nothing,
     a_reader_that_stops_reading_ends_the_output_quietly_with_the_commands_own_exit_code,
+    reads_of_a_database_that_is_not_there_fail_and_create_nothing,
 );
 
 fn text(bytes: &[u8]) -> String {
@@ -476,4 +477,58 @@ fn a_database_that_cannot_be_opened_is_named_with_what_to_check() {
         "once: {stderr}"
     );
     assert!(!dir.path().join("missing-folder").exists(), "creates nothing");
+}
+
+/// A command that reads what is there fails on a database that is not: on
+/// SQLite a misspelt path (or the default `tally.db` in another working
+/// directory) used to become a new, empty database, and `verify` passed and
+/// exports came out empty on it. Commands that set things up still create one.
+async fn reads_of_a_database_that_is_not_there_fail_and_create_nothing(app: TestApp) {
+    let dir = tempfile::tempdir().unwrap();
+    let typo = dir.path().join("typo.db");
+    let missing = match app.backend {
+        Backend::Sqlite => format!("sqlite://{}", typo.display()),
+        Backend::Postgres => {
+            let (head, rest) = app.database_url.split_once("@localhost/").unwrap();
+            let (_, query) = rest.split_once('?').unwrap();
+            format!("{head}@localhost/tally_no_such_database?{query}")
+        }
+    };
+    let month = chrono::Utc::now().format("%Y-%m").to_string();
+    for args in [
+        &["verify"][..],
+        &["rollup"],
+        &["check", "acme", "api_requests"],
+        &["usage", "acme"],
+        &["accounts", "show", "acme"],
+        &["stats", "--period", &month],
+        &["export", "daily", "--from", "2026-11-01", "--to", "2026-12-01"],
+        &["jobs", "run", "monthly-reports"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(args)
+            .env("TALLY_DATABASE_URL", &missing)
+            .env("TALLY_REPORTS_DIR", dir.path().join("reports"))
+            // The built-in jobs: no jobs/ folder there.
+            .env_remove("TALLY_JOBS")
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let said = text(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded: {}", text(&out.stdout));
+        match app.backend {
+            Backend::Sqlite => assert!(said.contains("there is no database at"), "{args:?}: {said}"),
+            Backend::Postgres => assert!(said.contains("cannot open database"), "{args:?}: {said}"),
+        }
+        assert!(!typo.exists(), "{args:?} created {}", typo.display());
+    }
+    if app.backend == Backend::Sqlite {
+        let created = Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(["post", "acme", "api_requests", "1"])
+            .env("TALLY_DATABASE_URL", &missing)
+            .output()
+            .unwrap();
+        assert!(created.status.success(), "{}", text(&created.stderr));
+        assert!(typo.exists(), "post creates the database");
+    }
 }
