@@ -266,22 +266,29 @@ pub async fn create_key(
 
 /// Resolves when the process is asked to stop (Ctrl-C or SIGTERM).
 pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+    match stop_requested() {
+        Ok(stop) => stop.await,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for Ctrl-C or SIGTERM; stop the server another way");
+            std::future::pending::<()>().await;
         }
-    };
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
     }
     tracing::info!("shutdown requested; finishing requests in flight");
+}
+
+/// Listens for Ctrl-C and SIGTERM from now on (the handlers are installed
+/// before this returns, so a signal that comes before the first poll is not
+/// lost, nor does it kill the process), and resolves when one comes.
+pub fn stop_requested() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {},
+            _ = terminate.recv() => {},
+        }
+    })
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! `tally export …`, `tally stats`, `tally top`.
 
+use anyhow::Context;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -116,6 +117,18 @@ pub async fn run(settings: &Settings, command: ExportCommand) -> anyhow::Result<
         .as_deref()
         .map(|t| parse_instant_or_date(t).map_err(|m| anyhow::anyhow!("--as-of: {m}")))
         .transpose()?;
+    // A file "as of" a moment still to come would change as entries arrive:
+    // not the reproducible snapshot --as-of promises.
+    if let Some(as_of) = as_of {
+        let now = chrono::Utc::now();
+        anyhow::ensure!(
+            as_of <= now,
+            "--as-of ({}) is later than now ({}): what the ledger will hold then is not known yet, so the \
+             file could not be made again; leave --as-of out for the ledger as it is now",
+            as_of.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+            now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        );
+    }
     // Validate everything before creating the output.
     let filter = match &command {
         ExportCommand::Entries(r) | ExportCommand::Daily(r) | ExportCommand::Monthly(r) => {
@@ -144,17 +157,32 @@ pub async fn run(settings: &Settings, command: ExportCommand) -> anyhow::Result<
         }
         ExportCommand::Invoice(_) => None,
     };
+    // Listening before the temp file exists: a signal from here on stops the
+    // export cleanly instead of killing the process with the file left.
+    let stop = crate::app::stop_requested().context("cannot listen for Ctrl-C or SIGTERM")?;
     let mut out = CsvOutput::to(output.output.as_deref(), output.overwrite)?.with_progress(output.progress);
-    let rows = match (&command, filter) {
-        (ExportCommand::Entries(_), Some(filter)) => export_entries(store.as_ref(), &filter, &mut out).await?,
-        (_, Some(filter)) => {
-            let granularity = granularity.expect("a totals export has a granularity");
-            export_totals(store.as_ref(), granularity, &filter, &mut out).await?
+    let export = async {
+        match (&command, filter) {
+            (ExportCommand::Entries(_), Some(filter)) => export_entries(store.as_ref(), &filter, &mut out).await,
+            (_, Some(filter)) => {
+                let granularity = granularity.expect("a totals export has a granularity");
+                export_totals(store.as_ref(), granularity, &filter, &mut out).await
+            }
+            (ExportCommand::Invoice(i), None) => {
+                export_invoices(store.as_ref(), &catalog, i.period, account.as_ref(), as_of, &mut out).await
+            }
+            _ => unreachable!("every export kind is matched above"),
         }
-        (ExportCommand::Invoice(i), None) => {
-            export_invoices(store.as_ref(), &catalog, i.period, account.as_ref(), as_of, &mut out).await?
+    };
+    // Ctrl-C or SIGTERM: stop, and remove the temp file (a killed process
+    // would leave it behind), rather than die with it half written.
+    let rows = tokio::select! {
+        rows = export => rows?,
+        () = stop => {
+            drop(out);
+            eprintln!("interrupted: the export stopped and wrote nothing");
+            return Ok(ExitCode::from(130));
         }
-        _ => unreachable!("every export kind is matched above"),
     };
     out.finish()?;
     if rows == 0 {

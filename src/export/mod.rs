@@ -9,6 +9,7 @@ pub mod ledger;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -27,14 +28,33 @@ struct Destination {
     overwrite: bool,
 }
 
+/// How the row counter shows on stderr.
+enum Progress {
+    /// Drawn in place on a terminal.
+    Bar(ProgressBar),
+    /// A line a second, and one with the total at the end, for a log or a
+    /// pipe (where indicatif draws nothing, and its own line mode would
+    /// start with a burst of its redraw budget).
+    Lines {
+        /// When the export began.
+        started: Instant,
+        /// When the last line was written.
+        last_line: Instant,
+    },
+}
+
+/// A counter line: `12345 rows after 3.0 s`, the same every second and at the end.
+fn progress_line(rows: u64, elapsed: Duration) -> String {
+    let noun = if rows == 1 { "row" } else { "rows" };
+    format!("{rows} {noun} after {:.1} s", elapsed.as_secs_f64())
+}
+
 /// Where an export goes. Lines are formatted by [`format`] (by the stores for
 /// ledger and totals exports) and arrive here as whole lines.
 pub struct CsvOutput {
     writer: Box<dyn Write + Send>,
     file: Option<Destination>,
-    progress: Option<ProgressBar>,
-    /// The counter is written as lines (no terminal), not drawn in place.
-    progress_as_lines: bool,
+    progress: Option<Progress>,
     rows: u64,
     line: Vec<u8>,
 }
@@ -114,7 +134,6 @@ impl CsvOutput {
             writer,
             file,
             progress: None,
-            progress_as_lines: false,
             rows: 0,
             line: Vec::new(),
         }
@@ -124,21 +143,18 @@ impl CsvOutput {
     /// terminal; with `force` and no terminal (a log, a pipe), as a line a
     /// second and a last one at the end, since indicatif draws nothing there.
     pub fn with_progress(mut self, force: bool) -> Self {
-        let (target, template) = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-            (ProgressDrawTarget::stderr(), "{spinner} {human_pos} rows ({per_sec})")
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr()).with_style(
+                ProgressStyle::with_template("{spinner} {human_pos} rows ({per_sec})").expect("valid template"),
+            );
+            self.progress = Some(Progress::Bar(bar));
         } else if force {
-            self.progress_as_lines = true;
-            (
-                ProgressDrawTarget::term_like_with_hz(Box::new(ProgressLines), 1),
-                "{human_pos} rows after {elapsed}",
-            )
-        } else {
-            return self;
-        };
-        self.progress = Some(
-            ProgressBar::with_draw_target(None, target)
-                .with_style(ProgressStyle::with_template(template).expect("valid template")),
-        );
+            let now = Instant::now();
+            self.progress = Some(Progress::Lines {
+                started: now,
+                last_line: now,
+            });
+        }
         self
     }
 
@@ -178,8 +194,13 @@ impl CsvOutput {
         let before = self.rows;
         self.rows += rows;
         if before / 4096 != self.rows / 4096 {
-            if let Some(bar) = &self.progress {
-                bar.set_position(self.rows);
+            match &mut self.progress {
+                Some(Progress::Bar(bar)) => bar.set_position(self.rows),
+                Some(Progress::Lines { started, last_line }) if last_line.elapsed() >= Duration::from_secs(1) => {
+                    *last_line = Instant::now();
+                    eprintln!("{}", progress_line(self.rows, started.elapsed()));
+                }
+                _ => {}
             }
         }
     }
@@ -193,13 +214,11 @@ impl CsvOutput {
     /// file appears at the destination.
     pub fn finish(self) -> anyhow::Result<u64> {
         let rows = self.rows;
-        if let Some(bar) = &self.progress {
-            bar.finish_and_clear();
-            if self.progress_as_lines {
-                // The whole count: a short export may have passed no redraw.
-                let noun = if rows == 1 { "row" } else { "rows" };
-                eprintln!("{rows} {noun} after {:.1} s", bar.elapsed().as_secs_f64());
-            }
+        match &self.progress {
+            Some(Progress::Bar(bar)) => bar.finish_and_clear(),
+            // The whole count: a short export may have written no line yet.
+            Some(Progress::Lines { started, .. }) => eprintln!("{}", progress_line(rows, started.elapsed())),
+            None => {}
         }
         let mut writer = self.writer;
         writer.flush().context("cannot flush the CSV")?;
@@ -235,53 +254,5 @@ impl crate::store::CsvSink for CsvOutput {
         self.writer.write_all(lines)?;
         self.counted(rows);
         Ok(())
-    }
-}
-
-/// A row counter as plain lines on stderr, for a log or a pipe: indicatif
-/// draws nothing on a stream that is not a terminal. Cursor moves and
-/// clears mean nothing in a log, so they do nothing; each drawing is a line.
-#[derive(Debug)]
-struct ProgressLines;
-
-impl indicatif::TermLike for ProgressLines {
-    fn width(&self) -> u16 {
-        80
-    }
-
-    fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
-        Ok(())
-    }
-
-    fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
-        Ok(())
-    }
-
-    fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
-        Ok(())
-    }
-
-    fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
-        Ok(())
-    }
-
-    fn write_line(&self, s: &str) -> std::io::Result<()> {
-        self.write_str(s)
-    }
-
-    fn write_str(&self, s: &str) -> std::io::Result<()> {
-        let line = s.trim_matches(|c: char| c == '\r' || c.is_whitespace());
-        if line.is_empty() {
-            return Ok(());
-        }
-        writeln!(std::io::stderr(), "{line}")
-    }
-
-    fn clear_line(&self) -> std::io::Result<()> {
-        Ok(())
-    }
-
-    fn flush(&self) -> std::io::Result<()> {
-        std::io::stderr().flush()
     }
 }

@@ -22,6 +22,7 @@ const INVOICE_HEADER_OF_API_MD: [&str; 8] = [
 ];
 
 both!(
+    an_export_stopped_by_ctrl_c_or_sigterm_leaves_no_file_behind,
     an_entries_export_matches_the_ledger_row_by_row_with_rfc4180_quoting,
     daily_and_monthly_exports_match_an_independent_sum_of_the_ledger,
     an_entries_export_reimports_to_the_same_ledger,
@@ -431,6 +432,31 @@ async fn an_as_of_export_is_reproducible_after_late_entries_and_reversals(app: T
     assert_eq!(write("e2.csv", "entries", Some(&as_of)), first_entries);
     assert_eq!(write("i2.csv", "invoice", Some(&as_of)), first_invoice);
     assert_eq!(write("m2.csv", "this-month-invoice", Some(&as_of)), first_this_month);
+    // A moment still to come would not give the same file twice: refused,
+    // and no file made.
+    let tomorrow = (chrono::Utc::now() + chrono::Duration::days(1))
+        .format("%Y-%m-%d")
+        .to_string();
+    let future = dir.path().join("future.csv");
+    let refused = app.cli(&[
+        "export",
+        "daily",
+        "--from",
+        "2026-09-01",
+        "--to",
+        "2026-10-01",
+        "--as-of",
+        &tomorrow,
+        "-o",
+        future.to_str().unwrap(),
+    ]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("later than now"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(!future.exists());
     let first = String::from_utf8(first_this_month).unwrap();
     assert!(first.contains("acme,free,llm_tokens,1,5000,"), "{first}");
     let this_month_now = String::from_utf8(write("m3.csv", "this-month-invoice", None)).unwrap();
@@ -1068,4 +1094,70 @@ async fn progress_is_written_as_lines_when_stderr_is_not_a_terminal(app: TestApp
     assert!(without.status.success());
     let stderr = String::from_utf8_lossy(&without.stderr);
     assert!(!stderr.contains("rows after"), "{stderr}");
+}
+
+/// The temp files (`.tally-export-…`) in `dir`.
+fn temp_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(".tally-export-"))
+        })
+        .collect()
+}
+
+/// Ctrl-C or SIGTERM during `export -o FILE` stops it with exit 130: no FILE,
+/// and no temp file left beside it (a killed process used to leave one per
+/// attempt, tens of MB each).
+async fn an_export_stopped_by_ctrl_c_or_sigterm_leaves_no_file_behind(app: TestApp) {
+    // Enough rows that the export is still running when the signal lands.
+    let at = chrono::DateTime::parse_from_rfc3339("2026-09-02T12:00:00Z")
+        .unwrap()
+        .timestamp_micros();
+    let bulk = match app.backend {
+        Backend::Sqlite => format!(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 300000) \
+             INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key) \
+             SELECT 'bulk', 'api_requests', 1, {at}, {at}, 'k' || i FROM n"
+        ),
+        Backend::Postgres => {
+            "INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key) \
+             SELECT 'bulk', 'api_requests', 1, '2026-09-02T12:00:00Z', now(), 'k' || i \
+             FROM generate_series(1, 300000) AS i"
+                .to_owned()
+        }
+    };
+    app.execute_raw(&bulk).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for signal in ["INT", "TERM"] {
+        let dest = dir.path().join(format!("{signal}.csv"));
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(["export", "entries", "--from", "2026-09-01", "--to", "2026-10-01", "-o"])
+            .arg(&dest)
+            .env("TALLY_DATABASE_URL", &app.database_url)
+            .env("RUST_LOG", "warn")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("tally runs");
+        // The temp file is there: the export has begun (and listens).
+        let started = std::time::Instant::now();
+        while temp_files(dir.path()).is_empty() {
+            assert!(started.elapsed().as_secs() < 60, "the export never began");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        let killed = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let output = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(130), "SIG{signal}: {stderr}");
+        assert!(stderr.contains("interrupted"), "{stderr}");
+        assert!(!dest.exists(), "SIG{signal}: {} was written", dest.display());
+        assert_eq!(temp_files(dir.path()), Vec::<std::path::PathBuf>::new(), "SIG{signal}");
+    }
 }
