@@ -200,6 +200,9 @@ pub struct JobRunner {
 impl JobRunner {
     /// A runner for `jobs`.
     pub fn new(context: JobContext, jobs: Vec<JobDefinition>) -> Self {
+        for job in &jobs {
+            context.metrics.job_known(&job.name);
+        }
         let jobs = jobs
             .into_iter()
             .map(|j| (j.name.clone(), (j, Arc::new(Mutex::new(())))))

@@ -190,6 +190,14 @@ async fn health_reports_rollup_lag_and_metrics_count_what_happened(app: TestApp)
     assert_eq!(metric(&metrics, "tally_rollup_runs_total"), Some(runs), "{metrics}");
     assert_eq!(metric(&metrics, "tally_entries_folded_total"), Some(3), "{metrics}");
     assert_eq!(metric(&metrics, "tally_rollup_failures_total"), Some(0), "{metrics}");
+    // Every job's failure counter is there at 0 before any failure, so that
+    // increase() sees the first one.
+    for job in ["rollup", "monthly-reports"] {
+        assert!(
+            metrics.contains(&format!(r#"tally_job_failures_total{{job="{job}"}} 0"#)),
+            "{metrics}"
+        );
+    }
     assert_eq!(metric(&metrics, "tally_entries_ingested_total"), Some(2), "{metrics}");
     assert_eq!(metric(&metrics, "tally_rollup_lag_seconds"), Some(0), "{metrics}");
     assert!(
