@@ -12,9 +12,10 @@ use crate::telemetry::Metrics;
 /// Arguments of `tally rollup`.
 #[derive(Debug, clap::Args)]
 pub struct RollupArgs {
-    /// Ledger rows in the first batch (one transaction each), 1 to 10 000 000.
-    #[arg(long, default_value_t = rollup::DEFAULT_BATCH, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
-    batch_size: u32,
+    /// Ledger rows in the first batch (one transaction each), 1 to 10 000 000
+    /// [default: 50 000, or --max-batch-size when that is smaller].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    batch_size: Option<u32>,
     /// The most rows a batch grows to while catching up, 1 to 10 000 000
     /// (default: the engine's bound, 10 000 000 on both).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
@@ -40,15 +41,23 @@ pub enum JobsCommand {
 
 /// Runs the rollup once and prints what it folded.
 pub async fn rollup(settings: &Settings, args: RollupArgs) -> anyhow::Result<ExitCode> {
-    let (store, _) = settings.open_existing_store().await?;
+    let batch_size = match (args.batch_size, args.max_batch_size) {
+        (Some(first), Some(max)) if max < first => anyhow::bail!(
+            "--max-batch-size ({max}) is smaller than --batch-size ({first}): batches start at --batch-size \
+             and grow up to --max-batch-size; raise the one or lower the other"
+        ),
+        (Some(first), _) => first,
+        (None, max) => max.map_or(rollup::DEFAULT_BATCH, |max| max.min(rollup::DEFAULT_BATCH)),
+    };
     let failpoint = args
         .failpoint
         .as_deref()
         .map(Failpoint::parse)
         .transpose()
         .map_err(anyhow::Error::msg)?;
+    let (store, _) = settings.open_existing_store().await?;
     let options = RollupOptions {
-        batch_size: args.batch_size,
+        batch_size,
         max_batch_size: args.max_batch_size,
         failpoint,
     };

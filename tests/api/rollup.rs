@@ -457,6 +457,17 @@ async fn a_rollup_process_killed_mid_batch_leaves_totals_exact_after_the_next_ru
     assert!(rerun.status.success(), "{}", String::from_utf8_lossy(&rerun.stderr));
     app.rollup().await;
     assert_totals_exact(&app, expected).await;
+    // A first batch larger than the most a batch may hold is a contradiction,
+    // said before anything runs; a bound alone caps the default first batch.
+    let contradiction = app.cli(&["rollup", "--batch-size", "10", "--max-batch-size", "5"]);
+    assert!(!contradiction.status.success());
+    assert!(
+        String::from_utf8_lossy(&contradiction.stderr).contains("smaller than --batch-size"),
+        "{}",
+        String::from_utf8_lossy(&contradiction.stderr)
+    );
+    let capped = app.cli(&["rollup", "--max-batch-size", "5"]);
+    assert!(capped.status.success(), "{}", String::from_utf8_lossy(&capped.stderr));
 }
 
 /// Round `round` of the concurrency tests: `count` entries of `amount` to
