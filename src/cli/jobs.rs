@@ -89,34 +89,44 @@ async fn compare_totals(settings: &Settings) -> anyhow::Result<ExitCode> {
     if lag > 60 {
         eprintln!(
             "note: the oldest entry not yet folded was recorded {lag} s ago, and verify judges folded rows \
-             only. Either the rollup fails (`tally rollup` says why; docs/operations.md, \"When the rollup \
-             keeps failing\") or, on PostgreSQL, a long transaction anywhere in the cluster holds it back \
-             (docs/operations.md, \"The rollup and PostgreSQL's commit order\")"
+             only. Either no process runs the rollup (every server started with --no-jobs, or a jobs \
+             directory without it: `tally jobs list`), or the rollup fails (`tally rollup` says why; \
+             docs/operations.md, \"When the rollup keeps failing\"), or, on PostgreSQL, a long transaction \
+             anywhere in the cluster holds it back (docs/operations.md, \"The rollup and PostgreSQL's \
+             commit order\")"
         );
     }
     if mismatches.is_empty() {
         outln!("ok: every daily and monthly total equals the sum of its folded ledger entries")?;
         return Ok(ExitCode::SUCCESS);
     }
-    let show = |resource: &str, values: Option<(i128, i64)>| match values {
-        None => "missing".to_owned(),
-        Some((minor, entries)) => {
-            // 128 bits: a total may pass 64 (migration 0011); past Decimal's
-            // 96 bits it is shown in minor units.
-            let amount = rust_decimal::Decimal::try_from_i128_with_scale(minor, catalog.decimals(resource))
-                .map_or_else(|_| format!("{minor} minor units"), |d| d.normalize().to_string());
-            format!("{amount} from {entries} entries")
-        }
+    let amount = |resource: &str, (minor, entries): (i128, i64)| {
+        // 128 bits: a total may pass 64 (migration 0011); past Decimal's 96
+        // bits it is shown in minor units.
+        let amount = rust_decimal::Decimal::try_from_i128_with_scale(minor, catalog.decimals(resource))
+            .map_or_else(|_| format!("{minor} minor units"), |d| d.normalize().to_string());
+        let noun = if entries == 1 { "entry" } else { "entries" };
+        format!("{amount} from {entries} {noun}")
     };
     for m in &mismatches {
+        // A monthly total is named by its month, as the monthly export does.
+        let bucket = if m.table == "monthly" {
+            m.bucket.format("%Y-%m").to_string()
+        } else {
+            m.bucket.to_string()
+        };
+        let stored = m
+            .actual
+            .map_or_else(|| "nothing".to_owned(), |v| amount(&m.resource, v));
+        let ledger = m.expected.map_or_else(
+            || "no folded entry for it".to_owned(),
+            |v| format!("says {}", amount(&m.resource, v)),
+        );
         outln!(
-            "{} total of {} / {} / {}: stored {}, ledger says {}",
+            "{} total of {} / {} / {bucket}: stored {stored}, ledger {ledger}",
             m.table,
             m.account,
             m.resource,
-            m.bucket,
-            show(&m.resource, m.actual),
-            show(&m.resource, m.expected)
         )?;
     }
     eprintln!("{} totals differ from the ledger", mismatches.len());

@@ -144,10 +144,25 @@ async fn a_corrupted_total_makes_verify_fail(app: TestApp) {
     let stdout = String::from_utf8_lossy(&failed.stdout);
     assert!(
         stdout.contains(
-            "daily total of acme / api_requests / 2026-04-01: stored 4 from 1 entries, ledger says 3 from 1 entries"
+            "daily total of acme / api_requests / 2026-04-01: stored 4 from 1 entry, ledger says 3 from 1 entry"
         ),
         "{stdout}"
     );
+    // A missing total, named by its month as the monthly export names it.
+    app.execute_raw("DELETE FROM monthly_totals").await.unwrap();
+    let failed = app.cli(&["verify"]);
+    assert_eq!(failed.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&failed.stdout);
+    assert!(
+        stdout.contains("monthly total of acme / api_requests / 2026-04: stored nothing, ledger says 7 from 2 entries"),
+        "{stdout}"
+    );
+    // A fraction of a minor unit (the unit is easy to forget in a hand edit)
+    // is refused by the database itself, on both engines.
+    let fraction = app
+        .execute_raw("UPDATE daily_totals SET amount = 1.31 WHERE amount = 4")
+        .await;
+    assert!(fraction.is_err(), "{fraction:?}");
 }
 
 /// The largest agent_minutes entry, in minor units (hundredths): 93 of them
