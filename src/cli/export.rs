@@ -186,9 +186,15 @@ pub async fn run(settings: &Settings, command: ExportCommand) -> anyhow::Result<
     };
     out.finish()?;
     if rows == 0 {
+        // --as-of leaves out what was recorded later: say so, it may be why.
+        let as_of = as_of.map_or_else(String::new, |t| {
+            format!(" as of {}", t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+        });
         match &account {
-            Some(a) => eprintln!("note: no rows for account '{a}' in that range; the file holds the header only"),
-            None => eprintln!("note: no rows in that range; the file holds the header only"),
+            Some(a) => {
+                eprintln!("note: no rows for account '{a}' in that range{as_of}; the file holds the header only")
+            }
+            None => eprintln!("note: no rows in that range{as_of}; the file holds the header only"),
         }
     }
     if let Some(path) = &output.output {

@@ -145,6 +145,13 @@ pub async fn write_monthly_reports(
     month: NaiveDate,
     overwrite: bool,
 ) -> anyhow::Result<ReportsOutcome> {
+    if dir.exists() && !dir.is_dir() {
+        anyhow::bail!(
+            "the reports directory {} is a file, not a folder; move it or set --reports-dir / TALLY_REPORTS_DIR \
+             to a folder",
+            dir.display()
+        );
+    }
     std::fs::create_dir_all(dir)
         .map_err(|e| anyhow::anyhow!("cannot create the reports directory {}: {e}", dir.display()))?;
     let (monthly, invoice) = report_paths(dir, month);

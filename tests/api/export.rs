@@ -725,6 +725,20 @@ async fn the_monthly_reports_job_writes_each_report_once(app: TestApp) {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(leftovers.len(), 2, "no temp files left: {leftovers:?}");
+    // A reports directory that is a file is said to be one.
+    let not_a_folder = dir.path().join("reports-file");
+    std::fs::write(&not_a_folder, "").unwrap();
+    let refused = app.cli(&[
+        "jobs",
+        "run",
+        "monthly-reports",
+        "--reports-dir",
+        not_a_folder.to_str().unwrap(),
+    ]);
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("is a file, not a folder"), "{said}");
+    std::fs::remove_file(&not_a_folder).unwrap();
     // The scheduled job writes last month's reports into --reports-dir.
     let job_dir = tempfile::tempdir().unwrap();
     let run = app.cli(&[
