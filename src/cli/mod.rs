@@ -187,7 +187,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .last()
                 .map_or(0, |m| m.version);
             eprintln!(
-                "{} is at the latest schema, migration {latest:04} (pending ones, if any, were applied)",
+                "{} is at the latest schema, migration {latest:04} (the log lines above name any this run applied)",
                 app::redact_url(&settings.database_url)
             );
             Ok(ExitCode::SUCCESS)

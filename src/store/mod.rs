@@ -787,6 +787,35 @@ pub struct NewApiKey {
     pub name: Option<String>,
 }
 
+/// The versions of the migrations a database has applied (sqlx's own table).
+const APPLIED_MIGRATIONS: &str = "SELECT version FROM _sqlx_migrations WHERE success";
+
+/// Logs what a migration run changed, given the versions applied before it:
+/// an upgrade says which migrations it applied (docs/operations.md has
+/// notes for some), a new database that it got the schema.
+fn log_applied_migrations(migrator: &sqlx::migrate::Migrator, before: &[i64]) {
+    let applied: Vec<_> = migrator.iter().filter(|m| !before.contains(&m.version)).collect();
+    match (before.is_empty(), applied.first(), applied.last()) {
+        (_, None, _) | (_, _, None) => {}
+        (true, Some(first), Some(last)) => tracing::info!(
+            migrations = applied.len(),
+            "created the schema (migrations {:04} to {:04})",
+            first.version,
+            last.version
+        ),
+        (false, _, _) => {
+            for m in applied {
+                tracing::info!(
+                    migration = m.version,
+                    "applied migration {:04} ({})",
+                    m.version,
+                    m.description
+                );
+            }
+        }
+    }
+}
+
 /// The file a `sqlite:` URL names; `None` for another engine or an
 /// in-memory database.
 pub fn sqlite_file(url: &str) -> anyhow::Result<Option<std::path::PathBuf>> {

@@ -428,10 +428,17 @@ impl Store for PgStore {
     }
 
     async fn migrate(&self) -> anyhow::Result<()> {
-        sqlx::migrate!("migrations/postgres")
+        let migrator = sqlx::migrate!("migrations/postgres");
+        // No table yet (a new database): nothing applied.
+        let before = sqlx::query_scalar(super::APPLIED_MIGRATIONS)
+            .fetch_all(&self.pool)
+            .await
+            .unwrap_or_default();
+        migrator
             .run(&self.pool)
             .await
             .context("cannot run database migrations")?;
+        super::log_applied_migrations(&migrator, &before);
         self.refuse_a_cluster_behind_the_ledger().await
     }
 

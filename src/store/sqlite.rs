@@ -237,10 +237,17 @@ impl Store for SqliteStore {
     }
 
     async fn migrate(&self) -> anyhow::Result<()> {
-        sqlx::migrate!("migrations/sqlite")
+        let migrator = sqlx::migrate!("migrations/sqlite");
+        // No table yet (a new database): nothing applied.
+        let before = sqlx::query_scalar(super::APPLIED_MIGRATIONS)
+            .fetch_all(&self.writer)
+            .await
+            .unwrap_or_default();
+        migrator
             .run(&self.writer)
             .await
             .context("cannot run database migrations")?;
+        super::log_applied_migrations(&migrator, &before);
         Ok(())
     }
 

@@ -371,7 +371,7 @@ async fn migrate_creates_the_schema_on_a_fresh_database_and_a_second_run_changes
     let migrate = || {
         Command::new(env!("CARGO_BIN_EXE_tally"))
             .args(["migrate", "--database-url", &url])
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "info,sqlx=warn")
             .output()
             .unwrap()
     };
@@ -392,6 +392,11 @@ async fn migrate_creates_the_schema_on_a_fresh_database_and_a_second_run_changes
     .count();
     let applied_sql = "SELECT COUNT(*) FROM _sqlx_migrations WHERE success";
     assert_eq!(scalar_i64_at(app.backend, &url, applied_sql).await, files as i64);
+    assert!(
+        text(&first.stderr).contains(&format!("created the schema (migrations 0001 to {files:04})")),
+        "{}",
+        text(&first.stderr)
+    );
     // When each migration was applied: a second run must leave them be.
     let installed_sql = match app.backend {
         Backend::Sqlite => {
@@ -405,6 +410,11 @@ async fn migrate_creates_the_schema_on_a_fresh_database_and_a_second_run_changes
 
     let second = migrate();
     assert!(second.status.success(), "{}", text(&second.stderr));
+    assert!(
+        !text(&second.stderr).contains("applied migration") && !text(&second.stderr).contains("created the schema"),
+        "{}",
+        text(&second.stderr)
+    );
     assert_eq!(scalar_i64_at(app.backend, &url, applied_sql).await, files as i64);
     assert_eq!(
         scalar_i64_at(app.backend, &url, "SELECT COUNT(*) FROM _sqlx_migrations").await,
@@ -415,6 +425,35 @@ async fn migrate_creates_the_schema_on_a_fresh_database_and_a_second_run_changes
         scalar_i64_at(app.backend, &url, installed_sql).await,
         installed,
         "nothing re-applied"
+    );
+    // An upgrade says which migrations it applied: a database from before
+    // migration 0013 (its record and its work undone).
+    let undo_0013 = match app.backend {
+        Backend::Sqlite => "DELETE FROM _sqlx_migrations WHERE version = 13",
+        Backend::Postgres => {
+            "ALTER TABLE daily_totals DROP CONSTRAINT daily_totals_whole_minor_units;
+             ALTER TABLE monthly_totals DROP CONSTRAINT monthly_totals_whole_minor_units;
+             DELETE FROM _sqlx_migrations WHERE version = 13"
+        }
+    };
+    match app.backend {
+        Backend::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+            sqlx::raw_sql(undo_0013).execute(&pool).await.unwrap();
+            pool.close().await;
+        }
+        Backend::Postgres => {
+            let pool = sqlx::PgPool::connect(&url).await.unwrap();
+            sqlx::raw_sql(undo_0013).execute(&pool).await.unwrap();
+            pool.close().await;
+        }
+    }
+    let upgrade = migrate();
+    assert!(upgrade.status.success(), "{}", text(&upgrade.stderr));
+    assert!(
+        text(&upgrade.stderr).contains("applied migration 0013 (totals hold whole minor units)"),
+        "{}",
+        text(&upgrade.stderr)
     );
     // The schema works: the CLI posts into it.
     let post = Command::new(env!("CARGO_BIN_EXE_tally"))
