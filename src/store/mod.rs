@@ -787,6 +787,12 @@ pub struct NewApiKey {
     pub name: Option<String>,
 }
 
+/// sqlx logs a statement slower than a second at this level, with its whole
+/// text. Info, not sqlx's default warn: the rollup's and the exports' large
+/// statements take seconds by design, and a warning with pages of SQL on
+/// every large batch was noise. `RUST_LOG=sqlx=info` shows them.
+const SLOW_STATEMENT_LEVEL: log::LevelFilter = log::LevelFilter::Info;
+
 /// The versions of the migrations a database has applied (sqlx's own table).
 const APPLIED_MIGRATIONS: &str = "SELECT version FROM _sqlx_migrations WHERE success";
 

@@ -8,6 +8,7 @@
 mod consume_group;
 mod export;
 
+use sqlx::ConnectOptions;
 use anyhow::Context;
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
@@ -128,7 +129,8 @@ impl PgStore {
         // database's default. The backslash escapes the space for `-c`.
         let options = options
             .application_name("tally")
-            .options([("default_transaction_isolation", r"read\ committed")]);
+            .options([("default_transaction_isolation", r"read\ committed")])
+            .log_slow_statements(super::SLOW_STATEMENT_LEVEL, Duration::from_secs(1));
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(10))

@@ -7,6 +7,7 @@
 
 mod export;
 
+use sqlx::ConnectOptions;
 use anyhow::Context;
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -55,7 +56,8 @@ impl SqliteStore {
             // FULL: a ledger must not lose a committed entry on power loss.
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(true);
+            .foreign_keys(true)
+            .log_slow_statements(super::SLOW_STATEMENT_LEVEL, Duration::from_secs(1));
         let export_source = Arc::new(export::Source::of(options.get_filename()));
         // The writer's page cache holds the hot index pages: a batch of
         // entries spread over many accounts lands on as many leaf pages of
