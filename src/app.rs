@@ -70,15 +70,27 @@ impl Settings {
     /// create one and report on it: an empty export, a `verify` that passes.
     pub async fn open_existing_store(&self) -> anyhow::Result<(Arc<dyn Store>, Arc<Catalog>)> {
         if let Some(file) = store::sqlite_file(&self.database_url)? {
-            anyhow::ensure!(
-                file.exists(),
-                "there is no database at {} (from --database-url or TALLY_DATABASE_URL; a relative path, \
-                 such as the default tally.db, is taken from the working directory {}): this command reads \
-                 an existing database and does not create one. `tally serve`, `tally migrate` and \
-                 `tally post` create it",
-                file.display(),
-                std::env::current_dir().map_or_else(|_| "(unknown)".to_owned(), |d| d.display().to_string()),
-            );
+            let working_dir =
+                std::env::current_dir().map_or_else(|_| "(unknown)".to_owned(), |d| d.display().to_string());
+            match std::fs::metadata(&file) {
+                Ok(meta) if meta.is_file() => {}
+                Ok(_) => anyhow::bail!(
+                    "the database {} is a folder, not a SQLite file (from --database-url or TALLY_DATABASE_URL)",
+                    file.display()
+                ),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => anyhow::bail!(
+                    "there is no database at {} (from --database-url or TALLY_DATABASE_URL; a relative path, \
+                     such as the default tally.db, is taken from the working directory {working_dir}): this \
+                     command reads an existing database and does not create one. The commands that write \
+                     create it: serve, migrate, post, import, keys create and the accounts changes",
+                    file.display(),
+                ),
+                Err(e) => {
+                    return Err(
+                        anyhow::Error::new(e).context(format!("cannot read the database file {}", file.display()))
+                    );
+                }
+            }
         }
         self.open_store().await
     }

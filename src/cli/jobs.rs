@@ -119,7 +119,7 @@ async fn compare_totals(settings: &Settings) -> anyhow::Result<ExitCode> {
             .actual
             .map_or_else(|| "nothing".to_owned(), |v| amount(&m.resource, v));
         let ledger = m.expected.map_or_else(
-            || "no folded entry for it".to_owned(),
+            || "has no folded entry for it".to_owned(),
             |v| format!("says {}", amount(&m.resource, v)),
         );
         outln!(

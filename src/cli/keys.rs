@@ -31,7 +31,13 @@ pub enum KeysCommand {
 
 /// Runs a keys subcommand.
 pub async fn run(settings: &Settings, command: KeysCommand) -> anyhow::Result<ExitCode> {
-    let (store, _) = settings.open_store().await?;
+    // Creating a key may be a new database's first step; listing and
+    // revoking read what is there.
+    let (store, _) = if matches!(command, KeysCommand::Create { .. }) {
+        settings.open_store().await?
+    } else {
+        settings.open_existing_store().await?
+    };
     match command {
         KeysCommand::Create { role, account, name } => {
             let account = account

@@ -31,7 +31,7 @@ use crate::domain::entry::DEFAULT_LATE_HORIZON_DAYS;
 #[derive(Debug, Parser)]
 #[command(name = "tally", version, about)]
 pub struct Cli {
-    /// Database URL: sqlite://FILE (created if missing) or postgres://…
+    /// Database URL: sqlite://FILE (created if missing by the commands that write; those that only read refuse a missing file) or postgres://…
     #[arg(long, env = "TALLY_DATABASE_URL", default_value = app::DEFAULT_DATABASE_URL, global = true)]
     pub database_url: String,
     /// Plan catalog (TOML); the built-in catalog when absent.

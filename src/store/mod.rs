@@ -823,15 +823,20 @@ fn log_applied_migrations(migrator: &sqlx::migrate::Migrator, before: &[i64]) {
 }
 
 /// The file a `sqlite:` URL names; `None` for another engine or an
-/// in-memory database.
+/// in-memory database (sqlx names those `file:sqlx-in-memory-N`).
 pub fn sqlite_file(url: &str) -> anyhow::Result<Option<std::path::PathBuf>> {
-    if !url.starts_with("sqlite:") {
+    if !url.starts_with("sqlite:") || url.contains(":memory:") || url.contains("mode=memory") {
         return Ok(None);
     }
     let options = <sqlx::sqlite::SqliteConnectOptions as std::str::FromStr>::from_str(url)
         .with_context(|| format!("cannot read the SQLite URL {url:?}"))?;
     let file = options.get_filename();
-    Ok((file != std::path::Path::new(":memory:") && !url.contains("mode=memory")).then(|| file.to_path_buf()))
+    // `sqlite:file:x.db` names x.db, as SQLite's own URI filenames do.
+    let file = file
+        .to_str()
+        .and_then(|f| f.strip_prefix("file:"))
+        .map_or(file, std::path::Path::new);
+    Ok(Some(file.to_path_buf()))
 }
 
 /// Opens the store a database URL names (`sqlite://…` or `postgres://…`).

@@ -8,8 +8,8 @@
 mod consume_group;
 mod export;
 
-use sqlx::ConnectOptions;
 use anyhow::Context;
+use sqlx::ConnectOptions;
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;

@@ -7,8 +7,8 @@
 
 mod export;
 
-use sqlx::ConnectOptions;
 use anyhow::Context;
+use sqlx::ConnectOptions;
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::{Arc, LazyLock};

@@ -543,6 +543,7 @@ async fn reads_of_a_database_that_is_not_there_fail_and_create_nothing(app: Test
         &["stats", "--period", &month],
         &["export", "daily", "--from", "2026-11-01", "--to", "2026-12-01"],
         &["jobs", "run", "monthly-reports"],
+        &["keys", "list"],
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_tally"))
             .args(args)
@@ -569,5 +570,22 @@ async fn reads_of_a_database_that_is_not_there_fail_and_create_nothing(app: Test
             .unwrap();
         assert!(created.status.success(), "{}", text(&created.stderr));
         assert!(typo.exists(), "post creates the database");
+        // `file:` names the file after it; an in-memory database is never
+        // "missing"; a folder is said to be one.
+        let run = |url: &str| {
+            Command::new(env!("CARGO_BIN_EXE_tally"))
+                .args(["verify"])
+                .env("TALLY_DATABASE_URL", url)
+                .current_dir(dir.path())
+                .output()
+                .unwrap()
+        };
+        for url in ["sqlite:file:typo.db", "sqlite::memory:"] {
+            let out = run(url);
+            assert!(out.status.success(), "{url}: {}", text(&out.stderr));
+        }
+        let folder = run(&format!("sqlite://{}", dir.path().display()));
+        assert!(!folder.status.success());
+        assert!(text(&folder.stderr).contains("is a folder"), "{}", text(&folder.stderr));
     }
 }

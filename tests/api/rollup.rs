@@ -148,6 +148,24 @@ async fn a_corrupted_total_makes_verify_fail(app: TestApp) {
         ),
         "{stdout}"
     );
+    // A total with no folded entry behind it.
+    app.execute_raw(
+        "INSERT INTO daily_totals (account, resource, day, amount, entries) \
+         VALUES ('ghost', 'api_requests', '2026-04-03', 5, 2)",
+    )
+    .await
+    .unwrap();
+    let failed = app.cli(&["verify"]);
+    let stdout = String::from_utf8_lossy(&failed.stdout);
+    assert!(
+        stdout.contains(
+            "daily total of ghost / api_requests / 2026-04-03: stored 5 from 2 entries, ledger has no folded entry for it"
+        ),
+        "{stdout}"
+    );
+    app.execute_raw("DELETE FROM daily_totals WHERE account = 'ghost'")
+        .await
+        .unwrap();
     // A missing total, named by its month as the monthly export names it.
     app.execute_raw("DELETE FROM monthly_totals").await.unwrap();
     let failed = app.cli(&["verify"]);
@@ -159,10 +177,13 @@ async fn a_corrupted_total_makes_verify_fail(app: TestApp) {
     );
     // A fraction of a minor unit (the unit is easy to forget in a hand edit)
     // is refused by the database itself, on both engines.
-    let fraction = app
-        .execute_raw("UPDATE daily_totals SET amount = 1.31 WHERE amount = 4")
-        .await;
-    assert!(fraction.is_err(), "{fraction:?}");
+    // So are NaN and infinities, which PostgreSQL's NUMERIC could hold.
+    for bad in ["1.31", "'NaN'", "'Infinity'"] {
+        let edit = app
+            .execute_raw(&format!("UPDATE daily_totals SET amount = {bad} WHERE amount = 4"))
+            .await;
+        assert!(edit.is_err(), "{bad}: {edit:?}");
+    }
 }
 
 /// The largest agent_minutes entry, in minor units (hundredths): 93 of them
