@@ -180,7 +180,11 @@ pub async fn run(settings: &Settings, command: ExportCommand) -> anyhow::Result<
         rows = export => rows?,
         () = stop => {
             drop(out);
-            eprintln!("interrupted: the export stopped and wrote nothing");
+            if output.output.is_some() {
+                eprintln!("interrupted: the export stopped, and wrote no file");
+            } else {
+                eprintln!("interrupted: the export stopped; what it wrote to stdout is incomplete");
+            }
             return Ok(ExitCode::from(130));
         }
     };

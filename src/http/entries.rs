@@ -133,8 +133,18 @@ fn entries_of(bytes: &[u8]) -> Result<Vec<EntryInput>, ApiError> {
     };
     // Owned keys: a key written with an escape (`"acc\u006funt"`) cannot be
     // borrowed from the body.
-    let fields: HashMap<String, &RawValue> = serde_json::from_slice(bytes)
+    let Fields(listed) = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::MalformedBody(format!("the body is not a JSON object: {e}")))?;
+    let mut fields: HashMap<String, &RawValue> = HashMap::with_capacity(listed.len());
+    for (name, value) in listed {
+        // A map keeps the last of two: `{"entries":[…bad…],"entries":[…]}`
+        // would post the second list and drop the first unread.
+        if fields.insert(name.clone(), value).is_some() {
+            return Err(ApiError::MalformedBody(format!(
+                "the body names {name:?} twice; send each field once"
+            )));
+        }
+    }
     match fields.get("entries") {
         Some(list) if fields.len() == 1 => match serde_json::from_slice::<BoundedEntries>(list.get().as_bytes()) {
             Ok(entries) => Ok(entries.0),
@@ -150,6 +160,32 @@ fn entries_of(bytes: &[u8]) -> Result<Vec<EntryInput>, ApiError> {
             )))
         }
         None => parse_json(bytes).map(|one| vec![one]),
+    }
+}
+
+/// A JSON object's fields in the order written, repeats kept (serde_json's
+/// maps keep only the last of a repeated name).
+struct Fields<'a>(Vec<(String, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for Fields<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Listed;
+        impl<'de> serde::de::Visitor<'de> for Listed {
+            type Value = Fields<'de>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut fields = Vec::new();
+                while let Some(field) = map.next_entry::<String, &'de RawValue>()? {
+                    fields.push(field);
+                }
+                Ok(Fields(fields))
+            }
+        }
+        deserializer.deserialize_map(Listed)
     }
 }
 

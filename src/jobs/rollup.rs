@@ -115,11 +115,14 @@ pub struct RollupReport {
 
 impl fmt::Display for RollupReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let plural = |n: u64, one: &'static str, many: &'static str| if n == 1 { one } else { many };
         write!(
             f,
-            "folded {} entries in {} batches ({:.3} s)",
+            "folded {} {} in {} {} ({:.3} s)",
             self.entries,
+            plural(self.entries, "entry", "entries"),
             self.batches,
+            plural(self.batches, "batch", "batches"),
             self.elapsed.as_secs_f64()
         )
     }

@@ -93,6 +93,15 @@ async fn malformed_json_is_400(app: TestApp) {
             "entries[1]: unknown field `acount`",
         ),
         ("{\"entries\": 5}".to_owned(), "at line 1 column 13"),
+        // Twice, either way round: refused, not the last list posted.
+        (
+            format!("{{\"entries\": [1], \"entries\": [{good}]}}"),
+            "names \"entries\" twice",
+        ),
+        (
+            format!("{{\"entries\": [{good}], \"entries\": [1]}}"),
+            "names \"entries\" twice",
+        ),
     ] {
         let reply = app
             .request("POST", "/v1/entries", Some(&app.admin_key), Some(body.clone()))
