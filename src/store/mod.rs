@@ -801,24 +801,25 @@ const APPLIED_MIGRATIONS: &str = "SELECT version FROM _sqlx_migrations WHERE suc
 /// notes for some), a new database that it got the schema.
 fn log_applied_migrations(migrator: &sqlx::migrate::Migrator, before: &[i64]) {
     let applied: Vec<_> = migrator.iter().filter(|m| !before.contains(&m.version)).collect();
-    match (before.is_empty(), applied.first(), applied.last()) {
-        (_, None, _) | (_, _, None) => {}
-        (true, Some(first), Some(last)) => tracing::info!(
+    let (Some(first), Some(last)) = (applied.first(), applied.last()) else {
+        return;
+    };
+    if before.is_empty() {
+        tracing::info!(
             migrations = applied.len(),
             "created the schema (migrations {:04} to {:04})",
             first.version,
             last.version
-        ),
-        (false, _, _) => {
-            for m in applied {
-                tracing::info!(
-                    migration = m.version,
-                    "applied migration {:04} ({})",
-                    m.version,
-                    m.description
-                );
-            }
-        }
+        );
+        return;
+    }
+    for m in applied {
+        tracing::info!(
+            migration = m.version,
+            "applied migration {:04} ({})",
+            m.version,
+            m.description
+        );
     }
 }
 
