@@ -139,11 +139,12 @@ fn entries_of(bytes: &[u8]) -> Result<Vec<EntryInput>, ApiError> {
     for (name, value) in listed {
         // A map keeps the last of two: `{"entries":[…bad…],"entries":[…]}`
         // would post the second list and drop the first unread.
-        if fields.insert(name.clone(), value).is_some() {
+        if fields.contains_key(&name) {
             return Err(ApiError::MalformedBody(format!(
                 "the body names {name:?} twice; send each field once"
             )));
         }
+        fields.insert(name, value);
     }
     match fields.get("entries") {
         Some(list) if fields.len() == 1 => match serde_json::from_slice::<BoundedEntries>(list.get().as_bytes()) {
