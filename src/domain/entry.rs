@@ -140,6 +140,13 @@ fn not_rfc3339(text: &str, e: chrono::ParseError) -> String {
             .char_indices()
             .all(|(i, c)| if i == 4 || i == 7 { c == '-' } else { c.is_ascii_digit() });
     let without_offset = chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f").is_ok();
+    // ISO 8601's basic offset (+0100): RFC 3339 wants the colon.
+    let offset_without_colon = text
+        .len()
+        .checked_sub(2)
+        .filter(|&at| text.is_char_boundary(at))
+        .map(|at| format!("{}:{}", &text[..at], &text[at..]))
+        .filter(|with_colon| DateTime::parse_from_rfc3339(with_colon).is_ok());
     let plus_read_as_space = text
         .rsplit_once(' ')
         .is_some_and(|(head, tail)| DateTime::parse_from_rfc3339(&format!("{head}+{tail}")).is_ok());
@@ -149,6 +156,8 @@ fn not_rfc3339(text: &str, e: chrono::ParseError) -> String {
         format!("{text:?} is a date without a time; {LIKE} ({text}T00:00:00Z for its midnight)")
     } else if without_offset {
         format!("{text:?} has no UTC offset; end it with Z (UTC) or an offset like +01:00: {text}Z")
+    } else if let Some(with_colon) = offset_without_colon {
+        format!("{text:?} has its UTC offset without a colon; RFC 3339 writes it {with_colon}")
     } else if plus_read_as_space {
         format!(
             "{text:?} has a space where its offset's '+' belongs; in a URL query string '+' reads as \
@@ -500,6 +509,8 @@ mod tests {
             ("bad", "does not have the shape"),
             ("", "does not have the shape"),
             ("12/01/2026", "does not have the shape"),
+            ("2026-12-01T14:05:00+0100", "2026-12-01T14:05:00+01:00"),
+            ("2026-12-01T14:05€", "does not have the shape"),
             ("yesterday", "2026-11-23T14:05:00Z"),
             ("9999-12-31T00:00:00Z", "before 9999-12-01"),
         ] {

@@ -87,9 +87,13 @@ pub async fn timeseries(
     // Folded totals and the tail may both name a bucket: add them.
     for (bucket, minor) in store.bucket_totals(account, resource, granularity, from, to).await? {
         if let Some(sum) = sums.get_mut(&bucket) {
-            *sum = sum
-                .checked_add(Amount::from_minor(minor, decimals))
-                .map_err(|_| StoreError::overflow(&format!("{account}'s {resource} on {bucket}")))?;
+            *sum = sum.checked_add(Amount::from_minor(minor, decimals)).map_err(|_| {
+                let bucket = match granularity {
+                    Granularity::Day => bucket.to_string(),
+                    Granularity::Month => bucket.format("%Y-%m").to_string(),
+                };
+                StoreError::overflow(&format!("{account}'s {resource} in {bucket}"))
+            })?;
         }
     }
     Ok(sums
