@@ -10,6 +10,7 @@ both!(
     a_plan_change_mid_day_puts_the_whole_day_on_the_new_plan_as_consume_did,
     an_override_set_after_the_month_leaves_its_invoice_unchanged,
     month_window_overage_is_billed_on_the_day_it_happens_so_a_last_day_plan_change_neither_waives_nor_adds_it,
+    an_invoice_whose_month_passes_64_bits_though_each_day_fits_fails_for_that_account_only,
 );
 both!(plans = ENTERPRISE_PLANS; a_day_window_overage_is_billed_though_the_last_plan_does_not_limit_the_resource);
 
@@ -172,5 +173,45 @@ async fn a_plan_change_mid_day_puts_the_whole_day_on_the_new_plan_as_consume_did
     assert!(
         lines.contains(&"acme,pro,llm_tokens,55000,50000,5000,0.00002,0.1"),
         "{csv}"
+    );
+}
+
+/// Each day's total fits in 64 bits of minor units, but the month's sum does
+/// not (60 + 60 entries of the largest agent_minutes, 93 pass 2^63 − 1): the
+/// invoice of that account fails with the 64-bit error and its runbook, never
+/// a wrapped number, and another account's invoice is made as usual.
+async fn an_invoice_whose_month_passes_64_bits_though_each_day_fits_fails_for_that_account_only(app: TestApp) {
+    let rows: Vec<(String, String)> = (0..120)
+        .map(|i| (format!("w{i}"), format!("2026-09-{:02}T12:00:00Z", 2 + i / 60)))
+        .collect();
+    let mut rows: Vec<_> = rows
+        .iter()
+        .map(|(key, at)| {
+            (
+                "whale",
+                "agent_minutes",
+                "999999999999999.99",
+                key.as_str(),
+                at.as_str(),
+            )
+        })
+        .collect();
+    rows.push(("minnow", "api_requests", "7", "m1", "2026-09-02T12:00:00Z"));
+    app.insert(&rows).await;
+    app.rollup().await;
+    let whale = app.cli(&["export", "invoice", "--period", "2026-09", "--account", "whale"]);
+    assert!(!whale.status.success(), "{}", String::from_utf8_lossy(&whale.stdout));
+    let said = String::from_utf8_lossy(&whale.stderr);
+    assert!(
+        said.contains("64-bit range") && said.contains("docs/operations.md"),
+        "{said}"
+    );
+    assert!(!said.contains("panicked"), "{said}");
+    let minnow = september(&app, "minnow");
+    assert!(
+        minnow
+            .iter()
+            .any(|line| line.starts_with("minnow,free,api_requests,7,")),
+        "{minnow:?}"
     );
 }
