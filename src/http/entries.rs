@@ -14,7 +14,9 @@ use super::error::ApiError;
 use super::extract::{Body, Path, QueryParams, malformed_json, malformed_json_in, parse_json, require_object};
 use super::params;
 use crate::domain::entry::{EntryRules, FieldError, refuse_nul, validate_batch};
-use crate::domain::{AccountId, Entry, EntryFilter, EntryInput, IdempotencyKey, InsertOutcome, InsertStatus, Role};
+use crate::domain::{
+    AccountId, Entry, EntryFilter, EntryInput, IdempotencyKey, InsertOutcome, InsertStatus, ResourceName, Role,
+};
 use crate::store::{StoreError, reversal_of};
 
 /// The most entries one request may carry.
@@ -332,7 +334,11 @@ async fn list_entries(
 ) -> Result<Json<EntryPage>, ApiError> {
     let account = params::account(&account)?;
     caller.require_read(&account)?;
-    let filter = entry_filter(account, &query, &state)?;
+    let resource = match query.get("resource") {
+        Some(raw) => Some(params::readable_resource(&state, Some(&account), raw).await?),
+        None => None,
+    };
+    let filter = entry_filter(account, resource, &query)?;
     let entries = state.store.list_entries(&filter).await?;
     let next_after_id = if entries.len() == filter.limit as usize {
         entries.last().map(|e| e.id)
@@ -344,8 +350,8 @@ async fn list_entries(
 
 fn entry_filter(
     account: AccountId,
+    resource: Option<ResourceName>,
     query: &HashMap<String, String>,
-    state: &AppState,
 ) -> Result<EntryFilter, ApiError> {
     params::reject_unknown(query, &["from", "to", "resource", "after_id", "limit"])?;
     let from = query.get("from").map(|v| params::instant("from", v)).transpose()?;
@@ -355,10 +361,6 @@ fn entry_filter(
             return Err(ApiError::invalid("from", format!("from ({from}) is after to ({to})")));
         }
     }
-    let resource = query
-        .get("resource")
-        .map(|r| params::resource(&state.catalog, r))
-        .transpose()?;
     let after_id = query
         .get("after_id")
         .map(|v| {

@@ -25,6 +25,20 @@ pub fn resource(catalog: &Catalog, raw: &str) -> Result<ResourceName, ApiError> 
     })
 }
 
+/// A resource a read of the ledger names: declared, or dropped from the
+/// catalog with entries still in the ledger (of `account`, when given); else
+/// the 422 of [`resource`].
+pub async fn readable_resource(
+    state: &super::AppState,
+    account: Option<&AccountId>,
+    raw: &str,
+) -> Result<ResourceName, ApiError> {
+    match crate::usage::readable_resource(state.store.as_ref(), &state.catalog, account, raw).await? {
+        Some(name) => Ok(name),
+        None => resource(&state.catalog, raw),
+    }
+}
+
 /// An instant: RFC 3339, or a bare date meaning its UTC midnight.
 pub fn instant(field: &'static str, raw: &str) -> Result<DateTime<Utc>, ApiError> {
     parse_instant_or_date(raw).map_err(|m| ApiError::invalid(field, format!("{field}: {m}")))

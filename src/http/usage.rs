@@ -40,7 +40,7 @@ async fn get_timeseries(
             .get(name)
             .ok_or_else(|| ApiError::missing(name, format!("query parameter {name} is required")))
     };
-    let resource = params::resource(&state.catalog, required("resource")?)?;
+    let resource = params::readable_resource(&state, Some(&account), required("resource")?).await?;
     let granularity = match query.get("granularity") {
         None => Granularity::Day,
         Some(g) => Granularity::parse(g).map_err(|m| ApiError::invalid("granularity", m))?,

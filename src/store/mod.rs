@@ -198,6 +198,15 @@ pub trait Store: Send + Sync + 'static {
     /// unfolded tail. For the benchmark, which times that read too.
     fn forget_settled_sums(&self);
 
+    /// Whether the ledger holds any entry of `resource` (of `account`, when
+    /// given). A resource dropped from the catalog stays readable by name
+    /// while it does.
+    async fn ledger_has_resource(
+        &self,
+        account: Option<&AccountId>,
+        resource: &ResourceName,
+    ) -> Result<bool, StoreError>;
+
     /// When the oldest ledger row not yet folded was recorded (None: caught up).
     async fn oldest_unfolded(&self) -> Result<Option<DateTime<Utc>>, StoreError>;
 

@@ -436,6 +436,31 @@ impl Store for SqliteStore {
         self.settled.clear();
     }
 
+    async fn ledger_has_resource(
+        &self,
+        account: Option<&AccountId>,
+        resource: &ResourceName,
+    ) -> Result<bool, StoreError> {
+        // With an account, entries_unfolded_tail's (account, resource) prefix
+        // answers; without, the first matching row ends the scan.
+        let found = match account {
+            Some(account) => {
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM entries WHERE account = ?1 AND resource = ?2)")
+                    .bind(account.as_str())
+                    .bind(resource.as_str())
+                    .fetch_one(&self.reader)
+                    .await?
+            }
+            None => {
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM entries WHERE resource = ?1)")
+                    .bind(resource.as_str())
+                    .fetch_one(&self.reader)
+                    .await?
+            }
+        };
+        Ok(found)
+    }
+
     async fn oldest_unfolded(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
         let oldest: Option<i64> = sqlx::query_scalar(
             "SELECT recorded_at FROM entries

@@ -11,7 +11,27 @@ pub mod timeseries;
 
 use chrono::{DateTime, Utc};
 
+use crate::domain::{AccountId, Catalog, ResourceName};
 use crate::store::{Store, StoreError};
+
+/// The resource a read of the ledger names: one in the catalog, or one
+/// dropped from it that the ledger still holds (of `account`, when given), so
+/// its history stays readable by name (docs/plans.md). `None`: neither, a
+/// typo most likely; the caller says so with the catalog's own error.
+pub async fn readable_resource(
+    store: &dyn Store,
+    catalog: &Catalog,
+    account: Option<&AccountId>,
+    raw: &str,
+) -> Result<Option<ResourceName>, StoreError> {
+    if let Ok((name, _)) = catalog.resource(raw) {
+        return Ok(Some(name.clone()));
+    }
+    let Ok(name) = ResourceName::parse(raw) else {
+        return Ok(None);
+    };
+    Ok(store.ledger_has_resource(account, &name).await?.then_some(name))
+}
 
 /// Whole seconds since the oldest unfolded entry was recorded (0 when caught up).
 pub async fn rollup_lag_seconds(store: &dyn Store, now: DateTime<Utc>) -> Result<i64, StoreError> {

@@ -19,6 +19,7 @@ both!(
     reversing_a_missing_entry_is_404,
     listing_pages_through_the_ledger_in_id_order,
     listing_filters_by_resource_and_time,
+    a_resource_dropped_from_the_catalog_stays_readable_by_name,
     health_reports_the_database,
     unknown_routes_are_404_in_the_contract_format,
 );
@@ -381,4 +382,65 @@ async fn unknown_routes_are_404_in_the_contract_format(app: TestApp) {
     let reply = app.get("/v1/nothing-here").await;
     assert_eq!(reply.status, 404);
     assert_eq!(reply.code(), "not_found");
+}
+
+/// A resource dropped from the catalog keeps its history readable by name
+/// (docs/plans.md): the listing, the time series and the exports filter by
+/// it while the ledger holds its entries; a name nothing holds is still the
+/// 422 that lists the known resources (a typo, most likely).
+async fn a_resource_dropped_from_the_catalog_stays_readable_by_name(app: TestApp) {
+    // Posted by a process whose catalog still declared it; the app's (the
+    // built-in one) does not.
+    let with_nano = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        with_nano.path(),
+        format!(
+            "{}\n[resources.nano]\ndecimals = 0\n",
+            include_str!("../../src/domain/builtin_catalog.toml")
+        ),
+    )
+    .unwrap();
+    let posted = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["post", "acme", "nano", "5", "--key", "n1"])
+        .env("TALLY_DATABASE_URL", &app.database_url)
+        .env("TALLY_PLANS", with_nano.path())
+        .output()
+        .unwrap();
+    assert!(posted.status.success(), "{}", String::from_utf8_lossy(&posted.stderr));
+
+    let listed = app.get("/v1/accounts/acme/entries?resource=nano").await;
+    assert_eq!(listed.status, 200, "{:?}", listed.body);
+    assert_eq!(listed.body["entries"][0]["amount"], "5", "{:?}", listed.body);
+    for path in [
+        "/v1/accounts/acme/entries?resource=nanoo",
+        // Another account holds none of it.
+        "/v1/accounts/zed/entries?resource=nano",
+    ] {
+        let refused = app.get(path).await;
+        assert_eq!((refused.status, refused.code()), (422, "unknown_resource"), "{path}");
+        assert!(
+            refused.body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("api_requests"),
+            "{:?}",
+            refused.body
+        );
+    }
+    let today = chrono::Utc::now().date_naive();
+    let tomorrow = today + chrono::Duration::days(1);
+    let series = app
+        .get(&format!(
+            "/v1/accounts/acme/timeseries?resource=nano&granularity=day&from={today}&to={tomorrow}"
+        ))
+        .await;
+    assert_eq!(series.status, 200, "{:?}", series.body);
+    assert_eq!(series.body["points"][0]["amount"], "5");
+    let (from, to) = (today.to_string(), tomorrow.to_string());
+    let export = app.cli(&["export", "entries", "--from", &from, "--to", &to, "--resource", "nano"]);
+    assert!(export.status.success(), "{}", String::from_utf8_lossy(&export.stderr));
+    assert!(String::from_utf8_lossy(&export.stdout).contains(",acme,nano,5,"));
+    let typo = app.cli(&["export", "entries", "--from", &from, "--to", &to, "--resource", "nanoo"]);
+    assert!(!typo.status.success());
+    assert!(String::from_utf8_lossy(&typo.stderr).contains("is not in the catalog"));
 }
