@@ -141,15 +141,26 @@ fn not_rfc3339(text: &str, e: chrono::ParseError) -> String {
             .all(|(i, c)| if i == 4 || i == 7 { c == '-' } else { c.is_ascii_digit() });
     let without_offset = chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f").is_ok();
     // ISO 8601's basic offset (+0100): RFC 3339 wants the colon.
-    let offset_without_colon = text
-        .len()
-        .checked_sub(2)
-        .filter(|&at| text.is_char_boundary(at))
-        .map(|at| format!("{}:{}", &text[..at], &text[at..]))
-        .filter(|with_colon| DateTime::parse_from_rfc3339(with_colon).is_ok());
-    let plus_read_as_space = text
-        .rsplit_once(' ')
-        .is_some_and(|(head, tail)| DateTime::parse_from_rfc3339(&format!("{head}+{tail}")).is_ok());
+    let with_colon = |text: &str| {
+        text.len()
+            .checked_sub(2)
+            .filter(|&at| text.is_char_boundary(at))
+            .map(|at| format!("{}:{}", &text[..at], &text[at..]))
+            .filter(|fixed| DateTime::parse_from_rfc3339(fixed).is_ok())
+    };
+    let offset_without_colon = with_colon(text);
+    // A '+' a URL query string turned into a space, the offset's colon
+    // perhaps missing too: what the timestamp would be with both mended.
+    let plus_read_as_space = text.rsplit_once(' ').and_then(|(head, tail)| {
+        let plus = format!("{head}+{tail}");
+        if DateTime::parse_from_rfc3339(&plus).is_ok() {
+            Some(plus)
+        } else {
+            with_colon(&plus)
+        }
+    });
+    // A value echoed in full could be megabytes: show its start.
+    let text = &shown(text);
     if date_shaped && chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d").is_err() {
         format!("{text:?} is not a calendar date (month 1 to 12, a day that month has); {LIKE}")
     } else if date_shaped {
@@ -158,10 +169,11 @@ fn not_rfc3339(text: &str, e: chrono::ParseError) -> String {
         format!("{text:?} has no UTC offset; end it with Z (UTC) or an offset like +01:00: {text}Z")
     } else if let Some(with_colon) = offset_without_colon {
         format!("{text:?} has its UTC offset without a colon; RFC 3339 writes it {with_colon}")
-    } else if plus_read_as_space {
+    } else if let Some(mended) = plus_read_as_space {
         format!(
             "{text:?} has a space where its offset's '+' belongs; in a URL query string '+' reads as \
-             a space, so write it there as %2B (or give the time in UTC with Z)"
+             a space, so write it there as %2B ({}), or give the time in UTC with Z",
+            mended.replacen('+', "%2B", 1)
         )
     } else {
         let reason = match e.kind() {
@@ -175,6 +187,15 @@ fn not_rfc3339(text: &str, e: chrono::ParseError) -> String {
             _ => "it does not have the shape YYYY-MM-DDTHH:MM:SS with an offset",
         };
         format!("{text:?} is not an RFC 3339 timestamp: {reason}; {LIKE}")
+    }
+}
+
+/// `text` as an error message shows it: whole up to 64 characters, else its
+/// start and how long it was.
+fn shown(text: &str) -> String {
+    match text.char_indices().nth(64) {
+        None => text.to_owned(),
+        Some((end, _)) => format!("{}… ({} bytes)", &text[..end], text.len()),
     }
 }
 
@@ -511,6 +532,8 @@ mod tests {
             ("12/01/2026", "does not have the shape"),
             ("2026-12-01T14:05:00+0100", "2026-12-01T14:05:00+01:00"),
             ("2026-12-01T14:05€", "does not have the shape"),
+            ("2026-12-01T14:05:00 0100", "2026-12-01T14:05:00%2B01:00"),
+            ("2026-11-15T12:00:00 01:00", "2026-11-15T12:00:00%2B01:00"),
             ("yesterday", "2026-11-23T14:05:00Z"),
             ("9999-12-31T00:00:00Z", "before 9999-12-01"),
         ] {
@@ -518,5 +541,8 @@ mod tests {
             assert!(got.contains(says), "{text}: {got}");
             assert!(!got.contains("premature"), "{text}: {got}");
         }
+        // A huge value is not echoed whole (twice, into a 10 MB answer).
+        let huge = message(&"9".repeat(5_000_000));
+        assert!(huge.len() < 400 && huge.contains("(5000000 bytes)"), "{}", huge.len());
     }
 }

@@ -711,12 +711,14 @@ impl Store for PgStore {
             (
                 "daily",
                 include_str!("sql/postgres/verify_daily.sql"),
-                "SELECT account, resource, day, amount::text, entries FROM daily_totals",
+                // trunc: a whole amount written by hand as 125.00 prints so
+                // (migration 0013 keeps amounts whole, not their scale 0).
+                "SELECT account, resource, day, trunc(amount)::text, entries FROM daily_totals",
             ),
             (
                 "monthly",
                 include_str!("sql/postgres/verify_monthly.sql"),
-                "SELECT account, resource, month, amount::text, entries FROM monthly_totals",
+                "SELECT account, resource, month, trunc(amount)::text, entries FROM monthly_totals",
             ),
         ] {
             let expected = sqlx::query_as(expected_sql).fetch_all(&mut *tx).await?;
@@ -1196,7 +1198,10 @@ fn wide(rows: Vec<(String, String, NaiveDate, String, i64)>) -> Result<Vec<Verif
     rows.into_iter()
         .map(|(account, resource, bucket, amount, entries)| {
             let amount = amount.parse().map_err(|_| {
-                StoreError::Unexpected(format!("the database holds a total of {amount:?}, not a whole number"))
+                StoreError::Unexpected(format!(
+                    "the database holds a total of {amount:?} for {account} / {resource} / {bucket}, not a whole \
+                     number of minor units"
+                ))
             })?;
             Ok((account, resource, bucket, amount, entries))
         })
