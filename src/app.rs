@@ -70,8 +70,6 @@ impl Settings {
     /// create one and report on it: an empty export, a `verify` that passes.
     pub async fn open_existing_store(&self) -> anyhow::Result<(Arc<dyn Store>, Arc<Catalog>)> {
         if let Some(file) = store::sqlite_file(&self.database_url)? {
-            let working_dir =
-                std::env::current_dir().map_or_else(|_| "(unknown)".to_owned(), |d| d.display().to_string());
             match std::fs::metadata(&file) {
                 Ok(meta) if meta.is_file() => {}
                 Ok(_) => anyhow::bail!(
@@ -80,10 +78,11 @@ impl Settings {
                 ),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => anyhow::bail!(
                     "there is no database at {} (from --database-url or TALLY_DATABASE_URL; a relative path, \
-                     such as the default tally.db, is taken from the working directory {working_dir}): this \
+                     such as the default tally.db, is taken from the working directory {}): this \
                      command reads an existing database and does not create one. The commands that write \
                      create it: serve, migrate, post, import, keys create and the accounts changes",
                     file.display(),
+                    std::env::current_dir().map_or_else(|_| "(unknown)".to_owned(), |d| d.display().to_string()),
                 ),
                 Err(e) => {
                     return Err(

@@ -144,7 +144,7 @@ pub async fn run(settings: &Settings, command: ExportCommand) -> anyhow::Result<
             }
             let resource = match r.resource.as_deref() {
                 None => None,
-                Some(name) => Some(readable_resource(store.as_ref(), &catalog, account.as_ref(), name).await?),
+                Some(name) => Some(super::readable_resource(store.as_ref(), &catalog, account.as_ref(), name).await?),
             };
             Some(ExportFilter {
                 from: r.from,
@@ -204,21 +204,6 @@ pub async fn run(settings: &Settings, command: ExportCommand) -> anyhow::Result<
         eprintln!("wrote {rows} rows to {}", path.display());
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// A resource `--resource` names: declared, or dropped from the catalog with
-/// entries still in the ledger; else the catalog's "not in the catalog" error.
-pub(crate) async fn readable_resource(
-    store: &dyn crate::store::Store,
-    catalog: &crate::domain::Catalog,
-    account: Option<&AccountId>,
-    name: &str,
-) -> anyhow::Result<crate::domain::ResourceName> {
-    match crate::usage::readable_resource(store, catalog, account, name).await? {
-        Some(resource) => Ok(resource),
-        // Its error lists the known resources.
-        None => Ok(catalog.resource(name).map(|(known, _)| known.clone())?),
-    }
 }
 
 /// `tally stats`.

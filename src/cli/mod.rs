@@ -153,6 +153,21 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// A resource `--resource` names: declared, or dropped from the catalog with
+/// entries still in the ledger; else the catalog's "not in the catalog" error.
+pub(crate) async fn readable_resource(
+    store: &dyn crate::store::Store,
+    catalog: &crate::domain::Catalog,
+    account: Option<&crate::domain::AccountId>,
+    name: &str,
+) -> anyhow::Result<crate::domain::ResourceName> {
+    match crate::usage::readable_resource(store, catalog, account, name).await? {
+        Some(resource) => Ok(resource),
+        // Its error lists the known resources.
+        None => Ok(catalog.resource(name).map(|(known, _)| known.clone())?),
+    }
+}
+
 /// Writes one line to stdout. A reader that has gone (`tally keys list |
 /// head -1`) is not an error: the rest of the output is dropped, and the
 /// command still ends with its own exit code (`check`'s says allowed or not;

@@ -29,7 +29,7 @@ pub struct TimeseriesArgs {
 pub async fn timeseries(settings: &Settings, args: TimeseriesArgs) -> anyhow::Result<ExitCode> {
     let (store, catalog) = settings.open_existing_store().await?;
     let account = AccountId::parse(&args.account).map_err(anyhow::Error::msg)?;
-    let resource = super::export::readable_resource(store.as_ref(), &catalog, Some(&account), &args.resource).await?;
+    let resource = super::readable_resource(store.as_ref(), &catalog, Some(&account), &args.resource).await?;
     let points = series(
         store.as_ref(),
         &catalog,
