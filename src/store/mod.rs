@@ -832,10 +832,16 @@ fn log_applied_migrations(migrator: &sqlx::migrate::Migrator, before: &[i64]) {
     }
 }
 
+/// Whether a `sqlite:` URL names an in-memory database, however spelt
+/// (`sqlite::memory:`, `sqlite:file::memory:`, `…?mode=memory`).
+pub(crate) fn sqlite_in_memory(url: &str) -> bool {
+    url.contains(":memory:") || url.contains("mode=memory")
+}
+
 /// The file a `sqlite:` URL names; `None` for another engine or an
-/// in-memory database (sqlx names those `file:sqlx-in-memory-N`).
+/// in-memory database.
 pub fn sqlite_file(url: &str) -> anyhow::Result<Option<std::path::PathBuf>> {
-    if !url.starts_with("sqlite:") || url.contains(":memory:") || url.contains("mode=memory") {
+    if !url.starts_with("sqlite:") || sqlite_in_memory(url) {
         return Ok(None);
     }
     let options = <sqlx::sqlite::SqliteConnectOptions as std::str::FromStr>::from_str(url)

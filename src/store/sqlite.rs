@@ -11,6 +11,7 @@ use anyhow::Context;
 use sqlx::ConnectOptions;
 use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -47,10 +48,30 @@ pub struct SqliteStore {
     export_source: Arc<export::Source>,
 }
 
+/// The options for the database `url` names, and where exports read it.
+/// Every in-memory spelling (`sqlite::memory:`, `sqlite:file::memory:`,
+/// `sqlite:?mode=memory`, `sqlite:file:x?mode=memory`) gets a shared-cache
+/// name of this store's own, so that every connection of its pools and the
+/// exports' own connection open one database. sqlx names only `:memory:` so;
+/// the other spellings gave each connection a new, empty database, and the
+/// schema migrated on one was missing on the next ("no such table").
+fn database_of(url: &str) -> Result<(SqliteConnectOptions, export::Source), sqlx::Error> {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let options = SqliteConnectOptions::from_str(url)?;
+    if !super::sqlite_in_memory(url) {
+        let source = export::Source::File(options.get_filename().to_owned());
+        return Ok((options, source));
+    }
+    let name = format!("file:tally-in-memory-{}", NEXT.fetch_add(1, Ordering::Relaxed));
+    let source = export::Source::Memory(format!("{name}?mode=memory&cache=shared"));
+    Ok((options.filename(name).in_memory(true).shared_cache(true), source))
+}
+
 impl SqliteStore {
     /// Opens (creating if missing) the database file a `sqlite://` URL names.
     pub async fn connect(url: &str, catalog: Arc<Catalog>) -> Result<Self, sqlx::Error> {
-        let options = SqliteConnectOptions::from_str(url)?
+        let (options, export_source) = database_of(url)?;
+        let options = options
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             // FULL: a ledger must not lose a committed entry on power loss.
@@ -58,7 +79,6 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true)
             .log_slow_statements(super::SLOW_STATEMENT_LEVEL, Duration::from_secs(1));
-        let export_source = Arc::new(export::Source::of(options.get_filename()));
         // The writer's page cache holds the hot index pages: a batch of
         // entries spread over many accounts lands on as many leaf pages of
         // `entries_idempotency` and `entries_account_id` (64 MiB, against
@@ -93,7 +113,7 @@ impl SqliteStore {
             rollup,
             catalog,
             settled: SettledSums::default(),
-            export_source,
+            export_source: Arc::new(export_source),
         })
     }
 

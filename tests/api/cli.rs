@@ -570,17 +570,24 @@ async fn reads_of_a_database_that_is_not_there_fail_and_create_nothing(app: Test
             .unwrap();
         assert!(created.status.success(), "{}", text(&created.stderr));
         assert!(typo.exists(), "post creates the database");
-        // `file:` names the file after it; an in-memory database is never
-        // "missing"; a folder is said to be one.
+        // `file:` names the file after it; an in-memory database, however
+        // spelt, is never "missing" and is one database for every
+        // connection; a folder is said to be one.
         let run = |url: &str| {
             Command::new(env!("CARGO_BIN_EXE_tally"))
-                .args(["verify"])
+                .args(["check", "acme", "api_requests"])
                 .env("TALLY_DATABASE_URL", url)
                 .current_dir(dir.path())
                 .output()
                 .unwrap()
         };
-        for url in ["sqlite:file:typo.db", "sqlite::memory:"] {
+        for url in [
+            "sqlite:file:typo.db",
+            "sqlite::memory:",
+            "sqlite:file::memory:",
+            "sqlite:?mode=memory",
+            "sqlite:file:named?mode=memory",
+        ] {
             let out = run(url);
             assert!(out.status.success(), "{url}: {}", text(&out.stderr));
         }

@@ -8,7 +8,7 @@
 //! through a channel of two, so memory stays flat.
 
 use std::cmp::Ordering;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,24 +26,14 @@ use crate::store::{
 };
 
 /// The database file the exports open (beside sqlx's pools).
-pub(super) enum Source {
+pub(crate) enum Source {
     /// A file.
     File(PathBuf),
-    /// sqlx's shared-cache in-memory database of this process (its URI).
+    /// The store's shared-cache in-memory database (its URI).
     Memory(String),
 }
 
 impl Source {
-    /// What sqlx opened `filename` as.
-    pub(super) fn of(filename: &Path) -> Self {
-        let name = filename.to_string_lossy();
-        if name.starts_with("file:sqlx-in-memory-") {
-            Source::Memory(format!("{name}?mode=memory&cache=shared"))
-        } else {
-            Source::File(filename.to_owned())
-        }
-    }
-
     fn open(&self) -> rusqlite::Result<Connection> {
         let conn = match self {
             Source::File(path) => {
