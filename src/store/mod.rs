@@ -802,8 +802,21 @@ pub struct NewApiKey {
 /// every large batch was noise. `RUST_LOG=sqlx=info` shows them.
 const SLOW_STATEMENT_LEVEL: log::LevelFilter = log::LevelFilter::Info;
 
-/// The versions of the migrations a database has applied (sqlx's own table).
-const APPLIED_MIGRATIONS: &str = "SELECT version FROM _sqlx_migrations WHERE success";
+/// The versions of the migrations a database has applied, read as sqlx's
+/// migrator reads them: under its lock, its table created first if missing.
+/// Reading the table of a new database without creating it put an ERROR
+/// ("relation does not exist") in PostgreSQL's log on every first start.
+async fn applied_migrations<C: sqlx::migrate::Migrate>(conn: &mut C) -> anyhow::Result<Vec<i64>> {
+    let context = "cannot read which migrations the database has applied";
+    conn.lock().await.context(context)?;
+    let applied = async {
+        conn.ensure_migrations_table().await?;
+        conn.list_applied_migrations().await
+    }
+    .await;
+    conn.unlock().await.context(context)?;
+    Ok(applied.context(context)?.into_iter().map(|m| m.version).collect())
+}
 
 /// Logs what a migration run changed, given the versions applied before it:
 /// an upgrade says which migrations it applied (docs/operations.md has

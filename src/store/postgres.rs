@@ -431,11 +431,7 @@ impl Store for PgStore {
 
     async fn migrate(&self) -> anyhow::Result<()> {
         let migrator = sqlx::migrate!("migrations/postgres");
-        // No table yet (a new database): nothing applied.
-        let before = sqlx::query_scalar(super::APPLIED_MIGRATIONS)
-            .fetch_all(&self.pool)
-            .await
-            .unwrap_or_default();
+        let before = super::applied_migrations(&mut *self.pool.acquire().await?).await?;
         migrator
             .run(&self.pool)
             .await

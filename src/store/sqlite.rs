@@ -260,11 +260,7 @@ impl Store for SqliteStore {
 
     async fn migrate(&self) -> anyhow::Result<()> {
         let migrator = sqlx::migrate!("migrations/sqlite");
-        // No table yet (a new database): nothing applied.
-        let before = sqlx::query_scalar(super::APPLIED_MIGRATIONS)
-            .fetch_all(&self.writer)
-            .await
-            .unwrap_or_default();
+        let before = super::applied_migrations(&mut *self.writer.acquire().await?).await?;
         migrator
             .run(&self.writer)
             .await

@@ -293,6 +293,11 @@ impl PgCluster {
         self.start_server()
     }
 
+    /// The server log so far (empty if it cannot be read).
+    pub fn server_log(&self) -> String {
+        std::fs::read_to_string(&self.log_file).unwrap_or_default()
+    }
+
     /// Starts the server of an initialised (or stopped) cluster and waits
     /// until it accepts connections.
     ///

@@ -378,6 +378,16 @@ async fn migrate_creates_the_schema_on_a_fresh_database_and_a_second_run_changes
     let first = migrate();
     assert!(first.status.success(), "{}", text(&first.stderr));
     assert_eq!(scalar_i64_at(app.backend, &url, tables_sql).await, 5);
+    if app.backend == Backend::Postgres {
+        // Asking a new database which migrations it has applied must not put
+        // an ERROR in the server's log. The log is the shared cluster's: no
+        // test's first start may leave one.
+        let log = tally::testing::pg_cluster::PgCluster::shared().unwrap().server_log();
+        assert!(
+            !log.contains(r#"relation "_sqlx_migrations" does not exist"#),
+            "a first start left an ERROR in the server log"
+        );
+    }
     let engine = match app.backend {
         Backend::Sqlite => "sqlite",
         Backend::Postgres => "postgres",
