@@ -209,7 +209,7 @@ pub async fn run(settings: &Settings, command: ExportCommand) -> anyhow::Result<
 /// `tally stats`.
 pub async fn stats(settings: &Settings, args: StatsArgs) -> anyhow::Result<ExitCode> {
     let (store, catalog) = settings.open_existing_store().await?;
-    let stats = admin::stats(store.as_ref(), &catalog, args.period, chrono::Utc::now()).await?;
+    let stats = admin::stats(store.as_ref(), &catalog, args.period).await?;
     outln!("{}", serde_json::to_string_pretty(&stats)?)?;
     Ok(ExitCode::SUCCESS)
 }

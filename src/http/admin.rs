@@ -39,7 +39,7 @@ async fn stats(
     let now = state.clock.now();
     let month = period(&query, now)?;
     Ok(Json(
-        admin::stats(state.store.as_ref(), &state.catalog, month, now)
+        admin::stats(state.store.as_ref(), &state.catalog, month)
             .await
             .map_err(ApiError::from_report)?,
     ))

@@ -1,15 +1,14 @@
 //! The operator's view of the platform: totals, active accounts, plans,
 //! estimated revenue, top accounts.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
-use chrono::{DateTime, Duration, NaiveDate, Utc};
+use chrono::NaiveDate;
 use futures_util::TryStreamExt;
 use rust_decimal::Decimal;
 use serde::Serialize;
 
-use super::quota::plan_at;
-use crate::domain::period::{Granularity, start_of};
+use crate::domain::period::Granularity;
 use crate::domain::{Amount, Catalog, ResourceName};
 use crate::export::invoice::for_each_invoice;
 use crate::store::{ExportFilter, Store, StoreError};
@@ -36,25 +35,15 @@ pub struct Stats {
     pub totals: Vec<ResourceTotal>,
     /// Accounts with any entry in the period.
     pub active_accounts: u64,
-    /// Accounts (active or with a plan assignment) per plan in force at the period's end.
+    /// Accounts on the period's invoices (usage in it, or a plan assigned before its
+    /// end) per plan in force on its last day.
     pub accounts_per_plan: BTreeMap<String, u64>,
     /// The sum of the period's invoice totals (each rounded to the cent).
     pub estimated_revenue: String,
 }
 
-/// The instant whose plan counts for a period: its last microsecond, or now if earlier.
-fn plan_instant(month: NaiveDate, now: DateTime<Utc>) -> DateTime<Utc> {
-    (start_of(Granularity::Month.next(month)) - Duration::microseconds(1)).min(now)
-}
-
-/// Platform totals for the month starting `month`, as of `now` (the plans
-/// counted for a month not yet over are those in force now).
-pub async fn stats(
-    store: &dyn Store,
-    catalog: &Catalog,
-    month: NaiveDate,
-    now: DateTime<Utc>,
-) -> anyhow::Result<Stats> {
+/// Platform totals for the month starting `month`.
+pub async fn stats(store: &dyn Store, catalog: &Catalog, month: NaiveDate) -> anyhow::Result<Stats> {
     let filter = ExportFilter {
         from: month,
         to: Granularity::Month.next(month),
@@ -76,21 +65,15 @@ pub async fn stats(
         active.insert(row.account);
     }
     drop(rows);
-    let mut histories: HashMap<String, Vec<_>> = HashMap::new();
-    for (account, assignment) in store.all_plan_assignments().await? {
-        histories.entry(account).or_default().push(assignment);
-    }
-    let at = plan_instant(month, now);
+    // Counted from the invoices, so that the accounts and plans agree with
+    // the revenue and the invoice export: every account with usage in the
+    // month or a plan assigned before its end, under the plan its plan line
+    // names (the one in force on the month's last day).
     let mut accounts_per_plan: BTreeMap<String, u64> = BTreeMap::new();
-    let known: BTreeSet<&String> = active.iter().chain(histories.keys()).collect();
-    for account in known {
-        let history = histories.get(account).map(Vec::as_slice).unwrap_or_default();
-        *accounts_per_plan
-            .entry(plan_at(catalog, history, at).to_owned())
-            .or_default() += 1;
-    }
     let mut revenue = Decimal::ZERO;
     for_each_invoice(store, catalog, month, None, None, |invoice| {
+        let plan_line = invoice.lines.first().expect("an invoice starts with its plan line");
+        *accounts_per_plan.entry(plan_line.plan.clone()).or_default() += 1;
         revenue += invoice.total;
         Ok(())
     })

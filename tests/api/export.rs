@@ -638,6 +638,18 @@ async fn admin_stats_and_top_accounts_describe_a_known_dataset(app: TestApp) {
     assert_eq!(app.get("/v1/admin/stats?period=September").await.status, 422);
     let cli: serde_json::Value = serde_json::from_slice(&app.cli(&["stats", "--period", "2026-09"]).stdout).unwrap();
     assert_eq!(cli, stats.body);
+    // An account whose plan starts after a month is not on that month's
+    // stats; on a later month's it is counted under the plan the invoice
+    // bills it at, even a month still to come.
+    app.put_admin(
+        "/v1/accounts/later/plan",
+        json!({"plan": "scale", "effective_at": "2099-01-01T00:00:00Z"}),
+    )
+    .await;
+    assert_eq!(app.get("/v1/admin/stats?period=2026-09").await.body, stats.body);
+    let future = app.get("/v1/admin/stats?period=2099-01").await;
+    assert_eq!(future.body["accounts_per_plan"], json!({"pro": 1, "scale": 1}));
+    assert_eq!(future.body["estimated_revenue"], "40.00");
     let cli_top: serde_json::Value = serde_json::from_slice(
         &app.cli(&["top", "--resource", "api_requests", "--period", "2026-09"])
             .stdout,
