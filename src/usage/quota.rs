@@ -28,8 +28,6 @@ pub struct EffectiveLimit {
     pub enforcement: Enforcement,
     /// Price per unit over a soft limit.
     pub overage_price: Option<Decimal>,
-    /// Units per minute on consume.
-    pub rate_per_minute: Option<u32>,
 }
 
 /// The plan in force at `at`: the latest assignment effective by then, else the default.
@@ -75,7 +73,6 @@ pub fn effective_limit(
         limit: base.and_then(|l| l.limit),
         enforcement: base.map_or(Enforcement::Hard, |l| l.enforcement),
         overage_price: base.and_then(|l| l.overage_price),
-        rate_per_minute: base.and_then(|l| l.rate_per_minute),
     };
     if let Some(o) = override_at(overrides, resource, at) {
         effective.limit = o.limit;
@@ -452,6 +449,19 @@ impl Decider<'_> {
             at,
         )
     }
+
+    /// The per-minute rate of the resource under the plan in force when the
+    /// request arrives. A rate limits requests as they come: the instant a
+    /// consume is dated (up to the late-arrival horizon back) must not pick
+    /// an earlier plan's rate, or none, for a request made now.
+    fn rate_per_minute(&self, plans: &[PlanAssignment]) -> Option<u32> {
+        let plan = plan_at(self.catalog, plans, self.now);
+        self.catalog
+            .plans
+            .get(plan)
+            .and_then(|p| p.limits.get(&self.entry.resource))
+            .and_then(|l| l.rate_per_minute)
+    }
 }
 
 impl ConsumeDecider for Decider<'_> {
@@ -471,8 +481,8 @@ impl ConsumeDecider for Decider<'_> {
         // Judged here, after the store found the key unused: a retry of a
         // consume recorded under a plan without this rate replays its first
         // outcome instead of failing on today's rate.
-        let cells = limit
-            .rate_per_minute
+        let cells = self
+            .rate_per_minute(plans)
             .map(|per_minute| (per_minute, rate_cells(per_minute, entry.amount)));
         if let Some((per_minute, None)) = cells {
             return Err(Rejected::LargerThanRate { per_minute }.reason());
@@ -674,7 +684,6 @@ impl StoredLimit {
             limit: self.limit.map(|minor| Amount::from_minor(minor, decimals)),
             enforcement: self.enforcement,
             overage_price,
-            rate_per_minute: None,
         };
         let period = Period {
             window: self.window,

@@ -29,6 +29,7 @@ both!(
     an_override_that_would_expire_before_it_is_set_is_refused_and_changes_nothing,
     unlimited_never_rejects_and_soft_limits_record_and_warn,
     the_101st_request_in_a_minute_on_free_is_rate_limited_until_retry_after,
+    a_rate_follows_the_plan_in_force_when_the_request_arrives_not_when_it_is_dated,
     a_consume_retried_with_its_key_returns_the_first_outcome,
     a_free_account_at_99999_requests_consumes_one_then_is_refused_until_upgraded,
     fifty_ai_generations_pass_on_free_and_the_51st_is_refused,
@@ -723,6 +724,41 @@ async fn the_101st_request_in_a_minute_on_free_is_rate_limited_until_retry_after
         .map(|i| entry("acme", "api_requests", "1", &format!("e{i}")))
         .collect();
     assert_eq!(app.post_entries(json!({ "entries": batch })).await.status, 200);
+}
+
+async fn a_rate_follows_the_plan_in_force_when_the_request_arrives_not_when_it_is_dated(app: TestApp) {
+    let now = Utc::now();
+    let a_minute_ago = iso(now - Duration::seconds(60));
+    // Pro (no rate) since yesterday, free (100 a minute) from now: consumes
+    // dated a minute ago are made now, so free's rate counts them.
+    app.put_admin(
+        "/v1/accounts/down/plan",
+        json!({"plan": "pro", "effective_at": iso(now - Duration::days(1))}),
+    )
+    .await;
+    app.put_admin("/v1/accounts/down/plan", json!({"plan": "free"})).await;
+    let first = consume(&app, "down", "api_requests", "100", "d1", Some(&a_minute_ago)).await;
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    assert_eq!(
+        first.body["plan"], "pro",
+        "the quota is the plan's at the instant dated"
+    );
+    let second = consume(&app, "down", "api_requests", "100", "d2", Some(&a_minute_ago)).await;
+    assert_eq!(
+        (second.status, second.code()),
+        (429, "rate_limited"),
+        "{:?}",
+        second.body
+    );
+    assert_eq!(app.ledger_sum("down", "api_requests").await, 100);
+    // Free until now, pro from now: no rate for requests made now.
+    app.put_admin("/v1/accounts/up/plan", json!({"plan": "pro"})).await;
+    for key in ["u1", "u2", "u3"] {
+        let reply = consume(&app, "up", "api_requests", "100", key, Some(&a_minute_ago)).await;
+        assert_eq!(reply.status, 200, "{key}: {:?}", reply.body);
+        assert_eq!(reply.body["plan"], "free");
+    }
+    assert_eq!(app.ledger_sum("up", "api_requests").await, 300);
 }
 
 async fn a_consume_retried_with_its_key_returns_the_first_outcome(app: TestApp) {
