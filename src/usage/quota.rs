@@ -223,17 +223,15 @@ pub fn warnings_for(resource: &ResourceName, limit: &EffectiveLimit, used: Amoun
     }]
 }
 
-/// used / limit in percent, rounded half-up to 2 decimals (None when the limit is 0).
+/// used / limit in percent, cut (not rounded) to 2 decimals, so that it
+/// shows 80 or 100 only when the status does: 49 999 of 50 000 is 99.99, a
+/// warning, not "100" beside it (None when the limit is 0).
 pub fn percent(used: Amount, limit: Amount) -> Option<Decimal> {
     if limit.minor() == 0 {
         return None;
     }
     let ratio = Decimal::from(used.minor()) * Decimal::from(100) / Decimal::from(limit.minor());
-    Some(
-        ratio
-            .round_dp_with_strategy(2, RoundingStrategy::MidpointAwayFromZero)
-            .normalize(),
-    )
+    Some(ratio.round_dp_with_strategy(2, RoundingStrategy::ToZero).normalize())
 }
 
 /// The outcome of a consume.
@@ -831,6 +829,20 @@ fn recorded(entry: &NewEntry, entry_id: i64, response: &str, replayed: bool) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn percent_never_reaches_a_threshold_before_the_status_does() {
+        let amount = |minor| Amount::from_minor(minor, 0);
+        let shown = |used, limit| percent(amount(used), amount(limit)).map(|p| p.to_string());
+        assert_eq!(shown(49_999, 50_000).as_deref(), Some("99.99"));
+        assert_eq!(status_of(amount(49_999), Some(amount(50_000))), UsageStatus::Warning);
+        assert_eq!(shown(39_998, 50_000).as_deref(), Some("79.99"));
+        assert_eq!(status_of(amount(39_998), Some(amount(50_000))), UsageStatus::Ok);
+        assert_eq!(shown(40, 50).as_deref(), Some("80"));
+        assert_eq!(shown(2, 3).as_deref(), Some("66.66"));
+        assert_eq!(shown(-1, 3).as_deref(), Some("-33.33"));
+        assert_eq!(shown(5, 0), None);
+    }
 
     #[test]
     fn rate_cells_count_minor_units_and_coarsen_only_past_32_bits() {
