@@ -6,6 +6,8 @@ use std::fmt;
 
 use rust_decimal::Decimal;
 
+use super::shown;
+
 /// The bound on an entry's magnitude: |amount| < 10^15.
 pub const MAX_ABS_AMOUNT: i64 = 1_000_000_000_000_000;
 
@@ -77,7 +79,7 @@ impl Amount {
             return Err(AmountError::Zero);
         }
         if value.abs() >= Decimal::from(MAX_ABS_AMOUNT) {
-            return Err(AmountError::OutOfRange(text.to_owned()));
+            return Err(AmountError::OutOfRange(shown(text)));
         }
         Self::from_decimal(value, decimals, text)
     }
@@ -88,7 +90,7 @@ impl Amount {
         let normalized = value.normalize();
         if normalized.scale() > decimals {
             return Err(AmountError::TooPrecise {
-                amount: original.to_owned(),
+                amount: shown(original),
                 found: normalized.scale(),
                 allowed: decimals,
             });
@@ -97,7 +99,7 @@ impl Amount {
         scaled.rescale(decimals);
         let mantissa = scaled.mantissa();
         let minor = i64::try_from(mantissa).map_err(|_| AmountError::TooLargeForPrecision {
-            amount: original.to_owned(),
+            amount: shown(original),
             decimals,
             max: Decimal::new(i64::MAX, decimals),
         })?;
@@ -170,7 +172,7 @@ const MAX_DIGITS: usize = 28;
 /// would round it to 3; trailing fractional zeros are dropped first, so
 /// "1.000…0" of any length is 1.
 pub fn parse_decimal(text: &str) -> Result<Decimal, AmountError> {
-    let not_a_number = || AmountError::NotANumber(text.to_owned());
+    let not_a_number = || AmountError::NotANumber(shown(text));
     let (mantissa, exponent) = match text.split_once(['e', 'E']) {
         Some((mantissa, exponent)) => (mantissa, parse_exponent(exponent).ok_or_else(not_a_number)?),
         None => (text, 0),
@@ -198,19 +200,19 @@ pub fn parse_decimal(text: &str) -> Result<Decimal, AmountError> {
     }
     let whole_digits = i64::try_from(digits.len()).unwrap_or(i64::MAX) - scale;
     if whole_digits > MAX_DIGITS as i64 {
-        return Err(AmountError::BeyondAnyBound(text.to_owned()));
+        return Err(AmountError::BeyondAnyBound(shown(text)));
     }
     if scale < 0 {
         digits.extend(std::iter::repeat_n('0', usize::try_from(-scale).unwrap_or(0)));
         scale = 0;
     }
     if digits.len() > MAX_DIGITS || scale > MAX_DIGITS as i64 {
-        return Err(AmountError::TooManyDigits(text.to_owned()));
+        return Err(AmountError::TooManyDigits(shown(text)));
     }
     let magnitude: i128 = digits.parse().map_err(|_| not_a_number())?;
     let scale = u32::try_from(scale).map_err(|_| not_a_number())?;
     Decimal::try_from_i128_with_scale(if negative { -magnitude } else { magnitude }, scale)
-        .map_err(|_| AmountError::TooManyDigits(text.to_owned()))
+        .map_err(|_| AmountError::TooManyDigits(shown(text)))
 }
 
 /// An exponent: `[+-]digits`, at most 6 digits (anything larger is out of
@@ -235,6 +237,22 @@ mod tests {
         assert_eq!(Amount::parse("-0.1", 2).unwrap().minor(), -10);
         assert_eq!(Amount::parse("1e3", 0).unwrap().minor(), 1000);
         assert_eq!(Amount::parse("1.50", 2).unwrap().to_string(), "1.5");
+    }
+
+    #[test]
+    fn an_error_shows_a_long_amount_cut_short() {
+        for text in [
+            "1".repeat(1_000_000),
+            "x".repeat(1_000_000),
+            format!("0.{}", "1".repeat(1_000_000)),
+        ] {
+            let message = Amount::parse(&text, 2).unwrap_err().to_string();
+            assert!(message.len() < 300, "{} bytes: {}", message.len(), &message[..300]);
+            assert!(
+                message.contains("(1000000 bytes)") || message.contains("(1000002 bytes)"),
+                "{message}"
+            );
+        }
     }
 
     #[test]

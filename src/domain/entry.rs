@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::amount::{AmountError, MAX_DECIMALS};
-use super::{AccountId, Amount, Catalog, IdempotencyKey, ResourceName};
+use super::{AccountId, Amount, Catalog, IdempotencyKey, ResourceName, shown};
 
 /// The most bytes an entry's metadata may take, as compact JSON.
 pub const MAX_METADATA_BYTES: usize = 4096;
@@ -187,15 +187,6 @@ fn not_rfc3339(text: &str, e: chrono::ParseError) -> String {
             _ => "it does not have the shape YYYY-MM-DDTHH:MM:SS with an offset",
         };
         format!("{text:?} is not an RFC 3339 timestamp: {reason}; {LIKE}")
-    }
-}
-
-/// `text` as an error message shows it: whole up to 64 characters, else its
-/// start and how long it was.
-fn shown(text: &str) -> String {
-    match text.char_indices().nth(64) {
-        None => text.to_owned(),
-        Some((end, _)) => format!("{}… ({} bytes)", &text[..end], text.len()),
     }
 }
 

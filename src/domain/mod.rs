@@ -18,3 +18,12 @@ pub use catalog::Catalog;
 pub use entry::{Entry, EntryFilter, EntryInput, EntryRules, FieldError, InsertOutcome, InsertStatus, NewEntry};
 pub use idempotency::IdempotencyKey;
 pub use resource::ResourceName;
+
+/// `text` as an error message shows it: whole up to 64 characters, else its
+/// start and how long it was.
+pub(crate) fn shown(text: &str) -> String {
+    match text.char_indices().nth(64) {
+        None => text.to_owned(),
+        Some((end, _)) => format!("{}… ({} bytes)", &text[..end], text.len()),
+    }
+}
