@@ -9,7 +9,7 @@ use serde_json::value::RawValue;
 
 use super::auth::{Admin, Caller};
 use super::error::ApiError;
-use super::extract::{Body, Path, QueryParams, parse_json};
+use super::extract::{Body, NoQuery, Path, QueryParams, parse_json};
 use super::{AppState, params};
 use crate::domain::catalog::{Enforcement, Window};
 use crate::domain::entry::parse_timestamp;
@@ -33,7 +33,7 @@ pub fn router() -> Router<AppState> {
         .route("/v1/accounts/{account}/usage", get(usage))
 }
 
-async fn plans(State(state): State<AppState>, _caller: Caller) -> Json<Catalog> {
+async fn plans(State(state): State<AppState>, _caller: Caller, _: NoQuery) -> Json<Catalog> {
     Json(state.catalog.as_ref().clone())
 }
 
@@ -44,6 +44,7 @@ async fn account_view(state: &AppState, account: AccountId) -> Result<AccountVie
 async fn account(
     State(state): State<AppState>,
     caller: Caller,
+    _: NoQuery,
     Path(account): Path<String>,
 ) -> Result<Json<AccountView>, ApiError> {
     let account = params::account(&account)?;
@@ -70,6 +71,7 @@ fn unknown_plan(catalog: &Catalog, plan: &str) -> ApiError {
 async fn set_plan(
     State(state): State<AppState>,
     _: Admin,
+    _: NoQuery,
     Path(account): Path<String>,
     Body(bytes): Body,
 ) -> Result<Json<AccountView>, ApiError> {
@@ -111,6 +113,7 @@ fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<B
 async fn set_override(
     State(state): State<AppState>,
     _: Admin,
+    _: NoQuery,
     Path((account, resource)): Path<(String, String)>,
     Body(bytes): Body,
 ) -> Result<Json<Override>, ApiError> {
@@ -180,6 +183,7 @@ async fn set_override(
 async fn delete_override(
     State(state): State<AppState>,
     _: Admin,
+    _: NoQuery,
     Path((account, resource)): Path<(String, String)>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let account = params::account(&account)?;

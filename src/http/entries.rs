@@ -11,7 +11,7 @@ use serde_json::value::RawValue;
 use super::AppState;
 use super::auth::{Caller, Writer};
 use super::error::ApiError;
-use super::extract::{Body, Path, QueryParams, malformed_json, malformed_json_in, parse_json, require_object};
+use super::extract::{Body, NoQuery, Path, QueryParams, malformed_json, malformed_json_in, parse_json, require_object};
 use super::params;
 use crate::domain::entry::{EntryRules, FieldError, refuse_nul, validate_batch};
 use crate::domain::{
@@ -212,6 +212,7 @@ fn malformed_batch(list: &RawValue, error: serde_json::Error) -> ApiError {
 async fn post_entries(
     State(state): State<AppState>,
     Writer(caller): Writer,
+    _: NoQuery,
     Body(bytes): Body,
 ) -> Result<Json<PostEntriesResponse>, ApiError> {
     let inputs = entries_of(&bytes)?;
@@ -261,6 +262,7 @@ struct ReversalResponse {
 async fn reverse_entry(
     State(state): State<AppState>,
     Writer(caller): Writer,
+    _: NoQuery,
     Path(id): Path<String>,
     Body(bytes): Body,
 ) -> Result<Json<ReversalResponse>, ApiError> {

@@ -148,6 +148,23 @@ impl<S: Send + Sync> FromRequestParts<S> for QueryParams {
     }
 }
 
+/// For an endpoint that takes no query parameters: any is a 422, as an
+/// unknown one is on the endpoints that take some. Ignored, a
+/// `POST /v1/entries?dry_run=1` would record what the client meant to try.
+pub struct NoQuery;
+
+impl<S: Send + Sync> FromRequestParts<S> for NoQuery {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        if parts.uri.query().is_some_and(|q| !q.is_empty()) {
+            let QueryParams(query) = QueryParams::from_request_parts(parts, state).await?;
+            super::params::reject_unknown(&query, &[])?;
+        }
+        Ok(NoQuery)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::without_type_names;

@@ -53,16 +53,18 @@ pub fn at(query: &HashMap<String, String>, now: DateTime<Utc>) -> Result<DateTim
 /// 422 for a query parameter this endpoint does not take (a typo would
 /// otherwise silently widen the result).
 pub fn reject_unknown(query: &HashMap<String, String>, known: &[&str]) -> Result<(), ApiError> {
-    match query.keys().find(|k| !known.contains(&k.as_str())) {
-        Some(unknown) => Err(ApiError::invalid(
-            "query",
-            format!(
-                "unknown query parameter {unknown:?}; this endpoint takes {}",
-                known.join(", ")
-            ),
-        )),
-        None => Ok(()),
-    }
+    let Some(unknown) = query.keys().find(|k| !known.contains(&k.as_str())) else {
+        return Ok(());
+    };
+    let takes = if known.is_empty() {
+        "no query parameters".to_owned()
+    } else {
+        known.join(", ")
+    };
+    Err(ApiError::invalid(
+        "query",
+        format!("unknown query parameter {unknown:?}; this endpoint takes {takes}"),
+    ))
 }
 
 /// A calendar date (`YYYY-MM-DD`), or a month (`YYYY-MM`) meaning its first day.

@@ -9,7 +9,7 @@ use serde_json::value::RawValue;
 
 use super::auth::Writer;
 use super::error::ApiError;
-use super::extract::{Body, malformed_json, parse_json};
+use super::extract::{Body, NoQuery, malformed_json, parse_json};
 use super::{AppState, params};
 use crate::domain::catalog::Window;
 use crate::domain::entry::parse_timestamp;
@@ -36,6 +36,7 @@ struct CheckRequest {
 async fn check(
     State(state): State<AppState>,
     Writer(caller): Writer,
+    _: NoQuery,
     Body(bytes): Body,
 ) -> Result<Json<QuotaStatus>, ApiError> {
     let request: CheckRequest = parse_json(&bytes)?;
@@ -99,6 +100,7 @@ struct ConsumeResponse {
 async fn consume(
     State(state): State<AppState>,
     Writer(caller): Writer,
+    _: NoQuery,
     Body(bytes): Body,
 ) -> Result<Json<ConsumeResponse>, ApiError> {
     let input: EntryInput = parse_json(&bytes)?;

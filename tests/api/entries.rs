@@ -21,6 +21,7 @@ both!(
     listing_filters_by_resource_and_time,
     a_resource_dropped_from_the_catalog_stays_readable_by_name,
     health_reports_the_database,
+    an_endpoint_that_takes_no_query_parameters_refuses_any_and_writes_nothing,
     unknown_routes_are_404_in_the_contract_format,
 );
 
@@ -369,6 +370,76 @@ async fn listing_filters_by_resource_and_time(app: TestApp) {
     );
     let reversed = app.get("/v1/accounts/acme/entries?from=2026-11-03&to=2026-11-01").await;
     assert_eq!(reversed.status, 422);
+}
+
+async fn an_endpoint_that_takes_no_query_parameters_refuses_any_and_writes_nothing(app: TestApp) {
+    let body = entry("acme", "api_requests", "5", "dry");
+    let dry_run = app
+        .request(
+            "POST",
+            "/v1/entries?dry_run=1",
+            Some(&app.admin_key),
+            Some(body.to_string()),
+        )
+        .await;
+    assert_eq!(
+        (dry_run.status, dry_run.code()),
+        (422, "validation_failed"),
+        "{:?}",
+        dry_run.body
+    );
+    assert_eq!(dry_run.body["error"]["details"]["errors"][0]["field"], "query");
+    assert!(
+        dry_run.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown query parameter \"dry_run\"; this endpoint takes no query parameters"),
+        "{:?}",
+        dry_run.body
+    );
+    assert_eq!(app.ledger_sum("acme", "api_requests").await, 0);
+    let consume = json!({"account": "acme", "resource": "api_requests", "amount": "1", "idempotency_key": "c"});
+    for (method, path, body) in [
+        ("POST", "/v1/quota/consume?test=1", Some(consume)),
+        (
+            "POST",
+            "/v1/quota/check?at=2026-01-01",
+            Some(json!({"account": "acme", "resource": "api_requests"})),
+        ),
+        ("GET", "/v1/plans?plan=pro", None),
+        ("GET", "/v1/accounts/acme?x=1", None),
+        (
+            "PUT",
+            "/v1/accounts/acme/plan?effective_at=2026-01-01",
+            Some(json!({"plan": "pro"})),
+        ),
+        ("DELETE", "/v1/accounts/acme/overrides/api_requests?force=1", None),
+    ] {
+        let reply = app
+            .request(
+                method,
+                path,
+                Some(&app.admin_key),
+                body.map(|b: serde_json::Value| b.to_string()),
+            )
+            .await;
+        assert_eq!(reply.status, 422, "{method} {path}: {:?}", reply.body);
+    }
+    assert_eq!(app.ledger_sum("acme", "api_requests").await, 0);
+    assert_eq!(
+        app.get("/v1/accounts/acme").await.body["plan"],
+        "free",
+        "the plan is unchanged"
+    );
+    // Probes and scrapers may add parameters of their own.
+    assert_eq!(app.request("GET", "/healthz?probe=1", None, None).await.status, 200);
+    // Without a query, or with an empty one, they answer as ever.
+    assert_eq!(
+        app.request("GET", "/v1/plans?", Some(&app.admin_key), None)
+            .await
+            .status,
+        200
+    );
 }
 
 async fn health_reports_the_database(app: TestApp) {
