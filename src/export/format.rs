@@ -174,7 +174,7 @@ pub(crate) fn push_amount(buf: &mut Vec<u8>, minor: i64, decimals: u32) {
         return;
     }
     let mut digits = decimals as usize;
-    while fraction % 10 == 0 {
+    while fraction.is_multiple_of(10) {
         fraction /= 10;
         digits -= 1;
     }
@@ -225,7 +225,11 @@ pub(crate) fn push_instant(buf: &mut Vec<u8>, micros: i64, cache: &mut DayCache)
     let us = (of_day % 1_000_000) as u32;
     if us != 0 {
         buf.push(b'.');
-        let (value, width) = if us % 1000 == 0 { (us / 1000, 3) } else { (us, 6) };
+        let (value, width) = if us.is_multiple_of(1000) {
+            (us / 1000, 3)
+        } else {
+            (us, 6)
+        };
         push_padded(buf, u64::from(value), width);
     }
     buf.push(b'Z');

@@ -358,10 +358,10 @@ fn entry_filter(
     params::reject_unknown(query, &["from", "to", "resource", "after_id", "limit"])?;
     let from = query.get("from").map(|v| params::instant("from", v)).transpose()?;
     let to = query.get("to").map(|v| params::instant("to", v)).transpose()?;
-    if let (Some(from), Some(to)) = (from, to) {
-        if from > to {
-            return Err(ApiError::invalid("from", format!("from ({from}) is after to ({to})")));
-        }
+    if let (Some(from), Some(to)) = (from, to)
+        && from > to
+    {
+        return Err(ApiError::invalid("from", format!("from ({from}) is after to ({to})")));
     }
     let after_id = query
         .get("after_id")

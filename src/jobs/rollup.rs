@@ -158,10 +158,10 @@ pub async fn run(store: &dyn Store, options: &RollupOptions, metrics: &Metrics) 
                 report.batches = batch_no;
                 report.entries += folded;
                 metrics.entries_folded.inc_by(folded);
-                if let Some(f) = options.failpoint {
-                    if let Err(e) = f.fire(batch_no, Stage::AfterCommit) {
-                        break Err(e);
-                    }
+                if let Some(f) = options.failpoint
+                    && let Err(e) = f.fire(batch_no, Stage::AfterCommit)
+                {
+                    break Err(e);
                 }
                 if folded < u64::from(batch_size) {
                     break Ok(());

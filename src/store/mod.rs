@@ -474,18 +474,18 @@ pub(crate) struct AscendingKeys {
 impl AscendingKeys {
     /// Accepts the next key, or errs when it does not come after the last.
     pub(crate) fn advance(&mut self, account: &[u8], resource: &[u8], bucket: NaiveDate) -> Result<(), ExportError> {
-        if let Some(last) = self.bucket {
-            if (account, resource, bucket) <= (self.account.as_slice(), self.resource.as_slice(), last) {
-                return Err(ExportError::Data(format!(
-                    "totals arrived out of byte order ({} / {} / {bucket} after {} / {} / {last}); \
+        if let Some(last) = self.bucket
+            && (account, resource, bucket) <= (self.account.as_slice(), self.resource.as_slice(), last)
+        {
+            return Err(ExportError::Data(format!(
+                "totals arrived out of byte order ({} / {} / {bucket} after {} / {} / {last}); \
                      the database's collation is not byte order: export from a database created with \
                      LC_COLLATE 'C' or report this",
-                    String::from_utf8_lossy(account),
-                    String::from_utf8_lossy(resource),
-                    String::from_utf8_lossy(&self.account),
-                    String::from_utf8_lossy(&self.resource),
-                )));
-            }
+                String::from_utf8_lossy(account),
+                String::from_utf8_lossy(resource),
+                String::from_utf8_lossy(&self.account),
+                String::from_utf8_lossy(&self.resource),
+            )));
         }
         self.account.clear();
         self.account.extend_from_slice(account);

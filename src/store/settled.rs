@@ -82,7 +82,7 @@ impl SettledSums {
             let mut n = 0_usize;
             map.retain(|_, _| {
                 n += 1;
-                n % 8 != 0
+                !n.is_multiple_of(8)
             });
         }
         map.insert(key, settled);

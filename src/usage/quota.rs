@@ -360,10 +360,10 @@ impl Quotas<'_> {
         now: DateTime<Utc>,
     ) -> Result<ConsumeOutcome, ConsumeError> {
         let at = entry.occurred_at;
-        if let Some(rules) = self.rules_without_rate(&entry.resource, at) {
-            if let Some(decided) = self.store.consume_decided(entry, rules).await? {
-                return self.decided(entry, decided, now).await;
-            }
+        if let Some(rules) = self.rules_without_rate(&entry.resource, at)
+            && let Some(decided) = self.store.consume_decided(entry, rules).await?
+        {
+            return self.decided(entry, decided, now).await;
         }
         let decider = Decider {
             catalog: self.catalog,
