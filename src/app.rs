@@ -218,11 +218,8 @@ impl Application {
     /// On a database with no key at all, creates one admin key and returns its
     /// plaintext, to be shown once.
     pub async fn bootstrap_admin_key(&self) -> anyhow::Result<Option<KeySecret>> {
-        if self.state.store.count_api_keys().await? > 0 {
-            return Ok(None);
-        }
-        let secret = create_key(self.state.store.as_ref(), Role::Admin, None, Some("bootstrap".into())).await?;
-        Ok(Some(secret))
+        let (secret, new) = new_key(Role::Admin, None, Some("bootstrap".into()))?;
+        Ok(self.state.store.create_first_api_key(&new).await?.map(|_| secret))
     }
 
     /// A job runner over this application's store and metrics.
@@ -252,6 +249,18 @@ pub async fn create_key(
     account: Option<crate::domain::AccountId>,
     name: Option<String>,
 ) -> anyhow::Result<KeySecret> {
+    let (secret, new) = new_key(role, account, name)?;
+    store.create_api_key(&new).await?;
+    Ok(secret)
+}
+
+/// A new key's plaintext and what to store of it, once its role and
+/// account agree.
+fn new_key(
+    role: Role,
+    account: Option<crate::domain::AccountId>,
+    name: Option<String>,
+) -> anyhow::Result<(KeySecret, NewApiKey)> {
     match (role, &account) {
         (Role::Reader, None) => anyhow::bail!("a reader key reads one account: pass --account ACCOUNT"),
         // Admin passes every account check, so a binding would only look
@@ -263,16 +272,14 @@ pub async fn create_key(
         _ => {}
     }
     let secret = KeySecret::generate();
-    store
-        .create_api_key(&NewApiKey {
-            hash: secret.hash(),
-            prefix: secret.prefix(),
-            role,
-            account,
-            name,
-        })
-        .await?;
-    Ok(secret)
+    let new = NewApiKey {
+        hash: secret.hash(),
+        prefix: secret.prefix(),
+        role,
+        account,
+        name,
+    };
+    Ok((secret, new))
 }
 
 /// Resolves when the process is asked to stop (Ctrl-C or SIGTERM).

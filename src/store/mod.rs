@@ -177,8 +177,11 @@ pub trait Store: Send + Sync + 'static {
     /// Revokes a key; revoking twice keeps the first time.
     async fn revoke_api_key(&self, id: i64) -> Result<ApiKey, StoreError>;
 
-    /// How many keys exist, revoked ones included.
-    async fn count_api_keys(&self) -> Result<i64, StoreError>;
+    /// Stores `new` only if the database has no key at all, revoked ones
+    /// included (the bootstrap admin key); `None` when one exists. Atomic:
+    /// of several processes starting at once on a new database, one stores
+    /// its key.
+    async fn create_first_api_key(&self, new: &NewApiKey) -> Result<Option<ApiKey>, StoreError>;
 
     /// Folds the next batch of at most `max_entries` ledger rows into the daily
     /// and monthly totals and moves the cursor, in one transaction. Returns how
@@ -802,20 +805,39 @@ pub struct NewApiKey {
 /// every large batch was noise. `RUST_LOG=sqlx=info` shows them.
 const SLOW_STATEMENT_LEVEL: log::LevelFilter = log::LevelFilter::Info;
 
-/// The versions of the migrations a database has applied, read as sqlx's
-/// migrator reads them: under its lock, its table created first if missing.
-/// Reading the table of a new database without creating it put an ERROR
-/// ("relation does not exist") in PostgreSQL's log on every first start.
-async fn applied_migrations<C: sqlx::migrate::Migrate>(conn: &mut C) -> anyhow::Result<Vec<i64>> {
-    let context = "cannot read which migrations the database has applied";
+/// Runs `migrator` on `conn` and logs what it applied. The versions applied
+/// before are read under the migrator's lock, held until the run is over
+/// (PostgreSQL's advisory lock is re-entrant: the migrator takes it again),
+/// so that of several processes starting at once only the one that applied
+/// the migrations logs them. Reading `_sqlx_migrations` before sqlx creates
+/// it put an ERROR ("relation does not exist") in PostgreSQL's log on every
+/// first start. sqlx's SQLite lock does nothing: [`sqlite::SqliteStore`]
+/// holds a lock of its own around this.
+async fn run_migrations<C: sqlx::migrate::Migrate>(
+    migrator: &sqlx::migrate::Migrator,
+    conn: &mut C,
+) -> anyhow::Result<()> {
+    let context = "cannot run database migrations";
     conn.lock().await.context(context)?;
-    let applied = async {
+    let ran = async {
         conn.ensure_migrations_table().await?;
-        conn.list_applied_migrations().await
+        let before: Vec<i64> = conn
+            .list_applied_migrations()
+            .await?
+            .into_iter()
+            .map(|m| m.version)
+            .collect();
+        // `run_direct` is `run` on a connection we hold (sqlx's way round
+        // `Acquire` bounds that a generic connection cannot meet).
+        migrator.run_direct(&mut *conn).await?;
+        Ok::<_, sqlx::migrate::MigrateError>(before)
     }
     .await;
-    conn.unlock().await.context(context)?;
-    Ok(applied.context(context)?.into_iter().map(|m| m.version).collect())
+    let unlocked = conn.unlock().await;
+    let before = ran.context(context)?;
+    unlocked.context(context)?;
+    log_applied_migrations(migrator, &before);
+    Ok(())
 }
 
 /// Logs what a migration run changed, given the versions applied before it:

@@ -431,12 +431,7 @@ impl Store for PgStore {
 
     async fn migrate(&self) -> anyhow::Result<()> {
         let migrator = sqlx::migrate!("migrations/postgres");
-        let before = super::applied_migrations(&mut *self.pool.acquire().await?).await?;
-        migrator
-            .run(&self.pool)
-            .await
-            .context("cannot run database migrations")?;
-        super::log_applied_migrations(&migrator, &before);
+        super::run_migrations(&migrator, &mut *self.pool.acquire().await?).await?;
         self.refuse_a_cluster_behind_the_ledger().await
     }
 
@@ -603,10 +598,29 @@ impl Store for PgStore {
         })
     }
 
-    async fn count_api_keys(&self) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM api_keys")
-            .fetch_one(&self.pool)
-            .await?)
+    async fn create_first_api_key(&self, new: &NewApiKey) -> Result<Option<ApiKey>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // Without the lock two processes could each see no key under READ
+        // COMMITTED and each insert one; after it, the INSERT's snapshot sees
+        // a key the other committed.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('tally: the first api key', 0))")
+            .execute(&mut *tx)
+            .await?;
+        let row: Option<ApiKeyRow> = sqlx::query_as(&format!(
+            "INSERT INTO api_keys (name, role, account, key_hash, prefix, created_at)
+             SELECT $1, $2, $3, $4, $5, $6 WHERE NOT EXISTS (SELECT 1 FROM api_keys)
+             RETURNING {API_KEY_COLUMNS}"
+        ))
+        .bind(new.name.as_deref())
+        .bind(new.role.as_str())
+        .bind(new.account.as_ref().map(AccountId::as_str))
+        .bind(&new.hash)
+        .bind(&new.prefix)
+        .bind(Utc::now())
+        .fetch_optional(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(row.map(Into::into))
     }
     async fn rollup_batch(&self, max_entries: u32, before_commit: &BeforeCommit) -> Result<u64, StoreError> {
         if let Some(folded) = self.fold_batch(max_entries, false, before_commit).await? {

@@ -7,9 +7,9 @@
 
 mod export;
 
-use anyhow::Context;
 use sqlx::ConnectOptions;
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
@@ -46,6 +46,8 @@ pub struct SqliteStore {
     /// Settled sums behind `used` (see [`super::settled`]).
     settled: SettledSums,
     export_source: Arc<export::Source>,
+    /// The database file (None in memory), locked while migrating.
+    file: Option<PathBuf>,
 }
 
 /// The options for the database `url` names, and where exports read it.
@@ -67,10 +69,46 @@ fn database_of(url: &str) -> Result<(SqliteConnectOptions, export::Source), sqlx
     Ok((options.filename(name).in_memory(true).shared_cache(true), source))
 }
 
+/// An exclusive lock, held until dropped, for the steps two processes must
+/// not take at once on one database file: opening a new file (switching it
+/// to WAL needs it alone, and SQLite answers "database is locked" then rather
+/// than wait) and migrating (sqlx takes no lock on SQLite: processes starting
+/// at once on a new file each applied the migrations, and all but one failed
+/// with "table entries already exists"). The lock is on a file of its own
+/// beside the database (`tally.db.tally-lock`), never on the database file:
+/// closing any descriptor of that file would drop the locks SQLite holds on
+/// it in this process. Taken on a blocking thread: another process may hold
+/// it for a while.
+async fn lock_beside_database(file: &std::path::Path) -> std::io::Result<std::fs::File> {
+    let mut lock_file = file.as_os_str().to_owned();
+    lock_file.push(".tally-lock");
+    tokio::task::spawn_blocking(move || {
+        let handle = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_file)?;
+        handle.lock()?;
+        Ok(handle)
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
 impl SqliteStore {
     /// Opens (creating if missing) the database file a `sqlite://` URL names.
     pub async fn connect(url: &str, catalog: Arc<Catalog>) -> Result<Self, sqlx::Error> {
         let (options, export_source) = database_of(url)?;
+        let file = match &export_source {
+            export::Source::File(file) => Some(file.clone()),
+            export::Source::Memory(_) => None,
+        };
+        // A lock that cannot be taken (a missing folder) leaves the error to
+        // SQLite's own open below, in its words.
+        let opening = match &file {
+            Some(file) => lock_beside_database(file).await.ok(),
+            None => None,
+        };
         let options = options
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -107,12 +145,14 @@ impl SqliteStore {
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(options)
             .await?;
+        drop(opening);
         Ok(Self {
             writer,
             reader,
             rollup,
             catalog,
             settled: SettledSums::default(),
+            file,
             export_source: Arc::new(export_source),
         })
     }
@@ -260,13 +300,22 @@ impl Store for SqliteStore {
 
     async fn migrate(&self) -> anyhow::Result<()> {
         let migrator = sqlx::migrate!("migrations/sqlite");
-        let before = super::applied_migrations(&mut *self.writer.acquire().await?).await?;
-        migrator
-            .run(&self.writer)
-            .await
-            .context("cannot run database migrations")?;
-        super::log_applied_migrations(&migrator, &before);
-        Ok(())
+        // One process migrates at a time (see lock_beside_database).
+        let _migrating = match &self.file {
+            Some(file) => lock_beside_database(file)
+                .await
+                .inspect_err(|e| {
+                    tracing::warn!(
+                        file = %file.display(),
+                        error = %e,
+                        "cannot lock {} to run migrations; running them unguarded (start one process at a time on a new file)",
+                        file.display()
+                    );
+                })
+                .ok(),
+            None => None,
+        };
+        super::run_migrations(&migrator, &mut *self.writer.acquire().await?).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -395,10 +444,25 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn count_api_keys(&self) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM api_keys")
-            .fetch_one(&self.reader)
-            .await?)
+    async fn create_first_api_key(&self, new: &NewApiKey) -> Result<Option<ApiKey>, StoreError> {
+        // BEGIN IMMEDIATE: the write lock before the read, so no other
+        // process inserts a key between them.
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let row: Option<ApiKeyRow> = sqlx::query_as(&format!(
+            "INSERT INTO api_keys (name, role, account, key_hash, prefix, created_at)
+             SELECT ?, ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM api_keys)
+             RETURNING {API_KEY_COLUMNS}"
+        ))
+        .bind(new.name.as_deref())
+        .bind(new.role.as_str())
+        .bind(new.account.as_ref().map(AccountId::as_str))
+        .bind(&new.hash)
+        .bind(&new.prefix)
+        .bind(to_micros(Utc::now()))
+        .fetch_optional(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(row.map(Into::into))
     }
     async fn rollup_batch(&self, max_entries: u32, before_commit: &BeforeCommit) -> Result<u64, StoreError> {
         // Reading and summing the batch is most of the work, and it needs no

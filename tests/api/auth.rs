@@ -19,6 +19,7 @@ both!(
     a_key_bound_to_one_account_cannot_tell_another_accounts_entries_from_missing_ones,
     serve_on_a_database_without_keys_prints_one_admin_key_once_and_it_works,
     serve_with_tally_admin_key_creates_no_bootstrap_key,
+    replicas_starting_at_once_on_a_database_without_keys_create_one_admin_key,
     the_bearer_scheme_is_read_whatever_its_case,
 );
 
@@ -339,6 +340,24 @@ async fn serve_with_tally_admin_key_creates_no_bootstrap_key(app: TestApp) {
     assert_eq!(admin_stats_status(&app, &serve.address, "env-admin").await, 200);
     assert!(serve.stop().await.success(), "{}", serve.stderr());
     assert_eq!(app.scalar_i64("SELECT COUNT(*) FROM api_keys").await, 0);
+}
+
+/// API.md: "creates one admin key", also when several replicas start at
+/// once on a database without keys (each used to find none and make its own,
+/// printed in its own log).
+async fn replicas_starting_at_once_on_a_database_without_keys_create_one_admin_key(app: TestApp) {
+    let replicas =
+        futures_util::future::join_all((0..4).map(|_| ServeProcess::start(&app.database_url, &["--no-jobs"], &[])))
+            .await;
+    let printed = replicas
+        .iter()
+        .filter(|r| r.stderr().lines().any(|l| l.trim().starts_with("tly_")))
+        .count();
+    assert_eq!(app.scalar_i64("SELECT COUNT(*) FROM api_keys").await, 1);
+    assert_eq!(printed, 1, "one replica prints the one key");
+    for mut replica in replicas {
+        assert!(replica.stop().await.success(), "{}", replica.stderr());
+    }
 }
 
 /// API.md: `serve` on a database with no key at all creates one admin key and

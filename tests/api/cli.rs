@@ -17,6 +17,7 @@ both!(
     keys_revoke_makes_the_key_401_from_then_on,
     keys_are_stored_hashed_and_the_plaintext_is_nowhere_in_the_keys_table,
     migrate_creates_the_schema_on_a_fresh_database_and_a_second_run_changes_nothing,
+    processes_migrating_a_new_database_at_once_all_start_and_one_creates_the_schema,
     a_reader_that_stops_reading_ends_the_output_quietly_with_the_commands_own_exit_code,
     reads_of_a_database_that_is_not_there_fail_and_create_nothing,
 );
@@ -344,6 +345,36 @@ async fn keys_are_stored_hashed_and_the_plaintext_is_nowhere_in_the_keys_table(a
         1,
         "the stored form is the key's hash"
     );
+}
+
+/// Replicas, or a `tally post` beside `serve`, starting at once on a new
+/// database: on SQLite all but one used to fail ("table entries already
+/// exists", or "database is locked" while the file became WAL), and on both
+/// engines each logged "created the schema" although one had.
+async fn processes_migrating_a_new_database_at_once_all_start_and_one_creates_the_schema(app: TestApp) {
+    for round in 0..3 {
+        let Some((url, _dir)) = fresh_database(app.backend).await else {
+            return;
+        };
+        let children: Vec<_> = (0..4)
+            .map(|_| {
+                Command::new(env!("CARGO_BIN_EXE_tally"))
+                    .args(["migrate", "--database-url", &url])
+                    .env("RUST_LOG", "info,sqlx=warn")
+                    .stderr(std::process::Stdio::piped())
+                    .stdout(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let mut created = 0;
+        for child in children {
+            let out = child.wait_with_output().unwrap();
+            assert!(out.status.success(), "round {round}: {}", text(&out.stderr));
+            created += text(&out.stderr).matches("created the schema").count();
+        }
+        assert_eq!(created, 1, "round {round}: one process created the schema");
+    }
 }
 
 async fn migrate_creates_the_schema_on_a_fresh_database_and_a_second_run_changes_nothing(app: TestApp) {
