@@ -318,6 +318,17 @@ impl Quotas<'_> {
         amount: Amount,
         at: DateTime<Utc>,
     ) -> Result<QuotaStatus, StoreError> {
+        Ok(self.check_with_limit(account, resource, amount, at).await?.0)
+    }
+
+    /// [`Quotas::check`], with the limit it judged by and `used`.
+    async fn check_with_limit(
+        &self,
+        account: &AccountId,
+        resource: &ResourceName,
+        amount: Amount,
+        at: DateTime<Utc>,
+    ) -> Result<(QuotaStatus, EffectiveLimit, Amount), StoreError> {
         // Plan, overrides and `used` in the likely period in one read; a
         // second read only when the plan or an override picks another window.
         let likely = Period::containing(self.likely_window(resource), at);
@@ -337,7 +348,8 @@ impl Quotas<'_> {
         };
         let used = Amount::from_minor(used_minor, amount.decimals());
         let allowed = allows(&limit, used, amount);
-        Ok(QuotaStatus::new(account, resource, &limit, &period, used, allowed))
+        let status = QuotaStatus::new(account, resource, &limit, &period, used, allowed);
+        Ok((status, limit, used))
     }
 
     /// The window `resource` most likely counts in: the default plan's (most
@@ -584,9 +596,10 @@ impl Quotas<'_> {
                 entry_id,
                 response: None,
             } => {
-                // Posted through /v1/entries, not consume: answer with the state now.
-                let status = self
-                    .check(&entry.account, &entry.resource, entry.amount, entry.occurred_at)
+                // Posted through /v1/entries, not consume: answer with the
+                // state now, and the warnings it deserves.
+                let (status, limit, used) = self
+                    .check_with_limit(&entry.account, &entry.resource, entry.amount, entry.occurred_at)
                     .await?;
                 Ok(ConsumeOutcome::Recorded {
                     status: QuotaStatus {
@@ -594,7 +607,7 @@ impl Quotas<'_> {
                         ..status
                     },
                     entry_id,
-                    warnings: Vec::new(),
+                    warnings: warnings_for(&entry.resource, &limit, used),
                     replayed: true,
                 })
             }

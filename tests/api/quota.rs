@@ -31,6 +31,7 @@ both!(
     the_101st_request_in_a_minute_on_free_is_rate_limited_until_retry_after,
     a_rate_follows_the_plan_in_force_when_the_request_arrives_not_when_it_is_dated,
     a_consume_retried_with_its_key_returns_the_first_outcome,
+    a_consume_with_the_key_of_a_posted_entry_records_nothing_and_answers_the_state_now_with_its_warnings,
     a_free_account_at_99999_requests_consumes_one_then_is_refused_until_upgraded,
     fifty_ai_generations_pass_on_free_and_the_51st_is_refused,
     usage_lists_every_limited_or_used_resource_with_warnings,
@@ -759,6 +760,23 @@ async fn a_rate_follows_the_plan_in_force_when_the_request_arrives_not_when_it_i
         assert_eq!(reply.body["plan"], "free");
     }
     assert_eq!(app.ledger_sum("up", "api_requests").await, 300);
+}
+
+async fn a_consume_with_the_key_of_a_posted_entry_records_nothing_and_answers_the_state_now_with_its_warnings(
+    app: TestApp,
+) {
+    let posted = app.post_entries(entry("acme", "ai_generations", "45", "posted")).await;
+    assert_eq!(posted.status, 200, "{:?}", posted.body);
+    let reply = consume(&app, "acme", "ai_generations", "45", "posted", None).await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    assert_eq!(reply.body["used"], "45");
+    assert_eq!(reply.body["status"], "warning");
+    assert_eq!(
+        reply.body["warnings"][0]["code"], "approaching_limit",
+        "{:?}",
+        reply.body
+    );
+    assert_eq!(app.ledger_sum("acme", "ai_generations").await, 45, "nothing recorded");
 }
 
 async fn a_consume_retried_with_its_key_returns_the_first_outcome(app: TestApp) {
