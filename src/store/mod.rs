@@ -881,13 +881,17 @@ pub fn sqlite_file(url: &str) -> anyhow::Result<Option<std::path::PathBuf>> {
     }
     let options = <sqlx::sqlite::SqliteConnectOptions as std::str::FromStr>::from_str(url)
         .with_context(|| format!("cannot read the SQLite URL {url:?}"))?;
-    let file = options.get_filename();
-    // `sqlite:file:x.db` names x.db, as SQLite's own URI filenames do.
-    let file = file
+    Ok(Some(sqlite_path(options.get_filename())))
+}
+
+/// The path of the file sqlx's SQLite `filename` opens: `sqlite:file:x.db`
+/// names x.db, as SQLite's own URI filenames do.
+pub(crate) fn sqlite_path(filename: &std::path::Path) -> std::path::PathBuf {
+    filename
         .to_str()
         .and_then(|f| f.strip_prefix("file:"))
-        .map_or(file, std::path::Path::new);
-    Ok(Some(file.to_path_buf()))
+        .map_or(filename, std::path::Path::new)
+        .to_path_buf()
 }
 
 /// Opens the store a database URL names (`sqlite://…` or `postgres://…`).

@@ -46,7 +46,8 @@ pub struct SqliteStore {
     /// Settled sums behind `used` (see [`super::settled`]).
     settled: SettledSums,
     export_source: Arc<export::Source>,
-    /// The database file (None in memory), locked while migrating.
+    /// The database file (None in memory), whose lock file guards opening
+    /// and migrating.
     file: Option<PathBuf>,
 }
 
@@ -61,7 +62,7 @@ fn database_of(url: &str) -> Result<(SqliteConnectOptions, export::Source), sqlx
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let options = SqliteConnectOptions::from_str(url)?;
     if !super::sqlite_in_memory(url) {
-        let source = export::Source::File(options.get_filename().to_owned());
+        let source = export::Source::File(super::sqlite_path(options.get_filename()));
         return Ok((options, source));
     }
     let name = format!("file:tally-in-memory-{}", NEXT.fetch_add(1, Ordering::Relaxed));

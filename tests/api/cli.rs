@@ -632,6 +632,9 @@ async fn reads_of_a_database_that_is_not_there_fail_and_create_nothing(app: Test
             let out = run(url);
             assert!(out.status.success(), "{url}: {}", text(&out.stderr));
         }
+        // The lock file beside a database is named after its path, not the URL.
+        assert!(dir.path().join("typo.db.tally-lock").exists());
+        assert!(!dir.path().join("file:typo.db.tally-lock").exists());
         let folder = run(&format!("sqlite://{}", dir.path().display()));
         assert!(!folder.status.success());
         assert!(text(&folder.stderr).contains("is a folder"), "{}", text(&folder.stderr));
