@@ -72,7 +72,10 @@ pub async fn stats(store: &dyn Store, catalog: &Catalog, month: NaiveDate) -> an
     let mut accounts_per_plan: BTreeMap<String, u64> = BTreeMap::new();
     let mut revenue = Decimal::ZERO;
     for_each_invoice(store, catalog, month, None, None, |invoice| {
-        let plan_line = invoice.lines.first().expect("an invoice starts with its plan line");
+        let plan_line = invoice
+            .lines
+            .first()
+            .ok_or_else(|| anyhow::anyhow!("the invoice of '{}' has no plan line", invoice.account))?;
         *accounts_per_plan.entry(plan_line.plan.clone()).or_default() += 1;
         revenue += invoice.total;
         Ok(())
