@@ -244,6 +244,11 @@ async fn serve(settings: Settings, with_jobs: bool) -> anyhow::Result<ExitCode> 
     } else if let Some(secret) = application.bootstrap_admin_key().await? {
         eprintln!("No API key existed, so Tally created this admin key. It is shown once; keep it:");
         eprintln!("{}", secret.expose());
+    } else {
+        tracing::info!(
+            "no bootstrap key created: the database has keys (revoked ones count); \
+             `tally keys list` shows them, `tally keys create --role admin` makes another"
+        );
     }
     tracing::info!(
         listen = %settings.listen,

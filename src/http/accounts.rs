@@ -44,11 +44,14 @@ async fn account_view(state: &AppState, account: AccountId) -> Result<AccountVie
 async fn account(
     State(state): State<AppState>,
     caller: Caller,
-    _: NoQuery,
+    QueryParams(query): QueryParams,
     Path(account): Path<String>,
 ) -> Result<Json<AccountView>, ApiError> {
     let account = params::account(&account)?;
     caller.require_read(&account)?;
+    // After the account, as on the other reads of an account: a reader
+    // learns nothing of another account from the answer.
+    params::reject_unknown(&query, &[])?;
     Ok(Json(account_view(&state, account).await?))
 }
 

@@ -431,6 +431,12 @@ async fn an_endpoint_that_takes_no_query_parameters_refuses_any_and_writes_nothi
         "free",
         "the plan is unchanged"
     );
+    // A reader of another account is told 403 first, as on every read of an account.
+    let reader = app.key(tally::domain::Role::Reader, Some("mine")).await;
+    let other = app.request("GET", "/v1/accounts/other?x=1", Some(&reader), None).await;
+    assert_eq!(other.status, 403, "{:?}", other.body);
+    let own = app.request("GET", "/v1/accounts/mine?x=1", Some(&reader), None).await;
+    assert_eq!(own.status, 422, "{:?}", own.body);
     // Probes and scrapers may add parameters of their own.
     assert_eq!(app.request("GET", "/healthz?probe=1", None, None).await.status, 200);
     // Without a query, or with an empty one, they answer as ever.
