@@ -867,10 +867,18 @@ fn log_applied_migrations(migrator: &sqlx::migrate::Migrator, before: &[i64]) {
     }
 }
 
-/// Whether a `sqlite:` URL names an in-memory database, however spelt
-/// (`sqlite::memory:`, `sqlite:file::memory:`, `…?mode=memory`).
+/// Whether a `sqlite:` URL names an in-memory database, however spelt: its
+/// name is `:memory:` or `file::memory:…`, or a `mode=memory` parameter
+/// (`sqlite::memory:`, `sqlite:file::memory:`, `sqlite:x?mode=memory`). Read
+/// as sqlx reads the URL: a folder or file whose name merely contains
+/// `:memory:` or `mode=memory` is a file.
 pub(crate) fn sqlite_in_memory(url: &str) -> bool {
-    url.contains(":memory:") || url.contains("mode=memory")
+    let Some(rest) = url.strip_prefix("sqlite:") else {
+        return false;
+    };
+    let rest = rest.strip_prefix("//").unwrap_or(rest);
+    let (name, parameters) = rest.split_once('?').unwrap_or((rest, ""));
+    name == ":memory:" || name.starts_with("file::memory:") || parameters.split('&').any(|p| p == "mode=memory")
 }
 
 /// The file a `sqlite:` URL names; `None` for another engine or an
@@ -1022,7 +1030,31 @@ pub(crate) fn map_reversal_violation(e: sqlx::Error, entries: &[NewEntry]) -> St
 mod tests {
     use chrono::NaiveDate;
 
-    use super::AscendingKeys;
+    use super::{AscendingKeys, sqlite_in_memory};
+
+    #[test]
+    fn only_sqlites_own_in_memory_forms_are_in_memory() {
+        for url in [
+            "sqlite::memory:",
+            "sqlite://:memory:",
+            "sqlite:file::memory:",
+            "sqlite:file::memory:?cache=shared",
+            "sqlite:?mode=memory",
+            "sqlite:file:x?cache=shared&mode=memory",
+        ] {
+            assert!(sqlite_in_memory(url), "{url}");
+        }
+        for url in [
+            "sqlite://tally.db",
+            "sqlite:///tmp/part=mode=memory/t.db",
+            "sqlite://mode=memory.db",
+            "sqlite://x:memory:y.db",
+            "sqlite:x.db?mode=rwc",
+            "postgres://localhost/db?mode=memory",
+        ] {
+            assert!(!sqlite_in_memory(url), "{url}");
+        }
+    }
 
     fn day(d: u32) -> NaiveDate {
         NaiveDate::from_ymd_opt(2026, 5, d).unwrap()

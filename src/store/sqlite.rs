@@ -70,30 +70,101 @@ fn database_of(url: &str) -> Result<(SqliteConnectOptions, export::Source), sqlx
     Ok((options.filename(name).in_memory(true).shared_cache(true), source))
 }
 
+/// How long a process waits for another to finish opening or migrating the
+/// database before it goes on without the lock, as SQLite's own busy timeout.
+const LOCK_WAIT: Duration = Duration::from_secs(10);
+
 /// An exclusive lock, held until dropped, for the steps two processes must
 /// not take at once on one database file: opening a new file (switching it
 /// to WAL needs it alone, and SQLite answers "database is locked" then rather
 /// than wait) and migrating (sqlx takes no lock on SQLite: processes starting
 /// at once on a new file each applied the migrations, and all but one failed
-/// with "table entries already exists"). The lock is on a file of its own
-/// beside the database (`tally.db.tally-lock`), never on the database file:
-/// closing any descriptor of that file would drop the locks SQLite holds on
-/// it in this process. Taken on a blocking thread: another process may hold
-/// it for a while.
-async fn lock_beside_database(file: &std::path::Path) -> std::io::Result<std::fs::File> {
-    let mut lock_file = file.as_os_str().to_owned();
-    lock_file.push(".tally-lock");
+/// with "table entries already exists").
+///
+/// The lock is on a file of its own beside the database, named after its
+/// real path (symlinks resolved) plus `.tally-lock`, never on the database
+/// file: closing any descriptor of that file would drop the locks SQLite
+/// holds on it in this process. Opened for reading when it exists (a lock
+/// needs no more). `None` when another process held it for [`LOCK_WAIT`]
+/// (stopped mid-migration, say): the caller goes on without it, as before
+/// there was one, rather than hang.
+async fn lock_beside_database(file: &std::path::Path) -> std::io::Result<Option<std::fs::File>> {
+    let file = file.to_owned();
     tokio::task::spawn_blocking(move || {
-        let handle = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_file)?;
-        handle.lock()?;
-        Ok(handle)
+        let lock_path = lock_path_of(&file)?;
+        let in_context = |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", lock_path.display()));
+        let handle = match std::fs::File::open(&lock_path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&lock_path),
+            opened => opened,
+        }
+        .map_err(in_context)?;
+        let started = std::time::Instant::now();
+        let mut waited_quietly = true;
+        loop {
+            match handle.try_lock() {
+                Ok(()) => return Ok(Some(handle)),
+                Err(std::fs::TryLockError::Error(e)) => return Err(in_context(e)),
+                Err(std::fs::TryLockError::WouldBlock) if started.elapsed() >= LOCK_WAIT => {
+                    tracing::warn!(
+                        lock = %lock_path.display(),
+                        "another process has held {} for {} s while opening or migrating the database; going on without it",
+                        lock_path.display(),
+                        LOCK_WAIT.as_secs()
+                    );
+                    return Ok(None);
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    if waited_quietly {
+                        waited_quietly = false;
+                        tracing::info!(
+                            lock = %lock_path.display(),
+                            "waiting for another process opening or migrating the database ({})",
+                            lock_path.display()
+                        );
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
     })
     .await
     .map_err(std::io::Error::other)?
+}
+
+/// The lock file of database `file`: beside its real path, so that a
+/// symlink and its target, or two spellings of one path, share one lock.
+fn lock_path_of(file: &std::path::Path) -> std::io::Result<PathBuf> {
+    // A symlink to a file not created yet: where SQLite will create it.
+    let mut file = file.to_owned();
+    for _ in 0..40 {
+        let Ok(target) = std::fs::read_link(&file) else { break };
+        file = match file.parent() {
+            Some(folder) => folder.join(target),
+            None => target,
+        };
+    }
+    let file = file.as_path();
+    let real = match std::fs::canonicalize(file) {
+        Ok(real) => real,
+        // Not created yet: its folder's real path and its name.
+        Err(_) => {
+            let folder = match file.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => std::path::Path::new("."),
+            };
+            let name = file
+                .file_name()
+                .ok_or_else(|| std::io::Error::other(format!("{} names no file", file.display())))?;
+            std::fs::canonicalize(folder)?.join(name)
+        }
+    };
+    let mut lock = real.into_os_string();
+    lock.push(".tally-lock");
+    Ok(PathBuf::from(lock))
 }
 
 impl SqliteStore {
@@ -107,7 +178,7 @@ impl SqliteStore {
         // A lock that cannot be taken (a missing folder) leaves the error to
         // SQLite's own open below, in its words.
         let opening = match &file {
-            Some(file) => lock_beside_database(file).await.ok(),
+            Some(file) => lock_beside_database(file).await.ok().flatten(),
             None => None,
         };
         let options = options
@@ -129,11 +200,17 @@ impl SqliteStore {
             .clone()
             .pragma("cache_size", "-65536")
             .pragma("wal_autocheckpoint", "10000");
-        let writer = SqlitePoolOptions::new()
+        let mut writer_pool = SqlitePoolOptions::new()
             .max_connections(1)
-            .acquire_timeout(Duration::from_secs(30))
-            .connect_with(writer_options.clone())
-            .await?;
+            .acquire_timeout(Duration::from_secs(30));
+        if file.is_none() {
+            // An in-memory database lives while one of its connections
+            // does: the pool's idle timeout (10 min) and connection lifetime
+            // (30 min) closed them all on a quiet server and dropped it.
+            // The writer's one connection is kept for the life of the store.
+            writer_pool = writer_pool.min_connections(1).idle_timeout(None).max_lifetime(None);
+        }
+        let writer = writer_pool.connect_with(writer_options.clone()).await?;
         // A second rollup of this process waits for the batch in flight,
         // which may be a large one while catching up.
         let rollup = SqlitePoolOptions::new()
@@ -303,17 +380,13 @@ impl Store for SqliteStore {
         let migrator = sqlx::migrate!("migrations/sqlite");
         // One process migrates at a time (see lock_beside_database).
         let _migrating = match &self.file {
-            Some(file) => lock_beside_database(file)
-                .await
-                .inspect_err(|e| {
-                    tracing::warn!(
-                        file = %file.display(),
-                        error = %e,
-                        "cannot lock {} to run migrations; running them unguarded (start one process at a time on a new file)",
-                        file.display()
-                    );
-                })
-                .ok(),
+            Some(file) => lock_beside_database(file).await.unwrap_or_else(|e| {
+                tracing::warn!(
+                    error = %e,
+                    "cannot take the migration lock ({e}); running the migrations unguarded (start one process at a time on a new file)"
+                );
+                None
+            }),
             None => None,
         };
         super::run_migrations(&migrator, &mut *self.writer.acquire().await?).await
@@ -1394,4 +1467,20 @@ async fn fetch_with_outcome(
 fn parse_date(text: &str) -> Result<NaiveDate, StoreError> {
     text.parse()
         .map_err(|_| StoreError::Unexpected(format!("the database holds a malformed date {text:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_in_memory_database_keeps_a_connection_for_the_life_of_the_store() {
+        for url in ["sqlite::memory:", "sqlite:file::memory:", "sqlite:?mode=memory"] {
+            let store = SqliteStore::connect(url, Arc::new(Catalog::builtin())).await.unwrap();
+            let options = store.writer.options();
+            assert_eq!(options.get_min_connections(), 1, "{url}");
+            assert_eq!(options.get_idle_timeout(), None, "{url}");
+            assert_eq!(options.get_max_lifetime(), None, "{url}");
+        }
+    }
 }

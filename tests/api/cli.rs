@@ -632,6 +632,19 @@ async fn reads_of_a_database_that_is_not_there_fail_and_create_nothing(app: Test
             let out = run(url);
             assert!(out.status.success(), "{url}: {}", text(&out.stderr));
         }
+        // A folder whose name merely contains `mode=memory` holds a file.
+        let odd = dir.path().join("part=mode=memory");
+        std::fs::create_dir(&odd).unwrap();
+        let posted = Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(["post", "acme", "api_requests", "1"])
+            .env("TALLY_DATABASE_URL", format!("sqlite://{}/t.db", odd.display()))
+            .output()
+            .unwrap();
+        assert!(posted.status.success(), "{}", text(&posted.stderr));
+        assert!(
+            odd.join("t.db").exists(),
+            "the file is created, not an in-memory database"
+        );
         // The lock file beside a database is named after its path, not the URL.
         assert!(dir.path().join("typo.db.tally-lock").exists());
         assert!(!dir.path().join("file:typo.db.tally-lock").exists());
