@@ -423,6 +423,28 @@ impl PgStore {
     }
 }
 
+/// Stores a key; with `only_if_none`, only when the table holds no key at all.
+async fn insert_api_key(
+    executor: impl sqlx::PgExecutor<'_>,
+    new: &NewApiKey,
+    only_if_none: bool,
+) -> Result<Option<ApiKeyRow>, StoreError> {
+    Ok(sqlx::query_as(&format!(
+        "INSERT INTO api_keys (name, role, account, key_hash, prefix, created_at)
+         SELECT $1, $2, $3, $4, $5, $6 WHERE NOT $7 OR NOT EXISTS (SELECT 1 FROM api_keys)
+         RETURNING {API_KEY_COLUMNS}"
+    ))
+    .bind(new.name.as_deref())
+    .bind(new.role.as_str())
+    .bind(new.account.as_ref().map(AccountId::as_str))
+    .bind(&new.hash)
+    .bind(&new.prefix)
+    .bind(Utc::now())
+    .bind(only_if_none)
+    .fetch_optional(executor)
+    .await?)
+}
+
 #[async_trait]
 impl Store for PgStore {
     fn backend(&self) -> Backend {
@@ -553,19 +575,9 @@ impl Store for PgStore {
     }
 
     async fn create_api_key(&self, new: &NewApiKey) -> Result<ApiKey, StoreError> {
-        let row: ApiKeyRow = sqlx::query_as(&format!(
-            "INSERT INTO api_keys (name, role, account, key_hash, prefix, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6) RETURNING {API_KEY_COLUMNS}"
-        ))
-        .bind(new.name.as_deref())
-        .bind(new.role.as_str())
-        .bind(new.account.as_ref().map(AccountId::as_str))
-        .bind(&new.hash)
-        .bind(&new.prefix)
-        .bind(Utc::now())
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(row.into())
+        let row = insert_api_key(&self.pool, new, false).await?;
+        row.map(Into::into)
+            .ok_or_else(|| StoreError::Unexpected("a key insert stored nothing".into()))
     }
 
     async fn api_key_by_hash(&self, hash: &str) -> Result<Option<ApiKey>, StoreError> {
@@ -606,22 +618,11 @@ impl Store for PgStore {
         sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('tally: the first api key', 0))")
             .execute(&mut *tx)
             .await?;
-        let row: Option<ApiKeyRow> = sqlx::query_as(&format!(
-            "INSERT INTO api_keys (name, role, account, key_hash, prefix, created_at)
-             SELECT $1, $2, $3, $4, $5, $6 WHERE NOT EXISTS (SELECT 1 FROM api_keys)
-             RETURNING {API_KEY_COLUMNS}"
-        ))
-        .bind(new.name.as_deref())
-        .bind(new.role.as_str())
-        .bind(new.account.as_ref().map(AccountId::as_str))
-        .bind(&new.hash)
-        .bind(&new.prefix)
-        .bind(Utc::now())
-        .fetch_optional(&mut *tx)
-        .await?;
+        let row = insert_api_key(&mut *tx, new, true).await?;
         tx.commit().await?;
         Ok(row.map(Into::into))
     }
+
     async fn rollup_batch(&self, max_entries: u32, before_commit: &BeforeCommit) -> Result<u64, StoreError> {
         if let Some(folded) = self.fold_batch(max_entries, false, before_commit).await? {
             return Ok(folded);

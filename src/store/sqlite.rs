@@ -370,6 +370,28 @@ impl From<ApiKeyRow> for ApiKey {
 
 const API_KEY_COLUMNS: &str = "id, name, role, account, prefix, created_at, revoked_at";
 
+/// Stores a key; with `only_if_none`, only when the table holds no key at all.
+async fn insert_api_key(
+    executor: impl sqlx::SqliteExecutor<'_>,
+    new: &NewApiKey,
+    only_if_none: bool,
+) -> Result<Option<ApiKeyRow>, StoreError> {
+    Ok(sqlx::query_as(&format!(
+        "INSERT INTO api_keys (name, role, account, key_hash, prefix, created_at)
+         SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE NOT ?7 OR NOT EXISTS (SELECT 1 FROM api_keys)
+         RETURNING {API_KEY_COLUMNS}"
+    ))
+    .bind(new.name.as_deref())
+    .bind(new.role.as_str())
+    .bind(new.account.as_ref().map(AccountId::as_str))
+    .bind(&new.hash)
+    .bind(&new.prefix)
+    .bind(to_micros(Utc::now()))
+    .bind(only_if_none)
+    .fetch_optional(executor)
+    .await?)
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     fn backend(&self) -> Backend {
@@ -473,19 +495,9 @@ impl Store for SqliteStore {
     }
 
     async fn create_api_key(&self, new: &NewApiKey) -> Result<ApiKey, StoreError> {
-        let row: ApiKeyRow = sqlx::query_as(&format!(
-            "INSERT INTO api_keys (name, role, account, key_hash, prefix, created_at)
-             VALUES (?, ?, ?, ?, ?, ?) RETURNING {API_KEY_COLUMNS}"
-        ))
-        .bind(new.name.as_deref())
-        .bind(new.role.as_str())
-        .bind(new.account.as_ref().map(AccountId::as_str))
-        .bind(&new.hash)
-        .bind(&new.prefix)
-        .bind(to_micros(Utc::now()))
-        .fetch_one(&self.writer)
-        .await?;
-        Ok(row.into())
+        let row = insert_api_key(&self.writer, new, false).await?;
+        row.map(Into::into)
+            .ok_or_else(|| StoreError::Unexpected("a key insert stored nothing".into()))
     }
 
     async fn api_key_by_hash(&self, hash: &str) -> Result<Option<ApiKey>, StoreError> {
@@ -522,22 +534,11 @@ impl Store for SqliteStore {
         // BEGIN IMMEDIATE: the write lock before the read, so no other
         // process inserts a key between them.
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let row: Option<ApiKeyRow> = sqlx::query_as(&format!(
-            "INSERT INTO api_keys (name, role, account, key_hash, prefix, created_at)
-             SELECT ?, ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM api_keys)
-             RETURNING {API_KEY_COLUMNS}"
-        ))
-        .bind(new.name.as_deref())
-        .bind(new.role.as_str())
-        .bind(new.account.as_ref().map(AccountId::as_str))
-        .bind(&new.hash)
-        .bind(&new.prefix)
-        .bind(to_micros(Utc::now()))
-        .fetch_optional(&mut *tx)
-        .await?;
+        let row = insert_api_key(&mut *tx, new, true).await?;
         tx.commit().await?;
         Ok(row.map(Into::into))
     }
+
     async fn rollup_batch(&self, max_entries: u32, before_commit: &BeforeCommit) -> Result<u64, StoreError> {
         // Reading and summing the batch is most of the work, and it needs no
         // write lock: it runs on the rollup's connection into TEMP tables
