@@ -405,6 +405,12 @@ impl Catalog {
             })
     }
 
+    /// The limit `plan` sets on `resource`; None when either is not in the
+    /// catalog or the plan does not list the resource.
+    pub fn limit(&self, plan: &str, resource: &ResourceName) -> Option<&Limit> {
+        self.plans.get(plan).and_then(|p| p.limits.get(resource))
+    }
+
     /// The fractional digits of a resource; 0 for one the catalog no longer declares.
     pub fn decimals(&self, resource: &str) -> u32 {
         self.resource(resource).map_or(0, |(_, spec)| spec.decimals)

@@ -46,9 +46,10 @@ pub struct SqliteStore {
     /// Settled sums behind `used` (see [`super::settled`]).
     settled: SettledSums,
     export_source: Arc<export::Source>,
-    /// The database file (None in memory), whose lock file guards opening
-    /// and migrating.
-    file: Option<PathBuf>,
+    /// The database file whose lock file guards migrating: None in memory,
+    /// and None when opening already waited [`LOCK_WAIT`] for that lock in
+    /// vain (the command then goes on without it, and does not wait twice).
+    migration_lock: Option<PathBuf>,
 }
 
 /// The options for the database `url` names, and where exports read it.
@@ -178,9 +179,14 @@ impl SqliteStore {
         // A lock that cannot be taken (a missing folder) leaves the error to
         // SQLite's own open below, in its words.
         let opening = match &file {
-            Some(file) => lock_beside_database(file).await.ok().flatten(),
-            None => None,
+            Some(file) => lock_beside_database(file).await,
+            None => Ok(None),
         };
+        let migration_lock = match opening {
+            Ok(None) => None,
+            _ => file.clone(),
+        };
+        let opening = opening.ok().flatten();
         let options = options
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -230,7 +236,7 @@ impl SqliteStore {
             rollup,
             catalog,
             settled: SettledSums::default(),
-            file,
+            migration_lock,
             export_source: Arc::new(export_source),
         })
     }
@@ -401,7 +407,7 @@ impl Store for SqliteStore {
     async fn migrate(&self) -> anyhow::Result<()> {
         let migrator = sqlx::migrate!("migrations/sqlite");
         // One process migrates at a time (see lock_beside_database).
-        let _migrating = match &self.file {
+        let _migrating = match &self.migration_lock {
             Some(file) => lock_beside_database(file).await.unwrap_or_else(|e| {
                 tracing::warn!(
                     error = %e,

@@ -66,7 +66,7 @@ pub fn effective_limit(
     resource: &ResourceName,
     at: DateTime<Utc>,
 ) -> EffectiveLimit {
-    let base = catalog.plans.get(plan).and_then(|p| p.limits.get(resource));
+    let base = catalog.limit(plan, resource);
     let mut effective = EffectiveLimit {
         plan: plan.to_owned(),
         window: base.map_or(Window::Month, |l| l.window),
@@ -356,9 +356,7 @@ impl Quotas<'_> {
     /// accounts are on it), else month (a plan that does not list it).
     fn likely_window(&self, resource: &ResourceName) -> Window {
         self.catalog
-            .plans
-            .get(&self.catalog.default_plan)
-            .and_then(|p| p.limits.get(resource))
+            .limit(&self.catalog.default_plan, resource)
             .map_or(Window::Month, |l| l.window)
     }
 
@@ -467,9 +465,7 @@ impl Decider<'_> {
     fn rate_per_minute(&self, plans: &[PlanAssignment]) -> Option<u32> {
         let plan = plan_at(self.catalog, plans, self.now);
         self.catalog
-            .plans
-            .get(plan)
-            .and_then(|p| p.limits.get(&self.entry.resource))
+            .limit(plan, &self.entry.resource)
             .and_then(|l| l.rate_per_minute)
     }
 }
