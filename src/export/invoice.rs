@@ -1,8 +1,8 @@
 //! Invoice previews: what each account owes for a month, exact.
 //!
 //! The rules (docs/reports.md):
-//! - Each UTC day of the month is billed at the plan in force at that day's
-//!   start; a plan's price is pro-rated by the days it was in force
+//! - Each UTC day of the month is billed at the plan in force when that day
+//!   closes (its last instant); a plan's price is pro-rated by the days it was in force
 //!   (price × days ÷ days in the month). One `plan` line per account (API.md):
 //!   it names the plan in force on the month's last day, and its amount
 //!   carries every plan's share.
@@ -11,7 +11,8 @@
 //!   rewrites a past bill). Day window: that day's excess over that day's
 //!   limit. Month window: the excess the day itself adds, over that day's
 //!   limit, of the month's running usage (what consume judged); a negative
-//!   day takes excess back. Each day's overage is billed at that day's price,
+//!   day takes excess back, the latest billed first, at the price it was
+//!   billed at (never below 0). Each day's overage is billed at that day's price,
 //!   so a downgrade on the last day neither waives nor re-prices the excess
 //!   of the days before. A running balance (`total`) is not billed by overage.
 //! - Overage is billed only for soft limits with an overage price; a hard
@@ -228,8 +229,9 @@ impl<'a> InvoiceContext<'a> {
                 Enforcement::Soft => l.overage_price.unwrap_or(Decimal::ZERO),
                 Enforcement::Hard => Decimal::ZERO,
             };
-            let mut overage = 0i64;
-            let mut amount_due = Decimal::ZERO;
+            // The excess billed so far, in the order it was billed, each part
+            // at its own price: a correction takes back the latest first.
+            let mut billed: Vec<(i64, Decimal)> = Vec::new();
             let mut month_to_date = 0i64;
             let mut limited_on_some_day = false;
             for (i, day) in self.days.iter().enumerate() {
@@ -248,18 +250,24 @@ impl<'a> InvoiceContext<'a> {
                         excess(month_to_date, cap.minor()).saturating_sub(excess(before, cap.minor()))
                     }
                 };
-                overage = overage.saturating_add(over);
-                amount_due += amount(over).to_decimal() * price_of(&limit);
+                if over > 0 {
+                    billed.push((over, price_of(&limit)));
+                }
+                take_back(&mut billed, over.saturating_neg());
             }
             // API.md: a line per *limited* resource. A plan may list a
             // resource as unlimited; unlimited all month, it bills nothing.
             if !limited_on_some_day {
                 continue;
             }
-            // A correction can take back excess billed at another price (or
-            // at none, under a hard limit): a line never credits money.
-            let amount_due = amount_due.max(Decimal::ZERO);
-            let overage = overage.max(0);
+            let overage = billed
+                .iter()
+                .try_fold(0i64, |sum, (units, _)| sum.checked_add(*units))
+                .ok_or_else(overflow)?;
+            let amount_due = billed
+                .iter()
+                .map(|(units, price)| amount(*units).to_decimal() * price)
+                .sum();
             lines.push(InvoiceLine {
                 account: account.to_owned(),
                 plan: last_plan.to_owned(),
@@ -364,6 +372,22 @@ pub async fn export_invoices(
     })
     .await?;
     Ok(out.rows())
+}
+
+/// Takes `units` of excess back from `billed`, latest first, each part at the
+/// price it was billed at: a correction never credits more than was charged
+/// for the units it removes, nor leaves billed excess that no longer exists
+/// (docs/reports.md). Nothing to take back when `units` ≤ 0.
+fn take_back(billed: &mut Vec<(i64, Decimal)>, mut units: i64) {
+    while units > 0 {
+        let Some((last, _)) = billed.last_mut() else { return };
+        let taken = units.min(*last);
+        *last -= taken;
+        units -= taken;
+        if *last == 0 {
+            billed.pop();
+        }
+    }
 }
 
 /// The last instant (µs) of UTC day `day`: a day is billed and judged by the

@@ -13,6 +13,7 @@ both!(
     an_invoice_whose_month_passes_64_bits_though_each_day_fits_fails_for_that_account_only,
 );
 both!(plans = ENTERPRISE_PLANS; a_day_window_overage_is_billed_though_the_last_plan_does_not_limit_the_resource);
+both!(plans = TWO_PRICES; a_correction_takes_back_the_latest_billed_excess_at_the_price_it_was_billed_at);
 
 /// The September invoice of `account` as CSV lines.
 fn september(app: &TestApp, account: &str) -> Vec<String> {
@@ -213,5 +214,67 @@ async fn an_invoice_whose_month_passes_64_bits_though_each_day_fits_fails_for_th
             .iter()
             .any(|line| line.starts_with("minnow,free,api_requests,7,")),
         "{minnow:?}"
+    );
+}
+
+/// Two plans with the same soft limit of 100 requests a month, at different
+/// overage prices.
+const TWO_PRICES: &str = r#"
+default_plan = "dear"
+
+[resources.api_requests]
+decimals = 0
+
+[plans.dear]
+price = "0"
+
+[plans.dear.limits.api_requests]
+window = "month"
+limit = "100"
+enforcement = "soft"
+overage_price = "2"
+
+[plans.cheap]
+price = "0"
+
+[plans.cheap.limits.api_requests]
+window = "month"
+limit = "100"
+enforcement = "soft"
+overage_price = "1"
+"#;
+
+/// 150 requests on the 5th (50 over), a correction of −30 on the 12th after
+/// a plan change on the 10th: 20 units stay over, billed at the price of the
+/// day they were used. It once took the 30 back at the new day's price:
+/// `down` (dear, then cheap) owed 50 × 2 − 30 × 1 = 70 for 20 units over, and
+/// `up` (cheap, then dear) owed 50 × 1 − 30 × 2, floored at 0, for 20 units
+/// really over.
+async fn a_correction_takes_back_the_latest_billed_excess_at_the_price_it_was_billed_at(app: TestApp) {
+    for (account, first, second) in [("down", "dear", "cheap"), ("up", "cheap", "dear")] {
+        for (plan, from) in [(first, "2026-09-01T00:00:00Z"), (second, "2026-09-10T00:00:00Z")] {
+            let set = app
+                .put_admin(
+                    &format!("/v1/accounts/{account}/plan"),
+                    json!({"plan": plan, "effective_at": from}),
+                )
+                .await;
+            assert_eq!(set.status, 200, "{:?}", set.body);
+        }
+        app.insert(&[
+            (account, "api_requests", "150", "used", "2026-09-05T10:00:00Z"),
+            (account, "api_requests", "-30", "fix", "2026-09-12T10:00:00Z"),
+        ])
+        .await;
+    }
+    let down = september(&app, "down");
+    assert!(
+        down.contains(&"down,cheap,api_requests,120,100,20,1,40".to_owned()),
+        "{down:?}"
+    );
+    let up = september(&app, "up");
+    assert!(
+        up.contains(&"up,dear,api_requests,120,100,20,2,20".to_owned()),
+        "{up:?}"
     );
 }
