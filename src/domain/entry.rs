@@ -135,10 +135,7 @@ fn within_writable_periods(text: &str, t: DateTime<Utc>) -> Result<DateTime<Utc>
 /// clients make (chrono alone says "premature end of input" for most).
 fn not_rfc3339(text: &str, e: chrono::ParseError) -> String {
     const LIKE: &str = "write it like 2026-11-23T14:05:00Z";
-    let date_shaped = text.len() == 10
-        && text
-            .char_indices()
-            .all(|(i, c)| if i == 4 || i == 7 { c == '-' } else { c.is_ascii_digit() });
+    let date_shaped = super::period::date_shaped(text);
     let without_offset = chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f").is_ok();
     // ISO 8601's basic offset (+0100): RFC 3339 wants the colon.
     let with_colon = |text: &str| {
@@ -207,7 +204,7 @@ fn starts_like_a_timestamp(text: &str) -> bool {
 /// meaning its UTC midnight. The HTTP query parameters and the CLI's `--at`
 /// alike.
 pub fn parse_instant_or_date(raw: &str) -> Result<DateTime<Utc>, String> {
-    if chrono::NaiveDate::parse_from_str(raw, "%Y-%m-%d").is_ok() {
+    if super::period::date_shaped(raw) && chrono::NaiveDate::parse_from_str(raw, "%Y-%m-%d").is_ok() {
         let day = super::period::parse_date(raw)?;
         return within_writable_periods(raw, day.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc());
     }

@@ -3,6 +3,8 @@
 use chrono::{DateTime, Datelike, Months, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::shown;
+
 /// The size of a bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -72,21 +74,44 @@ fn plausible(date: NaiveDate) -> Option<NaiveDate> {
     (1..=9999).contains(&date.year()).then_some(date)
 }
 
+/// Whether `raw` has exactly the shape of `pattern`, where `0` stands for an
+/// ASCII digit: chrono alone takes `26-11` for the year 26 and `2026-1` for
+/// January, which turn a typo into a silently wrong report.
+fn shaped(raw: &str, pattern: &str) -> bool {
+    raw.len() == pattern.len()
+        && raw.bytes().zip(pattern.bytes()).all(|(c, want)| match want {
+            b'0' => c.is_ascii_digit(),
+            separator => c == separator,
+        })
+}
+
+/// Whether `raw` is shaped like a date, `YYYY-MM-DD` (valid or not).
+pub fn date_shaped(raw: &str) -> bool {
+    shaped(raw, "0000-00-00")
+}
+
 /// Parses a month, `YYYY-MM`, into its first day.
 pub fn parse_month(raw: &str) -> Result<NaiveDate, String> {
-    NaiveDate::parse_from_str(&format!("{raw}-01"), "%Y-%m-%d")
-        .ok()
+    Some(raw)
+        .filter(|raw| shaped(raw, "0000-00"))
+        .and_then(|raw| NaiveDate::parse_from_str(&format!("{raw}-01"), "%Y-%m-%d").ok())
         .and_then(plausible)
-        .ok_or_else(|| format!("{raw:?} is not a month like 2026-11"))
+        .ok_or_else(|| format!("{:?} is not a month like 2026-11", shown(raw)))
 }
 
 /// Parses a date, `YYYY-MM-DD`, or a month, `YYYY-MM`, meaning its first day.
 pub fn parse_date(raw: &str) -> Result<NaiveDate, String> {
-    NaiveDate::parse_from_str(raw, "%Y-%m-%d")
-        .ok()
+    Some(raw)
+        .filter(|raw| date_shaped(raw))
+        .and_then(|raw| NaiveDate::parse_from_str(raw, "%Y-%m-%d").ok())
         .and_then(plausible)
         .or_else(|| parse_month(raw).ok())
-        .ok_or_else(|| format!("{raw:?} is not a date like 2026-11-01 (or a month like 2026-11)"))
+        .ok_or_else(|| {
+            format!(
+                "{:?} is not a date like 2026-11-01 (or a month like 2026-11)",
+                shown(raw)
+            )
+        })
 }
 
 #[cfg(test)]
@@ -107,6 +132,28 @@ mod tests {
                 .unwrap(),
             [d("2026-01-01"), d("2026-02-01"), d("2026-03-01")]
         );
+    }
+
+    #[test]
+    fn dates_and_months_need_four_digit_years_and_two_digit_months_and_days() {
+        assert_eq!(parse_date("2026-11-05"), Ok(d("2026-11-05")));
+        assert_eq!(parse_date("2026-11"), Ok(d("2026-11-01")));
+        assert_eq!(parse_month("2026-11"), Ok(d("2026-11-01")));
+        for typo in [
+            "26-11",
+            "26-11-05",
+            "2026-1",
+            "2026-1-5",
+            "+2026-11",
+            "02026-11",
+            "2026-11-5",
+            " 2026-11",
+        ] {
+            assert!(parse_date(typo).is_err(), "{typo}");
+            assert!(parse_month(typo).is_err(), "{typo}");
+        }
+        assert!(parse_date("2026-02-30").is_err());
+        assert!(parse_month("2026-13").is_err());
     }
 
     #[test]

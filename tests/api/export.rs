@@ -858,6 +858,20 @@ async fn bad_export_requests_fail_clearly_and_leave_no_file(app: TestApp) {
     ]);
     assert!(!garbage.status.success());
     assert!(String::from_utf8_lossy(&garbage.stderr).contains("is not a date like 2026-11-01"));
+    // A two-digit year once read as the year 26, and exported every month
+    // from 0026 on; a one-digit month was taken too.
+    for (from, to) in [("26-11", "2026-12"), ("2026-9", "2026-10")] {
+        let typo = app.cli(&["export", "monthly", "--from", from, "--to", to, "-o", out_str]);
+        assert_eq!(typo.status.code(), Some(2), "{from}");
+        assert!(
+            String::from_utf8_lossy(&typo.stderr).contains(&format!("\"{from}\" is not a date like 2026-11-01")),
+            "{}",
+            String::from_utf8_lossy(&typo.stderr)
+        );
+    }
+    let invoice = app.cli(&["export", "invoice", "--period", "26-11", "-o", out_str]);
+    assert!(String::from_utf8_lossy(&invoice.stderr).contains("\"26-11\" is not a month like 2026-11"));
+    assert!(!out.exists(), "no file from a refused export");
     let misaligned = app.cli(&[
         "export",
         "monthly",

@@ -123,6 +123,8 @@ async fn bad_series_requests_are_422(app: TestApp) {
         ),
         ("resource=api_requests&from=yesterday&to=2026-03-01", "from"),
         ("resource=api_requests&to=2026-03-01", "from"),
+        ("resource=api_requests&from=2026-9-30&to=2026-10-02", "from"),
+        ("resource=api_requests&from=2026-09-30&to=26-10-02", "to"),
     ] {
         let reply = app.get(&format!("/v1/accounts/acme/timeseries?{query}")).await;
         assert_eq!(reply.status, 422, "{query}: {:?}", reply.body);
