@@ -98,11 +98,16 @@ impl Amount {
         let mut scaled = normalized;
         scaled.rescale(decimals);
         let mantissa = scaled.mantissa();
-        let minor = i64::try_from(mantissa).map_err(|_| AmountError::TooLargeForPrecision {
-            amount: shown(original),
-            decimals,
-            max: Decimal::new(i64::MAX, decimals),
-        })?;
+        // Symmetric: i64::MIN has no negation, and every amount must have
+        // one (a reversal is the opposite amount).
+        let minor = i64::try_from(mantissa)
+            .ok()
+            .filter(|minor| *minor != i64::MIN)
+            .ok_or_else(|| AmountError::TooLargeForPrecision {
+                amount: shown(original),
+                decimals,
+                max: Decimal::new(i64::MAX, decimals),
+            })?;
         Ok(Self { minor, decimals })
     }
 
@@ -131,12 +136,13 @@ impl Amount {
         Decimal::new(self.minor, self.decimals)
     }
 
-    /// The amount with the opposite sign (for reversals).
-    pub fn negated(self) -> Self {
-        Self {
-            minor: -self.minor,
+    /// The amount with the opposite sign (for reversals). Every parsed amount
+    /// has one; only a row of `i64::MIN` minor units written by hand has not.
+    pub fn checked_neg(self) -> Option<Self> {
+        Some(Self {
+            minor: self.minor.checked_neg()?,
             decimals: self.decimals,
-        }
+        })
     }
 
     /// Exact addition; overflow is an error, never a wrap.
@@ -342,6 +348,19 @@ mod tests {
             Err(AmountError::TooLargeForPrecision { decimals: 9, .. })
         ));
         assert!(Amount::parse("999999999.123456789", 9).is_ok());
+    }
+
+    #[test]
+    fn the_range_is_symmetric_so_every_amount_has_a_reversal() {
+        // −9223372036854.775808 is i64::MIN micro-units: a reversal of it once
+        // wrapped back to the same negative amount.
+        assert!(matches!(
+            Amount::parse("-9223372036854.775808", 6),
+            Err(AmountError::TooLargeForPrecision { decimals: 6, .. })
+        ));
+        let largest = Amount::parse("-9223372036854.775807", 6).unwrap();
+        assert_eq!(largest.checked_neg().unwrap().to_string(), "9223372036854.775807");
+        assert_eq!(Amount::from_minor(i64::MIN, 0).checked_neg(), None);
     }
 
     #[test]

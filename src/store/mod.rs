@@ -993,7 +993,13 @@ pub fn reversal_of(original: &Entry, key: IdempotencyKey, reason: Option<&str>) 
     Ok(NewEntry {
         account: original.account.clone(),
         resource: original.resource.clone(),
-        amount: original.amount.negated(),
+        amount: original.amount.checked_neg().ok_or_else(|| {
+            StoreError::Invalid(format!(
+                "entry {} holds {} minor units, which have no opposite in 64 bits; it was not posted through Tally, so correct it with a new entry instead",
+                original.id,
+                original.amount.minor()
+            ))
+        })?,
         idempotency_key: key,
         // Same occurred_at: the correction lands in the buckets the original counted in.
         occurred_at: original.occurred_at,

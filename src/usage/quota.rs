@@ -108,6 +108,14 @@ pub fn status_of(used: Amount, limit: Option<Amount>) -> UsageStatus {
     }
 }
 
+/// Minor units left under `limit` after `used`, never below 0. Wide, since a
+/// running balance driven far below zero by deletions would overflow a plain
+/// subtraction; room past 64 bits reads as the most that fits.
+fn room_under(limit: i64, used: i64) -> i64 {
+    let room = (i128::from(limit) - i128::from(used)).max(0);
+    i64::try_from(room).unwrap_or(i64::MAX)
+}
+
 /// The answer to "may this account use `amount` more?" — the contract's check fields.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct QuotaStatus {
@@ -156,7 +164,7 @@ impl QuotaStatus {
             limit: limit.limit.map(|l| l.to_string()),
             remaining: limit
                 .limit
-                .map(|l| Amount::from_minor((l.minor() - used.minor()).max(0), l.decimals()).to_string()),
+                .map(|l| Amount::from_minor(room_under(l.minor(), used.minor()), l.decimals()).to_string()),
             enforcement: limit.enforcement,
             period_start: period.starts_at(),
             period_end: period.ends_at(),
@@ -838,6 +846,15 @@ fn recorded(entry: &NewEntry, entry_id: i64, response: &str, replayed: bool) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn room_under_a_limit_is_never_negative_and_never_wraps() {
+        assert_eq!(room_under(100, 30), 70);
+        assert_eq!(room_under(100, 130), 0);
+        // A balance near i64::MIN once wrapped to a negative room, shown as 0.
+        assert_eq!(room_under(100, i64::MIN + 1), i64::MAX);
+        assert_eq!(room_under(0, -5), 5);
+    }
 
     #[test]
     fn percent_never_reaches_a_threshold_before_the_status_does() {
