@@ -44,6 +44,25 @@ enum Progress {
 }
 
 /// A counter line: `12345 rows after 3.0 s`, the same every second and at the end.
+/// The file `path` names once its symlinks are followed (the link's target,
+/// even one not created yet), so that the rename into place replaces the
+/// target rather than the link.
+fn through_symlinks(path: &Path) -> anyhow::Result<PathBuf> {
+    let mut path = path.to_owned();
+    // As many links as Linux follows (ELOOP past 40).
+    for _ in 0..40 {
+        if !std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Ok(path);
+        }
+        let target = std::fs::read_link(&path).with_context(|| format!("cannot read the link {}", path.display()))?;
+        path = match path.parent() {
+            Some(dir) if target.is_relative() => dir.join(target),
+            _ => target,
+        };
+    }
+    anyhow::bail!("{} is a loop of symbolic links; give -o a file path", path.display())
+}
+
 fn progress_line(rows: u64, elapsed: Duration) -> String {
     let noun = if rows == 1 { "row" } else { "rows" };
     format!("{rows} {noun} after {:.1} s", elapsed.as_secs_f64())
@@ -75,6 +94,16 @@ impl CsvOutput {
         if path.is_dir() {
             anyhow::bail!("{} is a folder; give -o a file path in it", path.display());
         }
+        // Renaming a temp file over a device or a pipe (/dev/stdout) would
+        // replace the device node itself.
+        if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+            anyhow::bail!(
+                "{} is not a regular file (a device, pipe or socket); leave -o out (or give -o -) to write to standard output",
+                path.display()
+            );
+        }
+        // A symlink stays a symlink: the export replaces the file it points to.
+        let path = &through_symlinks(path)?;
         if !overwrite && path.exists() {
             anyhow::bail!("{} exists; pass --overwrite to replace it", path.display());
         }
@@ -121,11 +150,12 @@ impl CsvOutput {
         ))
     }
 
-    /// Standard output, or `path` when given.
+    /// Standard output, or `path` when given (`-` meaning standard output,
+    /// as for most command-line tools).
     pub fn to(path: Option<&Path>, overwrite: bool) -> anyhow::Result<Self> {
         match path {
-            Some(path) => Self::file(path, overwrite),
-            None => Ok(Self::stdout()),
+            Some(path) if path != Path::new("-") => Self::file(path, overwrite),
+            _ => Ok(Self::stdout()),
         }
     }
 

@@ -34,6 +34,7 @@ both!(
     exports_write_fractional_and_negative_amounts_exactly_for_any_decimals,
     an_export_file_gets_the_umask_permissions_and_a_closed_pipe_is_not_an_error,
     progress_is_written_as_lines_when_stderr_is_not_a_terminal,
+    the_output_dash_is_stdout_a_symlink_is_followed_and_a_device_is_refused,
 );
 
 fn read_csv(path: &Path) -> Vec<Vec<String>> {
@@ -1200,4 +1201,58 @@ async fn an_export_stopped_by_ctrl_c_or_sigterm_leaves_no_file_behind(app: TestA
         assert!(!dest.exists(), "SIG{signal}: {} was written", dest.display());
         assert_eq!(temp_files(dir.path()), Vec::<std::path::PathBuf>::new(), "SIG{signal}");
     }
+}
+
+/// `-o -` is standard output, as for most tools (it once wrote a file named
+/// `-`); `-o LINK --overwrite` replaces the file the link points to, not the
+/// link; and a device is refused, since the rename into place would replace
+/// the device node (`-o /dev/stdout --overwrite` as root).
+async fn the_output_dash_is_stdout_a_symlink_is_followed_and_a_device_is_refused(app: TestApp) {
+    use std::os::unix::fs::FileTypeExt;
+    seed(&app).await;
+    let dir = tempfile::tempdir().unwrap();
+    let daily = ["export", "daily", "--from", "2026-09-01", "--to", "2026-10-01"];
+    let to_stdout = app.cli_in(dir.path(), &[&daily[..], &["-o", "-"]].concat());
+    assert!(
+        to_stdout.status.success(),
+        "{}",
+        String::from_utf8_lossy(&to_stdout.stderr)
+    );
+    let csv = String::from_utf8(to_stdout.stdout).unwrap();
+    assert!(csv.starts_with("account,resource,day,amount,entries\n"), "{csv}");
+    assert!(!dir.path().join("-").exists(), "no file named -");
+
+    let target = dir.path().join("target.csv");
+    std::fs::write(&target, "old\n").unwrap();
+    let link = dir.path().join("link.csv");
+    std::os::unix::fs::symlink("target.csv", &link).unwrap();
+    let link_str = link.to_str().unwrap();
+    let through_link = app.cli(&[&daily[..], &["-o", link_str, "--overwrite"]].concat());
+    assert!(
+        through_link.status.success(),
+        "{}",
+        String::from_utf8_lossy(&through_link.stderr)
+    );
+    assert!(
+        std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink(),
+        "still a link"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&target).unwrap(),
+        csv,
+        "the target holds the export"
+    );
+
+    // A named pipe stands for the device: the test must not risk /dev itself.
+    let pipe = dir.path().join("pipe");
+    let made = std::process::Command::new("mkfifo").arg(&pipe).status().unwrap();
+    assert!(made.success());
+    let device = app.cli(&[&daily[..], &["-o", pipe.to_str().unwrap(), "--overwrite"]].concat());
+    assert!(!device.status.success());
+    let stderr = String::from_utf8_lossy(&device.stderr);
+    assert!(stderr.contains("pipe is not a regular file"), "{stderr}");
+    assert!(
+        std::fs::metadata(&pipe).unwrap().file_type().is_fifo(),
+        "the pipe is untouched"
+    );
 }

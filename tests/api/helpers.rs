@@ -1,5 +1,6 @@
 //! Spawning the app on a fresh database, and a client that speaks its API.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -363,7 +364,13 @@ impl TestApp {
 
     /// Runs the `tally` binary against this app's database.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        self.cli_in(Path::new("."), args)
+    }
+
+    /// [`TestApp::cli`] run in the folder `dir`, for what it writes beside itself.
+    pub fn cli_in(&self, dir: &Path, args: &[&str]) -> std::process::Output {
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_tally"));
+        command.current_dir(dir);
         command
             .args(args)
             .env("TALLY_DATABASE_URL", &self.database_url)
