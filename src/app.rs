@@ -34,7 +34,14 @@ pub struct Settings {
     pub jobs: Option<PathBuf>,
     /// Where report jobs write.
     pub reports_dir: PathBuf,
+    /// How long `serve` waits for requests in flight once asked to stop.
+    pub shutdown_grace: std::time::Duration,
 }
+
+/// How long `serve` finishes requests in flight after a stop request, by
+/// default: long enough for any request Tally answers, short enough that a
+/// client that never finishes its body cannot hold the process.
+pub const DEFAULT_SHUTDOWN_GRACE_SECONDS: u64 = 30;
 
 impl Default for Settings {
     fn default() -> Self {
@@ -46,8 +53,29 @@ impl Default for Settings {
             admin_key: None,
             jobs: None,
             reports_dir: PathBuf::from("reports"),
+            shutdown_grace: std::time::Duration::from_secs(DEFAULT_SHUTDOWN_GRACE_SECONDS),
         }
     }
+}
+
+/// Parses `--listen`: an IP address and port (`0.0.0.0:7600`, `[::1]:7600`)
+/// or a host name and port (`localhost:7600`), resolved once at start; a name
+/// with several addresses listens on the first.
+pub fn parse_listen(raw: &str) -> Result<SocketAddr, String> {
+    if let Ok(address) = raw.parse() {
+        return Ok(address);
+    }
+    let hint = "give HOST:PORT, e.g. 127.0.0.1:7600, 0.0.0.0:7600, [::1]:7600 or localhost:7600";
+    if raw
+        .rsplit_once(':')
+        .is_none_or(|(_, port)| port.parse::<u16>().is_err())
+    {
+        return Err(format!("{raw:?} has no port; {hint}"));
+    }
+    std::net::ToSocketAddrs::to_socket_addrs(raw)
+        .map_err(|e| format!("cannot resolve {raw:?}: {e}; {hint}"))?
+        .next()
+        .ok_or_else(|| format!("{raw:?} resolves to no address; {hint}"))
 }
 
 impl Settings {
@@ -181,7 +209,7 @@ impl Application {
             settings.admin_key.as_deref(),
             Duration::days(settings.late_horizon_days),
         );
-        let server = Server::bind(settings.listen, state.clone())
+        let server = Server::bind(settings.listen, settings.shutdown_grace, state.clone())
             .await
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
         let port = server.local_addr()?.port();
@@ -282,8 +310,11 @@ fn new_key(
     Ok((secret, new))
 }
 
-/// Resolves when the process is asked to stop (Ctrl-C or SIGTERM).
+/// Resolves when the process is asked to stop (Ctrl-C or SIGTERM). A SIGHUP
+/// meanwhile is logged and ignored: its default action would kill the server
+/// without finishing its requests, and log rotation tools send it.
 pub async fn shutdown_signal() {
+    ignore_hangups();
     match stop_requested() {
         Ok(stop) => stop.await,
         Err(e) => {
@@ -292,6 +323,24 @@ pub async fn shutdown_signal() {
         }
     }
     tracing::info!("shutdown requested; finishing requests in flight");
+}
+
+/// Logs each SIGHUP from now on instead of dying of it.
+fn ignore_hangups() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::hangup()) {
+        Ok(mut hangup) => {
+            tokio::spawn(async move {
+                while hangup.recv().await.is_some() {
+                    tracing::warn!(
+                        "SIGHUP ignored: Tally reloads nothing; restart it to apply new settings, \
+                         and send SIGTERM to stop it"
+                    );
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot catch SIGHUP; a hangup will stop the server"),
+    }
 }
 
 /// Listens for Ctrl-C and SIGTERM from now on (the handlers are installed
@@ -311,7 +360,20 @@ pub fn stop_requested() -> std::io::Result<impl std::future::Future<Output = ()>
 
 #[cfg(test)]
 mod tests {
-    use super::redact_url;
+    use super::{parse_listen, redact_url};
+
+    #[test]
+    fn listen_takes_an_ip_or_a_host_name_with_a_port() {
+        assert_eq!(parse_listen("0.0.0.0:7600").unwrap().to_string(), "0.0.0.0:7600");
+        assert_eq!(parse_listen("[::1]:7600").unwrap().to_string(), "[::1]:7600");
+        // It once said "invalid socket address syntax" for a host name.
+        let local = parse_listen("localhost:7601").unwrap();
+        assert!(local.ip().is_loopback() && local.port() == 7601, "{local}");
+        for bad in ["localhost", "127.0.0.1", "localhost:http", ":7600x"] {
+            let message = parse_listen(bad).unwrap_err();
+            assert!(message.contains("give HOST:PORT"), "{bad}: {message}");
+        }
+    }
 
     #[test]
     fn a_password_is_hidden_in_the_user_info_and_in_the_query() {

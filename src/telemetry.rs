@@ -26,11 +26,21 @@ pub fn cause_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// Sets up `tracing` to stderr, filtered by `RUST_LOG` (default `info`).
+/// The log filter when `RUST_LOG` is unset (or does not parse).
+const DEFAULT_LOG_FILTER: &str = "info,sqlx=warn,tower_http=warn,tokio_cron_scheduler=warn";
+
+/// Sets up `tracing` to stderr, filtered by `RUST_LOG` (default
+/// [`DEFAULT_LOG_FILTER`]). A `RUST_LOG` that does not parse is said, not
+/// silently replaced: an operator who asked for debug logs would wait for
+/// them in vain.
 pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,sqlx=warn,tower_http=warn,tokio_cron_scheduler=warn")
-    });
+    let (filter, refused) = match std::env::var(tracing_subscriber::EnvFilter::DEFAULT_ENV) {
+        Ok(raw) if !raw.trim().is_empty() => match tracing_subscriber::EnvFilter::try_new(&raw) {
+            Ok(filter) => (filter, None),
+            Err(e) => (tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER), Some((raw, e))),
+        },
+        _ => (tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER), None),
+    };
     // A second init (tests) is harmless; ignore it.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -38,6 +48,13 @@ pub fn init_tracing() {
         // Colour codes only for a person at a terminal, not in a log file.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
+    if let Some((raw, e)) = refused {
+        tracing::warn!(
+            rust_log = %raw,
+            "RUST_LOG {raw:?} is not a log filter ({e}); using {DEFAULT_LOG_FILTER:?}. \
+             Write it like info,tally=debug"
+        );
+    }
 }
 
 /// Labels of an HTTP request counter.

@@ -139,6 +139,7 @@ pub async fn run(settings: &Settings, command: JobsCommand) -> anyhow::Result<Ex
     match command {
         JobsCommand::List => {
             let now = Utc::now();
+            eprintln!("jobs from {}", scheduled::source(settings.jobs.as_deref()));
             outln!("{:<20} {:<20} {:<16} next run (UTC)", "name", "schedule", "runs")?;
             for job in &definitions {
                 outln!(

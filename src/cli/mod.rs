@@ -58,9 +58,12 @@ pub struct Cli {
 pub enum Command {
     /// Run the HTTP API.
     Serve {
-        /// Address to listen on.
-        #[arg(long, default_value = app::DEFAULT_LISTEN)]
+        /// Address to listen on: IP:PORT or HOST:PORT.
+        #[arg(long, env = "TALLY_LISTEN", default_value = app::DEFAULT_LISTEN, value_parser = app::parse_listen)]
         listen: SocketAddr,
+        /// Seconds to finish requests in flight after Ctrl-C or SIGTERM, then stop without them.
+        #[arg(long, env = "TALLY_SHUTDOWN_GRACE", default_value_t = app::DEFAULT_SHUTDOWN_GRACE_SECONDS)]
+        shutdown_grace: u64,
         /// Do not run the scheduled jobs in this process.
         #[arg(long)]
         no_jobs: bool,
@@ -193,7 +196,22 @@ fn is_broken_pipe(error: &anyhow::Error) -> bool {
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let settings = cli.settings();
     match cli.command {
-        Command::Serve { listen, no_jobs } => serve(Settings { listen, ..settings }, !no_jobs).await,
+        Command::Serve {
+            listen,
+            shutdown_grace,
+            no_jobs,
+        } => {
+            let shutdown_grace = std::time::Duration::from_secs(shutdown_grace);
+            serve(
+                Settings {
+                    listen,
+                    shutdown_grace,
+                    ..settings
+                },
+                !no_jobs,
+            )
+            .await
+        }
         Command::Migrate => {
             settings.open_store().await?;
             // Both engines' folders mirror each other (a test checks it).
@@ -233,7 +251,8 @@ async fn serve(settings: Settings, with_jobs: bool) -> anyhow::Result<ExitCode> 
             .iter()
             .map(|j| format!("{} ({})", j.name, j.schedule))
             .collect();
-        tracing::info!(jobs = %names.join(", "), "scheduling jobs: {}", names.join(", "));
+        let source = crate::jobs::source(settings.jobs.as_deref());
+        tracing::info!(jobs = %names.join(", "), %source, "scheduling jobs from {source}: {}", names.join(", "));
         Some(crate::jobs::Scheduler::start(application.job_runner(definitions)).await?)
     } else {
         None

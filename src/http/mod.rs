@@ -102,15 +102,18 @@ async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) ->
 pub struct Server {
     listener: TcpListener,
     router: Router,
+    /// How long requests in flight may finish after a stop request.
+    grace: std::time::Duration,
 }
 
 impl Server {
     /// Binds `listen` (port 0 picks a free port).
-    pub async fn bind(listen: SocketAddr, state: AppState) -> std::io::Result<Self> {
+    pub async fn bind(listen: SocketAddr, grace: std::time::Duration, state: AppState) -> std::io::Result<Self> {
         let listener = TcpListener::bind(listen).await?;
         Ok(Self {
             listener,
             router: router(state),
+            grace,
         })
     }
 
@@ -119,10 +122,30 @@ impl Server {
         self.listener.local_addr()
     }
 
-    /// Serves until `shutdown` resolves, then finishes requests in flight.
+    /// Serves until `shutdown` resolves, then finishes requests in flight for
+    /// at most the grace period: a client that never sends the rest of its
+    /// body must not keep the process from stopping.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown)
-            .await
+        let stopping = Arc::new(tokio::sync::Notify::new());
+        let signalled = stopping.clone();
+        let serving = axum::serve(self.listener, self.router).with_graceful_shutdown(async move {
+            shutdown.await;
+            signalled.notify_one();
+        });
+        let grace = self.grace;
+        tokio::select! {
+            served = std::future::IntoFuture::into_future(serving) => served,
+            () = async {
+                stopping.notified().await;
+                tokio::time::sleep(grace).await;
+            } => {
+                tracing::warn!(
+                    grace_seconds = grace.as_secs(),
+                    "requests still in flight {} s after the stop request; stopping without them",
+                    grace.as_secs()
+                );
+                Ok(())
+            }
+        }
     }
 }

@@ -86,14 +86,32 @@ fn parse_schedule(schedule: &str) -> anyhow::Result<croner::Cron> {
         .map_err(|e| anyhow::anyhow!("schedule {schedule:?} is not a 6-field cron (sec min hour dom month dow): {e}"))
 }
 
+/// The directory the jobs come from: `dir` when given, else `jobs/` in the
+/// working directory when it is there; `None` for the built-in schedule.
+fn jobs_dir(dir: Option<&Path>) -> Option<PathBuf> {
+    match dir {
+        Some(dir) => Some(dir.to_owned()),
+        None => Some(PathBuf::from("jobs")).filter(|d| d.is_dir()),
+    }
+}
+
+/// Where [`load`] takes the jobs from, for the log and `tally jobs list`: a
+/// service started in another working directory (systemd's is `/`) does not
+/// see `jobs/`, and would otherwise run the built-in schedule unsaid.
+pub fn source(dir: Option<&Path>) -> String {
+    match jobs_dir(dir) {
+        Some(dir) => {
+            let full = std::path::absolute(&dir).unwrap_or(dir);
+            format!("the job files in {}", full.display())
+        }
+        None => "the built-in schedule (no --jobs, TALLY_JOBS or jobs/ in the working directory)".to_owned(),
+    }
+}
+
 /// Where job definitions come from: `--jobs DIR`, else `jobs/` when present,
 /// else the built-in schedule.
 pub fn load(dir: Option<&Path>) -> anyhow::Result<Vec<JobDefinition>> {
-    let dir: Option<PathBuf> = match dir {
-        Some(dir) => Some(dir.to_owned()),
-        None => Some(PathBuf::from("jobs")).filter(|d| d.is_dir()),
-    };
-    let Some(dir) = dir else {
+    let Some(dir) = jobs_dir(dir) else {
         return Ok(builtin());
     };
     let mut jobs: BTreeMap<String, (JobDefinition, PathBuf)> = BTreeMap::new();

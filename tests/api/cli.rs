@@ -20,6 +20,7 @@ both!(
     processes_migrating_a_new_database_at_once_all_start_and_one_creates_the_schema,
     a_reader_that_stops_reading_ends_the_output_quietly_with_the_commands_own_exit_code,
     reads_of_a_database_that_is_not_there_fail_and_create_nothing,
+    a_rust_log_that_does_not_parse_is_said_not_silently_replaced,
 );
 
 fn text(bytes: &[u8]) -> String {
@@ -652,4 +653,21 @@ async fn reads_of_a_database_that_is_not_there_fail_and_create_nothing(app: Test
         assert!(!folder.status.success());
         assert!(text(&folder.stderr).contains("is a folder"), "{}", text(&folder.stderr));
     }
+}
+
+/// `RUST_LOG=tally=verbose` (no such level) once fell back to the default
+/// filter without a word, so an operator waited for debug logs in vain.
+async fn a_rust_log_that_does_not_parse_is_said_not_silently_replaced(app: TestApp) {
+    let output = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["usage", "acme"])
+        .env("TALLY_DATABASE_URL", &app.database_url)
+        .env("RUST_LOG", "tally=verbose")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("RUST_LOG \"tally=verbose\" is not a log filter"),
+        "{stderr}"
+    );
 }

@@ -593,11 +593,16 @@ impl ServeProcess {
 
     /// Asks the process to stop, as a service manager does (SIGTERM).
     pub fn terminate(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends the signal `name` (`TERM`, `HUP`, …) to the process.
+    pub fn signal(&self, name: &str) {
         let status = std::process::Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args([&format!("-{name}"), &self.child.id().to_string()])
             .status()
             .expect("kill runs");
-        assert!(status.success(), "SIGTERM was delivered");
+        assert!(status.success(), "SIG{name} was delivered");
     }
 
     /// Waits for the process to exit (up to `timeout`) and returns its status.

@@ -275,6 +275,22 @@ async fn jobs_list_shows_each_job_and_its_next_run(app: TestApp) {
         before < next && next <= after + chrono::Duration::seconds(10),
         "{before} < {next} <= {after} + 10 s: {line}"
     );
+    // Which schedule is in force is said: a service started elsewhere than
+    // beside its jobs/ ran the built-in schedule unsaid.
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("jobs from the job files in {}", jobs_dir.display())),
+        "{stderr}"
+    );
+    let elsewhere = tempfile::tempdir().unwrap();
+    let builtin = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["jobs", "list", "--database-url", &app.database_url])
+        .env_remove("TALLY_JOBS")
+        .current_dir(elsewhere.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&builtin.stderr);
+    assert!(stderr.contains("jobs from the built-in schedule"), "{stderr}");
 }
 
 #[test]

@@ -15,5 +15,6 @@ mod jobs;
 mod quota;
 mod restore;
 mod rollup;
+mod serve;
 mod timeseries;
 mod validation;

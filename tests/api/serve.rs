@@ -1,0 +1,49 @@
+//! The `serve` process as a service manager and an operator see it: the
+//! signals it answers and how long it takes to stop.
+
+use std::io::Write as _;
+use std::time::{Duration, Instant};
+
+use crate::both;
+use crate::helpers::{ServeProcess, TestApp};
+
+both!(a_hangup_is_ignored_and_a_client_that_never_finishes_cannot_hold_the_shutdown);
+
+/// SIGHUP (sent by log rotation tools) once killed the server outright, its
+/// requests unfinished. And after SIGTERM the server waited for a client that
+/// had sent half a body for as long as the client liked; it now stops after
+/// `--shutdown-grace` seconds.
+async fn a_hangup_is_ignored_and_a_client_that_never_finishes_cannot_hold_the_shutdown(app: TestApp) {
+    let admin_key = "tly_serve_test_admin_key";
+    let mut serve = ServeProcess::start(
+        &app.database_url,
+        &["--no-jobs", "--shutdown-grace", "1"],
+        &[("TALLY_ADMIN_KEY", admin_key)],
+    )
+    .await;
+    serve.signal("HUP");
+    let ignored = serve.wait_for_stderr("SIGHUP ignored", Duration::from_secs(10)).await;
+    assert!(ignored.is_some(), "{}", serve.stderr());
+    assert!(serve.is_running(), "{}", serve.stderr());
+    let health = reqwest::get(format!("{}/healthz", serve.address)).await.unwrap();
+    assert_eq!(health.status(), 200);
+
+    let host_port = serve.address.trim_start_matches("http://");
+    let mut slow = std::net::TcpStream::connect(host_port).unwrap();
+    // Authorised, so that the handler waits for the body (a 401 reads none).
+    let head = format!(
+        "POST /v1/entries HTTP/1.1\r\nHost: tally\r\nAuthorization: Bearer {admin_key}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"account\": "
+    );
+    slow.write_all(head.as_bytes()).unwrap();
+    // The request is in flight once the server has read its headers.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let asked = Instant::now();
+    serve.terminate();
+    let status = serve.wait_for_exit(Duration::from_secs(15)).await;
+    let took = asked.elapsed();
+    assert!(status.success(), "{status:?}: {}", serve.stderr());
+    assert!(took < Duration::from_secs(8), "stopped after {took:?}");
+    assert!(serve.stderr().contains("stopping without them"), "{}", serve.stderr());
+    drop(slow);
+}
