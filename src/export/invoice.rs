@@ -291,11 +291,6 @@ impl<'a> InvoiceContext<'a> {
             total,
         })
     }
-
-    /// The month invoiced.
-    pub fn month(&self) -> NaiveDate {
-        self.month
-    }
 }
 
 /// Computes every account's invoice for `month` (first day), in account order,

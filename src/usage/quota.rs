@@ -301,23 +301,6 @@ pub struct Quotas<'a> {
 }
 
 impl Quotas<'_> {
-    /// The limit for one account and resource at `at`.
-    pub async fn limit_for(
-        &self,
-        account: &AccountId,
-        resource: &ResourceName,
-        at: DateTime<Utc>,
-    ) -> Result<EffectiveLimit, StoreError> {
-        let (history, changes) = self.store.plans_and_override_changes(account).await?;
-        Ok(effective_limit(
-            self.catalog,
-            plan_at(self.catalog, &history, at),
-            &overrides_as_of(&changes, at),
-            resource,
-            at,
-        ))
-    }
-
     /// Whether `amount` more may be used at `at`; records nothing.
     pub async fn check(
         &self,

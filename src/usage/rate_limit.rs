@@ -64,14 +64,4 @@ impl RateLimits {
             limiter.shrink_to_fit();
         }
     }
-
-    /// Keys currently tracked (for tests and metrics).
-    pub fn tracked_keys(&self) -> usize {
-        self.by_rate
-            .lock()
-            .expect("rate limiter map poisoned")
-            .values()
-            .map(|l| l.len())
-            .sum()
-    }
 }
