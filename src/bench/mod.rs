@@ -19,11 +19,10 @@
 //!   generated ledger against `psql \copy (SELECT …) TO` (PostgreSQL) and the
 //!   `sqlite3` shell's CSV mode (SQLite): rows/s and peak RSS.
 //!
-//! The layout is meant to grow: shared pieces (the workload generator in
-//! [`workload`], the in-process server and throwaway databases in
-//! [`harness`], the engine choice and report helpers here) are independent of
-//! `ingest`, so `rollup`, `quota` and `export` can be added as sibling modules
-//! and [`Command`] variants.
+//! Shared pieces (the workload generator in [`workload`], the in-process
+//! server and throwaway databases in [`harness`], the engine choice and report
+//! helpers here) are independent of any one subcommand; a new measurement is a
+//! sibling module and a [`Command`] variant.
 
 pub mod export;
 pub mod harness;

@@ -1,6 +1,9 @@
-//! Reads of an account's usage for dashboards and operators: time series and
-//! rollup health. Exact at the moment of the call: folded totals plus the
-//! ledger tail the rollup has not reached yet.
+//! Reads and decisions over the usage totals: quota checks and consumes
+//! ([`quota`]), per-minute rates ([`rate_limit`]), the account view
+//! ([`account`]), feature gates ([`features`]), time series ([`timeseries`]),
+//! the operator's view ([`admin`]) and rollup health. Reads of usage are
+//! exact at the moment of the call: folded totals plus the ledger tail the
+//! rollup has not reached yet.
 
 pub mod account;
 pub mod admin;

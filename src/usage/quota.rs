@@ -644,7 +644,7 @@ fn retry_after(limit: &EffectiveLimit, amount: Amount, period: &Period, now: Dat
 }
 
 /// The outcome the database stores for a consume it decided
-/// (`tally_consume_group`, migration 0006): the limit it resolved, in minor units,
+/// (`tally_consume_group`, migration 0012): the limit it resolved, in minor units,
 /// and `used_after`. The check fields and warnings are rebuilt from it, the
 /// same way for the first answer and for every replay.
 #[derive(Debug, Deserialize)]

@@ -1,5 +1,5 @@
 //! Group commit for consume: the consumes waiting at one instant are decided
-//! by one call of `tally_consume_group` (migrations 0006–0008): one round trip, one
+//! by one call of `tally_consume_group` (migration 0012): one round trip, one
 //! transaction, one commit, and one `used` read per (account, resource, period)
 //! instead of one per consume.
 //!
