@@ -2,9 +2,11 @@
 //! unit (`decimals` fractional digits), so sums are integer sums: no floating
 //! point anywhere, SQL included (DESIGN.md, invariant 6).
 
+use std::borrow::Cow;
 use std::fmt;
 
 use rust_decimal::Decimal;
+use serde_json::value::RawValue;
 
 use super::shown;
 
@@ -165,6 +167,32 @@ impl fmt::Display for Amount {
 impl serde::Serialize for Amount {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.collect_str(self)
+    }
+}
+
+/// Why a JSON value gives no decimal text (see [`json_decimal_text`]).
+#[derive(Debug)]
+pub enum JsonDecimalError {
+    /// A JSON string that does not decode: `RawValue` accepts a lone
+    /// surrogate escape (`"\ud800"`), a Rust `String` cannot hold one.
+    BadString(serde_json::Error),
+    /// Neither a string nor a number (`true`, an object, …).
+    NotStringOrNumber,
+}
+
+/// The decimal text of a JSON amount or limit: a string's contents, or a
+/// number's literal digits, kept as written so the value is parsed exactly
+/// and never as a binary float.
+pub fn json_decimal_text(raw: &RawValue) -> Result<Cow<'_, str>, JsonDecimalError> {
+    let text = raw.get();
+    if text.starts_with('"') {
+        serde_json::from_str::<String>(text)
+            .map(Cow::Owned)
+            .map_err(JsonDecimalError::BadString)
+    } else if text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
+        Ok(Cow::Borrowed(text))
+    } else {
+        Err(JsonDecimalError::NotStringOrNumber)
     }
 }
 
@@ -367,5 +395,16 @@ mod tests {
     fn sums_overflow_as_errors() {
         let big = Amount::from_minor(i64::MAX, 0);
         assert_eq!(big.checked_add(Amount::from_minor(1, 0)), Err(AmountError::Overflow));
+    }
+
+    #[test]
+    fn json_amounts_give_their_text_as_written() {
+        let text =
+            |json: &str| json_decimal_text(&RawValue::from_string(json.to_owned()).unwrap()).map(Cow::into_owned);
+        assert_eq!(text(r#""0.10""#).unwrap(), "0.10");
+        assert_eq!(text("0.10").unwrap(), "0.10");
+        assert_eq!(text("-1e3").unwrap(), "-1e3");
+        assert!(matches!(text("true"), Err(JsonDecimalError::NotStringOrNumber)));
+        assert!(matches!(text(r#""\ud800""#), Err(JsonDecimalError::BadString(_))));
     }
 }

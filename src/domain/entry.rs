@@ -1,11 +1,13 @@
 //! Ledger entries: what clients send ([`EntryInput`]), what is validated for
 //! the store ([`NewEntry`]) and what the ledger holds ([`Entry`]).
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, Duration, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::amount::{AmountError, MAX_DECIMALS};
+use super::amount::{AmountError, JsonDecimalError, MAX_DECIMALS, json_decimal_text};
 use super::{AccountId, Amount, Catalog, IdempotencyKey, ResourceName, shown};
 
 /// The most bytes an entry's metadata may take, as compact JSON.
@@ -414,16 +416,14 @@ impl EntryInput {
     }
 }
 
-/// The text of a JSON amount: a string's contents, or a number's literal digits.
-fn amount_text(raw: &RawValue) -> Result<String, String> {
-    let text = raw.get();
-    if text.starts_with('"') {
-        serde_json::from_str::<String>(text).map_err(|e| format!("amount is not a valid JSON string: {e}"))
-    } else if text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
-        Ok(text.to_owned())
-    } else {
-        Err(format!("amount must be a decimal string or a JSON number, not {text}"))
-    }
+/// The text of a JSON amount ([`json_decimal_text`]), or what is wrong with it.
+fn amount_text(raw: &RawValue) -> Result<Cow<'_, str>, String> {
+    json_decimal_text(raw).map_err(|e| match e {
+        JsonDecimalError::BadString(e) => format!("amount is not a valid JSON string: {e}"),
+        JsonDecimalError::NotStringOrNumber => {
+            format!("amount must be a decimal string or a JSON number, not {}", raw.get())
+        }
+    })
 }
 
 /// An entry as the ledger holds it.

@@ -11,6 +11,7 @@ use super::auth::{Admin, Caller};
 use super::error::ApiError;
 use super::extract::{Body, NoQuery, Path, QueryParams, parse_json};
 use super::{AppState, params};
+use crate::domain::amount::{JsonDecimalError, json_decimal_text};
 use crate::domain::catalog::{Enforcement, Window};
 use crate::domain::entry::parse_timestamp;
 use crate::domain::plan::{Override, parse_limit};
@@ -130,21 +131,20 @@ async fn set_override(
             "limit is required: a decimal string such as \"5000\", or null for unlimited",
         ));
     };
-    let limit = match limit.get() {
-        "null" => None,
-        raw if !raw.starts_with(|c: char| c == '"' || c == '-' || c.is_ascii_digit()) => {
+    let limit = match (limit.get(), json_decimal_text(&limit)) {
+        ("null", _) => None,
+        (_, Ok(text)) => parse_limit(&text, decimals).map_err(|m| ApiError::invalid("limit", m))?,
+        (_, Err(JsonDecimalError::BadString(e))) => {
+            return Err(ApiError::invalid(
+                "limit",
+                format!("limit is not a valid JSON string: {e}"),
+            ));
+        }
+        (raw, Err(JsonDecimalError::NotStringOrNumber)) => {
             return Err(ApiError::invalid(
                 "limit",
                 format!("limit must be a decimal string such as \"5000\", or null for unlimited; got {raw}"),
             ));
-        }
-        raw => {
-            let text: String = if raw.starts_with('"') {
-                serde_json::from_str(raw).unwrap_or_default()
-            } else {
-                raw.to_owned()
-            };
-            parse_limit(&text, decimals).map_err(|m| ApiError::invalid("limit", m))?
         }
     };
     let enforcement = request

@@ -1,5 +1,7 @@
 //! Quota over HTTP: check (records nothing) and consume (check and record atomically).
 
+use std::borrow::Cow;
+
 use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};
@@ -11,6 +13,7 @@ use super::auth::Writer;
 use super::error::ApiError;
 use super::extract::{Body, NoQuery, malformed_json, parse_json};
 use super::{AppState, params};
+use crate::domain::amount::{JsonDecimalError, json_decimal_text};
 use crate::domain::catalog::Window;
 use crate::domain::entry::parse_timestamp;
 use crate::domain::plan::overrides_as_of;
@@ -57,7 +60,7 @@ async fn check(
     let decimals = state.catalog.decimals(resource.as_str());
     let amount = match &request.amount {
         None => Amount::from_minor(10i64.pow(decimals), decimals),
-        Some(raw) => positive_amount(raw.get(), decimals)?,
+        Some(raw) => positive_amount(raw, decimals)?,
     };
     let at = match request.at.as_deref() {
         None => state.clock.now(),
@@ -70,14 +73,20 @@ async fn check(
     Ok(Json(quotas.check(&account, &resource, amount, at).await?))
 }
 
-/// A consume or check amount: exact, and strictly positive.
-fn positive_amount(raw_json: &str, decimals: u32) -> Result<Amount, ApiError> {
-    let text: String = if raw_json.starts_with('"') {
-        serde_json::from_str(raw_json).map_err(malformed_json)?
-    } else {
-        raw_json.to_owned()
+/// A check amount: exact, and strictly positive.
+fn positive_amount(raw: &RawValue, decimals: u32) -> Result<Amount, ApiError> {
+    let text = match json_decimal_text(raw) {
+        Ok(text) => text,
+        Err(JsonDecimalError::BadString(e)) => return Err(malformed_json(e)),
+        // Parsed as written, so the parser's message says what is wrong.
+        Err(JsonDecimalError::NotStringOrNumber) => Cow::Borrowed(raw.get()),
     };
     let amount = Amount::parse(&text, decimals).map_err(|e| ApiError::invalid("amount", e.to_string()))?;
+    positive(amount)
+}
+
+/// Refuses an amount that is not strictly positive: consume and check count usage.
+fn positive(amount: Amount) -> Result<Amount, ApiError> {
     if amount.minor() <= 0 {
         return Err(ApiError::invalid(
             "amount",
@@ -109,13 +118,10 @@ async fn consume(
     if let Some(account) = input.account.as_deref().and_then(|a| AccountId::parse(a).ok()) {
         caller.require_write(&account)?;
     }
-    let raw_amount = input.amount.as_ref().map(|a| a.get().to_owned());
     let entry = input
         .validate(0, state.entry_rules())
         .map_err(ApiError::from_field_errors)?;
-    if let Some(raw) = raw_amount {
-        positive_amount(&raw, entry.amount.decimals())?;
-    }
+    positive(entry.amount)?;
     let quotas = Quotas {
         store: state.store.as_ref(),
         catalog: &state.catalog,
