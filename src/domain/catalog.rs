@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 use super::amount::{Amount, MAX_DECIMALS, parse_decimal};
+use super::plan::{LimitError, parse_limit};
 use super::resource::ResourceName;
 
 /// The built-in catalog, the tiers of API.md.
@@ -297,27 +298,19 @@ impl Catalog {
                     continue;
                 };
                 let l = raw_limit.get_ref();
-                let limit = match l.limit.get_ref().as_str() {
-                    "unlimited" => None,
-                    text => match parse_decimal(text).and_then(|d| Amount::from_decimal(d, spec.decimals, text)) {
-                        Ok(a) if a.minor() >= 0 => Some(a),
-                        Ok(_) => {
-                            err(
-                                l.limit.span(),
-                                format!("plan '{plan_name}', resource '{resource_name}': limit must not be negative"),
-                            );
-                            None
-                        }
-                        Err(e) => {
-                            err(
-                                l.limit.span(),
-                                format!(
-                                    "plan '{plan_name}', resource '{resource_name}': limit: {e} (or write \"unlimited\")"
-                                ),
-                            );
-                            None
-                        }
-                    },
+                let limit = match parse_limit(l.limit.get_ref(), spec.decimals) {
+                    Ok(limit) => limit,
+                    Err(e) => {
+                        let why = match e {
+                            LimitError::Negative => "limit must not be negative".to_owned(),
+                            LimitError::Invalid(e) => format!("limit: {e} (or write \"unlimited\")"),
+                        };
+                        err(
+                            l.limit.span(),
+                            format!("plan '{plan_name}', resource '{resource_name}': {why}"),
+                        );
+                        None
+                    }
                 };
                 let enforcement = l.enforcement.unwrap_or_default();
                 let overage_price = match &l.overage_price {

@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use super::catalog::{Enforcement, Window};
 use super::period::{Granularity, month_start, start_of};
-use super::{Amount, ResourceName};
+use super::{Amount, AmountError, ResourceName};
 
 /// One assignment of a plan to an account.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -36,17 +36,29 @@ pub struct Override {
     pub updated_at: DateTime<Utc>,
 }
 
+/// Why a text is not a limit. Displayed as an override's API and CLI say
+/// it; the catalog words it for its file (no null there).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LimitError {
+    /// Not a decimal in the resource's precision.
+    #[error("limit: {0} (or null / \"unlimited\" for no limit)")]
+    Invalid(AmountError),
+    /// Below zero.
+    #[error("limit must not be negative (null / \"unlimited\" means no limit)")]
+    Negative,
+}
+
 /// Parses a limit: a non-negative decimal in the resource's precision, or
 /// `unlimited` (None).
-pub fn parse_limit(text: &str, decimals: u32) -> Result<Option<Amount>, String> {
+pub fn parse_limit(text: &str, decimals: u32) -> Result<Option<Amount>, LimitError> {
     if text == "unlimited" {
         return Ok(None);
     }
     let amount = super::amount::parse_decimal(text)
         .and_then(|d| Amount::from_decimal(d, decimals, text))
-        .map_err(|e| format!("limit: {e} (or null / \"unlimited\" for no limit)"))?;
+        .map_err(LimitError::Invalid)?;
     if amount.minor() < 0 {
-        return Err("limit must not be negative (null / \"unlimited\" means no limit)".into());
+        return Err(LimitError::Negative);
     }
     Ok(Some(amount))
 }

@@ -133,7 +133,7 @@ async fn set_override(
     };
     let limit = match (limit.get(), json_decimal_text(&limit)) {
         ("null", _) => None,
-        (_, Ok(text)) => parse_limit(&text, decimals).map_err(|m| ApiError::invalid("limit", m))?,
+        (_, Ok(text)) => parse_limit(&text, decimals).map_err(|e| ApiError::invalid("limit", e.to_string()))?,
         (_, Err(JsonDecimalError::BadString(e))) => {
             return Err(ApiError::invalid(
                 "limit",
