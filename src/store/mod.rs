@@ -926,7 +926,7 @@ pub(crate) fn resolve_outcomes(
         .iter()
         .enumerate()
         .map(|(index, entry)| {
-            let key = (entry.account.to_string(), entry.idempotency_key.to_string());
+            let key = natural_key(&entry.account, &entry.idempotency_key);
             // The first occurrence of a key the insert created is "created";
             // a repeat of it inside the same batch is compared like any duplicate.
             if let Some(&id) = created.get(&key) {
@@ -1011,8 +1011,8 @@ pub fn reversal_of(original: &Entry, key: IdempotencyKey, reason: Option<&str>) 
 }
 
 /// Identifies a row by (account, idempotency key), the ledger's natural key.
-pub(crate) fn natural_key(entry: &NewEntry) -> (String, String) {
-    (entry.account.to_string(), entry.idempotency_key.to_string())
+pub(crate) fn natural_key(account: &AccountId, idempotency_key: &IdempotencyKey) -> (String, String) {
+    (account.to_string(), idempotency_key.to_string())
 }
 
 /// The reversal constraint's name in both engines' migrations.

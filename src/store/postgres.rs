@@ -332,7 +332,7 @@ fn ids_in_order(entries: &[NewEntry], order: &[usize], mut ids: Vec<i64>) -> Has
     order
         .iter()
         .zip(ids)
-        .map(|(&i, id)| (natural_key(&entries[i]), id))
+        .map(|(&i, id)| (natural_key(&entries[i].account, &entries[i].idempotency_key), id))
         .collect()
 }
 
@@ -520,7 +520,7 @@ impl Store for PgStore {
         if created.len() < entries.len() {
             let missing: Vec<&NewEntry> = entries
                 .iter()
-                .filter(|e| !created.contains_key(&natural_key(e)))
+                .filter(|e| !created.contains_key(&natural_key(&e.account, &e.idempotency_key)))
                 .collect();
             let missing_accounts: Vec<&str> = missing.iter().map(|e| e.account.as_str()).collect();
             let missing_keys: Vec<&str> = missing.iter().map(|e| e.idempotency_key.as_str()).collect();
@@ -536,7 +536,7 @@ impl Store for PgStore {
             .await?;
             for row in rows {
                 let entry = self.entry_from_row(row);
-                existing.insert((entry.account.to_string(), entry.idempotency_key.to_string()), entry);
+                existing.insert(natural_key(&entry.account, &entry.idempotency_key), entry);
             }
         }
         // Decide before committing: a conflict anywhere rolls the whole batch back.

@@ -451,7 +451,7 @@ impl Store for SqliteStore {
             let missing: Vec<&NewEntry> = entries
                 .iter()
                 .filter(|e| {
-                    let key = natural_key(e);
+                    let key = natural_key(&e.account, &e.idempotency_key);
                     !created.contains_key(&key) && seen.insert(key)
                 })
                 .collect();
@@ -460,7 +460,7 @@ impl Store for SqliteStore {
                 let (chunk, tail) = rest.split_at(chunk_len(rest.len()));
                 for row in select_chunk(&mut tx, chunk).await? {
                     let entry = self.entry_from_row(row);
-                    existing.insert((entry.account.to_string(), entry.idempotency_key.to_string()), entry);
+                    existing.insert(natural_key(&entry.account, &entry.idempotency_key), entry);
                 }
                 rest = tail;
             }
