@@ -559,8 +559,9 @@ pub struct TotalRow {
     pub entries: i64,
 }
 
-/// The SQL of a totals export for one granularity: fills in the table and the
-/// bucket expressions of a `export_totals*.sql` template.
+/// The SQL of a statement for one granularity: fills in the table and the
+/// bucket expressions of a template (the `export_totals*.sql` files; on
+/// SQLite every statement that buckets entries).
 pub(crate) fn totals_sql(template: &str, table: &str, bucket: &str, bucket_of_entry: &str) -> String {
     template
         .replace("{table}", table)

@@ -322,6 +322,32 @@ impl SqliteStore {
     }
 }
 
+/// The table, bucket column and bucket-of-an-entry expression of a granularity:
+/// the one definition of an entry's UTC day and month in SQLite's SQL. The
+/// expressions floor `occurred_at` (µs) to seconds: SQLite's `/` rounds
+/// toward zero, which would put an instant before 1970 in the next day.
+fn shape(granularity: Granularity) -> (&'static str, &'static str, &'static str) {
+    match granularity {
+        Granularity::Day => (
+            "daily_totals",
+            "day",
+            "date((occurred_at - (occurred_at % 1000000 + 1000000) % 1000000) / 1000000, 'unixepoch')",
+        ),
+        Granularity::Month => (
+            "monthly_totals",
+            "month",
+            "strftime('%Y-%m-01', (occurred_at - (occurred_at % 1000000 + 1000000) % 1000000) / 1000000, 'unixepoch')",
+        ),
+    }
+}
+
+/// A statement of `sql/sqlite/` with `{table}`, `{bucket}` and
+/// `{bucket_of_entry}` filled in for `granularity` ([`shape`]).
+fn bucketed_sql(template: &str, granularity: Granularity) -> String {
+    let (table, bucket, bucket_of_entry) = shape(granularity);
+    totals_sql(template, table, bucket, bucket_of_entry)
+}
+
 /// µs since the epoch, the stored form of a timestamp.
 pub(crate) fn to_micros(t: DateTime<Utc>) -> i64 {
     t.timestamp_micros()
@@ -641,10 +667,13 @@ impl Store for SqliteStore {
         from: NaiveDate,
         to: NaiveDate,
     ) -> Result<Vec<(NaiveDate, i64)>, StoreError> {
-        let sql = match granularity {
-            Granularity::Day => include_str!("sql/sqlite/bucket_totals_day.sql"),
-            Granularity::Month => include_str!("sql/sqlite/bucket_totals_month.sql"),
-        };
+        static SQL: LazyLock<[String; 2]> = LazyLock::new(|| {
+            [
+                bucketed_sql(include_str!("sql/sqlite/bucket_totals_day.sql"), Granularity::Day),
+                bucketed_sql(include_str!("sql/sqlite/bucket_totals_month.sql"), Granularity::Month),
+            ]
+        });
+        let sql = &SQL[usize::from(granularity == Granularity::Month)];
         let rows: Vec<(String, i64)> = sqlx::query_as(sql)
             .bind(account.as_str())
             .bind(resource.as_str())
@@ -666,17 +695,17 @@ impl Store for SqliteStore {
         for (table, expected_sql, actual_sql) in [
             (
                 "daily",
-                include_str!("sql/sqlite/verify_daily.sql"),
+                bucketed_sql(include_str!("sql/sqlite/verify_daily.sql"), Granularity::Day),
                 "SELECT account, resource, day, amount, entries FROM daily_totals",
             ),
             (
                 "monthly",
-                include_str!("sql/sqlite/verify_monthly.sql"),
+                bucketed_sql(include_str!("sql/sqlite/verify_monthly.sql"), Granularity::Month),
                 "SELECT account, resource, month, amount, entries FROM monthly_totals",
             ),
         ] {
             let expected: Vec<(String, String, String, i64, i64, i64)> =
-                sqlx::query_as(expected_sql).fetch_all(&mut *tx).await?;
+                sqlx::query_as(&expected_sql).fetch_all(&mut *tx).await?;
             let expected = expected
                 .into_iter()
                 .map(|(a, r, bucket, high, low, n)| {
@@ -889,12 +918,11 @@ impl Store for SqliteStore {
         static SQL: LazyLock<[String; 4]> = LazyLock::new(|| {
             let live = include_str!("sql/sqlite/export_totals.sql");
             let as_of = include_str!("sql/sqlite/export_totals_as_of.sql");
-            let [day, month] = [Granularity::Day, Granularity::Month].map(export::shape);
             [
-                totals_sql(live, day.0, day.1, day.2),
-                totals_sql(live, month.0, month.1, month.2),
-                totals_sql(as_of, day.0, day.1, day.2),
-                totals_sql(as_of, month.0, month.1, month.2),
+                bucketed_sql(live, Granularity::Day),
+                bucketed_sql(live, Granularity::Month),
+                bucketed_sql(as_of, Granularity::Day),
+                bucketed_sql(as_of, Granularity::Month),
             ]
         });
         let index = usize::from(granularity == Granularity::Month) + 2 * usize::from(filter.as_of.is_some());
@@ -985,7 +1013,9 @@ async fn stage_batch(conn: &mut sqlx::SqliteConnection, max_entries: u32) -> Res
     sqlx::query(include_str!("sql/sqlite/rollup_stage_reset.sql"))
         .execute(&mut *conn)
         .await?;
-    sqlx::query(include_str!("sql/sqlite/rollup_stage_days.sql"))
+    static STAGE_DAYS: LazyLock<String> =
+        LazyLock::new(|| bucketed_sql(include_str!("sql/sqlite/rollup_stage_days.sql"), Granularity::Day));
+    sqlx::query(&STAGE_DAYS)
         .bind(after_id)
         .bind(last_id)
         .execute(&mut *conn)
@@ -1077,11 +1107,12 @@ async fn fold_with_parts(
         // As in write_staged_batch: this process's posts queue in-process.
         let _writer_turn = writer.acquire().await?;
         let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-        let rows: Vec<(i64, String, String, String, i64)> =
-            sqlx::query_as(include_str!("sql/sqlite/rollup_next_rows.sql"))
-                .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-                .fetch_all(&mut *tx)
-                .await?;
+        static NEXT_ROWS: LazyLock<String> =
+            LazyLock::new(|| bucketed_sql(include_str!("sql/sqlite/rollup_next_rows.sql"), Granularity::Day));
+        let rows: Vec<(i64, String, String, String, i64)> = sqlx::query_as(&NEXT_ROWS)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&mut *tx)
+            .await?;
         let Some(&(last_id, ..)) = rows.last() else { break };
         let mut sums: HashMap<(Granularity, String, String, String), (i128, i64)> = HashMap::new();
         for (_, account, resource, day, amount) in &rows {
@@ -1139,7 +1170,7 @@ async fn add_to_parts(
     amount: i128,
     entries: i64,
 ) -> Result<i128, StoreError> {
-    let (table, column, _) = export::shape(granularity);
+    let (table, column, _) = shape(granularity);
     let key = format!("account = ?1 AND resource = ?2 AND {column} = ?3");
     let parts: Vec<(i64, i64)> = sqlx::query_as(&format!("SELECT amount, entries FROM {table} WHERE {key}"))
         .bind(account)

@@ -17,13 +17,11 @@ use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OpenFlags, Row, params};
 use tokio::sync::mpsc;
 
-use super::to_micros;
+use super::{bucketed_sql, shape, to_micros};
 use crate::domain::Catalog;
 use crate::domain::period::{Granularity, start_of};
 use crate::export::format::{EntryFields, RowFormatter, TotalFields};
-use crate::store::{
-    AscendingKeys, Chunk, CsvSink, ExportError, ExportFilter, StoreError, TailTotal, add_tail, totals_sql,
-};
+use crate::store::{AscendingKeys, Chunk, CsvSink, ExportError, ExportFilter, StoreError, TailTotal, add_tail};
 
 /// The database file the exports open (beside sqlx's pools).
 pub(crate) enum Source {
@@ -150,24 +148,6 @@ pub(super) async fn entries(
     .await
 }
 
-/// The table, bucket column and bucket-of-an-entry expression of a granularity.
-/// The expressions floor `occurred_at` (µs) to seconds: SQLite's `/` rounds
-/// toward zero, which would put an instant before 1970 in the next day.
-pub(super) fn shape(granularity: Granularity) -> (&'static str, &'static str, &'static str) {
-    match granularity {
-        Granularity::Day => (
-            "daily_totals",
-            "day",
-            "date((occurred_at - (occurred_at % 1000000 + 1000000) % 1000000) / 1000000, 'unixepoch')",
-        ),
-        Granularity::Month => (
-            "monthly_totals",
-            "month",
-            "strftime('%Y-%m-01', (occurred_at - (occurred_at % 1000000 + 1000000) % 1000000) / 1000000, 'unixepoch')",
-        ),
-    }
-}
-
 /// The totals export (see [`crate::store::Store::export_totals`]).
 pub(super) async fn totals(
     source: &Arc<Source>,
@@ -181,13 +161,7 @@ pub(super) async fn totals(
     run(source, sink, move |conn, lines| {
         let mut format = RowFormatter::new(&catalog);
         if let Some(as_of) = filter.as_of {
-            let (table, bucket, bucket_of_entry) = shape(granularity);
-            let sql = totals_sql(
-                include_str!("../sql/sqlite/export_totals_as_of.sql"),
-                table,
-                bucket,
-                bucket_of_entry,
-            );
+            let sql = bucketed_sql(include_str!("../sql/sqlite/export_totals_as_of.sql"), granularity);
             let mut statement = conn.prepare(&sql)?;
             let mut rows = statement.query(params![
                 filter.from.to_string(),
@@ -224,15 +198,10 @@ fn merge_folded_and_tail(
     format: &mut RowFormatter<'_>,
     lines: &mut Lines,
 ) -> Result<(), ExportError> {
-    let (table, bucket, bucket_of_entry) = shape(granularity);
+    let (table, bucket, _) = shape(granularity);
     let account = filter.account.as_ref().map(|a| a.as_str());
     let resource = filter.resource.as_ref().map(|r| r.as_str());
-    let tail_sql = totals_sql(
-        include_str!("../sql/sqlite/export_totals_tail.sql"),
-        table,
-        bucket,
-        bucket_of_entry,
-    );
+    let tail_sql = bucketed_sql(include_str!("../sql/sqlite/export_totals_tail.sql"), granularity);
     let mut tail_statement = conn.prepare(&tail_sql)?;
     let mut tail_rows = tail_statement.query(params![
         to_micros(start_of(filter.from)),

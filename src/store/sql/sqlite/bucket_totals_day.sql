@@ -1,13 +1,12 @@
 -- Daily buckets of one account and resource: the folded totals, plus the
 -- ledger tail the rollup has not reached yet, grouped the same way. One
 -- statement, one snapshot: a concurrent rollup can neither hide nor double a row.
--- Seconds are floored, not truncated (SQLite's / rounds toward zero), so an
--- instant before 1970 stays in its own day.
+-- {bucket_of_entry}: an entry's UTC day (sqlite.rs, shape).
 SELECT day AS bucket, amount
 FROM daily_totals
 WHERE account = ?1 AND resource = ?2 AND day >= ?3 AND day < ?4
 UNION ALL
-SELECT date((occurred_at - (occurred_at % 1000000 + 1000000) % 1000000) / 1000000, 'unixepoch'), SUM(amount)
+SELECT {bucket_of_entry}, SUM(amount)
 FROM entries
 WHERE id > (SELECT last_id FROM rollup_cursor WHERE name = 'rollup')
   AND account = ?1 AND resource = ?2 AND occurred_at >= ?5 AND occurred_at < ?6

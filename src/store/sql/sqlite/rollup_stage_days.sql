@@ -3,12 +3,11 @@
 -- read of the batch's rows. SUM over INTEGER is exact and raises on overflow;
 -- the bucket is the UTC date of occurred_at (µs), its month the first day of
 -- that date's month.
--- Seconds are floored, not truncated (SQLite's / rounds toward zero), so an
--- instant before 1970 stays in its own day.
+-- {bucket_of_entry}: an entry's UTC day (sqlite.rs, shape).
 INSERT INTO temp.rollup_days (account, resource, month, day, amount, entries)
 SELECT account, resource, substr(day, 1, 8) || '01', day, SUM(amount), COUNT(*)
 FROM (
-    SELECT account, resource, date((occurred_at - (occurred_at % 1000000 + 1000000) % 1000000) / 1000000, 'unixepoch') AS day, amount
+    SELECT account, resource, {bucket_of_entry} AS day, amount
     FROM entries
     WHERE id > ?1 AND id <= ?2
 )
