@@ -16,7 +16,7 @@ mod jobs;
 mod keys;
 mod plans;
 mod post;
-mod usage;
+mod timeseries;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -106,7 +106,7 @@ pub enum Command {
     /// Top accounts by usage of a resource in a month.
     Top(export::TopArgs),
     /// Print an account's usage per day or month (exact: folded totals plus the unfolded tail).
-    Timeseries(usage::TimeseriesArgs),
+    Timeseries(timeseries::TimeseriesArgs),
 }
 
 impl Cli {
@@ -232,7 +232,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Rollup(args) => jobs::rollup(&settings, args).await,
         Command::Verify => jobs::verify(&settings).await,
         Command::Jobs(command) => jobs::run(&settings, command).await,
-        Command::Timeseries(args) => usage::timeseries(&settings, args).await,
+        Command::Timeseries(args) => timeseries::timeseries(&settings, args).await,
         Command::Check(args) => accounts::check(&settings, args).await,
         Command::Export(command) => export::run(&settings, command).await,
         Command::Stats(args) => export::stats(&settings, args).await,

@@ -9,7 +9,7 @@ pub mod extract;
 pub mod operations;
 pub mod params;
 pub mod quota;
-pub mod usage;
+pub mod timeseries;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -68,7 +68,7 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(entries::router())
-        .merge(usage::router())
+        .merge(timeseries::router())
         .merge(quota::router())
         .merge(accounts::router())
         .merge(admin::router())

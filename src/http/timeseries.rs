@@ -1,4 +1,4 @@
-//! Usage reads over HTTP: time series.
+//! Time series over HTTP: `GET /v1/accounts/{account}/timeseries`.
 
 use axum::extract::State;
 use axum::routing::get;
