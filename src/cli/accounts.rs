@@ -277,7 +277,7 @@ async fn check_status(settings: &Settings, args: CheckArgs) -> anyhow::Result<(Q
     let account = account(&args.account)?;
     let (resource, spec) = catalog.resource(&args.resource)?;
     let amount = match args.amount.as_deref() {
-        None => Amount::from_minor(10i64.pow(spec.decimals), spec.decimals),
+        None => Amount::one(spec.decimals),
         Some(text) => Amount::parse(text, spec.decimals)?,
     };
     anyhow::ensure!(amount.minor() > 0, "amount must be positive");

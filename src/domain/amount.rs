@@ -123,6 +123,13 @@ impl Amount {
         Self::from_minor(0, decimals)
     }
 
+    /// One whole unit of a resource with `decimals` fractional digits (at
+    /// most [`MAX_DECIMALS`], so 10^decimals fits): what a check counts when
+    /// no amount is given.
+    pub fn one(decimals: u32) -> Self {
+        Self::from_minor(10i64.pow(decimals), decimals)
+    }
+
     /// The integer count of minor units, as stored.
     pub fn minor(self) -> i64 {
         self.minor

@@ -59,7 +59,7 @@ async fn check(
     )?;
     let decimals = state.catalog.decimals(resource.as_str());
     let amount = match &request.amount {
-        None => Amount::from_minor(10i64.pow(decimals), decimals),
+        None => Amount::one(decimals),
         Some(raw) => positive_amount(raw, decimals)?,
     };
     let at = match request.at.as_deref() {
