@@ -378,17 +378,19 @@ struct ApiKeyRow {
     revoked_at: Option<DateTime<Utc>>,
 }
 
-impl From<ApiKeyRow> for ApiKey {
-    fn from(row: ApiKeyRow) -> Self {
-        ApiKey {
+impl TryFrom<ApiKeyRow> for ApiKey {
+    type Error = StoreError;
+
+    fn try_from(row: ApiKeyRow) -> Result<Self, StoreError> {
+        Ok(ApiKey {
             id: row.id,
             name: row.name,
-            role: Role::parse(&row.role).unwrap_or(Role::Reader),
+            role: Role::parse(&row.role).map_err(|e| StoreError::Unexpected(format!("API key {}: {e}", row.id)))?,
             account: row.account.map(AccountId::from_stored),
             prefix: row.prefix,
             created_at: row.created_at,
             revoked_at: row.revoked_at,
-        }
+        })
     }
 }
 
@@ -576,8 +578,8 @@ impl Store for PgStore {
 
     async fn create_api_key(&self, new: &NewApiKey) -> Result<ApiKey, StoreError> {
         let row = insert_api_key(&self.pool, new, false).await?;
-        row.map(Into::into)
-            .ok_or_else(|| StoreError::Unexpected("a key insert stored nothing".into()))
+        row.ok_or_else(|| StoreError::Unexpected("a key insert stored nothing".into()))?
+            .try_into()
     }
 
     async fn api_key_by_hash(&self, hash: &str) -> Result<Option<ApiKey>, StoreError> {
@@ -587,14 +589,14 @@ impl Store for PgStore {
         .bind(hash)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(Into::into))
+        row.map(TryInto::try_into).transpose()
     }
 
     async fn list_api_keys(&self) -> Result<Vec<ApiKey>, StoreError> {
         let rows: Vec<ApiKeyRow> = sqlx::query_as(&format!("SELECT {API_KEY_COLUMNS} FROM api_keys ORDER BY id"))
             .fetch_all(&self.pool)
             .await?;
-        Ok(rows.into_iter().map(Into::into).collect())
+        rows.into_iter().map(TryInto::try_into).collect()
     }
 
     async fn revoke_api_key(&self, id: i64) -> Result<ApiKey, StoreError> {
@@ -605,9 +607,10 @@ impl Store for PgStore {
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
-        row.map(Into::into).ok_or_else(|| {
+        row.ok_or_else(|| {
             StoreError::NotFound(format!("API key {id} does not exist; `tally keys list` shows the keys"))
-        })
+        })?
+        .try_into()
     }
 
     async fn create_first_api_key(&self, new: &NewApiKey) -> Result<Option<ApiKey>, StoreError> {
@@ -620,7 +623,7 @@ impl Store for PgStore {
             .await?;
         let row = insert_api_key(&mut *tx, new, true).await?;
         tx.commit().await?;
-        Ok(row.map(Into::into))
+        row.map(TryInto::try_into).transpose()
     }
 
     async fn rollup_batch(&self, max_entries: u32, before_commit: &BeforeCommit) -> Result<u64, StoreError> {

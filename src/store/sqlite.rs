@@ -9,6 +9,7 @@ mod export;
 
 use sqlx::ConnectOptions;
 use std::collections::HashMap;
+use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,7 +17,7 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, NaiveDate, SubsecRound, Utc};
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -247,17 +248,31 @@ impl SqliteStore {
     }
 
     /// An override row with its account.
-    fn override_from_row(&self, row: OverrideRow) -> (String, Override) {
+    fn override_from_row(&self, row: OverrideRow) -> Result<(String, Override), StoreError> {
         let decimals = self.catalog.decimals(&row.resource);
+        let (account, resource) = (&row.account, &row.resource);
+        let expires_at = row
+            .expires_at
+            .map(|us| {
+                from_micros(
+                    us,
+                    format_args!("expires_at of the override of {account} on {resource}"),
+                )
+            })
+            .transpose()?;
+        let updated_at = from_micros(
+            row.updated_at,
+            format_args!("updated_at of the override of {account} on {resource}"),
+        )?;
         let value = Override {
             limit: row.limit_amount.map(|minor| Amount::from_minor(minor, decimals)),
             resource: ResourceName::from_stored(row.resource),
             enforcement: row.enforcement.as_deref().and_then(Enforcement::parse),
             window: row.limit_window.as_deref().and_then(Window::parse),
-            expires_at: row.expires_at.map(from_micros),
-            updated_at: from_micros(row.updated_at),
+            expires_at,
+            updated_at,
         };
-        (row.account, value)
+        Ok((row.account, value))
     }
 
     /// An account's overrides (expired ones included), by resource, read on `conn`.
@@ -265,7 +280,7 @@ impl SqliteStore {
         &self,
         conn: &mut sqlx::SqliteConnection,
         account: &AccountId,
-    ) -> Result<Vec<Override>, sqlx::Error> {
+    ) -> Result<Vec<Override>, StoreError> {
         let rows: Vec<OverrideRow> = sqlx::query_as(
             "SELECT account, resource, limit_amount, enforcement, limit_window, expires_at, updated_at
              FROM account_overrides WHERE account = ? ORDER BY resource",
@@ -273,7 +288,7 @@ impl SqliteStore {
         .bind(account.as_str())
         .fetch_all(&mut *conn)
         .await?;
-        Ok(rows.into_iter().map(|row| self.override_from_row(row).1).collect())
+        rows.into_iter().map(|row| Ok(self.override_from_row(row)?.1)).collect()
     }
 
     /// Every change to an account's overrides, in the order made, read on `conn`.
@@ -281,7 +296,7 @@ impl SqliteStore {
         &self,
         conn: &mut sqlx::SqliteConnection,
         account: &AccountId,
-    ) -> Result<Vec<OverrideChange>, sqlx::Error> {
+    ) -> Result<Vec<OverrideChange>, StoreError> {
         let rows: Vec<OverrideHistoryRow> = sqlx::query_as(
             "SELECT account, resource, limit_amount, enforcement, limit_window, expires_at,
                     changed_at AS updated_at, removed
@@ -290,35 +305,41 @@ impl SqliteStore {
         .bind(account.as_str())
         .fetch_all(&mut *conn)
         .await?;
-        Ok(rows.into_iter().map(|row| self.change_from_row(row).1).collect())
+        rows.into_iter().map(|row| Ok(self.change_from_row(row)?.1)).collect()
     }
 
     /// A history row: the change with its account.
-    fn change_from_row(&self, history: OverrideHistoryRow) -> (String, OverrideChange) {
-        let (account, value) = self.override_from_row(history.row);
-        (
+    fn change_from_row(&self, history: OverrideHistoryRow) -> Result<(String, OverrideChange), StoreError> {
+        let (account, value) = self.override_from_row(history.row)?;
+        Ok((
             account,
             OverrideChange {
                 value,
                 removed: history.removed,
             },
-        )
+        ))
     }
 
-    fn entry_from_row(&self, row: EntryRow) -> Entry {
+    fn entry_from_row(&self, row: EntryRow) -> Result<Entry, StoreError> {
         let decimals = self.catalog.decimals(&row.resource);
-        Entry {
-            id: row.id,
+        let id = row.id;
+        let metadata = row
+            .metadata
+            .map(|m| serde_json::from_str(&m))
+            .transpose()
+            .map_err(|e| StoreError::Unexpected(format!("the metadata of entry {id} is not JSON: {e}")))?;
+        Ok(Entry {
+            id,
             account: AccountId::from_stored(row.account),
             resource: ResourceName::from_stored(row.resource),
             amount: Amount::from_minor(row.amount, decimals),
-            occurred_at: from_micros(row.occurred_at),
-            recorded_at: from_micros(row.recorded_at),
+            occurred_at: from_micros(row.occurred_at, format_args!("occurred_at of entry {id}"))?,
+            recorded_at: from_micros(row.recorded_at, format_args!("recorded_at of entry {id}"))?,
             idempotency_key: IdempotencyKey::from_stored(row.idempotency_key),
             source: row.source,
-            metadata: row.metadata.and_then(|m| serde_json::from_str(&m).ok()),
+            metadata,
             reverses: row.reverses,
-        }
+        })
     }
 }
 
@@ -353,9 +374,14 @@ pub(crate) fn to_micros(t: DateTime<Utc>) -> i64 {
     t.timestamp_micros()
 }
 
-/// The inverse of [`to_micros`].
-pub(crate) fn from_micros(us: i64) -> DateTime<Utc> {
-    DateTime::from_timestamp_micros(us).unwrap_or_default()
+/// The inverse of [`to_micros`]. `what` names the stored value for the error
+/// when it is past chrono's range (only a row written by hand can be).
+pub(crate) fn from_micros(us: i64, what: fmt::Arguments<'_>) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::from_timestamp_micros(us).ok_or_else(|| {
+        StoreError::Unexpected(format!(
+            "{what} is {us} µs since 1970, which is not an instant Tally can represent"
+        ))
+    })
 }
 
 #[derive(FromRow)]
@@ -386,17 +412,23 @@ struct ApiKeyRow {
     revoked_at: Option<i64>,
 }
 
-impl From<ApiKeyRow> for ApiKey {
-    fn from(row: ApiKeyRow) -> Self {
-        ApiKey {
-            id: row.id,
+impl TryFrom<ApiKeyRow> for ApiKey {
+    type Error = StoreError;
+
+    fn try_from(row: ApiKeyRow) -> Result<Self, StoreError> {
+        let id = row.id;
+        Ok(ApiKey {
+            id,
             name: row.name,
-            role: Role::parse(&row.role).unwrap_or(Role::Reader),
+            role: Role::parse(&row.role).map_err(|e| StoreError::Unexpected(format!("API key {id}: {e}")))?,
             account: row.account.map(AccountId::from_stored),
             prefix: row.prefix,
-            created_at: from_micros(row.created_at),
-            revoked_at: row.revoked_at.map(from_micros),
-        }
+            created_at: from_micros(row.created_at, format_args!("created_at of API key {id}"))?,
+            revoked_at: row
+                .revoked_at
+                .map(|us| from_micros(us, format_args!("revoked_at of API key {id}")))
+                .transpose()?,
+        })
     }
 }
 
@@ -485,7 +517,7 @@ impl Store for SqliteStore {
             while !rest.is_empty() {
                 let (chunk, tail) = rest.split_at(chunk_len(rest.len()));
                 for row in select_chunk(&mut tx, chunk).await? {
-                    let entry = self.entry_from_row(row);
+                    let entry = self.entry_from_row(row)?;
                     existing.insert(natural_key(&entry.account, &entry.idempotency_key), entry);
                 }
                 rest = tail;
@@ -502,8 +534,7 @@ impl Store for SqliteStore {
             .bind(id)
             .fetch_optional(&self.reader)
             .await?;
-        row.map(|r| self.entry_from_row(r))
-            .ok_or_else(|| StoreError::entry_not_found(id))
+        self.entry_from_row(row.ok_or_else(|| StoreError::entry_not_found(id))?)
     }
 
     async fn list_entries(&self, filter: &EntryFilter) -> Result<Vec<Entry>, StoreError> {
@@ -523,13 +554,13 @@ impl Store for SqliteStore {
         }
         query.push(" ORDER BY id LIMIT ").push_bind(i64::from(filter.limit));
         let rows: Vec<EntryRow> = query.build_query_as().fetch_all(&self.reader).await?;
-        Ok(rows.into_iter().map(|r| self.entry_from_row(r)).collect())
+        rows.into_iter().map(|r| self.entry_from_row(r)).collect()
     }
 
     async fn create_api_key(&self, new: &NewApiKey) -> Result<ApiKey, StoreError> {
         let row = insert_api_key(&self.writer, new, false).await?;
-        row.map(Into::into)
-            .ok_or_else(|| StoreError::Unexpected("a key insert stored nothing".into()))
+        row.ok_or_else(|| StoreError::Unexpected("a key insert stored nothing".into()))?
+            .try_into()
     }
 
     async fn api_key_by_hash(&self, hash: &str) -> Result<Option<ApiKey>, StoreError> {
@@ -539,14 +570,14 @@ impl Store for SqliteStore {
         .bind(hash)
         .fetch_optional(&self.reader)
         .await?;
-        Ok(row.map(Into::into))
+        row.map(TryInto::try_into).transpose()
     }
 
     async fn list_api_keys(&self) -> Result<Vec<ApiKey>, StoreError> {
         let rows: Vec<ApiKeyRow> = sqlx::query_as(&format!("SELECT {API_KEY_COLUMNS} FROM api_keys ORDER BY id"))
             .fetch_all(&self.reader)
             .await?;
-        Ok(rows.into_iter().map(Into::into).collect())
+        rows.into_iter().map(TryInto::try_into).collect()
     }
 
     async fn revoke_api_key(&self, id: i64) -> Result<ApiKey, StoreError> {
@@ -557,9 +588,10 @@ impl Store for SqliteStore {
         .bind(id)
         .fetch_optional(&self.writer)
         .await?;
-        row.map(Into::into).ok_or_else(|| {
+        row.ok_or_else(|| {
             StoreError::NotFound(format!("API key {id} does not exist; `tally keys list` shows the keys"))
-        })
+        })?
+        .try_into()
     }
 
     async fn create_first_api_key(&self, new: &NewApiKey) -> Result<Option<ApiKey>, StoreError> {
@@ -568,7 +600,7 @@ impl Store for SqliteStore {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let row = insert_api_key(&mut *tx, new, true).await?;
         tx.commit().await?;
-        Ok(row.map(Into::into))
+        row.map(TryInto::try_into).transpose()
     }
 
     async fn rollup_batch(&self, max_entries: u32, before_commit: &BeforeCommit) -> Result<u64, StoreError> {
@@ -656,7 +688,9 @@ impl Store for SqliteStore {
         )
         .fetch_optional(&self.reader)
         .await?;
-        Ok(oldest.map(from_micros))
+        oldest
+            .map(|us| from_micros(us, format_args!("recorded_at of the oldest unfolded entry")))
+            .transpose()
     }
 
     async fn bucket_totals(
@@ -740,7 +774,8 @@ impl Store for SqliteStore {
         plan: &str,
         effective_at: DateTime<Utc>,
     ) -> Result<PlanAssignment, StoreError> {
-        let now = Utc::now();
+        // To the microsecond, as stored.
+        let now = Utc::now().trunc_subsecs(6);
         sqlx::query("INSERT INTO account_plans (account, plan, effective_at, created_at) VALUES (?, ?, ?, ?)")
             .bind(account.as_str())
             .bind(plan)
@@ -751,7 +786,7 @@ impl Store for SqliteStore {
         Ok(PlanAssignment {
             plan: plan.to_owned(),
             effective_at,
-            created_at: from_micros(to_micros(now)),
+            created_at: now,
         })
     }
 
@@ -875,7 +910,7 @@ impl Store for SqliteStore {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let stored: Option<(EntryRow, Option<String>)> = fetch_with_outcome(&mut tx, entry).await?;
         if let Some((row, response)) = stored {
-            return replay(entry, &self.entry_from_row(row), response);
+            return replay(entry, &self.entry_from_row(row)?, response);
         }
         let plans = plans_on(&mut tx, &entry.account).await?;
         let overrides = self.override_changes_on(&mut tx, &entry.account).await?;
@@ -953,19 +988,12 @@ impl Store for SqliteStore {
         )
         .fetch_all(&self.reader)
         .await?;
-        Ok(rows
-            .into_iter()
+        rows.into_iter()
             .map(|(account, plan, effective_at, created_at)| {
-                (
-                    account,
-                    PlanAssignment {
-                        plan,
-                        effective_at: from_micros(effective_at),
-                        created_at: from_micros(created_at),
-                    },
-                )
+                let assignment = plan_from_row(&account, plan, effective_at, created_at)?;
+                Ok((account, assignment))
             })
-            .collect())
+            .collect()
     }
 
     async fn override_history(
@@ -976,7 +1004,7 @@ impl Store for SqliteStore {
             .bind(as_of.map(to_micros))
             .fetch_all(&self.reader)
             .await?;
-        Ok(rows.into_iter().map(|history| self.change_from_row(history)).collect())
+        rows.into_iter().map(|history| self.change_from_row(history)).collect()
     }
 }
 
@@ -1359,21 +1387,36 @@ async fn insert_row(
 }
 
 /// An account's plan assignments, by `effective_at` then creation, read on `conn`.
-async fn plans_on(conn: &mut sqlx::SqliteConnection, account: &AccountId) -> Result<Vec<PlanAssignment>, sqlx::Error> {
+async fn plans_on(conn: &mut sqlx::SqliteConnection, account: &AccountId) -> Result<Vec<PlanAssignment>, StoreError> {
     let rows: Vec<(String, i64, i64)> = sqlx::query_as(
         "SELECT plan, effective_at, created_at FROM account_plans WHERE account = ? ORDER BY effective_at, id",
     )
     .bind(account.as_str())
     .fetch_all(&mut *conn)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(plan, effective_at, created_at)| PlanAssignment {
-            plan,
-            effective_at: from_micros(effective_at),
-            created_at: from_micros(created_at),
-        })
-        .collect())
+    rows.into_iter()
+        .map(|(plan, effective_at, created_at)| plan_from_row(account.as_str(), plan, effective_at, created_at))
+        .collect()
+}
+
+/// An `account_plans` row of `account`.
+fn plan_from_row(
+    account: &str,
+    plan: String,
+    effective_at: i64,
+    created_at: i64,
+) -> Result<PlanAssignment, StoreError> {
+    Ok(PlanAssignment {
+        effective_at: from_micros(
+            effective_at,
+            format_args!("effective_at of plan {plan} of account {account}"),
+        )?,
+        created_at: from_micros(
+            created_at,
+            format_args!("created_at of plan {plan} of account {account}"),
+        )?,
+        plan,
+    })
 }
 
 /// Minor units used in `period`, read on `conn` in one statement (one
