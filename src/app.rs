@@ -157,7 +157,10 @@ async fn warn_about_missing_plans(store: &dyn Store, catalog: &Catalog) {
                 );
             }
         }
-        Err(error) => tracing::warn!("cannot check the plans accounts are on against the catalog: {error}"),
+        Err(error) => tracing::warn!(
+            error = %error,
+            "cannot check the plans accounts are on against the catalog: {error}"
+        ),
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
@@ -35,13 +35,12 @@ impl RateLimits {
         let (Some(rate), Some(units)) = (NonZeroU32::new(per_minute), NonZeroU32::new(units)) else {
             return RateDecision::Allowed;
         };
-        let limiter = {
-            let mut by_rate = self.by_rate.lock().expect("rate limiter map poisoned");
-            by_rate
-                .entry(per_minute)
-                .or_insert_with(|| Arc::new(KeyedLimiter::keyed(Quota::per_minute(rate))))
-                .clone()
-        };
+        // The map's lock is released at the end of this statement.
+        let limiter = self
+            .by_rate()
+            .entry(per_minute)
+            .or_insert_with(|| Arc::new(KeyedLimiter::keyed(Quota::per_minute(rate))))
+            .clone();
         match limiter.check_key_n(&(account.to_owned(), resource.to_owned()), units) {
             Ok(Ok(())) => RateDecision::Allowed,
             Ok(Err(not_until)) => RateDecision::RetryAfter(not_until.wait_time_from(DefaultClock::default().now())),
@@ -49,16 +48,16 @@ impl RateLimits {
         }
     }
 
+    /// The limiters by rate. A poisoned map is still whole (a panic cannot
+    /// leave half an entry), so it is used as it is.
+    fn by_rate(&self) -> MutexGuard<'_, HashMap<u32, Arc<KeyedLimiter>>> {
+        self.by_rate.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Forgets keys idle long enough to be indistinguishable from fresh ones,
     /// so memory stays bounded by the accounts active in the last minute.
     pub fn retain_recent(&self) {
-        let limiters: Vec<_> = self
-            .by_rate
-            .lock()
-            .expect("rate limiter map poisoned")
-            .values()
-            .cloned()
-            .collect();
+        let limiters: Vec<_> = self.by_rate().values().cloned().collect();
         for limiter in limiters {
             limiter.retain_recent();
             limiter.shrink_to_fit();

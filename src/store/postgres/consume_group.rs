@@ -315,6 +315,7 @@ async fn decide(pool: &PgPool, group: Vec<Waiting>, mut answer: impl FnMut(Calle
             let shared = cause.to_string();
             tracing::warn!(
                 consumes = group.len(),
+                error = %shared,
                 "a group of {} consumes found the database unavailable: {shared}",
                 group.len()
             );
@@ -343,6 +344,7 @@ async fn decide(pool: &PgPool, group: Vec<Waiting>, mut answer: impl FnMut(Calle
             } else {
                 tracing::warn!(
                     consumes = group.len(),
+                    error = %error,
                     "a group of {} consumes failed, deciding each alone: {error}",
                     group.len()
                 );
