@@ -168,7 +168,15 @@ async fn warn_about_missing_plans(store: &dyn Store, catalog: &Catalog) {
 /// (`user:secret@`) and in a `password=` query parameter, which PostgreSQL
 /// URLs take too.
 pub fn redact_url(url: &str) -> String {
-    let url = match (url.find("://"), url.find('@')) {
+    // The user info ends at the last `@` before the host, so an unencoded `@`
+    // in the password is hidden with the rest of it: the last `@` before the
+    // path, query or fragment that follows the first `@` (a password may
+    // hold an unencoded `/` or `?` too, before its first `@`).
+    let last_at = url.find('@').and_then(|first| {
+        let end = url[first..].find(['/', '?', '#']).map_or(url.len(), |i| first + i);
+        url[..end].rfind('@')
+    });
+    let url = match (url.find("://"), last_at) {
         (Some(scheme), Some(at)) if at > scheme => {
             let userinfo = &url[scheme + 3..at];
             match userinfo.find(':') {
@@ -389,5 +397,21 @@ mod tests {
             "postgres://tally@db/tally?sslmode=require&password=***"
         );
         assert_eq!(redact_url("sqlite://tally.db"), "sqlite://tally.db");
+    }
+
+    #[test]
+    fn a_password_holding_an_at_sign_is_hidden_whole() {
+        assert_eq!(
+            redact_url("postgres://tally:s3c@r@t@db/tally?sslmode=require"),
+            "postgres://tally:***@db/tally?sslmode=require"
+        );
+        assert_eq!(
+            redact_url("postgres://tally:s3c/r?t@db/tally"),
+            "postgres://tally:***@db/tally"
+        );
+        assert_eq!(
+            redact_url("postgres://tally:s3cret@db/tally?application_name=a@b"),
+            "postgres://tally:***@db/tally?application_name=a@b"
+        );
     }
 }
