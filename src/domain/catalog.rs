@@ -288,7 +288,7 @@ impl Catalog {
             };
             let mut limits = BTreeMap::new();
             for (resource_name, raw_limit) in &raw_plan.get_ref().limits {
-                let Some((resource, spec)) = resources.iter().find(|(r, _)| r.as_str() == resource_name) else {
+                let Some((resource, spec)) = resources.get_key_value(resource_name.as_str()) else {
                     err(
                         raw_limit.span(),
                         format!(
@@ -389,13 +389,10 @@ impl Catalog {
 
     /// Looks a resource up by name; the error lists what is known.
     pub fn resource(&self, name: &str) -> Result<(&ResourceName, &ResourceSpec), UnknownResource> {
-        self.resources
-            .iter()
-            .find(|(r, _)| r.as_str() == name)
-            .ok_or_else(|| UnknownResource {
-                name: name.to_owned(),
-                known: self.resources.keys().map(|r| r.to_string()).collect(),
-            })
+        self.resources.get_key_value(name).ok_or_else(|| UnknownResource {
+            name: name.to_owned(),
+            known: self.resources.keys().map(|r| r.to_string()).collect(),
+        })
     }
 
     /// The limit `plan` sets on `resource`; None when either is not in the

@@ -1,5 +1,6 @@
 //! Resource names (the things an account uses: `api_requests`, `llm_tokens`, …).
 
+use std::borrow::Borrow;
 use std::fmt;
 
 /// A resource name as written in the catalog: 1 to 64 characters of `a-z0-9_`.
@@ -34,6 +35,14 @@ impl ResourceName {
 
     /// The name as text.
     pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Lets maps keyed by resource be looked up by `&str`: the name orders and
+/// compares as its text does (derived from the one `String` field).
+impl Borrow<str> for ResourceName {
+    fn borrow(&self) -> &str {
         &self.0
     }
 }
