@@ -560,7 +560,7 @@ impl Quotas<'_> {
             DecidedConsume::Recorded { entry_id, context } => Ok(recorded(entry, entry_id, &context, false)?),
             DecidedConsume::Replayed(replayed) => self.replayed(entry, replayed).await,
             DecidedConsume::Rejected { used, context } => {
-                let stored = StoredLimit::parse(&context, 0)?;
+                let stored = StoredLimit::parse(&context, None)?;
                 let (limit, period) = stored.limit(entry.amount.decimals())?;
                 let used = Amount::from_minor(used, entry.amount.decimals());
                 let status = QuotaStatus::new(&entry.account, &entry.resource, &limit, &period, used, false);
@@ -660,11 +660,14 @@ struct StoredLimit {
 }
 
 impl StoredLimit {
-    fn parse(text: &str, entry_id: i64) -> Result<Self, StoreError> {
+    /// Reads it back; `entry_id` is the consume's entry, None for a refused
+    /// consume (it recorded nothing).
+    fn parse(text: &str, entry_id: Option<i64>) -> Result<Self, StoreError> {
         serde_json::from_str(text).map_err(|e| {
-            StoreError::Unexpected(format!(
-                "the stored outcome of consume entry {entry_id} cannot be read back: {e}"
-            ))
+            StoreError::Unexpected(match entry_id {
+                Some(id) => format!("the stored outcome of consume entry {id} cannot be read back: {e}"),
+                None => format!("the outcome the database gave a refused consume cannot be read: {e}"),
+            })
         })
     }
 
@@ -807,7 +810,7 @@ fn recorded(entry: &NewEntry, entry_id: i64, response: &str, replayed: bool) -> 
             replayed,
         });
     }
-    let stored = StoredLimit::parse(response, entry_id)?;
+    let stored = StoredLimit::parse(response, Some(entry_id))?;
     let decimals = entry.amount.decimals();
     let (limit, period) = stored.limit(decimals)?;
     let after = Amount::from_minor(
