@@ -315,6 +315,21 @@ impl JobRunner {
     }
 }
 
+/// Runs job `name` (of kind `kind`) and logs how it went.
+async fn run_and_log(runner: &JobRunner, name: &str, kind: JobKind) {
+    match runner.run(name).await {
+        // The rollup logs its own work (every 10 s by default); a report
+        // job's line names the instant its files are as of, which rebuilding
+        // them needs (docs/reports.md).
+        Ok(JobOutcome::Ran(summary)) if kind == JobKind::Rollup => {
+            tracing::debug!(job = %name, "job {name}: {summary}")
+        }
+        Ok(JobOutcome::Ran(summary)) => tracing::info!(job = %name, "job {name}: {summary}"),
+        Ok(JobOutcome::Skipped(why)) => tracing::debug!(job = %name, "job {name} skipped: {why}"),
+        Err(e) => tracing::error!(job = %name, error = %format!("{e:#}"), "job {name} failed: {e:#}"),
+    }
+}
+
 /// Fires the jobs on their schedules until shut down.
 pub struct Scheduler {
     scheduler: JobScheduler,
@@ -332,24 +347,27 @@ impl Scheduler {
             let job = Job::new_async(definition.schedule.as_str(), move |_id, _scheduler| {
                 let runner = job_runner.clone();
                 let name = name.clone();
-                Box::pin(async move {
-                    match runner.run(&name).await {
-                        // The rollup logs its own work (every 10 s by default);
-                        // a report job's line names the instant its files are
-                        // as of, which rebuilding them needs (docs/reports.md).
-                        Ok(JobOutcome::Ran(summary)) if kind == JobKind::Rollup => {
-                            tracing::debug!(job = %name, "job {name}: {summary}")
-                        }
-                        Ok(JobOutcome::Ran(summary)) => tracing::info!(job = %name, "job {name}: {summary}"),
-                        Ok(JobOutcome::Skipped(why)) => tracing::debug!(job = %name, "job {name} skipped: {why}"),
-                        Err(e) => tracing::error!(job = %name, error = %format!("{e:#}"), "job {name} failed: {e:#}"),
-                    }
-                })
+                Box::pin(async move { run_and_log(&runner, &name, kind).await })
             })
             .with_context(|| format!("cannot schedule job '{}' ({:?})", definition.name, definition.schedule))?;
             scheduler.add(job).await.context("cannot add a job to the scheduler")?;
         }
         scheduler.start().await.context("cannot start the job scheduler")?;
+        // The schedule only looks ahead: a report run missed while the server
+        // was down would otherwise wait for the next 1st.
+        let reports_dir = &runner.context.reports_dir;
+        if reports::overdue(reports_dir, Utc::now()) {
+            for definition in runner.definitions().filter(|j| j.run == JobKind::MonthlyReports) {
+                let name = definition.name.clone();
+                tracing::info!(
+                    job = %name,
+                    "job {name}: {} lacks last month's reports (a run was missed); running it now",
+                    reports_dir.display()
+                );
+                let runner = runner.clone();
+                tokio::spawn(async move { run_and_log(&runner, &name, JobKind::MonthlyReports).await });
+            }
+        }
         Ok(Self { scheduler, runner })
     }
 

@@ -65,17 +65,7 @@ pub fn previous_month(now: DateTime<Utc>) -> NaiveDate {
 /// `overwrite`). A month with one report of two is written again (its
 /// existing file kept), so a run that failed halfway loses nothing.
 pub fn months_to_write(dir: &Path, last: NaiveDate) -> Vec<NaiveDate> {
-    let mut monthly = BTreeSet::new();
-    let mut invoice = BTreeSet::new();
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        match report_of(&entry.file_name().to_string_lossy()) {
-            Some((Report::Monthly, month)) => monthly.insert(month),
-            Some((Report::Invoice, month)) => invoice.insert(month),
-            None => false,
-        };
-    }
-    let newest = monthly.intersection(&invoice).max().copied();
-    match newest {
+    match newest_complete(dir) {
         Some(newest) if newest < last => {
             let mut months = Vec::new();
             let mut month = newest + Months::new(1);
@@ -87,6 +77,29 @@ pub fn months_to_write(dir: &Path, last: NaiveDate) -> Vec<NaiveDate> {
         }
         _ => vec![last],
     }
+}
+
+/// The newest month whose two reports are both in `dir`.
+fn newest_complete(dir: &Path) -> Option<NaiveDate> {
+    let mut monthly = BTreeSet::new();
+    let mut invoice = BTreeSet::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        match report_of(&entry.file_name().to_string_lossy()) {
+            Some((Report::Monthly, month)) => monthly.insert(month),
+            Some((Report::Invoice, month)) => invoice.insert(month),
+            None => false,
+        };
+    }
+    monthly.intersection(&invoice).max().copied()
+}
+
+/// Whether a run is overdue at `now`: `dir` holds a month's reports but not
+/// last month's, so a scheduled run was missed (the server down on the 1st)
+/// and waiting for the next 1st would leave a month's invoices out for a
+/// month. An empty directory is a new deployment: its first reports come on
+/// the next 1st, as scheduled.
+pub fn overdue(dir: &Path, now: DateTime<Utc>) -> bool {
+    newest_complete(dir).is_some_and(|newest| newest < previous_month(now))
 }
 
 /// The two reports of a month.

@@ -18,6 +18,7 @@ both!(
     jobs_list_shows_each_job_and_its_next_run,
     a_jobs_directory_without_the_rollup_is_accepted_with_a_warning,
     health_reports_rollup_lag_and_metrics_count_what_happened,
+    serve_writes_the_reports_of_a_missed_first_at_start,
 );
 
 fn runner(app: &TestApp) -> JobRunner {
@@ -482,4 +483,39 @@ async fn a_jobs_directory_without_the_rollup_is_accepted_with_a_warning(app: Tes
     let with_rollup = app.cli(&["jobs", "list", "--jobs", concat!(env!("CARGO_MANIFEST_DIR"), "/jobs")]);
     assert!(with_rollup.status.success(), "{with_rollup:?}");
     assert!(!String::from_utf8_lossy(&with_rollup.stderr).contains("runs the rollup"));
+}
+
+/// The reports directory holds September's reports but not last month's:
+/// the run on the 1st was missed (the server down then). `serve` writes the
+/// missing months at start instead of waiting for the next 1st (a month
+/// later) as it once did.
+async fn serve_writes_the_reports_of_a_missed_first_at_start(app: TestApp) {
+    let reports = tempfile::tempdir().unwrap();
+    let last_month = tally::jobs::reports::previous_month(chrono::Utc::now());
+    let older = last_month - chrono::Months::new(2);
+    for report in ["monthly", "invoice"] {
+        let name = format!("{report}-{}.csv", older.format("%Y-%m"));
+        std::fs::write(reports.path().join(name), "kept\n").unwrap();
+    }
+    let mut serve = ServeProcess::start(
+        &app.database_url,
+        &[],
+        &[("TALLY_REPORTS_DIR", reports.path().to_str().unwrap())],
+    )
+    .await;
+    let ran = serve
+        .wait_for_stderr(
+            &format!("invoice-{}.csv] as of", last_month.format("%Y-%m")),
+            std::time::Duration::from_secs(30),
+        )
+        .await;
+    assert!(ran.is_some(), "{}", serve.stderr());
+    assert!(serve.stderr().contains("a run was missed"), "{}", serve.stderr());
+    for month in [older + chrono::Months::new(1), last_month] {
+        for report in ["monthly", "invoice"] {
+            let path = reports.path().join(format!("{report}-{}.csv", month.format("%Y-%m")));
+            assert!(path.exists(), "{} missing:\n{}", path.display(), serve.stderr());
+        }
+    }
+    assert!(serve.stop().await.success());
 }
