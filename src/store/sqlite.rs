@@ -484,8 +484,12 @@ impl Store for SqliteStore {
     }
 
     async fn insert_entries(&self, entries: &[NewEntry]) -> Result<Vec<InsertOutcome>, StoreError> {
-        let recorded_at = to_micros(Utc::now());
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        // Stamped once the write lock is held, not before the wait for it
+        // (up to 40 s): between stamp and commit lies only the write itself,
+        // the window in which an `--as-of` export of an instant just past can
+        // still gain rows (docs/reports.md).
+        let recorded_at = to_micros(Utc::now());
         // Multi-row INSERTs in fixed-size chunks (see `chunk_len`): one
         // statement per chunk instead of one per row. Rows go in request
         // order, so AUTOINCREMENT ids follow request order, and a key repeated
