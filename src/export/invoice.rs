@@ -21,7 +21,7 @@
 //!   stats) is rounded once, to the cent, half away from zero; it is not a
 //!   line, so summing `amount_due` never counts an account twice.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use futures_util::TryStreamExt;
@@ -93,6 +93,9 @@ pub struct Invoice {
     pub lines: Vec<InvoiceLine>,
     /// The sum of the lines, rounded once to the cent (half away from zero).
     pub total: Decimal,
+    /// Plans the account was on during the month that the catalog lacks:
+    /// billed at 0, limiting nothing.
+    pub unknown_plans: Vec<String>,
 }
 
 /// Everything invoicing needs besides usage.
@@ -285,10 +288,16 @@ impl<'a> InvoiceContext<'a> {
             .map(|l| l.amount_due)
             .sum::<Decimal>()
             .round_dp_with_strategy(2, RoundingStrategy::MidpointAwayFromZero);
+        let unknown_plans = seen
+            .iter()
+            .filter(|plan| !self.catalog.plans.contains_key(**plan))
+            .map(|plan| (*plan).to_owned())
+            .collect();
         Ok(Invoice {
             account: account.to_owned(),
             lines,
             total,
+            unknown_plans,
         })
     }
 }
@@ -320,7 +329,16 @@ pub async fn for_each_invoice(
         .filter(|a| account.is_none_or(|only| only.as_str() == a))
         .rev()
         .collect();
-    let mut emit = |name: &str, rows: &[TotalRow]| -> anyhow::Result<()> { each(context.invoice(name, rows)?) };
+    // Accounts per plan the catalog lacks, said once at the end: finance
+    // would otherwise get a file billing them 0 without a word.
+    let mut unknown: BTreeMap<String, usize> = BTreeMap::new();
+    let mut emit = |name: &str, rows: &[TotalRow]| -> anyhow::Result<()> {
+        let invoice = context.invoice(name, rows)?;
+        for plan in &invoice.unknown_plans {
+            *unknown.entry(plan.clone()).or_default() += 1;
+        }
+        each(invoice)
+    };
     let mut rows = store.stream_totals(Granularity::Day, &filter);
     let mut current: Option<String> = None;
     let mut pending: Vec<TotalRow> = Vec::new();
@@ -345,6 +363,16 @@ pub async fn for_each_invoice(
     }
     while let Some(name) = assigned.pop() {
         emit(&name, &[])?;
+    }
+    for (plan, accounts) in unknown {
+        tracing::warn!(
+            plan = %plan,
+            accounts,
+            "plan '{plan}' is not in the catalog, yet {accounts} account(s) were on it in {}: those days are \
+             billed 0 and limit nothing; pass the catalog that has it (--plans or TALLY_PLANS); known plans: {}",
+            month.format("%Y-%m"),
+            catalog.plan_names()
+        );
     }
     Ok(())
 }
