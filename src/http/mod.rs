@@ -81,7 +81,18 @@ pub fn router(state: AppState) -> Router {
             operations::count_requests,
         ))
         .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))
-        .layer(TraceLayer::new_for_http())
+        .layer(
+            TraceLayer::new_for_http()
+                // At info, under this crate's name, so the default filter
+                // keeps it: a 5xx logged inside names its request (the
+                // account is in the path).
+                .make_span_with(|request: &axum::http::Request<_>| {
+                    tracing::info_span!("request", method = %request.method(), path = %request.uri().path())
+                })
+                // ApiError logs each 5xx with its cause; tower_http's line
+                // would only repeat the status.
+                .on_failure(()),
+        )
         .with_state(state)
 }
 

@@ -800,3 +800,11 @@ pub fn rollup_every_second_jobs_dir() -> TempDir {
     .unwrap();
     jobs
 }
+
+/// `count` entries of `amount` for `account` and `resource` at `at`, as one batch body.
+pub fn batch_at(account: &str, resource: &str, amount: &str, count: usize, at: &str) -> serde_json::Value {
+    let entries: Vec<_> = (0..count)
+        .map(|i| entry_at(account, resource, amount, &format!("{resource}-{amount}-{i}"), at))
+        .collect();
+    serde_json::json!({ "entries": entries })
+}

@@ -9,7 +9,7 @@ use tally::domain::entry::EntryRules;
 use tally::domain::{Amount, EntryFilter, EntryInput};
 
 use crate::both;
-use crate::helpers::{TestApp, days_ago, entry, entry_at};
+use crate::helpers::{TestApp, batch_at, days_ago, entry};
 
 both!(
     the_database_refuses_to_update_or_delete_ledger_rows,
@@ -159,14 +159,6 @@ async fn amounts_in_any_spelling_are_stored_exactly_and_read_back_canonical(app:
         let read: Vec<(i64, String)> = outcomes.iter().map(|o| by_id[&o.id].clone()).collect();
         assert_eq!(read, expected);
     }
-}
-
-/// `count` entries of `amount` for `account` and `resource` at `at`, as one batch body.
-fn batch_at(account: &str, resource: &str, amount: &str, count: usize, at: &str) -> serde_json::Value {
-    let entries: Vec<_> = (0..count)
-        .map(|i| entry_at(account, resource, amount, &format!("{resource}-{amount}-{i}"), at))
-        .collect();
-    serde_json::json!({ "entries": entries })
 }
 
 /// 10 × (10^15 − 1) + 1 = 9 999 999 999 999 991 units: odd and above 2^53, so

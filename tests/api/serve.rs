@@ -5,9 +5,12 @@ use std::io::Write as _;
 use std::time::{Duration, Instant};
 
 use crate::both;
-use crate::helpers::{ServeProcess, TestApp};
+use crate::helpers::{ServeProcess, TestApp, batch_at, days_ago};
 
-both!(a_hangup_is_ignored_and_a_client_that_never_finishes_cannot_hold_the_shutdown);
+both!(
+    a_hangup_is_ignored_and_a_client_that_never_finishes_cannot_hold_the_shutdown,
+    a_server_error_is_logged_once_with_its_request,
+);
 
 /// SIGHUP (sent by log rotation tools) once killed the server outright, its
 /// requests unfinished. And after SIGTERM the server waited for a client that
@@ -46,4 +49,37 @@ async fn a_hangup_is_ignored_and_a_client_that_never_finishes_cannot_hold_the_sh
     assert!(took < Duration::from_secs(8), "stopped after {took:?}");
     assert!(serve.stderr().contains("stopping without them"), "{}", serve.stderr());
     drop(slow);
+}
+
+/// A 5xx is logged with its cause (the client gets none), once, and with the
+/// request it answered: it once named neither method nor path, and
+/// tower_http added a second line with only the status.
+async fn a_server_error_is_logged_once_with_its_request(app: TestApp) {
+    // A total past 64 bits is a 500 on every read of it (invariants.rs).
+    let at = format!("{}T12:00:00Z", days_ago(2));
+    let posted = app
+        .post_entries(batch_at("huge", "api_requests", "999999999999999", 9_224, &at))
+        .await;
+    assert_eq!(posted.status, 200, "{:?}", posted.body);
+    let admin_key = "tly_serve_test_admin_key";
+    let mut serve = ServeProcess::start(&app.database_url, &["--no-jobs"], &[("TALLY_ADMIN_KEY", admin_key)]).await;
+    let usage = reqwest::Client::new()
+        .get(format!("{}/v1/accounts/huge/usage", serve.address))
+        .bearer_auth(admin_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(usage.status(), 500);
+    let logged = serve
+        .wait_for_stderr("request failed", Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|| panic!("no error line:\n{}", serve.stderr()));
+    assert!(
+        logged.contains("ERROR") && logged.contains("method=GET") && logged.contains("path=/v1/accounts/huge/usage"),
+        "{logged}"
+    );
+    assert!(logged.contains("64-bit"), "the cause: {logged}");
+    let errors = serve.stderr().lines().filter(|l| l.contains("ERROR")).count();
+    assert_eq!(errors, 1, "{}", serve.stderr());
+    assert!(serve.stop().await.success());
 }
