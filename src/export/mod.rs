@@ -44,6 +44,10 @@ enum Progress {
 }
 
 /// A counter line: `12345 rows after 3.0 s`, the same every second and at the end.
+/// How the temp files of exports in progress begin: a process killed
+/// outright leaves one behind (docs/reports.md).
+pub const TEMP_PREFIX: &str = ".tally-export-";
+
 /// The file `path` names once its symlinks are followed (the link's target,
 /// even one not created yet), so that the rename into place replaces the
 /// target rather than the link.
@@ -119,7 +123,7 @@ impl CsvOutput {
             );
         }
         let mut builder = tempfile::Builder::new();
-        builder.prefix(".tally-export-");
+        builder.prefix(TEMP_PREFIX);
         // tempfile creates 0600; a report is read by others (finance), so
         // ask for 0666 and let the umask decide, as for any new file.
         #[cfg(unix)]

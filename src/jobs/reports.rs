@@ -121,6 +121,25 @@ fn report_of(name: &str) -> Option<(Report, NaiveDate)> {
     Some((report, month))
 }
 
+/// Says which temp files in `dir` a run killed outright left behind (older
+/// than an hour: no run takes that long, so none is still being written).
+/// Nothing removes them; an operator deletes them once seen.
+fn warn_about_leftovers(dir: &Path) {
+    let stale = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let old = entry.metadata().and_then(|m| m.modified()).is_ok_and(|at| at < stale);
+        if name.starts_with(crate::export::TEMP_PREFIX) && old {
+            let path = entry.path();
+            tracing::warn!(
+                path = %path.display(),
+                "{} is a partial report left by a run that was killed; delete it",
+                path.display()
+            );
+        }
+    }
+}
+
 /// The job's run: writes [`months_to_write`] in order, up to `last`, and
 /// says what it wrote and kept. A month that fails stops the run; those
 /// before it stay written, and the next run starts from the first missing.
@@ -131,6 +150,7 @@ pub async fn catch_up(
     last: NaiveDate,
     overwrite: bool,
 ) -> anyhow::Result<String> {
+    warn_about_leftovers(dir);
     let mut done = Vec::new();
     for month in months_to_write(dir, last) {
         let outcome = write_monthly_reports(store, catalog, dir, month, overwrite)

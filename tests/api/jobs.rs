@@ -19,6 +19,7 @@ both!(
     a_jobs_directory_without_the_rollup_is_accepted_with_a_warning,
     health_reports_rollup_lag_and_metrics_count_what_happened,
     serve_writes_the_reports_of_a_missed_first_at_start,
+    a_report_run_names_the_partial_files_a_killed_run_left,
 );
 
 fn runner(app: &TestApp) -> JobRunner {
@@ -518,4 +519,41 @@ async fn serve_writes_the_reports_of_a_missed_first_at_start(app: TestApp) {
         }
     }
     assert!(serve.stop().await.success());
+}
+
+/// A run killed outright (kill -9) leaves its temp file in the reports
+/// directory; later runs once passed it by in silence. Only old ones are
+/// named: a young one may belong to a run in progress.
+async fn a_report_run_names_the_partial_files_a_killed_run_left(app: TestApp) {
+    let reports = tempfile::tempdir().unwrap();
+    let left = reports.path().join(".tally-export-Ab12Cd");
+    let young = reports.path().join(".tally-export-Ef34Gh");
+    for path in [&left, &young] {
+        std::fs::write(path, "account,resource\n").unwrap();
+    }
+    let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+    std::fs::File::options()
+        .write(true)
+        .open(&left)
+        .unwrap()
+        .set_modified(two_hours_ago)
+        .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["jobs", "run", "monthly-reports"])
+        .env("TALLY_DATABASE_URL", &app.database_url)
+        .env("TALLY_REPORTS_DIR", reports.path())
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{} is a partial report left by a run that was killed",
+            left.display()
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("Ef34Gh"), "{stderr}");
+    assert!(left.exists(), "named, not removed");
 }
