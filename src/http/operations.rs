@@ -20,12 +20,27 @@ pub fn router() -> Router<AppState> {
         .route("/metrics", get(metrics))
 }
 
+/// How long `/healthz` and `/metrics` wait for the database: an outage is
+/// reported within it, inside Prometheus' 10 s scrape timeout and a probe
+/// given a few seconds, rather than after the pool's own 10 s wait for a
+/// connection (past both).
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The rollup lag, or why the database could not say within [`PROBE_TIMEOUT`].
+async fn probe_lag(state: &AppState) -> Result<i64, String> {
+    match tokio::time::timeout(PROBE_TIMEOUT, rollup_lag_seconds(state.store.as_ref(), Utc::now())).await {
+        Ok(Ok(lag)) => Ok(lag),
+        Ok(Err(e)) => Err(crate::telemetry::cause_chain(&e)),
+        Err(_) => Err(format!("no answer within {} s", PROBE_TIMEOUT.as_secs())),
+    }
+}
+
 /// 200 while requests can be served; `status` is `degraded` when the latest
 /// rollup run of this process failed (reads stay exact, but the unfolded
 /// tail grows until it runs again), 503 when the database does not answer.
 async fn healthz(State(state): State<AppState>) -> Response {
     let failures_in_a_row = state.metrics.rollup_failures_in_a_row.get();
-    match rollup_lag_seconds(state.store.as_ref(), Utc::now()).await {
+    match probe_lag(&state).await {
         Ok(lag) => (
             StatusCode::OK,
             Json(json!({
@@ -36,8 +51,7 @@ async fn healthz(State(state): State<AppState>) -> Response {
             })),
         )
             .into_response(),
-        Err(e) => {
-            let cause = crate::telemetry::cause_chain(&e);
+        Err(cause) => {
             tracing::warn!(error = %cause, "health check: database unavailable: {cause}");
             // As every other 503 (ApiError::Unavailable): try again shortly.
             (
@@ -57,7 +71,7 @@ async fn healthz(State(state): State<AppState>) -> Response {
 
 async fn metrics(State(state): State<AppState>) -> Response {
     // The lag is read at scrape time, so it is right even with jobs off here.
-    match rollup_lag_seconds(state.store.as_ref(), Utc::now()).await {
+    match probe_lag(&state).await {
         Ok(lag) => {
             state.metrics.rollup_lag_seconds.set(lag);
             state.metrics.database_up.set(1);

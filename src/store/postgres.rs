@@ -35,6 +35,11 @@ use crate::domain::{
 };
 use consume_group::ConsumeGroups;
 
+/// How long opening the store waits for its first connection: a server
+/// that is up answers in milliseconds, and one that does not answer by then
+/// (a host gone, packets dropped) is reported rather than waited for.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The PostgreSQL implementation of [`Store`].
 pub struct PgStore {
     pool: PgPool,
@@ -121,8 +126,13 @@ impl PgStore {
         Ok(Some(u64::try_from(folded).unwrap_or(0)))
     }
 
-    /// Connects to the database a `postgres://` URL names.
-    pub async fn connect(url: &str, catalog: Arc<Catalog>) -> Result<Self, sqlx::Error> {
+    /// Connects to the database a `postgres://` URL names. One direct
+    /// connection is tried first, for at most [`CONNECT_TIMEOUT`], so that a
+    /// server that is down or out of reach fails at once with its cause
+    /// ("Connection refused", an unknown database, a refused login): the
+    /// pool alone retried until its acquire timeout and then said only
+    /// "pool timed out while waiting for an open connection".
+    pub async fn connect(url: &str, catalog: Arc<Catalog>) -> anyhow::Result<Self> {
         let options: PgConnectOptions = url.parse()?;
         // Consume's no-overshoot rests on READ COMMITTED (the total is read
         // after the lock, in a fresh snapshot): ask for it whatever the
@@ -131,6 +141,17 @@ impl PgStore {
             .application_name("tally")
             .options([("default_transaction_isolation", r"read\ committed")])
             .log_slow_statements(super::SLOW_STATEMENT_LEVEL, Duration::from_secs(1));
+        match tokio::time::timeout(CONNECT_TIMEOUT, options.connect()).await {
+            Ok(Ok(first)) => {
+                let _ = sqlx::Connection::close(first).await;
+            }
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => anyhow::bail!(
+                "the PostgreSQL server did not answer within {} s: check the host and port, and that \
+                 no firewall drops the connection",
+                CONNECT_TIMEOUT.as_secs()
+            ),
+        }
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(10))

@@ -94,6 +94,8 @@ pub struct PgCluster {
     run_as_postgres: bool,
     /// Whether commits reach the disk.
     durability: Durability,
+    /// Whether the server also listens on TCP (127.0.0.1, [`Self::port`]).
+    tcp: bool,
     /// The detached process cleaning up after the current process exits.
     watchdog: Option<Child>,
 }
@@ -122,6 +124,23 @@ impl PgCluster {
     ///
     /// As [`PgCluster::start`].
     pub fn start_with(durability: Durability) -> anyhow::Result<PgCluster> {
+        Self::start_configured(durability, false)
+    }
+
+    /// [`PgCluster::start`] (durable) whose server also listens on TCP, on
+    /// 127.0.0.1 at a free port ([`PgCluster::port`]), for tests of what only
+    /// TCP shows: a stopped server there refuses connections (a Unix socket
+    /// just disappears). [`PgCluster::tcp_url`] names a
+    /// database there.
+    ///
+    /// # Errors
+    ///
+    /// As [`PgCluster::start`].
+    pub fn start_with_tcp() -> anyhow::Result<PgCluster> {
+        Self::start_configured(Durability::Durable, true)
+    }
+
+    fn start_configured(durability: Durability, tcp: bool) -> anyhow::Result<PgCluster> {
         let bin_dir = find_bin_dir()?;
         let run_as_postgres = current_uid() == Some(0);
         if run_as_postgres {
@@ -152,9 +171,18 @@ impl PgCluster {
             log_file: root.join("postgres.log"),
             root,
             bin_dir,
-            port: PORT,
+            port: if tcp {
+                // A free TCP port: the system hands one out and takes it back.
+                std::net::TcpListener::bind("127.0.0.1:0")
+                    .and_then(|l| l.local_addr())
+                    .context("finding a free TCP port for PostgreSQL")?
+                    .port()
+            } else {
+                PORT
+            },
             run_as_postgres,
             durability,
+            tcp,
             watchdog: None,
         };
         // From here on, dropping `cluster` (also on error) cleans up.
@@ -231,6 +259,12 @@ impl PgCluster {
         self.port
     }
 
+    /// sqlx URL of database `db` over TCP on `localhost` (a cluster started
+    /// with [`PgCluster::start_with_tcp`]).
+    pub fn tcp_url(&self, db: &str) -> String {
+        format!("postgres://{DB_USER}@localhost:{}/{db}", self.port)
+    }
+
     /// sqlx URL of database `db`.
     fn url(&self, db: &str) -> String {
         format!(
@@ -278,6 +312,9 @@ impl PgCluster {
                 ("synchronous_commit", "off".to_owned()),
                 ("full_page_writes", "off".to_owned()),
             ]);
+        }
+        if self.tcp {
+            settings[0].1 = "'127.0.0.1'".to_owned();
         }
         for (key, value) in settings {
             writeln!(conf, "{key} = {value}").expect("writing to a String");

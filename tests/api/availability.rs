@@ -8,6 +8,7 @@
 
 use serde_json::{Value, json};
 use sqlx::Connection;
+use tally::testing::pg_cluster::PgCluster;
 
 use crate::helpers::{Backend, Reply, TestApp, entry, metric, own_pg_cluster};
 
@@ -154,4 +155,79 @@ async fn on_sqlite_writes_answer_503_while_another_process_holds_the_write_lock_
     assert_eq!(consumed.status, 200, "{consumed:?}");
     assert_eq!(app.count_entries().await, 3);
     assert_eq!(app.ledger_sum(ACCOUNT, "api_requests").await, 5 + 7 + 1);
+}
+
+/// An address nothing listens on: a port the system just handed out and
+/// took back.
+fn refused_address() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_commands_and_serve_against_a_refused_port_fail_at_once_naming_the_refused_connection() {
+    let address = refused_address();
+    let url = format!("postgres://tally:s3cret@{address}/tally");
+    for args in [
+        &["verify"][..],
+        &["export", "daily", "--from", "2026-01-01", "--to", "2026-02-01"],
+        &["serve", "--listen", "127.0.0.1:0", "--no-jobs"],
+    ] {
+        let started = std::time::Instant::now();
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(args)
+            .env("TALLY_DATABASE_URL", &url)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("tally runs");
+        let elapsed = started.elapsed();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?}: {stderr}");
+        // The pool alone waited its 10 s acquire timeout, then said only
+        // "pool timed out while waiting for an open connection".
+        assert!(
+            elapsed < std::time::Duration::from_secs(5),
+            "{args:?} took {elapsed:?}: {stderr}"
+        );
+        assert!(stderr.contains("Connection refused"), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!("postgres://tally:***@{address}/tally")),
+            "{args:?}: {stderr}"
+        );
+        assert!(!stderr.contains("s3cret"), "{args:?}: {stderr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_healthz_and_metrics_answer_within_seconds_once_the_server_is_down() {
+    // Over TCP: a stopped server refuses connections there, and the pool
+    // retries a refused connection until its acquire timeout (a Unix
+    // socket that has gone fails at once).
+    let Some(cluster) = crate::helpers::own_pg_cluster_from(PgCluster::start_with_tcp) else {
+        return;
+    };
+    let url = cluster.tcp_url("postgres");
+    let serve = crate::helpers::ServeProcess::start(&url, &["--no-jobs"], &[("TALLY_ADMIN_KEY", "k")]).await;
+    let client = reqwest::Client::new();
+    let health = client.get(format!("{}/healthz", serve.address)).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+
+    cluster.stop_server().expect("the server stops");
+
+    // Kubernetes' probes give up after 1 s by default and Prometheus'
+    // scrapes after 10 s: the pool's own 10 s wait was past both.
+    let started = std::time::Instant::now();
+    let health = client.get(format!("{}/healthz", serve.address)).send().await.unwrap();
+    let elapsed = started.elapsed();
+    assert_eq!(health.status(), 503);
+    let body: Value = health.json().await.unwrap();
+    assert_eq!(body["database"], "unavailable", "{body}");
+    assert!(elapsed < std::time::Duration::from_secs(4), "healthz took {elapsed:?}");
+
+    let started = std::time::Instant::now();
+    let metrics = crate::helpers::scrape_metrics(&client, &serve.address).await;
+    let elapsed = started.elapsed();
+    assert_eq!(metric(&metrics, "tally_database_up"), Some(0), "{metrics}");
+    assert!(elapsed < std::time::Duration::from_secs(4), "metrics took {elapsed:?}");
 }

@@ -90,7 +90,13 @@ pub async fn fresh_database(backend: Backend) -> Option<(String, Option<TempDir>
 /// shared cluster's `synchronous_commit = off` would lose the last commits
 /// to an immediate stop, as a crash does.
 pub fn own_pg_cluster() -> Option<PgCluster> {
-    match PgCluster::start_with(Durability::Durable) {
+    own_pg_cluster_from(|| PgCluster::start_with(Durability::Durable))
+}
+
+/// [`own_pg_cluster`], started by `start` (a cluster that listens on TCP,
+/// say).
+pub fn own_pg_cluster_from(start: impl FnOnce() -> anyhow::Result<PgCluster>) -> Option<PgCluster> {
+    match start() {
         Ok(cluster) => Some(cluster),
         Err(e) if std::env::var("TALLY_TEST_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") => {
             panic!("PostgreSQL is required (TALLY_TEST_REQUIRE_POSTGRES=1) but unavailable: {e:#}")
