@@ -814,11 +814,27 @@ const SLOW_STATEMENT_LEVEL: log::LevelFilter = log::LevelFilter::Info;
 /// it put an ERROR ("relation does not exist") in PostgreSQL's log on every
 /// first start. sqlx's SQLite lock does nothing: [`sqlite::SqliteStore`]
 /// holds a lock of its own around this.
+///
+/// `table_exists` says whether `_sqlx_migrations` is there (the engine asks
+/// its catalog, which logs no error when it is not). When it is and already
+/// holds every migration, checksums included, nothing else is done: the lock
+/// and sqlx's `CREATE TABLE IF NOT EXISTS` need write access, and a
+/// read-only role (a reporting user with SELECT only, a database or replica
+/// with `default_transaction_read_only = on`) could otherwise run no command
+/// at all, not even an export.
 async fn run_migrations<C: sqlx::migrate::Migrate>(
     migrator: &sqlx::migrate::Migrator,
     conn: &mut C,
+    table_exists: bool,
 ) -> anyhow::Result<()> {
     let context = "cannot run database migrations";
+    if table_exists {
+        let applied = conn.list_applied_migrations().await.context(context)?;
+        refuse_versions_unknown_here(migrator, &applied)?;
+        if conn.dirty_version().await.context(context)?.is_none() && all_applied(migrator, &applied) {
+            return Ok(());
+        }
+    }
     conn.lock().await.context(context)?;
     let ran = async {
         conn.ensure_migrations_table().await?;
@@ -835,10 +851,53 @@ async fn run_migrations<C: sqlx::migrate::Migrate>(
     }
     .await;
     let unlocked = conn.unlock().await;
-    let before = ran.context(context)?;
+    let before = match ran {
+        // Applied by another process since the look above.
+        Err(sqlx::migrate::MigrateError::VersionMissing(version)) => return Err(newer_tally(migrator, version)),
+        ran => ran.context(context)?,
+    };
     unlocked.context(context)?;
     log_applied_migrations(migrator, &before);
     Ok(())
+}
+
+/// Whether every migration of `migrator` is in `applied` with the same
+/// checksum (what sqlx's own run would find nothing to do for).
+fn all_applied(migrator: &sqlx::migrate::Migrator, applied: &[sqlx::migrate::AppliedMigration]) -> bool {
+    migrator
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration())
+        .all(|m| {
+            applied
+                .iter()
+                .any(|a| a.version == m.version && a.checksum == m.checksum)
+        })
+}
+
+/// Refuses a database that holds a migration this binary does not know: a
+/// newer Tally migrated it, and this one cannot know what that changed.
+fn refuse_versions_unknown_here(
+    migrator: &sqlx::migrate::Migrator,
+    applied: &[sqlx::migrate::AppliedMigration],
+) -> anyhow::Result<()> {
+    if migrator.ignore_missing {
+        return Ok(());
+    }
+    match applied.iter().find(|a| !migrator.version_exists(a.version)) {
+        Some(unknown) => Err(newer_tally(migrator, unknown.version)),
+        None => Ok(()),
+    }
+}
+
+/// The error for a database that holds migration `version`, which
+/// `migrator` (this binary's) lacks.
+fn newer_tally(migrator: &sqlx::migrate::Migrator, version: i64) -> anyhow::Error {
+    let latest = migrator.iter().map(|m| m.version).max().unwrap_or(0);
+    anyhow::anyhow!(
+        "this database was migrated by a newer Tally (it holds migration {version:04}; this binary knows \
+         migrations up to {latest:04}): run the Tally version that migrated it, or restore a backup taken \
+         before that upgrade; an older binary cannot know what the newer migrations changed"
+    )
 }
 
 /// Logs what a migration run changed, given the versions applied before it:

@@ -476,7 +476,13 @@ impl Store for PgStore {
 
     async fn migrate(&self) -> anyhow::Result<()> {
         let migrator = sqlx::migrate!("migrations/postgres");
-        super::run_migrations(&migrator, &mut *self.pool.acquire().await?).await?;
+        let mut conn = self.pool.acquire().await?;
+        // to_regclass: no "relation does not exist" ERROR in the server's log.
+        let table_exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+            .fetch_one(&mut *conn)
+            .await?;
+        super::run_migrations(&migrator, &mut *conn, table_exists).await?;
+        drop(conn);
         self.refuse_a_cluster_behind_the_ledger().await
     }
 

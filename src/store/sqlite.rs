@@ -475,7 +475,13 @@ impl Store for SqliteStore {
             }),
             None => None,
         };
-        super::run_migrations(&migrator, &mut *self.writer.acquire().await?).await
+        let mut conn = self.writer.acquire().await?;
+        let table_exists: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations')",
+        )
+        .fetch_one(&mut *conn)
+        .await?;
+        super::run_migrations(&migrator, &mut *conn, table_exists).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

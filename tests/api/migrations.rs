@@ -1,0 +1,120 @@
+//! Opening a database that is already migrated: a read-only role can run the
+//! commands that only read, and a database migrated by a newer Tally is
+//! refused in words that say what to do.
+
+use sqlx::Connection as _;
+
+use crate::both;
+use crate::helpers::{Backend, TestApp, entry};
+
+both!(a_database_migrated_by_a_newer_tally_is_refused_naming_the_way_out);
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A version this binary lacks in `_sqlx_migrations`, as a newer Tally
+/// leaves it: every command refuses the database, saying why and what to do
+/// (sqlx's own words were "migration 9999 was previously applied but is
+/// missing in the resolved migrations").
+async fn a_database_migrated_by_a_newer_tally_is_refused_naming_the_way_out(app: TestApp) {
+    let checksum = match app.backend {
+        Backend::Sqlite => "X'00'",
+        Backend::Postgres => r"'\x00'::bytea",
+    };
+    app.execute_raw(&format!(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (9999, 'from a newer tally', TRUE, {checksum}, 0)"
+    ))
+    .await
+    .expect("a version from the future is recorded");
+    for args in [&["verify"][..], &["migrate"], &["keys", "list"]] {
+        let output = app.cli(args);
+        let stderr = text(&output.stderr);
+        assert!(!output.status.success(), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("migrated by a newer Tally (it holds migration 9999"),
+            "{args:?}: {stderr}"
+        );
+        assert!(stderr.contains("restore a backup"), "{args:?}: {stderr}");
+        assert!(!stderr.contains("resolved migrations"), "{args:?}: {stderr}");
+    }
+}
+
+/// A reporting role with SELECT only, then the same role with
+/// `default_transaction_read_only = on`: every migration is applied, so
+/// opening the database writes nothing (no lock, no `CREATE TABLE IF NOT
+/// EXISTS`), and the reads run. Each used to fail with "permission denied
+/// for schema public" or "cannot execute CREATE TABLE in a read-only
+/// transaction".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_select_only_role_exports_verifies_and_reads_usage() {
+    let Some(app) = TestApp::spawn(Backend::Postgres).await else {
+        return;
+    };
+    let day = crate::helpers::days_ago(1);
+    let posted = app
+        .post_entries(crate::helpers::entry_at(
+            "acme",
+            "api_requests",
+            "3",
+            "k1",
+            &format!("{day}T10:00:00Z"),
+        ))
+        .await;
+    assert_eq!(posted.status, 200, "{posted:?}");
+    let posted = app.post_entries(entry("acme", "api_requests", "2", "k2")).await;
+    assert_eq!(posted.status, 200, "{posted:?}");
+    app.rollup().await;
+
+    let role = format!("reporter_{}", rand::random::<u32>());
+    let mut owner = sqlx::PgConnection::connect(&app.database_url).await.unwrap();
+    for statement in [
+        format!("CREATE ROLE {role} LOGIN"),
+        format!("GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}"),
+        // PostgreSQL 14 and older grant CREATE on public to everyone.
+        format!("REVOKE CREATE ON SCHEMA public FROM PUBLIC, {role}"),
+    ] {
+        sqlx::raw_sql(&statement).execute(&mut owner).await.unwrap();
+    }
+    let url = app.database_url.replacen("tally@", &format!("{role}@"), 1);
+    assert_ne!(url, app.database_url);
+    let tomorrow = crate::helpers::days_ago(-1);
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(args)
+            .env("TALLY_DATABASE_URL", &url)
+            .env_remove("TALLY_PLANS")
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("tally runs")
+    };
+    for read_only in [false, true] {
+        if read_only {
+            sqlx::raw_sql(&format!("ALTER ROLE {role} SET default_transaction_read_only = on"))
+                .execute(&mut owner)
+                .await
+                .unwrap();
+        }
+        let export = run(&["export", "daily", "--from", &day, "--to", &tomorrow]);
+        let stdout = text(&export.stdout);
+        assert!(
+            export.status.success(),
+            "read_only={read_only}: {}",
+            text(&export.stderr)
+        );
+        assert!(stdout.contains(&format!("acme,api_requests,{day},3")), "{stdout}");
+        let verify = run(&["verify"]);
+        assert!(
+            verify.status.success(),
+            "read_only={read_only}: {}",
+            text(&verify.stderr)
+        );
+        let usage = run(&["usage", "acme"]);
+        assert!(usage.status.success(), "read_only={read_only}: {}", text(&usage.stderr));
+        // A write is still refused, by PostgreSQL, in its words.
+        let posted = run(&["post", "acme", "api_requests", "1"]);
+        assert!(!posted.status.success(), "read_only={read_only}");
+    }
+    owner.close().await.ok();
+}
