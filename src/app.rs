@@ -36,6 +36,41 @@ pub struct Settings {
     pub reports_dir: PathBuf,
     /// How long `serve` waits for requests in flight once asked to stop.
     pub shutdown_grace: std::time::Duration,
+    /// The stores opened with these settings (and their clones), for
+    /// [`OpenedStores::close_all`] on the way out.
+    pub opened: OpenedStores,
+}
+
+/// The stores a [`Settings`] opened. A process that ends without closing
+/// them leaves SQLite's last commits in `tally.db-wal` only (the file alone
+/// is stale: a copy of it loses them) and drops PostgreSQL connections
+/// without a goodbye; the command line closes them all when a command ends.
+#[derive(Clone, Default)]
+pub struct OpenedStores(Arc<std::sync::Mutex<Vec<Arc<dyn Store>>>>);
+
+impl OpenedStores {
+    /// Remembers `store`, to close it later.
+    fn add(&self, store: Arc<dyn Store>) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(store);
+    }
+
+    /// Closes every store opened so far ([`Store::close`]) and forgets them.
+    pub async fn close_all(&self) {
+        let stores = std::mem::take(&mut *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        for store in stores {
+            store.close().await;
+        }
+    }
+}
+
+impl std::fmt::Debug for OpenedStores {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let count = self.0.lock().map_or(0, |stores| stores.len());
+        write!(f, "OpenedStores({count})")
+    }
 }
 
 /// How long `serve` finishes requests in flight after a stop request, by
@@ -54,6 +89,7 @@ impl Default for Settings {
             jobs: None,
             reports_dir: PathBuf::from("reports"),
             shutdown_grace: std::time::Duration::from_secs(DEFAULT_SHUTDOWN_GRACE_SECONDS),
+            opened: OpenedStores::default(),
         }
     }
 }
@@ -134,6 +170,7 @@ impl Settings {
                     redact_url(&self.database_url)
                 )
             })?;
+        self.opened.add(store.clone());
         store.migrate().await?;
         Ok((store, catalog))
     }

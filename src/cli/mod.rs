@@ -195,7 +195,16 @@ fn is_broken_pipe(error: &anyhow::Error) -> bool {
 /// Runs one parsed command.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let settings = cli.settings();
-    match cli.command {
+    let opened = settings.opened.clone();
+    let outcome = run_command(cli.command, settings).await;
+    // Whatever the outcome: SQLite's commits go from the WAL into the file.
+    opened.close_all().await;
+    outcome
+}
+
+/// Runs `command` with `settings`.
+async fn run_command(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
+    match command {
         Command::Serve {
             listen,
             shutdown_grace,

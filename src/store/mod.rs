@@ -141,6 +141,13 @@ pub trait Store: Send + Sync + 'static {
     /// Answers whether the database is reachable.
     async fn ping(&self) -> Result<(), StoreError>;
 
+    /// Closes the store's connections at the end of a process, waiting a
+    /// few seconds at most for those in use. On SQLite the write-ahead log
+    /// is checkpointed into the database file first, so that the file alone
+    /// (a copy of `tally.db` without `tally.db-wal`) holds every commit.
+    /// Nothing may use the store afterwards.
+    async fn close(&self);
+
     /// Appends a batch, all or nothing. An entry whose (account, key) exists
     /// with the same content is a duplicate; with other content the whole batch
     /// fails with [`StoreError::IdempotencyConflict`].
@@ -799,6 +806,10 @@ pub struct NewApiKey {
     /// A name for people.
     pub name: Option<String>,
 }
+
+/// How long [`Store::close`] waits for each pool's connections in use to be
+/// returned: a process on its way out does not hang on one.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// sqlx logs a statement slower than a second at this level, with its whole
 /// text. Info, not sqlx's default warn: the rollup's and the exports' large

@@ -491,6 +491,19 @@ impl Store for PgStore {
         Ok(())
     }
 
+    async fn close(&self) {
+        // Each connection says goodbye (no "unexpected EOF" in the server's log).
+        if tokio::time::timeout(super::CLOSE_WAIT, self.pool.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "connections still in use after {} s; leaving them",
+                super::CLOSE_WAIT.as_secs()
+            );
+        }
+    }
+
     async fn insert_entries(&self, entries: &[NewEntry]) -> Result<Vec<InsertOutcome>, StoreError> {
         // A fixed lock order across concurrent batches (no deadlocks): rows go
         // in sorted by (account, idempotency_key), sorted here rather than by

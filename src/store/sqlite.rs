@@ -489,6 +489,39 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn close(&self) {
+        let wait = super::CLOSE_WAIT;
+        // Readers first: a checkpoint stops at the oldest snapshot a reader holds.
+        for pool in [&self.reader, &self.rollup] {
+            if tokio::time::timeout(wait, pool.close()).await.is_err() {
+                tracing::warn!("connections still in use after {} s; leaving them", wait.as_secs());
+            }
+        }
+        // TRUNCATE: every commit copied into the file and the WAL emptied;
+        // closing the last connection then removes it.
+        let checkpoint =
+            sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(TRUNCATE)").fetch_one(&self.writer);
+        match tokio::time::timeout(wait, checkpoint).await {
+            Ok(Ok((0, _, _))) => {}
+            Ok(Ok(_)) => tracing::warn!(
+                "the write-ahead log could not be checkpointed: another process reads the database; its \
+                 commits stay in the -wal file until a later checkpoint (copy all three files, or use \
+                 `sqlite3 tally.db .backup`)"
+            ),
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot checkpoint the write-ahead log: {e}"),
+            Err(_) => tracing::warn!(
+                "the write-ahead log checkpoint did not finish within {} s",
+                wait.as_secs()
+            ),
+        }
+        if tokio::time::timeout(wait, self.writer.close()).await.is_err() {
+            tracing::warn!(
+                "the writer connection is still in use after {} s; leaving it",
+                wait.as_secs()
+            );
+        }
+    }
+
     async fn insert_entries(&self, entries: &[NewEntry]) -> Result<Vec<InsertOutcome>, StoreError> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         // Stamped once the write lock is held, not before the wait for it

@@ -671,3 +671,59 @@ async fn a_rust_log_that_does_not_parse_is_said_not_silently_replaced(app: TestA
         "{stderr}"
     );
 }
+
+/// The entries in a copy of the SQLite file `db` alone, without its `-wal`
+/// and `-shm`: what a backup of only `tally.db` would hold.
+async fn entries_in_a_copy_of_the_file_alone(db: &std::path::Path) -> i64 {
+    let copy = tempfile::tempdir().unwrap();
+    std::fs::copy(db, copy.path().join("copy.db")).unwrap();
+    scalar_i64_at(
+        Backend::Sqlite,
+        &format!("sqlite://{}", copy.path().join("copy.db").display()),
+        "SELECT COUNT(*) FROM entries",
+    )
+    .await
+}
+
+/// A clean exit (a command's end, `serve` after SIGTERM) leaves every commit
+/// in `tally.db` itself, its write-ahead log empty or gone: before, the last
+/// commits stayed in `tally.db-wal`, and a copy of `tally.db` alone lost them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_sqlite_a_cleanly_stopped_process_leaves_every_commit_in_the_database_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("tally.db");
+    let url = format!("sqlite://{}", db.display());
+    let wal = dir.path().join("tally.db-wal");
+    let wal_is_empty = || std::fs::metadata(&wal).map_or(true, |m| m.len() == 0);
+
+    let posted = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["post", "acme", "api_requests", "1", "--key", "by-cli"])
+        .env("TALLY_DATABASE_URL", &url)
+        .output()
+        .unwrap();
+    assert!(posted.status.success(), "{}", text(&posted.stderr));
+    assert!(
+        wal_is_empty(),
+        "the command left {} bytes of WAL",
+        std::fs::metadata(&wal).unwrap().len()
+    );
+    assert_eq!(entries_in_a_copy_of_the_file_alone(&db).await, 1);
+
+    let mut serve = crate::helpers::ServeProcess::start(&url, &["--no-jobs"], &[("TALLY_ADMIN_KEY", "k")]).await;
+    let reply = reqwest::Client::new()
+        .post(format!("{}/v1/entries", serve.address))
+        .bearer_auth("k")
+        .json(&json!({"account": "acme", "resource": "api_requests", "amount": "2", "idempotency_key": "by-http"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 200);
+    let status = serve.stop().await;
+    assert!(status.success(), "{}", serve.stderr());
+    assert!(
+        wal_is_empty(),
+        "serve left {} bytes of WAL",
+        std::fs::metadata(&wal).unwrap().len()
+    );
+    assert_eq!(entries_in_a_copy_of_the_file_alone(&db).await, 2);
+}
