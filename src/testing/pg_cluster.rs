@@ -96,8 +96,17 @@ pub struct PgCluster {
     durability: Durability,
     /// Whether the server also listens on TCP (127.0.0.1, [`Self::port`]).
     tcp: bool,
+    /// The certificate and key when the server also serves TLS over TCP.
+    tls: Option<Tls>,
     /// The detached process cleaning up after the current process exits.
     watchdog: Option<Child>,
+}
+
+/// A server certificate and its private key, PEM.
+#[derive(Debug)]
+struct Tls {
+    cert_pem: String,
+    key_pem: String,
 }
 
 impl PgCluster {
@@ -124,23 +133,37 @@ impl PgCluster {
     ///
     /// As [`PgCluster::start`].
     pub fn start_with(durability: Durability) -> anyhow::Result<PgCluster> {
-        Self::start_configured(durability, false)
+        Self::start_configured(durability, false, None)
     }
 
     /// [`PgCluster::start`] (durable) whose server also listens on TCP, on
     /// 127.0.0.1 at a free port ([`PgCluster::port`]), for tests of what only
     /// TCP shows: a stopped server there refuses connections (a Unix socket
-    /// just disappears). [`PgCluster::tcp_url`] names a
+    /// just disappears), and TLS needs it. [`PgCluster::tcp_url`] names a
     /// database there.
     ///
     /// # Errors
     ///
     /// As [`PgCluster::start`].
     pub fn start_with_tcp() -> anyhow::Result<PgCluster> {
-        Self::start_configured(Durability::Durable, true)
+        Self::start_configured(Durability::Durable, true, None)
     }
 
-    fn start_configured(durability: Durability, tcp: bool) -> anyhow::Result<PgCluster> {
+    /// [`PgCluster::start_with_tcp`] with `ssl = on` and the given
+    /// certificate and private key (PEM).
+    ///
+    /// # Errors
+    ///
+    /// As [`PgCluster::start`], and when the files cannot be written.
+    pub fn start_with_tls(cert_pem: &str, key_pem: &str) -> anyhow::Result<PgCluster> {
+        let tls = Tls {
+            cert_pem: cert_pem.to_owned(),
+            key_pem: key_pem.to_owned(),
+        };
+        Self::start_configured(Durability::Durable, true, Some(tls))
+    }
+
+    fn start_configured(durability: Durability, tcp: bool, tls: Option<Tls>) -> anyhow::Result<PgCluster> {
         let bin_dir = find_bin_dir()?;
         let run_as_postgres = current_uid() == Some(0);
         if run_as_postgres {
@@ -183,6 +206,7 @@ impl PgCluster {
             run_as_postgres,
             durability,
             tcp,
+            tls,
             watchdog: None,
         };
         // From here on, dropping `cluster` (also on error) cleans up.
@@ -260,7 +284,7 @@ impl PgCluster {
     }
 
     /// sqlx URL of database `db` over TCP on `localhost` (a cluster started
-    /// with [`PgCluster::start_with_tcp`]).
+    /// with [`PgCluster::start_with_tcp`] or [`PgCluster::start_with_tls`]).
     pub fn tcp_url(&self, db: &str) -> String {
         format!("postgres://{DB_USER}@localhost:{}/{db}", self.port)
     }
@@ -315,6 +339,30 @@ impl PgCluster {
         }
         if self.tcp {
             settings[0].1 = "'127.0.0.1'".to_owned();
+        }
+        if let Some(tls) = &self.tls {
+            let cert = self.root.join("server.crt");
+            let key = self.root.join("server.key");
+            std::fs::write(&cert, &tls.cert_pem).context("writing the server certificate")?;
+            std::fs::write(&key, &tls.key_pem).context("writing the server key")?;
+            // PostgreSQL wants its key readable by its owner only, and that
+            // owner the server's user.
+            std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .context("chmod of the server key")?;
+            if self.run_as_postgres {
+                let out = Command::new("chown")
+                    .arg(format!("{SERVER_OS_USER}:"))
+                    .arg(&cert)
+                    .arg(&key)
+                    .output()
+                    .context("running chown")?;
+                check(&out, "chown of the certificate and key")?;
+            }
+            settings.extend([
+                ("ssl", "on".to_owned()),
+                ("ssl_cert_file", conf_string(&cert.to_string_lossy())),
+                ("ssl_key_file", conf_string(&key.to_string_lossy())),
+            ]);
         }
         for (key, value) in settings {
             writeln!(conf, "{key} = {value}").expect("writing to a String");

@@ -18,4 +18,5 @@ mod restore;
 mod rollup;
 mod serve;
 mod timeseries;
+mod tls;
 mod validation;
