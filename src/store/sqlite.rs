@@ -497,12 +497,15 @@ impl Store for SqliteStore {
                 tracing::warn!("connections still in use after {} s; leaving them", wait.as_secs());
             }
         }
-        // TRUNCATE: every commit copied into the file and the WAL emptied;
-        // closing the last connection then removes it.
-        let checkpoint =
-            sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(TRUNCATE)").fetch_one(&self.writer);
+        // PASSIVE: every commit no reader still needs the old pages of is
+        // copied into the file, without waiting for anyone (TRUNCATE waited
+        // the busy timeout for any other process's read transaction, a
+        // `.backup` or a long export, so every command took 10 s more).
+        // Closing the last connection then removes the WAL.
+        let checkpoint = sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)").fetch_one(&self.writer);
         match tokio::time::timeout(wait, checkpoint).await {
-            Ok(Ok((0, _, _))) => {}
+            // (busy, frames in the log, frames copied): all copied.
+            Ok(Ok((_, log, copied))) if log == copied => {}
             Ok(Ok(_)) => tracing::warn!(
                 "the write-ahead log could not be checkpointed: another process reads the database; its \
                  commits stay in the -wal file until a later checkpoint (copy all three files, or use \

@@ -727,3 +727,49 @@ async fn on_sqlite_a_cleanly_stopped_process_leaves_every_commit_in_the_database
     );
     assert_eq!(entries_in_a_copy_of_the_file_alone(&db).await, 2);
 }
+
+/// Another process holding a read transaction (a `.backup`, a long export)
+/// keeps the last commits in the WAL, and a command says so; it once waited
+/// the busy timeout for the reader to finish, so every command, reads too,
+/// took 10 s longer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_sqlite_a_reader_in_another_process_does_not_hold_up_a_command_at_its_end() {
+    use sqlx::Connection as _;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("tally.db");
+    let url = format!("sqlite://{}", db.display());
+    let tally = |args: &[&str]| {
+        let started = std::time::Instant::now();
+        let output = Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(args)
+            .env("TALLY_DATABASE_URL", &url)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", text(&output.stderr));
+        (started.elapsed(), text(&output.stderr))
+    };
+    tally(&["post", "acme", "api_requests", "1", "--key", "first"]);
+    let mut reader = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut reader).await.unwrap();
+    let seen: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM entries")
+        .fetch_one(&mut reader)
+        .await
+        .unwrap();
+    assert_eq!(seen, 1);
+    for args in [
+        &["post", "acme", "api_requests", "2", "--key", "second"][..],
+        &["usage", "acme"][..],
+    ] {
+        let (took, stderr) = tally(args);
+        assert!(
+            took < std::time::Duration::from_secs(4),
+            "{args:?} took {took:?}: {stderr}"
+        );
+        if args[0] == "post" {
+            assert!(stderr.contains("another process reads the database"), "{stderr}");
+        }
+    }
+    sqlx::query("COMMIT").execute(&mut reader).await.unwrap();
+    reader.close().await.unwrap();
+}
