@@ -11,8 +11,9 @@
 //!   rewrites a past bill). Day window: that day's excess over that day's
 //!   limit. Month window: the excess the day itself adds, over that day's
 //!   limit, of the month's running usage (what consume judged); a negative
-//!   day takes excess back, the latest billed first, at the price it was
-//!   billed at (never below 0). Each day's overage is billed at that day's price,
+//!   day takes month-window excess back, the latest billed first, at the
+//!   price it was billed at (never below 0; day-window excess is each day's
+//!   own and stays billed). Each day's overage is billed at that day's price,
 //!   so a downgrade on the last day neither waives nor re-prices the excess
 //!   of the days before. A running balance (`total`) is not billed by overage.
 //! - Overage is billed only for soft limits with an overage price; a hard
@@ -234,7 +235,10 @@ impl<'a> InvoiceContext<'a> {
             };
             // The excess billed so far, in the order it was billed, each part
             // at its own price: a correction takes back the latest first.
+            // (Day windows' excess is each day's own and never taken back,
+            // so only month-window excess goes where a correction can reach.)
             let mut billed: Vec<(i64, Decimal)> = Vec::new();
+            let mut billed_by_day: Vec<(i64, Decimal)> = Vec::new();
             let mut month_to_date = 0i64;
             let mut limited_on_some_day = false;
             for (i, day) in self.days.iter().enumerate() {
@@ -253,11 +257,13 @@ impl<'a> InvoiceContext<'a> {
                         excess(month_to_date, cap.minor()).saturating_sub(excess(before, cap.minor()))
                     }
                 };
-                if over > 0 {
-                    billed.push((over, price_of(&limit)));
+                match limit.window {
+                    Window::Day if over > 0 => billed_by_day.push((over, price_of(&limit))),
+                    _ if over > 0 => billed.push((over, price_of(&limit))),
+                    _ => take_back(&mut billed, over.saturating_neg()),
                 }
-                take_back(&mut billed, over.saturating_neg());
             }
+            billed.extend(billed_by_day);
             // API.md: a line per *limited* resource. A plan may list a
             // resource as unlimited; unlimited all month, it bills nothing.
             if !limited_on_some_day {

@@ -240,6 +240,15 @@ limit = "100"
 enforcement = "soft"
 overage_price = "2"
 
+[plans.daily]
+price = "0"
+
+[plans.daily.limits.api_requests]
+window = "day"
+limit = "10"
+enforcement = "soft"
+overage_price = "5"
+
 [plans.cheap]
 price = "0"
 
@@ -282,6 +291,26 @@ async fn a_correction_takes_back_the_latest_billed_excess_at_the_price_it_was_bi
     assert!(
         up.contains(&"up,dear,api_requests,120,100,20,2,20".to_owned()),
         "{up:?}"
+    );
+
+    // Day-window excess is each day's own: 140 over 10 on the 5th at 5 stays
+    // billed (700) when a month window from the 10th sees the −30 as excess
+    // going back (it once took 30 of the day's units back, at 5).
+    for (plan, from) in [("daily", "2026-09-01T00:00:00Z"), ("dear", "2026-09-10T00:00:00Z")] {
+        let set = app
+            .put_admin("/v1/accounts/days/plan", json!({"plan": plan, "effective_at": from}))
+            .await;
+        assert_eq!(set.status, 200, "{:?}", set.body);
+    }
+    app.insert(&[
+        ("days", "api_requests", "150", "used", "2026-09-05T10:00:00Z"),
+        ("days", "api_requests", "-30", "fix", "2026-09-12T10:00:00Z"),
+    ])
+    .await;
+    let days = september(&app, "days");
+    assert!(
+        days.contains(&"days,dear,api_requests,120,100,140,2,700".to_owned()),
+        "{days:?}"
     );
 }
 
