@@ -65,19 +65,8 @@ impl<'c> RowFormatter<'c> {
         if let Some((_, d)) = self.decimals.iter().find(|(name, _)| name == resource) {
             return *d;
         }
-        // A resource the catalog no longer declares is written as whole units,
-        // as `Catalog::decimals` says: said once per export, since a missing
-        // `--plans` would otherwise turn 1.25 into 125 without a word.
-        let name = String::from_utf8_lossy(resource);
-        if let Err(unknown) = self.catalog.resource(&name) {
-            tracing::warn!(
-                resource = %name,
-                "{unknown}. Its amounts are written in minor units, as whole numbers (1.25 of a resource \
-                 with 2 fractional digits shows as 125); pass the catalog that declares it (--plans or \
-                 TALLY_PLANS)"
-            );
-        }
-        let d = self.catalog.decimals(&name);
+        // Looked up (and a resource the catalog lacks said) once per export.
+        let d = crate::usage::shown_decimals(self.catalog, &String::from_utf8_lossy(resource));
         self.decimals.push((resource.to_vec(), d));
         d
     }

@@ -86,7 +86,7 @@ pub async fn stats(store: &dyn Store, catalog: &Catalog, month: NaiveDate) -> an
         totals: per_resource
             .into_iter()
             .map(|(resource, (amount, entries, accounts))| ResourceTotal {
-                amount: Amount::from_minor(amount, catalog.decimals(&resource)).to_string(),
+                amount: Amount::from_minor(amount, super::shown_decimals(catalog, &resource)).to_string(),
                 resource,
                 entries,
                 accounts,
@@ -133,7 +133,7 @@ pub async fn top(
             best.pop();
         }
     }
-    let decimals = catalog.decimals(resource.as_str());
+    let decimals = super::shown_decimals(catalog, resource.as_str());
     let mut top: Vec<(i64, String)> = best
         .into_iter()
         .map(|std::cmp::Reverse((a, std::cmp::Reverse(n)))| (a, n))

@@ -36,6 +36,23 @@ pub async fn readable_resource(
     Ok(store.ledger_has_resource(account, &name).await?.then_some(name))
 }
 
+/// The fractional digits amounts of `resource` are shown with in reads and
+/// reports: the catalog's, or 0 for a resource it does not declare (dropped
+/// from it, or a run without the `--plans` the server uses), whose amounts
+/// then read in minor units. That case is said, since 1.25 would otherwise
+/// read as 125 without a word (docs/plans.md).
+pub fn shown_decimals(catalog: &Catalog, resource: &str) -> u32 {
+    if let Err(unknown) = catalog.resource(resource) {
+        tracing::warn!(
+            resource = %resource,
+            "{unknown}. Its amounts are written in minor units, as whole numbers (1.25 of a resource \
+             with 2 fractional digits shows as 125); pass the catalog that declares it (--plans or \
+             TALLY_PLANS)"
+        );
+    }
+    catalog.decimals(resource)
+}
+
 /// Whole seconds since the oldest unfolded entry was recorded (0 when caught up).
 pub async fn rollup_lag_seconds(store: &dyn Store, now: DateTime<Utc>) -> Result<i64, StoreError> {
     Ok(store

@@ -82,7 +82,7 @@ pub async fn timeseries(
                 Granularity::Month => format!("{from} to {to} is more than {MAX_POINTS} months; narrow the range"),
             },
         })?;
-    let decimals = catalog.decimals(resource.as_str());
+    let decimals = super::shown_decimals(catalog, resource.as_str());
     let mut sums: BTreeMap<NaiveDate, Amount> = buckets.iter().map(|b| (*b, Amount::zero(decimals))).collect();
     // Folded totals and the tail may both name a bucket: add them.
     for (bucket, minor) in store.bucket_totals(account, resource, granularity, from, to).await? {

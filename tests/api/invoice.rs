@@ -347,8 +347,20 @@ async fn exports_say_when_the_catalog_lacks_a_plan_or_a_resource_they_meet(app: 
         invoice.contains("plan 'cheap' is not in the catalog, yet 1 account(s) were on it in 2026-09"),
         "{invoice}"
     );
-    let (_, stats) = builtin(&["stats", "--period", "2026-09"]);
-    assert!(stats.contains("plan 'cheap' is not in the catalog"), "{stats}");
+    let (stats, said) = builtin(&["stats", "--period", "2026-09"]);
+    assert!(said.contains("plan 'cheap' is not in the catalog"), "{said}");
+    assert!(said.contains("resource 'gpu_minutes' is not in the catalog"), "{said}");
+    assert!(stats.contains("\"125\""), "minor units, as said: {stats}");
+    let (_, said) = builtin(&[
+        "timeseries",
+        "gpu",
+        "gpu_minutes",
+        "--from",
+        "2026-09-01",
+        "--to",
+        "2026-09-08",
+    ]);
+    assert!(said.contains("resource 'gpu_minutes' is not in the catalog"), "{said}");
     let (entries, said) = builtin(&["export", "entries", "--from", "2026-09-01", "--to", "2026-10-01"]);
     assert!(entries.contains(",gpu,gpu_minutes,125,"), "{entries}");
     assert!(said.contains("resource 'gpu_minutes' is not in the catalog"), "{said}");
