@@ -65,22 +65,26 @@ pub fn previous_month(now: DateTime<Utc>) -> NaiveDate {
 /// `overwrite`). A month with one report of two is written again (its
 /// existing file kept), so a run that failed halfway loses nothing.
 pub fn months_to_write(dir: &Path, last: NaiveDate) -> Vec<NaiveDate> {
-    match newest_complete(dir) {
-        Some(newest) if newest < last => {
-            let mut months = Vec::new();
-            let mut month = newest + Months::new(1);
-            while month <= last {
-                months.push(month);
-                month = month + Months::new(1);
-            }
-            months
-        }
-        _ => vec![last],
+    let (monthly, invoice) = report_months(dir);
+    let first = match monthly.intersection(&invoice).max() {
+        Some(newest) => *newest + Months::new(1),
+        // None complete: from the oldest half-written month, if any.
+        None => monthly.union(&invoice).min().copied().unwrap_or(last),
+    };
+    if first > last {
+        return vec![last];
     }
+    let mut months = Vec::new();
+    let mut month = first;
+    while month <= last {
+        months.push(month);
+        month = month + Months::new(1);
+    }
+    months
 }
 
-/// The newest month whose two reports are both in `dir`.
-fn newest_complete(dir: &Path) -> Option<NaiveDate> {
+/// The months whose monthly report, and whose invoice report, are in `dir`.
+fn report_months(dir: &Path) -> (BTreeSet<NaiveDate>, BTreeSet<NaiveDate>) {
     let mut monthly = BTreeSet::new();
     let mut invoice = BTreeSet::new();
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
@@ -90,16 +94,19 @@ fn newest_complete(dir: &Path) -> Option<NaiveDate> {
             None => false,
         };
     }
-    monthly.intersection(&invoice).max().copied()
+    (monthly, invoice)
 }
 
-/// Whether a run is overdue at `now`: `dir` holds a month's reports but not
-/// last month's, so a scheduled run was missed (the server down on the 1st)
+/// Whether a run is overdue at `now`: `dir` holds reports (of any month,
+/// even one half written) but not both of last month's, so a scheduled run was missed (the server down on the 1st)
 /// and waiting for the next 1st would leave a month's invoices out for a
 /// month. An empty directory is a new deployment: its first reports come on
 /// the next 1st, as scheduled.
 pub fn overdue(dir: &Path, now: DateTime<Utc>) -> bool {
-    newest_complete(dir).is_some_and(|newest| newest < previous_month(now))
+    let (monthly, invoice) = report_months(dir);
+    let last = previous_month(now);
+    let any = !monthly.is_empty() || !invoice.is_empty();
+    any && !(monthly.contains(&last) && invoice.contains(&last))
 }
 
 /// The two reports of a month.
@@ -263,6 +270,22 @@ mod tests {
             Some(&month("2027-01"))
         );
         assert_eq!(months_to_write(dir.path(), month("2027-01")).len(), 7);
+    }
+
+    #[test]
+    fn a_half_written_month_with_none_complete_is_written_again_and_makes_a_run_overdue() {
+        let dir = tempfile::tempdir().unwrap();
+        touch(dir.path(), &["monthly-2026-08.csv"]);
+        assert_eq!(
+            months_to_write(dir.path(), month("2026-09")),
+            [month("2026-08"), month("2026-09")]
+        );
+        let now = |text: &str| DateTime::parse_from_rfc3339(text).unwrap().to_utc();
+        assert!(overdue(dir.path(), now("2026-10-03T12:00:00Z")));
+        touch(dir.path(), &["monthly-2026-09.csv", "invoice-2026-09.csv"]);
+        assert!(!overdue(dir.path(), now("2026-10-03T12:00:00Z")));
+        let empty = tempfile::tempdir().unwrap();
+        assert!(!overdue(empty.path(), now("2026-10-03T12:00:00Z")), "a new deployment");
     }
 
     #[test]
