@@ -102,11 +102,17 @@ pub fn parse_listen(raw: &str) -> Result<SocketAddr, String> {
         return Ok(address);
     }
     let hint = "give HOST:PORT, e.g. 127.0.0.1:7600, 0.0.0.0:7600, [::1]:7600 or localhost:7600";
-    if raw
-        .rsplit_once(':')
-        .is_none_or(|(_, port)| port.parse::<u16>().is_err())
-    {
-        return Err(format!("{raw:?} has no port; {hint}"));
+    match raw.rsplit_once(':') {
+        None => return Err(format!("{raw:?} has no port; {hint}")),
+        Some((_, port)) if port.parse::<u16>().is_err() => {
+            let why = if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) {
+                "is out of range (0 to 65535)"
+            } else {
+                "is not a port number"
+            };
+            return Err(format!("{raw:?}: {port:?} {why}; {hint}"));
+        }
+        Some(_) => {}
     }
     std::net::ToSocketAddrs::to_socket_addrs(raw)
         .map_err(|e| format!("cannot resolve {raw:?}: {e}; {hint}"))?
@@ -421,6 +427,9 @@ mod tests {
             let message = parse_listen(bad).unwrap_err();
             assert!(message.contains("give HOST:PORT"), "{bad}: {message}");
         }
+        // It once said "has no port" of a port out of range.
+        let message = parse_listen("localhost:99999").unwrap_err();
+        assert!(message.contains("\"99999\" is out of range (0 to 65535)"), "{message}");
     }
 
     #[test]
