@@ -31,7 +31,13 @@ async fn probe_lag(state: &AppState) -> Result<i64, String> {
     match tokio::time::timeout(PROBE_TIMEOUT, rollup_lag_seconds(state.store.as_ref(), Utc::now())).await {
         Ok(Ok(lag)) => Ok(lag),
         Ok(Err(e)) => Err(crate::telemetry::cause_chain(&e)),
-        Err(_) => Err(format!("no answer within {} s", PROBE_TIMEOUT.as_secs())),
+        Err(_) => {
+            let waited = format!("no answer within {} s", PROBE_TIMEOUT.as_secs());
+            Err(match state.store.why_unreachable().await {
+                Some(cause) => format!("{waited}; a new connection fails: {cause}"),
+                None => waited,
+            })
+        }
     }
 }
 

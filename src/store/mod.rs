@@ -141,6 +141,14 @@ pub trait Store: Send + Sync + 'static {
     /// Answers whether the database is reachable.
     async fn ping(&self) -> Result<(), StoreError>;
 
+    /// Why a new connection to the database fails now, from one attempt
+    /// outside the pool (which retries a refused connection until its
+    /// acquire timeout and then says only that it timed out); `None` when
+    /// the attempt succeeds, or where there is no server to reach (SQLite).
+    async fn why_unreachable(&self) -> Option<String> {
+        None
+    }
+
     /// Closes the store's connections at the end of a process, waiting a
     /// few seconds at most for those in use. On SQLite the write-ahead log
     /// is checkpointed into the database file first, so that the file alone

@@ -43,6 +43,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The PostgreSQL implementation of [`Store`].
 pub struct PgStore {
     pool: PgPool,
+    /// How the pool connects, for one attempt of its own when the pool
+    /// cannot say why it has no connection ([`Store::why_unreachable`]).
+    options: PgConnectOptions,
     catalog: Arc<Catalog>,
     /// Settled sums behind `used` (see [`super::settled`]).
     settled: SettledSums,
@@ -155,10 +158,11 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
         Ok(Self {
             pool,
+            options,
             catalog,
             settled: SettledSums::default(),
             consume_groups: std::sync::OnceLock::new(),
@@ -489,6 +493,17 @@ impl Store for PgStore {
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+
+    async fn why_unreachable(&self) -> Option<String> {
+        match tokio::time::timeout(Duration::from_secs(1), self.options.connect()).await {
+            Ok(Ok(connection)) => {
+                let _ = sqlx::Connection::close(connection).await;
+                None
+            }
+            Ok(Err(e)) => Some(crate::telemetry::cause_chain(&e)),
+            Err(_) => Some("the server did not answer a new connection within 1 s".to_owned()),
+        }
     }
 
     async fn close(&self) {

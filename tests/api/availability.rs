@@ -208,7 +208,7 @@ async fn on_postgres_healthz_and_metrics_answer_within_seconds_once_the_server_i
         return;
     };
     let url = cluster.tcp_url("postgres");
-    let serve = crate::helpers::ServeProcess::start(&url, &["--no-jobs"], &[("TALLY_ADMIN_KEY", "k")]).await;
+    let mut serve = crate::helpers::ServeProcess::start(&url, &["--no-jobs"], &[("TALLY_ADMIN_KEY", "k")]).await;
     let client = reqwest::Client::new();
     let health = client.get(format!("{}/healthz", serve.address)).send().await.unwrap();
     assert_eq!(health.status(), 200);
@@ -224,6 +224,13 @@ async fn on_postgres_healthz_and_metrics_answer_within_seconds_once_the_server_i
     let body: Value = health.json().await.unwrap();
     assert_eq!(body["database"], "unavailable", "{body}");
     assert!(elapsed < std::time::Duration::from_secs(4), "healthz took {elapsed:?}");
+    // The log says why, as a direct connection finds it: the pool alone
+    // only timed out.
+    let logged = serve
+        .wait_for_stderr("health check: database unavailable", std::time::Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|| panic!("no health log line:\n{}", serve.stderr()));
+    assert!(logged.contains("Connection refused"), "{logged}");
 
     let started = std::time::Instant::now();
     let metrics = crate::helpers::scrape_metrics(&client, &serve.address).await;
