@@ -138,6 +138,18 @@ fn within_writable_periods(text: &str, t: DateTime<Utc>) -> Result<DateTime<Utc>
 fn not_rfc3339(text: &str, e: chrono::ParseError) -> String {
     const LIKE: &str = "write it like 2026-11-23T14:05:00Z";
     let date_shaped = super::period::date_shaped(text);
+    // 2026-12-3 or 2026-1-05T…: a one-digit month or day, which chrono
+    // calls too short.
+    let date_part = text.split(['T', 't', ' ']).next().unwrap_or_default();
+    let short_month_or_day = {
+        let parts: Vec<&str> = date_part.split('-').collect();
+        parts.len() == 3
+            && parts[0].len() == 4
+            && parts
+                .iter()
+                .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+            && (parts[1].len() == 1 || parts[2].len() == 1)
+    };
     let without_offset = chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f").is_ok();
     // ISO 8601's basic offset (+0100): RFC 3339 wants the colon.
     let with_colon = |text: &str| {
@@ -160,7 +172,9 @@ fn not_rfc3339(text: &str, e: chrono::ParseError) -> String {
     });
     // A value echoed in full could be megabytes: show its start.
     let text = &shown(text);
-    if date_shaped && chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d").is_err() {
+    if short_month_or_day {
+        format!("{text:?} has a one-digit month or day; write them with two digits, like 2026-01-05; {LIKE}")
+    } else if date_shaped && chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d").is_err() {
         format!("{text:?} is not a calendar date (month 1 to 12, a day that month has); {LIKE}")
     } else if date_shaped {
         format!("{text:?} is a date without a time; {LIKE} ({text}T00:00:00Z for its midnight)")
@@ -514,6 +528,8 @@ mod tests {
             ("2026-11-15T12:00:00 01:00", "%2B"),
             ("2026-12-01T25:00:00Z", "out of range"),
             ("2026-12-01T14:0", "cut short"),
+            ("2026-12-3", "one-digit month or day"),
+            ("2026-1-05T10:00:00Z", "one-digit month or day"),
             ("2026-12-01T14:05:00", "no UTC offset"),
             ("bad", "does not have the shape"),
             ("", "does not have the shape"),
