@@ -173,7 +173,7 @@ fn not_rfc3339(text: &str, e: chrono::ParseError) -> String {
     // A value echoed in full could be megabytes: show its start.
     let text = &shown(text);
     if short_month_or_day {
-        format!("{text:?} has a one-digit month or day; write them with two digits, like 2026-01-05; {LIKE}")
+        format!("{text:?} has a one-digit month or day; months and days take two digits: {LIKE}")
     } else if date_shaped && chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d").is_err() {
         format!("{text:?} is not a calendar date (month 1 to 12, a day that month has); {LIKE}")
     } else if date_shaped {
