@@ -40,6 +40,26 @@ use consume_group::ConsumeGroups;
 /// (a host gone, packets dropped) is reported rather than waited for.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// One connection outside the pool, closed at once: `Ok` when the server
+/// accepts it within `timeout`, else why not ("Connection refused", an
+/// unknown database, a refused login, no answer). The pool alone retries a
+/// refused connection until its acquire timeout and then says only that it
+/// timed out.
+async fn connect_once(options: &PgConnectOptions, timeout: Duration) -> anyhow::Result<()> {
+    match tokio::time::timeout(timeout, options.connect()).await {
+        Ok(Ok(connection)) => {
+            let _ = sqlx::Connection::close(connection).await;
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => anyhow::bail!(
+            "the PostgreSQL server did not answer within {} s: check the host and port, and that \
+             no firewall drops the connection",
+            timeout.as_secs()
+        ),
+    }
+}
+
 /// The PostgreSQL implementation of [`Store`].
 pub struct PgStore {
     pool: PgPool,
@@ -130,11 +150,9 @@ impl PgStore {
     }
 
     /// Connects to the database a `postgres://` URL names. One direct
-    /// connection is tried first, for at most [`CONNECT_TIMEOUT`], so that a
-    /// server that is down or out of reach fails at once with its cause
-    /// ("Connection refused", an unknown database, a refused login): the
-    /// pool alone retried until its acquire timeout and then said only
-    /// "pool timed out while waiting for an open connection".
+    /// connection is tried first ([`connect_once`], for at most
+    /// [`CONNECT_TIMEOUT`]), so that a server that is down or out of reach
+    /// fails at once with its cause rather than after the pool's wait.
     pub async fn connect(url: &str, catalog: Arc<Catalog>) -> anyhow::Result<Self> {
         let options: PgConnectOptions = url.parse()?;
         // Consume's no-overshoot rests on READ COMMITTED (the total is read
@@ -144,17 +162,7 @@ impl PgStore {
             .application_name("tally")
             .options([("default_transaction_isolation", r"read\ committed")])
             .log_slow_statements(super::SLOW_STATEMENT_LEVEL, Duration::from_secs(1));
-        match tokio::time::timeout(CONNECT_TIMEOUT, options.connect()).await {
-            Ok(Ok(first)) => {
-                let _ = sqlx::Connection::close(first).await;
-            }
-            Ok(Err(e)) => return Err(e.into()),
-            Err(_) => anyhow::bail!(
-                "the PostgreSQL server did not answer within {} s: check the host and port, and that \
-                 no firewall drops the connection",
-                CONNECT_TIMEOUT.as_secs()
-            ),
-        }
+        connect_once(&options, CONNECT_TIMEOUT).await?;
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(10))
@@ -496,14 +504,10 @@ impl Store for PgStore {
     }
 
     async fn why_unreachable(&self) -> Option<String> {
-        match tokio::time::timeout(Duration::from_secs(1), self.options.connect()).await {
-            Ok(Ok(connection)) => {
-                let _ = sqlx::Connection::close(connection).await;
-                None
-            }
-            Ok(Err(e)) => Some(crate::telemetry::cause_chain(&e)),
-            Err(_) => Some("the server did not answer a new connection within 1 s".to_owned()),
-        }
+        connect_once(&self.options, Duration::from_secs(1))
+            .await
+            .err()
+            .map(|e| format!("{e:#}"))
     }
 
     async fn close(&self) {
