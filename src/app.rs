@@ -120,6 +120,14 @@ pub fn parse_listen(raw: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("{raw:?} resolves to no address; {hint}"))
 }
 
+/// Parses `--shutdown-grace`: whole seconds, 0 or more (0 stops at once,
+/// dropping requests in flight).
+pub fn parse_shutdown_grace(raw: &str) -> Result<u64, String> {
+    raw.trim().parse::<u64>().map_err(|_| {
+        format!("{raw:?} is not a whole number of seconds, 0 or more; give e.g. 30 (the default), or 0 to stop at once")
+    })
+}
+
 impl Settings {
     /// Loads the catalog the settings name.
     pub fn load_catalog(&self) -> anyhow::Result<Catalog> {

@@ -62,7 +62,10 @@ pub enum Command {
         #[arg(long, env = "TALLY_LISTEN", default_value = app::DEFAULT_LISTEN, value_parser = app::parse_listen)]
         listen: SocketAddr,
         /// Seconds to finish requests in flight after Ctrl-C or SIGTERM, then stop without them.
-        #[arg(long, env = "TALLY_SHUTDOWN_GRACE", default_value_t = app::DEFAULT_SHUTDOWN_GRACE_SECONDS)]
+        // Negative numbers reach the parser, which names the problem, instead
+        // of clap taking "-1" for an unknown flag.
+        #[arg(long, env = "TALLY_SHUTDOWN_GRACE", default_value_t = app::DEFAULT_SHUTDOWN_GRACE_SECONDS,
+              allow_negative_numbers = true, value_parser = app::parse_shutdown_grace)]
         shutdown_grace: u64,
         /// Do not run the scheduled jobs in this process.
         #[arg(long)]
@@ -289,4 +292,24 @@ async fn serve(settings: Settings, with_jobs: bool) -> anyhow::Result<ExitCode> 
         scheduler.shutdown().await;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::Cli;
+
+    #[test]
+    fn a_negative_shutdown_grace_is_named_as_such_not_taken_for_a_flag() {
+        // clap once answered "unexpected argument '-1' found".
+        let error = Cli::try_parse_from(["tally", "serve", "--shutdown-grace", "-1"]).unwrap_err();
+        let message = error.to_string();
+        assert!(
+            message.contains("\"-1\" is not a whole number of seconds, 0 or more"),
+            "{message}"
+        );
+        let parsed = Cli::try_parse_from(["tally", "serve", "--shutdown-grace", "0"]);
+        assert!(parsed.is_ok(), "{:?}", parsed.err());
+    }
 }
