@@ -103,6 +103,20 @@ impl From<sqlx::Error> for StoreError {
 }
 
 impl StoreError {
+    /// What is used of `resource` by `account` does not fit 64-bit minor units.
+    pub(crate) fn used_past_64_bits(account: &AccountId, resource: &ResourceName) -> Self {
+        StoreError::overflow(&format!("{resource} used by {account}"))
+    }
+
+    /// This error, an overflow named for the `used` read that raised it (the
+    /// database's own words name no account).
+    pub(crate) fn naming_used(self, account: &AccountId, resource: &ResourceName) -> Self {
+        match self {
+            StoreError::Overflow(_) => StoreError::used_past_64_bits(account, resource),
+            other => other,
+        }
+    }
+
     /// A sum past 64 bits (the database said `detail`): what it means and
     /// where the way out is documented.
     pub(crate) fn overflow(detail: &str) -> Self {

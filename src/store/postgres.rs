@@ -996,7 +996,8 @@ impl Store for PgStore {
         .bind(known.map(|k| k.mark))
         .bind(known.map(|k| k.sum))
         .fetch_one(&self.pool)
-        .await?;
+        .await
+        .map_err(|e| StoreError::from(e).naming_used(account, resource))?;
         self.settled.offer(
             account.as_str(),
             resource.as_str(),
@@ -1310,7 +1311,8 @@ async fn used_on(
     .bind(known.map(|k| k.mark))
     .bind(known.map(|k| k.sum))
     .fetch_one(&mut *conn)
-    .await?;
+    .await
+    .map_err(|e| StoreError::from(e).naming_used(account, resource))?;
     settled.offer(
         account.as_str(),
         resource.as_str(),

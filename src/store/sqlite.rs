@@ -1496,14 +1496,15 @@ async fn used_on(
         .bind(from)
         .bind(to)
         .fetch_one(&mut *conn)
-        .await?;
+        .await
+        .map_err(|e| StoreError::from(e).naming_used(account, resource))?;
         // A read older than the watermark cannot happen (the watermark was
         // read before this statement began), but if it did, go cold.
         if mark >= known.mark {
             let used = known
                 .sum
                 .checked_add(after)
-                .ok_or_else(|| past_64_bits(account, resource))?;
+                .ok_or_else(|| StoreError::used_past_64_bits(account, resource))?;
             settled.offer(
                 account.as_str(),
                 resource.as_str(),
@@ -1524,19 +1525,19 @@ async fn used_on(
                 .bind(to)
                 .bind(table)
                 .fetch_one(&mut *conn)
-                .await?
+                .await
+                .map_err(|e| StoreError::from(e).naming_used(account, resource))?
         }
-        _ => {
-            sqlx::query_as(include_str!("sql/sqlite/used_total.sql"))
-                .bind(account.as_str())
-                .bind(resource.as_str())
-                .fetch_one(&mut *conn)
-                .await?
-        }
+        _ => sqlx::query_as(include_str!("sql/sqlite/used_total.sql"))
+            .bind(account.as_str())
+            .bind(resource.as_str())
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|e| StoreError::from(e).naming_used(account, resource))?,
     };
     let used = folded
         .checked_add(tail)
-        .ok_or_else(|| past_64_bits(account, resource))?;
+        .ok_or_else(|| StoreError::used_past_64_bits(account, resource))?;
     settled.offer(
         account.as_str(),
         resource.as_str(),
@@ -1544,11 +1545,6 @@ async fn used_on(
         Settled { mark, sum: used },
     );
     Ok(used)
-}
-
-/// What is used of `resource` by `account` does not fit 64-bit minor units.
-fn past_64_bits(account: &AccountId, resource: &ResourceName) -> StoreError {
-    StoreError::overflow(&format!("{resource} used by {account}"))
 }
 
 #[derive(FromRow)]

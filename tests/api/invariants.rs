@@ -256,6 +256,14 @@ async fn a_total_past_64_bits_is_an_error_never_a_wrapped_number(app: TestApp) {
         );
         let usage = app.get(&format!("/v1/accounts/huge/usage?at={at}")).await;
         assert_eq!(usage.status, 500, "{:?}", usage.body);
+        // The operator's copy names the sum, folded or still in the tail.
+        let cli_check = app.cli(&["check", "huge", "api_requests", "--at", &at]);
+        let stderr = String::from_utf8_lossy(&cli_check.stderr);
+        assert_eq!(cli_check.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains("(api_requests used by huge)"),
+            "folded: {folded}: {stderr}"
+        );
     }
     assert_eq!(app.count_entries().await, 9_224);
     // The exports say the same, whichever connection reads (SQLite's
