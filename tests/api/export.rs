@@ -599,7 +599,11 @@ async fn an_invoice_prorates_a_mid_month_plan_change_and_bills_soft_overage(app:
         "one.csv",
         &["export", "invoice", "--period", "2026-09", "--account", "big"],
     );
-    assert!(one[1..].iter().all(|r| r[0] == "big"));
+    // Exactly big's lines of the whole invoice, header first.
+    let big: Vec<_> = rows.iter().filter(|r| r[0] == "big").cloned().collect();
+    assert!(!big.is_empty());
+    assert_eq!(one[0], rows[0], "the header");
+    assert_eq!(one[1..], big[..]);
 }
 
 async fn admin_stats_and_top_accounts_describe_a_known_dataset(app: TestApp) {

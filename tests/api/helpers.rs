@@ -161,6 +161,7 @@ impl TestApp {
     /// `plans` (TOML; None: the built-in one).
     pub async fn spawn_on(backend: Backend, database_url: String, dir: Option<TempDir>, plans: Option<&str>) -> Self {
         tally::telemetry::init_tracing();
+        clear_of_midnight().await;
         let admin_key = "test-admin-key".to_owned();
         let plans_file = plans.map(|text| {
             let file = tempfile::NamedTempFile::new().expect("temp file");
@@ -291,6 +292,23 @@ impl TestApp {
     /// One integer from a query run directly on the database.
     pub async fn scalar_i64(&self, sql: &str) -> i64 {
         scalar_i64_at(self.backend, &self.database_url, sql).await
+    }
+}
+
+/// Waits, when 00:00 UTC is less than a minute away, until it has passed.
+/// Tests read "now" at several moments (the app's clock, the CLI's, the
+/// Retry-After count-down), and a test that straddled midnight would see two
+/// days, or two months, in what it means as one window; none lasts a minute.
+async fn clear_of_midnight() {
+    let now = chrono::Utc::now();
+    let midnight = (now.date_naive() + chrono::Days::new(1))
+        .and_hms_opt(0, 0, 0)
+        .expect("midnight exists")
+        .and_utc();
+    let left = midnight - now;
+    if left < chrono::Duration::minutes(1) {
+        let wait = left.to_std().unwrap_or_default() + std::time::Duration::from_secs(1);
+        tokio::time::sleep(wait).await;
     }
 }
 

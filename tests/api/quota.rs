@@ -90,15 +90,20 @@ async fn sixty_four_concurrent_consumers_at_a_hard_limit_of_1000_land_exactly_10
     let roller = {
         let (app, stop) = (app.clone(), stop.clone());
         tokio::spawn(async move {
+            // When each run ended and what it folded.
+            let mut runs = Vec::new();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                app.rollup_with(tally::jobs::rollup::RollupOptions {
-                    batch_size: 50,
-                    failpoint: None,
-                    max_batch_size: None,
-                })
-                .await
-                .unwrap();
+                let report = app
+                    .rollup_with(tally::jobs::rollup::RollupOptions {
+                        batch_size: 50,
+                        failpoint: None,
+                        max_batch_size: None,
+                    })
+                    .await
+                    .unwrap();
+                runs.push((std::time::Instant::now(), report.entries));
             }
+            runs
         })
     };
     let mut workers = Vec::new();
@@ -126,10 +131,17 @@ async fn sixty_four_concurrent_consumers_at_a_hard_limit_of_1000_land_exactly_10
         ok += o;
         refused += r;
     }
+    let consumed = std::time::Instant::now();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    roller.await.unwrap();
+    let runs = roller.await.unwrap();
     assert_eq!((ok, refused), (1000, 500));
     assert_eq!(app.ledger_sum("hot", "ai_generations").await, 1000);
+    // The rollups did fold consumes while others were still being decided.
+    let folded_meanwhile: u64 = runs.iter().filter(|(end, _)| *end < consumed).map(|(_, n)| n).sum();
+    assert!(
+        folded_meanwhile > 0,
+        "no rollup folded anything during the consumes: {runs:?}"
+    );
     let after = check(&app, "hot", "ai_generations", "1", None).await;
     assert_eq!(after["used"], "1000");
     assert_eq!(after["allowed"], false);
@@ -462,6 +474,52 @@ async fn a_plan_change_applies_from_its_effective_instant(app: TestApp) {
     assert_eq!(now.status, 200, "{:?}", now.body);
     assert_eq!(now.body["plan"], "pro");
     assert_eq!(now.body["limit"], Value::Null);
+
+    // A downgrade: what the month used under pro counts against free's limit
+    // from the change on. Every instant of it in one month, even in a run
+    // just after the 1st's midnight: the app's clock is frozen for it.
+    let real_now = Utc::now();
+    let month_start = real_now
+        .date_naive()
+        .with_day(1)
+        .unwrap()
+        .and_hms_opt(0, 0, 0)
+        .unwrap()
+        .and_utc();
+    let frozen = if real_now - month_start < Duration::minutes(5) {
+        month_start - Duration::minutes(1)
+    } else {
+        real_now
+    };
+    let (before, change) = (frozen - Duration::seconds(120), frozen - Duration::seconds(60));
+    app.clock.freeze_at(frozen);
+    for (plan, effective_at) in [("pro", before - Duration::seconds(60)), ("free", change)] {
+        let set = app
+            .put_admin(
+                "/v1/accounts/beta/plan",
+                json!({"plan": plan, "effective_at": iso(effective_at)}),
+            )
+            .await;
+        assert_eq!(set.status, 200, "{:?}", set.body);
+    }
+    let under_pro = consume(&app, "beta", "ai_generations", "60", "b", Some(&iso(before))).await;
+    assert_eq!(under_pro.status, 200, "{:?}", under_pro.body);
+    assert_eq!(under_pro.body["plan"], "pro");
+    let under_free = consume(&app, "beta", "ai_generations", "1", "b-now", None).await;
+    assert_eq!(
+        (under_free.status, under_free.code()),
+        (429, "quota_exceeded"),
+        "{:?}",
+        under_free.body
+    );
+    let details = &under_free.body["error"]["details"];
+    assert_eq!(
+        (&details["plan"], &details["used"], &details["limit"]),
+        (&json!("free"), &json!("60"), &json!("50")),
+        "{:?}",
+        under_free.body
+    );
+    app.clock.thaw();
 }
 
 /// An override outlives its resource in the catalog (and would apply again
@@ -828,6 +886,8 @@ async fn a_free_account_at_99999_requests_consumes_one_then_is_refused_until_upg
     assert_eq!(upgraded.status, 200, "{:?}", upgraded.body);
     assert_eq!(upgraded.body["plan"], "pro");
     assert_eq!(upgraded.body["limit"], "1000000");
+    // The month's use carries over the upgrade; the refused one never counted.
+    assert_eq!(upgraded.body["used"], "100001");
 }
 
 async fn fifty_ai_generations_pass_on_free_and_the_51st_is_refused(app: TestApp) {
@@ -912,6 +972,13 @@ async fn usage_lists_every_limited_or_used_resource_with_warnings(app: TestApp) 
             (json!("ai_generations"), json!("approaching_limit")),
             (json!("llm_tokens"), json!("limit_reached"))
         ]
+    );
+    // The redactions below hide these; a total window has no period at all.
+    let storage = usage_row(&reply.body, "storage_bytes");
+    assert_eq!(
+        (&storage["window"], &storage["period_start"], &storage["period_end"]),
+        (&json!("total"), &Value::Null, &Value::Null),
+        "{storage:?}"
     );
     insta::assert_json_snapshot!("usage_report", reply.body, {
         ".resources[].period_start" => "[period_start]",
@@ -1970,17 +2037,17 @@ both!(
 /// override applies, at it the plan's limit does, alike in check, in consume
 /// (PostgreSQL decides that one in SQL) and in usage.
 async fn an_override_stops_applying_exactly_at_its_expires_at_in_check_consume_and_usage(app: TestApp) {
-    let now = Utc::now();
-    let day_start = now.date_naive().and_hms_opt(0, 0, 0).unwrap().and_utc();
-    // Today (llm_tokens counts per day on free), in the past.
-    let expires = std::cmp::max(day_start + Duration::seconds(10), now - Duration::minutes(3));
+    // In the past by the real clock too, which the CLI reads: the account view
+    // calls the override expired. (It was once "today, 10 s after midnight at
+    // the earliest", still to come in a run just after midnight.)
+    let expires = Utc::now() - Duration::minutes(3);
     let just_before = expires - Duration::microseconds(1);
     let set = app
         .put_override_since(
             "acme",
             "llm_tokens",
             json!({"limit": "3", "expires_at": iso(expires)}),
-            day_start,
+            expires - Duration::hours(1),
         )
         .await;
     assert_eq!(set.status, 200, "{:?}", set.body);
