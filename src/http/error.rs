@@ -157,7 +157,7 @@ impl From<StoreError> for ApiError {
                 message: format!("entry {id} is already reversed; a second reversal would count the correction twice"),
             },
             StoreError::Invalid(m) => Self::invalid("id", m),
-            StoreError::Unavailable(_) => Self::Unavailable(e),
+            StoreError::Unavailable(_) | StoreError::Busy(_) => Self::Unavailable(e),
             StoreError::Overflow(_) => Self::TotalTooLarge(e.into()),
             StoreError::Internal(_) | StoreError::Unexpected(_) => Self::Internal(e.into()),
         }

@@ -67,6 +67,10 @@ pub enum StoreError {
     /// The database cannot be reached or is overloaded.
     #[error("database unavailable")]
     Unavailable(#[source] sqlx::Error),
+    /// The database is up but cannot answer this yet without giving a wrong
+    /// answer (a read waiting on writes in flight); retry shortly (503).
+    #[error("{0}")]
+    Busy(String),
     /// Anything else; the cause goes to the log, not to clients.
     #[error("database error")]
     Internal(#[source] sqlx::Error),

@@ -75,6 +75,59 @@ pub struct PgStore {
 }
 
 impl PgStore {
+    /// The highest id a listing may show so that a client paging with
+    /// `after_id` never steps over a row that commits later.
+    ///
+    /// Why: an id is taken at insert, not at commit (invariant 3), so a
+    /// batch still in flight can hold ids below rows already visible; a page
+    /// ending past them would move the client's `after_id` beyond rows it has
+    /// not seen, for good. So the listing reads the highest visible id, then
+    /// waits for the transactions running at that moment (each holds its
+    /// virtual transaction id's lock from its start, before it can take an
+    /// id) to end. Every id at or below the horizon is then committed or
+    /// rolled back. Not waited for: the rollup (it writes totals, never
+    /// ledger rows), and, after [`LISTING_READER_GRACE`], transactions with
+    /// no transaction id: readers such as a long export (a writer gets one
+    /// with its first row, a few microseconds after taking that row's id).
+    /// A writer still running after [`LISTING_WAIT`] makes the listing a 503.
+    async fn listing_horizon(&self) -> Result<i64, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let horizon: i64 = sqlx::query_scalar("SELECT COALESCE(max(id), 0) FROM entries")
+            .fetch_one(&mut *conn)
+            .await?;
+        // After the horizon was read, in its own statement: a transaction
+        // that took an id at or below it had begun by then.
+        let mut running: Vec<(String, i32, Option<String>)> =
+            sqlx::query_as(include_str!("sql/postgres/listing_running.sql"))
+                .bind(ROLLUP_LOCK_KEY)
+                .fetch_all(&mut *conn)
+                .await?;
+        let started = std::time::Instant::now();
+        loop {
+            if started.elapsed() >= LISTING_READER_GRACE {
+                running.retain(|(_, _, xid)| xid.is_some());
+            }
+            let Some((_, pid, xid)) = running.first() else {
+                return Ok(horizon);
+            };
+            if started.elapsed() >= LISTING_WAIT {
+                return Err(StoreError::Busy(format!(
+                    "the entries listing waits for writes in flight that may hold lower ids, and a writing \
+                     transaction (backend pid {pid}, xid {}) has run for over {} s; retry shortly, or end \
+                     that transaction",
+                    xid.as_deref().unwrap_or("unknown"),
+                    LISTING_WAIT.as_secs()
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            let still: Vec<String> = running.iter().map(|(vxid, _, _)| vxid.clone()).collect();
+            running = sqlx::query_as(include_str!("sql/postgres/listing_still_running.sql"))
+                .bind(&still)
+                .fetch_all(&mut *conn)
+                .await?;
+        }
+    }
+
     /// One rollup batch (see [`Store::rollup_batch`]). `walk` finds the
     /// batch's end by walking `max_entries` rows; otherwise a backlog that
     /// looks small by its ids ends at the last foldable row, and a batch that
@@ -616,8 +669,10 @@ impl Store for PgStore {
     }
 
     async fn list_entries(&self, filter: &EntryFilter) -> Result<Vec<Entry>, StoreError> {
+        let horizon = self.listing_horizon().await?;
         let mut query = QueryBuilder::<Postgres>::new(format!("SELECT {ENTRY_COLUMNS} FROM entries WHERE id > "));
         query.push_bind(filter.after_id.unwrap_or(0));
+        query.push(" AND id <= ").push_bind(horizon);
         if let Some(account) = &filter.account {
             query.push(" AND account = ").push_bind(account.as_str());
         }
@@ -1284,6 +1339,15 @@ fn wide(rows: Vec<(String, String, NaiveDate, String, i64)>) -> Result<Vec<Verif
 
 /// The advisory lock key that serialises rollup batches.
 const ROLLUP_LOCK_KEY: i64 = 0x7461_6c6c_7972_6f6c; // "tallyrol"
+
+/// How long an entries listing waits for writing transactions to end (see
+/// `PgStore::listing_horizon`).
+const LISTING_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// How long an entries listing also waits for transactions without a
+/// transaction id: long enough for a writer between taking a row's id and
+/// getting its transaction id (microseconds) to get it.
+const LISTING_READER_GRACE: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Minor units used in `period`, read on `conn` in one statement (one
 /// snapshot), from the settled watermark when one is known; the new watermark
