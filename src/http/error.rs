@@ -34,6 +34,8 @@ pub enum ApiError {
         code: &'static str,
         /// What conflicts and what to do.
         message: String,
+        /// Where: a batch entry's `index`, the reversed entry's `id`.
+        details: serde_json::Value,
     },
     /// 413: too many entries or too many bytes.
     #[error("{0}")]
@@ -148,13 +150,15 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::NotFound(m) => Self::NotFound(m),
-            StoreError::IdempotencyConflict { .. } => Self::Conflict {
+            StoreError::IdempotencyConflict { index, .. } => Self::Conflict {
                 code: "idempotency_conflict",
                 message: e.to_string(),
+                details: index.map_or_else(|| json!({}), |index| json!({ "index": index })),
             },
             StoreError::AlreadyReversed(id) => Self::Conflict {
                 code: "already_reversed",
                 message: format!("entry {id} is already reversed; a second reversal would count the correction twice"),
+                details: json!({ "id": id }),
             },
             StoreError::Invalid(m) => Self::invalid("id", m),
             StoreError::Unavailable(_) | StoreError::Busy(_) => Self::Unavailable(e),
@@ -173,7 +177,7 @@ impl IntoResponse for ApiError {
         }
         let details = match &self {
             Self::Validation { errors, .. } => json!({ "errors": errors }),
-            Self::TooManyRequests { details, .. } => details.clone(),
+            Self::TooManyRequests { details, .. } | Self::Conflict { details, .. } => details.clone(),
             _ => json!({}),
         };
         let body = json!({ "error": { "code": code, "message": self.to_string(), "details": details } });

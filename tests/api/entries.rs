@@ -156,6 +156,8 @@ async fn a_batch_with_one_conflict_writes_nothing(app: TestApp) {
         .await;
     assert_eq!(reply.status, 409);
     assert_eq!(reply.code(), "idempotency_conflict");
+    // Which entry, for a client that should not have to parse the message.
+    assert_eq!(reply.body["error"]["details"], json!({"index": 1}));
     assert_eq!(app.count_entries().await, 1);
 }
 
@@ -252,6 +254,7 @@ async fn a_reversal_appends_the_opposite_amount_once(app: TestApp) {
         .await;
     assert_eq!(second.status, 409);
     assert_eq!(second.code(), "already_reversed");
+    assert_eq!(second.body["error"]["details"], json!({"id": id}));
 
     let reversal_id = reversal.body["id"].as_i64().unwrap();
     let of_reversal = app
