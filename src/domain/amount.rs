@@ -29,7 +29,10 @@ pub enum AmountError {
     #[error("amount {0} is out of range; |amount| must be below 10^15")]
     OutOfRange(String),
     /// More fractional digits than the resource declares.
-    #[error("amount {amount} has {found} fractional digit{}; this resource allows {allowed}", if *found == 1 { "" } else { "s" })]
+    #[error(
+        "amount {amount} has {found} significant fractional digit{} (trailing zeros aside); this resource allows {allowed}",
+        if *found == 1 { "" } else { "s" }
+    )]
     TooPrecise {
         /// The amount as given.
         amount: String,

@@ -366,8 +366,18 @@ fn entry_filter(
     let after_id = query
         .get("after_id")
         .map(|v| {
-            v.parse::<i64>()
-                .map_err(|_| ApiError::invalid("after_id", format!("after_id {v:?} is not an integer")))
+            v.parse::<i64>().map_err(|e| {
+                let why = match e.kind() {
+                    std::num::IntErrorKind::PosOverflow | std::num::IntErrorKind::NegOverflow => {
+                        "is out of range (ids are 64-bit integers)"
+                    }
+                    _ => "is not an integer",
+                };
+                ApiError::invalid(
+                    "after_id",
+                    format!("after_id {v:?} {why}; give the next_after_id of the page before"),
+                )
+            })
         })
         .transpose()?;
     let limit = match query.get("limit") {

@@ -17,6 +17,7 @@ both!(
     an_unknown_resource_is_422_naming_the_known_ones,
     a_zero_amount_is_422,
     too_many_fractional_digits_is_422,
+    an_after_id_past_64_bits_is_422_out_of_range,
     an_amount_of_10_to_the_15_is_422,
     an_amount_that_is_not_a_number_is_422,
     an_amount_that_would_need_rounding_is_422_never_rounded,
@@ -270,11 +271,42 @@ async fn a_zero_amount_is_422(app: TestApp) {
 
 async fn too_many_fractional_digits_is_422(app: TestApp) {
     assert_rejected(&app, with("amount", json!("1.5")), "validation_failed", 0, "amount").await;
+    // Trailing zeros do not count, and the message says what does: "0.10"
+    // was said to have 1 fractional digit, where the client wrote two.
+    let reply = assert_rejected(&app, with("amount", json!("0.10")), "validation_failed", 0, "amount").await;
+    let message = reply.body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("0.10 has 1 significant fractional digit (trailing zeros aside)"),
+        "{message}"
+    );
     let mut minutes = entry("acme", "agent_minutes", "1.255", "k1");
     let reply = assert_rejected(&app, minutes.clone(), "validation_failed", 0, "amount").await;
     assert!(reply.body["error"]["message"].as_str().unwrap().contains("allows 2"));
     minutes["amount"] = json!("1.25");
     assert_eq!(app.post_entries(minutes).await.status, 200);
+    let mut whole = entry("acme", "api_requests", "2.000", "k2");
+    assert_eq!(app.post_entries(whole.clone()).await.status, 200);
+    whole["amount"] = json!("2");
+    let again = app.post_entries(whole).await;
+    assert_eq!(
+        again.body["entries"][0]["status"], "duplicate",
+        "the same amount: {:?}",
+        again.body
+    );
+}
+
+/// An `after_id` past 64 bits is called out of range, not "not an integer".
+async fn an_after_id_past_64_bits_is_422_out_of_range(app: TestApp) {
+    let reply = app.get("/v1/accounts/acme/entries?after_id=99999999999999999999").await;
+    assert_eq!(reply.status, 422, "{:?}", reply.body);
+    let message = reply.body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("is out of range (ids are 64-bit integers)"),
+        "{message}"
+    );
+    let reply = app.get("/v1/accounts/acme/entries?after_id=ten").await;
+    let message = reply.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("\"ten\" is not an integer"), "{message}");
 }
 
 async fn an_amount_of_10_to_the_15_is_422(app: TestApp) {
