@@ -19,6 +19,7 @@ both!(
     check_is_exact_at_any_instant_while_posting_and_rolling_up,
     a_day_limit_resets_at_midnight_utc,
     a_month_limit_resets_on_the_first_and_retry_after_counts_down_to_it,
+    month_and_day_windows_end_right_on_leap_days_and_at_the_year_end,
     a_backdated_consume_is_told_the_true_wait_from_now_and_none_once_its_window_closed,
     a_total_limit_never_resets_and_deletions_free_room,
     a_plan_change_applies_from_its_effective_instant,
@@ -361,6 +362,64 @@ async fn a_month_limit_resets_on_the_first_and_retry_after_counts_down_to_it(app
     let new_month = consume(&app, "acme", "ai_generations", "1", "c", Some(&iso(first_instant))).await;
     assert_eq!(new_month.status, 200, "{:?}", new_month.body);
     assert_eq!(app.ledger_sum("acme", "ai_generations").await, 51);
+}
+
+/// The same at fixed month ends whatever day the tests run: a leap day, an
+/// ordinary February's end and a year's end (the test above meets each only
+/// in the month after it).
+async fn month_and_day_windows_end_right_on_leap_days_and_at_the_year_end(app: TestApp) {
+    for (last_day, next_first) in [
+        ("2028-02-29", "2028-03-01"),
+        ("2027-02-28", "2027-03-01"),
+        ("2026-12-31", "2027-01-01"),
+    ] {
+        let late: chrono::DateTime<Utc> = format!("{last_day}T23:59:30Z").parse().unwrap();
+        app.clock.freeze_at(late);
+        let account = format!("acct-{last_day}");
+        let month_full = consume(&app, &account, "ai_generations", "50", "m", Some(&iso(late))).await;
+        assert_eq!(month_full.status, 200, "{last_day}: {:?}", month_full.body);
+        assert_eq!(
+            month_full.body["period_start"],
+            format!("{}-01T00:00:00Z", &last_day[..7]),
+            "{last_day}"
+        );
+        let day_full = consume(&app, &account, "llm_tokens", "1000", "d", Some(&iso(late))).await;
+        assert_eq!(day_full.status, 200, "{last_day}: {:?}", day_full.body);
+        for resource in ["ai_generations", "llm_tokens"] {
+            let refused = consume(
+                &app,
+                &account,
+                resource,
+                "1",
+                &format!("{resource}-more"),
+                Some(&iso(late)),
+            )
+            .await;
+            assert_eq!(refused.status, 429, "{last_day} {resource}: {:?}", refused.body);
+            assert_eq!(retry_after(&refused), Some(30), "{last_day} {resource}");
+            assert_eq!(
+                refused.body["error"]["details"]["period_end"],
+                format!("{next_first}T00:00:00Z"),
+                "{last_day} {resource}"
+            );
+        }
+        let next: chrono::DateTime<Utc> = format!("{next_first}T00:00:00Z").parse().unwrap();
+        app.clock.freeze_at(next);
+        for resource in ["ai_generations", "llm_tokens"] {
+            let fresh = consume(
+                &app,
+                &account,
+                resource,
+                "1",
+                &format!("{resource}-next"),
+                Some(&iso(next)),
+            )
+            .await;
+            assert_eq!(fresh.status, 200, "{next_first} {resource}: {:?}", fresh.body);
+            assert_eq!(fresh.body["used"], "1", "{next_first} {resource}");
+        }
+    }
+    app.clock.thaw();
 }
 
 /// Retry-After is a wait from now: a consume dated 10:00 and refused at

@@ -593,14 +593,31 @@ async fn random_interleavings_of_posting_and_rolling_up_keep_totals_equal_to_the
 
     // Steps: Some((day, amount)) posts an entry, None runs a rollup with a small batch.
     let step = prop_oneof![3 => (1u32..=28, -50i64..=100).prop_map(Some), 1 => Just(None)];
-    let mut runner = proptest::test_runner::TestRunner::default();
+    // A seed from TALLY_PROPTEST_SEED replays a failed run; each failure names
+    // the seed it ran with, the case and the steps so far.
+    let seed: u64 = std::env::var("TALLY_PROPTEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    let mut seed_bytes = [0u8; 32];
+    seed_bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    let mut runner = proptest::test_runner::TestRunner::new_with_rng(
+        proptest::test_runner::Config::default(),
+        proptest::test_runner::TestRng::from_seed(proptest::test_runner::RngAlgorithm::ChaCha, &seed_bytes),
+    );
     let mut key = 0;
-    for _case in 0..6 {
+    for case in 0..16 {
         let steps = proptest::collection::vec(step.clone(), 1..60)
             .new_tree(&mut runner)
             .unwrap()
             .current();
-        for step in steps {
+        for (done, step) in steps.iter().copied().enumerate() {
+            let context = || format!("TALLY_PROPTEST_SEED={seed}, case {case}, steps {:?}", &steps[..=done]);
             match step {
                 Some((day, amount)) if amount != 0 => {
                     key += 1;
@@ -627,14 +644,19 @@ async fn random_interleavings_of_posting_and_rolling_up_keep_totals_equal_to_the
             assert_eq!(
                 app.series_sum("prop", "llm_tokens", "2026-07-01", "2026-08-01", "day")
                     .await,
-                ledger
+                ledger,
+                "{}",
+                context()
             );
             assert_eq!(
                 app.series_sum("prop", "llm_tokens", "2026-07-01", "2026-08-01", "month")
                     .await,
-                ledger
+                ledger,
+                "{}",
+                context()
             );
-            assert!(app.store.verify_totals().await.unwrap().is_empty());
+            let differences = app.store.verify_totals().await.unwrap();
+            assert!(differences.is_empty(), "{differences:?}: {}", context());
         }
     }
     app.rollup().await;

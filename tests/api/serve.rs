@@ -21,7 +21,11 @@ async fn a_hangup_is_ignored_and_a_client_that_never_finishes_cannot_hold_the_sh
     let mut serve = ServeProcess::start(
         &app.database_url,
         &["--no-jobs", "--shutdown-grace", "1"],
-        &[("TALLY_ADMIN_KEY", admin_key)],
+        // tower_http says at debug when a request's headers are in.
+        &[
+            ("TALLY_ADMIN_KEY", admin_key),
+            ("RUST_LOG", "info,sqlx=warn,tokio_cron_scheduler=warn,tower_http=debug"),
+        ],
     )
     .await;
     serve.signal("HUP");
@@ -40,7 +44,14 @@ async fn a_hangup_is_ignored_and_a_client_that_never_finishes_cannot_hold_the_sh
     );
     slow.write_all(head.as_bytes()).unwrap();
     // The request is in flight once the server has read its headers.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let in_flight = serve
+        .wait_for_stderr("method=POST path=/v1/entries", Duration::from_secs(10))
+        .await;
+    assert!(
+        in_flight.is_some_and(|line| line.contains("started processing request")),
+        "{}",
+        serve.stderr()
+    );
     let asked = Instant::now();
     serve.terminate();
     let status = serve.wait_for_exit(Duration::from_secs(15)).await;
