@@ -40,6 +40,13 @@ use consume_group::ConsumeGroups;
 /// (a host gone, packets dropped) is reported rather than waited for.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a request waits for a pooled connection before it answers 503.
+/// Why not longer: with the server down, sqlx keeps retrying a refused
+/// connection for all of it, and a client with an ordinary 5 s timeout would
+/// see only its own timeout, never the contract's 503 and its Retry-After.
+/// 16 connections busy for 3 s is an overload that a 503 describes well too.
+pub const POOL_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// One connection outside the pool, closed at once: `Ok` when the server
 /// accepts it within `timeout`, else why not ("Connection refused", an
 /// unknown database, a refused login, no answer). The pool alone retries a
@@ -218,7 +225,7 @@ impl PgStore {
         connect_once(&options, CONNECT_TIMEOUT).await?;
         let pool = PgPoolOptions::new()
             .max_connections(16)
-            .acquire_timeout(Duration::from_secs(10))
+            .acquire_timeout(POOL_ACQUIRE_TIMEOUT)
             .connect_with(options.clone())
             .await?;
         Ok(Self {

@@ -216,7 +216,7 @@ async fn on_postgres_healthz_and_metrics_answer_within_seconds_once_the_server_i
     cluster.stop_server().expect("the server stops");
 
     // Kubernetes' probes give up after 1 s by default and Prometheus'
-    // scrapes after 10 s: the pool's own 10 s wait was past both.
+    // scrapes after 10 s: the pool's own wait (10 s then) was past both.
     let started = std::time::Instant::now();
     let health = client.get(format!("{}/healthz", serve.address)).send().await.unwrap();
     let elapsed = started.elapsed();
@@ -237,4 +237,19 @@ async fn on_postgres_healthz_and_metrics_answer_within_seconds_once_the_server_i
     let elapsed = started.elapsed();
     assert_eq!(metric(&metrics, "tally_database_up"), Some(0), "{metrics}");
     assert!(elapsed < std::time::Duration::from_secs(4), "metrics took {elapsed:?}");
+
+    // An ordinary request gets its 503 within a client's usual 5 s timeout:
+    // it once waited out the pool's 10 s.
+    let started = std::time::Instant::now();
+    let checked = client
+        .post(format!("{}/v1/quota/check", serve.address))
+        .bearer_auth("k")
+        .json(&serde_json::json!({"account": "acme", "resource": "api_requests"}))
+        .send()
+        .await
+        .unwrap();
+    let elapsed = started.elapsed();
+    assert_eq!(checked.status(), 503);
+    assert_eq!(checked.headers()["retry-after"], "1");
+    assert!(elapsed < std::time::Duration::from_secs(5), "the 503 took {elapsed:?}");
 }
