@@ -107,6 +107,7 @@ impl PgStore {
         let mut running: Vec<(String, i32, Option<String>)> =
             sqlx::query_as(include_str!("sql/postgres/listing_running.sql"))
                 .bind(ROLLUP_LOCK_KEY)
+                .bind(None::<Vec<String>>)
                 .fetch_all(&mut *conn)
                 .await?;
         let started = std::time::Instant::now();
@@ -128,7 +129,8 @@ impl PgStore {
             }
             tokio::time::sleep(std::time::Duration::from_millis(2)).await;
             let still: Vec<String> = running.iter().map(|(vxid, _, _)| vxid.clone()).collect();
-            running = sqlx::query_as(include_str!("sql/postgres/listing_still_running.sql"))
+            running = sqlx::query_as(include_str!("sql/postgres/listing_running.sql"))
+                .bind(ROLLUP_LOCK_KEY)
                 .bind(&still)
                 .fetch_all(&mut *conn)
                 .await?;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::both;
-use crate::helpers::{Backend, TestApp, days_ago, days_ago_at, entry};
+use crate::helpers::{Backend, Reply, TestApp, days_ago, days_ago_at, entry};
 
 both!(
     posting_an_entry_creates_it_and_lists_it_with_its_exact_amount,
@@ -337,6 +337,16 @@ async fn listing_pages_through_the_ledger_in_id_order(app: TestApp) {
     assert_eq!(too_many.status, 422);
 }
 
+/// The ids of a listing's page, in its order.
+fn page_ids(page: &Reply) -> Vec<i64> {
+    page.body["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_i64().unwrap())
+        .collect()
+}
+
 /// Pages every entry of `account` with `after_id` as a client does; returns
 /// the ids seen, in order.
 async fn page_through(app: &TestApp, account: &str) -> Vec<i64> {
@@ -347,12 +357,7 @@ async fn page_through(app: &TestApp, account: &str) -> Vec<i64> {
             .get(&format!("/v1/accounts/{account}/entries?limit=1000&after_id={after}"))
             .await;
         assert_eq!(page.status, 200, "{:?}", page.body);
-        let ids: Vec<i64> = page.body["entries"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["id"].as_i64().unwrap())
-            .collect();
+        let ids = page_ids(&page);
         seen.extend(&ids);
         match ids.last() {
             // A sync client keeps polling from its last id.
@@ -389,13 +394,7 @@ async fn paging_while_batches_are_posted_misses_no_entry(app: TestApp) {
             .get(&format!("/v1/accounts/sync/entries?limit=1000&after_id={after}"))
             .await;
         assert_eq!(page.status, 200, "{:?}", page.body);
-        seen.extend(
-            page.body["entries"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|e| e["id"].as_i64().unwrap()),
-        );
+        seen.extend(page_ids(&page));
         pages_while_posting += 1;
     }
     for writer in writers {
@@ -460,12 +459,7 @@ async fn on_postgres_a_listing_waits_for_a_write_in_flight_that_holds_a_lower_id
     slow.commit().await.unwrap();
     let page = listing.await.unwrap();
     assert_eq!(page.status, 200, "{:?}", page.body);
-    let ids: Vec<i64> = page.body["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["id"].as_i64().unwrap())
-        .collect();
+    let ids = page_ids(&page);
     assert_eq!(ids.len(), 2, "{ids:?}");
     assert!(ids[0] < later_id && ids[1] == later_id, "{ids:?}");
 

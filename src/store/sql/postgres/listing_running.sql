@@ -5,7 +5,8 @@
 -- except this session's and the rollup's: the rollup, known by its advisory
 -- lock ($1, a bigint key shown as two 32-bit halves), writes totals, never
 -- ledger rows. A session of another role shows no state: taken for a
--- writer ('unknown'), since its transaction id is hidden too.
+-- writer ('unknown'), since its transaction id is hidden too. With $2, only
+-- those of the virtual transaction ids $2 that still run.
 SELECT l.virtualxid,
        l.pid,
        CASE WHEN a.state IS NULL THEN 'unknown' ELSE a.backend_xid::text END AS xid
@@ -14,6 +15,7 @@ SELECT l.virtualxid,
  WHERE l.locktype = 'virtualxid'
    AND l.granted
    AND l.pid <> pg_backend_pid()
+   AND ($2::text[] IS NULL OR l.virtualxid = ANY($2))
    AND a.datname = current_database()
    AND a.backend_type = 'client backend'
    AND NOT EXISTS (
