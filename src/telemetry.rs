@@ -183,10 +183,36 @@ impl Metrics {
         self.entries_ingested.inc_by(n);
     }
 
-    /// The Prometheus text exposition of every metric.
+    /// Every metric in the OpenMetrics text format (what Prometheus asks for).
     pub fn render(&self) -> String {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("writing to a String cannot fail");
+        text
+    }
+
+    /// Every metric in Prometheus' classic text format (0.0.4), for scrapers
+    /// that do not ask for OpenMetrics: a counter's `# HELP`/`# TYPE` lines
+    /// name its samples (`…_total`), and there is no `# EOF`. The two formats
+    /// differ in nothing else for counters and gauges, all Tally has.
+    pub fn render_classic(&self) -> String {
+        let open = self.render();
+        let counters: std::collections::HashSet<&str> = open
+            .lines()
+            .filter_map(|line| line.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+            .collect();
+        let mut text = String::with_capacity(open.len() + 16 * counters.len());
+        for line in open.lines() {
+            if line == "# EOF" || line.starts_with("# UNIT ") {
+                continue;
+            }
+            let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+                let rest = line.strip_prefix(prefix)?;
+                let (name, tail) = rest.split_once(' ')?;
+                counters.contains(name).then(|| format!("{prefix}{name}_total {tail}"))
+            });
+            text.push_str(renamed.as_deref().unwrap_or(line));
+            text.push('\n');
+        }
         text
     }
 }

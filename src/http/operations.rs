@@ -75,7 +75,7 @@ async fn healthz(State(state): State<AppState>) -> Response {
     }
 }
 
-async fn metrics(State(state): State<AppState>) -> Response {
+async fn metrics(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
     // The lag is read at scrape time, so it is right even with jobs off here.
     match probe_lag(&state).await {
         Ok(lag) => {
@@ -87,14 +87,29 @@ async fn metrics(State(state): State<AppState>) -> Response {
             state.metrics.database_up.set(0);
         }
     }
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        state.metrics.render(),
-    )
-        .into_response()
+    // OpenMetrics for a scraper that asks for it (Prometheus does), the
+    // classic text format (API.md's "Prometheus text format") for any other.
+    let wants_openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .any(|value| value.contains("application/openmetrics-text"));
+    if wants_openmetrics {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            state.metrics.render(),
+        )
+            .into_response()
+    } else {
+        (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            state.metrics.render_classic(),
+        )
+            .into_response()
+    }
 }
 
 /// Counts every request by its route pattern (not the raw path, which would

@@ -18,6 +18,7 @@ both!(
     jobs_list_shows_each_job_and_its_next_run,
     a_jobs_directory_without_the_rollup_is_accepted_with_a_warning,
     health_reports_rollup_lag_and_metrics_count_what_happened,
+    metrics_come_in_the_text_format_the_scraper_asks_for,
     serve_writes_the_reports_of_a_missed_first_at_start,
     a_report_run_names_the_partial_files_a_killed_run_left,
 );
@@ -158,6 +159,48 @@ async fn a_run_is_skipped_while_another_process_holds_the_job(app: TestApp) {
         "{late:?}"
     );
     assert!(matches!(runner(&app).run("rollup").await.unwrap(), JobOutcome::Ran(_)));
+}
+
+/// API.md promises "Prometheus text format": a scraper that does not ask
+/// for OpenMetrics (curl, older agents) gets the classic format, in which a
+/// counter's TYPE line names its `_total` samples; Prometheus, which asks,
+/// gets OpenMetrics. Both once got OpenMetrics.
+async fn metrics_come_in_the_text_format_the_scraper_asks_for(app: TestApp) {
+    app.post_entries(entry("acme", "api_requests", "1", "a")).await;
+    let scrape = |accept: Option<&'static str>| {
+        let mut request = app.client.get(format!("{}/metrics", app.address));
+        if let Some(accept) = accept {
+            request = request.header("accept", accept);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            let content_type = response.headers()["content-type"].to_str().unwrap().to_owned();
+            (content_type, response.text().await.unwrap())
+        }
+    };
+    let (content_type, classic) = scrape(None).await;
+    assert_eq!(content_type, "text/plain; version=0.0.4; charset=utf-8");
+    assert!(
+        classic.contains("# TYPE tally_entries_ingested_total counter\n"),
+        "{classic}"
+    );
+    assert!(classic.contains("# HELP tally_entries_ingested_total "), "{classic}");
+    assert!(classic.contains("# TYPE tally_database_up gauge\n"), "{classic}");
+    assert!(!classic.contains("# EOF"), "{classic}");
+    assert_eq!(metric(&classic, "tally_entries_ingested_total"), Some(1), "{classic}");
+
+    // What Prometheus 2 and 3 send.
+    let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,\
+                      text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+    let (content_type, open) = scrape(Some(prometheus)).await;
+    assert!(
+        content_type.starts_with("application/openmetrics-text"),
+        "{content_type}"
+    );
+    assert!(open.contains("# TYPE tally_entries_ingested counter\n"), "{open}");
+    assert!(open.ends_with("# EOF\n"), "{open}");
+    assert_eq!(metric(&open, "tally_entries_ingested_total"), Some(1), "{open}");
 }
 
 async fn health_reports_rollup_lag_and_metrics_count_what_happened(app: TestApp) {
