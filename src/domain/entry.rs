@@ -256,6 +256,23 @@ fn json_holds_nul(value: &serde_json::Value) -> bool {
     }
 }
 
+/// `value` with every negative zero (`-0`, `-0.0`, which serde_json keeps
+/// as a float) made `0.0`: PostgreSQL's JSON numbers have no negative zero,
+/// so SQLite would otherwise give back `-0.0` where PostgreSQL gives `0.0`.
+fn without_negative_zero(value: serde_json::Value) -> serde_json::Value {
+    match value {
+        serde_json::Value::Number(n) if n.as_f64().is_some_and(|f| f == 0.0 && f.is_sign_negative()) => {
+            serde_json::json!(0.0)
+        }
+        serde_json::Value::Array(items) => items.into_iter().map(without_negative_zero).collect(),
+        serde_json::Value::Object(fields) => fields
+            .into_iter()
+            .map(|(key, value)| (key, without_negative_zero(value)))
+            .collect(),
+        other => other,
+    }
+}
+
 impl EntryInput {
     /// Validates the entry at `index`, collecting every problem.
     pub fn validate(self, index: usize, rules: EntryRules<'_>) -> Result<NewEntry, Vec<FieldError>> {
@@ -379,6 +396,7 @@ impl EntryInput {
         let metadata = match self.metadata {
             None | Some(serde_json::Value::Null) => None,
             Some(value @ serde_json::Value::Object(_)) => {
+                let value = without_negative_zero(value);
                 let text = value.to_string();
                 if json_holds_nul(&value) {
                     fail(

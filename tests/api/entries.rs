@@ -22,6 +22,7 @@ both!(
     reversing_a_missing_entry_is_404,
     listing_pages_through_the_ledger_in_id_order,
     paging_while_batches_are_posted_misses_no_entry,
+    a_negative_zero_in_metadata_comes_back_as_zero_on_both_engines,
     listing_filters_by_resource_and_time,
     a_resource_dropped_from_the_catalog_stays_readable_by_name,
     health_reports_the_database,
@@ -491,6 +492,22 @@ async fn on_postgres_a_listing_waits_for_a_write_in_flight_that_holds_a_lower_id
     let after = app.get("/v1/accounts/acme/entries").await;
     assert_eq!(after.status, 200, "{:?}", after.body);
     assert_eq!(after.body["entries"].as_array().unwrap().len(), 3);
+}
+
+/// PostgreSQL's JSON has no negative zero; SQLite kept serde_json's `-0.0`,
+/// so one engine answered `-0.0` and the other `0.0` (review N).
+async fn a_negative_zero_in_metadata_comes_back_as_zero_on_both_engines(app: TestApp) {
+    let mut body = entry("acme", "api_requests", "1", "zero");
+    body["metadata"] = json!({"z": -0.0, "list": [-0.0, {"deep": -0.0}], "one": 1, "half": -0.5});
+    let posted = app.post_entries(body).await;
+    assert_eq!(posted.status, 200, "{:?}", posted.body);
+    let listed = app.get("/v1/accounts/acme/entries").await;
+    let metadata = &listed.body["entries"][0]["metadata"];
+    // As text: serde_json's Value compares -0.0 and 0.0 as equal.
+    assert_eq!(
+        metadata.to_string(),
+        r#"{"half":-0.5,"list":[0.0,{"deep":0.0}],"one":1,"z":0.0}"#
+    );
 }
 
 async fn listing_filters_by_resource_and_time(app: TestApp) {
