@@ -103,7 +103,7 @@ pub struct PgCluster {
 }
 
 /// A server certificate and its private key, PEM.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Tls {
     cert_pem: String,
     key_pem: String,
@@ -164,6 +164,23 @@ impl PgCluster {
     }
 
     fn start_configured(durability: Durability, tcp: bool, tls: Option<Tls>) -> anyhow::Result<PgCluster> {
+        // A free TCP port is only free when the system hands it out: another
+        // process can take it before PostgreSQL binds it, so a port found
+        // taken is tried again with another.
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(durability, tcp, tls.clone()) {
+                Err(e) if tcp && attempt < 3 && format!("{e:#}").contains("could not bind") => {
+                    tracing::warn!(attempt, "the throwaway cluster's TCP port was taken; trying another");
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// One try of [`PgCluster::start_configured`].
+    fn start_once(durability: Durability, tcp: bool, tls: Option<Tls>) -> anyhow::Result<PgCluster> {
         let bin_dir = find_bin_dir()?;
         let run_as_postgres = current_uid() == Some(0);
         if run_as_postgres {
