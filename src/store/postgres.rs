@@ -79,9 +79,35 @@ pub struct PgStore {
     /// Consumes decided in groups, started on the first consume (on the
     /// runtime that runs it).
     consume_groups: std::sync::OnceLock<ConsumeGroups>,
+    /// The highest id below which every ledger row is committed or rolled
+    /// back, as the entries listing last proved it (see `listing_horizon`).
+    listing_proven: std::sync::atomic::AtomicI64,
 }
 
 impl PgStore {
+    /// One page of the entries listing: `filter`'s rows with an id above
+    /// `after_id` and at most `horizon`, in id order.
+    async fn entries_page(&self, filter: &EntryFilter, after_id: i64, horizon: i64) -> Result<Vec<Entry>, StoreError> {
+        let mut query = QueryBuilder::<Postgres>::new(format!("SELECT {ENTRY_COLUMNS} FROM entries WHERE id > "));
+        query.push_bind(after_id);
+        query.push(" AND id <= ").push_bind(horizon);
+        if let Some(account) = &filter.account {
+            query.push(" AND account = ").push_bind(account.as_str());
+        }
+        if let Some(resource) = &filter.resource {
+            query.push(" AND resource = ").push_bind(resource.as_str());
+        }
+        if let Some(from) = filter.from {
+            query.push(" AND occurred_at >= ").push_bind(from);
+        }
+        if let Some(to) = filter.to {
+            query.push(" AND occurred_at < ").push_bind(to);
+        }
+        query.push(" ORDER BY id LIMIT ").push_bind(i64::from(filter.limit));
+        let rows: Vec<EntryRow> = query.build_query_as().fetch_all(&self.pool).await?;
+        Ok(rows.into_iter().map(|r| self.entry_from_row(r)).collect())
+    }
+
     /// The highest id a listing may show so that a client paging with
     /// `after_id` never steps over a row that commits later.
     ///
@@ -89,52 +115,56 @@ impl PgStore {
     /// batch still in flight can hold ids below rows already visible; a page
     /// ending past them would move the client's `after_id` beyond rows it has
     /// not seen, for good. So the listing reads the highest visible id, then
-    /// waits for the transactions running at that moment (each holds its
-    /// virtual transaction id's lock from its start, before it can take an
-    /// id) to end. Every id at or below the horizon is then committed or
-    /// rolled back. Not waited for: the rollup (it writes totals, never
-    /// ledger rows), and, after [`LISTING_READER_GRACE`], transactions with
-    /// no transaction id: readers such as a long export (a writer gets one
-    /// with its first row, a few microseconds after taking that row's id).
-    /// A writer still running after [`LISTING_WAIT`] makes the listing a 503.
-    async fn listing_horizon(&self) -> Result<i64, StoreError> {
-        let mut conn = self.pool.acquire().await?;
+    /// waits for the transactions that had written and not ended at that
+    /// moment (found by their transaction ids: a statement inserting ledger
+    /// rows takes its transaction id before any row's id, migration 0014).
+    /// Every id at or below that one is then committed or rolled back, for
+    /// good, so the highest one proven is remembered: a full page below it
+    /// waits for nothing. Readers are never waited for; nor is the rollup.
+    /// The wait holds no pooled connection between its looks.
+    ///
+    /// `Ok(Err(..))`: a writer stayed open past [`LISTING_WAIT`]; it names
+    /// the writer.
+    async fn listing_horizon(&self) -> Result<Result<i64, StoreError>, StoreError> {
         let horizon: i64 = sqlx::query_scalar("SELECT COALESCE(max(id), 0) FROM entries")
-            .fetch_one(&mut *conn)
+            .fetch_one(&self.pool)
             .await?;
         // After the horizon was read, in its own statement: a transaction
-        // that took an id at or below it had begun by then.
-        let mut running: Vec<(String, i32, Option<String>)> =
-            sqlx::query_as(include_str!("sql/postgres/listing_running.sql"))
-                .bind(ROLLUP_LOCK_KEY)
-                .bind(None::<Vec<String>>)
-                .fetch_all(&mut *conn)
-                .await?;
+        // that took an id at or below it had its transaction id by then.
+        let mut writers: Vec<(String, Option<i32>)> = sqlx::query_as(include_str!("sql/postgres/listing_writers.sql"))
+            .bind(ROLLUP_LOCK_KEY)
+            .fetch_all(&self.pool)
+            .await?;
         let started = std::time::Instant::now();
-        loop {
-            if started.elapsed() >= LISTING_READER_GRACE {
-                running.retain(|(_, _, xid)| xid.is_some());
-            }
-            let Some((_, pid, xid)) = running.first() else {
-                return Ok(horizon);
-            };
+        let mut pause = std::time::Duration::from_millis(1);
+        while let Some((xid, pid)) = writers.first() {
             if started.elapsed() >= LISTING_WAIT {
-                return Err(StoreError::Busy(format!(
-                    "the entries listing waits for writes in flight that may hold lower ids, and a writing \
-                     transaction (backend pid {pid}, xid {}) has run for over {} s; retry shortly, or end \
-                     that transaction",
-                    xid.as_deref().unwrap_or("unknown"),
+                let who = match pid {
+                    Some(pid) => format!("a transaction (backend pid {pid}, xid {xid})"),
+                    None => format!("a prepared transaction (xid {xid}; see pg_prepared_xacts)"),
+                };
+                return Ok(Err(StoreError::Busy(format!(
+                    "the entries listing waits for writes in flight that may hold lower ids, and {who} has \
+                     written and stayed open for over {} s; retry shortly, or end that transaction",
                     LISTING_WAIT.as_secs()
-                )));
+                ))));
             }
-            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-            let still: Vec<String> = running.iter().map(|(vxid, _, _)| vxid.clone()).collect();
-            running = sqlx::query_as(include_str!("sql/postgres/listing_running.sql"))
-                .bind(ROLLUP_LOCK_KEY)
-                .bind(&still)
-                .fetch_all(&mut *conn)
-                .await?;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(std::time::Duration::from_millis(20));
+            let xids: Vec<&str> = writers.iter().map(|(xid, _)| xid.as_str()).collect();
+            let still: Vec<String> = sqlx::query_scalar(
+                "SELECT transactionid::text FROM pg_locks
+                  WHERE locktype = 'transactionid' AND mode = 'ExclusiveLock' AND granted
+                    AND transactionid::text = ANY($1)",
+            )
+            .bind(&xids)
+            .fetch_all(&self.pool)
+            .await?;
+            writers.retain(|(xid, _)| still.contains(xid));
         }
+        self.listing_proven
+            .fetch_max(horizon, std::sync::atomic::Ordering::Relaxed);
+        Ok(Ok(horizon))
     }
 
     /// One rollup batch (see [`Store::rollup_batch`]). `walk` finds the
@@ -236,6 +266,7 @@ impl PgStore {
             catalog,
             settled: SettledSums::default(),
             consume_groups: std::sync::OnceLock::new(),
+            listing_proven: std::sync::atomic::AtomicI64::new(0),
         })
     }
 
@@ -678,25 +709,24 @@ impl Store for PgStore {
     }
 
     async fn list_entries(&self, filter: &EntryFilter) -> Result<Vec<Entry>, StoreError> {
-        let horizon = self.listing_horizon().await?;
-        let mut query = QueryBuilder::<Postgres>::new(format!("SELECT {ENTRY_COLUMNS} FROM entries WHERE id > "));
-        query.push_bind(filter.after_id.unwrap_or(0));
-        query.push(" AND id <= ").push_bind(horizon);
-        if let Some(account) = &filter.account {
-            query.push(" AND account = ").push_bind(account.as_str());
+        let after_id = filter.after_id.unwrap_or(0);
+        let proven = self.listing_proven.load(std::sync::atomic::Ordering::Relaxed);
+        // A full page below the horizon already proven needs no wait.
+        if proven > after_id {
+            let page = self.entries_page(filter, after_id, proven).await?;
+            if page.len() == filter.limit as usize {
+                return Ok(page);
+            }
         }
-        if let Some(resource) = &filter.resource {
-            query.push(" AND resource = ").push_bind(resource.as_str());
+        match self.listing_horizon().await? {
+            Ok(horizon) => self.entries_page(filter, after_id, horizon).await,
+            // A writer stayed open: what is proven can still be shown, and
+            // is (a short page; the client comes back for the rest).
+            Err(stuck) => {
+                let page = self.entries_page(filter, after_id, proven).await?;
+                if page.is_empty() { Err(stuck) } else { Ok(page) }
+            }
         }
-        if let Some(from) = filter.from {
-            query.push(" AND occurred_at >= ").push_bind(from);
-        }
-        if let Some(to) = filter.to {
-            query.push(" AND occurred_at < ").push_bind(to);
-        }
-        query.push(" ORDER BY id LIMIT ").push_bind(i64::from(filter.limit));
-        let rows: Vec<EntryRow> = query.build_query_as().fetch_all(&self.pool).await?;
-        Ok(rows.into_iter().map(|r| self.entry_from_row(r)).collect())
     }
 
     async fn create_api_key(&self, new: &NewApiKey) -> Result<ApiKey, StoreError> {
@@ -1352,11 +1382,6 @@ const ROLLUP_LOCK_KEY: i64 = 0x7461_6c6c_7972_6f6c; // "tallyrol"
 /// How long an entries listing waits for writing transactions to end (see
 /// `PgStore::listing_horizon`).
 const LISTING_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
-
-/// How long an entries listing also waits for transactions without a
-/// transaction id: long enough for a writer between taking a row's id and
-/// getting its transaction id (microseconds) to get it.
-const LISTING_READER_GRACE: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Minor units used in `period`, read on `conn` in one statement (one
 /// snapshot), from the settled watermark when one is known; the new watermark

@@ -604,6 +604,16 @@ async fn random_interleavings_of_posting_and_rolling_up_keep_totals_equal_to_the
                 .unwrap()
                 .as_nanos() as u64
         });
+    // Named on any panic too (a failed insert or rollup, not only an assert).
+    struct SeedOnPanic(u64);
+    impl Drop for SeedOnPanic {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                eprintln!("random_interleavings: replay with TALLY_PROPTEST_SEED={}", self.0);
+            }
+        }
+    }
+    let _seed_on_panic = SeedOnPanic(seed);
     let mut seed_bytes = [0u8; 32];
     seed_bytes[..8].copy_from_slice(&seed.to_le_bytes());
     let mut runner = proptest::test_runner::TestRunner::new_with_rng(
