@@ -81,10 +81,64 @@ pub struct PgStore {
     consume_groups: std::sync::OnceLock<ConsumeGroups>,
     /// The highest id below which every ledger row is committed or rolled
     /// back, as the entries listing last proved it (see `listing_horizon`).
-    listing_proven: std::sync::atomic::AtomicI64,
+    listing_proven: std::sync::Mutex<ProvenHorizon>,
+}
+
+/// A listing horizon once proven, and the ledger row at it.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct ProvenHorizon {
+    /// Every ledger row with an id at or below this one was committed or
+    /// rolled back when it was proven.
+    id: i64,
+    /// The row with that id then: its transaction id and `recorded_at`, as
+    /// text. After a restore, or a failover that lost commits, ids are taken
+    /// again below the horizon, and that row is gone or another.
+    row: String,
 }
 
 impl PgStore {
+    /// The highest ledger row's id with that row, read in one statement.
+    async fn highest_row(&self) -> Result<ProvenHorizon, StoreError> {
+        let highest: Option<(i64, String)> =
+            sqlx::query_as("SELECT id, tx_id::text || ' ' || recorded_at::text FROM entries ORDER BY id DESC LIMIT 1")
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(highest.map(|(id, row)| ProvenHorizon { id, row }).unwrap_or_default())
+    }
+
+    /// The proven listing horizon, if it still describes this ledger: its
+    /// row is still there, the same (a restore, or a failover that lost
+    /// commits, takes the ledger back below it, and its ids are taken again).
+    async fn proven_horizon(&self) -> Result<i64, StoreError> {
+        let proven = self
+            .listing_proven
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if proven.id == 0 {
+            return Ok(0);
+        }
+        let row: Option<String> =
+            sqlx::query_scalar("SELECT tx_id::text || ' ' || recorded_at::text FROM entries WHERE id = $1")
+                .bind(proven.id)
+                .fetch_optional(&self.pool)
+                .await?;
+        if row.as_deref() == Some(proven.row.as_str()) {
+            return Ok(proven.id);
+        }
+        tracing::warn!(
+            proven = proven.id,
+            "the ledger no longer holds the row the entries listing proved its horizon {} at (restored, or failed \
+             over?); proving it again",
+            proven.id
+        );
+        *self
+            .listing_proven
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = ProvenHorizon::default();
+        Ok(0)
+    }
+
     /// One page of the entries listing: `filter`'s rows with an id above
     /// `after_id` and at most `horizon`, in id order.
     async fn entries_page(&self, filter: &EntryFilter, after_id: i64, horizon: i64) -> Result<Vec<Entry>, StoreError> {
@@ -126,9 +180,7 @@ impl PgStore {
     /// `Ok(Err(..))`: a writer stayed open past [`LISTING_WAIT`]; it names
     /// the writer.
     async fn listing_horizon(&self) -> Result<Result<i64, StoreError>, StoreError> {
-        let horizon: i64 = sqlx::query_scalar("SELECT COALESCE(max(id), 0) FROM entries")
-            .fetch_one(&self.pool)
-            .await?;
+        let highest = self.highest_row().await?;
         // After the horizon was read, in its own statement: a transaction
         // that took an id at or below it had its transaction id by then.
         let mut writers: Vec<(String, Option<i32>)> = sqlx::query_as(include_str!("sql/postgres/listing_writers.sql"))
@@ -162,8 +214,14 @@ impl PgStore {
             .await?;
             writers.retain(|(xid, _)| still.contains(xid));
         }
-        self.listing_proven
-            .fetch_max(horizon, std::sync::atomic::Ordering::Relaxed);
+        let horizon = highest.id;
+        let mut proven = self
+            .listing_proven
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if horizon > proven.id {
+            *proven = highest;
+        }
         Ok(Ok(horizon))
     }
 
@@ -266,7 +324,7 @@ impl PgStore {
             catalog,
             settled: SettledSums::default(),
             consume_groups: std::sync::OnceLock::new(),
-            listing_proven: std::sync::atomic::AtomicI64::new(0),
+            listing_proven: std::sync::Mutex::new(ProvenHorizon::default()),
         })
     }
 
@@ -587,6 +645,20 @@ impl Store for PgStore {
             .fetch_one(&mut *conn)
             .await?;
         super::run_migrations(&migrator, &mut *conn, table_exists).await?;
+        // The entries listing relies on ids handed out in the order they are
+        // taken, which a sequence caching ids per session breaks.
+        let cached: Option<i64> = sqlx::query_scalar(
+            "SELECT seqcache FROM pg_sequence WHERE seqrelid = pg_get_serial_sequence('entries', 'id')::regclass",
+        )
+        .fetch_optional(&mut *conn)
+        .await?;
+        if let Some(cached) = cached.filter(|&c| c > 1) {
+            tracing::warn!(
+                cached,
+                "the ledger's id sequence caches {cached} ids per session, so the entries listing can skip rows \
+                 for a client paging with after_id; run ALTER TABLE entries ALTER COLUMN id SET CACHE 1"
+            );
+        }
         drop(conn);
         self.refuse_a_cluster_behind_the_ledger().await
     }
@@ -710,7 +782,7 @@ impl Store for PgStore {
 
     async fn list_entries(&self, filter: &EntryFilter) -> Result<Vec<Entry>, StoreError> {
         let after_id = filter.after_id.unwrap_or(0);
-        let proven = self.listing_proven.load(std::sync::atomic::Ordering::Relaxed);
+        let proven = self.proven_horizon().await?;
         // A full page below the horizon already proven needs no wait.
         if proven > after_id {
             let page = self.entries_page(filter, after_id, proven).await?;

@@ -521,6 +521,69 @@ async fn on_postgres_a_listing_waits_for_a_write_in_flight_that_holds_a_lower_id
     assert_eq!(page_ids(&after).len(), 4);
 }
 
+/// A horizon the listing proved no longer holds once the ledger goes back
+/// below it (a restore, a failover that lost commits): it is proved again,
+/// rather than trusted to page past a row still in flight (review Q). And a
+/// sequence that caches ids per session, which would break the listing's
+/// reasoning, is named when the database is opened.
+#[tokio::test]
+async fn on_postgres_a_listing_proves_its_horizon_again_after_the_ledger_went_back() {
+    let Some(app) = TestApp::spawn(Backend::Postgres).await else {
+        return;
+    };
+    let app = Arc::new(app);
+    for key in ["a", "b", "c"] {
+        app.post_entries(entry("acme", "api_requests", "1", key)).await;
+    }
+    let before = page_ids(&app.get("/v1/accounts/acme/entries").await);
+    assert_eq!(before.len(), 3);
+    // What a restore of an older dump leaves: the ledger and its sequence
+    // back at the first entry (the owner may lift the append-only triggers).
+    let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
+    sqlx::raw_sql(&format!(
+        "ALTER TABLE entries DISABLE TRIGGER USER;
+         DELETE FROM entries WHERE id > {first};
+         ALTER TABLE entries ENABLE TRIGGER USER;
+         SELECT setval(pg_get_serial_sequence('entries', 'id'), {first});",
+        first = before[0]
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut open = pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key)
+         VALUES ('acme', 'api_requests', 1, now(), now(), 'in-flight')",
+    )
+    .execute(&mut *open)
+    .await
+    .unwrap();
+    let later = app.post_entries(entry("acme", "api_requests", "1", "later")).await;
+    let later_id = later.body["entries"][0]["id"].as_i64().unwrap();
+    assert!(later_id <= before[2], "ids reissued below the old horizon: {later_id}");
+    let listing = {
+        let app = app.clone();
+        tokio::spawn(async move { app.get("/v1/accounts/acme/entries?limit=2").await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !listing.is_finished(),
+        "the listing trusted a horizon proved on the ledger before it went back"
+    );
+    open.commit().await.unwrap();
+    let page = listing.await.unwrap();
+    assert_eq!(page_ids(&page), [before[0], before[0] + 1]);
+
+    sqlx::query("ALTER TABLE entries ALTER COLUMN id SET CACHE 20")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let migrate = app.cli(&["migrate"]);
+    let stderr = String::from_utf8_lossy(&migrate.stderr);
+    assert!(migrate.status.success(), "{stderr}");
+    assert!(stderr.contains("caches 20 ids per session"), "{stderr}");
+}
+
 /// PostgreSQL's JSON has no negative zero; SQLite kept serde_json's `-0.0`,
 /// so one engine answered `-0.0` and the other `0.0` (review N).
 async fn a_negative_zero_in_metadata_comes_back_as_zero_on_both_engines(app: TestApp) {

@@ -5,7 +5,9 @@
 -- most of other roles' sessions. Prepared transactions hold their locks with
 -- no backend (pid NULL). Left out: the rollup, known by its advisory lock
 -- ($1, a bigint key shown as two 32-bit halves), which writes totals, never
--- ledger rows; and VACUUM and ANALYZE, autovacuum's included.
+-- ledger rows. Not left out: a session running VACUUM or ANALYZE (ANALYZE may
+-- follow an insert in the same transaction; autovacuum holds a transaction
+-- id only for moments).
 SELECT l.transactionid::text AS xid, l.pid
   FROM pg_locks AS l
   JOIN pg_stat_activity AS a ON a.pid = l.pid
@@ -14,7 +16,6 @@ SELECT l.transactionid::text AS xid, l.pid
    AND l.granted
    AND l.pid <> pg_backend_pid()
    AND a.datname = current_database()
-   AND l.pid NOT IN (SELECT pid FROM pg_stat_progress_vacuum UNION ALL SELECT pid FROM pg_stat_progress_analyze)
    AND NOT EXISTS (
          SELECT 1
            FROM pg_locks AS r
