@@ -65,6 +65,14 @@ pub enum ApiError {
     /// 503: the database cannot be reached.
     #[error("the database is unavailable; retry shortly")]
     Unavailable(#[source] StoreError),
+    /// 503: the database is up but cannot answer this yet without risking a
+    /// wrong answer (the entries listing behind a write left open); the
+    /// writer's identity goes to the log only.
+    #[error(
+        "the ledger is being written by a transaction open for more than a few seconds, and this page would \
+         have to wait for it; retry shortly"
+    )]
+    Busy(#[source] StoreError),
     /// 500: a total the answer needs is past 64 bits of minor units (valid
     /// entries can get there); an operator corrects the entries.
     #[error(
@@ -127,7 +135,7 @@ impl ApiError {
             Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::Validation { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, code),
             Self::TooManyRequests { code, .. } => (StatusCode::TOO_MANY_REQUESTS, code),
-            Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"),
+            Self::Unavailable(_) | Self::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"),
             Self::TotalTooLarge(_) => (StatusCode::INTERNAL_SERVER_ERROR, "total_too_large"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -161,7 +169,8 @@ impl From<StoreError> for ApiError {
                 details: json!({ "id": id }),
             },
             StoreError::Invalid(m) => Self::invalid("id", m),
-            StoreError::Unavailable(_) | StoreError::Busy(_) => Self::Unavailable(e),
+            StoreError::Unavailable(_) => Self::Unavailable(e),
+            StoreError::Busy(_) => Self::Busy(e),
             StoreError::Overflow(_) => Self::TotalTooLarge(e.into()),
             StoreError::Internal(_) | StoreError::Unexpected(_) => Self::Internal(e.into()),
         }
@@ -183,7 +192,7 @@ impl IntoResponse for ApiError {
         let body = json!({ "error": { "code": code, "message": self.to_string(), "details": details } });
         let mut response = (status, Json(body)).into_response();
         let retry_after = match &self {
-            Self::Unavailable(_) => Some(1),
+            Self::Unavailable(_) | Self::Busy(_) => Some(1),
             Self::TooManyRequests { retry_after, .. } => *retry_after,
             _ => None,
         };
