@@ -257,12 +257,14 @@ fn json_holds_nul(value: &serde_json::Value) -> bool {
 }
 
 /// `value` with every negative zero (`-0`, `-0.0`, which serde_json keeps
-/// as a float) made `0.0`: PostgreSQL's JSON numbers have no negative zero,
-/// so SQLite would otherwise give back `-0.0` where PostgreSQL gives `0.0`.
+/// and writes as `-0.0`) made `0.0`: PostgreSQL's JSON numbers have no
+/// negative zero, so SQLite would otherwise give back `-0.0` where
+/// PostgreSQL gives `0.0`. Told by its text, with no arithmetic: metadata is
+/// not an amount, but nothing here needs a float either.
 fn without_negative_zero(value: serde_json::Value) -> serde_json::Value {
     match value {
-        serde_json::Value::Number(n) if n.as_f64().is_some_and(|f| f == 0.0 && f.is_sign_negative()) => {
-            serde_json::json!(0.0)
+        serde_json::Value::Number(n) if n.to_string() == "-0.0" => {
+            serde_json::Value::Number("0.0".parse().expect("0.0 is a JSON number"))
         }
         serde_json::Value::Array(items) => items.into_iter().map(without_negative_zero).collect(),
         serde_json::Value::Object(fields) => fields

@@ -85,24 +85,29 @@ pub struct PgStore {
 }
 
 /// A listing horizon once proven, and the ledger row at it.
-#[derive(Debug, Default, Clone, PartialEq)]
+#[derive(Debug, Default, Clone)]
 struct ProvenHorizon {
     /// Every ledger row with an id at or below this one was committed or
     /// rolled back when it was proven.
     id: i64,
     /// The row with that id then: its transaction id and `recorded_at`, as
-    /// text. After a restore, or a failover that lost commits, ids are taken
-    /// again below the horizon, and that row is gone or another.
+    /// text ([`ROW_IDENTITY`]). After a restore, or a failover that lost
+    /// commits, ids are taken again below the horizon, and that row is gone
+    /// or another.
     row: String,
 }
+
+/// What tells a ledger row from another that took its id after a restore.
+const ROW_IDENTITY: &str = "tx_id::text || ' ' || recorded_at::text";
 
 impl PgStore {
     /// The highest ledger row's id with that row, read in one statement.
     async fn highest_row(&self) -> Result<ProvenHorizon, StoreError> {
-        let highest: Option<(i64, String)> =
-            sqlx::query_as("SELECT id, tx_id::text || ' ' || recorded_at::text FROM entries ORDER BY id DESC LIMIT 1")
-                .fetch_optional(&self.pool)
-                .await?;
+        let highest: Option<(i64, String)> = sqlx::query_as(&format!(
+            "SELECT id, {ROW_IDENTITY} FROM entries ORDER BY id DESC LIMIT 1"
+        ))
+        .fetch_optional(&self.pool)
+        .await?;
         Ok(highest.map(|(id, row)| ProvenHorizon { id, row }).unwrap_or_default())
     }
 
@@ -118,11 +123,10 @@ impl PgStore {
         if proven.id == 0 {
             return Ok(0);
         }
-        let row: Option<String> =
-            sqlx::query_scalar("SELECT tx_id::text || ' ' || recorded_at::text FROM entries WHERE id = $1")
-                .bind(proven.id)
-                .fetch_optional(&self.pool)
-                .await?;
+        let row: Option<String> = sqlx::query_scalar(&format!("SELECT {ROW_IDENTITY} FROM entries WHERE id = $1"))
+            .bind(proven.id)
+            .fetch_optional(&self.pool)
+            .await?;
         if row.as_deref() == Some(proven.row.as_str()) {
             return Ok(proven.id);
         }
@@ -783,21 +787,21 @@ impl Store for PgStore {
     async fn list_entries(&self, filter: &EntryFilter) -> Result<Vec<Entry>, StoreError> {
         let after_id = filter.after_id.unwrap_or(0);
         let proven = self.proven_horizon().await?;
-        // A full page below the horizon already proven needs no wait.
-        if proven > after_id {
-            let page = self.entries_page(filter, after_id, proven).await?;
-            if page.len() == filter.limit as usize {
-                return Ok(page);
-            }
+        // The page below the horizon already proven: when full, it needs no
+        // wait; when a writer holds the rest back, it is what can be shown.
+        let settled = if proven > after_id {
+            self.entries_page(filter, after_id, proven).await?
+        } else {
+            Vec::new()
+        };
+        if settled.len() == filter.limit as usize {
+            return Ok(settled);
         }
         match self.listing_horizon().await? {
             Ok(horizon) => self.entries_page(filter, after_id, horizon).await,
-            // A writer stayed open: what is proven can still be shown, and
-            // is (a short page; the client comes back for the rest).
-            Err(stuck) => {
-                let page = self.entries_page(filter, after_id, proven).await?;
-                if page.is_empty() { Err(stuck) } else { Ok(page) }
-            }
+            // A short page; the client comes back for the rest.
+            Err(stuck) if settled.is_empty() => Err(stuck),
+            Err(_) => Ok(settled),
         }
     }
 

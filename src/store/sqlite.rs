@@ -1479,6 +1479,20 @@ async fn used_on(
     resource: &ResourceName,
     period: &Period,
 ) -> Result<i64, StoreError> {
+    // SQLite's "integer overflow" names no account: name it once, here.
+    read_used(conn, settled, account, resource, period)
+        .await
+        .map_err(|e| e.naming_used(account, resource))
+}
+
+/// [`used_on`], with SQLite's own words for an overflow.
+async fn read_used(
+    conn: &mut sqlx::SqliteConnection,
+    settled: &SettledSums,
+    account: &AccountId,
+    resource: &ResourceName,
+    period: &Period,
+) -> Result<i64, StoreError> {
     let (from, to) = match (period.starts_at(), period.ends_at()) {
         (Some(from), Some(to)) => (to_micros(from), to_micros(to)),
         _ => (i64::MIN, i64::MAX),
@@ -1496,8 +1510,7 @@ async fn used_on(
         .bind(from)
         .bind(to)
         .fetch_one(&mut *conn)
-        .await
-        .map_err(|e| StoreError::from(e).naming_used(account, resource))?;
+        .await?;
         // A read older than the watermark cannot happen (the watermark was
         // read before this statement began), but if it did, go cold.
         if mark >= known.mark {
@@ -1525,15 +1538,15 @@ async fn used_on(
                 .bind(to)
                 .bind(table)
                 .fetch_one(&mut *conn)
-                .await
-                .map_err(|e| StoreError::from(e).naming_used(account, resource))?
+                .await?
         }
-        _ => sqlx::query_as(include_str!("sql/sqlite/used_total.sql"))
-            .bind(account.as_str())
-            .bind(resource.as_str())
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(|e| StoreError::from(e).naming_used(account, resource))?,
+        _ => {
+            sqlx::query_as(include_str!("sql/sqlite/used_total.sql"))
+                .bind(account.as_str())
+                .bind(resource.as_str())
+                .fetch_one(&mut *conn)
+                .await?
+        }
     };
     let used = folded
         .checked_add(tail)

@@ -412,6 +412,33 @@ async fn paging_while_batches_are_posted_misses_no_entry(app: TestApp) {
     assert_eq!(seen, all, "every entry once, in ascending id order");
 }
 
+/// Inserts an entry of `acme` with idempotency key `key` in a transaction
+/// left open, as a slow writer does; commit or roll back the handle.
+async fn insert_left_open(pool: &sqlx::PgPool, key: &str) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut open = pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key)
+         VALUES ('acme', 'api_requests', 1, now(), now(), $1)",
+    )
+    .bind(key)
+    .execute(&mut *open)
+    .await
+    .unwrap();
+    open
+}
+
+/// Starts a listing of `path` and checks that it still waits 500 ms later,
+/// rather than answer past `what`; await the handle for its answer.
+async fn listing_that_waits(app: &Arc<TestApp>, path: &str, what: &str) -> tokio::task::JoinHandle<Reply> {
+    let listing = {
+        let (app, path) = (app.clone(), path.to_owned());
+        tokio::spawn(async move { app.get(&path).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!listing.is_finished(), "the listing answered past {what}");
+    listing
+}
+
 /// On PostgreSQL a listing waits for a transaction that may hold ids below
 /// what it would show (here an open one that inserted a row before a later
 /// post committed), rather than page past its row, though the writer is
@@ -441,36 +468,11 @@ async fn on_postgres_a_listing_waits_for_a_write_in_flight_that_holds_a_lower_id
     assert_ne!(as_app, owner.database_url);
     let app = Arc::new(TestApp::spawn_on(Backend::Postgres, as_app, None, None).await);
 
-    let at = format!("{}T12:00:00Z", days_ago(1));
-    let open_insert = |key: &'static str| {
-        let (pool, at) = (pool.clone(), at.clone());
-        async move {
-            let mut open = pool.begin().await.unwrap();
-            sqlx::query(
-                "INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key)
-                 VALUES ('acme', 'api_requests', 1000, $1::timestamptz, now(), $2)",
-            )
-            .bind(&at)
-            .bind(key)
-            .execute(&mut *open)
-            .await
-            .unwrap();
-            open
-        }
-    };
-    let slow = open_insert("slow").await;
+    let slow = insert_left_open(&pool, "slow").await;
     let later = app.post_entries(entry("acme", "api_requests", "1", "later")).await;
     assert_eq!(later.status, 200, "{:?}", later.body);
     let later_id = later.body["entries"][0]["id"].as_i64().unwrap();
-    let listing = {
-        let app = app.clone();
-        tokio::spawn(async move { app.get("/v1/accounts/acme/entries").await })
-    };
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        !listing.is_finished(),
-        "the listing answered with a row in flight below it"
-    );
+    let listing = listing_that_waits(&app, "/v1/accounts/acme/entries", "a row in flight below it").await;
     slow.commit().await.unwrap();
     let page = listing.await.unwrap();
     assert_eq!(page.status, 200, "{:?}", page.body);
@@ -495,7 +497,7 @@ async fn on_postgres_a_listing_waits_for_a_write_in_flight_that_holds_a_lower_id
 
     // A writer left open past the wait: a client that has seen everything
     // proven gets a 503 that says to retry; one behind gets what is proven.
-    let stuck = open_insert("stuck").await;
+    let stuck = insert_left_open(&pool, "stuck").await;
     app.post_entries(entry("acme", "api_requests", "1", "after-stuck"))
         .await;
     let seen = page_ids(&page);
@@ -552,26 +554,16 @@ async fn on_postgres_a_listing_proves_its_horizon_again_after_the_ledger_went_ba
     .execute(&pool)
     .await
     .unwrap();
-    let mut open = pool.begin().await.unwrap();
-    sqlx::query(
-        "INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key)
-         VALUES ('acme', 'api_requests', 1, now(), now(), 'in-flight')",
-    )
-    .execute(&mut *open)
-    .await
-    .unwrap();
+    let open = insert_left_open(&pool, "in-flight").await;
     let later = app.post_entries(entry("acme", "api_requests", "1", "later")).await;
     let later_id = later.body["entries"][0]["id"].as_i64().unwrap();
     assert!(later_id <= before[2], "ids reissued below the old horizon: {later_id}");
-    let listing = {
-        let app = app.clone();
-        tokio::spawn(async move { app.get("/v1/accounts/acme/entries?limit=2").await })
-    };
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        !listing.is_finished(),
-        "the listing trusted a horizon proved on the ledger before it went back"
-    );
+    let listing = listing_that_waits(
+        &app,
+        "/v1/accounts/acme/entries?limit=2",
+        "a horizon proved on the ledger before it went back",
+    )
+    .await;
     open.commit().await.unwrap();
     let page = listing.await.unwrap();
     assert_eq!(page_ids(&page), [before[0], before[0] + 1]);
