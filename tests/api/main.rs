@@ -17,6 +17,7 @@ mod quota;
 mod restore;
 mod rollup;
 mod serve;
+mod shapes;
 mod timeseries;
 mod tls;
 mod validation;
