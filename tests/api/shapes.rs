@@ -84,14 +84,14 @@ fn assert_answer(name: &str, reply: &Reply) {
     settings.bind(|| insta::assert_json_snapshot!(name, answer(reply)));
 }
 
-fn frozen(app: &TestApp, at: &str) -> DateTime<Utc> {
+/// Makes `at` (RFC 3339) the app's "now" until the test ends.
+fn freeze(app: &TestApp, at: &str) {
     let instant: DateTime<Utc> = at.parse().unwrap();
     app.clock.freeze_at(instant);
-    instant
 }
 
 async fn ledger_answers_keep_the_contracts_shape(app: TestApp) {
-    frozen(&app, "2026-11-20T12:00:00Z");
+    freeze(&app, "2026-11-20T12:00:00Z");
     let first = json!({"account": "acme", "resource": "api_requests", "amount": 5, "idempotency_key": "k1",
                        "occurred_at": "2026-11-20T11:00:00Z", "source": "billing-api",
                        "metadata": {"region": "eu"}});
@@ -160,7 +160,7 @@ async fn ledger_answers_keep_the_contracts_shape(app: TestApp) {
 
 async fn quota_answers_keep_the_contracts_shape(app: TestApp) {
     // The last 30 s of a month: a day and a month window both end in 30 s.
-    frozen(&app, "2026-11-30T23:59:30Z");
+    freeze(&app, "2026-11-30T23:59:30Z");
     let consume = |account: &str, resource: &str, amount: &str, key: &str| {
         let body = json!({"account": account, "resource": resource, "amount": amount, "idempotency_key": key});
         let app = &app;
@@ -276,7 +276,7 @@ async fn seed_october(app: &TestApp) {
 }
 
 async fn report_answers_keep_the_contracts_shape(app: TestApp) {
-    frozen(&app, "2026-11-20T12:00:00Z");
+    freeze(&app, "2026-11-20T12:00:00Z");
     seed_october(&app).await;
     assert_answer(
         "timeseries_by_day",
@@ -349,7 +349,7 @@ fn is_instant(value: &str) -> bool {
 async fn csv_exports_keep_the_contracts_shape(app: TestApp) {
     // The reversal below keeps its entry's occurred_at (20 October), which the
     // app takes only within its late-arrival horizon: a clock in late October.
-    frozen(&app, "2026-10-25T12:00:00Z");
+    freeze(&app, "2026-10-25T12:00:00Z");
     seed_october(&app).await;
     let reversed = app
         .insert(&[("acme", "llm_tokens", "900", "a5", "2026-10-20T08:00:00Z")])
