@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -74,6 +75,65 @@ fn check_header(file: &std::path::Path, headers: &csv::StringRecord) -> anyhow::
     Ok(())
 }
 
+/// The file's own line numbers for the records the csv reader returns. The
+/// csv crate counts lines itself, but its count falls behind after CRLF
+/// endings and blank lines (BurntSushi/rust-csv#395, #208), which is what
+/// Excel and people write; and a record's byte offset can point at the end
+/// of the line before it. So a second sequential pass over the file counts the
+/// line feeds before each record's first byte.
+struct FileLines {
+    reader: BufReader<File>,
+    /// Bytes of the file counted so far.
+    offset: u64,
+    /// The line `offset` is on (1-based).
+    line: u64,
+}
+
+impl FileLines {
+    fn open(path: &std::path::Path) -> std::io::Result<Self> {
+        Ok(Self {
+            reader: BufReader::new(File::open(path)?),
+            offset: 0,
+            line: 1,
+        })
+    }
+
+    /// The line on which the record the csv reader placed at byte `start`
+    /// begins: past the line ends and blank lines from `start` on. Records
+    /// come in file order, so the pass only moves forward.
+    fn line_of(&mut self, start: u64) -> std::io::Result<u64> {
+        loop {
+            let buffer = self.reader.fill_buf()?;
+            if buffer.is_empty() {
+                return Ok(self.line);
+            }
+            let before_start = usize::try_from(start.saturating_sub(self.offset)).unwrap_or(usize::MAX);
+            let counted = before_start.min(buffer.len());
+            let mut line_feeds = buffer[..counted].iter().filter(|&&b| b == b'\n').count();
+            // From `start` on, only line ends remain before the record's first byte.
+            let line_ends = buffer[counted..]
+                .iter()
+                .take_while(|&&b| b == b'\r' || b == b'\n')
+                .inspect(|&&b| line_feeds += usize::from(b == b'\n'))
+                .count();
+            let used = counted + line_ends;
+            let found = used < buffer.len();
+            self.reader.consume(used);
+            self.offset += used as u64;
+            self.line += line_feeds as u64;
+            if found {
+                return Ok(self.line);
+            }
+        }
+    }
+
+    /// [`FileLines::line_of`] the csv reader's `position`, or the reader's own
+    /// count should the second pass fail.
+    fn line_at(&mut self, position: Option<&csv::Position>) -> u64 {
+        position.map_or(0, |p| self.line_of(p.byte()).unwrap_or(p.line()))
+    }
+}
+
 struct PendingRow {
     line: u64,
     source_id: Option<i64>,
@@ -88,6 +148,7 @@ pub async fn run(settings: &Settings, args: ImportArgs) -> anyhow::Result<ExitCo
     let progress = ProgressBar::new(size)
         .with_style(ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {msg}").expect("valid template"));
     let mut reader = csv::Reader::from_reader(progress.wrap_read(file));
+    let mut lines = FileLines::open(&args.file).with_context(|| format!("cannot open {}", args.file.display()))?;
     let headers = reader.headers().context("cannot read the CSV header row")?.clone();
     let column = |name: &str| headers.iter().position(|h| h == name);
     check_header(&args.file, &headers)?;
@@ -106,12 +167,12 @@ pub async fn run(settings: &Settings, args: ImportArgs) -> anyhow::Result<ExitCo
         let record = match record {
             Ok(r) => r,
             Err(e) => {
-                let line = e.position().map_or(0, |p| p.line());
+                let line = lines.line_at(e.position());
                 summary.rejected.push((line, format!("unreadable CSV row: {e}")));
                 continue;
             }
         };
-        let line = record.position().map_or(0, |p| p.line());
+        let line = lines.line_at(record.position());
         let field = |name: &str| column(name).and_then(|i| record.get(i)).filter(|v| !v.is_empty());
         let metadata = match field("metadata")
             .map(serde_json::from_str::<serde_json::Value>)

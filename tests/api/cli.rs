@@ -14,6 +14,7 @@ both!(
     import_follows_reversals_to_their_new_ids,
     import_refuses_a_header_with_an_unknown_or_repeated_column_and_writes_nothing,
     import_reports_rejected_lines_in_file_order_by_line_not_batch_position,
+    import_names_the_files_own_lines_with_crlf_endings_blank_lines_and_quoted_newlines,
     keys_revoke_makes_the_key_401_from_then_on,
     keys_are_stored_hashed_and_the_plaintext_is_nowhere_in_the_keys_table,
     migrate_creates_the_schema_on_a_fresh_database_and_a_second_run_changes_nothing,
@@ -181,6 +182,39 @@ async fn import_reports_rejected_lines_in_file_order_by_line_not_batch_position(
         "{stderr}"
     );
     assert_eq!(app.count_entries().await, 1);
+}
+
+/// Excel and Windows tools write CRLF; people leave blank lines; metadata
+/// holds newlines in quotes. A rejected row is named by the line an editor
+/// shows it on (the csv crate's own count is off after CRLF and blank lines).
+async fn import_names_the_files_own_lines_with_crlf_endings_blank_lines_and_quoted_newlines(app: TestApp) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("corrections.csv");
+    let rows = [
+        "account,resource,amount,idempotency_key,metadata",
+        "acme,api_requests,5,ok-1,",
+        "acme,api_requests,x,bad-3,",
+        "",
+        "acme,api_requests,6,ok-5,\"{\"\"note\"\":\r\n\"\"over two lines\"\"}\"",
+        "",
+        "",
+        "acme,api_requests,y,bad-9,",
+        "acme,tokens,1,bad-10,",
+    ];
+    std::fs::write(&file, rows.join("\r\n") + "\r\n").unwrap();
+    let output = app.cli(&["import", file.to_str().unwrap()]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let rejected: Vec<&str> = stderr
+        .lines()
+        .map(str::trim_start)
+        .filter(|l| l.starts_with("line "))
+        .collect();
+    assert_eq!(rejected.len(), 3, "{stderr}");
+    assert!(rejected[0].starts_with("line 3: amount"), "{stderr}");
+    assert!(rejected[1].starts_with("line 9: amount"), "{stderr}");
+    assert!(rejected[2].starts_with("line 10: resource"), "{stderr}");
+    assert_eq!(app.count_entries().await, 2);
 }
 
 /// A misspelt `occurred_at` must not date every row at import time.
