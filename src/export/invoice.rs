@@ -28,7 +28,7 @@ use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use futures_util::TryStreamExt;
 use rust_decimal::{Decimal, RoundingStrategy};
 
-use super::CsvOutput;
+use super::{CsvOutput, ExportError};
 use crate::domain::catalog::{Enforcement, PLAN_LINE_RESOURCE, Window};
 use crate::domain::period::{Granularity, start_of};
 use crate::domain::plan::{Override, OverrideChange, PlanAssignment, overrides_as_of};
@@ -118,7 +118,7 @@ impl<'a> InvoiceContext<'a> {
         catalog: &'a Catalog,
         month: NaiveDate,
         as_of: Option<chrono::DateTime<chrono::Utc>>,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, StoreError> {
         let mut assignments: HashMap<String, Vec<PlanAssignment>> = HashMap::new();
         for (account, assignment) in store.all_plan_assignments().await? {
             if as_of.is_none_or(|t| assignment.created_at <= t) {
@@ -152,7 +152,7 @@ impl<'a> InvoiceContext<'a> {
     }
 
     /// The invoice of one account from its daily totals in the month.
-    pub fn invoice(&self, account: &str, daily: &[TotalRow]) -> anyhow::Result<Invoice> {
+    pub fn invoice(&self, account: &str, daily: &[TotalRow]) -> Result<Invoice, StoreError> {
         let overflow = || StoreError::overflow(&format!("the usage of account '{account}'"));
         let history = self.assignments.get(account).map(Vec::as_slice).unwrap_or_default();
         let override_history = self.overrides.get(account).map(Vec::as_slice).unwrap_or_default();
@@ -311,16 +311,22 @@ impl<'a> InvoiceContext<'a> {
 /// Computes every account's invoice for `month` (first day), in account order,
 /// streaming usage account by account: every account with usage in the
 /// month or a plan assigned before its end. `account` narrows to one.
-pub async fn for_each_invoice(
+/// `each` fails with an error of its own, into which this function's
+/// [`ExportError`]s convert.
+pub async fn for_each_invoice<E: From<ExportError>>(
     store: &dyn Store,
     catalog: &Catalog,
     month: NaiveDate,
     account: Option<&AccountId>,
     as_of: Option<chrono::DateTime<chrono::Utc>>,
-    mut each: impl FnMut(Invoice) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
-    anyhow::ensure!(month.day() == 1, "an invoice period is a month; got {month}");
-    let context = InvoiceContext::load(store, catalog, month, as_of).await?;
+    mut each: impl FnMut(Invoice) -> Result<(), E>,
+) -> Result<(), E> {
+    if month.day() != 1 {
+        return Err(ExportError::NotAMonth(month).into());
+    }
+    let context = InvoiceContext::load(store, catalog, month, as_of)
+        .await
+        .map_err(ExportError::from)?;
     let filter = ExportFilter {
         from: month,
         to: Granularity::Month.next(month),
@@ -338,8 +344,8 @@ pub async fn for_each_invoice(
     // Accounts per plan the catalog lacks, said once at the end: finance
     // would otherwise get a file billing them 0 without a word.
     let mut unknown: BTreeMap<String, usize> = BTreeMap::new();
-    let mut emit = |name: &str, rows: &[TotalRow]| -> anyhow::Result<()> {
-        let invoice = context.invoice(name, rows)?;
+    let mut emit = |name: &str, rows: &[TotalRow]| -> Result<(), E> {
+        let invoice = context.invoice(name, rows).map_err(ExportError::from)?;
         for plan in &invoice.unknown_plans {
             *unknown.entry(plan.clone()).or_default() += 1;
         }
@@ -348,7 +354,7 @@ pub async fn for_each_invoice(
     let mut rows = store.stream_totals(Granularity::Day, &filter);
     let mut current: Option<String> = None;
     let mut pending: Vec<TotalRow> = Vec::new();
-    while let Some(row) = rows.try_next().await? {
+    while let Some(row) = rows.try_next().await.map_err(ExportError::from)? {
         if current.as_deref() != Some(row.account.as_str()) {
             if let Some(name) = current.take() {
                 emit(&name, &pending)?;
@@ -391,9 +397,9 @@ pub async fn export_invoices(
     account: Option<&AccountId>,
     as_of: Option<chrono::DateTime<chrono::Utc>>,
     out: &mut CsvOutput,
-) -> anyhow::Result<u64> {
+) -> Result<u64, ExportError> {
     out.header(&INVOICE_HEADER)?;
-    for_each_invoice(store, catalog, month, account, as_of, |invoice| {
+    for_each_invoice::<ExportError>(store, catalog, month, account, as_of, |invoice| {
         for line in &invoice.lines {
             out.row(line.record())?;
         }

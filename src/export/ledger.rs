@@ -1,6 +1,6 @@
 //! Exports of the ledger and its totals.
 
-use super::CsvOutput;
+use super::{CsvOutput, ExportError};
 use crate::domain::period::Granularity;
 use crate::store::{ExportFilter, Store};
 
@@ -23,7 +23,7 @@ pub const DAILY_HEADER: [&str; 5] = ["account", "resource", "day", "amount", "en
 pub const MONTHLY_HEADER: [&str; 5] = ["account", "resource", "month", "amount", "entries"];
 
 /// Writes every entry the filter selects, ascending id. Returns the row count.
-pub async fn export_entries(store: &dyn Store, filter: &ExportFilter, out: &mut CsvOutput) -> anyhow::Result<u64> {
+pub async fn export_entries(store: &dyn Store, filter: &ExportFilter, out: &mut CsvOutput) -> Result<u64, ExportError> {
     out.header(&ENTRIES_HEADER)?;
     store.export_entries(filter, out).await?;
     Ok(out.rows())
@@ -36,7 +36,7 @@ pub async fn export_totals(
     granularity: Granularity,
     filter: &ExportFilter,
     out: &mut CsvOutput,
-) -> anyhow::Result<u64> {
+) -> Result<u64, ExportError> {
     out.header(match granularity {
         Granularity::Day => &DAILY_HEADER,
         Granularity::Month => &MONTHLY_HEADER,

@@ -11,8 +11,113 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use chrono::NaiveDate;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::store::StoreError;
+
+/// What can go wrong writing an export: its destination, the database
+/// behind it, or the writing itself.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// Reading the database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The store's part of an export (its CSV lines) failed.
+    #[error(transparent)]
+    Lines(#[from] crate::store::ExportError),
+    /// An invoice period that is not a month (its first day).
+    #[error("an invoice period is a month; got {0}")]
+    NotAMonth(NaiveDate),
+    /// A symbolic link on the way to the destination cannot be read.
+    #[error("cannot read the link {}", .link.display())]
+    Link {
+        /// The link.
+        link: PathBuf,
+        /// Why it cannot be read.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The destination's symbolic links go round in a loop.
+    #[error("{} is a loop of symbolic links; give -o a file path", .0.display())]
+    LinkLoop(PathBuf),
+    /// The destination is a folder.
+    #[error("{} is a folder; give -o a file path in it", .0.display())]
+    Folder(PathBuf),
+    /// The destination is a device, pipe or socket.
+    #[error(
+        "{} is not a regular file (a device, pipe or socket); leave -o out (or give -o -) to write to standard output",
+        .0.display()
+    )]
+    NotAFile(PathBuf),
+    /// The destination exists and may not be replaced.
+    #[error("{} exists; pass --overwrite to replace it", .0.display())]
+    Exists(PathBuf),
+    /// The destination's folder does not exist.
+    #[error("the folder {} does not exist (for {}); create it first", .dir.display(), .path.display())]
+    NoFolder {
+        /// The folder.
+        dir: PathBuf,
+        /// The destination.
+        path: PathBuf,
+    },
+    /// The temp file beside the destination cannot be created.
+    #[error("cannot write in {} (for {})", .dir.display(), .path.display())]
+    TempFile {
+        /// The destination's folder.
+        dir: PathBuf,
+        /// The destination.
+        path: PathBuf,
+        /// Why not.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The header row cannot be written.
+    #[error("cannot write the CSV header")]
+    Header(#[source] std::io::Error),
+    /// A row cannot be written.
+    #[error("cannot write a CSV row")]
+    Row(#[source] std::io::Error),
+    /// The rows written cannot be flushed.
+    #[error("cannot flush the CSV")]
+    Flush(#[source] std::io::Error),
+    /// The temp file cannot be written to disk.
+    #[error("cannot write the export to disk ({})", .path.display())]
+    Sync {
+        /// The destination.
+        path: PathBuf,
+        /// Why not.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The temp file cannot replace the destination (`--overwrite`).
+    #[error("cannot move the export into {}", .path.display())]
+    Replace {
+        /// The destination.
+        path: PathBuf,
+        /// Why not.
+        #[source]
+        source: tempfile::PathPersistError,
+    },
+    /// The temp file cannot become the destination, which must not exist.
+    #[error("cannot create {} (it may exist; pass --overwrite)", .path.display())]
+    Create {
+        /// The destination.
+        path: PathBuf,
+        /// Why not.
+        #[source]
+        source: tempfile::PathPersistError,
+    },
+    /// The destination's folder cannot be written to disk after the rename.
+    #[error("cannot write the folder {} to disk", .dir.display())]
+    SyncFolder {
+        /// The folder.
+        dir: PathBuf,
+        /// Why not.
+        #[source]
+        source: std::io::Error,
+    },
+}
 
 /// A file export's temp file and where it goes when complete.
 struct Destination {
@@ -51,20 +156,23 @@ pub const TEMP_PREFIX: &str = ".tally-export-";
 /// The file `path` names once its symlinks are followed (the link's target,
 /// even one not created yet), so that the rename into place replaces the
 /// target rather than the link.
-fn through_symlinks(path: &Path) -> anyhow::Result<PathBuf> {
+fn through_symlinks(path: &Path) -> Result<PathBuf, ExportError> {
     let mut path = path.to_owned();
     // As many links as Linux follows (ELOOP past 40).
     for _ in 0..40 {
         if !std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
             return Ok(path);
         }
-        let target = std::fs::read_link(&path).with_context(|| format!("cannot read the link {}", path.display()))?;
+        let target = std::fs::read_link(&path).map_err(|source| ExportError::Link {
+            link: path.clone(),
+            source,
+        })?;
         path = match path.parent() {
             Some(dir) if target.is_relative() => dir.join(target),
             _ => target,
         };
     }
-    anyhow::bail!("{} is a loop of symbolic links; give -o a file path", path.display())
+    Err(ExportError::LinkLoop(path))
 }
 
 fn progress_line(rows: u64, elapsed: Duration) -> String {
@@ -93,34 +201,30 @@ impl CsvOutput {
 
     /// A file, written to a temp file beside it and renamed into place by
     /// [`CsvOutput::finish`]. With `overwrite` false an existing file is an error.
-    pub fn file(path: &Path, overwrite: bool) -> anyhow::Result<Self> {
+    pub fn file(path: &Path, overwrite: bool) -> Result<Self, ExportError> {
         // Said before anything is read: a folder cannot be replaced by a file.
         if path.is_dir() {
-            anyhow::bail!("{} is a folder; give -o a file path in it", path.display());
+            return Err(ExportError::Folder(path.to_owned()));
         }
         // Renaming a temp file over a device or a pipe (/dev/stdout) would
         // replace the device node itself.
         if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
-            anyhow::bail!(
-                "{} is not a regular file (a device, pipe or socket); leave -o out (or give -o -) to write to standard output",
-                path.display()
-            );
+            return Err(ExportError::NotAFile(path.to_owned()));
         }
         // A symlink stays a symlink: the export replaces the file it points to.
         let path = &through_symlinks(path)?;
         if !overwrite && path.exists() {
-            anyhow::bail!("{} exists; pass --overwrite to replace it", path.display());
+            return Err(ExportError::Exists(path.to_owned()));
         }
         let dir = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
             _ => PathBuf::from("."),
         };
         if !dir.is_dir() {
-            anyhow::bail!(
-                "the folder {} does not exist (for {}); create it first",
-                dir.display(),
-                path.display()
-            );
+            return Err(ExportError::NoFolder {
+                dir,
+                path: path.to_owned(),
+            });
         }
         let mut builder = tempfile::Builder::new();
         builder.prefix(TEMP_PREFIX);
@@ -128,19 +232,19 @@ impl CsvOutput {
         // ask for 0666 and let the umask decide, as for any new file.
         #[cfg(unix)]
         builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
-        // The temp file's own name would only puzzle the reader: say the folder.
-        let temp = builder.tempfile_in(&dir).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot write in {} (for {}): {}",
-                dir.display(),
-                path.display(),
-                std::io::Error::from(e.kind())
-            )
+        // The temp file's own name would only puzzle the reader: say the
+        // folder, and of the error only its kind.
+        let temp = builder.tempfile_in(&dir).map_err(|e| ExportError::TempFile {
+            dir: dir.clone(),
+            path: path.to_owned(),
+            source: std::io::Error::from(e.kind()),
         })?;
         let (file, temp) = temp.into_parts();
-        let handle = file
-            .try_clone()
-            .with_context(|| format!("cannot write in {} (for {})", dir.display(), path.display()))?;
+        let handle = file.try_clone().map_err(|source| ExportError::TempFile {
+            dir: dir.clone(),
+            path: path.to_owned(),
+            source,
+        })?;
         let writer = Box::new(std::io::BufWriter::with_capacity(1 << 16, file));
         Ok(Self::new(
             writer,
@@ -156,7 +260,7 @@ impl CsvOutput {
 
     /// Standard output, or `path` when given (`-` meaning standard output,
     /// as for most command-line tools).
-    pub fn to(path: Option<&Path>, overwrite: bool) -> anyhow::Result<Self> {
+    pub fn to(path: Option<&Path>, overwrite: bool) -> Result<Self, ExportError> {
         match path {
             Some(path) if path != Path::new("-") => Self::file(path, overwrite),
             _ => Ok(Self::stdout()),
@@ -193,17 +297,17 @@ impl CsvOutput {
     }
 
     /// Writes the header row.
-    pub fn header(&mut self, columns: &[&str]) -> anyhow::Result<()> {
-        self.record(columns).context("cannot write the CSV header")
+    pub fn header(&mut self, columns: &[&str]) -> Result<(), ExportError> {
+        self.record(columns).map_err(ExportError::Header)
     }
 
     /// Writes one row (RFC 4180 quoting: [`format::push_field`]).
-    pub fn row<I, T>(&mut self, fields: I) -> anyhow::Result<()>
+    pub fn row<I, T>(&mut self, fields: I) -> Result<(), ExportError>
     where
         I: IntoIterator<Item = T>,
         T: AsRef<[u8]>,
     {
-        self.record(fields).context("cannot write a CSV row")?;
+        self.record(fields).map_err(ExportError::Row)?;
         self.counted(1);
         Ok(())
     }
@@ -246,7 +350,7 @@ impl CsvOutput {
 
     /// Flushes and, for a file, moves it into place. Until this returns Ok no
     /// file appears at the destination.
-    pub fn finish(self) -> anyhow::Result<u64> {
+    pub fn finish(self) -> Result<u64, ExportError> {
         let rows = self.rows;
         match &self.progress {
             Some(Progress::Bar(bar)) => bar.finish_and_clear(),
@@ -255,29 +359,37 @@ impl CsvOutput {
             None => {}
         }
         let mut writer = self.writer;
-        writer.flush().context("cannot flush the CSV")?;
+        writer.flush().map_err(ExportError::Flush)?;
         drop(writer);
         if let Some(file) = self.file {
             // On the disk before the rename, and the rename on the disk after
             // it: a power cut then leaves the old file or the whole new one,
             // never a renamed empty one (the reports job would take it as
             // written and never write that month again).
-            file.handle
-                .sync_all()
-                .with_context(|| format!("cannot write the export to disk ({})", file.path.display()))?;
+            file.handle.sync_all().map_err(|source| ExportError::Sync {
+                path: file.path.clone(),
+                source,
+            })?;
             let dest = &file.path;
             if file.overwrite {
-                file.temp
-                    .persist(dest)
-                    .with_context(|| format!("cannot move the export into {}", dest.display()))?;
+                file.temp.persist(dest).map_err(|source| ExportError::Replace {
+                    path: dest.clone(),
+                    source,
+                })?;
             } else {
                 file.temp
                     .persist_noclobber(dest)
-                    .with_context(|| format!("cannot create {} (it may exist; pass --overwrite)", dest.display()))?;
+                    .map_err(|source| ExportError::Create {
+                        path: dest.clone(),
+                        source,
+                    })?;
             }
             std::fs::File::open(&file.dir)
                 .and_then(|dir| dir.sync_all())
-                .with_context(|| format!("cannot write the folder {} to disk", file.dir.display()))?;
+                .map_err(|source| ExportError::SyncFolder {
+                    dir: file.dir.clone(),
+                    source,
+                })?;
         }
         Ok(rows)
     }

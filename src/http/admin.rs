@@ -38,11 +38,7 @@ async fn stats(
     params::reject_unknown(&query, &["period"])?;
     let now = state.clock.now();
     let month = period(&query, now)?;
-    Ok(Json(
-        admin::stats(state.store.as_ref(), &state.catalog, month)
-            .await
-            .map_err(ApiError::from_report)?,
-    ))
+    Ok(Json(admin::stats(state.store.as_ref(), &state.catalog, month).await?))
 }
 
 async fn top(
@@ -70,9 +66,7 @@ async fn top(
             }
         },
     };
-    let accounts = admin::top(state.store.as_ref(), &state.catalog, &resource, month, limit)
-        .await
-        .map_err(ApiError::from_report)?;
+    let accounts = admin::top(state.store.as_ref(), &state.catalog, &resource, month, limit).await?;
     Ok(Json(serde_json::json!({
         "period": month.format("%Y-%m").to_string(),
         "resource": resource,

@@ -7,7 +7,9 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use crate::domain::FieldError;
+use crate::export::ExportError;
 use crate::store::StoreError;
+use crate::usage::admin::StatsError;
 
 /// An error answered to an HTTP client.
 #[derive(Debug, thiserror::Error)]
@@ -79,10 +81,10 @@ pub enum ApiError {
         "a total this answer needs is past 64 bits of minor units, so it cannot be given exactly; an \
          operator can find and correct the entries (docs/operations.md, \"A total past 64 bits\")"
     )]
-    TotalTooLarge(#[source] anyhow::Error),
+    TotalTooLarge(#[source] StoreError),
     /// 500: a bug or an unexpected database error; the cause goes to the log only.
     #[error("internal error")]
-    Internal(#[source] anyhow::Error),
+    Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl ApiError {
@@ -142,14 +144,13 @@ impl ApiError {
     }
 }
 
-impl ApiError {
-    /// A report's failure (`anyhow`, as the admin reads return): the store's
-    /// own error keeps its status (503 when the database is out of reach),
-    /// anything else is a 500.
-    pub fn from_report(e: anyhow::Error) -> Self {
-        match e.downcast::<StoreError>() {
-            Ok(store) => store.into(),
-            Err(other) => Self::Internal(other),
+impl From<StatsError> for ApiError {
+    /// The admin stats' failure: the store's own error keeps its status (503
+    /// when the database is out of reach), anything else is a 500.
+    fn from(e: StatsError) -> Self {
+        match e {
+            StatsError::Store(store) | StatsError::Invoices(ExportError::Store(store)) => store.into(),
+            other => Self::Internal(other.into()),
         }
     }
 }
@@ -171,7 +172,7 @@ impl From<StoreError> for ApiError {
             StoreError::Invalid(m) => Self::invalid("id", m),
             StoreError::Unavailable(_) => Self::Unavailable(e),
             StoreError::Busy(_) => Self::Busy(e),
-            StoreError::Overflow(_) => Self::TotalTooLarge(e.into()),
+            StoreError::Overflow(_) => Self::TotalTooLarge(e),
             StoreError::Internal(_) | StoreError::Unexpected(_) => Self::Internal(e.into()),
         }
     }

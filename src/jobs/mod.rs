@@ -13,15 +13,143 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::Context;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use tokio::sync::Mutex;
-use tokio_cron_scheduler::{Job, JobScheduler};
+use tokio_cron_scheduler::{Job, JobScheduler, JobSchedulerError};
 
 use crate::domain::Catalog;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use crate::telemetry::Metrics;
+
+/// What can go wrong loading, scheduling or running jobs.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// A schedule that is not a 6-field cron.
+    #[error("schedule {schedule:?} is not a 6-field cron (sec min hour dom month dow)")]
+    BadSchedule {
+        /// The schedule as written.
+        schedule: String,
+        /// Why the parser refused it.
+        #[source]
+        source: croner::errors::CronError,
+    },
+    /// A schedule for a date that never comes (`0 0 0 31 2 *`).
+    #[error("schedule {schedule:?} of job '{job}' never fires")]
+    NeverFires {
+        /// The schedule as written.
+        schedule: String,
+        /// The job's name.
+        job: String,
+        /// Why no next time was found.
+        #[source]
+        source: croner::errors::CronError,
+    },
+    /// The jobs directory cannot be read.
+    #[error("cannot read the jobs directory {}", .dir.display())]
+    ReadDirectory {
+        /// The directory.
+        dir: PathBuf,
+        /// Why not.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The jobs directory holds no job files.
+    #[error(
+        "the jobs directory {} holds no job files (*.toml), so nothing would run, not even the rollup; \
+         add job files (the repository's jobs/ has the built-in ones), remove the directory to use the \
+         built-in schedule, or run serve --no-jobs",
+        .0.display()
+    )]
+    NoJobFiles(PathBuf),
+    /// A job file cannot be read.
+    #[error("cannot read {}", .path.display())]
+    ReadFile {
+        /// The file.
+        path: PathBuf,
+        /// Why not.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A job file is not a job definition.
+    #[error("invalid job file {}", .path.display())]
+    InvalidFile {
+        /// The file.
+        path: PathBuf,
+        /// What does not parse.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A job file names its job with nothing but spaces.
+    #[error(
+        "invalid job file {}: name is empty; name the job (it is what `tally jobs run NAME` takes)",
+        .0.display()
+    )]
+    EmptyName(PathBuf),
+    /// A rollup job file asks for `overwrite`.
+    #[error(
+        "invalid job file {}: overwrite applies to report jobs only; the rollup never rewrites a total",
+        .0.display()
+    )]
+    OverwriteOnRollup(PathBuf),
+    /// A job file's schedule is refused.
+    #[error("in {}", .path.display())]
+    InFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with its schedule.
+        #[source]
+        source: Box<JobError>,
+    },
+    /// Two job files name the same job.
+    #[error(
+        "{} and {} both define job '{name}'; job names must be unique",
+        .first.display(),
+        .second.display()
+    )]
+    DuplicateName {
+        /// The file read first.
+        first: PathBuf,
+        /// The file read second.
+        second: PathBuf,
+        /// The job's name.
+        name: String,
+    },
+    /// No job has the name asked for.
+    #[error("no job named '{name}'; jobs: {known}")]
+    UnknownJob {
+        /// The name asked for.
+        name: String,
+        /// The jobs there are, comma-separated.
+        known: String,
+    },
+    /// The store failed (taking the job lock, or the rollup).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The monthly reports failed.
+    #[error(transparent)]
+    Reports(#[from] reports::ReportsError),
+    /// The job scheduler cannot be created.
+    #[error("cannot create the job scheduler")]
+    CreateScheduler(#[source] JobSchedulerError),
+    /// A job cannot be scheduled.
+    #[error("cannot schedule job '{name}' ({schedule:?})")]
+    Schedule {
+        /// The job's name.
+        name: String,
+        /// Its schedule.
+        schedule: String,
+        /// Why not.
+        #[source]
+        source: JobSchedulerError,
+    },
+    /// A job cannot be added to the scheduler.
+    #[error("cannot add a job to the scheduler")]
+    AddJob(#[source] JobSchedulerError),
+    /// The job scheduler cannot be started.
+    #[error("cannot start the job scheduler")]
+    StartScheduler(#[source] JobSchedulerError),
+}
 
 /// The default schedule when no `jobs/` directory is found: fold every 10 s;
 /// last month's reports at 00:05 UTC on the 1st.
@@ -70,20 +198,27 @@ pub struct JobDefinition {
 
 impl JobDefinition {
     /// The next time the schedule fires after `after`.
-    pub fn next_run(&self, after: DateTime<Utc>) -> anyhow::Result<DateTime<Utc>> {
+    pub fn next_run(&self, after: DateTime<Utc>) -> Result<DateTime<Utc>, JobError> {
         parse_schedule(&self.schedule)?
             .find_next_occurrence(&after, false)
-            .with_context(|| format!("schedule {:?} of job '{}' never fires", self.schedule, self.name))
+            .map_err(|source| JobError::NeverFires {
+                schedule: self.schedule.clone(),
+                job: self.name.clone(),
+                source,
+            })
     }
 }
 
-fn parse_schedule(schedule: &str) -> anyhow::Result<croner::Cron> {
+fn parse_schedule(schedule: &str) -> Result<croner::Cron, JobError> {
     croner::parser::CronParser::builder()
         .seconds(croner::parser::Seconds::Required)
         .dom_and_dow(true)
         .build()
         .parse(schedule)
-        .map_err(|e| anyhow::anyhow!("schedule {schedule:?} is not a 6-field cron (sec min hour dom month dow): {e}"))
+        .map_err(|source| JobError::BadSchedule {
+            schedule: schedule.to_owned(),
+            source,
+        })
 }
 
 /// The directory the jobs come from: `dir` when given, else `jobs/` in the
@@ -110,50 +245,53 @@ pub fn source(dir: Option<&Path>) -> String {
 
 /// Where job definitions come from: `--jobs DIR`, else `jobs/` when present,
 /// else the built-in schedule.
-pub fn load(dir: Option<&Path>) -> anyhow::Result<Vec<JobDefinition>> {
+pub fn load(dir: Option<&Path>) -> Result<Vec<JobDefinition>, JobError> {
     let Some(dir) = jobs_dir(dir) else {
         return Ok(builtin());
     };
     let mut jobs: BTreeMap<String, (JobDefinition, PathBuf)> = BTreeMap::new();
     let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .with_context(|| format!("cannot read the jobs directory {}", dir.display()))?
+        .map_err(|source| JobError::ReadDirectory {
+            dir: dir.clone(),
+            source,
+        })?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "toml"))
         .collect();
     paths.sort();
     // An empty directory would silently schedule nothing, the rollup included.
-    anyhow::ensure!(
-        !paths.is_empty(),
-        "the jobs directory {} holds no job files (*.toml), so nothing would run, not even the rollup; \
-         add job files (the repository's jobs/ has the built-in ones), remove the directory to use the \
-         built-in schedule, or run serve --no-jobs",
-        dir.display()
-    );
+    if paths.is_empty() {
+        return Err(JobError::NoJobFiles(dir));
+    }
     for path in paths {
-        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-        let job: JobDefinition =
-            toml::from_str(&text).with_context(|| format!("invalid job file {}", path.display()))?;
-        anyhow::ensure!(
-            !job.name.trim().is_empty(),
-            "invalid job file {}: name is empty; name the job (it is what `tally jobs run NAME` takes)",
-            path.display()
-        );
-        anyhow::ensure!(
-            !(job.overwrite && job.run == JobKind::Rollup),
-            "invalid job file {}: overwrite applies to report jobs only; the rollup never rewrites a total",
-            path.display()
-        );
+        let text = std::fs::read_to_string(&path).map_err(|source| JobError::ReadFile {
+            path: path.clone(),
+            source,
+        })?;
+        let job: JobDefinition = toml::from_str(&text).map_err(|source| JobError::InvalidFile {
+            path: path.clone(),
+            source,
+        })?;
+        if job.name.trim().is_empty() {
+            return Err(JobError::EmptyName(path));
+        }
+        if job.overwrite && job.run == JobKind::Rollup {
+            return Err(JobError::OverwriteOnRollup(path));
+        }
         // `next_run` parses it too, and refuses a date that never comes
         // (`0 0 0 31 2 *`), which would leave the job silently idle.
-        job.next_run(Utc::now())
-            .with_context(|| format!("in {}", path.display()))?;
+        if let Err(e) = job.next_run(Utc::now()) {
+            return Err(JobError::InFile {
+                path,
+                source: Box::new(e),
+            });
+        }
         if let Some((_, first)) = jobs.get(&job.name) {
-            anyhow::bail!(
-                "{} and {} both define job '{}'; job names must be unique",
-                first.display(),
-                path.display(),
-                job.name
-            );
+            return Err(JobError::DuplicateName {
+                first: first.clone(),
+                second: path,
+                name: job.name,
+            });
         }
         jobs.insert(job.name.clone(), (job, path));
     }
@@ -238,12 +376,10 @@ impl JobRunner {
     }
 
     /// Runs job `name` now, unless a run of it is in flight here or elsewhere.
-    pub async fn run(&self, name: &str) -> anyhow::Result<JobOutcome> {
-        let (job, guard) = self.jobs.get(name).with_context(|| {
-            format!(
-                "no job named '{name}'; jobs: {}",
-                self.jobs.keys().cloned().collect::<Vec<_>>().join(", ")
-            )
+    pub async fn run(&self, name: &str) -> Result<JobOutcome, JobError> {
+        let (job, guard) = self.jobs.get(name).ok_or_else(|| JobError::UnknownJob {
+            name: name.to_owned(),
+            known: self.jobs.keys().cloned().collect::<Vec<_>>().join(", "),
         })?;
         let Ok(_running) = guard.try_lock() else {
             return Ok(JobOutcome::Skipped(format!(
@@ -285,7 +421,7 @@ impl JobRunner {
             )
             .await
             .map(|report| JobOutcome::Ran(report.to_string()))
-            .map_err(anyhow::Error::from),
+            .map_err(JobError::from),
             JobKind::MonthlyReports => reports::catch_up(
                 context.store.as_ref(),
                 &context.catalog,
@@ -294,7 +430,8 @@ impl JobRunner {
                 job.overwrite,
             )
             .await
-            .map(JobOutcome::Ran),
+            .map(JobOutcome::Ran)
+            .map_err(JobError::from),
         };
         lock.release().await;
         if result.is_err() {
@@ -326,7 +463,10 @@ async fn run_and_log(runner: &JobRunner, name: &str, kind: JobKind) {
         }
         Ok(JobOutcome::Ran(summary)) => tracing::info!(job = %name, "job {name}: {summary}"),
         Ok(JobOutcome::Skipped(why)) => tracing::debug!(job = %name, "job {name} skipped: {why}"),
-        Err(e) => tracing::error!(job = %name, error = %format!("{e:#}"), "job {name} failed: {e:#}"),
+        Err(e) => {
+            let cause = crate::telemetry::every_cause(&e);
+            tracing::error!(job = %name, error = %cause, "job {name} failed: {cause}")
+        }
     }
 }
 
@@ -338,8 +478,8 @@ pub struct Scheduler {
 
 impl Scheduler {
     /// Registers every job of `runner` and starts firing them.
-    pub async fn start(runner: Arc<JobRunner>) -> anyhow::Result<Self> {
-        let scheduler = JobScheduler::new().await.context("cannot create the job scheduler")?;
+    pub async fn start(runner: Arc<JobRunner>) -> Result<Self, JobError> {
+        let scheduler = JobScheduler::new().await.map_err(JobError::CreateScheduler)?;
         for definition in runner.definitions() {
             let name = definition.name.clone();
             let kind = definition.run;
@@ -349,10 +489,14 @@ impl Scheduler {
                 let name = name.clone();
                 Box::pin(async move { run_and_log(&runner, &name, kind).await })
             })
-            .with_context(|| format!("cannot schedule job '{}' ({:?})", definition.name, definition.schedule))?;
-            scheduler.add(job).await.context("cannot add a job to the scheduler")?;
+            .map_err(|source| JobError::Schedule {
+                name: definition.name.clone(),
+                schedule: definition.schedule.clone(),
+                source,
+            })?;
+            scheduler.add(job).await.map_err(JobError::AddJob)?;
         }
-        scheduler.start().await.context("cannot start the job scheduler")?;
+        scheduler.start().await.map_err(JobError::StartScheduler)?;
         // The schedule only looks ahead: a report run missed while the server
         // was down would otherwise wait for the next 1st.
         let reports_dir = &runner.context.reports_dir;

@@ -10,15 +10,47 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use chrono::{DateTime, Months, NaiveDate, Utc};
 
 use crate::domain::Catalog;
 use crate::domain::period::{Granularity, month_start};
-use crate::export::CsvOutput;
 use crate::export::invoice::export_invoices;
 use crate::export::ledger::export_totals;
+use crate::export::{CsvOutput, ExportError};
 use crate::store::{ExportFilter, Store};
+
+/// What can go wrong writing the monthly reports.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportsError {
+    /// A month's reports failed (a run stops at the first).
+    #[error("writing the reports of {}", .month.format("%Y-%m"))]
+    Month {
+        /// The month (its first day).
+        month: NaiveDate,
+        /// What failed.
+        #[source]
+        source: Box<ReportsError>,
+    },
+    /// The reports directory is a file.
+    #[error(
+        "the reports directory {} is a file, not a folder; move it or set --reports-dir / TALLY_REPORTS_DIR \
+         to a folder",
+        .0.display()
+    )]
+    DirectoryIsAFile(PathBuf),
+    /// The reports directory cannot be created.
+    #[error("cannot create the reports directory {}", .dir.display())]
+    CreateDirectory {
+        /// The directory.
+        dir: PathBuf,
+        /// Why not.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Writing a report failed.
+    #[error(transparent)]
+    Export(#[from] ExportError),
+}
 
 /// What a run wrote and what it left alone.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -156,13 +188,16 @@ pub async fn catch_up(
     dir: &Path,
     last: NaiveDate,
     overwrite: bool,
-) -> anyhow::Result<String> {
+) -> Result<String, ReportsError> {
     warn_about_leftovers(dir);
     let mut done = Vec::new();
     for month in months_to_write(dir, last) {
         let outcome = write_monthly_reports(store, catalog, dir, month, overwrite)
             .await
-            .with_context(|| format!("writing the reports of {}", month.format("%Y-%m")))?;
+            .map_err(|e| ReportsError::Month {
+                month,
+                source: Box::new(e),
+            })?;
         done.push(format!("{}: {outcome}", month.format("%Y-%m")));
     }
     Ok(done.join("; "))
@@ -184,16 +219,14 @@ pub async fn write_monthly_reports(
     dir: &Path,
     month: NaiveDate,
     overwrite: bool,
-) -> anyhow::Result<ReportsOutcome> {
+) -> Result<ReportsOutcome, ReportsError> {
     if dir.exists() && !dir.is_dir() {
-        anyhow::bail!(
-            "the reports directory {} is a file, not a folder; move it or set --reports-dir / TALLY_REPORTS_DIR \
-             to a folder",
-            dir.display()
-        );
+        return Err(ReportsError::DirectoryIsAFile(dir.to_owned()));
     }
-    std::fs::create_dir_all(dir)
-        .map_err(|e| anyhow::anyhow!("cannot create the reports directory {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(dir).map_err(|source| ReportsError::CreateDirectory {
+        dir: dir.to_owned(),
+        source,
+    })?;
     let (monthly, invoice) = report_paths(dir, month);
     // Both files as of one instant (the entries recorded by then, the plans
     // and overrides set by then): they agree with each other, and `tally

@@ -8,7 +8,6 @@ pub mod postgres;
 pub mod settled;
 pub mod sqlite;
 
-use anyhow::Context;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -132,6 +131,74 @@ impl StoreError {
     }
 }
 
+/// What can go wrong opening a store: reading its URL, connecting,
+/// migrating the database, and checking it can be used as it is.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The URL names neither SQLite nor PostgreSQL.
+    #[error("unsupported database URL {0:?}; use sqlite://FILE or postgres://USER@HOST/DB")]
+    UnsupportedUrl(String),
+    /// A `sqlite:` URL sqlx cannot read.
+    #[error("cannot read the SQLite URL {url:?}")]
+    SqliteUrl {
+        /// The URL as given.
+        url: String,
+        /// Why sqlx refused it.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// The PostgreSQL server did not answer a connection within `seconds`.
+    #[error(
+        "the PostgreSQL server did not answer within {seconds} s: check the host and port, and that \
+         no firewall drops the connection"
+    )]
+    NoAnswer {
+        /// How long it was given.
+        seconds: u64,
+    },
+    /// Connecting to the database, or a query while opening it, failed.
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    /// sqlx could not run the migrations.
+    #[error("cannot run database migrations")]
+    Migrations(#[source] sqlx::migrate::MigrateError),
+    /// The database holds a migration this binary lacks.
+    #[error(
+        "this database was migrated by a newer Tally (it holds migration {version:04}; this binary knows \
+         migrations up to {latest:04}): run the Tally version that migrated it, or restore a backup taken \
+         before that upgrade; an older binary cannot know what the newer migrations changed"
+    )]
+    NewerTally {
+        /// The unknown migration's version.
+        version: i64,
+        /// The latest migration this binary knows.
+        latest: i64,
+    },
+    /// The ledger's newest transaction id could not be read (PostgreSQL).
+    #[error("cannot read the ledger's newest transaction id")]
+    LedgerTransactionId(#[source] sqlx::Error),
+    /// A transaction id PostgreSQL gave as text is not a number.
+    #[error(transparent)]
+    TransactionIdText(#[from] std::num::ParseIntError),
+    /// The ledger holds transaction ids this PostgreSQL cluster has not
+    /// reached: a dump restored into another cluster.
+    #[error(
+        "this database's ledger holds PostgreSQL transaction ids up to {newest}, but this cluster has only \
+         reached {next}: the database was restored from a dump into another cluster. New entries would get \
+         smaller ids than the ledger's and never count toward quotas, totals or exports, so Tally will not \
+         use it. Stop the cluster, move its ids past the ledger's with `pg_resetwal -e {epoch} -D DATADIR` \
+         (as the cluster's owner, once, while it is stopped), and start it again; docs/operations.md, \
+         \"Restoring a PostgreSQL dump\", has the steps",
+        epoch = (.newest >> 32) + 1
+    )]
+    ClusterBehindLedger {
+        /// The newest transaction id in the ledger.
+        newest: u64,
+        /// The next transaction id of the cluster.
+        next: u64,
+    },
+}
+
 /// SQLite BUSY/LOCKED and PostgreSQL's "cannot connect now"/"too many connections"
 /// mean "try again later", not a bug.
 fn is_unavailable_code(code: Option<&str>) -> bool {
@@ -154,7 +221,7 @@ pub trait Store: Send + Sync + 'static {
     /// Runs pending migrations, then checks the database can be used as it
     /// is (PostgreSQL: its cluster's transaction ids are ahead of the
     /// ledger's). Every command that opens a store goes through here.
-    async fn migrate(&self) -> anyhow::Result<()>;
+    async fn migrate(&self) -> Result<(), OpenError>;
 
     /// Answers whether the database is reachable.
     async fn ping(&self) -> Result<(), StoreError>;
@@ -863,16 +930,15 @@ async fn run_migrations<C: sqlx::migrate::Migrate>(
     migrator: &sqlx::migrate::Migrator,
     conn: &mut C,
     table_exists: bool,
-) -> anyhow::Result<()> {
-    let context = "cannot run database migrations";
+) -> Result<(), OpenError> {
     if table_exists {
-        let applied = conn.list_applied_migrations().await.context(context)?;
+        let applied = conn.list_applied_migrations().await.map_err(OpenError::Migrations)?;
         refuse_versions_unknown_here(migrator, &applied)?;
-        if conn.dirty_version().await.context(context)?.is_none() && all_applied(migrator, &applied) {
+        if conn.dirty_version().await.map_err(OpenError::Migrations)?.is_none() && all_applied(migrator, &applied) {
             return Ok(());
         }
     }
-    conn.lock().await.context(context)?;
+    conn.lock().await.map_err(OpenError::Migrations)?;
     let ran = async {
         conn.ensure_migrations_table().await?;
         let before: Vec<i64> = conn
@@ -891,9 +957,9 @@ async fn run_migrations<C: sqlx::migrate::Migrate>(
     let before = match ran {
         // Applied by another process since the look above.
         Err(sqlx::migrate::MigrateError::VersionMissing(version)) => return Err(newer_tally(migrator, version)),
-        ran => ran.context(context)?,
+        ran => ran.map_err(OpenError::Migrations)?,
     };
-    unlocked.context(context)?;
+    unlocked.map_err(OpenError::Migrations)?;
     log_applied_migrations(migrator, &before);
     Ok(())
 }
@@ -916,7 +982,7 @@ fn all_applied(migrator: &sqlx::migrate::Migrator, applied: &[sqlx::migrate::App
 fn refuse_versions_unknown_here(
     migrator: &sqlx::migrate::Migrator,
     applied: &[sqlx::migrate::AppliedMigration],
-) -> anyhow::Result<()> {
+) -> Result<(), OpenError> {
     if migrator.ignore_missing {
         return Ok(());
     }
@@ -928,13 +994,9 @@ fn refuse_versions_unknown_here(
 
 /// The error for a database that holds migration `version`, which
 /// `migrator` (this binary's) lacks.
-fn newer_tally(migrator: &sqlx::migrate::Migrator, version: i64) -> anyhow::Error {
+fn newer_tally(migrator: &sqlx::migrate::Migrator, version: i64) -> OpenError {
     let latest = migrator.iter().map(|m| m.version).max().unwrap_or(0);
-    anyhow::anyhow!(
-        "this database was migrated by a newer Tally (it holds migration {version:04}; this binary knows \
-         migrations up to {latest:04}): run the Tally version that migrated it, or restore a backup taken \
-         before that upgrade; an older binary cannot know what the newer migrations changed"
-    )
+    OpenError::NewerTally { version, latest }
 }
 
 /// Logs what a migration run changed, given the versions applied before it:
@@ -980,12 +1042,16 @@ pub(crate) fn sqlite_in_memory(url: &str) -> bool {
 
 /// The file a `sqlite:` URL names; `None` for another engine or an
 /// in-memory database.
-pub fn sqlite_file(url: &str) -> anyhow::Result<Option<std::path::PathBuf>> {
+pub fn sqlite_file(url: &str) -> Result<Option<std::path::PathBuf>, OpenError> {
     if !url.starts_with("sqlite:") || sqlite_in_memory(url) {
         return Ok(None);
     }
-    let options = <sqlx::sqlite::SqliteConnectOptions as std::str::FromStr>::from_str(url)
-        .with_context(|| format!("cannot read the SQLite URL {url:?}"))?;
+    let options = <sqlx::sqlite::SqliteConnectOptions as std::str::FromStr>::from_str(url).map_err(|source| {
+        OpenError::SqliteUrl {
+            url: url.to_owned(),
+            source,
+        }
+    })?;
     Ok(Some(sqlite_path(options.get_filename())))
 }
 
@@ -1000,13 +1066,13 @@ pub(crate) fn sqlite_path(filename: &std::path::Path) -> std::path::PathBuf {
 }
 
 /// Opens the store a database URL names (`sqlite://…` or `postgres://…`).
-pub async fn connect(url: &str, catalog: Arc<Catalog>) -> anyhow::Result<Arc<dyn Store>> {
+pub async fn connect(url: &str, catalog: Arc<Catalog>) -> Result<Arc<dyn Store>, OpenError> {
     if url.starts_with("sqlite:") {
         Ok(Arc::new(sqlite::SqliteStore::connect(url, catalog).await?))
     } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
         Ok(Arc::new(postgres::PgStore::connect(url, catalog).await?))
     } else {
-        anyhow::bail!("unsupported database URL {url:?}; use sqlite://FILE or postgres://USER@HOST/DB")
+        Err(OpenError::UnsupportedUrl(url.to_owned()))
     }
 }
 

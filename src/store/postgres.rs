@@ -8,7 +8,6 @@
 mod consume_group;
 mod export;
 
-use anyhow::Context;
 use sqlx::ConnectOptions;
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
@@ -27,8 +26,8 @@ use sqlx::{FromRow, PgPool, Postgres, QueryBuilder};
 use super::settled::{Settled, SettledSums, bounds};
 use super::{
     Backend, BeforeCommit, CheckInputs, ConsumeDecider, ConsumeResult, ConsumeRules, CsvSink, DecidedConsume,
-    ExportError, ExportFilter, JobLock, NewApiKey, Store, StoreError, TotalMismatch, TotalRow, VerifiedTotal,
-    diff_totals, natural_key, replay, resolve_outcomes, totals_sql,
+    ExportError, ExportFilter, JobLock, NewApiKey, OpenError, Store, StoreError, TotalMismatch, TotalRow,
+    VerifiedTotal, diff_totals, natural_key, replay, resolve_outcomes, totals_sql,
 };
 use crate::domain::{
     AccountId, Amount, ApiKey, Catalog, Entry, EntryFilter, IdempotencyKey, InsertOutcome, NewEntry, ResourceName, Role,
@@ -52,18 +51,16 @@ pub const POOL_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 /// unknown database, a refused login, no answer). The pool alone retries a
 /// refused connection until its acquire timeout and then says only that it
 /// timed out.
-async fn connect_once(options: &PgConnectOptions, timeout: Duration) -> anyhow::Result<()> {
+async fn connect_once(options: &PgConnectOptions, timeout: Duration) -> Result<(), OpenError> {
     match tokio::time::timeout(timeout, options.connect()).await {
         Ok(Ok(connection)) => {
             let _ = sqlx::Connection::close(connection).await;
             Ok(())
         }
         Ok(Err(e)) => Err(e.into()),
-        Err(_) => anyhow::bail!(
-            "the PostgreSQL server did not answer within {} s: check the host and port, and that \
-             no firewall drops the connection",
-            timeout.as_secs()
-        ),
+        Err(_) => Err(OpenError::NoAnswer {
+            seconds: timeout.as_secs(),
+        }),
     }
 }
 
@@ -307,7 +304,7 @@ impl PgStore {
     /// connection is tried first ([`connect_once`], for at most
     /// [`CONNECT_TIMEOUT`]), so that a server that is down or out of reach
     /// fails at once with its cause rather than after the pool's wait.
-    pub async fn connect(url: &str, catalog: Arc<Catalog>) -> anyhow::Result<Self> {
+    pub async fn connect(url: &str, catalog: Arc<Catalog>) -> Result<Self, OpenError> {
         let options: PgConnectOptions = url.parse()?;
         // Consume's no-overshoot rests on READ COMMITTED (the total is read
         // after the lock, in a fresh snapshot): ask for it whatever the
@@ -590,26 +587,18 @@ impl PgStore {
     /// entries would sort below the rollup cursor, so they would count toward
     /// no quota, total or export, silently. The way out is to move the
     /// cluster's ids past the ledger's (docs/operations.md).
-    async fn refuse_a_cluster_behind_the_ledger(&self) -> anyhow::Result<()> {
+    async fn refuse_a_cluster_behind_the_ledger(&self) -> Result<(), OpenError> {
         let (newest, next): (Option<String>, String) =
             sqlx::query_as(include_str!("sql/postgres/ledger_transaction_ids.sql"))
                 .fetch_one(&self.pool)
                 .await
-                .context("cannot read the ledger's newest transaction id")?;
+                .map_err(OpenError::LedgerTransactionId)?;
         let Some(newest) = newest else { return Ok(()) };
         let (newest, next): (u64, u64) = (newest.parse()?, next.parse()?);
         if newest < next {
             return Ok(());
         }
-        anyhow::bail!(
-            "this database's ledger holds PostgreSQL transaction ids up to {newest}, but this cluster has only \
-             reached {next}: the database was restored from a dump into another cluster. New entries would get \
-             smaller ids than the ledger's and never count toward quotas, totals or exports, so Tally will not \
-             use it. Stop the cluster, move its ids past the ledger's with `pg_resetwal -e {epoch} -D DATADIR` \
-             (as the cluster's owner, once, while it is stopped), and start it again; docs/operations.md, \
-             \"Restoring a PostgreSQL dump\", has the steps",
-            epoch = (newest >> 32) + 1,
-        )
+        Err(OpenError::ClusterBehindLedger { newest, next })
     }
 }
 
@@ -641,7 +630,7 @@ impl Store for PgStore {
         Backend::Postgres
     }
 
-    async fn migrate(&self) -> anyhow::Result<()> {
+    async fn migrate(&self) -> Result<(), OpenError> {
         let migrator = sqlx::migrate!("migrations/postgres");
         let mut conn = self.pool.acquire().await?;
         // to_regclass: no "relation does not exist" ERROR in the server's log.
@@ -676,7 +665,7 @@ impl Store for PgStore {
         connect_once(&self.options, Duration::from_secs(1))
             .await
             .err()
-            .map(|e| format!("{e:#}"))
+            .map(|e| crate::telemetry::every_cause(&e))
     }
 
     async fn close(&self) {

@@ -26,7 +26,8 @@ use sqlx::{Connection as _, FromRow, QueryBuilder, Sqlite, SqlitePool};
 use super::settled::{Settled, SettledSums, bounds};
 use super::{
     Backend, BeforeCommit, ConsumeDecider, ConsumeResult, CsvSink, ExportError, ExportFilter, JobLock, NewApiKey,
-    Store, StoreError, TotalMismatch, TotalRow, diff_totals, natural_key, replay, resolve_outcomes, totals_sql,
+    OpenError, Store, StoreError, TotalMismatch, TotalRow, diff_totals, natural_key, replay, resolve_outcomes,
+    totals_sql,
 };
 use crate::domain::catalog::{Enforcement, Window};
 use crate::domain::period::{Granularity, start_of};
@@ -462,7 +463,7 @@ impl Store for SqliteStore {
         Backend::Sqlite
     }
 
-    async fn migrate(&self) -> anyhow::Result<()> {
+    async fn migrate(&self) -> Result<(), OpenError> {
         let migrator = sqlx::migrate!("migrations/sqlite");
         // One process migrates at a time (see lock_beside_database).
         let _migrating = match &self.migration_lock {

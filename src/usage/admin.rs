@@ -10,8 +10,23 @@ use serde::Serialize;
 
 use crate::domain::period::Granularity;
 use crate::domain::{Amount, Catalog, ResourceName};
+use crate::export::ExportError;
 use crate::export::invoice::for_each_invoice;
 use crate::store::{ExportFilter, Store, StoreError};
+
+/// What can go wrong computing the platform's [`stats`].
+#[derive(Debug, thiserror::Error)]
+pub enum StatsError {
+    /// Reading the totals failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Computing the month's invoices failed.
+    #[error(transparent)]
+    Invoices(#[from] ExportError),
+    /// An invoice came without its plan line (a bug).
+    #[error("the invoice of '{0}' has no plan line")]
+    NoPlanLine(String),
+}
 
 /// One resource's totals in a period.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -43,7 +58,7 @@ pub struct Stats {
 }
 
 /// Platform totals for the month starting `month`.
-pub async fn stats(store: &dyn Store, catalog: &Catalog, month: NaiveDate) -> anyhow::Result<Stats> {
+pub async fn stats(store: &dyn Store, catalog: &Catalog, month: NaiveDate) -> Result<Stats, StatsError> {
     let filter = ExportFilter {
         from: month,
         to: Granularity::Month.next(month),
@@ -71,11 +86,11 @@ pub async fn stats(store: &dyn Store, catalog: &Catalog, month: NaiveDate) -> an
     // names (the one in force on the month's last day).
     let mut accounts_per_plan: BTreeMap<String, u64> = BTreeMap::new();
     let mut revenue = Decimal::ZERO;
-    for_each_invoice(store, catalog, month, None, None, |invoice| {
+    for_each_invoice::<StatsError>(store, catalog, month, None, None, |invoice| {
         let plan_line = invoice
             .lines
             .first()
-            .ok_or_else(|| anyhow::anyhow!("the invoice of '{}' has no plan line", invoice.account))?;
+            .ok_or_else(|| StatsError::NoPlanLine(invoice.account.clone()))?;
         *accounts_per_plan.entry(plan_line.plan.clone()).or_default() += 1;
         revenue += invoice.total;
         Ok(())
@@ -115,7 +130,7 @@ pub async fn top(
     resource: &ResourceName,
     month: NaiveDate,
     limit: usize,
-) -> anyhow::Result<Vec<TopAccount>> {
+) -> Result<Vec<TopAccount>, StoreError> {
     let filter = ExportFilter {
         from: month,
         to: Granularity::Month.next(month),

@@ -347,7 +347,7 @@ fn a_job_file_with_a_bad_schedule_is_refused_with_its_path() {
     )
     .unwrap();
     let error = tally::jobs::load(Some(dir.path())).unwrap_err();
-    let message = format!("{error:#}");
+    let message = tally::telemetry::cause_chain(&error);
     assert!(
         message.contains("bad.toml") && message.contains("6-field cron"),
         "{message}"
@@ -365,7 +365,7 @@ fn a_job_file_whose_schedule_never_fires_is_refused() {
     )
     .unwrap();
     let error = tally::jobs::load(Some(dir.path())).unwrap_err();
-    let message = format!("{error:#}");
+    let message = tally::telemetry::cause_chain(&error);
     assert!(
         message.contains("never.toml") && message.contains("never fires"),
         "{message}"
@@ -406,7 +406,7 @@ fn job_files_with_no_name_a_misplaced_overwrite_or_one_name_twice_are_refused() 
         for (name, text) in files {
             std::fs::write(dir.path().join(name), text).unwrap();
         }
-        let message = format!("{:#}", tally::jobs::load(Some(dir.path())).unwrap_err());
+        let message = tally::telemetry::cause_chain(&tally::jobs::load(Some(dir.path())).unwrap_err());
         for part in expected {
             assert!(message.contains(part), "{part:?} in {message}");
         }
@@ -418,7 +418,7 @@ fn an_empty_jobs_directory_is_refused_rather_than_scheduling_nothing() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("README"), "not a job\n").unwrap();
     let error = tally::jobs::load(Some(dir.path())).unwrap_err();
-    let message = format!("{error:#}");
+    let message = tally::telemetry::cause_chain(&error);
     assert!(
         message.contains("holds no job files") && message.contains("--no-jobs"),
         "{message}"
