@@ -26,21 +26,6 @@ pub fn cause_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// An error and every cause, `outer: inner: …`, each said even where its
-/// parent already quotes it: the text `{:#}` gave for these errors before
-/// they were typed, kept where it was given that way (a job's failure in
-/// the log, why a new connection fails).
-pub(crate) fn every_cause(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 /// The log filter when `RUST_LOG` is unset (or does not parse).
 const DEFAULT_LOG_FILTER: &str = "info,sqlx=warn,tower_http=warn,tokio_cron_scheduler=warn";
 

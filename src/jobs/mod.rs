@@ -464,7 +464,7 @@ async fn run_and_log(runner: &JobRunner, name: &str, kind: JobKind) {
         Ok(JobOutcome::Ran(summary)) => tracing::info!(job = %name, "job {name}: {summary}"),
         Ok(JobOutcome::Skipped(why)) => tracing::debug!(job = %name, "job {name} skipped: {why}"),
         Err(e) => {
-            let cause = crate::telemetry::every_cause(&e);
+            let cause = crate::telemetry::cause_chain(&e);
             tracing::error!(job = %name, error = %cause, "job {name} failed: {cause}")
         }
     }

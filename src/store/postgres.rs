@@ -665,7 +665,7 @@ impl Store for PgStore {
         connect_once(&self.options, Duration::from_secs(1))
             .await
             .err()
-            .map(|e| crate::telemetry::every_cause(&e))
+            .map(|e| crate::telemetry::cause_chain(&e))
     }
 
     async fn close(&self) {
