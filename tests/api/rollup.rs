@@ -725,6 +725,49 @@ async fn on_postgres_an_entry_committed_after_later_ids_is_still_folded_exactly_
     );
 }
 
+/// Review R: a script that runs `tally rollup` to get current totals must
+/// hear when an open transaction elsewhere in the cluster kept it from folding
+/// entries committed before the run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_rollup_held_back_by_an_open_transaction_says_so() {
+    let Some(app) = TestApp::spawn(Backend::Postgres).await else {
+        return;
+    };
+    let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
+    let mut open = pool.begin().await.unwrap();
+    // A transaction id taken and held: the cluster's xmin stays below it.
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *open)
+        .await
+        .unwrap();
+    let posted = app
+        .post_entries(
+            serde_json::json!({"account": "acme", "resource": "api_requests", "amount": 5,
+                                         "idempotency_key": "held"}),
+        )
+        .await;
+    assert_eq!(posted.status, 200, "{:?}", posted.body);
+    let held = app.cli(&["rollup"]);
+    let stderr = String::from_utf8_lossy(&held.stderr);
+    assert!(held.status.success(), "{stderr}");
+    assert!(
+        String::from_utf8_lossy(&held.stdout).starts_with("folded 0 entries"),
+        "{held:?}"
+    );
+    assert!(stderr.contains("note: entries recorded since"), "{stderr}");
+    assert!(stderr.contains("still open somewhere in the cluster"), "{stderr}");
+    open.rollback().await.unwrap();
+    let caught_up = app.cli(&["rollup"]);
+    assert!(
+        String::from_utf8_lossy(&caught_up.stdout).starts_with("folded 1 entry"),
+        "{caught_up:?}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&caught_up.stderr).contains("note:"),
+        "{caught_up:?}"
+    );
+}
+
 /// A batch stays within its bound even when the backlog hides below the
 /// cursor's id: rows of a long transaction (ids taken early) commit after an
 /// older transaction's later id was folded.
