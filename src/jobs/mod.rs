@@ -497,9 +497,20 @@ impl Scheduler {
             scheduler.add(job).await.map_err(JobError::AddJob)?;
         }
         scheduler.start().await.map_err(JobError::StartScheduler)?;
+        let reports_dir = &runner.context.reports_dir;
+        for definition in runner.definitions().filter(|j| j.run == JobKind::MonthlyReports) {
+            if let Some(problem) = reports::unusable_directory(reports_dir) {
+                let name = &definition.name;
+                let why = crate::telemetry::cause_chain(&problem);
+                let next = definition.next_run(Utc::now()).map_or_else(
+                    |_| "its next run".to_owned(),
+                    |at| format!("its next run, {}", at.format("%Y-%m-%d %H:%M UTC")),
+                );
+                tracing::warn!(job = %name, error = %why, "job {name} will fail at {next}: {why}");
+            }
+        }
         // The schedule only looks ahead: a report run missed while the server
         // was down would otherwise wait for the next 1st.
-        let reports_dir = &runner.context.reports_dir;
         if reports::overdue(reports_dir, Utc::now()) {
             for definition in runner.definitions().filter(|j| j.run == JobKind::MonthlyReports) {
                 let name = definition.name.clone();

@@ -47,9 +47,50 @@ pub enum ReportsError {
         #[source]
         source: std::io::Error,
     },
+    /// No file can be created in the reports directory.
+    #[error(
+        "cannot write in the reports directory {} (make it writable, or set --reports-dir / TALLY_REPORTS_DIR \
+         to a folder that is)",
+        .dir.display()
+    )]
+    NotWritable {
+        /// The directory (or, while it is still to be created, the folder it goes in).
+        dir: PathBuf,
+        /// Why not.
+        #[source]
+        source: std::io::Error,
+    },
     /// Writing a report failed.
     #[error(transparent)]
     Export(#[from] ExportError),
+}
+
+/// Why the monthly reports could not be written in `dir`, found without
+/// leaving anything behind: a file where the folder should be, or a folder
+/// (the nearest existing one, while `dir` is still to be created) in which no
+/// file can be created. `serve` asks at start, so that a reports directory
+/// that would fail is heard of then, not at 00:05 on the 1st.
+pub fn unusable_directory(dir: &Path) -> Option<ReportsError> {
+    if dir.exists() && !dir.is_dir() {
+        return Some(ReportsError::DirectoryIsAFile(dir.to_owned()));
+    }
+    let existing = dir
+        .ancestors()
+        .map(|folder| {
+            if folder.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                folder
+            }
+        })
+        .find(|folder| folder.exists())?;
+    // An unnamed file (O_TMPFILE where the system has it): gone once dropped.
+    tempfile::tempfile_in(existing)
+        .err()
+        .map(|source| ReportsError::NotWritable {
+            dir: existing.to_owned(),
+            source,
+        })
 }
 
 /// What a run wrote and what it left alone.
@@ -272,6 +313,23 @@ mod tests {
         for name in names {
             std::fs::write(dir.join(name), "x").unwrap();
         }
+    }
+
+    #[test]
+    fn a_reports_directory_that_would_fail_is_found_without_writing_it() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(unusable_directory(&dir.path().join("reports/2026")).is_none());
+        assert!(!dir.path().join("reports").exists(), "nothing created");
+        let file = dir.path().join("afile");
+        std::fs::write(&file, "x").unwrap();
+        let is_a_file = unusable_directory(&file).expect("a file is no folder");
+        assert!(is_a_file.to_string().contains("is a file, not a folder"), "{is_a_file}");
+        // Under a file, the folder can never be made.
+        let under = unusable_directory(&file.join("reports")).expect("no folder under a file");
+        assert!(
+            under.to_string().starts_with("cannot write in the reports directory"),
+            "{under}"
+        );
     }
 
     #[test]

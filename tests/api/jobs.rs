@@ -20,6 +20,7 @@ both!(
     health_reports_rollup_lag_and_metrics_count_what_happened,
     metrics_come_in_the_text_format_the_scraper_asks_for,
     serve_writes_the_reports_of_a_missed_first_at_start,
+    serve_warns_at_start_of_a_reports_directory_the_reports_job_cannot_use,
     a_report_run_names_the_partial_files_a_killed_run_left,
 );
 
@@ -555,12 +556,32 @@ async fn serve_writes_the_reports_of_a_missed_first_at_start(app: TestApp) {
         .await;
     assert!(ran.is_some(), "{}", serve.stderr());
     assert!(serve.stderr().contains("a run was missed"), "{}", serve.stderr());
+    assert!(!serve.stderr().contains("will fail"), "{}", serve.stderr());
     for month in [older + chrono::Months::new(1), last_month] {
         for report in ["monthly", "invoice"] {
             let path = reports.path().join(format!("{report}-{}.csv", month.format("%Y-%m")));
             assert!(path.exists(), "{} missing:\n{}", path.display(), serve.stderr());
         }
     }
+    assert!(serve.stop().await.success());
+}
+
+/// Review R: a reports directory that is a file (or cannot be written) used
+/// to go unheard of until 00:05 on the 1st. `serve` says so at start, and
+/// serves all the same.
+async fn serve_warns_at_start_of_a_reports_directory_the_reports_job_cannot_use(app: TestApp) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("reports");
+    std::fs::write(&file, "not a folder").unwrap();
+    let mut serve = ServeProcess::start(&app.database_url, &[], &[("TALLY_REPORTS_DIR", file.to_str().unwrap())]).await;
+    let warned = serve
+        .wait_for_stderr("will fail at its next run", std::time::Duration::from_secs(10))
+        .await;
+    let line = warned.unwrap_or_else(|| panic!("no warning:\n{}", serve.stderr()));
+    assert!(line.contains("job monthly-reports will fail"), "{line}");
+    assert!(line.contains("is a file, not a folder"), "{line}");
+    let health = reqwest::get(format!("{}/healthz", serve.address)).await.unwrap();
+    assert_eq!(health.status(), 200);
     assert!(serve.stop().await.success());
 }
 
