@@ -78,9 +78,9 @@ pub struct InvoiceArgs {
 /// Arguments of `tally stats`.
 #[derive(Debug, clap::Args)]
 pub struct StatsArgs {
-    /// The month, YYYY-MM.
+    /// The month, YYYY-MM (default: this month, UTC, as `GET /v1/admin/stats`).
     #[arg(long, value_parser = parse_month)]
-    period: NaiveDate,
+    period: Option<NaiveDate>,
 }
 
 /// Arguments of `tally top`.
@@ -89,12 +89,17 @@ pub struct TopArgs {
     /// Resource.
     #[arg(long)]
     resource: String,
-    /// The month, YYYY-MM.
+    /// The month, YYYY-MM (default: this month, UTC, as `GET /v1/admin/top`).
     #[arg(long, value_parser = parse_month)]
-    period: NaiveDate,
-    /// How many accounts.
-    #[arg(long, default_value_t = 10)]
-    limit: usize,
+    period: Option<NaiveDate>,
+    /// How many accounts, 1 to 1000.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    limit: u16,
+}
+
+/// `period`, or this month (UTC) when absent, as the HTTP admin reads take it.
+fn month_or_this_one(period: Option<NaiveDate>) -> NaiveDate {
+    period.unwrap_or_else(|| Granularity::Month.bucket_of(chrono::Utc::now().date_naive()))
 }
 
 /// Runs an export.
@@ -209,7 +214,7 @@ pub async fn run(settings: &Settings, command: ExportCommand) -> anyhow::Result<
 /// `tally stats`.
 pub async fn stats(settings: &Settings, args: StatsArgs) -> anyhow::Result<ExitCode> {
     let (store, catalog) = settings.open_existing_store().await?;
-    let stats = admin::stats(store.as_ref(), &catalog, args.period).await?;
+    let stats = admin::stats(store.as_ref(), &catalog, month_or_this_one(args.period)).await?;
     outln!("{}", serde_json::to_string_pretty(&stats)?)?;
     Ok(ExitCode::SUCCESS)
 }
@@ -218,12 +223,12 @@ pub async fn stats(settings: &Settings, args: StatsArgs) -> anyhow::Result<ExitC
 pub async fn top(settings: &Settings, args: TopArgs) -> anyhow::Result<ExitCode> {
     let (store, catalog) = settings.open_existing_store().await?;
     let (resource, _) = catalog.resource(&args.resource)?;
-    anyhow::ensure!((1..=1000).contains(&args.limit), "--limit must be 1 to 1000");
-    let top = admin::top(store.as_ref(), &catalog, resource, args.period, args.limit).await?;
+    let month = month_or_this_one(args.period);
+    let top = admin::top(store.as_ref(), &catalog, resource, month, usize::from(args.limit)).await?;
     outln!(
         "{}",
         serde_json::to_string_pretty(&serde_json::json!({
-            "period": args.period.format("%Y-%m").to_string(),
+            "period": month.format("%Y-%m").to_string(),
             "resource": resource,
             "accounts": top,
         }))?

@@ -664,6 +664,21 @@ async fn admin_stats_and_top_accounts_describe_a_known_dataset(app: TestApp) {
         cli_top["accounts"],
         json!([{"account": "acme", "amount": "350"}, {"account": "globex", "amount": "7"}])
     );
+    // Without --period the CLI takes this month, as the HTTP reads do (review R).
+    let this_month = chrono::Utc::now().format("%Y-%m").to_string();
+    let stats_now: serde_json::Value = serde_json::from_slice(&app.cli(&["stats"]).stdout).unwrap();
+    assert_eq!(stats_now["period"], this_month.as_str());
+    assert_eq!(stats_now, app.get("/v1/admin/stats").await.body);
+    let top_now: serde_json::Value =
+        serde_json::from_slice(&app.cli(&["top", "--resource", "api_requests"]).stdout).unwrap();
+    assert_eq!(top_now["period"], this_month.as_str());
+    // A limit out of range is a usage error (exit 2), as the other flags' are.
+    let none = app.cli(&["top", "--resource", "api_requests", "--limit", "0"]);
+    assert_eq!(none.status.code(), Some(2), "{none:?}");
+    assert!(
+        String::from_utf8_lossy(&none.stderr).contains("0 is not in 1..=1000"),
+        "{none:?}"
+    );
 }
 
 async fn the_monthly_reports_job_writes_each_report_once(app: TestApp) {
