@@ -103,6 +103,12 @@ pub fn parse_listen(raw: &str) -> Result<SocketAddr, String> {
     }
     let hint = "give HOST:PORT, e.g. 127.0.0.1:7600, 0.0.0.0:7600, [::1]:7600 or localhost:7600";
     match raw.rsplit_once(':') {
+        // A bare number is a port without its host (`--listen 7600`).
+        None if raw.parse::<u16>().is_ok() => {
+            return Err(format!(
+                "{raw:?} has no host; for every interface give 0.0.0.0:{raw}, for this machine only 127.0.0.1:{raw}"
+            ));
+        }
         None => return Err(format!("{raw:?} has no port; {hint}")),
         Some((_, port)) if port.parse::<u16>().is_err() => {
             let why = if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) {
@@ -435,6 +441,12 @@ mod tests {
             let message = parse_listen(bad).unwrap_err();
             assert!(message.contains("give HOST:PORT"), "{bad}: {message}");
         }
+        // A port alone once got "has no port".
+        let message = parse_listen("7600").unwrap_err();
+        assert!(
+            message.contains("\"7600\" has no host; for every interface give 0.0.0.0:7600"),
+            "{message}"
+        );
         // It once said "has no port" of a port out of range.
         let message = parse_listen("localhost:99999").unwrap_err();
         assert!(message.contains("\"99999\" is out of range (0 to 65535)"), "{message}");
