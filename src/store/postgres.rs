@@ -178,9 +178,8 @@ impl PgStore {
     /// waits for nothing. Readers are never waited for; nor is the rollup.
     /// The wait holds no pooled connection between its looks.
     ///
-    /// `Ok(Err(..))`: a writer stayed open past [`LISTING_WAIT`]; it names
-    /// the writer.
-    async fn listing_horizon(&self) -> Result<Result<i64, StoreError>, StoreError> {
+    /// [`Horizon::Stuck`]: a writer stayed open past [`LISTING_WAIT`].
+    async fn listing_horizon(&self) -> Result<Horizon, StoreError> {
         let highest = self.highest_row().await?;
         // After the horizon was read, in its own statement: a transaction
         // that took an id at or below it had its transaction id by then.
@@ -196,7 +195,7 @@ impl PgStore {
                     Some(pid) => format!("a transaction (backend pid {pid}, xid {xid})"),
                     None => format!("a prepared transaction (xid {xid}; see pg_prepared_xacts)"),
                 };
-                return Ok(Err(StoreError::Busy(format!(
+                return Ok(Horizon::Stuck(StoreError::Busy(format!(
                     "the entries listing waits for writes in flight that may hold lower ids, and {who} has \
                      written and stayed open for over {} s; retry shortly, or end that transaction",
                     LISTING_WAIT.as_secs()
@@ -223,7 +222,7 @@ impl PgStore {
         if horizon > proven.id {
             *proven = highest;
         }
-        Ok(Ok(horizon))
+        Ok(Horizon::Proven(horizon))
     }
 
     /// One rollup batch (see [`Store::rollup_batch`]). `walk` finds the
@@ -787,10 +786,10 @@ impl Store for PgStore {
             return Ok(settled);
         }
         match self.listing_horizon().await? {
-            Ok(horizon) => self.entries_page(filter, after_id, horizon).await,
+            Horizon::Proven(horizon) => self.entries_page(filter, after_id, horizon).await,
             // A short page; the client comes back for the rest.
-            Err(stuck) if settled.is_empty() => Err(stuck),
-            Err(_) => Ok(settled),
+            Horizon::Stuck(busy) if settled.is_empty() => Err(busy),
+            Horizon::Stuck(_) => Ok(settled),
         }
     }
 
@@ -1443,6 +1442,14 @@ fn wide(rows: Vec<(String, String, NaiveDate, String, i64)>) -> Result<Vec<Verif
 
 /// The advisory lock key that serialises rollup batches.
 const ROLLUP_LOCK_KEY: i64 = 0x7461_6c6c_7972_6f6c; // "tallyrol"
+
+/// How far the entries listing may read (`PgStore::listing_horizon`).
+enum Horizon {
+    /// Every id up to this one is committed or rolled back, for good.
+    Proven(i64),
+    /// A writer stayed open too long to wait for; the error names it.
+    Stuck(StoreError),
+}
 
 /// How long an entries listing waits for writing transactions to end (see
 /// `PgStore::listing_horizon`).
