@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -79,59 +79,89 @@ fn check_header(file: &std::path::Path, headers: &csv::StringRecord) -> anyhow::
 /// csv crate counts lines itself, but its count falls behind after CRLF
 /// endings and blank lines (BurntSushi/rust-csv#395, #208), which is what
 /// Excel and people write; and a record's byte offset can point at the end
-/// of the line before it. So a second sequential pass over the file counts the
-/// line feeds before each record's first byte.
-struct FileLines {
-    reader: BufReader<File>,
-    /// Bytes of the file counted so far.
-    offset: u64,
-    /// The line `offset` is on (1-based).
+/// of the line before it. So the bytes the csv reader reads pass through
+/// [`LineEndsReader`], which notes where each line end is, and a record's
+/// line is found from its byte offset. One pass over one stream: the file may
+/// be a pipe (`/dev/stdin`), which cannot be read twice.
+#[derive(Default)]
+struct LineEnds {
+    /// Offsets of the CR and LF bytes read and not yet passed by a record.
+    pending: std::collections::VecDeque<(u64, u8)>,
+    /// Bytes read so far.
+    read: u64,
+    /// The line the first pending byte is on (1-based).
     line: u64,
 }
 
-impl FileLines {
-    fn open(path: &std::path::Path) -> std::io::Result<Self> {
-        Ok(Self {
-            reader: BufReader::new(File::open(path)?),
-            offset: 0,
-            line: 1,
-        })
-    }
-
-    /// The line on which the record the csv reader placed at byte `start`
-    /// begins: past the line ends and blank lines from `start` on. Records
-    /// come in file order, so the pass only moves forward.
-    fn line_of(&mut self, start: u64) -> std::io::Result<u64> {
-        loop {
-            let buffer = self.reader.fill_buf()?;
-            if buffer.is_empty() {
-                return Ok(self.line);
+impl LineEnds {
+    /// The line on which the record placed at byte `start` begins: past the
+    /// line ends and blank lines from `start` on. Records come in stream
+    /// order, so what lies before `start` is never asked for again.
+    fn line_of(&mut self, start: u64) -> u64 {
+        while let Some(&(offset, byte)) = self.pending.front() {
+            if offset >= start {
+                break;
             }
-            let before_start = usize::try_from(start.saturating_sub(self.offset)).unwrap_or(usize::MAX);
-            let counted = before_start.min(buffer.len());
-            let mut line_feeds = buffer[..counted].iter().filter(|&&b| b == b'\n').count();
-            // From `start` on, only line ends remain before the record's first byte.
-            let line_ends = buffer[counted..]
-                .iter()
-                .take_while(|&&b| b == b'\r' || b == b'\n')
-                .inspect(|&&b| line_feeds += usize::from(b == b'\n'))
-                .count();
-            let used = counted + line_ends;
-            let found = used < buffer.len();
-            self.reader.consume(used);
-            self.offset += used as u64;
-            self.line += line_feeds as u64;
-            if found {
-                return Ok(self.line);
+            self.line += u64::from(byte == b'\n');
+            self.pending.pop_front();
+        }
+        // From `start` on, only line ends can come before the record's first byte.
+        let mut next = start;
+        while let Some(&(offset, byte)) = self.pending.front() {
+            if offset != next {
+                break;
+            }
+            self.line += u64::from(byte == b'\n');
+            self.pending.pop_front();
+            next += 1;
+        }
+        self.line
+    }
+}
+
+/// The reader the csv reader reads through: it notes every line end in
+/// [`LineEnds`], shared with the loop that names the records' lines.
+struct LineEndsReader<R> {
+    inner: R,
+    ends: std::sync::Arc<std::sync::Mutex<LineEnds>>,
+}
+
+impl<R: Read> Read for LineEndsReader<R> {
+    fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buffer)?;
+        let mut ends = self.ends.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let base = ends.read;
+        for (i, &byte) in buffer[..n].iter().enumerate() {
+            if byte == b'\r' || byte == b'\n' {
+                ends.pending.push_back((base + i as u64, byte));
             }
         }
+        ends.read += n as u64;
+        Ok(n)
     }
+}
 
-    /// [`FileLines::line_of`] the csv reader's `position`, or the reader's own
-    /// count should the second pass fail.
-    fn line_at(&mut self, position: Option<&csv::Position>) -> u64 {
-        position.map_or(0, |p| self.line_of(p.byte()).unwrap_or(p.line()))
+/// Why the csv reader could not read a row, in the import's own words: the
+/// csv crate's text carries its own line count, which is off (see [`LineEnds`]).
+fn unreadable_row(e: &csv::Error) -> String {
+    match e.kind() {
+        csv::ErrorKind::UnequalLengths { expected_len, len, .. } => format!(
+            "unreadable CSV row: it has {len} field{} where the header has {expected_len} \
+             (a missing comma, or a field with a comma or line break that is not in double quotes?)",
+            if *len == 1 { "" } else { "s" }
+        ),
+        csv::ErrorKind::Utf8 { err, .. } => format!(
+            "unreadable CSV row: field {} is not UTF-8; save the file as UTF-8",
+            err.field() + 1
+        ),
+        _ => format!("unreadable CSV row: {e}"),
     }
+}
+
+/// [`LineEnds::line_of`] the csv reader's `position`.
+fn line_at(ends: &std::sync::Mutex<LineEnds>, position: Option<&csv::Position>) -> u64 {
+    let mut ends = ends.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    position.map_or(0, |p| ends.line_of(p.byte()))
 }
 
 struct PendingRow {
@@ -147,8 +177,14 @@ pub async fn run(settings: &Settings, args: ImportArgs) -> anyhow::Result<ExitCo
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
     let progress = ProgressBar::new(size)
         .with_style(ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {msg}").expect("valid template"));
-    let mut reader = csv::Reader::from_reader(progress.wrap_read(file));
-    let mut lines = FileLines::open(&args.file).with_context(|| format!("cannot open {}", args.file.display()))?;
+    let line_ends = std::sync::Arc::new(std::sync::Mutex::new(LineEnds {
+        line: 1,
+        ..LineEnds::default()
+    }));
+    let mut reader = csv::Reader::from_reader(LineEndsReader {
+        inner: progress.wrap_read(file),
+        ends: line_ends.clone(),
+    });
     let headers = reader.headers().context("cannot read the CSV header row")?.clone();
     let column = |name: &str| headers.iter().position(|h| h == name);
     check_header(&args.file, &headers)?;
@@ -167,12 +203,12 @@ pub async fn run(settings: &Settings, args: ImportArgs) -> anyhow::Result<ExitCo
         let record = match record {
             Ok(r) => r,
             Err(e) => {
-                let line = lines.line_at(e.position());
-                summary.rejected.push((line, format!("unreadable CSV row: {e}")));
+                let line = line_at(&line_ends, e.position());
+                summary.rejected.push((line, unreadable_row(&e)));
                 continue;
             }
         };
-        let line = lines.line_at(record.position());
+        let line = line_at(&line_ends, record.position());
         let field = |name: &str| column(name).and_then(|i| record.get(i)).filter(|v| !v.is_empty());
         let metadata = match field("metadata")
             .map(serde_json::from_str::<serde_json::Value>)
