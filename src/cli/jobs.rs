@@ -61,23 +61,27 @@ pub async fn rollup(settings: &Settings, args: RollupArgs) -> anyhow::Result<Exi
         max_batch_size: args.max_batch_size,
         failpoint,
     };
-    let began = chrono::Utc::now();
+    // A script runs `tally rollup` to have current totals: say when entries
+    // that were waiting before the run are still out of them. Both instants
+    // are `recorded_at`s, stamped by one clock (the database's on PostgreSQL).
+    let waiting_before = store.oldest_unfolded().await.ok().flatten();
     let report = rollup::run(store.as_ref(), &options, &Metrics::default()).await?;
     outln!("{report}")?;
-    // A script runs `tally rollup` to have current totals: say when entries
-    // recorded before the run are still out of them.
-    if let Some(oldest) = store.oldest_unfolded().await?
-        && oldest < began
-    {
-        eprintln!(
-            "note: entries recorded since {} are not folded yet, though recorded before this run \
-             began: their transaction committed after the run's last batch, or, on PostgreSQL, a \
-             transaction older than them is still open somewhere in the cluster and holds the fold \
-             back, since it follows commit order (docs/operations.md, \"The rollup and PostgreSQL's \
-             commit order\"). The next run after it ends folds them; checks, usage and exports count \
-             them meanwhile",
+    match store.oldest_unfolded().await {
+        Ok(Some(oldest)) if waiting_before.is_some_and(|before| oldest <= before) => eprintln!(
+            "note: entries recorded since {}, waiting before this run began, are not folded yet: on \
+             PostgreSQL a transaction older than them is still open somewhere in the cluster and holds \
+             the fold back, since it follows commit order (docs/operations.md, \"The rollup and \
+             PostgreSQL's commit order\"); or they committed after the run's last batch. The next run \
+             after it ends folds them; checks, usage and exports count them meanwhile",
             oldest.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
-        );
+        ),
+        Ok(_) => {}
+        // The run succeeded; only the note could not be judged.
+        Err(e) => {
+            let why = crate::telemetry::cause_chain(&e);
+            tracing::warn!(error = %why, "could not tell whether entries are still waiting: {why}");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
