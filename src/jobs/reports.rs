@@ -47,6 +47,26 @@ pub enum ReportsError {
         #[source]
         source: std::io::Error,
     },
+    /// The reports directory would be made inside a file.
+    #[error(
+        "the reports directory {} cannot be made: {} is a file, not a folder; set --reports-dir / \
+         TALLY_REPORTS_DIR to a folder",
+        .dir.display(),
+        .file.display()
+    )]
+    InsideAFile {
+        /// The directory.
+        dir: PathBuf,
+        /// The file on its path.
+        file: PathBuf,
+    },
+    /// The reports directory is a symbolic link to nothing.
+    #[error(
+        "the reports directory {} is a symbolic link to nothing; point it at a folder or set \
+         --reports-dir / TALLY_REPORTS_DIR to one",
+        .0.display()
+    )]
+    DanglingLink(PathBuf),
     /// No file can be created in the reports directory.
     #[error(
         "cannot write in the reports directory {} (make it writable, or set --reports-dir / TALLY_REPORTS_DIR \
@@ -66,13 +86,17 @@ pub enum ReportsError {
 }
 
 /// Why the monthly reports could not be written in `dir`, found without
-/// leaving anything behind: a file where the folder should be, or a folder
-/// (the nearest existing one, while `dir` is still to be created) in which no
-/// file can be created. `serve` asks at start, so that a reports directory
-/// that would fail is heard of then, not at 00:05 on the 1st.
+/// leaving anything behind: a file where the folder should be or on its
+/// path, a symbolic link to nothing, or a folder (the nearest existing one,
+/// while `dir` is still to be created) in which no file can be created.
+/// `serve` asks at start, so that a reports directory that would fail is
+/// heard of then, not at 00:05 on the 1st.
 pub fn unusable_directory(dir: &Path) -> Option<ReportsError> {
     if dir.exists() && !dir.is_dir() {
         return Some(ReportsError::DirectoryIsAFile(dir.to_owned()));
+    }
+    if !dir.exists() && dir.symlink_metadata().is_ok() {
+        return Some(ReportsError::DanglingLink(dir.to_owned()));
     }
     let existing = dir
         .ancestors()
@@ -84,6 +108,12 @@ pub fn unusable_directory(dir: &Path) -> Option<ReportsError> {
             }
         })
         .find(|folder| folder.exists())?;
+    if !existing.is_dir() {
+        return Some(ReportsError::InsideAFile {
+            dir: dir.to_owned(),
+            file: existing.to_owned(),
+        });
+    }
     // An unnamed file (O_TMPFILE where the system has it): gone once dropped.
     tempfile::tempfile_in(existing)
         .err()
@@ -324,11 +354,23 @@ mod tests {
         std::fs::write(&file, "x").unwrap();
         let is_a_file = unusable_directory(&file).expect("a file is no folder");
         assert!(is_a_file.to_string().contains("is a file, not a folder"), "{is_a_file}");
-        // Under a file, the folder can never be made.
-        let under = unusable_directory(&file.join("reports")).expect("no folder under a file");
+        // Under a file, the folder can never be made: the file is named.
+        let under = unusable_directory(&file.join("reports/2026")).expect("no folder under a file");
+        assert_eq!(
+            under.to_string(),
+            format!(
+                "the reports directory {}/reports/2026 cannot be made: {} is a file, not a folder; set \
+                 --reports-dir / TALLY_REPORTS_DIR to a folder",
+                file.display(),
+                file.display()
+            )
+        );
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(dir.path().join("gone"), &link).unwrap();
+        let dangling = unusable_directory(&link).expect("a link to nothing");
         assert!(
-            under.to_string().starts_with("cannot write in the reports directory"),
-            "{under}"
+            dangling.to_string().contains("is a symbolic link to nothing"),
+            "{dangling}"
         );
     }
 
