@@ -25,7 +25,7 @@ pub enum ExportError {
     Store(#[from] StoreError),
     /// The store's part of an export (its CSV lines) failed.
     #[error(transparent)]
-    Lines(#[from] crate::store::ExportError),
+    Lines(#[from] crate::store::StreamError),
     /// An invoice period that is not a month (its first day).
     #[error("an invoice period is a month; got {0}")]
     NotAMonth(NaiveDate),

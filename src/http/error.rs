@@ -8,7 +8,7 @@ use serde_json::json;
 
 use crate::domain::FieldError;
 use crate::export::ExportError;
-use crate::store::StoreError;
+use crate::store::{StoreError, StreamError};
 use crate::usage::admin::StatsError;
 
 /// An error answered to an HTTP client.
@@ -149,7 +149,10 @@ impl From<StatsError> for ApiError {
     /// when the database is out of reach), anything else is a 500.
     fn from(e: StatsError) -> Self {
         match e {
-            StatsError::Store(store) | StatsError::Invoices(ExportError::Store(store)) => store.into(),
+            StatsError::Store(store)
+            | StatsError::Invoices(ExportError::Store(store) | ExportError::Lines(StreamError::Store(store))) => {
+                store.into()
+            }
             other => Self::Internal(other.into()),
         }
     }

@@ -433,7 +433,7 @@ pub trait Store: Send + Sync + 'static {
     /// the entries export's CSV lines (no header), ascending id, streamed in
     /// chunks of whole lines (memory stays flat however many rows). Returns
     /// the row count.
-    async fn export_entries(&self, filter: &ExportFilter, sink: &mut dyn CsvSink) -> Result<u64, ExportError>;
+    async fn export_entries(&self, filter: &ExportFilter, sink: &mut dyn CsvSink) -> Result<u64, StreamError>;
 
     /// Writes the totals per (account, resource, bucket) of the filter's range
     /// as the daily or monthly export's CSV lines (no header), ascending by
@@ -445,7 +445,7 @@ pub trait Store: Send + Sync + 'static {
         granularity: Granularity,
         filter: &ExportFilter,
         sink: &mut dyn CsvSink,
-    ) -> Result<u64, ExportError>;
+    ) -> Result<u64, StreamError>;
 
     /// Totals per (account, resource, bucket), ascending, streamed: folded
     /// totals plus the unfolded tail, or recomputed from the ledger as of the
@@ -487,9 +487,9 @@ pub trait CsvSink: Send {
     fn write_lines(&mut self, lines: &[u8], rows: u64) -> std::io::Result<()>;
 }
 
-/// Why an export stopped.
+/// Why the store stopped streaming an export's rows (its CSV lines).
 #[derive(Debug, thiserror::Error)]
-pub enum ExportError {
+pub enum StreamError {
     /// Reading the database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -504,27 +504,27 @@ pub enum ExportError {
     Data(String),
 }
 
-impl From<sqlx::Error> for ExportError {
+impl From<sqlx::Error> for StreamError {
     fn from(e: sqlx::Error) -> Self {
-        ExportError::Store(e.into())
+        StreamError::Store(e.into())
     }
 }
 
-impl From<rusqlite::Error> for ExportError {
+impl From<rusqlite::Error> for StreamError {
     fn from(e: rusqlite::Error) -> Self {
         match &e {
             // The same words as through sqlx (`is_overflow`).
             rusqlite::Error::SqliteFailure(_, Some(message)) if message == "integer overflow" => {
-                ExportError::Store(StoreError::overflow(message))
+                StreamError::Store(StoreError::overflow(message))
             }
-            _ => ExportError::Sqlite(e),
+            _ => StreamError::Sqlite(e),
         }
     }
 }
 
-impl From<crate::export::format::FormatError> for ExportError {
+impl From<crate::export::format::FormatError> for StreamError {
     fn from(e: crate::export::format::FormatError) -> Self {
-        ExportError::Data(e.0)
+        StreamError::Data(e.0)
     }
 }
 
@@ -552,9 +552,9 @@ impl Chunk {
     }
 
     /// Hands what is buffered to `sink`.
-    pub(crate) fn flush(&mut self, sink: &mut dyn CsvSink) -> Result<(), ExportError> {
+    pub(crate) fn flush(&mut self, sink: &mut dyn CsvSink) -> Result<(), StreamError> {
         if self.rows > 0 {
-            sink.write_lines(&self.bytes, self.rows).map_err(ExportError::Write)?;
+            sink.write_lines(&self.bytes, self.rows).map_err(StreamError::Write)?;
         }
         self.total_rows += self.rows;
         self.bytes.clear();
@@ -576,11 +576,11 @@ pub(crate) struct AscendingKeys {
 
 impl AscendingKeys {
     /// Accepts the next key, or errs when it does not come after the last.
-    pub(crate) fn advance(&mut self, account: &[u8], resource: &[u8], bucket: NaiveDate) -> Result<(), ExportError> {
+    pub(crate) fn advance(&mut self, account: &[u8], resource: &[u8], bucket: NaiveDate) -> Result<(), StreamError> {
         if let Some(last) = self.bucket
             && (account, resource, bucket) <= (self.account.as_slice(), self.resource.as_slice(), last)
         {
-            return Err(ExportError::Data(format!(
+            return Err(StreamError::Data(format!(
                 "totals arrived out of byte order ({} / {} / {bucket} after {} / {} / {last}); \
                      the database's collation is not byte order: export from a database created with \
                      LC_COLLATE 'C' or report this",
@@ -630,9 +630,9 @@ impl TailTotal {
 pub(crate) fn add_tail<'a>(
     folded: crate::export::format::TotalFields<'a>,
     tail: &TailTotal,
-) -> Result<crate::export::format::TotalFields<'a>, ExportError> {
+) -> Result<crate::export::format::TotalFields<'a>, StreamError> {
     let overflow = || {
-        ExportError::Data(format!(
+        StreamError::Data(format!(
             "the total of account '{}', resource '{}', {} exceeds 64 bits",
             tail.account, tail.resource, tail.bucket
         ))

@@ -26,7 +26,7 @@ use sqlx::{FromRow, PgPool, Postgres, QueryBuilder};
 use super::settled::{Settled, SettledSums, bounds};
 use super::{
     Backend, BeforeCommit, CheckInputs, ConsumeDecider, ConsumeResult, ConsumeRules, CsvSink, DecidedConsume,
-    ExportError, ExportFilter, JobLock, NewApiKey, OpenError, Store, StoreError, TotalMismatch, TotalRow,
+    ExportFilter, JobLock, NewApiKey, OpenError, Store, StoreError, StreamError, TotalMismatch, TotalRow,
     VerifiedTotal, diff_totals, natural_key, replay, resolve_outcomes, totals_sql,
 };
 use crate::domain::{
@@ -1340,7 +1340,7 @@ impl Store for PgStore {
         Ok(ConsumeResult::Recorded { entry_id, response })
     }
 
-    async fn export_entries(&self, filter: &ExportFilter, sink: &mut dyn CsvSink) -> Result<u64, ExportError> {
+    async fn export_entries(&self, filter: &ExportFilter, sink: &mut dyn CsvSink) -> Result<u64, StreamError> {
         export::entries(&self.pool, &self.catalog, filter, sink).await
     }
 
@@ -1349,7 +1349,7 @@ impl Store for PgStore {
         granularity: Granularity,
         filter: &ExportFilter,
         sink: &mut dyn CsvSink,
-    ) -> Result<u64, ExportError> {
+    ) -> Result<u64, StreamError> {
         export::totals(&self.pool, &self.catalog, granularity, filter, sink).await
     }
 

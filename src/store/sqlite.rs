@@ -25,9 +25,8 @@ use sqlx::{Connection as _, FromRow, QueryBuilder, Sqlite, SqlitePool};
 
 use super::settled::{Settled, SettledSums, bounds};
 use super::{
-    Backend, BeforeCommit, ConsumeDecider, ConsumeResult, CsvSink, ExportError, ExportFilter, JobLock, NewApiKey,
-    OpenError, Store, StoreError, TotalMismatch, TotalRow, diff_totals, natural_key, replay, resolve_outcomes,
-    totals_sql,
+    Backend, BeforeCommit, ConsumeDecider, ConsumeResult, CsvSink, ExportFilter, JobLock, NewApiKey, OpenError, Store,
+    StoreError, StreamError, TotalMismatch, TotalRow, diff_totals, natural_key, replay, resolve_outcomes, totals_sql,
 };
 use crate::domain::catalog::{Enforcement, Window};
 use crate::domain::period::{Granularity, start_of};
@@ -979,7 +978,7 @@ impl Store for SqliteStore {
         Ok(ConsumeResult::Recorded { entry_id, response })
     }
 
-    async fn export_entries(&self, filter: &ExportFilter, sink: &mut dyn CsvSink) -> Result<u64, ExportError> {
+    async fn export_entries(&self, filter: &ExportFilter, sink: &mut dyn CsvSink) -> Result<u64, StreamError> {
         export::entries(&self.export_source, &self.catalog, filter, sink).await
     }
 
@@ -988,7 +987,7 @@ impl Store for SqliteStore {
         granularity: Granularity,
         filter: &ExportFilter,
         sink: &mut dyn CsvSink,
-    ) -> Result<u64, ExportError> {
+    ) -> Result<u64, StreamError> {
         export::totals(&self.export_source, &self.catalog, granularity, filter, sink).await
     }
 

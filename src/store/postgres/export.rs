@@ -21,7 +21,7 @@ use sqlx::pool::PoolConnection;
 use crate::domain::Catalog;
 use crate::domain::period::{Granularity, start_of};
 use crate::export::format::{EntryFields, RowFormatter, TotalFields};
-use crate::store::{AscendingKeys, Chunk, CsvSink, ExportError, ExportFilter, TailTotal, add_tail, totals_sql};
+use crate::store::{AscendingKeys, Chunk, CsvSink, ExportFilter, StreamError, TailTotal, add_tail, totals_sql};
 
 /// The entries export (see [`crate::store::Store::export_entries`]).
 pub(super) async fn entries(
@@ -29,7 +29,7 @@ pub(super) async fn entries(
     catalog: &Catalog,
     filter: &ExportFilter,
     sink: &mut dyn CsvSink,
-) -> Result<u64, ExportError> {
+) -> Result<u64, StreamError> {
     let mut conditions = vec![
         format!("occurred_at >= {}", instant(start_of(filter.from))),
         format!("occurred_at < {}", instant(start_of(filter.to))),
@@ -57,7 +57,7 @@ async fn copy_entries(
     sql: &str,
     catalog: &Catalog,
     sink: &mut dyn CsvSink,
-) -> Result<u64, ExportError> {
+) -> Result<u64, StreamError> {
     let mut format = RowFormatter::new(catalog);
     let mut chunk = Chunk::new();
     let mut reader = BinaryCopy::default();
@@ -108,7 +108,7 @@ pub(super) async fn totals(
     granularity: Granularity,
     filter: &ExportFilter,
     sink: &mut dyn CsvSink,
-) -> Result<u64, ExportError> {
+) -> Result<u64, StreamError> {
     if filter.as_of.is_some() {
         return totals_as_of(pool, catalog, granularity, filter, sink).await;
     }
@@ -153,7 +153,7 @@ async fn merge_folded_and_tail(
     granularity: Granularity,
     filter: &ExportFilter,
     sink: &mut dyn CsvSink,
-) -> Result<u64, ExportError> {
+) -> Result<u64, StreamError> {
     let (table, bucket, bucket_of_entry) = shape(granularity);
     let tail_sql = totals_sql(
         include_str!("../sql/postgres/export_totals_tail.sql"),
@@ -251,7 +251,7 @@ async fn totals_as_of(
     granularity: Granularity,
     filter: &ExportFilter,
     sink: &mut dyn CsvSink,
-) -> Result<u64, ExportError> {
+) -> Result<u64, StreamError> {
     let (table, bucket, bucket_of_entry) = shape(granularity);
     let sql = totals_sql(
         include_str!("../sql/postgres/export_totals_as_of.sql"),
@@ -347,7 +347,7 @@ impl BinaryCopy {
 
     /// The next complete tuple, which must have `width` fields; None when more
     /// bytes are needed (or the data ended).
-    fn next_tuple(&mut self, width: usize) -> Result<Option<Tuple>, ExportError> {
+    fn next_tuple(&mut self, width: usize) -> Result<Option<Tuple>, StreamError> {
         if !self.header_seen {
             let Some(fixed) = self.available(0, SIGNATURE.len() + 8) else {
                 return Ok(None);
@@ -405,7 +405,7 @@ impl BinaryCopy {
     }
 
     /// Checks that the data ended properly.
-    fn finish(&self) -> Result<(), ExportError> {
+    fn finish(&self) -> Result<(), StreamError> {
         if self.ended && self.pos == self.buf.len() {
             Ok(())
         } else {
@@ -414,50 +414,50 @@ impl BinaryCopy {
     }
 }
 
-fn malformed(what: &str) -> ExportError {
-    ExportError::Data(format!("malformed COPY data from the server ({what})"))
+fn malformed(what: &str) -> StreamError {
+    StreamError::Data(format!("malformed COPY data from the server ({what})"))
 }
 
 fn be_u32(bytes: &[u8]) -> u32 {
     u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
 }
 
-fn required(value: Option<&[u8]>) -> Result<&[u8], ExportError> {
+fn required(value: Option<&[u8]>) -> Result<&[u8], StreamError> {
     value.ok_or_else(|| malformed("NULL in a NOT NULL column"))
 }
 
-fn int8(value: Option<&[u8]>) -> Result<i64, ExportError> {
+fn int8(value: Option<&[u8]>) -> Result<i64, StreamError> {
     let bytes: [u8; 8] = required(value)?.try_into().map_err(|_| malformed("bigint"))?;
     Ok(i64::from_be_bytes(bytes))
 }
 
 /// µs since 2000-01-01 (PostgreSQL's epoch) to µs since 1970-01-01.
-fn timestamptz(value: Option<&[u8]>) -> Result<i64, ExportError> {
+fn timestamptz(value: Option<&[u8]>) -> Result<i64, StreamError> {
     const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
     int8(value)?
         .checked_add(POSTGRES_EPOCH_MICROS)
-        .ok_or_else(|| ExportError::Data("a stored timestamp is out of range".into()))
+        .ok_or_else(|| StreamError::Data("a stored timestamp is out of range".into()))
 }
 
 /// Days since 2000-01-01.
-fn date(value: Option<&[u8]>) -> Result<NaiveDate, ExportError> {
+fn date(value: Option<&[u8]>) -> Result<NaiveDate, StreamError> {
     const DAYS_FROM_CE_TO_2000: i32 = 730_120;
     let bytes: [u8; 4] = required(value)?.try_into().map_err(|_| malformed("date"))?;
     i32::from_be_bytes(bytes)
         .checked_add(DAYS_FROM_CE_TO_2000)
         .and_then(NaiveDate::from_num_days_from_ce_opt)
-        .ok_or_else(|| ExportError::Data("a stored date is out of range".into()))
+        .ok_or_else(|| StreamError::Data("a stored date is out of range".into()))
 }
 
 /// jsonb's binary form: a version byte (1), then the JSON text.
-fn jsonb(value: &[u8]) -> Result<&[u8], ExportError> {
+fn jsonb(value: &[u8]) -> Result<&[u8], StreamError> {
     match value.split_first() {
         Some((1, text)) => Ok(text),
         _ => Err(malformed("jsonb version")),
     }
 }
 
-fn total_fields<'r>(reader: &'r BinaryCopy, tuple: &Tuple) -> Result<TotalFields<'r>, ExportError> {
+fn total_fields<'r>(reader: &'r BinaryCopy, tuple: &Tuple) -> Result<TotalFields<'r>, StreamError> {
     Ok(TotalFields {
         account: required(reader.field(tuple, 0))?,
         resource: required(reader.field(tuple, 1))?,

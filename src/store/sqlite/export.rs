@@ -21,7 +21,7 @@ use super::{bucketed_sql, shape, to_micros};
 use crate::domain::Catalog;
 use crate::domain::period::{Granularity, start_of};
 use crate::export::format::{EntryFields, RowFormatter, TotalFields};
-use crate::store::{AscendingKeys, Chunk, CsvSink, ExportError, ExportFilter, StoreError, TailTotal, add_tail};
+use crate::store::{AscendingKeys, Chunk, CsvSink, ExportFilter, StoreError, StreamError, TailTotal, add_tail};
 
 /// The database file the exports open (beside sqlx's pools).
 pub(crate) enum Source {
@@ -54,27 +54,27 @@ struct Lines {
 }
 
 impl Lines {
-    fn line_done(&mut self) -> Result<(), ExportError> {
+    fn line_done(&mut self) -> Result<(), StreamError> {
         if self.chunk.line_done() {
             self.send()?;
         }
         Ok(())
     }
 
-    fn send(&mut self) -> Result<(), ExportError> {
+    fn send(&mut self) -> Result<(), StreamError> {
         let full = std::mem::replace(&mut self.chunk, Chunk::new());
         // Fails only when the async side stopped (its error is the one reported).
         self.tx
             .blocking_send(full)
-            .map_err(|_| ExportError::Data("the export was abandoned".into()))
+            .map_err(|_| StreamError::Data("the export was abandoned".into()))
     }
 }
 
 /// Runs `job` on a blocking thread with its own connection and copies the
 /// lines it produces into `sink`. Returns the row count.
-async fn run<F>(source: &Arc<Source>, sink: &mut dyn CsvSink, job: F) -> Result<u64, ExportError>
+async fn run<F>(source: &Arc<Source>, sink: &mut dyn CsvSink, job: F) -> Result<u64, StreamError>
 where
-    F: FnOnce(&Connection, &mut Lines) -> Result<(), ExportError> + Send + 'static,
+    F: FnOnce(&Connection, &mut Lines) -> Result<(), StreamError> + Send + 'static,
 {
     let (tx, mut rx) = mpsc::channel(2);
     let source = Arc::clone(source);
@@ -90,13 +90,13 @@ where
     let mut rows = 0;
     while let Some(chunk) = rx.recv().await {
         if chunk.rows > 0 {
-            sink.write_lines(&chunk.bytes, chunk.rows).map_err(ExportError::Write)?;
+            sink.write_lines(&chunk.bytes, chunk.rows).map_err(StreamError::Write)?;
             rows += chunk.rows;
         }
     }
     worker
         .await
-        .map_err(|e| ExportError::Data(format!("the export thread failed: {e}")))??;
+        .map_err(|e| StreamError::Data(format!("the export thread failed: {e}")))??;
     Ok(rows)
 }
 
@@ -114,7 +114,7 @@ pub(super) async fn entries(
     catalog: &Arc<Catalog>,
     filter: &ExportFilter,
     sink: &mut dyn CsvSink,
-) -> Result<u64, ExportError> {
+) -> Result<u64, StreamError> {
     let catalog = Arc::clone(catalog);
     let filter = filter.clone();
     run(source, sink, move |conn, lines| {
@@ -155,7 +155,7 @@ pub(super) async fn totals(
     granularity: Granularity,
     filter: &ExportFilter,
     sink: &mut dyn CsvSink,
-) -> Result<u64, ExportError> {
+) -> Result<u64, StreamError> {
     let catalog = Arc::clone(catalog);
     let filter = filter.clone();
     run(source, sink, move |conn, lines| {
@@ -197,7 +197,7 @@ fn merge_folded_and_tail(
     granularity: Granularity,
     format: &mut RowFormatter<'_>,
     lines: &mut Lines,
-) -> Result<(), ExportError> {
+) -> Result<(), StreamError> {
     let (table, bucket, _) = shape(granularity);
     let account = filter.account.as_ref().map(|a| a.as_str());
     let resource = filter.resource.as_ref().map(|r| r.as_str());
@@ -261,7 +261,7 @@ fn write_with_tail(
     granularity: Granularity,
     format: &mut RowFormatter<'_>,
     lines: &mut Lines,
-) -> Result<(), ExportError> {
+) -> Result<(), StreamError> {
     while let Some(t) = tail.as_ref() {
         match t.cmp_key(folded.account, folded.resource, folded.bucket) {
             Ordering::Less => {
@@ -303,9 +303,9 @@ impl PendingTotal {
     }
 
     /// Adds another part; past 64 bits is the overflow every read reports.
-    fn add(&mut self, part: &TotalFields<'_>) -> Result<(), ExportError> {
+    fn add(&mut self, part: &TotalFields<'_>) -> Result<(), StreamError> {
         let overflow = || {
-            ExportError::Store(StoreError::overflow(&format!(
+            StreamError::Store(StoreError::overflow(&format!(
                 "the total of account '{}', resource '{}', {}",
                 String::from_utf8_lossy(&self.account),
                 String::from_utf8_lossy(&self.resource),
@@ -329,7 +329,7 @@ impl PendingTotal {
 }
 
 /// The next total of the tail, owned (the tail is read alongside the folded rows).
-fn tail_total(rows: &mut rusqlite::Rows<'_>) -> Result<Option<TailTotal>, ExportError> {
+fn tail_total(rows: &mut rusqlite::Rows<'_>) -> Result<Option<TailTotal>, StreamError> {
     let Some(row) = rows.next()? else { return Ok(None) };
     let t = total_fields(row)?;
     Ok(Some(TailTotal {
@@ -342,7 +342,7 @@ fn tail_total(rows: &mut rusqlite::Rows<'_>) -> Result<Option<TailTotal>, Export
 }
 
 /// (account, resource, bucket text, amount, entries) as borrowed fields.
-fn total_fields<'r>(row: &'r Row<'_>) -> Result<TotalFields<'r>, ExportError> {
+fn total_fields<'r>(row: &'r Row<'_>) -> Result<TotalFields<'r>, StreamError> {
     Ok(TotalFields {
         account: text(row, 0)?,
         resource: text(row, 1)?,
@@ -352,11 +352,11 @@ fn total_fields<'r>(row: &'r Row<'_>) -> Result<TotalFields<'r>, ExportError> {
     })
 }
 
-fn integer(row: &Row<'_>, index: usize) -> Result<i64, ExportError> {
+fn integer(row: &Row<'_>, index: usize) -> Result<i64, StreamError> {
     optional_integer(row, index)?.ok_or_else(|| unexpected(index, "NULL"))
 }
 
-fn optional_integer(row: &Row<'_>, index: usize) -> Result<Option<i64>, ExportError> {
+fn optional_integer(row: &Row<'_>, index: usize) -> Result<Option<i64>, StreamError> {
     match row.get_ref(index)? {
         ValueRef::Integer(v) => Ok(Some(v)),
         ValueRef::Null => Ok(None),
@@ -364,11 +364,11 @@ fn optional_integer(row: &Row<'_>, index: usize) -> Result<Option<i64>, ExportEr
     }
 }
 
-fn text<'r>(row: &'r Row<'_>, index: usize) -> Result<&'r [u8], ExportError> {
+fn text<'r>(row: &'r Row<'_>, index: usize) -> Result<&'r [u8], StreamError> {
     optional_text(row, index)?.ok_or_else(|| unexpected(index, "NULL"))
 }
 
-fn optional_text<'r>(row: &'r Row<'_>, index: usize) -> Result<Option<&'r [u8]>, ExportError> {
+fn optional_text<'r>(row: &'r Row<'_>, index: usize) -> Result<Option<&'r [u8]>, StreamError> {
     match row.get_ref(index)? {
         ValueRef::Text(v) | ValueRef::Blob(v) => Ok(Some(v)),
         ValueRef::Null => Ok(None),
@@ -376,12 +376,12 @@ fn optional_text<'r>(row: &'r Row<'_>, index: usize) -> Result<Option<&'r [u8]>,
     }
 }
 
-fn unexpected(index: usize, what: &str) -> ExportError {
-    ExportError::Data(format!("column {index} of a stored row holds {what}"))
+fn unexpected(index: usize, what: &str) -> StreamError {
+    StreamError::Data(format!("column {index} of a stored row holds {what}"))
 }
 
 /// A stored `YYYY-MM-DD` bucket, read without a general date parser.
-fn date(text: &[u8]) -> Result<NaiveDate, ExportError> {
+fn date(text: &[u8]) -> Result<NaiveDate, StreamError> {
     let digits = |range: std::ops::Range<usize>| {
         text[range]
             .iter()
@@ -396,7 +396,7 @@ fn date(text: &[u8]) -> Result<NaiveDate, ExportError> {
         None
     };
     parsed.ok_or_else(|| {
-        ExportError::Data(format!(
+        StreamError::Data(format!(
             "the database holds a malformed date {:?}",
             String::from_utf8_lossy(text)
         ))
