@@ -104,10 +104,13 @@ pub fn parse_listen(raw: &str) -> Result<SocketAddr, String> {
     let hint = "give HOST:PORT, e.g. 127.0.0.1:7600, 0.0.0.0:7600, [::1]:7600 or localhost:7600";
     match raw.rsplit_once(':') {
         // A bare number is a port without its host (`--listen 7600`).
-        None if raw.parse::<u16>().is_ok() => {
-            return Err(format!(
-                "{raw:?} has no host; for every interface give 0.0.0.0:{raw}, for this machine only 127.0.0.1:{raw}"
-            ));
+        None if !raw.is_empty() && raw.bytes().all(|b| b.is_ascii_digit()) => {
+            return Err(match raw.parse::<u16>() {
+                Ok(_) => format!(
+                    "{raw:?} has no host; for every interface give 0.0.0.0:{raw}, for this machine only 127.0.0.1:{raw}"
+                ),
+                Err(_) => format!("{raw:?} has no host, and as a port it is out of range (0 to 65535); {hint}"),
+            });
         }
         None => return Err(format!("{raw:?} has no port; {hint}")),
         Some((_, port)) if port.parse::<u16>().is_err() => {
@@ -445,6 +448,11 @@ mod tests {
         let message = parse_listen("7600").unwrap_err();
         assert!(
             message.contains("\"7600\" has no host; for every interface give 0.0.0.0:7600"),
+            "{message}"
+        );
+        let message = parse_listen("99999").unwrap_err();
+        assert!(
+            message.contains("has no host, and as a port it is out of range"),
             "{message}"
         );
         // It once said "has no port" of a port out of range.

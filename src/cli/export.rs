@@ -93,13 +93,17 @@ pub struct TopArgs {
     #[arg(long, value_parser = parse_month)]
     period: Option<NaiveDate>,
     /// How many accounts, 1 to 1000.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    #[arg(
+        long,
+        default_value_t = admin::TOP_DEFAULT,
+        value_parser = clap::value_parser!(u16).range(i64::from(*admin::TOP_LIMITS.start())..=i64::from(*admin::TOP_LIMITS.end()))
+    )]
     limit: u16,
 }
 
-/// `period`, or this month (UTC) when absent, as the HTTP admin reads take it.
+/// `period`, or this month when absent, as the HTTP admin reads take it.
 fn month_or_this_one(period: Option<NaiveDate>) -> NaiveDate {
-    period.unwrap_or_else(|| Granularity::Month.bucket_of(chrono::Utc::now().date_naive()))
+    period.unwrap_or_else(|| admin::this_month(chrono::Utc::now()))
 }
 
 /// Runs an export.

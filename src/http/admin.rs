@@ -9,7 +9,6 @@ use super::auth::Admin;
 use super::error::ApiError;
 use super::extract::QueryParams;
 use super::{AppState, params};
-use crate::domain::period::Granularity;
 use crate::usage::admin::{self, Stats};
 
 /// The admin routes.
@@ -26,7 +25,7 @@ fn period(
 ) -> Result<chrono::NaiveDate, ApiError> {
     match query.get("period") {
         Some(raw) => params::month("period", raw),
-        None => Ok(Granularity::Month.bucket_of(now.date_naive())),
+        None => Ok(admin::this_month(now)),
     }
 }
 
@@ -55,18 +54,29 @@ async fn top(
     )?;
     let month = period(&query, state.clock.now())?;
     let limit = match query.get("limit") {
-        None => 10,
-        Some(raw) => match raw.parse::<usize>() {
-            Ok(n) if (1..=1000).contains(&n) => n,
+        None => admin::TOP_DEFAULT,
+        Some(raw) => match raw.parse::<u16>() {
+            Ok(n) if admin::TOP_LIMITS.contains(&n) => n,
             _ => {
                 return Err(ApiError::invalid(
                     "limit",
-                    format!("limit {raw:?} must be an integer from 1 to 1000"),
+                    format!(
+                        "limit {raw:?} must be an integer from {} to {}",
+                        admin::TOP_LIMITS.start(),
+                        admin::TOP_LIMITS.end()
+                    ),
                 ));
             }
         },
     };
-    let accounts = admin::top(state.store.as_ref(), &state.catalog, &resource, month, limit).await?;
+    let accounts = admin::top(
+        state.store.as_ref(),
+        &state.catalog,
+        &resource,
+        month,
+        usize::from(limit),
+    )
+    .await?;
     Ok(Json(serde_json::json!({
         "period": month.format("%Y-%m").to_string(),
         "resource": resource,

@@ -14,6 +14,16 @@ use crate::export::ExportError;
 use crate::export::invoice::for_each_invoice;
 use crate::store::{ExportFilter, Store, StoreError};
 
+/// How many accounts [`top`] may list.
+pub const TOP_LIMITS: std::ops::RangeInclusive<u16> = 1..=1000;
+/// How many accounts [`top`] lists when not told.
+pub const TOP_DEFAULT: u16 = 10;
+
+/// The month the admin reads report when none is given: the one holding `now` (UTC).
+pub fn this_month(now: chrono::DateTime<chrono::Utc>) -> NaiveDate {
+    Granularity::Month.bucket_of(now.date_naive())
+}
+
 /// What can go wrong computing the platform's [`stats`].
 #[derive(Debug, thiserror::Error)]
 pub enum StatsError {
