@@ -115,12 +115,17 @@ impl ApiError {
             .map(|e| e.code)
             .find(|c| matches!(*c, "unknown_resource" | "unknown_plan" | "in_future" | "too_late"))
             .unwrap_or("validation_failed");
+        // The problem the message names is one the code names, when the
+        // code names one: a client reading both reads of the same problem.
         let message = match errors.as_slice() {
             [one] => one.message.clone(),
             many => format!(
-                "{} problems; the first: {}",
+                "{} problems (details.errors lists each); {}",
                 many.len(),
-                many.first().map_or("", |e| e.message.as_str())
+                many.iter()
+                    .find(|e| e.code == code)
+                    .or(many.first())
+                    .map_or("", |e| e.message.as_str())
             ),
         };
         Self::Validation { code, message, errors }
