@@ -725,6 +725,74 @@ async fn on_postgres_an_entry_committed_after_later_ids_is_still_folded_exactly_
     );
 }
 
+/// DESIGN.md §3 on SQLite: one writer, so an entry's id comes in commit
+/// order. A write left open holds any other writer back until it commits;
+/// a rollup meanwhile folds nothing of it, and afterwards its row and the
+/// later one fold once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_sqlite_an_entry_of_a_long_write_is_folded_exactly_once_after_it_commits() {
+    use sqlx::Connection as _;
+    let Some(app) = TestApp::spawn(Backend::Sqlite).await else {
+        return;
+    };
+    let mut slow = sqlx::SqliteConnection::connect(&app.database_url).await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE").execute(&mut slow).await.unwrap();
+    sqlx::query(
+        "INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key)
+         VALUES ('acme', 'api_requests', 1000, 1785542400000000, 1785542400000000, 'slow')",
+    )
+    .execute(&mut slow)
+    .await
+    .unwrap();
+    // A later entry, behind the open write, and a rollup meanwhile.
+    let later = {
+        let store = app.store.clone();
+        let catalog = app.catalog.clone();
+        tokio::spawn(async move {
+            let entry: tally::domain::EntryInput = serde_json::from_value(serde_json::json!({
+                "account": "acme", "resource": "api_requests", "amount": "1",
+                "idempotency_key": "later", "occurred_at": "2026-08-01T00:00:00Z",
+            }))
+            .unwrap();
+            let rules = tally::domain::entry::EntryRules {
+                catalog: &catalog,
+                now: chrono::Utc::now(),
+                late_horizon: chrono::Duration::days(36_500),
+                allow_late: true,
+            };
+            let entries = tally::domain::entry::validate_batch(vec![entry], rules).unwrap();
+            store.insert_entries(&entries).await.unwrap()[0].id
+        })
+    };
+    let rollup = {
+        let store = app.store.clone();
+        tokio::spawn(async move {
+            tally::jobs::rollup::run(store.as_ref(), &RollupOptions::default(), &Default::default())
+                .await
+                .unwrap()
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(!later.is_finished(), "the later entry waits for the open write");
+    let meanwhile = rollup.await.unwrap();
+    assert_eq!(meanwhile.entries, 0, "nothing committed to fold meanwhile");
+    sqlx::query("COMMIT").execute(&mut slow).await.unwrap();
+    let later_id = later.await.unwrap();
+    let slow_id = app
+        .scalar_i64("SELECT id FROM entries WHERE idempotency_key = 'slow'")
+        .await;
+    assert!(slow_id < later_id, "ids in commit order: {slow_id} then {later_id}");
+    app.rollup().await;
+    assert_eq!(app.daily_total("acme", "api_requests", "2026-08-01").await, 1001);
+    app.rollup().await;
+    assert_eq!(
+        app.daily_total("acme", "api_requests", "2026-08-01").await,
+        1001,
+        "and only once"
+    );
+    assert!(app.store.verify_totals().await.unwrap().is_empty());
+}
+
 /// Review R: a script that runs `tally rollup` to get current totals must
 /// hear when an open transaction elsewhere in the cluster kept it from folding
 /// entries committed before the run.
