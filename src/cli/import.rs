@@ -41,6 +41,16 @@ pub struct ImportSummary {
     pub duplicates: usize,
     /// (line, reason) of each row refused.
     pub rejected: Vec<(u64, String)>,
+    /// (line, what to check) of rows imported that may not be what the file
+    /// meant: a line break outside metadata, the mark of a double quote left
+    /// open, which takes the rows after it into one field.
+    pub notes: Vec<(u64, String)>,
+}
+
+/// Line breaks in `text`, as an editor counts them (CRLF is one).
+fn line_breaks(text: &str) -> u64 {
+    let lone_or_crlf = text.matches(['\r', '\n']).count() - text.matches("\r\n").count();
+    lone_or_crlf as u64
 }
 
 /// Refuses a header with a column the import would not read (a misspelt
@@ -91,6 +101,8 @@ struct LineEnds {
     read: u64,
     /// The line the first pending byte is on (1-based).
     line: u64,
+    /// The CR or LF passed last: an LF right after a CR ends no second line.
+    last: Option<(u64, u8)>,
 }
 
 impl LineEnds {
@@ -98,24 +110,32 @@ impl LineEnds {
     /// line ends and blank lines from `start` on. Records come in stream
     /// order, so what lies before `start` is never asked for again.
     fn line_of(&mut self, start: u64) -> u64 {
-        while let Some(&(offset, byte)) = self.pending.front() {
-            if offset >= start {
-                break;
-            }
-            self.line += u64::from(byte == b'\n');
-            self.pending.pop_front();
+        while let Some(&(offset, _)) = self.pending.front()
+            && offset < start
+        {
+            self.pass();
         }
         // From `start` on, only line ends can come before the record's first byte.
         let mut next = start;
-        while let Some(&(offset, byte)) = self.pending.front() {
-            if offset != next {
-                break;
-            }
-            self.line += u64::from(byte == b'\n');
-            self.pending.pop_front();
+        while let Some(&(offset, _)) = self.pending.front()
+            && offset == next
+        {
+            self.pass();
             next += 1;
         }
         self.line
+    }
+
+    /// Passes the first pending byte. A line ends at LF, CRLF or a lone CR
+    /// (old Mac files; the csv reader ends records there too), as an editor
+    /// counts them.
+    fn pass(&mut self) {
+        let Some((offset, byte)) = self.pending.pop_front() else {
+            return;
+        };
+        let after_cr = self.last == Some((offset.wrapping_sub(1), b'\r'));
+        self.line += u64::from(byte == b'\r' || !after_cr);
+        self.last = Some((offset, byte));
     }
 }
 
@@ -209,6 +229,20 @@ pub async fn run(settings: &Settings, args: ImportArgs) -> anyhow::Result<ExitCo
             }
         };
         let line = line_at(&line_ends, record.position());
+        if let Some((name, _)) = headers
+            .iter()
+            .zip(record.iter())
+            .find(|(name, value)| *name != "metadata" && value.contains(['\r', '\n']))
+        {
+            let last = line + record.iter().map(line_breaks).sum::<u64>();
+            summary.notes.push((
+                line,
+                format!(
+                    "{name} holds a line break, so this row runs to line {last}; if a double quote was left \
+                     open there, the rows on those lines went into that field: check the file"
+                ),
+            ));
+        }
         let field = |name: &str| column(name).and_then(|i| record.get(i)).filter(|v| !v.is_empty());
         let metadata = match field("metadata")
             .map(serde_json::from_str::<serde_json::Value>)
@@ -332,6 +366,9 @@ pub async fn run(settings: &Settings, args: ImportArgs) -> anyhow::Result<ExitCo
     summary.rejected.sort_by_key(|(line, _)| *line);
     for (line, reason) in &summary.rejected {
         eprintln!("  line {line}: {reason}");
+    }
+    for (line, check) in &summary.notes {
+        eprintln!("  line {line}: note: {check}");
     }
     Ok(if summary.rejected.is_empty() {
         ExitCode::SUCCESS

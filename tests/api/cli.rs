@@ -16,6 +16,7 @@ both!(
     import_reports_rejected_lines_in_file_order_by_line_not_batch_position,
     import_names_the_files_own_lines_with_crlf_endings_blank_lines_and_quoted_newlines,
     import_reads_a_pipe_once_and_loads_every_row,
+    import_counts_lone_cr_line_ends_and_notes_a_double_quote_left_open,
     keys_revoke_makes_the_key_401_from_then_on,
     keys_are_stored_hashed_and_the_plaintext_is_nowhere_in_the_keys_table,
     migrate_creates_the_schema_on_a_fresh_database_and_a_second_run_changes_nothing,
@@ -234,6 +235,55 @@ async fn import_names_the_files_own_lines_with_crlf_endings_blank_lines_and_quot
         "{stderr}"
     );
     assert_eq!(app.count_entries().await, 3);
+}
+
+/// Review T: old Mac files end lines with a lone CR, which the csv reader
+/// ends records on too; and a double quote left open takes the rows after it
+/// into one field, which CSV allows, so the import says where to look.
+async fn import_counts_lone_cr_line_ends_and_notes_a_double_quote_left_open(app: TestApp) {
+    let dir = tempfile::tempdir().unwrap();
+    let import = |name: &str, bytes: &[u8]| {
+        let file = dir.path().join(name);
+        std::fs::write(&file, bytes).unwrap();
+        let output = app.cli(&["import", file.to_str().unwrap()]);
+        let stderr = text(&output.stderr);
+        let lines: Vec<String> = stderr
+            .lines()
+            .map(str::trim_start)
+            .filter(|l| l.starts_with("line "))
+            .map(str::to_owned)
+            .collect();
+        (output.status.code(), lines, stderr)
+    };
+    let (code, lines, stderr) = import(
+        "mac.csv",
+        b"account,resource,amount,idempotency_key\racme,api_requests,1,m1\racme,api_requests,x,m2\r\r\racme,api_requests,y,m3\r",
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(lines.len(), 2, "{stderr}");
+    assert!(lines[0].starts_with("line 3: amount"), "{stderr}");
+    assert!(lines[1].starts_with("line 6: amount"), "{stderr}");
+    // A CR alone, then CRLF: two line ends.
+    let (_, lines, stderr) = import(
+        "mixed.csv",
+        b"account,resource,amount,idempotency_key\r\r\nacme,api_requests,x,x1\n",
+    );
+    assert!(lines[0].starts_with("line 3: amount"), "{stderr}");
+
+    let (code, lines, stderr) = import(
+        "quote.csv",
+        b"account,resource,amount,idempotency_key,source\nacme,api_requests,1,q0,\"oops,\nacme,api_requests,5,q1,\nacme,api_requests,7,q2,\"\nacme,api_requests,2,q3,\n",
+    );
+    assert_eq!(code, Some(0), "CSV allows it: {stderr}");
+    assert!(stderr.contains("2 created, 0 duplicate, 0 rejected"), "{stderr}");
+    assert_eq!(
+        lines,
+        [
+            "line 2: note: source holds a line break, so this row runs to line 4; if a double quote was left \
+          open there, the rows on those lines went into that field: check the file"
+        ],
+        "{stderr}"
+    );
 }
 
 /// Review S: `tally import /dev/stdin` (a pipe) once read the stream twice,
