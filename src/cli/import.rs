@@ -59,6 +59,10 @@ fn line_breaks(text: &str) -> u64 {
 fn check_header(file: &std::path::Path, headers: &csv::StringRecord) -> anyhow::Result<()> {
     let expected = ENTRIES_HEADER.join(",");
     let file = file.display();
+    anyhow::ensure!(
+        !headers.is_empty(),
+        "{file} is empty; an import needs a header row, the entries export's: {expected}"
+    );
     let mut seen = std::collections::HashSet::new();
     for name in headers {
         anyhow::ensure!(
@@ -167,7 +171,8 @@ fn unreadable_row(e: &csv::Error) -> String {
     match e.kind() {
         csv::ErrorKind::UnequalLengths { expected_len, len, .. } => format!(
             "unreadable CSV row: it has {len} field{} where the header has {expected_len} \
-             (a missing comma, or a field with a comma or line break that is not in double quotes?)",
+             (a missing or extra comma, a field with a comma that is not in double quotes, or a double quote \
+             left open?)",
             if *len == 1 { "" } else { "s" }
         ),
         csv::ErrorKind::Utf8 { err, .. } => format!(
@@ -191,7 +196,21 @@ struct PendingRow {
 }
 
 /// Reads the file, inserts valid rows in batches and prints a summary.
+/// Exit 0 when every row went in, 1 when some were rejected (the valid rows
+/// are kept), 2 when the import stopped on an error (a file or header it
+/// cannot read, the database): a script can tell bad rows from a failed run.
 pub async fn run(settings: &Settings, args: ImportArgs) -> anyhow::Result<ExitCode> {
+    match import_file(settings, &args).await {
+        Ok(code) => Ok(code),
+        Err(error) => {
+            eprintln!("error: {}", crate::telemetry::cause_chain(error.as_ref()));
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+/// [`run`]'s work: exit 0 or 1, or the error that stopped it.
+async fn import_file(settings: &Settings, args: &ImportArgs) -> anyhow::Result<ExitCode> {
     let (store, catalog) = settings.open_store().await?;
     let file = File::open(&args.file).with_context(|| format!("cannot open {}", args.file.display()))?;
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
@@ -250,7 +269,9 @@ pub async fn run(settings: &Settings, args: ImportArgs) -> anyhow::Result<ExitCo
         {
             Ok(m) => m,
             Err(e) => {
-                summary.rejected.push((line, format!("metadata is not JSON: {e}")));
+                summary
+                    .rejected
+                    .push((line, format!("metadata is not JSON: {e} of the field")));
                 continue;
             }
         };

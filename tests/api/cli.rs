@@ -226,8 +226,8 @@ async fn import_names_the_files_own_lines_with_crlf_endings_blank_lines_and_quot
     // The csv crate's own words carry its own (wrong) line count: not quoted.
     assert_eq!(
         rejected[3],
-        "line 12: unreadable CSV row: it has 6 fields where the header has 5 (a missing comma, or a field \
-         with a comma or line break that is not in double quotes?)",
+        "line 12: unreadable CSV row: it has 6 fields where the header has 5 (a missing or extra comma, a \
+         field with a comma that is not in double quotes, or a double quote left open?)",
         "{stderr}"
     );
     assert_eq!(
@@ -282,6 +282,15 @@ async fn import_counts_lone_cr_line_ends_and_notes_a_double_quote_left_open(app:
             "line 2: note: source holds a line break, so this row runs to line 4; if a double quote was left \
           open there, the rows on those lines went into that field: check the file"
         ],
+        "{stderr}"
+    );
+    let (_, lines, stderr) = import(
+        "json.csv",
+        b"account,resource,amount,idempotency_key,metadata\nacme,api_requests,1,j1,\"{\"\"a\"\" 1}\"\n",
+    );
+    assert_eq!(
+        lines,
+        ["line 2: metadata is not JSON: expected `:` at line 1 column 6 of the field"],
         "{stderr}"
     );
 }
@@ -358,11 +367,24 @@ async fn import_refuses_a_header_with_an_unknown_or_repeated_column_and_writes_n
         .unwrap();
         let output = app.cli(&["import", file.to_str().unwrap()]);
         let stderr = text(&output.stderr);
-        assert!(!output.status.success(), "{header}: {stderr}");
+        // 2: the import stopped; 1 would mean rows were rejected.
+        assert_eq!(output.status.code(), Some(2), "{header}: {stderr}");
         assert!(stderr.contains(complaint), "{header}: {stderr}");
         assert!(
             complaint.contains("twice") || stderr.contains("id,account,resource,amount,occurred_at"),
             "names the columns: {stderr}"
+        );
+    }
+    // An empty file (or a byte-order mark alone) says so.
+    for (name, bytes) in [("empty.csv", &b""[..]), ("bom.csv", &b"\xEF\xBB\xBF"[..])] {
+        let file = dir.path().join(name);
+        std::fs::write(&file, bytes).unwrap();
+        let output = app.cli(&["import", file.to_str().unwrap()]);
+        let stderr = text(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{name}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{name} is empty; an import needs a header row")),
+            "{stderr}"
         );
     }
     assert_eq!(app.count_entries().await, 0);
