@@ -427,6 +427,17 @@ async fn flush(
                     Err(StoreError::Internal(e)) => summary
                         .rejected
                         .push((row.line, format!("refused by the database: {e}"))),
+                    // The store names ledger ids; the reader of this report knows the file's.
+                    Err(StoreError::AlreadyReversed(ledger_id)) => {
+                        let target = id_map
+                            .iter()
+                            .find_map(|(file_id, mapped)| (*mapped == ledger_id).then_some(*file_id));
+                        let named = target.map_or_else(|| format!("entry {ledger_id}"), |id| format!("id {id}"));
+                        summary.rejected.push((
+                            row.line,
+                            format!("{named} is already reversed; a second reversal would count the correction twice"),
+                        ));
+                    }
                     Err(e) => summary.rejected.push((row.line, e.to_string())),
                 }
             }

@@ -402,7 +402,8 @@ async fn import_follows_reversals_to_their_new_ids(app: TestApp) {
          3,acme,api_requests,-1,{at},,stray,reversal,999,\n\
          4,acme,llm_tokens,3,{at},,o2,,,\n\
          5,bob,llm_tokens,-3,{at},,wrong-account,reversal,4,\n\
-         6,acme,api_requests,7,{at},,undo-undo,reversal,2,\n"
+         6,acme,api_requests,7,{at},,undo-undo,reversal,2,\n\
+         7,acme,api_requests,-7,{at},,undo-again,reversal,1,\n"
     ));
     let output = app.cli(&["import", file.to_str().unwrap()]);
     let stderr = text(&output.stderr);
@@ -421,7 +422,11 @@ async fn import_follows_reversals_to_their_new_ids(app: TestApp) {
         stderr.contains("line 7: reverses 2, which is itself a reversal"),
         "{stderr}"
     );
-    assert!(stderr.contains("3 created, 0 duplicate, 3 rejected"), "{stderr}");
+    assert!(
+        stderr.contains("line 8: id 1 is already reversed; a second reversal would count the correction twice"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("3 created, 0 duplicate, 4 rejected"), "{stderr}");
     assert_eq!(
         app.get("/v1/accounts/bob/entries").await.body["entries"],
         json!([]),
