@@ -224,7 +224,18 @@ async fn import_file(settings: &Settings, args: &ImportArgs) -> anyhow::Result<E
         inner: progress.wrap_read(file),
         ends: line_ends.clone(),
     });
-    let headers = reader.headers().context("cannot read the CSV header row")?.clone();
+    let headers = match reader.headers() {
+        Ok(headers) => headers.clone(),
+        Err(e) => match e.kind() {
+            // The csv crate's words count fields from 0.
+            csv::ErrorKind::Utf8 { err, .. } => anyhow::bail!(
+                "{}: the header row is not UTF-8 (column {}); save the file as UTF-8",
+                args.file.display(),
+                err.field() + 1
+            ),
+            _ => return Err(anyhow::Error::new(e).context("cannot read the CSV header row")),
+        },
+    };
     let column = |name: &str| headers.iter().position(|h| h == name);
     check_header(&args.file, &headers)?;
     let rules = EntryRules {

@@ -375,6 +375,16 @@ async fn import_refuses_a_header_with_an_unknown_or_repeated_column_and_writes_n
             "names the columns: {stderr}"
         );
     }
+    // A header that is not UTF-8 names its column from 1, as the rows do.
+    let latin1 = dir.path().join("latin1.csv");
+    std::fs::write(&latin1, b"account,resource,amount,idempotency_key,r\xE9f\n").unwrap();
+    let output = app.cli(&["import", latin1.to_str().unwrap()]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("latin1.csv: the header row is not UTF-8 (column 5); save the file as UTF-8"),
+        "{stderr}"
+    );
     // An empty file (or a byte-order mark alone) says so.
     for (name, bytes) in [("empty.csv", &b""[..]), ("bom.csv", &b"\xEF\xBB\xBF"[..])] {
         let file = dir.path().join(name);
