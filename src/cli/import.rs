@@ -41,7 +41,9 @@ pub struct ImportSummary {
     pub duplicates: usize,
     /// (line, reason) of each row refused.
     pub rejected: Vec<(u64, String)>,
-    /// (line, what to check) of rows imported that may not be what the file
+    /// Whether the header was read, so that rows were looked at.
+    pub header_read: bool,
+    /// (line, what to check) of rows that may not be what the file
     /// meant: a line break outside metadata, the mark of a double quote left
     /// open, which takes the rows after it into one field.
     pub notes: Vec<(u64, String)>,
@@ -192,6 +194,8 @@ fn line_at(ends: &std::sync::Mutex<LineEnds>, position: Option<&csv::Position>) 
 struct PendingRow {
     line: u64,
     source_id: Option<i64>,
+    /// The file's id of the entry this row reverses (the entry holds the ledger's).
+    reverses_in_file: Option<i64>,
     entry: NewEntry,
 }
 
@@ -200,17 +204,50 @@ struct PendingRow {
 /// are kept), 2 when the import stopped on an error (a file or header it
 /// cannot read, the database): a script can tell bad rows from a failed run.
 pub async fn run(settings: &Settings, args: ImportArgs) -> anyhow::Result<ExitCode> {
-    match import_file(settings, &args).await {
-        Ok(code) => Ok(code),
+    let mut summary = ImportSummary::default();
+    let outcome = import_file(settings, &args, &mut summary).await;
+    // What went in before a stop is said too: those rows stay.
+    if summary.header_read {
+        print_summary(&args.file, &mut summary);
+    }
+    Ok(match outcome {
+        Ok(()) if summary.rejected.is_empty() => ExitCode::SUCCESS,
+        Ok(()) => ExitCode::from(1),
         Err(error) => {
             eprintln!("error: {}", crate::telemetry::cause_chain(error.as_ref()));
-            Ok(ExitCode::from(2))
+            if summary.created > 0 {
+                eprintln!(
+                    "note: the {} rows created before the import stopped stay; importing the same file \
+                     again is safe (they come back as duplicates)",
+                    summary.created
+                );
+            }
+            ExitCode::from(2)
         }
+    })
+}
+
+/// The summary line, then each rejected row and each note, by line.
+fn print_summary(file: &std::path::Path, summary: &mut ImportSummary) {
+    eprintln!(
+        "{}: {} created, {} duplicate, {} rejected",
+        file.display(),
+        summary.created,
+        summary.duplicates,
+        summary.rejected.len()
+    );
+    // Row-by-row retries report their lines after the lines rejected later.
+    summary.rejected.sort_by_key(|(line, _)| *line);
+    for (line, reason) in &summary.rejected {
+        eprintln!("  line {line}: {reason}");
+    }
+    for (line, check) in &summary.notes {
+        eprintln!("  line {line}: note: {check}");
     }
 }
 
-/// [`run`]'s work: exit 0 or 1, or the error that stopped it.
-async fn import_file(settings: &Settings, args: &ImportArgs) -> anyhow::Result<ExitCode> {
+/// [`run`]'s work, counted in `summary`, or the error that stopped it.
+async fn import_file(settings: &Settings, args: &ImportArgs, summary: &mut ImportSummary) -> anyhow::Result<()> {
     let (store, catalog) = settings.open_store().await?;
     let file = File::open(&args.file).with_context(|| format!("cannot open {}", args.file.display()))?;
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
@@ -245,13 +282,21 @@ async fn import_file(settings: &Settings, args: &ImportArgs) -> anyhow::Result<E
         allow_late: args.allow_late,
     };
 
-    let mut summary = ImportSummary::default();
+    summary.header_read = true;
     // Ids in the file → ids in this ledger, so `reverses` follows its target.
     let mut id_map: HashMap<i64, i64> = HashMap::new();
     let mut batch: Vec<PendingRow> = Vec::with_capacity(BATCH);
     for record in reader.records() {
         let record = match record {
             Ok(r) => r,
+            // The file itself failed: what follows was never read.
+            Err(e) if e.is_io_error() => {
+                let line = line_ends.lock().unwrap_or_else(std::sync::PoisonError::into_inner).line;
+                return Err(anyhow::Error::new(e).context(format!(
+                    "cannot read {} after line {line}; the rows after it were not imported",
+                    args.file.display()
+                )));
+            }
             Err(e) => {
                 let line = line_at(&line_ends, e.position());
                 summary.rejected.push((line, unreadable_row(&e)));
@@ -264,7 +309,12 @@ async fn import_file(settings: &Settings, args: &ImportArgs) -> anyhow::Result<E
             .zip(record.iter())
             .find(|(name, value)| *name != "metadata" && value.contains(['\r', '\n']))
         {
-            let last = line + record.iter().map(line_breaks).sum::<u64>();
+            // A field left open to the end of the file ends with the last line's break.
+            let last = line
+                + record
+                    .iter()
+                    .map(|value| line_breaks(value.trim_end_matches(['\r', '\n'])))
+                    .sum::<u64>();
             summary.notes.push((
                 line,
                 format!(
@@ -314,7 +364,7 @@ async fn import_file(settings: &Settings, args: &ImportArgs) -> anyhow::Result<E
         if let Some(target) = reverses {
             // The target may be in the batch not yet written: write it first.
             if batch.iter().any(|row| row.source_id == Some(target)) {
-                flush(store.as_ref(), &mut batch, &mut id_map, &mut summary).await?;
+                flush(store.as_ref(), &mut batch, &mut id_map, summary).await?;
             }
             // Only a target imported from this file: a raw id from another ledger
             // would point at an unrelated row here and take its one reversal.
@@ -379,34 +429,19 @@ async fn import_file(settings: &Settings, args: &ImportArgs) -> anyhow::Result<E
             }
             entry.reverses = Some(mapped);
         }
-        batch.push(PendingRow { line, source_id, entry });
+        batch.push(PendingRow {
+            line,
+            source_id,
+            reverses_in_file: reverses,
+            entry,
+        });
         if batch.len() >= BATCH {
-            flush(store.as_ref(), &mut batch, &mut id_map, &mut summary).await?;
+            flush(store.as_ref(), &mut batch, &mut id_map, summary).await?;
         }
     }
-    flush(store.as_ref(), &mut batch, &mut id_map, &mut summary).await?;
+    flush(store.as_ref(), &mut batch, &mut id_map, summary).await?;
     progress.finish_and_clear();
-
-    eprintln!(
-        "{}: {} created, {} duplicate, {} rejected",
-        args.file.display(),
-        summary.created,
-        summary.duplicates,
-        summary.rejected.len()
-    );
-    // Row-by-row retries report their lines after the lines rejected later.
-    summary.rejected.sort_by_key(|(line, _)| *line);
-    for (line, reason) in &summary.rejected {
-        eprintln!("  line {line}: {reason}");
-    }
-    for (line, check) in &summary.notes {
-        eprintln!("  line {line}: note: {check}");
-    }
-    Ok(if summary.rejected.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(())
 }
 
 /// Inserts a batch. A batch the store refuses as a whole (a conflicting key, a
@@ -440,10 +475,9 @@ async fn flush(
                         .push((row.line, format!("refused by the database: {e}"))),
                     // The store names ledger ids; the reader of this report knows the file's.
                     Err(StoreError::AlreadyReversed(ledger_id)) => {
-                        let target = id_map
-                            .iter()
-                            .find_map(|(file_id, mapped)| (*mapped == ledger_id).then_some(*file_id));
-                        let named = target.map_or_else(|| format!("entry {ledger_id}"), |id| format!("id {id}"));
+                        let named = row
+                            .reverses_in_file
+                            .map_or_else(|| format!("entry {ledger_id}"), |id| format!("id {id}"));
                         summary.rejected.push((
                             row.line,
                             format!("{named} is already reversed; a second reversal would count the correction twice"),

@@ -284,6 +284,16 @@ async fn import_counts_lone_cr_line_ends_and_notes_a_double_quote_left_open(app:
         ],
         "{stderr}"
     );
+    // Left open to the end of the file: the row runs to the file's last line.
+    let (_, lines, stderr) = import(
+        "open.csv",
+        b"account,resource,amount,idempotency_key,source\nacme,api_requests,1,o0,\"oops\nacme,api_requests,5,o1,\nacme,api_requests,7,o2,\n",
+    );
+    assert!(
+        lines.len() == 1
+            && lines[0].starts_with("line 2: note: source holds a line break, so this row runs to line 4;"),
+        "{stderr}"
+    );
     let (_, lines, stderr) = import(
         "json.csv",
         b"account,resource,amount,idempotency_key,metadata\nacme,api_requests,1,j1,\"{\"\"a\"\" 1}\"\n",

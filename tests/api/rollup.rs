@@ -761,7 +761,8 @@ async fn on_sqlite_an_entry_of_a_long_write_is_folded_exactly_once_after_it_comm
                 allow_late: true,
             };
             let entries = tally::domain::entry::validate_batch(vec![entry], rules).unwrap();
-            store.insert_entries(&entries).await.unwrap()[0].id
+            let id = store.insert_entries(&entries).await.unwrap()[0].id;
+            (id, std::time::Instant::now())
         })
     };
     let rollup = {
@@ -776,12 +777,18 @@ async fn on_sqlite_an_entry_of_a_long_write_is_folded_exactly_once_after_it_comm
     assert!(!later.is_finished(), "the later entry waits for the open write");
     let meanwhile = rollup.await.unwrap();
     assert_eq!(meanwhile.entries, 0, "nothing committed to fold meanwhile");
+    let committing = std::time::Instant::now();
     sqlx::query("COMMIT").execute(&mut slow).await.unwrap();
-    let later_id = later.await.unwrap();
+    let (later_id, written) = later.await.unwrap();
+    assert!(
+        written > committing,
+        "the later entry went in only once the open write ended"
+    );
     let slow_id = app
         .scalar_i64("SELECT id FROM entries WHERE idempotency_key = 'slow'")
         .await;
-    assert!(slow_id < later_id, "ids in commit order: {slow_id} then {later_id}");
+    // One writer at a time: the row committed first has the lower id.
+    assert!(slow_id < later_id, "{slow_id} then {later_id}");
     app.rollup().await;
     assert_eq!(app.daily_total("acme", "api_requests", "2026-08-01").await, 1001);
     app.rollup().await;
