@@ -146,15 +146,55 @@ impl LineEnds {
 }
 
 /// The reader the csv reader reads through: it notes every line end in
-/// [`LineEnds`], shared with the loop that names the records' lines.
+/// [`LineEnds`], shared with the loop that names the records' lines. It also
+/// drops a UTF-8 byte-order mark at the start itself: the csv reader looks for
+/// one only in its first read, which on a slow pipe can hold part of it.
 struct LineEndsReader<R> {
     inner: R,
     ends: std::sync::Arc<std::sync::Mutex<LineEnds>>,
+    /// The stream's first bytes, read to look for a byte-order mark and not
+    /// yet handed on; `None` until they have been read.
+    start: Option<Vec<u8>>,
 }
+
+impl<R: Read> LineEndsReader<R> {
+    fn new(inner: R, ends: std::sync::Arc<std::sync::Mutex<LineEnds>>) -> Self {
+        Self {
+            inner,
+            ends,
+            start: None,
+        }
+    }
+}
+
+/// UTF-8's byte-order mark.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
 
 impl<R: Read> Read for LineEndsReader<R> {
     fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buffer)?;
+        if self.start.is_none() {
+            let mut first = Vec::with_capacity(BOM.len());
+            let mut byte = [0u8; 1];
+            while first.len() < BOM.len() && self.inner.read(&mut byte)? == 1 {
+                first.push(byte[0]);
+                if !BOM.starts_with(&first) {
+                    break;
+                }
+            }
+            if first == BOM {
+                first.clear();
+            }
+            self.start = Some(first);
+        }
+        let n = match self.start.as_mut() {
+            Some(held) if !held.is_empty() => {
+                let n = held.len().min(buffer.len());
+                buffer[..n].copy_from_slice(&held[..n]);
+                held.drain(..n);
+                n
+            }
+            _ => self.inner.read(buffer)?,
+        };
         let mut ends = self.ends.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let base = ends.read;
         for (i, &byte) in buffer[..n].iter().enumerate() {
@@ -257,10 +297,7 @@ async fn import_file(settings: &Settings, args: &ImportArgs, summary: &mut Impor
         line: 1,
         ..LineEnds::default()
     }));
-    let mut reader = csv::Reader::from_reader(LineEndsReader {
-        inner: progress.wrap_read(file),
-        ends: line_ends.clone(),
-    });
+    let mut reader = csv::Reader::from_reader(LineEndsReader::new(progress.wrap_read(file), line_ends.clone()));
     let headers = match reader.headers() {
         Ok(headers) => headers.clone(),
         Err(e) => match e.kind() {
