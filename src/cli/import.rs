@@ -515,10 +515,9 @@ async fn flush(
                         let named = row
                             .reverses_in_file
                             .map_or_else(|| format!("entry {ledger_id}"), |id| format!("id {id}"));
-                        summary.rejected.push((
-                            row.line,
-                            format!("{named} is already reversed; a second reversal would count the correction twice"),
-                        ));
+                        summary
+                            .rejected
+                            .push((row.line, crate::store::already_reversed(&named)));
                     }
                     Err(e) => summary.rejected.push((row.line, e.to_string())),
                 }

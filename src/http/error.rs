@@ -174,7 +174,7 @@ impl From<StoreError> for ApiError {
             },
             StoreError::AlreadyReversed(id) => Self::Conflict {
                 code: "already_reversed",
-                message: format!("entry {id} is already reversed; a second reversal would count the correction twice"),
+                message: e.to_string(),
                 details: json!({ "id": id }),
             },
             StoreError::Invalid(m) => Self::invalid("id", m),

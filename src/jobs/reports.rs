@@ -291,8 +291,9 @@ pub async fn write_monthly_reports(
     month: NaiveDate,
     overwrite: bool,
 ) -> Result<ReportsOutcome, ReportsError> {
-    if dir.exists() && !dir.is_dir() {
-        return Err(ReportsError::DirectoryIsAFile(dir.to_owned()));
+    // The same look as `serve`'s at start: a file in the way is named as such.
+    if let Some(problem) = unusable_directory(dir) {
+        return Err(problem);
     }
     std::fs::create_dir_all(dir).map_err(|source| ReportsError::CreateDirectory {
         dir: dir.to_owned(),

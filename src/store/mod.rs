@@ -48,7 +48,7 @@ pub enum StoreError {
         message: String,
     },
     /// The entry already has a reversal.
-    #[error("entry {0} is already reversed")]
+    #[error("{}", already_reversed(&format!("entry {}", .0)))]
     AlreadyReversed(i64),
     /// A request that contradicts what is stored (e.g. reversing a reversal).
     #[error("{0}")]
@@ -485,6 +485,12 @@ pub struct ExportFilter {
 pub trait CsvSink: Send {
     /// Appends `lines`, which hold `rows` whole CSV records.
     fn write_lines(&mut self, lines: &[u8], rows: u64) -> std::io::Result<()>;
+}
+
+/// Why a second reversal of `entry` (named as the reader knows it: a
+/// ledger id, or a file's own id in `tally import`) is refused.
+pub fn already_reversed(entry: &str) -> String {
+    format!("{entry} is already reversed; a second reversal would count the correction twice")
 }
 
 /// Why the store stopped streaming an export's rows (its CSV lines).

@@ -108,7 +108,12 @@ async fn ledger_answers_keep_the_contracts_shape(app: TestApp) {
         first,
         {"account": "acme", "resource": "agent_minutes", "amount": "1.25", "idempotency_key": "k2"},
     ]});
-    assert_answer("post_a_batch_with_a_duplicate", &app.post_entries(batch).await);
+    let again = app.post_entries(batch).await;
+    assert_eq!(
+        again.body["entries"][0]["id"], posted.body["entries"][0]["id"],
+        "the duplicate names the first entry's id, which the snapshot redacts"
+    );
+    assert_answer("post_a_batch_with_a_duplicate", &again);
 
     let conflicting = json!({"account": "acme", "resource": "api_requests", "amount": 6, "idempotency_key": "k1",
                              "occurred_at": "2026-11-20T11:00:00Z"});
@@ -206,11 +211,13 @@ async fn quota_answers_keep_the_contracts_shape(app: TestApp) {
         )
         .await;
     assert_answer("put_a_plan", &pro);
-    assert_answer(
-        "consume_past_a_soft_limit",
-        &consume("soft", "llm_tokens", "50001", "t1").await,
-    );
-    assert_answer("consume_replayed", &consume("soft", "llm_tokens", "50001", "t1").await);
+    let first = consume("soft", "llm_tokens", "50001", "t1").await;
+    assert_answer("consume_past_a_soft_limit", &first);
+    let replayed = consume("soft", "llm_tokens", "50001", "t1").await;
+    // The snapshot redacts entry_id: the replay must name the first entry and record nothing.
+    assert_eq!(replayed.body, first.body);
+    assert_eq!(app.ledger_sum("soft", "llm_tokens").await, 50_001);
+    assert_answer("consume_replayed", &replayed);
 
     // A burst of 100, then one more every 600 ms of the real clock the burst
     // took (the limiter's clock is not the app's): consume until refused.
