@@ -117,19 +117,28 @@ fn too_many_entries() -> ApiError {
     ))
 }
 
+/// How a body gave its entries; a message about a batch names the entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyShape {
+    /// One entry as the whole body.
+    One,
+    /// `{"entries": […]}`, of any length.
+    Batch,
+}
+
 /// Splits a body into its entries: `{"entries": […]}` or one entry.
 ///
 /// A well-formed batch is parsed in one pass. Anything else (one entry, or a
 /// malformed body) takes the general path: the body is first read as a map of
 /// borrowed raw values, which tells the shapes apart and words the errors.
 /// Amounts stay as written either way (`RawValue`).
-fn entries_of(bytes: &[u8]) -> Result<Vec<EntryInput>, ApiError> {
+fn entries_of(bytes: &[u8]) -> Result<(Vec<EntryInput>, BodyShape), ApiError> {
     // `BatchBody` too would read an array (`[[…]]`) as its one field.
     require_object(bytes)?;
     // Kept for a batch that stays malformed below: its line and column are
     // in the whole body, where the list's own parse would count from `[`.
     let batch_error = match serde_json::from_slice::<BatchBody>(bytes) {
-        Ok(batch) => return Ok(batch.entries.0),
+        Ok(batch) => return Ok((batch.entries.0, BodyShape::Batch)),
         Err(e) if is_too_many(&e) => return Err(too_many_entries()),
         Err(e) => e,
     };
@@ -150,7 +159,7 @@ fn entries_of(bytes: &[u8]) -> Result<Vec<EntryInput>, ApiError> {
     }
     match fields.get("entries") {
         Some(list) if fields.len() == 1 => match serde_json::from_slice::<BoundedEntries>(list.get().as_bytes()) {
-            Ok(entries) => Ok(entries.0),
+            Ok(entries) => Ok((entries.0, BodyShape::Batch)),
             Err(e) if is_too_many(&e) => Err(too_many_entries()),
             Err(_) => Err(malformed_batch(list, batch_error)),
         },
@@ -162,7 +171,7 @@ fn entries_of(bytes: &[u8]) -> Result<Vec<EntryInput>, ApiError> {
                  send {{\"entries\": […]}} alone, or one entry without \"entries\""
             )))
         }
-        None => parse_json(bytes).map(|one| vec![one]),
+        None => parse_json(bytes).map(|one| (vec![one], BodyShape::One)),
     }
 }
 
@@ -215,7 +224,7 @@ async fn post_entries(
     _: NoQuery,
     Body(bytes): Body,
 ) -> Result<Json<PostEntriesResponse>, ApiError> {
-    let inputs = entries_of(&bytes)?;
+    let (inputs, shape) = entries_of(&bytes)?;
     if inputs.is_empty() {
         return Err(ApiError::invalid("entries", "entries must hold 1 to 10000 entries"));
     }
@@ -228,7 +237,10 @@ async fn post_entries(
             caller.require_write(&account)?;
         }
     }
-    let entries = validate_batch(inputs, state.entry_rules()).map_err(ApiError::from_field_errors)?;
+    let entries = validate_batch(inputs, state.entry_rules()).map_err(|errors| match shape {
+        BodyShape::One => ApiError::from_field_errors(errors),
+        BodyShape::Batch => ApiError::from_batch_errors(errors),
+    })?;
     let outcomes = state.store.insert_entries(&entries).await?;
     let created = outcomes.iter().filter(|o| o.status == InsertStatus::Created).count();
     state.metrics.entries_ingested(created as u64);

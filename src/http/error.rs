@@ -110,6 +110,18 @@ impl ApiError {
 
     /// A 422 from validation problems; the code is the first specific one.
     pub fn from_field_errors(errors: Vec<FieldError>) -> Self {
+        Self::validation(errors, false)
+    }
+
+    /// A 422 for a batch of entries: as [`ApiError::from_field_errors`], and
+    /// the message names the entry its problem is in ("entry 3: …", as a
+    /// batch's 409 does), which in a batch of thousands is otherwise found
+    /// only in details.errors.
+    pub fn from_batch_errors(errors: Vec<FieldError>) -> Self {
+        Self::validation(errors, true)
+    }
+
+    fn validation(errors: Vec<FieldError>, name_the_entry: bool) -> Self {
         let code = errors
             .iter()
             .map(|e| e.code)
@@ -117,15 +129,19 @@ impl ApiError {
             .unwrap_or("validation_failed");
         // The problem the message names is one the code names, when the
         // code names one: a client reading both reads of the same problem.
+        let named = |e: &FieldError| match name_the_entry {
+            true => format!("entry {}: {}", e.index, e.message),
+            false => e.message.clone(),
+        };
         let message = match errors.as_slice() {
-            [one] => one.message.clone(),
+            [one] => named(one),
             many => format!(
                 "{} problems (details.errors lists each); {}",
                 many.len(),
                 many.iter()
                     .find(|e| e.code == code)
                     .or(many.first())
-                    .map_or("", |e| e.message.as_str())
+                    .map_or_else(String::new, named)
             ),
         };
         Self::Validation { code, message, errors }

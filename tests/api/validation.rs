@@ -624,7 +624,25 @@ async fn one_bad_entry_fails_the_whole_batch_with_its_index(app: TestApp) {
         entry("acme", "api_requests", "1", "b"),
         entry("acme", "api_requests", "0", "c"),
     ]});
-    assert_rejected(&app, body, "validation_failed", 2, "amount").await;
+    let reply = assert_rejected(&app, body, "validation_failed", 2, "amount").await;
+    // A batch of thousands is searched by its message too, so it names the entry.
+    assert_eq!(
+        reply.body["error"]["message"], "entry 2: amount must not be zero",
+        "{:?}",
+        reply.body
+    );
+    let one = assert_rejected(
+        &app,
+        entry("acme", "api_requests", "0", "d"),
+        "validation_failed",
+        0,
+        "amount",
+    )
+    .await;
+    assert_eq!(
+        one.body["error"]["message"], "amount must not be zero",
+        "one entry has no position to name"
+    );
 }
 
 /// A reversal lands in its original's period, so the horizon that closes a
