@@ -132,6 +132,26 @@ impl LineEnds {
         self.line
     }
 
+    /// The line on which a record ending at byte `end` (the reader's position
+    /// after it) ends: the record's own line end (LF, CRLF or CR, or, for a
+    /// field left open to the end of the file, its last line's break) closes
+    /// that line and is passed with the next record.
+    fn last_line_of(&mut self, end: u64) -> u64 {
+        let mut own_end = end;
+        for &(offset, _) in self.pending.iter().rev().skip_while(|(offset, _)| *offset >= end) {
+            if offset + 1 != own_end {
+                break;
+            }
+            own_end = offset;
+        }
+        while let Some(&(offset, _)) = self.pending.front()
+            && offset < own_end
+        {
+            self.pass();
+        }
+        self.line
+    }
+
     /// Passes the first pending byte. A line ends at LF, CRLF or a lone CR
     /// (old Mac files; the csv reader ends records there too), as an editor
     /// counts them.
@@ -209,8 +229,17 @@ impl<R: Read> Read for LineEndsReader<R> {
 
 /// Why the csv reader could not read a row, in the import's own words: the
 /// csv crate's text carries its own line count, which is off (see [`LineEnds`]).
-fn unreadable_row(e: &csv::Error) -> String {
+/// A row that runs over several lines says to which: a double quote left open
+/// takes the lines after it into one field, and those rows are not read.
+fn unreadable_row(e: &csv::Error, line: u64, last: u64) -> String {
     match e.kind() {
+        csv::ErrorKind::UnequalLengths { expected_len, len, .. } if last > line => format!(
+            "unreadable CSV row: it runs to line {last} and has {len} field{} where the header has \
+             {expected_len}; a double quote left open takes the lines after it into one field, so the rows on \
+             lines {} to {last} were not read either: close the quote and import the file again",
+            if *len == 1 { "" } else { "s" },
+            line + 1
+        ),
         csv::ErrorKind::UnequalLengths { expected_len, len, .. } => format!(
             "unreadable CSV row: it has {len} field{} where the header has {expected_len} \
              (a missing or extra comma, a field with a comma that is not in double quotes, or a double quote \
@@ -229,6 +258,13 @@ fn unreadable_row(e: &csv::Error) -> String {
 fn line_at(ends: &std::sync::Mutex<LineEnds>, position: Option<&csv::Position>) -> u64 {
     let mut ends = ends.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     position.map_or(0, |p| ends.line_of(p.byte()))
+}
+
+/// [`LineEnds::last_line_of`] a record the csv reader has just read.
+fn last_line_at(ends: &std::sync::Mutex<LineEnds>, end: &csv::Position) -> u64 {
+    ends.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .last_line_of(end.byte())
 }
 
 struct PendingRow {
@@ -323,9 +359,13 @@ async fn import_file(settings: &Settings, args: &ImportArgs, summary: &mut Impor
     // Ids in the file → ids in this ledger, so `reverses` follows its target.
     let mut id_map: HashMap<i64, i64> = HashMap::new();
     let mut batch: Vec<PendingRow> = Vec::with_capacity(BATCH);
-    for record in reader.records() {
-        let record = match record {
-            Ok(r) => r,
+    // `read_record`, not `records()`: a row the reader cannot read is
+    // reported with the line it ends on, which is the reader's position.
+    let mut record = csv::StringRecord::new();
+    loop {
+        match reader.read_record(&mut record) {
+            Ok(true) => {}
+            Ok(false) => break,
             // The file itself failed: what follows was never read.
             Err(e) if e.is_io_error() => {
                 let line = line_ends.lock().unwrap_or_else(std::sync::PoisonError::into_inner).line;
@@ -336,10 +376,11 @@ async fn import_file(settings: &Settings, args: &ImportArgs, summary: &mut Impor
             }
             Err(e) => {
                 let line = line_at(&line_ends, e.position());
-                summary.rejected.push((line, unreadable_row(&e)));
+                let last = last_line_at(&line_ends, reader.position());
+                summary.rejected.push((line, unreadable_row(&e, line, last)));
                 continue;
             }
-        };
+        }
         let line = line_at(&line_ends, record.position());
         if let Some((name, _)) = headers
             .iter()

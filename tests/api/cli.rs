@@ -294,6 +294,33 @@ async fn import_counts_lone_cr_line_ends_and_notes_a_double_quote_left_open(app:
             && lines[0].starts_with("line 2: note: source holds a line break, so this row runs to line 4;"),
         "{stderr}"
     );
+    // Left open in a middle column: the row then has too few fields, and
+    // its rejection says which lines went into it (CRLF and a lone CR too).
+    for (name, end) in [
+        ("middle.csv", "\n"),
+        ("middle-crlf.csv", "\r\n"),
+        ("middle-cr.csv", "\r"),
+    ] {
+        let file = [
+            "account,resource,amount,idempotency_key,source",
+            "acme,api_requests,\"1,m0,s",
+            "acme,api_requests,5,m1,s",
+            "acme,api_requests,7,m2,s",
+            "",
+        ]
+        .join(end);
+        let (code, lines, stderr) = import(name, file.as_bytes());
+        assert_eq!(code, Some(1), "{stderr}");
+        assert_eq!(
+            lines,
+            [
+                "line 2: unreadable CSV row: it runs to line 4 and has 3 fields where the header has 5; a double \
+                 quote left open takes the lines after it into one field, so the rows on lines 3 to 4 were not read \
+                 either: close the quote and import the file again"
+            ],
+            "{name}: {stderr}"
+        );
+    }
     let (_, lines, stderr) = import(
         "json.csv",
         b"account,resource,amount,idempotency_key,metadata\nacme,api_requests,1,j1,\"{\"\"a\"\" 1}\"\n",
