@@ -25,14 +25,18 @@ pub struct RollupArgs {
     failpoint: Option<String>,
 }
 
+/// The exit code of `tally jobs run` when the job was running elsewhere:
+/// sysexits' EX_TEMPFAIL, "try again later".
+const SKIPPED: u8 = 75;
+
 /// `tally jobs …`
 #[derive(Debug, clap::Subcommand)]
 pub enum JobsCommand {
     /// Each job, its schedule (UTC) and its next run.
     List,
-    /// Run one job now (on PostgreSQL skipped while a run of it is in flight
-    /// in any process; on SQLite only in this one: a second rollup waits for
-    /// the write lock and folds what is left).
+    /// Run one job now (on PostgreSQL skipped, exit 75, while a run of it is
+    /// in flight in any process; on SQLite only in this one: a second rollup
+    /// waits for the write lock and folds what is left).
     Run {
         /// The job's name.
         name: String,
@@ -182,10 +186,20 @@ pub async fn run(settings: &Settings, command: JobsCommand) -> anyhow::Result<Ex
             };
             let runner = JobRunner::new(context, definitions);
             match runner.run(&name).await? {
-                JobOutcome::Ran(summary) => outln!("{name}: {summary}")?,
-                JobOutcome::Skipped(why) => outln!("{name}: skipped: {why}")?,
+                JobOutcome::Ran(summary) => {
+                    outln!("{name}: {summary}")?;
+                    Ok(ExitCode::SUCCESS)
+                }
+                // Not a success: the run elsewhere may still be writing what
+                // a script's next step reads (last month's reports, say).
+                JobOutcome::Skipped(why) => {
+                    eprintln!(
+                        "{name}: skipped: {why}; it is not done yet: run this again when that run has ended \
+                         (exit {SKIPPED})"
+                    );
+                    Ok(ExitCode::from(SKIPPED))
+                }
             }
-            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -137,6 +137,16 @@ async fn a_run_is_skipped_while_another_process_holds_the_job(app: TestApp) {
                 "{outcome:?}"
             );
             assert_eq!(app.daily_total("acme", "api_requests", &day).await, 0);
+            // By hand, a skip is not a success: a script's next step may read
+            // what the other run has not finished writing.
+            let by_hand = app.cli(&["jobs", "run", "rollup"]);
+            let stderr = String::from_utf8_lossy(&by_hand.stderr);
+            assert_eq!(by_hand.status.code(), Some(75), "{stderr}");
+            assert!(
+                stderr.contains("rollup: skipped: job 'rollup' is running in another process; it is not done yet"),
+                "{stderr}"
+            );
+            assert_eq!(app.daily_total("acme", "api_requests", &day).await, 0);
             held.release().await;
         }
         Backend::Sqlite => {
