@@ -229,13 +229,6 @@ pub async fn top(settings: &Settings, args: TopArgs) -> anyhow::Result<ExitCode>
     let (resource, _) = catalog.resource(&args.resource)?;
     let month = month_or_this_one(args.period);
     let top = admin::top(store.as_ref(), &catalog, resource, month, usize::from(args.limit)).await?;
-    outln!(
-        "{}",
-        serde_json::to_string_pretty(&serde_json::json!({
-            "period": month.format("%Y-%m").to_string(),
-            "resource": resource,
-            "accounts": top,
-        }))?
-    )?;
+    outln!("{}", serde_json::to_string_pretty(&top)?)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -44,7 +44,7 @@ async fn top(
     State(state): State<AppState>,
     _: Admin,
     QueryParams(query): QueryParams,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<admin::TopList>, ApiError> {
     params::reject_unknown(&query, &["resource", "period", "limit"])?;
     let resource = params::resource(
         &state.catalog,
@@ -69,7 +69,7 @@ async fn top(
             }
         },
     };
-    let accounts = admin::top(
+    let top = admin::top(
         state.store.as_ref(),
         &state.catalog,
         &resource,
@@ -77,9 +77,5 @@ async fn top(
         usize::from(limit),
     )
     .await?;
-    Ok(Json(serde_json::json!({
-        "period": month.format("%Y-%m").to_string(),
-        "resource": resource,
-        "accounts": accounts,
-    })))
+    Ok(Json(top))
 }

@@ -4,7 +4,9 @@
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use serde::Serialize;
 use serde_json::json;
+use serde_json::value::RawValue;
 
 use crate::domain::FieldError;
 use crate::export::ExportError;
@@ -59,8 +61,8 @@ pub enum ApiError {
         code: &'static str,
         /// What and when to retry.
         message: String,
-        /// The check fields, for quota_exceeded.
-        details: serde_json::Value,
+        /// The check fields for quota_exceeded, in the check answer's order.
+        details: Box<RawValue>,
         /// Whole seconds for the Retry-After header.
         retry_after: Option<u64>,
     },
@@ -202,6 +204,30 @@ impl From<StoreError> for ApiError {
     }
 }
 
+/// The contract's error body, its fields in the contract's order (a
+/// `serde_json::Value` would sort them: `details` before `message`).
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorFields<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorFields<'a> {
+    code: &'a str,
+    message: String,
+    details: &'a RawValue,
+}
+
+#[derive(Serialize)]
+struct ValidationDetails<'a> {
+    errors: &'a [FieldError],
+}
+
+/// `value` as JSON text, in its own field order.
+pub(crate) fn raw(value: &impl Serialize) -> Box<RawValue> {
+    serde_json::value::to_raw_value(value).expect("an error's details serialise")
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
@@ -210,11 +236,18 @@ impl IntoResponse for ApiError {
             tracing::error!(error.code = code, error.cause = %cause, "request failed: {cause}");
         }
         let details = match &self {
-            Self::Validation { errors, .. } => json!({ "errors": errors }),
-            Self::TooManyRequests { details, .. } | Self::Conflict { details, .. } => details.clone(),
-            _ => json!({}),
+            Self::Validation { errors, .. } => raw(&ValidationDetails { errors }),
+            Self::TooManyRequests { details, .. } => details.clone(),
+            Self::Conflict { details, .. } => raw(details),
+            _ => raw(&json!({})),
         };
-        let body = json!({ "error": { "code": code, "message": self.to_string(), "details": details } });
+        let body = ErrorBody {
+            error: ErrorFields {
+                code,
+                message: self.to_string(),
+                details: &details,
+            },
+        };
         let mut response = (status, Json(body)).into_response();
         let retry_after = match &self {
             Self::Unavailable(_) | Self::Busy(_) => Some(1),

@@ -187,7 +187,7 @@ async fn consume(
                             .into(),
                     }
                 ),
-                details: serde_json::to_value(&status).expect("serialisable"),
+                details: super::error::raw(&status),
                 retry_after,
             })
         }
@@ -200,7 +200,7 @@ async fn consume(
                 "{} for account '{}' is limited to {per_minute} per minute; retry in {retry_after} s",
                 entry.resource, entry.account
             ),
-            details: serde_json::json!({ "per_minute": per_minute }),
+            details: super::error::raw(&serde_json::json!({ "per_minute": per_minute })),
             retry_after: Some(retry_after),
         }),
         Err(e @ ConsumeError::LargerThanRate { .. }) => Err(ApiError::invalid("amount", e.to_string())),

@@ -123,6 +123,17 @@ pub async fn stats(store: &dyn Store, catalog: &Catalog, month: NaiveDate) -> Re
     })
 }
 
+/// A top list, as the API and `tally top` print it (fields in that order).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TopList {
+    /// The month, `YYYY-MM`.
+    pub period: String,
+    /// The resource ranked.
+    pub resource: ResourceName,
+    /// Largest first.
+    pub accounts: Vec<TopAccount>,
+}
+
 /// One line of a top list.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TopAccount {
@@ -140,7 +151,7 @@ pub async fn top(
     resource: &ResourceName,
     month: NaiveDate,
     limit: usize,
-) -> Result<Vec<TopAccount>, StoreError> {
+) -> Result<TopList, StoreError> {
     let filter = ExportFilter {
         from: month,
         to: Granularity::Month.next(month),
@@ -164,11 +175,15 @@ pub async fn top(
         .map(|std::cmp::Reverse((a, std::cmp::Reverse(n)))| (a, n))
         .collect();
     top.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
-    Ok(top
-        .into_iter()
-        .map(|(amount, account)| TopAccount {
-            account,
-            amount: Amount::from_minor(amount, decimals).to_string(),
-        })
-        .collect())
+    Ok(TopList {
+        period: month.format("%Y-%m").to_string(),
+        resource: resource.clone(),
+        accounts: top
+            .into_iter()
+            .map(|(amount, account)| TopAccount {
+                account,
+                amount: Amount::from_minor(amount, decimals).to_string(),
+            })
+            .collect(),
+    })
 }

@@ -134,6 +134,8 @@ pub struct Reply {
     pub status: u16,
     pub headers: reqwest::header::HeaderMap,
     pub body: Value,
+    /// The body as sent, for what `body` loses (its fields' order).
+    pub text: String,
 }
 
 impl Reply {
@@ -229,8 +231,13 @@ impl TestApp {
         let status = response.status().as_u16();
         let headers = response.headers().clone();
         let text = response.text().await.unwrap();
-        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        Reply { status, headers, body }
+        let body = serde_json::from_str(&text).unwrap_or_else(|_| Value::String(text.clone()));
+        Reply {
+            status,
+            headers,
+            body,
+            text,
+        }
     }
 
     /// PUT with the admin key (plans and overrides).
