@@ -708,6 +708,9 @@ pub enum ConsumeResult {
     Replayed {
         /// The earlier entry.
         entry_id: i64,
+        /// When the earlier entry occurred: a retry that left `occurred_at`
+        /// out matches an entry of any instant, and is answered about its window.
+        occurred_at: DateTime<Utc>,
         /// The earlier response, if that entry came from a consume.
         response: Option<String>,
     },
@@ -778,6 +781,7 @@ pub(crate) fn replay(entry: &NewEntry, stored: &Entry, response: Option<String>)
     if entry.same_content_as(stored) {
         Ok(ConsumeResult::Replayed {
             entry_id: stored.id,
+            occurred_at: stored.occurred_at,
             response,
         })
     } else {

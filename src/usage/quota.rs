@@ -578,15 +578,19 @@ impl Quotas<'_> {
             ConsumeResult::Replayed {
                 entry_id,
                 response: Some(response),
+                ..
             } => Ok(recorded(entry, entry_id, &response, true)?),
             ConsumeResult::Replayed {
                 entry_id,
+                occurred_at,
                 response: None,
             } => {
                 // Posted through /v1/entries, not consume: answer with the
-                // state now, and the warnings it deserves.
+                // state now of the window holding that entry (a retry without
+                // `occurred_at` matches an entry of any day), and the
+                // warnings it deserves.
                 let (status, limit, used) = self
-                    .check_with_limit(&entry.account, &entry.resource, entry.amount, entry.occurred_at)
+                    .check_with_limit(&entry.account, &entry.resource, entry.amount, occurred_at)
                     .await?;
                 Ok(ConsumeOutcome::Recorded {
                     status: QuotaStatus {

@@ -894,6 +894,27 @@ async fn a_consume_with_the_key_of_a_posted_entry_records_nothing_and_answers_th
         reply.body
     );
     assert_eq!(app.ledger_sum("acme", "ai_generations").await, 45, "nothing recorded");
+
+    // Review V: a retry that leaves occurred_at out matches an entry of any
+    // day; the answer is about the window that holds it, not today's.
+    let yesterday = Utc::now().date_naive().pred_opt().unwrap();
+    let noon = format!("{yesterday}T12:00:00Z");
+    let posted = app
+        .post_entries(entry_at("acme", "llm_tokens", "900", "yesterday", &noon))
+        .await;
+    assert_eq!(posted.status, 200, "{:?}", posted.body);
+    let reply = consume(&app, "acme", "llm_tokens", "900", "yesterday", None).await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    assert_eq!(reply.body["entry_id"], posted.body["entries"][0]["id"]);
+    assert_eq!(
+        reply.body["period_start"],
+        format!("{yesterday}T00:00:00Z"),
+        "{:?}",
+        reply.body
+    );
+    assert_eq!(reply.body["used"], "900");
+    assert_eq!(reply.body["status"], "warning");
+    assert_eq!(app.ledger_sum("acme", "llm_tokens").await, 900, "nothing recorded");
 }
 
 async fn a_consume_retried_with_its_key_returns_the_first_outcome(app: TestApp) {
