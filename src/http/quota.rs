@@ -203,7 +203,9 @@ async fn consume(
             details: super::error::raw(&serde_json::json!({ "per_minute": per_minute })),
             retry_after: Some(retry_after),
         }),
-        Err(e @ ConsumeError::LargerThanRate { .. }) => Err(ApiError::invalid("amount", e.to_string())),
+        Err(e @ (ConsumeError::LargerThanRate { .. } | ConsumeError::PastSixtyFourBits { .. })) => {
+            Err(ApiError::invalid("amount", e.to_string()))
+        }
         Err(ConsumeError::Store(e)) => Err(e.into()),
     }
 }

@@ -287,6 +287,26 @@ pub enum ConsumeError {
         /// Budget.
         per_minute: u32,
     },
+    /// Recording the amount would take the window's total past 64 bits of
+    /// minor units, which nothing counts exactly (no limit refused it: an
+    /// unlimited or soft one; past a hard limit it is `QuotaExceeded`).
+    #[error(
+        "amount {amount} would take the {window} total of {resource} for account '{account}' past 64 bits of \
+         minor units ({used} used), which Tally cannot count exactly; consume less at a time, or have an operator \
+         correct the entries (docs/operations.md, \"A total past 64 bits\")"
+    )]
+    PastSixtyFourBits {
+        /// Requested.
+        amount: String,
+        /// Resource.
+        resource: String,
+        /// Account.
+        account: String,
+        /// The window's name (`day`, `month`, `total`).
+        window: &'static str,
+        /// Used in the window when refused.
+        used: String,
+    },
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -397,6 +417,7 @@ impl Quotas<'_> {
                     Rejected::QuotaExceeded { status, retry_after } => {
                         ConsumeOutcome::QuotaExceeded { status, retry_after }
                     }
+                    Rejected::PastSixtyFourBits { status } => return Err(past_64_bits(entry, &status)),
                 })
             }
         }
@@ -419,6 +440,26 @@ enum Rejected {
         status: QuotaStatus,
         retry_after: Option<u64>,
     },
+    PastSixtyFourBits {
+        status: QuotaStatus,
+    },
+}
+
+/// The refusal of a consume whose amount would take `status`'s window past
+/// 64 bits of minor units.
+fn past_64_bits(entry: &NewEntry, status: &QuotaStatus) -> ConsumeError {
+    ConsumeError::PastSixtyFourBits {
+        amount: entry.amount.to_string(),
+        resource: entry.resource.to_string(),
+        account: entry.account.to_string(),
+        window: status.window.as_str(),
+        used: status.used.clone(),
+    }
+}
+
+/// Whether a limit refuses what passes it: only a hard one with a number.
+fn caps(limit: &EffectiveLimit) -> bool {
+    limit.limit.is_some() && limit.enforcement == Enforcement::Hard
 }
 
 impl Rejected {
@@ -493,6 +534,15 @@ impl ConsumeDecider for Decider<'_> {
             }
             .reason()
         };
+        let after = match used.checked_add(entry.amount) {
+            Ok(after) => after,
+            // Past 64 bits a hard limit is passed too, and that is the reason given.
+            Err(_) if caps(&limit) => return Err(exceeded()),
+            Err(_) => {
+                let status = QuotaStatus::new(&entry.account, &entry.resource, &limit, &period, used, false);
+                return Err(Rejected::PastSixtyFourBits { status }.reason());
+            }
+        };
         if !allows(&limit, used, entry.amount) {
             return Err(exceeded());
         }
@@ -514,7 +564,6 @@ impl ConsumeDecider for Decider<'_> {
                 .reason());
             }
         }
-        let after = used.checked_add(entry.amount).map_err(|_| exceeded())?;
         let status = QuotaStatus::new(&entry.account, &entry.resource, &limit, &period, after, true);
         let warnings = warnings_for(&entry.resource, &limit, after);
         Ok(serde_json::json!({ "status": status, "warnings": warnings }).to_string())
@@ -564,6 +613,10 @@ impl Quotas<'_> {
                 let (limit, period) = stored.limit(entry.amount.decimals())?;
                 let used = Amount::from_minor(used, entry.amount.decimals());
                 let status = QuotaStatus::new(&entry.account, &entry.resource, &limit, &period, used, false);
+                // The database refuses only past a hard limit or past BIGINT.
+                if !caps(&limit) {
+                    return Err(past_64_bits(entry, &status));
+                }
                 Ok(ConsumeOutcome::QuotaExceeded {
                     status,
                     retry_after: retry_after(&limit, entry.amount, &period, now),
@@ -791,9 +844,13 @@ impl Quotas<'_> {
 }
 
 fn allows(limit: &EffectiveLimit, used: Amount, amount: Amount) -> bool {
+    // Past 64 bits of minor units nothing can record it, limit or none.
+    let Ok(after) = used.checked_add(amount) else {
+        return false;
+    };
     match (limit.limit, limit.enforcement) {
         (None, _) | (_, Enforcement::Soft) => true,
-        (Some(cap), Enforcement::Hard) => used.checked_add(amount).is_ok_and(|after| after.minor() <= cap.minor()),
+        (Some(cap), Enforcement::Hard) => after.minor() <= cap.minor(),
     }
 }
 

@@ -8,7 +8,8 @@ use serde_json::{Value, json};
 
 use crate::both;
 use crate::helpers::{
-    Backend, Reply, TestApp, assert_used_exact_while_posting_and_rolling_up, days_ago_at, entry, entry_at, usage_row,
+    Backend, Reply, TestApp, assert_used_exact_while_posting_and_rolling_up, batch_at, days_ago_at, entry, entry_at,
+    usage_row,
 };
 
 both!(
@@ -29,6 +30,7 @@ both!(
     an_override_is_in_force_from_when_it_is_set_until_it_is_removed,
     an_override_that_would_expire_before_it_is_set_is_refused_and_changes_nothing,
     unlimited_never_rejects_and_soft_limits_record_and_warn,
+    a_consume_that_would_take_an_unlimited_or_soft_total_past_64_bits_is_422_not_quota_exceeded,
     the_101st_request_in_a_minute_on_free_is_rate_limited_until_retry_after,
     a_rate_follows_the_plan_in_force_when_the_request_arrives_not_when_it_is_dated,
     a_consume_retried_with_its_key_returns_the_first_outcome,
@@ -2329,4 +2331,53 @@ async fn a_stored_outcome_that_cannot_be_read_back_is_a_500_not_a_validation_err
     assert_eq!(replayed.status, 500, "{:?}", replayed.body);
     assert_eq!(replayed.code(), "internal");
     assert_eq!(app.count_entries().await, 1, "nothing new is recorded");
+}
+
+/// Review V: near the 64-bit ceiling an unlimited resource's consume was a
+/// 429 quota_exceeded "over the hard month limit of ?", and a soft one's
+/// "over the hard day limit", while check said allowed. No limit refuses
+/// it: the total would pass what Tally counts exactly (DESIGN.md §6), and
+/// check and consume now agree on that. Both paths: ai_generations is
+/// decided in the database on PostgreSQL, api_requests (a resource some plan
+/// rates) by the multi-statement consume.
+async fn a_consume_that_would_take_an_unlimited_or_soft_total_past_64_bits_is_422_not_quota_exceeded(app: TestApp) {
+    let at = iso(Utc::now() - Duration::minutes(1));
+    let largest = "999999999999999";
+    for (account, plan, resource) in [("wide", "pro", "ai_generations"), ("busy", "scale", "api_requests")] {
+        app.put_admin(
+            &format!("/v1/accounts/{account}/plan"),
+            json!({"plan": plan, "effective_at": "2026-01-01T00:00:00Z"}),
+        )
+        .await;
+        // 9 223 of the largest amount fit 64 bits of minor units; a 9 224th does not.
+        let posted = app.post_entries(batch_at(account, resource, largest, 9_223, &at)).await;
+        assert_eq!(posted.status, 200, "{:?}", posted.body);
+        let checked = check(&app, account, resource, largest, Some(&at)).await;
+        assert_eq!(checked["allowed"], false, "{resource}: {checked:?}");
+        let refused = consume(&app, account, resource, largest, "one-more", Some(&at)).await;
+        assert_eq!(
+            (refused.status, refused.code()),
+            (422, "validation_failed"),
+            "{:?}",
+            refused.body
+        );
+        assert_eq!(refused.body["error"]["details"]["errors"][0]["field"], "amount");
+        let message = refused.body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.starts_with(&format!(
+                "amount {largest} would take the month total of {resource} for account '{account}' past 64 bits"
+            )) && message.contains("A total past 64 bits"),
+            "{message}"
+        );
+        assert!(retry_after(&refused).is_none());
+        assert_eq!(
+            app.scalar_i64(&format!("SELECT COUNT(*) FROM entries WHERE account = '{account}'"))
+                .await,
+            9_223,
+            "nothing recorded"
+        );
+        // A smaller amount that fits still goes in.
+        let fits = consume(&app, account, resource, "1", "fits", Some(&at)).await;
+        assert_eq!(fits.status, 200, "{:?}", fits.body);
+    }
 }
