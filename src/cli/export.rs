@@ -226,9 +226,9 @@ pub async fn stats(settings: &Settings, args: StatsArgs) -> anyhow::Result<ExitC
 /// `tally top`.
 pub async fn top(settings: &Settings, args: TopArgs) -> anyhow::Result<ExitCode> {
     let (store, catalog) = settings.open_existing_store().await?;
-    let (resource, _) = catalog.resource(&args.resource)?;
+    let resource = super::readable_resource(store.as_ref(), &catalog, None, &args.resource).await?;
     let month = month_or_this_one(args.period);
-    let top = admin::top(store.as_ref(), &catalog, resource, month, usize::from(args.limit)).await?;
+    let top = admin::top(store.as_ref(), &catalog, &resource, month, usize::from(args.limit)).await?;
     outln!("{}", serde_json::to_string_pretty(&top)?)?;
     Ok(ExitCode::SUCCESS)
 }

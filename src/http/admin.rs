@@ -46,12 +46,15 @@ async fn top(
     QueryParams(query): QueryParams,
 ) -> Result<Json<admin::TopList>, ApiError> {
     params::reject_unknown(&query, &["resource", "period", "limit"])?;
-    let resource = params::resource(
-        &state.catalog,
+    // A resource dropped from the catalog is still ranked while the ledger holds it.
+    let resource = params::readable_resource(
+        &state,
+        None,
         query
             .get("resource")
             .ok_or_else(|| ApiError::missing("resource", "query parameter resource is required"))?,
-    )?;
+    )
+    .await?;
     let month = period(&query, state.clock.now())?;
     let limit = match query.get("limit") {
         None => admin::TOP_DEFAULT,
