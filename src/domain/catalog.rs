@@ -213,11 +213,16 @@ impl Catalog {
     /// Parses and validates a catalog file, reporting every problem with its line.
     pub fn parse(text: &str) -> Result<Self, CatalogErrors> {
         let raw: RawCatalog = toml::from_str(text).map_err(|e| {
-            let line = e.span().map(|span| line_of(text, span.start));
-            CatalogErrors(vec![CatalogError {
-                line,
-                message: e.message().to_owned(),
-            }])
+            // serde words some shapes badly or not at all ("expected a
+            // borrowed string" for `[plans.pro.v2]`): say what they are.
+            let mut errors = layout_errors(text);
+            if errors.is_empty() {
+                errors.push(CatalogError {
+                    line: e.span().map(|span| line_of(text, span.start)),
+                    message: e.message().to_owned(),
+                });
+            }
+            CatalogErrors(sorted(errors))
         })?;
         let mut errors = Vec::new();
         let mut err = |span: std::ops::Range<usize>, message: String| {
@@ -266,20 +271,13 @@ impl Catalog {
         let known = resources.keys().map(|r| r.to_string()).collect::<Vec<_>>().join(", ");
         let mut plans = BTreeMap::new();
         for (plan_name, raw_plan) in &raw.plans {
-            // Plan names travel in URLs' bodies, logs and invoice CSVs; a blank
-            // or oddly spelled one is a typo far more often than an intent.
-            if plan_name.is_empty()
-                || plan_name.len() > 64
-                || !plan_name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-            {
+            if !is_valid_plan_name(plan_name) {
                 err(
                     raw_plan.span(),
                     format!("plan name {plan_name:?} must be 1 to 64 characters of A-Za-z0-9_.-"),
                 );
             }
-            let price = match parse_money(raw_plan.get_ref().price.get_ref(), "price") {
+            let price = match exact(text, &raw_plan.get_ref().price, "price").and_then(|p| parse_money(p, "price")) {
                 Ok(p) => p,
                 Err(e) => {
                     err(raw_plan.get_ref().price.span(), format!("plan '{plan_name}': {e}"));
@@ -298,13 +296,14 @@ impl Catalog {
                     continue;
                 };
                 let l = raw_limit.get_ref();
-                let limit = match parse_limit(l.limit.get_ref(), spec.decimals) {
+                let limit = match exact(text, &l.limit, "limit").and_then(|raw| {
+                    parse_limit(raw, spec.decimals).map_err(|e| match e {
+                        LimitError::Negative => "limit must not be negative".to_owned(),
+                        LimitError::Invalid(e) => format!("limit: {e} (or write \"unlimited\")"),
+                    })
+                }) {
                     Ok(limit) => limit,
-                    Err(e) => {
-                        let why = match e {
-                            LimitError::Negative => "limit must not be negative".to_owned(),
-                            LimitError::Invalid(e) => format!("limit: {e} (or write \"unlimited\")"),
-                        };
+                    Err(why) => {
                         err(
                             l.limit.span(),
                             format!("plan '{plan_name}', resource '{resource_name}': {why}"),
@@ -324,13 +323,15 @@ impl Catalog {
                         );
                         None
                     }
-                    Some(p) => match parse_money(p.get_ref(), "overage_price") {
-                        Ok(d) => Some(d),
-                        Err(e) => {
-                            err(p.span(), format!("plan '{plan_name}', resource '{resource_name}': {e}"));
-                            None
+                    Some(p) => {
+                        match exact(text, p, "overage_price").and_then(|raw| parse_money(raw, "overage_price")) {
+                            Ok(d) => Some(d),
+                            Err(e) => {
+                                err(p.span(), format!("plan '{plan_name}', resource '{resource_name}': {e}"));
+                                None
+                            }
                         }
-                    },
+                    }
                 };
                 if l.rate_per_minute == Some(0) {
                     err(
@@ -361,15 +362,31 @@ impl Catalog {
                 },
             );
         }
-        if !plans.contains_key(raw.default_plan.get_ref()) {
-            err(
-                raw.default_plan.span(),
+        let default_plan = raw.default_plan.get_ref();
+        if !plans.contains_key(default_plan) {
+            // Only names that are themselves valid: a broken one has its own
+            // error, and offering it here would send the user in a circle.
+            let valid: Vec<&str> = plans
+                .keys()
+                .map(String::as_str)
+                .filter(|name| is_valid_plan_name(name))
+                .collect();
+            let add = if is_valid_plan_name(default_plan) {
+                format!("add a [plans.{}] table", toml_key(default_plan))
+            } else {
+                "name a plan that is 1 to 64 characters of A-Za-z0-9_.-".to_owned()
+            };
+            let message = if valid.is_empty() {
                 format!(
-                    "default_plan '{}' is not a plan of this catalog; plans: {}",
-                    raw.default_plan.get_ref(),
-                    plans.keys().cloned().collect::<Vec<_>>().join(", ")
-                ),
-            );
+                    "default_plan '{default_plan}' is not a plan of this catalog, which has no validly named plan; {add}"
+                )
+            } else {
+                format!(
+                    "default_plan '{default_plan}' is not a plan of this catalog; set it to one of: {} (or {add})",
+                    valid.join(", ")
+                )
+            };
+            err(raw.default_plan.span(), message);
         }
         if resources.is_empty() {
             errors.push(CatalogError {
@@ -378,7 +395,7 @@ impl Catalog {
             });
         }
         if !errors.is_empty() {
-            return Err(CatalogErrors(errors));
+            return Err(CatalogErrors(sorted(errors)));
         }
         Ok(Self {
             default_plan: raw.default_plan.into_inner(),
@@ -415,6 +432,193 @@ fn parse_money(text: &str, field: &str) -> Result<Decimal, String> {
     }
 }
 
+/// Plan names travel in URLs' bodies, logs and invoice CSVs; a blank or
+/// oddly spelled one is a typo far more often than an intent.
+fn is_valid_plan_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
+/// The problems in file order, those without a line last.
+fn sorted(mut errors: Vec<CatalogError>) -> Vec<CatalogError> {
+    errors.sort_by_key(|e| (e.line.is_none(), e.line));
+    errors
+}
+
+/// The text of an amount written as a string or a bare integer; a float is
+/// refused with the file's own digits as the string to write instead.
+fn exact<'a>(text: &str, value: &'a Spanned<RawNumber>, field: &str) -> Result<&'a str, String> {
+    match value.get_ref() {
+        RawNumber::Exact(raw) => Ok(raw),
+        RawNumber::Float => {
+            let written = text.get(value.span()).unwrap_or_default().trim();
+            let digits = written.replace('_', "");
+            let digits = digits.strip_prefix('+').unwrap_or(&digits);
+            let example = match parse_decimal(digits) {
+                Ok(_) => digits,
+                Err(_) if field == "limit" => "100000",
+                Err(_) => "9.99",
+            };
+            Err(format!(
+                "{field} = {written} is a TOML float, which is not exact (a binary float cannot hold most \
+                 decimals); write it as a string: {field} = \"{example}\""
+            ))
+        }
+    }
+}
+
+/// A key as a TOML table header spells it: bare when it can be, else quoted.
+fn toml_key(key: &str) -> String {
+    if !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-')) {
+        key.to_owned()
+    } else {
+        format!("{key:?}")
+    }
+}
+
+/// A table header from its keys, each spelled as [`toml_key`] does.
+fn header(keys: &[&str]) -> String {
+    format!("[{}]", keys.iter().map(|k| toml_key(k)).collect::<Vec<_>>().join("."))
+}
+
+/// The keys of a plan's table ([`RawPlan`]).
+const PLAN_FIELDS: [&str; 3] = ["price", "limits", "features"];
+/// The keys of a resource's table ([`RawResource`]).
+const RESOURCE_FIELDS: [&str; 2] = ["decimals", "description"];
+/// The keys of a limit's table ([`RawLimit`]).
+const LIMIT_FIELDS: [&str; 5] = ["window", "limit", "enforcement", "overage_price", "rate_per_minute"];
+
+/// Explains shapes that the typed read reports badly, found on the file's
+/// syntax tree: a plan, resource or limit name with a dot written unquoted
+/// (TOML reads `[plans.pro.v2]` as a table `v2` inside plan `pro`; serde
+/// said "unknown field `v2`", or, when `[plans.pro]` was not there at all,
+/// "invalid type: string \"v2\", expected a borrowed string"), and a plan
+/// given only through its sub-tables. Empty when there is none of these, and
+/// for a file that is not TOML (the typed read names that error).
+fn layout_errors(text: &str) -> Vec<CatalogError> {
+    use toml_edit::{Item, TableLike};
+
+    let Ok(doc) = toml_edit::ImDocument::parse(text) else {
+        return Vec::new();
+    };
+    let mut errors = Vec::new();
+    // The line of `key` in `table`: where the key is written (in a header
+    // `[plans.pro.v2]`, the `v2`), else where its value is.
+    let line = |table: &dyn TableLike, key: &str, item: &Item| {
+        table
+            .key(key)
+            .and_then(toml_edit::Key::span)
+            .or_else(|| item.span())
+            .map(|span| line_of(text, span.start))
+    };
+    // Tables inside a resource's (or a limit's) table, where none belong.
+    let dotted_resource = |errors: &mut Vec<CatalogError>, table: &dyn TableLike, keys: &[&str], fields: &[&str]| {
+        let Some(resource) = keys.last() else { return };
+        for (key, item) in table.iter() {
+            if item.is_table_like() && !fields.contains(&key) {
+                let (inside, fix) = if keys[0] == "resources" {
+                    ("resource", format!("name it e.g. {resource}_{key}"))
+                } else {
+                    let example = format!("{resource}_{key}");
+                    (
+                        "the limit on resource",
+                        format!(
+                            "use the name the resource has under [resources] (e.g. {})",
+                            header(&[&keys[..keys.len() - 1], &[example.as_str()]].concat())
+                        ),
+                    )
+                };
+                errors.push(CatalogError {
+                    line: line(table, key, item),
+                    message: format!(
+                        "{} is read by TOML as a table '{key}' inside {inside} '{resource}', and a resource name \
+                         cannot hold a dot (lowercase letters, digits and _ only): {fix}",
+                        header(&[keys, &[key]].concat()),
+                    ),
+                });
+            }
+        }
+    };
+
+    let root = doc.as_table();
+    if let Some(resources) = root.get("resources").and_then(Item::as_table_like) {
+        for (name, item) in resources.iter() {
+            if let Some(resource) = item.as_table_like() {
+                dotted_resource(&mut errors, resource, &["resources", name], &RESOURCE_FIELDS);
+            }
+        }
+    }
+    let Some(plans) = root.get("plans").and_then(Item::as_table_like) else {
+        return errors;
+    };
+    for (name, item) in plans.iter() {
+        let Some(plan) = item.as_table_like() else { continue };
+        let before = errors.len();
+        dotted_plans(&mut errors, plan, &mut vec![name], &line);
+        if let Some(limits) = plan.get("limits").and_then(Item::as_table_like) {
+            for (resource, limit) in limits.iter() {
+                if let Some(limit) = limit.as_table_like() {
+                    dotted_resource(&mut errors, limit, &["plans", name, "limits", resource], &LIMIT_FIELDS);
+                }
+            }
+        }
+        // `[plans.pro.limits.x]` with no `[plans.pro]`: serde cannot place
+        // the implicit table `pro` and says "expected a borrowed string".
+        let implicit = item.as_table().is_some_and(toml_edit::Table::is_implicit);
+        if errors.len() == before && implicit && !plan.contains_key("price") {
+            let first = plan.iter().next();
+            errors.push(CatalogError {
+                line: first.and_then(|(key, item)| line(plan, key, item)),
+                message: format!(
+                    "plan '{name}' has sub-tables but no table of its own, so no price: add {} with price = \"…\" \
+                     (its monthly price, e.g. \"0\") above them",
+                    header(&["plans", name])
+                ),
+            });
+        }
+    }
+    errors
+}
+
+/// Tables inside a plan's table that look like a plan (a price, limits or
+/// features, or nothing yet): a plan name with a dot written unquoted.
+/// `keys` holds the plan's name and the tables walked down to `table`.
+fn dotted_plans<'a>(
+    errors: &mut Vec<CatalogError>,
+    table: &'a dyn toml_edit::TableLike,
+    keys: &mut Vec<&'a str>,
+    line: &dyn Fn(&dyn toml_edit::TableLike, &str, &toml_edit::Item) -> Option<usize>,
+) {
+    for (key, item) in table.iter() {
+        if PLAN_FIELDS.contains(&key) {
+            continue;
+        }
+        let Some(inner) = item.as_table_like() else { continue };
+        keys.push(key);
+        if inner.is_empty() || PLAN_FIELDS.iter().any(|field| inner.contains_key(field)) {
+            let name = keys.join(".");
+            let quoted = format!("[plans.{}]", toml_key(&name));
+            let limits = format!("[plans.{}.limits.RESOURCE]", toml_key(&name));
+            errors.push(CatalogError {
+                line: line(table, key, item),
+                message: format!(
+                    "{} is read by TOML as a table '{}' inside plan '{}', not as a plan named '{name}': a plan name \
+                     with a dot must be quoted in table headers; write {quoted} (and {limits} for its limits)",
+                    header(&[&["plans"][..], keys].concat()),
+                    keys[1..].join("."),
+                    keys[0],
+                ),
+            });
+        } else {
+            dotted_plans(errors, inner, keys, line);
+        }
+        keys.pop();
+    }
+}
+
 /// 1-based line of a byte offset.
 fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
@@ -439,7 +643,7 @@ struct RawResource {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPlan {
-    price: Spanned<String>,
+    price: Spanned<RawNumber>,
     #[serde(default)]
     limits: BTreeMap<String, Spanned<RawLimit>>,
     #[serde(default)]
@@ -450,10 +654,44 @@ struct RawPlan {
 #[serde(deny_unknown_fields)]
 struct RawLimit {
     window: Window,
-    limit: Spanned<String>,
+    limit: Spanned<RawNumber>,
     enforcement: Option<Enforcement>,
-    overage_price: Option<Spanned<String>>,
+    overage_price: Option<Spanned<RawNumber>>,
     rate_per_minute: Option<u32>,
+}
+
+/// A price or limit as the file writes it.
+enum RawNumber {
+    /// A string, or a bare TOML integer kept as its digits: both exact.
+    Exact(String),
+    /// A TOML float, refused: its decimal digits are already lost in binary.
+    /// Its value is not kept; the message quotes the file's text.
+    Float,
+}
+
+impl<'de> Deserialize<'de> for RawNumber {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = RawNumber;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a decimal string such as \"9.99\", or a whole number")
+            }
+            fn visit_str<E: serde::de::Error>(self, raw: &str) -> Result<RawNumber, E> {
+                Ok(RawNumber::Exact(raw.to_owned()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<RawNumber, E> {
+                Ok(RawNumber::Exact(n.to_string()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<RawNumber, E> {
+                Ok(RawNumber::Exact(n.to_string()))
+            }
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<RawNumber, E> {
+                Ok(RawNumber::Float)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 #[cfg(test)]
@@ -562,6 +800,141 @@ mod tests {
             .unwrap_err()
             .0;
         assert_eq!(errors[0].line, Some(3), "{errors:?}");
+    }
+
+    #[test]
+    fn bare_integers_are_exact_amounts_like_their_string_form() {
+        let text = "default_plan = \"free\"\n[resources.api_requests]\n[resources.llm_tokens]\n[plans.free]\nprice = 10\n[plans.free.limits.api_requests]\nwindow = \"month\"\nlimit = 100_000\n[plans.free.limits.llm_tokens]\nwindow = \"day\"\nlimit = 50000\nenforcement = \"soft\"\noverage_price = 0\n";
+        let catalog = Catalog::parse(text).unwrap_or_else(|e| panic!("{e}"));
+        let free = &catalog.plans["free"];
+        assert_eq!(free.price, Decimal::from(10));
+        let api = &free.limits[&ResourceName::parse("api_requests").unwrap()];
+        assert_eq!(api.limit.unwrap().to_string(), "100000");
+        let tokens = &free.limits[&ResourceName::parse("llm_tokens").unwrap()];
+        assert_eq!(tokens.overage_price, Some(Decimal::ZERO));
+        let negative = Catalog::parse(&text.replace("price = 10", "price = -3")).unwrap_err().0;
+        assert_eq!(negative.len(), 1, "{negative:?}");
+        assert_eq!(negative[0].line, Some(5), "{negative:?}");
+        assert!(
+            negative[0].message.contains("price must not be negative"),
+            "{negative:?}"
+        );
+    }
+
+    #[test]
+    fn a_float_amount_is_refused_with_its_field_line_and_string_form() {
+        let text = "default_plan = \"free\"\n[resources.llm_tokens]\n[plans.free]\nprice = 9.99\n[plans.free.limits.llm_tokens]\nwindow = \"day\"\nlimit = 5e4\nenforcement = \"soft\"\noverage_price = 0.00002\n";
+        let errors = Catalog::parse(text).unwrap_err().0;
+        let got: Vec<_> = errors.iter().map(|e| (e.line, e.message.as_str())).collect();
+        assert_eq!(errors.len(), 3, "every float, at once: {got:?}");
+        assert_eq!(errors[0].line, Some(4), "{got:?}");
+        assert!(
+            errors[0].message.contains("price = 9.99 is a TOML float")
+                && errors[0].message.contains("not exact")
+                && errors[0].message.contains("write it as a string: price = \"9.99\""),
+            "{got:?}"
+        );
+        assert_eq!(errors[1].line, Some(7), "{got:?}");
+        assert!(errors[1].message.contains("limit = \"5e4\""), "{got:?}");
+        assert_eq!(errors[2].line, Some(9), "{got:?}");
+        assert!(
+            errors[2].message.contains("plan 'free', resource 'llm_tokens'")
+                && errors[2].message.contains("overage_price = \"0.00002\""),
+            "{got:?}"
+        );
+        // A float that is no decimal at all still gets a usable example.
+        let nan = Catalog::parse(&text.replace("price = 9.99", "price = nan"))
+            .unwrap_err()
+            .0;
+        assert!(nan[0].message.contains("price = \"9.99\""), "{nan:?}");
+    }
+
+    #[test]
+    fn errors_come_in_line_order() {
+        let text = "default_plan = \"gold\"\n[resources.x]\n[plans.zeta]\nprice = \"-1\"\n[plans.alpha]\nprice = \"x\"\n[plans.\"\"]\nprice = \"0\"\n";
+        let errors = Catalog::parse(text).unwrap_err().0;
+        let lines: Vec<_> = errors.iter().map(|e| e.line).collect();
+        assert_eq!(lines, [Some(1), Some(4), Some(6), Some(7)], "{errors:?}");
+    }
+
+    #[test]
+    fn an_unquoted_dotted_plan_name_is_explained_with_its_quoted_form() {
+        // Without a [plans.pro] table serde said "invalid type: string \"v2\",
+        // expected a borrowed string"; with one, "unknown field `v2`".
+        for pro in ["", "[plans.pro]\nprice = \"1\"\n"] {
+            let text = format!(
+                "default_plan = \"free\"\n[resources.x]\n[plans.free]\nprice = \"0\"\n{pro}[plans.pro.v2]\nprice = \"5\"\n"
+            );
+            let line = 5 + pro.lines().count();
+            let errors = Catalog::parse(&text).unwrap_err().0;
+            assert_eq!(errors.len(), 1, "{errors:?}");
+            assert_eq!(errors[0].line, Some(line), "{errors:?}");
+            let message = &errors[0].message;
+            assert!(
+                message.contains("[plans.pro.v2] is read by TOML as a table 'v2' inside plan 'pro'")
+                    && message.contains("[plans.\"pro.v2\"]"),
+                "{message}"
+            );
+        }
+        // Its limits alone show the same, with the quoted form of their header.
+        let text = "default_plan = \"free\"\n[resources.x]\n[plans.free]\nprice = \"0\"\n[plans.pro.v2.limits.x]\nwindow = \"day\"\nlimit = \"1\"\n";
+        let errors = Catalog::parse(text).unwrap_err().0;
+        assert_eq!(errors[0].line, Some(5), "{errors:?}");
+        assert!(errors[0].message.contains("[plans.\"pro.v2\"]"), "{errors:?}");
+    }
+
+    #[test]
+    fn an_unquoted_dotted_resource_name_says_a_resource_name_has_no_dot() {
+        let text = "default_plan = \"free\"\n[resources.x]\n[resources.api.v2]\n[plans.free]\nprice = \"0\"\n[plans.free.limits.x.y]\nwindow = \"day\"\nlimit = \"1\"\n";
+        let errors = Catalog::parse(text).unwrap_err().0;
+        let got: Vec<_> = errors.iter().map(|e| (e.line, e.message.as_str())).collect();
+        assert_eq!(errors.len(), 2, "{got:?}");
+        assert_eq!(errors[0].line, Some(3), "{got:?}");
+        assert!(
+            errors[0]
+                .message
+                .contains("[resources.api.v2] is read by TOML as a table 'v2' inside resource 'api'")
+                && errors[0].message.contains("api_v2"),
+            "{got:?}"
+        );
+        assert_eq!(errors[1].line, Some(6), "{got:?}");
+        assert!(
+            errors[1].message.contains("[plans.free.limits.x.y]") && errors[1].message.contains("x_y"),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn a_plan_with_limits_but_no_table_of_its_own_is_told_to_add_one() {
+        let text = "default_plan = \"free\"\n[resources.x]\n[plans.free]\nprice = \"0\"\n[plans.pro.limits.x]\nwindow = \"day\"\nlimit = \"1\"\n";
+        let errors = Catalog::parse(text).unwrap_err().0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].line, Some(5), "{errors:?}");
+        assert!(
+            errors[0].message.contains("plan 'pro'") && errors[0].message.contains("add [plans.pro] with price ="),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn a_missing_default_plan_lists_only_validly_named_plans_and_what_to_do() {
+        let text = "default_plan = \"gold\"\n[resources.x]\n[plans.free]\nprice = \"0\"\n[plans.\"pro plus\"]\nprice = \"1\"\n[plans.\"\"]\nprice = \"1\"\n";
+        let errors = Catalog::parse(text).unwrap_err().0;
+        let default = errors
+            .iter()
+            .find(|e| e.line == Some(1))
+            .expect("the default_plan error");
+        assert_eq!(
+            default.message,
+            "default_plan 'gold' is not a plan of this catalog; set it to one of: free (or add a [plans.gold] table)"
+        );
+        let none = Catalog::parse("default_plan = \"gold\"\n[resources.x]\n[plans.\"a b\"]\nprice = \"1\"\n")
+            .unwrap_err()
+            .0;
+        assert!(
+            none[0].message.contains("has no validly named plan") && none[0].message.contains("[plans.gold]"),
+            "{none:?}"
+        );
     }
 
     #[test]

@@ -767,6 +767,52 @@ fn plans_check_reports_each_problem_with_its_line() {
     assert!(ok.status.success(), "{}", text(&ok.stderr));
 }
 
+/// Bare integers are exact amounts, a float is refused with the string to
+/// write instead, every problem comes in line order, and `default_plan`
+/// offers only plans whose names are valid.
+#[test]
+fn plans_check_prints_problems_in_line_order_and_says_how_to_fix_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("plans.toml");
+    std::fs::write(
+        &file,
+        "default_plan = \"gold\"\n\n[resources.llm_tokens]\n\n[plans.zeta]\nprice = 10\n\n[plans.zeta.limits.llm_tokens]\nwindow = \"day\"\nlimit = 50000\nenforcement = \"soft\"\noverage_price = 0.00002\n\n[plans.\"pro plus\"]\nprice = 9.99\n",
+    )
+    .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["plans", "check", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = text(&output.stderr);
+    let shown = file.display();
+    assert_eq!(
+        stderr,
+        format!(
+            "{shown}:1: default_plan 'gold' is not a plan of this catalog; set it to one of: zeta (or add a [plans.gold] table)\n\
+             {shown}:12: plan 'zeta', resource 'llm_tokens': overage_price = 0.00002 is a TOML float, which is not exact (a binary float cannot hold most decimals); write it as a string: overage_price = \"0.00002\"\n\
+             {shown}:14: plan name \"pro plus\" must be 1 to 64 characters of A-Za-z0-9_.-\n\
+             {shown}:15: plan 'pro plus': price = 9.99 is a TOML float, which is not exact (a binary float cannot hold most decimals); write it as a string: price = \"9.99\"\n"
+        )
+    );
+
+    std::fs::write(
+        &file,
+        "default_plan = \"free\"\n[resources.x]\n[plans.free]\nprice = 0\n[plans.pro.v2]\nprice = 5\n",
+    )
+    .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["plans", "check", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains(":5: [plans.pro.v2] is read by TOML as a table 'v2' inside plan 'pro'")
+            && stderr.contains("write [plans.\"pro.v2\"]"),
+        "{stderr}"
+    );
+}
+
 /// A database that cannot be opened: the command says which, where the
 /// setting comes from and what to check, and each cause once.
 #[test]
