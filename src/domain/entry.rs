@@ -7,7 +7,7 @@ use chrono::{DateTime, Duration, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::amount::{AmountError, JsonDecimalError, MAX_DECIMALS, json_decimal_text};
+use super::amount::{AmountError, JsonDecimalError, MAX_DECIMALS, json_decimal_text, not_a_decimal};
 use super::{AccountId, Amount, Catalog, IdempotencyKey, ResourceName, shown};
 
 /// The most bytes an entry's metadata may take, as compact JSON.
@@ -454,9 +454,7 @@ impl EntryInput {
 fn amount_text(raw: &RawValue) -> Result<Cow<'_, str>, String> {
     json_decimal_text(raw).map_err(|e| match e {
         JsonDecimalError::BadString(e) => format!("amount is not a valid JSON string: {e}"),
-        JsonDecimalError::NotStringOrNumber => {
-            format!("amount must be a decimal string or a JSON number, not {}", raw.get())
-        }
+        JsonDecimalError::NotStringOrNumber => not_a_decimal("amount", raw),
     })
 }
 

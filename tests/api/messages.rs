@@ -7,7 +7,13 @@ use serde_json::{Value, json};
 use crate::both;
 use crate::helpers::{TestApp, days_ago_at};
 
-both!(a_reused_consume_key_names_each_field_that_differs_and_both_values,);
+both!(
+    a_consume_of_a_resource_the_plan_does_not_include_names_the_plans_that_do,
+    a_consume_under_an_override_of_0_says_the_override_decides,
+    an_amount_of_the_wrong_json_type_is_named_by_its_type,
+    a_reused_consume_key_names_each_field_that_differs_and_both_values,
+    an_amount_of_zero_on_check_or_consume_says_what_to_do_instead,
+);
 
 fn message(reply: &crate::helpers::Reply) -> String {
     reply.body["error"]["message"].as_str().unwrap_or_default().to_owned()
@@ -15,6 +21,96 @@ fn message(reply: &crate::helpers::Reply) -> String {
 
 fn consume(account: &str, resource: &str, amount: Value, key: &str) -> Value {
     json!({"account": account, "resource": resource, "amount": amount, "idempotency_key": key})
+}
+
+/// Free's `agent_minutes` limit is 0: no smaller amount and no wait helps,
+/// another plan or an override does.
+async fn a_consume_of_a_resource_the_plan_does_not_include_names_the_plans_that_do(app: TestApp) {
+    let reply = app
+        .post("/v1/quota/consume", consume("acme", "agent_minutes", json!("1"), "k1"))
+        .await;
+    assert_eq!(
+        (reply.status, reply.code()),
+        (429, "quota_exceeded"),
+        "{:?}",
+        reply.body
+    );
+    assert!(reply.headers.get("retry-after").is_none());
+    let message = message(&reply);
+    assert!(
+        message.starts_with("plan 'free' does not include agent_minutes (its limit is 0)"),
+        "{message}"
+    );
+    assert!(
+        message.contains("move account 'acme' to a plan that does (pro, scale) with PUT /v1/accounts/acme/plan"),
+        "{message}"
+    );
+    assert!(
+        message.contains("PUT /v1/accounts/acme/overrides/agent_minutes"),
+        "{message}"
+    );
+    assert!(!message.contains("consume less"), "{message}");
+    assert_eq!(app.count_entries().await, 0);
+}
+
+async fn a_consume_under_an_override_of_0_says_the_override_decides(app: TestApp) {
+    app.put_admin("/v1/accounts/acme/plan", json!({"plan": "pro"})).await;
+    let set = app
+        .put_admin("/v1/accounts/acme/overrides/agent_minutes", json!({"limit": "0"}))
+        .await;
+    assert_eq!(set.status, 200, "{:?}", set.body);
+    let reply = app
+        .post("/v1/quota/consume", consume("acme", "agent_minutes", json!("1"), "k1"))
+        .await;
+    assert_eq!(
+        (reply.status, reply.code()),
+        (429, "quota_exceeded"),
+        "{:?}",
+        reply.body
+    );
+    let message = message(&reply);
+    assert!(
+        message.starts_with("an override of account 'acme' sets the agent_minutes limit to 0 (on plan 'pro')"),
+        "{message}"
+    );
+    assert!(
+        message.contains("DELETE /v1/accounts/acme/overrides/agent_minutes"),
+        "{message}"
+    );
+}
+
+/// `true` is not a number a client got wrong: it is another JSON type, and
+/// the message says which, on check as on consume and entries.
+async fn an_amount_of_the_wrong_json_type_is_named_by_its_type(app: TestApp) {
+    let wanted = "amount must be a decimal string or a JSON number, such as \"1500\" or 0.25; got ";
+    for (amount, got) in [
+        (json!(true), "a boolean (true)"),
+        (json!(false), "a boolean (false)"),
+        (json!({"value": 1}), "an object"),
+        (json!([1]), "an array"),
+    ] {
+        let check = app
+            .post(
+                "/v1/quota/check",
+                json!({"account": "acme", "resource": "api_requests", "amount": amount}),
+            )
+            .await;
+        let consumed = app
+            .post(
+                "/v1/quota/consume",
+                consume("acme", "api_requests", amount.clone(), "k1"),
+            )
+            .await;
+        let posted = app
+            .post_entries(consume("acme", "api_requests", amount.clone(), "k1"))
+            .await;
+        for (what, reply) in [("check", &check), ("consume", &consumed), ("entries", &posted)] {
+            assert_eq!(reply.status, 422, "{what} {amount}: {:?}", reply.body);
+            assert_eq!(reply.body["error"]["details"]["errors"][0]["field"], "amount");
+            assert_eq!(message(reply), format!("{wanted}{got}"), "{what} {amount}");
+        }
+    }
+    assert_eq!(app.count_entries().await, 0);
 }
 
 async fn a_reused_consume_key_names_each_field_that_differs_and_both_values(app: TestApp) {
@@ -64,4 +160,49 @@ async fn a_reused_consume_key_names_each_field_that_differs_and_both_values(app:
     no_instant.as_object_mut().unwrap().remove("occurred_at");
     assert_eq!(app.post("/v1/quota/consume", no_instant).await.status, 200);
     assert_eq!(app.count_entries().await, 1);
+}
+
+async fn an_amount_of_zero_on_check_or_consume_says_what_to_do_instead(app: TestApp) {
+    for zero in [json!("0"), json!(0), json!("0.00")] {
+        let check = app
+            .post(
+                "/v1/quota/check",
+                json!({"account": "acme", "resource": "agent_minutes", "amount": zero}),
+            )
+            .await;
+        assert_eq!(check.status, 422, "{:?}", check.body);
+        assert_eq!(
+            message(&check),
+            "amount 0 asks about no usage: a check's amount is the positive amount about to be used; leave \
+             amount out to check one unit (the default)"
+        );
+        let consumed = app
+            .post(
+                "/v1/quota/consume",
+                consume("acme", "agent_minutes", zero.clone(), "k1"),
+            )
+            .await;
+        assert_eq!(consumed.status, 422, "{:?}", consumed.body);
+        assert_eq!(
+            message(&consumed),
+            "amount 0 records no usage: a consume takes the positive amount used; to see what is left without \
+             recording, POST /v1/quota/check; to free room, post a negative entry to /v1/entries"
+        );
+    }
+    // Next to another problem, the zero is still explained.
+    let both = app
+        .post(
+            "/v1/quota/consume",
+            json!({"account": "acme", "resource": "api_requests", "amount": "0"}),
+        )
+        .await;
+    let errors = both.body["error"]["details"]["errors"].as_array().unwrap().clone();
+    let amount = errors.iter().find(|e| e["field"] == "amount").unwrap();
+    assert!(
+        amount["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("amount 0 records no usage")
+    );
+    assert_eq!(app.count_entries().await, 0);
 }
