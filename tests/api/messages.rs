@@ -10,9 +10,11 @@ use crate::helpers::{TestApp, days_ago_at};
 both!(
     a_consume_of_a_resource_the_plan_does_not_include_names_the_plans_that_do,
     a_consume_under_an_override_of_0_says_the_override_decides,
+    a_consume_body_over_10_mib_speaks_of_one_entry_not_batches,
     an_amount_of_the_wrong_json_type_is_named_by_its_type,
     a_reused_consume_key_names_each_field_that_differs_and_both_values,
     an_amount_of_zero_on_check_or_consume_says_what_to_do_instead,
+    a_path_that_is_not_utf_8_names_its_part_without_axum_text,
 );
 
 fn message(reply: &crate::helpers::Reply) -> String {
@@ -77,6 +79,36 @@ async fn a_consume_under_an_override_of_0_says_the_override_decides(app: TestApp
         message.contains("DELETE /v1/accounts/acme/overrides/agent_minutes"),
         "{message}"
     );
+}
+
+/// A consume is one entry: "split it into smaller batches" fits only
+/// `POST /v1/entries`, which keeps saying it.
+async fn a_consume_body_over_10_mib_speaks_of_one_entry_not_batches(app: TestApp) {
+    let mut body = consume("acme", "api_requests", json!("1"), "k1");
+    body["metadata"] = json!({"note": "x".repeat(11 * 1024 * 1024)});
+    let reply = app.post("/v1/quota/consume", body.clone()).await;
+    assert_eq!(
+        (reply.status, reply.code()),
+        (413, "payload_too_large"),
+        "{:?}",
+        reply.body
+    );
+    let text = message(&reply);
+    assert!(
+        text.starts_with("the request body is over 10 MiB (10485760 bytes)"),
+        "{text}"
+    );
+    assert!(text.contains("metadata may hold at most 4096 bytes"), "{text}");
+    assert!(!text.contains("batch"), "{text}");
+
+    let entries = app.post_entries(body).await;
+    assert_eq!(entries.status, 413);
+    assert!(
+        message(&entries).contains("split the entries into smaller batches"),
+        "{:?}",
+        entries.body
+    );
+    assert_eq!(app.count_entries().await, 0);
 }
 
 /// `true` is not a number a client got wrong: it is another JSON type, and
@@ -205,4 +237,34 @@ async fn an_amount_of_zero_on_check_or_consume_says_what_to_do_instead(app: Test
             .starts_with("amount 0 records no usage")
     );
     assert_eq!(app.count_entries().await, 0);
+}
+
+async fn a_path_that_is_not_utf_8_names_its_part_without_axum_text(app: TestApp) {
+    for (method, path, part) in [
+        ("GET", "/v1/accounts/%FF/usage", "account"),
+        ("GET", "/v1/accounts/%FF", "account"),
+        ("GET", "/v1/accounts/%FF/entries", "account"),
+        ("GET", "/v1/accounts/%FF/timeseries?resource=api_requests", "account"),
+        ("GET", "/v1/accounts/acme/features/%FF", "feature"),
+        ("PUT", "/v1/accounts/acme/overrides/%FF", "resource"),
+        ("POST", "/v1/entries/%FF/reversal", "id"),
+    ] {
+        let body = (method != "GET").then(|| json!({"idempotency_key": "k", "limit": "5"}).to_string());
+        let reply = app.request(method, path, Some(&app.admin_key), body).await;
+        assert_eq!(
+            (reply.status, reply.code()),
+            (422, "validation_failed"),
+            "{method} {path}: {:?}",
+            reply.body
+        );
+        assert_eq!(reply.body["error"]["details"]["errors"][0]["field"], "path");
+        let text = message(&reply);
+        assert!(
+            text.starts_with(&format!(
+                "the {part} in the path is not text: its percent-encoding (such as %FF) does not decode to UTF-8; "
+            )),
+            "{method} {path}: {text}"
+        );
+        assert!(!text.contains("Invalid URL"), "{text}");
+    }
 }
