@@ -13,6 +13,7 @@ both!(
     a_consume_body_over_10_mib_speaks_of_one_entry_not_batches,
     an_amount_of_the_wrong_json_type_is_named_by_its_type,
     a_reused_consume_key_names_each_field_that_differs_and_both_values,
+    an_effective_at_or_expires_at_out_of_range_speaks_of_that_field,
     an_amount_of_zero_on_check_or_consume_says_what_to_do_instead,
     a_path_that_is_not_utf_8_names_its_part_without_axum_text,
 );
@@ -192,6 +193,53 @@ async fn a_reused_consume_key_names_each_field_that_differs_and_both_values(app:
     no_instant.as_object_mut().unwrap().remove("occurred_at");
     assert_eq!(app.post("/v1/quota/consume", no_instant).await.status, 200);
     assert_eq!(app.count_entries().await, 1);
+}
+
+async fn an_effective_at_or_expires_at_out_of_range_speaks_of_that_field(app: TestApp) {
+    for (at, side) in [
+        ("9999-12-31T00:00:00Z", "later"),
+        ("9999-12-01T00:00:00Z", "later"),
+        ("9999-12-31T23:00:00-05:00", "later"),
+        ("0001-01-01T00:00:00+01:00", "earlier"),
+    ] {
+        let plan = app
+            .put_admin("/v1/accounts/acme/plan", json!({"plan": "pro", "effective_at": at}))
+            .await;
+        assert_eq!(plan.status, 422, "{at}: {:?}", plan.body);
+        assert_eq!(plan.body["error"]["details"]["errors"][0]["field"], "effective_at");
+        let text = message(&plan);
+        assert!(
+            text.starts_with(&format!("effective_at {at:?} is {side} than Tally can record")),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("or leave effective_at out to assign it from now"),
+            "{text}"
+        );
+
+        let limit = app
+            .put_admin(
+                "/v1/accounts/acme/overrides/api_requests",
+                json!({"limit": "5", "expires_at": at}),
+            )
+            .await;
+        assert_eq!(limit.status, 422, "{at}: {:?}", limit.body);
+        assert_eq!(limit.body["error"]["details"]["errors"][0]["field"], "expires_at");
+        let text = message(&limit);
+        assert!(
+            text.starts_with(&format!("expires_at {at:?} is {side} than Tally can record")),
+            "{text}"
+        );
+        assert!(text.contains("leave expires_at out"), "{text}");
+    }
+    // The last instant that fits is taken.
+    let last = app
+        .put_admin(
+            "/v1/accounts/acme/overrides/api_requests",
+            json!({"limit": "5", "expires_at": "9999-11-30T23:59:59Z"}),
+        )
+        .await;
+    assert_eq!(last.status, 200, "{:?}", last.body);
 }
 
 async fn an_amount_of_zero_on_check_or_consume_says_what_to_do_instead(app: TestApp) {
