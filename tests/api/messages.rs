@@ -18,6 +18,8 @@ both!(
     a_path_that_is_not_utf_8_names_its_part_without_axum_text,
 );
 
+both!(plans = SEAT_PLANS; a_numeric_feature_is_a_number_on_every_plan);
+
 fn message(reply: &crate::helpers::Reply) -> String {
     reply.body["error"]["message"].as_str().unwrap_or_default().to_owned()
 }
@@ -315,4 +317,44 @@ async fn a_path_that_is_not_utf_8_names_its_part_without_axum_text(app: TestApp)
         );
         assert!(!text.contains("Invalid URL"), "{text}");
     }
+}
+
+const SEAT_PLANS: &str = r#"
+default_plan = "free"
+
+[resources.api_requests]
+
+[plans.free]
+price = "0"
+
+[plans.team]
+price = "10"
+features = { seats = 5, sso = true }
+
+[plans.mixed]
+price = "20"
+features = { seats = 12, sso = 3 }
+"#;
+
+/// `seats` is a number wherever a plan declares it: on a plan without it
+/// the answer is 0 and not allowed, never `false`, so a client reads one
+/// type on every plan. A feature a catalog gives both types keeps false.
+async fn a_numeric_feature_is_a_number_on_every_plan(app: TestApp) {
+    let free = app.get("/v1/accounts/acme/features/seats").await;
+    assert_eq!(
+        free.body,
+        json!({"feature": "seats", "allowed": false, "value": 0, "plan": "free"})
+    );
+    app.put_admin("/v1/accounts/acme/plan", json!({"plan": "team"})).await;
+    let team = app.get("/v1/accounts/acme/features/seats").await;
+    assert_eq!(
+        team.body,
+        json!({"feature": "seats", "allowed": true, "value": 5, "plan": "team"})
+    );
+    let cli = app.cli(&["feature", "other", "seats"]);
+    assert_eq!(cli.status.code(), Some(1), "{}", String::from_utf8_lossy(&cli.stderr));
+    assert_eq!(serde_json::from_slice::<Value>(&cli.stdout).unwrap(), free.body.clone());
+    // sso is a switch on team, a number on mixed: absent, it stays false.
+    let mixed = app.get("/v1/accounts/other/features/sso").await;
+    assert_eq!(mixed.body["value"], json!(false));
 }
