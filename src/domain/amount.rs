@@ -190,6 +190,28 @@ pub enum JsonDecimalError {
     NotStringOrNumber,
 }
 
+/// What a JSON value is, for a message about a field that wanted a decimal
+/// ("got a boolean (true)"); an object or array is named, not quoted.
+pub fn json_kind(raw: &RawValue) -> String {
+    match raw.get().trim_start().as_bytes().first() {
+        Some(b't' | b'f') => format!("a boolean ({})", raw.get().trim()),
+        Some(b'n') => "null".to_owned(),
+        Some(b'{') => "an object".to_owned(),
+        Some(b'[') => "an array".to_owned(),
+        Some(b'"') => "a string".to_owned(),
+        _ => "a number".to_owned(),
+    }
+}
+
+/// The message for `field` holding a JSON value that is neither a string
+/// nor a number ([`JsonDecimalError::NotStringOrNumber`]).
+pub fn not_a_decimal(field: &str, raw: &RawValue) -> String {
+    format!(
+        "{field} must be a decimal string or a JSON number, such as \"1500\" or 0.25; got {}",
+        json_kind(raw)
+    )
+}
+
 /// The decimal text of a JSON amount or limit: a string's contents, or a
 /// number's literal digits, kept as written so the value is parsed exactly
 /// and never as a binary float.
@@ -416,5 +438,18 @@ mod tests {
         assert_eq!(text("-1e3").unwrap(), "-1e3");
         assert!(matches!(text("true"), Err(JsonDecimalError::NotStringOrNumber)));
         assert!(matches!(text(r#""\ud800""#), Err(JsonDecimalError::BadString(_))));
+    }
+
+    #[test]
+    fn a_value_that_is_not_a_decimal_is_named_by_its_json_type() {
+        let message = |json: &str| not_a_decimal("amount", &RawValue::from_string(json.to_owned()).unwrap());
+        assert_eq!(
+            message("true"),
+            "amount must be a decimal string or a JSON number, such as \"1500\" or 0.25; got a boolean (true)"
+        );
+        assert!(message("false").ends_with("got a boolean (false)"));
+        assert!(message("null").ends_with("got null"));
+        assert!(message(r#"{"a": 1}"#).ends_with("got an object"));
+        assert!(message("[1]").ends_with("got an array"));
     }
 }

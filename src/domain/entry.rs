@@ -7,7 +7,7 @@ use chrono::{DateTime, Duration, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::amount::{AmountError, JsonDecimalError, MAX_DECIMALS, json_decimal_text};
+use super::amount::{AmountError, JsonDecimalError, MAX_DECIMALS, json_decimal_text, not_a_decimal};
 use super::{AccountId, Amount, Catalog, IdempotencyKey, ResourceName, shown};
 
 /// The most bytes an entry's metadata may take, as compact JSON.
@@ -106,18 +106,45 @@ impl NewEntry {
 /// next second, possibly in the next day or month, while the instant was
 /// judged in this one, and a retry would then no longer match what is stored.
 pub fn parse_timestamp(text: &str) -> Result<DateTime<Utc>, String> {
-    use chrono::{Datelike, Timelike};
+    use chrono::Datelike;
+    let t = read_timestamp(text)?;
+    if !(1..=9999).contains(&t.year()) {
+        return Err(format!("{text:?} is outside the years 1 to 9999"));
+    }
+    within_writable_periods(text, t)
+}
+
+/// Parses the instant a setting starts or ends at (`effective_at` of a plan,
+/// `expires_at` of an override) as [`parse_timestamp`] does, but refuses an
+/// instant out of range in the words of `field`, with `instead` (what to
+/// send), rather than of the month an entry would count in.
+pub fn parse_setting_instant(field: &str, text: &str, instead: &str) -> Result<DateTime<Utc>, String> {
+    use chrono::Datelike;
+    let t = read_timestamp(text)?;
+    let side = if t.year() < 1 {
+        "earlier"
+    } else if within_writable_periods(text, t).is_err() || t.year() > 9999 {
+        "later"
+    } else {
+        return Ok(t);
+    };
+    Err(format!(
+        "{field} {text:?} is {side} than Tally can record: it takes instants from 0001-01-01T00:00:00Z to before \
+         9999-12-01T00:00:00Z (a later month would end in year 10000, which RFC 3339 cannot write); {instead}"
+    ))
+}
+
+/// An RFC 3339 text as a UTC instant truncated to microseconds, leap
+/// seconds refused; no range check.
+fn read_timestamp(text: &str) -> Result<DateTime<Utc>, String> {
+    use chrono::Timelike;
     let parsed = DateTime::parse_from_rfc3339(text).map_err(|e| not_rfc3339(text, e))?;
     if parsed.nanosecond() >= 1_000_000_000 {
         return Err(format!(
             "{text:?} is a leap second (:60), which Tally does not store; write :59.999999 or the next second"
         ));
     }
-    let t = parsed.with_timezone(&Utc).trunc_subsecs(6);
-    if !(1..=9999).contains(&t.year()) {
-        return Err(format!("{text:?} is outside the years 1 to 9999"));
-    }
-    within_writable_periods(text, t)
+    Ok(parsed.with_timezone(&Utc).trunc_subsecs(6))
 }
 
 /// Refuses an instant in December 9999: its month ends in year 10000, a
@@ -454,9 +481,7 @@ impl EntryInput {
 fn amount_text(raw: &RawValue) -> Result<Cow<'_, str>, String> {
     json_decimal_text(raw).map_err(|e| match e {
         JsonDecimalError::BadString(e) => format!("amount is not a valid JSON string: {e}"),
-        JsonDecimalError::NotStringOrNumber => {
-            format!("amount must be a decimal string or a JSON number, not {}", raw.get())
-        }
+        JsonDecimalError::NotStringOrNumber => not_a_decimal("amount", raw),
     })
 }
 

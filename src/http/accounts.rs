@@ -13,7 +13,7 @@ use super::extract::{Body, NoQuery, Path, QueryParams, parse_json};
 use super::{AppState, params};
 use crate::domain::amount::{JsonDecimalError, json_decimal_text};
 use crate::domain::catalog::{Enforcement, Window};
-use crate::domain::entry::parse_timestamp;
+use crate::domain::entry::parse_setting_instant;
 use crate::domain::plan::{Override, parse_limit};
 use crate::domain::{AccountId, Catalog, FieldError, ResourceName};
 use crate::usage::account::AccountView;
@@ -89,7 +89,12 @@ async fn set_plan(
     }
     let effective_at = match request.effective_at.as_deref() {
         None => state.clock.now().trunc_subsecs(6),
-        Some(raw) => parse_timestamp(raw).map_err(|m| ApiError::invalid("effective_at", m))?,
+        Some(raw) => parse_setting_instant(
+            "effective_at",
+            raw,
+            "give the instant the plan takes effect, or leave effective_at out to assign it from now",
+        )
+        .map_err(|m| ApiError::invalid("effective_at", m))?,
     };
     state.store.assign_plan(&account, &plan, effective_at).await?;
     tracing::info!(account = %account, plan = %plan, "account {account} is on plan {plan} from {effective_at}");
@@ -166,7 +171,14 @@ async fn set_override(
     let expires_at = request
         .expires_at
         .as_deref()
-        .map(|t| parse_timestamp(t).map_err(|m| ApiError::invalid("expires_at", m)))
+        .map(|t| {
+            parse_setting_instant(
+                "expires_at",
+                t,
+                "for an override that does not expire, leave expires_at out (or send null)",
+            )
+            .map_err(|m| ApiError::invalid("expires_at", m))
+        })
         .transpose()?;
     let now = state.clock.now().trunc_subsecs(6);
     Override::check_expiry(expires_at, now).map_err(|m| ApiError::invalid("expires_at", m))?;

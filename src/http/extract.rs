@@ -19,16 +19,33 @@ impl<S: Send + Sync> FromRequest<S> for Body {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let path = req.uri().path().to_owned();
         Bytes::from_request(req, state).await.map(Body).map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge(format!(
-                    "the request body is larger than {} MiB; split it into smaller batches",
-                    MAX_BODY_BYTES / 1024 / 1024
-                ))
+                ApiError::PayloadTooLarge(too_large_message(&path))
             } else {
                 ApiError::MalformedBody(format!("could not read the request body: {rejection}"))
             }
         })
+    }
+}
+
+/// The 413 for a body over [`MAX_BODY_BYTES`] sent to `path`: what to do
+/// depends on the endpoint. Only `POST /v1/entries` takes batches; every
+/// other body is one small object, whose largest part can only be a
+/// consume's `metadata` (at most 4 KiB).
+fn too_large_message(path: &str) -> String {
+    let limit = format!(
+        "the request body is over {} MiB ({MAX_BODY_BYTES} bytes)",
+        MAX_BODY_BYTES / 1024 / 1024
+    );
+    match path {
+        "/v1/entries" => format!("{limit}; split the entries into smaller batches"),
+        "/v1/quota/consume" => format!(
+            "{limit}, and a consume is one entry of a few hundred bytes: its metadata may hold at most 4096 bytes \
+             as compact JSON; send less metadata"
+        ),
+        _ => format!("{limit}, and {path} takes one small JSON object; check what is being sent"),
     }
 }
 
@@ -117,8 +134,39 @@ where
         axum::extract::Path::<T>::from_request_parts(parts, state)
             .await
             .map(|axum::extract::Path(value)| Path(value))
-            .map_err(|e| ApiError::invalid("path", format!("the path cannot be read: {}", e.body_text())))
+            .map_err(unreadable_path)
     }
+}
+
+/// The 422 for a path axum could not read. The one way a client gets here
+/// is percent-encoding that does not decode to UTF-8 (`%FF`); the message
+/// names the part of the path, and what it must be, instead of axum's text.
+fn unreadable_path(rejection: axum::extract::rejection::PathRejection) -> ApiError {
+    use axum::extract::path::ErrorKind;
+    use axum::extract::rejection::PathRejection;
+    let key = match &rejection {
+        PathRejection::FailedToDeserializePathParams(e) => match e.kind() {
+            ErrorKind::InvalidUtf8InPathParam { key } => Some(key.clone()),
+            _ => None,
+        },
+        _ => None,
+    };
+    let Some(key) = key else {
+        return ApiError::invalid("path", format!("the path cannot be read: {}", rejection.body_text()));
+    };
+    let what = match key.as_str() {
+        "account" => "an account is 1 to 128 characters of A-Za-z0-9_.:@-, which need no percent-encoding",
+        "resource" => "resources are named in the catalog (GET /v1/plans)",
+        "feature" => "features are named in the catalog (GET /v1/plans)",
+        "id" => "an entry id is a whole number",
+        _ => "percent-encode the UTF-8 bytes of the text meant",
+    };
+    ApiError::invalid(
+        "path",
+        format!(
+            "the {key} in the path is not text: its percent-encoding (such as %FF) does not decode to UTF-8; {what}"
+        ),
+    )
 }
 
 /// Query parameters as text, so each one is parsed with a clear 422. A

@@ -1,7 +1,5 @@
 //! Quota over HTTP: check (records nothing) and consume (check and record atomically).
 
-use std::borrow::Cow;
-
 use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};
@@ -13,11 +11,11 @@ use super::auth::Writer;
 use super::error::ApiError;
 use super::extract::{Body, NoQuery, malformed_json, parse_json};
 use super::{AppState, params};
-use crate::domain::amount::{JsonDecimalError, json_decimal_text};
+use crate::domain::amount::{AmountError, JsonDecimalError, json_decimal_text, not_a_decimal, parse_decimal};
 use crate::domain::catalog::Window;
 use crate::domain::entry::parse_timestamp;
 use crate::domain::plan::overrides_as_of;
-use crate::domain::{AccountId, Amount, EntryInput};
+use crate::domain::{AccountId, Amount, Catalog, EntryInput};
 use crate::usage::quota::{ConsumeError, ConsumeOutcome, QuotaStatus, Quotas, Warning, override_at};
 
 /// The quota routes.
@@ -78,11 +76,33 @@ fn positive_amount(raw: &RawValue, decimals: u32) -> Result<Amount, ApiError> {
     let text = match json_decimal_text(raw) {
         Ok(text) => text,
         Err(JsonDecimalError::BadString(e)) => return Err(malformed_json(e)),
-        // Parsed as written, so the parser's message says what is wrong.
-        Err(JsonDecimalError::NotStringOrNumber) => Cow::Borrowed(raw.get()),
+        Err(JsonDecimalError::NotStringOrNumber) => {
+            return Err(ApiError::invalid("amount", not_a_decimal("amount", raw)));
+        }
     };
-    let amount = Amount::parse(&text, decimals).map_err(|e| ApiError::invalid("amount", e.to_string()))?;
+    let amount = Amount::parse(&text, decimals).map_err(|e| match e {
+        AmountError::Zero => ApiError::invalid("amount", CHECK_OF_ZERO),
+        e => ApiError::invalid("amount", e.to_string()),
+    })?;
     positive(amount)
+}
+
+/// A check's answer to an amount of 0 (which the ledger's own "must not be
+/// zero" leaves without a next step).
+const CHECK_OF_ZERO: &str = "amount 0 asks about no usage: a check's amount is the positive amount about to be \
+                             used; leave amount out to check one unit (the default)";
+
+/// A consume's answer to an amount of 0.
+const CONSUME_OF_ZERO: &str = "amount 0 records no usage: a consume takes the positive amount used; to see what \
+                               is left without recording, POST /v1/quota/check; to free room, post a negative \
+                               entry to /v1/entries";
+
+/// Whether a JSON amount is a zero (`0`, `"0.00"`, `0e5`).
+fn is_zero(raw: &RawValue) -> bool {
+    json_decimal_text(raw)
+        .ok()
+        .and_then(|text| parse_decimal(&text).ok())
+        .is_some_and(|d| d.is_zero())
 }
 
 /// Refuses an amount that is not strictly positive: consume and check count usage.
@@ -118,9 +138,15 @@ async fn consume(
     if let Some(account) = input.account.as_deref().and_then(|a| AccountId::parse(a).ok()) {
         caller.require_write(&account)?;
     }
-    let entry = input
-        .validate(0, state.entry_rules())
-        .map_err(ApiError::from_field_errors)?;
+    let zero = input.amount.as_deref().is_some_and(is_zero);
+    let entry = input.validate(0, state.entry_rules()).map_err(|mut errors| {
+        if zero {
+            for error in errors.iter_mut().filter(|e| e.field == "amount") {
+                error.message = CONSUME_OF_ZERO.to_owned();
+            }
+        }
+        ApiError::from_field_errors(errors)
+    })?;
     positive(entry.amount)?;
     let quotas = Quotas {
         store: state.store.as_ref(),
@@ -146,25 +172,28 @@ async fn consume(
         Ok(ConsumeOutcome::QuotaExceeded { status, retry_after }) => {
             // Who set the limit: a refusal is not the plan's doing when an
             // account override decided it. Read again, on this path only.
-            let set_by = match state.store.override_changes(&entry.account).await {
-                Ok(changes)
-                    if override_at(
-                        &overrides_as_of(&changes, entry.occurred_at),
-                        &entry.resource,
-                        entry.occurred_at,
-                    )
-                    .is_some() =>
-                {
-                    format!(
-                        "set by an override of account '{}' (on plan '{}')",
-                        entry.account, status.plan
-                    )
-                }
-                _ => format!("on plan '{}'", status.plan),
+            let by_override = match state.store.override_changes(&entry.account).await {
+                Ok(changes) => override_at(
+                    &overrides_as_of(&changes, entry.occurred_at),
+                    &entry.resource,
+                    entry.occurred_at,
+                )
+                .is_some(),
+                Err(_) => false,
             };
-            Err(ApiError::TooManyRequests {
-                code: "quota_exceeded",
-                message: format!(
+            let set_by = if by_override {
+                format!(
+                    "set by an override of account '{}' (on plan '{}')",
+                    entry.account, status.plan
+                )
+            } else {
+                format!("on plan '{}'", status.plan)
+            };
+            let message = if status.limit.as_deref() == Some("0") {
+                // Not a matter of consuming less: nothing of it can pass.
+                not_included(&state.catalog, &entry.account, &status, by_override)
+            } else {
+                format!(
                     "{} would exceed the hard {} limit of {} for {} {set_by} ({} used){}",
                     entry.amount,
                     status.window.as_str(),
@@ -186,7 +215,11 @@ async fn consume(
                              consume less at a time or raise the limit"
                             .into(),
                     }
-                ),
+                )
+            };
+            Err(ApiError::TooManyRequests {
+                code: "quota_exceeded",
+                message,
                 details: super::error::raw(&status),
                 retry_after,
             })
@@ -208,4 +241,44 @@ async fn consume(
         }
         Err(ConsumeError::Store(e)) => Err(e.into()),
     }
+}
+
+/// The refusal of a consume under a limit of 0: the plan (or an override)
+/// leaves the resource out, and the way forward is another plan or an
+/// override, never a smaller amount or a wait.
+fn not_included(catalog: &Catalog, account: &AccountId, status: &QuotaStatus, by_override: bool) -> String {
+    let resource = &status.resource;
+    let override_path = format!("/v1/accounts/{account}/overrides/{resource}");
+    if by_override {
+        return format!(
+            "an override of account '{account}' sets the {resource} limit to 0 (on plan '{}'), so no amount of it \
+             can be consumed; raise the override (PUT {override_path}) or delete it to use the plan's limit \
+             (DELETE {override_path})",
+            status.plan
+        );
+    }
+    let including: Vec<&str> = catalog
+        .plans
+        .iter()
+        .filter(|(name, _)| name.as_str() != status.plan)
+        .filter(|(_, plan)| {
+            plan.limits
+                .iter()
+                .find(|(r, _)| r.as_str() == resource)
+                .is_none_or(|(_, limit)| limit.limit.is_none_or(|l| l.minor() > 0))
+        })
+        .map(|(name, _)| name.as_str())
+        .collect();
+    let move_to = match including.as_slice() {
+        [] => String::new(),
+        plans => format!(
+            "move account '{account}' to a plan that does ({}) with PUT /v1/accounts/{account}/plan, or ",
+            plans.join(", ")
+        ),
+    };
+    format!(
+        "plan '{}' does not include {resource} (its limit is 0), so no amount of it can be consumed; {move_to}give \
+         the account a limit of its own with PUT {override_path}",
+        status.plan
+    )
 }

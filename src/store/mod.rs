@@ -19,7 +19,7 @@ use crate::domain::catalog::{Enforcement, Window};
 use crate::domain::period::Granularity;
 use crate::domain::plan::{Override, OverrideChange, Period, PlanAssignment};
 use crate::domain::{
-    AccountId, ApiKey, Catalog, Entry, EntryFilter, IdempotencyKey, InsertOutcome, InsertStatus, NewEntry,
+    AccountId, Amount, ApiKey, Catalog, Entry, EntryFilter, IdempotencyKey, InsertOutcome, InsertStatus, NewEntry,
     ResourceName, Role,
 };
 
@@ -785,7 +785,7 @@ pub(crate) fn replay(entry: &NewEntry, stored: &Entry, response: Option<String>)
             response,
         })
     } else {
-        Err(conflict(None, entry, &format!("entry {}", stored.id)))
+        Err(conflict(None, entry, stored.into(), &format!("entry {}", stored.id)))
     }
 }
 
@@ -1121,7 +1121,12 @@ pub(crate) fn resolve_outcomes(
                         status: InsertStatus::Duplicate,
                     })
                 } else {
-                    Err(conflict(Some(index), entry, "an earlier entry of this batch"))
+                    Err(conflict(
+                        Some(index),
+                        entry,
+                        first.into(),
+                        "an earlier entry of this batch",
+                    ))
                 };
             }
             let stored = existing.get(&key).ok_or_else(|| StoreError::key_taken(Some(index)))?;
@@ -1132,7 +1137,12 @@ pub(crate) fn resolve_outcomes(
                     status: InsertStatus::Duplicate,
                 })
             } else {
-                Err(conflict(Some(index), entry, &format!("entry {}", stored.id)))
+                Err(conflict(
+                    Some(index),
+                    entry,
+                    stored.into(),
+                    &format!("entry {}", stored.id),
+                ))
             }
         })
         .collect()
@@ -1145,12 +1155,80 @@ fn same_new_content(a: &NewEntry, b: &NewEntry) -> bool {
         && (!(a.occurred_at_given && b.occurred_at_given) || a.occurred_at == b.occurred_at)
 }
 
-fn conflict(index: Option<usize>, entry: &NewEntry, other: &str) -> StoreError {
+/// What of an entry its idempotency key stands for, to compare a retry
+/// with: `occurred_at` is None when the client left it out (it then matches
+/// any instant).
+pub(crate) struct KeyedContent<'a> {
+    resource: &'a ResourceName,
+    amount: Amount,
+    occurred_at: Option<DateTime<Utc>>,
+    reverses: Option<i64>,
+}
+
+impl<'a> From<&'a NewEntry> for KeyedContent<'a> {
+    fn from(e: &'a NewEntry) -> Self {
+        Self {
+            resource: &e.resource,
+            amount: e.amount,
+            occurred_at: e.occurred_at_given.then_some(e.occurred_at),
+            reverses: e.reverses,
+        }
+    }
+}
+
+impl<'a> From<&'a Entry> for KeyedContent<'a> {
+    fn from(e: &'a Entry) -> Self {
+        Self {
+            resource: &e.resource,
+            amount: e.amount,
+            occurred_at: Some(e.occurred_at),
+            reverses: e.reverses,
+        }
+    }
+}
+
+/// The fields in which `given` differs from what its key already holds,
+/// each as "FIELD (STORED there, GIVEN here)".
+fn differences(given: &KeyedContent<'_>, stored: &KeyedContent<'_>) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut differ = |field: &str, there: String, here: String| {
+        out.push(format!("{field} ({there} there, {here} here)"));
+    };
+    if given.resource != stored.resource {
+        differ(
+            "resource",
+            format!("'{}'", stored.resource),
+            format!("'{}'", given.resource),
+        );
+    }
+    if given.amount != stored.amount {
+        differ("amount", stored.amount.to_string(), given.amount.to_string());
+    }
+    if let (Some(here), Some(there)) = (given.occurred_at, stored.occurred_at)
+        && here != there
+    {
+        let shown = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+        differ("occurred_at", shown(there), shown(here));
+    }
+    if given.reverses != stored.reverses {
+        let shown = |r: Option<i64>| r.map_or_else(|| "none".to_owned(), |id| format!("entry {id}"));
+        differ("reverses", shown(stored.reverses), shown(given.reverses));
+    }
+    out
+}
+
+fn conflict(index: Option<usize>, entry: &NewEntry, stored: KeyedContent<'_>, other: &str) -> StoreError {
+    let differs = differences(&KeyedContent::from(entry), &stored);
+    let differs = match differs.is_empty() {
+        true => "differs".to_owned(),
+        false => format!("differs in {}", differs.join(" and ")),
+    };
     StoreError::IdempotencyConflict {
         index,
         message: format!(
-            "idempotency_key '{}' of account '{}' was already used by {other} with a different resource, amount, occurred_at or reversed entry; use a new key for new usage",
-            entry.idempotency_key, entry.account
+            "idempotency_key '{}' of account '{}' was already used by {other}, which {differs}; the same key must \
+             carry the same usage, so use a new key for new usage (a retry resends the first content)",
+            entry.idempotency_key, entry.account,
         ),
     }
 }

@@ -16,7 +16,8 @@ pub struct FeatureView {
     pub feature: String,
     /// On (a boolean true, or a positive number).
     pub allowed: bool,
-    /// The plan's value (false when the plan does not list it).
+    /// The plan's value; when the plan does not list it, 0 for a feature
+    /// that is a number in every plan that lists it, else false.
     pub value: FeatureValue,
     /// The plan in force at the instant asked about.
     pub plan: String,
@@ -43,7 +44,7 @@ pub fn feature_at(
         .get(&plan)
         .and_then(|p| p.features.get(feature))
         .cloned()
-        .unwrap_or(FeatureValue::Bool(false));
+        .unwrap_or_else(|| absent_value(catalog, feature));
     let allowed = match value {
         FeatureValue::Bool(on) => on,
         FeatureValue::Number(n) => n > 0,
@@ -54,4 +55,22 @@ pub fn feature_at(
         value,
         plan,
     })
+}
+
+/// The value of `feature` on a plan that does not list it: off, in the type
+/// the feature has elsewhere, so that a client reading `seats` as a number
+/// on one plan reads a number on every plan (0), not `false`. A feature a
+/// catalog gives both types keeps false.
+fn absent_value(catalog: &Catalog, feature: &str) -> FeatureValue {
+    let mut declared = catalog
+        .plans
+        .values()
+        .filter_map(|p| p.features.get(feature))
+        .peekable();
+    let numeric = declared.peek().is_some() && declared.all(|v| matches!(v, FeatureValue::Number(_)));
+    if numeric {
+        FeatureValue::Number(0)
+    } else {
+        FeatureValue::Bool(false)
+    }
 }

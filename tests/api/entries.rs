@@ -287,7 +287,10 @@ async fn a_reversal_appends_the_opposite_amount_once(app: TestApp) {
     );
     let message = reused.body["error"]["message"].as_str().unwrap();
     assert!(
-        message.starts_with("idempotency_key 'undo-1'") && message.contains("reversed entry"),
+        message.starts_with("idempotency_key 'undo-1'")
+            && message.contains(&format!(
+                "which differs in reverses (entry {id} there, entry {twin_id} here)"
+            )),
         "{message}"
     );
     assert_eq!(app.count_entries().await, 3);

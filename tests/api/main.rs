@@ -12,6 +12,7 @@ mod export;
 mod invariants;
 mod invoice;
 mod jobs;
+mod messages;
 mod migrations;
 mod quota;
 mod restore;
