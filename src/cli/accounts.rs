@@ -8,7 +8,7 @@ use chrono::{SubsecRound, Utc};
 
 use crate::app::Settings;
 use crate::domain::catalog::{Enforcement, Window};
-use crate::domain::entry::{parse_instant_or_date, parse_timestamp};
+use crate::domain::entry::{parse_instant_or_date, parse_setting_instant};
 use crate::domain::plan::{Override, parse_limit};
 use crate::domain::{AccountId, Amount, Catalog, ResourceName};
 use crate::usage::account::account_view;
@@ -103,11 +103,12 @@ fn account(raw: &str) -> anyhow::Result<AccountId> {
 }
 
 /// `--effective-at` / `--expires-at`: RFC 3339, as the HTTP bodies take
-/// them; now by default.
-fn timestamp(flag: &str, raw: Option<&str>) -> anyhow::Result<chrono::DateTime<Utc>> {
+/// them, refused out of range in the flag's words with `instead` (what to
+/// give); now by default.
+fn timestamp(flag: &str, raw: Option<&str>, instead: &str) -> anyhow::Result<chrono::DateTime<Utc>> {
     raw.map_or_else(
         || Ok(Utc::now().trunc_subsecs(6)),
-        |t| parse_timestamp(t).map_err(|m| anyhow::anyhow!("{flag}: {m}")),
+        |t| parse_setting_instant(flag, t, instead).map_err(anyhow::Error::msg),
     )
 }
 
@@ -144,7 +145,15 @@ pub async fn run(settings: &Settings, command: AccountsCommand) -> anyhow::Resul
                 anyhow::bail!("plan '{plan}' is not in the catalog; plans: {}", catalog.plan_names());
             }
             let assignment = store
-                .assign_plan(&account, &plan, timestamp("--effective-at", effective_at.as_deref())?)
+                .assign_plan(
+                    &account,
+                    &plan,
+                    timestamp(
+                        "--effective-at",
+                        effective_at.as_deref(),
+                        "give the instant the plan takes effect, or leave --effective-at out to assign it from now",
+                    )?,
+                )
                 .await?;
             eprintln!(
                 "account {account} is on plan {plan} from {}",
@@ -178,7 +187,13 @@ pub async fn run(settings: &Settings, command: AccountsCommand) -> anyhow::Resul
                     .transpose()?,
                 expires_at: expires_at
                     .as_deref()
-                    .map(|t| timestamp("--expires-at", Some(t)))
+                    .map(|t| {
+                        timestamp(
+                            "--expires-at",
+                            Some(t),
+                            "for an override that does not expire, leave --expires-at out",
+                        )
+                    })
                     .transpose()?,
                 updated_at: Utc::now().trunc_subsecs(6),
             };

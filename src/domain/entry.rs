@@ -120,7 +120,7 @@ pub fn parse_timestamp(text: &str) -> Result<DateTime<Utc>, String> {
 /// send), rather than of the month an entry would count in.
 pub fn parse_setting_instant(field: &str, text: &str, instead: &str) -> Result<DateTime<Utc>, String> {
     use chrono::Datelike;
-    let t = read_timestamp(text)?;
+    let t = read_timestamp(text).map_err(|m| format!("{field}: {m}"))?;
     let side = if t.year() < 1 {
         "earlier"
     } else if within_writable_periods(text, t).is_err() || t.year() > 9999 {

@@ -233,7 +233,44 @@ async fn an_effective_at_or_expires_at_out_of_range_speaks_of_that_field(app: Te
             "{text}"
         );
         assert!(text.contains("leave expires_at out"), "{text}");
+
+        // The CLI twins speak of their flags, and change nothing either.
+        let plan = app.cli(&["accounts", "set-plan", "acme", "pro", "--effective-at", at]);
+        assert_eq!(plan.status.code(), Some(1));
+        let text = String::from_utf8_lossy(&plan.stderr);
+        assert!(
+            text.contains(&format!("--effective-at {at:?} is {side} than Tally can record"))
+                && text.contains("leave --effective-at out"),
+            "{text}"
+        );
+        let limit = app.cli(&[
+            "accounts",
+            "override",
+            "acme",
+            "api_requests",
+            "--limit",
+            "5",
+            "--expires-at",
+            at,
+        ]);
+        assert_eq!(limit.status.code(), Some(1));
+        let text = String::from_utf8_lossy(&limit.stderr);
+        assert!(
+            text.contains(&format!("--expires-at {at:?} is {side} than Tally can record"))
+                && text.contains("leave --expires-at out"),
+            "{text}"
+        );
     }
+    let account = app.get("/v1/accounts/acme").await;
+    assert_eq!(account.body["plan_history"], json!([]), "{:?}", account.body);
+    assert_eq!(account.body["overrides"], json!([]), "{:?}", account.body);
+    // A text that is no instant at all names the flag too.
+    let bad = app.cli(&["accounts", "set-plan", "acme", "pro", "--effective-at", "soon"]);
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("--effective-at: \"soon\" is not an RFC 3339 timestamp"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
     // The last instant that fits is taken.
     let last = app
         .put_admin(
