@@ -114,6 +114,16 @@ pub enum FeatureValue {
     Number(i64),
 }
 
+impl FeatureValue {
+    /// The type, in words for a catalog's author.
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Bool(_) => "a switch (true or false)",
+            Self::Number(_) => "a number",
+        }
+    }
+}
+
 /// By hand rather than `#[serde(untagged)]`, whose error ("data did not match
 /// any variant") does not say what a feature may be.
 impl<'de> Deserialize<'de> for FeatureValue {
@@ -358,9 +368,36 @@ impl Catalog {
                     name: plan_name.clone(),
                     price,
                     limits,
-                    features: raw_plan.get_ref().features.clone(),
+                    features: raw_plan
+                        .get_ref()
+                        .features
+                        .iter()
+                        .map(|(name, value)| (name.clone(), value.get_ref().clone()))
+                        .collect(),
                 },
             );
+        }
+        // One type per feature across plans: a client reads `seats` as a
+        // number on every plan, and a plan without it answers that type's
+        // "off" (0 or false), which two types would leave undecided.
+        let mut declared: BTreeMap<&str, (&str, &'static str)> = BTreeMap::new();
+        for (plan_name, raw_plan) in &raw.plans {
+            for (feature, value) in &raw_plan.get_ref().features {
+                let kind = value.get_ref().kind();
+                match declared.get(feature.as_str()) {
+                    None => {
+                        declared.insert(feature, (plan_name, kind));
+                    }
+                    Some(&(first_plan, first_kind)) if first_kind != kind => err(
+                        value.span(),
+                        format!(
+                            "plan '{plan_name}': feature '{feature}' is {kind} here and {first_kind} on plan \
+                             '{first_plan}'; give it one type on every plan (a number, 0 for none; or true/false)"
+                        ),
+                    ),
+                    Some(_) => {}
+                }
+            }
         }
         let default_plan = raw.default_plan.get_ref();
         if !plans.contains_key(default_plan) {
@@ -647,7 +684,7 @@ struct RawPlan {
     #[serde(default)]
     limits: BTreeMap<String, Spanned<RawLimit>>,
     #[serde(default)]
-    features: BTreeMap<String, FeatureValue>,
+    features: BTreeMap<String, Spanned<FeatureValue>>,
 }
 
 #[derive(Deserialize)]
@@ -777,6 +814,22 @@ mod tests {
             errors[1].line == Some(7) && errors[1].message.contains("\"pro plus\""),
             "{errors:?}"
         );
+    }
+
+    #[test]
+    fn a_feature_given_two_types_across_plans_is_refused_at_its_second_line() {
+        let text = "default_plan = \"free\"\n[resources.x]\n[plans.free]\nprice = \"0\"\nfeatures = { seats = true }\n\
+                    [plans.pro]\nprice = \"10\"\nfeatures = { seats = 5, git_export = true }\n";
+        let errors = Catalog::parse(text).unwrap_err().0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].line, Some(8));
+        assert_eq!(
+            errors[0].message,
+            "plan 'pro': feature 'seats' is a number here and a switch (true or false) on plan 'free'; give it one \
+             type on every plan (a number, 0 for none; or true/false)"
+        );
+        let same = text.replace("seats = true", "seats = 0");
+        assert!(Catalog::parse(&same).is_ok());
     }
 
     #[test]

@@ -16,8 +16,8 @@ pub struct FeatureView {
     pub feature: String,
     /// On (a boolean true, or a positive number).
     pub allowed: bool,
-    /// The plan's value; when the plan does not list it, 0 for a feature
-    /// that is a number in every plan that lists it, else false.
+    /// The plan's value; when the plan does not list it, "off" in the
+    /// feature's type: 0 for a number, false for a switch.
     pub value: FeatureValue,
     /// The plan in force at the instant asked about.
     pub plan: String,
@@ -58,19 +58,12 @@ pub fn feature_at(
 }
 
 /// The value of `feature` on a plan that does not list it: off, in the type
-/// the feature has elsewhere, so that a client reading `seats` as a number
-/// on one plan reads a number on every plan (0), not `false`. A feature a
-/// catalog gives both types keeps false.
+/// the feature has elsewhere (one type on every plan: the catalog refuses
+/// two), so that a client reading `seats` as a number on one plan reads a
+/// number on every plan (0), not `false`.
 fn absent_value(catalog: &Catalog, feature: &str) -> FeatureValue {
-    let mut declared = catalog
-        .plans
-        .values()
-        .filter_map(|p| p.features.get(feature))
-        .peekable();
-    let numeric = declared.peek().is_some() && declared.all(|v| matches!(v, FeatureValue::Number(_)));
-    if numeric {
-        FeatureValue::Number(0)
-    } else {
-        FeatureValue::Bool(false)
+    match catalog.plans.values().find_map(|p| p.features.get(feature)) {
+        Some(FeatureValue::Number(_)) => FeatureValue::Number(0),
+        Some(FeatureValue::Bool(_)) | None => FeatureValue::Bool(false),
     }
 }

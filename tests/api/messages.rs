@@ -368,14 +368,15 @@ price = "0"
 price = "10"
 features = { seats = 5, sso = true }
 
-[plans.mixed]
+[plans.big]
 price = "20"
-features = { seats = 12, sso = 3 }
+features = { seats = 12, sso = true }
 "#;
 
 /// `seats` is a number wherever a plan declares it: on a plan without it
 /// the answer is 0 and not allowed, never `false`, so a client reads one
-/// type on every plan. A feature a catalog gives both types keeps false.
+/// type on every plan; a switch reads false (a catalog cannot give a
+/// feature both types: `tally plans check` refuses it).
 async fn a_numeric_feature_is_a_number_on_every_plan(app: TestApp) {
     let free = app.get("/v1/accounts/acme/features/seats").await;
     assert_eq!(
@@ -391,7 +392,7 @@ async fn a_numeric_feature_is_a_number_on_every_plan(app: TestApp) {
     let cli = app.cli(&["feature", "other", "seats"]);
     assert_eq!(cli.status.code(), Some(1), "{}", String::from_utf8_lossy(&cli.stderr));
     assert_eq!(serde_json::from_slice::<Value>(&cli.stdout).unwrap(), free.body.clone());
-    // sso is a switch on team, a number on mixed: absent, it stays false.
-    let mixed = app.get("/v1/accounts/other/features/sso").await;
-    assert_eq!(mixed.body["value"], json!(false));
+    // sso is a switch: absent, it reads false.
+    let sso = app.get("/v1/accounts/other/features/sso").await;
+    assert_eq!(sso.body["value"], json!(false));
 }
