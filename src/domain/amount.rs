@@ -23,7 +23,10 @@ pub enum AmountError {
     #[error("{0:?} is not a decimal number (write it like \"1500\" or \"0.25\")")]
     NotANumber(String),
     /// Zero carries no usage.
-    #[error("amount must not be zero")]
+    #[error(
+        "amount must not be zero: an entry records a change (positive for use, negative for a correction or a \
+         deletion); leave out an entry that changes nothing"
+    )]
     Zero,
     /// |amount| ≥ 10^15.
     #[error("amount {0} is out of range; |amount| must be below 10^15")]

@@ -109,7 +109,10 @@ async fn post_appends_an_entry_and_refuses_bad_input(app: TestApp) {
     let zero = app.cli(&["post", "acme", "api_requests", "0"]);
     assert_eq!(zero.status.code(), Some(2));
     let stderr = text(&zero.stderr);
-    assert!(stderr.contains("amount must not be zero"), "{stderr}");
+    assert!(
+        stderr.contains("amount must not be zero: an entry records a change"),
+        "{stderr}"
+    );
     assert!(
         !stderr.contains("fractional"),
         "precision is beside the point: {stderr}"

@@ -627,7 +627,8 @@ async fn one_bad_entry_fails_the_whole_batch_with_its_index(app: TestApp) {
     let reply = assert_rejected(&app, body, "validation_failed", 2, "amount").await;
     // A batch of thousands is searched by its message too, so it names the entry.
     assert_eq!(
-        reply.body["error"]["message"], "entry 2: amount must not be zero",
+        reply.body["error"]["message"],
+        "entry 2: amount must not be zero: an entry records a change (positive for use, negative for a correction or a deletion); leave out an entry that changes nothing",
         "{:?}",
         reply.body
     );
@@ -640,7 +641,8 @@ async fn one_bad_entry_fails_the_whole_batch_with_its_index(app: TestApp) {
     )
     .await;
     assert_eq!(
-        one.body["error"]["message"], "amount must not be zero",
+        one.body["error"]["message"],
+        "amount must not be zero: an entry records a change (positive for use, negative for a correction or a deletion); leave out an entry that changes nothing",
         "one entry has no position to name"
     );
 }
