@@ -11,7 +11,7 @@ use super::auth::Writer;
 use super::error::ApiError;
 use super::extract::{Body, NoQuery, malformed_json, parse_json};
 use super::{AppState, params};
-use crate::domain::amount::{AmountError, JsonDecimalError, json_decimal_text, not_a_decimal, parse_decimal};
+use crate::domain::amount::{AmountError, JsonDecimalError, json_decimal_text, not_a_decimal};
 use crate::domain::catalog::Window;
 use crate::domain::entry::parse_timestamp;
 use crate::domain::plan::overrides_as_of;
@@ -97,14 +97,6 @@ const CONSUME_OF_ZERO: &str = "amount 0 records no usage: a consume takes the po
                                is left without recording, POST /v1/quota/check; to free room, post a negative \
                                entry to /v1/entries";
 
-/// Whether a JSON amount is a zero (`0`, `"0.00"`, `0e5`).
-fn is_zero(raw: &RawValue) -> bool {
-    json_decimal_text(raw)
-        .ok()
-        .and_then(|text| parse_decimal(&text).ok())
-        .is_some_and(|d| d.is_zero())
-}
-
 /// Refuses an amount that is not strictly positive: consume and check count usage.
 fn positive(amount: Amount) -> Result<Amount, ApiError> {
     if amount.minor() <= 0 {
@@ -138,12 +130,11 @@ async fn consume(
     if let Some(account) = input.account.as_deref().and_then(|a| AccountId::parse(a).ok()) {
         caller.require_write(&account)?;
     }
-    let zero = input.amount.as_deref().is_some_and(is_zero);
     let entry = input.validate(0, state.entry_rules()).map_err(|mut errors| {
-        if zero {
-            for error in errors.iter_mut().filter(|e| e.field == "amount") {
-                error.message = CONSUME_OF_ZERO.to_owned();
-            }
+        // An entry's words for 0 ("leave out an entry…") do not fit a consume.
+        let zero = AmountError::Zero.to_string();
+        for error in errors.iter_mut().filter(|e| e.field == "amount" && e.message == zero) {
+            error.message = CONSUME_OF_ZERO.to_owned();
         }
         ApiError::from_field_errors(errors)
     })?;
