@@ -197,8 +197,12 @@ pub async fn run(settings: &Settings, command: AccountsCommand) -> anyhow::Resul
                     .transpose()?,
                 updated_at: Utc::now().trunc_subsecs(6),
             };
-            Override::check_expiry(value.expires_at, value.updated_at)
-                .map_err(|m| anyhow::anyhow!("--expires-at: {}", m.replacen("expires_at ", "", 1)))?;
+            Override::check_expiry(
+                value.expires_at,
+                value.updated_at,
+                &format!("run tally accounts clear-override {account} {resource}"),
+            )
+            .map_err(|m| anyhow::anyhow!("--expires-at: {}", m.replacen("expires_at ", "", 1)))?;
             store.put_override(&account, &value).await?;
             outln!("{}", serde_json::to_string_pretty(&value)?)?;
         }

@@ -209,8 +209,10 @@ pub async fn run(settings: &Settings, command: ExportCommand) -> anyhow::Result<
             None => eprintln!("note: no rows in that range{as_of}; the file holds the header only"),
         }
     }
-    if let Some(path) = &output.output {
-        eprintln!("wrote {rows} rows to {}", path.display());
+    match &output.output {
+        Some(path) if path.as_os_str() == "-" => eprintln!("wrote {rows} rows to standard output"),
+        Some(path) => eprintln!("wrote {rows} rows to {}", path.display()),
+        None => {}
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -83,10 +83,12 @@ fn check_header(file: &std::path::Path, headers: &csv::StringRecord) -> anyhow::
         );
     }
     let required = ["account", "resource", "amount", "idempotency_key"];
-    let missing: Vec<_> = required.iter().filter(|c| !seen.contains(*c)).collect();
+    let missing: Vec<&str> = required.iter().copied().filter(|c| !seen.contains(c)).collect();
     anyhow::ensure!(
         missing.is_empty(),
-        "{file}: the header lacks {missing:?}; expected the entries export header: {expected}"
+        "{file}: the header lacks the column{} {}; expected the entries export header: {expected}",
+        if missing.len() == 1 { "" } else { "s" },
+        missing.join(", ")
     );
     Ok(())
 }
@@ -235,10 +237,14 @@ fn unreadable_row(e: &csv::Error, line: u64, last: u64) -> String {
     match e.kind() {
         csv::ErrorKind::UnequalLengths { expected_len, len, .. } if last > line => format!(
             "unreadable CSV row: it runs to line {last} and has {len} field{} where the header has \
-             {expected_len}; a double quote left open takes the lines after it into one field, so the rows on \
-             lines {} to {last} were not read either: close the quote and import the file again",
+             {expected_len}; a double quote left open takes the lines after it into one field, so {} not read \
+             either: close the quote and import the file again",
             if *len == 1 { "" } else { "s" },
-            line + 1
+            if last == line + 1 {
+                format!("the row on line {last} was")
+            } else {
+                format!("the rows on lines {} to {last} were", line + 1)
+            }
         ),
         csv::ErrorKind::UnequalLengths { expected_len, len, .. } => format!(
             "unreadable CSV row: it has {len} field{} where the header has {expected_len} \

@@ -153,7 +153,10 @@ async fn compare_totals(settings: &Settings) -> anyhow::Result<ExitCode> {
             m.resource,
         )?;
     }
-    eprintln!("{} totals differ from the ledger", mismatches.len());
+    match mismatches.len() {
+        1 => eprintln!("1 total differs from the ledger"),
+        n => eprintln!("{n} totals differ from the ledger"),
+    }
     Ok(ExitCode::FAILURE)
 }
 

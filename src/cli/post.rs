@@ -57,7 +57,7 @@ pub async fn run(settings: &Settings, args: PostArgs) -> anyhow::Result<ExitCode
         Ok(entries) => entries,
         Err(errors) => {
             for e in errors {
-                eprintln!("error: {}: {}", e.field, e.message);
+                eprintln!("error: {}", in_the_cli_words(e.field, &e.message));
             }
             return Ok(ExitCode::from(2));
         }
@@ -74,4 +74,21 @@ pub async fn run(settings: &Settings, args: PostArgs) -> anyhow::Result<ExitCode
         outcome.idempotency_key
     )?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A field's problem in the words of the argument that gave it (`--at`, not
+/// `occurred_at`), named once.
+fn in_the_cli_words(field: &str, message: &str) -> String {
+    let argument = match field {
+        "occurred_at" => "--at",
+        "idempotency_key" => "--key",
+        "source" => "--source",
+        // The positional arguments read well by their own names.
+        other => other,
+    };
+    match message.strip_prefix(field) {
+        // "occurred_at 2026-09-01T00:00:00Z is older than …"
+        Some(rest) if rest.starts_with(' ') => format!("{argument}{rest}"),
+        _ => format!("{argument}: {message}"),
+    }
 }

@@ -450,8 +450,18 @@ impl EntryInput {
                     Some(text)
                 }
             }
-            Some(_) => {
-                fail("metadata", "invalid", "metadata must be a JSON object".into());
+            Some(other) => {
+                let got = match other {
+                    serde_json::Value::Bool(on) => format!("a boolean ({on})"),
+                    serde_json::Value::Number(_) => "a number".to_owned(),
+                    serde_json::Value::String(_) => "a string".to_owned(),
+                    _ => "an array".to_owned(),
+                };
+                fail(
+                    "metadata",
+                    "invalid",
+                    format!("metadata must be a JSON object, such as {{\"region\": \"eu\"}}, or left out; got {got}"),
+                );
                 None
             }
         };

@@ -71,12 +71,13 @@ impl Override {
 
     /// An override set at `set_at` is in force from then until `expires_at`:
     /// an expiry not after `set_at` would make one that never applies, which
-    /// is a mistake (a past date, a wrong offset), not a way to remove one.
-    pub fn check_expiry(expires_at: Option<DateTime<Utc>>, set_at: DateTime<Utc>) -> Result<(), String> {
+    /// is a mistake (a past date, a wrong offset), not a way to remove one;
+    /// `remove` says what is (the API's `DELETE`, or the CLI's command).
+    pub fn check_expiry(expires_at: Option<DateTime<Utc>>, set_at: DateTime<Utc>, remove: &str) -> Result<(), String> {
         match expires_at {
             Some(expires) if expires <= set_at => Err(format!(
                 "expires_at {} is not after now ({}): an override is in force from when it is set until it \
-                 expires, so this one would never apply; to remove an override, delete it",
+                 expires, so this one would never apply; to remove an override, {remove}",
                 expires.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
                 set_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
             )),

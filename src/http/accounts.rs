@@ -4,7 +4,7 @@ use axum::extract::State;
 use axum::routing::{get, put};
 use axum::{Json, Router};
 use chrono::SubsecRound;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::auth::{Admin, Caller};
@@ -181,7 +181,12 @@ async fn set_override(
         })
         .transpose()?;
     let now = state.clock.now().trunc_subsecs(6);
-    Override::check_expiry(expires_at, now).map_err(|m| ApiError::invalid("expires_at", m))?;
+    Override::check_expiry(
+        expires_at,
+        now,
+        &format!("DELETE /v1/accounts/{account}/overrides/{resource}"),
+    )
+    .map_err(|m| ApiError::invalid("expires_at", m))?;
     let value = Override {
         resource,
         limit,
@@ -195,12 +200,33 @@ async fn set_override(
     Ok(Json(value))
 }
 
+/// The answer to a `DELETE` of an override, in the order docs/api.md shows.
+#[derive(Debug, Serialize)]
+pub struct OverrideDeleted {
+    /// The account.
+    account: AccountId,
+    /// The resource whose override went.
+    resource: ResourceName,
+    /// Always true: a missing override is a 404.
+    deleted: bool,
+}
+
+impl OverrideDeleted {
+    fn new(account: AccountId, resource: ResourceName) -> Self {
+        Self {
+            account,
+            resource,
+            deleted: true,
+        }
+    }
+}
+
 async fn delete_override(
     State(state): State<AppState>,
     _: Admin,
     _: NoQuery,
     Path((account, resource)): Path<(String, String)>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<OverrideDeleted>, ApiError> {
     let account = params::account(&account)?;
     // The clock the override's own `updated_at` came from.
     let now = state.clock.now().trunc_subsecs(6);
@@ -210,17 +236,13 @@ async fn delete_override(
         // (it would apply again were the resource put back): let it go.
         Err(unknown) => match ResourceName::parse(&resource) {
             Ok(dropped) if state.store.delete_override(&account, &dropped, now).await? => {
-                return Ok(Json(
-                    serde_json::json!({ "account": account, "resource": dropped, "deleted": true }),
-                ));
+                return Ok(Json(OverrideDeleted::new(account, dropped)));
             }
             _ => return Err(unknown),
         },
     };
     if state.store.delete_override(&account, &resource, now).await? {
-        Ok(Json(
-            serde_json::json!({ "account": account, "resource": resource, "deleted": true }),
-        ))
+        Ok(Json(OverrideDeleted::new(account, resource.clone())))
     } else {
         Err(ApiError::NotFound(format!(
             "account '{account}' has no override for {resource}"

@@ -241,7 +241,20 @@ async fn post_entries(
         BodyShape::One => ApiError::from_field_errors(errors),
         BodyShape::Batch => ApiError::from_batch_errors(errors),
     })?;
-    let outcomes = state.store.insert_entries(&entries).await?;
+    let outcomes = state
+        .store
+        .insert_entries(&entries)
+        .await
+        .map_err(|e| match (shape, e) {
+            // One entry has no position to name ("entry 0" reads as an id);
+            // details.index still says 0.
+            (BodyShape::One, StoreError::IdempotencyConflict { message, .. }) => ApiError::Conflict {
+                code: "idempotency_conflict",
+                message,
+                details: serde_json::json!({ "index": 0 }),
+            },
+            (_, e) => e.into(),
+        })?;
     let created = outcomes.iter().filter(|o| o.status == InsertStatus::Created).count();
     state.metrics.entries_ingested(created as u64);
     tracing::debug!(

@@ -192,7 +192,13 @@ async fn consume(
                     status.resource,
                     status.used,
                     match retry_after {
-                        Some(s) => format!("; the window resets in {s} s"),
+                        Some(s) => format!(
+                            "; the window resets at {} (in {s} s)",
+                            status
+                                .period_end
+                                .map(|end| end.to_rfc3339_opts(SecondsFormat::Secs, true))
+                                .unwrap_or_default()
+                        ),
                         None if status.window == Window::Total =>
                             "; free some (a negative entry) or raise the limit".into(),
                         None if status.period_end.is_some_and(|end| end <= now) => format!(

@@ -106,6 +106,18 @@ async fn post_appends_an_entry_and_refuses_bad_input(app: TestApp) {
     let stderr = text(&conflict.stderr);
     assert!(stderr.contains("idempotency_key 'cli-1'"), "{stderr}");
     assert!(!stderr.contains("entry 0"), "no batch position for one entry: {stderr}");
+    // Review Y: the flag's name, once, not the body field's ("occurred_at: occurred_at …").
+    let old = app.cli(&["post", "acme", "api_requests", "1", "--at", "2020-01-01T00:00:00Z"]);
+    assert_eq!(old.status.code(), Some(2));
+    let stderr = text(&old.stderr);
+    assert!(
+        stderr.starts_with("error: --at 2020-01-01T00:00:00Z is older than"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("occurred_at"), "{stderr}");
+    let date = app.cli(&["post", "acme", "api_requests", "1", "--at", "2026-12-01"]);
+    let stderr = text(&date.stderr);
+    assert!(stderr.starts_with("error: --at: \"2026-12-01\""), "{stderr}");
     let zero = app.cli(&["post", "acme", "api_requests", "0"]);
     assert_eq!(zero.status.code(), Some(2));
     let stderr = text(&zero.stderr);
@@ -324,6 +336,20 @@ async fn import_counts_lone_cr_line_ends_and_notes_a_double_quote_left_open(app:
             "{name}: {stderr}"
         );
     }
+    // Review Y: one row taken in is "the row on line 3", not "lines 3 to 3".
+    let (_, lines, stderr) = import(
+        "one.csv",
+        b"account,resource,amount,idempotency_key,source\nacme,api_requests,\"1,m0,s\nacme,api_requests,5,m1,s\n",
+    );
+    assert_eq!(
+        lines,
+        [
+            "line 2: unreadable CSV row: it runs to line 3 and has 3 fields where the header has 5; a double quote \
+          left open takes the lines after it into one field, so the row on line 3 was not read either: close the \
+          quote and import the file again"
+        ],
+        "{stderr}"
+    );
     let (_, lines, stderr) = import(
         "json.csv",
         b"account,resource,amount,idempotency_key,metadata\nacme,api_requests,1,j1,\"{\"\"a\"\" 1}\"\n",
@@ -402,7 +428,8 @@ async fn import_refuses_a_header_with_an_unknown_or_repeated_column_and_writes_n
             "account,resource,amount,idempotency_key,account",
             "names the column \"account\" twice",
         ),
-        ("account,resource,idempotency_key", "lacks [\"amount\"]"),
+        ("account,resource,idempotency_key", "lacks the column amount;"),
+        ("account,resource", "lacks the columns amount, idempotency_key;"),
         (
             "account,resource,amount,idempotency_key,",
             "a column without a name (a trailing comma?)",

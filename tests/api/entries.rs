@@ -91,10 +91,21 @@ async fn the_same_key_with_another_amount_is_a_conflict_that_writes_nothing(app:
     assert_eq!(conflict.status, 409);
     assert_eq!(conflict.code(), "idempotency_conflict");
     let message = conflict.body["error"]["message"].as_str().unwrap();
+    // Review Y: one entry has no position to name ("entry 0" read as an id).
+    assert!(message.starts_with("idempotency_key 'k1'"), "{message}");
+    assert_eq!(conflict.body["error"]["details"]["index"], 0);
+    let in_a_batch = app
+        .post_entries(
+            json!({"entries": [entry("acme", "api_requests", "1", "k0"), entry("acme", "api_requests", "6", "k1")]}),
+        )
+        .await;
+    assert_eq!(in_a_batch.status, 409);
+    let message = in_a_batch.body["error"]["message"].as_str().unwrap();
     assert!(
-        message.starts_with("entry 0: idempotency_key 'k1'"),
+        message.starts_with("entry 1: idempotency_key 'k1'"),
         "a batch names the position: {message}"
     );
+    assert_eq!(in_a_batch.body["error"]["details"]["index"], 1);
     let other_resource = app.post_entries(entry("acme", "llm_tokens", "5", "k1")).await;
     assert_eq!(other_resource.status, 409);
     let other_time = app

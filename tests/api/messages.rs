@@ -145,6 +145,26 @@ async fn an_amount_of_the_wrong_json_type_is_named_by_its_type(app: TestApp) {
             assert_eq!(message(reply), format!("{wanted}{got}"), "{what} {amount}");
         }
     }
+    // Review Y: metadata said only "must be a JSON object", whatever it got.
+    for (metadata, got) in [
+        (json!([1]), "an array"),
+        (json!(true), "a boolean (true)"),
+        (json!("s"), "a string"),
+        (json!(5), "a number"),
+    ] {
+        let mut body = consume("acme", "api_requests", json!("1"), "k2");
+        body["metadata"] = metadata.clone();
+        for path in ["/v1/quota/consume", "/v1/entries"] {
+            let reply = app.post(path, body.clone()).await;
+            assert_eq!(reply.status, 422, "{path} {metadata}: {:?}", reply.body);
+            assert_eq!(reply.body["error"]["details"]["errors"][0]["field"], "metadata");
+            assert_eq!(
+                message(&reply),
+                format!("metadata must be a JSON object, such as {{\"region\": \"eu\"}}, or left out; got {got}"),
+                "{path} {metadata}"
+            );
+        }
+    }
     assert_eq!(app.count_entries().await, 0);
 }
 

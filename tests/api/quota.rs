@@ -704,6 +704,10 @@ async fn an_override_that_would_expire_before_it_is_set_is_refused_and_changes_n
     assert_eq!(past.body["error"]["details"]["errors"][0]["field"], "expires_at");
     let message = past.body["error"]["message"].as_str().unwrap();
     assert!(message.contains("would never apply"), "{message}");
+    assert!(
+        message.ends_with("to remove an override, DELETE /v1/accounts/acme/overrides/llm_tokens"),
+        "{message}"
+    );
     assert_eq!(check(&app, "acme", "llm_tokens", "1", None).await["limit"], "500");
     let cli = app.cli(&[
         "accounts",
@@ -716,7 +720,13 @@ async fn an_override_that_would_expire_before_it_is_set_is_refused_and_changes_n
         "2020-01-01T00:00:00Z",
     ]);
     assert!(!cli.status.success());
-    assert!(String::from_utf8_lossy(&cli.stderr).contains("would never apply"));
+    let stderr = String::from_utf8_lossy(&cli.stderr);
+    assert!(stderr.contains("would never apply"), "{stderr}");
+    // Review Y: the CLI said "delete it", the API's word.
+    assert!(
+        stderr.contains("to remove an override, run tally accounts clear-override acme llm_tokens"),
+        "{stderr}"
+    );
     assert_eq!(check(&app, "acme", "llm_tokens", "1", None).await["limit"], "500");
 }
 

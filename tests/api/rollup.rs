@@ -148,6 +148,8 @@ async fn a_corrupted_total_makes_verify_fail(app: TestApp) {
         ),
         "{stdout}"
     );
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(stderr.contains("1 total differs from the ledger"), "{stderr}");
     // A total with no folded entry behind it.
     app.execute_raw(
         "INSERT INTO daily_totals (account, resource, day, amount, entries) \

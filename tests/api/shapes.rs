@@ -559,4 +559,12 @@ async fn answers_send_their_fields_in_the_contracts_order(app: TestApp) {
     let top = app.get("/v1/admin/top?resource=ai_generations").await;
     assert_eq!(top.status, 200, "{:?}", top.body);
     assert_in_order(&top.text, &["period", "resource", "accounts"]);
+    // Review Y: the DELETE of an override came back sorted.
+    let set = app
+        .put_admin("/v1/accounts/acme/overrides/llm_tokens", json!({"limit": "5"}))
+        .await;
+    assert_eq!(set.status, 200, "{:?}", set.body);
+    let deleted = app.delete_admin("/v1/accounts/acme/overrides/llm_tokens").await;
+    assert_eq!(deleted.status, 200, "{:?}", deleted.body);
+    assert_in_order(&deleted.text, &["account", "resource", "deleted"]);
 }
