@@ -27,26 +27,30 @@ use clap::{Parser, Subcommand};
 use crate::app::{self, Application, Settings};
 use crate::domain::entry::DEFAULT_LATE_HORIZON_DAYS;
 
+/// The help heading of the options every command takes, so that a
+/// command's own flags stand apart from them in its `--help`.
+const GLOBAL_OPTIONS: &str = "Global options";
+
 /// Tally: a usage ledger for SaaS products.
 #[derive(Debug, Parser)]
 #[command(name = "tally", version, about)]
 pub struct Cli {
     /// Database URL: sqlite://FILE (created if missing by the commands that write; those that only read refuse a missing file) or postgres://…
-    #[arg(long, env = "TALLY_DATABASE_URL", default_value = app::DEFAULT_DATABASE_URL, global = true)]
+    #[arg(long, env = "TALLY_DATABASE_URL", default_value = app::DEFAULT_DATABASE_URL, global = true, help_heading = GLOBAL_OPTIONS)]
     pub database_url: String,
     /// Plan catalog (TOML); the built-in catalog when absent.
-    #[arg(long, env = "TALLY_PLANS", global = true)]
+    #[arg(long, env = "TALLY_PLANS", global = true, help_heading = GLOBAL_OPTIONS)]
     pub plans: Option<PathBuf>,
     /// Entries older than this many days are refused as too_late (1 to
     /// 36 500; older history goes in with `tally import --allow-late`).
-    #[arg(long, env = "TALLY_LATE_HORIZON_DAYS", default_value_t = DEFAULT_LATE_HORIZON_DAYS, global = true,
+    #[arg(long, env = "TALLY_LATE_HORIZON_DAYS", default_value_t = DEFAULT_LATE_HORIZON_DAYS, global = true, help_heading = GLOBAL_OPTIONS,
           value_parser = clap::value_parser!(i64).range(1..=36_500))]
     pub late_horizon_days: i64,
     /// Job definitions directory (default: jobs/ when present, else the built-in schedule).
-    #[arg(long, env = "TALLY_JOBS", global = true)]
+    #[arg(long, env = "TALLY_JOBS", global = true, help_heading = GLOBAL_OPTIONS)]
     pub jobs: Option<PathBuf>,
     /// Where report jobs write (monthly totals and invoices).
-    #[arg(long, env = "TALLY_REPORTS_DIR", default_value = "reports", global = true)]
+    #[arg(long, env = "TALLY_REPORTS_DIR", default_value = "reports", global = true, help_heading = GLOBAL_OPTIONS)]
     pub reports_dir: PathBuf,
     /// What to do.
     #[command(subcommand)]
