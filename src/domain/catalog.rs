@@ -723,6 +723,8 @@ impl<'de> Deserialize<'de> for RawNumber {
             fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<RawNumber, E> {
                 Ok(RawNumber::Exact(n.to_string()))
             }
+            // A TOML float is refused, its value dropped unread: the error
+            // quotes the file's own digits instead (see `exact`).
             fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<RawNumber, E> {
                 Ok(RawNumber::Float)
             }
