@@ -210,7 +210,9 @@ pub async fn run(settings: &Settings, command: ExportCommand) -> anyhow::Result<
         }
     }
     match &output.output {
-        Some(path) if path.as_os_str() == "-" => eprintln!("wrote {rows} rows to standard output"),
+        Some(path) if path.as_os_str() == "-" || path.as_os_str() == "/dev/stdout" => {
+            eprintln!("wrote {rows} rows to standard output")
+        }
         Some(path) => eprintln!("wrote {rows} rows to {}", path.display()),
         None => {}
     }

@@ -258,11 +258,13 @@ impl CsvOutput {
         ))
     }
 
-    /// Standard output, or `path` when given (`-` meaning standard output,
-    /// as for most command-line tools).
+    /// Standard output, or `path` when given (`-` or `/dev/stdout` meaning
+    /// standard output, as for most command-line tools: the latter,
+    /// followed, is the device, the pipe or the file stdout is redirected to,
+    /// none of which the rename into place may replace).
     pub fn to(path: Option<&Path>, overwrite: bool) -> Result<Self, ExportError> {
         match path {
-            Some(path) if path != Path::new("-") => Self::file(path, overwrite),
+            Some(path) if path != Path::new("-") && path != Path::new("/dev/stdout") => Self::file(path, overwrite),
             _ => Ok(Self::stdout()),
         }
     }

@@ -1240,6 +1240,23 @@ async fn the_output_dash_is_stdout_a_symlink_is_followed_and_a_device_is_refused
     let csv = String::from_utf8(to_stdout.stdout).unwrap();
     assert!(csv.starts_with("account,resource,day,amount,entries\n"), "{csv}");
     assert!(!dir.path().join("-").exists(), "no file named -");
+    assert!(
+        String::from_utf8_lossy(&to_stdout.stderr).contains(" rows to standard output"),
+        "{}",
+        String::from_utf8_lossy(&to_stdout.stderr)
+    );
+    // Review Y: with stdout redirected to a file, /dev/stdout is that file,
+    // and was refused as one that exists.
+    let redirected = dir.path().join("redirected.csv");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args([&daily[..], &["-o", "/dev/stdout"]].concat())
+        .env("TALLY_DATABASE_URL", &app.database_url)
+        .env_remove("TALLY_PLANS")
+        .stdout(std::fs::File::create(&redirected).unwrap())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(std::fs::read_to_string(&redirected).unwrap(), csv);
 
     let target = dir.path().join("target.csv");
     std::fs::write(&target, "old\n").unwrap();
