@@ -768,19 +768,23 @@ async fn migrate_creates_the_schema_on_a_fresh_database_and_a_second_run_changes
     assert!(post.status.success(), "{}", text(&post.stderr));
 }
 
+/// `tally plans check` of `contents`, written to `file` first.
+fn plans_check(file: &std::path::Path, contents: &str) -> std::process::Output {
+    std::fs::write(file, contents).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["plans", "check", file.to_str().unwrap()])
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn plans_check_reports_each_problem_with_its_line() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("plans.toml");
-    std::fs::write(
+    let output = plans_check(
         &file,
         "default_plan = \"free\"\n\n[resources.api_requests]\ndecimals = 0\n\n[plans.free]\nprice = \"0\"\n\n[plans.free.limits.tokens]\nwindow = \"day\"\nlimit = \"10\"\n",
-    )
-    .unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["plans", "check", file.to_str().unwrap()])
-        .output()
-        .unwrap();
+    );
     assert!(!output.status.success());
     let stderr = text(&output.stderr);
     assert!(
@@ -789,11 +793,7 @@ fn plans_check_reports_each_problem_with_its_line() {
         "{stderr}"
     );
 
-    let builtin = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/domain/builtin_catalog.toml");
-    let ok = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["plans", "check", builtin.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let ok = plans_check(&file, include_str!("../../src/domain/builtin_catalog.toml"));
     assert!(ok.status.success(), "{}", text(&ok.stderr));
 }
 
@@ -804,15 +804,10 @@ fn plans_check_reports_each_problem_with_its_line() {
 fn plans_check_prints_problems_in_line_order_and_says_how_to_fix_each() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("plans.toml");
-    std::fs::write(
+    let output = plans_check(
         &file,
         "default_plan = \"gold\"\n\n[resources.llm_tokens]\n\n[plans.zeta]\nprice = 10\n\n[plans.zeta.limits.llm_tokens]\nwindow = \"day\"\nlimit = 50000\nenforcement = \"soft\"\noverage_price = 0.00002\n\n[plans.\"pro plus\"]\nprice = 9.99\n",
-    )
-    .unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["plans", "check", file.to_str().unwrap()])
-        .output()
-        .unwrap();
+    );
     assert!(!output.status.success());
     let stderr = text(&output.stderr);
     let shown = file.display();
@@ -826,15 +821,10 @@ fn plans_check_prints_problems_in_line_order_and_says_how_to_fix_each() {
         )
     );
 
-    std::fs::write(
+    let output = plans_check(
         &file,
         "default_plan = \"free\"\n[resources.x]\n[plans.free]\nprice = 0\n[plans.pro.v2]\nprice = 5\n",
-    )
-    .unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["plans", "check", file.to_str().unwrap()])
-        .output()
-        .unwrap();
+    );
     let stderr = text(&output.stderr);
     assert!(
         stderr.contains(":5: [plans.pro.v2] is read by TOML as a table 'v2' inside plan 'pro'")
