@@ -201,35 +201,6 @@ async fn a_key_revoked_after_use_is_refused_once_the_key_cache_expires(app: Test
     assert_eq!(reply.status, 401);
 }
 
-/// Sends `method path` with `key` and a `Content-Length` of 1 MiB but no body
-/// bytes, and returns what the app answers within 5 s (panics on silence).
-async fn head_without_body(app: &TestApp, method: &str, path: &str, key: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let address = app.address.trim_start_matches("http://");
-    let mut stream = tokio::net::TcpStream::connect(address).await.expect("connects");
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {key}\r\n\
-         Content-Type: application/json\r\nContent-Length: 1048576\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).await.expect("the head is sent");
-    let mut answer = Vec::new();
-    let mut buffer = [0_u8; 4096];
-    let read = async {
-        // Until the JSON error body has arrived.
-        while !answer.ends_with(b"}") {
-            let n = stream.read(&mut buffer).await.expect("reads");
-            if n == 0 {
-                break;
-            }
-            answer.extend_from_slice(&buffer[..n]);
-        }
-    };
-    tokio::time::timeout(std::time::Duration::from_secs(5), read)
-        .await
-        .unwrap_or_else(|_| panic!("{method} {path}: no answer before the body was sent"));
-    String::from_utf8_lossy(&answer).into_owned()
-}
-
 /// A key without the role or the account gets 403 whatever its body holds:
 /// the body is read only for a caller allowed to send it.
 async fn the_role_and_the_account_are_checked_before_the_body(app: TestApp) {
@@ -254,7 +225,9 @@ async fn the_role_and_the_account_are_checked_before_the_body(app: TestApp) {
         (&reader, "POST", "/v1/quota/consume"),
         (&service, "PUT", "/v1/accounts/acme/plan"),
     ] {
-        let head = head_without_body(&app, method, path, key).await;
+        let head = app
+            .answer_to_head(method, path, key, "Content-Length: 1048576\r\n")
+            .await;
         assert!(head.starts_with("HTTP/1.1 403"), "{method} {path}: {head}");
         assert!(head.contains(&format!("cannot {method} {path}")), "{head}");
     }

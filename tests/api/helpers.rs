@@ -217,6 +217,42 @@ impl TestApp {
         reply
     }
 
+    /// Sends the head of `method path` with `key` and `headers` (lines ending
+    /// in CRLF, e.g. a `Content-Length`) but no body bytes, and returns what
+    /// the app answers within 5 s (panics on silence): for requests that must
+    /// be refused from their head alone.
+    pub async fn answer_to_head(&self, method: &str, path: &str, key: &str, headers: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let address = self.address.trim_start_matches("http://");
+        let mut stream = tokio::net::TcpStream::connect(address).await.expect("connects");
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {key}\r\n\
+             Content-Type: application/json\r\n{headers}\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.expect("the head is sent");
+        let mut answer = Vec::new();
+        let mut buffer = [0_u8; 4096];
+        let read = async {
+            // Until the JSON error body has arrived.
+            while !answer.ends_with(b"}") {
+                let n = stream.read(&mut buffer).await.expect("reads");
+                if n == 0 {
+                    break;
+                }
+                answer.extend_from_slice(&buffer[..n]);
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(5), read)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{method} {path}: no answer before the body was sent; got {:?}",
+                    String::from_utf8_lossy(&answer)
+                )
+            });
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
     /// Sends a request with `key` (None: no Authorization header).
     pub async fn request(&self, method: &str, path: &str, key: Option<&str>, body: Option<String>) -> Reply {
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();

@@ -13,6 +13,7 @@ both!(
     a_body_that_is_an_array_is_400_on_every_route_that_takes_one,
     a_batch_over_10000_entries_is_413,
     a_body_over_10_mib_is_413,
+    a_body_announced_over_10_mib_is_413_before_it_is_sent,
     an_empty_batch_is_422,
     an_unknown_resource_is_422_naming_the_known_ones,
     a_zero_amount_is_422,
@@ -225,6 +226,27 @@ async fn a_body_over_10_mib_is_413(app: TestApp) {
     let reply = app.post_entries(body).await;
     assert_eq!(reply.status, 413);
     assert_eq!(reply.code(), "payload_too_large");
+    assert_eq!(app.count_entries().await, 0);
+}
+
+/// A client that announces too large a body (curl does, with `Expect:
+/// 100-continue`, for anything over 1 MiB) hears 413 from the head alone,
+/// instead of being told to go on and uploading 10 MiB to be refused.
+async fn a_body_announced_over_10_mib_is_413_before_it_is_sent(app: TestApp) {
+    let key = app.admin_key.clone();
+    for path in ["/v1/entries", "/v1/quota/consume"] {
+        let head = app
+            .answer_to_head(
+                "POST",
+                path,
+                &key,
+                "Content-Length: 20971520\r\nExpect: 100-continue\r\n",
+            )
+            .await;
+        assert!(head.starts_with("HTTP/1.1 413"), "{path}: {head}");
+        assert!(!head.contains("100 Continue"), "{path}: {head}");
+        assert!(head.contains("payload_too_large"), "{path}: {head}");
+    }
     assert_eq!(app.count_entries().await, 0);
 }
 
