@@ -3,7 +3,7 @@
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::StatusCode;
-use axum::http::header::CONTENT_LENGTH;
+use axum::http::header::{CONTENT_LENGTH, EXPECT};
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 
@@ -21,15 +21,21 @@ impl<S: Send + Sync> FromRequest<S> for Body {
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let path = req.uri().path().to_owned();
-        // Refused from the head when it announces too much: a client that
-        // sent `Expect: 100-continue` (curl does past 1 MiB) is then never
-        // told to go on, and uploads nothing before its 413.
+        // A client that sent `Expect: 100-continue` (curl does past 1 MiB)
+        // waits for our go-ahead: when its head announces too much, refuse
+        // it there, so it uploads nothing. Only then: a client that did not
+        // ask is already sending, and closing on it unread would break its
+        // pipe before it could read the 413.
+        let waits_to_send = req
+            .headers()
+            .get(EXPECT)
+            .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"100-continue"));
         let announced = req
             .headers()
             .get(CONTENT_LENGTH)
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.parse::<u64>().ok());
-        if announced.is_some_and(|bytes| bytes > MAX_BODY_BYTES as u64) {
+        if waits_to_send && announced.is_some_and(|bytes| bytes > MAX_BODY_BYTES as u64) {
             return Err(ApiError::PayloadTooLarge(too_large_message(&path)));
         }
         Bytes::from_request(req, state).await.map(Body).map_err(|rejection| {
