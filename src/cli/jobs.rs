@@ -1,4 +1,4 @@
-//! `tally rollup`, `tally verify`, `tally jobs list|run`.
+//! `tally rollup`, `tally verify [--repair]`, `tally jobs list|run`.
 
 use std::process::ExitCode;
 
@@ -23,6 +23,16 @@ pub struct RollupArgs {
     /// Test hook: STAGE:BATCH[:abort] with STAGE before_commit or after_commit.
     #[arg(long, env = "TALLY_FAILPOINT", hide = true)]
     failpoint: Option<String>,
+}
+
+/// Arguments of `tally verify`.
+#[derive(Debug, clap::Args)]
+pub struct VerifyArgs {
+    /// Rewrite each total that differs to what its folded ledger entries say
+    /// (one transaction, no rollup beside it; the ledger is not touched),
+    /// list what was rewritten and exit 0.
+    #[arg(long)]
+    repair: bool,
 }
 
 /// The exit code of `tally jobs run` when the job was running elsewhere:
@@ -93,8 +103,8 @@ pub async fn rollup(settings: &Settings, args: RollupArgs) -> anyhow::Result<Exi
 /// Recomputes the totals from the ledger and prints every difference: exit
 /// 0 when they agree, 1 when some differ, 2 when it could not tell (an
 /// unreachable database, say), so an alert can tell bad data from an outage.
-pub async fn verify(settings: &Settings) -> anyhow::Result<ExitCode> {
-    match compare_totals(settings).await {
+pub async fn verify(settings: &Settings, args: VerifyArgs) -> anyhow::Result<ExitCode> {
+    match compare_totals(settings, args.repair).await {
         Ok(code) => Ok(code),
         Err(error) => {
             eprintln!("error: {}", crate::telemetry::cause_chain(error.as_ref()));
@@ -103,10 +113,15 @@ pub async fn verify(settings: &Settings) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// [`verify`]'s work: exit 0 or 1, or the error that kept it from judging.
-async fn compare_totals(settings: &Settings) -> anyhow::Result<ExitCode> {
+/// [`verify`]'s work: exit 0 or 1, or the error that kept it from judging
+/// (or, with `repair`, from rewriting).
+async fn compare_totals(settings: &Settings, repair: bool) -> anyhow::Result<ExitCode> {
     let (store, catalog) = settings.open_existing_store().await?;
-    let mismatches = store.verify_totals().await?;
+    let mismatches = if repair {
+        store.repair_totals().await?
+    } else {
+        store.verify_totals().await?
+    };
     // verify judges folded rows only: a rollup that keeps failing (a total
     // past 64 bits, say) leaves them consistent, so say how far behind it is.
     let lag = crate::usage::rollup_lag_seconds(store.as_ref(), chrono::Utc::now()).await?;
@@ -146,18 +161,34 @@ async fn compare_totals(settings: &Settings) -> anyhow::Result<ExitCode> {
             || "has no folded entry for it".to_owned(),
             |v| format!("says {}", amount(&m.resource, v)),
         );
+        let done = match (repair, m.expected) {
+            (false, _) => "",
+            (true, Some(_)) => "; rewritten",
+            (true, None) => "; removed",
+        };
         outln!(
-            "{} total of {} / {} / {bucket}: stored {stored}, ledger {ledger}",
+            "{} total of {} / {} / {bucket}: stored {stored}, ledger {ledger}{done}",
             m.table,
             m.account,
             m.resource,
         )?;
     }
-    match mismatches.len() {
-        1 => eprintln!("1 total differs from the ledger"),
-        n => eprintln!("{n} totals differ from the ledger"),
+    let totals = match mismatches.len() {
+        1 => "1 total".to_owned(),
+        n => format!("{n} totals"),
+    };
+    if !repair {
+        let verb = if mismatches.len() == 1 { "differs" } else { "differ" };
+        eprintln!("{totals} {verb} from the ledger; `tally verify --repair` rewrites them to what it says");
+        return Ok(ExitCode::FAILURE);
     }
-    Ok(ExitCode::FAILURE)
+    // A process caches the sums it has read (store/settled.rs); one read
+    // from a wrong total keeps its error for that period.
+    eprintln!(
+        "{totals} rewritten to what the ledger says. Restart the `serve` processes: a sum one of them \
+         read from a wrong total stays in its cache until then (docs/operations.md, \"`tally verify`\")"
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Lists or runs jobs.

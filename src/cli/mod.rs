@@ -89,8 +89,9 @@ pub enum Command {
     Import(import::ImportArgs),
     /// Fold the ledger into daily and monthly totals once, then exit.
     Rollup(jobs::RollupArgs),
-    /// Recompute every total from the ledger; exit 1 and list differences if any.
-    Verify,
+    /// Recompute every total from the ledger; exit 1 and list differences if
+    /// any (with --repair: rewrite them, exit 0).
+    Verify(jobs::VerifyArgs),
     /// List or run scheduled jobs.
     #[command(subcommand)]
     Jobs(jobs::JobsCommand),
@@ -246,7 +247,7 @@ async fn run_command(command: Command, settings: Settings) -> anyhow::Result<Exi
         Command::Plans(command) => plans::run(&settings, command),
         Command::Import(args) => import::run(&settings, args).await,
         Command::Rollup(args) => jobs::rollup(&settings, args).await,
-        Command::Verify => jobs::verify(&settings).await,
+        Command::Verify(args) => jobs::verify(&settings, args).await,
         Command::Jobs(command) => jobs::run(&settings, command).await,
         Command::Timeseries(args) => timeseries::timeseries(&settings, args).await,
         Command::Check(args) => accounts::check(&settings, args).await,

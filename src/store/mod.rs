@@ -329,6 +329,12 @@ pub trait Store: Send + Sync + 'static {
     /// lists the differences, all read in one snapshot.
     async fn verify_totals(&self) -> Result<Vec<TotalMismatch>, StoreError>;
 
+    /// What [`Store::verify_totals`] lists, each total then rewritten to what
+    /// its folded ledger rows say (a total with none behind it removed), in
+    /// one transaction that no rollup batch can run beside. Returns the
+    /// totals rewritten. The ledger is not touched.
+    async fn repair_totals(&self) -> Result<Vec<TotalMismatch>, StoreError>;
+
     /// Takes the lock that keeps two runs of a job apart across processes
     /// (PostgreSQL advisory lock; SQLite needs none beyond its single writer).
     /// `None` when another process holds it.
@@ -815,6 +821,17 @@ pub struct TotalMismatch {
     pub expected: Option<(i128, i64)>,
     /// (amount in minor units, entries) stored; None if the row is missing.
     pub actual: Option<(i128, i64)>,
+}
+
+impl TotalMismatch {
+    /// The granularity of the totals table it is in.
+    pub fn granularity(&self) -> Granularity {
+        if self.table == "monthly" {
+            Granularity::Month
+        } else {
+            Granularity::Day
+        }
+    }
 }
 
 /// Held while a job runs; releasing it (or dropping it, which closes its

@@ -937,26 +937,53 @@ impl Store for PgStore {
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             .execute(&mut *tx)
             .await?;
-        let mut mismatches = Vec::new();
-        for (table, expected_sql, actual_sql) in [
-            (
-                "daily",
-                include_str!("sql/postgres/verify_daily.sql"),
-                // trunc: a whole amount written by hand as 125.00 prints so
-                // (migration 0013 keeps amounts whole, not their scale 0).
-                "SELECT account, resource, day, trunc(amount)::text, entries FROM daily_totals",
-            ),
-            (
-                "monthly",
-                include_str!("sql/postgres/verify_monthly.sql"),
-                "SELECT account, resource, month, trunc(amount)::text, entries FROM monthly_totals",
-            ),
-        ] {
-            let expected = sqlx::query_as(expected_sql).fetch_all(&mut *tx).await?;
-            let actual = sqlx::query_as(actual_sql).fetch_all(&mut *tx).await?;
-            mismatches.extend(diff_totals(table, wide(expected)?, wide(actual)?));
-        }
+        let mismatches = totals_against_ledger(&mut tx).await?;
         tx.rollback().await?;
+        Ok(mismatches)
+    }
+
+    async fn repair_totals(&self) -> Result<Vec<TotalMismatch>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // The rollup's own lock, held to commit: no batch moves the cursor or
+        // a total meanwhile, so the reads below (each its own snapshot under
+        // READ COMMITTED) agree with each other and with the rewrite.
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(ROLLUP_LOCK_KEY)
+            .execute(&mut *tx)
+            .await?;
+        let mismatches = totals_against_ledger(&mut tx).await?;
+        for mismatch in &mismatches {
+            let (table, column) = match mismatch.granularity() {
+                Granularity::Day => ("daily_totals", "day"),
+                Granularity::Month => ("monthly_totals", "month"),
+            };
+            let Some((amount, entries)) = mismatch.expected else {
+                sqlx::query(&format!(
+                    "DELETE FROM {table} WHERE account = $1 AND resource = $2 AND {column} = $3"
+                ))
+                .bind(&mismatch.account)
+                .bind(&mismatch.resource)
+                .bind(mismatch.bucket)
+                .execute(&mut *tx)
+                .await?;
+                continue;
+            };
+            // The amount as text: NUMERIC holds it exactly past 64 bits.
+            sqlx::query(&format!(
+                "INSERT INTO {table} (account, resource, {column}, amount, entries)
+                 VALUES ($1, $2, $3, $4::numeric, $5)
+                 ON CONFLICT (account, resource, {column})
+                 DO UPDATE SET amount = EXCLUDED.amount, entries = EXCLUDED.entries"
+            ))
+            .bind(&mismatch.account)
+            .bind(&mismatch.resource)
+            .bind(mismatch.bucket)
+            .bind(amount.to_string())
+            .bind(entries)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
         Ok(mismatches)
     }
 
@@ -1438,6 +1465,31 @@ fn wide(rows: Vec<(String, String, NaiveDate, String, i64)>) -> Result<Vec<Verif
             Ok((account, resource, bucket, amount, entries))
         })
         .collect()
+}
+
+/// Every daily and monthly total against its folded ledger rows, read in the
+/// caller's transaction.
+async fn totals_against_ledger(conn: &mut sqlx::PgConnection) -> Result<Vec<TotalMismatch>, StoreError> {
+    let mut mismatches = Vec::new();
+    for (table, expected_sql, actual_sql) in [
+        (
+            "daily",
+            include_str!("sql/postgres/verify_daily.sql"),
+            // trunc: a whole amount written by hand as 125.00 prints so
+            // (migration 0013 keeps amounts whole, not their scale 0).
+            "SELECT account, resource, day, trunc(amount)::text, entries FROM daily_totals",
+        ),
+        (
+            "monthly",
+            include_str!("sql/postgres/verify_monthly.sql"),
+            "SELECT account, resource, month, trunc(amount)::text, entries FROM monthly_totals",
+        ),
+    ] {
+        let expected = sqlx::query_as(expected_sql).fetch_all(&mut *conn).await?;
+        let actual = sqlx::query_as(actual_sql).fetch_all(&mut *conn).await?;
+        mismatches.extend(diff_totals(table, wide(expected)?, wide(actual)?));
+    }
+    Ok(mismatches)
 }
 
 /// The advisory lock key that serialises rollup batches.

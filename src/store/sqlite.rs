@@ -771,42 +771,43 @@ impl Store for SqliteStore {
     async fn verify_totals(&self) -> Result<Vec<TotalMismatch>, StoreError> {
         // One read transaction: WAL gives it one snapshot for all four reads.
         let mut tx = self.reader.begin().await?;
-        let mut mismatches = Vec::new();
-        for (table, expected_sql, actual_sql) in [
-            (
-                "daily",
-                bucketed_sql(include_str!("sql/sqlite/verify_daily.sql"), Granularity::Day),
-                "SELECT account, resource, day, amount, entries FROM daily_totals",
-            ),
-            (
-                "monthly",
-                bucketed_sql(include_str!("sql/sqlite/verify_monthly.sql"), Granularity::Month),
-                "SELECT account, resource, month, amount, entries FROM monthly_totals",
-            ),
-        ] {
-            let expected: Vec<(String, String, String, i64, i64, i64)> =
-                sqlx::query_as(&expected_sql).fetch_all(&mut *tx).await?;
-            let expected = expected
-                .into_iter()
-                .map(|(a, r, bucket, high, low, n)| {
-                    Ok((
-                        a,
-                        r,
-                        parse_date(&bucket)?,
-                        (i128::from(high) << 32) + i128::from(low),
-                        n,
-                    ))
-                })
-                .collect::<Result<_, StoreError>>()?;
-            let actual: Vec<(String, String, String, i64, i64)> =
-                sqlx::query_as(actual_sql).fetch_all(&mut *tx).await?;
-            let actual = actual
-                .into_iter()
-                .map(|(a, r, bucket, amount, n)| Ok((a, r, parse_date(&bucket)?, i128::from(amount), n)))
-                .collect::<Result<_, StoreError>>()?;
-            mismatches.extend(diff_totals(table, expected, actual));
-        }
+        let mismatches = totals_against_ledger(&mut tx).await?;
         tx.rollback().await?;
+        Ok(mismatches)
+    }
+
+    async fn repair_totals(&self) -> Result<Vec<TotalMismatch>, StoreError> {
+        // BEGIN IMMEDIATE: SQLite's one write lock before the reads, so no
+        // rollup (of any process) folds between them and the rewrite.
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let mismatches = totals_against_ledger(&mut tx).await?;
+        for mismatch in &mismatches {
+            let granularity = mismatch.granularity();
+            let (table, column, _) = shape(granularity);
+            let bucket = mismatch.bucket.to_string();
+            sqlx::query(&format!(
+                "DELETE FROM {table} WHERE account = ?1 AND resource = ?2 AND {column} = ?3"
+            ))
+            .bind(&mismatch.account)
+            .bind(&mismatch.resource)
+            .bind(&bucket)
+            .execute(&mut *tx)
+            .await?;
+            if let Some((amount, entries)) = mismatch.expected {
+                // As parts: the ledger's figure may pass 64 bits (migration 0011).
+                add_to_parts(
+                    &mut tx,
+                    granularity,
+                    &mismatch.account,
+                    &mismatch.resource,
+                    &bucket,
+                    amount,
+                    entries,
+                )
+                .await?;
+            }
+        }
+        tx.commit().await?;
         Ok(mismatches)
     }
 
@@ -1157,6 +1158,46 @@ fn passed_64_bits(error: &StoreError) -> bool {
         StoreError::Internal(sqlx::Error::Database(db)) => db.code().as_deref() == Some("3091"),
         _ => false,
     }
+}
+
+/// Every daily and monthly total against its folded ledger rows, read in the
+/// caller's transaction (one snapshot).
+async fn totals_against_ledger(conn: &mut sqlx::SqliteConnection) -> Result<Vec<TotalMismatch>, StoreError> {
+    let mut mismatches = Vec::new();
+    for (table, expected_sql, actual_sql) in [
+        (
+            "daily",
+            bucketed_sql(include_str!("sql/sqlite/verify_daily.sql"), Granularity::Day),
+            "SELECT account, resource, day, amount, entries FROM daily_totals",
+        ),
+        (
+            "monthly",
+            bucketed_sql(include_str!("sql/sqlite/verify_monthly.sql"), Granularity::Month),
+            "SELECT account, resource, month, amount, entries FROM monthly_totals",
+        ),
+    ] {
+        let expected: Vec<(String, String, String, i64, i64, i64)> =
+            sqlx::query_as(&expected_sql).fetch_all(&mut *conn).await?;
+        let expected = expected
+            .into_iter()
+            .map(|(a, r, bucket, high, low, n)| {
+                Ok((
+                    a,
+                    r,
+                    parse_date(&bucket)?,
+                    (i128::from(high) << 32) + i128::from(low),
+                    n,
+                ))
+            })
+            .collect::<Result<_, StoreError>>()?;
+        let actual: Vec<(String, String, String, i64, i64)> = sqlx::query_as(actual_sql).fetch_all(&mut *conn).await?;
+        let actual = actual
+            .into_iter()
+            .map(|(a, r, bucket, amount, n)| Ok((a, r, parse_date(&bucket)?, i128::from(amount), n)))
+            .collect::<Result<_, StoreError>>()?;
+        mismatches.extend(diff_totals(table, expected, actual));
+    }
+    Ok(mismatches)
 }
 
 /// Rows one transaction of [`fold_with_parts`] folds: its write lock is held

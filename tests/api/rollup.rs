@@ -19,6 +19,7 @@ both!(
     negative_entries_reversals_and_late_entries_fold_into_their_buckets,
     a_second_rollup_with_nothing_new_changes_nothing,
     a_corrupted_total_makes_verify_fail,
+    verify_repair_rewrites_each_differing_total_to_what_the_ledger_says,
     a_total_past_64_bits_fails_its_own_reads_and_holds_back_no_one_else,
     verify_says_how_far_behind_the_rollup_is,
     verify_exits_2_when_it_cannot_judge,
@@ -26,6 +27,7 @@ both!(
     a_failure_between_batches_leaves_totals_exact_after_the_next_run,
     a_rollup_process_killed_mid_batch_leaves_totals_exact_after_the_next_run,
     concurrent_rollups_never_double_count,
+    a_repair_beside_rollups_finds_nothing_to_rewrite_and_leaves_totals_exact,
     usage_is_exact_at_any_instant_while_posting_and_rolling_up,
     random_interleavings_of_posting_and_rolling_up_keep_totals_equal_to_the_ledger,
 );
@@ -206,6 +208,93 @@ async fn a_corrupted_total_makes_verify_fail(app: TestApp) {
 /// The largest agent_minutes entry, in minor units (hundredths): 93 of them
 /// pass 2^63 - 1, though each is valid.
 const BIGGEST_MINUTES: &str = "999999999999999.99";
+
+/// `tally verify --repair` puts every kind of damage right from the ledger:
+/// a wrong total, a total with nothing behind it, missing totals (one of them
+/// past 64 bits, which SQLite stores as parts), and touches nothing else.
+async fn verify_repair_rewrites_each_differing_total_to_what_the_ledger_says(app: TestApp) {
+    app.insert(&[
+        ("acme", "api_requests", "3", "a", "2026-04-01T00:00:00Z"),
+        ("acme", "api_requests", "4", "b", "2026-04-02T00:00:00Z"),
+    ])
+    .await;
+    let at = days_ago_at(1, "12:00:00");
+    post_minutes(&app, "orca", BIGGEST_MINUTES, 100, "all", &at).await;
+    app.rollup().await;
+    assert!(app.store.verify_totals().await.unwrap().is_empty());
+    let entries = app.count_entries().await;
+
+    app.execute_raw("UPDATE daily_totals SET amount = amount + 1 WHERE account = 'acme' AND amount = 3")
+        .await
+        .unwrap();
+    app.execute_raw(
+        "INSERT INTO daily_totals (account, resource, day, amount, entries) \
+         VALUES ('ghost', 'api_requests', '2026-04-03', 5, 2)",
+    )
+    .await
+    .unwrap();
+    app.execute_raw("DELETE FROM monthly_totals").await.unwrap();
+    app.execute_raw("DELETE FROM daily_totals WHERE account = 'orca'")
+        .await
+        .unwrap();
+    let damaged = app.store.verify_totals().await.unwrap();
+    // acme's day and month, ghost's day, orca's day and month.
+    assert_eq!(damaged.len(), 5, "{damaged:?}");
+
+    let repaired = app.cli(&["verify", "--repair"]);
+    let stdout = String::from_utf8_lossy(&repaired.stdout);
+    let stderr = String::from_utf8_lossy(&repaired.stderr);
+    assert_eq!(repaired.status.code(), Some(0), "{stdout}{stderr}");
+    for line in [
+        "daily total of acme / api_requests / 2026-04-01: stored 4 from 1 entry, ledger says 3 from 1 entry; rewritten",
+        "daily total of ghost / api_requests / 2026-04-03: stored 5 from 2 entries, ledger has no folded entry for it; \
+         removed",
+        "monthly total of acme / api_requests / 2026-04: stored nothing, ledger says 7 from 2 entries; rewritten",
+    ] {
+        assert!(stdout.contains(line), "{line}\nnot in\n{stdout}");
+    }
+    assert!(
+        stderr.contains("5 totals rewritten to what the ledger says. Restart the `serve` processes"),
+        "{stderr}"
+    );
+    assert!(app.store.verify_totals().await.unwrap().is_empty());
+    assert_eq!(app.count_entries().await, entries, "the ledger is not touched");
+    assert_eq!(app.daily_total("acme", "api_requests", "2026-04-01").await, 3);
+    // Reads (from a process with nothing cached) use the rewritten totals.
+    let series = app.cli(&[
+        "timeseries",
+        "acme",
+        "api_requests",
+        "--granularity",
+        "month",
+        "--from",
+        "2026-04-01",
+        "--to",
+        "2026-05-01",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&series.stdout).contains("2026-04-01,7"),
+        "{}{}",
+        String::from_utf8_lossy(&series.stdout),
+        String::from_utf8_lossy(&series.stderr)
+    );
+
+    let nothing_left = app.cli(&["verify", "--repair"]);
+    assert_eq!(nothing_left.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&nothing_left.stdout).starts_with("ok: every daily and monthly total equals"));
+    // Without --repair, a difference names the way to put it right.
+    app.execute_raw("DELETE FROM daily_totals WHERE account = 'acme'")
+        .await
+        .unwrap();
+    let failed = app.cli(&["verify"]);
+    assert_eq!(failed.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&failed.stderr)
+            .contains("2 totals differ from the ledger; `tally verify --repair` rewrites them to what it says"),
+        "{}",
+        String::from_utf8_lossy(&failed.stderr)
+    );
+}
 
 /// Posts `count` entries of `amount` agent_minutes for `account`, all at `at`.
 async fn post_minutes(app: &TestApp, account: &str, amount: &str, count: usize, key: &str, at: &str) {
@@ -564,6 +653,48 @@ async fn concurrent_rollups_never_double_count(app: TestApp) {
     folded += app.rollup().await.entries;
     assert_eq!(folded, 1000, "every entry folded by exactly one run");
     assert_eq!(app.monthly_total("acme", "api_requests", "2026-06-01").await, expected);
+    assert!(app.store.verify_totals().await.unwrap().is_empty());
+}
+
+/// Totals are never wrong while rollups fold, so a repair running beside
+/// them must find nothing to rewrite: one that read the ledger before a batch
+/// and the totals after it would "repair" them back to the older figure.
+async fn a_repair_beside_rollups_finds_nothing_to_rewrite_and_leaves_totals_exact(app: TestApp) {
+    let app = Arc::new(app);
+    let mut rollups = Vec::new();
+    let mut repairs = Vec::new();
+    for round in 0..8 {
+        insert_june_round(&app, round, 200, "3").await;
+        for _ in 0..2 {
+            let app = app.clone();
+            rollups.push(tokio::spawn(async move {
+                app.rollup_with(RollupOptions {
+                    batch_size: 17,
+                    failpoint: None,
+                    max_batch_size: None,
+                })
+                .await
+                .unwrap()
+            }));
+        }
+        let app = app.clone();
+        repairs.push(tokio::spawn(async move {
+            let mut rewritten = Vec::new();
+            for _ in 0..4 {
+                rewritten.extend(app.store.repair_totals().await.unwrap());
+            }
+            rewritten
+        }));
+    }
+    for rollup in rollups {
+        rollup.await.unwrap();
+    }
+    for repair in repairs {
+        let rewritten = repair.await.unwrap();
+        assert!(rewritten.is_empty(), "a repair beside rollups rewrote {rewritten:?}");
+    }
+    app.rollup().await;
+    assert_eq!(app.monthly_total("acme", "api_requests", "2026-06-01").await, 8 * 600);
     assert!(app.store.verify_totals().await.unwrap().is_empty());
 }
 
