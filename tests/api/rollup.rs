@@ -625,6 +625,19 @@ async fn insert_june_round(app: &TestApp, round: usize, count: usize, amount: &s
     app.insert(&rows).await;
 }
 
+/// One rollup run in batches of `batch_size` (small, so that runs started
+/// together interleave); how many entries it folded.
+async fn spawned_rollup(app: &TestApp, batch_size: u32) -> u64 {
+    app.rollup_with(RollupOptions {
+        batch_size,
+        failpoint: None,
+        max_batch_size: None,
+    })
+    .await
+    .unwrap()
+    .entries
+}
+
 async fn concurrent_rollups_never_double_count(app: TestApp) {
     let app = Arc::new(app);
     let mut expected = 0;
@@ -634,16 +647,7 @@ async fn concurrent_rollups_never_double_count(app: TestApp) {
         expected += 600;
         for _ in 0..4 {
             let app = app.clone();
-            rollups.push(tokio::spawn(async move {
-                app.rollup_with(RollupOptions {
-                    batch_size: 37,
-                    failpoint: None,
-                    max_batch_size: None,
-                })
-                .await
-                .unwrap()
-                .entries
-            }));
+            rollups.push(tokio::spawn(async move { spawned_rollup(&app, 37).await }));
         }
     }
     let mut folded = 0;
@@ -667,15 +671,7 @@ async fn a_repair_beside_rollups_finds_nothing_to_rewrite_and_leaves_totals_exac
         insert_june_round(&app, round, 200, "3").await;
         for _ in 0..2 {
             let app = app.clone();
-            rollups.push(tokio::spawn(async move {
-                app.rollup_with(RollupOptions {
-                    batch_size: 17,
-                    failpoint: None,
-                    max_batch_size: None,
-                })
-                .await
-                .unwrap()
-            }));
+            rollups.push(tokio::spawn(async move { spawned_rollup(&app, 17).await }));
         }
         let app = app.clone();
         repairs.push(tokio::spawn(async move {
