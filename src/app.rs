@@ -317,8 +317,19 @@ impl Application {
     /// On a database with no key at all, creates one admin key and returns its
     /// plaintext, to be shown once.
     pub async fn bootstrap_admin_key(&self) -> anyhow::Result<Option<KeySecret>> {
+        // Read first: a database that has keys needs no write here, so serve
+        // starts on one that cannot be written (a standby, or
+        // default_transaction_read_only) when its keys are in place.
+        if !self.state.store.list_api_keys().await?.is_empty() {
+            return Ok(None);
+        }
         let (secret, new) = new_key(Role::Admin, None, Some("bootstrap".into()))?;
-        Ok(self.state.store.create_first_api_key(&new).await?.map(|_| secret))
+        let created = self.state.store.create_first_api_key(&new).await.context(
+            "the database has no API key, and creating the bootstrap admin key failed; if the database is \
+             read-only (a standby, or default_transaction_read_only), create a key where it can be written \
+             (`tally keys create --role admin`) or set TALLY_ADMIN_KEY",
+        )?;
+        Ok(created.map(|_| secret))
     }
 
     /// A job runner over this application's store and metrics.

@@ -118,3 +118,59 @@ async fn on_postgres_a_select_only_role_exports_verifies_and_reads_usage() {
     }
     owner.close().await.ok();
 }
+
+/// `serve` as a role whose transactions are read-only (a standby is the
+/// same): with a key in the database it starts and answers, since it writes
+/// nothing to start; with none it cannot store the bootstrap key, and says
+/// that and what to do (it used to fail on any database with "cannot execute
+/// INSERT in a read-only transaction", naming no step).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_serve_starts_read_only_when_keys_exist_and_says_why_it_cannot_without() {
+    let Some(app) = TestApp::spawn(Backend::Postgres).await else {
+        return;
+    };
+    let role = format!("standby_{}", rand::random::<u32>());
+    let mut owner = sqlx::PgConnection::connect(&app.database_url).await.unwrap();
+    for statement in [
+        format!("CREATE ROLE {role} LOGIN"),
+        format!("GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}"),
+        format!("ALTER ROLE {role} SET default_transaction_read_only = on"),
+    ] {
+        sqlx::raw_sql(&statement).execute(&mut owner).await.unwrap();
+    }
+    let url = app.database_url.replacen("tally@", &format!("{role}@"), 1);
+    assert_ne!(url, app.database_url);
+
+    let mut refused = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--no-jobs"])
+        .env("TALLY_DATABASE_URL", &url)
+        .env_remove("TALLY_ADMIN_KEY")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while refused.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            refused.kill().ok();
+            panic!("serve did not stop on a read-only database with no key");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let output = refused.wait_with_output().unwrap();
+    assert!(!output.status.success());
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("the database has no API key, and creating the bootstrap admin key failed")
+            && stderr.contains("read-only")
+            && stderr.contains("tally keys create --role admin"),
+        "{stderr}"
+    );
+
+    app.key(tally::domain::Role::Admin, None).await;
+    let serve = crate::helpers::ServeProcess::start(&url, &["--no-jobs"], &[]).await;
+    let health = reqwest::get(format!("{}/healthz", serve.address)).await.unwrap();
+    assert_eq!(health.status(), 200);
+    owner.close().await.ok();
+}
