@@ -73,8 +73,9 @@ pub enum ApiError {
     /// wrong answer (the entries listing behind a write left open); the
     /// writer's identity goes to the log only.
     #[error(
-        "the ledger is being written by a transaction open for more than a few seconds, and this page would \
-         have to wait for it; retry shortly"
+        "a transaction that has written to Tally's database (any table: PostgreSQL does not say which) has \
+         been open for more than a few seconds, and this page of the ledger would have to wait for it to \
+         end; retry shortly (the server's log names its backend pid)"
     )]
     Busy(#[source] StoreError),
     /// 500: a total the answer needs is past 64 bits of minor units (valid
