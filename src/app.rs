@@ -381,6 +381,12 @@ fn new_key(
         ),
         _ => {}
     }
+    if let Some(control) = name.as_deref().and_then(|name| name.chars().find(|c| c.is_control())) {
+        anyhow::bail!(
+            "a key's name is shown on one line of `tally keys list`, so it cannot hold control characters \
+             (this one holds {control:?}); use spaces or punctuation instead"
+        );
+    }
     let secret = KeySecret::generate();
     let new = NewApiKey {
         hash: secret.hash(),

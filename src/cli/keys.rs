@@ -47,27 +47,40 @@ pub async fn run(settings: &Settings, command: KeysCommand) -> anyhow::Result<Ex
             outln!("{}", secret.expose())?;
         }
         KeysCommand::List => {
-            outln!(
-                "{:>5}  {:<8} {:<14} {:<20} {:<20} {:<26} revoked",
-                "id",
-                "role",
-                "prefix",
-                "account",
-                "name",
-                "created"
-            )?;
+            let time = |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            let mut rows = vec![["id", "role", "prefix", "account", "name", "created", "revoked"].map(String::from)];
             for key in store.list_api_keys().await? {
-                outln!(
-                    "{:>5}  {:<8} {:<14} {:<20} {:<20} {:<26} {}",
-                    key.id,
-                    key.role.as_str(),
+                rows.push([
+                    key.id.to_string(),
+                    key.role.as_str().to_owned(),
                     key.prefix,
-                    key.account.as_ref().map_or("-", |a| a.as_str()),
-                    key.name.as_deref().unwrap_or("-"),
-                    key.created_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                    key.revoked_at
-                        .map_or("-".into(), |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
-                )?;
+                    key.account.map_or_else(|| "-".to_owned(), |a| a.as_str().to_owned()),
+                    key.name.unwrap_or_else(|| "-".to_owned()),
+                    time(key.created_at),
+                    key.revoked_at.map_or_else(|| "-".to_owned(), time),
+                ]);
+            }
+            // Each column as wide as its widest cell, so long account names
+            // and names with spaces keep the columns after them in line.
+            let mut widths = [0; 7];
+            for row in &rows {
+                for (width, cell) in widths.iter_mut().zip(row) {
+                    *width = (*width).max(cell.chars().count());
+                }
+            }
+            for row in &rows {
+                let line = row
+                    .iter()
+                    .zip(widths)
+                    .enumerate()
+                    .map(|(column, (cell, width))| match column {
+                        0 => format!("{cell:>width$}"),
+                        6 => cell.clone(),
+                        _ => format!("{cell:<width$}"),
+                    })
+                    .collect::<Vec<_>>()
+                    .join("  ");
+                outln!("{line}")?;
             }
         }
         KeysCommand::Revoke { id } => {

@@ -18,6 +18,7 @@ both!(
     import_reads_a_pipe_once_and_loads_every_row,
     import_counts_lone_cr_line_ends_and_notes_a_double_quote_left_open,
     keys_revoke_makes_the_key_401_from_then_on,
+    keys_list_keeps_its_columns_in_line_and_a_name_on_one_line,
     keys_are_stored_hashed_and_the_plaintext_is_nowhere_in_the_keys_table,
     migrate_creates_the_schema_on_a_fresh_database_and_a_second_run_changes_nothing,
     processes_migrating_a_new_database_at_once_all_start_and_one_creates_the_schema,
@@ -541,6 +542,44 @@ fn create_key_by_cli(app: &TestApp, name: &str) -> (String, i64) {
         .unwrap_or_else(|| panic!("{prefix} is listed: {listing}"));
     let id = line.split_whitespace().next().unwrap().parse().unwrap();
     (key, id)
+}
+
+/// A name with a newline would split its row in two, so it is refused; long
+/// account names and names with spaces widen their columns instead of pushing
+/// the ones after them out of line.
+async fn keys_list_keeps_its_columns_in_line_and_a_name_on_one_line(app: TestApp) {
+    let refused = app.cli(&["keys", "create", "--role", "service", "--name", "two\nlines"]);
+    assert!(!refused.status.success());
+    let said = text(&refused.stderr);
+    assert!(
+        said.contains("cannot hold control characters") && said.contains("'\\n'"),
+        "{said}"
+    );
+    assert!(app.store.list_api_keys().await.unwrap().is_empty(), "nothing stored");
+
+    create_key_by_cli(&app, "ci");
+    let long = app.cli(&[
+        "keys",
+        "create",
+        "--role",
+        "reader",
+        "--account",
+        "a-very-long-account-name-for-testing-purposes",
+        "--name",
+        "a name that is quite long, with spaces and more",
+    ]);
+    assert!(long.status.success(), "{}", text(&long.stderr));
+    let listing = text(&app.cli(&["keys", "list"]).stdout);
+    let lines: Vec<&str> = listing.lines().collect();
+    assert_eq!(lines.len(), 3, "a header and a line a key: {listing}");
+    let created = lines[0].find("created").unwrap();
+    for line in &lines[1..] {
+        let year = line.get(created..created + 4).unwrap_or_default();
+        assert!(
+            year.chars().all(|c| c.is_ascii_digit()) && year.len() == 4,
+            "the created column starts at {created} on every line:\n{listing}"
+        );
+    }
 }
 
 async fn keys_revoke_makes_the_key_401_from_then_on(app: TestApp) {
