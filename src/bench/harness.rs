@@ -93,7 +93,9 @@ impl RunningTally {
     /// Fails if the server task failed or did not stop in time.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         if let Some(scheduler) = self.scheduler.take() {
-            scheduler.shutdown().await;
+            // As `serve` with its default grace.
+            let grace = std::time::Duration::from_secs(crate::app::DEFAULT_SHUTDOWN_GRACE_SECONDS);
+            scheduler.shutdown(tokio::time::Instant::now() + grace).await;
         }
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());

@@ -21,6 +21,7 @@ mod timeseries;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
@@ -292,9 +293,20 @@ async fn serve(settings: Settings, with_jobs: bool) -> anyhow::Result<ExitCode> 
         "tally listening on http://{}",
         std::net::SocketAddr::new(settings.listen.ip(), application.port())
     );
-    application.run_until(app::shutdown_signal()).await?;
+    // The grace bounds the whole stop, counted from the signal: requests in
+    // flight first, then the job run in flight with what is left of it.
+    let asked_to_stop = Arc::new(std::sync::OnceLock::new());
+    let signal = {
+        let asked_to_stop = asked_to_stop.clone();
+        async move {
+            app::shutdown_signal().await;
+            let _ = asked_to_stop.set(tokio::time::Instant::now());
+        }
+    };
+    application.run_until(signal).await?;
     if let Some(scheduler) = scheduler {
-        scheduler.shutdown().await;
+        let asked = asked_to_stop.get().copied().unwrap_or_else(tokio::time::Instant::now);
+        scheduler.shutdown(asked + settings.shutdown_grace).await;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -440,6 +440,15 @@ impl JobRunner {
         result
     }
 
+    /// The jobs running now, by name.
+    pub fn running(&self) -> Vec<String> {
+        self.jobs
+            .iter()
+            .filter(|(_, (_, guard))| guard.try_lock().is_err())
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
     /// Keeps runs from starting from now on, then waits until none is
     /// running; the guards it returns keep them out too while held.
     pub async fn drain(&self) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
@@ -526,12 +535,37 @@ impl Scheduler {
         Ok(Self { scheduler, runner })
     }
 
-    /// Stops firing and waits for the runs in flight.
-    pub async fn shutdown(mut self) {
+    /// Stops firing and waits for the runs in flight until `deadline`, then
+    /// leaves them. A run left is safe to drop: its batch is one transaction,
+    /// which the database rolls back when the process's connection goes, and
+    /// the next run folds it (a report file is renamed into place only once
+    /// written whole).
+    pub async fn shutdown(mut self, deadline: tokio::time::Instant) {
         if let Err(e) = self.scheduler.shutdown().await {
             tracing::warn!(error = %e, "job scheduler did not shut down cleanly: {e}");
         }
-        let _idle = self.runner.drain().await;
-        tracing::info!("jobs stopped");
+        let running = self.runner.running();
+        let drain = self.runner.drain();
+        tokio::pin!(drain);
+        if !running.is_empty() {
+            let names = running.join(", ");
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            tracing::info!(
+                jobs = %names,
+                "waiting up to {} s (the rest of --shutdown-grace) for the job run in flight: {names}",
+                left.as_secs_f64().ceil()
+            );
+        }
+        if tokio::time::timeout_at(deadline, &mut drain).await.is_ok() {
+            tracing::info!("jobs stopped");
+            return;
+        }
+        let names = running.join(", ");
+        tracing::warn!(
+            jobs = %names,
+            "stopping without the job run in flight ({names}): it did not end within --shutdown-grace (the \
+             database may be stalled or a lock held); its open transaction is rolled back when this process's \
+             connection closes, and the next run does its work"
+        );
     }
 }

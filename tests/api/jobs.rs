@@ -436,26 +436,22 @@ fn an_empty_jobs_directory_is_refused_rather_than_scheduling_nothing() {
     );
 }
 
-/// DESIGN.md (Jobs): on shutdown `serve` waits for the job in flight. A lock
-/// this test holds on the daily totals stops a scheduled rollup inside its
-/// batch (after it chose its rows, where it writes them), so the run is
-/// certainly in flight when SIGTERM comes; the process must then stay up
-/// until the run can finish, and exit with the batch committed. Were the
-/// run dropped at shutdown, its transaction would roll back and the totals
-/// stay empty. PostgreSQL only: there the waiting run shows in `pg_locks`;
-/// SQLite shows no waiter, and its busy timeout would fail the run instead.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn on_postgres_a_shutdown_waits_for_the_rollup_run_in_flight() {
-    let Some(app) = TestApp::spawn(Backend::Postgres).await else {
-        return;
-    };
+/// Counts the sessions waiting for a lock on `daily_totals` in the test's database.
+const WAITING_ON_THE_TOTALS: &str = "SELECT COUNT(*) FROM pg_locks AS l JOIN pg_class AS c ON c.oid = l.relation
+     WHERE l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+       AND c.relname = 'daily_totals' AND NOT l.granted";
+
+/// Starts `serve` (rollup every second, `args` added) and stops its first
+/// rollup run inside its batch, behind a lock on the daily totals held by the
+/// transaction returned: the run is in flight until that ends.
+async fn serve_with_a_rollup_run_blocked_in_its_batch(
+    app: &TestApp,
+    args: &[&str],
+) -> (ServeProcess, sqlx::Transaction<'static, sqlx::Postgres>) {
     let jobs = rollup_every_second_jobs_dir();
-    let mut serve = ServeProcess::start(
-        &app.database_url,
-        &["--jobs", jobs.path().to_str().unwrap()],
-        &[("TALLY_ADMIN_KEY", "k")],
-    )
-    .await;
+    let mut all_args = vec!["--jobs", jobs.path().to_str().unwrap()];
+    all_args.extend_from_slice(args);
+    let serve = ServeProcess::start(&app.database_url, &all_args, &[("TALLY_ADMIN_KEY", "k")]).await;
 
     let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
     let mut holder = pool.begin().await.unwrap();
@@ -475,18 +471,70 @@ async fn on_postgres_a_shutdown_waits_for_the_rollup_run_in_flight() {
         ("acme", "api_requests", "4", "b", "2026-05-01T13:00:00Z"),
     ])
     .await;
-    let waiting_on_the_totals = "SELECT COUNT(*) FROM pg_locks AS l JOIN pg_class AS c ON c.oid = l.relation
-         WHERE l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-           AND c.relname = 'daily_totals' AND NOT l.granted";
     let mut waiting = 0;
     for _ in 0..400 {
-        waiting = app.scalar_i64(waiting_on_the_totals).await;
+        waiting = app.scalar_i64(WAITING_ON_THE_TOTALS).await;
         if waiting > 0 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(25)).await;
     }
     assert_eq!(waiting, 1, "a scheduled rollup run is blocked inside its batch");
+    (serve, holder)
+}
+
+/// The wait for the job in flight is bounded by `--shutdown-grace` (counted
+/// from the signal): a run that cannot end (a stalled database, a lock held
+/// for good) is left, said in the log, and its batch is rolled back for the
+/// next run to fold. It used to keep the process up for as long as the lock
+/// was held, with nothing in the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_shutdown_leaves_a_rollup_run_that_outlasts_the_grace() {
+    let Some(app) = TestApp::spawn(Backend::Postgres).await else {
+        return;
+    };
+    let (mut serve, holder) = serve_with_a_rollup_run_blocked_in_its_batch(&app, &["--shutdown-grace", "2"]).await;
+
+    let asked = std::time::Instant::now();
+    serve.terminate();
+    let status = serve.wait_for_exit(std::time::Duration::from_secs(20)).await;
+    let took = asked.elapsed();
+    assert!(status.success(), "{status:?}:\n{}", serve.stderr());
+    assert!(
+        took < std::time::Duration::from_secs(8),
+        "stopped {took:?} after SIGTERM with a grace of 2 s:\n{}",
+        serve.stderr()
+    );
+    let log = serve.stderr();
+    assert!(
+        log.contains("for the job run in flight: rollup")
+            && log.contains("stopping without the job run in flight (rollup)"),
+        "{log}"
+    );
+    assert!(!log.contains("jobs stopped"), "{log}");
+
+    holder.rollback().await.unwrap();
+    // The left batch was rolled back; the next run folds it.
+    app.rollup().await;
+    assert_eq!(app.daily_total("acme", "api_requests", "2026-05-01").await, 7);
+    assert!(app.store.verify_totals().await.unwrap().is_empty());
+}
+
+/// DESIGN.md (Jobs): on shutdown `serve` waits for the job in flight (within
+/// `--shutdown-grace`, 30 s here). A lock
+/// this test holds on the daily totals stops a scheduled rollup inside its
+/// batch (after it chose its rows, where it writes them), so the run is
+/// certainly in flight when SIGTERM comes; the process must then stay up
+/// until the run can finish, and exit with the batch committed. Were the
+/// run dropped at shutdown, its transaction would roll back and the totals
+/// stay empty. PostgreSQL only: there the waiting run shows in `pg_locks`;
+/// SQLite shows no waiter, and its busy timeout would fail the run instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_shutdown_waits_for_the_rollup_run_in_flight() {
+    let Some(app) = TestApp::spawn(Backend::Postgres).await else {
+        return;
+    };
+    let (mut serve, holder) = serve_with_a_rollup_run_blocked_in_its_batch(&app, &[]).await;
 
     serve.terminate();
     serve
@@ -505,7 +553,7 @@ async fn on_postgres_a_shutdown_waits_for_the_rollup_run_in_flight() {
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert!(serve.is_running(), "exited with a run in flight:\n{}", serve.stderr());
     assert!(!serve.stderr().contains("jobs stopped"), "{}", serve.stderr());
-    assert_eq!(app.scalar_i64(waiting_on_the_totals).await, 1, "the run still waits");
+    assert_eq!(app.scalar_i64(WAITING_ON_THE_TOTALS).await, 1, "the run still waits");
 
     holder.rollback().await.unwrap();
     let status = serve.wait_for_exit(std::time::Duration::from_secs(30)).await;
