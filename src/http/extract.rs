@@ -2,15 +2,23 @@
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
-use axum::http::StatusCode;
 use axum::http::header::{CONTENT_LENGTH, EXPECT};
 use axum::http::request::Parts;
+use futures_util::StreamExt as _;
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
 
 /// The most bytes a request body may have.
 pub const MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
+
+/// How much more of a body past [`MAX_BODY_BYTES`] is read and dropped before
+/// the 413, and for how long at most. A client that did not ask to wait
+/// (`Expect: 100-continue`) is still sending when the limit is reached;
+/// closing on its unread bytes resets the connection, and it sees a broken
+/// pipe instead of the 413. Past these, the connection is closed all the same.
+const DRAIN_BYTES: usize = 16 * 1024 * 1024;
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A request body as raw bytes, with 413 past [`MAX_BODY_BYTES`] and 400 on a
 /// broken stream.
@@ -19,13 +27,8 @@ pub struct Body(pub Bytes);
 impl<S: Send + Sync> FromRequest<S> for Body {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
         let path = req.uri().path().to_owned();
-        // A client that sent `Expect: 100-continue` (curl does past 1 MiB)
-        // waits for our go-ahead: when its head announces too much, refuse
-        // it there, so it uploads nothing. Only then: a client that did not
-        // ask is already sending, and closing on it unread would break its
-        // pipe before it could read the 413.
         let waits_to_send = req
             .headers()
             .get(EXPECT)
@@ -34,18 +37,41 @@ impl<S: Send + Sync> FromRequest<S> for Body {
             .headers()
             .get(CONTENT_LENGTH)
             .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.parse::<u64>().ok());
-        if waits_to_send && announced.is_some_and(|bytes| bytes > MAX_BODY_BYTES as u64) {
+            .and_then(|value| value.parse::<usize>().ok());
+        // A client that sent `Expect: 100-continue` (curl does past 1 MiB)
+        // waits for our go-ahead: when its head announces too much, refuse
+        // it there, so it uploads nothing.
+        if waits_to_send && announced.is_some_and(|bytes| bytes > MAX_BODY_BYTES) {
             return Err(ApiError::PayloadTooLarge(too_large_message(&path)));
         }
-        Bytes::from_request(req, state).await.map(Body).map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge(too_large_message(&path))
-            } else {
-                ApiError::MalformedBody(format!("could not read the request body: {rejection}"))
+        let mut stream = req.into_body().into_data_stream();
+        let mut body = Vec::with_capacity(announced.unwrap_or(0).min(MAX_BODY_BYTES));
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| ApiError::MalformedBody(format!("could not read the request body: {e}")))?;
+            if body.len() + chunk.len() > MAX_BODY_BYTES {
+                drain(stream).await;
+                return Err(ApiError::PayloadTooLarge(too_large_message(&path)));
             }
-        })
+            body.extend_from_slice(&chunk);
+        }
+        Ok(Body(Bytes::from(body)))
     }
+}
+
+/// Reads and drops what is left of a refused body, up to [`DRAIN_BYTES`]
+/// and [`DRAIN_TIME`].
+async fn drain(mut rest: impl futures_util::Stream<Item = Result<Bytes, axum::Error>> + Unpin) {
+    let mut left = DRAIN_BYTES;
+    let read = async {
+        while let Some(Ok(chunk)) = rest.next().await {
+            match left.checked_sub(chunk.len()) {
+                Some(still) => left = still,
+                None => break,
+            }
+        }
+    };
+    // Whatever stopped it, the 413 goes out next.
+    let _ = tokio::time::timeout(DRAIN_TIME, read).await;
 }
 
 /// The 413 for a body over [`MAX_BODY_BYTES`] sent to `path`: what to do

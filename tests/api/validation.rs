@@ -14,6 +14,7 @@ both!(
     a_batch_over_10000_entries_is_413,
     a_body_over_10_mib_is_413,
     a_body_announced_over_10_mib_is_413_before_it_is_sent,
+    a_body_far_over_10_mib_sent_without_waiting_still_reads_its_413,
     an_empty_batch_is_422,
     an_unknown_resource_is_422_naming_the_known_ones,
     a_zero_amount_is_422,
@@ -246,6 +247,21 @@ async fn a_body_announced_over_10_mib_is_413_before_it_is_sent(app: TestApp) {
         assert!(head.starts_with("HTTP/1.1 413"), "{path}: {head}");
         assert!(!head.contains("100 Continue"), "{path}: {head}");
         assert!(head.contains("payload_too_large"), "{path}: {head}");
+    }
+    assert_eq!(app.count_entries().await, 0);
+}
+
+/// A client that sends its whole body at once (no `Expect: 100-continue`)
+/// is still writing when the limit is reached: the rest is read and dropped
+/// before the 413, so the client reads the answer instead of a broken pipe
+/// (closing on 10 MiB unread reset the connection).
+async fn a_body_far_over_10_mib_sent_without_waiting_still_reads_its_413(app: TestApp) {
+    let mut body = entry("acme", "api_requests", "1", "k1");
+    body["source"] = json!("x".repeat(20 * 1024 * 1024));
+    for _ in 0..3 {
+        let reply = app.post_entries(body.clone()).await;
+        assert_eq!(reply.status, 413);
+        assert_eq!(reply.code(), "payload_too_large");
     }
     assert_eq!(app.count_entries().await, 0);
 }
