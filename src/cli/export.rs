@@ -185,7 +185,10 @@ pub async fn run(settings: &Settings, command: ExportCommand) -> anyhow::Result<
     // Ctrl-C or SIGTERM: stop, and remove the temp file (a killed process
     // would leave it behind), rather than die with it half written.
     let rows = tokio::select! {
-        rows = export => rows?,
+        rows = export => match rows {
+            Ok(rows) => rows,
+            Err(e) => return Err(super::naming_totals_past_64_bits(store.as_ref(), e.into()).await),
+        },
         () = stop => {
             drop(out);
             if output.output.is_some() {
@@ -222,7 +225,10 @@ pub async fn run(settings: &Settings, command: ExportCommand) -> anyhow::Result<
 /// `tally stats`.
 pub async fn stats(settings: &Settings, args: StatsArgs) -> anyhow::Result<ExitCode> {
     let (store, catalog) = settings.open_existing_store().await?;
-    let stats = admin::stats(store.as_ref(), &catalog, month_or_this_one(args.period)).await?;
+    let stats = match admin::stats(store.as_ref(), &catalog, month_or_this_one(args.period)).await {
+        Ok(stats) => stats,
+        Err(e) => return Err(super::naming_totals_past_64_bits(store.as_ref(), e.into()).await),
+    };
     outln!("{}", serde_json::to_string_pretty(&stats)?)?;
     Ok(ExitCode::SUCCESS)
 }
@@ -232,7 +238,10 @@ pub async fn top(settings: &Settings, args: TopArgs) -> anyhow::Result<ExitCode>
     let (store, catalog) = settings.open_existing_store().await?;
     let resource = super::readable_resource(store.as_ref(), &catalog, None, &args.resource).await?;
     let month = month_or_this_one(args.period);
-    let top = admin::top(store.as_ref(), &catalog, &resource, month, usize::from(args.limit)).await?;
+    let top = match admin::top(store.as_ref(), &catalog, &resource, month, usize::from(args.limit)).await {
+        Ok(top) => top,
+        Err(e) => return Err(super::naming_totals_past_64_bits(store.as_ref(), e.into()).await),
+    };
     outln!("{}", serde_json::to_string_pretty(&top)?)?;
     Ok(ExitCode::SUCCESS)
 }

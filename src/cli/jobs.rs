@@ -148,12 +148,6 @@ async fn compare_totals(settings: &Settings, repair: bool) -> anyhow::Result<Exi
         format!("{amount} from {entries} {noun}")
     };
     for m in &mismatches {
-        // A monthly total is named by its month, as the monthly export does.
-        let bucket = if m.table == "monthly" {
-            m.bucket.format("%Y-%m").to_string()
-        } else {
-            m.bucket.to_string()
-        };
         let stored = m
             .actual
             .map_or_else(|| "nothing".to_owned(), |v| amount(&m.resource, v));
@@ -166,12 +160,7 @@ async fn compare_totals(settings: &Settings, repair: bool) -> anyhow::Result<Exi
             (true, Some(_)) => "; rewritten",
             (true, None) => "; removed",
         };
-        outln!(
-            "{} total of {} / {} / {bucket}: stored {stored}, ledger {ledger}{done}",
-            m.table,
-            m.account,
-            m.resource,
-        )?;
+        outln!("{}: stored {stored}, ledger {ledger}{done}", m.name())?;
     }
     let totals = match mismatches.len() {
         1 => "1 total".to_owned(),

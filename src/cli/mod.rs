@@ -27,6 +27,7 @@ use clap::{Parser, Subcommand};
 
 use crate::app::{self, Application, Settings};
 use crate::domain::entry::DEFAULT_LATE_HORIZON_DAYS;
+use crate::store::{Store, StoreError};
 
 /// The help heading of the options every command takes, so that a
 /// command's own flags stand apart from them in its `--help`.
@@ -163,6 +164,64 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `error`, and when it is a sum past 64 bits of minor units, the totals
+/// past them named first: a report over many totals fails for one of them,
+/// and the database's overflow error does not say which.
+pub(crate) async fn naming_totals_past_64_bits(store: &dyn Store, error: anyhow::Error) -> anyhow::Error {
+    if !error.chain().any(is_overflow) {
+        return error;
+    }
+    match store.totals_past_64_bits().await {
+        Ok(totals) if !totals.is_empty() => {
+            const NAMED: usize = 10;
+            let mut names = totals
+                .iter()
+                .take(NAMED)
+                .map(|total| format!("the {total}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            if totals.len() > NAMED {
+                names.push_str(&format!(" and {} more", totals.len() - NAMED));
+            }
+            let count = match totals.len() {
+                1 => "a total is".to_owned(),
+                n => format!("{n} totals are"),
+            };
+            error.context(format!("{count} past 64 bits of minor units: {names}"))
+        }
+        // The sum that passed them is not a stored total (a sum over
+        // accounts, say), or they could not be read: the error as it is.
+        _ => error,
+    }
+}
+
+/// Whether `cause` is a [`StoreError::Overflow`], itself or inside the
+/// errors that wrap a store error transparently (their `source` skips it).
+fn is_overflow(cause: &(dyn std::error::Error + 'static)) -> bool {
+    use crate::export::ExportError;
+    use crate::store::StreamError;
+    use crate::usage::admin::StatsError;
+    fn in_export(e: &ExportError) -> Option<&StoreError> {
+        match e {
+            ExportError::Store(e) | ExportError::Lines(StreamError::Store(e)) => Some(e),
+            _ => None,
+        }
+    }
+    let store = cause
+        .downcast_ref::<StoreError>()
+        .or_else(|| cause.downcast_ref::<ExportError>().and_then(in_export))
+        .or_else(|| match cause.downcast_ref::<StreamError>() {
+            Some(StreamError::Store(e)) => Some(e),
+            _ => None,
+        })
+        .or_else(|| match cause.downcast_ref::<StatsError>() {
+            Some(StatsError::Store(e)) => Some(e),
+            Some(StatsError::Invoices(e)) => in_export(e),
+            _ => None,
+        });
+    matches!(store, Some(StoreError::Overflow(_)))
 }
 
 /// A resource `--resource` names: declared, or dropped from the catalog with

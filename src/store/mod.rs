@@ -335,6 +335,11 @@ pub trait Store: Send + Sync + 'static {
     /// totals rewritten. The ledger is not touched.
     async fn repair_totals(&self) -> Result<Vec<TotalMismatch>, StoreError>;
 
+    /// The daily and monthly totals whose amount is past 64 bits of minor
+    /// units, which every read that needs them refuses: to name them in that
+    /// refusal (the database's overflow error names none).
+    async fn totals_past_64_bits(&self) -> Result<Vec<TotalName>, StoreError>;
+
     /// Takes the lock that keeps two runs of a job apart across processes
     /// (PostgreSQL advisory lock; SQLite needs none beyond its single writer).
     /// `None` when another process holds it.
@@ -831,6 +836,41 @@ impl TotalMismatch {
         } else {
             Granularity::Day
         }
+    }
+
+    /// Which total it is.
+    pub fn name(&self) -> TotalName {
+        TotalName {
+            granularity: self.granularity(),
+            account: self.account.clone(),
+            resource: self.resource.clone(),
+            bucket: self.bucket,
+        }
+    }
+}
+
+/// One daily or monthly total, by its key; displayed as an operator reads it
+/// ("the daily total of acme / api_requests / 2026-04-01", a month as
+/// `2026-04`, as the monthly export names it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TotalName {
+    /// Daily or monthly.
+    pub granularity: Granularity,
+    /// Account.
+    pub account: String,
+    /// Resource.
+    pub resource: String,
+    /// The bucket's first day.
+    pub bucket: NaiveDate,
+}
+
+impl std::fmt::Display for TotalName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (table, bucket) = match self.granularity {
+            Granularity::Day => ("daily", self.bucket.to_string()),
+            Granularity::Month => ("monthly", self.bucket.format("%Y-%m").to_string()),
+        };
+        write!(f, "{table} total of {} / {} / {bucket}", self.account, self.resource)
     }
 }
 

@@ -26,7 +26,7 @@ use sqlx::{FromRow, PgPool, Postgres, QueryBuilder};
 use super::settled::{Settled, SettledSums, bounds};
 use super::{
     Backend, BeforeCommit, CheckInputs, ConsumeDecider, ConsumeResult, ConsumeRules, CsvSink, DecidedConsume,
-    ExportFilter, JobLock, NewApiKey, OpenError, Store, StoreError, StreamError, TotalMismatch, TotalRow,
+    ExportFilter, JobLock, NewApiKey, OpenError, Store, StoreError, StreamError, TotalMismatch, TotalName, TotalRow,
     VerifiedTotal, diff_totals, natural_key, replay, resolve_outcomes, totals_sql,
 };
 use crate::domain::{
@@ -985,6 +985,33 @@ impl Store for PgStore {
         }
         tx.commit().await?;
         Ok(mismatches)
+    }
+
+    async fn totals_past_64_bits(&self) -> Result<Vec<TotalName>, StoreError> {
+        // Totals are NUMERIC (migration 0011): compare with BIGINT's range.
+        let rows: Vec<(String, String, String, NaiveDate)> = sqlx::query_as(
+            "SELECT 'day', account, resource, day FROM daily_totals
+              WHERE amount NOT BETWEEN -9223372036854775808 AND 9223372036854775807
+             UNION ALL
+             SELECT 'month', account, resource, month FROM monthly_totals
+              WHERE amount NOT BETWEEN -9223372036854775808 AND 9223372036854775807
+             ORDER BY 1, 2, 3, 4",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(table, account, resource, bucket)| TotalName {
+                granularity: if table == "day" {
+                    Granularity::Day
+                } else {
+                    Granularity::Month
+                },
+                account,
+                resource,
+                bucket,
+            })
+            .collect())
     }
 
     async fn try_job_lock(&self, job: &str) -> Result<Option<JobLock>, StoreError> {

@@ -26,7 +26,8 @@ use sqlx::{Connection as _, FromRow, QueryBuilder, Sqlite, SqlitePool};
 use super::settled::{Settled, SettledSums, bounds};
 use super::{
     Backend, BeforeCommit, ConsumeDecider, ConsumeResult, CsvSink, ExportFilter, JobLock, NewApiKey, OpenError, Store,
-    StoreError, StreamError, TotalMismatch, TotalRow, diff_totals, natural_key, replay, resolve_outcomes, totals_sql,
+    StoreError, StreamError, TotalMismatch, TotalName, TotalRow, diff_totals, natural_key, replay, resolve_outcomes,
+    totals_sql,
 };
 use crate::domain::catalog::{Enforcement, Window};
 use crate::domain::period::{Granularity, start_of};
@@ -809,6 +810,45 @@ impl Store for SqliteStore {
         }
         tx.commit().await?;
         Ok(mismatches)
+    }
+
+    async fn totals_past_64_bits(&self) -> Result<Vec<TotalName>, StoreError> {
+        // Only a total held in parts can be past 64 bits (migration 0011);
+        // such totals are few, so their parts are added here, in 128 bits.
+        let mut tx = self.reader.begin().await?;
+        let mut past = Vec::new();
+        for granularity in [Granularity::Day, Granularity::Month] {
+            let (table, column, _) = shape(granularity);
+            let parts: Vec<(String, String, String, i64)> = sqlx::query_as(&format!(
+                "SELECT account, resource, {column}, amount FROM {table}
+                  WHERE (account, resource, {column}) IN
+                        (SELECT account, resource, {column} FROM {table}
+                          GROUP BY account, resource, {column} HAVING COUNT(*) > 1)
+                  ORDER BY account, resource, {column}"
+            ))
+            .fetch_all(&mut *tx)
+            .await?;
+            let mut totals: Vec<((String, String, String), i128)> = Vec::new();
+            for (account, resource, bucket, amount) in parts {
+                let key = (account, resource, bucket);
+                match totals.last_mut() {
+                    Some((last, sum)) if *last == key => *sum += i128::from(amount),
+                    _ => totals.push((key, i128::from(amount))),
+                }
+            }
+            for ((account, resource, bucket), sum) in totals {
+                if i64::try_from(sum).is_err() {
+                    past.push(TotalName {
+                        granularity,
+                        account,
+                        resource,
+                        bucket: parse_date(&bucket)?,
+                    });
+                }
+            }
+        }
+        tx.rollback().await?;
+        Ok(past)
     }
 
     async fn try_job_lock(&self, _job: &str) -> Result<Option<JobLock>, StoreError> {

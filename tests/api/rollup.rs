@@ -350,6 +350,23 @@ async fn a_total_past_64_bits_fails_its_own_reads_and_holds_back_no_one_else(app
         );
     }
     let month = &at[..7];
+    // The commands that read many totals name those past 64 bits (the
+    // database's own overflow error names none).
+    for command in [
+        &["stats", "--period", month][..],
+        &["export", "invoice", "--period", month],
+        &["top", "--resource", "agent_minutes", "--period", month],
+    ] {
+        let failed = app.cli(command);
+        assert!(!failed.status.success(), "{command:?}");
+        let said = String::from_utf8_lossy(&failed.stderr);
+        assert!(
+            said.contains("4 totals are past 64 bits of minor units: ")
+                && said.contains(&format!("the daily total of orca / agent_minutes / {}", &at[..10]))
+                && said.contains(&format!("the monthly total of whale / agent_minutes / {month}")),
+            "{command:?}: {said}"
+        );
+    }
     let stats = app.get(&format!("/v1/admin/stats?period={month}")).await;
     assert_eq!(
         (stats.status, stats.code()),
