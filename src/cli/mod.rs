@@ -137,7 +137,20 @@ impl Cli {
 
 /// Parses the command line, runs it and maps the outcome to an exit code.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|error| {
+        let from_environment = environment_source(&error);
+        // Prints to stderr (or stdout for --help and --version) and exits
+        // with clap's code; the note goes first, so print by hand.
+        if let Some(variable) = from_environment {
+            let _ = error.print();
+            eprintln!(
+                "note: that value came from the environment variable {variable}, not from the command line; \
+                 correct or unset {variable}"
+            );
+            std::process::exit(error.exit_code());
+        }
+        error.exit()
+    });
     crate::telemetry::init_tracing();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -164,6 +177,42 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The environment variable a refused value came from, when it did: clap
+/// names the flag (`invalid value '7600' for '--listen <LISTEN>'`) though
+/// the command line may not hold it, which sends a reader of a cron or
+/// systemd log looking for a flag nobody typed.
+fn environment_source(error: &clap::Error) -> Option<String> {
+    use clap::CommandFactory as _;
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if !matches!(error.kind(), ErrorKind::InvalidValue | ErrorKind::ValueValidation) {
+        return None;
+    }
+    let Some(ContextValue::String(arg)) = error.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    let long = arg.split_whitespace().next()?.strip_prefix("--")?;
+    let typed = std::env::args_os()
+        .skip(1)
+        .filter_map(|a| a.into_string().ok())
+        .any(|a| a == format!("--{long}") || a.starts_with(&format!("--{long}=")));
+    if typed {
+        return None;
+    }
+    let command = Cli::command();
+    let mut commands = vec![&command];
+    while let Some(command) = commands.pop() {
+        commands.extend(command.get_subcommands());
+        let env = command
+            .get_arguments()
+            .find(|a| a.get_long() == Some(long))
+            .and_then(|a| a.get_env());
+        if let Some(variable) = env.filter(|variable| std::env::var_os(variable).is_some()) {
+            return Some(variable.to_string_lossy().into_owned());
+        }
+    }
+    None
 }
 
 /// `error`, and when it is a sum past 64 bits of minor units, the totals

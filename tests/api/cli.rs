@@ -1110,3 +1110,34 @@ async fn on_sqlite_a_reader_in_another_process_does_not_hold_up_a_command_at_its
     sqlx::query("COMMIT").execute(&mut reader).await.unwrap();
     reader.close().await.unwrap();
 }
+
+/// clap names the flag a refused value belongs to; when the value came from
+/// the environment (a systemd unit, a cron line) the error says so, or the
+/// reader looks for a flag nobody typed.
+#[test]
+fn a_refused_value_from_the_environment_names_its_variable() {
+    let serve = |args: &[&str], listen: Option<&str>| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_tally"));
+        command.arg("serve").args(args).env_remove("TALLY_LISTEN");
+        if let Some(listen) = listen {
+            command.env("TALLY_LISTEN", listen);
+        }
+        command.output().unwrap()
+    };
+    let from_environment = serve(&[], Some("7600"));
+    assert_eq!(from_environment.status.code(), Some(2));
+    let said = text(&from_environment.stderr);
+    assert!(said.contains("\"7600\" has no host"), "{said}");
+    assert!(
+        said.contains("note: that value came from the environment variable TALLY_LISTEN, not from the command line"),
+        "{said}"
+    );
+    // Typed on the command line (it wins over the variable): no such note.
+    for listen in [None, Some("127.0.0.1:7600")] {
+        let typed = serve(&["--listen", "7600"], listen);
+        assert_eq!(typed.status.code(), Some(2));
+        let said = text(&typed.stderr);
+        assert!(said.contains("\"7600\" has no host"), "{said}");
+        assert!(!said.contains("environment variable"), "{said}");
+    }
+}
