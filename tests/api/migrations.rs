@@ -41,6 +41,25 @@ async fn a_database_migrated_by_a_newer_tally_is_refused_naming_the_way_out(app:
     }
 }
 
+/// A new login role (`prefix_N`) that may only SELECT Tally's tables: its
+/// name, the test database's URL with it as the user, and a connection of
+/// the database's owner.
+async fn select_only_role(app: &TestApp, prefix: &str) -> (String, String, sqlx::PgConnection) {
+    let role = format!("{prefix}_{}", rand::random::<u32>());
+    let mut owner = sqlx::PgConnection::connect(&app.database_url).await.unwrap();
+    for statement in [
+        format!("CREATE ROLE {role} LOGIN"),
+        format!("GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}"),
+        // PostgreSQL 14 and older grant CREATE on public to everyone.
+        format!("REVOKE CREATE ON SCHEMA public FROM PUBLIC, {role}"),
+    ] {
+        sqlx::raw_sql(&statement).execute(&mut owner).await.unwrap();
+    }
+    let url = app.database_url.replacen("tally@", &format!("{role}@"), 1);
+    assert_ne!(url, app.database_url);
+    (role, url, owner)
+}
+
 /// A reporting role with SELECT only, then the same role with
 /// `default_transaction_read_only = on`: every migration is applied, so
 /// opening the database writes nothing (no lock, no `CREATE TABLE IF NOT
@@ -67,18 +86,7 @@ async fn on_postgres_a_select_only_role_exports_verifies_and_reads_usage() {
     assert_eq!(posted.status, 200, "{posted:?}");
     app.rollup().await;
 
-    let role = format!("reporter_{}", rand::random::<u32>());
-    let mut owner = sqlx::PgConnection::connect(&app.database_url).await.unwrap();
-    for statement in [
-        format!("CREATE ROLE {role} LOGIN"),
-        format!("GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}"),
-        // PostgreSQL 14 and older grant CREATE on public to everyone.
-        format!("REVOKE CREATE ON SCHEMA public FROM PUBLIC, {role}"),
-    ] {
-        sqlx::raw_sql(&statement).execute(&mut owner).await.unwrap();
-    }
-    let url = app.database_url.replacen("tally@", &format!("{role}@"), 1);
-    assert_ne!(url, app.database_url);
+    let (role, url, mut owner) = select_only_role(&app, "reporter").await;
     let tomorrow = crate::helpers::days_ago(-1);
     let run = |args: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
@@ -129,17 +137,11 @@ async fn on_postgres_serve_starts_read_only_when_keys_exist_and_says_why_it_cann
     let Some(app) = TestApp::spawn(Backend::Postgres).await else {
         return;
     };
-    let role = format!("standby_{}", rand::random::<u32>());
-    let mut owner = sqlx::PgConnection::connect(&app.database_url).await.unwrap();
-    for statement in [
-        format!("CREATE ROLE {role} LOGIN"),
-        format!("GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}"),
-        format!("ALTER ROLE {role} SET default_transaction_read_only = on"),
-    ] {
-        sqlx::raw_sql(&statement).execute(&mut owner).await.unwrap();
-    }
-    let url = app.database_url.replacen("tally@", &format!("{role}@"), 1);
-    assert_ne!(url, app.database_url);
+    let (role, url, mut owner) = select_only_role(&app, "standby").await;
+    sqlx::raw_sql(&format!("ALTER ROLE {role} SET default_transaction_read_only = on"))
+        .execute(&mut owner)
+        .await
+        .unwrap();
 
     let mut refused = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
         .args(["serve", "--listen", "127.0.0.1:0", "--no-jobs"])
