@@ -139,8 +139,8 @@ impl Cli {
 pub fn main() -> ExitCode {
     let cli = Cli::try_parse().unwrap_or_else(|error| {
         let from_environment = environment_source(&error);
-        // Prints to stderr (or stdout for --help and --version) and exits
-        // with clap's code; the note goes first, so print by hand.
+        // `error.exit()` would end the process before the note could follow
+        // clap's message: print, note and exit with clap's code by hand.
         if let Some(variable) = from_environment {
             let _ = error.print();
             eprintln!(
