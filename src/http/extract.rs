@@ -12,12 +12,14 @@ use super::error::ApiError;
 /// The most bytes a request body may have.
 pub const MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
 
-/// How much more of a body past [`MAX_BODY_BYTES`] is read and dropped before
-/// the 413, and for how long at most. A client that did not ask to wait
-/// (`Expect: 100-continue`) is still sending when the limit is reached;
-/// closing on its unread bytes resets the connection, and it sees a broken
-/// pipe instead of the 413. Past these, the connection is closed all the same.
-const DRAIN_BYTES: usize = 16 * 1024 * 1024;
+/// How much of a body past [`MAX_BODY_BYTES`] is read, all told, and
+/// dropped before the 413, and for how long at most. A client that did not
+/// ask to wait (`Expect: 100-continue`) is still sending when the limit is
+/// reached; closing on its unread bytes resets the connection, and it sees a
+/// broken pipe instead of the 413. Past these, the connection is closed all
+/// the same.
+const REFUSED_BODY_BYTES: usize = 32 * 1024 * 1024;
+/// How long a refused body is read at most (see [`REFUSED_BODY_BYTES`]).
 const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A request body as raw bytes, with 413 past [`MAX_BODY_BYTES`] and 400 on a
@@ -45,11 +47,19 @@ impl<S: Send + Sync> FromRequest<S> for Body {
             return Err(ApiError::PayloadTooLarge(too_large_message(&path)));
         }
         let mut stream = req.into_body().into_data_stream();
-        let mut body = Vec::with_capacity(announced.unwrap_or(0).min(MAX_BODY_BYTES));
+        if announced.is_some_and(|bytes| bytes > MAX_BODY_BYTES) {
+            drain(stream, 0).await;
+            return Err(ApiError::PayloadTooLarge(too_large_message(&path)));
+        }
+        // Sized by what the client announces, but not reserved on its word
+        // alone: a head is cheap to send, 10 MiB is not cheap to hold.
+        let mut body = Vec::with_capacity(announced.unwrap_or(0).min(64 * 1024));
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| ApiError::MalformedBody(format!("could not read the request body: {e}")))?;
             if body.len() + chunk.len() > MAX_BODY_BYTES {
-                drain(stream).await;
+                let read = body.len() + chunk.len();
+                drop(body);
+                drain(stream, read).await;
                 return Err(ApiError::PayloadTooLarge(too_large_message(&path)));
             }
             body.extend_from_slice(&chunk);
@@ -58,11 +68,11 @@ impl<S: Send + Sync> FromRequest<S> for Body {
     }
 }
 
-/// Reads and drops what is left of a refused body, up to [`DRAIN_BYTES`]
-/// and [`DRAIN_TIME`].
-async fn drain(mut rest: impl futures_util::Stream<Item = Result<Bytes, axum::Error>> + Unpin) {
-    let mut left = DRAIN_BYTES;
-    let read = async {
+/// Reads and drops what is left of a refused body of which `read` bytes
+/// were read, up to [`REFUSED_BODY_BYTES`] in all and [`DRAIN_TIME`].
+async fn drain(mut rest: impl futures_util::Stream<Item = Result<Bytes, axum::Error>> + Unpin, read: usize) {
+    let mut left = REFUSED_BODY_BYTES.saturating_sub(read);
+    let reading = async {
         while let Some(Ok(chunk)) = rest.next().await {
             match left.checked_sub(chunk.len()) {
                 Some(still) => left = still,
@@ -71,7 +81,7 @@ async fn drain(mut rest: impl futures_util::Stream<Item = Result<Bytes, axum::Er
         }
     };
     // Whatever stopped it, the 413 goes out next.
-    let _ = tokio::time::timeout(DRAIN_TIME, read).await;
+    let _ = tokio::time::timeout(DRAIN_TIME, reading).await;
 }
 
 /// The 413 for a body over [`MAX_BODY_BYTES`] sent to `path`: what to do

@@ -14,7 +14,6 @@ pub mod timeseries;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::DefaultBodyLimit;
 use axum::{Router, middleware};
 use chrono::Duration;
 use tokio::net::TcpListener;
@@ -64,7 +63,8 @@ impl AppState {
     }
 }
 
-/// All routes, with the body limit and request tracing.
+/// All routes, with request tracing. (Bodies are limited where they are
+/// read, by `extract::Body`, which every route that takes one uses.)
 pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(entries::router())
@@ -80,7 +80,6 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             operations::count_requests,
         ))
-        .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))
         .layer(
             TraceLayer::new_for_http()
                 // At info, under this crate's name, so the default filter
