@@ -34,7 +34,8 @@ pub struct Settings {
     pub jobs: Option<PathBuf>,
     /// Where report jobs write.
     pub reports_dir: PathBuf,
-    /// How long `serve` waits for requests in flight once asked to stop.
+    /// How long `serve` waits, from the signal, for the requests and the job
+    /// run in flight once asked to stop.
     pub shutdown_grace: std::time::Duration,
     /// The stores opened with these settings (and their clones), for
     /// [`OpenedStores::close_all`] on the way out.

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use chrono::NaiveDate;
 
+use super::ReadScope;
 use crate::app::Settings;
 use crate::domain::AccountId;
 use crate::domain::entry::parse_instant_or_date;
@@ -187,7 +188,21 @@ pub async fn run(settings: &Settings, command: ExportCommand) -> anyhow::Result<
     let rows = tokio::select! {
         rows = export => match rows {
             Ok(rows) => rows,
-            Err(e) => return Err(super::naming_totals_past_64_bits(store.as_ref(), e.into()).await),
+            Err(e) => {
+                let scope = match &command {
+                    ExportCommand::Entries(r) | ExportCommand::Daily(r) | ExportCommand::Monthly(r) => ReadScope {
+                        from: r.from,
+                        to: r.to,
+                        account: output.account.as_deref(),
+                        resource: r.resource.as_deref(),
+                    },
+                    ExportCommand::Invoice(i) => ReadScope {
+                        account: output.account.as_deref(),
+                        ..ReadScope::month(i.period)
+                    },
+                };
+                return Err(super::naming_totals_past_64_bits(store.as_ref(), &scope, e.into()).await);
+            }
         },
         () = stop => {
             drop(out);
@@ -225,9 +240,13 @@ pub async fn run(settings: &Settings, command: ExportCommand) -> anyhow::Result<
 /// `tally stats`.
 pub async fn stats(settings: &Settings, args: StatsArgs) -> anyhow::Result<ExitCode> {
     let (store, catalog) = settings.open_existing_store().await?;
-    let stats = match admin::stats(store.as_ref(), &catalog, month_or_this_one(args.period)).await {
+    let month = month_or_this_one(args.period);
+    let stats = match admin::stats(store.as_ref(), &catalog, month).await {
         Ok(stats) => stats,
-        Err(e) => return Err(super::naming_totals_past_64_bits(store.as_ref(), e.into()).await),
+        Err(e) => {
+            let scope = ReadScope::month(month);
+            return Err(super::naming_totals_past_64_bits(store.as_ref(), &scope, e.into()).await);
+        }
     };
     outln!("{}", serde_json::to_string_pretty(&stats)?)?;
     Ok(ExitCode::SUCCESS)
@@ -240,7 +259,13 @@ pub async fn top(settings: &Settings, args: TopArgs) -> anyhow::Result<ExitCode>
     let month = month_or_this_one(args.period);
     let top = match admin::top(store.as_ref(), &catalog, &resource, month, usize::from(args.limit)).await {
         Ok(top) => top,
-        Err(e) => return Err(super::naming_totals_past_64_bits(store.as_ref(), e.into()).await),
+        Err(e) => {
+            let scope = ReadScope {
+                resource: Some(resource.as_str()),
+                ..ReadScope::month(month)
+            };
+            return Err(super::naming_totals_past_64_bits(store.as_ref(), &scope, e.into()).await);
+        }
     };
     outln!("{}", serde_json::to_string_pretty(&top)?)?;
     Ok(ExitCode::SUCCESS)

@@ -55,7 +55,18 @@ pub async fn run(settings: &Settings, command: KeysCommand) -> anyhow::Result<Ex
                     key.role.as_str().to_owned(),
                     key.prefix,
                     key.account.map_or_else(|| "-".to_owned(), |a| a.as_str().to_owned()),
-                    key.name.unwrap_or_else(|| "-".to_owned()),
+                    // Escaped: a name stored before control characters
+                    // were refused (or by hand) must not split its row.
+                    key.name.map_or_else(
+                        || "-".to_owned(),
+                        |name| {
+                            if name.chars().any(char::is_control) {
+                                name.escape_debug().to_string()
+                            } else {
+                                name
+                            }
+                        },
+                    ),
                     time(key.created_at),
                     key.revoked_at.map_or_else(|| "-".to_owned(), time),
                 ]);

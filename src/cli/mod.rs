@@ -27,7 +27,9 @@ use clap::{Parser, Subcommand};
 
 use crate::app::{self, Application, Settings};
 use crate::domain::entry::DEFAULT_LATE_HORIZON_DAYS;
-use crate::store::{Store, StoreError};
+use crate::domain::period::Granularity;
+use crate::store::{Store, StoreError, TotalName};
+use chrono::NaiveDate;
 
 /// The help heading of the options every command takes, so that a
 /// command's own flags stand apart from them in its `--help`.
@@ -67,7 +69,8 @@ pub enum Command {
         /// Address to listen on: IP:PORT or HOST:PORT.
         #[arg(long, env = "TALLY_LISTEN", default_value = app::DEFAULT_LISTEN, value_parser = app::parse_listen)]
         listen: SocketAddr,
-        /// Seconds to finish requests in flight after Ctrl-C or SIGTERM, then stop without them.
+        /// Seconds, from Ctrl-C or SIGTERM, to finish the requests and the job run in flight, then
+        /// stop without them (closing the database connections takes up to 5 s more).
         // Negative numbers reach the parser, which names the problem, instead
         // of clap taking "-1" for an unknown flag.
         #[arg(long, env = "TALLY_SHUTDOWN_GRACE", default_value_t = app::DEFAULT_SHUTDOWN_GRACE_SECONDS,
@@ -163,7 +166,11 @@ pub fn main() -> ExitCode {
     // inside `block_on`: a worker also drives the I/O, so a streaming command
     // (an export reading a socket) is not woken across threads for every
     // message the database sends.
-    match runtime.block_on(async { tokio::spawn(run(cli)).await }) {
+    let outcome = runtime.block_on(async { tokio::spawn(run(cli)).await });
+    // Dropping the runtime would wait without end for a blocking task still
+    // running (a report export left at shutdown, say): its work is over.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match outcome {
         Ok(Ok(code)) => code,
         // A reader that stopped reading (`tally export … | head`) is not an
         // error of ours: stop quietly, as the classic tools do on SIGPIPE.
@@ -215,14 +222,61 @@ fn environment_source(error: &clap::Error) -> Option<String> {
     None
 }
 
-/// `error`, and when it is a sum past 64 bits of minor units, the totals
-/// past them named first: a report over many totals fails for one of them,
-/// and the database's overflow error does not say which.
-pub(crate) async fn naming_totals_past_64_bits(store: &dyn Store, error: anyhow::Error) -> anyhow::Error {
+/// The totals a report reads: buckets from `from` (inclusive) to `to`
+/// (exclusive), of one account and one resource when given.
+pub(crate) struct ReadScope<'a> {
+    /// The first day read.
+    pub from: NaiveDate,
+    /// The day after the last day read.
+    pub to: NaiveDate,
+    /// The one account read, if only one.
+    pub account: Option<&'a str>,
+    /// The one resource read, if only one.
+    pub resource: Option<&'a str>,
+}
+
+impl ReadScope<'_> {
+    /// Every total of the month starting `month`.
+    pub(crate) fn month(month: NaiveDate) -> Self {
+        ReadScope {
+            from: month,
+            to: Granularity::Month.next(month),
+            account: None,
+            resource: None,
+        }
+    }
+
+    /// Whether the report reads `total`.
+    fn holds(&self, total: &TotalName) -> bool {
+        // A monthly total is read when any of its days is.
+        let first = match total.granularity {
+            Granularity::Day => self.from,
+            Granularity::Month => Granularity::Month.bucket_of(self.from),
+        };
+        (first..self.to).contains(&total.bucket)
+            && self.account.is_none_or(|account| account == total.account)
+            && self.resource.is_none_or(|resource| resource == total.resource)
+    }
+}
+
+/// `error`, and when it is a sum past 64 bits of minor units, the totals in
+/// `scope` past them named first: a report over many totals fails for one
+/// of them, and the database's overflow error does not say which.
+pub(crate) async fn naming_totals_past_64_bits(
+    store: &dyn Store,
+    scope: &ReadScope<'_>,
+    error: anyhow::Error,
+) -> anyhow::Error {
     if !error.chain().any(is_overflow) {
         return error;
     }
-    match store.totals_past_64_bits().await {
+    let totals = store.totals_past_64_bits().await.map(|totals| {
+        totals
+            .into_iter()
+            .filter(|total| scope.holds(total))
+            .collect::<Vec<_>>()
+    });
+    match totals {
         Ok(totals) if !totals.is_empty() => {
             const NAMED: usize = 10;
             let mut names = totals
@@ -421,9 +475,39 @@ async fn serve(settings: Settings, with_jobs: bool) -> anyhow::Result<ExitCode> 
 
 #[cfg(test)]
 mod tests {
+    use chrono::NaiveDate;
     use clap::Parser as _;
 
-    use super::Cli;
+    use super::{Cli, Granularity, ReadScope, TotalName};
+
+    /// A report is told only of the totals past 64 bits it reads, not of
+    /// every such total in the database.
+    #[test]
+    fn a_read_scope_holds_the_totals_a_report_reads() {
+        let day = |d: &str| d.parse::<NaiveDate>().unwrap();
+        let total = |granularity, account: &str, resource: &str, bucket: &str| TotalName {
+            granularity,
+            account: account.to_owned(),
+            resource: resource.to_owned(),
+            bucket: day(bucket),
+        };
+        let november = ReadScope::month(day("2026-11-01"));
+        assert!(november.holds(&total(Granularity::Day, "a", "r", "2026-11-30")));
+        assert!(november.holds(&total(Granularity::Month, "a", "r", "2026-11-01")));
+        assert!(!november.holds(&total(Granularity::Day, "a", "r", "2026-12-01")));
+        assert!(!november.holds(&total(Granularity::Month, "a", "r", "2026-10-01")));
+        // A daily export from the 15th reads November's monthly total's days.
+        let from_the_15th = ReadScope {
+            from: day("2026-11-15"),
+            to: day("2026-11-20"),
+            account: Some("a"),
+            resource: Some("r"),
+        };
+        assert!(from_the_15th.holds(&total(Granularity::Month, "a", "r", "2026-11-01")));
+        assert!(!from_the_15th.holds(&total(Granularity::Day, "a", "r", "2026-11-14")));
+        assert!(!from_the_15th.holds(&total(Granularity::Day, "b", "r", "2026-11-16")));
+        assert!(!from_the_15th.holds(&total(Granularity::Day, "a", "s", "2026-11-16")));
+    }
 
     #[test]
     fn a_negative_shutdown_grace_is_named_as_such_not_taken_for_a_flag() {

@@ -75,7 +75,7 @@ pub enum ApiError {
     #[error(
         "a transaction that has written to Tally's database (any table: PostgreSQL does not say which) has \
          been open for more than a few seconds, and this page of the ledger would have to wait for it to \
-         end; retry shortly (the server's log names its backend pid)"
+         end; retry shortly (the server's log names that transaction)"
     )]
     Busy(#[source] StoreError),
     /// 500: a total the answer needs is past 64 bits of minor units (valid

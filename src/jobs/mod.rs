@@ -544,11 +544,17 @@ impl Scheduler {
         if let Err(e) = self.scheduler.shutdown().await {
             tracing::warn!(error = %e, "job scheduler did not shut down cleanly: {e}");
         }
+        // Asked after the scheduler stopped, so no tick can start a run
+        // meanwhile (nor be turned away by this look at the guards).
         let running = self.runner.running();
+        let names = if running.is_empty() {
+            "a run that began as the scheduler stopped".to_owned()
+        } else {
+            running.join(", ")
+        };
         let drain = self.runner.drain();
         tokio::pin!(drain);
         if !running.is_empty() {
-            let names = running.join(", ");
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             tracing::info!(
                 jobs = %names,
@@ -560,7 +566,6 @@ impl Scheduler {
             tracing::info!("jobs stopped");
             return;
         }
-        let names = running.join(", ");
         tracing::warn!(
             jobs = %names,
             "stopping without the job run in flight ({names}): it did not end within --shutdown-grace (the \

@@ -984,6 +984,8 @@ impl Store for PgStore {
             .await?;
         }
         tx.commit().await?;
+        // Sums this process read from a total just rewritten are stale.
+        self.forget_settled_sums();
         Ok(mismatches)
     }
 

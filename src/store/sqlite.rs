@@ -809,6 +809,8 @@ impl Store for SqliteStore {
             }
         }
         tx.commit().await?;
+        // Sums this process read from a total just rewritten are stale.
+        self.forget_settled_sums();
         Ok(mismatches)
     }
 

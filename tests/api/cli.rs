@@ -580,6 +580,19 @@ async fn keys_list_keeps_its_columns_in_line_and_a_name_on_one_line(app: TestApp
             "the created column starts at {created} on every line:\n{listing}"
         );
     }
+    // A name stored by hand with a newline is shown escaped, on its line.
+    let newline = match app.backend {
+        Backend::Sqlite => "char(10)",
+        Backend::Postgres => "chr(10)",
+    };
+    app.execute_raw(&format!(
+        "UPDATE api_keys SET name = 'by' || {newline} || 'hand' WHERE name = 'ci'"
+    ))
+    .await
+    .unwrap();
+    let listing = text(&app.cli(&["keys", "list"]).stdout);
+    assert_eq!(listing.lines().count(), 3, "{listing}");
+    assert!(listing.contains("by\\nhand"), "{listing}");
 }
 
 async fn keys_revoke_makes_the_key_401_from_then_on(app: TestApp) {

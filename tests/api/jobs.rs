@@ -500,8 +500,10 @@ async fn on_postgres_a_shutdown_leaves_a_rollup_run_that_outlasts_the_grace() {
     let status = serve.wait_for_exit(std::time::Duration::from_secs(20)).await;
     let took = asked.elapsed();
     assert!(status.success(), "{status:?}:\n{}", serve.stderr());
+    // The grace (2 s), then up to 5 s for the pool to close while the left
+    // run still holds a connection, and room for a busy machine.
     assert!(
-        took < std::time::Duration::from_secs(8),
+        took < std::time::Duration::from_secs(12),
         "stopped {took:?} after SIGTERM with a grace of 2 s:\n{}",
         serve.stderr()
     );

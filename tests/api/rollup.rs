@@ -254,7 +254,10 @@ async fn verify_repair_rewrites_each_differing_total_to_what_the_ledger_says(app
         assert!(stdout.contains(line), "{line}\nnot in\n{stdout}");
     }
     assert!(
-        stderr.contains("5 totals rewritten to what the ledger says. Restart the `serve` processes"),
+        stderr.contains(
+            "5 totals put right from the ledger (rewritten, or removed where it has no folded entry). Restart the \
+             `serve` processes"
+        ),
         "{stderr}"
     );
     assert!(app.store.verify_totals().await.unwrap().is_empty());

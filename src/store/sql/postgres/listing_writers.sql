@@ -3,9 +3,9 @@
 -- each holds an exclusive lock on its own id from its first write. pg_locks
 -- shows every session's locks to every role, where pg_stat_activity hides
 -- most of other roles' sessions. Prepared transactions hold their locks with
--- no backend (pid NULL). Left out: the rollup, known by its advisory lock
--- ($1, a bigint key shown as two 32-bit halves), which writes totals, never
--- ledger rows. Not left out: a session running VACUUM or ANALYZE (ANALYZE may
+-- no backend (pid NULL). Left out: the rollup and `tally verify --repair`,
+-- known by the rollup's advisory lock ($1, a bigint key shown as two 32-bit
+-- halves), which write totals, never ledger rows. Not left out: a session running VACUUM or ANALYZE (ANALYZE may
 -- follow an insert in the same transaction; autovacuum holds a transaction
 -- id only for moments).
 SELECT l.transactionid::text AS xid, l.pid
