@@ -1682,10 +1682,17 @@ async fn fetch_with_outcome(
     Ok(Some((row, response)))
 }
 
-/// Parses a stored 'YYYY-MM-DD' bucket.
+/// Parses a stored 'YYYY-MM-DD' bucket, exactly so: chrono also reads
+/// '2026-4-2', which no comparison of the stored text would find again.
 fn parse_date(text: &str) -> Result<NaiveDate, StoreError> {
-    text.parse()
-        .map_err(|_| StoreError::Unexpected(format!("the database holds a malformed date {text:?}")))
+    text.parse::<NaiveDate>()
+        .ok()
+        .filter(|date| date.format("%Y-%m-%d").to_string() == text)
+        .ok_or_else(|| {
+            StoreError::Unexpected(format!(
+                "the database holds a malformed date {text:?} (days are stored as YYYY-MM-DD)"
+            ))
+        })
 }
 
 #[cfg(test)]

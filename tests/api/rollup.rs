@@ -203,6 +203,23 @@ async fn a_corrupted_total_makes_verify_fail(app: TestApp) {
             .await;
         assert!(edit.is_err(), "{bad}: {edit:?}");
     }
+    // SQLite keeps a day as text: one written by hand without its zeros is
+    // named, not read as another day (a repair, deleting by the canonical
+    // text, would otherwise leave it in place and call it rewritten).
+    if app.backend == Backend::Sqlite {
+        app.execute_raw("UPDATE daily_totals SET day = '2026-4-2' WHERE day = '2026-04-02'")
+            .await
+            .unwrap();
+        for args in [&["verify"][..], &["verify", "--repair"]] {
+            let failed = app.cli(args);
+            assert_eq!(failed.status.code(), Some(2), "{args:?}");
+            let said = String::from_utf8_lossy(&failed.stderr);
+            assert!(
+                said.contains("the database holds a malformed date \"2026-4-2\"") && said.contains("YYYY-MM-DD"),
+                "{said}"
+            );
+        }
+    }
 }
 
 /// The largest agent_minutes entry, in minor units (hundredths): 93 of them
