@@ -267,7 +267,7 @@ pub(crate) async fn naming_totals_past_64_bits(
     scope: &ReadScope<'_>,
     error: anyhow::Error,
 ) -> anyhow::Error {
-    if !error.chain().any(is_overflow) {
+    if !error.chain().any(is_sum_past_64_bits) {
         return error;
     }
     let totals = store.totals_past_64_bits().await.map(|totals| {
@@ -302,7 +302,7 @@ pub(crate) async fn naming_totals_past_64_bits(
 
 /// Whether `cause` is a [`StoreError::Overflow`], itself or inside the
 /// errors that wrap a store error transparently (their `source` skips it).
-fn is_overflow(cause: &(dyn std::error::Error + 'static)) -> bool {
+fn is_sum_past_64_bits(cause: &(dyn std::error::Error + 'static)) -> bool {
     use crate::export::ExportError;
     use crate::store::StreamError;
     use crate::usage::admin::StatsError;
