@@ -300,31 +300,10 @@ pub(crate) async fn naming_totals_past_64_bits(
     }
 }
 
-/// Whether `cause` is a [`StoreError::Overflow`], itself or inside the
-/// errors that wrap a store error transparently (their `source` skips it).
+/// Whether `cause` is a [`StoreError::Overflow`]. The errors that wrap a
+/// store error name it as their `source`, so a chain walk meets it.
 fn is_sum_past_64_bits(cause: &(dyn std::error::Error + 'static)) -> bool {
-    use crate::export::ExportError;
-    use crate::store::StreamError;
-    use crate::usage::admin::StatsError;
-    fn in_export(e: &ExportError) -> Option<&StoreError> {
-        match e {
-            ExportError::Store(e) | ExportError::Lines(StreamError::Store(e)) => Some(e),
-            _ => None,
-        }
-    }
-    let store = cause
-        .downcast_ref::<StoreError>()
-        .or_else(|| cause.downcast_ref::<ExportError>().and_then(in_export))
-        .or_else(|| match cause.downcast_ref::<StreamError>() {
-            Some(StreamError::Store(e)) => Some(e),
-            _ => None,
-        })
-        .or_else(|| match cause.downcast_ref::<StatsError>() {
-            Some(StatsError::Store(e)) => Some(e),
-            Some(StatsError::Invoices(e)) => in_export(e),
-            _ => None,
-        });
-    matches!(store, Some(StoreError::Overflow(_)))
+    matches!(cause.downcast_ref::<StoreError>(), Some(StoreError::Overflow(_)))
 }
 
 /// A resource `--resource` names: declared, or dropped from the catalog with

@@ -21,10 +21,10 @@ use crate::store::StoreError;
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
     /// Reading the database failed.
-    #[error(transparent)]
+    #[error("{0}")]
     Store(#[from] StoreError),
     /// The store's part of an export (its CSV lines) failed.
-    #[error(transparent)]
+    #[error("{0}")]
     Lines(#[from] crate::store::StreamError),
     /// An invoice period that is not a month (its first day).
     #[error("an invoice period is a month; got {0}")]

@@ -124,10 +124,10 @@ pub enum JobError {
         known: String,
     },
     /// The store failed (taking the job lock, or the rollup).
-    #[error(transparent)]
+    #[error("{0}")]
     Store(#[from] StoreError),
     /// The monthly reports failed.
-    #[error(transparent)]
+    #[error("{0}")]
     Reports(#[from] reports::ReportsError),
     /// The job scheduler cannot be created.
     #[error("cannot create the job scheduler")]

@@ -81,7 +81,7 @@ pub enum ReportsError {
         source: std::io::Error,
     },
     /// Writing a report failed.
-    #[error(transparent)]
+    #[error("{0}")]
     Export(#[from] ExportError),
 }
 

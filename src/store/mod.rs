@@ -508,7 +508,7 @@ pub fn already_reversed(entry: &str) -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
     /// Reading the database failed.
-    #[error(transparent)]
+    #[error("{0}")]
     Store(#[from] StoreError),
     /// Reading the database through the exports' own SQLite connection failed.
     #[error("database error")]

@@ -28,10 +28,10 @@ pub fn this_month(now: chrono::DateTime<chrono::Utc>) -> NaiveDate {
 #[derive(Debug, thiserror::Error)]
 pub enum StatsError {
     /// Reading the totals failed.
-    #[error(transparent)]
+    #[error("{0}")]
     Store(#[from] StoreError),
     /// Computing the month's invoices failed.
-    #[error(transparent)]
+    #[error("{0}")]
     Invoices(#[from] ExportError),
     /// An invoice came without its plan line (a bug).
     #[error("the invoice of '{0}' has no plan line")]

@@ -308,7 +308,7 @@ pub enum ConsumeError {
         used: String,
     },
     /// The store failed.
-    #[error(transparent)]
+    #[error("{0}")]
     Store(#[from] StoreError),
 }
 

@@ -35,7 +35,7 @@ pub enum SeriesError {
     },
     /// The store failed, or a bucket's sum left the 64-bit range
     /// ([`StoreError::Overflow`], as every other read reports it).
-    #[error(transparent)]
+    #[error("{0}")]
     Store(#[from] StoreError),
 }
 
