@@ -1,7 +1,7 @@
 //! `tally import FILE.csv`: bulk-load entries in the entries export format,
 //! through the same validation and insert path as the HTTP API.
 
-use std::collections::HashMap;
+use std::collections::{BinaryHeap, HashMap};
 use std::fs::File;
 use std::io::Read;
 use std::path::PathBuf;
@@ -39,14 +39,55 @@ pub struct ImportSummary {
     pub created: usize,
     /// Rows whose key was already there with the same content.
     pub duplicates: usize,
-    /// (line, reason) of each row refused.
-    pub rejected: Vec<(u64, String)>,
+    /// The rows refused.
+    pub rejected: RejectedRows,
     /// Whether the header was read, so that rows were looked at.
     pub header_read: bool,
     /// (line, what to check) of rows that may not be what the file
     /// meant: a line break outside metadata, the mark of a double quote left
     /// open, which takes the rows after it into one field.
     pub notes: Vec<(u64, String)>,
+}
+
+/// The rows an import refused: each one counted, the first
+/// [`RejectedRows::LISTED`] by line kept with their reasons. The wrong file
+/// can be millions of bad rows; holding every reason would take memory in
+/// proportion and print millions of lines, where the first ones already
+/// show what is wrong.
+#[derive(Debug, Default)]
+pub struct RejectedRows {
+    /// Every row refused, listed or not.
+    count: usize,
+    /// (line, reason) of the lowest lines refused so far; a max-heap, so
+    /// that the highest line is the one dropped when a lower one comes in
+    /// (row-by-row retries refuse lines out of order).
+    first: BinaryHeap<(u64, String)>,
+}
+
+impl RejectedRows {
+    /// How many refused rows are listed with their reasons.
+    pub const LISTED: usize = 1_000;
+
+    /// Counts the row of `line` as refused for `reason`.
+    pub fn push(&mut self, line: u64, reason: String) {
+        self.count += 1;
+        if self.first.len() < Self::LISTED {
+            self.first.push((line, reason));
+        } else if self.first.peek().is_some_and(|(highest, _)| line < *highest) {
+            self.first.pop();
+            self.first.push((line, reason));
+        }
+    }
+
+    /// Every row refused.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Whether no row was refused.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
 }
 
 /// Line breaks in `text`, as an editor counts them (CRLF is one).
@@ -318,10 +359,17 @@ fn print_summary(file: &std::path::Path, summary: &mut ImportSummary) {
         summary.duplicates,
         summary.rejected.len()
     );
-    // Row-by-row retries report their lines after the lines rejected later.
-    summary.rejected.sort_by_key(|(line, _)| *line);
-    for (line, reason) in &summary.rejected {
+    let listed = std::mem::take(&mut summary.rejected.first).into_sorted_vec();
+    for (line, reason) in &listed {
         eprintln!("  line {line}: {reason}");
+    }
+    if summary.rejected.len() > listed.len() {
+        eprintln!(
+            "  … and {} more rejected rows, not listed (the first {} by line are); mend those and import \
+             the file again: the rows created come back as duplicates",
+            summary.rejected.len() - listed.len(),
+            listed.len()
+        );
     }
     for (line, check) in &summary.notes {
         eprintln!("  line {line}: note: {check}");
@@ -383,7 +431,7 @@ async fn import_file(settings: &Settings, args: &ImportArgs, summary: &mut Impor
             Err(e) => {
                 let line = line_at(&line_ends, e.position());
                 let last = last_line_at(&line_ends, reader.position());
-                summary.rejected.push((line, unreadable_row(&e, line, last)));
+                summary.rejected.push(line, unreadable_row(&e, line, last));
                 continue;
             }
         }
@@ -416,7 +464,7 @@ async fn import_file(settings: &Settings, args: &ImportArgs, summary: &mut Impor
             Err(e) => {
                 summary
                     .rejected
-                    .push((line, format!("metadata is not JSON: {e} of the field")));
+                    .push(line, format!("metadata is not JSON: {e} of the field"));
                 continue;
             }
         };
@@ -433,7 +481,7 @@ async fn import_file(settings: &Settings, args: &ImportArgs, summary: &mut Impor
         let reverses = match field("reverses").map(str::parse::<i64>).transpose() {
             Ok(r) => r,
             Err(_) => {
-                summary.rejected.push((line, "reverses is not an entry id".into()));
+                summary.rejected.push(line, "reverses is not an entry id".into());
                 continue;
             }
         };
@@ -441,7 +489,7 @@ async fn import_file(settings: &Settings, args: &ImportArgs, summary: &mut Impor
             Ok(entry) => entry,
             Err(errors) => {
                 let reasons: Vec<String> = errors.iter().map(|e| format!("{}: {}", e.field, e.message)).collect();
-                summary.rejected.push((line, reasons.join("; ")));
+                summary.rejected.push(line, reasons.join("; "));
                 continue;
             }
         };
@@ -453,13 +501,13 @@ async fn import_file(settings: &Settings, args: &ImportArgs, summary: &mut Impor
             // Only a target imported from this file: a raw id from another ledger
             // would point at an unrelated row here and take its one reversal.
             let Some(&mapped) = id_map.get(&target) else {
-                summary.rejected.push((
+                summary.rejected.push(
                     line,
                     format!(
                         "reverses {target}, which is not an entry imported from this file before this line; \
                          a reversal must come after the entry it reverses (sort the file by id)"
                     ),
-                ));
+                );
                 continue;
             };
             // The same rules as the API's reversal: the opposite of an entry
@@ -471,17 +519,17 @@ async fn import_file(settings: &Settings, args: &ImportArgs, summary: &mut Impor
                 // reversal_of's words name ledger ids; the reader of this
                 // report knows the file's.
                 Err(_) if original.reverses.is_some() => {
-                    summary.rejected.push((
+                    summary.rejected.push(
                         line,
                         format!(
                             "reverses {target}, which is itself a reversal; a reversal cannot be reversed: \
                              post a new entry instead"
                         ),
-                    ));
+                    );
                     continue;
                 }
                 Err(refused) => {
-                    summary.rejected.push((line, refused.to_string()));
+                    summary.rejected.push(line, refused.to_string());
                     continue;
                 }
             };
@@ -493,7 +541,7 @@ async fn import_file(settings: &Settings, args: &ImportArgs, summary: &mut Impor
                     expected.occurred_at,
                 )
             {
-                summary.rejected.push((
+                summary.rejected.push(
                     line,
                     format!(
                         "reverses {target}, but a reversal of it is {} {} {} at {}; this row has {} {} {} at {}",
@@ -508,7 +556,7 @@ async fn import_file(settings: &Settings, args: &ImportArgs, summary: &mut Impor
                         entry.amount,
                         entry.occurred_at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
                     ),
-                ));
+                );
                 continue;
             }
             entry.reverses = Some(mapped);
@@ -554,19 +602,17 @@ async fn flush(
                     Err(StoreError::Unavailable(e)) => {
                         return Err(e).context("the database became unavailable during the import");
                     }
-                    Err(StoreError::Internal(e)) => summary
-                        .rejected
-                        .push((row.line, format!("refused by the database: {e}"))),
+                    Err(StoreError::Internal(e)) => {
+                        summary.rejected.push(row.line, format!("refused by the database: {e}"))
+                    }
                     // The store names ledger ids; the reader of this report knows the file's.
                     Err(StoreError::AlreadyReversed(ledger_id)) => {
                         let named = row
                             .reverses_in_file
                             .map_or_else(|| format!("entry {ledger_id}"), |id| format!("id {id}"));
-                        summary
-                            .rejected
-                            .push((row.line, crate::store::already_reversed(&named)));
+                        summary.rejected.push(row.line, crate::store::already_reversed(&named));
                     }
-                    Err(e) => summary.rejected.push((row.line, e.to_string())),
+                    Err(e) => summary.rejected.push(row.line, e.to_string()),
                 }
             }
         }

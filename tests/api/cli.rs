@@ -14,6 +14,7 @@ both!(
     import_follows_reversals_to_their_new_ids,
     import_refuses_a_header_with_an_unknown_or_repeated_column_and_writes_nothing,
     import_reports_rejected_lines_in_file_order_by_line_not_batch_position,
+    import_lists_the_first_thousand_rejected_lines_and_counts_the_rest,
     import_names_the_files_own_lines_with_crlf_endings_blank_lines_and_quoted_newlines,
     import_reads_a_pipe_once_and_loads_every_row,
     import_counts_lone_cr_line_ends_and_notes_a_double_quote_left_open,
@@ -197,6 +198,35 @@ async fn import_reports_rejected_lines_in_file_order_by_line_not_batch_position(
     assert!(rejected[1].trim_start().starts_with("line 4: resource"), "{stderr}");
     assert!(
         rejected[2].contains("line 5: reverses 9") && rejected[2].contains("sort the file by id"),
+        "{stderr}"
+    );
+    assert_eq!(app.count_entries().await, 1);
+}
+
+/// The wrong file can be millions of bad rows: the first 1 000 by line are
+/// listed (a key conflict found when the batch is written, after the rows
+/// below it, still comes first) and the rest only counted.
+async fn import_lists_the_first_thousand_rejected_lines_and_counts_the_rest(app: TestApp) {
+    let at = (chrono::Utc::now() - chrono::Duration::days(1)).to_rfc3339();
+    let mut rows = format!("1,acme,api_requests,1,{at},,g,,,\n2,acme,api_requests,2,{at},,g,,,\n");
+    for id in 3..=1502 {
+        rows.push_str(&format!("{id},acme,tokens,1,{at},,t{id},,,\n"));
+    }
+    let (_dir, file) = entries_csv(&rows);
+    let output = app.cli(&["import", file.to_str().unwrap()]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("1 created, 0 duplicate, 1501 rejected"), "{stderr}");
+    let listed: Vec<&str> = stderr.lines().filter(|l| l.trim_start().starts_with("line ")).collect();
+    assert_eq!(listed.len(), 1_000, "{stderr}");
+    assert!(
+        listed[0].trim_start().starts_with("line 3: idempotency_key 'g'"),
+        "{stderr}"
+    );
+    assert!(listed[1].trim_start().starts_with("line 4: resource"), "{stderr}");
+    assert!(listed[999].trim_start().starts_with("line 1002: resource"), "{stderr}");
+    assert!(
+        stderr.contains("… and 501 more rejected rows, not listed (the first 1000 by line are)"),
         "{stderr}"
     );
     assert_eq!(app.count_entries().await, 1);
