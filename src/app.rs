@@ -8,6 +8,7 @@ use anyhow::Context;
 use chrono::Duration;
 
 use crate::domain::entry::DEFAULT_LATE_HORIZON_DAYS;
+use crate::domain::plan::{DefaultPlanChange, from_the_start};
 use crate::domain::{Catalog, KeySecret, Role};
 use crate::http::{AppState, Server};
 use crate::store::{self, NewApiKey, Store};
@@ -182,8 +183,27 @@ impl Settings {
         self.open_store().await
     }
 
-    /// Opens the database and runs its migrations.
+    /// Opens the database and runs its migrations, warning when the
+    /// catalog's `default_plan` is not the one `serve` recorded there.
     pub async fn open_store(&self) -> anyhow::Result<(Arc<dyn Store>, Arc<Catalog>)> {
+        let (store, catalog) = self.open_and_migrate().await?;
+        warn_if_default_plan_differs(store.as_ref(), &catalog).await;
+        Ok((store, catalog))
+    }
+
+    /// [`Settings::open_store`] for `serve` and `migrate`, whose catalog is
+    /// the deployment's: a new `default_plan` is recorded, the accounts
+    /// already known keeping the previous one ([`Store::record_default_plan`]).
+    /// Other commands only compare, so that a command run by hand without
+    /// the server's catalog cannot re-plan accounts.
+    pub async fn open_store_recording_default_plan(&self) -> anyhow::Result<(Arc<dyn Store>, Arc<Catalog>)> {
+        let (store, catalog) = self.open_and_migrate().await?;
+        record_default_plan(store.as_ref(), &catalog).await;
+        Ok((store, catalog))
+    }
+
+    /// Opens the database and runs its migrations.
+    async fn open_and_migrate(&self) -> anyhow::Result<(Arc<dyn Store>, Arc<Catalog>)> {
         let catalog = Arc::new(self.load_catalog()?);
         let store = store::connect(&self.database_url, catalog.clone())
             .await
@@ -197,6 +217,70 @@ impl Settings {
         self.opened.add(store.clone());
         store.migrate().await?;
         Ok((store, catalog))
+    }
+}
+
+/// Warns when the catalog's `default_plan` is not the one recorded by the
+/// last `serve` or `migrate`: accounts on the default are answered here as
+/// on this catalog's, which is most likely not the server's catalog.
+async fn warn_if_default_plan_differs(store: &dyn Store, catalog: &Catalog) {
+    match store.recorded_default_plan().await {
+        Ok(Some(recorded)) if recorded != catalog.default_plan => tracing::warn!(
+            default_plan = %catalog.default_plan,
+            recorded = %recorded,
+            "this catalog's default_plan is '{}', but the database's is '{recorded}' (recorded by the last `serve` \
+             or `migrate`): accounts without a plan of their own are answered here as on '{}'. Run with the \
+             server's catalog (--plans or TALLY_PLANS); a new default takes effect when `serve` or `migrate` \
+             opens the database with it",
+            catalog.default_plan,
+            catalog.default_plan
+        ),
+        Ok(_) => {}
+        Err(error) => tracing::warn!(
+            error = %crate::telemetry::cause_chain(&error),
+            "cannot read the database's default plan to compare it with the catalog's: {}",
+            crate::telemetry::cause_chain(&error)
+        ),
+    }
+}
+
+/// Records the catalog's `default_plan` in the database and says what a
+/// change of it did ([`Store::record_default_plan`]). A database that
+/// cannot take the record (read-only) still opens, with a warning: its
+/// accounts without a plan are then on the new default, their past too.
+async fn record_default_plan(store: &dyn Store, catalog: &Catalog) {
+    match store.record_default_plan(catalog).await {
+        Ok(None) => {}
+        Ok(Some(DefaultPlanChange {
+            from,
+            to,
+            kept: Some(kept),
+        })) => tracing::warn!(
+            from = %from,
+            to = %to,
+            kept,
+            "default_plan changed from '{from}' to '{to}': accounts new from now on get '{to}'; the {kept} \
+             account(s) already on '{from}' by default stay on it (assigned it from {}; `tally accounts \
+             set-plan ACCOUNT PLAN` moves one)",
+            from_the_start().format("%Y-%m-%d")
+        ),
+        Ok(Some(DefaultPlanChange { from, to, kept: None })) => tracing::warn!(
+            from = %from,
+            to = %to,
+            "default_plan changed from '{from}' to '{to}', and '{from}' is no longer in the catalog: the \
+             accounts that were on it by default are on '{to}' now, their past included (invoices and \
+             checks of past months too)"
+        ),
+        Err(error) => tracing::warn!(
+            default_plan = %catalog.default_plan,
+            error = %crate::telemetry::cause_chain(&error),
+            "cannot record the catalog's default_plan '{}' in the database ({}): if it differs from the \
+             default before, accounts without a plan are on '{}' in this process, their past included, until \
+             a process that can write the database opens it with this catalog",
+            catalog.default_plan,
+            crate::telemetry::cause_chain(&error),
+            catalog.default_plan
+        ),
     }
 }
 
@@ -273,7 +357,7 @@ pub struct Application {
 impl Application {
     /// Opens the store, runs migrations and binds the listener.
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
-        let (store, catalog) = settings.open_store().await?;
+        let (store, catalog) = settings.open_store_recording_default_plan().await?;
         warn_about_missing_plans(store.as_ref(), &catalog).await;
         let state = AppState::new(
             store,

@@ -19,6 +19,28 @@ pub struct PlanAssignment {
     pub created_at: DateTime<Utc>,
 }
 
+/// What opening a database did about a change of the catalog's
+/// `default_plan` since the default recorded there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DefaultPlanChange {
+    /// The default recorded before.
+    pub from: String,
+    /// The catalog's default, recorded now.
+    pub to: String,
+    /// How many accounts already known were assigned `from` from the
+    /// start, to stay on it; `None` when `from` is no longer in the catalog,
+    /// so that they could not stay on it and now have `to`, their past
+    /// included.
+    pub kept: Option<u64>,
+}
+
+/// When the accounts known at a change of the default plan are assigned the
+/// previous default: the start of Unix time, before any entry, so that no
+/// instant of theirs is left on the new default.
+pub fn from_the_start() -> DateTime<Utc> {
+    DateTime::UNIX_EPOCH
+}
+
 /// A per-account limit that beats the plan's until it expires.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Override {

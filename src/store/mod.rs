@@ -17,7 +17,7 @@ use futures_util::stream::BoxStream;
 
 use crate::domain::catalog::{Enforcement, Window};
 use crate::domain::period::Granularity;
-use crate::domain::plan::{Override, OverrideChange, Period, PlanAssignment};
+use crate::domain::plan::{DefaultPlanChange, Override, OverrideChange, Period, PlanAssignment};
 use crate::domain::{
     AccountId, Amount, ApiKey, Catalog, Entry, EntryFilter, IdempotencyKey, InsertOutcome, InsertStatus, NewEntry,
     ResourceName, Role,
@@ -212,6 +212,10 @@ fn is_overflow(db: &dyn sqlx::error::DatabaseError) -> bool {
     db.code().as_deref() == Some("22003") || db.message() == "integer overflow"
 }
 
+/// The default plan last recorded ([`Store::recorded_default_plan`]), on
+/// either engine.
+pub(crate) const LAST_DEFAULT_PLAN: &str = "SELECT plan FROM default_plans ORDER BY id DESC LIMIT 1";
+
 /// The ledger and everything around it, on one database.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -352,6 +356,20 @@ pub trait Store: Send + Sync + 'static {
         plan: &str,
         effective_at: DateTime<Utc>,
     ) -> Result<PlanAssignment, StoreError>;
+
+    /// The default plan last recorded by [`Store::record_default_plan`];
+    /// `None` before the first record.
+    async fn recorded_default_plan(&self) -> Result<Option<String>, StoreError>;
+
+    /// Records `catalog.default_plan` as the default in force, when it is
+    /// not already the one last recorded. When it replaces another, every
+    /// account already known that is on the default at some instant is
+    /// assigned the previous default from the start (while the catalog
+    /// still has it), in the same transaction: "new accounts get
+    /// default_plan", and the months already billed stay as they were.
+    /// Writes nothing when the default is unchanged (a read-only database
+    /// opens as before); `None` then, and on the first record.
+    async fn record_default_plan(&self, catalog: &Catalog) -> Result<Option<DefaultPlanChange>, StoreError>;
 
     /// Every plan assignment of an account, by `effective_at` then creation.
     async fn plan_history(&self, account: &AccountId) -> Result<Vec<PlanAssignment>, StoreError>;

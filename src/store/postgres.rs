@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use crate::domain::catalog::{Enforcement, Window};
 use crate::domain::period::{Granularity, start_of};
-use crate::domain::plan::{Override, OverrideChange, Period, PlanAssignment};
+use crate::domain::plan::{DefaultPlanChange, Override, OverrideChange, Period, PlanAssignment, from_the_start};
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
 use futures_util::StreamExt;
@@ -1056,6 +1056,57 @@ impl Store for PgStore {
             effective_at,
             created_at,
         })
+    }
+
+    async fn recorded_default_plan(&self) -> Result<Option<String>, StoreError> {
+        Ok(sqlx::query_scalar(super::LAST_DEFAULT_PLAN)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    async fn record_default_plan(&self, catalog: &Catalog) -> Result<Option<DefaultPlanChange>, StoreError> {
+        let default = catalog.default_plan.as_str();
+        // Looked at first without a lock: on every open but the one after a
+        // change this is all, and it needs no write access.
+        if self.recorded_default_plan().await?.as_deref() == Some(default) {
+            return Ok(None);
+        }
+        let mut tx = self.pool.begin().await?;
+        // Self-exclusive: two processes opening with a new default record
+        // (and assign) once; posts and consumes are not held up.
+        sqlx::query("LOCK TABLE default_plans IN SHARE ROW EXCLUSIVE MODE")
+            .execute(&mut *tx)
+            .await?;
+        let last: Option<String> = sqlx::query_scalar(super::LAST_DEFAULT_PLAN)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let change = match last {
+            Some(last) if last == default => return Ok(None),
+            None => None,
+            Some(previous) => {
+                let kept = if catalog.plans.contains_key(&previous) {
+                    let assigned = sqlx::query(include_str!("sql/postgres/keep_the_previous_default_plan.sql"))
+                        .bind(&previous)
+                        .bind(from_the_start())
+                        .execute(&mut *tx)
+                        .await?;
+                    Some(assigned.rows_affected())
+                } else {
+                    None
+                };
+                Some(DefaultPlanChange {
+                    from: previous,
+                    to: default.to_owned(),
+                    kept,
+                })
+            }
+        };
+        sqlx::query("INSERT INTO default_plans (plan, recorded_at) VALUES ($1, now())")
+            .bind(default)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(change)
     }
 
     async fn plan_history(&self, account: &AccountId) -> Result<Vec<PlanAssignment>, StoreError> {

@@ -31,7 +31,7 @@ use super::{
 };
 use crate::domain::catalog::{Enforcement, Window};
 use crate::domain::period::{Granularity, start_of};
-use crate::domain::plan::{Override, OverrideChange, Period, PlanAssignment};
+use crate::domain::plan::{DefaultPlanChange, Override, OverrideChange, Period, PlanAssignment, from_the_start};
 use crate::domain::{
     AccountId, Amount, ApiKey, Catalog, Entry, EntryFilter, IdempotencyKey, InsertOutcome, NewEntry, ResourceName, Role,
 };
@@ -877,6 +877,56 @@ impl Store for SqliteStore {
             effective_at,
             created_at: now,
         })
+    }
+
+    async fn recorded_default_plan(&self) -> Result<Option<String>, StoreError> {
+        Ok(sqlx::query_scalar(super::LAST_DEFAULT_PLAN)
+            .fetch_optional(&self.reader)
+            .await?)
+    }
+
+    async fn record_default_plan(&self, catalog: &Catalog) -> Result<Option<DefaultPlanChange>, StoreError> {
+        let default = catalog.default_plan.as_str();
+        // Looked at first without a lock: on every open but the one after a
+        // change this is all, and it needs no write access.
+        if self.recorded_default_plan().await?.as_deref() == Some(default) {
+            return Ok(None);
+        }
+        // BEGIN IMMEDIATE: the write lock before the second look, so two
+        // processes opening with a new default record (and assign) once.
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let last: Option<String> = sqlx::query_scalar(super::LAST_DEFAULT_PLAN)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let change = match last {
+            Some(last) if last == default => return Ok(None),
+            None => None,
+            Some(previous) => {
+                let kept = if catalog.plans.contains_key(&previous) {
+                    let assigned = sqlx::query(include_str!("sql/sqlite/keep_the_previous_default_plan.sql"))
+                        .bind(&previous)
+                        .bind(to_micros(from_the_start()))
+                        .bind(to_micros(Utc::now().trunc_subsecs(6)))
+                        .execute(&mut *tx)
+                        .await?;
+                    Some(assigned.rows_affected())
+                } else {
+                    None
+                };
+                Some(DefaultPlanChange {
+                    from: previous,
+                    to: default.to_owned(),
+                    kept,
+                })
+            }
+        };
+        sqlx::query("INSERT INTO default_plans (plan, recorded_at) VALUES (?1, ?2)")
+            .bind(default)
+            .bind(to_micros(Utc::now()))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(change)
     }
 
     async fn plan_history(&self, account: &AccountId) -> Result<Vec<PlanAssignment>, StoreError> {

@@ -988,13 +988,7 @@ async fn bad_export_requests_fail_clearly_and_leave_no_file(app: TestApp) {
 
 /// Runs the `tally` binary with a plan catalog file.
 fn cli_with_plans(app: &TestApp, plans: &Path, args: &[&str]) -> String {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(args)
-        .env("TALLY_DATABASE_URL", &app.database_url)
-        .env("TALLY_PLANS", plans)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("tally runs");
+    let output = app.cli_with_plans(plans, args);
     assert!(
         output.status.success(),
         "{args:?}: {}",

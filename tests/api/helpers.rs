@@ -436,6 +436,18 @@ impl TestApp {
 
     /// [`TestApp::cli`] run in the folder `dir`, for what it writes beside itself.
     pub fn cli_in(&self, dir: &Path, args: &[&str]) -> std::process::Output {
+        // The app's own catalog, as an operator runs the CLI beside a server.
+        self.cli_command(dir, self.plans_file.as_ref().map(|f| f.path()), args)
+    }
+
+    /// [`TestApp::cli`] with the plan catalog `plans` instead of the app's.
+    pub fn cli_with_plans(&self, plans: &Path, args: &[&str]) -> std::process::Output {
+        self.cli_command(Path::new("."), Some(plans), args)
+    }
+
+    /// Runs `tally ARGS` in `dir` on this app's database with the catalog
+    /// `plans` (None: the built-in one).
+    fn cli_command(&self, dir: &Path, plans: Option<&Path>, args: &[&str]) -> std::process::Output {
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_tally"));
         command.current_dir(dir);
         command
@@ -443,9 +455,8 @@ impl TestApp {
             .env("TALLY_DATABASE_URL", &self.database_url)
             .env_remove("TALLY_PLANS")
             .env("RUST_LOG", "warn");
-        // The app's own catalog, as an operator runs the CLI beside a server.
-        if let Some(plans) = &self.plans_file {
-            command.env("TALLY_PLANS", plans.path());
+        if let Some(plans) = plans {
+            command.env("TALLY_PLANS", plans);
         }
         command.output().expect("tally runs")
     }

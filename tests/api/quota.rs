@@ -13,6 +13,7 @@ use crate::helpers::{
 };
 
 both!(
+    a_new_default_plan_is_for_new_accounts_while_known_ones_keep_the_previous,
     sixty_four_concurrent_consumers_at_a_hard_limit_of_1000_land_exactly_1000,
     concurrent_consumes_over_several_limits_each_sent_twice_land_each_limit_and_answer_both_copies_alike,
     a_key_consumed_at_once_for_two_resources_records_one_and_refuses_the_other,
@@ -500,6 +501,132 @@ async fn a_total_limit_never_resets_and_deletions_free_room(app: TestApp) {
     let room = consume(&app, "acme", "storage_bytes", &gib.to_string(), "again", None).await;
     assert_eq!(room.status, 200, "{:?}", room.body);
     assert_eq!(room.body["used"], (25 * gib).to_string());
+}
+
+/// A catalog's new `default_plan` is for new accounts: the accounts already
+/// known on the default keep the previous one, their past months (invoices)
+/// and their future, recorded once in their plan history; the same catalog
+/// again changes nothing, and a default no longer in the catalog is said.
+async fn a_new_default_plan_is_for_new_accounts_while_known_ones_keep_the_previous(app: TestApp) {
+    assert_eq!(
+        consume(&app, "acme", "ai_generations", "50", "a", None).await.status,
+        200
+    );
+    let later = iso(Utc::now() + Duration::days(40));
+    let scheduled = app
+        .put_admin(
+            "/v1/accounts/sched/plan",
+            json!({"plan": "scale", "effective_at": later}),
+        )
+        .await;
+    assert_eq!(scheduled.status, 200, "{:?}", scheduled.body);
+    let dir = tempfile::tempdir().unwrap();
+    let builtin = include_str!("../../src/domain/builtin_catalog.toml");
+    let pro_default = dir.path().join("pro-default.toml");
+    std::fs::write(
+        &pro_default,
+        builtin.replace(r#"default_plan = "free""#, r#"default_plan = "pro""#),
+    )
+    .unwrap();
+    // The JSON a command printed (`check` exits 1 for "not allowed").
+    let json = |output: &std::process::Output| -> Value {
+        serde_json::from_slice(&output.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stderr)))
+    };
+
+    let stderr = |output: &std::process::Output| String::from_utf8_lossy(&output.stderr).into_owned();
+
+    // A command run with another catalog than the server's warns and writes nothing.
+    let by_hand = app.cli_with_plans(&pro_default, &["accounts", "show", "acme"]);
+    assert!(
+        stderr(&by_hand).contains("this catalog's default_plan is 'pro', but the database's is 'free'"),
+        "{}",
+        stderr(&by_hand)
+    );
+    assert_eq!(json(&by_hand)["plan_history"], json!([]));
+
+    // `migrate` (or `serve`) with the new catalog records the change.
+    let migrated = app.cli_with_plans(&pro_default, &["migrate"]);
+    assert!(
+        migrated.status.success()
+            && stderr(&migrated).contains("default_plan changed from 'free' to 'pro'")
+            && stderr(&migrated).contains("the 2 account(s) already on 'free' by default stay on it"),
+        "{}",
+        stderr(&migrated)
+    );
+    let acme = json(&app.cli_with_plans(&pro_default, &["accounts", "show", "acme"]));
+    assert_eq!(acme["plan"], "free");
+    assert_eq!(
+        acme["plan_history"],
+        json!([{"plan": "free", "effective_at": "1970-01-01T00:00:00Z", "created_at": acme["plan_history"][0]["created_at"]}])
+    );
+    let full = json(&app.cli_with_plans(&pro_default, &["check", "acme", "ai_generations"]));
+    assert_eq!(
+        (full["plan"].as_str(), full["allowed"].as_bool()),
+        (Some("free"), Some(false))
+    );
+    let sched = json(&app.cli_with_plans(&pro_default, &["check", "sched", "ai_generations"]));
+    assert_eq!(sched["plan"], "free", "on the default until its own change");
+    let newco = json(&app.cli_with_plans(&pro_default, &["check", "newco", "ai_generations"]));
+    assert_eq!(newco["plan"], "pro");
+    let month = &iso(Utc::now())[..7];
+    let invoice = app.cli_with_plans(
+        &pro_default,
+        &["export", "invoice", "--period", month, "--account", "acme"],
+    );
+    assert!(
+        String::from_utf8_lossy(&invoice.stdout).contains("acme,free,plan,"),
+        "{}",
+        String::from_utf8_lossy(&invoice.stdout)
+    );
+
+    // The same catalog again: nothing more is assigned or said.
+    let again = app.cli_with_plans(&pro_default, &["post", "newco", "api_requests", "1"]);
+    assert!(
+        again.status.success() && !stderr(&again).contains("default_plan"),
+        "{}",
+        stderr(&again)
+    );
+    assert_eq!(
+        json(&app.cli_with_plans(&pro_default, &["accounts", "show", "acme"]))["plan_history"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // Back to the built-in catalog: newco, known now, stays on pro.
+    let back = app.cli(&["migrate"]);
+    assert!(
+        stderr(&back).contains("the 1 account(s) already on 'pro' by default stay on it"),
+        "{}",
+        stderr(&back)
+    );
+    assert_eq!(json(&app.cli(&["accounts", "show", "newco"]))["plan"], "pro");
+    assert_eq!(json(&app.cli(&["accounts", "show", "acme"]))["plan"], "free");
+
+    // A default that left the catalog cannot be kept: its accounts move, and that is said.
+    assert!(app.cli(&["post", "late", "api_requests", "1"]).status.success());
+    let renamed = dir.path().join("starter.toml");
+    std::fs::write(
+        &renamed,
+        builtin
+            .replace("\"free\"", "\"starter\"")
+            .replace("plans.free", "plans.starter"),
+    )
+    .unwrap();
+    let moved = app.cli_with_plans(&renamed, &["migrate"]);
+    assert!(
+        stderr(&moved)
+            .contains("default_plan changed from 'free' to 'starter', and 'free' is no longer in the catalog"),
+        "{}",
+        stderr(&moved)
+    );
+    let late = json(&app.cli_with_plans(&renamed, &["accounts", "show", "late"]));
+    assert_eq!(
+        (late["plan"].as_str(), late["plan_history"].as_array().map(Vec::len)),
+        (Some("starter"), Some(0))
+    );
 }
 
 async fn a_plan_change_applies_from_its_effective_instant(app: TestApp) {
