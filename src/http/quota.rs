@@ -16,7 +16,9 @@ use crate::domain::catalog::Window;
 use crate::domain::entry::parse_timestamp;
 use crate::domain::plan::overrides_as_of;
 use crate::domain::{AccountId, Amount, Catalog, EntryInput};
-use crate::usage::quota::{ConsumeError, ConsumeOutcome, QuotaStatus, Quotas, Warning, override_at};
+use crate::usage::quota::{
+    ConsumeError, ConsumeOutcome, QuotaStatus, Quotas, Warning, override_at, whole_seconds_until,
+};
 
 /// The quota routes.
 pub fn router() -> Router<AppState> {
@@ -172,6 +174,34 @@ async fn consume(
                 .is_some(),
                 Err(_) => false,
             };
+            // A consume dated "now" that a scheduled change lets through
+            // is told to come back then, not when the window ends.
+            let sooner = if entry.occurred_at_given {
+                None
+            } else {
+                quotas
+                    .passes_after_a_scheduled_change(
+                        &entry.account,
+                        &entry.resource,
+                        entry.amount,
+                        now,
+                        status.period_end,
+                    )
+                    .await
+                    .unwrap_or_else(|error| {
+                        tracing::warn!(
+                            account = %entry.account,
+                            error = %crate::telemetry::cause_chain(&error),
+                            "cannot look for a scheduled limit change of account '{}': {}",
+                            entry.account,
+                            crate::telemetry::cause_chain(&error)
+                        );
+                        None
+                    })
+            };
+            let retry_after = sooner
+                .as_ref()
+                .map_or(retry_after, |(at, _)| whole_seconds_until(now, *at));
             let set_by = if by_override {
                 format!(
                     "set by an override of account '{}' (on plan '{}')",
@@ -180,7 +210,29 @@ async fn consume(
             } else {
                 format!("on plan '{}'", status.plan)
             };
-            let message = if status.limit.as_deref() == Some("0") {
+            let message = if let Some((at, then)) = &sooner {
+                let change = if then.plan == status.plan {
+                    format!(
+                        "the override of account '{}' for {} expires",
+                        entry.account, entry.resource
+                    )
+                } else {
+                    format!("account '{}' moves to plan '{}'", entry.account, then.plan)
+                };
+                format!(
+                    "{} would exceed the hard {} limit of {} for {} {set_by} ({} used); {change} at {} (in {} s), \
+                     and then it passes ({} limit {})",
+                    entry.amount,
+                    status.window.as_str(),
+                    status.limit.as_deref().unwrap_or("?"),
+                    status.resource,
+                    status.used,
+                    at.to_rfc3339_opts(SecondsFormat::Secs, true),
+                    retry_after.unwrap_or_default(),
+                    then.window.as_str(),
+                    then.limit.as_deref().unwrap_or("unlimited"),
+                )
+            } else if status.limit.as_deref() == Some("0") {
                 // Not a matter of consuming less: nothing of it can pass.
                 not_included(&state.catalog, &entry.account, &status, by_override)
             } else {

@@ -363,6 +363,47 @@ impl Quotas<'_> {
         Ok((status, limit, used))
     }
 
+    /// The first instant after `now` and before `until` (the refused
+    /// window's end; None for a total) at which a scheduled change of
+    /// `account`'s limits on `resource` (a plan assignment that takes
+    /// effect, an override that expires) lets `amount` through, with the
+    /// check at that instant. A consume refused now that is sent again then,
+    /// without `occurred_at`, would pass unless others use the room first:
+    /// its `Retry-After` should not send the caller away until the window
+    /// ends. Reads only on a refusal's path.
+    pub async fn passes_after_a_scheduled_change(
+        &self,
+        account: &AccountId,
+        resource: &ResourceName,
+        amount: Amount,
+        now: DateTime<Utc>,
+        until: Option<DateTime<Utc>>,
+    ) -> Result<Option<(DateTime<Utc>, QuotaStatus)>, StoreError> {
+        // A few instants at most are looked at: each costs a check.
+        const LOOKED_AT: usize = 8;
+        let (plans, override_changes) = self.store.plans_and_override_changes(account).await?;
+        let mut instants: Vec<DateTime<Utc>> = plans
+            .iter()
+            .map(|assignment| assignment.effective_at)
+            .chain(
+                overrides_as_of(&override_changes, now)
+                    .iter()
+                    .filter(|o| &o.resource == resource)
+                    .filter_map(|o| o.expires_at),
+            )
+            .filter(|&at| at > now && until.is_none_or(|end| at < end))
+            .collect();
+        instants.sort();
+        instants.dedup();
+        for at in instants.into_iter().take(LOOKED_AT) {
+            let status = self.check(account, resource, amount, at).await?;
+            if status.allowed {
+                return Ok(Some((at, status)));
+            }
+        }
+        Ok(None)
+    }
+
     /// The window `resource` most likely counts in: the default plan's (most
     /// accounts are on it), else month (a plan that does not list it).
     fn likely_window(&self, resource: &ResourceName) -> Window {
@@ -693,7 +734,13 @@ fn retry_after(limit: &EffectiveLimit, amount: Amount, period: &Period, now: Dat
     if limit.limit.is_some_and(|whole| amount.minor() > whole.minor()) {
         return None;
     }
-    let micros = (period.ends_at()? - now).num_microseconds().unwrap_or(i64::MAX);
+    whole_seconds_until(now, period.ends_at()?)
+}
+
+/// Whole seconds from `now` to `at`, rounded up (a `Retry-After`); None
+/// when `at` is not after `now`.
+pub fn whole_seconds_until(now: DateTime<Utc>, at: DateTime<Utc>) -> Option<u64> {
+    let micros = (at - now).num_microseconds().unwrap_or(i64::MAX);
     u64::try_from(micros)
         .ok()
         .filter(|m| *m > 0)

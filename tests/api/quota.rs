@@ -13,6 +13,7 @@ use crate::helpers::{
 };
 
 both!(
+    a_scheduled_change_that_lets_a_refused_consume_through_sets_its_retry_after,
     a_new_default_plan_is_for_new_accounts_while_known_ones_keep_the_previous,
     sixty_four_concurrent_consumers_at_a_hard_limit_of_1000_land_exactly_1000,
     concurrent_consumes_over_several_limits_each_sent_twice_land_each_limit_and_answer_both_copies_alike,
@@ -422,6 +423,106 @@ async fn month_and_day_windows_end_right_on_leap_days_and_at_the_year_end(app: T
             assert_eq!(fresh.body["used"], "1", "{next_first} {resource}");
         }
     }
+    app.clock.thaw();
+}
+
+/// A refused consume that a scheduled change lets through (an override that
+/// expires, a plan that takes effect) is told to come back then, not when
+/// its window ends weeks later; one dated by the caller, or that the change
+/// does not help, still waits for the window.
+async fn a_scheduled_change_that_lets_a_refused_consume_through_sets_its_retry_after(app: TestApp) {
+    let now = Utc::now().date_naive().and_hms_opt(12, 0, 0).unwrap().and_utc();
+    app.clock.freeze_at(now);
+    let month_end = (now.date_naive().with_day(1).unwrap() + chrono::Months::new(1))
+        .and_hms_opt(0, 0, 0)
+        .unwrap()
+        .and_utc();
+    let to_month_end = u64::try_from((month_end - now).num_seconds()).unwrap();
+
+    // free ai_generations: 50 a month; an override of 2 that expires in 8 s.
+    let set = app
+        .put_admin(
+            "/v1/accounts/oy/overrides/ai_generations",
+            json!({"limit": "2", "expires_at": iso(now + Duration::seconds(8))}),
+        )
+        .await;
+    assert_eq!(set.status, 200, "{:?}", set.body);
+    assert_eq!(
+        consume(&app, "oy", "ai_generations", "2", "oy-1", None).await.status,
+        200
+    );
+    let refused = consume(&app, "oy", "ai_generations", "1", "oy-2", None).await;
+    assert_eq!(
+        (refused.status, retry_after(&refused)),
+        (429, Some(8)),
+        "{:?}",
+        refused.body
+    );
+    let message = refused.body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("the override of account 'oy' for ai_generations expires at")
+            && message.contains("(in 8 s), and then it passes (month limit 50)"),
+        "{message}"
+    );
+    // More than the override's whole limit: no fresh window takes it, the expiry does.
+    let whole = consume(&app, "oy", "ai_generations", "3", "oy-3", None).await;
+    assert_eq!((whole.status, retry_after(&whole)), (429, Some(8)), "{:?}", whole.body);
+    // Dated by the caller: the limit at that instant does not change by waiting.
+    let dated = consume(&app, "oy", "ai_generations", "1", "oy-4", Some(&iso(now))).await;
+    assert_eq!(
+        (dated.status, retry_after(&dated)),
+        (429, Some(to_month_end)),
+        "{:?}",
+        dated.body
+    );
+    app.clock.freeze_at(now + Duration::seconds(8));
+    assert_eq!(
+        consume(&app, "oy", "ai_generations", "1", "oy-2", None).await.status,
+        200
+    );
+
+    // A plan that takes effect in 10 s; one that would not help is passed over.
+    app.clock.freeze_at(now);
+    assert_eq!(
+        consume(&app, "up", "ai_generations", "50", "up-1", None).await.status,
+        200
+    );
+    for (plan, seconds) in [("free", 5), ("pro", 10)] {
+        let scheduled = app
+            .put_admin(
+                "/v1/accounts/up/plan",
+                json!({"plan": plan, "effective_at": iso(now + Duration::seconds(seconds))}),
+            )
+            .await;
+        assert_eq!(scheduled.status, 200, "{:?}", scheduled.body);
+    }
+    let refused = consume(&app, "up", "ai_generations", "1", "up-2", None).await;
+    assert_eq!(
+        (refused.status, retry_after(&refused)),
+        (429, Some(10)),
+        "{:?}",
+        refused.body
+    );
+    let message = refused.body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("account 'up' moves to plan 'pro' at")
+            && message.contains("(in 10 s), and then it passes (month limit unlimited)"),
+        "{message}"
+    );
+    // Nothing scheduled: the window's end, as before.
+    assert_eq!(
+        consume(&app, "flat", "ai_generations", "50", "flat-1", None)
+            .await
+            .status,
+        200
+    );
+    let flat = consume(&app, "flat", "ai_generations", "1", "flat-2", None).await;
+    assert_eq!(
+        (flat.status, retry_after(&flat)),
+        (429, Some(to_month_end)),
+        "{:?}",
+        flat.body
+    );
     app.clock.thaw();
 }
 
