@@ -13,7 +13,7 @@ use crate::domain::plan::{Override, parse_limit};
 use crate::domain::{AccountId, Amount, Catalog, ResourceName};
 use crate::usage::account::account_view;
 use crate::usage::features::feature_at;
-use crate::usage::quota::{QuotaStatus, Quotas};
+use crate::usage::quota::{QuotaStatus, Quotas, check_amount};
 
 /// `tally accounts …`
 #[derive(Debug, clap::Subcommand)]
@@ -297,9 +297,8 @@ async fn check_status(settings: &Settings, args: CheckArgs) -> anyhow::Result<(Q
     let (resource, spec) = catalog.resource(&args.resource)?;
     let amount = match args.amount.as_deref() {
         None => Amount::one(spec.decimals),
-        Some(text) => Amount::parse(text, spec.decimals)?,
+        Some(text) => check_amount(text, resource, spec.decimals).map_err(anyhow::Error::msg)?,
     };
-    anyhow::ensure!(amount.minor() > 0, "amount must be positive");
     let quotas = Quotas {
         store: store.as_ref(),
         catalog: &catalog,

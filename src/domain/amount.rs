@@ -68,6 +68,26 @@ pub enum AmountError {
     Overflow,
 }
 
+impl AmountError {
+    /// This error said of an amount of `resource`, which takes `decimals`
+    /// fractional digits: a precision error names them, since "this
+    /// resource" alone leaves the caller to look them up.
+    pub fn of_resource(&self, resource: &str, decimals: u32) -> String {
+        match self {
+            Self::TooPrecise { amount, found, allowed } => format!(
+                "amount {amount} has {found} significant fractional digit{} (trailing zeros aside); '{resource}' \
+                 takes {allowed}",
+                if *found == 1 { "" } else { "s" }
+            ),
+            Self::TooLargeForPrecision { amount, max, .. } => format!(
+                "amount {amount} is too large for '{resource}', which takes {decimals} fractional digits: its minor \
+                 units must fit 64 bits, so |amount| must be at most {max}"
+            ),
+            _ => self.to_string(),
+        }
+    }
+}
+
 /// An exact, signed amount of a resource: `minor` units of 10^-`decimals`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Amount {

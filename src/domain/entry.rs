@@ -342,15 +342,7 @@ impl EntryInput {
             }
             (Some(raw), Some((name, decimals))) => match amount_text(raw) {
                 Ok(text) => Amount::parse(&text, *decimals)
-                    .map_err(|e| {
-                        let message = match e {
-                            AmountError::TooPrecise { .. } | AmountError::TooLargeForPrecision { .. } => {
-                                format!("{e} ('{name}' takes {decimals} fractional digits)")
-                            }
-                            _ => e.to_string(),
-                        };
-                        fail("amount", "invalid", message);
-                    })
+                    .map_err(|e| fail("amount", "invalid", e.of_resource(name.as_str(), *decimals)))
                     .ok(),
                 Err(m) => {
                     fail("amount", "invalid", m);
@@ -394,7 +386,9 @@ impl EntryInput {
                         "occurred_at",
                         "in_future",
                         format!(
-                            "occurred_at {raw} is more than 5 minutes ahead of the server's clock ({})",
+                            "occurred_at {raw} is more than 5 minutes ahead of the server's clock ({}); send the \
+                             instant the usage happened, from a synchronised clock (NTP), or leave occurred_at out to \
+                             record it at the server's time",
                             rules.now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
                         ),
                     );
@@ -405,7 +399,7 @@ impl EntryInput {
                         "occurred_at",
                         "too_late",
                         format!(
-                            "occurred_at {raw} is older than the late-arrival horizon of {} days; backfill it with `tally import --allow-late`",
+                            "occurred_at {raw} is older than the late-arrival horizon of {} days{BACKFILL}",
                             rules.late_horizon.num_days()
                         ),
                     );
@@ -557,6 +551,10 @@ pub struct EntryFilter {
     /// At most this many rows.
     pub limit: u32,
 }
+
+/// What an entry older than the late-arrival horizon is told to do (a
+/// consume, which the import's backfill would not check, says otherwise).
+pub const BACKFILL: &str = "; backfill it with `tally import --allow-late`";
 
 /// Validates every entry of a batch; all problems are reported together.
 pub fn validate_batch(inputs: Vec<EntryInput>, rules: EntryRules<'_>) -> Result<Vec<NewEntry>, Vec<FieldError>> {

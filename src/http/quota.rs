@@ -13,11 +13,11 @@ use super::extract::{Body, NoQuery, malformed_json, parse_json};
 use super::{AppState, params};
 use crate::domain::amount::{AmountError, JsonDecimalError, json_decimal_text, not_a_decimal};
 use crate::domain::catalog::Window;
-use crate::domain::entry::parse_timestamp;
+use crate::domain::entry::{BACKFILL, parse_timestamp};
 use crate::domain::plan::overrides_as_of;
-use crate::domain::{AccountId, Amount, Catalog, EntryInput};
+use crate::domain::{AccountId, Amount, Catalog, EntryInput, ResourceName};
 use crate::usage::quota::{
-    ConsumeError, ConsumeOutcome, QuotaStatus, Quotas, Warning, override_at, whole_seconds_until,
+    ConsumeError, ConsumeOutcome, QuotaStatus, Quotas, Warning, check_amount, override_at, whole_seconds_until,
 };
 
 /// The quota routes.
@@ -60,7 +60,7 @@ async fn check(
     let decimals = state.catalog.decimals(resource.as_str());
     let amount = match &request.amount {
         None => Amount::one(decimals),
-        Some(raw) => positive_amount(raw, decimals)?,
+        Some(raw) => check_amount_of_json(raw, &resource, decimals)?,
     };
     let at = match request.at.as_deref() {
         None => state.clock.now(),
@@ -73,8 +73,8 @@ async fn check(
     Ok(Json(quotas.check(&account, &resource, amount, at).await?))
 }
 
-/// A check amount: exact, and strictly positive.
-fn positive_amount(raw: &RawValue, decimals: u32) -> Result<Amount, ApiError> {
+/// A check's amount, a JSON string or number ([`check_amount`]).
+fn check_amount_of_json(raw: &RawValue, resource: &ResourceName, decimals: u32) -> Result<Amount, ApiError> {
     let text = match json_decimal_text(raw) {
         Ok(text) => text,
         Err(JsonDecimalError::BadString(e)) => return Err(malformed_json(e)),
@@ -82,17 +82,8 @@ fn positive_amount(raw: &RawValue, decimals: u32) -> Result<Amount, ApiError> {
             return Err(ApiError::invalid("amount", not_a_decimal("amount", raw)));
         }
     };
-    let amount = Amount::parse(&text, decimals).map_err(|e| match e {
-        AmountError::Zero => ApiError::invalid("amount", CHECK_OF_ZERO),
-        e => ApiError::invalid("amount", e.to_string()),
-    })?;
-    positive(amount)
+    check_amount(&text, resource, decimals).map_err(|message| ApiError::invalid("amount", message))
 }
-
-/// A check's answer to an amount of 0 (which the ledger's own "must not be
-/// zero" leaves without a next step).
-const CHECK_OF_ZERO: &str = "amount 0 asks about no usage: a check's amount is the positive amount about to be \
-                             used; leave amount out to check one unit (the default)";
 
 /// A consume's answer to an amount of 0.
 const CONSUME_OF_ZERO: &str = "amount 0 records no usage: a consume takes the positive amount used; to see what \
@@ -135,8 +126,18 @@ async fn consume(
     let entry = input.validate(0, state.entry_rules()).map_err(|mut errors| {
         // An entry's words for 0 ("leave out an entry…") do not fit a consume.
         let zero = AmountError::Zero.to_string();
-        for error in errors.iter_mut().filter(|e| e.field == "amount" && e.message == zero) {
-            error.message = CONSUME_OF_ZERO.to_owned();
+        for error in errors.iter_mut() {
+            if error.field == "amount" && error.message == zero {
+                error.message = CONSUME_OF_ZERO.to_owned();
+            }
+            // A backfill records without checking a limit: not a consume's way.
+            if let Some(reason) = error.message.strip_suffix(BACKFILL) {
+                error.message = format!(
+                    "{reason}: a consume is judged in the window it is dated in, and that far back none is open \
+                     to consumes; date it within the horizon or leave occurred_at out (an operator can still \
+                     record old usage as an entry, unchecked, with `tally import --allow-late`)"
+                );
+            }
         }
         ApiError::from_field_errors(errors)
     })?;

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::rate_limit::{RateDecision, RateLimits};
 use crate::domain::catalog::{Enforcement, Window};
 use crate::domain::plan::{Override, OverrideChange, Period, PlanAssignment, overrides_as_of};
-use crate::domain::{AccountId, Amount, Catalog, NewEntry, ResourceName};
+use crate::domain::{AccountId, Amount, AmountError, Catalog, NewEntry, ResourceName};
 use crate::store::{ConsumeDecider, ConsumeResult, ConsumeRules, DecidedConsume, PlanRule, Store, StoreError};
 
 /// The share of a limit from which usage is a `warning`.
@@ -722,6 +722,26 @@ fn rate_cells(per_minute: u32, amount: Amount) -> Option<(u32, u32)> {
         return None;
     }
     Some((u32::try_from(budget).ok()?, u32::try_from(cells).ok()?))
+}
+
+/// The amount a check asks about, from its text (`POST /v1/quota/check`,
+/// `tally check`): exact, with `resource`'s precision, and strictly
+/// positive; the error says what to send instead.
+pub fn check_amount(text: &str, resource: &ResourceName, decimals: u32) -> Result<Amount, String> {
+    let amount = Amount::parse(text, decimals).map_err(|e| match e {
+        // The ledger's own words for 0 ("leave out an entry…") do not fit a check.
+        AmountError::Zero => "amount 0 asks about no usage: a check's amount is the positive amount about to be \
+                              used; leave amount out to check one unit (the default)"
+            .to_owned(),
+        e => e.of_resource(resource.as_str(), decimals),
+    })?;
+    if amount.minor() < 0 {
+        return Err(format!(
+            "amount {amount} must be positive: a check asks about usage about to happen; a correction or a \
+             deletion is a negative entry (POST /v1/entries, or tally post)"
+        ));
+    }
+    Ok(amount)
 }
 
 /// Whole seconds, rounded up, from `now` to the end of `period`: the

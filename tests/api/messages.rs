@@ -15,6 +15,8 @@ both!(
     a_reused_consume_key_names_each_field_that_differs_and_both_values,
     an_effective_at_or_expires_at_out_of_range_speaks_of_that_field,
     an_amount_of_zero_on_check_or_consume_says_what_to_do_instead,
+    check_amounts_are_refused_alike_over_http_and_on_the_command_line,
+    an_occurred_at_out_of_bounds_says_what_to_send_instead_and_a_consume_is_not_told_to_backfill,
     a_path_that_is_not_utf_8_names_its_part_without_axum_text,
 );
 
@@ -344,6 +346,91 @@ async fn an_amount_of_zero_on_check_or_consume_says_what_to_do_instead(app: Test
             .starts_with("amount 0 records no usage")
     );
     assert_eq!(app.count_entries().await, 0);
+}
+
+/// An `occurred_at` out of bounds says what to send instead; a consume too
+/// far back is not sent to the import's backfill, which checks no limit.
+async fn an_occurred_at_out_of_bounds_says_what_to_send_instead_and_a_consume_is_not_told_to_backfill(app: TestApp) {
+    let old = (chrono::Utc::now() - chrono::Duration::days(40)).to_rfc3339();
+    let ahead = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+    let field_message = |reply: &crate::helpers::Reply| {
+        reply.body["error"]["details"]["errors"][0]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let mut late_consume = consume("acme", "api_requests", json!("1"), "k-old");
+    late_consume["occurred_at"] = json!(old);
+    let refused = app.post("/v1/quota/consume", late_consume).await;
+    assert_eq!(
+        (refused.status, refused.code()),
+        (422, "too_late"),
+        "{:?}",
+        refused.body
+    );
+    let said = field_message(&refused);
+    assert!(
+        said.contains(
+            "is older than the late-arrival horizon of 35 days: a consume is judged in the window it is dated in"
+        ) && said.contains("date it within the horizon or leave occurred_at out")
+            && !said.contains("backfill it with"),
+        "{said}"
+    );
+    let late_entry = app
+        .post_entries(json!({"account": "acme", "resource": "api_requests", "amount": "1", "idempotency_key": "e-old", "occurred_at": old}))
+        .await;
+    assert!(
+        field_message(&late_entry).ends_with("; backfill it with `tally import --allow-late`"),
+        "{:?}",
+        late_entry.body
+    );
+    let mut early_consume = consume("acme", "api_requests", json!("1"), "k-ahead");
+    early_consume["occurred_at"] = json!(ahead);
+    let early = app.post("/v1/quota/consume", early_consume).await;
+    assert!(
+        field_message(&early).contains("ahead of the server's clock")
+            && field_message(&early).contains("or leave occurred_at out to record it at the server's time"),
+        "{:?}",
+        early.body
+    );
+    assert_eq!(app.count_entries().await, 0);
+}
+
+/// `tally check` judges its amount as `POST /v1/quota/check` does, in the
+/// same words, and a precision error names the resource's digits on both.
+async fn check_amounts_are_refused_alike_over_http_and_on_the_command_line(app: TestApp) {
+    for (amount, says) in [
+        (
+            "0",
+            "amount 0 asks about no usage: a check's amount is the positive amount about to be used; leave \
+             amount out to check one unit (the default)",
+        ),
+        (
+            "-3",
+            "amount -3 must be positive: a check asks about usage about to happen; a correction or a deletion \
+             is a negative entry (POST /v1/entries, or tally post)",
+        ),
+        (
+            "1.255",
+            "amount 1.255 has 3 significant fractional digits (trailing zeros aside); 'agent_minutes' takes 2",
+        ),
+    ] {
+        let check = app
+            .post(
+                "/v1/quota/check",
+                json!({"account": "acme", "resource": "agent_minutes", "amount": amount}),
+            )
+            .await;
+        assert_eq!(
+            (check.status, message(&check)),
+            (422, says.to_owned()),
+            "{:?}",
+            check.body
+        );
+        let cli = app.cli(&["check", "acme", "agent_minutes", "--", amount]);
+        assert_eq!(cli.status.code(), Some(2), "{cli:?}");
+        assert_eq!(String::from_utf8_lossy(&cli.stderr).trim(), format!("error: {says}"));
+    }
 }
 
 async fn a_path_that_is_not_utf_8_names_its_part_without_axum_text(app: TestApp) {

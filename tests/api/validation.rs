@@ -319,7 +319,12 @@ async fn too_many_fractional_digits_is_422(app: TestApp) {
     );
     let mut minutes = entry("acme", "agent_minutes", "1.255", "k1");
     let reply = assert_rejected(&app, minutes.clone(), "validation_failed", 0, "amount").await;
-    assert!(reply.body["error"]["message"].as_str().unwrap().contains("allows 2"));
+    assert!(
+        reply.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("'agent_minutes' takes 2")
+    );
     minutes["amount"] = json!("1.25");
     assert_eq!(app.post_entries(minutes).await.status, 200);
     let mut whole = entry("acme", "api_requests", "2.000", "k2");
