@@ -425,7 +425,9 @@ impl Catalog {
             };
             err(raw.default_plan.span(), message);
         }
-        if resources.is_empty() {
+        // Resources written but each refused have their own errors; this one
+        // would tell the author to add what is already there.
+        if raw.resources.is_empty() {
             errors.push(CatalogError {
                 line: None,
                 message: "the catalog declares no resources; add a [resources.NAME] table".into(),
@@ -665,6 +667,9 @@ fn line_of(text: &str, offset: usize) -> usize {
 #[serde(deny_unknown_fields)]
 struct RawCatalog {
     default_plan: Spanned<String>,
+    // Optional here so that a file without it gets the catalog's own
+    // message ("declares no resources; add …"), not serde's "missing field".
+    #[serde(default)]
     resources: BTreeMap<String, Spanned<RawResource>>,
     #[serde(default)]
     plans: BTreeMap<String, Spanned<RawPlan>>,
@@ -789,6 +794,24 @@ mod tests {
         let messages: Vec<_> = errors.iter().map(|e| e.message.as_str()).collect();
         assert!(messages.iter().any(|m| m.contains("10 decimals")), "{messages:?}");
         assert!(messages.iter().any(|m| m.contains("Tokens")), "{messages:?}");
+    }
+
+    #[test]
+    fn resources_declared_but_refused_are_not_also_reported_missing() {
+        let text = "default_plan = \"free\"\n[resources.X-y]\n[plans.free]\nprice = \"0\"\n";
+        let errors = Catalog::parse(text).unwrap_err().0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].line, Some(2), "{errors:?}");
+        assert!(errors[0].message.contains("resource \"X-y\" may contain only"), "{errors:?}");
+        // With none written at all, that is the problem, with what to do.
+        let none = Catalog::parse("default_plan = \"free\"\n[plans.free]\nprice = \"0\"\n")
+            .unwrap_err()
+            .0;
+        assert_eq!(none.len(), 1, "{none:?}");
+        assert_eq!(
+            none[0].message,
+            "the catalog declares no resources; add a [resources.NAME] table"
+        );
     }
 
     #[test]
