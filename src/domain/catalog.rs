@@ -333,6 +333,19 @@ impl Catalog {
                         );
                         None
                     }
+                    // Nothing is ever over an unlimited limit, so the
+                    // price would be a bill that never comes.
+                    Some(p) if matches!(l.limit.get_ref(), RawNumber::Exact(raw) if raw == "unlimited") => {
+                        err(
+                            p.span(),
+                            format!(
+                                "plan '{plan_name}', resource '{resource_name}': overage_price can never apply: the \
+                                 limit is \"unlimited\", so no usage is ever over it; remove overage_price, or set a \
+                                 limit"
+                            ),
+                        );
+                        None
+                    }
                     Some(p) => {
                         match exact(text, p, "overage_price").and_then(|raw| parse_money(raw, "overage_price")) {
                             Ok(d) => Some(d),
@@ -925,6 +938,22 @@ mod tests {
             .unwrap_err()
             .0;
         assert!(nan[0].message.contains("price = \"9.99\""), "{nan:?}");
+    }
+
+    #[test]
+    fn an_overage_price_on_an_unlimited_soft_limit_is_refused_at_its_line() {
+        let text = "default_plan = \"free\"\n[resources.x]\n[plans.free]\nprice = \"0\"\n[plans.free.limits.x]\nwindow = \"day\"\nlimit = \"unlimited\"\nenforcement = \"soft\"\noverage_price = \"0.5\"\n";
+        let errors = Catalog::parse(text).unwrap_err().0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].line, Some(9), "{errors:?}");
+        assert_eq!(
+            errors[0].message,
+            "plan 'free', resource 'x': overage_price can never apply: the limit is \"unlimited\", so no usage is \
+             ever over it; remove overage_price, or set a limit"
+        );
+        // Either fix passes.
+        assert!(Catalog::parse(&text.replace("overage_price = \"0.5\"\n", "")).is_ok());
+        assert!(Catalog::parse(&text.replace("\"unlimited\"", "\"100\"")).is_ok());
     }
 
     #[test]
