@@ -272,7 +272,11 @@ impl Catalog {
             resources.insert(
                 resource,
                 ResourceSpec {
-                    decimals,
+                    // Past MAX_DECIMALS (reported above) its limits are
+                    // still checked, at MAX_DECIMALS: the declared count may
+                    // be past the 28 digits a decimal scales to, where
+                    // checking a limit panicked.
+                    decimals: decimals.min(MAX_DECIMALS),
                     description: spec.get_ref().description.clone(),
                 },
             );
@@ -825,6 +829,14 @@ mod tests {
             none[0].message,
             "the catalog declares no resources; add a [resources.NAME] table"
         );
+    }
+
+    #[test]
+    fn decimals_past_any_amount_s_precision_are_an_error_not_a_panic() {
+        let text = "default_plan = \"free\"\n[resources.x]\ndecimals = 100\n[plans.free]\nprice = \"0\"\n[plans.free.limits.x]\nwindow = \"day\"\nlimit = \"1\"\n";
+        let errors = Catalog::parse(text).unwrap_err().0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].message.contains("100 decimals"), "{errors:?}");
     }
 
     #[test]
