@@ -245,13 +245,38 @@ impl Catalog {
         let mut resources = BTreeMap::new();
         for (name, spec) in &raw.resources {
             // Both checks, so that one file run shows both problems of a resource.
-            let decimals = spec.get_ref().decimals.unwrap_or(0);
-            if decimals > MAX_DECIMALS {
-                err(
-                    spec.span(),
-                    format!("resource '{name}' declares {decimals} decimals; at most {MAX_DECIMALS} are supported"),
-                );
-            }
+            // A wrong count leaves MAX_DECIMALS, at which the resource's
+            // limits are still checked: the count written may be past the
+            // 28 digits a decimal scales to, where checking a limit panicked.
+            let decimals = match &spec.get_ref().decimals {
+                None => 0,
+                Some(value) => match value.get_ref() {
+                    RawWhole::Int(n) => match u32::try_from(*n) {
+                        Ok(decimals) if decimals <= MAX_DECIMALS => decimals,
+                        _ => {
+                            let why = if *n < 0 {
+                                format!("decimals is 0 to {MAX_DECIMALS}, the fractional digits an amount may carry")
+                            } else {
+                                format!("at most {MAX_DECIMALS} are supported")
+                            };
+                            err(value.span(), format!("resource '{name}' declares {n} decimals; {why}"));
+                            MAX_DECIMALS
+                        }
+                    },
+                    RawWhole::Other => {
+                        err(
+                            value.span(),
+                            format!(
+                                "resource '{name}': decimals = {} is not a bare whole number; decimals is 0 to \
+                                 {MAX_DECIMALS}, the fractional digits an amount may carry, written without quotes \
+                                 (decimals = 2)",
+                                written(text, value)
+                            ),
+                        );
+                        MAX_DECIMALS
+                    }
+                },
+            };
             let resource = match ResourceName::parse(name) {
                 Ok(r) if r.as_str() == PLAN_LINE_RESOURCE => {
                     err(
@@ -272,11 +297,7 @@ impl Catalog {
             resources.insert(
                 resource,
                 ResourceSpec {
-                    // Past MAX_DECIMALS (reported above) its limits are
-                    // still checked, at MAX_DECIMALS: the declared count may
-                    // be past the 28 digits a decimal scales to, where
-                    // checking a limit panicked.
-                    decimals: decimals.min(MAX_DECIMALS),
+                    decimals,
                     description: spec.get_ref().description.clone(),
                 },
             );
@@ -360,22 +381,46 @@ impl Catalog {
                         }
                     }
                 };
-                if l.rate_per_minute == Some(0) {
+                let rate_per_minute = l.rate_per_minute.as_ref().and_then(|value| {
+                    let rate = match value.get_ref() {
+                        RawWhole::Int(n) => match u32::try_from(*n) {
+                            Ok(rate) if rate >= 1 => Ok(rate),
+                            _ if *n < 1 => Err("must be at least 1"),
+                            _ => Err("is past the largest rate"),
+                        },
+                        RawWhole::Other => Err("is not a bare whole number"),
+                    };
+                    rate.map_err(|why| {
+                        err(
+                            value.span(),
+                            format!(
+                                "plan '{plan_name}', resource '{resource_name}': rate_per_minute = {} {why}; {RATE_RULE}",
+                                written(text, value)
+                            ),
+                        )
+                    })
+                    .ok()
+                });
+                let Some(window) = l.window else {
                     err(
                         raw_limit.span(),
                         format!(
-                            "plan '{plan_name}', resource '{resource_name}': rate_per_minute must be at least 1 (leave it out for no rate limit)"
+                            "plan '{plan_name}', resource '{resource_name}': the limit has no window; add window = \
+                             \"day\" (a UTC day), \"month\" (a UTC calendar month) or \"total\" (a running \
+                             balance) to {}",
+                            header(&["plans", plan_name, "limits", resource_name])
                         ),
                     );
-                }
+                    continue;
+                };
                 limits.insert(
                     resource.clone(),
                     Limit {
-                        window: l.window,
+                        window,
                         limit,
                         enforcement,
                         overage_price,
-                        rate_per_minute: l.rate_per_minute,
+                        rate_per_minute,
                     },
                 );
             }
@@ -510,7 +555,7 @@ fn exact<'a>(text: &str, value: &'a Spanned<RawNumber>, field: &str) -> Result<&
     match value.get_ref() {
         RawNumber::Exact(raw) => Ok(raw),
         RawNumber::Float => {
-            let written = text.get(value.span()).unwrap_or_default().trim();
+            let written = written(text, value);
             let digits = written.replace('_', "");
             let digits = digits.strip_prefix('+').unwrap_or(&digits);
             let example = match parse_decimal(digits) {
@@ -675,6 +720,15 @@ fn dotted_plans<'a>(
     }
 }
 
+/// What `rate_per_minute` may be, for its errors.
+const RATE_RULE: &str = "rate_per_minute is a whole number of units per minute, 1 to 4294967295, written \
+                         without quotes (rate_per_minute = 100); leave it out for no rate limit";
+
+/// A value as the file writes it, for a message that quotes it.
+fn written<'a, T>(text: &'a str, value: &Spanned<T>) -> &'a str {
+    text.get(value.span()).unwrap_or_default().trim()
+}
+
 /// 1-based line of a byte offset.
 fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
@@ -695,7 +749,7 @@ struct RawCatalog {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawResource {
-    decimals: Option<u32>,
+    decimals: Option<Spanned<RawWhole>>,
     description: Option<String>,
 }
 
@@ -712,11 +766,54 @@ struct RawPlan {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawLimit {
-    window: Window,
+    // Optional here so that its absence is reported with the plan, the
+    // resource and the values it may take, not as serde's "missing field".
+    window: Option<Window>,
     limit: Spanned<RawNumber>,
     enforcement: Option<Enforcement>,
     overage_price: Option<Spanned<RawNumber>>,
-    rate_per_minute: Option<u32>,
+    rate_per_minute: Option<Spanned<RawWhole>>,
+}
+
+/// A count (`decimals`, `rate_per_minute`) as the file writes it: any
+/// scalar is read, so that a wrong one is reported with its resource and
+/// its range among every other problem, not as serde's "expected u32".
+enum RawWhole {
+    /// A TOML integer, in range or not.
+    Int(i64),
+    /// A string, float or boolean. Its value is not kept; the message
+    /// quotes the file's text.
+    Other,
+}
+
+impl<'de> Deserialize<'de> for RawWhole {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = RawWhole;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a whole number")
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<RawWhole, E> {
+                Ok(RawWhole::Int(n))
+            }
+            // TOML integers are i64; past that is past every range anyway.
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<RawWhole, E> {
+                Ok(RawWhole::Int(i64::try_from(n).unwrap_or(i64::MAX)))
+            }
+            fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<RawWhole, E> {
+                Ok(RawWhole::Other)
+            }
+            // Refused, its value dropped unread.
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<RawWhole, E> {
+                Ok(RawWhole::Other)
+            }
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<RawWhole, E> {
+                Ok(RawWhole::Other)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 /// A price or limit as the file writes it.
@@ -819,7 +916,10 @@ mod tests {
         let errors = Catalog::parse(text).unwrap_err().0;
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert_eq!(errors[0].line, Some(2), "{errors:?}");
-        assert!(errors[0].message.contains("resource \"X-y\" may contain only"), "{errors:?}");
+        assert!(
+            errors[0].message.contains("resource \"X-y\" may contain only"),
+            "{errors:?}"
+        );
         // With none written at all, that is the problem, with what to do.
         let none = Catalog::parse("default_plan = \"free\"\n[plans.free]\nprice = \"0\"\n")
             .unwrap_err()
@@ -966,6 +1066,75 @@ mod tests {
         // Either fix passes.
         assert!(Catalog::parse(&text.replace("overage_price = \"0.5\"\n", "")).is_ok());
         assert!(Catalog::parse(&text.replace("\"unlimited\"", "\"100\"")).is_ok());
+    }
+
+    #[test]
+    fn a_limit_without_a_window_names_its_table_and_the_windows() {
+        let text = "default_plan = \"free\"\n[resources.x]\n[plans.free]\nprice = \"0\"\n[plans.free.limits.x]\nlimit = \"5\"\n";
+        let errors = Catalog::parse(text).unwrap_err().0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].line, Some(5), "{errors:?}");
+        assert_eq!(
+            errors[0].message,
+            "plan 'free', resource 'x': the limit has no window; add window = \"day\" (a UTC day), \"month\" (a UTC \
+             calendar month) or \"total\" (a running balance) to [plans.free.limits.x]"
+        );
+    }
+
+    #[test]
+    fn decimals_that_are_negative_or_not_whole_say_they_are_0_to_9() {
+        let text = "default_plan = \"free\"\n[resources.x]\ndecimals = -1\n[resources.y]\ndecimals = \"2\"\n[resources.z]\ndecimals = 2.5\n[plans.free]\nprice = \"0\"\n";
+        let errors = Catalog::parse(text).unwrap_err().0;
+        let got: Vec<_> = errors.iter().map(|e| (e.line, e.message.as_str())).collect();
+        assert_eq!(errors.len(), 3, "each, at once: {got:?}");
+        assert_eq!(
+            got[0],
+            (
+                Some(3),
+                "resource 'x' declares -1 decimals; decimals is 0 to 9, the fractional digits an amount may carry"
+            )
+        );
+        assert_eq!(
+            got[1],
+            (
+                Some(5),
+                "resource 'y': decimals = \"2\" is not a bare whole number; decimals is 0 to 9, the fractional \
+                 digits an amount may carry, written without quotes (decimals = 2)"
+            )
+        );
+        assert_eq!(errors[2].line, Some(7), "{got:?}");
+        assert!(
+            errors[2].message.contains("decimals = 2.5 is not a bare whole number"),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn a_rate_per_minute_that_is_not_a_whole_number_from_1_says_what_it_is() {
+        let base = "default_plan = \"free\"\n[resources.x]\n[plans.free]\nprice = \"0\"\n[plans.free.limits.x]\nwindow = \"day\"\nlimit = \"5\"\nrate_per_minute = RATE\n";
+        let rule = "rate_per_minute is a whole number of units per minute, 1 to 4294967295, written without quotes \
+                    (rate_per_minute = 100); leave it out for no rate limit";
+        for (rate, why) in [
+            ("\"2.5\"", "is not a bare whole number"),
+            ("2.5", "is not a bare whole number"),
+            ("\"3\"", "is not a bare whole number"),
+            ("-1", "must be at least 1"),
+            ("0", "must be at least 1"),
+            ("4294967296", "is past the largest rate"),
+        ] {
+            let errors = Catalog::parse(&base.replace("RATE", rate)).unwrap_err().0;
+            assert_eq!(errors.len(), 1, "{rate}: {errors:?}");
+            assert_eq!(errors[0].line, Some(8), "{rate}: {errors:?}");
+            assert_eq!(
+                errors[0].message,
+                format!("plan 'free', resource 'x': rate_per_minute = {rate} {why}; {rule}")
+            );
+        }
+        let catalog = Catalog::parse(&base.replace("RATE", "4294967295")).unwrap();
+        assert_eq!(
+            catalog.plans["free"].limits[&ResourceName::parse("x").unwrap()].rate_per_minute,
+            Some(u32::MAX)
+        );
     }
 
     #[test]
