@@ -223,6 +223,9 @@ impl Catalog {
     /// Parses and validates a catalog file, reporting every problem with its line.
     pub fn parse(text: &str) -> Result<Self, CatalogErrors> {
         let raw: RawCatalog = toml::from_str(text).map_err(|e| {
+            if let Some(errors) = oversized_integer(text, &e) {
+                return CatalogErrors(sorted(errors));
+            }
             // serde words some shapes badly or not at all ("expected a
             // borrowed string" for `[plans.pro.v2]`): say what they are.
             let mut errors = layout_errors(text);
@@ -720,6 +723,74 @@ fn dotted_plans<'a>(
     }
 }
 
+/// A bare integer past TOML's 64 bits fails the whole read with "number too
+/// large (or small) to fit in target type", which names neither the field
+/// nor its bound: name both. A `limit`, `price` or `overage_price` means
+/// what its string means (docs/plans.md), so the file is checked again with
+/// the digits quoted and the field's own rule speaks (a limit's minor units
+/// must fit 64 bits); a string that passes is still an error, told to be
+/// written as that string. None when the error is not such an integer.
+fn oversized_integer(text: &str, error: &toml::de::Error) -> Option<Vec<CatalogError>> {
+    // The error's span starts at the literal.
+    let start = error.span()?.start;
+    let rest = text.get(start..)?;
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || matches!(c, '_' | '+' | '-')))
+        .unwrap_or(rest.len());
+    let written = &rest[..end];
+    let digits = written.replace('_', "");
+    let digits = digits.strip_prefix('+').unwrap_or(&digits);
+    let magnitude = digits.strip_prefix('-').unwrap_or(digits);
+    if magnitude.is_empty() || !magnitude.bytes().all(|b| b.is_ascii_digit()) || digits.parse::<i64>().is_ok() {
+        return None;
+    }
+    // The key it is the value of: the end of its line before it (`limit =`,
+    // or `{ window = "day", limit =` in an inline table).
+    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    let before = text[line_start..start].trim_end().strip_suffix('=')?.trim_end();
+    let key = before
+        .trim_end_matches(['"', '\''])
+        .rsplit(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-')))
+        .next()
+        .filter(|key| !key.is_empty())?;
+    let line = Some(line_of(text, start));
+    let message = match key {
+        "limit" | "price" | "overage_price" => {
+            let quoted = format!("{}\"{digits}\"{}", &text[..start], &text[start + written.len()..]);
+            let mut errors = Catalog::parse(&quoted).err().map(|e| e.0).unwrap_or_default();
+            // The check again said nothing of it: a price whose string
+            // passes, or a limit the check did not reach (its resource
+            // undeclared, or another such integer stopped the read).
+            if !errors.iter().any(|e| e.line == line) {
+                let what = if key == "limit" {
+                    "a limit's minor units must fit 64 bits; write a smaller limit, or \"unlimited\"".to_owned()
+                } else {
+                    format!("write it as a string: {key} = \"{digits}\"")
+                };
+                errors.push(CatalogError {
+                    line,
+                    message: format!(
+                        "{key} = {written} is past the largest integer TOML holds ({}); {what}",
+                        i64::MAX
+                    ),
+                });
+            }
+            return Some(errors);
+        }
+        "decimals" => format!(
+            "decimals = {written} is out of range; decimals is 0 to {MAX_DECIMALS}, the fractional digits an \
+             amount may carry"
+        ),
+        "rate_per_minute" => format!("rate_per_minute = {written} is out of range; {RATE_RULE}"),
+        _ => format!(
+            "{key} = {written} is past the range of a TOML integer, {} to {}",
+            i64::MIN,
+            i64::MAX
+        ),
+    };
+    Some(vec![CatalogError { line, message }])
+}
+
 /// What `rate_per_minute` may be, for its errors.
 const RATE_RULE: &str = "rate_per_minute is a whole number of units per minute, 1 to 4294967295, written \
                          without quotes (rate_per_minute = 100); leave it out for no rate limit";
@@ -1134,6 +1205,83 @@ mod tests {
         assert_eq!(
             catalog.plans["free"].limits[&ResourceName::parse("x").unwrap()].rate_per_minute,
             Some(u32::MAX)
+        );
+    }
+
+    #[test]
+    fn an_integer_past_toml_s_range_names_its_field_and_bound() {
+        let base = "default_plan = \"free\"\n[resources.x]\ndecimals = 2\n[plans.free]\nprice = \"0\"\nfeatures = { seats = 1 }\n[plans.free.limits.x]\nwindow = \"day\"\nlimit = \"5\"\nenforcement = \"soft\"\noverage_price = \"1\"\nrate_per_minute = 1\n";
+        let big = "1000000000000000000000";
+        let check = |from: &str, to: &str| {
+            let text = base.replace(from, to);
+            let errors = Catalog::parse(&text).unwrap_err().0;
+            assert_eq!(errors.len(), 1, "{to}: {errors:?}");
+            let line = text.lines().position(|l| l.contains(to)).map(|i| i + 1);
+            assert_eq!(errors[0].line, line, "{to}: {errors:?}");
+            errors[0].message.clone()
+        };
+        // The limit's own rule, as for its string form: minor units in 64 bits.
+        assert_eq!(
+            check("limit = \"5\"", &format!("limit = {big}")),
+            format!(
+                "plan 'free', resource 'x': limit: amount {big} is too large for a resource with 2 fractional digits: \
+                 its minor units must fit 64 bits, so |amount| must be at most 92233720368547758.07 (or write \
+                 \"unlimited\")"
+            )
+        );
+        assert!(
+            check("limit = \"5\"", "limit = 1_000_000_000_000_000_000_000")
+                .contains("must be at most 92233720368547758.07"),
+        );
+        // A price has no such bound: its string form is the fix.
+        assert_eq!(
+            check("overage_price = \"1\"", &format!("overage_price = {big}")),
+            format!(
+                "overage_price = {big} is past the largest integer TOML holds (9223372036854775807); write it as a \
+                 string: overage_price = \"{big}\""
+            )
+        );
+        assert_eq!(
+            check("decimals = 2", &format!("decimals = {big}")),
+            format!("decimals = {big} is out of range; decimals is 0 to 9, the fractional digits an amount may carry")
+        );
+        assert!(
+            check("rate_per_minute = 1", &format!("rate_per_minute = -{big}")).starts_with(&format!(
+                "rate_per_minute = -{big} is out of range; rate_per_minute is a whole number"
+            ))
+        );
+        // Two at once: each is checked as its string.
+        let text = base
+            .replace("limit = \"5\"", &format!("limit = {big}"))
+            .replace("overage_price = \"1\"", &format!("overage_price = {big}"));
+        let errors = Catalog::parse(&text).unwrap_err().0;
+        let got: Vec<_> = errors.iter().map(|e| (e.line, e.message.as_str())).collect();
+        assert_eq!(errors.len(), 2, "{got:?}");
+        assert!(
+            errors[0].line == Some(9) && errors[0].message.contains("at most 92233720368547758.07"),
+            "{got:?}"
+        );
+        assert!(
+            errors[1].line == Some(11) && errors[1].message.contains("write it as a string"),
+            "{got:?}"
+        );
+        // A limit the check does not reach (its resource undeclared) still gets its bound.
+        let text = base
+            .replace("limits.x]", "limits.y]")
+            .replace("limit = \"5\"", &format!("limit = {big}"));
+        let errors = Catalog::parse(&text).unwrap_err().0;
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert_eq!(errors[1].line, Some(9), "{errors:?}");
+        assert_eq!(
+            errors[1].message,
+            format!(
+                "limit = {big} is past the largest integer TOML holds (9223372036854775807); a limit's minor units \
+                 must fit 64 bits; write a smaller limit, or \"unlimited\""
+            )
+        );
+        assert_eq!(
+            check("seats = 1", &format!("seats = {big}")),
+            format!("seats = {big} is past the range of a TOML integer, -9223372036854775808 to 9223372036854775807")
         );
     }
 
