@@ -5,8 +5,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::quota::plan_at;
-use crate::domain::plan::{Override, PlanAssignment};
-use crate::domain::{AccountId, Catalog};
+use crate::domain::plan::{Override, OverrideChange, PlanAssignment};
+use crate::domain::{AccountId, Catalog, ResourceName};
 use crate::store::{Store, StoreError};
 
 /// An account's plan in force, plan history and overrides.
@@ -20,6 +20,39 @@ pub struct AccountView {
     pub plan_history: Vec<PlanAssignment>,
     /// The overrides as last set.
     pub overrides: Vec<OverrideView>,
+    /// Every change to the overrides, in the order made: checks and usage
+    /// at a past instant follow the override in force then, which may since
+    /// have been replaced or removed.
+    pub override_history: Vec<OverrideChangeView>,
+}
+
+/// One change to an account's overrides: `{"change": "set", …the override}`
+/// or `{"change": "removed", "resource", "updated_at"}`.
+#[derive(Debug, Serialize)]
+#[serde(tag = "change", rename_all = "snake_case")]
+pub enum OverrideChangeView {
+    /// An override set (or replaced) from its `updated_at`.
+    Set(Override),
+    /// The override of `resource` removed at `updated_at`.
+    Removed {
+        /// The resource.
+        resource: ResourceName,
+        /// When.
+        updated_at: DateTime<Utc>,
+    },
+}
+
+impl From<OverrideChange> for OverrideChangeView {
+    fn from(change: OverrideChange) -> Self {
+        if change.removed {
+            Self::Removed {
+                resource: change.value.resource,
+                updated_at: change.value.updated_at,
+            }
+        } else {
+            Self::Set(change.value)
+        }
+    }
 }
 
 /// An override as last set, and whether it has expired: an expired override
@@ -41,7 +74,7 @@ pub async fn account_view(
     account: AccountId,
     now: DateTime<Utc>,
 ) -> Result<AccountView, StoreError> {
-    let plan_history = store.plan_history(&account).await?;
+    let (plan_history, override_changes) = store.plans_and_override_changes(&account).await?;
     let overrides = store
         .overrides(&account)
         .await?
@@ -56,5 +89,6 @@ pub async fn account_view(
         account,
         plan_history,
         overrides,
+        override_history: override_changes.into_iter().map(OverrideChangeView::from).collect(),
     })
 }

@@ -258,6 +258,11 @@ async fn quota_answers_keep_the_contracts_shape(app: TestApp) {
         "delete_an_override",
         &app.delete_admin("/v1/accounts/acme/overrides/llm_tokens").await,
     );
+    // The removed override stays in the history, which past checks follow.
+    assert_answer(
+        "an_account_after_its_override_is_removed",
+        &app.get("/v1/accounts/acme").await,
+    );
     assert_answer("a_feature", &app.get("/v1/accounts/soft/features/git_export").await);
     assert_answer(
         "an_unknown_feature",
