@@ -191,11 +191,12 @@ impl Settings {
         Ok((store, catalog))
     }
 
-    /// [`Settings::open_store`] for `serve` and `migrate`, whose catalog is
-    /// the deployment's: a new `default_plan` is recorded, the accounts
-    /// already known keeping the previous one ([`Store::record_default_plan`]).
-    /// Other commands only compare, so that a command run by hand without
-    /// the server's catalog cannot re-plan accounts.
+    /// [`Settings::open_store`] for `serve`, whose catalog is the
+    /// deployment's: a new `default_plan` is recorded, the accounts already
+    /// known keeping the previous one ([`Store::record_default_plan`]).
+    /// Every other command (`migrate` too, which operators run by hand on
+    /// upgrades) only compares, so that one run without the server's
+    /// catalog cannot re-plan accounts.
     pub async fn open_store_recording_default_plan(&self) -> anyhow::Result<(Arc<dyn Store>, Arc<Catalog>)> {
         let (store, catalog) = self.open_and_migrate().await?;
         record_default_plan(store.as_ref(), &catalog).await;
@@ -221,25 +222,27 @@ impl Settings {
 }
 
 /// Warns when the catalog's `default_plan` is not the one recorded by the
-/// last `serve` or `migrate`: accounts on the default are answered here as
+/// last `serve`: accounts on the default are answered here as
 /// on this catalog's, which is most likely not the server's catalog.
 async fn warn_if_default_plan_differs(store: &dyn Store, catalog: &Catalog) {
     match store.recorded_default_plan().await {
         Ok(Some(recorded)) if recorded != catalog.default_plan => tracing::warn!(
             default_plan = %catalog.default_plan,
             recorded = %recorded,
-            "this catalog's default_plan is '{}', but the database's is '{recorded}' (recorded by the last `serve` \
-             or `migrate`): accounts without a plan of their own are answered here as on '{}'. Run with the \
-             server's catalog (--plans or TALLY_PLANS); a new default takes effect when `serve` or `migrate` \
-             opens the database with it",
+            "this catalog's default_plan is '{}', but the database's is '{recorded}' (recorded by the last `serve`): \
+             accounts without a plan of their own are answered here as on '{}'. Run with the server's \
+             catalog (--plans or TALLY_PLANS); a new default takes effect when `serve` starts with it",
             catalog.default_plan,
             catalog.default_plan
         ),
         Ok(_) => {}
         Err(error) => tracing::warn!(
             error = %crate::telemetry::cause_chain(&error),
-            "cannot read the database's default plan to compare it with the catalog's: {}",
-            crate::telemetry::cause_chain(&error)
+            "cannot read the database's default plan to compare it with the catalog's ({}); the command \
+             goes on with the catalog's default_plan '{}'; if this persists, check that the database is \
+             migrated (tally migrate)",
+            crate::telemetry::cause_chain(&error),
+            catalog.default_plan
         ),
     }
 }
@@ -251,8 +254,13 @@ async fn warn_if_default_plan_differs(store: &dyn Store, catalog: &Catalog) {
 async fn record_default_plan(store: &dyn Store, catalog: &Catalog) {
     match store.record_default_plan(catalog).await {
         Ok(None) => {}
+        Ok(Some(DefaultPlanChange { from: None, to, .. })) => tracing::info!(
+            default_plan = %to,
+            "recorded default_plan '{to}' as this database's default plan: accounts without a plan of their own \
+             are on it; when a later catalog changes it, the accounts known then keep '{to}'"
+        ),
         Ok(Some(DefaultPlanChange {
-            from,
+            from: Some(from),
             to,
             kept: Some(kept),
         })) => tracing::warn!(
@@ -264,19 +272,24 @@ async fn record_default_plan(store: &dyn Store, catalog: &Catalog) {
              set-plan ACCOUNT PLAN` moves one)",
             from_the_start().format("%Y-%m-%d")
         ),
-        Ok(Some(DefaultPlanChange { from, to, kept: None })) => tracing::warn!(
+        Ok(Some(DefaultPlanChange {
+            from: Some(from),
+            to,
+            kept: None,
+        })) => tracing::warn!(
             from = %from,
             to = %to,
             "default_plan changed from '{from}' to '{to}', and '{from}' is no longer in the catalog: the \
              accounts that were on it by default are on '{to}' now, their past included (invoices and \
-             checks of past months too)"
+             checks of past months too); to keep them on '{from}', put the plan back in the catalog, start \
+             with the old default once, then change it again"
         ),
         Err(error) => tracing::warn!(
             default_plan = %catalog.default_plan,
             error = %crate::telemetry::cause_chain(&error),
-            "cannot record the catalog's default_plan '{}' in the database ({}): if it differs from the \
-             default before, accounts without a plan are on '{}' in this process, their past included, until \
-             a process that can write the database opens it with this catalog",
+            "cannot record the catalog's default_plan '{}' in the database ({}); if the database's default is \
+             another, accounts without a plan are answered here as on '{}', their past included: start \
+             `tally serve` with this catalog on a database it can write (the primary) to record it",
             catalog.default_plan,
             crate::telemetry::cause_chain(&error),
             catalog.default_plan

@@ -372,7 +372,7 @@ async fn run_command(command: Command, settings: Settings) -> anyhow::Result<Exi
             .await
         }
         Command::Migrate => {
-            settings.open_store_recording_default_plan().await?;
+            settings.open_store().await?;
             // Both engines' folders mirror each other (a test checks it).
             let latest = sqlx::migrate!("migrations/sqlite")
                 .migrations

@@ -19,12 +19,23 @@ pub struct PlanAssignment {
     pub created_at: DateTime<Utc>,
 }
 
+impl PlanAssignment {
+    /// Whether this is how Tally kept an account on a former default plan
+    /// when the catalog's `default_plan` changed (effective
+    /// [`from_the_start`]): the account is on that plan as it was on the
+    /// default, so it is billed as one on the default is, for the months it
+    /// has usage, not as an account someone put on a plan.
+    pub fn keeps_a_former_default(&self) -> bool {
+        self.effective_at == from_the_start()
+    }
+}
+
 /// What opening a database did about a change of the catalog's
 /// `default_plan` since the default recorded there.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DefaultPlanChange {
-    /// The default recorded before.
-    pub from: String,
+    /// The default recorded before; None for the first record.
+    pub from: Option<String>,
     /// The catalog's default, recorded now.
     pub to: String,
     /// How many accounts already known were assigned `from` from the
@@ -35,10 +46,13 @@ pub struct DefaultPlanChange {
 }
 
 /// When the accounts known at a change of the default plan are assigned the
-/// previous default: the start of Unix time, before any entry, so that no
-/// instant of theirs is left on the new default.
+/// previous default: the earliest instant Tally takes (0001-01-01), so that
+/// no instant of theirs is left on the new default.
 pub fn from_the_start() -> DateTime<Utc> {
-    DateTime::UNIX_EPOCH
+    chrono::NaiveDate::from_ymd_opt(1, 1, 1)
+        .and_then(|day| day.and_hms_opt(0, 0, 0))
+        .expect("0001-01-01 is a date")
+        .and_utc()
 }
 
 /// A per-account limit that beats the plan's until it expires.

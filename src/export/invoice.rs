@@ -141,12 +141,18 @@ impl<'a> InvoiceContext<'a> {
     }
 
     /// Accounts assigned a plan effective before the month's end: they get
-    /// an invoice even without usage (they may owe a price).
+    /// an invoice even without usage (they may owe a price). An account
+    /// only kept on a former default is billed as the default's accounts
+    /// are, for months with usage.
     pub fn assigned_accounts(&self) -> BTreeSet<String> {
         let end = start_of(Granularity::Month.next(self.month));
         self.assignments
             .iter()
-            .filter(|(_, history)| history.iter().any(|a| a.effective_at < end))
+            .filter(|(_, history)| {
+                history
+                    .iter()
+                    .any(|a| a.effective_at < end && !a.keeps_a_former_default())
+            })
             .map(|(account, _)| account.clone())
             .collect()
     }

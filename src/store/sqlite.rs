@@ -895,38 +895,40 @@ impl Store for SqliteStore {
         // BEGIN IMMEDIATE: the write lock before the second look, so two
         // processes opening with a new default record (and assign) once.
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        // To the microsecond, as stored: one instant for the change's rows.
+        let now = to_micros(Utc::now().trunc_subsecs(6));
         let last: Option<String> = sqlx::query_scalar(super::LAST_DEFAULT_PLAN)
             .fetch_optional(&mut *tx)
             .await?;
-        let change = match last {
-            Some(last) if last == default => return Ok(None),
-            None => None,
-            Some(previous) => {
-                let kept = if catalog.plans.contains_key(&previous) {
-                    let assigned = sqlx::query(include_str!("sql/sqlite/keep_the_previous_default_plan.sql"))
-                        .bind(&previous)
-                        .bind(to_micros(from_the_start()))
-                        .bind(to_micros(Utc::now().trunc_subsecs(6)))
-                        .execute(&mut *tx)
-                        .await?;
-                    Some(assigned.rows_affected())
-                } else {
-                    None
-                };
-                Some(DefaultPlanChange {
-                    from: previous,
-                    to: default.to_owned(),
-                    kept,
-                })
+        if last.as_deref() == Some(default) {
+            return Ok(None);
+        }
+        // The first record assigns nothing: what the default was before is
+        // not known.
+        let kept = match &last {
+            Some(previous) if catalog.plans.contains_key(previous) => {
+                let assigned = sqlx::query(include_str!("sql/sqlite/keep_the_previous_default_plan.sql"))
+                    .bind(previous)
+                    .bind(to_micros(from_the_start()))
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                Some(assigned.rows_affected())
             }
+            _ => None,
+        };
+        let change = DefaultPlanChange {
+            from: last,
+            to: default.to_owned(),
+            kept,
         };
         sqlx::query("INSERT INTO default_plans (plan, recorded_at) VALUES (?1, ?2)")
             .bind(default)
-            .bind(to_micros(Utc::now()))
+            .bind(now)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(change)
+        Ok(Some(change))
     }
 
     async fn plan_history(&self, account: &AccountId) -> Result<Vec<PlanAssignment>, StoreError> {

@@ -8,8 +8,8 @@ use serde_json::{Value, json};
 
 use crate::both;
 use crate::helpers::{
-    Backend, Reply, TestApp, assert_used_exact_while_posting_and_rolling_up, batch_at, days_ago_at, entry, entry_at,
-    usage_row,
+    Backend, Reply, ServeProcess, TestApp, assert_used_exact_while_posting_and_rolling_up, batch_at, days_ago_at,
+    entry, entry_at, usage_row,
 };
 
 both!(
@@ -606,8 +606,9 @@ async fn a_total_limit_never_resets_and_deletions_free_room(app: TestApp) {
 
 /// A catalog's new `default_plan` is for new accounts: the accounts already
 /// known on the default keep the previous one, their past months (invoices)
-/// and their future, recorded once in their plan history; the same catalog
-/// again changes nothing, and a default no longer in the catalog is said.
+/// and their future, recorded once in their plan history when `serve`
+/// starts with it; any other command (`migrate` too) only warns, and a
+/// default no longer in the catalog is said.
 async fn a_new_default_plan_is_for_new_accounts_while_known_ones_keep_the_previous(app: TestApp) {
     assert_eq!(
         consume(&app, "acme", "ai_generations", "50", "a", None).await.status,
@@ -623,43 +624,58 @@ async fn a_new_default_plan_is_for_new_accounts_while_known_ones_keep_the_previo
     assert_eq!(scheduled.status, 200, "{:?}", scheduled.body);
     let dir = tempfile::tempdir().unwrap();
     let builtin = include_str!("../../src/domain/builtin_catalog.toml");
-    let pro_default = dir.path().join("pro-default.toml");
-    std::fs::write(
-        &pro_default,
+    let catalog = |name: &str, text: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let pro_default = catalog(
+        "pro-default.toml",
         builtin.replace(r#"default_plan = "free""#, r#"default_plan = "pro""#),
-    )
-    .unwrap();
+    );
     // The JSON a command printed (`check` exits 1 for "not allowed").
     let json = |output: &std::process::Output| -> Value {
         serde_json::from_slice(&output.stdout)
             .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stderr)))
     };
-
     let stderr = |output: &std::process::Output| String::from_utf8_lossy(&output.stderr).into_owned();
+    // `tally serve` with the catalog `plans` until it listens; its log.
+    let serve_with = async |plans: &std::path::Path| {
+        let mut serve = ServeProcess::start(
+            &app.database_url,
+            &["--no-jobs"],
+            &[("TALLY_PLANS", plans.to_str().unwrap()), ("TALLY_ADMIN_KEY", "k")],
+        )
+        .await;
+        serve.stop().await;
+        serve.stderr()
+    };
 
-    // A command run with another catalog than the server's warns and writes nothing.
-    let by_hand = app.cli_with_plans(&pro_default, &["accounts", "show", "acme"]);
-    assert!(
-        stderr(&by_hand).contains("this catalog's default_plan is 'pro', but the database's is 'free'"),
-        "{}",
-        stderr(&by_hand)
-    );
-    assert_eq!(json(&by_hand)["plan_history"], json!([]));
+    // A command run with another catalog than the server's, `migrate`
+    // included, warns and writes nothing.
+    for command in [&["accounts", "show", "acme"][..], &["migrate"]] {
+        let by_hand = app.cli_with_plans(&pro_default, command);
+        assert!(
+            by_hand.status.success()
+                && stderr(&by_hand).contains("this catalog's default_plan is 'pro', but the database's is 'free'"),
+            "{command:?}: {}",
+            stderr(&by_hand)
+        );
+    }
+    assert_eq!(json(&app.cli(&["accounts", "show", "acme"]))["plan_history"], json!([]));
 
-    // `migrate` (or `serve`) with the new catalog records the change.
-    let migrated = app.cli_with_plans(&pro_default, &["migrate"]);
+    // `serve` with the new catalog records the change.
+    let said = serve_with(&pro_default).await;
     assert!(
-        migrated.status.success()
-            && stderr(&migrated).contains("default_plan changed from 'free' to 'pro'")
-            && stderr(&migrated).contains("the 2 account(s) already on 'free' by default stay on it"),
-        "{}",
-        stderr(&migrated)
+        said.contains("default_plan changed from 'free' to 'pro'")
+            && said.contains("the 2 account(s) already on 'free' by default stay on it"),
+        "{said}"
     );
     let acme = json(&app.cli_with_plans(&pro_default, &["accounts", "show", "acme"]));
     assert_eq!(acme["plan"], "free");
     assert_eq!(
         acme["plan_history"],
-        json!([{"plan": "free", "effective_at": "1970-01-01T00:00:00Z", "created_at": acme["plan_history"][0]["created_at"]}])
+        json!([{"plan": "free", "effective_at": "0001-01-01T00:00:00Z", "created_at": acme["plan_history"][0]["created_at"]}])
     );
     let full = json(&app.cli_with_plans(&pro_default, &["check", "acme", "ai_generations"]));
     assert_eq!(
@@ -680,14 +696,27 @@ async fn a_new_default_plan_is_for_new_accounts_while_known_ones_keep_the_previo
         "{}",
         String::from_utf8_lossy(&invoice.stdout)
     );
+    // Kept on the former default, an account is billed as the default's
+    // are: not in a month without usage (the month before, here).
+    let last_month = (Utc::now().date_naive().with_day(1).unwrap() - Duration::days(1))
+        .format("%Y-%m")
+        .to_string();
+    let before = app.cli_with_plans(&pro_default, &["export", "invoice", "--period", &last_month]);
+    assert_eq!(
+        String::from_utf8_lossy(&before.stdout).lines().count(),
+        1,
+        "only the header: {}",
+        String::from_utf8_lossy(&before.stdout)
+    );
 
     // The same catalog again: nothing more is assigned or said.
-    let again = app.cli_with_plans(&pro_default, &["post", "newco", "api_requests", "1"]);
     assert!(
-        again.status.success() && !stderr(&again).contains("default_plan"),
-        "{}",
-        stderr(&again)
+        app.cli_with_plans(&pro_default, &["post", "newco", "api_requests", "1"])
+            .status
+            .success()
     );
+    let again = serve_with(&pro_default).await;
+    assert!(!again.contains("default_plan"), "{again}");
     assert_eq!(
         json(&app.cli_with_plans(&pro_default, &["accounts", "show", "acme"]))["plan_history"]
             .as_array()
@@ -697,31 +726,26 @@ async fn a_new_default_plan_is_for_new_accounts_while_known_ones_keep_the_previo
     );
 
     // Back to the built-in catalog: newco, known now, stays on pro.
-    let back = app.cli(&["migrate"]);
+    let back = serve_with(&catalog("builtin.toml", builtin.to_owned())).await;
     assert!(
-        stderr(&back).contains("the 1 account(s) already on 'pro' by default stay on it"),
-        "{}",
-        stderr(&back)
+        back.contains("the 1 account(s) already on 'pro' by default stay on it"),
+        "{back}"
     );
     assert_eq!(json(&app.cli(&["accounts", "show", "newco"]))["plan"], "pro");
     assert_eq!(json(&app.cli(&["accounts", "show", "acme"]))["plan"], "free");
 
     // A default that left the catalog cannot be kept: its accounts move, and that is said.
     assert!(app.cli(&["post", "late", "api_requests", "1"]).status.success());
-    let renamed = dir.path().join("starter.toml");
-    std::fs::write(
-        &renamed,
+    let renamed = catalog(
+        "starter.toml",
         builtin
             .replace("\"free\"", "\"starter\"")
             .replace("plans.free", "plans.starter"),
-    )
-    .unwrap();
-    let moved = app.cli_with_plans(&renamed, &["migrate"]);
+    );
+    let moved = serve_with(&renamed).await;
     assert!(
-        stderr(&moved)
-            .contains("default_plan changed from 'free' to 'starter', and 'free' is no longer in the catalog"),
-        "{}",
-        stderr(&moved)
+        moved.contains("default_plan changed from 'free' to 'starter', and 'free' is no longer in the catalog"),
+        "{moved}"
     );
     let late = json(&app.cli_with_plans(&renamed, &["accounts", "show", "late"]));
     assert_eq!(
