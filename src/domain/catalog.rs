@@ -315,12 +315,25 @@ impl Catalog {
                     format!("plan name {plan_name:?} must be 1 to 64 characters of A-Za-z0-9_.-"),
                 );
             }
-            let price = match exact(text, &raw_plan.get_ref().price, "price").and_then(|p| parse_money(p, "price")) {
-                Ok(p) => p,
-                Err(e) => {
-                    err(raw_plan.get_ref().price.span(), format!("plan '{plan_name}': {e}"));
+            let price = match &raw_plan.get_ref().price {
+                None => {
+                    err(
+                        raw_plan.span(),
+                        format!(
+                            "plan '{plan_name}' has no price; add price = \"0\" (its monthly price, a decimal \
+                             string such as \"9.99\") to {}",
+                            header(&["plans", plan_name])
+                        ),
+                    );
                     Decimal::ZERO
                 }
+                Some(price) => match exact(text, price, "price").and_then(|p| parse_money(p, "price")) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        err(price.span(), format!("plan '{plan_name}': {e}"));
+                        Decimal::ZERO
+                    }
+                },
             };
             let mut limits = BTreeMap::new();
             for (resource_name, raw_limit) in &raw_plan.get_ref().limits {
@@ -334,7 +347,18 @@ impl Catalog {
                     continue;
                 };
                 let l = raw_limit.get_ref();
-                let limit = match exact(text, &l.limit, "limit").and_then(|raw| {
+                let Some(raw_limit_value) = &l.limit else {
+                    err(
+                        raw_limit.span(),
+                        format!(
+                            "plan '{plan_name}', resource '{resource_name}': the limit table has no limit; add limit = \"N\" \
+                             (in the resource's units) or limit = \"unlimited\" to {}",
+                            header(&["plans", plan_name, "limits", resource_name])
+                        ),
+                    );
+                    continue;
+                };
+                let limit = match exact(text, raw_limit_value, "limit").and_then(|raw| {
                     parse_limit(raw, spec.decimals).map_err(|e| match e {
                         LimitError::Negative => "limit must not be negative".to_owned(),
                         LimitError::Invalid(e) => format!("limit: {e} (or write \"unlimited\")"),
@@ -343,7 +367,7 @@ impl Catalog {
                     Ok(limit) => limit,
                     Err(why) => {
                         err(
-                            l.limit.span(),
+                            raw_limit_value.span(),
                             format!("plan '{plan_name}', resource '{resource_name}': {why}"),
                         );
                         None
@@ -363,7 +387,7 @@ impl Catalog {
                     }
                     // Nothing is ever over an unlimited limit, so the
                     // price would be a bill that never comes.
-                    Some(p) if matches!(l.limit.get_ref(), RawNumber::Exact(raw) if raw == "unlimited") => {
+                    Some(p) if matches!(raw_limit_value.get_ref(), RawNumber::Exact(raw) if raw == "unlimited") => {
                         err(
                             p.span(),
                             format!(
@@ -464,32 +488,50 @@ impl Catalog {
                 }
             }
         }
-        let default_plan = raw.default_plan.get_ref();
-        if !plans.contains_key(default_plan) {
-            // Only names that are themselves valid: a broken one has its own
-            // error, and offering it here would send the user in a circle.
-            let valid: Vec<&str> = plans
+        let valid_plans = || {
+            plans
                 .keys()
                 .map(String::as_str)
                 .filter(|name| is_valid_plan_name(name))
-                .collect();
-            let add = if is_valid_plan_name(default_plan) {
-                format!("add a [plans.{}] table", toml_key(default_plan))
-            } else {
-                "name a plan that is 1 to 64 characters of A-Za-z0-9_.-".to_owned()
-            };
-            let message = if valid.is_empty() {
-                format!(
-                    "default_plan '{default_plan}' is not a plan of this catalog, which has no validly named plan; {add}"
-                )
-            } else {
-                format!(
-                    "default_plan '{default_plan}' is not a plan of this catalog; set it to one of: {} (or {add})",
-                    valid.join(", ")
-                )
-            };
-            err(raw.default_plan.span(), message);
+                .collect::<Vec<_>>()
+        };
+        let no_default_plan = raw.default_plan.is_none().then(|| CatalogError {
+            line: Some(1),
+            message: format!(
+                "the catalog has no default_plan; add default_plan = \"NAME\" at the top, before any table: the \
+                 plan new accounts get ({})",
+                match valid_plans().as_slice() {
+                    [] => "and add that plan's [plans.NAME] table".to_owned(),
+                    valid => format!("one of: {}", valid.join(", ")),
+                }
+            ),
+        });
+        if let Some(default_plan) = &raw.default_plan {
+            let default_plan_span = default_plan.span();
+            let default_plan = default_plan.get_ref();
+            if !plans.contains_key(default_plan) {
+                // Only names that are themselves valid: a broken one has its own
+                // error, and offering it here would send the user in a circle.
+                let valid = valid_plans();
+                let add = if is_valid_plan_name(default_plan) {
+                    format!("add a [plans.{}] table", toml_key(default_plan))
+                } else {
+                    "name a plan that is 1 to 64 characters of A-Za-z0-9_.-".to_owned()
+                };
+                let message = if valid.is_empty() {
+                    format!(
+                        "default_plan '{default_plan}' is not a plan of this catalog, which has no validly named plan; {add}"
+                    )
+                } else {
+                    format!(
+                        "default_plan '{default_plan}' is not a plan of this catalog; set it to one of: {} (or {add})",
+                        valid.join(", ")
+                    )
+                };
+                err(default_plan_span, message);
+            }
         }
+        errors.extend(no_default_plan);
         // Resources written but each refused have their own errors; this one
         // would tell the author to add what is already there.
         if raw.resources.is_empty() {
@@ -502,7 +544,7 @@ impl Catalog {
             return Err(CatalogErrors(sorted(errors)));
         }
         Ok(Self {
-            default_plan: raw.default_plan.into_inner(),
+            default_plan: raw.default_plan.map(Spanned::into_inner).unwrap_or_default(),
             resources,
             plans,
         })
@@ -808,7 +850,8 @@ fn line_of(text: &str, offset: usize) -> usize {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawCatalog {
-    default_plan: Spanned<String>,
+    // Optional here so that its absence says what to write.
+    default_plan: Option<Spanned<String>>,
     // Optional here so that a file without it gets the catalog's own
     // message ("declares no resources; add …"), not serde's "missing field".
     #[serde(default)]
@@ -827,7 +870,9 @@ struct RawResource {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPlan {
-    price: Spanned<RawNumber>,
+    // Optional here, as `window` below, so that a plan without one is told
+    // what to write rather than serde's "missing field".
+    price: Option<Spanned<RawNumber>>,
     #[serde(default)]
     limits: BTreeMap<String, Spanned<RawLimit>>,
     #[serde(default)]
@@ -840,7 +885,7 @@ struct RawLimit {
     // Optional here so that its absence is reported with the plan, the
     // resource and the values it may take, not as serde's "missing field".
     window: Option<Window>,
-    limit: Spanned<RawNumber>,
+    limit: Option<Spanned<RawNumber>>,
     enforcement: Option<Enforcement>,
     overage_price: Option<Spanned<RawNumber>>,
     rate_per_minute: Option<Spanned<RawWhole>>,
@@ -1137,6 +1182,51 @@ mod tests {
         // Either fix passes.
         assert!(Catalog::parse(&text.replace("overage_price = \"0.5\"\n", "")).is_ok());
         assert!(Catalog::parse(&text.replace("\"unlimited\"", "\"100\"")).is_ok());
+    }
+
+    #[test]
+    fn a_missing_price_limit_or_default_plan_says_what_to_write() {
+        let no_price = Catalog::parse("default_plan = \"free\"\n[resources.x]\n[plans.free]\n")
+            .unwrap_err()
+            .0;
+        assert_eq!(
+            (no_price[0].line, no_price[0].message.as_str()),
+            (
+                Some(3),
+                "plan 'free' has no price; add price = \"0\" (its monthly price, a decimal string such as \"9.99\") to \
+                 [plans.free]"
+            ),
+            "{no_price:?}"
+        );
+        let no_limit = Catalog::parse(
+            "default_plan = \"free\"\n[resources.x]\n[plans.free]\nprice = \"0\"\n[plans.free.limits.x]\nwindow = \"day\"\n",
+        )
+        .unwrap_err()
+        .0;
+        assert_eq!(
+            (no_limit[0].line, no_limit[0].message.as_str()),
+            (
+                Some(5),
+                "plan 'free', resource 'x': the limit table has no limit; add limit = \"N\" (in the resource's units) \
+                 or limit = \"unlimited\" to [plans.free.limits.x]"
+            ),
+            "{no_limit:?}"
+        );
+        let no_default = Catalog::parse("[resources.x]\n[plans.free]\nprice = \"0\"\n")
+            .unwrap_err()
+            .0;
+        assert_eq!(
+            (no_default.len(), no_default[0].line, no_default[0].message.as_str()),
+            (
+                1,
+                Some(1),
+                "the catalog has no default_plan; add default_plan = \"NAME\" at the top, before any table: the plan \
+                 new accounts get (one of: free)"
+            ),
+        );
+        // With neither a default nor resources, both are said.
+        let empty = Catalog::parse("[plans.free]\nprice = \"0\"\n").unwrap_err().0;
+        assert_eq!(empty.len(), 2, "{empty:?}");
     }
 
     #[test]
