@@ -12,7 +12,7 @@ use super::error::ApiError;
 use super::extract::{Body, NoQuery, malformed_json, parse_json};
 use super::{AppState, params};
 use crate::domain::amount::{AmountError, JsonDecimalError, json_decimal_text, not_a_decimal};
-use crate::domain::catalog::Window;
+use crate::domain::catalog::{Enforcement, Window};
 use crate::domain::entry::{BACKFILL, parse_timestamp};
 use crate::domain::plan::overrides_as_of;
 use crate::domain::{AccountId, Amount, Catalog, EntryInput, ResourceName};
@@ -176,18 +176,16 @@ async fn consume(
                 Err(_) => false,
             };
             // A consume dated "now" that a scheduled change lets through
-            // is told to come back then, not when the window ends.
-            let sooner = if entry.occurred_at_given {
+            // is told to come back then, not when the window ends; when no
+            // fresh window would take it (the amount alone is over the
+            // limit), a change at any later instant is looked for. A total
+            // has no Retry-After (the contract), so none is looked for.
+            let sooner = if entry.occurred_at_given || status.window == Window::Total {
                 None
             } else {
+                let until = retry_after.and(status.period_end);
                 quotas
-                    .passes_after_a_scheduled_change(
-                        &entry.account,
-                        &entry.resource,
-                        entry.amount,
-                        now,
-                        status.period_end,
-                    )
+                    .passes_after_a_scheduled_change(&entry.account, &entry.resource, entry.amount, now, until)
                     .await
                     .unwrap_or_else(|error| {
                         tracing::warn!(
@@ -202,7 +200,7 @@ async fn consume(
             };
             let retry_after = sooner
                 .as_ref()
-                .map_or(retry_after, |(at, _)| whole_seconds_until(now, *at));
+                .map_or(retry_after, |change| whole_seconds_until(now, change.at));
             let set_by = if by_override {
                 format!(
                     "set by an override of account '{}' (on plan '{}')",
@@ -211,27 +209,37 @@ async fn consume(
             } else {
                 format!("on plan '{}'", status.plan)
             };
-            let message = if let Some((at, then)) = &sooner {
-                let change = if then.plan == status.plan {
-                    format!(
+            let message = if let Some(change) = &sooner {
+                let what = match (&change.plan_takes_effect, change.override_expires) {
+                    (Some(plan), true) => format!(
+                        "account '{}' moves to plan '{plan}' and its override for {} expires",
+                        entry.account, entry.resource
+                    ),
+                    (Some(plan), false) => format!("account '{}' moves to plan '{plan}'", entry.account),
+                    (None, _) => format!(
                         "the override of account '{}' for {} expires",
                         entry.account, entry.resource
-                    )
-                } else {
-                    format!("account '{}' moves to plan '{}'", entry.account, then.plan)
+                    ),
+                };
+                let then = &change.status;
+                let limit = match (&then.limit, then.enforcement) {
+                    (None, _) => "unlimited".to_owned(),
+                    (Some(limit), Enforcement::Hard) => format!("{} limit {limit}", then.window.as_str()),
+                    (Some(limit), Enforcement::Soft) => format!(
+                        "soft {} limit {limit}: usage past it is billed as overage",
+                        then.window.as_str()
+                    ),
                 };
                 format!(
-                    "{} would exceed the hard {} limit of {} for {} {set_by} ({} used); {change} at {} (in {} s), \
-                     and then it passes ({} limit {})",
+                    "{} would exceed the hard {} limit of {} for {} {set_by} ({} used); {what} at {} (in {} s), \
+                     and then it passes ({limit})",
                     entry.amount,
                     status.window.as_str(),
                     status.limit.as_deref().unwrap_or("?"),
                     status.resource,
                     status.used,
-                    at.to_rfc3339_opts(SecondsFormat::Secs, true),
+                    change.at.to_rfc3339_opts(SecondsFormat::Secs, true),
                     retry_after.unwrap_or_default(),
-                    then.window.as_str(),
-                    then.limit.as_deref().unwrap_or("unlimited"),
                 )
             } else if status.limit.as_deref() == Some("0") {
                 // Not a matter of consuming less: nothing of it can pass.

@@ -312,6 +312,20 @@ pub enum ConsumeError {
     Store(#[from] StoreError),
 }
 
+/// A scheduled change of an account's limit that lets a refused consume
+/// through ([`Quotas::passes_after_a_scheduled_change`]).
+#[derive(Debug)]
+pub struct ScheduledChange {
+    /// When it comes.
+    pub at: DateTime<Utc>,
+    /// The plan assigned from `at`, if an assignment takes effect then.
+    pub plan_takes_effect: Option<String>,
+    /// Whether the resource's override expires at `at`.
+    pub override_expires: bool,
+    /// The check of the same amount at `at`.
+    pub status: QuotaStatus,
+}
+
 /// Quotas over a store and a catalog.
 pub struct Quotas<'a> {
     /// The database.
@@ -363,14 +377,14 @@ impl Quotas<'_> {
         Ok((status, limit, used))
     }
 
-    /// The first instant after `now` and before `until` (the refused
-    /// window's end; None for a total) at which a scheduled change of
+    /// The first instant after `now` and up to `until` (the refused
+    /// window's end; None: no bound) at which a scheduled change of
     /// `account`'s limits on `resource` (a plan assignment that takes
-    /// effect, an override that expires) lets `amount` through, with the
-    /// check at that instant. A consume refused now that is sent again then,
-    /// without `occurred_at`, would pass unless others use the room first:
-    /// its `Retry-After` should not send the caller away until the window
-    /// ends. Reads only on a refusal's path.
+    /// effect, an override that expires) lets `amount` through. A consume
+    /// refused now that is sent again then, without `occurred_at`, would
+    /// pass unless others use the room first: its `Retry-After` should not
+    /// send the caller away until the window ends. Reads only on a
+    /// refusal's path.
     pub async fn passes_after_a_scheduled_change(
         &self,
         account: &AccountId,
@@ -378,27 +392,37 @@ impl Quotas<'_> {
         amount: Amount,
         now: DateTime<Utc>,
         until: Option<DateTime<Utc>>,
-    ) -> Result<Option<(DateTime<Utc>, QuotaStatus)>, StoreError> {
+    ) -> Result<Option<ScheduledChange>, StoreError> {
         // A few instants at most are looked at: each costs a check.
         const LOOKED_AT: usize = 8;
         let (plans, override_changes) = self.store.plans_and_override_changes(account).await?;
+        let expiries: Vec<DateTime<Utc>> = overrides_as_of(&override_changes, now)
+            .iter()
+            .filter(|o| &o.resource == resource)
+            .filter_map(|o| o.expires_at)
+            .collect();
         let mut instants: Vec<DateTime<Utc>> = plans
             .iter()
             .map(|assignment| assignment.effective_at)
-            .chain(
-                overrides_as_of(&override_changes, now)
-                    .iter()
-                    .filter(|o| &o.resource == resource)
-                    .filter_map(|o| o.expires_at),
-            )
-            .filter(|&at| at > now && until.is_none_or(|end| at < end))
+            .chain(expiries.iter().copied())
+            .filter(|&at| at > now && until.is_none_or(|end| at <= end))
             .collect();
         instants.sort();
         instants.dedup();
         for at in instants.into_iter().take(LOOKED_AT) {
             let status = self.check(account, resource, amount, at).await?;
             if status.allowed {
-                return Ok(Some((at, status)));
+                let plan_takes_effect = plans
+                    .iter()
+                    .filter(|assignment| assignment.effective_at == at)
+                    .max_by_key(|assignment| assignment.created_at)
+                    .map(|assignment| assignment.plan.clone());
+                return Ok(Some(ScheduledChange {
+                    at,
+                    plan_takes_effect,
+                    override_expires: expiries.contains(&at),
+                    status,
+                }));
             }
         }
         Ok(None)

@@ -506,7 +506,7 @@ async fn a_scheduled_change_that_lets_a_refused_consume_through_sets_its_retry_a
     let message = refused.body["error"]["message"].as_str().unwrap();
     assert!(
         message.contains("account 'up' moves to plan 'pro' at")
-            && message.contains("(in 10 s), and then it passes (month limit unlimited)"),
+            && message.contains("(in 10 s), and then it passes (unlimited)"),
         "{message}"
     );
     // Nothing scheduled: the window's end, as before.
@@ -523,6 +523,42 @@ async fn a_scheduled_change_that_lets_a_refused_consume_through_sets_its_retry_a
         "{:?}",
         flat.body
     );
+
+    // More than the whole limit: no fresh window takes it, but a plan that
+    // takes effect exactly when the window ends does.
+    let edge = app
+        .put_admin(
+            "/v1/accounts/edge/plan",
+            json!({"plan": "pro", "effective_at": iso(month_end)}),
+        )
+        .await;
+    assert_eq!(edge.status, 200, "{:?}", edge.body);
+    let whole = consume(&app, "edge", "ai_generations", "51", "edge-1", None).await;
+    assert_eq!(
+        (whole.status, retry_after(&whole)),
+        (429, Some(to_month_end)),
+        "{:?}",
+        whole.body
+    );
+    assert!(
+        whole.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("account 'edge' moves to plan 'pro' at"),
+        "{:?}",
+        whole.body
+    );
+    // A total never gets a Retry-After (the contract), scheduled change or not.
+    let gib = 1_u64 << 30;
+    let roomy = app
+        .put_admin(
+            "/v1/accounts/disk/plan",
+            json!({"plan": "pro", "effective_at": iso(now + Duration::seconds(10))}),
+        )
+        .await;
+    assert_eq!(roomy.status, 200, "{:?}", roomy.body);
+    let disk = consume(&app, "disk", "storage_bytes", &(26 * gib).to_string(), "disk-1", None).await;
+    assert_eq!((disk.status, retry_after(&disk)), (429, None), "{:?}", disk.body);
     app.clock.thaw();
 }
 
