@@ -392,9 +392,6 @@ pub trait Store: Send + Sync + 'static {
         removed_at: DateTime<Utc>,
     ) -> Result<bool, StoreError>;
 
-    /// An account's overrides, expired ones included.
-    async fn overrides(&self, account: &AccountId) -> Result<Vec<Override>, StoreError>;
-
     /// Every change to an account's overrides (each set, each removal), in
     /// the order made: the override in force at an instant is the latest
     /// change made by then (`overrides_as_of`), as the plan in force is the

@@ -1200,17 +1200,6 @@ impl Store for PgStore {
         Ok(done.rows_affected() > 0)
     }
 
-    async fn overrides(&self, account: &AccountId) -> Result<Vec<Override>, StoreError> {
-        let rows: Vec<OverrideRow> = sqlx::query_as(
-            "SELECT account, resource, limit_amount, enforcement, limit_window, expires_at, updated_at
-             FROM account_overrides WHERE account = $1 ORDER BY resource",
-        )
-        .bind(account.as_str())
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.into_iter().map(|row| self.override_from_row(row).1).collect())
-    }
-
     async fn override_changes(&self, account: &AccountId) -> Result<Vec<OverrideChange>, StoreError> {
         let mut conn = self.pool.acquire().await?;
         Ok(self.plans_and_override_changes_on(&mut conn, account).await?.1)

@@ -276,22 +276,6 @@ impl SqliteStore {
         Ok((row.account, value))
     }
 
-    /// An account's overrides (expired ones included), by resource, read on `conn`.
-    async fn overrides_on(
-        &self,
-        conn: &mut sqlx::SqliteConnection,
-        account: &AccountId,
-    ) -> Result<Vec<Override>, StoreError> {
-        let rows: Vec<OverrideRow> = sqlx::query_as(
-            "SELECT account, resource, limit_amount, enforcement, limit_window, expires_at, updated_at
-             FROM account_overrides WHERE account = ? ORDER BY resource",
-        )
-        .bind(account.as_str())
-        .fetch_all(&mut *conn)
-        .await?;
-        rows.into_iter().map(|row| Ok(self.override_from_row(row)?.1)).collect()
-    }
-
     /// Every change to an account's overrides, in the order made, read on `conn`.
     async fn override_changes_on(
         &self,
@@ -1014,11 +998,6 @@ impl Store for SqliteStore {
         }
         tx.commit().await?;
         Ok(removed)
-    }
-
-    async fn overrides(&self, account: &AccountId) -> Result<Vec<Override>, StoreError> {
-        let mut conn = self.reader.acquire().await?;
-        Ok(self.overrides_on(&mut conn, account).await?)
     }
 
     async fn override_changes(&self, account: &AccountId) -> Result<Vec<OverrideChange>, StoreError> {

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::quota::plan_at;
-use crate::domain::plan::{Override, OverrideChange, PlanAssignment};
+use crate::domain::plan::{Override, OverrideChange, PlanAssignment, overrides_as_of};
 use crate::domain::{AccountId, Catalog, ResourceName};
 use crate::store::{Store, StoreError};
 
@@ -74,10 +74,11 @@ pub async fn account_view(
     account: AccountId,
     now: DateTime<Utc>,
 ) -> Result<AccountView, StoreError> {
+    // One read for both, so that `overrides` and `override_history` agree.
     let (plan_history, override_changes) = store.plans_and_override_changes(&account).await?;
-    let overrides = store
-        .overrides(&account)
-        .await?
+    let mut overrides = overrides_as_of(&override_changes, now);
+    overrides.sort_by(|a, b| a.resource.cmp(&b.resource));
+    let overrides = overrides
         .into_iter()
         .map(|set| OverrideView {
             expired: set.expires_at.is_some_and(|end| end <= now),
