@@ -407,6 +407,8 @@ async fn import_file(settings: &Settings, args: &ImportArgs, summary: &mut Impor
         now: Utc::now(),
         late_horizon: chrono::Duration::days(settings.late_horizon_days),
         allow_late: args.allow_late,
+        // The import itself is the backfill, with the flag.
+        too_late: "; import it with --allow-late to backfill rows that old",
     };
 
     summary.header_read = true;

@@ -7,7 +7,7 @@ use rand::RngCore;
 
 use crate::app::Settings;
 use crate::domain::EntryInput;
-use crate::domain::entry::{EntryRules, validate_batch};
+use crate::domain::entry::{BACKFILL, EntryRules, validate_batch};
 
 /// Arguments of `tally post`.
 #[derive(Debug, clap::Args)]
@@ -52,6 +52,7 @@ pub async fn run(settings: &Settings, args: PostArgs) -> anyhow::Result<ExitCode
         now: Utc::now(),
         late_horizon: chrono::Duration::days(settings.late_horizon_days),
         allow_late: false,
+        too_late: BACKFILL,
     };
     let entries = match validate_batch(vec![input], rules) {
         Ok(entries) => entries,

@@ -63,6 +63,9 @@ pub struct EntryRules<'a> {
     pub late_horizon: Duration,
     /// Backfills (`tally import --allow-late`) skip the horizon.
     pub allow_late: bool,
+    /// What an entry older than the horizon is told to do, after the
+    /// refusal ([`BACKFILL`] for entries; a consume has its own words).
+    pub too_late: &'static str,
 }
 
 /// A validated entry, ready for the store.
@@ -399,8 +402,9 @@ impl EntryInput {
                         "occurred_at",
                         "too_late",
                         format!(
-                            "occurred_at {raw} is older than the late-arrival horizon of {} days{BACKFILL}",
-                            rules.late_horizon.num_days()
+                            "occurred_at {raw} is older than the late-arrival horizon of {} days{}",
+                            rules.late_horizon.num_days(),
+                            rules.too_late
                         ),
                     );
                     None
@@ -552,8 +556,9 @@ pub struct EntryFilter {
     pub limit: u32,
 }
 
-/// What an entry older than the late-arrival horizon is told to do (a
-/// consume, which the import's backfill would not check, says otherwise).
+/// What an entry older than the late-arrival horizon is told to do
+/// ([`EntryRules::too_late`]; a consume, which the import's backfill would
+/// not check, says otherwise).
 pub const BACKFILL: &str = "; backfill it with `tally import --allow-late`";
 
 /// Validates every entry of a batch; all problems are reported together.

@@ -13,7 +13,7 @@ use super::auth::{Caller, Writer};
 use super::error::ApiError;
 use super::extract::{Body, NoQuery, Path, QueryParams, malformed_json, malformed_json_in, parse_json, require_object};
 use super::params;
-use crate::domain::entry::{EntryRules, FieldError, refuse_nul, validate_batch};
+use crate::domain::entry::{BACKFILL, EntryRules, FieldError, refuse_nul, validate_batch};
 use crate::domain::{
     AccountId, Entry, EntryFilter, EntryInput, IdempotencyKey, InsertOutcome, InsertStatus, ResourceName, Role,
 };
@@ -435,6 +435,7 @@ impl AppState {
             now: self.clock.now(),
             late_horizon: self.late_horizon,
             allow_late: false,
+            too_late: BACKFILL,
         }
     }
 }

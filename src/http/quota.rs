@@ -13,7 +13,7 @@ use super::extract::{Body, NoQuery, malformed_json, parse_json};
 use super::{AppState, params};
 use crate::domain::amount::{AmountError, JsonDecimalError, json_decimal_text, not_a_decimal};
 use crate::domain::catalog::{Enforcement, Window};
-use crate::domain::entry::{BACKFILL, parse_timestamp};
+use crate::domain::entry::{EntryRules, parse_timestamp};
 use crate::domain::plan::overrides_as_of;
 use crate::domain::{AccountId, Amount, Catalog, EntryInput, ResourceName};
 use crate::usage::quota::{
@@ -85,12 +85,20 @@ fn check_amount_of_json(raw: &RawValue, resource: &ResourceName, decimals: u32) 
     check_amount(&text, resource, decimals).map_err(|message| ApiError::invalid("amount", message))
 }
 
+/// What a consume older than the late-arrival horizon is told: a backfill
+/// records without checking a limit, so it is not a consume's way.
+const CONSUME_TOO_LATE: &str = ": a consume is judged in the window it is dated in, and that far back none is \
+                                open to consumes; date it within the horizon or leave occurred_at out (an \
+                                operator can still record old usage as an entry, unchecked, with `tally import \
+                                --allow-late`)";
+
 /// A consume's answer to an amount of 0.
 const CONSUME_OF_ZERO: &str = "amount 0 records no usage: a consume takes the positive amount used; to see what \
                                is left without recording, POST /v1/quota/check; to free room, post a negative \
                                entry to /v1/entries";
 
-/// Refuses an amount that is not strictly positive: consume and check count usage.
+/// Refuses a consume amount that is not strictly positive (a check has
+/// [`check_amount`]).
 fn positive(amount: Amount) -> Result<Amount, ApiError> {
     if amount.minor() <= 0 {
         return Err(ApiError::invalid(
@@ -123,20 +131,16 @@ async fn consume(
     if let Some(account) = input.account.as_deref().and_then(|a| AccountId::parse(a).ok()) {
         caller.require_write(&account)?;
     }
-    let entry = input.validate(0, state.entry_rules()).map_err(|mut errors| {
+    let rules = EntryRules {
+        too_late: CONSUME_TOO_LATE,
+        ..state.entry_rules()
+    };
+    let entry = input.validate(0, rules).map_err(|mut errors| {
         // An entry's words for 0 ("leave out an entry…") do not fit a consume.
         let zero = AmountError::Zero.to_string();
         for error in errors.iter_mut() {
             if error.field == "amount" && error.message == zero {
                 error.message = CONSUME_OF_ZERO.to_owned();
-            }
-            // A backfill records without checking a limit: not a consume's way.
-            if let Some(reason) = error.message.strip_suffix(BACKFILL) {
-                error.message = format!(
-                    "{reason}: a consume is judged in the window it is dated in, and that far back none is open \
-                     to consumes; date it within the horizon or leave occurred_at out (an operator can still \
-                     record old usage as an entry, unchecked, with `tally import --allow-late`)"
-                );
             }
         }
         ApiError::from_field_errors(errors)

@@ -160,7 +160,11 @@ async fn import_loads_valid_rows_and_reports_rejected_lines(app: TestApp) {
     assert!(stderr.contains("1 created, 1 duplicate, 3 rejected"), "{stderr}");
     assert!(stderr.contains("line 3: resource: resource 'tokens'"), "{stderr}");
     assert!(stderr.contains("line 4: amount"), "{stderr}");
-    assert!(stderr.contains("line 5: occurred_at"), "{stderr}");
+    assert!(
+        stderr.contains("line 5: occurred_at")
+            && stderr.contains("import it with --allow-late to backfill rows that old"),
+        "{stderr}"
+    );
     assert_eq!(app.count_entries().await, 1);
 
     let backfill = app.cli(&["import", "--allow-late", file.to_str().unwrap()]);

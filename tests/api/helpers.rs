@@ -418,6 +418,7 @@ impl TestApp {
             now: chrono::Utc::now(),
             late_horizon: chrono::Duration::days(35),
             allow_late: true,
+            too_late: tally::domain::entry::BACKFILL,
         };
         let entries = tally::domain::entry::validate_batch(inputs, rules).expect("valid test entries");
         self.store

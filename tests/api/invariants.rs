@@ -138,6 +138,7 @@ async fn amounts_in_any_spelling_are_stored_exactly_and_read_back_canonical(app:
             now: Utc::now(),
             late_horizon: chrono::Duration::days(35),
             allow_late: false,
+            too_late: tally::domain::entry::BACKFILL,
         };
         let entries = tally::domain::entry::validate_batch(inputs, rules).expect("valid amounts");
         let outcomes = app.store.insert_entries(&entries).await.unwrap();

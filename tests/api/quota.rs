@@ -1758,6 +1758,7 @@ async fn a_cached_check_stays_exact_after_a_rollup_and_after_another_process_ins
             now: Utc::now(),
             late_horizon: Duration::days(35),
             allow_late: false,
+            too_late: tally::domain::entry::BACKFILL,
         };
         let theirs = tally::domain::entry::validate_batch(inputs, rules).unwrap();
         other.insert_entries(&theirs).await.unwrap();

@@ -925,6 +925,7 @@ async fn on_sqlite_an_entry_of_a_long_write_is_folded_exactly_once_after_it_comm
                 now: chrono::Utc::now(),
                 late_horizon: chrono::Duration::days(36_500),
                 allow_late: true,
+                too_late: tally::domain::entry::BACKFILL,
             };
             let entries = tally::domain::entry::validate_batch(vec![entry], rules).unwrap();
             let id = store.insert_entries(&entries).await.unwrap()[0].id;
