@@ -138,10 +138,8 @@ async fn consume(
     let entry = input.validate(0, rules).map_err(|mut errors| {
         // An entry's words for 0 ("leave out an entry…") do not fit a consume.
         let zero = AmountError::Zero.to_string();
-        for error in errors.iter_mut() {
-            if error.field == "amount" && error.message == zero {
-                error.message = CONSUME_OF_ZERO.to_owned();
-            }
+        for error in errors.iter_mut().filter(|e| e.field == "amount" && e.message == zero) {
+            error.message = CONSUME_OF_ZERO.to_owned();
         }
         ApiError::from_field_errors(errors)
     })?;
