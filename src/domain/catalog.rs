@@ -767,11 +767,10 @@ fn dotted_plans<'a>(
 
 /// A bare integer past TOML's 64 bits fails the whole read with "number too
 /// large (or small) to fit in target type", which names neither the field
-/// nor its bound: name both. A `limit`, `price` or `overage_price` means
-/// what its string means (docs/plans.md), so the file is checked again with
-/// the digits quoted and the field's own rule speaks (a limit's minor units
-/// must fit 64 bits); a string that passes is still an error, told to be
-/// written as that string. None when the error is not such an integer.
+/// nor its bound: name both. TOML stops at the first such literal, so it is
+/// the only error said; a `limit`, `price` or `overage_price` is told to be
+/// written as a string (docs/plans.md), whose own rule is then checked on
+/// the next run. None when the error is not such an integer.
 fn oversized_integer(text: &str, error: &toml::de::Error) -> Option<Vec<CatalogError>> {
     // The error's span starts at the literal.
     let start = error.span()?.start;
@@ -797,28 +796,15 @@ fn oversized_integer(text: &str, error: &toml::de::Error) -> Option<Vec<CatalogE
         .filter(|key| !key.is_empty())?;
     let line = Some(line_of(text, start));
     let message = match key {
-        "limit" | "price" | "overage_price" => {
-            let quoted = format!("{}\"{digits}\"{}", &text[..start], &text[start + written.len()..]);
-            let mut errors = Catalog::parse(&quoted).err().map(|e| e.0).unwrap_or_default();
-            // The check again said nothing of it: a price whose string
-            // passes, or a limit the check did not reach (its resource
-            // undeclared, or another such integer stopped the read).
-            if !errors.iter().any(|e| e.line == line) {
-                let what = if key == "limit" {
-                    "a limit's minor units must fit 64 bits; write a smaller limit, or \"unlimited\"".to_owned()
-                } else {
-                    format!("write it as a string: {key} = \"{digits}\"")
-                };
-                errors.push(CatalogError {
-                    line,
-                    message: format!(
-                        "{key} = {written} is past the largest integer TOML holds ({}); {what}",
-                        i64::MAX
-                    ),
-                });
-            }
-            return Some(errors);
-        }
+        "limit" => format!(
+            "limit = {written} is past the largest integer TOML holds ({}); a limit's minor units must fit 64 \
+             bits: write a smaller limit, or \"unlimited\"",
+            i64::MAX
+        ),
+        "price" | "overage_price" => format!(
+            "{key} = {written} is past the largest integer TOML holds ({}); write it as a string: {key} = \"{digits}\"",
+            i64::MAX
+        ),
         "decimals" => format!(
             "decimals = {written} is out of range; decimals is 0 to {MAX_DECIMALS}, the fractional digits an \
              amount may carry"
@@ -1310,18 +1296,14 @@ mod tests {
             assert_eq!(errors[0].line, line, "{to}: {errors:?}");
             errors[0].message.clone()
         };
-        // The limit's own rule, as for its string form: minor units in 64 bits.
-        assert_eq!(
-            check("limit = \"5\"", &format!("limit = {big}")),
-            format!(
-                "plan 'free', resource 'x': limit: amount {big} is too large for a resource with 2 fractional digits: \
-                 its minor units must fit 64 bits, so |amount| must be at most 92233720368547758.07 (or write \
-                 \"unlimited\")"
-            )
+        let limit = format!(
+            "limit = {big} is past the largest integer TOML holds (9223372036854775807); a limit's minor units \
+             must fit 64 bits: write a smaller limit, or \"unlimited\""
         );
+        assert_eq!(check("limit = \"5\"", &format!("limit = {big}")), limit);
         assert!(
             check("limit = \"5\"", "limit = 1_000_000_000_000_000_000_000")
-                .contains("must be at most 92233720368547758.07"),
+                .starts_with("limit = 1_000_000_000_000_000_000_000 is past the largest integer TOML holds"),
         );
         // A price has no such bound: its string form is the fix.
         assert_eq!(
@@ -1340,35 +1322,13 @@ mod tests {
                 "rate_per_minute = -{big} is out of range; rate_per_minute is a whole number"
             ))
         );
-        // Two at once: each is checked as its string.
+        // TOML stops at the first: that one is said, with its line.
         let text = base
             .replace("limit = \"5\"", &format!("limit = {big}"))
             .replace("overage_price = \"1\"", &format!("overage_price = {big}"));
         let errors = Catalog::parse(&text).unwrap_err().0;
         let got: Vec<_> = errors.iter().map(|e| (e.line, e.message.as_str())).collect();
-        assert_eq!(errors.len(), 2, "{got:?}");
-        assert!(
-            errors[0].line == Some(9) && errors[0].message.contains("at most 92233720368547758.07"),
-            "{got:?}"
-        );
-        assert!(
-            errors[1].line == Some(11) && errors[1].message.contains("write it as a string"),
-            "{got:?}"
-        );
-        // A limit the check does not reach (its resource undeclared) still gets its bound.
-        let text = base
-            .replace("limits.x]", "limits.y]")
-            .replace("limit = \"5\"", &format!("limit = {big}"));
-        let errors = Catalog::parse(&text).unwrap_err().0;
-        assert_eq!(errors.len(), 2, "{errors:?}");
-        assert_eq!(errors[1].line, Some(9), "{errors:?}");
-        assert_eq!(
-            errors[1].message,
-            format!(
-                "limit = {big} is past the largest integer TOML holds (9223372036854775807); a limit's minor units \
-                 must fit 64 bits; write a smaller limit, or \"unlimited\""
-            )
-        );
+        assert_eq!(got, [(Some(9), limit.as_str())]);
         assert_eq!(
             check("seats = 1", &format!("seats = {big}")),
             format!("seats = {big} is past the range of a TOML integer, -9223372036854775808 to 9223372036854775807")
