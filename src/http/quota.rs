@@ -166,40 +166,48 @@ async fn consume(
             }))
         }
         Ok(ConsumeOutcome::QuotaExceeded { status, retry_after }) => {
-            // Who set the limit: a refusal is not the plan's doing when an
-            // account override decided it. Read again, on this path only.
-            let by_override = match state.store.override_changes(&entry.account).await {
-                Ok(changes) => override_at(
-                    &overrides_as_of(&changes, entry.occurred_at),
+            // Read again, on this path only, for two questions: who set the
+            // limit (a refusal is not the plan's doing when an account
+            // override decided it) and whether a scheduled change lets the
+            // consume through sooner. Without it the refusal is still answered.
+            let history = state.store.plans_and_override_changes(&entry.account).await;
+            let by_override = history.as_ref().is_ok_and(|(_, changes)| {
+                override_at(
+                    &overrides_as_of(changes, entry.occurred_at),
                     &entry.resource,
                     entry.occurred_at,
                 )
-                .is_some(),
-                Err(_) => false,
-            };
+                .is_some()
+            });
             // A consume dated "now" that a scheduled change lets through
             // is told to come back then, not when the window ends; when no
             // fresh window would take it (the amount alone is over the
             // limit), a change at any later instant is looked for. A total
             // has no Retry-After (the contract), so none is looked for.
-            let sooner = if entry.occurred_at_given || status.window == Window::Total {
-                None
-            } else {
-                let until = retry_after.and(status.period_end);
-                quotas
-                    .passes_after_a_scheduled_change(&entry.account, &entry.resource, entry.amount, now, until)
+            let sooner = match &history {
+                _ if entry.occurred_at_given || status.window == Window::Total => Ok(None),
+                Ok((plans, changes)) => quotas
+                    .passes_after_a_scheduled_change(
+                        &entry.account,
+                        &entry.resource,
+                        entry.amount,
+                        (plans, changes),
+                        now,
+                        retry_after.and(status.period_end),
+                    )
                     .await
-                    .unwrap_or_else(|error| {
-                        tracing::warn!(
-                            account = %entry.account,
-                            error = %crate::telemetry::cause_chain(&error),
-                            "cannot look for a scheduled limit change of account '{}': {}",
-                            entry.account,
-                            crate::telemetry::cause_chain(&error)
-                        );
-                        None
-                    })
+                    .map_err(|error| crate::telemetry::cause_chain(&error)),
+                Err(error) => Err(crate::telemetry::cause_chain(error)),
             };
+            let sooner = sooner.unwrap_or_else(|error| {
+                tracing::warn!(
+                    account = %entry.account,
+                    error = %error,
+                    "cannot look for a scheduled limit change of account '{}': {error}",
+                    entry.account
+                );
+                None
+            });
             let retry_after = sooner
                 .as_ref()
                 .map_or(retry_after, |change| whole_seconds_until(now, change.at));

@@ -380,7 +380,8 @@ impl Quotas<'_> {
     /// The first instant after `now` and up to `until` (the refused
     /// window's end; None: no bound) at which a scheduled change of
     /// `account`'s limits on `resource` (a plan assignment that takes
-    /// effect, an override that expires) lets `amount` through. A consume
+    /// effect, an override that expires), from its `history` (plans and
+    /// override changes, as the store reads them), lets `amount` through. A consume
     /// refused now that is sent again then, without `occurred_at`, would
     /// pass unless others use the room first: its `Retry-After` should not
     /// send the caller away until the window ends. Reads only on a
@@ -390,13 +391,13 @@ impl Quotas<'_> {
         account: &AccountId,
         resource: &ResourceName,
         amount: Amount,
+        (plans, override_changes): (&[PlanAssignment], &[OverrideChange]),
         now: DateTime<Utc>,
         until: Option<DateTime<Utc>>,
     ) -> Result<Option<ScheduledChange>, StoreError> {
         // A few instants at most are looked at: each costs a check.
         const LOOKED_AT: usize = 8;
-        let (plans, override_changes) = self.store.plans_and_override_changes(account).await?;
-        let expiries: Vec<DateTime<Utc>> = overrides_as_of(&override_changes, now)
+        let expiries: Vec<DateTime<Utc>> = overrides_as_of(override_changes, now)
             .iter()
             .filter(|o| &o.resource == resource)
             .filter_map(|o| o.expires_at)
