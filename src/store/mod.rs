@@ -392,20 +392,15 @@ pub trait Store: Send + Sync + 'static {
         removed_at: DateTime<Utc>,
     ) -> Result<bool, StoreError>;
 
-    /// Every change to an account's overrides (each set, each removal), in
-    /// the order made: the override in force at an instant is the latest
-    /// change made by then (`overrides_as_of`), as the plan in force is the
-    /// latest assignment effective by then.
-    async fn override_changes(&self, account: &AccountId) -> Result<Vec<OverrideChange>, StoreError>;
-
-    /// [`Store::plan_history`] and [`Store::override_changes`] together; an
-    /// engine may read both in one round trip.
+    /// [`Store::plan_history`] and every change to the account's overrides
+    /// (each set, each removal) in the order made, read together: the
+    /// override in force at an instant is the latest change made by then
+    /// (`overrides_as_of`), as the plan in force is the latest assignment
+    /// effective by then.
     async fn plans_and_override_changes(
         &self,
         account: &AccountId,
-    ) -> Result<(Vec<PlanAssignment>, Vec<OverrideChange>), StoreError> {
-        Ok((self.plan_history(account).await?, self.override_changes(account).await?))
-    }
+    ) -> Result<(Vec<PlanAssignment>, Vec<OverrideChange>), StoreError>;
 
     /// What a quota check reads: [`Store::plans_and_override_changes`] and `used`
     /// in `likely` (the period the check most likely counts in). An engine may

@@ -1200,11 +1200,6 @@ impl Store for PgStore {
         Ok(done.rows_affected() > 0)
     }
 
-    async fn override_changes(&self, account: &AccountId) -> Result<Vec<OverrideChange>, StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        Ok(self.plans_and_override_changes_on(&mut conn, account).await?.1)
-    }
-
     async fn plans_and_override_changes(
         &self,
         account: &AccountId,

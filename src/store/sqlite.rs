@@ -1000,9 +1000,14 @@ impl Store for SqliteStore {
         Ok(removed)
     }
 
-    async fn override_changes(&self, account: &AccountId) -> Result<Vec<OverrideChange>, StoreError> {
+    async fn plans_and_override_changes(
+        &self,
+        account: &AccountId,
+    ) -> Result<(Vec<PlanAssignment>, Vec<OverrideChange>), StoreError> {
+        // One connection for both reads.
         let mut conn = self.reader.acquire().await?;
-        Ok(self.override_changes_on(&mut conn, account).await?)
+        let plans = plans_on(&mut conn, account).await?;
+        Ok((plans, self.override_changes_on(&mut conn, account).await?))
     }
 
     async fn used(&self, account: &AccountId, resource: &ResourceName, period: &Period) -> Result<i64, StoreError> {

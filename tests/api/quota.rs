@@ -524,8 +524,8 @@ async fn a_scheduled_change_that_lets_a_refused_consume_through_sets_its_retry_a
         flat.body
     );
 
-    // More than the whole limit: no fresh window takes it, but a plan that
-    // takes effect exactly when the window ends does.
+    // More than the whole limit: no fresh window takes it, but a plan from
+    // the next month does (looked for past the window's end).
     let edge = app
         .put_admin(
             "/v1/accounts/edge/plan",
@@ -547,6 +547,29 @@ async fn a_scheduled_change_that_lets_a_refused_consume_through_sets_its_retry_a
             .contains("account 'edge' moves to plan 'pro' at"),
         "{:?}",
         whole.body
+    );
+    // A full window whose end is also when a plan takes effect: the wait is
+    // the same, and the message names the plan (the end is included).
+    assert_eq!(
+        consume(&app, "edge", "ai_generations", "50", "edge-2", None)
+            .await
+            .status,
+        200
+    );
+    let full = consume(&app, "edge", "ai_generations", "1", "edge-3", None).await;
+    assert_eq!(
+        (full.status, retry_after(&full)),
+        (429, Some(to_month_end)),
+        "{:?}",
+        full.body
+    );
+    assert!(
+        full.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("account 'edge' moves to plan 'pro' at"),
+        "{:?}",
+        full.body
     );
     // A total never gets a Retry-After (the contract), scheduled change or not.
     let gib = 1_u64 << 30;
