@@ -187,6 +187,11 @@ impl Period {
     pub fn ends_at(&self) -> Option<DateTime<Utc>> {
         self.end.map(start_of)
     }
+
+    /// Whether `at` falls in the period.
+    pub fn contains(&self, at: DateTime<Utc>) -> bool {
+        self.starts_at().is_none_or(|start| start <= at) && self.ends_at().is_none_or(|end| at < end)
+    }
 }
 
 #[cfg(test)]

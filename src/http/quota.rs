@@ -165,19 +165,19 @@ async fn consume(
                 warnings,
             }))
         }
-        Ok(ConsumeOutcome::QuotaExceeded { status, retry_after }) => {
+        Ok(ConsumeOutcome::QuotaExceeded {
+            status,
+            retry_after,
+            in_force_now,
+        }) => {
             // Read again, on this path only, for two questions: who set the
             // limit (a refusal is not the plan's doing when an account
             // override decided it) and whether a scheduled change lets the
             // consume through sooner. Without it the refusal is still answered.
             let history = state.store.plans_and_override_changes(&entry.account).await;
+            let judged_at = if in_force_now { now } else { entry.occurred_at };
             let by_override = history.as_ref().is_ok_and(|(_, changes)| {
-                override_at(
-                    &overrides_as_of(changes, entry.occurred_at),
-                    &entry.resource,
-                    entry.occurred_at,
-                )
-                .is_some()
+                override_at(&overrides_as_of(changes, judged_at), &entry.resource, judged_at).is_some()
             });
             // A consume dated "now" that a scheduled change lets through
             // is told to come back then, not when the window ends; when no
@@ -218,6 +218,15 @@ async fn consume(
                 )
             } else {
                 format!("on plan '{}'", status.plan)
+            };
+            let set_by = if in_force_now {
+                format!(
+                    "{set_by} in force now (a consume dated {} is in the current window, so the limit in force \
+                     when it is recorded holds it too, as well as the one at its date)",
+                    entry.occurred_at.to_rfc3339_opts(SecondsFormat::Secs, true)
+                )
+            } else {
+                set_by
             };
             let message = if let Some(change) = &sooner {
                 let what = match (&change.plan_takes_effect, change.override_expires) {

@@ -699,13 +699,15 @@ pub(crate) fn totals_sql(template: &str, table: &str, bucket: &str, bucket_of_en
 /// Decides a consume from the limits and the units used so far, both read
 /// by [`Store::consume`] under its lock.
 pub trait ConsumeDecider: Send + Sync {
-    /// The period `used` is read for, given the account's plan history (by
-    /// `effective_at`, then creation) and override changes (in the order made).
-    fn period(&self, plans: &[PlanAssignment], overrides: &[OverrideChange]) -> Period;
+    /// The periods `used` is read for (one or two, distinct), given the
+    /// account's plan history (by `effective_at`, then creation) and override
+    /// changes (in the order made).
+    fn periods(&self, plans: &[PlanAssignment], overrides: &[OverrideChange]) -> Vec<Period>;
 
     /// `Ok(response)` records the entry and keeps the response for replays,
-    /// `Err(reason)` refuses it; `used` is for [`ConsumeDecider::period`].
-    fn decide(&self, plans: &[PlanAssignment], overrides: &[OverrideChange], used: i64) -> Result<String, String>;
+    /// `Err(reason)` refuses it; `used[i]` is for the `i`-th of
+    /// [`ConsumeDecider::periods`].
+    fn decide(&self, plans: &[PlanAssignment], overrides: &[OverrideChange], used: &[i64]) -> Result<String, String>;
 }
 
 /// What a consume did.
@@ -720,8 +722,6 @@ pub enum ConsumeResult {
     },
     /// Refused; nothing written.
     Rejected {
-        /// Units used when refused.
-        used: i64,
         /// What `decide` gave as the reason.
         reason: String,
     },

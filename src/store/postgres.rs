@@ -1400,11 +1400,13 @@ impl Store for PgStore {
         // The limits too are read after the lock: a plan or override committed
         // before it was granted applies to this consume.
         let (plans, overrides) = self.plans_and_override_changes_on(&mut tx, &entry.account).await?;
-        let period = decide.period(&plans, &overrides);
-        let used = used_on(&mut tx, &self.settled, &entry.account, &entry.resource, &period).await?;
-        let response = match decide.decide(&plans, &overrides, used) {
+        let mut used = Vec::with_capacity(2);
+        for period in decide.periods(&plans, &overrides) {
+            used.push(used_on(&mut tx, &self.settled, &entry.account, &entry.resource, &period).await?);
+        }
+        let response = match decide.decide(&plans, &overrides, &used) {
             Ok(response) => response,
-            Err(reason) => return Ok(ConsumeResult::Rejected { used, reason }),
+            Err(reason) => return Ok(ConsumeResult::Rejected { reason }),
         };
         // The entry and its response in one row (entries.consume_outcome,
         // migration 0005): one round trip less while the lock is held.

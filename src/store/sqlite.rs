@@ -1039,11 +1039,13 @@ impl Store for SqliteStore {
         }
         let plans = plans_on(&mut tx, &entry.account).await?;
         let overrides = self.override_changes_on(&mut tx, &entry.account).await?;
-        let period = decide.period(&plans, &overrides);
-        let used = used_on(&mut tx, &self.settled, &entry.account, &entry.resource, &period).await?;
-        let response = match decide.decide(&plans, &overrides, used) {
+        let mut used = Vec::with_capacity(2);
+        for period in decide.periods(&plans, &overrides) {
+            used.push(used_on(&mut tx, &self.settled, &entry.account, &entry.resource, &period).await?);
+        }
+        let response = match decide.decide(&plans, &overrides, &used) {
             Ok(response) => response,
-            Err(reason) => return Ok(ConsumeResult::Rejected { used, reason }),
+            Err(reason) => return Ok(ConsumeResult::Rejected { reason }),
         };
         let entry_id = insert_row(&mut tx, entry, to_micros(Utc::now()))
             .await?

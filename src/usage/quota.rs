@@ -262,6 +262,9 @@ pub enum ConsumeOutcome {
         status: QuotaStatus,
         /// Whole seconds until the period ends (None for total).
         retry_after: Option<u64>,
+        /// Refused by the limit in force now, not the one at the consume's
+        /// `occurred_at` (a consume dated earlier in the same window).
+        in_force_now: bool,
     },
     /// Over a per-minute rate limit; nothing written.
     RateLimited {
@@ -447,7 +450,11 @@ impl Quotas<'_> {
         now: DateTime<Utc>,
     ) -> Result<ConsumeOutcome, ConsumeError> {
         let at = entry.occurred_at;
-        if let Some(rules) = self.rules_without_rate(&entry.resource, at)
+        // The one-call path judges a consume by the limits at its instant
+        // only; one dated by its caller is also held to the limit in force
+        // now, which the multi-statement path's decider reads.
+        if !entry.occurred_at_given
+            && let Some(rules) = self.rules_without_rate(&entry.resource, at)
             && let Some(decided) = self.store.consume_decided(entry, rules).await?
         {
             return self.decided(entry, decided, now).await;
@@ -461,7 +468,7 @@ impl Quotas<'_> {
         match self.store.consume(entry, &decider).await? {
             ConsumeResult::Recorded { entry_id, response } => Ok(recorded(entry, entry_id, &response, false)?),
             replayed @ ConsumeResult::Replayed { .. } => self.replayed(entry, replayed).await,
-            ConsumeResult::Rejected { reason, .. } => {
+            ConsumeResult::Rejected { reason } => {
                 let rejected: Rejected = serde_json::from_str(&reason).map_err(|e| {
                     StoreError::Unexpected(format!("a consume was refused for a reason not understood: {e}"))
                 })?;
@@ -480,9 +487,15 @@ impl Quotas<'_> {
                         retry_after,
                         per_minute,
                     },
-                    Rejected::QuotaExceeded { status, retry_after } => {
-                        ConsumeOutcome::QuotaExceeded { status, retry_after }
-                    }
+                    Rejected::QuotaExceeded {
+                        status,
+                        retry_after,
+                        in_force_now,
+                    } => ConsumeOutcome::QuotaExceeded {
+                        status,
+                        retry_after,
+                        in_force_now,
+                    },
                     Rejected::PastSixtyFourBits { status } => return Err(past_64_bits(entry, &status)),
                 })
             }
@@ -505,6 +518,7 @@ enum Rejected {
     QuotaExceeded {
         status: QuotaStatus,
         retry_after: Option<u64>,
+        in_force_now: bool,
     },
     PastSixtyFourBits {
         status: QuotaStatus,
@@ -544,9 +558,16 @@ struct Decider<'a> {
     now: DateTime<Utc>,
 }
 
+/// A limit a consume is held to, with the period it counts over.
+struct Judged {
+    limit: EffectiveLimit,
+    period: Period,
+    /// The limit in force now, not at the consume's `occurred_at`.
+    in_force_now: bool,
+}
+
 impl Decider<'_> {
-    fn limit(&self, plans: &[PlanAssignment], overrides: &[OverrideChange]) -> EffectiveLimit {
-        let at = self.entry.occurred_at;
+    fn limit_at(&self, plans: &[PlanAssignment], overrides: &[OverrideChange], at: DateTime<Utc>) -> EffectiveLimit {
         effective_limit(
             self.catalog,
             plan_at(self.catalog, plans, at),
@@ -554,6 +575,36 @@ impl Decider<'_> {
             &self.entry.resource,
             at,
         )
+    }
+
+    /// The limits the consume is held to: the one in force at its
+    /// `occurred_at` (that instant's limits, as for a check), and, for a
+    /// consume dated by its caller, also the one in force now when the
+    /// window it counts in now holds that instant. Without the second a
+    /// consume dated before a downgrade or a lowered override, in the same
+    /// window, would still record up to the earlier, higher limit, leaving
+    /// the window's `used` past the limit in force.
+    fn judged(&self, plans: &[PlanAssignment], overrides: &[OverrideChange]) -> Vec<Judged> {
+        let at = self.entry.occurred_at;
+        let limit = self.limit_at(plans, overrides, at);
+        let period = Period::containing(limit.window, at);
+        let mut judged = vec![Judged {
+            limit,
+            period,
+            in_force_now: false,
+        }];
+        if self.entry.occurred_at_given {
+            let limit = self.limit_at(plans, overrides, self.now);
+            let period = Period::containing(limit.window, self.now);
+            if period.contains(at) && (&limit, &period) != (&judged[0].limit, &judged[0].period) {
+                judged.push(Judged {
+                    limit,
+                    period,
+                    in_force_now: true,
+                });
+            }
+        }
+        judged
     }
 
     /// The per-minute rate of the resource under the plan in force when the
@@ -568,20 +619,39 @@ impl Decider<'_> {
     }
 }
 
+/// The distinct periods of `judged`, in order: what `used` is read for.
+fn periods_of(judged: &[Judged]) -> Vec<Period> {
+    let mut periods: Vec<Period> = Vec::with_capacity(judged.len());
+    for j in judged {
+        if !periods.contains(&j.period) {
+            periods.push(j.period);
+        }
+    }
+    periods
+}
+
 impl ConsumeDecider for Decider<'_> {
-    fn period(&self, plans: &[PlanAssignment], overrides: &[OverrideChange]) -> Period {
-        Period::containing(self.limit(plans, overrides).window, self.entry.occurred_at)
+    fn periods(&self, plans: &[PlanAssignment], overrides: &[OverrideChange]) -> Vec<Period> {
+        periods_of(&self.judged(plans, overrides))
     }
 
     fn decide(
         &self,
         plans: &[PlanAssignment],
         overrides: &[OverrideChange],
-        used_minor: i64,
+        used_minor: &[i64],
     ) -> Result<String, String> {
         let entry = self.entry;
-        let limit = self.limit(plans, overrides);
-        let period = Period::containing(limit.window, entry.occurred_at);
+        let judged = self.judged(plans, overrides);
+        let periods = periods_of(&judged);
+        let used_in = |period: &Period| -> Result<Amount, String> {
+            periods
+                .iter()
+                .position(|p| p == period)
+                .and_then(|i| used_minor.get(i))
+                .map(|minor| Amount::from_minor(*minor, entry.amount.decimals()))
+                .ok_or_else(|| format!("no `used` was read for the period {period:?}"))
+        };
         // Judged here, after the store found the key unused: a retry of a
         // consume recorded under a plan without this rate replays its first
         // outcome instead of failing on today's rate.
@@ -591,27 +661,34 @@ impl ConsumeDecider for Decider<'_> {
         if let Some((per_minute, None)) = cells {
             return Err(Rejected::LargerThanRate { per_minute }.reason());
         }
-        let used = Amount::from_minor(used_minor, entry.amount.decimals());
-        let exceeded = || {
-            let status = QuotaStatus::new(&entry.account, &entry.resource, &limit, &period, used, false);
-            Rejected::QuotaExceeded {
-                status,
-                retry_after: retry_after(&limit, entry.amount, &period, self.now),
+        let mut first_after = None;
+        for held in &judged {
+            let used = used_in(&held.period)?;
+            let exceeded = || {
+                let status = QuotaStatus::new(&entry.account, &entry.resource, &held.limit, &held.period, used, false);
+                Rejected::QuotaExceeded {
+                    status,
+                    retry_after: retry_after(&held.limit, entry.amount, &held.period, self.now),
+                    in_force_now: held.in_force_now,
+                }
+                .reason()
+            };
+            let after = match used.checked_add(entry.amount) {
+                Ok(after) => after,
+                // Past 64 bits a hard limit is passed too, and that is the reason given.
+                Err(_) if caps(&held.limit) => return Err(exceeded()),
+                Err(_) => {
+                    let status =
+                        QuotaStatus::new(&entry.account, &entry.resource, &held.limit, &held.period, used, false);
+                    return Err(Rejected::PastSixtyFourBits { status }.reason());
+                }
+            };
+            if !allows(&held.limit, used, entry.amount) {
+                return Err(exceeded());
             }
-            .reason()
-        };
-        let after = match used.checked_add(entry.amount) {
-            Ok(after) => after,
-            // Past 64 bits a hard limit is passed too, and that is the reason given.
-            Err(_) if caps(&limit) => return Err(exceeded()),
-            Err(_) => {
-                let status = QuotaStatus::new(&entry.account, &entry.resource, &limit, &period, used, false);
-                return Err(Rejected::PastSixtyFourBits { status }.reason());
-            }
-        };
-        if !allows(&limit, used, entry.amount) {
-            return Err(exceeded());
+            first_after.get_or_insert(after);
         }
+        let after = first_after.ok_or("a consume was held to no limit")?;
         // The rate is counted only for what will be recorded, under the lock.
         if let Some((per_minute, Some((budget, cells)))) = cells {
             let retry_after = match self
@@ -630,8 +707,10 @@ impl ConsumeDecider for Decider<'_> {
                 .reason());
             }
         }
-        let status = QuotaStatus::new(&entry.account, &entry.resource, &limit, &period, after, true);
-        let warnings = warnings_for(&entry.resource, &limit, after);
+        // The answer is the limit at the consume's instant, as a check of it says.
+        let Judged { limit, period, .. } = &judged[0];
+        let status = QuotaStatus::new(&entry.account, &entry.resource, limit, period, after, true);
+        let warnings = warnings_for(&entry.resource, limit, after);
         Ok(serde_json::json!({ "status": status, "warnings": warnings }).to_string())
     }
 }
@@ -686,6 +765,7 @@ impl Quotas<'_> {
                 Ok(ConsumeOutcome::QuotaExceeded {
                     status,
                     retry_after: retry_after(&limit, entry.amount, &period, now),
+                    in_force_now: false,
                 })
             }
         }

@@ -26,6 +26,7 @@ both!(
     a_backdated_consume_is_told_the_true_wait_from_now_and_none_once_its_window_closed,
     a_total_limit_never_resets_and_deletions_free_room,
     a_plan_change_applies_from_its_effective_instant,
+    a_consume_dated_before_a_downgrade_in_the_same_window_is_held_to_the_limit_in_force_now,
     an_override_beats_the_plan_until_it_expires,
     an_override_on_a_resource_dropped_from_the_catalog_can_still_be_removed,
     an_override_applies_from_when_it_is_set_not_to_earlier_instants,
@@ -865,18 +866,25 @@ async fn a_plan_change_applies_from_its_effective_instant(app: TestApp) {
     };
     let (before, change) = (frozen - Duration::seconds(120), frozen - Duration::seconds(60));
     app.clock.freeze_at(frozen);
-    for (plan, effective_at) in [("pro", before - Duration::seconds(60)), ("free", change)] {
-        let set = app
-            .put_admin(
-                "/v1/accounts/beta/plan",
-                json!({"plan": plan, "effective_at": iso(effective_at)}),
-            )
-            .await;
-        assert_eq!(set.status, 200, "{:?}", set.body);
-    }
+    let set_plan = |plan: &'static str, effective_at| {
+        let app = &app;
+        async move {
+            let set = app
+                .put_admin(
+                    "/v1/accounts/beta/plan",
+                    json!({"plan": plan, "effective_at": iso(effective_at)}),
+                )
+                .await;
+            assert_eq!(set.status, 200, "{:?}", set.body);
+        }
+    };
+    // Recorded before the downgrade is made (once it is, a consume dated
+    // before it is held to free's limit too).
+    set_plan("pro", before - Duration::seconds(60)).await;
     let under_pro = consume(&app, "beta", "ai_generations", "60", "b", Some(&iso(before))).await;
     assert_eq!(under_pro.status, 200, "{:?}", under_pro.body);
     assert_eq!(under_pro.body["plan"], "pro");
+    set_plan("free", change).await;
     let under_free = consume(&app, "beta", "ai_generations", "1", "b-now", None).await;
     assert_eq!(
         (under_free.status, under_free.code()),
@@ -893,6 +901,170 @@ async fn a_plan_change_applies_from_its_effective_instant(app: TestApp) {
     );
     app.clock.thaw();
 }
+
+/// An instant a few minutes into its UTC day (so that two minutes before it
+/// is the same day and month), frozen on `app`'s clock: now, or a minute
+/// before midnight when the real day is younger than five minutes.
+fn freeze_within_the_day(app: &TestApp) -> chrono::DateTime<Utc> {
+    let real_now = Utc::now();
+    let day_start = real_now.date_naive().and_hms_opt(0, 0, 0).unwrap().and_utc();
+    let frozen = if real_now - day_start < Duration::minutes(5) {
+        day_start - Duration::minutes(1)
+    } else {
+        real_now
+    };
+    app.clock.freeze_at(frozen);
+    frozen
+}
+
+/// A consume dated before a downgrade (or before a lowered override) in the
+/// window that is still open is held to the limit in force now too: without
+/// it a service could still record up to the earlier, higher limit by
+/// backdating, and the window's `used` would pass the limit in force. One
+/// dated in a window that has closed is judged by that window's limits only.
+async fn a_consume_dated_before_a_downgrade_in_the_same_window_is_held_to_the_limit_in_force_now(app: TestApp) {
+    let frozen = freeze_within_the_day(&app);
+    let (before, change) = (frozen - Duration::seconds(120), frozen - Duration::seconds(60));
+    for (plan, effective_at) in [("pro", frozen - Duration::days(3)), ("free", change)] {
+        let set = app
+            .put_admin(
+                "/v1/accounts/down/plan",
+                json!({"plan": plan, "effective_at": iso(effective_at)}),
+            )
+            .await;
+        assert_eq!(set.status, 200, "{:?}", set.body);
+    }
+    // ai_generations: unlimited on pro, 50 a month on free.
+    let recorded = consume(&app, "down", "ai_generations", "40", "g1", Some(&iso(before))).await;
+    assert_eq!(recorded.status, 200, "{:?}", recorded.body);
+    let refused = consume(&app, "down", "ai_generations", "20", "g2", Some(&iso(before))).await;
+    assert_eq!(
+        (refused.status, refused.code()),
+        (429, "quota_exceeded"),
+        "{:?}",
+        refused.body
+    );
+    let details = &refused.body["error"]["details"];
+    assert_eq!(
+        (&details["plan"], &details["limit"], &details["used"]),
+        (&json!("free"), &json!("50"), &json!("40")),
+        "{:?}",
+        refused.body
+    );
+    let message = refused.body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("on plan 'free' in force now") && message.contains(&iso(before)[..19]),
+        "{message}"
+    );
+    // What fits both limits passes, answered with the limit at its instant.
+    let fits = consume(&app, "down", "ai_generations", "10", "g3", Some(&iso(before))).await;
+    assert_eq!(fits.status, 200, "{:?}", fits.body);
+    assert_eq!((&fits.body["plan"], &fits.body["used"]), (&json!("pro"), &json!("50")));
+    assert_eq!(app.ledger_sum("down", "ai_generations").await, 50);
+    assert_eq!(check(&app, "down", "ai_generations", "1", None).await["used"], "50");
+
+    // llm_tokens: 50 000 soft a day on pro, 1 000 hard on free. Yesterday's
+    // window has closed: a consume dated in it is judged by pro alone.
+    let yesterday = consume(
+        &app,
+        "down",
+        "llm_tokens",
+        "2000",
+        "t1",
+        Some(&iso(frozen - Duration::days(1))),
+    )
+    .await;
+    assert_eq!(yesterday.status, 200, "{:?}", yesterday.body);
+    assert_eq!(yesterday.body["plan"], "pro");
+    let today = consume(&app, "down", "llm_tokens", "2000", "t2", Some(&iso(before))).await;
+    assert_eq!(
+        (today.status, today.code()),
+        (429, "quota_exceeded"),
+        "{:?}",
+        today.body
+    );
+    assert_eq!(today.body["error"]["details"]["limit"], "1000", "{:?}", today.body);
+
+    // An override lowered after the instant a consume is dated: free's 50
+    // then, the override's 5 now.
+    let put = app
+        .put_override_since("lowered", "ai_generations", json!({"limit": "5"}), change)
+        .await;
+    assert_eq!(put.status, 200, "{:?}", put.body);
+    app.clock.freeze_at(frozen);
+    let over = consume(&app, "lowered", "ai_generations", "6", "o1", Some(&iso(before))).await;
+    assert_eq!((over.status, over.code()), (429, "quota_exceeded"), "{:?}", over.body);
+    assert_eq!(over.body["error"]["details"]["limit"], "5", "{:?}", over.body);
+    let message = over.body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("set by an override of account 'lowered'") && message.contains("in force now"),
+        "{message}"
+    );
+    let under = consume(&app, "lowered", "ai_generations", "5", "o2", Some(&iso(before))).await;
+    assert_eq!(under.status, 200, "{:?}", under.body);
+    assert_eq!((&under.body["limit"], &under.body["used"]), (&json!("50"), &json!("5")));
+    assert_eq!(app.ledger_sum("lowered", "ai_generations").await, 5);
+    app.clock.thaw();
+}
+
+/// When the limit in force now counts over another window than the one at a
+/// consume's instant, the consume is held to both, each over its own
+/// period: here 15 a month before the change and 10 a day after it.
+async fn a_consume_dated_before_a_change_of_window_is_held_to_both_windows(app: TestApp) {
+    let frozen = freeze_within_the_day(&app);
+    let before = frozen - Duration::seconds(120);
+    for (plan, effective_at) in [
+        ("monthly", frozen - Duration::seconds(300)),
+        ("daily", frozen - Duration::seconds(60)),
+    ] {
+        let set = app
+            .put_admin(
+                "/v1/accounts/w/plan",
+                json!({"plan": plan, "effective_at": iso(effective_at)}),
+            )
+            .await;
+        assert_eq!(set.status, 200, "{:?}", set.body);
+    }
+    let refused = consume(&app, "w", "widgets", "12", "k1", Some(&iso(before))).await;
+    assert_eq!(
+        (refused.status, refused.code()),
+        (429, "quota_exceeded"),
+        "{:?}",
+        refused.body
+    );
+    let details = &refused.body["error"]["details"];
+    assert_eq!(
+        (
+            &details["plan"],
+            &details["window"],
+            &details["limit"],
+            &details["used"]
+        ),
+        (&json!("daily"), &json!("day"), &json!("10"), &json!("0")),
+        "{:?}",
+        refused.body
+    );
+    let recorded = consume(&app, "w", "widgets", "9", "k2", Some(&iso(before))).await;
+    assert_eq!(recorded.status, 200, "{:?}", recorded.body);
+    assert_eq!(
+        (&recorded.body["plan"], &recorded.body["window"], &recorded.body["used"]),
+        (&json!("monthly"), &json!("month"), &json!("9"))
+    );
+    let refused = consume(&app, "w", "widgets", "2", "k3", Some(&iso(before))).await;
+    assert_eq!(
+        (refused.status, refused.code()),
+        (429, "quota_exceeded"),
+        "{:?}",
+        refused.body
+    );
+    let now = consume(&app, "w", "widgets", "1", "k4", None).await;
+    assert_eq!(now.status, 200, "{:?}", now.body);
+    assert_eq!((&now.body["plan"], &now.body["used"]), (&json!("daily"), &json!("10")));
+    assert_eq!(app.ledger_sum("w", "widgets").await, 10);
+    app.clock.thaw();
+}
+
+both!(plans = TWO_WINDOW_PLANS; a_consume_dated_before_a_change_of_window_is_held_to_both_windows);
 
 /// An override outlives its resource in the catalog (and would apply again
 /// were the resource put back): DELETE and `clear-override` still remove it.
