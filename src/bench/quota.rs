@@ -157,6 +157,12 @@ pub struct QuotaArgs {
     /// both, one after the other.
     #[arg(long, value_enum, default_value_t = DurabilityChoice::Both)]
     pub durability: DurabilityChoice,
+    /// Consumes carry `occurred_at` (the caller's now), as a service that
+    /// stamps its own events sends them. Such a consume is also held to the
+    /// limit in force now, so on PostgreSQL it is decided alone under its
+    /// lock, not in a group: this measures that path.
+    #[arg(long)]
+    pub dated: bool,
     /// Exit with status 1 when a target is missed.
     #[arg(long)]
     pub check: bool,
@@ -666,7 +672,7 @@ async fn consume_in_process(
     let mut tasks = JoinSet::new();
     for _ in 0..clients {
         let (store, catalog, rates, counter) = (store.clone(), catalog.clone(), rates.clone(), counter.clone());
-        let (resource, tag) = (resource.clone(), tag.to_owned());
+        let (resource, tag, dated) = (resource.clone(), tag.to_owned(), args.dated);
         tasks.spawn(async move {
             let quotas = Quotas {
                 store: store.as_ref(),
@@ -681,7 +687,7 @@ async fn consume_in_process(
                     amount: one,
                     idempotency_key: IdempotencyKey::parse(&format!("{tag}-{k}")).map_err(anyhow::Error::msg)?,
                     occurred_at: chrono::Utc::now().trunc_subsecs(6),
-                    occurred_at_given: false,
+                    occurred_at_given: dated,
                     source: None,
                     metadata: None,
                     reverses: None,
@@ -717,17 +723,23 @@ async fn consume_tally(
             .pool_max_idle_per_host(1)
             .timeout(Duration::from_secs(60))
             .build()?;
-        let (url, auth, counter, tag) = (url.clone(), auth.clone(), counter.clone(), tag.to_owned());
+        let (url, auth, counter, tag, dated) = (url.clone(), auth.clone(), counter.clone(), tag.to_owned(), args.dated);
         tasks.spawn(async move {
             let mut done = 0_u64;
             while Instant::now() < deadline {
                 let k = counter.fetch_add(1, Ordering::Relaxed);
-                let body = serde_json::to_vec(&serde_json::json!({
+                let mut body = serde_json::json!({
                     "account": spread.account(k),
                     "resource": CONSUME_RESOURCE,
                     "amount": "1",
                     "idempotency_key": format!("{tag}-{k}"),
-                }))?;
+                });
+                if dated {
+                    body["occurred_at"] = chrono::Utc::now()
+                        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+                        .into();
+                }
+                let body = serde_json::to_vec(&body)?;
                 let response = client
                     .post(&*url)
                     .header(AUTHORIZATION, &*auth)
@@ -990,10 +1002,16 @@ async fn consume_on(args: &QuotaArgs, engine: Engine, durability: Durability) ->
     };
     println!();
     println!(
-        "quota consume  engine={engine}{durability_tag}  seconds={} resource={CONSUME_RESOURCE} plan=scale (unlimited) jobs=built-in",
-        args.consume_seconds
+        "quota consume  engine={engine}{durability_tag}  seconds={} resource={CONSUME_RESOURCE} plan=scale (unlimited) jobs=built-in{}",
+        args.consume_seconds,
+        if args.dated {
+            " consumes=dated (occurred_at given)"
+        } else {
+            ""
+        }
     );
     println!("  settings    {settings}");
+    let dated_tag = if args.dated { " dated" } else { "" };
     let mut met = true;
     let mut lines = Vec::new();
     for Measured {
@@ -1022,7 +1040,7 @@ async fn consume_on(args: &QuotaArgs, engine: Engine, durability: Durability) ->
             baseline.elapsed.as_secs_f64()
         );
         lines.push(format!(
-            "summary engine={:<8}{durability_tag} consume clients={clients:<4} {:<26} tally={:.0}/s baseline={:.0}/s \
+            "summary engine={:<8}{durability_tag}{dated_tag} consume clients={clients:<4} {:<26} tally={:.0}/s baseline={:.0}/s \
              ratio={ratio:.2} (target ≥ {TARGET_CONSUME_RATIO:.1}: {}); over HTTP {:.0}/s ({http_ratio:.2})",
             engine.name(),
             spread.name(),
