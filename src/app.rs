@@ -206,15 +206,17 @@ impl Settings {
     /// Opens the database and runs its migrations.
     async fn open_and_migrate(&self) -> anyhow::Result<(Arc<dyn Store>, Arc<Catalog>)> {
         let catalog = Arc::new(self.load_catalog()?);
-        let store = store::connect(&self.database_url, catalog.clone())
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot open database {} (set by --database-url or TALLY_DATABASE_URL; a SQLite file's \
-                     folder must exist, a PostgreSQL server must be running with the database created)",
-                    redact_url(&self.database_url)
-                )
-            })?;
+        let store = store::connect(&self.database_url, catalog.clone()).await.map_err(|e| {
+            let advice = if e.says_what_to_do() {
+                ""
+            } else {
+                "; a SQLite file's folder must exist, a PostgreSQL server must be running with the database created"
+            };
+            anyhow::Error::new(e).context(format!(
+                "cannot open database {} (set by --database-url or TALLY_DATABASE_URL{advice})",
+                redact_url(&self.database_url)
+            ))
+        })?;
         self.opened.add(store.clone());
         store.migrate().await?;
         Ok((store, catalog))

@@ -159,8 +159,8 @@ pub struct QuotaArgs {
     pub durability: DurabilityChoice,
     /// Consumes carry `occurred_at` (the caller's now), as a service that
     /// stamps its own events sends them. Such a consume is also held to the
-    /// limit in force now, so on PostgreSQL it is decided alone under its
-    /// lock, not in a group: this measures that path.
+    /// limit in force when it is answered, which on PostgreSQL costs a second
+    /// plan and override lookup in its group: this measures that.
     #[arg(long)]
     pub dated: bool,
     /// Exit with status 1 when a target is missed.

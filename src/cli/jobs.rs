@@ -218,7 +218,7 @@ pub async fn run(settings: &Settings, command: JobsCommand) -> anyhow::Result<Ex
             };
             let runner = JobRunner::new(context, definitions);
             match runner.run(&name).await? {
-                JobOutcome::Ran(summary) => {
+                JobOutcome::Ran(summary) | JobOutcome::Idle(summary) => {
                     outln!("{name}: {summary}")?;
                     Ok(ExitCode::SUCCESS)
                 }

@@ -327,6 +327,10 @@ pub fn builtin() -> Vec<JobDefinition> {
 pub enum JobOutcome {
     /// It ran; a summary for the log.
     Ran(String),
+    /// It ran and found nothing to do (a rollup with nothing to fold); its
+    /// summary goes to the debug log only, as a scheduled rollup finds
+    /// nothing most of the times it runs.
+    Idle(String),
     /// Another run held the lock (in this process or another); nothing done.
     Skipped(String),
 }
@@ -414,13 +418,20 @@ impl JobRunner {
             }
         };
         let result = match job.run {
-            JobKind::Rollup => rollup::run(
+            JobKind::Rollup => rollup::run_until(
                 context.store.as_ref(),
                 &rollup::RollupOptions::default(),
                 &context.metrics,
+                &self.closed,
             )
             .await
-            .map(|report| JobOutcome::Ran(report.to_string()))
+            .map(|report| {
+                if report.entries == 0 && !report.stopped {
+                    JobOutcome::Idle(report.to_string())
+                } else {
+                    JobOutcome::Ran(report.to_string())
+                }
+            })
             .map_err(JobError::from),
             JobKind::MonthlyReports => reports::catch_up(
                 context.store.as_ref(),
@@ -461,16 +472,13 @@ impl JobRunner {
     }
 }
 
-/// Runs job `name` (of kind `kind`) and logs how it went.
-async fn run_and_log(runner: &JobRunner, name: &str, kind: JobKind) {
+/// Runs job `name` and logs how it went.
+async fn run_and_log(runner: &JobRunner, name: &str) {
     match runner.run(name).await {
-        // The rollup logs its own work (every 10 s by default); a report
-        // job's line names the instant its files are as of, which rebuilding
-        // them needs (docs/reports.md).
-        Ok(JobOutcome::Ran(summary)) if kind == JobKind::Rollup => {
-            tracing::debug!(job = %name, "job {name}: {summary}")
-        }
+        // A report job's line names the instant its files are as of, which
+        // rebuilding them needs (docs/reports.md).
         Ok(JobOutcome::Ran(summary)) => tracing::info!(job = %name, "job {name}: {summary}"),
+        Ok(JobOutcome::Idle(summary)) => tracing::debug!(job = %name, "job {name}: {summary}"),
         Ok(JobOutcome::Skipped(why)) => tracing::debug!(job = %name, "job {name} skipped: {why}"),
         Err(e) => {
             let cause = crate::telemetry::cause_chain(&e);
@@ -491,12 +499,11 @@ impl Scheduler {
         let scheduler = JobScheduler::new().await.map_err(JobError::CreateScheduler)?;
         for definition in runner.definitions() {
             let name = definition.name.clone();
-            let kind = definition.run;
             let job_runner = runner.clone();
             let job = Job::new_async(definition.schedule.as_str(), move |_id, _scheduler| {
                 let runner = job_runner.clone();
                 let name = name.clone();
-                Box::pin(async move { run_and_log(&runner, &name, kind).await })
+                Box::pin(async move { run_and_log(&runner, &name).await })
             })
             .map_err(|source| JobError::Schedule {
                 name: definition.name.clone(),
@@ -529,17 +536,18 @@ impl Scheduler {
                     reports_dir.display()
                 );
                 let runner = runner.clone();
-                tokio::spawn(async move { run_and_log(&runner, &name, JobKind::MonthlyReports).await });
+                tokio::spawn(async move { run_and_log(&runner, &name).await });
             }
         }
         Ok(Self { scheduler, runner })
     }
 
     /// Stops firing and waits for the runs in flight until `deadline`, then
-    /// leaves them. A run left is safe to drop: its batch is one transaction,
-    /// which the database rolls back when the process's connection goes, and
-    /// the next run folds it (a report file is renamed into place only once
-    /// written whole).
+    /// leaves them. A run left is safe to drop: the rollup begins no batch
+    /// once the drain began, and its batch in flight is one transaction,
+    /// which either commits while the stores close or is rolled back when
+    /// the process's connection goes, for the next run to fold (a report
+    /// file is renamed into place only once written whole).
     pub async fn shutdown(mut self, deadline: tokio::time::Instant) {
         if let Err(e) = self.scheduler.shutdown().await {
             tracing::warn!(error = %e, "job scheduler did not shut down cleanly: {e}");
@@ -569,8 +577,10 @@ impl Scheduler {
         tracing::warn!(
             jobs = %names,
             "stopping without the job run in flight ({names}): it did not end within --shutdown-grace (the \
-             database may be stalled or a lock held); its open transaction is rolled back when this process's \
-             connection closes, and the next run does its work"
+             database may be stalled or a lock held); it begins no further batch, and the one in flight either \
+             commits while the database connections close (Tally waits {} s for it) or is rolled back; nothing is counted \
+             twice and the next run does the rest",
+            crate::store::CLOSE_WAIT.as_secs()
         );
     }
 }

@@ -2,6 +2,7 @@
 //! each batch one transaction that also moves the cursor (exactly once).
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::store::{Store, StoreError};
@@ -111,6 +112,9 @@ pub struct RollupReport {
     pub entries: u64,
     /// Wall time.
     pub elapsed: Duration,
+    /// The run stopped between batches because the process is shutting
+    /// down, with entries still to fold (the next run folds them).
+    pub stopped: bool,
 }
 
 impl fmt::Display for RollupReport {
@@ -124,7 +128,11 @@ impl fmt::Display for RollupReport {
             self.batches,
             plural(self.batches, "batch", "batches"),
             self.elapsed.as_secs_f64()
-        )
+        )?;
+        if self.stopped {
+            write!(f, ", then stopped for the shutdown; the next run folds the rest")?;
+        }
+        Ok(())
     }
 }
 
@@ -132,11 +140,24 @@ impl fmt::Display for RollupReport {
 /// A crash at any point leaves every committed batch counted once and the
 /// rest for the next run.
 pub async fn run(store: &dyn Store, options: &RollupOptions, metrics: &Metrics) -> Result<RollupReport, StoreError> {
+    run_until(store, options, metrics, &AtomicBool::new(false)).await
+}
+
+/// [`run`], stopping between batches once `stopping` is set: a shutdown
+/// then waits for one batch at most, and no batch is begun on connections
+/// that are closing (which failed the run with "pool closed").
+pub async fn run_until(
+    store: &dyn Store,
+    options: &RollupOptions,
+    metrics: &Metrics,
+    stopping: &AtomicBool,
+) -> Result<RollupReport, StoreError> {
     let started = Instant::now();
     let mut report = RollupReport {
         batches: 0,
         entries: 0,
         elapsed: Duration::ZERO,
+        stopped: false,
     };
     let cap = options
         .max_batch_size
@@ -144,6 +165,10 @@ pub async fn run(store: &dyn Store, options: &RollupOptions, metrics: &Metrics) 
         .max(1);
     let mut last_full_batch = 0;
     let result = loop {
+        if stopping.load(Ordering::Acquire) {
+            report.stopped = true;
+            break Ok(());
+        }
         let backlog = match store.unfolded_estimate().await {
             Ok(backlog) => backlog,
             Err(e) => break Err(e),
@@ -173,12 +198,10 @@ pub async fn run(store: &dyn Store, options: &RollupOptions, metrics: &Metrics) 
     };
     report.elapsed = started.elapsed();
     match result {
+        // Said by the caller, once: the job's log line, or `tally rollup`'s output.
         Ok(()) => {
             metrics.rollup_runs.inc();
             metrics.rollup_failures_in_a_row.set(0);
-            if report.entries > 0 {
-                tracing::info!(entries = report.entries, batches = report.batches, "rollup: {report}");
-            }
             Ok(report)
         }
         Err(e) => {

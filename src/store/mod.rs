@@ -156,6 +156,32 @@ pub enum OpenError {
         /// How long it was given.
         seconds: u64,
     },
+    /// The URL names a Unix socket that is not there.
+    #[error(
+        "no PostgreSQL socket at {path}: check the port in the URL (a server's socket is named after the port \
+         it listens on) and the socket folder (host=), and that the server is running"
+    )]
+    NoSocket {
+        /// The socket's full path.
+        path: String,
+        /// What the operating system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// SQLite cannot write the database file or create its companions.
+    #[error(
+        "SQLite cannot write {} or beside it: Tally keeps a write-ahead log next to the file (its -wal and \
+         -shm files), which SQLite creates even to read, so the file and its folder must be writable by the \
+         user Tally runs as; or work on a copy in a writable folder",
+        file.display()
+    )]
+    SqliteNotWritable {
+        /// The database file.
+        file: std::path::PathBuf,
+        /// What SQLite said.
+        #[source]
+        source: sqlx::Error,
+    },
     /// Connecting to the database, or a query while opening it, failed.
     #[error(transparent)]
     Database(#[from] sqlx::Error),
@@ -197,6 +223,18 @@ pub enum OpenError {
         /// The next transaction id of the cluster.
         next: u64,
     },
+}
+
+impl OpenError {
+    /// Whether the error already says what to check, so a caller's general
+    /// advice on opening a database would only mislead (a folder that must
+    /// exist, for a folder that exists but is read-only).
+    pub fn says_what_to_do(&self) -> bool {
+        matches!(
+            self,
+            Self::UnsupportedUrl(_) | Self::NoAnswer { .. } | Self::NoSocket { .. } | Self::SqliteNotWritable { .. }
+        )
+    }
 }
 
 /// SQLite BUSY/LOCKED and PostgreSQL's "cannot connect now"/"too many connections"
@@ -439,13 +477,16 @@ pub trait Store: Send + Sync + 'static {
     /// Consume decided by the database itself, in one round trip: under the
     /// same per-(account, resource) lock as [`Store::consume`], it reads the
     /// plan in force and the override, `used`, decides against `rules`, and
-    /// records. `Ok(None)`: the engine has no such path (use
-    /// [`Store::consume`]). Only for resources without a per-minute rate
-    /// (rates are counted in process, under the lock of `consume`).
+    /// records. A consume dated by its caller is held to the limit in force
+    /// at `now` too, as [`ConsumeDecider`]s hold it. `Ok(None)`: the engine
+    /// has no such path, or not for this consume (use [`Store::consume`]).
+    /// Only for resources without a per-minute rate (rates are counted in
+    /// process, under the lock of `consume`).
     async fn consume_decided(
         &self,
         _entry: &NewEntry,
         _rules: ConsumeRules,
+        _now: DateTime<Utc>,
     ) -> Result<Option<DecidedConsume>, StoreError> {
         Ok(None)
     }
@@ -792,6 +833,9 @@ pub enum DecidedConsume {
         used: i64,
         /// The resolved limit as JSON.
         context: String,
+        /// The limit passed is the one in force now, not at the consume's
+        /// `occurred_at` (a dated consume is held to both).
+        in_force_now: bool,
     },
     /// The key was used before: as [`Store::consume`] answers it.
     Replayed(ConsumeResult),
@@ -979,7 +1023,7 @@ pub struct NewApiKey {
 
 /// How long [`Store::close`] waits for each pool's connections in use to be
 /// returned: a process on its way out does not hang on one.
-const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+pub(crate) const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// sqlx logs a statement slower than a second at this level, with its whole
 /// text. Info, not sqlx's default warn: the rollup's and the exports' large
@@ -1117,6 +1161,17 @@ pub(crate) fn sqlite_in_memory(url: &str) -> bool {
     name == ":memory:" || name.starts_with("file::memory:") || parameters.split('&').any(|p| p == "mode=memory")
 }
 
+/// Whether SQLite refused to write (`SQLITE_READONLY` and its extended
+/// codes, such as a folder it cannot create its `-wal` file in).
+fn sqlite_read_only(error: &sqlx::Error) -> bool {
+    const SQLITE_READONLY: i32 = 8;
+    error
+        .as_database_error()
+        .and_then(|e| e.code())
+        .and_then(|code| code.parse::<i32>().ok())
+        .is_some_and(|code| code & 0xff == SQLITE_READONLY)
+}
+
 /// The file a `sqlite:` URL names; `None` for another engine or an
 /// in-memory database.
 pub fn sqlite_file(url: &str) -> Result<Option<std::path::PathBuf>, OpenError> {
@@ -1145,7 +1200,14 @@ pub(crate) fn sqlite_path(filename: &std::path::Path) -> std::path::PathBuf {
 /// Opens the store a database URL names (`sqlite://…` or `postgres://…`).
 pub async fn connect(url: &str, catalog: Arc<Catalog>) -> Result<Arc<dyn Store>, OpenError> {
     if url.starts_with("sqlite:") {
-        Ok(Arc::new(sqlite::SqliteStore::connect(url, catalog).await?))
+        match sqlite::SqliteStore::connect(url, catalog).await {
+            Ok(store) => Ok(Arc::new(store)),
+            Err(source) if sqlite_read_only(&source) => match sqlite_file(url) {
+                Ok(Some(file)) => Err(OpenError::SqliteNotWritable { file, source }),
+                _ => Err(source.into()),
+            },
+            Err(e) => Err(e.into()),
+        }
     } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
         Ok(Arc::new(postgres::PgStore::connect(url, catalog).await?))
     } else {

@@ -57,11 +57,28 @@ async fn connect_once(options: &PgConnectOptions, timeout: Duration) -> Result<(
             let _ = sqlx::Connection::close(connection).await;
             Ok(())
         }
+        Ok(Err(sqlx::Error::Io(source))) if source.kind() == std::io::ErrorKind::NotFound => match socket_path(options)
+        {
+            Some(path) => Err(OpenError::NoSocket { path, source }),
+            None => Err(sqlx::Error::Io(source).into()),
+        },
         Ok(Err(e)) => Err(e.into()),
         Err(_) => Err(OpenError::NoAnswer {
             seconds: timeout.as_secs(),
         }),
     }
+}
+
+/// The Unix socket `options` connect through, if any: the folder (`host=`
+/// a path, or a socket of its own) joined with the name PostgreSQL gives it,
+/// `.s.PGSQL.<port>`, as the driver does.
+fn socket_path(options: &PgConnectOptions) -> Option<String> {
+    let folder = match options.get_socket() {
+        Some(folder) => folder.display().to_string(),
+        None if options.get_host().starts_with('/') => options.get_host().to_owned(),
+        None => return None,
+    };
+    Some(format!("{folder}/.s.PGSQL.{}", options.get_port()))
 }
 
 /// The PostgreSQL implementation of [`Store`].
@@ -1303,6 +1320,7 @@ impl Store for PgStore {
         &self,
         entry: &NewEntry,
         rules: ConsumeRules,
+        now: DateTime<Utc>,
     ) -> Result<Option<DecidedConsume>, StoreError> {
         let likely = bounds(&rules.likely_period);
         let known = self
@@ -1318,6 +1336,7 @@ impl Store for PgStore {
                 rules,
                 likely,
                 known,
+                now: entry.occurred_at_given.then_some(now),
             })
             .await?;
         if let (Some(mark), Some(sum)) = (row.mark, row.settled) {
@@ -1330,7 +1349,18 @@ impl Store for PgStore {
         }
         let decided = match (row.outcome.as_str(), row.entry_id, row.used, row.context) {
             ("recorded", Some(entry_id), _, Some(context)) => DecidedConsume::Recorded { entry_id, context },
-            ("rejected", _, Some(used), Some(context)) => DecidedConsume::Rejected { used, context },
+            ("rejected", _, Some(used), Some(context)) => DecidedConsume::Rejected {
+                used,
+                context,
+                in_force_now: false,
+            },
+            ("rejected_now", _, Some(used), Some(context)) => DecidedConsume::Rejected {
+                used,
+                context,
+                in_force_now: true,
+            },
+            // Held to two windows' limits: the multi-statement path reads both.
+            ("undecided", ..) => return Ok(None),
             ("replayed", Some(entry_id), _, _) => {
                 let (stored, response): (EntryRow, Option<String>) = {
                     let stored: EntryRow =

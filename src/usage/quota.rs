@@ -450,12 +450,8 @@ impl Quotas<'_> {
         now: DateTime<Utc>,
     ) -> Result<ConsumeOutcome, ConsumeError> {
         let at = entry.occurred_at;
-        // The one-call path judges a consume by the limits at its instant
-        // only; one dated by its caller is also held to the limit in force
-        // now, which the multi-statement path's decider reads.
-        if !entry.occurred_at_given
-            && let Some(rules) = self.rules_without_rate(&entry.resource, at)
-            && let Some(decided) = self.store.consume_decided(entry, rules).await?
+        if let Some(rules) = self.rules_without_rate(&entry.resource, at)
+            && let Some(decided) = self.store.consume_decided(entry, rules, now).await?
         {
             return self.decided(entry, decided, now).await;
         }
@@ -753,7 +749,11 @@ impl Quotas<'_> {
         match decided {
             DecidedConsume::Recorded { entry_id, context } => Ok(recorded(entry, entry_id, &context, false)?),
             DecidedConsume::Replayed(replayed) => self.replayed(entry, replayed).await,
-            DecidedConsume::Rejected { used, context } => {
+            DecidedConsume::Rejected {
+                used,
+                context,
+                in_force_now,
+            } => {
                 let stored = StoredLimit::parse(&context, None)?;
                 let (limit, period) = stored.limit(entry.amount.decimals())?;
                 let used = Amount::from_minor(used, entry.amount.decimals());
@@ -765,7 +765,7 @@ impl Quotas<'_> {
                 Ok(ConsumeOutcome::QuotaExceeded {
                     status,
                     retry_after: retry_after(&limit, entry.amount, &period, now),
-                    in_force_now: false,
+                    in_force_now,
                 })
             }
         }
@@ -873,7 +873,7 @@ pub fn whole_seconds_until(now: DateTime<Utc>, at: DateTime<Utc>) -> Option<u64>
 }
 
 /// The outcome the database stores for a consume it decided
-/// (`tally_consume_group`, migration 0012): the limit it resolved, in minor units,
+/// (`tally_consume_group`, migration 0016): the limit it resolved, in minor units,
 /// and `used_after`. The check fields and warnings are rebuilt from it, the
 /// same way for the first answer and for every replay.
 #[derive(Debug, Deserialize)]

@@ -199,6 +199,28 @@ async fn on_postgres_commands_and_serve_against_a_refused_port_fail_at_once_nami
     }
 }
 
+/// A URL whose Unix socket is not there (a wrong port, most often: the
+/// socket is named after it) names the socket it looked for. It used to say
+/// only "No such file or directory (os error 2)".
+#[test]
+fn on_postgres_a_url_naming_a_missing_socket_names_the_socket() {
+    let folder = tempfile::tempdir().unwrap();
+    let url = format!(
+        "postgres://tally@localhost/tally?host={}&port=5999",
+        folder.path().display()
+    );
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["verify"])
+        .env("TALLY_DATABASE_URL", &url)
+        .output()
+        .expect("tally runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    let socket = format!("no PostgreSQL socket at {}/.s.PGSQL.5999", folder.path().display());
+    assert!(stderr.contains(&socket), "{stderr}");
+    assert!(stderr.contains("check the port"), "{stderr}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_postgres_healthz_and_metrics_answer_within_seconds_once_the_server_is_down() {
     // Over TCP: a stopped server refuses connections there, and the pool

@@ -944,6 +944,68 @@ fn a_database_that_cannot_be_opened_is_named_with_what_to_check() {
     assert!(!dir.path().join("missing-folder").exists(), "creates nothing");
 }
 
+/// A database in a folder the user cannot write: SQLite creates its -wal and
+/// -shm files beside the file even to read, and the error says so. It used
+/// to say only "attempt to write a readonly database", under advice that the
+/// folder must exist. Root writes anywhere, so as root the command runs as
+/// the `postgres` user (the one the PostgreSQL tests run the server as).
+#[test]
+fn on_sqlite_a_database_in_a_folder_it_cannot_write_says_sqlite_writes_beside_the_file() {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tally.db");
+    let url = format!("sqlite://{}", file.display());
+    let created = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["--database-url", &url, "migrate"])
+        .output()
+        .expect("tally runs");
+    assert!(created.status.success(), "{}", text(&created.stderr));
+    assert!(
+        !dir.path().join("tally.db-wal").exists(),
+        "a clean stop removes the log"
+    );
+    let as_root = text(&Command::new("id").arg("-u").output().unwrap().stdout).trim() == "0";
+    let mut command = if as_root {
+        let has_user = Command::new("id")
+            .arg("postgres")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !has_user {
+            assert!(
+                std::env::var("TALLY_TEST_REQUIRE_POSTGRES").is_err(),
+                "no `postgres` user to run as (install Debian's postgresql package)"
+            );
+            eprintln!("skipped: running as root, and no `postgres` user to run as");
+            return;
+        }
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666)).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut command = Command::new("runuser");
+        command.args(["-u", "postgres", "--", env!("CARGO_BIN_EXE_tally")]);
+        command
+    } else {
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o555)).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_tally"))
+    };
+    let output = command
+        .args(["--database-url", &url, "verify"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("tally runs");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let stderr = text(&output.stderr);
+    // 2: `verify` could not judge the totals.
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("SQLite cannot write {}", file.display()))
+            && stderr.contains("-wal")
+            && stderr.contains("folder must be writable"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("folder must exist"), "{stderr}");
+}
+
 /// A command that reads what is there fails on a database that is not: on
 /// SQLite a misspelt path (or the default `tally.db` in another working
 /// directory) used to become a new, empty database, and `verify` passed and

@@ -471,6 +471,7 @@ impl TestApp {
             batches: 0,
             entries: 0,
             elapsed: Default::default(),
+            stopped: false,
         };
         for _ in 0..500 {
             let report = self

@@ -2491,6 +2491,117 @@ async fn on_postgres_a_consume_group_keeps_used_per_period_and_refuses_two_windo
     );
 }
 
+/// A PostgreSQL consume group with a dated consume (`tally_consume_group_dated`) holds it (one given
+/// an answering instant, `now`) to the limit in force then too, when the
+/// window that limit counts in holds the consume: past it, `rejected_now`
+/// with that limit; over another window, `undecided` (Rust decides it on the
+/// multi-statement path), writing nothing. A consume stamped now (no `now`
+/// given) is held to its instant's limit alone. Dated consumes used to
+/// bypass the group entirely, at a third of the throughput.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_consume_group_holds_a_dated_consume_to_the_limit_in_force_now_too() {
+    let Some(app) = TestApp::spawn(Backend::Postgres).await else {
+        return;
+    };
+    let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
+    let at = |day_time: &str| format!("2026-03-{day_time}Z").parse::<chrono::DateTime<Utc>>().unwrap();
+    for (limit, since) in [
+        (json!({"limit": "2"}), "10T08:00:00"),
+        (json!({"limit": "1"}), "10T11:00:00"),
+    ] {
+        let put = app.put_override_since("acme", "llm_tokens", limit, at(since)).await;
+        assert_eq!(put.status, 200, "{:?}", put.body);
+    }
+    // (outcome, used, limit in the context) of one group of consumes of 1 at
+    // `occurred_at`, each answered at `now` (None: stamped now).
+    let group = async |prefix: &str, consumes: &[(&str, Option<&str>)]| -> Vec<(String, i64, Option<i64>)> {
+        let n = consumes.len();
+        let keys: Vec<String> = (0..n).map(|i| format!("{prefix}{i}")).collect();
+        let occurred: Vec<_> = consumes.iter().map(|(o, _)| at(o)).collect();
+        let nows: Vec<_> = consumes.iter().map(|(_, now)| now.map(at)).collect();
+        let rules =
+            json!({"llm_tokens": {"free": {"limit": 1000, "enforcement": "hard", "window": "day", "price": null}}});
+        sqlx::query_as::<_, (String, i64, Option<i64>)>(
+            "SELECT outcome, COALESCE(used, -1), (context::jsonb ->> 'limit')::bigint
+               FROM tally_consume_group_dated('free', $1::jsonb, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+              ORDER BY idx",
+        )
+        .bind(rules.to_string())
+        .bind(vec!["acme"; n])
+        .bind(vec!["llm_tokens"; n])
+        .bind(vec![1_i64; n])
+        .bind(&occurred)
+        .bind(&keys)
+        .bind(vec![None::<String>; n])
+        .bind(vec![None::<String>; n])
+        .bind(vec![None::<i64>; n])
+        .bind(vec![None::<chrono::NaiveDate>; n])
+        .bind(vec![None::<chrono::NaiveDate>; n])
+        .bind(vec![None::<i64>; n])
+        .bind(vec![None::<i64>; n])
+        .bind(&nows)
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+    };
+    // Dated 10:00 (the limit then: 2), answered at 12:00 (the limit now: 1).
+    let decided = group(
+        "a",
+        &[
+            ("10T10:00:00", Some("10T12:00:00")),
+            ("10T10:00:00", Some("10T12:00:00")),
+            ("10T10:00:00", None),
+        ],
+    )
+    .await;
+    assert_eq!(
+        decided,
+        [
+            ("recorded".to_owned(), 0, Some(2)),
+            ("rejected_now".to_owned(), 1, Some(1)),
+            ("recorded".to_owned(), 1, Some(2)),
+        ]
+    );
+    assert_eq!(app.ledger_sum("acme", "llm_tokens").await, 2);
+    // Dated 07:00, before the overrides (the plan's 1 000 a day): held to
+    // the limit of 12:00 on the same day, not to that of the next day, whose
+    // window does not hold 10 March.
+    let before_the_overrides = group(
+        "b",
+        &[
+            ("10T07:00:00", Some("10T12:00:00")),
+            ("10T07:00:00", Some("11T12:00:00")),
+        ],
+    )
+    .await;
+    assert_eq!(
+        before_the_overrides,
+        [
+            ("rejected_now".to_owned(), 2, Some(1)),
+            ("recorded".to_owned(), 2, Some(1000)),
+        ]
+    );
+    assert_eq!(app.ledger_sum("acme", "llm_tokens").await, 3);
+
+    // From 11:30 the override counts per month: a consume dated 10:00 (a day
+    // window then) answered at 12:00 counts in two windows.
+    let put = app
+        .put_override_since(
+            "acme",
+            "llm_tokens",
+            json!({"limit": "100", "window": "month"}),
+            at("10T11:30:00"),
+        )
+        .await;
+    assert_eq!(put.status, 200, "{:?}", put.body);
+    let two_windows = group("c", &[("10T10:00:00", Some("10T12:00:00")), ("10T10:00:00", None)]).await;
+    assert_eq!(
+        two_windows,
+        [("undecided".to_owned(), 3, None), ("rejected".to_owned(), 3, Some(2))]
+    );
+    assert_eq!(app.ledger_sum("acme", "llm_tokens").await, 3, "neither wrote anything");
+}
+
 /// `widgets` counted per day on `daily` (the default, 10 a day, hard) and per
 /// month on `monthly` (15 a month, hard): one resource, two windows.
 const TWO_WINDOW_PLANS: &str = r#"

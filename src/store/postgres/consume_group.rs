@@ -1,5 +1,6 @@
 //! Group commit for consume: the consumes waiting at one instant are decided
-//! by one call of `tally_consume_group` (migration 0012): one round trip, one
+//! by one call of `tally_consume_group` (migration 0012; `_dated`, 0016, when
+//! a consume of the group is dated by its caller): one round trip, one
 //! transaction, one commit, and one `used` read per (account, resource, period)
 //! instead of one per consume.
 //!
@@ -59,6 +60,9 @@ pub(super) struct Request {
     pub likely: Bounds,
     /// The settled sum for `likely`, if cached.
     pub known: Option<Settled>,
+    /// For a consume dated by its caller, the instant it is answered: it is
+    /// held to the limit in force then too (migration 0016).
+    pub now: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// What `tally_consume_group` answers for one consume.
@@ -66,7 +70,10 @@ pub(super) struct Request {
 pub(super) struct Decided {
     /// 1-based position in the call's arrays.
     pub idx: i32,
-    /// `recorded`, `rejected`, `replayed` or `conflict`.
+    /// `recorded`, `rejected` (past the limit at its instant),
+    /// `rejected_now` (past the limit in force now), `replayed`, `conflict`,
+    /// or `undecided` (held to two windows: the multi-statement path's).
+    /// Only `recorded` wrote anything.
     pub outcome: String,
     /// The new entry (recorded) or the stored one (replayed).
     pub entry_id: Option<i64>,
@@ -408,6 +415,7 @@ async fn call(pool: &PgPool, requests: &[&Request]) -> Result<Vec<Decided>, Stor
     let mut mark_ends = Vec::with_capacity(n);
     let mut marks = Vec::with_capacity(n);
     let mut settled = Vec::with_capacity(n);
+    let mut nows = Vec::with_capacity(n);
     let mut rules = Map::new();
     for request in requests {
         let entry = &request.entry;
@@ -423,32 +431,43 @@ async fn call(pool: &PgPool, requests: &[&Request]) -> Result<Vec<Decided>, Stor
         mark_ends.push(request.likely.1);
         marks.push(request.known.map(|k| k.mark));
         settled.push(request.known.map(|k| k.sum));
+        nows.push(request.now);
         rules
             .entry(entry.resource.as_str())
             .or_insert_with(|| rules_json(&request.rules));
     }
     // Every request of a group shares the catalog, hence its default plan.
     let default_plan = requests.first().map(|r| r.rules.default_plan.as_str());
-    Ok(sqlx::query_as(
+    // A group without a dated consume skips the second lookups altogether
+    // (migration 0016 says what they cost).
+    let sql = if nows.iter().any(Option::is_some) {
         "SELECT idx, outcome, entry_id, used, context, period_start, period_end, mark, settled
-           FROM tally_consume_group($1, $2::jsonb, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-    )
-    .bind(default_plan)
-    .bind(Value::Object(rules).to_string())
-    .bind(&accounts)
-    .bind(&resources)
-    .bind(&amounts)
-    .bind(&occurred_at)
-    .bind(&keys)
-    .bind(&sources)
-    .bind(&metadata)
-    .bind(&reverses)
-    .bind(&mark_starts)
-    .bind(&mark_ends)
-    .bind(&marks)
-    .bind(&settled)
-    .fetch_all(pool)
-    .await?)
+           FROM tally_consume_group_dated($1, $2::jsonb, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
+    } else {
+        "SELECT idx, outcome, entry_id, used, context, period_start, period_end, mark, settled
+           FROM tally_consume_group($1, $2::jsonb, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+    };
+    let query = sqlx::query_as(sql)
+        .bind(default_plan)
+        .bind(Value::Object(rules).to_string())
+        .bind(&accounts)
+        .bind(&resources)
+        .bind(&amounts)
+        .bind(&occurred_at)
+        .bind(&keys)
+        .bind(&sources)
+        .bind(&metadata)
+        .bind(&reverses)
+        .bind(&mark_starts)
+        .bind(&mark_ends)
+        .bind(&marks)
+        .bind(&settled);
+    let query = if nows.iter().any(Option::is_some) {
+        query.bind(&nows)
+    } else {
+        query
+    };
+    Ok(query.fetch_all(pool).await?)
 }
 
 /// One resource's rules as `tally_consume_group` reads them.
