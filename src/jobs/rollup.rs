@@ -113,7 +113,7 @@ pub struct RollupReport {
     /// Wall time.
     pub elapsed: Duration,
     /// The run stopped between batches because the process is shutting
-    /// down, with entries still to fold (the next run folds them).
+    /// down; what it did not reach, the next run folds.
     pub stopped: bool,
 }
 

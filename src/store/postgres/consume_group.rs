@@ -440,7 +440,8 @@ async fn call(pool: &PgPool, requests: &[&Request]) -> Result<Vec<Decided>, Stor
     let default_plan = requests.first().map(|r| r.rules.default_plan.as_str());
     // A group without a dated consume skips the second lookups altogether
     // (migration 0016 says what they cost).
-    let sql = if nows.iter().any(Option::is_some) {
+    let dated = nows.iter().any(Option::is_some);
+    let sql = if dated {
         "SELECT idx, outcome, entry_id, used, context, period_start, period_end, mark, settled
            FROM tally_consume_group_dated($1, $2::jsonb, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
     } else {
@@ -462,11 +463,7 @@ async fn call(pool: &PgPool, requests: &[&Request]) -> Result<Vec<Decided>, Stor
         .bind(&mark_ends)
         .bind(&marks)
         .bind(&settled);
-    let query = if nows.iter().any(Option::is_some) {
-        query.bind(&nows)
-    } else {
-        query
-    };
+    let query = if dated { query.bind(&nows) } else { query };
     Ok(query.fetch_all(pool).await?)
 }
 
