@@ -123,9 +123,12 @@ pub enum JobError {
         /// The jobs there are, comma-separated.
         known: String,
     },
-    /// The store failed (taking the job lock, or the rollup).
+    /// The store failed (taking the job lock).
     #[error("{0}")]
     Store(#[from] StoreError),
+    /// The rollup failed.
+    #[error(transparent)]
+    Rollup(#[from] rollup::RollupError),
     /// The monthly reports failed.
     #[error("{0}")]
     Reports(#[from] reports::ReportsError),

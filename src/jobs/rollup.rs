@@ -136,10 +136,23 @@ impl fmt::Display for RollupReport {
     }
 }
 
+/// A run that failed, with what it had committed before it did: those
+/// batches stay counted, once, and the next run folds the rest.
+#[derive(Debug, thiserror::Error)]
+#[error("rollup failed after it {done}")]
+pub struct RollupError {
+    /// What the run folded and committed before it failed.
+    pub done: RollupReport,
+    /// Why it failed.
+    #[source]
+    pub source: StoreError,
+}
+
 /// Folds everything since the cursor, batch after batch, until caught up.
 /// A crash at any point leaves every committed batch counted once and the
-/// rest for the next run.
-pub async fn run(store: &dyn Store, options: &RollupOptions, metrics: &Metrics) -> Result<RollupReport, StoreError> {
+/// rest for the next run. A failure is returned, not logged: the caller says
+/// it once (the job's log line, or `tally rollup`'s error).
+pub async fn run(store: &dyn Store, options: &RollupOptions, metrics: &Metrics) -> Result<RollupReport, RollupError> {
     run_until(store, options, metrics, &AtomicBool::new(false)).await
 }
 
@@ -151,7 +164,7 @@ pub async fn run_until(
     options: &RollupOptions,
     metrics: &Metrics,
     stopping: &AtomicBool,
-) -> Result<RollupReport, StoreError> {
+) -> Result<RollupReport, RollupError> {
     let started = Instant::now();
     let mut report = RollupReport {
         batches: 0,
@@ -197,18 +210,16 @@ pub async fn run_until(
         }
     };
     report.elapsed = started.elapsed();
+    // Said by the caller, once: the job's log line, or `tally rollup`'s output.
     match result {
-        // Said by the caller, once: the job's log line, or `tally rollup`'s output.
         Ok(()) => {
             metrics.rollup_runs.inc();
             metrics.rollup_failures_in_a_row.set(0);
             Ok(report)
         }
-        Err(e) => {
+        Err(source) => {
             metrics.rollup_failed();
-            let cause = crate::telemetry::cause_chain(&e);
-            tracing::error!(entries = report.entries, error = %cause, "rollup failed after {report}: {cause}");
-            Err(e)
+            Err(RollupError { done: report, source })
         }
     }
 }

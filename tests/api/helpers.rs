@@ -504,7 +504,7 @@ impl TestApp {
     pub async fn rollup_with(
         &self,
         options: tally::jobs::rollup::RollupOptions,
-    ) -> Result<tally::jobs::rollup::RollupReport, tally::store::StoreError> {
+    ) -> Result<tally::jobs::rollup::RollupReport, tally::jobs::rollup::RollupError> {
         tally::jobs::rollup::run(self.store.as_ref(), &options, &tally::telemetry::Metrics::default()).await
     }
 

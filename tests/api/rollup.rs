@@ -26,6 +26,7 @@ both!(
     a_failure_before_a_commit_leaves_totals_exact_after_the_next_run,
     a_failure_between_batches_leaves_totals_exact_after_the_next_run,
     a_rollup_process_killed_mid_batch_leaves_totals_exact_after_the_next_run,
+    a_failed_rollup_process_says_once_what_it_committed_before_failing,
     a_rollup_asked_to_stop_ends_after_its_batch_in_flight,
     concurrent_rollups_never_double_count,
     a_repair_beside_rollups_finds_nothing_to_rewrite_and_leaves_totals_exact,
@@ -648,6 +649,41 @@ async fn a_rollup_process_killed_mid_batch_leaves_totals_exact_after_the_next_ru
     );
     let capped = app.cli(&["rollup", "--max-batch-size", "5"]);
     assert!(capped.status.success(), "{}", String::from_utf8_lossy(&capped.stderr));
+}
+
+/// A failed run is said once, with the batches it committed before it
+/// failed (they stay counted). It used to be logged as an ERROR by the
+/// rollup and then said again by its caller.
+async fn a_failed_rollup_process_says_once_what_it_committed_before_failing(app: TestApp) {
+    let expected = twenty_five_entries(&app).await;
+    let failing_run = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args([
+                "rollup",
+                "--batch-size",
+                "10",
+                "--max-batch-size",
+                "10",
+                "--database-url",
+                &app.database_url,
+            ])
+            .env("TALLY_FAILPOINT", "after_commit:1")
+            .output()
+            .unwrap()
+    };
+    // On PostgreSQL a run may find nothing it may fold yet (other tests'
+    // transactions hold the fold back) and end before batch 1 commits.
+    let failed = (0..100)
+        .map(|_| failing_run())
+        .find(|output| !output.status.success())
+        .expect("the run failed after its first batch");
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert_eq!(stderr.matches("failpoint fired in batch 1").count(), 1, "{stderr}");
+    assert!(stderr.contains("rollup failed after it folded "), "{stderr}");
+    assert!(stderr.contains(" in 1 batch ("), "{stderr}");
+    assert!(app.store.verify_totals().await.unwrap().is_empty());
+    app.rollup().await;
+    assert_totals_exact(&app, expected).await;
 }
 
 /// A shutdown asks the rollup run in flight to stop: it ends after its batch
