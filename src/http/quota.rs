@@ -182,10 +182,13 @@ async fn consume(
             // A consume dated "now" that a scheduled change lets through
             // is told to come back then, not when the window ends; when no
             // fresh window would take it (the amount alone is over the
-            // limit), a change at any later instant is looked for. A total
-            // has no Retry-After (the contract), so none is looked for.
+            // limit), a change at any later instant is looked for. So is a
+            // dated consume refused by the limit in force now: that limit
+            // changes as a consume made now would see it. One refused by the
+            // limit at its own date is judged there whenever it is sent. A
+            // total has no Retry-After (the contract), so none is looked for.
             let sooner = match &history {
-                _ if entry.occurred_at_given || status.window == Window::Total => Ok(None),
+                _ if (entry.occurred_at_given && !in_force_now) || status.window == Window::Total => Ok(None),
                 Ok((plans, changes)) => quotas
                     .passes_after_a_scheduled_change(
                         &entry.account,
@@ -260,7 +263,7 @@ async fn consume(
                     change.at.to_rfc3339_opts(SecondsFormat::Secs, true),
                     retry_after.unwrap_or_default(),
                 )
-            } else if status.limit.as_deref() == Some("0") {
+            } else if status.limit.as_deref() == Some("0") && !in_force_now {
                 // Not a matter of consuming less: nothing of it can pass.
                 not_included(&state.catalog, &entry.account, &status, by_override)
             } else {
@@ -272,6 +275,14 @@ async fn consume(
                     status.resource,
                     status.used,
                     match retry_after {
+                        Some(s) if in_force_now => format!(
+                            "; that limit holds a consume dated in its window until the window ends at {} (in {s} s), \
+                             and after that only the limit at its date does",
+                            status
+                                .period_end
+                                .map(|end| end.to_rfc3339_opts(SecondsFormat::Secs, true))
+                                .unwrap_or_default()
+                        ),
                         Some(s) => format!(
                             "; the window resets at {} (in {s} s)",
                             status

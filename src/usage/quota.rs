@@ -231,6 +231,35 @@ pub fn warnings_for(resource: &ResourceName, limit: &EffectiveLimit, used: Amoun
     }]
 }
 
+/// The warnings of a recorded consume: those of the limit at its instant,
+/// then, for a dated consume also held to another limit in force now (see
+/// [`Decider::judged`]), those of that limit, which say so. A soft limit in
+/// force now that the consume passed is billed as overage, so the answer
+/// must not stay silent about it because the limit at its date was higher.
+fn consume_warnings(
+    resource: &ResourceName,
+    at_its_instant: (&EffectiveLimit, Amount),
+    in_force_now: Option<(&EffectiveLimit, Amount)>,
+) -> Vec<Warning> {
+    let (limit, after) = at_its_instant;
+    let mut warnings = warnings_for(resource, limit, after);
+    let same_terms = |now: &EffectiveLimit, now_after: Amount| {
+        (now.window, now.limit, now.enforcement, now.overage_price, now_after)
+            == (limit.window, limit.limit, limit.enforcement, limit.overage_price, after)
+    };
+    if let Some((now, now_after)) = in_force_now.filter(|(now, now_after)| !same_terms(now, *now_after)) {
+        warnings.extend(warnings_for(resource, now, now_after).into_iter().map(|mut warning| {
+            warning.message.push_str(&format!(
+                " (the limit in force now, on plan '{}', which holds a consume dated in its window as well as \
+                 the limit at its date)",
+                now.plan
+            ));
+            warning
+        }));
+    }
+    warnings
+}
+
 /// used / limit in percent, cut (not rounded) to 2 decimals, so that it
 /// shows 80 or 100 only when the status does: 49 999 of 50 000 is 99.99, a
 /// warning, not "100" beside it (None when the limit is 0).
@@ -657,14 +686,14 @@ impl ConsumeDecider for Decider<'_> {
         if let Some((per_minute, None)) = cells {
             return Err(Rejected::LargerThanRate { per_minute }.reason());
         }
-        let mut first_after = None;
+        let mut afters = Vec::with_capacity(judged.len());
         for held in &judged {
             let used = used_in(&held.period)?;
             let exceeded = || {
                 let status = QuotaStatus::new(&entry.account, &entry.resource, &held.limit, &held.period, used, false);
                 Rejected::QuotaExceeded {
                     status,
-                    retry_after: retry_after(&held.limit, entry.amount, &held.period, self.now),
+                    retry_after: retry_after(&held.limit, entry.amount, &held.period, self.now, held.in_force_now),
                     in_force_now: held.in_force_now,
                 }
                 .reason()
@@ -682,9 +711,9 @@ impl ConsumeDecider for Decider<'_> {
             if !allows(&held.limit, used, entry.amount) {
                 return Err(exceeded());
             }
-            first_after.get_or_insert(after);
+            afters.push(after);
         }
-        let after = first_after.ok_or("a consume was held to no limit")?;
+        let after = *afters.first().ok_or("a consume was held to no limit")?;
         // The rate is counted only for what will be recorded, under the lock.
         if let Some((per_minute, Some((budget, cells)))) = cells {
             let retry_after = match self
@@ -703,10 +732,15 @@ impl ConsumeDecider for Decider<'_> {
                 .reason());
             }
         }
-        // The answer is the limit at the consume's instant, as a check of it says.
+        // The answer is the limit at the consume's instant, as a check of it
+        // says; the warnings are also the limit in force now's.
         let Judged { limit, period, .. } = &judged[0];
         let status = QuotaStatus::new(&entry.account, &entry.resource, limit, period, after, true);
-        let warnings = warnings_for(&entry.resource, limit, after);
+        let in_force_now = judged
+            .get(1)
+            .zip(afters.get(1))
+            .map(|(now, after)| (&now.limit, *after));
+        let warnings = consume_warnings(&entry.resource, (limit, after), in_force_now);
         Ok(serde_json::json!({ "status": status, "warnings": warnings }).to_string())
     }
 }
@@ -764,7 +798,7 @@ impl Quotas<'_> {
                 }
                 Ok(ConsumeOutcome::QuotaExceeded {
                     status,
-                    retry_after: retry_after(&limit, entry.amount, &period, now),
+                    retry_after: retry_after(&limit, entry.amount, &period, now, in_force_now),
                     in_force_now,
                 })
             }
@@ -855,8 +889,18 @@ pub fn check_amount(text: &str, resource: &ResourceName, decimals: u32) -> Resul
 /// takes it), and for a window that has already closed (a backdated consume
 /// stays in its window however long one waits). Counted from now even for an
 /// `occurred_at` a little ahead: the window still ends at `period_end`.
-fn retry_after(limit: &EffectiveLimit, amount: Amount, period: &Period, now: DateTime<Utc>) -> Option<u64> {
-    if limit.limit.is_some_and(|whole| amount.minor() > whole.minor()) {
+/// A limit `in_force_now` (one holding a dated consume besides the limit at
+/// its date) holds it only while its window is the current one: when that
+/// window ends it lets go, whatever the amount, and the limit at its date,
+/// which took it, alone decides.
+fn retry_after(
+    limit: &EffectiveLimit,
+    amount: Amount,
+    period: &Period,
+    now: DateTime<Utc>,
+    in_force_now: bool,
+) -> Option<u64> {
+    if !in_force_now && limit.limit.is_some_and(|whole| amount.minor() > whole.minor()) {
         return None;
     }
     whole_seconds_until(now, period.ends_at()?)
@@ -873,7 +917,7 @@ pub fn whole_seconds_until(now: DateTime<Utc>, at: DateTime<Utc>) -> Option<u64>
 }
 
 /// The outcome the database stores for a consume it decided
-/// (`tally_consume_group`, migration 0016): the limit it resolved, in minor units,
+/// (`tally_consume_group`, migrations 0012 and 0017): the limit it resolved, in minor units,
 /// and `used_after`. The check fields and warnings are rebuilt from it, the
 /// same way for the first answer and for every replay.
 #[derive(Debug, Deserialize)]
@@ -886,6 +930,9 @@ struct StoredLimit {
     period_start: Option<chrono::NaiveDate>,
     period_end: Option<chrono::NaiveDate>,
     used_after: Option<i64>,
+    /// For a dated consume also held to the limit in force when it was
+    /// answered (migration 0017): that limit, in the same window and period.
+    now: Option<Box<StoredLimit>>,
 }
 
 impl StoredLimit {
@@ -1054,10 +1101,15 @@ fn recorded(entry: &NewEntry, entry_id: i64, response: &str, replayed: bool) -> 
         })?,
         decimals,
     );
+    let in_force_now = stored.now.as_ref().map(|now| now.limit(decimals)).transpose()?;
     Ok(ConsumeOutcome::Recorded {
         status: QuotaStatus::new(&entry.account, &entry.resource, &limit, &period, after, true),
         entry_id,
-        warnings: warnings_for(&entry.resource, &limit, after),
+        warnings: consume_warnings(
+            &entry.resource,
+            (&limit, after),
+            in_force_now.as_ref().map(|(now, _)| (now, after)),
+        ),
         replayed,
     })
 }

@@ -27,6 +27,8 @@ both!(
     a_total_limit_never_resets_and_deletions_free_room,
     a_plan_change_applies_from_its_effective_instant,
     a_consume_dated_before_a_downgrade_in_the_same_window_is_held_to_the_limit_in_force_now,
+    a_dated_consume_held_by_the_limit_in_force_now_is_told_when_that_limit_lets_it_through,
+    a_dated_consume_past_a_soft_limit_in_force_now_warns_so_and_its_replay_too,
     an_override_beats_the_plan_until_it_expires,
     an_override_on_a_resource_dropped_from_the_catalog_can_still_be_removed,
     an_override_applies_from_when_it_is_set_not_to_earlier_instants,
@@ -984,6 +986,24 @@ async fn a_consume_dated_before_a_downgrade_in_the_same_window_is_held_to_the_li
         today.body
     );
     assert_eq!(today.body["error"]["details"]["limit"], "1000", "{:?}", today.body);
+    // 2 000 is over the whole of free's 1 000, yet the limit in force now
+    // holds a consume dated today only until today ends: then pro's limit
+    // at its date alone decides, and takes it.
+    let tomorrow = (frozen.date_naive() + Duration::days(1))
+        .and_hms_opt(0, 0, 0)
+        .unwrap()
+        .and_utc();
+    assert_eq!(
+        retry_after(&today),
+        Some(whole_seconds(tomorrow - frozen)),
+        "{:?}",
+        today.body
+    );
+    let message = today.body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("after that only the limit at its date does"),
+        "{message}"
+    );
 
     // An override lowered after the instant a consume is dated: free's 50
     // then, the override's 5 now.
@@ -1004,6 +1024,121 @@ async fn a_consume_dated_before_a_downgrade_in_the_same_window_is_held_to_the_li
     assert_eq!(under.status, 200, "{:?}", under.body);
     assert_eq!((&under.body["limit"], &under.body["used"]), (&json!("50"), &json!("5")));
     assert_eq!(app.ledger_sum("lowered", "ai_generations").await, 5);
+    app.clock.thaw();
+}
+
+/// Whole seconds in `span`, rounded up, as a `Retry-After` counts them.
+fn whole_seconds(span: Duration) -> u64 {
+    u64::try_from(span.num_microseconds().unwrap())
+        .unwrap()
+        .div_ceil(1_000_000)
+}
+
+/// A dated consume refused by the limit in force now (not by the one at
+/// its date) waits for that limit to let go: the override behind it
+/// expiring, whose instant its `Retry-After` and message give, or else the
+/// end of its window, even for an amount over the whole of that limit. It
+/// used to get the window's end, or no `Retry-After` at all, while it
+/// passed as soon as the override expired.
+async fn a_dated_consume_held_by_the_limit_in_force_now_is_told_when_that_limit_lets_it_through(app: TestApp) {
+    let frozen = freeze_within_the_day(&app);
+    let (before, change) = (frozen - Duration::seconds(120), frozen - Duration::seconds(60));
+    // 30 s: before the month ends, however late in the day `frozen` is.
+    let expires = frozen + Duration::seconds(30);
+    let put = app
+        .put_override_since(
+            "expiring",
+            "ai_generations",
+            json!({"limit": "5", "expires_at": iso(expires)}),
+            change,
+        )
+        .await;
+    assert_eq!(put.status, 200, "{:?}", put.body);
+    let put = app
+        .put_override_since("lasting", "ai_generations", json!({"limit": "5"}), change)
+        .await;
+    assert_eq!(put.status, 200, "{:?}", put.body);
+    app.clock.freeze_at(frozen);
+    // free's 50 a month at `before`; the override's 5 now.
+    let over = consume(&app, "expiring", "ai_generations", "6", "e1", Some(&iso(before))).await;
+    assert_eq!((over.status, over.code()), (429, "quota_exceeded"), "{:?}", over.body);
+    assert_eq!(
+        retry_after(&over),
+        Some(whole_seconds(expires - frozen)),
+        "{:?}",
+        over.body
+    );
+    let message = over.body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("in force now")
+            && message.contains("the override of account 'expiring' for ai_generations expires at")
+            && message.contains("and then it passes (month limit 50)"),
+        "{message}"
+    );
+    let month_end = (frozen.date_naive().with_day(1).unwrap() + chrono::Months::new(1))
+        .and_hms_opt(0, 0, 0)
+        .unwrap()
+        .and_utc();
+    let held = consume(&app, "lasting", "ai_generations", "6", "l1", Some(&iso(before))).await;
+    assert_eq!((held.status, held.code()), (429, "quota_exceeded"), "{:?}", held.body);
+    assert_eq!(
+        retry_after(&held),
+        Some(whole_seconds(month_end - frozen)),
+        "{:?}",
+        held.body
+    );
+    let message = held.body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("that limit holds a consume dated in its window until the window ends at"),
+        "{message}"
+    );
+    // Sent again once the override has expired, it passes.
+    app.clock.freeze_at(expires);
+    let after = consume(&app, "expiring", "ai_generations", "6", "e1", Some(&iso(before))).await;
+    assert_eq!(after.status, 200, "{:?}", after.body);
+    assert_eq!(app.ledger_sum("expiring", "ai_generations").await, 6);
+    assert_eq!(app.ledger_sum("lasting", "ai_generations").await, 0);
+    app.clock.thaw();
+}
+
+/// A dated consume that passes a soft limit in force now (set after its
+/// date, in its window) is recorded and warned about it, though the limit
+/// at its date, which the answer describes, is far off: usage past the soft
+/// limit is billed as overage. Its replay answers the same. It used to
+/// answer with no warning at all.
+async fn a_dated_consume_past_a_soft_limit_in_force_now_warns_so_and_its_replay_too(app: TestApp) {
+    let frozen = freeze_within_the_day(&app);
+    let (before, change) = (frozen - Duration::seconds(120), frozen - Duration::seconds(60));
+    let put = app
+        .put_override_since(
+            "softnow",
+            "llm_tokens",
+            json!({"limit": "10", "enforcement": "soft"}),
+            change,
+        )
+        .await;
+    assert_eq!(put.status, 200, "{:?}", put.body);
+    app.clock.freeze_at(frozen);
+    let first = consume(&app, "softnow", "llm_tokens", "15", "s1", Some(&iso(before))).await;
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    // The check fields are the limit at its date: free's 1 000 a day, hard.
+    assert_eq!(
+        (&first.body["limit"], &first.body["used"], &first.body["status"]),
+        (&json!("1000"), &json!("15"), &json!("ok")),
+        "{:?}",
+        first.body
+    );
+    let warnings = first.body["warnings"].as_array().unwrap();
+    assert_eq!(warnings.len(), 1, "{:?}", first.body);
+    assert_eq!(warnings[0]["code"], "soft_limit_exceeded");
+    let message = warnings[0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("over its soft day limit (15 of 10)") && message.contains("the limit in force now"),
+        "{message}"
+    );
+    let replay = consume(&app, "softnow", "llm_tokens", "15", "s1", Some(&iso(before))).await;
+    assert_eq!((replay.status, &replay.body), (200, &first.body));
+    assert_eq!(app.ledger_sum("softnow", "llm_tokens").await, 15);
     app.clock.thaw();
 }
 
@@ -2512,17 +2647,20 @@ async fn on_postgres_a_consume_group_holds_a_dated_consume_to_the_limit_in_force
         let put = app.put_override_since("acme", "llm_tokens", limit, at(since)).await;
         assert_eq!(put.status, 200, "{:?}", put.body);
     }
-    // (outcome, used, limit in the context) of one group of consumes of 1 at
-    // `occurred_at`, each answered at `now` (None: stamped now).
-    let group = async |prefix: &str, consumes: &[(&str, Option<&str>)]| -> Vec<(String, i64, Option<i64>)> {
+    // (outcome, used, limit in the context, limit in force now in the
+    // context) of one group of consumes of 1 at `occurred_at`, each answered
+    // at `now` (None: stamped now).
+    type Row = (String, i64, Option<i64>, Option<i64>);
+    let group = async |prefix: &str, consumes: &[(&str, Option<&str>)]| -> Vec<Row> {
         let n = consumes.len();
         let keys: Vec<String> = (0..n).map(|i| format!("{prefix}{i}")).collect();
         let occurred: Vec<_> = consumes.iter().map(|(o, _)| at(o)).collect();
         let nows: Vec<_> = consumes.iter().map(|(_, now)| now.map(at)).collect();
         let rules =
             json!({"llm_tokens": {"free": {"limit": 1000, "enforcement": "hard", "window": "day", "price": null}}});
-        sqlx::query_as::<_, (String, i64, Option<i64>)>(
-            "SELECT outcome, COALESCE(used, -1), (context::jsonb ->> 'limit')::bigint
+        sqlx::query_as::<_, Row>(
+            "SELECT outcome, COALESCE(used, -1), (context::jsonb ->> 'limit')::bigint,
+                    (context::jsonb -> 'now' ->> 'limit')::bigint
                FROM tally_consume_group_dated('free', $1::jsonb, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
               ORDER BY idx",
         )
@@ -2554,12 +2692,14 @@ async fn on_postgres_a_consume_group_holds_a_dated_consume_to_the_limit_in_force
         ],
     )
     .await;
+    // The first, recorded, also stores the limit in force now it was held
+    // to (its answer warns under it).
     assert_eq!(
         decided,
         [
-            ("recorded".to_owned(), 0, Some(2)),
-            ("rejected_now".to_owned(), 1, Some(1)),
-            ("recorded".to_owned(), 1, Some(2)),
+            ("recorded".to_owned(), 0, Some(2), Some(1)),
+            ("rejected_now".to_owned(), 1, Some(1), None),
+            ("recorded".to_owned(), 1, Some(2), None),
         ]
     );
     assert_eq!(app.ledger_sum("acme", "llm_tokens").await, 2);
@@ -2577,8 +2717,8 @@ async fn on_postgres_a_consume_group_holds_a_dated_consume_to_the_limit_in_force
     assert_eq!(
         before_the_overrides,
         [
-            ("rejected_now".to_owned(), 2, Some(1)),
-            ("recorded".to_owned(), 2, Some(1000)),
+            ("rejected_now".to_owned(), 2, Some(1), None),
+            ("recorded".to_owned(), 2, Some(1000), None),
         ]
     );
     assert_eq!(app.ledger_sum("acme", "llm_tokens").await, 3);
@@ -2597,9 +2737,25 @@ async fn on_postgres_a_consume_group_holds_a_dated_consume_to_the_limit_in_force
     let two_windows = group("c", &[("10T10:00:00", Some("10T12:00:00")), ("10T10:00:00", None)]).await;
     assert_eq!(
         two_windows,
-        [("undecided".to_owned(), 3, None), ("rejected".to_owned(), 3, Some(2))]
+        [
+            ("undecided".to_owned(), 3, None, None),
+            ("rejected".to_owned(), 3, Some(2), None)
+        ]
     );
     assert_eq!(app.ledger_sum("acme", "llm_tokens").await, 3, "neither wrote anything");
+    // An undecided consume records nothing here, so it is no second window
+    // of its key beside one stamped 12:00 (the month override): the group
+    // is decided, not refused as one to decide a consume at a time (TL001),
+    // which sent every consume of it, other accounts' too, one at a time.
+    let beside_a_month_consume = group("d", &[("10T10:00:00", Some("10T12:00:00")), ("10T12:00:00", None)]).await;
+    assert_eq!(
+        beside_a_month_consume,
+        [
+            ("undecided".to_owned(), 3, None, None),
+            ("recorded".to_owned(), 3, Some(100), None)
+        ]
+    );
+    assert_eq!(app.ledger_sum("acme", "llm_tokens").await, 4);
 }
 
 /// `widgets` counted per day on `daily` (the default, 10 a day, hard) and per

@@ -282,7 +282,7 @@ fn split_group(taken: Vec<Waiting>) -> (Vec<Waiting>, Vec<Waiting>) {
 /// [`gather_share`] reads.
 async fn decide_group(pool: &PgPool, shared: &Shared, group: Vec<Waiting>) {
     shared.deciding.fetch_add(group.len(), Ordering::AcqRel);
-    decide(pool, group, |caller, decided| {
+    decide(pool, group, &mut |caller, decided| {
         // Counted before the answer goes out, so that the caller's next
         // consume cannot arrive before it is expected.
         shared.returning.fetch_add(1, Ordering::AcqRel);
@@ -300,7 +300,11 @@ type Caller = oneshot::Sender<Result<Decided, StoreError>>;
 /// Decides `group` in one call; if the call fails, each consume alone, each
 /// answered as soon as its own call returns (but if the database is
 /// unavailable, every consume of the group gets that answer at once).
-async fn decide(pool: &PgPool, group: Vec<Waiting>, mut answer: impl FnMut(Caller, Result<Decided, StoreError>)) {
+async fn decide(
+    pool: &PgPool,
+    group: Vec<Waiting>,
+    answer: &mut (dyn FnMut(Caller, Result<Decided, StoreError>) + Send),
+) {
     let requests: Vec<&Request> = group.iter().map(|w| &w.request).collect();
     let started = std::time::Instant::now();
     match call(pool, &requests).await {
@@ -342,12 +346,25 @@ async fn decide(pool: &PgPool, group: Vec<Waiting>, mut answer: impl FnMut(Calle
             }
         }
         Err(error) if group.len() > 1 => {
-            if is_for_one_at_a_time(&error) {
+            let alone = if is_for_one_at_a_time(&error) {
+                // Only a key with several consumes in the group can count
+                // over two windows: those go one at a time, the others
+                // together again (they cannot raise this again).
+                let (alone, together) = split_shared_keys(group);
                 tracing::debug!(
-                    consumes = group.len(),
-                    "a group of {} consumes counts one key over two windows, deciding each alone",
-                    group.len()
+                    consumes = alone.len() + together.len(),
+                    alone = alone.len(),
+                    "a group of {} consumes counts one key over two windows, deciding the {} of keys with \
+                     several consumes alone",
+                    alone.len() + together.len(),
+                    alone.len()
                 );
+                if together.len() > 1 {
+                    Box::pin(decide(pool, together, answer)).await;
+                    alone
+                } else {
+                    alone.into_iter().chain(together).collect()
+                }
             } else {
                 tracing::warn!(
                     consumes = group.len(),
@@ -355,8 +372,9 @@ async fn decide(pool: &PgPool, group: Vec<Waiting>, mut answer: impl FnMut(Calle
                     "a group of {} consumes failed, deciding each alone: {error}",
                     group.len()
                 );
-            }
-            for waiting in group {
+                group
+            };
+            for waiting in alone {
                 let alone = call(pool, &[&waiting.request]).await;
                 let decided = alone.and_then(|rows| {
                     rows.into_iter()
@@ -372,6 +390,15 @@ async fn decide(pool: &PgPool, group: Vec<Waiting>, mut answer: impl FnMut(Calle
             }
         }
     }
+}
+
+/// `group` split into the consumes of (account, resource) keys it holds
+/// more than once, and the others.
+fn split_shared_keys(group: Vec<Waiting>) -> (Vec<Waiting>, Vec<Waiting>) {
+    let key = |w: &Waiting| (w.request.entry.account.clone(), w.request.entry.resource.clone());
+    let mut seen = HashSet::new();
+    let shared: HashSet<_> = group.iter().map(key).filter(|k| !seen.insert(k.clone())).collect();
+    group.into_iter().partition(|w| shared.contains(&key(w)))
 }
 
 /// Whether `tally_consume_group` refused the group as one to decide one
