@@ -147,6 +147,13 @@ pub enum OpenError {
         #[source]
         source: sqlx::Error,
     },
+    /// A `postgres:` URL sqlx cannot read. The URL is not repeated: it may
+    /// hold a password.
+    #[error("cannot read the PostgreSQL URL: {source}{}", postgres_url_hint(source))]
+    PostgresUrl {
+        /// Why sqlx refused it.
+        source: sqlx::Error,
+    },
     /// The PostgreSQL server did not answer a connection within `seconds`.
     #[error(
         "the PostgreSQL server did not answer within {seconds} s: check the host and port, and that \
@@ -232,8 +239,24 @@ impl OpenError {
     pub fn says_what_to_do(&self) -> bool {
         matches!(
             self,
-            Self::UnsupportedUrl(_) | Self::NoAnswer { .. } | Self::NoSocket { .. } | Self::SqliteNotWritable { .. }
+            Self::UnsupportedUrl(_)
+                | Self::PostgresUrl { .. }
+                | Self::NoAnswer { .. }
+                | Self::NoSocket { .. }
+                | Self::SqliteNotWritable { .. }
         )
+    }
+}
+
+/// What to write instead of a PostgreSQL URL sqlx refused, where that is
+/// known: libpq takes `postgres://USER@/DB?host=/run/postgresql` (no host
+/// before the path, a socket folder after it), sqlx does not.
+fn postgres_url_hint(error: &sqlx::Error) -> &'static str {
+    if error.to_string().contains("empty host") {
+        "; name a host before the database: postgres://USER@localhost/DB over TCP, or for a Unix socket \
+         postgres://USER@localhost/DB?host=/run/postgresql (the socket's folder; host= then takes precedence)"
+    } else {
+        ""
     }
 }
 

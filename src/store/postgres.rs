@@ -321,7 +321,7 @@ impl PgStore {
     /// [`CONNECT_TIMEOUT`]), so that a server that is down or out of reach
     /// fails at once with its cause rather than after the pool's wait.
     pub async fn connect(url: &str, catalog: Arc<Catalog>) -> Result<Self, OpenError> {
-        let options: PgConnectOptions = url.parse()?;
+        let options: PgConnectOptions = url.parse().map_err(|source| OpenError::PostgresUrl { source })?;
         // Consume's no-overshoot rests on READ COMMITTED (the total is read
         // after the lock, in a fresh snapshot): ask for it whatever the
         // database's default. The backslash escapes the space for `-c`.

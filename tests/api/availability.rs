@@ -221,6 +221,29 @@ fn on_postgres_a_url_naming_a_missing_socket_names_the_socket() {
     assert!(stderr.contains("check the port"), "{stderr}");
 }
 
+/// libpq's socket form without a host (`postgres://USER@/DB?host=DIR`) is
+/// refused by sqlx as "empty host": the error gives the form that works,
+/// and does not repeat the URL (it may hold a password).
+#[test]
+fn a_postgres_url_without_a_host_is_told_the_form_that_works() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["verify"])
+        .env(
+            "TALLY_DATABASE_URL",
+            "postgres://tally:s3cret@/tally?host=/run/postgresql",
+        )
+        .output()
+        .expect("tally runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("empty host") && stderr.contains("postgres://USER@localhost/DB?host=/run/postgresql"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("s3cret"), "{stderr}");
+    assert!(!stderr.contains("folder must exist"), "{stderr}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_postgres_healthz_and_metrics_answer_within_seconds_once_the_server_is_down() {
     // Over TCP: a stopped server refuses connections there, and the pool
