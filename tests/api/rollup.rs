@@ -608,24 +608,28 @@ async fn a_failure_between_batches_leaves_totals_exact_after_the_next_run(app: T
     assert_totals_exact(&app, expected).await;
 }
 
+/// `tally rollup` in batches of 10 on `app`'s database, with a failpoint
+/// (`TALLY_FAILPOINT`) if given.
+fn rollup_process(app: &TestApp, failpoint: Option<&str>) -> std::process::Output {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_tally"));
+    command.args([
+        "rollup",
+        "--batch-size",
+        "10",
+        "--max-batch-size",
+        "10",
+        "--database-url",
+        &app.database_url,
+    ]);
+    if let Some(failpoint) = failpoint {
+        command.env("TALLY_FAILPOINT", failpoint);
+    }
+    command.output().unwrap()
+}
+
 async fn a_rollup_process_killed_mid_batch_leaves_totals_exact_after_the_next_run(app: TestApp) {
     let expected = twenty_five_entries(&app).await;
-    let rollup_process = |failpoint: Option<&str>| {
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_tally"));
-        command.args([
-            "rollup",
-            "--batch-size",
-            "10",
-            "--max-batch-size",
-            "10",
-            "--database-url",
-            &app.database_url,
-        ]);
-        if let Some(failpoint) = failpoint {
-            command.env("TALLY_FAILPOINT", failpoint);
-        }
-        command.output().unwrap()
-    };
+    let rollup_process = |failpoint: Option<&str>| rollup_process(&app, failpoint);
     // On PostgreSQL a run may stop short of batch 2; run again until it aborts there.
     let crashed = (0..100)
         .map(|_| rollup_process(Some("before_commit:2:abort")))
@@ -656,21 +660,7 @@ async fn a_rollup_process_killed_mid_batch_leaves_totals_exact_after_the_next_ru
 /// rollup and then said again by its caller.
 async fn a_failed_rollup_process_says_once_what_it_committed_before_failing(app: TestApp) {
     let expected = twenty_five_entries(&app).await;
-    let failing_run = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
-            .args([
-                "rollup",
-                "--batch-size",
-                "10",
-                "--max-batch-size",
-                "10",
-                "--database-url",
-                &app.database_url,
-            ])
-            .env("TALLY_FAILPOINT", "after_commit:1")
-            .output()
-            .unwrap()
-    };
+    let failing_run = || rollup_process(&app, Some("after_commit:1"));
     // On PostgreSQL a run may find nothing it may fold yet (other tests'
     // transactions hold the fold back) and end before batch 1 commits.
     let failed = (0..100)
