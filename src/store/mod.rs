@@ -695,7 +695,9 @@ pub(crate) struct TailTotal {
     pub account: String,
     pub resource: String,
     pub bucket: NaiveDate,
-    pub amount: i64,
+    /// Minor units, in 128 bits: a tail alone may leave 64 bits where the
+    /// folded total it joins brings the sum back.
+    pub amount: i128,
     pub entries: i64,
 }
 
@@ -705,15 +707,31 @@ impl TailTotal {
         (self.account.as_bytes(), self.resource.as_bytes(), self.bucket).cmp(&(account, resource, bucket))
     }
 
-    pub(crate) fn fields(&self) -> crate::export::format::TotalFields<'_> {
-        crate::export::format::TotalFields {
+    /// Its fields, once its amount is known to fit an export's 64 bits.
+    pub(crate) fn fields(&self) -> Result<crate::export::format::TotalFields<'_>, StreamError> {
+        Ok(crate::export::format::TotalFields {
             account: self.account.as_bytes(),
             resource: self.resource.as_bytes(),
             bucket: self.bucket,
-            amount: self.amount,
+            amount: export_amount(self.amount, &self.account, &self.resource, self.bucket)?,
             entries: self.entries,
-        }
+        })
     }
+}
+
+/// A total added in 128 bits as an export writes it: 64 bits of minor
+/// units, or the overflow every read reports, naming the total.
+pub(crate) fn export_amount(
+    amount: i128,
+    account: &str,
+    resource: &str,
+    bucket: NaiveDate,
+) -> Result<i64, StreamError> {
+    i64::try_from(amount).map_err(|_| {
+        StreamError::Store(StoreError::overflow(&format!(
+            "the total of account '{account}', resource '{resource}', {bucket}"
+        )))
+    })
 }
 
 /// A folded total plus the tail total of the same key; overflow is an error,
@@ -722,15 +740,20 @@ pub(crate) fn add_tail<'a>(
     folded: crate::export::format::TotalFields<'a>,
     tail: &TailTotal,
 ) -> Result<crate::export::format::TotalFields<'a>, StreamError> {
-    let overflow = || {
+    let entries = folded.entries.checked_add(tail.entries).ok_or_else(|| {
         StreamError::Data(format!(
-            "the total of account '{}', resource '{}', {} exceeds 64 bits",
+            "the entry count of account '{}', resource '{}', {} exceeds 64 bits",
             tail.account, tail.resource, tail.bucket
         ))
-    };
+    })?;
     Ok(crate::export::format::TotalFields {
-        amount: folded.amount.checked_add(tail.amount).ok_or_else(overflow)?,
-        entries: folded.entries.checked_add(tail.entries).ok_or_else(overflow)?,
+        amount: export_amount(
+            i128::from(folded.amount) + tail.amount,
+            &tail.account,
+            &tail.resource,
+            tail.bucket,
+        )?,
+        entries,
         ..folded
     })
 }

@@ -76,15 +76,14 @@ pub async fn stats(store: &dyn Store, catalog: &Catalog, month: NaiveDate) -> Re
         resource: None,
         as_of: None,
     };
-    let mut per_resource: BTreeMap<String, (i64, i64, u64)> = BTreeMap::new();
+    // Added in 128 bits: every account's total fits 64 bits of minor units,
+    // their sum over the platform need not (it used to fail the stats).
+    let mut per_resource: BTreeMap<String, (i128, i64, u64)> = BTreeMap::new();
     let mut active = BTreeSet::new();
     let mut rows = store.stream_totals(Granularity::Month, &filter);
     while let Some(row) = rows.try_next().await? {
         let slot = per_resource.entry(row.resource.clone()).or_default();
-        slot.0 = slot
-            .0
-            .checked_add(row.amount)
-            .ok_or_else(|| StoreError::overflow(&format!("the platform total of {}", row.resource)))?;
+        slot.0 += i128::from(row.amount);
         slot.1 += row.entries;
         slot.2 += 1;
         active.insert(row.account);
@@ -106,21 +105,34 @@ pub async fn stats(store: &dyn Store, catalog: &Catalog, month: NaiveDate) -> Re
         Ok(())
     })
     .await?;
-    Ok(Stats {
-        period: month.format("%Y-%m").to_string(),
-        totals: per_resource
-            .into_iter()
-            .map(|(resource, (amount, entries, accounts))| ResourceTotal {
-                amount: Amount::from_minor(amount, super::shown_decimals(catalog, &resource)).to_string(),
+    let totals = per_resource
+        .into_iter()
+        .map(|(resource, (amount, entries, accounts))| {
+            Ok(ResourceTotal {
+                amount: wide_amount_text(amount, super::shown_decimals(catalog, &resource))
+                    .ok_or_else(|| StoreError::overflow(&format!("the platform total of {resource}")))?,
                 resource,
                 entries,
                 accounts,
             })
-            .collect(),
+        })
+        .collect::<Result<_, StoreError>>()?;
+    Ok(Stats {
+        period: month.format("%Y-%m").to_string(),
+        totals,
         active_accounts: active.len() as u64,
         accounts_per_plan,
         estimated_revenue: format!("{:.2}", revenue.round_dp(2)),
     })
+}
+
+/// `minor` units of a resource with `decimals` fractional digits, written
+/// as [`Amount`] writes one, for sums wider than an amount (None past the
+/// 96 bits a decimal holds, some 10^28).
+fn wide_amount_text(minor: i128, decimals: u32) -> Option<String> {
+    Decimal::try_from_i128_with_scale(minor, decimals)
+        .ok()
+        .map(|d| d.normalize().to_string())
 }
 
 /// A top list, as the API and `tally top` print it (fields in that order).

@@ -29,6 +29,7 @@ both!(
     an_as_of_export_is_reproducible_after_late_entries_and_reversals,
     an_invoice_prorates_a_mid_month_plan_change_and_bills_soft_overage,
     admin_stats_and_top_accounts_describe_a_known_dataset,
+    sums_that_leave_64_bits_on_the_way_but_end_within_them_read_alike_and_stats_add_past_them,
     the_monthly_reports_job_writes_each_report_once,
     bad_export_requests_fail_clearly_and_leave_no_file,
     exports_write_fractional_and_negative_amounts_exactly_for_any_decimals,
@@ -604,6 +605,87 @@ async fn an_invoice_prorates_a_mid_month_plan_change_and_bills_soft_overage(app:
     assert!(!big.is_empty());
     assert_eq!(one[0], rows[0], "the header");
     assert_eq!(one[1..], big[..]);
+}
+
+/// Ledger rows whose running sum leaves 64 bits of minor units while their
+/// net fits are read as that net everywhere, folded or not, on both engines;
+/// and the stats add the platform's total, which may pass 64 bits while
+/// every account's fits, in 128 bits. SQLite's SUM raised "integer overflow"
+/// at the first (PostgreSQL adds a bigint SUM in numeric), which also failed
+/// every --as-of export and so the monthly reports; the stats failed on both.
+async fn sums_that_leave_64_bits_on_the_way_but_end_within_them_read_alike_and_stats_add_past_them(app: TestApp) {
+    // 999 999 999 999 999.99 agent minutes is 99 999 999 999 999 999 minor
+    // units (a hundredth): 93 of them pass 2^63, 91 do not.
+    let big = "999999999999999.99";
+    let at = "2026-09-20T12:00:00Z";
+    let keys: Vec<String> = (0..98).map(|i| format!("k{i}")).collect();
+    let mut rows: Vec<(&str, &str, &str, &str, &str)> = keys[..93]
+        .iter()
+        .map(|k| ("ovf", "agent_minutes", big, k.as_str(), at))
+        .collect();
+    let minus = format!("-{big}");
+    rows.extend(
+        keys[93..95]
+            .iter()
+            .map(|k| ("ovf", "agent_minutes", minus.as_str(), k.as_str(), at)),
+    );
+    rows.extend(
+        keys[95..]
+            .iter()
+            .map(|k| ("other", "agent_minutes", big, k.as_str(), at)),
+    );
+    app.insert(&rows).await;
+    let net = "90999999999999999.09";
+    let dir = tempfile::tempdir().unwrap();
+    for stage in ["unfolded", "folded"] {
+        let check = app
+            .post(
+                "/v1/quota/check",
+                json!({"account": "ovf", "resource": "agent_minutes", "at": at}),
+            )
+            .await;
+        assert_eq!(
+            (check.status, &check.body["used"]),
+            (200, &json!(net)),
+            "{stage}: {:?}",
+            check.body
+        );
+        let series = app
+            .get("/v1/accounts/ovf/timeseries?resource=agent_minutes&granularity=day&from=2026-09-20&to=2026-09-21")
+            .await;
+        assert_eq!(series.status, 200, "{stage}: {:?}", series.body);
+        assert_eq!(
+            series.body["points"],
+            json!([{"start": "2026-09-20", "amount": net}]),
+            "{stage}"
+        );
+        let daily = export(
+            &app,
+            dir.path(),
+            &format!("daily-{stage}.csv"),
+            &["export", "daily", "--from", "2026-09-20", "--to", "2026-09-21"],
+        );
+        // Rows in account order: "other" first.
+        assert_eq!(daily[2], ["ovf", "agent_minutes", "2026-09-20", net, "95"], "{stage}");
+        let stats = app.get("/v1/admin/stats?period=2026-09").await;
+        assert_eq!(stats.status, 200, "{stage}: {:?}", stats.body);
+        assert_eq!(
+            stats.body["totals"],
+            json!([{"resource": "agent_minutes", "amount": "93999999999999999.06", "entries": 98, "accounts": 2}]),
+            "{stage}"
+        );
+        app.rollup().await;
+    }
+    let as_of = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let monthly = export(
+        &app,
+        dir.path(),
+        "monthly.csv",
+        &[
+            "export", "monthly", "--from", "2026-09", "--to", "2026-10", "--as-of", &as_of,
+        ],
+    );
+    assert_eq!(monthly[2], ["ovf", "agent_minutes", "2026-09", net, "95"]);
 }
 
 async fn admin_stats_and_top_accounts_describe_a_known_dataset(app: TestApp) {

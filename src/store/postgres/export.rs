@@ -171,7 +171,7 @@ async fn merge_folded_and_tail(
             account,
             resource,
             bucket,
-            amount,
+            amount: i128::from(amount),
             entries,
         });
     let mut tail = tail_rows.try_next().await?;
@@ -214,7 +214,7 @@ async fn merge_folded_and_tail(
             while let Some(t) = &tail {
                 match t.cmp_key(folded.account, folded.resource, folded.bucket) {
                     Ordering::Less => {
-                        format.total(&mut chunk.bytes, granularity, &t.fields());
+                        format.total(&mut chunk.bytes, granularity, &t.fields()?);
                         if chunk.line_done() {
                             chunk.flush(sink)?;
                         }
@@ -233,7 +233,7 @@ async fn merge_folded_and_tail(
     reader.finish()?;
     drop(copy);
     while let Some(t) = &tail {
-        format.total(&mut chunk.bytes, granularity, &t.fields());
+        format.total(&mut chunk.bytes, granularity, &t.fields()?);
         if chunk.line_done() {
             chunk.flush(sink)?;
         }

@@ -21,7 +21,7 @@ use super::{bucketed_sql, shape, to_micros};
 use crate::domain::Catalog;
 use crate::domain::period::{Granularity, start_of};
 use crate::export::format::{EntryFields, RowFormatter, TotalFields};
-use crate::store::{AscendingKeys, Chunk, CsvSink, ExportFilter, StoreError, StreamError, TailTotal, add_tail};
+use crate::store::{AscendingKeys, Chunk, CsvSink, ExportFilter, StreamError, TailTotal, export_amount};
 
 /// The database file the exports open (beside sqlx's pools).
 pub(crate) enum Source {
@@ -173,7 +173,8 @@ pub(super) async fn totals(
                 to_micros(as_of),
             ])?;
             while let Some(row) = rows.next()? {
-                format.total(&mut lines.chunk.bytes, granularity, &total_fields(row)?);
+                let total = summed_total(row)?;
+                format.total(&mut lines.chunk.bytes, granularity, &total.fields()?);
                 lines.line_done()?;
             }
             return Ok(());
@@ -232,20 +233,20 @@ fn merge_folded_and_tail(
     while let Some(row) = rows.next()? {
         let part = total_fields(row)?;
         if let Some(total) = pending.as_mut().filter(|p| p.has_key(&part)) {
-            total.add(&part)?;
+            total.add(i128::from(part.amount), part.entries)?;
             continue;
         }
         if let Some(total) = pending.take() {
-            write_with_tail(total.fields(), &mut tail, &mut tail_rows, granularity, format, lines)?;
+            write_with_tail(total, &mut tail, &mut tail_rows, granularity, format, lines)?;
         }
         order.advance(part.account, part.resource, part.bucket)?;
         pending = Some(PendingTotal::from(&part));
     }
     if let Some(total) = pending.take() {
-        write_with_tail(total.fields(), &mut tail, &mut tail_rows, granularity, format, lines)?;
+        write_with_tail(total, &mut tail, &mut tail_rows, granularity, format, lines)?;
     }
     while let Some(t) = &tail {
-        format.total(&mut lines.chunk.bytes, granularity, &t.fields());
+        format.total(&mut lines.chunk.bytes, granularity, &t.fields()?);
         lines.line_done()?;
         tail = tail_total(&mut tail_rows)?;
     }
@@ -255,7 +256,7 @@ fn merge_folded_and_tail(
 /// Writes a folded total, after the tail totals that sort before it and with
 /// the tail total of its own key added.
 fn write_with_tail(
-    mut folded: TotalFields<'_>,
+    mut folded: PendingTotal,
     tail: &mut Option<TailTotal>,
     tail_rows: &mut rusqlite::Rows<'_>,
     granularity: Granularity,
@@ -263,27 +264,28 @@ fn write_with_tail(
     lines: &mut Lines,
 ) -> Result<(), StreamError> {
     while let Some(t) = tail.as_ref() {
-        match t.cmp_key(folded.account, folded.resource, folded.bucket) {
+        match t.cmp_key(&folded.account, &folded.resource, folded.bucket) {
             Ordering::Less => {
-                format.total(&mut lines.chunk.bytes, granularity, &t.fields());
+                format.total(&mut lines.chunk.bytes, granularity, &t.fields()?);
                 lines.line_done()?;
             }
-            Ordering::Equal => folded = add_tail(folded, t)?,
+            Ordering::Equal => folded.add(t.amount, t.entries)?,
             Ordering::Greater => break,
         }
         *tail = tail_total(tail_rows)?;
     }
-    format.total(&mut lines.chunk.bytes, granularity, &folded);
+    format.total(&mut lines.chunk.bytes, granularity, &folded.fields()?);
     lines.line_done()
 }
 
 /// A folded total whose parts are being added (owned: the row it came from
-/// is gone once the next is read).
+/// is gone once the next is read), in 128 bits until it is written: its
+/// parts, or its tail, may leave 64 bits where the rest brings it back.
 struct PendingTotal {
     account: Vec<u8>,
     resource: Vec<u8>,
     bucket: NaiveDate,
-    amount: i64,
+    amount: i128,
     entries: i64,
 }
 
@@ -293,7 +295,7 @@ impl PendingTotal {
             account: part.account.to_vec(),
             resource: part.resource.to_vec(),
             bucket: part.bucket,
-            amount: part.amount,
+            amount: i128::from(part.amount),
             entries: part.entries,
         }
     }
@@ -302,43 +304,52 @@ impl PendingTotal {
         (self.account.as_slice(), self.resource.as_slice(), self.bucket) == (part.account, part.resource, part.bucket)
     }
 
-    /// Adds another part; past 64 bits is the overflow every read reports.
-    fn add(&mut self, part: &TotalFields<'_>) -> Result<(), StreamError> {
-        let overflow = || {
-            StreamError::Store(StoreError::overflow(&format!(
-                "the total of account '{}', resource '{}', {}",
+    /// Adds another part, or the tail of its key.
+    fn add(&mut self, amount: i128, entries: i64) -> Result<(), StreamError> {
+        self.amount += amount;
+        self.entries = self.entries.checked_add(entries).ok_or_else(|| {
+            StreamError::Data(format!(
+                "the entry count of account '{}', resource '{}', {} exceeds 64 bits",
                 String::from_utf8_lossy(&self.account),
                 String::from_utf8_lossy(&self.resource),
                 self.bucket
-            )))
-        };
-        self.amount = self.amount.checked_add(part.amount).ok_or_else(overflow)?;
-        self.entries = self.entries.checked_add(part.entries).ok_or_else(overflow)?;
+            ))
+        })?;
         Ok(())
     }
 
-    fn fields(&self) -> TotalFields<'_> {
-        TotalFields {
+    /// Its fields, once its amount is known to fit an export's 64 bits.
+    fn fields(&self) -> Result<TotalFields<'_>, StreamError> {
+        Ok(TotalFields {
             account: &self.account,
             resource: &self.resource,
             bucket: self.bucket,
-            amount: self.amount,
+            amount: export_amount(
+                self.amount,
+                &String::from_utf8_lossy(&self.account),
+                &String::from_utf8_lossy(&self.resource),
+                self.bucket,
+            )?,
             entries: self.entries,
-        }
+        })
     }
 }
 
 /// The next total of the tail, owned (the tail is read alongside the folded rows).
 fn tail_total(rows: &mut rusqlite::Rows<'_>) -> Result<Option<TailTotal>, StreamError> {
-    let Some(row) = rows.next()? else { return Ok(None) };
-    let t = total_fields(row)?;
-    Ok(Some(TailTotal {
-        account: String::from_utf8_lossy(t.account).into_owned(),
-        resource: String::from_utf8_lossy(t.resource).into_owned(),
-        bucket: t.bucket,
-        amount: t.amount,
-        entries: t.entries,
-    }))
+    rows.next()?.map(summed_total).transpose()
+}
+
+/// (account, resource, bucket text, high, low, entries): a total summed
+/// from ledger rows in two halves (`sqlite::joined`), owned.
+fn summed_total(row: &Row<'_>) -> Result<TailTotal, StreamError> {
+    Ok(TailTotal {
+        account: String::from_utf8_lossy(text(row, 0)?).into_owned(),
+        resource: String::from_utf8_lossy(text(row, 1)?).into_owned(),
+        bucket: date(text(row, 2)?)?,
+        amount: super::joined(integer(row, 3)?, integer(row, 4)?),
+        entries: integer(row, 5)?,
+    })
 }
 
 /// (account, resource, bucket text, amount, entries) as borrowed fields.

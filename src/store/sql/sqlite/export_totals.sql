@@ -3,7 +3,12 @@
 -- one statement, so the file is exact at the moment it is read. ?5/?6 bound
 -- occurred_at in µs; ?3/?4 optionally narrow to an account / a resource.
 -- {table}, {bucket} and {bucket_of_entry} are filled in for day or month.
-SELECT account, resource, bucket, SUM(amount) AS amount, SUM(entries) AS entries
+-- Sums come in two halves, amount = high * 2^32 + low (>> is an arithmetic
+-- shift), joined in 128 bits by Rust: a plain SUM raises as soon as its
+-- running sum leaves 64 bits, even when the net fits (PostgreSQL adds a
+-- bigint SUM in numeric and answers), so SQLite answered none of it.
+SELECT account, resource, bucket,
+       SUM(amount >> 32) AS high, SUM(amount & 4294967295) AS low, SUM(entries) AS entries
 FROM (
     SELECT account, resource, {bucket} AS bucket, amount, entries
     FROM {table}

@@ -4,7 +4,12 @@
 -- collation). Read in the same transaction as the folded totals.
 -- ?3/?4 optionally narrow to an account / a resource; {bucket_of_entry} is
 -- filled in for day or month.
-SELECT account, resource, {bucket_of_entry} AS bucket, SUM(amount) AS amount, COUNT(*) AS entries
+-- Sums come in two halves, amount = high * 2^32 + low (>> is an arithmetic
+-- shift), joined in 128 bits by Rust: a plain SUM raises as soon as its
+-- running sum leaves 64 bits, even when the net fits (PostgreSQL adds a
+-- bigint SUM in numeric and answers), so SQLite answered none of it.
+SELECT account, resource, {bucket_of_entry} AS bucket,
+       SUM(amount >> 32) AS high, SUM(amount & 4294967295) AS low, COUNT(*) AS entries
 FROM entries
 WHERE id > (SELECT last_id FROM rollup_cursor WHERE name = 'rollup')
   AND occurred_at >= ?1 AND occurred_at < ?2
