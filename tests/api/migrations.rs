@@ -5,7 +5,7 @@
 use sqlx::Connection as _;
 
 use crate::both;
-use crate::helpers::{Backend, TestApp, entry};
+use crate::helpers::{Backend, TestApp, entry, fresh_database};
 
 both!(a_database_migrated_by_a_newer_tally_is_refused_naming_the_way_out);
 
@@ -175,4 +175,98 @@ async fn on_postgres_serve_starts_read_only_when_keys_exist_and_says_why_it_cann
     let health = reqwest::get(format!("{}/healthz", serve.address)).await.unwrap();
     assert_eq!(health.status(), 200);
     owner.close().await.ok();
+}
+
+/// A database made by a Tally before migration 0009 (overrides without a
+/// history), then opened by this one: an override set then applies at every
+/// earlier instant, as it did under the binary that set it, so checks of
+/// past instants and closed months' bills keep their answers; changes made
+/// after the upgrade start when they are made. 0009 seeded each override as
+/// of its last change, so the plan's limit used to take over before it
+/// (found by review AG: a November bill changed on upgrade).
+async fn an_override_set_before_its_history_was_kept_applies_at_earlier_instants_after_the_upgrade(backend: Backend) {
+    let Some((url, dir)) = fresh_database(backend).await else {
+        return;
+    };
+    let engine = match backend {
+        Backend::Sqlite => "sqlite",
+        Backend::Postgres => "postgres",
+    };
+    let mut before_0009 = sqlx::migrate::Migrator::new(std::path::Path::new(&format!(
+        "{}/migrations/{engine}",
+        env!("CARGO_MANIFEST_DIR")
+    )))
+    .await
+    .unwrap();
+    before_0009.migrations = before_0009
+        .migrations
+        .iter()
+        .filter(|m| m.version <= 8)
+        .cloned()
+        .collect::<Vec<_>>()
+        .into();
+    // 5 llm_tokens a day (free's are 1 000), last set on 20 November.
+    match backend {
+        Backend::Sqlite => {
+            let options: sqlx::sqlite::SqliteConnectOptions = url.parse().unwrap();
+            let mut conn = sqlx::SqliteConnection::connect_with(&options.create_if_missing(true))
+                .await
+                .unwrap();
+            before_0009.run(&mut conn).await.unwrap();
+            let set_at = chrono::DateTime::parse_from_rfc3339("2026-11-20T10:00:00Z")
+                .unwrap()
+                .timestamp_micros();
+            sqlx::query(
+                "INSERT INTO account_overrides (account, resource, limit_amount, enforcement, limit_window, expires_at, updated_at)
+                 VALUES ('old', 'llm_tokens', 5, 'hard', 'day', NULL, ?)",
+            )
+            .bind(set_at)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        }
+        Backend::Postgres => {
+            let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+            before_0009.run(&mut conn).await.unwrap();
+            sqlx::query(
+                "INSERT INTO account_overrides (account, resource, limit_amount, enforcement, limit_window, expires_at, updated_at)
+                 VALUES ('old', 'llm_tokens', 5, 'hard', 'day', NULL, '2026-11-20T10:00:00Z')",
+            )
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        }
+    }
+    let app = TestApp::spawn_on(backend, url, dir, None).await;
+    let limit_at = async |at: &str| {
+        let reply = app
+            .post(
+                "/v1/quota/check",
+                serde_json::json!({"account": "old", "resource": "llm_tokens", "at": at}),
+            )
+            .await;
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+        reply.body["limit"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(limit_at("2026-11-10T12:00:00Z").await, "5", "before it was last set");
+    assert_eq!(limit_at("2026-11-25T12:00:00Z").await, "5");
+    // A change after the upgrade starts when it is made.
+    let changed = chrono::Utc::now() - chrono::Duration::minutes(10);
+    let put = app
+        .put_override_since("old", "llm_tokens", serde_json::json!({"limit": "7"}), changed)
+        .await;
+    assert_eq!(put.status, 200, "{:?}", put.body);
+    let before_change = (changed - chrono::Duration::minutes(1)).to_rfc3339();
+    assert_eq!(limit_at(&before_change).await, "5");
+    assert_eq!(limit_at(&chrono::Utc::now().to_rfc3339()).await, "7");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_sqlite_an_override_set_before_its_history_was_kept_applies_at_earlier_instants_after_the_upgrade() {
+    an_override_set_before_its_history_was_kept_applies_at_earlier_instants_after_the_upgrade(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_an_override_set_before_its_history_was_kept_applies_at_earlier_instants_after_the_upgrade() {
+    an_override_set_before_its_history_was_kept_applies_at_earlier_instants_after_the_upgrade(Backend::Postgres).await;
 }
