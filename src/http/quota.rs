@@ -197,6 +197,7 @@ async fn consume(
                         (plans, changes),
                         now,
                         retry_after.and(status.period_end),
+                        entry.occurred_at_given.then_some(entry.occurred_at),
                     )
                     .await
                     .map_err(|error| crate::telemetry::cause_chain(&error)),
@@ -214,6 +215,16 @@ async fn consume(
             let retry_after = sooner
                 .as_ref()
                 .map_or(retry_after, |change| whole_seconds_until(now, change.at));
+            // A dated consume sent again once its date is past the
+            // late-arrival horizon is refused as too late: no wait helps it.
+            let too_late_by_then = |seconds: u64| {
+                entry.occurred_at_given
+                    && now + chrono::Duration::seconds(i64::try_from(seconds).unwrap_or(i64::MAX / 1_000_000))
+                        > entry.occurred_at + state.late_horizon
+            };
+            let past_the_horizon = retry_after.is_some_and(too_late_by_then);
+            let retry_after = retry_after.filter(|_| !past_the_horizon);
+            let sooner = sooner.filter(|_| !past_the_horizon);
             let set_by = if by_override {
                 format!(
                     "set by an override of account '{}' (on plan '{}')",
@@ -292,6 +303,12 @@ async fn consume(
                         ),
                         None if status.window == Window::Total =>
                             "; free some (a negative entry) or raise the limit".into(),
+                        None if past_the_horizon => format!(
+                            "; by the time anything would let it through, occurred_at would be older than the \
+                             late-arrival horizon ({} days) and the consume refused as too late, so waiting does not \
+                             help",
+                            state.late_horizon.num_days()
+                        ),
                         None if status.period_end.is_some_and(|end| end <= now) => format!(
                             "; occurred_at is in a window that closed at {}, so waiting does not help",
                             status

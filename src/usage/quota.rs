@@ -416,8 +416,12 @@ impl Quotas<'_> {
     /// override changes, as the store reads them), lets `amount` through. A consume
     /// refused now that is sent again then, without `occurred_at`, would
     /// pass unless others use the room first: its `Retry-After` should not
-    /// send the caller away until the window ends. Reads only on a
-    /// refusal's path.
+    /// send the caller away until the window ends. A consume dated
+    /// `held_since` (refused by the limit in force now, not by the one at its
+    /// date, which took it) passes at a change whose limit no longer holds
+    /// it, its window not holding that date, or whose limit takes it. Reads
+    /// only on a refusal's path.
+    #[expect(clippy::too_many_arguments, reason = "one refusal's facts, each used once")]
     pub async fn passes_after_a_scheduled_change(
         &self,
         account: &AccountId,
@@ -426,6 +430,7 @@ impl Quotas<'_> {
         (plans, override_changes): (&[PlanAssignment], &[OverrideChange]),
         now: DateTime<Utc>,
         until: Option<DateTime<Utc>>,
+        held_since: Option<DateTime<Utc>>,
     ) -> Result<Option<ScheduledChange>, StoreError> {
         // A few instants at most are looked at: each costs a check.
         const LOOKED_AT: usize = 8;
@@ -444,7 +449,17 @@ impl Quotas<'_> {
         instants.dedup();
         for at in instants.into_iter().take(LOOKED_AT) {
             let status = self.check(account, resource, amount, at).await?;
-            if status.allowed {
+            let let_go = held_since.is_some_and(|dated| {
+                let then = effective_limit(
+                    self.catalog,
+                    plan_at(self.catalog, plans, at),
+                    &overrides_as_of(override_changes, at),
+                    resource,
+                    at,
+                );
+                !Period::containing(then.window, at).contains(dated)
+            });
+            if let_go || status.allowed {
                 let plan_takes_effect = plans
                     .iter()
                     .filter(|assignment| assignment.effective_at == at)

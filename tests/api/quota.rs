@@ -28,6 +28,8 @@ both!(
     a_plan_change_applies_from_its_effective_instant,
     a_consume_dated_before_a_downgrade_in_the_same_window_is_held_to_the_limit_in_force_now,
     a_dated_consume_held_by_the_limit_in_force_now_is_told_when_that_limit_lets_it_through,
+    a_dated_consume_is_told_of_a_change_whose_limit_no_longer_holds_it,
+    a_dated_consume_is_given_no_wait_that_would_take_it_past_the_late_horizon,
     a_dated_consume_past_a_soft_limit_in_force_now_warns_so_and_its_replay_too,
     an_override_beats_the_plan_until_it_expires,
     an_override_on_a_resource_dropped_from_the_catalog_can_still_be_removed,
@@ -1099,6 +1101,114 @@ async fn a_dated_consume_held_by_the_limit_in_force_now_is_told_when_that_limit_
     assert_eq!(app.ledger_sum("expiring", "ai_generations").await, 6);
     assert_eq!(app.ledger_sum("lasting", "ai_generations").await, 0);
     app.clock.thaw();
+}
+
+/// A dated consume refused by a month override in force now is let go when
+/// the override expires, since the plan's day limit that takes over does
+/// not count the day it is dated: its `Retry-After` is that instant. It was
+/// the month's end: the lookup judged a consume made at the expiry, which
+/// today's day limit refused (review AH).
+async fn a_dated_consume_is_told_of_a_change_whose_limit_no_longer_holds_it(app: TestApp) {
+    let frozen = "2026-03-10T12:00:00Z".parse::<chrono::DateTime<Utc>>().unwrap();
+    let expires = frozen + Duration::seconds(15);
+    app.insert(&[
+        ("w", "llm_tokens", "1000", "e1", "2026-03-03T10:00:00Z"),
+        ("w", "llm_tokens", "500", "e2", "2026-03-10T00:30:00Z"),
+    ])
+    .await;
+    let put = app
+        .put_override_since(
+            "w",
+            "llm_tokens",
+            json!({"limit": "1800", "window": "month", "expires_at": iso(expires)}),
+            frozen - Duration::minutes(1),
+        )
+        .await;
+    assert_eq!(put.status, 200, "{:?}", put.body);
+    // Free's 1 000 a day on 2 March (nothing used); 1 500 + 600 this month
+    // under the override now.
+    app.clock.freeze_at(frozen);
+    let refused = consume(&app, "w", "llm_tokens", "600", "c1", Some("2026-03-02T12:00:00Z")).await;
+    assert_eq!(
+        (refused.status, refused.code()),
+        (429, "quota_exceeded"),
+        "{:?}",
+        refused.body
+    );
+    assert_eq!(retry_after(&refused), Some(15), "{:?}", refused.body);
+    let message = refused.body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("the override of account 'w' for llm_tokens expires at"),
+        "{message}"
+    );
+    app.clock.freeze_at(expires);
+    let passed = consume(&app, "w", "llm_tokens", "600", "c1", Some("2026-03-02T12:00:00Z")).await;
+    assert_eq!(passed.status, 200, "{:?}", passed.body);
+    app.clock.thaw();
+}
+
+/// A wait that would take a dated consume's `occurred_at` past the
+/// late-arrival horizon helps nothing (it would then be refused as too
+/// late): no `Retry-After`, and the message says why (review AH).
+async fn a_dated_consume_is_given_no_wait_that_would_take_it_past_the_late_horizon(app: TestApp) {
+    let mut serve = ServeProcess::start(
+        &app.database_url,
+        &["--no-jobs", "--late-horizon-days", "2"],
+        &[("TALLY_ADMIN_KEY", "horizon-admin")],
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let send = async |method: reqwest::Method, path: &str, body: Value| {
+        let reply = client
+            .request(method, format!("{}{path}", serve.address))
+            .bearer_auth("horizon-admin")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let retry_after = reply
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_owned());
+        (
+            reply.status().as_u16(),
+            retry_after,
+            reply.json::<Value>().await.unwrap(),
+        )
+    };
+    let (status, _, body) = send(
+        reqwest::Method::PUT,
+        "/v1/accounts/r4/overrides/ai_generations",
+        json!({"limit": "3"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body:?}");
+    // Dated a day back, in this month (free: 50 a month) unless today is the
+    // 1st; the override's 3 holds it now, and the month ends after the
+    // 2-day horizon has passed its date unless today is the month's last
+    // day or two.
+    let today = Utc::now();
+    let dated = today - Duration::days(1);
+    let month_end = (today.date_naive().with_day(1).unwrap() + chrono::Months::new(1))
+        .and_hms_opt(0, 0, 0)
+        .unwrap()
+        .and_utc();
+    if dated.month() != today.month() || month_end <= dated + Duration::days(2) {
+        assert!(serve.stop().await.success());
+        return;
+    }
+    let (status, retry_after, body) = send(
+        reqwest::Method::POST,
+        "/v1/quota/consume",
+        json!({"account": "r4", "resource": "ai_generations", "amount": "5", "idempotency_key": "h1",
+               "occurred_at": iso(dated)}),
+    )
+    .await;
+    assert_eq!(status, 429, "{body:?}");
+    assert_eq!(retry_after, None, "{body:?}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("late-arrival horizon (2 days)"), "{message}");
+    assert!(serve.stop().await.success(), "{}", serve.stderr());
 }
 
 /// A dated consume that passes a soft limit in force now (set after its
