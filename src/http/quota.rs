@@ -218,9 +218,11 @@ async fn consume(
             // A dated consume sent again once its date is past the
             // late-arrival horizon is refused as too late: no wait helps it.
             let too_late_by_then = |seconds: u64| {
-                entry.occurred_at_given
-                    && now + chrono::Duration::seconds(i64::try_from(seconds).unwrap_or(i64::MAX / 1_000_000))
-                        > entry.occurred_at + state.late_horizon
+                let then = i64::try_from(seconds)
+                    .ok()
+                    .and_then(chrono::Duration::try_seconds)
+                    .and_then(|wait| now.checked_add_signed(wait));
+                entry.occurred_at_given && then.is_none_or(|then| then > entry.occurred_at + state.late_horizon)
             };
             let past_the_horizon = retry_after.is_some_and(too_late_by_then);
             let retry_after = retry_after.filter(|_| !past_the_horizon);
