@@ -727,11 +727,15 @@ pub(crate) fn export_amount(
     resource: &str,
     bucket: NaiveDate,
 ) -> Result<i64, StreamError> {
-    i64::try_from(amount).map_err(|_| {
-        StreamError::Store(StoreError::overflow(&format!(
-            "the total of account '{account}', resource '{resource}', {bucket}"
-        )))
-    })
+    i64::try_from(amount).map_err(|_| StreamError::Store(total_past_64_bits(account, resource, bucket)))
+}
+
+/// The total of (`account`, `resource`, `bucket`) does not fit 64-bit minor
+/// units: the overflow every read reports, naming the total.
+pub(crate) fn total_past_64_bits(account: &str, resource: &str, bucket: NaiveDate) -> StoreError {
+    StoreError::overflow(&format!(
+        "the total of account '{account}', resource '{resource}', {bucket}"
+    ))
 }
 
 /// A folded total plus the tail total of the same key; overflow is an error,

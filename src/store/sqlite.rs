@@ -8,7 +8,7 @@
 mod export;
 
 use sqlx::ConnectOptions;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -27,7 +27,7 @@ use super::settled::{Settled, SettledSums, bounds};
 use super::{
     Backend, BeforeCommit, ConsumeDecider, ConsumeResult, CsvSink, ExportFilter, JobLock, NewApiKey, OpenError, Store,
     StoreError, StreamError, TotalMismatch, TotalName, TotalRow, diff_totals, natural_key, replay, resolve_outcomes,
-    totals_sql,
+    total_past_64_bits, totals_sql,
 };
 use crate::domain::catalog::{Enforcement, Window};
 use crate::domain::period::{Granularity, start_of};
@@ -749,7 +749,7 @@ impl Store for SqliteStore {
             .fetch_all(&self.reader)
             .await?;
         // A bucket's parts and its tail, added in 128 bits (see `joined`).
-        let mut buckets: std::collections::BTreeMap<NaiveDate, i128> = std::collections::BTreeMap::new();
+        let mut buckets: BTreeMap<NaiveDate, i128> = BTreeMap::new();
         for (bucket, high, low) in rows {
             *buckets.entry(parse_date(&bucket)?).or_default() += joined(high, low);
         }
@@ -758,7 +758,7 @@ impl Store for SqliteStore {
             .map(|(bucket, amount)| {
                 i64::try_from(amount)
                     .map(|amount| (bucket, amount))
-                    .map_err(|_| StoreError::used_past_64_bits(account, resource))
+                    .map_err(|_| total_past_64_bits(account.as_str(), resource.as_str(), bucket))
             })
             .collect()
     }
@@ -1110,11 +1110,8 @@ impl Store for SqliteStore {
         Box::pin(rows.map(|row| {
             let (account, resource, bucket, high, low, entries) = row?;
             let bucket = parse_date(&bucket)?;
-            let amount = i64::try_from(joined(high, low)).map_err(|_| {
-                StoreError::overflow(&format!(
-                    "the total of account '{account}', resource '{resource}', {bucket}"
-                ))
-            })?;
+            let amount =
+                i64::try_from(joined(high, low)).map_err(|_| total_past_64_bits(&account, &resource, bucket))?;
             Ok(TotalRow {
                 account,
                 resource,

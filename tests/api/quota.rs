@@ -1183,12 +1183,12 @@ async fn a_dated_consume_is_given_no_wait_that_would_take_it_past_the_late_horiz
     )
     .await;
     assert_eq!(status, 200, "{body:?}");
-    // Dated a day back, in this month (free: 50 a month) unless today is the
-    // 1st; the override's 3 holds it now, and the month ends after the
-    // 2-day horizon has passed its date unless today is the month's last
-    // day or two.
+    // Dated a minute back, in this month (free: 50 a month) unless the
+    // month is a minute old; the override's 3 holds it now, and the month
+    // ends after the 2-day horizon has passed its date unless today is the
+    // month's last day or two (then this test has nothing to show).
     let today = Utc::now();
-    let dated = today - Duration::days(1);
+    let dated = today - Duration::minutes(1);
     let month_end = (today.date_naive().with_day(1).unwrap() + chrono::Months::new(1))
         .and_hms_opt(0, 0, 0)
         .unwrap()
