@@ -305,10 +305,11 @@ impl PgStore {
             return Ok(None);
         }
         sqlx::query(
-            "UPDATE rollup_cursor SET last_tx = $1::text::xid8, last_id = $2, updated_at = now() WHERE name = 'rollup'",
+            "UPDATE rollup_cursor SET last_tx = $1::text::xid8, last_id = $2, updated_at = $3 WHERE name = 'rollup'",
         )
         .bind(&upper_tx)
         .bind(upper_id)
+        .bind(Utc::now())
         .execute(&mut *tx)
         .await?;
         before_commit()?;
@@ -1060,12 +1061,14 @@ impl Store for PgStore {
         effective_at: DateTime<Utc>,
     ) -> Result<PlanAssignment, StoreError> {
         let (effective_at, created_at): (DateTime<Utc>, DateTime<Utc>) = sqlx::query_as(
-            "INSERT INTO account_plans (account, plan, effective_at, created_at) VALUES ($1, $2, $3, now())
+            "INSERT INTO account_plans (account, plan, effective_at, created_at) VALUES ($1, $2, $3, $4)
              RETURNING effective_at, created_at",
         )
         .bind(account.as_str())
         .bind(plan)
         .bind(effective_at)
+        // This process's clock, as every stamp (migration 0019 says why).
+        .bind(Utc::now())
         .fetch_one(&self.pool)
         .await?;
         Ok(PlanAssignment {
@@ -1089,6 +1092,8 @@ impl Store for PgStore {
             return Ok(None);
         }
         let mut tx = self.pool.begin().await?;
+        // One instant for the change's rows, by this process's clock.
+        let now = Utc::now();
         // Self-exclusive: two processes opening with a new default record
         // (and assign) once; posts and consumes are not held up.
         sqlx::query("LOCK TABLE default_plans IN SHARE ROW EXCLUSIVE MODE")
@@ -1107,6 +1112,7 @@ impl Store for PgStore {
                 let assigned = sqlx::query(include_str!("sql/postgres/keep_the_previous_default_plan.sql"))
                     .bind(previous)
                     .bind(from_the_start())
+                    .bind(now)
                     .execute(&mut *tx)
                     .await?;
                 Some(assigned.rows_affected())
@@ -1118,8 +1124,9 @@ impl Store for PgStore {
             to: default.to_owned(),
             kept,
         };
-        sqlx::query("INSERT INTO default_plans (plan, recorded_at) VALUES ($1, now())")
+        sqlx::query("INSERT INTO default_plans (plan, recorded_at) VALUES ($1, $2)")
             .bind(default)
+            .bind(now)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
@@ -1443,7 +1450,7 @@ impl Store for PgStore {
         let entry_id: Option<i64> = sqlx::query_scalar(
             "INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key, source, metadata,
                                   reverses, consume_outcome)
-             VALUES ($1, $2, $3, $4, now(), $5, $6, $7::jsonb, $8, $9)
+             VALUES ($1, $2, $3, $4, $10, $5, $6, $7::jsonb, $8, $9)
              ON CONFLICT (account, idempotency_key) DO NOTHING
              RETURNING id",
         )
@@ -1456,6 +1463,7 @@ impl Store for PgStore {
         .bind(entry.metadata.as_deref())
         .bind(entry.reverses)
         .bind(&response)
+        .bind(Utc::now())
         .fetch_optional(&mut *tx)
         .await?;
         let entry_id = entry_id.ok_or_else(|| StoreError::key_taken(None))?;

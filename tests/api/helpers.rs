@@ -84,6 +84,30 @@ pub async fn fresh_database(backend: Backend) -> Option<(String, Option<TempDir>
     }
 }
 
+/// libfaketime's preload library (Debian's `faketime`), for a test that runs
+/// `tally serve` on a clock of its own; `None` (skip) when it is not
+/// installed and PostgreSQL is not required: `.ci/run` installs both, and
+/// `TALLY_TEST_REQUIRE_POSTGRES=1` makes its absence a failure too.
+pub fn faketime_library() -> Option<String> {
+    let found = std::fs::read_dir("/usr/lib").ok().and_then(|dirs| {
+        dirs.flatten()
+            .map(|dir| dir.path().join("faketime/libfaketime.so.1"))
+            .find(|library| library.is_file())
+    });
+    match found {
+        Some(library) => Some(library.display().to_string()),
+        None if std::env::var("TALLY_TEST_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") => {
+            panic!(
+                "faketime is required (TALLY_TEST_REQUIRE_POSTGRES=1) but /usr/lib/*/faketime/libfaketime.so.1 is missing: apt-get install faketime"
+            )
+        }
+        None => {
+            eprintln!("skipping a test on a clock of its own: libfaketime is not installed (apt-get install faketime)");
+            None
+        }
+    }
+}
+
 /// A PostgreSQL cluster of the caller's own, for a test that stops or
 /// breaks its server; `None` (skip) when PostgreSQL is not installed and not
 /// required, as in [`fresh_database`]. Durable (PostgreSQL's defaults): the

@@ -2588,7 +2588,7 @@ async fn consume_group_with_watermark(
     let rules = json!({"llm_tokens": {"free": {"limit": 1000, "enforcement": "hard", "window": "day", "price": null}}});
     let rows = sqlx::query_as(
         "SELECT outcome, COALESCE(used, -1) AS used, COALESCE(mark, -1) AS mark, COALESCE(settled, -1) AS settled
-           FROM tally_consume_group('free', $1::jsonb, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+           FROM tally_consume_group('free', $1::jsonb, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, now())
           ORDER BY idx",
     )
     .bind(rules.to_string())
@@ -2771,7 +2771,7 @@ async fn on_postgres_a_consume_group_holds_a_dated_consume_to_the_limit_in_force
         sqlx::query_as::<_, Row>(
             "SELECT outcome, COALESCE(used, -1), (context::jsonb ->> 'limit')::bigint,
                     (context::jsonb -> 'now' ->> 'limit')::bigint
-               FROM tally_consume_group_dated('free', $1::jsonb, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+               FROM tally_consume_group_dated('free', $1::jsonb, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, now())
               ORDER BY idx",
         )
         .bind(rules.to_string())

@@ -5,11 +5,12 @@ use std::io::Write as _;
 use std::time::{Duration, Instant};
 
 use crate::both;
-use crate::helpers::{ServeProcess, TestApp, batch_at, days_ago};
+use crate::helpers::{ServeProcess, TestApp, batch_at, days_ago, faketime_library};
 
 both!(
     a_hangup_is_ignored_and_a_client_that_never_finishes_cannot_hold_the_shutdown,
     a_server_error_is_logged_once_with_its_request,
+    every_row_is_stamped_by_the_process_clock_whatever_the_database_server_reads,
 );
 
 /// SIGHUP (sent by log rotation tools) once killed the server outright, its
@@ -93,4 +94,75 @@ async fn a_server_error_is_logged_once_with_its_request(app: TestApp) {
     let errors = serve.stderr().lines().filter(|l| l.contains("ERROR")).count();
     assert_eq!(errors, 1, "{}", serve.stderr());
     assert!(serve.stop().await.success());
+}
+
+/// `recorded_at` and a plan assignment's stamp come from the process's clock
+/// on both engines, as posted entries, override changes, `--as-of` and the
+/// rollup lag do. On PostgreSQL consumes and plan assignments took the
+/// server's `now()` (review AK): with the two clocks apart, a consume made
+/// after a post was recorded before it, and `/healthz` reported years of lag.
+/// The server runs ten years ahead here (libfaketime); the database does not.
+async fn every_row_is_stamped_by_the_process_clock_whatever_the_database_server_reads(app: TestApp) {
+    let Some(faketime) = faketime_library() else {
+        return;
+    };
+    let mut serve = ServeProcess::start(
+        &app.database_url,
+        &["--no-jobs"],
+        &[
+            ("TALLY_ADMIN_KEY", "clock-admin"),
+            ("LD_PRELOAD", faketime.as_str()),
+            ("FAKETIME", "@2036-03-10 12:00:00"),
+        ],
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let send = async |method: reqwest::Method, path: &str, body: Option<serde_json::Value>| {
+        let mut request = client
+            .request(method, format!("{}{path}", serve.address))
+            .bearer_auth("clock-admin");
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let reply = request.send().await.unwrap();
+        (
+            reply.status().as_u16(),
+            reply.json::<serde_json::Value>().await.unwrap(),
+        )
+    };
+    use reqwest::Method;
+    use serde_json::json;
+    let posted = json!({"account": "c1", "resource": "api_requests", "amount": "1", "idempotency_key": "post"});
+    let (status, body) = send(Method::POST, "/v1/entries", Some(posted)).await;
+    assert!(status < 300, "{status} {body}");
+    // Undated, and dated a minute back: PostgreSQL decides them in its two
+    // group functions.
+    for consume in [
+        json!({"account": "c1", "resource": "api_requests", "amount": "1", "idempotency_key": "now"}),
+        json!({"account": "c1", "resource": "api_requests", "amount": "1", "idempotency_key": "dated",
+               "occurred_at": "2036-03-10T11:59:00Z"}),
+    ] {
+        let (status, body) = send(Method::POST, "/v1/quota/consume", Some(consume)).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let (status, body) = send(Method::PUT, "/v1/accounts/c1/plan", Some(json!({"plan": "pro"}))).await;
+    assert_eq!(status, 200, "{body}");
+
+    let on_the_servers_day = |stamp: &serde_json::Value| stamp.as_str().is_some_and(|s| s.starts_with("2036-03-10T"));
+    let (status, listing) = send(Method::GET, "/v1/accounts/c1/entries", None).await;
+    assert_eq!(status, 200, "{listing}");
+    let entries = listing["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 3, "{listing}");
+    for entry in entries {
+        assert!(on_the_servers_day(&entry["recorded_at"]), "{entry}");
+    }
+    let (status, account) = send(Method::GET, "/v1/accounts/c1", None).await;
+    assert_eq!(status, 200, "{account}");
+    let assignment = &account["plan_history"][0];
+    assert!(on_the_servers_day(&assignment["created_at"]), "{account}");
+    let (status, health) = send(Method::GET, "/healthz", None).await;
+    assert_eq!(status, 200, "{health}");
+    let lag = health["rollup_lag_seconds"].as_i64().unwrap();
+    assert!((0..600).contains(&lag), "{health}");
+    assert!(serve.stop().await.success(), "{}", serve.stderr());
 }

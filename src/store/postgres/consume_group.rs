@@ -470,10 +470,10 @@ async fn call(pool: &PgPool, requests: &[&Request]) -> Result<Vec<Decided>, Stor
     let dated = nows.iter().any(Option::is_some);
     let sql = if dated {
         "SELECT idx, outcome, entry_id, used, context, period_start, period_end, mark, settled
-           FROM tally_consume_group_dated($1, $2::jsonb, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
+           FROM tally_consume_group_dated($1, $2::jsonb, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $16, $15)"
     } else {
         "SELECT idx, outcome, entry_id, used, context, period_start, period_end, mark, settled
-           FROM tally_consume_group($1, $2::jsonb, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+           FROM tally_consume_group($1, $2::jsonb, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
     };
     let query = sqlx::query_as(sql)
         .bind(default_plan)
@@ -489,7 +489,9 @@ async fn call(pool: &PgPool, requests: &[&Request]) -> Result<Vec<Decided>, Stor
         .bind(&mark_starts)
         .bind(&mark_ends)
         .bind(&marks)
-        .bind(&settled);
+        .bind(&settled)
+        // Recorded by this process's clock, as posted entries are (migration 0019).
+        .bind(chrono::Utc::now());
     let query = if dated { query.bind(&nows) } else { query };
     Ok(query.fetch_all(pool).await?)
 }

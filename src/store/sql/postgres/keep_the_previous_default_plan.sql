@@ -6,7 +6,7 @@
 -- then) and its overrides, past ones included. An account with an assignment
 -- at or before the start has none of its instants on the default.
 INSERT INTO account_plans (account, plan, effective_at, created_at)
-SELECT known.account, $1, $2, now()
+SELECT known.account, $1, $2, $3
 FROM (
     SELECT account FROM entries
     UNION SELECT account FROM account_plans
