@@ -386,7 +386,15 @@ fn entry_filter(
     if let (Some(from), Some(to)) = (from, to)
         && from > to
     {
-        return Err(ApiError::invalid("from", format!("from ({from}) is after to ({to})")));
+        let write = |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+        return Err(ApiError::invalid(
+            "from",
+            format!(
+                "from ({}) is after to ({}); give a from at or before the to",
+                write(from),
+                write(to)
+            ),
+        ));
     }
     let after_id = query
         .get("after_id")

@@ -650,6 +650,13 @@ async fn listing_filters_by_resource_and_time(app: TestApp) {
     );
     let reversed = app.get("/v1/accounts/acme/entries?from=2026-11-03&to=2026-11-01").await;
     assert_eq!(reversed.status, 422);
+    // Written as every other message writes an instant (review AK).
+    assert_eq!(
+        reversed.body["error"]["message"],
+        "from (2026-11-03T00:00:00Z) is after to (2026-11-01T00:00:00Z); give a from at or before the to",
+        "{:?}",
+        reversed.body
+    );
 }
 
 async fn an_endpoint_that_takes_no_query_parameters_refuses_any_and_writes_nothing(app: TestApp) {
