@@ -130,7 +130,10 @@ impl fmt::Display for RollupReport {
             self.elapsed.as_secs_f64()
         )?;
         if self.stopped {
-            write!(f, ", then stopped for the shutdown; the next run folds the rest")?;
+            write!(
+                f,
+                ", then stopped for the shutdown; whatever is still unfolded waits for the next run"
+            )?;
         }
         Ok(())
     }

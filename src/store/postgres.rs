@@ -427,6 +427,29 @@ impl PgStore {
         )
     }
 
+    /// What a consume under `entry`'s key answers when the key is already
+    /// stored: the stored consume's replay, or 409 if `entry` differs from it.
+    /// None while the key is free.
+    async fn stored_consume(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        entry: &NewEntry,
+    ) -> Result<Option<ConsumeResult>, StoreError> {
+        let row: Option<EntryRow> = sqlx::query_as(&format!(
+            "SELECT {ENTRY_COLUMNS} FROM entries WHERE account = $1 AND idempotency_key = $2"
+        ))
+        .bind(entry.account.as_str())
+        .bind(entry.idempotency_key.as_str())
+        .fetch_optional(&mut *conn)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let response = sqlx::query_scalar(OUTCOME_SQL)
+            .bind(row.id)
+            .fetch_one(&mut *conn)
+            .await?;
+        replay(entry, &self.entry_from_row(row), response).map(Some)
+    }
+
     fn entry_from_row(&self, row: EntryRow) -> Entry {
         let decimals = self.catalog.decimals(&row.resource);
         Entry {
@@ -1368,23 +1391,14 @@ impl Store for PgStore {
             },
             // Held to two windows' limits: the multi-statement path reads both.
             ("undecided", ..) => return Ok(None),
-            ("replayed", Some(entry_id), _, _) => {
-                let (stored, response): (EntryRow, Option<String>) = {
-                    let stored: EntryRow =
-                        sqlx::query_as(&format!("SELECT {ENTRY_COLUMNS} FROM entries WHERE id = $1"))
-                            .bind(entry_id)
-                            .fetch_one(&self.pool)
-                            .await?;
-                    let response = sqlx::query_scalar(OUTCOME_SQL)
-                        .bind(entry_id)
-                        .fetch_one(&self.pool)
-                        .await?;
-                    (stored, response)
-                };
-                DecidedConsume::Replayed(replay(entry, &self.entry_from_row(stored), response)?)
-            }
-            ("conflict", ..) => {
-                return Err(StoreError::key_taken(None));
+            // `conflict`: the key was taken by a concurrent request that does
+            // not take the consume lock (a posted entry); the insert waited
+            // for it to commit, so this later read sees it: answered as a
+            // replay of it, as if the consume had come a moment later.
+            ("replayed", Some(_), _, _) | ("conflict", ..) => {
+                let mut conn = self.pool.acquire().await?;
+                let stored = self.stored_consume(&mut conn, entry).await?;
+                DecidedConsume::Replayed(stored.ok_or_else(|| StoreError::key_taken(None))?)
             }
             (other, ..) => {
                 return Err(StoreError::Unexpected(format!(
@@ -1423,16 +1437,8 @@ impl Store for PgStore {
             .bind(entry.resource.as_str())
             .execute(&mut *tx)
             .await?;
-        let stored: Option<EntryRow> = sqlx::query_as(&format!(
-            "SELECT {ENTRY_COLUMNS} FROM entries WHERE account = $1 AND idempotency_key = $2"
-        ))
-        .bind(entry.account.as_str())
-        .bind(entry.idempotency_key.as_str())
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(row) = stored {
-            let response = sqlx::query_scalar(OUTCOME_SQL).bind(row.id).fetch_one(&mut *tx).await?;
-            return replay(entry, &self.entry_from_row(row), response);
+        if let Some(replayed) = self.stored_consume(&mut tx, entry).await? {
+            return Ok(replayed);
         }
         // The limits too are read after the lock: a plan or override committed
         // before it was granted applies to this consume.
@@ -1466,7 +1472,13 @@ impl Store for PgStore {
         .bind(Utc::now())
         .fetch_optional(&mut *tx)
         .await?;
-        let entry_id = entry_id.ok_or_else(|| StoreError::key_taken(None))?;
+        let Some(entry_id) = entry_id else {
+            // Taken by a posted entry (posting takes no consume lock) that the
+            // insert waited for: a new statement under READ COMMITTED sees it,
+            // and this consume answers as its replay, writing nothing.
+            let stored = self.stored_consume(&mut tx, entry).await?;
+            return stored.ok_or_else(|| StoreError::key_taken(None));
+        };
         tx.commit().await?;
         Ok(ConsumeResult::Recorded { entry_id, response })
     }

@@ -18,6 +18,7 @@ both!(
     sixty_four_concurrent_consumers_at_a_hard_limit_of_1000_land_exactly_1000,
     concurrent_consumes_over_several_limits_each_sent_twice_land_each_limit_and_answer_both_copies_alike,
     a_key_consumed_at_once_for_two_resources_records_one_and_refuses_the_other,
+    a_key_consumed_and_posted_as_an_entry_at_once_is_recorded_once_and_both_answer_200,
     consumes_at_once_on_two_days_each_stop_at_their_own_day_limit,
     check_is_exact_at_any_instant_while_posting_and_rolling_up,
     a_day_limit_resets_at_midnight_utc,
@@ -258,6 +259,41 @@ async fn a_key_consumed_at_once_for_two_resources_records_one_and_refuses_the_ot
         assert_eq!(got, [200, 409], "{key}");
     }
     assert_eq!(app.count_entries().await, 30);
+}
+
+/// Each key is consumed and posted as an entry of the same content at the
+/// same moment (posting takes no consume lock): one row, and both are told
+/// 200 — the consume that comes second answers as a replay, as after a posted
+/// entry (review AJ: PostgreSQL answered 409 when the insert met the key).
+/// Both consume paths: `api_requests` has a rate on free (the
+/// per-resource path), `ai_generations` none (PostgreSQL's groups).
+async fn a_key_consumed_and_posted_as_an_entry_at_once_is_recorded_once_and_both_answer_200(app: TestApp) {
+    let app = Arc::new(app);
+    let mut sent = Vec::new();
+    for i in 0..200 {
+        let resource = ["api_requests", "ai_generations"][i % 2];
+        // An account each: none nears its limit or its rate.
+        let (account, key) = (format!("a{i}"), format!("k{i}"));
+        let (posting, consuming) = (app.clone(), app.clone());
+        let body = entry(&account, resource, "1", &key);
+        sent.push(tokio::spawn(async move {
+            let (posted, consumed) = tokio::join!(
+                posting.post_entries(body),
+                consume(&consuming, &account, resource, "1", &key, None)
+            );
+            (key, posted, consumed)
+        }));
+    }
+    for task in sent {
+        let (key, posted, consumed) = task.await.unwrap();
+        assert_eq!(posted.status, 200, "{key}: {:?}", posted.body);
+        assert_eq!(consumed.status, 200, "{key}: {:?}", consumed.body);
+        assert_eq!(
+            consumed.body["entry_id"], posted.body["entries"][0]["id"],
+            "{key}: one row, named alike by both"
+        );
+    }
+    assert_eq!(app.count_entries().await, 200);
 }
 
 /// Consumes of one (account, resource) dated on two days, sent at once and
@@ -2541,6 +2577,41 @@ async fn on_postgres_a_consume_meeting_its_key_committed_meanwhile_for_another_r
     assert_eq!(reply.status, 409, "{:?}", reply.body);
     assert_eq!(reply.code(), "idempotency_conflict");
     assert_eq!(app.count_entries().await, 1);
+}
+
+/// A consume whose key another transaction holds, uncommitted, with the same
+/// content waits for it and, once it commits, answers 200 as its replay
+/// (review AJ) — on the per-resource path (`api_requests`, which has a rate)
+/// and in a consume group (`ai_generations`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_consume_meeting_its_key_committed_meanwhile_with_the_same_content_is_its_replay() {
+    let Some(app) = TestApp::spawn(Backend::Postgres).await else {
+        return;
+    };
+    let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
+    let app = Arc::new(app);
+    for resource in ["api_requests", "ai_generations"] {
+        let mut other = pool.begin().await.unwrap();
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key)
+             VALUES ('acme', $1, 3, now(), now(), $1) RETURNING id",
+        )
+        .bind(resource)
+        .fetch_one(&mut *other)
+        .await
+        .unwrap();
+        let consuming = {
+            let app = app.clone();
+            tokio::spawn(async move { consume(&app, "acme", resource, "3", resource, None).await })
+        };
+        until_a_backend_waits_on_a_lock(&pool, "the consume never waited on the key").await;
+        other.commit().await.unwrap();
+        let reply = consuming.await.unwrap();
+        assert_eq!(reply.status, 200, "{resource}: {:?}", reply.body);
+        assert_eq!(reply.body["entry_id"], id, "{resource}: {:?}", reply.body);
+        assert_eq!(reply.body["used"], "3", "{resource}: {:?}", reply.body);
+    }
+    assert_eq!(app.count_entries().await, 2, "nothing recorded by the consumes");
 }
 
 /// One call of `tally_consume_group` with the given consumes of `acme`

@@ -703,7 +703,7 @@ async fn a_rollup_asked_to_stop_ends_after_its_batch_in_flight(app: TestApp) {
     assert!(
         asked_before
             .to_string()
-            .ends_with("then stopped for the shutdown; the next run folds the rest")
+            .ends_with("then stopped for the shutdown; whatever is still unfolded waits for the next run")
     );
 
     let mut folded = 0;
