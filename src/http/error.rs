@@ -78,6 +78,13 @@ pub enum ApiError {
          end; retry shortly (the server's log names that transaction)"
     )]
     Busy(#[source] StoreError),
+    /// 503: a concurrent request deadlocked with this one and the database
+    /// cancelled this one; nothing was written.
+    #[error(
+        "this request and a concurrent one waited on each other, and the database cancelled this one; \
+         nothing was written: send it again"
+    )]
+    Contended(#[source] StoreError),
     /// 500: a total the answer needs is past 64 bits of minor units (valid
     /// entries can get there); an operator corrects the entries.
     #[error(
@@ -161,7 +168,9 @@ impl ApiError {
             Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::Validation { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, code),
             Self::TooManyRequests { code, .. } => (StatusCode::TOO_MANY_REQUESTS, code),
-            Self::Unavailable(_) | Self::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"),
+            Self::Unavailable(_) | Self::Busy(_) | Self::Contended(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable")
+            }
             Self::TotalTooLarge(_) => (StatusCode::INTERNAL_SERVER_ERROR, "total_too_large"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -199,6 +208,7 @@ impl From<StoreError> for ApiError {
             StoreError::Invalid(m) => Self::invalid("id", m),
             StoreError::Unavailable(_) => Self::Unavailable(e),
             StoreError::Busy(_) => Self::Busy(e),
+            StoreError::Contended(_) => Self::Contended(e),
             StoreError::Overflow(_) => Self::TotalTooLarge(e),
             StoreError::Internal(_) | StoreError::Unexpected(_) => Self::Internal(e.into()),
         }
@@ -251,7 +261,7 @@ impl IntoResponse for ApiError {
         };
         let mut response = (status, Json(body)).into_response();
         let retry_after = match &self {
-            Self::Unavailable(_) | Self::Busy(_) => Some(1),
+            Self::Unavailable(_) | Self::Busy(_) | Self::Contended(_) => Some(1),
             Self::TooManyRequests { retry_after, .. } => *retry_after,
             _ => None,
         };

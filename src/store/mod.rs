@@ -70,6 +70,15 @@ pub enum StoreError {
     /// answer (a read waiting on writes in flight); retry shortly (503).
     #[error("{0}")]
     Busy(String),
+    /// This request and a concurrent one waited on each other and
+    /// PostgreSQL cancelled this one to break the deadlock (or they could
+    /// not both commit as if one after the other): nothing it wrote was
+    /// kept, and sent again it passes (503).
+    #[error(
+        "this request and a concurrent one waited on each other, and the database cancelled this one; \
+         nothing it wrote was kept: send it again"
+    )]
+    Contended(#[source] sqlx::Error),
     /// Anything else; the cause goes to the log, not to clients.
     #[error("database error")]
     Internal(#[source] sqlx::Error),
@@ -100,6 +109,10 @@ impl From<sqlx::Error> for StoreError {
             }
             sqlx::Error::Database(ref db) if is_unavailable_code(db.code().as_deref()) => StoreError::Unavailable(e),
             sqlx::Error::Database(ref db) if is_overflow(db.as_ref()) => StoreError::overflow(db.message()),
+            // deadlock_detected, serialization_failure.
+            sqlx::Error::Database(ref db) if matches!(db.code().as_deref(), Some("40P01" | "40001")) => {
+                StoreError::Contended(e)
+            }
             other => StoreError::Internal(other),
         }
     }
@@ -799,6 +812,12 @@ pub trait ConsumeDecider: Send + Sync {
     /// `Err(reason)` refuses it; `used[i]` is for the `i`-th of
     /// [`ConsumeDecider::periods`].
     fn decide(&self, plans: &[PlanAssignment], overrides: &[OverrideChange], used: &[i64]) -> Result<String, String>;
+
+    /// Counts the consume against its per-minute rate, once its row is
+    /// written but not yet committed: `Err(reason)` rolls the row back. Only
+    /// a consume that records is counted — not one that found its key taken
+    /// meanwhile and answers as a replay or a conflict (review AM).
+    fn charge_rate(&self, plans: &[PlanAssignment]) -> Result<(), String>;
 }
 
 /// What a consume did.

@@ -1479,6 +1479,10 @@ impl Store for PgStore {
             let stored = self.stored_consume(&mut tx, entry).await?;
             return stored.ok_or_else(|| StoreError::key_taken(None));
         };
+        // Dropping the transaction rolls the row back.
+        if let Err(reason) = decide.charge_rate(&plans) {
+            return Ok(ConsumeResult::Rejected { reason });
+        }
         tx.commit().await?;
         Ok(ConsumeResult::Recorded { entry_id, response })
     }

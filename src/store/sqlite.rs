@@ -1065,6 +1065,10 @@ impl Store for SqliteStore {
             .bind(&response)
             .execute(&mut *tx)
             .await?;
+        // Dropping the transaction rolls the rows back.
+        if let Err(reason) = decide.charge_rate(&plans) {
+            return Ok(ConsumeResult::Rejected { reason });
+        }
         tx.commit().await?;
         Ok(ConsumeResult::Recorded { entry_id, response })
     }

@@ -729,24 +729,6 @@ impl ConsumeDecider for Decider<'_> {
             afters.push(after);
         }
         let after = *afters.first().ok_or("a consume was held to no limit")?;
-        // The rate is counted only for what will be recorded, under the lock.
-        if let Some((per_minute, Some((budget, cells)))) = cells {
-            let retry_after = match self
-                .rates
-                .check(budget, entry.account.as_str(), entry.resource.as_str(), cells)
-            {
-                RateDecision::Allowed => None,
-                RateDecision::RetryAfter(wait) => Some(wait.as_secs_f64().ceil().max(1.0) as u64),
-                RateDecision::NeverFits => Some(60),
-            };
-            if let Some(retry_after) = retry_after {
-                return Err(Rejected::RateLimited {
-                    retry_after,
-                    per_minute,
-                }
-                .reason());
-            }
-        }
         // The answer is the limit at the consume's instant, as a check of it
         // says; the warnings are also the limit in force now's.
         let Judged { limit, period, .. } = &judged[0];
@@ -757,6 +739,30 @@ impl ConsumeDecider for Decider<'_> {
             .map(|(now, after)| (&now.limit, *after));
         let warnings = consume_warnings(&entry.resource, (limit, after), in_force_now);
         Ok(serde_json::json!({ "status": status, "warnings": warnings }).to_string())
+    }
+
+    fn charge_rate(&self, plans: &[PlanAssignment]) -> Result<(), String> {
+        let Some(per_minute) = self.rate_per_minute(plans) else {
+            return Ok(());
+        };
+        let Some((budget, cells)) = rate_cells(per_minute, self.entry.amount) else {
+            // `decide` refused it already; said again rather than let through.
+            return Err(Rejected::LargerThanRate { per_minute }.reason());
+        };
+        let retry_after =
+            match self
+                .rates
+                .check(budget, self.entry.account.as_str(), self.entry.resource.as_str(), cells)
+            {
+                RateDecision::Allowed => return Ok(()),
+                RateDecision::RetryAfter(wait) => wait.as_secs_f64().ceil().max(1.0) as u64,
+                RateDecision::NeverFits => 60,
+            };
+        Err(Rejected::RateLimited {
+            retry_after,
+            per_minute,
+        }
+        .reason())
     }
 }
 

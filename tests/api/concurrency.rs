@@ -3,7 +3,7 @@
 use serde_json::json;
 
 use crate::both;
-use crate::helpers::{TestApp, entry};
+use crate::helpers::{Backend, TestApp, entry, until_a_backend_waits_on_a_lock};
 
 both!(thirty_two_concurrent_clients_posting_the_same_1000_keys_land_exactly_1000_rows);
 
@@ -50,4 +50,51 @@ async fn thirty_two_concurrent_clients_posting_the_same_1000_keys_land_exactly_1
             .await,
         1000
     );
+}
+
+/// A request that PostgreSQL cancels to break a deadlock with a concurrent
+/// one wrote nothing and passes when sent again: 503 `database_unavailable`
+/// with Retry-After, saying so, not a 500 "internal" (review AM saw a
+/// consume group and a batch deadlock; here another writer stands in).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_batch_cancelled_to_break_a_deadlock_is_a_503_to_send_again() {
+    let Some(app) = TestApp::spawn(Backend::Postgres).await else {
+        return;
+    };
+    let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
+    let insert = |key: &'static str| {
+        sqlx::query(
+            "INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key)
+             VALUES ('acme', 'api_requests', 1, now(), now(), $1)",
+        )
+        .bind(key)
+    };
+    // The other writer holds k1; the batch takes k0, then waits for k1.
+    let mut other = pool.begin().await.unwrap();
+    insert("k1").execute(&mut *other).await.unwrap();
+    let app = std::sync::Arc::new(app);
+    let batch =
+        json!({"entries": [entry("acme", "api_requests", "1", "k0"), entry("acme", "api_requests", "1", "k1")]});
+    let posting = {
+        let (app, batch) = (app.clone(), batch.clone());
+        tokio::spawn(async move { app.post_entries(batch).await })
+    };
+    until_a_backend_waits_on_a_lock(&pool, "the batch never waited on k1").await;
+    // Now the other writer waits for k0: a cycle. The batch, waiting longer,
+    // finds it first (deadlock_timeout) and is cancelled.
+    let closing = tokio::spawn(async move { insert("k0").execute(&mut *other).await.map(|_| other) });
+    let reply = posting.await.unwrap();
+    assert_eq!(reply.status, 503, "{:?}", reply.body);
+    assert_eq!(reply.code(), "database_unavailable");
+    let message = reply.body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("waited on each other") && message.contains("send it again"),
+        "{message}"
+    );
+    assert_eq!(reply.headers.get("retry-after").map(|v| v.to_str().unwrap()), Some("1"));
+    closing.await.unwrap().unwrap().commit().await.unwrap();
+    assert_eq!(app.count_entries().await, 2, "the batch wrote nothing");
+    let again = app.post_entries(batch).await;
+    assert_eq!(again.status, 200, "{:?}", again.body);
+    assert_eq!(again.body["duplicates"], 2, "{:?}", again.body);
 }

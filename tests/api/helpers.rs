@@ -912,3 +912,21 @@ pub fn batch_at(account: &str, resource: &str, amount: &str, count: usize, at: &
         .collect();
     serde_json::json!({ "entries": entries })
 }
+
+/// Returns once a backend of this test's database waits on a lock (polled
+/// every 50 ms, at most 10 s; `never` is the failure's message).
+pub async fn until_a_backend_waits_on_a_lock(pool: &sqlx::PgPool, never: &str) {
+    for _ in 0..200 {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("{never}");
+}

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use crate::both;
 use crate::helpers::{
     Backend, Reply, ServeProcess, TestApp, assert_used_exact_while_posting_and_rolling_up, batch_at, days_ago_at,
-    entry, entry_at, usage_row,
+    entry, entry_at, until_a_backend_waits_on_a_lock, usage_row,
 };
 
 both!(
@@ -2487,24 +2487,6 @@ async fn a_limit_lowered_while_a_consume_waits_for_the_lock_applies_to_it(app: T
     assert_eq!(app.ledger_sum("acme", "api_requests").await, 5);
 }
 
-/// Returns once a backend of this test's database waits on a lock (polled
-/// every 50 ms, at most 10 s; `never` is the failure's message).
-async fn until_a_backend_waits_on_a_lock(pool: &sqlx::PgPool, never: &str) {
-    for _ in 0..200 {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(pool)
-        .await
-        .unwrap();
-        if waiting > 0 {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    panic!("{never}");
-}
-
 /// A plan whose rate limits a resource with decimals, 2 units a minute of
 /// `gpu_minutes` (2 fractional digits).
 const DECIMAL_RATE_PLANS: &str = r#"
@@ -2581,8 +2563,9 @@ async fn on_postgres_a_consume_meeting_its_key_committed_meanwhile_for_another_r
 
 /// A consume whose key another transaction holds, uncommitted, with the same
 /// content waits for it and, once it commits, answers 200 as its replay
-/// (review AJ) — on the per-resource path (`api_requests`, which has a rate)
-/// and in a consume group (`ai_generations`).
+/// (review AJ), spending none of the rate (review AM) — on the per-resource
+/// path (`api_requests`, which has a rate) and in a consume group
+/// (`ai_generations`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_postgres_a_consume_meeting_its_key_committed_meanwhile_with_the_same_content_is_its_replay() {
     let Some(app) = TestApp::spawn(Backend::Postgres).await else {
@@ -2612,6 +2595,10 @@ async fn on_postgres_a_consume_meeting_its_key_committed_meanwhile_with_the_same
         assert_eq!(reply.body["used"], "3", "{resource}: {:?}", reply.body);
     }
     assert_eq!(app.count_entries().await, 2, "nothing recorded by the consumes");
+    // Review AM: nor counted against the rate (100 a minute on free): a
+    // consume that records nothing used to spend its units all the same.
+    let fresh = consume(&app, "acme", "api_requests", "98", "fresh", None).await;
+    assert_eq!(fresh.status, 200, "{:?}", fresh.body);
 }
 
 /// One call of `tally_consume_group` with the given consumes of `acme`

@@ -366,12 +366,24 @@ async fn decide(
                     alone.into_iter().chain(together).collect()
                 }
             } else {
-                tracing::warn!(
-                    consumes = group.len(),
-                    error = %error,
-                    "a group of {} consumes failed, deciding each alone: {error}",
-                    group.len()
-                );
+                let cause = crate::telemetry::cause_chain(&error);
+                if matches!(&error, StoreError::Internal(e) if super::is_idempotency_violation(e)) {
+                    // A key taken meanwhile by a concurrent request: expected
+                    // under load, and each consume alone answers it.
+                    tracing::debug!(
+                        consumes = group.len(),
+                        error = %cause,
+                        "a group of {} consumes met a key taken meanwhile, deciding each alone: {cause}",
+                        group.len()
+                    );
+                } else {
+                    tracing::warn!(
+                        consumes = group.len(),
+                        error = %cause,
+                        "a group of {} consumes failed, deciding each alone: {cause}",
+                        group.len()
+                    );
+                }
                 group
             };
             for waiting in alone {
