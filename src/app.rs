@@ -169,7 +169,7 @@ impl Settings {
                     "there is no database at {} (from --database-url or TALLY_DATABASE_URL; a relative path, \
                      such as the default tally.db, is taken from the working directory {}): this \
                      command reads an existing database and does not create one. The commands that write \
-                     create it: serve, migrate, post, import, keys create and the accounts changes",
+                     create it: serve, migrate, post, import, keys create, accounts set-plan and accounts override",
                     file.display(),
                     std::env::current_dir().map_or_else(|_| "(unknown)".to_owned(), |d| d.display().to_string()),
                 ),
@@ -186,9 +186,18 @@ impl Settings {
     /// Opens the database and runs its migrations, warning when the
     /// catalog's `default_plan` is not the one `serve` recorded there.
     pub async fn open_store(&self) -> anyhow::Result<(Arc<dyn Store>, Arc<Catalog>)> {
-        let (store, catalog) = self.open_and_migrate().await?;
+        let catalog = Arc::new(self.load_catalog()?);
+        Ok((self.open_store_with(catalog.clone()).await?, catalog))
+    }
+
+    /// [`Settings::open_store`] with the catalog already loaded, for a
+    /// command that checks its input against it first: bad input then
+    /// fails before the database is opened, so it leaves no new SQLite file
+    /// behind (a typo run from the wrong folder would otherwise create one).
+    pub async fn open_store_with(&self, catalog: Arc<Catalog>) -> anyhow::Result<Arc<dyn Store>> {
+        let store = self.open_and_migrate(catalog.clone()).await?;
         warn_if_default_plan_differs(store.as_ref(), &catalog).await;
-        Ok((store, catalog))
+        Ok(store)
     }
 
     /// [`Settings::open_store`] for `serve`, whose catalog is the
@@ -198,15 +207,15 @@ impl Settings {
     /// upgrades) only compares, so that one run without the server's
     /// catalog cannot re-plan accounts.
     pub async fn open_store_recording_default_plan(&self) -> anyhow::Result<(Arc<dyn Store>, Arc<Catalog>)> {
-        let (store, catalog) = self.open_and_migrate().await?;
+        let catalog = Arc::new(self.load_catalog()?);
+        let store = self.open_and_migrate(catalog.clone()).await?;
         record_default_plan(store.as_ref(), &catalog).await;
         Ok((store, catalog))
     }
 
     /// Opens the database and runs its migrations.
-    async fn open_and_migrate(&self) -> anyhow::Result<(Arc<dyn Store>, Arc<Catalog>)> {
-        let catalog = Arc::new(self.load_catalog()?);
-        let store = store::connect(&self.database_url, catalog.clone()).await.map_err(|e| {
+    async fn open_and_migrate(&self, catalog: Arc<Catalog>) -> anyhow::Result<Arc<dyn Store>> {
+        let store = store::connect(&self.database_url, catalog).await.map_err(|e| {
             let advice = if e.says_what_to_do() {
                 ""
             } else {
@@ -219,7 +228,7 @@ impl Settings {
         })?;
         self.opened.add(store.clone());
         store.migrate().await?;
-        Ok((store, catalog))
+        Ok(store)
     }
 }
 
@@ -466,7 +475,7 @@ pub async fn create_key(
 
 /// A new key's plaintext and what to store of it, once its role and
 /// account agree.
-fn new_key(
+pub fn new_key(
     role: Role,
     account: Option<crate::domain::AccountId>,
     name: Option<String>,

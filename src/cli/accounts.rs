@@ -122,16 +122,14 @@ fn instant(raw: Option<&str>) -> anyhow::Result<chrono::DateTime<Utc>> {
 
 /// Runs an accounts subcommand.
 pub async fn run(settings: &Settings, command: AccountsCommand) -> anyhow::Result<ExitCode> {
-    // Showing reads what is there; the changes may be a new database's first
-    // setup, before it is served.
-    let (store, catalog) = if matches!(command, AccountsCommand::Show { .. }) {
-        settings.open_existing_store().await?
-    } else {
-        settings.open_store().await?
-    };
+    // Showing and clearing read what is there. Setting a plan or an override
+    // may be a new database's first setup, before it is served: their input
+    // is checked against the catalog before the database is opened, so
+    // refused input leaves no new SQLite file behind.
     match command {
         AccountsCommand::Show { account: raw } => {
             let account = account(&raw)?;
+            let (store, catalog) = settings.open_existing_store().await?;
             let view = account_view(store.as_ref(), &catalog, account, Utc::now()).await?;
             outln!("{}", serde_json::to_string_pretty(&view)?)?;
         }
@@ -141,26 +139,34 @@ pub async fn run(settings: &Settings, command: AccountsCommand) -> anyhow::Resul
             effective_at,
         } => {
             let account = account(&raw)?;
+            let catalog = Arc::new(settings.load_catalog()?);
             if !catalog.plans.contains_key(&plan) {
                 anyhow::bail!("plan '{plan}' is not in the catalog; plans: {}", catalog.plan_names());
             }
-            let assignment = store
-                .assign_plan(
-                    &account,
-                    &plan,
-                    timestamp(
-                        "--effective-at",
-                        effective_at.as_deref(),
-                        "give the instant the plan takes effect, or leave --effective-at out to assign it from now",
-                    )?,
-                )
-                .await?;
-            eprintln!(
-                "account {account} is on plan {plan} from {}",
-                assignment
-                    .effective_at
-                    .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
-            );
+            let effective_at = timestamp(
+                "--effective-at",
+                effective_at.as_deref(),
+                "give the instant the plan takes effect, or leave --effective-at out to assign it from now",
+            )?;
+            let store = settings.open_store_with(catalog.clone()).await?;
+            let assignment = store.assign_plan(&account, &plan, effective_at).await?;
+            let from = assignment
+                .effective_at
+                .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+            // Said as it stands now: a back-dated assignment is overtaken by
+            // any that takes effect after it.
+            let now = Utc::now();
+            let in_force = account_view(store.as_ref(), &catalog, account.clone(), now).await?.plan;
+            if assignment.effective_at > now {
+                eprintln!("account {account} is on plan {plan} from {from}; until then it is on {in_force}");
+            } else if in_force == plan {
+                eprintln!("account {account} is on plan {plan} from {from}");
+            } else {
+                eprintln!(
+                    "account {account} is on plan {plan} from {from}, but an assignment that takes effect later \
+                     puts it on {in_force} now; `tally accounts show {account}` lists its plan history"
+                );
+            }
         }
         AccountsCommand::Override {
             account: raw,
@@ -171,10 +177,13 @@ pub async fn run(settings: &Settings, command: AccountsCommand) -> anyhow::Resul
             expires_at,
         } => {
             let account = account(&raw)?;
+            let catalog = settings.load_catalog()?;
             let (resource, spec) = catalog.resource(&resource)?;
             let value = Override {
                 resource: resource.clone(),
-                limit: parse_limit(&limit, spec.decimals).map_err(anyhow::Error::msg)?,
+                // The flag takes `unlimited` for no limit (the body's null too).
+                limit: parse_limit(&limit, spec.decimals)
+                    .map_err(|e| anyhow::anyhow!(e.to_string().replace("null / \"unlimited\"", "unlimited")))?,
                 enforcement: enforcement
                     .map(|e| {
                         Enforcement::parse(&e).ok_or_else(|| anyhow::anyhow!("enforcement {e:?} is not hard or soft"))
@@ -203,11 +212,13 @@ pub async fn run(settings: &Settings, command: AccountsCommand) -> anyhow::Resul
                 &format!("run tally accounts clear-override {account} {resource}"),
             )
             .map_err(|m| anyhow::anyhow!("--expires-at: {}", m.replacen("expires_at ", "", 1)))?;
+            let store = settings.open_store_with(Arc::new(catalog)).await?;
             store.put_override(&account, &value).await?;
             outln!("{}", serde_json::to_string_pretty(&value)?)?;
         }
         AccountsCommand::ClearOverride { account: raw, resource } => {
             let account = account(&raw)?;
+            let (store, catalog) = settings.open_existing_store().await?;
             let removed_at = Utc::now().trunc_subsecs(6);
             let resource = match catalog.resource(&resource) {
                 Ok((known, _)) => known.clone(),

@@ -378,7 +378,6 @@ fn print_summary(file: &std::path::Path, summary: &mut ImportSummary) {
 
 /// [`run`]'s work, counted in `summary`, or the error that stopped it.
 async fn import_file(settings: &Settings, args: &ImportArgs, summary: &mut ImportSummary) -> anyhow::Result<()> {
-    let (store, catalog) = settings.open_store().await?;
     let file = File::open(&args.file).with_context(|| format!("cannot open {}", args.file.display()))?;
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
     let progress = ProgressBar::new(size)
@@ -402,6 +401,9 @@ async fn import_file(settings: &Settings, args: &ImportArgs, summary: &mut Impor
     };
     let column = |name: &str| headers.iter().position(|h| h == name);
     check_header(&args.file, &headers)?;
+    // Opened once the file and its header are known good: a refused file
+    // leaves no new SQLite file behind.
+    let (store, catalog) = settings.open_store().await?;
     let rules = EntryRules {
         catalog: &catalog,
         now: Utc::now(),
@@ -412,8 +414,9 @@ async fn import_file(settings: &Settings, args: &ImportArgs, summary: &mut Impor
     };
 
     summary.header_read = true;
-    // Ids in the file → ids in this ledger, so `reverses` follows its target.
-    let mut id_map: HashMap<i64, i64> = HashMap::new();
+    // Ids in the file → ids in this ledger, so `reverses` follows its target
+    // (None: rows of several lines hold that id, so it names none of them).
+    let mut id_map: HashMap<i64, Option<i64>> = HashMap::new();
     let mut batch: Vec<PendingRow> = Vec::with_capacity(BATCH);
     // `read_record`, not `records()`: a row the reader cannot read is
     // reported with the line it ends on, which is the reader's position.
@@ -502,15 +505,28 @@ async fn import_file(settings: &Settings, args: &ImportArgs, summary: &mut Impor
             }
             // Only a target imported from this file: a raw id from another ledger
             // would point at an unrelated row here and take its one reversal.
-            let Some(&mapped) = id_map.get(&target) else {
-                summary.rejected.push(
-                    line,
-                    format!(
-                        "reverses {target}, which is not an entry imported from this file before this line; \
-                         a reversal must come after the entry it reverses (sort the file by id)"
-                    ),
-                );
-                continue;
+            let mapped = match id_map.get(&target) {
+                Some(&Some(mapped)) => mapped,
+                Some(None) => {
+                    summary.rejected.push(
+                        line,
+                        format!(
+                            "reverses {target}, but several rows imported from this file have id {target}, so \
+                             it names none of them; give each row of the file its own id"
+                        ),
+                    );
+                    continue;
+                }
+                None => {
+                    summary.rejected.push(
+                        line,
+                        format!(
+                            "reverses {target}, which is not an entry imported from this file before this line; \
+                             a reversal must come after the entry it reverses (sort the file by id)"
+                        ),
+                    );
+                    continue;
+                }
             };
             // The same rules as the API's reversal: the opposite of an entry
             // that is not itself a reversal, in the same account, resource
@@ -583,7 +599,7 @@ async fn import_file(settings: &Settings, args: &ImportArgs, summary: &mut Impor
 async fn flush(
     store: &dyn Store,
     batch: &mut Vec<PendingRow>,
-    id_map: &mut HashMap<i64, i64>,
+    id_map: &mut HashMap<i64, Option<i64>>,
     summary: &mut ImportSummary,
 ) -> anyhow::Result<()> {
     if batch.is_empty() {
@@ -627,7 +643,7 @@ fn record(
     row: &PendingRow,
     id: i64,
     status: InsertStatus,
-    id_map: &mut HashMap<i64, i64>,
+    id_map: &mut HashMap<i64, Option<i64>>,
     summary: &mut ImportSummary,
 ) {
     match status {
@@ -635,6 +651,15 @@ fn record(
         InsertStatus::Duplicate => summary.duplicates += 1,
     }
     if let Some(source_id) = row.source_id {
-        id_map.insert(source_id, id);
+        // A second row with the id, unless it is the same entry again (a
+        // repeated line), makes it name none of them.
+        id_map
+            .entry(source_id)
+            .and_modify(|held| {
+                if *held != Some(id) {
+                    *held = None;
+                }
+            })
+            .or_insert(Some(id));
     }
 }

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use crate::app::{Settings, create_key};
+use crate::app::{Settings, new_key};
 use crate::domain::{AccountId, Role};
 
 /// `tally keys …`
@@ -31,22 +31,22 @@ pub enum KeysCommand {
 
 /// Runs a keys subcommand.
 pub async fn run(settings: &Settings, command: KeysCommand) -> anyhow::Result<ExitCode> {
-    // Creating a key may be a new database's first step; listing and
-    // revoking read what is there.
-    let (store, _) = if matches!(command, KeysCommand::Create { .. }) {
-        settings.open_store().await?
-    } else {
-        settings.open_existing_store().await?
-    };
     match command {
         KeysCommand::Create { role, account, name } => {
+            // Checked before the database is opened: a refused key leaves no
+            // new SQLite file behind. Creating a key may be a new database's
+            // first step, so it may create one.
             let account = account
                 .map(|a| AccountId::parse(&a).map_err(anyhow::Error::msg))
                 .transpose()?;
-            let secret = create_key(store.as_ref(), role, account, name).await?;
+            let (secret, new) = new_key(role, account, name)?;
+            let (store, _) = settings.open_store().await?;
+            store.create_api_key(&new).await?;
             outln!("{}", secret.expose())?;
         }
+        // Listing and revoking read what is there.
         KeysCommand::List => {
+            let (store, _) = settings.open_existing_store().await?;
             let time = |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
             let mut rows = vec![["id", "role", "prefix", "account", "name", "created", "revoked"].map(String::from)];
             for key in store.list_api_keys().await? {
@@ -97,6 +97,7 @@ pub async fn run(settings: &Settings, command: KeysCommand) -> anyhow::Result<Ex
         KeysCommand::Revoke { id } => {
             // Revoking is idempotent (the first revocation's time is kept);
             // say so when it was done before, rather than claim it now.
+            let (store, _) = settings.open_existing_store().await?;
             let asked = chrono::Utc::now();
             let key = store.revoke_api_key(id).await?;
             match key.revoked_at {

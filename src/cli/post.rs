@@ -32,7 +32,9 @@ pub struct PostArgs {
 
 /// Validates and appends the entry, printing its id and status.
 pub async fn run(settings: &Settings, args: PostArgs) -> anyhow::Result<ExitCode> {
-    let (store, catalog) = settings.open_store().await?;
+    // The entry is checked before the database is opened: refused, it
+    // leaves no new SQLite file behind.
+    let catalog = std::sync::Arc::new(settings.load_catalog()?);
     let key = args.key.unwrap_or_else(|| {
         let mut bytes = [0u8; 12];
         rand::rng().fill_bytes(&mut bytes);
@@ -63,6 +65,7 @@ pub async fn run(settings: &Settings, args: PostArgs) -> anyhow::Result<ExitCode
             return Ok(ExitCode::from(2));
         }
     };
+    let store = settings.open_store_with(catalog).await?;
     // One input validates to one entry.
     let outcome = store.insert_entry(&entries[0]).await?;
     outln!(
@@ -87,9 +90,13 @@ fn in_the_cli_words(field: &str, message: &str) -> String {
         // The positional arguments read well by their own names.
         other => other,
     };
-    match message.strip_prefix(field) {
+    let said = match message.strip_prefix(field) {
         // "occurred_at 2026-09-01T00:00:00Z is older than …"
         Some(rest) if rest.starts_with(' ') => format!("{argument}{rest}"),
         _ => format!("{argument}: {message}"),
-    }
+    };
+    // The advice names the field too ("leave occurred_at out"), and the
+    // clock it was judged by, which here is this machine's: there is no server.
+    said.replace(&format!(" {field} "), &format!(" {argument} "))
+        .replace("the server's", "this machine's")
 }

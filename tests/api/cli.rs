@@ -117,6 +117,19 @@ async fn post_appends_an_entry_and_refuses_bad_input(app: TestApp) {
         "{stderr}"
     );
     assert!(!stderr.contains("occurred_at"), "{stderr}");
+    // Review AL: the advice too names the flag, and the clock is this machine's.
+    let ahead = app.cli(&["post", "acme", "api_requests", "1", "--at", "2099-01-01T00:00:00Z"]);
+    assert_eq!(ahead.status.code(), Some(2));
+    let stderr = text(&ahead.stderr);
+    assert!(
+        stderr.starts_with("error: --at 2099-01-01T00:00:00Z is more than 5 minutes ahead of this machine's clock"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("leave --at out"), "{stderr}");
+    assert!(
+        !stderr.contains("occurred_at") && !stderr.contains("server"),
+        "{stderr}"
+    );
     let date = app.cli(&["post", "acme", "api_requests", "1", "--at", "2026-12-01"]);
     let stderr = text(&date.stderr);
     assert!(stderr.starts_with("error: --at: \"2026-12-01\""), "{stderr}");
@@ -558,6 +571,31 @@ async fn import_follows_reversals_to_their_new_ids(app: TestApp) {
     assert_eq!(rows.len(), 3);
     let by_key = |key: &str| rows.iter().find(|r| r["idempotency_key"] == key).unwrap();
     assert_eq!(by_key("undo")["reverses"], by_key("orig")["id"]);
+
+    // Review AL: an id two entries of the file hold names neither; a line
+    // repeated whole is one entry and its id still names it.
+    let (_dir, file) = entries_csv(&format!(
+        "\
+         10,dup,api_requests,5,{at},,d1,,,\n\
+         10,dup,llm_tokens,7,{at},,d2,,,\n\
+         11,dup,api_requests,-5,{at},,d3,reversal,10,\n\
+         20,dup,api_requests,2,{at},,same,,,\n\
+         20,dup,api_requests,2,{at},,same,,,\n\
+         21,dup,api_requests,-2,{at},,same-undo,reversal,20,\n"
+    ));
+    let output = app.cli(&["import", file.to_str().unwrap()]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("line 4: reverses 10, but several rows imported from this file have id 10"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("4 created, 1 duplicate, 1 rejected"), "{stderr}");
+    let listed = app.get("/v1/accounts/dup/entries").await;
+    let rows = listed.body["entries"].as_array().unwrap();
+    let by_key = |key: &str| rows.iter().find(|r| r["idempotency_key"] == key).unwrap();
+    assert_eq!(by_key("same-undo")["reverses"], by_key("same")["id"]);
+    assert_eq!(rows.len(), 4, "{rows:?}");
 }
 
 /// Creates a key with the CLI and returns (its plaintext, its id in `tally keys list`).
@@ -1048,6 +1086,47 @@ async fn reads_of_a_database_that_is_not_there_fail_and_create_nothing(app: Test
             Backend::Sqlite => assert!(said.contains("there is no database at"), "{args:?}: {said}"),
             Backend::Postgres => assert!(said.contains("cannot open database"), "{args:?}: {said}"),
         }
+        assert!(!typo.exists(), "{args:?} created {}", typo.display());
+    }
+    // Review AL: the commands that may create the database check their input
+    // first, so refused input creates nothing either.
+    let bad_header = dir.path().join("bad.csv");
+    std::fs::write(&bad_header, "account,resource,amount,ocurred_at\n").unwrap();
+    for (args, says) in [
+        (
+            &["accounts", "set-plan", "acme", "nope"][..],
+            "plan 'nope' is not in the catalog",
+        ),
+        (
+            &["accounts", "set-plan", "acme", "pro", "--effective-at", "2026-13-01"],
+            "--effective-at",
+        ),
+        (
+            &["accounts", "override", "acme", "nope", "--limit", "5"],
+            "resource 'nope'",
+        ),
+        // On the command line no limit is `unlimited`, which is what it is told.
+        (
+            &["accounts", "override", "acme", "llm_tokens", "--limit", "null"],
+            "(or unlimited for no limit)",
+        ),
+        (&["accounts", "clear-override", "acme", "llm_tokens"], ""),
+        (&["post", "bad acct", "llm_tokens", "5"], "account"),
+        (&["post", "acme", "nope", "5"], "resource 'nope'"),
+        (&["import", "/nonexistent.csv"], "cannot open /nonexistent.csv"),
+        (&["import", bad_header.to_str().unwrap()], "ocurred_at"),
+        (&["keys", "create", "--role", "reader"], "pass --account ACCOUNT"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(args)
+            .env("TALLY_DATABASE_URL", &missing)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let said = text(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded: {}", text(&out.stdout));
+        assert!(said.contains(says), "{args:?}: {said}");
+        assert!(!said.contains("null /"), "{args:?}: {said}");
         assert!(!typo.exists(), "{args:?} created {}", typo.display());
     }
     if app.backend == Backend::Sqlite {
