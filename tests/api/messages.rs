@@ -14,6 +14,7 @@ both!(
     an_amount_of_the_wrong_json_type_is_named_by_its_type,
     a_reused_consume_key_names_each_field_that_differs_and_both_values,
     an_effective_at_or_expires_at_out_of_range_speaks_of_that_field,
+    set_plan_says_the_plan_in_force_now_when_a_later_assignment_overtakes_it,
     an_amount_of_zero_on_check_or_consume_says_what_to_do_instead,
     check_amounts_are_refused_alike_over_http_and_on_the_command_line,
     an_occurred_at_out_of_bounds_says_what_to_send_instead_and_a_consume_is_not_told_to_backfill,
@@ -301,6 +302,54 @@ async fn an_effective_at_or_expires_at_out_of_range_speaks_of_that_field(app: Te
         )
         .await;
     assert_eq!(last.status, 200, "{:?}", last.body);
+}
+
+/// Review AL: a back-dated `set-plan` said "is on plan free from …" while an
+/// assignment taking effect later kept the account on pro.
+async fn set_plan_says_the_plan_in_force_now_when_a_later_assignment_overtakes_it(app: TestApp) {
+    let stderr = |out: &std::process::Output| String::from_utf8_lossy(&out.stderr).into_owned();
+    let pro = app.cli(&["accounts", "set-plan", "acme", "pro"]);
+    assert!(pro.status.success(), "{}", stderr(&pro));
+    assert!(
+        stderr(&pro).contains("account acme is on plan pro from "),
+        "{}",
+        stderr(&pro)
+    );
+    let day_ago = (chrono::Utc::now() - chrono::Duration::days(1)).format("%Y-%m-%dT%H:%M:%SZ");
+    let back = app.cli(&[
+        "accounts",
+        "set-plan",
+        "acme",
+        "free",
+        "--effective-at",
+        &day_ago.to_string(),
+    ]);
+    assert!(back.status.success(), "{}", stderr(&back));
+    assert!(
+        stderr(&back).contains(&format!(
+            "account acme is on plan free from {day_ago}, but an assignment that takes effect later puts it on \
+             pro now"
+        )),
+        "{}",
+        stderr(&back)
+    );
+    let later = (chrono::Utc::now() + chrono::Duration::days(1)).format("%Y-%m-%dT%H:%M:%SZ");
+    let ahead = app.cli(&[
+        "accounts",
+        "set-plan",
+        "acme",
+        "free",
+        "--effective-at",
+        &later.to_string(),
+    ]);
+    assert!(
+        stderr(&ahead).contains(&format!(
+            "account acme is on plan free from {later}; until then it is on pro"
+        )),
+        "{}",
+        stderr(&ahead)
+    );
+    assert_eq!(app.get("/v1/accounts/acme").await.body["plan"], "pro");
 }
 
 async fn an_amount_of_zero_on_check_or_consume_says_what_to_do_instead(app: TestApp) {
