@@ -461,20 +461,8 @@ impl Application {
     }
 }
 
-/// Creates a key and returns its plaintext (stored only as a hash).
-pub async fn create_key(
-    store: &dyn Store,
-    role: Role,
-    account: Option<crate::domain::AccountId>,
-    name: Option<String>,
-) -> anyhow::Result<KeySecret> {
-    let (secret, new) = new_key(role, account, name)?;
-    store.create_api_key(&new).await?;
-    Ok(secret)
-}
-
-/// A new key's plaintext and what to store of it, once its role and
-/// account agree.
+/// A new key's plaintext and what to store of it ([`Store::create_api_key`]),
+/// once its role and account agree: checked before any database is opened.
 pub fn new_key(
     role: Role,
     account: Option<crate::domain::AccountId>,

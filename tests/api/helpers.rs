@@ -330,11 +330,9 @@ impl TestApp {
     /// A new key with `role`, bound to `account` if given.
     pub async fn key(&self, role: Role, account: Option<&str>) -> String {
         let account = account.map(|a| tally::domain::AccountId::parse(a).unwrap());
-        tally::app::create_key(self.store.as_ref(), role, account, None)
-            .await
-            .unwrap()
-            .expose()
-            .to_owned()
+        let (secret, new) = tally::app::new_key(role, account, None).unwrap();
+        self.store.create_api_key(&new).await.unwrap();
+        secret.expose().to_owned()
     }
 
     /// Every ledger row, read straight from the database.
