@@ -98,3 +98,72 @@ async fn on_postgres_a_batch_cancelled_to_break_a_deadlock_is_a_503_to_send_agai
     assert_eq!(again.status, 200, "{:?}", again.body);
     assert_eq!(again.body["duplicates"], 2, "{:?}", again.body);
 }
+
+/// A consume group inserts its rows in (account, key) order, as batches do,
+/// so the two never wait on each other in a cycle (migration 0020; review AM
+/// saw a group and a batch deadlock). A writer going in key order holds `a`;
+/// a group whose consumes come as `b`, then `a`, waits for `a` before taking
+/// `b`, so the writer takes `b` at once. Decided in request order, the group
+/// took `b` first, and the writer waited for it: a cycle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_consume_group_takes_its_keys_in_the_order_batches_do() {
+    let Some(app) = TestApp::spawn(Backend::Postgres).await else {
+        return;
+    };
+    let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
+    let insert = |key: &'static str| {
+        sqlx::query(
+            "INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key)
+             VALUES ('acme', 'ai_generations', 1, now(), now(), $1)",
+        )
+        .bind(key)
+    };
+    let mut writer = pool.begin().await.unwrap();
+    // Long enough for the group to get going, well short of deadlock_timeout
+    // (1 s), so that a wait on `b` fails here rather than in the group.
+    sqlx::query("SET LOCAL lock_timeout = '300ms'")
+        .execute(&mut *writer)
+        .await
+        .unwrap();
+    insert("a").execute(&mut *writer).await.unwrap();
+    // The store's call (src/store/postgres/consume_group.rs), for two
+    // consumes of one account and resource, unlimited (no rules), in request
+    // order `b`, `a`.
+    let deciding = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            sqlx::query(
+                "SELECT idx FROM tally_consume_group('free', '{}'::jsonb,
+                     ARRAY['acme', 'acme'], ARRAY['ai_generations', 'ai_generations'], ARRAY[1, 1]::bigint[],
+                     ARRAY[now(), now()], ARRAY['b', 'a'], ARRAY[NULL, NULL]::text[], ARRAY[NULL, NULL]::text[],
+                     ARRAY[NULL, NULL]::bigint[], ARRAY[NULL, NULL]::date[], ARRAY[NULL, NULL]::date[],
+                     ARRAY[NULL, NULL]::bigint[], ARRAY[NULL, NULL]::bigint[], now())",
+            )
+            .fetch_all(&pool)
+            .await
+        })
+    };
+    until_a_backend_waits_on_a_lock(&pool, "the group never waited on key a").await;
+    insert("b")
+        .execute(&mut *writer)
+        .await
+        .expect("the writer takes b at once: the group has not taken it");
+    writer.commit().await.unwrap();
+    // Key `a` is the writer's now: the group fails as one (the store then
+    // decides each consume alone and answers both as taken keys).
+    let failed = deciding.await.unwrap().expect_err("key a was taken meanwhile");
+    let code = failed
+        .as_database_error()
+        .and_then(|e| e.code())
+        .map(|c| c.into_owned());
+    assert_eq!(
+        code.as_deref(),
+        Some("23505"),
+        "a unique violation, not a deadlock: {failed}"
+    );
+    assert_eq!(
+        app.count_entries().await,
+        2,
+        "the writer's two rows, nothing of the group"
+    );
+}
