@@ -281,11 +281,7 @@ fn unreadable_row(e: &csv::Error, line: u64, last: u64) -> String {
              {expected_len}; a double quote left open takes the lines after it into one field, so {} not read \
              either: close the quote and import the file again",
             if *len == 1 { "" } else { "s" },
-            if last == line + 1 {
-                format!("the row on line {last} was")
-            } else {
-                format!("the rows on lines {} to {last} were", line + 1)
-            }
+            rows_after(line, last)
         ),
         csv::ErrorKind::UnequalLengths { expected_len, len, .. } => format!(
             "unreadable CSV row: it has {len} field{} where the header has {expected_len} \
@@ -298,6 +294,16 @@ fn unreadable_row(e: &csv::Error, line: u64, last: u64) -> String {
             err.field() + 1
         ),
         _ => format!("unreadable CSV row: {e}"),
+    }
+}
+
+/// "the row(s) on line(s) … was/were": the lines after `line` up to `last`,
+/// which a row starting on `line` took into one of its fields.
+fn rows_after(line: u64, last: u64) -> String {
+    if last == line + 1 {
+        format!("the row on line {last} was")
+    } else {
+        format!("the rows on lines {} to {last} were", line + 1)
     }
 }
 
@@ -360,19 +366,26 @@ fn print_summary(file: &std::path::Path, summary: &mut ImportSummary) {
         summary.rejected.len()
     );
     let listed = std::mem::take(&mut summary.rejected.first).into_sorted_vec();
-    for (line, reason) in &listed {
-        eprintln!("  line {line}: {reason}");
+    let listed_count = listed.len();
+    // Rejections and notes in the file's line order (a stable sort: a row's
+    // rejection before its note).
+    let mut lines: Vec<(u64, String)> = listed;
+    lines.extend(
+        std::mem::take(&mut summary.notes)
+            .into_iter()
+            .map(|(line, check)| (line, format!("note: {check}"))),
+    );
+    lines.sort_by_key(|(line, _)| *line);
+    for (line, text) in &lines {
+        eprintln!("  line {line}: {text}");
     }
-    if summary.rejected.len() > listed.len() {
+    if summary.rejected.len() > listed_count {
         eprintln!(
             "  … and {} more rejected rows, not listed (the first {} by line are); mend those and import \
              the file again: the rows created come back as duplicates",
-            summary.rejected.len() - listed.len(),
-            listed.len()
+            summary.rejected.len() - listed_count,
+            listed_count
         );
-    }
-    for (line, check) in &summary.notes {
-        eprintln!("  line {line}: note: {check}");
     }
 }
 
@@ -441,17 +454,18 @@ async fn import_file(settings: &Settings, args: &ImportArgs, summary: &mut Impor
             }
         }
         let line = line_at(&line_ends, record.position());
+        // The line the row ends on. A field left open to the end of the file
+        // ends with the last line's break.
+        let last = line
+            + record
+                .iter()
+                .map(|value| line_breaks(value.trim_end_matches(['\r', '\n'])))
+                .sum::<u64>();
         if let Some((name, _)) = headers
             .iter()
             .zip(record.iter())
             .find(|(name, value)| *name != "metadata" && value.contains(['\r', '\n']))
         {
-            // A field left open to the end of the file ends with the last line's break.
-            let last = line
-                + record
-                    .iter()
-                    .map(|value| line_breaks(value.trim_end_matches(['\r', '\n'])))
-                    .sum::<u64>();
             summary.notes.push((
                 line,
                 format!(
@@ -466,6 +480,20 @@ async fn import_file(settings: &Settings, args: &ImportArgs, summary: &mut Impor
             .transpose()
         {
             Ok(m) => m,
+            // JSON may span lines (pretty-printed), so metadata's line
+            // breaks are only suspect when it does not parse.
+            Err(e) if last > line => {
+                summary.rejected.push(
+                    line,
+                    format!(
+                        "metadata is not JSON: {e} of the field, which runs to line {last}; if a double quote was \
+                         left open there, {} taken into it and not imported: close the quote and import the file \
+                         again",
+                        rows_after(line, last)
+                    ),
+                );
+                continue;
+            }
             Err(e) => {
                 summary
                     .rejected
@@ -482,11 +510,19 @@ async fn import_file(settings: &Settings, args: &ImportArgs, summary: &mut Impor
             source: field("source").map(str::to_owned),
             metadata,
         };
-        let source_id = field("id").and_then(|v| v.parse().ok());
-        let reverses = match field("reverses").map(str::parse::<i64>).transpose() {
-            Ok(r) => r,
-            Err(_) => {
-                summary.rejected.push(line, "reverses is not an entry id".into());
+        // Both name rows of this file by the ids `tally export entries` wrote.
+        let entry_id = |name: &str| match field(name) {
+            None => Ok(None),
+            Some(value) => value.parse::<i64>().map(Some).map_err(|_| {
+                format!(
+                    "{name} '{value}' is not an entry id; ids are whole numbers, as `tally export entries` writes them"
+                )
+            }),
+        };
+        let (source_id, reverses) = match (entry_id("id"), entry_id("reverses")) {
+            (Ok(id), Ok(reverses)) => (id, reverses),
+            (Err(reason), _) | (_, Err(reason)) => {
+                summary.rejected.push(line, reason);
                 continue;
             }
         };

@@ -407,6 +407,50 @@ async fn import_counts_lone_cr_line_ends_and_notes_a_double_quote_left_open(app:
         ["line 2: metadata is not JSON: expected `:` at line 1 column 6 of the field"],
         "{stderr}"
     );
+    // Review AL: a quote left open in metadata, the last column, takes the
+    // rows after it into that field; the rejection says which.
+    let (code, lines, stderr) = import(
+        "open-metadata.csv",
+        b"account,resource,amount,idempotency_key,metadata\nacme,api_requests,1,j2,\"{\"\"a\"\":1}\nacme,api_requests,5,j3,\nacme,api_requests,7,j4,\n",
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(
+        lines,
+        [
+            "line 2: metadata is not JSON: trailing characters at line 2 column 1 of the field, which runs to \
+             line 4; if a double quote was left open there, the rows on lines 3 to 4 were taken into it and not \
+             imported: close the quote and import the file again"
+        ],
+        "{stderr}"
+    );
+    // JSON spread over lines is JSON: taken, without a note.
+    let (code, lines, stderr) = import(
+        "pretty-metadata.csv",
+        b"account,resource,amount,idempotency_key,metadata\nacme,api_requests,1,j5,\"{\n  \"\"a\"\": 1\n}\"\n",
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(lines.is_empty(), "{stderr}");
+    // Review AL: an id or reverses that is not a number is rejected, quoted
+    // (an id was ignored); a note comes in line order among the rejections
+    // (notes came after every rejection).
+    let (code, lines, stderr) = import(
+        "ids.csv",
+        b"id,account,resource,amount,idempotency_key,source,reverses\n\
+          abc,acme,api_requests,1,i1,,\n\
+          7,acme,api_requests,1,i2,\"two\nlines\",\n\
+          8,acme,api_requests,-1,i3,,x7\n",
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(
+        lines,
+        [
+            "line 2: id 'abc' is not an entry id; ids are whole numbers, as `tally export entries` writes them",
+            "line 3: note: source holds a line break, so this row runs to line 4; if a double quote was left open \
+             there, the rows on those lines went into that field: check the file",
+            "line 5: reverses 'x7' is not an entry id; ids are whole numbers, as `tally export entries` writes them",
+        ],
+        "{stderr}"
+    );
 }
 
 /// Review S: `tally import /dev/stdin` (a pipe) once read the stream twice,
