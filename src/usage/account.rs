@@ -76,6 +76,12 @@ pub async fn account_view(
 ) -> Result<AccountView, StoreError> {
     // One read for both, so that `overrides` and `override_history` agree.
     let (plan_history, override_changes) = store.plans_and_override_changes(&account).await?;
+    // The limits of a resource dropped from the catalog read in minor units.
+    let resources: std::collections::BTreeSet<&str> =
+        override_changes.iter().map(|c| c.value.resource.as_str()).collect();
+    for resource in resources {
+        super::warn_if_undeclared(catalog, resource);
+    }
     let mut overrides = overrides_as_of(&override_changes, now);
     overrides.sort_by(|a, b| a.resource.cmp(&b.resource));
     let overrides = overrides

@@ -42,6 +42,13 @@ pub async fn readable_resource(
 /// then read in minor units. That case is said, since 1.25 would otherwise
 /// read as 125 without a word (docs/plans.md).
 pub fn shown_decimals(catalog: &Catalog, resource: &str) -> u32 {
+    warn_if_undeclared(catalog, resource);
+    catalog.decimals(resource)
+}
+
+/// Warns that amounts of `resource` read in minor units when the catalog
+/// does not declare it (see [`shown_decimals`]).
+pub fn warn_if_undeclared(catalog: &Catalog, resource: &str) {
     if let Err(unknown) = catalog.resource(resource) {
         tracing::warn!(
             resource = %resource,
@@ -50,7 +57,6 @@ pub fn shown_decimals(catalog: &Catalog, resource: &str) -> u32 {
              TALLY_PLANS)"
         );
     }
-    catalog.decimals(resource)
 }
 
 /// Whole seconds since the oldest unfolded entry was recorded (0 when caught up).

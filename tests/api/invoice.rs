@@ -366,4 +366,14 @@ async fn exports_say_when_the_catalog_lacks_a_plan_or_a_resource_they_meet(app: 
     assert!(said.contains("resource 'gpu_minutes' is not in the catalog"), "{said}");
     let lines = said.lines().filter(|l| l.contains("gpu_minutes")).count();
     assert_eq!(lines, 1, "said once: {said}");
+    // Review AL: the account view prints an override's limit in minor units
+    // too, and now says so.
+    let set = app
+        .put_admin("/v1/accounts/gpu/overrides/gpu_minutes", json!({"limit": "12.5"}))
+        .await;
+    assert_eq!(set.status, 200, "{:?}", set.body);
+    let (view, said) = builtin(&["accounts", "show", "gpu"]);
+    assert!(view.contains("\"limit\": \"1250\""), "{view}");
+    assert!(said.contains("resource 'gpu_minutes' is not in the catalog"), "{said}");
+    assert_eq!(said.lines().filter(|l| l.contains("gpu_minutes")).count(), 1, "said once: {said}");
 }
