@@ -178,11 +178,13 @@ pub async fn run(settings: &Settings, command: AccountsCommand) -> anyhow::Resul
         } => {
             let account = account(&raw)?;
             let catalog = settings.load_catalog()?;
-            let (resource, spec) = catalog.resource(&resource)?;
-            let value = Override {
+            let (resource, decimals) = catalog
+                .resource(&resource)
+                .map(|(name, spec)| (name.clone(), spec.decimals))?;
+            let mut value = Override {
                 resource: resource.clone(),
                 // The flag takes `unlimited` for no limit (the body's null too).
-                limit: parse_limit(&limit, spec.decimals)
+                limit: parse_limit(&limit, decimals)
                     .map_err(|e| anyhow::anyhow!(e.to_string().replace("null / \"unlimited\"", "unlimited")))?,
                 enforcement: enforcement
                     .map(|e| {
@@ -206,13 +208,20 @@ pub async fn run(settings: &Settings, command: AccountsCommand) -> anyhow::Resul
                     .transpose()?,
                 updated_at: Utc::now().trunc_subsecs(6),
             };
-            Override::check_expiry(
-                value.expires_at,
-                value.updated_at,
-                &format!("run tally accounts clear-override {account} {resource}"),
-            )
-            .map_err(|m| anyhow::anyhow!("--expires-at: {}", m.replacen("expires_at ", "", 1)))?;
+            let check_expiry = |value: &Override| {
+                Override::check_expiry(
+                    value.expires_at,
+                    value.updated_at,
+                    &format!("run tally accounts clear-override {account} {resource}"),
+                )
+                .map_err(|m| anyhow::anyhow!("--expires-at: {}", m.replacen("expires_at ", "", 1)))
+            };
+            check_expiry(&value)?;
             let store = settings.open_store_with(Arc::new(catalog)).await?;
+            // Set at the instant it is written, as over HTTP, not before the
+            // open (a PostgreSQL connection, a migration) took its time.
+            value.updated_at = Utc::now().trunc_subsecs(6);
+            check_expiry(&value)?;
             store.put_override(&account, &value).await?;
             outln!("{}", serde_json::to_string_pretty(&value)?)?;
         }

@@ -375,5 +375,9 @@ async fn exports_say_when_the_catalog_lacks_a_plan_or_a_resource_they_meet(app: 
     let (view, said) = builtin(&["accounts", "show", "gpu"]);
     assert!(view.contains("\"limit\": \"1250\""), "{view}");
     assert!(said.contains("resource 'gpu_minutes' is not in the catalog"), "{said}");
-    assert_eq!(said.lines().filter(|l| l.contains("gpu_minutes")).count(), 1, "said once: {said}");
+    assert_eq!(
+        said.lines().filter(|l| l.contains("gpu_minutes")).count(),
+        1,
+        "said once: {said}"
+    );
 }
