@@ -288,11 +288,20 @@ pub(crate) async fn naming_totals_past_64_bits(
             if totals.len() > NAMED {
                 names.push_str(&format!(" and {} more", totals.len() - NAMED));
             }
-            let count = match totals.len() {
-                1 => "a total is".to_owned(),
-                n => format!("{n} totals are"),
+            let (count, them) = match totals.len() {
+                1 => ("a total is".to_owned(), "it"),
+                n => (format!("{n} totals are"), "them"),
             };
-            error.context(format!("{count} past 64 bits of minor units: {names}"))
+            // The overflow's own first words, which the log and
+            // docs/operations.md quote.
+            // In place of the overflow error, not as its context: that one
+            // names at most one sum, and its advice would be said twice.
+            anyhow::anyhow!(
+                "a sum passed the 64-bit range of minor units: {count} past it: {names}; this command's answer \
+                 would include {them}, so \
+                 it cannot be given exactly; docs/operations.md, \"A total past 64 bits\", says how to find and \
+                 correct the entries"
+            )
         }
         // The sum that passed them is not a stored total (a sum over
         // accounts, say), or they could not be read: the error as it is.

@@ -1517,7 +1517,7 @@ impl Store for PgStore {
             ]
         });
         let index = usize::from(granularity == Granularity::Month) + 2 * usize::from(filter.as_of.is_some());
-        let rows = sqlx::query_as::<_, (String, String, NaiveDate, i64, i64)>(SQL[index].as_str())
+        let rows = sqlx::query_as::<_, (String, String, NaiveDate, String, i64)>(SQL[index].as_str())
             .bind(filter.from)
             .bind(filter.to)
             .bind(filter.account.as_ref().map(|a| a.as_str().to_owned()))
@@ -1529,10 +1529,10 @@ impl Store for PgStore {
         Box::pin(rows.map(|row| {
             let (account, resource, bucket, amount, entries) = row?;
             Ok(TotalRow {
+                amount: export::total_minor_units(&amount, &account, &resource, bucket)?,
                 account,
                 resource,
                 bucket,
-                amount,
                 entries,
             })
         }))

@@ -30,6 +30,7 @@ both!(
     an_invoice_prorates_a_mid_month_plan_change_and_bills_soft_overage,
     admin_stats_and_top_accounts_describe_a_known_dataset,
     sums_that_leave_64_bits_on_the_way_but_end_within_them_read_alike_and_stats_add_past_them,
+    an_unfolded_tail_past_64_bits_is_added_exactly_and_a_total_past_them_is_named_once,
     the_monthly_reports_job_writes_each_report_once,
     bad_export_requests_fail_clearly_and_leave_no_file,
     exports_write_fractional_and_negative_amounts_exactly_for_any_decimals,
@@ -686,6 +687,73 @@ async fn sums_that_leave_64_bits_on_the_way_but_end_within_them_read_alike_and_s
         ],
     );
     assert_eq!(monthly[2], ["ovf", "agent_minutes", "2026-09", net, "95"]);
+}
+
+/// Review AN. An unfolded tail past 64 bits of minor units whose folded
+/// total brings it back is exported as the sum (PostgreSQL read the tail as
+/// bigint and failed with a bare "bigint out of range"); a total past them,
+/// unfolded, fails the export naming it, on both engines; folded, it is
+/// named once (the name used to come before the overflow's own words).
+async fn an_unfolded_tail_past_64_bits_is_added_exactly_and_a_total_past_them_is_named_once(app: TestApp) {
+    let big = "999999999999999.99";
+    let minus = format!("-{big}");
+    let at = "2026-09-20T12:00:00Z";
+    let keys: Vec<String> = (0..240).map(|i| format!("k{i}")).collect();
+    let rows = |account: &'static str, amount: &'static str, keys: &'static [String]| {
+        keys.iter()
+            .map(move |k| (account, "agent_minutes", amount, k.as_str(), at))
+            .collect::<Vec<_>>()
+    };
+    let keys: &'static [String] = keys.leak();
+    let minus: &'static str = minus.leak();
+    // Folded: 50 taken off; then 93 added, unfolded: past 2^63 alone.
+    app.insert(&rows("ovf", minus, &keys[..50])).await;
+    app.rollup().await;
+    app.insert(&rows("ovf", big, &keys[50..143])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["export", "monthly", "--from", "2026-09", "--to", "2026-10"];
+    let monthly = export(&app, dir.path(), "monthly.csv", &args);
+    assert_eq!(
+        monthly[1],
+        ["ovf", "agent_minutes", "2026-09", "42999999999999999.57", "143"]
+    );
+
+    // 94 past 2^63, unfolded: the export names the total.
+    app.insert(&rows("whale", big, &keys[143..237])).await;
+    let failed = app.cli(&args);
+    assert_eq!(failed.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&failed.stderr);
+    assert!(
+        said.contains("the total of account 'whale', resource 'agent_minutes', 2026-09-01") && !said.contains("bigint"),
+        "{said}"
+    );
+    // So does one as of now, and the invoice (each sums the ledger itself).
+    let as_of = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    for command in [
+        &[&args[..], &["--as-of", &as_of]].concat(),
+        &["export", "invoice", "--period", "2026-09"][..],
+    ] {
+        let failed = app.cli(command);
+        assert_eq!(failed.status.code(), Some(1), "{command:?}");
+        let said = String::from_utf8_lossy(&failed.stderr);
+        assert!(
+            said.contains("account 'whale', resource 'agent_minutes'") && !said.contains("bigint"),
+            "{command:?}: {said}"
+        );
+    }
+    // Folded: named as the stored total, the advice said once.
+    app.rollup().await;
+    let failed = app.cli(&args);
+    assert_eq!(failed.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&failed.stderr);
+    assert!(
+        said.contains(
+            "a sum passed the 64-bit range of minor units: 2 totals are past it: the daily total of whale / agent_minutes / 2026-09-20, the \
+             monthly total of whale / agent_minutes / 2026-09; this command's answer would include them, so it \
+             cannot be given exactly; docs/operations.md"
+        ) && said.matches("docs/operations.md").count() == 1,
+        "{said}"
+    );
 }
 
 async fn admin_stats_and_top_accounts_describe_a_known_dataset(app: TestApp) {

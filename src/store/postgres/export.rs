@@ -21,7 +21,10 @@ use sqlx::pool::PoolConnection;
 use crate::domain::Catalog;
 use crate::domain::period::{Granularity, start_of};
 use crate::export::format::{EntryFields, RowFormatter, TotalFields};
-use crate::store::{AscendingKeys, Chunk, CsvSink, ExportFilter, StreamError, TailTotal, add_tail, totals_sql};
+use crate::store::{
+    AscendingKeys, Chunk, CsvSink, ExportFilter, StoreError, StreamError, TailTotal, add_tail, total_past_64_bits,
+    totals_sql,
+};
 
 /// The entries export (see [`crate::store::Store::export_entries`]).
 pub(super) async fn entries(
@@ -161,18 +164,25 @@ async fn merge_folded_and_tail(
         bucket,
         bucket_of_entry,
     );
-    let mut tail_rows = sqlx::query_as::<_, (String, String, NaiveDate, i64, i64)>(&tail_sql)
+    let mut tail_rows = sqlx::query_as::<_, (String, String, NaiveDate, String, i64)>(&tail_sql)
         .bind(start_of(filter.from))
         .bind(start_of(filter.to))
         .bind(filter.account.as_ref().map(|a| a.as_str()))
         .bind(filter.resource.as_ref().map(|r| r.as_str()))
         .fetch(&mut **tail_conn)
-        .map_ok(|(account, resource, bucket, amount, entries)| TailTotal {
-            account,
-            resource,
-            bucket,
-            amount: i128::from(amount),
-            entries,
+        .map_err(StreamError::from)
+        .and_then(|(account, resource, bucket, amount, entries)| {
+            // Past 128 bits would take 2^64 entries of the largest amount.
+            let amount = amount
+                .parse::<i128>()
+                .map_err(|_| StreamError::Store(total_past_64_bits(&account, &resource, bucket)));
+            std::future::ready(amount.map(|amount| TailTotal {
+                account,
+                resource,
+                bucket,
+                amount,
+                entries,
+            }))
         });
     let mut tail = tail_rows.try_next().await?;
 
@@ -243,6 +253,19 @@ async fn merge_folded_and_tail(
     Ok(chunk.total_rows)
 }
 
+/// A total's sum, which the SQL gives as text (exact past 64 bits), in
+/// 64-bit minor units, or the overflow naming the total.
+pub(crate) fn total_minor_units(
+    amount: &str,
+    account: &str,
+    resource: &str,
+    bucket: NaiveDate,
+) -> Result<i64, StoreError> {
+    amount
+        .parse::<i64>()
+        .map_err(|_| total_past_64_bits(account, resource, bucket))
+}
+
 /// Totals as of a recorded time: one aggregate over the ledger (nothing to
 /// merge), read as ordinary rows.
 async fn totals_as_of(
@@ -259,7 +282,7 @@ async fn totals_as_of(
         bucket,
         bucket_of_entry,
     );
-    let mut rows = sqlx::query_as::<_, (String, String, NaiveDate, i64, i64)>(&sql)
+    let mut rows = sqlx::query_as::<_, (String, String, NaiveDate, String, i64)>(&sql)
         .bind(filter.from)
         .bind(filter.to)
         .bind(filter.account.as_ref().map(|a| a.as_str()))
@@ -271,6 +294,7 @@ async fn totals_as_of(
     let mut format = RowFormatter::new(catalog);
     let mut chunk = Chunk::new();
     while let Some((account, resource, bucket, amount, entries)) = rows.try_next().await? {
+        let amount = total_minor_units(&amount, &account, &resource, bucket)?;
         let total = TotalFields {
             account: account.as_bytes(),
             resource: resource.as_bytes(),

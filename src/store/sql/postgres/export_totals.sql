@@ -3,7 +3,9 @@
 -- the same way, in one statement (one snapshot). $5/$6 bound occurred_at;
 -- $3/$4 optionally narrow to an account / a resource.
 -- {table}, {bucket} and {bucket_of_entry} are filled in for day or month.
-SELECT account, resource, bucket, SUM(amount)::bigint AS amount, SUM(entries)::bigint AS entries
+-- The sum as text, exact: one past 64 bits is refused in Rust, naming its
+-- total (see export_totals_tail.sql).
+SELECT account, resource, bucket, SUM(amount)::text AS amount, SUM(entries)::bigint AS entries
 FROM (
     SELECT account, resource, {bucket} AS bucket, amount, entries
     FROM {table}

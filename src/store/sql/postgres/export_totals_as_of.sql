@@ -1,7 +1,9 @@
 -- Totals as the ledger stood at recorded time $7: recomputed from the entries
 -- recorded by then (the stored totals already include later ones), so an
 -- export or invoice can be reproduced exactly after late entries arrive.
-SELECT e.account, e.resource, {bucket_of_entry} AS bucket, SUM(e.amount)::bigint AS amount, COUNT(*) AS entries
+-- The sum as text, exact: one past 64 bits is refused in Rust, naming its
+-- total (see export_totals_tail.sql).
+SELECT e.account, e.resource, {bucket_of_entry} AS bucket, SUM(e.amount)::text AS amount, COUNT(*) AS entries
 FROM entries AS e
 WHERE e.recorded_at <= $7
   AND e.occurred_at >= $5 AND e.occurred_at < $6
