@@ -195,6 +195,7 @@ pub async fn run(settings: &Settings, command: ExportCommand) -> anyhow::Result<
                         to: r.to,
                         account: output.account.as_deref(),
                         resource: r.resource.as_deref(),
+                        granularity,
                     },
                     ExportCommand::Invoice(i) => ReadScope {
                         account: output.account.as_deref(),

@@ -513,10 +513,14 @@ async fn import_file(settings: &Settings, args: &ImportArgs, summary: &mut Impor
         // Both name rows of this file by the ids `tally export entries` wrote.
         let entry_id = |name: &str| match field(name) {
             None => Ok(None),
-            Some(value) => value.parse::<i64>().map(Some).map_err(|_| {
-                format!(
-                    "{name} '{value}' is not an entry id; ids are whole numbers, as `tally export entries` writes them"
-                )
+            Some(value) => value.parse::<i64>().map(Some).map_err(|e| {
+                let why = match e.kind() {
+                    std::num::IntErrorKind::PosOverflow | std::num::IntErrorKind::NegOverflow => {
+                        "ids fit 64 bits (at most 9223372036854775807)"
+                    }
+                    _ => "ids are whole numbers",
+                };
+                format!("{name} '{value}' is not an entry id; {why}, as `tally export entries` writes them")
             }),
         };
         let (source_id, reverses) = match (entry_id("id"), entry_id("reverses")) {

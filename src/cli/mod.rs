@@ -233,6 +233,9 @@ pub(crate) struct ReadScope<'a> {
     pub account: Option<&'a str>,
     /// The one resource read, if only one.
     pub resource: Option<&'a str>,
+    /// Only totals of this granularity are read (an export of daily or of
+    /// monthly totals); `None`: both may be.
+    pub granularity: Option<Granularity>,
 }
 
 impl ReadScope<'_> {
@@ -243,6 +246,7 @@ impl ReadScope<'_> {
             to: Granularity::Month.next(month),
             account: None,
             resource: None,
+            granularity: None,
         }
     }
 
@@ -254,22 +258,23 @@ impl ReadScope<'_> {
             Granularity::Month => Granularity::Month.bucket_of(self.from),
         };
         (first..self.to).contains(&total.bucket)
+            && self.granularity.is_none_or(|read| read == total.granularity)
             && self.account.is_none_or(|account| account == total.account)
             && self.resource.is_none_or(|resource| resource == total.resource)
     }
 }
 
-/// `error`, and when it is a sum past 64 bits of minor units, the totals in
-/// `scope` past them named first: a report over many totals fails for one
-/// of them, and the database's overflow error does not say which.
+/// `error`, and when it is a sum past 64 bits of minor units, the stored
+/// totals in `scope` past them named too: a report over many totals fails
+/// for one of them, and the database's overflow error does not say which.
 pub(crate) async fn naming_totals_past_64_bits(
     store: &dyn Store,
     scope: &ReadScope<'_>,
     error: anyhow::Error,
 ) -> anyhow::Error {
-    if !error.chain().any(is_sum_past_64_bits) {
+    let Some(detail) = error.chain().find_map(overflow_detail).map(str::to_owned) else {
         return error;
-    }
+    };
     let totals = store.totals_past_64_bits().await.map(|totals| {
         totals
             .into_iter()
@@ -288,31 +293,33 @@ pub(crate) async fn naming_totals_past_64_bits(
             if totals.len() > NAMED {
                 names.push_str(&format!(" and {} more", totals.len() - NAMED));
             }
-            let (count, them) = match totals.len() {
-                1 => ("a total is".to_owned(), "it"),
-                n => (format!("{n} totals are"), "them"),
+            let count = match totals.len() {
+                1 => "a stored total is".to_owned(),
+                n => format!("{n} stored totals are"),
             };
-            // The overflow's own first words, which the log and
-            // docs/operations.md quote.
-            // In place of the overflow error, not as its context: that one
-            // names at most one sum, and its advice would be said twice.
+            // One message, not the overflow's with this as its context: its
+            // advice would be said twice. The sum that failed keeps its
+            // name: it may be another (an unfolded one) than those stored.
             anyhow::anyhow!(
-                "a sum passed the 64-bit range of minor units: {count} past it: {names}; this command's answer \
-                 would include {them}, so \
-                 it cannot be given exactly; docs/operations.md, \"A total past 64 bits\", says how to find and \
-                 correct the entries"
+                "a sum passed the 64-bit range of minor units ({detail}); {count} past it among those this \
+                 command reads: {names}; {}",
+                crate::store::OVERFLOW_ADVICE
             )
         }
-        // The sum that passed them is not a stored total (a sum over
-        // accounts, say), or they could not be read: the error as it is.
+        // None is stored past them (a sum over accounts, say, or a total
+        // not folded yet), or they could not be read: the error as it is.
         _ => error,
     }
 }
 
-/// Whether `cause` is a [`StoreError::Overflow`]. The errors that wrap a
-/// store error name it as their `source`, so a chain walk meets it.
-fn is_sum_past_64_bits(cause: &(dyn std::error::Error + 'static)) -> bool {
-    matches!(cause.downcast_ref::<StoreError>(), Some(StoreError::Overflow(_)))
+/// The sum named by `cause` when it is a [`StoreError::Overflow`]. The
+/// errors that wrap a store error name it as their `source`, so a chain walk
+/// meets it.
+fn overflow_detail<'e>(cause: &'e (dyn std::error::Error + 'static)) -> Option<&'e str> {
+    match cause.downcast_ref::<StoreError>() {
+        Some(StoreError::Overflow { detail }) => Some(detail),
+        _ => None,
+    }
 }
 
 /// A resource `--resource` names: declared, or dropped from the catalog with
@@ -490,11 +497,18 @@ mod tests {
             to: day("2026-11-20"),
             account: Some("a"),
             resource: Some("r"),
+            granularity: None,
         };
         assert!(from_the_15th.holds(&total(Granularity::Month, "a", "r", "2026-11-01")));
         assert!(!from_the_15th.holds(&total(Granularity::Day, "a", "r", "2026-11-14")));
         assert!(!from_the_15th.holds(&total(Granularity::Day, "b", "r", "2026-11-16")));
         assert!(!from_the_15th.holds(&total(Granularity::Day, "a", "s", "2026-11-16")));
+        let days_only = ReadScope {
+            granularity: Some(Granularity::Day),
+            ..from_the_15th
+        };
+        assert!(days_only.holds(&total(Granularity::Day, "a", "r", "2026-11-16")));
+        assert!(!days_only.holds(&total(Granularity::Month, "a", "r", "2026-11-01")));
     }
 
     #[test]

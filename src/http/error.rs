@@ -209,7 +209,7 @@ impl From<StoreError> for ApiError {
             StoreError::Unavailable(_) => Self::Unavailable(e),
             StoreError::Busy(_) => Self::Busy(e),
             StoreError::Contended(_) => Self::Contended(e),
-            StoreError::Overflow(_) => Self::TotalTooLarge(e),
+            StoreError::Overflow { .. } => Self::TotalTooLarge(e),
             StoreError::Internal(_) | StoreError::Unexpected(_) => Self::Internal(e.into()),
         }
     }

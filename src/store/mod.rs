@@ -61,8 +61,14 @@ pub enum StoreError {
     /// A sum past 64 bits of minor units (PostgreSQL's and SQLite's own
     /// overflow errors): a total too large to read, never wrapped
     /// (invariant 6); 500, like [`StoreError::Unexpected`].
-    #[error("{0}")]
-    Overflow(String),
+    #[error(
+        "a sum passed the 64-bit range of minor units ({detail}): a daily or monthly total, or a sum a read or \
+         report needs, is too large; {OVERFLOW_ADVICE}"
+    )]
+    Overflow {
+        /// Which sum (a total named, or the database's own words).
+        detail: String,
+    },
     /// The database cannot be reached or is overloaded.
     #[error("database unavailable")]
     Unavailable(#[source] sqlx::Error),
@@ -128,7 +134,7 @@ impl StoreError {
     /// database's own words name no account).
     pub(crate) fn naming_used(self, account: &AccountId, resource: &ResourceName) -> Self {
         match self {
-            StoreError::Overflow(_) => StoreError::used_past_64_bits(account, resource),
+            StoreError::Overflow { .. } => StoreError::used_past_64_bits(account, resource),
             other => other,
         }
     }
@@ -136,13 +142,15 @@ impl StoreError {
     /// A sum past 64 bits (the database said `detail`): what it means and
     /// where the way out is documented.
     pub(crate) fn overflow(detail: &str) -> Self {
-        StoreError::Overflow(format!(
-            "a sum passed the 64-bit range of minor units ({detail}): a daily or monthly total, or a sum a read \
-             or report needs, is too large; docs/operations.md, \"A total past 64 bits\", says how \
-             to find and correct the entries"
-        ))
+        StoreError::Overflow {
+            detail: detail.to_owned(),
+        }
     }
 }
+
+/// Where the way out of a sum past 64 bits is documented.
+pub(crate) const OVERFLOW_ADVICE: &str =
+    "docs/operations.md, \"A total past 64 bits\", says how to find and correct the entries";
 
 /// What can go wrong opening a store: reading its URL, connecting,
 /// migrating the database, and checking it can be used as it is.

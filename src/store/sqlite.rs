@@ -1251,7 +1251,7 @@ async fn write_staged_batch(
 /// (SQLITE_CONSTRAINT_DATATYPE, 3091).
 fn passed_64_bits(error: &StoreError) -> bool {
     match error {
-        StoreError::Overflow(_) => true,
+        StoreError::Overflow { .. } => true,
         StoreError::Internal(sqlx::Error::Database(db)) => db.code().as_deref() == Some("3091"),
         _ => false,
     }
@@ -1681,7 +1681,9 @@ async fn read_used(
     period: &Period,
 ) -> Result<i64, StoreError> {
     match read_used_as(conn, settled, account, resource, period, SumForm::Plain).await {
-        Err(StoreError::Overflow(_)) => read_used_as(conn, settled, account, resource, period, SumForm::Halves).await,
+        Err(StoreError::Overflow { .. }) => {
+            read_used_as(conn, settled, account, resource, period, SumForm::Halves).await
+        }
         read => read,
     }
 }

@@ -438,7 +438,8 @@ async fn import_counts_lone_cr_line_ends_and_notes_a_double_quote_left_open(app:
         b"id,account,resource,amount,idempotency_key,source,reverses\n\
           abc,acme,api_requests,1,i1,,\n\
           7,acme,api_requests,1,i2,\"two\nlines\",\n\
-          8,acme,api_requests,-1,i3,,x7\n",
+          8,acme,api_requests,-1,i3,,x7\n\
+          9223372036854775808,acme,api_requests,1,i4,,\n",
     );
     assert_eq!(code, Some(1), "{stderr}");
     assert_eq!(
@@ -448,6 +449,8 @@ async fn import_counts_lone_cr_line_ends_and_notes_a_double_quote_left_open(app:
             "line 3: note: source holds a line break, so this row runs to line 4; if a double quote was left open \
              there, the rows on those lines went into that field: check the file",
             "line 5: reverses 'x7' is not an entry id; ids are whole numbers, as `tally export entries` writes them",
+            "line 6: id '9223372036854775808' is not an entry id; ids fit 64 bits (at most 9223372036854775807), as \
+             `tally export entries` writes them",
         ],
         "{stderr}"
     );

@@ -698,7 +698,7 @@ async fn an_unfolded_tail_past_64_bits_is_added_exactly_and_a_total_past_them_is
     let big = "999999999999999.99";
     let minus = format!("-{big}");
     let at = "2026-09-20T12:00:00Z";
-    let keys: Vec<String> = (0..240).map(|i| format!("k{i}")).collect();
+    let keys: Vec<String> = (0..340).map(|i| format!("k{i}")).collect();
     let rows = |account: &'static str, amount: &'static str, keys: &'static [String]| {
         keys.iter()
             .map(move |k| (account, "agent_minutes", amount, k.as_str(), at))
@@ -741,17 +741,40 @@ async fn an_unfolded_tail_past_64_bits_is_added_exactly_and_a_total_past_them_is
             "{command:?}: {said}"
         );
     }
-    // Folded: named as the stored total, the advice said once.
+    // Folded: named as the stored total, the advice said once; a monthly
+    // export names no daily total (it reads none).
     app.rollup().await;
     let failed = app.cli(&args);
     assert_eq!(failed.status.code(), Some(1));
     let said = String::from_utf8_lossy(&failed.stderr);
     assert!(
         said.contains(
-            "a sum passed the 64-bit range of minor units: 2 totals are past it: the daily total of whale / agent_minutes / 2026-09-20, the \
-             monthly total of whale / agent_minutes / 2026-09; this command's answer would include them, so it \
-             cannot be given exactly; docs/operations.md"
-        ) && said.matches("docs/operations.md").count() == 1,
+            "a sum passed the 64-bit range of minor units (bigint out of range); a stored total is past it among \
+             those this command reads: the monthly total of whale / agent_minutes / 2026-09; docs/operations.md"
+        ) || said.contains(
+            "a sum passed the 64-bit range of minor units (the total of account 'whale', resource 'agent_minutes', \
+             2026-09-01); a stored total is past it among those this command reads: the monthly total of whale / \
+             agent_minutes / 2026-09; docs/operations.md"
+        ),
+        "{said}"
+    );
+    assert_eq!(said.matches("docs/operations.md").count(), 1, "{said}");
+    // Review AO: an unfolded total past 64 bits beside a stored one keeps
+    // its name (it fails the export first: "orca" sorts before "whale").
+    // PostgreSQL reads the stored totals as bigint, so the stored one may
+    // stop the read before the merge reaches orca's tail: then orca is named
+    // once whale's total is corrected.
+    app.insert(&rows("orca", big, &keys[237..331])).await;
+    let failed = app.cli(&args);
+    assert_eq!(failed.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&failed.stderr);
+    let orca = "(the total of account 'orca', resource 'agent_minutes', 2026-09-01)";
+    assert!(
+        (said.contains(orca) || (app.backend == Backend::Postgres && said.contains("(bigint out of range)")))
+            && said.contains(
+                "; a stored total is past it among those this command reads: the monthly total of whale / \
+                 agent_minutes / 2026-09; docs/operations.md"
+            ),
         "{said}"
     );
 }

@@ -383,7 +383,7 @@ async fn a_total_past_64_bits_fails_its_own_reads_and_holds_back_no_one_else(app
         assert!(!failed.status.success(), "{command:?}");
         let said = String::from_utf8_lossy(&failed.stderr);
         assert!(
-            said.contains("a sum passed the 64-bit range of minor units: 4 totals are past it: ")
+            said.contains("; 4 stored totals are past it among those this command reads: ")
                 && said.contains(&format!("the daily total of orca / agent_minutes / {}", &at[..10]))
                 && said.contains(&format!("the monthly total of whale / agent_minutes / {month}")),
             "{command:?}: {said}"
