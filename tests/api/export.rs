@@ -697,15 +697,18 @@ async fn sums_that_leave_64_bits_on_the_way_but_end_within_them_read_alike_and_s
 async fn an_unfolded_tail_past_64_bits_is_added_exactly_and_a_total_past_them_is_named_once(app: TestApp) {
     let big = "999999999999999.99";
     let minus = format!("-{big}");
-    let at = "2026-09-20T12:00:00Z";
     let keys: Vec<String> = (0..340).map(|i| format!("k{i}")).collect();
-    let rows = |account: &'static str, amount: &'static str, keys: &'static [String]| {
+    /// One agent_minutes row of `account` per key, all at one instant.
+    fn rows<'a>(
+        account: &'a str,
+        amount: &'a str,
+        keys: &'a [String],
+    ) -> Vec<(&'a str, &'a str, &'a str, &'a str, &'a str)> {
         keys.iter()
-            .map(move |k| (account, "agent_minutes", amount, k.as_str(), at))
-            .collect::<Vec<_>>()
-    };
-    let keys: &'static [String] = keys.leak();
-    let minus: &'static str = minus.leak();
+            .map(|k| (account, "agent_minutes", amount, k.as_str(), "2026-09-20T12:00:00Z"))
+            .collect()
+    }
+    let minus = minus.as_str();
     // Folded: 50 taken off; then 93 added, unfolded: past 2^63 alone.
     app.insert(&rows("ovf", minus, &keys[..50])).await;
     app.rollup().await;
