@@ -76,13 +76,17 @@ pub async fn rollup(settings: &Settings, args: RollupArgs) -> anyhow::Result<Exi
         failpoint,
     };
     // A script runs `tally rollup` to have current totals: say when entries
-    // that were waiting before the run are still out of them. Both instants
-    // are `recorded_at`s, stamped by one clock (the database's on PostgreSQL).
-    let waiting_before = store.oldest_unfolded().await.ok().flatten();
+    // committed before the run are still out of them (review AQ: not "older
+    // than the oldest waiting then", which an earlier entry folded by the run
+    // would hide).
+    let committed_before = store.committed_so_far().await.ok();
     let report = rollup::run(store.as_ref(), &options, &Metrics::default()).await?;
     outln!("{report}")?;
-    match store.oldest_unfolded().await {
-        Ok(Some(oldest)) if waiting_before.is_some_and(|before| oldest <= before) => eprintln!(
+    let Some(committed_before) = committed_before else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    match store.oldest_unfolded_by(&committed_before).await {
+        Ok(Some(oldest)) => eprintln!(
             "note: entries recorded since {}, waiting before this run began, are not folded yet: on \
              PostgreSQL a transaction older than them is still open somewhere in the cluster and holds \
              the fold back, since it follows commit order (docs/operations.md, \"The rollup and \

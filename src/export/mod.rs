@@ -61,8 +61,20 @@ pub enum ExportError {
         /// The destination.
         path: PathBuf,
     },
+    /// What should be the destination's folder is a file.
+    #[error("{} is a file, not a folder (for {}); give -o a path in a folder", .dir.display(), .path.display())]
+    NotAFolder {
+        /// The file in the folder's place.
+        dir: PathBuf,
+        /// The destination.
+        path: PathBuf,
+    },
     /// The temp file beside the destination cannot be created.
-    #[error("cannot write in {} (for {})", .dir.display(), .path.display())]
+    #[error(
+        "cannot create a file in {} (for {}); give -o a path in a folder you can write to",
+        .dir.display(),
+        .path.display()
+    )]
     TempFile {
         /// The destination's folder.
         dir: PathBuf,
@@ -117,6 +129,20 @@ pub enum ExportError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Why a file cannot be created, in the system's words for the usual
+/// kinds: Rust's own ("entity not found") read oddly to an analyst.
+fn kind_in_words(kind: std::io::ErrorKind) -> String {
+    use std::io::ErrorKind;
+    match kind {
+        ErrorKind::NotFound => "no such file or directory (the folder takes no new files)".to_owned(),
+        ErrorKind::PermissionDenied => "permission denied".to_owned(),
+        ErrorKind::ReadOnlyFilesystem => "read-only file system".to_owned(),
+        ErrorKind::StorageFull => "no space left on the device".to_owned(),
+        ErrorKind::QuotaExceeded => "disk quota exceeded".to_owned(),
+        other => other.to_string(),
+    }
 }
 
 /// A file export's temp file and where it goes when complete.
@@ -220,6 +246,12 @@ impl CsvOutput {
             Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
             _ => PathBuf::from("."),
         };
+        if dir.exists() && !dir.is_dir() {
+            return Err(ExportError::NotAFolder {
+                dir,
+                path: path.to_owned(),
+            });
+        }
         if !dir.is_dir() {
             return Err(ExportError::NoFolder {
                 dir,
@@ -233,11 +265,12 @@ impl CsvOutput {
         #[cfg(unix)]
         builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
         // The temp file's own name would only puzzle the reader: say the
-        // folder, and of the error only its kind.
+        // folder, and of the error only its kind. (tempfile keeps the
+        // system's own error behind a private type, with that name.)
         let temp = builder.tempfile_in(&dir).map_err(|e| ExportError::TempFile {
             dir: dir.clone(),
             path: path.to_owned(),
-            source: std::io::Error::from(e.kind()),
+            source: std::io::Error::new(e.kind(), kind_in_words(e.kind())),
         })?;
         let (file, temp) = temp.into_parts();
         let handle = file.try_clone().map_err(|source| ExportError::TempFile {

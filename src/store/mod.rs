@@ -399,6 +399,16 @@ pub trait Store: Send + Sync + 'static {
     /// When the oldest ledger row not yet folded was recorded (None: caught up).
     async fn oldest_unfolded(&self) -> Result<Option<DateTime<Utc>>, StoreError>;
 
+    /// A mark of the ledger rows committed so far, for
+    /// [`Store::oldest_unfolded_by`] to ask later which of them are still
+    /// unfolded.
+    async fn committed_so_far(&self) -> Result<CommittedMark, StoreError>;
+
+    /// When the oldest ledger row committed by `mark` and not yet folded was
+    /// recorded (None: all of them are folded). Rows committed after `mark`
+    /// do not count, however old their `recorded_at`.
+    async fn oldest_unfolded_by(&self, mark: &CommittedMark) -> Result<Option<DateTime<Utc>>, StoreError>;
+
     /// Sparse (bucket, minor units) of one account and resource in [from, to):
     /// folded totals plus the unfolded tail, read in one statement. A bucket may
     /// appear twice (folded and tail); the caller adds them.
@@ -940,6 +950,17 @@ pub(crate) const UNFOLDED_ESTIMATE_SQL: &str = "SELECT (SELECT COALESCE(MAX(id),
 
 /// A hook run just before a rollup batch commits.
 pub type BeforeCommit = dyn Fn() -> Result<(), StoreError> + Send + Sync;
+
+/// The ledger rows committed at one moment ([`Store::committed_so_far`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommittedMark {
+    /// PostgreSQL: a snapshot (`pg_current_snapshot()` as text). Ids and
+    /// transaction ids follow start order, not commit order, so only a
+    /// snapshot tells which rows had committed.
+    Snapshot(String),
+    /// SQLite: the newest ledger id (one writer: ids follow commit order).
+    LastId(i64),
+}
 
 /// A total that differs from what the ledger says.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -25,9 +25,9 @@ use sqlx::{FromRow, PgPool, Postgres, QueryBuilder};
 
 use super::settled::{Settled, SettledSums, bounds};
 use super::{
-    Backend, BeforeCommit, CheckInputs, ConsumeDecider, ConsumeResult, ConsumeRules, CsvSink, DecidedConsume,
-    ExportFilter, JobLock, NewApiKey, OpenError, Store, StoreError, StreamError, TotalMismatch, TotalName, TotalRow,
-    VerifiedTotal, diff_totals, natural_key, replay, resolve_outcomes, totals_sql,
+    Backend, BeforeCommit, CheckInputs, CommittedMark, ConsumeDecider, ConsumeResult, ConsumeRules, CsvSink,
+    DecidedConsume, ExportFilter, JobLock, NewApiKey, OpenError, Store, StoreError, StreamError, TotalMismatch,
+    TotalName, TotalRow, VerifiedTotal, diff_totals, natural_key, replay, resolve_outcomes, totals_sql,
 };
 use crate::domain::{
     AccountId, Amount, ApiKey, Catalog, Entry, EntryFilter, IdempotencyKey, InsertOutcome, NewEntry, ResourceName, Role,
@@ -946,6 +946,33 @@ impl Store for PgStore {
              ORDER BY e.tx_id, e.id LIMIT 1",
         )
         .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    async fn committed_so_far(&self) -> Result<CommittedMark, StoreError> {
+        let snapshot: String = sqlx::query_scalar("SELECT pg_current_snapshot()::text")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(CommittedMark::Snapshot(snapshot))
+    }
+
+    async fn oldest_unfolded_by(&self, mark: &CommittedMark) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let CommittedMark::Snapshot(snapshot) = mark else {
+            return Err(StoreError::Unexpected(format!(
+                "a PostgreSQL ledger was given {mark:?}"
+            )));
+        };
+        // Past the cursor, the rows the snapshot saw as committed; none of
+        // them has a transaction id at or above its xmax, which bounds the
+        // index range.
+        Ok(sqlx::query_scalar(
+            "SELECT min(e.recorded_at) FROM entries AS e, rollup_cursor AS c
+             WHERE c.name = 'rollup' AND (e.tx_id, e.id) > (c.last_tx, c.last_id)
+               AND e.tx_id < pg_snapshot_xmax($1::text::pg_snapshot)
+               AND pg_visible_in_snapshot(e.tx_id, $1::text::pg_snapshot)",
+        )
+        .bind(snapshot)
+        .fetch_one(&self.pool)
         .await?)
     }
 

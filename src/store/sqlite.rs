@@ -25,9 +25,9 @@ use sqlx::{Connection as _, FromRow, QueryBuilder, Sqlite, SqlitePool};
 
 use super::settled::{Settled, SettledSums, bounds};
 use super::{
-    Backend, BeforeCommit, ConsumeDecider, ConsumeResult, CsvSink, ExportFilter, JobLock, NewApiKey, OpenError, Store,
-    StoreError, StreamError, TotalMismatch, TotalName, TotalRow, diff_totals, natural_key, replay, resolve_outcomes,
-    total_past_64_bits, totals_sql,
+    Backend, BeforeCommit, CommittedMark, ConsumeDecider, ConsumeResult, CsvSink, ExportFilter, JobLock, NewApiKey,
+    OpenError, Store, StoreError, StreamError, TotalMismatch, TotalName, TotalRow, diff_totals, natural_key, replay,
+    resolve_outcomes, total_past_64_bits, totals_sql,
 };
 use crate::domain::catalog::{Enforcement, Window};
 use crate::domain::period::{Granularity, start_of};
@@ -717,6 +717,30 @@ impl Store for SqliteStore {
              WHERE id > (SELECT last_id FROM rollup_cursor WHERE name = 'rollup')
              ORDER BY id LIMIT 1",
         )
+        .fetch_optional(&self.reader)
+        .await?;
+        oldest
+            .map(|us| from_micros(us, format_args!("recorded_at of the oldest unfolded entry")))
+            .transpose()
+    }
+
+    async fn committed_so_far(&self) -> Result<CommittedMark, StoreError> {
+        let newest: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM entries")
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(CommittedMark::LastId(newest))
+    }
+
+    async fn oldest_unfolded_by(&self, mark: &CommittedMark) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let &CommittedMark::LastId(newest) = mark else {
+            return Err(StoreError::Unexpected(format!("a SQLite ledger was given {mark:?}")));
+        };
+        let oldest: Option<i64> = sqlx::query_scalar(
+            "SELECT recorded_at FROM entries
+             WHERE id > (SELECT last_id FROM rollup_cursor WHERE name = 'rollup') AND id <= ?1
+             ORDER BY id LIMIT 1",
+        )
+        .bind(newest)
         .fetch_optional(&self.reader)
         .await?;
         oldest

@@ -1142,6 +1142,46 @@ async fn bad_export_requests_fail_clearly_and_leave_no_file(app: TestApp) {
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success(), "{stderr}");
     assert!(stderr.contains("is a folder"), "{stderr}");
+    // A folder that takes no new files (as root too): the folder, the
+    // system's reason and what to do, not the bare "entity not found".
+    let refused = app.cli(&[
+        "export",
+        "entries",
+        "--from",
+        "2026-09-01",
+        "--to",
+        "2026-10-01",
+        "-o",
+        "/proc/tally-export.csv",
+    ]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(
+            "cannot create a file in /proc (for /proc/tally-export.csv); give -o a path in a folder you can write to"
+        ) && stderr.contains("no such file or directory")
+            && !stderr.contains("entity not found"),
+        "{stderr}"
+    );
+    // A file where the folder should be: not "create the folder first",
+    // which cannot be done.
+    let under_a_file = format!("{out_str}/x.csv");
+    let refused = app.cli(&[
+        "export",
+        "entries",
+        "--from",
+        "2026-09-01",
+        "--to",
+        "2026-10-01",
+        "-o",
+        &under_a_file,
+    ]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{out_str} is a file, not a folder (for {under_a_file})")),
+        "{stderr}"
+    );
     let stdout = app.cli(&[
         "export",
         "monthly",
