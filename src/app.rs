@@ -215,7 +215,7 @@ impl Settings {
 
     /// Opens the database and runs its migrations.
     async fn open_and_migrate(&self, catalog: Arc<Catalog>) -> anyhow::Result<Arc<dyn Store>> {
-        let store = store::connect(&self.database_url, catalog).await.map_err(|e| {
+        let store = store::connect(&self.database_url, catalog.clone()).await.map_err(|e| {
             let advice = if e.says_what_to_do() {
                 ""
             } else {
@@ -228,8 +228,43 @@ impl Settings {
         })?;
         self.opened.add(store.clone());
         store.migrate().await?;
+        refuse_changed_digits(store.as_ref(), &catalog).await?;
         Ok(store)
     }
+}
+
+/// Refuses a catalog that changes the fractional digits of a resource the
+/// database holds amounts of: each stored amount is an integer of the
+/// resource's minor unit, which the new digits would read at another scale.
+async fn refuse_changed_digits(store: &dyn Store, catalog: &Catalog) -> anyhow::Result<()> {
+    let clashes = store
+        .reconcile_digits(catalog)
+        .await
+        .context("cannot compare the catalog's fractional digits with those of the stored amounts")?;
+    if clashes.is_empty() {
+        return Ok(());
+    }
+    let said: Vec<String> = clashes
+        .iter()
+        .map(|c| {
+            format!(
+                "resource '{}' has decimals = {} in the catalog, but this database stores its amounts with {} \
+                 fractional digit{}: this catalog would read each one {} times {}; put back decimals = {}",
+                c.resource,
+                c.catalog,
+                c.stored,
+                if c.stored == 1 { "" } else { "s" },
+                10_u64.saturating_pow(c.stored.abs_diff(c.catalog)),
+                if c.catalog > c.stored { "smaller" } else { "larger" },
+                c.stored,
+            )
+        })
+        .collect();
+    anyhow::bail!(
+        "{} (a resource's decimals cannot change once it has entries or overrides: declare a new resource \
+         instead; docs/plans.md)",
+        said.join("; ")
+    )
 }
 
 /// Warns when the catalog's `default_plan` is not the one recorded by the

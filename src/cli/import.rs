@@ -12,10 +12,10 @@ use chrono::Utc;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::app::Settings;
-use crate::domain::entry::EntryRules;
+use crate::domain::entry::{EntryRules, Validated};
 use crate::domain::{EntryInput, InsertStatus, NewEntry};
 use crate::export::ledger::ENTRIES_HEADER;
-use crate::store::{Store, StoreError, reversal_of};
+use crate::store::{Store, StoreError, reversal_of, too_late_unless_recorded};
 
 /// Rows per insert batch.
 const BATCH: usize = 1_000;
@@ -530,10 +530,24 @@ async fn import_file(settings: &Settings, args: &ImportArgs, summary: &mut Impor
                 continue;
             }
         };
-        let mut entry = match input.validate(0, rules) {
+        let refused = match input.validate_apart_from_horizon(0, rules) {
+            Ok(Validated::Valid(entry)) => Ok(entry),
+            // A row imported by an earlier run, within the horizon then, is
+            // a duplicate now, as any retry (review AP).
+            Ok(Validated::OnlyTooLate(entry, late)) => {
+                let late = too_late_unless_recorded(store.as_ref(), std::slice::from_ref(&entry), vec![late]).await?;
+                if late.is_empty() { Ok(entry) } else { Err(late) }
+            }
+            Err(errors) => Err(errors),
+        };
+        let mut entry = match refused {
             Ok(entry) => entry,
             Err(errors) => {
-                let reasons: Vec<String> = errors.iter().map(|e| format!("{}: {}", e.field, e.message)).collect();
+                // The clock it was judged by is this machine's: there is no server.
+                let reasons: Vec<String> = errors
+                    .iter()
+                    .map(|e| format!("{}: {}", e.field, e.message.replace("the server's", "this machine's")))
+                    .collect();
                 summary.rejected.push(line, reasons.join("; "));
                 continue;
             }

@@ -7,7 +7,8 @@ use rand::RngCore;
 
 use crate::app::Settings;
 use crate::domain::EntryInput;
-use crate::domain::entry::{BACKFILL, EntryRules, validate_batch};
+use crate::domain::entry::{BACKFILL, EntryRules, FieldError, validate_batch};
+use crate::store::too_late_unless_recorded;
 
 /// Arguments of `tally post`.
 #[derive(Debug, clap::Args)]
@@ -56,16 +57,24 @@ pub async fn run(settings: &Settings, args: PostArgs) -> anyhow::Result<ExitCode
         allow_late: false,
         too_late: BACKFILL,
     };
-    let entries = match validate_batch(vec![input], rules) {
-        Ok(entries) => entries,
-        Err(errors) => {
-            for e in errors {
-                eprintln!("error: {}", in_the_cli_words(e.field, &e.message));
-            }
-            return Ok(ExitCode::from(2));
+    let refuse = |errors: Vec<FieldError>| {
+        for e in errors {
+            eprintln!("error: {}", in_the_cli_words(e.field, &e.message));
         }
+        Ok(ExitCode::from(2))
+    };
+    let batch = match validate_batch(vec![input], rules) {
+        Ok(batch) => batch,
+        Err(errors) => return refuse(errors),
     };
     let store = settings.open_store_with(catalog).await?;
+    // A retry with the same --key is answered as one, however old --at has
+    // grown since the first run.
+    let too_late = too_late_unless_recorded(store.as_ref(), &batch.entries, batch.too_late).await?;
+    if !too_late.is_empty() {
+        return refuse(too_late);
+    }
+    let entries = batch.entries;
     // One input validates to one entry.
     let outcome = store.insert_entry(&entries[0]).await?;
     outln!(

@@ -308,6 +308,22 @@ fn without_negative_zero(value: serde_json::Value) -> serde_json::Value {
 impl EntryInput {
     /// Validates the entry at `index`, collecting every problem.
     pub fn validate(self, index: usize, rules: EntryRules<'_>) -> Result<NewEntry, Vec<FieldError>> {
+        match self.validate_apart_from_horizon(index, rules)? {
+            Validated::Valid(entry) => Ok(entry),
+            Validated::OnlyTooLate(_, late) => Err(vec![late]),
+        }
+    }
+
+    /// As [`EntryInput::validate`], but an entry whose only problem is the
+    /// late-arrival horizon comes back with that problem apart: a retry of
+    /// an entry recorded while it was within the horizon is still a
+    /// duplicate (or a conflict), so the caller asks the ledger first.
+    pub fn validate_apart_from_horizon(
+        self,
+        index: usize,
+        rules: EntryRules<'_>,
+    ) -> Result<Validated, Vec<FieldError>> {
+        let mut late = None;
         let mut errors = Vec::new();
         let mut fail = |field: &'static str, code: &'static str, message: String| {
             errors.push(FieldError {
@@ -398,16 +414,17 @@ impl EntryInput {
                     None
                 }
                 Ok(t) if !rules.allow_late && t < rules.now - rules.late_horizon => {
-                    fail(
-                        "occurred_at",
-                        "too_late",
-                        format!(
+                    late = Some(FieldError {
+                        index,
+                        field: "occurred_at",
+                        code: "too_late",
+                        message: format!(
                             "occurred_at {raw} is older than the late-arrival horizon of {} days{}",
                             rules.late_horizon.num_days(),
                             rules.too_late
                         ),
-                    );
-                    None
+                    });
+                    Some(t)
                 }
                 Ok(t) => Some(t),
             },
@@ -464,11 +481,19 @@ impl EntryInput {
             }
         };
 
+        if let Some(late) = late.take_if(|_| !errors.is_empty()) {
+            // Told with the others, in field order: before source and metadata.
+            let at = errors
+                .iter()
+                .position(|e| matches!(e.field, "source" | "metadata"))
+                .unwrap_or(errors.len());
+            errors.insert(at, late);
+        }
         match (account, resource, amount, idempotency_key, occurred_at) {
             (Some(account), Some((resource, _)), Some(amount), Some(idempotency_key), Some(occurred_at))
                 if errors.is_empty() =>
             {
-                Ok(NewEntry {
+                let entry = NewEntry {
                     account,
                     resource,
                     amount,
@@ -478,11 +503,25 @@ impl EntryInput {
                     source: self.source,
                     metadata,
                     reverses: None,
+                };
+                Ok(match late {
+                    None => Validated::Valid(entry),
+                    Some(late) => Validated::OnlyTooLate(entry, late),
                 })
             }
             _ => Err(errors),
         }
     }
+}
+
+/// An entry that passed validation, or would have but for its age.
+#[derive(Debug)]
+pub enum Validated {
+    /// Valid.
+    Valid(NewEntry),
+    /// Valid but older than the late-arrival horizon: new, it is refused
+    /// with this error; a retry of one already recorded is not.
+    OnlyTooLate(NewEntry, FieldError),
 }
 
 /// The text of a JSON amount ([`json_decimal_text`]), or what is wrong with it.
@@ -562,16 +601,42 @@ pub struct EntryFilter {
 pub const BACKFILL: &str = "; backfill it with `tally import --allow-late`";
 
 /// Validates every entry of a batch; all problems are reported together.
-pub fn validate_batch(inputs: Vec<EntryInput>, rules: EntryRules<'_>) -> Result<Vec<NewEntry>, Vec<FieldError>> {
-    let mut valid = Vec::with_capacity(inputs.len());
+/// When the only problems are entries past the late-arrival horizon, every
+/// entry comes back with those problems apart (see
+/// [`EntryInput::validate_apart_from_horizon`]): refuse them unless the
+/// ledger already holds their keys.
+pub fn validate_batch(inputs: Vec<EntryInput>, rules: EntryRules<'_>) -> Result<ValidBatch, Vec<FieldError>> {
+    let mut entries = Vec::with_capacity(inputs.len());
+    let mut too_late = Vec::new();
     let mut errors = Vec::new();
     for (index, input) in inputs.into_iter().enumerate() {
-        match input.validate(index, rules) {
-            Ok(entry) => valid.push(entry),
+        match input.validate_apart_from_horizon(index, rules) {
+            Ok(Validated::Valid(entry)) => entries.push(entry),
+            Ok(Validated::OnlyTooLate(entry, late)) => {
+                entries.push(entry);
+                too_late.push(late);
+            }
             Err(mut e) => errors.append(&mut e),
         }
     }
-    if errors.is_empty() { Ok(valid) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(ValidBatch { entries, too_late })
+    } else {
+        // In entry order, as each entry's own problems are.
+        errors.extend(too_late);
+        errors.sort_by_key(|e| e.index);
+        Err(errors)
+    }
+}
+
+/// A batch that passed validation but, perhaps, for the age of some entries.
+#[derive(Debug)]
+pub struct ValidBatch {
+    /// Every entry, in request order.
+    pub entries: Vec<NewEntry>,
+    /// The entries past the late-arrival horizon (by `index`), each a
+    /// `too_late` error unless the ledger already holds its key.
+    pub too_late: Vec<FieldError>,
 }
 
 #[cfg(test)]

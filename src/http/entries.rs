@@ -17,7 +17,7 @@ use crate::domain::entry::{BACKFILL, EntryRules, FieldError, refuse_nul, validat
 use crate::domain::{
     AccountId, Entry, EntryFilter, EntryInput, IdempotencyKey, InsertOutcome, InsertStatus, ResourceName, Role,
 };
-use crate::store::{StoreError, reversal_of};
+use crate::store::{StoreError, reversal_of, too_late_unless_recorded};
 
 /// The most entries one request may carry.
 pub const MAX_BATCH: usize = 10_000;
@@ -237,10 +237,16 @@ async fn post_entries(
             caller.require_write(&account)?;
         }
     }
-    let entries = validate_batch(inputs, state.entry_rules()).map_err(|errors| match shape {
+    let refuse = |errors| match shape {
         BodyShape::One => ApiError::from_field_errors(errors),
         BodyShape::Batch => ApiError::from_batch_errors(errors),
-    })?;
+    };
+    let batch = validate_batch(inputs, state.entry_rules()).map_err(refuse)?;
+    let too_late = too_late_unless_recorded(state.store.as_ref(), &batch.entries, batch.too_late).await?;
+    if !too_late.is_empty() {
+        return Err(refuse(too_late));
+    }
+    let entries = batch.entries;
     let outcomes = state
         .store
         .insert_entries(&entries)
@@ -315,7 +321,15 @@ async fn reverse_entry(
     // A reversal lands in the original's buckets: past the horizon those
     // periods are closed (reported, invoiced), as they are to a service's new
     // entries. An operator may still correct one, deliberately, as admin.
-    if original.occurred_at < state.clock.now() - state.late_horizon && caller.role != Role::Admin {
+    // A retry of a reversal made while the entry was within the horizon is
+    // answered as any retry (review AP).
+    if original.occurred_at < state.clock.now() - state.late_horizon
+        && caller.role != Role::Admin
+        && !state
+            .store
+            .holds_key(&reversal.account, &reversal.idempotency_key)
+            .await?
+    {
         return Err(ApiError::from_field_errors(vec![FieldError {
             index: 0,
             field: "id",

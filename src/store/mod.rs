@@ -345,6 +345,9 @@ pub trait Store: Send + Sync + 'static {
         }
     }
 
+    /// Whether the ledger holds an entry under this account and key.
+    async fn holds_key(&self, account: &AccountId, key: &IdempotencyKey) -> Result<bool, StoreError>;
+
     /// One entry by id.
     async fn entry(&self, id: i64) -> Result<Entry, StoreError>;
 
@@ -448,6 +451,15 @@ pub trait Store: Send + Sync + 'static {
         plan: &str,
         effective_at: DateTime<Utc>,
     ) -> Result<PlanAssignment, StoreError>;
+
+    /// Compares the catalog's fractional digits with those recorded for
+    /// each resource (migration 0021), and records the catalog's where none
+    /// are, or where the database holds no amount of the resource (no entry,
+    /// no override). Returns the resources refused: recorded with other
+    /// digits while the database holds amounts of them, which this catalog
+    /// would read at another scale. A record that cannot be written (a
+    /// read-only role) is logged, not returned: the comparison stands.
+    async fn reconcile_digits(&self, catalog: &Catalog) -> Result<Vec<DigitsClash>, StoreError>;
 
     /// The default plan last recorded by [`Store::record_default_plan`];
     /// `None` before the first record.
@@ -950,6 +962,37 @@ pub(crate) const UNFOLDED_ESTIMATE_SQL: &str = "SELECT (SELECT COALESCE(MAX(id),
 
 /// A hook run just before a rollup batch commits.
 pub type BeforeCommit = dyn Fn() -> Result<(), StoreError> + Send + Sync;
+
+/// A resource whose catalog digits differ from those its stored amounts
+/// were written with ([`Store::reconcile_digits`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DigitsClash {
+    /// The resource.
+    pub resource: String,
+    /// The digits its stored amounts were written with.
+    pub stored: u32,
+    /// The digits the catalog gives it.
+    pub catalog: u32,
+}
+
+/// Of the catalog's resources, those whose digits `recorded` lacks or
+/// differs on: (resource, the catalog's digits, the recorded ones).
+pub(crate) fn digits_to_reconcile(catalog: &Catalog, recorded: &[(String, i64)]) -> Vec<(String, u32, Option<u32>)> {
+    let recorded: HashMap<&str, i64> = recorded.iter().map(|(r, d)| (r.as_str(), *d)).collect();
+    catalog
+        .resources
+        .iter()
+        .filter_map(|(name, spec)| match recorded.get(name.as_str()) {
+            Some(&digits) if digits == i64::from(spec.decimals) => None,
+            Some(&digits) => Some((
+                name.to_string(),
+                spec.decimals,
+                Some(u32::try_from(digits).unwrap_or(u32::MAX)),
+            )),
+            None => Some((name.to_string(), spec.decimals, None)),
+        })
+        .collect()
+}
 
 /// The ledger rows committed at one moment ([`Store::committed_so_far`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1458,6 +1501,26 @@ fn conflict(index: Option<usize>, entry: &NewEntry, stored: KeyedContent<'_>, ot
             entry.idempotency_key, entry.account,
         ),
     }
+}
+
+/// Of `too_late` (problems naming entries of `entries` by index), those
+/// whose key the ledger does not hold. A retry of an entry recorded while it
+/// was within the late-arrival horizon is answered as any retry (duplicate,
+/// or conflict); only a new one is too late. Keys never leave the ledger, so
+/// what this finds stays true.
+pub async fn too_late_unless_recorded(
+    store: &dyn Store,
+    entries: &[NewEntry],
+    too_late: Vec<crate::domain::entry::FieldError>,
+) -> Result<Vec<crate::domain::entry::FieldError>, StoreError> {
+    let mut refused = Vec::new();
+    for late in too_late {
+        let entry = &entries[late.index];
+        if !store.holds_key(&entry.account, &entry.idempotency_key).await? {
+            refused.push(late);
+        }
+    }
+    Ok(refused)
 }
 
 /// Builds the reversal of `original`: the opposite amount, in the same bucket.

@@ -5,7 +5,7 @@ use std::process::Command;
 use serde_json::json;
 
 use crate::both;
-use crate::helpers::{Backend, TestApp, fresh_database, scalar_i64_at};
+use crate::helpers::{Backend, TestApp, entry, fresh_database, scalar_i64_at};
 
 both!(
     keys_create_prints_only_the_key_which_then_authenticates,
@@ -26,7 +26,68 @@ both!(
     a_reader_that_stops_reading_ends_the_output_quietly_with_the_commands_own_exit_code,
     reads_of_a_database_that_is_not_there_fail_and_create_nothing,
     a_rust_log_that_does_not_parse_is_said_not_silently_replaced,
+    a_catalog_that_changes_the_digits_of_stored_amounts_is_refused,
 );
+
+/// Review AP: amounts are stored as integers of the resource's minor unit, so
+/// a catalog that changes a resource's `decimals` would read them at another
+/// scale (1.25 as 0.125). Every command refuses it, naming the resource and
+/// the way back, while a resource that holds nothing may change.
+async fn a_catalog_that_changes_the_digits_of_stored_amounts_is_refused(app: TestApp) {
+    let builtin = tally::domain::catalog::BUILTIN_CATALOG_TOML;
+    let posted = app.post_entries(entry("acme", "agent_minutes", "1.25", "k1")).await;
+    assert_eq!(posted.status, 200, "{:?}", posted.body);
+    let dir = tempfile::tempdir().unwrap();
+    let thousandths = dir.path().join("thousandths.toml");
+    let agent_minutes = "[resources.agent_minutes]\ndecimals = 2";
+    assert!(builtin.contains(agent_minutes));
+    std::fs::write(
+        &thousandths,
+        builtin.replace(agent_minutes, "[resources.agent_minutes]\ndecimals = 3"),
+    )
+    .unwrap();
+    for args in [
+        &["check", "acme", "agent_minutes"][..],
+        &["export", "entries", "--from", "2020-01-01", "--to", "2030-01-01"],
+    ] {
+        let refused = app.cli_with_plans(&thousandths, args);
+        let stderr = text(&refused.stderr);
+        assert!(!refused.status.success(), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(
+                "resource 'agent_minutes' has decimals = 3 in the catalog, but this database stores its amounts \
+                 with 2 fractional digits: this catalog would read each one 10 times smaller; put back decimals = 2"
+            ),
+            "{args:?}: {stderr}"
+        );
+        assert!(text(&refused.stdout).is_empty(), "{args:?}: nothing read");
+    }
+    // llm_tokens holds nothing yet: its digits may change, and are then
+    // those its amounts are stored with.
+    let llm_tokens = "[resources.llm_tokens]\ndecimals = 0";
+    assert!(builtin.contains(llm_tokens));
+    let fractional_tokens = dir.path().join("fractional_tokens.toml");
+    std::fs::write(
+        &fractional_tokens,
+        builtin.replace(llm_tokens, "[resources.llm_tokens]\ndecimals = 1"),
+    )
+    .unwrap();
+    let half = app.cli_with_plans(
+        &fractional_tokens,
+        &["post", "acme", "llm_tokens", "0.5", "--key", "half"],
+    );
+    assert!(half.status.success(), "{}", text(&half.stderr));
+    let plain = app.cli(&["check", "acme", "llm_tokens"]);
+    assert!(!plain.status.success());
+    assert!(
+        text(&plain.stderr).contains("resource 'llm_tokens' has decimals = 0 in the catalog, but this database stores \
+             its amounts with 1 fractional digit: this catalog would read each one 10 times larger; put back decimals = 1"),
+        "{}",
+        text(&plain.stderr)
+    );
+    let fine = app.cli_with_plans(&fractional_tokens, &["check", "acme", "llm_tokens"]);
+    assert!(text(&fine.stdout).contains("\"used\": \"0.5\""), "{fine:?}");
+}
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
@@ -117,6 +178,40 @@ async fn post_appends_an_entry_and_refuses_bad_input(app: TestApp) {
         "{stderr}"
     );
     assert!(!stderr.contains("occurred_at"), "{stderr}");
+    // Review AP: a retry whose --at has since passed the horizon (here the
+    // horizon shrinks instead) is a duplicate; a new key that old is too late.
+    let ten_days_ago = (chrono::Utc::now() - chrono::Duration::days(10)).to_rfc3339();
+    let dated = [
+        "post",
+        "acme",
+        "api_requests",
+        "1",
+        "--at",
+        &ten_days_ago,
+        "--key",
+        "cli-dated",
+    ];
+    assert!(app.cli(&dated).status.success());
+    let retried = app.cli(&[&dated[..], &["--late-horizon-days", "5"]].concat());
+    assert!(text(&retried.stdout).starts_with("duplicate of entry"), "{retried:?}");
+    let new_key = [
+        "post",
+        "acme",
+        "api_requests",
+        "1",
+        "--at",
+        &ten_days_ago,
+        "--key",
+        "cli-new",
+        "--late-horizon-days",
+        "5",
+    ];
+    let refused = app.cli(&new_key);
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    assert!(
+        text(&refused.stderr).contains("is older than the late-arrival horizon of 5 days"),
+        "{refused:?}"
+    );
     // Review AL: the advice too names the flag, and the clock is this machine's.
     let ahead = app.cli(&["post", "acme", "api_requests", "1", "--at", "2099-01-01T00:00:00Z"]);
     assert_eq!(ahead.status.code(), Some(2));
@@ -149,7 +244,7 @@ async fn post_appends_an_entry_and_refuses_bad_input(app: TestApp) {
     let bad = app.cli(&["post", "acme", "tokens", "1"]);
     assert!(!bad.status.success());
     assert!(text(&bad.stderr).contains("resource 'tokens' is not in the catalog"));
-    assert_eq!(app.count_entries().await, 2);
+    assert_eq!(app.count_entries().await, 3, "cli-1, cli-dated and the negative one");
 }
 
 async fn import_loads_valid_rows_and_reports_rejected_lines(app: TestApp) {
@@ -187,8 +282,25 @@ async fn import_loads_valid_rows_and_reports_rejected_lines(app: TestApp) {
         text(&backfill.stderr)
     );
     assert_eq!(app.count_entries().await, 2);
+    // Review AP: run again without --allow-late, the old row, now in the
+    // ledger, is a duplicate like the others, not too late.
+    let rerun = app.cli(&["import", file.to_str().unwrap()]);
+    assert!(
+        text(&rerun.stderr).contains("0 created, 3 duplicate, 2 rejected"),
+        "{}",
+        text(&rerun.stderr)
+    );
+    assert_eq!(app.count_entries().await, 2);
     let listed = app.get("/v1/accounts/acme/entries").await;
     assert_eq!(listed.body["entries"][0]["metadata"], json!({"note": "a, b"}));
+    // Review AQ: a row ahead of the clock is judged by this machine's.
+    let (_dir, ahead) = entries_csv("1,acme,api_requests,1,2099-01-01T00:00:00Z,,k9,,,\n");
+    let ahead = app.cli(&["import", ahead.to_str().unwrap()]);
+    let stderr = text(&ahead.stderr);
+    assert!(
+        stderr.contains("this machine's clock") && !stderr.contains("server"),
+        "{stderr}"
+    );
 }
 
 /// A key reused with another amount is found when the batch is written

@@ -442,7 +442,9 @@ impl TestApp {
             allow_late: true,
             too_late: tally::domain::entry::BACKFILL,
         };
-        let entries = tally::domain::entry::validate_batch(inputs, rules).expect("valid test entries");
+        let entries = tally::domain::entry::validate_batch(inputs, rules)
+            .expect("valid test entries")
+            .entries;
         self.store
             .insert_entries(&entries)
             .await

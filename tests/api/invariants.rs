@@ -140,7 +140,9 @@ async fn amounts_in_any_spelling_are_stored_exactly_and_read_back_canonical(app:
             allow_late: false,
             too_late: tally::domain::entry::BACKFILL,
         };
-        let entries = tally::domain::entry::validate_batch(inputs, rules).expect("valid amounts");
+        let entries = tally::domain::entry::validate_batch(inputs, rules)
+            .expect("valid amounts")
+            .entries;
         let outcomes = app.store.insert_entries(&entries).await.unwrap();
         let ids: BTreeSet<i64> = outcomes.iter().map(|o| o.id).collect();
         let stored = app

@@ -2236,7 +2236,7 @@ async fn a_cached_check_stays_exact_after_a_rollup_and_after_another_process_ins
             allow_late: false,
             too_late: tally::domain::entry::BACKFILL,
         };
-        let theirs = tally::domain::entry::validate_batch(inputs, rules).unwrap();
+        let theirs = tally::domain::entry::validate_batch(inputs, rules).unwrap().entries;
         other.insert_entries(&theirs).await.unwrap();
         assert_eq!(
             used_at(&app, "acme", resource, &at).await,

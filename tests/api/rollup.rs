@@ -1026,7 +1026,9 @@ async fn on_sqlite_an_entry_of_a_long_write_is_folded_exactly_once_after_it_comm
                 allow_late: true,
                 too_late: tally::domain::entry::BACKFILL,
             };
-            let entries = tally::domain::entry::validate_batch(vec![entry], rules).unwrap();
+            let entries = tally::domain::entry::validate_batch(vec![entry], rules)
+                .unwrap()
+                .entries;
             let id = store.insert_entries(&entries).await.unwrap()[0].id;
             (id, std::time::Instant::now())
         })

@@ -4,7 +4,7 @@ use chrono::{Duration, SecondsFormat, Utc};
 use serde_json::{Value, json};
 
 use crate::both;
-use crate::helpers::{Reply, TestApp, entry};
+use crate::helpers::{Reply, TestApp, entry, entry_at};
 
 both!(
     malformed_json_is_400,
@@ -37,6 +37,7 @@ both!(
     occurred_at_that_is_not_rfc3339_is_422,
     one_bad_entry_fails_the_whole_batch_with_its_index,
     reversing_an_entry_older_than_the_horizon_is_too_late_for_a_service,
+    a_retry_after_the_entry_passed_the_horizon_is_answered_as_a_retry,
     an_admin_key_bound_to_an_account_is_refused,
     a_path_that_is_not_utf_8_is_422_in_the_contract_format,
 );
@@ -711,6 +712,101 @@ async fn reversing_an_entry_older_than_the_horizon_is_too_late_for_a_service(app
     let admin = app.request("POST", &path, Some(&app.admin_key), Some(body)).await;
     assert_eq!(admin.status, 200, "{:?}", admin.body);
     assert_eq!(admin.body["amount"], "-7");
+}
+
+/// Review AP: the horizon refuses new entries, not retries. A service that
+/// retries a post, a consume or a reversal made while its entry was within
+/// the horizon gets the answer of a retry (duplicate, first outcome,
+/// conflict), not `too_late` for an entry the ledger holds.
+async fn a_retry_after_the_entry_passed_the_horizon_is_answered_as_a_retry(app: TestApp) {
+    let first = Utc::now();
+    let old = (first - Duration::days(34)).to_rfc3339_opts(SecondsFormat::Secs, true);
+    let service = app.key(tally::domain::Role::Service, None).await;
+    let send = |path: &'static str, body: Value| {
+        let (app, service) = (&app, &service);
+        async move { app.request("POST", path, Some(service), Some(body.to_string())).await }
+    };
+    let posted = entry_at("acme", "llm_tokens", "5", "p1", &old);
+    let consumed = json!({"account": "acme", "resource": "llm_tokens", "amount": 1,
+                          "idempotency_key": "c1", "occurred_at": old});
+    app.clock.freeze_at(first);
+    let post = send("/v1/entries", posted.clone()).await;
+    assert_eq!(post.status, 200, "{:?}", post.body);
+    let id = post.body["entries"][0]["id"].as_i64().unwrap();
+    let consume = send("/v1/quota/consume", consumed.clone()).await;
+    assert_eq!(consume.status, 200, "{:?}", consume.body);
+    let reversal_path = format!("/v1/entries/{id}/reversal");
+    let reversal_body = json!({"idempotency_key": "undo-p1"}).to_string();
+    let reversed = app
+        .request("POST", &reversal_path, Some(&service), Some(reversal_body.clone()))
+        .await;
+    assert_eq!(reversed.status, 200, "{:?}", reversed.body);
+    let written = app.count_entries().await;
+
+    // Two days on, all three are past the horizon.
+    app.clock.freeze_at(first + Duration::days(2));
+    let again = send("/v1/entries", posted.clone()).await;
+    assert_eq!(again.status, 200, "{:?}", again.body);
+    assert_eq!(again.body["entries"][0]["status"], "duplicate");
+    assert_eq!(again.body["entries"][0]["id"], id);
+    let replayed = send("/v1/quota/consume", consumed.clone()).await;
+    assert_eq!(replayed.status, 200, "{:?}", replayed.body);
+    assert_eq!(replayed.body["entry_id"], consume.body["entry_id"]);
+    let reversed_again = app
+        .request("POST", &reversal_path, Some(&service), Some(reversal_body))
+        .await;
+    assert_eq!(reversed_again.status, 200, "{:?}", reversed_again.body);
+    assert_eq!(reversed_again.body["id"], reversed.body["id"]);
+    assert_eq!(reversed_again.body["status"], "duplicate");
+    // Other content under a recorded key is a conflict, as for any retry.
+    let changed = send("/v1/entries", entry_at("acme", "llm_tokens", "6", "p1", &old)).await;
+    assert_eq!(
+        (changed.status, changed.code()),
+        (409, "idempotency_conflict"),
+        "{:?}",
+        changed.body
+    );
+    // A new entry that old is still too late, and takes its batch with it;
+    // the error names it alone, not the retry beside it.
+    let batch = json!({"entries": [posted, entry_at("acme", "llm_tokens", "5", "p2", &old)]});
+    let refused = send("/v1/entries", batch).await;
+    assert_eq!(
+        (refused.status, refused.code()),
+        (422, "too_late"),
+        "{:?}",
+        refused.body
+    );
+    let errors = refused.body["error"]["details"]["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0]["index"], 1);
+    let new_consume = send(
+        "/v1/quota/consume",
+        json!({"account": "acme", "resource": "llm_tokens", "amount": 1,
+               "idempotency_key": "c2", "occurred_at": old}),
+    )
+    .await;
+    assert_eq!(
+        (new_consume.status, new_consume.code()),
+        (422, "too_late"),
+        "{:?}",
+        new_consume.body
+    );
+    let new_reversal = app
+        .request(
+            "POST",
+            &format!("/v1/entries/{}/reversal", consume.body["entry_id"]),
+            Some(&service),
+            Some(json!({"idempotency_key": "undo-c1"}).to_string()),
+        )
+        .await;
+    assert_eq!(
+        (new_reversal.status, new_reversal.code()),
+        (422, "too_late"),
+        "{:?}",
+        new_reversal.body
+    );
+    assert_eq!(app.count_entries().await, written, "retries and refusals write nothing");
+    app.clock.thaw();
 }
 
 /// An admin key passes every account check, so binding one to an account
