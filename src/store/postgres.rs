@@ -999,7 +999,7 @@ impl Store for PgStore {
             Granularity::Day => include_str!("sql/postgres/bucket_totals_day.sql"),
             Granularity::Month => include_str!("sql/postgres/bucket_totals_month.sql"),
         };
-        Ok(sqlx::query_as(sql)
+        let rows: Vec<(NaiveDate, String)> = sqlx::query_as(sql)
             .bind(account.as_str())
             .bind(resource.as_str())
             .bind(from)
@@ -1007,7 +1007,13 @@ impl Store for PgStore {
             .bind(start_of(from))
             .bind(start_of(to))
             .fetch_all(&self.pool)
-            .await?)
+            .await?;
+        rows.into_iter()
+            .map(|(bucket, amount)| {
+                export::total_minor_units(&amount, account.as_str(), resource.as_str(), bucket)
+                    .map(|amount| (bucket, amount))
+            })
+            .collect()
     }
 
     async fn verify_totals(&self) -> Result<Vec<TotalMismatch>, StoreError> {

@@ -720,6 +720,26 @@ async fn an_unfolded_tail_past_64_bits_is_added_exactly_and_a_total_past_them_is
         monthly[1],
         ["ovf", "agent_minutes", "2026-09", "42999999999999999.57", "143"]
     );
+    // Review AQ: the time series adds the same way (PostgreSQL read each
+    // part as bigint), and names a total past 64 bits as SQLite does.
+    let series = |account: &str| {
+        app.cli(&[
+            "timeseries",
+            account,
+            "agent_minutes",
+            "--granularity",
+            "month",
+            "--from",
+            "2026-09",
+            "--to",
+            "2026-10",
+        ])
+    };
+    let ovf = series("ovf");
+    assert!(
+        String::from_utf8_lossy(&ovf.stdout).contains("42999999999999999.57"),
+        "{ovf:?}"
+    );
 
     // 94 past 2^63, unfolded: the export names the total.
     app.insert(&rows("whale", big, &keys[143..237])).await;
@@ -730,6 +750,26 @@ async fn an_unfolded_tail_past_64_bits_is_added_exactly_and_a_total_past_them_is
         said.contains("the total of account 'whale', resource 'agent_minutes', 2026-09-01") && !said.contains("bigint"),
         "{said}"
     );
+    for whale in [
+        series("whale"),
+        app.cli(&[
+            "timeseries",
+            "whale",
+            "agent_minutes",
+            "--from",
+            "2026-09-20",
+            "--to",
+            "2026-09-21",
+        ]),
+    ] {
+        let said = String::from_utf8_lossy(&whale.stderr);
+        assert!(!whale.status.success(), "{whale:?}");
+        assert!(
+            said.contains("(the total of account 'whale', resource 'agent_minutes', 2026-09-")
+                && !said.contains("bigint"),
+            "{said}"
+        );
+    }
     // So does one as of now, and the invoice (each sums the ledger itself).
     let as_of = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
     for command in [
@@ -762,6 +802,12 @@ async fn an_unfolded_tail_past_64_bits_is_added_exactly_and_a_total_past_them_is
         "{said}"
     );
     assert_eq!(said.matches("docs/operations.md").count(), 1, "{said}");
+    let folded = String::from_utf8_lossy(&series("whale").stderr).into_owned();
+    assert!(
+        folded.contains("(the total of account 'whale', resource 'agent_minutes', 2026-09-01)")
+            && !folded.contains("bigint"),
+        "{folded}"
+    );
     // Review AO: an unfolded total past 64 bits beside a stored one keeps
     // its name (it fails the export first: "orca" sorts before "whale").
     // PostgreSQL reads the stored totals as bigint, so the stored one may
