@@ -392,6 +392,11 @@ fn print_summary(file: &std::path::Path, summary: &mut ImportSummary) {
 /// [`run`]'s work, counted in `summary`, or the error that stopped it.
 async fn import_file(settings: &Settings, args: &ImportArgs, summary: &mut ImportSummary) -> anyhow::Result<()> {
     let file = File::open(&args.file).with_context(|| format!("cannot open {}", args.file.display()))?;
+    // Linux opens a folder for reading; only the first read fails ("Is a
+    // directory"), far from the path (review AQ).
+    if file.metadata().is_ok_and(|m| m.is_dir()) {
+        anyhow::bail!("{} is a folder; give tally import a CSV file", args.file.display());
+    }
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
     let progress = ProgressBar::new(size)
         .with_style(ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {msg}").expect("valid template"));
@@ -409,7 +414,11 @@ async fn import_file(settings: &Settings, args: &ImportArgs, summary: &mut Impor
                 args.file.display(),
                 err.field() + 1
             ),
-            _ => return Err(anyhow::Error::new(e).context("cannot read the CSV header row")),
+            _ => {
+                return Err(
+                    anyhow::Error::new(e).context(format!("cannot read the CSV header row of {}", args.file.display()))
+                );
+            }
         },
     };
     let column = |name: &str| headers.iter().position(|h| h == name);

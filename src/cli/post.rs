@@ -8,7 +8,7 @@ use rand::RngCore;
 use crate::app::Settings;
 use crate::domain::EntryInput;
 use crate::domain::entry::{BACKFILL, EntryRules, FieldError, validate_batch};
-use crate::store::too_late_unless_recorded;
+use crate::store::{StoreError, too_late_unless_recorded};
 
 /// Arguments of `tally post`.
 #[derive(Debug, clap::Args)]
@@ -76,7 +76,18 @@ pub async fn run(settings: &Settings, args: PostArgs) -> anyhow::Result<ExitCode
     }
     let entries = batch.entries;
     // One input validates to one entry.
-    let outcome = store.insert_entry(&entries[0]).await?;
+    let outcome = store.insert_entry(&entries[0]).await.map_err(|e| match e {
+        // Whether a write cut off this way landed is not known: the key
+        // makes the retry safe, so say it, generated or given (review AQ).
+        StoreError::Unavailable(_) | StoreError::Busy(_) | StoreError::Contended(_) => {
+            let key = entries[0].idempotency_key.as_str();
+            anyhow::Error::new(e).context(format!(
+                "the entry may not be recorded: run the same command again with --key {key} (the same key records \
+                 once)"
+            ))
+        }
+        other => other.into(),
+    })?;
     outln!(
         "{} entry {} (idempotency_key {})",
         match outcome.status {

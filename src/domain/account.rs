@@ -27,7 +27,7 @@ impl AccountId {
             .find(|c| !(c.is_ascii_alphanumeric() || "_.:@-".contains(*c)))
         {
             return Err(format!(
-                "account contains {bad:?}; allowed are letters, digits and _ . : @ -"
+                "account contains {bad:?}; allowed are ASCII letters (A-Z, a-z), digits and _ . : @ -"
             ));
         }
         Ok(Self(raw.to_owned()))

@@ -2,7 +2,7 @@
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
-use axum::http::header::{CONTENT_LENGTH, EXPECT};
+use axum::http::header::{CONTENT_ENCODING, CONTENT_LENGTH, EXPECT};
 use axum::http::request::Parts;
 use futures_util::StreamExt as _;
 use serde::de::DeserializeOwned;
@@ -31,6 +31,14 @@ impl<S: Send + Sync> FromRequest<S> for Body {
 
     async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
         let path = req.uri().path().to_owned();
+        // Compressed bodies are not decoded: say so rather than "not a JSON
+        // object" about the compressed bytes (review AP). Told once the body
+        // is read, as a 413 is, so the client sees the answer.
+        let encoding = req
+            .headers()
+            .get(CONTENT_ENCODING)
+            .map(|value| String::from_utf8_lossy(value.as_bytes()).trim().to_owned())
+            .filter(|value| !value.eq_ignore_ascii_case("identity"));
         let waits_to_send = req
             .headers()
             .get(EXPECT)
@@ -63,6 +71,12 @@ impl<S: Send + Sync> FromRequest<S> for Body {
                 return Err(ApiError::PayloadTooLarge(too_large_message(&path)));
             }
             body.extend_from_slice(&chunk);
+        }
+        if let Some(encoding) = encoding {
+            return Err(ApiError::MalformedBody(format!(
+                "the body is sent with Content-Encoding {encoding:?}, which Tally does not decode; send the JSON \
+                 uncompressed, without that header"
+            )));
         }
         Ok(Body(Bytes::from(body)))
     }

@@ -124,12 +124,30 @@ async fn on_sqlite_writes_answer_503_while_another_process_holds_the_write_lock_
         .await
         .expect("the write lock is taken");
 
+    // `tally post` meanwhile, in a process of its own (review AQ): it gives
+    // up after the same timeout, naming the key that makes a retry safe.
+    let cli_post = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["post", ACCOUNT, "api_requests", "1"])
+        .env("TALLY_DATABASE_URL", &app.database_url)
+        .env_remove("TALLY_PLANS")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("tally runs");
     let (posted, consumed) = tokio::join!(
         app.post_entries(entry(ACCOUNT, "api_requests", "7", "during")),
         app.post("/v1/quota/consume", consume_body("consume-during")),
     );
     assert_unavailable(&posted, "POST /v1/entries");
     assert_unavailable(&consumed, "POST /v1/quota/consume");
+    let cli_post = cli_post.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&cli_post.stderr);
+    assert!(!cli_post.status.success(), "{said}");
+    assert!(
+        said.contains("the entry may not be recorded: run the same command again with --key cli-")
+            && said.contains("(the same key records once)"),
+        "{said}"
+    );
     // WAL: readers do not wait for a writer.
     let usage = app.get(&format!("/v1/accounts/{ACCOUNT}/usage")).await;
     assert_eq!(usage.status, 200, "{usage:?}");

@@ -301,6 +301,17 @@ async fn import_loads_valid_rows_and_reports_rejected_lines(app: TestApp) {
         stderr.contains("this machine's clock") && !stderr.contains("server"),
         "{stderr}"
     );
+    // Review AQ: a folder is named as one, with the path.
+    let folder = tempfile::tempdir().unwrap();
+    let refused = app.cli(&["import", folder.path().to_str().unwrap()]);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains(&format!(
+            "{} is a folder; give tally import a CSV file",
+            folder.path().display()
+        )),
+        "{refused:?}"
+    );
 }
 
 /// A key reused with another amount is found when the batch is written
