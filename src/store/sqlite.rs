@@ -1375,7 +1375,17 @@ async fn totals_against_ledger(conn: &mut sqlx::SqliteConnection) -> Result<Vec<
         let actual: Vec<(String, String, String, i64, i64)> = sqlx::query_as(actual_sql).fetch_all(&mut *conn).await?;
         let actual = actual
             .into_iter()
-            .map(|(a, r, bucket, amount, n)| Ok((a, r, parse_date(&bucket)?, i128::from(amount), n)))
+            .map(|(a, r, bucket, amount, n)| {
+                // A hand edit is the only way here: name the row and the way out.
+                let bucket = parse_date(&bucket).map_err(|_| {
+                    StoreError::Unexpected(format!(
+                        "the {table} total of {a} / {r} has the malformed date {bucket:?} (stored as YYYY-MM-DD); \
+                         rewrite it in that shape, or delete that row of {table}_totals and run `tally verify \
+                         --repair`, which writes it again from the ledger"
+                    ))
+                })?;
+                Ok((a, r, bucket, i128::from(amount), n))
+            })
             .collect::<Result<_, StoreError>>()?;
         mismatches.extend(diff_totals(table, expected, actual));
     }

@@ -216,11 +216,21 @@ async fn a_corrupted_total_makes_verify_fail(app: TestApp) {
             let failed = app.cli(args);
             assert_eq!(failed.status.code(), Some(2), "{args:?}");
             let said = String::from_utf8_lossy(&failed.stderr);
+            // Review AQ: which row, and the way out.
             assert!(
-                said.contains("the database holds a malformed date \"2026-4-2\"") && said.contains("YYYY-MM-DD"),
+                said.contains("has the malformed date \"2026-4-2\" (stored as YYYY-MM-DD)")
+                    && said.contains("delete that row of daily_totals and run `tally verify --repair`"),
                 "{said}"
             );
         }
+        // The way out works.
+        app.execute_raw("DELETE FROM daily_totals WHERE day = '2026-4-2'")
+            .await
+            .unwrap();
+        let repaired = app.cli(&["verify", "--repair"]);
+        assert_eq!(repaired.status.code(), Some(0), "{repaired:?}");
+        let verified = app.cli(&["verify"]);
+        assert_eq!(verified.status.code(), Some(0), "{verified:?}");
     }
 }
 
