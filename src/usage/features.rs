@@ -33,8 +33,18 @@ pub fn feature_at(
 ) -> Result<FeatureView, String> {
     let known: std::collections::BTreeSet<&String> = catalog.plans.values().flat_map(|p| p.features.keys()).collect();
     if !known.iter().any(|k| k.as_str() == feature) {
+        // A name of any length reaches here from the path: echo its start
+        // only (review AP: 50 000 characters came back whole).
+        const SHOWN: usize = 64;
+        let length = feature.chars().count();
+        let named = if length > SHOWN {
+            let start: String = feature.chars().take(SHOWN).collect();
+            format!("'{start}…' ({length} characters)")
+        } else {
+            format!("'{feature}'")
+        };
         return Err(format!(
-            "feature '{feature}' is not in the catalog; features: {}",
+            "feature {named} is not in the catalog; features: {}",
             known.into_iter().cloned().collect::<Vec<_>>().join(", ")
         ));
     }

@@ -1878,6 +1878,20 @@ async fn features_follow_the_plan(app: TestApp) {
             .unwrap()
             .contains("git_export, multi_user")
     );
+    // Review AP: a very long name is echoed by its start and length.
+    let long = app
+        .get(&format!("/v1/accounts/acme/features/{}", "x".repeat(50_000)))
+        .await;
+    assert_eq!(long.status, 404);
+    let said = long.body["error"]["message"].as_str().unwrap();
+    assert!(
+        said.contains(&format!(
+            "feature '{}…' (50000 characters) is not in the catalog",
+            "x".repeat(64)
+        )),
+        "{said}"
+    );
+    assert!(long.text.len() < 1_000, "{} bytes", long.text.len());
     // The CLI twin answers the same JSON; exit 0 allowed, 1 not, 2 error.
     let cli = app.cli(&["feature", "acme", "multi_user"]);
     assert_eq!(cli.status.code(), Some(0), "{}", String::from_utf8_lossy(&cli.stderr));

@@ -861,4 +861,29 @@ async fn a_path_that_is_not_utf_8_is_422_in_the_contract_format(app: TestApp) {
         let message = reply.body["error"]["message"].as_str().unwrap();
         assert!(message.contains("path"), "{message}");
     }
+    // Review AP: so is a query parameter, which was decoded to '�' and
+    // echoed; a '�' the client sent itself is its text.
+    for path in [
+        "/v1/accounts/acme/timeseries?resource=%FF&granularity=day&from=2026-11-01&to=2026-11-02",
+        "/v1/accounts/acme/entries?limit=1&%FF=1",
+    ] {
+        let reply = app.get(path).await;
+        assert_eq!(
+            (reply.status, reply.code()),
+            (422, "validation_failed"),
+            "{path}: {:?}",
+            reply.body
+        );
+        let message = reply.body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("is not text: its percent-encoding (such as %FF) does not decode to UTF-8")
+                && !message.contains('\u{FFFD}'),
+            "{message}"
+        );
+        assert_eq!(reply.body["error"]["details"]["errors"][0]["field"], "query");
+    }
+    let sent = app
+        .get("/v1/accounts/acme/timeseries?resource=%EF%BF%BD&granularity=day&from=2026-11-01&to=2026-11-02")
+        .await;
+    assert_eq!(sent.code(), "unknown_resource", "{:?}", sent.body);
 }
