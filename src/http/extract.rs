@@ -255,24 +255,23 @@ impl<S: Send + Sync> FromRequestParts<S> for QueryParams {
         // client sent that character itself, refuse as the path does.
         let raw = parts.uri.query().unwrap_or_default();
         let sent_fffd = raw.contains('\u{FFFD}') || raw.to_ascii_uppercase().contains("%EF%BF%BD");
-        if !sent_fffd {
-            if let Some((name, _)) = pairs
+        if !sent_fffd
+            && let Some((name, _)) = pairs
                 .iter()
                 .find(|(n, v)| n.contains('\u{FFFD}') || v.contains('\u{FFFD}'))
-            {
-                let which = if name.contains('\u{FFFD}') {
-                    "a query parameter's name".to_owned()
-                } else {
-                    format!("the value of query parameter {name:?}")
-                };
-                return Err(ApiError::invalid(
-                    "query",
-                    format!(
-                        "{which} is not text: its percent-encoding (such as %FF) does not decode to UTF-8; \
-                         percent-encode the UTF-8 bytes of the text"
-                    ),
-                ));
-            }
+        {
+            let which = if name.contains('\u{FFFD}') {
+                "a query parameter's name".to_owned()
+            } else {
+                format!("the value of query parameter {name:?}")
+            };
+            return Err(ApiError::invalid(
+                "query",
+                format!(
+                    "{which} is not text: its percent-encoding (such as %FF) does not decode to UTF-8; \
+                     percent-encode the UTF-8 bytes of the text"
+                ),
+            ));
         }
         let mut params = std::collections::HashMap::with_capacity(pairs.len());
         for (name, value) in pairs {
