@@ -257,6 +257,23 @@ pub fn parse_instant_or_date(raw: &str) -> Result<DateTime<Utc>, String> {
     parse_timestamp(raw).map_err(|m| format!("{m} (or a date like 2026-11-01)"))
 }
 
+/// [`parse_instant_or_date`] for an instant no period is read at: a bound of
+/// the entries listing, the instant a feature is asked about. December 9999
+/// is fine there (review AP: it was refused for a month that no such read
+/// has).
+pub fn parse_bound(raw: &str) -> Result<DateTime<Utc>, String> {
+    use chrono::Datelike;
+    if super::period::date_shaped(raw) && chrono::NaiveDate::parse_from_str(raw, "%Y-%m-%d").is_ok() {
+        let day = super::period::parse_date(raw)?;
+        return Ok(day.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc());
+    }
+    let t = read_timestamp(raw).map_err(|m| format!("{m} (or a date like 2026-11-01)"))?;
+    if !(1..=9999).contains(&t.year()) {
+        return Err(format!("{raw:?} is outside the years 1 to 9999"));
+    }
+    Ok(t)
+}
+
 /// Why U+0000 is refused, for error messages.
 const NUL_REASON: &str =
     "the ledger cannot store it (PostgreSQL refuses it in text and JSON); remove it or escape it in your own way";

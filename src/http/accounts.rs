@@ -259,7 +259,9 @@ async fn feature(
     let account = params::account(&account)?;
     caller.require_read(&account)?;
     params::reject_unknown(&query, &["at"])?;
-    let at = params::at(&query, state.clock.now())?;
+    let at = query
+        .get("at")
+        .map_or(Ok(state.clock.now()), |raw| params::bound("at", raw))?;
     let history = state.store.plan_history(&account).await?;
     feature_at(&state.catalog, &history, &feature, at)
         .map(Json)

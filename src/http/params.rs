@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, NaiveDate, Utc};
 
 use super::error::ApiError;
-use crate::domain::entry::parse_instant_or_date;
+use crate::domain::entry::{parse_bound, parse_instant_or_date};
 use crate::domain::{AccountId, Catalog, ResourceName};
 
 /// An account id from the path.
@@ -42,6 +42,12 @@ pub async fn readable_resource(
 /// An instant: RFC 3339, or a bare date meaning its UTC midnight.
 pub fn instant(field: &'static str, raw: &str) -> Result<DateTime<Utc>, ApiError> {
     parse_instant_or_date(raw).map_err(|m| ApiError::invalid(field, format!("{field}: {m}")))
+}
+
+/// A query parameter that bounds a read or names an instant no period is
+/// read at ([`parse_bound`]): as [`instant`], December 9999 included.
+pub fn bound(field: &'static str, raw: &str) -> Result<DateTime<Utc>, ApiError> {
+    parse_bound(raw).map_err(|m| ApiError::invalid(field, format!("{field}: {m}")))
 }
 
 /// The `at` query parameter (see [`instant`]): the instant a read is

@@ -2061,6 +2061,18 @@ async fn bad_quota_and_account_input_is_refused_and_writes_nothing(app: TestApp)
             reply.body
         );
     }
+    // Review AP: reads with no period take December 9999 (a bound of the
+    // listing, the instant of a feature); past year 9999 is still refused.
+    for path in [
+        "/v1/accounts/acme/entries?to=9999-12-31",
+        "/v1/accounts/acme/entries?from=2026-01-01T00:00:00Z&to=9999-12-31T23:59:59Z",
+        "/v1/accounts/acme/features/git_export?at=9999-12-15",
+    ] {
+        let reply = app.get(path).await;
+        assert_eq!(reply.status, 200, "{path}: {:?}", reply.body);
+    }
+    let past = app.get("/v1/accounts/acme/entries?to=%2B10000-01-01T00:00:00Z").await;
+    assert_eq!(past.status, 422, "{:?}", past.body);
     let not_text = app
         .put_admin("/v1/accounts/acme/overrides/llm_tokens", json!({"limit": true}))
         .await;
