@@ -237,8 +237,7 @@ impl Settings {
 /// database holds amounts of: each stored amount is an integer of the
 /// resource's minor unit, which the new digits would read at another scale.
 async fn refuse_changed_digits(store: &dyn Store, catalog: &Catalog) -> anyhow::Result<()> {
-    let clashes = store
-        .reconcile_digits(catalog)
+    let clashes = store::reconcile_digits(store, catalog)
         .await
         .context("cannot compare the catalog's fractional digits with those of the stored amounts")?;
     if clashes.is_empty() {

@@ -452,14 +452,16 @@ pub trait Store: Send + Sync + 'static {
         effective_at: DateTime<Utc>,
     ) -> Result<PlanAssignment, StoreError>;
 
-    /// Compares the catalog's fractional digits with those recorded for
-    /// each resource (migration 0021), and records the catalog's where none
-    /// are, or where the database holds no amount of the resource (no entry,
-    /// no override). Returns the resources refused: recorded with other
-    /// digits while the database holds amounts of them, which this catalog
-    /// would read at another scale. A record that cannot be written (a
-    /// read-only role) is logged, not returned: the comparison stands.
-    async fn reconcile_digits(&self, catalog: &Catalog) -> Result<Vec<DigitsClash>, StoreError>;
+    /// The fractional digits recorded for each resource (migration 0021):
+    /// (resource, digits). See [`reconcile_digits`].
+    async fn recorded_digits(&self) -> Result<Vec<(String, i64)>, StoreError>;
+
+    /// Whether the database holds amounts of `resource`: an entry, or an
+    /// override (current or past), both stored in its minor unit.
+    async fn holds_amounts_of(&self, resource: &str) -> Result<bool, StoreError>;
+
+    /// Records these digits for these resources, replacing what was recorded.
+    async fn record_digits(&self, digits: &[(String, u32)]) -> Result<(), StoreError>;
 
     /// The default plan last recorded by [`Store::record_default_plan`];
     /// `None` before the first record.
@@ -964,7 +966,7 @@ pub(crate) const UNFOLDED_ESTIMATE_SQL: &str = "SELECT (SELECT COALESCE(MAX(id),
 pub type BeforeCommit = dyn Fn() -> Result<(), StoreError> + Send + Sync;
 
 /// A resource whose catalog digits differ from those its stored amounts
-/// were written with ([`Store::reconcile_digits`]).
+/// were written with ([`reconcile_digits`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DigitsClash {
     /// The resource.
@@ -975,23 +977,36 @@ pub struct DigitsClash {
     pub catalog: u32,
 }
 
-/// Of the catalog's resources, those whose digits `recorded` lacks or
-/// differs on: (resource, the catalog's digits, the recorded ones).
-pub(crate) fn digits_to_reconcile(catalog: &Catalog, recorded: &[(String, i64)]) -> Vec<(String, u32, Option<u32>)> {
-    let recorded: HashMap<&str, i64> = recorded.iter().map(|(r, d)| (r.as_str(), *d)).collect();
-    catalog
-        .resources
-        .iter()
-        .filter_map(|(name, spec)| match recorded.get(name.as_str()) {
-            Some(&digits) if digits == i64::from(spec.decimals) => None,
-            Some(&digits) => Some((
-                name.to_string(),
-                spec.decimals,
-                Some(u32::try_from(digits).unwrap_or(u32::MAX)),
-            )),
-            None => Some((name.to_string(), spec.decimals, None)),
-        })
-        .collect()
+/// Compares the catalog's fractional digits with those recorded for each
+/// resource (migration 0021), and records the catalog's where none are, or
+/// where the database holds no amount of the resource. Returns the
+/// resources refused: recorded with other digits while the database holds
+/// amounts of them, which this catalog would read at another scale. A
+/// record that cannot be written (a read-only role) is logged, not
+/// returned: the comparison stands. The first look reads only, so on every
+/// open but the first that is all.
+pub async fn reconcile_digits(store: &dyn Store, catalog: &Catalog) -> Result<Vec<DigitsClash>, StoreError> {
+    let recorded: HashMap<String, i64> = store.recorded_digits().await?.into_iter().collect();
+    let mut clashes = Vec::new();
+    let mut to_record = Vec::new();
+    for (name, spec) in &catalog.resources {
+        let resource = name.as_str();
+        match recorded.get(resource) {
+            Some(&stored) if stored == i64::from(spec.decimals) => {}
+            Some(&stored) if store.holds_amounts_of(resource).await? => clashes.push(DigitsClash {
+                resource: resource.to_owned(),
+                stored: u32::try_from(stored).unwrap_or(u32::MAX),
+                catalog: spec.decimals,
+            }),
+            _ => to_record.push((resource.to_owned(), spec.decimals)),
+        }
+    }
+    if !to_record.is_empty()
+        && let Err(e) = store.record_digits(&to_record).await
+    {
+        tracing::warn!(error = %e, "cannot record the resources' fractional digits: {e}");
+    }
+    Ok(clashes)
 }
 
 /// The ledger rows committed at one moment ([`Store::committed_so_far`]).

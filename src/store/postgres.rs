@@ -26,9 +26,8 @@ use sqlx::{FromRow, PgPool, Postgres, QueryBuilder};
 use super::settled::{Settled, SettledSums, bounds};
 use super::{
     Backend, BeforeCommit, CheckInputs, CommittedMark, ConsumeDecider, ConsumeResult, ConsumeRules, CsvSink,
-    DecidedConsume, DigitsClash, ExportFilter, JobLock, NewApiKey, OpenError, Store, StoreError, StreamError,
-    TotalMismatch, TotalName, TotalRow, VerifiedTotal, diff_totals, digits_to_reconcile, natural_key, replay,
-    resolve_outcomes, totals_sql,
+    DecidedConsume, ExportFilter, JobLock, NewApiKey, OpenError, Store, StoreError, StreamError, TotalMismatch,
+    TotalName, TotalRow, VerifiedTotal, diff_totals, natural_key, replay, resolve_outcomes, totals_sql,
 };
 use crate::domain::{
     AccountId, Amount, ApiKey, Catalog, Entry, EntryFilter, IdempotencyKey, InsertOutcome, NewEntry, ResourceName, Role,
@@ -1151,49 +1150,38 @@ impl Store for PgStore {
             .await?)
     }
 
-    async fn reconcile_digits(&self, catalog: &Catalog) -> Result<Vec<DigitsClash>, StoreError> {
-        // Looked at first, read only: on every open but the first this is
-        // all, and a SELECT-only role can do it.
-        let recorded: Vec<(String, i64)> = sqlx::query_as("SELECT resource, digits::bigint FROM resource_digits")
+    async fn recorded_digits(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        Ok(sqlx::query_as("SELECT resource, digits::bigint FROM resource_digits")
             .fetch_all(&self.pool)
-            .await?;
-        let mut clashes = Vec::new();
-        let mut to_record = Vec::new();
-        for (resource, digits, stored) in digits_to_reconcile(catalog, &recorded) {
-            let holds_amounts = stored.is_some()
-                && sqlx::query_scalar::<_, bool>(
-                    "SELECT EXISTS (SELECT 1 FROM entries WHERE resource = $1)
-                         OR EXISTS (SELECT 1 FROM account_override_history WHERE resource = $1)",
-                )
-                .bind(&resource)
-                .fetch_one(&self.pool)
-                .await?;
-            match stored {
-                Some(stored) if holds_amounts => clashes.push(DigitsClash {
-                    resource,
-                    stored,
-                    catalog: digits,
-                }),
-                _ => to_record.push((resource, i32::try_from(digits).unwrap_or(i32::MAX))),
-            }
-        }
-        if !to_record.is_empty() {
-            let (resources, digits): (Vec<String>, Vec<i32>) = to_record.into_iter().unzip();
-            let recorded = sqlx::query(
-                "INSERT INTO resource_digits (resource, digits, recorded_at)
-                 SELECT resource, digits, $3 FROM unnest($1::text[], $2::int[]) AS r(resource, digits)
-                 ON CONFLICT (resource) DO UPDATE SET digits = excluded.digits, recorded_at = excluded.recorded_at",
-            )
-            .bind(&resources)
-            .bind(&digits)
-            .bind(Utc::now())
-            .execute(&self.pool)
-            .await;
-            if let Err(e) = recorded {
-                tracing::warn!(error = %e, "cannot record the resources' fractional digits: {e}");
-            }
-        }
-        Ok(clashes)
+            .await?)
+    }
+
+    async fn holds_amounts_of(&self, resource: &str) -> Result<bool, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM entries WHERE resource = $1)
+                 OR EXISTS (SELECT 1 FROM account_override_history WHERE resource = $1)",
+        )
+        .bind(resource)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn record_digits(&self, digits: &[(String, u32)]) -> Result<(), StoreError> {
+        let (resources, digits): (Vec<&str>, Vec<i32>) = digits
+            .iter()
+            .map(|(resource, digits)| (resource.as_str(), i32::try_from(*digits).unwrap_or(i32::MAX)))
+            .unzip();
+        sqlx::query(
+            "INSERT INTO resource_digits (resource, digits, recorded_at)
+             SELECT resource, digits, $3 FROM unnest($1::text[], $2::int[]) AS r(resource, digits)
+             ON CONFLICT (resource) DO UPDATE SET digits = excluded.digits, recorded_at = excluded.recorded_at",
+        )
+        .bind(&resources)
+        .bind(&digits)
+        .bind(Utc::now())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     async fn record_default_plan(&self, catalog: &Catalog) -> Result<Option<DefaultPlanChange>, StoreError> {

@@ -25,9 +25,9 @@ use sqlx::{Connection as _, FromRow, QueryBuilder, Sqlite, SqlitePool};
 
 use super::settled::{Settled, SettledSums, bounds};
 use super::{
-    Backend, BeforeCommit, CommittedMark, ConsumeDecider, ConsumeResult, CsvSink, DigitsClash, ExportFilter, JobLock,
-    NewApiKey, OpenError, Store, StoreError, StreamError, TotalMismatch, TotalName, TotalRow, diff_totals,
-    digits_to_reconcile, natural_key, replay, resolve_outcomes, total_past_64_bits, totals_sql,
+    Backend, BeforeCommit, CommittedMark, ConsumeDecider, ConsumeResult, CsvSink, ExportFilter, JobLock, NewApiKey,
+    OpenError, Store, StoreError, StreamError, TotalMismatch, TotalName, TotalRow, diff_totals, natural_key, replay,
+    resolve_outcomes, total_past_64_bits, totals_sql,
 };
 use crate::domain::catalog::{Enforcement, Window};
 use crate::domain::period::{Granularity, start_of};
@@ -913,54 +913,38 @@ impl Store for SqliteStore {
             .await?)
     }
 
-    async fn reconcile_digits(&self, catalog: &Catalog) -> Result<Vec<DigitsClash>, StoreError> {
-        // Looked at first without a lock: on every open but the first this
-        // is all, and it needs no write access.
-        let recorded: Vec<(String, i64)> = sqlx::query_as("SELECT resource, digits FROM resource_digits")
+    async fn recorded_digits(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        Ok(sqlx::query_as("SELECT resource, digits FROM resource_digits")
             .fetch_all(&self.reader)
+            .await?)
+    }
+
+    async fn holds_amounts_of(&self, resource: &str) -> Result<bool, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM entries WHERE resource = ?1)
+                 OR EXISTS (SELECT 1 FROM account_override_history WHERE resource = ?1)",
+        )
+        .bind(resource)
+        .fetch_one(&self.reader)
+        .await?)
+    }
+
+    async fn record_digits(&self, digits: &[(String, u32)]) -> Result<(), StoreError> {
+        let now = to_micros(Utc::now());
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        for (resource, digits) in digits {
+            sqlx::query(
+                "INSERT INTO resource_digits (resource, digits, recorded_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (resource) DO UPDATE SET digits = excluded.digits, recorded_at = excluded.recorded_at",
+            )
+            .bind(resource)
+            .bind(i64::from(*digits))
+            .bind(now)
+            .execute(&mut *tx)
             .await?;
-        let mut clashes = Vec::new();
-        let mut to_record = Vec::new();
-        for (resource, digits, stored) in digits_to_reconcile(catalog, &recorded) {
-            let holds_amounts = stored.is_some()
-                && sqlx::query_scalar::<_, bool>(
-                    "SELECT EXISTS (SELECT 1 FROM entries WHERE resource = ?1)
-                         OR EXISTS (SELECT 1 FROM account_override_history WHERE resource = ?1)",
-                )
-                .bind(&resource)
-                .fetch_one(&self.reader)
-                .await?;
-            match stored {
-                Some(stored) if holds_amounts => clashes.push(DigitsClash {
-                    resource,
-                    stored,
-                    catalog: digits,
-                }),
-                _ => to_record.push((resource, digits)),
-            }
         }
-        if !to_record.is_empty() {
-            let now = to_micros(Utc::now());
-            let recorded = async {
-                let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-                for (resource, digits) in &to_record {
-                    sqlx::query(
-                        "INSERT INTO resource_digits (resource, digits, recorded_at) VALUES (?1, ?2, ?3)
-                         ON CONFLICT (resource) DO UPDATE SET digits = excluded.digits, recorded_at = excluded.recorded_at",
-                    )
-                    .bind(resource)
-                    .bind(i64::from(*digits))
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                tx.commit().await
-            };
-            if let Err(e) = recorded.await {
-                tracing::warn!(error = %e, "cannot record the resources' fractional digits: {e}");
-            }
-        }
-        Ok(clashes)
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn record_default_plan(&self, catalog: &Catalog) -> Result<Option<DefaultPlanChange>, StoreError> {

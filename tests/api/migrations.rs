@@ -123,6 +123,32 @@ async fn on_postgres_a_select_only_role_exports_verifies_and_reads_usage() {
         // A write is still refused, by PostgreSQL, in its words.
         let posted = run(&["post", "acme", "api_requests", "1"]);
         assert!(!posted.status.success(), "read_only={read_only}");
+        // A catalog with a resource new to the database: its digits cannot
+        // be recorded by this role, which is said, and the read goes on.
+        let dir = tempfile::tempdir().unwrap();
+        let plans = dir.path().join("plans.toml");
+        let extra = format!(
+            "{}\n[resources.gpu_seconds]\ndecimals = 3\n",
+            tally::domain::catalog::BUILTIN_CATALOG_TOML
+        );
+        std::fs::write(&plans, extra).unwrap();
+        let with_new = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(["usage", "acme"])
+            .env("TALLY_DATABASE_URL", &url)
+            .env("TALLY_PLANS", &plans)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("tally runs");
+        assert!(
+            with_new.status.success(),
+            "read_only={read_only}: {}",
+            text(&with_new.stderr)
+        );
+        assert!(
+            text(&with_new.stderr).contains("cannot record the resources' fractional digits"),
+            "read_only={read_only}: {}",
+            text(&with_new.stderr)
+        );
     }
     owner.close().await.ok();
 }
