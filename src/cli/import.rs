@@ -12,7 +12,7 @@ use chrono::Utc;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::app::Settings;
-use crate::domain::entry::{EntryRules, Validated};
+use crate::domain::entry::{EntryRules, FieldError, Validated};
 use crate::domain::{EntryInput, InsertStatus, NewEntry};
 use crate::export::ledger::ENTRIES_HEADER;
 use crate::store::{Store, StoreError, reversal_of, too_late_unless_recorded};
@@ -326,6 +326,19 @@ struct PendingRow {
     /// The file's id of the entry this row reverses (the entry holds the ledger's).
     reverses_in_file: Option<i64>,
     entry: NewEntry,
+    /// Past the late-arrival horizon: rejected so unless the ledger holds
+    /// its key already (a retried import).
+    too_late: Option<FieldError>,
+}
+
+/// A row's problems in one line, in the words of this command: the clock it
+/// was judged by is this machine's, there is no server.
+fn reasons(errors: &[FieldError]) -> String {
+    let reasons: Vec<String> = errors
+        .iter()
+        .map(|e| format!("{}: {}", e.field, e.message.replace("the server's", "this machine's")))
+        .collect();
+    reasons.join("; ")
 }
 
 /// Reads the file, inserts valid rows in batches and prints a summary.
@@ -539,25 +552,14 @@ async fn import_file(settings: &Settings, args: &ImportArgs, summary: &mut Impor
                 continue;
             }
         };
-        let refused = match input.validate_apart_from_horizon(0, rules) {
-            Ok(Validated::Valid(entry)) => Ok(entry),
+        let (mut entry, too_late) = match input.validate_apart_from_horizon(0, rules) {
+            Ok(Validated::Valid(entry)) => (entry, None),
             // A row imported by an earlier run, within the horizon then, is
-            // a duplicate now, as any retry (review AP).
-            Ok(Validated::OnlyTooLate(entry, late)) => {
-                let late = too_late_unless_recorded(store.as_ref(), std::slice::from_ref(&entry), vec![late]).await?;
-                if late.is_empty() { Ok(entry) } else { Err(late) }
-            }
-            Err(errors) => Err(errors),
-        };
-        let mut entry = match refused {
-            Ok(entry) => entry,
+            // a duplicate now, as any retry (review AP): its batch asks the
+            // ledger for all such rows at once before it is written.
+            Ok(Validated::OnlyTooLate(entry, late)) => (entry, Some(late)),
             Err(errors) => {
-                // The clock it was judged by is this machine's: there is no server.
-                let reasons: Vec<String> = errors
-                    .iter()
-                    .map(|e| format!("{}: {}", e.field, e.message.replace("the server's", "this machine's")))
-                    .collect();
-                summary.rejected.push(line, reasons.join("; "));
+                summary.rejected.push(line, reasons(&errors));
                 continue;
             }
         };
@@ -647,6 +649,7 @@ async fn import_file(settings: &Settings, args: &ImportArgs, summary: &mut Impor
             source_id,
             reverses_in_file: reverses,
             entry,
+            too_late,
         });
         if batch.len() >= BATCH {
             flush(store.as_ref(), &mut batch, &mut id_map, summary).await?;
@@ -665,6 +668,25 @@ async fn flush(
     id_map: &mut HashMap<i64, Option<i64>>,
     summary: &mut ImportSummary,
 ) -> anyhow::Result<()> {
+    // Rows past the horizon whose keys the ledger does not hold: too late.
+    let too_late: Vec<FieldError> = batch
+        .iter()
+        .enumerate()
+        .filter_map(|(index, row)| row.too_late.clone().map(|late| FieldError { index, ..late }))
+        .collect();
+    if !too_late.is_empty() {
+        let entries: Vec<NewEntry> = batch.iter().map(|r| r.entry.clone()).collect();
+        let refused = too_late_unless_recorded(store, &entries, too_late).await?;
+        let mut refused_rows = vec![false; batch.len()];
+        for late in refused {
+            refused_rows[late.index] = true;
+            summary
+                .rejected
+                .push(batch[late.index].line, reasons(std::slice::from_ref(&late)));
+        }
+        let mut refused_rows = refused_rows.into_iter();
+        batch.retain(|_| !refused_rows.next().unwrap_or(false));
+    }
     if batch.is_empty() {
         return Ok(());
     }

@@ -327,8 +327,8 @@ async fn reverse_entry(
         && caller.role != Role::Admin
         && !state
             .store
-            .holds_key(&reversal.account, &reversal.idempotency_key)
-            .await?
+            .holds_keys(&[(&reversal.account, &reversal.idempotency_key)])
+            .await?[0]
     {
         return Err(ApiError::from_field_errors(vec![FieldError {
             index: 0,

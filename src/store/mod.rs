@@ -345,8 +345,9 @@ pub trait Store: Send + Sync + 'static {
         }
     }
 
-    /// Whether the ledger holds an entry under this account and key.
-    async fn holds_key(&self, account: &AccountId, key: &IdempotencyKey) -> Result<bool, StoreError>;
+    /// Which of these (account, key) pairs the ledger holds an entry under,
+    /// in one read: a flag per pair, in order.
+    async fn holds_keys(&self, keys: &[(&AccountId, &IdempotencyKey)]) -> Result<Vec<bool>, StoreError>;
 
     /// One entry by id.
     async fn entry(&self, id: i64) -> Result<Entry, StoreError>;
@@ -1528,14 +1529,19 @@ pub async fn too_late_unless_recorded(
     entries: &[NewEntry],
     too_late: Vec<crate::domain::entry::FieldError>,
 ) -> Result<Vec<crate::domain::entry::FieldError>, StoreError> {
-    let mut refused = Vec::new();
-    for late in too_late {
-        let entry = &entries[late.index];
-        if !store.holds_key(&entry.account, &entry.idempotency_key).await? {
-            refused.push(late);
-        }
+    if too_late.is_empty() {
+        return Ok(too_late);
     }
-    Ok(refused)
+    let keys: Vec<_> = too_late
+        .iter()
+        .map(|late| (&entries[late.index].account, &entries[late.index].idempotency_key))
+        .collect();
+    let held = store.holds_keys(&keys).await?;
+    Ok(too_late
+        .into_iter()
+        .zip(held)
+        .filter_map(|(late, held)| (!held).then_some(late))
+        .collect())
 }
 
 /// Builds the reversal of `original`: the opposite amount, in the same bucket.

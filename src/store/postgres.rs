@@ -804,14 +804,23 @@ impl Store for PgStore {
         Ok(outcomes)
     }
 
-    async fn holds_key(&self, account: &AccountId, key: &IdempotencyKey) -> Result<bool, StoreError> {
-        Ok(
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM entries WHERE account = $1 AND idempotency_key = $2)")
-                .bind(account.as_str())
-                .bind(key.as_str())
-                .fetch_one(&self.pool)
-                .await?,
+    async fn holds_keys(&self, keys: &[(&AccountId, &IdempotencyKey)]) -> Result<Vec<bool>, StoreError> {
+        let (accounts, idempotency_keys): (Vec<&str>, Vec<&str>) =
+            keys.iter().map(|(a, k)| (a.as_str(), k.as_str())).unzip();
+        let held: Vec<i64> = sqlx::query_scalar(
+            "SELECT pair.i - 1 FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS pair(account, key, i)
+             WHERE EXISTS (SELECT 1 FROM entries AS e
+                           WHERE e.account = pair.account AND e.idempotency_key = pair.key)",
         )
+        .bind(&accounts)
+        .bind(&idempotency_keys)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut flags = vec![false; keys.len()];
+        for index in held {
+            flags[usize::try_from(index).expect("an index of the array")] = true;
+        }
+        Ok(flags)
     }
 
     async fn entry(&self, id: i64) -> Result<Entry, StoreError> {

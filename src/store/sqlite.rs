@@ -560,14 +560,22 @@ impl Store for SqliteStore {
         Ok(outcomes)
     }
 
-    async fn holds_key(&self, account: &AccountId, key: &IdempotencyKey) -> Result<bool, StoreError> {
-        Ok(
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM entries WHERE account = ? AND idempotency_key = ?)")
-                .bind(account.as_str())
-                .bind(key.as_str())
-                .fetch_one(&self.reader)
-                .await?,
+    async fn holds_keys(&self, keys: &[(&AccountId, &IdempotencyKey)]) -> Result<Vec<bool>, StoreError> {
+        // The pairs travel as one JSON array: one statement for any number.
+        let pairs: Vec<[&str; 2]> = keys.iter().map(|(a, k)| [a.as_str(), k.as_str()]).collect();
+        let held: Vec<i64> = sqlx::query_scalar(
+            "SELECT CAST(pair.key AS INTEGER) FROM json_each(?1) AS pair
+             WHERE EXISTS (SELECT 1 FROM entries
+                           WHERE account = pair.value ->> 0 AND idempotency_key = pair.value ->> 1)",
         )
+        .bind(serde_json::to_string(&pairs).expect("strings serialise"))
+        .fetch_all(&self.reader)
+        .await?;
+        let mut flags = vec![false; keys.len()];
+        for index in held {
+            flags[usize::try_from(index).expect("an index of the array")] = true;
+        }
+        Ok(flags)
     }
 
     async fn entry(&self, id: i64) -> Result<Entry, StoreError> {
