@@ -225,9 +225,44 @@ async fn consume(
                 );
                 None
             });
-            let retry_after = sooner
-                .as_ref()
-                .map_or(retry_after, |change| whole_seconds_until(now, change.at));
+            // No change lets it through in this window. With one scheduled,
+            // the next windows' limits need not be this one's (review AR: a
+            // downgrade at the window's end; a raise too small for what is
+            // used now, which a fresh window takes): look at the first few.
+            // Some(None): looked, and none takes it. A consume dated by its
+            // caller keeps its date, so only its own window counts.
+            let scheduled = history.as_ref().is_ok_and(|(plans, changes)| {
+                plans.iter().any(|assignment| assignment.effective_at > now)
+                    || overrides_as_of(changes, now)
+                        .iter()
+                        .any(|o| o.resource == entry.resource && o.expires_at.is_some_and(|at| at > now))
+            });
+            let later = match &history {
+                Ok((plans, changes))
+                    if sooner.is_none() && scheduled && !entry.occurred_at_given && status.window != Window::Total =>
+                {
+                    quotas
+                        .passes_in_a_later_window(&entry.account, &entry.resource, entry.amount, (plans, changes), now)
+                        .await
+                        .inspect_err(|error| {
+                            let error = crate::telemetry::cause_chain(error);
+                            tracing::warn!(
+                                account = %entry.account,
+                                error = %error,
+                                "cannot look for a later window that takes a consume of account '{}': {error}",
+                                entry.account
+                            );
+                        })
+                        .ok()
+                }
+                _ => None,
+            };
+            let retry_after = match (&sooner, &later) {
+                (Some(change), _) => whole_seconds_until(now, change.at),
+                (None, Some(Some(window))) => whole_seconds_until(now, window.at),
+                (None, Some(None)) => None,
+                (None, None) => retry_after,
+            };
             // A dated consume sent again once its date is past the
             // late-arrival horizon is refused as too late: no wait helps it.
             let too_late_by_then = |seconds: u64| {
@@ -289,7 +324,7 @@ async fn consume(
                     change.at.to_rfc3339_opts(SecondsFormat::Secs, true),
                     retry_after.unwrap_or_default(),
                 )
-            } else if status.limit.as_deref() == Some("0") && !in_force_now {
+            } else if status.limit.as_deref() == Some("0") && !in_force_now && !matches!(later, Some(Some(_))) {
                 // Not a matter of consuming less: nothing of it can pass.
                 not_included(&state.catalog, &entry.account, &status, by_override)
             } else {
@@ -301,6 +336,20 @@ async fn consume(
                     status.resource,
                     status.used,
                     match retry_after {
+                        Some(s) if matches!(later, Some(Some(_))) => {
+                            let window = later.as_ref().and_then(Option::as_ref).expect("a later window");
+                            format!(
+                                "; with the changes scheduled for account '{}', the {} window that begins at {} (in {s} \
+                                 s) takes it ({} limit {} on plan '{}', {} used then)",
+                                entry.account,
+                                window.status.window.as_str(),
+                                window.at.to_rfc3339_opts(SecondsFormat::Secs, true),
+                                window.status.window.as_str(),
+                                window.status.limit.as_deref().unwrap_or("unlimited"),
+                                window.status.plan,
+                                window.status.used,
+                            )
+                        }
                         Some(s) if in_force_now => format!(
                             "; that limit holds a consume dated in its window until the window ends at {} (in {s} s), \
                              and after that only the limit at its date does",
@@ -330,6 +379,12 @@ async fn consume(
                                 .period_end
                                 .map(|end| end.to_rfc3339_opts(SecondsFormat::Secs, true))
                                 .unwrap_or_default()
+                        ),
+                        None if matches!(later, Some(None)) => format!(
+                            "; changes are scheduled for account '{}', but neither this window's end nor the windows \
+                             after them take it (the first few looked at), so waiting does not help: consume less at \
+                             a time or raise the limit",
+                            entry.account
                         ),
                         None => "; the amount alone is over the whole limit, so no later window takes it: \
                              consume less at a time or raise the limit"

@@ -358,6 +358,16 @@ pub struct ScheduledChange {
     pub status: QuotaStatus,
 }
 
+/// A fresh window that takes a refused consume
+/// ([`Quotas::passes_in_a_later_window`]).
+#[derive(Debug, Clone)]
+pub struct LaterWindow {
+    /// When it begins.
+    pub at: DateTime<Utc>,
+    /// The check of the same amount at `at`.
+    pub status: QuotaStatus,
+}
+
 /// Quotas over a store and a catalog.
 pub struct Quotas<'a> {
     /// The database.
@@ -471,6 +481,53 @@ impl Quotas<'_> {
                     override_expires: expiries.contains(&at),
                     status,
                 }));
+            }
+        }
+        Ok(None)
+    }
+
+    /// For a consume that no scheduled change lets through in the window it
+    /// counts in (see [`Quotas::passes_after_a_scheduled_change`]): the
+    /// first fresh window that takes it, among those that begin after now
+    /// and after each scheduled change, each under the limit then in force.
+    /// None when none of the first few does, so waiting does not help (a
+    /// downgrade at the window's end, say). Only asked when a change is
+    /// scheduled; without one, the next window's limit is this one's.
+    pub async fn passes_in_a_later_window(
+        &self,
+        account: &AccountId,
+        resource: &ResourceName,
+        amount: Amount,
+        (plans, override_changes): (&[PlanAssignment], &[OverrideChange]),
+        now: DateTime<Utc>,
+    ) -> Result<Option<LaterWindow>, StoreError> {
+        // A few instants at most are looked at: each costs a check.
+        const LOOKED_AT: usize = 8;
+        let expiries = overrides_as_of(override_changes, now)
+            .iter()
+            .filter(|o| &o.resource == resource)
+            .filter_map(|o| o.expires_at)
+            .collect::<Vec<_>>();
+        let changes = plans.iter().map(|assignment| assignment.effective_at).chain(expiries);
+        let mut starts: Vec<DateTime<Utc>> = std::iter::once(now)
+            .chain(changes.filter(|&at| at > now))
+            .filter_map(|at| {
+                let then = effective_limit(
+                    self.catalog,
+                    plan_at(self.catalog, plans, at),
+                    &overrides_as_of(override_changes, at),
+                    resource,
+                    at,
+                );
+                Period::containing(then.window, at).ends_at()
+            })
+            .collect();
+        starts.sort();
+        starts.dedup();
+        for at in starts.into_iter().take(LOOKED_AT) {
+            let status = self.check(account, resource, amount, at).await?;
+            if status.allowed {
+                return Ok(Some(LaterWindow { at, status }));
             }
         }
         Ok(None)

@@ -612,6 +612,91 @@ async fn a_scheduled_change_that_lets_a_refused_consume_through_sets_its_retry_a
         "{:?}",
         full.body
     );
+    // Review AR. A change within the window that is too small for what is
+    // used now: the fresh window after it takes the amount (it used to be
+    // told "no later window takes it", with no Retry-After).
+    let set = app
+        .put_admin(
+            "/v1/accounts/ex/overrides/llm_tokens",
+            json!({"limit": "5", "expires_at": iso(now + Duration::seconds(60))}),
+        )
+        .await;
+    assert_eq!(set.status, 200, "{:?}", set.body);
+    assert_eq!(consume(&app, "ex", "llm_tokens", "4", "ex-1", None).await.status, 200);
+    let tomorrow = (now.date_naive() + Duration::days(1))
+        .and_hms_opt(0, 0, 0)
+        .unwrap()
+        .and_utc();
+    let to_tomorrow = u64::try_from((tomorrow - now).num_seconds()).unwrap();
+    let later = consume(&app, "ex", "llm_tokens", "997", "ex-2", None).await;
+    assert_eq!(
+        (later.status, retry_after(&later)),
+        (429, Some(to_tomorrow)),
+        "{:?}",
+        later.body
+    );
+    let message = later.body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!(
+            "with the changes scheduled for account 'ex', the day window that begins at {} (in {to_tomorrow} s) takes \
+             it (day limit 1000 on plan 'free', 0 used then)",
+            tomorrow.to_rfc3339_opts(SecondsFormat::Secs, true)
+        )),
+        "{message}"
+    );
+    // A plan that does not include the resource, moving to one too small
+    // for what is used: the next month on the new plan takes it.
+    let moved = app
+        .put_admin(
+            "/v1/accounts/px/plan",
+            json!({"plan": "pro", "effective_at": iso(now + Duration::seconds(30))}),
+        )
+        .await;
+    assert_eq!(moved.status, 200, "{:?}", moved.body);
+    assert_eq!(
+        app.post_entries(entry_at("px", "agent_minutes", "50", "px-0", &iso(now)))
+            .await
+            .status,
+        200
+    );
+    let next_month = consume(&app, "px", "agent_minutes", "20", "px-1", None).await;
+    assert_eq!(
+        (next_month.status, retry_after(&next_month)),
+        (429, Some(to_month_end)),
+        "{:?}",
+        next_month.body
+    );
+    assert!(
+        next_month.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("month limit 60 on plan 'pro', 0 used then"),
+        "{:?}",
+        next_month.body
+    );
+    // A downgrade at the window's end to a plan without the resource: the
+    // window's end does not help, so there is no Retry-After.
+    for (plan, at) in [("pro", now - Duration::days(1)), ("free", month_end)] {
+        let assigned = app
+            .put_admin("/v1/accounts/dg/plan", json!({"plan": plan, "effective_at": iso(at)}))
+            .await;
+        assert_eq!(assigned.status, 200, "{:?}", assigned.body);
+    }
+    assert_eq!(
+        app.post_entries(entry_at("dg", "agent_minutes", "60", "dg-0", &iso(now)))
+            .await
+            .status,
+        200
+    );
+    let never = consume(&app, "dg", "agent_minutes", "1", "dg-1", None).await;
+    assert_eq!((never.status, retry_after(&never)), (429, None), "{:?}", never.body);
+    assert!(
+        never.body["error"]["message"].as_str().unwrap().contains(
+            "changes are scheduled for account 'dg', but neither this window's end nor the windows after them take it"
+        ),
+        "{:?}",
+        never.body
+    );
     // A total never gets a Retry-After (the contract), scheduled change or not.
     let gib = 1_u64 << 30;
     let roomy = app
