@@ -420,7 +420,7 @@ async fn run_command(command: Command, settings: Settings) -> anyhow::Result<Exi
 
 async fn serve(settings: Settings, with_jobs: bool) -> anyhow::Result<ExitCode> {
     let application = Application::build(&settings).await?;
-    let scheduler = if with_jobs {
+    let (scheduler, runner) = if with_jobs {
         let definitions = crate::jobs::load(settings.jobs.as_deref())?;
         let names: Vec<_> = definitions
             .iter()
@@ -428,9 +428,10 @@ async fn serve(settings: Settings, with_jobs: bool) -> anyhow::Result<ExitCode> 
             .collect();
         let source = crate::jobs::source(settings.jobs.as_deref());
         tracing::info!(jobs = %names.join(", "), %source, "scheduling jobs from {source}: {}", names.join(", "));
-        Some(crate::jobs::Scheduler::start(application.job_runner(definitions)).await?)
+        let runner = application.job_runner(definitions);
+        (Some(crate::jobs::Scheduler::start(runner.clone()).await?), Some(runner))
     } else {
-        None
+        (None, None)
     };
     // TALLY_ADMIN_KEY is a key: API.md creates one only where there is none.
     if settings.admin_key.is_some() {
@@ -458,6 +459,11 @@ async fn serve(settings: Settings, with_jobs: bool) -> anyhow::Result<ExitCode> 
         async move {
             app::shutdown_signal().await;
             let _ = asked_to_stop.set(tokio::time::Instant::now());
+            // From the signal on, no run starts and a rollup begins no
+            // further batch, while the requests in flight finish.
+            if let Some(runner) = runner {
+                runner.close();
+            }
         }
     };
     application.run_until(signal).await?;

@@ -463,10 +463,17 @@ impl JobRunner {
             .collect()
     }
 
-    /// Keeps runs from starting from now on, then waits until none is
-    /// running; the guards it returns keep them out too while held.
-    pub async fn drain(&self) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
+    /// Keeps runs from starting from now on, and a rollup in flight from
+    /// beginning another batch. `serve` closes at the stop signal, before it
+    /// waits for requests in flight (review AS: a run used to start then).
+    pub fn close(&self) {
         self.closed.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// [`JobRunner::close`], then waits until no run is in flight; the
+    /// guards it returns keep runs out too while held.
+    pub async fn drain(&self) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
+        self.close();
         let mut guards = Vec::new();
         for (_, guard) in self.jobs.values() {
             guards.push(guard.lock().await);
