@@ -195,7 +195,7 @@ impl Settings {
     /// fails before the database is opened, so it leaves no new SQLite file
     /// behind (a typo run from the wrong folder would otherwise create one).
     pub async fn open_store_with(&self, catalog: Arc<Catalog>) -> anyhow::Result<Arc<dyn Store>> {
-        let store = self.open_and_migrate(catalog.clone()).await?;
+        let store = self.open_and_migrate(catalog.clone(), DigitsChange::Refused).await?;
         warn_if_default_plan_differs(store.as_ref(), &catalog).await;
         Ok(store)
     }
@@ -208,13 +208,15 @@ impl Settings {
     /// catalog cannot re-plan accounts.
     pub async fn open_store_recording_default_plan(&self) -> anyhow::Result<(Arc<dyn Store>, Arc<Catalog>)> {
         let catalog = Arc::new(self.load_catalog()?);
-        let store = self.open_and_migrate(catalog.clone()).await?;
+        let store = self
+            .open_and_migrate(catalog.clone(), DigitsChange::RecordedWhereNothingHeld)
+            .await?;
         record_default_plan(store.as_ref(), &catalog).await;
         Ok((store, catalog))
     }
 
     /// Opens the database and runs its migrations.
-    async fn open_and_migrate(&self, catalog: Arc<Catalog>) -> anyhow::Result<Arc<dyn Store>> {
+    async fn open_and_migrate(&self, catalog: Arc<Catalog>, digits: DigitsChange) -> anyhow::Result<Arc<dyn Store>> {
         let store = store::connect(&self.database_url, catalog.clone()).await.map_err(|e| {
             let advice = if e.says_what_to_do() {
                 ""
@@ -228,7 +230,7 @@ impl Settings {
         })?;
         self.opened.add(store.clone());
         store.migrate().await?;
-        refuse_changed_digits(store.as_ref(), &catalog).await?;
+        refuse_changed_digits(store.as_ref(), &catalog, digits).await?;
         Ok(store)
     }
 }
@@ -236,8 +238,11 @@ impl Settings {
 /// Refuses a catalog that changes the fractional digits of a resource the
 /// database holds amounts of: each stored amount is an integer of the
 /// resource's minor unit, which the new digits would read at another scale.
-async fn refuse_changed_digits(store: &dyn Store, catalog: &Catalog) -> anyhow::Result<()> {
-    let clashes = store::reconcile_digits(store, catalog)
+/// Where it holds none yet, `serve` records the new digits; any other
+/// command refuses them too, since a server beside it may run the old
+/// catalog and write with the old digits (review AS).
+async fn refuse_changed_digits(store: &dyn Store, catalog: &Catalog, change: DigitsChange) -> anyhow::Result<()> {
+    let clashes = store::reconcile_digits(store, catalog, change == DigitsChange::RecordedWhereNothingHeld)
         .await
         .context("cannot compare the catalog's fractional digits with those of the stored amounts")?;
     if clashes.is_empty() {
@@ -246,24 +251,42 @@ async fn refuse_changed_digits(store: &dyn Store, catalog: &Catalog) -> anyhow::
     let said: Vec<String> = clashes
         .iter()
         .map(|c| {
-            format!(
-                "resource '{}' has decimals = {} in the catalog, but this database stores its amounts with {} \
-                 fractional digit{}: this catalog would read each one {} times {}; put back decimals = {}",
-                c.resource,
-                c.catalog,
-                c.stored,
-                if c.stored == 1 { "" } else { "s" },
-                10_u64.saturating_pow(c.stored.abs_diff(c.catalog)),
-                if c.catalog > c.stored { "smaller" } else { "larger" },
-                c.stored,
-            )
+            if c.holds_amounts {
+                format!(
+                    "resource '{}' has decimals = {} in the catalog, but this database stores its amounts with {} \
+                     fractional digit{}: this catalog would read each one {} times {}; put back decimals = {} (a \
+                     resource's decimals cannot change once it has entries or overrides: declare a new resource \
+                     instead)",
+                    c.resource,
+                    c.catalog,
+                    c.stored,
+                    if c.stored == 1 { "" } else { "s" },
+                    10_u64.saturating_pow(c.stored.abs_diff(c.catalog)),
+                    if c.catalog > c.stored { "smaller" } else { "larger" },
+                    c.stored,
+                )
+            } else {
+                format!(
+                    "resource '{}' has decimals = {} in the catalog, but this database records {} for it; it holds \
+                     no amounts yet, so its digits may change, but only `serve` records them: stop the servers that \
+                     run the old catalog, then start `serve` with this one (a command beside a server on the old \
+                     catalog would read and write at digits that server does not use)",
+                    c.resource, c.catalog, c.stored,
+                )
+            }
         })
         .collect();
-    anyhow::bail!(
-        "{} (a resource's decimals cannot change once it has entries or overrides: declare a new resource \
-         instead; docs/plans.md)",
-        said.join("; ")
-    )
+    anyhow::bail!("{} (docs/plans.md, \"Precision is part of history\")", said.join("; "))
+}
+
+/// Whether opening a database may record new digits for a resource that
+/// holds no amounts yet ([`store::reconcile_digits`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DigitsChange {
+    /// `serve`: the deployment's catalog.
+    RecordedWhereNothingHeld,
+    /// Every other command.
+    Refused,
 }
 
 /// Warns when the catalog's `default_plan` is not the one recorded by the

@@ -976,17 +976,26 @@ pub struct DigitsClash {
     pub stored: u32,
     /// The digits the catalog gives it.
     pub catalog: u32,
+    /// Whether the database holds amounts of it (else only `serve` may
+    /// record the new digits).
+    pub holds_amounts: bool,
 }
 
 /// Compares the catalog's fractional digits with those recorded for each
-/// resource (migration 0021), and records the catalog's where none are, or
-/// where the database holds no amount of the resource. Returns the
-/// resources refused: recorded with other digits while the database holds
-/// amounts of them, which this catalog would read at another scale. A
+/// resource (migration 0021), and records the catalog's where none are, or,
+/// with `change_where_nothing_held` (`serve`), where the database holds no
+/// amount of the resource. Returns the resources refused: recorded with
+/// other digits while the database holds amounts of them, which this catalog
+/// would read at another scale, or (without `change_where_nothing_held`)
+/// while it holds none, which a server on the old catalog may write. A
 /// record that cannot be written (a read-only role) is logged, not
 /// returned: the comparison stands. The first look reads only, so on every
 /// open but the first that is all.
-pub async fn reconcile_digits(store: &dyn Store, catalog: &Catalog) -> Result<Vec<DigitsClash>, StoreError> {
+pub async fn reconcile_digits(
+    store: &dyn Store,
+    catalog: &Catalog,
+    change_where_nothing_held: bool,
+) -> Result<Vec<DigitsClash>, StoreError> {
     let recorded: HashMap<String, i64> = store.recorded_digits().await?.into_iter().collect();
     let mut clashes = Vec::new();
     let mut to_record = Vec::new();
@@ -994,12 +1003,20 @@ pub async fn reconcile_digits(store: &dyn Store, catalog: &Catalog) -> Result<Ve
         let resource = name.as_str();
         match recorded.get(resource) {
             Some(&stored) if stored == i64::from(spec.decimals) => {}
-            Some(&stored) if store.holds_amounts_of(resource).await? => clashes.push(DigitsClash {
-                resource: resource.to_owned(),
-                stored: u32::try_from(stored).unwrap_or(u32::MAX),
-                catalog: spec.decimals,
-            }),
-            _ => to_record.push((resource.to_owned(), spec.decimals)),
+            Some(&stored) => {
+                let holds_amounts = store.holds_amounts_of(resource).await?;
+                if holds_amounts || !change_where_nothing_held {
+                    clashes.push(DigitsClash {
+                        resource: resource.to_owned(),
+                        stored: u32::try_from(stored).unwrap_or(u32::MAX),
+                        catalog: spec.decimals,
+                        holds_amounts,
+                    });
+                } else {
+                    to_record.push((resource.to_owned(), spec.decimals));
+                }
+            }
+            None => to_record.push((resource.to_owned(), spec.decimals)),
         }
     }
     if !to_record.is_empty()

@@ -63,7 +63,9 @@ async fn a_catalog_that_changes_the_digits_of_stored_amounts_is_refused(app: Tes
         assert!(text(&refused.stdout).is_empty(), "{args:?}: nothing read");
     }
     // llm_tokens holds nothing yet: its digits may change, and are then
-    // those its amounts are stored with.
+    // those its amounts are stored with; but only `serve` records that
+    // (review AS: a command beside a server on the old catalog changed them
+    // under it).
     let llm_tokens = "[resources.llm_tokens]\ndecimals = 0";
     assert!(builtin.contains(llm_tokens));
     let fractional_tokens = dir.path().join("fractional_tokens.toml");
@@ -72,6 +74,25 @@ async fn a_catalog_that_changes_the_digits_of_stored_amounts_is_refused(app: Tes
         builtin.replace(llm_tokens, "[resources.llm_tokens]\ndecimals = 1"),
     )
     .unwrap();
+    let beside = app.cli_with_plans(&fractional_tokens, &["check", "acme", "llm_tokens"]);
+    assert!(!beside.status.success());
+    assert!(
+        text(&beside.stderr).contains(
+            "resource 'llm_tokens' has decimals = 1 in the catalog, but this database records 0 for it; it holds no \
+             amounts yet, so its digits may change, but only `serve` records them"
+        ),
+        "{beside:?}"
+    );
+    let mut serve = crate::helpers::ServeProcess::start(
+        &app.database_url,
+        &["--no-jobs"],
+        &[
+            ("TALLY_PLANS", fractional_tokens.to_str().unwrap()),
+            ("TALLY_ADMIN_KEY", "k"),
+        ],
+    )
+    .await;
+    assert!(serve.stop().await.success(), "{}", serve.stderr());
     let half = app.cli_with_plans(
         &fractional_tokens,
         &["post", "acme", "llm_tokens", "0.5", "--key", "half"],
