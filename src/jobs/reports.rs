@@ -283,6 +283,28 @@ pub fn report_paths(dir: &Path, month: NaiveDate) -> (PathBuf, PathBuf) {
     )
 }
 
+impl ReportsOutcome {
+    /// Counts `path` written, or kept when another run (another process, on
+    /// SQLite, where the job's guard is per process) created it first
+    /// (review AS: the run that lost the race failed, advising an
+    /// `--overwrite` the job does not take). Its file holds the same month.
+    fn file(&mut self, path: PathBuf, written: Result<(), ReportsError>) -> Result<(), ReportsError> {
+        let created_meanwhile = match &written {
+            Err(ReportsError::Export(ExportError::Exists(_))) => true,
+            Err(ReportsError::Export(ExportError::Create { source, .. })) => {
+                source.error.kind() == std::io::ErrorKind::AlreadyExists
+            }
+            _ => false,
+        };
+        match written {
+            Ok(()) => self.written.push(path),
+            Err(_) if created_meanwhile => self.kept.push(path),
+            Err(e) => return Err(e),
+        }
+        Ok(())
+    }
+}
+
 /// Writes `month`'s monthly totals and invoices into `dir`.
 pub async fn write_monthly_reports(
     store: &dyn Store,
@@ -313,18 +335,26 @@ pub async fn write_monthly_reports(
             resource: None,
             as_of: Some(taken_at),
         };
-        let mut out = CsvOutput::file(&monthly, overwrite)?;
-        export_totals(store, Granularity::Month, &filter, &mut out).await?;
-        out.finish()?;
-        outcome.written.push(monthly);
+        let written = async {
+            let mut out = CsvOutput::file(&monthly, overwrite)?;
+            export_totals(store, Granularity::Month, &filter, &mut out).await?;
+            out.finish()?;
+            Ok::<_, ReportsError>(())
+        };
+        let written = written.await;
+        outcome.file(monthly, written)?;
     } else {
         outcome.kept.push(monthly);
     }
     if overwrite || !invoice.exists() {
-        let mut out = CsvOutput::file(&invoice, overwrite)?;
-        export_invoices(store, catalog, month, None, Some(taken_at), &mut out).await?;
-        out.finish()?;
-        outcome.written.push(invoice);
+        let written = async {
+            let mut out = CsvOutput::file(&invoice, overwrite)?;
+            export_invoices(store, catalog, month, None, Some(taken_at), &mut out).await?;
+            out.finish()?;
+            Ok::<_, ReportsError>(())
+        };
+        let written = written.await;
+        outcome.file(invoice, written)?;
     } else {
         outcome.kept.push(invoice);
     }

@@ -22,7 +22,49 @@ both!(
     serve_writes_the_reports_of_a_missed_first_at_start,
     serve_warns_at_start_of_a_reports_directory_the_reports_job_cannot_use,
     a_report_run_names_the_partial_files_a_killed_run_left,
+    report_runs_started_together_all_end_well_and_write_each_file_once,
 );
+
+/// Review AS: on SQLite the job's guard is per process, so runs started
+/// together by hand all run; the ones beaten to a file kept it and used to
+/// fail, advising an `--overwrite` the job does not take. On PostgreSQL the
+/// others are skipped (exit 75).
+async fn report_runs_started_together_all_end_well_and_write_each_file_once(app: TestApp) {
+    let posted = app.post_entries(entry("acme", "api_requests", "3", "k1")).await;
+    assert_eq!(posted.status, 200, "{:?}", posted.body);
+    let reports = tempfile::tempdir().unwrap();
+    for round in 0..3 {
+        let _ = std::fs::remove_dir_all(reports.path().join("out"));
+        let runs: Vec<_> = (0..4)
+            .map(|_| {
+                Command::new(env!("CARGO_BIN_EXE_tally"))
+                    .args(["jobs", "run", "monthly-reports"])
+                    .env("TALLY_DATABASE_URL", &app.database_url)
+                    .env("TALLY_REPORTS_DIR", reports.path().join("out"))
+                    .env("RUST_LOG", "warn")
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for run in runs {
+            let output = run.wait_with_output().unwrap();
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(
+                output.status.success() || output.status.code() == Some(75),
+                "round {round}: {:?}: {stderr}",
+                output.status
+            );
+            assert!(!stderr.contains("--overwrite"), "round {round}: {stderr}");
+        }
+        let files = std::fs::read_dir(reports.path().join("out")).unwrap().count();
+        assert_eq!(
+            files, 2,
+            "round {round}: the monthly totals and the invoices, once each"
+        );
+    }
+}
 
 fn runner(app: &TestApp) -> JobRunner {
     let context = tally::jobs::JobContext {
