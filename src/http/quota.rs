@@ -18,7 +18,8 @@ use crate::domain::plan::overrides_as_of;
 use crate::domain::{AccountId, Amount, Catalog, EntryInput, ResourceName};
 use crate::store::too_late_unless_recorded;
 use crate::usage::quota::{
-    ConsumeError, ConsumeOutcome, QuotaStatus, Quotas, Warning, check_amount, override_at, whole_seconds_until,
+    ConsumeError, ConsumeOutcome, QuotaStatus, Quotas, Warning, check_amount, override_at, scheduled_changes,
+    whole_seconds_until,
 };
 
 /// The quota routes.
@@ -231,12 +232,9 @@ async fn consume(
             // used now, which a fresh window takes): look at the first few.
             // Some(None): looked, and none takes it. A consume dated by its
             // caller keeps its date, so only its own window counts.
-            let scheduled = history.as_ref().is_ok_and(|(plans, changes)| {
-                plans.iter().any(|assignment| assignment.effective_at > now)
-                    || overrides_as_of(changes, now)
-                        .iter()
-                        .any(|o| o.resource == entry.resource && o.expires_at.is_some_and(|at| at > now))
-            });
+            let scheduled = history
+                .as_ref()
+                .is_ok_and(|(plans, changes)| !scheduled_changes(&entry.resource, (plans, changes), now).is_empty());
             let later = match &history {
                 Ok((plans, changes))
                     if sooner.is_none() && scheduled && !entry.occurred_at_given && status.window != Window::Total =>

@@ -358,6 +358,37 @@ pub struct ScheduledChange {
     pub status: QuotaStatus,
 }
 
+/// How many instants a refusal's search for a sooner pass looks at: each
+/// costs a check.
+const LOOKED_AT: usize = 8;
+
+/// When the overrides of `resource` in force at `now` expire.
+fn override_expiries(changes: &[OverrideChange], resource: &ResourceName, now: DateTime<Utc>) -> Vec<DateTime<Utc>> {
+    overrides_as_of(changes, now)
+        .iter()
+        .filter(|o| &o.resource == resource)
+        .filter_map(|o| o.expires_at)
+        .collect()
+}
+
+/// The instants after `now` at which the limit of `resource` may change: a
+/// plan assignment taking effect, an override expiring; in order, once each.
+pub fn scheduled_changes(
+    resource: &ResourceName,
+    (plans, changes): (&[PlanAssignment], &[OverrideChange]),
+    now: DateTime<Utc>,
+) -> Vec<DateTime<Utc>> {
+    let mut instants: Vec<DateTime<Utc>> = plans
+        .iter()
+        .map(|assignment| assignment.effective_at)
+        .chain(override_expiries(changes, resource, now))
+        .filter(|&at| at > now)
+        .collect();
+    instants.sort();
+    instants.dedup();
+    instants
+}
+
 /// A fresh window that takes a refused consume
 /// ([`Quotas::passes_in_a_later_window`]).
 #[derive(Debug, Clone)]
@@ -442,22 +473,11 @@ impl Quotas<'_> {
         until: Option<DateTime<Utc>>,
         held_since: Option<DateTime<Utc>>,
     ) -> Result<Option<ScheduledChange>, StoreError> {
-        // A few instants at most are looked at: each costs a check.
-        const LOOKED_AT: usize = 8;
-        let expiries: Vec<DateTime<Utc>> = overrides_as_of(override_changes, now)
-            .iter()
-            .filter(|o| &o.resource == resource)
-            .filter_map(|o| o.expires_at)
-            .collect();
-        let mut instants: Vec<DateTime<Utc>> = plans
-            .iter()
-            .map(|assignment| assignment.effective_at)
-            .chain(expiries.iter().copied())
-            .filter(|&at| at > now && until.is_none_or(|end| at <= end))
-            .collect();
-        instants.sort();
-        instants.dedup();
-        for at in instants.into_iter().take(LOOKED_AT) {
+        let expiries = override_expiries(override_changes, resource, now);
+        let instants = scheduled_changes(resource, (plans, override_changes), now)
+            .into_iter()
+            .filter(|&at| until.is_none_or(|end| at <= end));
+        for at in instants.take(LOOKED_AT) {
             let status = self.check(account, resource, amount, at).await?;
             let let_go = held_since.is_some_and(|dated| {
                 let then = effective_limit(
@@ -501,16 +521,8 @@ impl Quotas<'_> {
         (plans, override_changes): (&[PlanAssignment], &[OverrideChange]),
         now: DateTime<Utc>,
     ) -> Result<Option<LaterWindow>, StoreError> {
-        // A few instants at most are looked at: each costs a check.
-        const LOOKED_AT: usize = 8;
-        let expiries = overrides_as_of(override_changes, now)
-            .iter()
-            .filter(|o| &o.resource == resource)
-            .filter_map(|o| o.expires_at)
-            .collect::<Vec<_>>();
-        let changes = plans.iter().map(|assignment| assignment.effective_at).chain(expiries);
         let mut starts: Vec<DateTime<Utc>> = std::iter::once(now)
-            .chain(changes.filter(|&at| at > now))
+            .chain(scheduled_changes(resource, (plans, override_changes), now))
             .filter_map(|at| {
                 let then = effective_limit(
                     self.catalog,
