@@ -242,9 +242,26 @@ impl Settings {
 /// command refuses them too, since a server beside it may run the old
 /// catalog and write with the old digits (review AS).
 async fn refuse_changed_digits(store: &dyn Store, catalog: &Catalog, change: DigitsChange) -> anyhow::Result<()> {
-    let clashes = store::reconcile_digits(store, catalog, change == DigitsChange::RecordedWhereNothingHeld)
-        .await
-        .context("cannot compare the catalog's fractional digits with those of the stored amounts")?;
+    let clashes = match store::reconcile_digits(store, catalog, change == DigitsChange::RecordedWhereNothingHeld).await
+    {
+        Ok(clashes) => clashes,
+        // A reporting role granted SELECT before migration 0021 cannot read
+        // the new table (review AT): its reads go on, unchecked, and say so.
+        Err(e) if e.is_permission_denied() => {
+            let why = crate::telemetry::cause_chain(&e);
+            tracing::warn!(
+                error = %why,
+                "cannot compare the catalog's fractional digits with those of the stored amounts ({why}): amounts \
+                 are read with this catalog's digits unchecked; grant this role SELECT on resource_digits \
+                 (docs/operations.md, \"Read-only access\")"
+            );
+            return Ok(());
+        }
+        Err(e) => {
+            return Err(anyhow::Error::new(e)
+                .context("cannot compare the catalog's fractional digits with those of the stored amounts"));
+        }
+    };
     if clashes.is_empty() {
         return Ok(());
     }

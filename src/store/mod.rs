@@ -125,6 +125,12 @@ impl From<sqlx::Error> for StoreError {
 }
 
 impl StoreError {
+    /// PostgreSQL refused this role a table (SQLSTATE 42501): a grant is
+    /// missing, which waiting does not change.
+    pub fn is_permission_denied(&self) -> bool {
+        matches!(self, StoreError::Internal(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42501"))
+    }
+
     /// What is used of `resource` by `account` does not fit 64-bit minor units.
     pub(crate) fn used_past_64_bits(account: &AccountId, resource: &ResourceName) -> Self {
         StoreError::overflow(&format!("{resource} used by {account}"))
@@ -461,8 +467,9 @@ pub trait Store: Send + Sync + 'static {
     /// override (current or past), both stored in its minor unit.
     async fn holds_amounts_of(&self, resource: &str) -> Result<bool, StoreError>;
 
-    /// Records these digits for these resources, replacing what was recorded.
-    async fn record_digits(&self, digits: &[(String, u32)]) -> Result<(), StoreError>;
+    /// Records these digits for these resources: where digits are recorded
+    /// already, replacing them with `replace`, else keeping them.
+    async fn record_digits(&self, digits: &[(String, u32)], replace: bool) -> Result<(), StoreError>;
 
     /// The default plan last recorded by [`Store::record_default_plan`];
     /// `None` before the first record.
@@ -997,32 +1004,62 @@ pub async fn reconcile_digits(
     change_where_nothing_held: bool,
 ) -> Result<Vec<DigitsClash>, StoreError> {
     let recorded: HashMap<String, i64> = store.recorded_digits().await?.into_iter().collect();
-    let mut clashes = Vec::new();
-    let mut to_record = Vec::new();
+    let mut new = Vec::new();
+    let mut changed = Vec::new();
     for (name, spec) in &catalog.resources {
         let resource = name.as_str();
         match recorded.get(resource) {
             Some(&stored) if stored == i64::from(spec.decimals) => {}
-            Some(&stored) => {
-                let holds_amounts = store.holds_amounts_of(resource).await?;
-                if holds_amounts || !change_where_nothing_held {
-                    clashes.push(DigitsClash {
-                        resource: resource.to_owned(),
-                        stored: u32::try_from(stored).unwrap_or(u32::MAX),
-                        catalog: spec.decimals,
-                        holds_amounts,
-                    });
-                } else {
-                    to_record.push((resource.to_owned(), spec.decimals));
-                }
+            Some(_) if change_where_nothing_held && !store.holds_amounts_of(resource).await? => {
+                changed.push((resource.to_owned(), spec.decimals));
             }
-            None => to_record.push((resource.to_owned(), spec.decimals)),
+            Some(_) => {}
+            None => new.push((resource.to_owned(), spec.decimals)),
         }
     }
-    if !to_record.is_empty()
-        && let Err(e) = store.record_digits(&to_record).await
-    {
-        tracing::warn!(error = %e, "cannot record the resources' fractional digits: {e}");
+    if new.is_empty() && changed.is_empty() {
+        return clashes(store, catalog, &recorded).await;
+    }
+    // The first to record a resource's digits wins (review AT: two first
+    // opens with different digits both went on, each writing at its own
+    // scale); a changed one replaces. Then judged on what is recorded.
+    for (digits, replace) in [(&new, false), (&changed, true)] {
+        if !digits.is_empty()
+            && let Err(e) = store.record_digits(digits, replace).await
+        {
+            let names: Vec<&str> = digits.iter().map(|(r, _)| r.as_str()).collect();
+            let why = crate::telemetry::cause_chain(&e);
+            tracing::warn!(
+                resources = %names.join(", "),
+                error = %why,
+                "cannot record the fractional digits of {}: {why}",
+                names.join(", ")
+            );
+        }
+    }
+    let recorded: HashMap<String, i64> = store.recorded_digits().await?.into_iter().collect();
+    clashes(store, catalog, &recorded).await
+}
+
+/// The catalog's resources whose digits differ from `recorded`
+/// ([`reconcile_digits`]).
+async fn clashes(
+    store: &dyn Store,
+    catalog: &Catalog,
+    recorded: &HashMap<String, i64>,
+) -> Result<Vec<DigitsClash>, StoreError> {
+    let mut clashes = Vec::new();
+    for (name, spec) in &catalog.resources {
+        let resource = name.as_str();
+        match recorded.get(resource) {
+            Some(&stored) if stored != i64::from(spec.decimals) => clashes.push(DigitsClash {
+                resource: resource.to_owned(),
+                stored: u32::try_from(stored).unwrap_or(u32::MAX),
+                catalog: spec.decimals,
+                holds_amounts: store.holds_amounts_of(resource).await?,
+            }),
+            _ => {}
+        }
     }
     Ok(clashes)
 }

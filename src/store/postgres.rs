@@ -1175,16 +1175,20 @@ impl Store for PgStore {
         .await?)
     }
 
-    async fn record_digits(&self, digits: &[(String, u32)]) -> Result<(), StoreError> {
+    async fn record_digits(&self, digits: &[(String, u32)], replace: bool) -> Result<(), StoreError> {
+        let on_conflict = if replace {
+            "ON CONFLICT (resource) DO UPDATE SET digits = excluded.digits, recorded_at = excluded.recorded_at"
+        } else {
+            "ON CONFLICT (resource) DO NOTHING"
+        };
         let (resources, digits): (Vec<&str>, Vec<i32>) = digits
             .iter()
             .map(|(resource, digits)| (resource.as_str(), i32::try_from(*digits).unwrap_or(i32::MAX)))
             .unzip();
-        sqlx::query(
+        sqlx::query(&format!(
             "INSERT INTO resource_digits (resource, digits, recorded_at)
-             SELECT resource, digits, $3 FROM unnest($1::text[], $2::int[]) AS r(resource, digits)
-             ON CONFLICT (resource) DO UPDATE SET digits = excluded.digits, recorded_at = excluded.recorded_at",
-        )
+             SELECT resource, digits, $3 FROM unnest($1::text[], $2::int[]) AS r(resource, digits) {on_conflict}"
+        ))
         .bind(&resources)
         .bind(&digits)
         .bind(Utc::now())

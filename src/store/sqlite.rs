@@ -937,14 +937,18 @@ impl Store for SqliteStore {
         .await?)
     }
 
-    async fn record_digits(&self, digits: &[(String, u32)]) -> Result<(), StoreError> {
+    async fn record_digits(&self, digits: &[(String, u32)], replace: bool) -> Result<(), StoreError> {
+        let on_conflict = if replace {
+            "ON CONFLICT (resource) DO UPDATE SET digits = excluded.digits, recorded_at = excluded.recorded_at"
+        } else {
+            "ON CONFLICT (resource) DO NOTHING"
+        };
         let now = to_micros(Utc::now());
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         for (resource, digits) in digits {
-            sqlx::query(
-                "INSERT INTO resource_digits (resource, digits, recorded_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (resource) DO UPDATE SET digits = excluded.digits, recorded_at = excluded.recorded_at",
-            )
+            sqlx::query(&format!(
+                "INSERT INTO resource_digits (resource, digits, recorded_at) VALUES (?1, ?2, ?3) {on_conflict}"
+            ))
             .bind(resource)
             .bind(i64::from(*digits))
             .bind(now)

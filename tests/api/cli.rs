@@ -27,7 +27,56 @@ both!(
     reads_of_a_database_that_is_not_there_fail_and_create_nothing,
     a_rust_log_that_does_not_parse_is_said_not_silently_replaced,
     a_catalog_that_changes_the_digits_of_stored_amounts_is_refused,
+    first_opens_that_give_a_new_resource_different_digits_at_once_let_one_write,
 );
+
+/// Review AT: two first opens with different digits for a new resource at
+/// once both went on (the last record won), each writing at its own scale.
+/// The first record now wins and each open is judged on it: one writes.
+async fn first_opens_that_give_a_new_resource_different_digits_at_once_let_one_write(app: TestApp) {
+    let dir = tempfile::tempdir().unwrap();
+    let builtin = tally::domain::catalog::BUILTIN_CATALOG_TOML;
+    let rounds = 6;
+    // Each round's catalogs add one resource new to the database.
+    let catalog = |round: usize, digits: u32| {
+        let path = dir.path().join(format!("round{round}-digits{digits}.toml"));
+        std::fs::write(
+            &path,
+            format!("{builtin}\n[resources.race{round}]\ndecimals = {digits}\n"),
+        )
+        .unwrap();
+        path
+    };
+    for round in 0..rounds {
+        let resource = format!("race{round}");
+        let post = |plans: &std::path::Path, amount: &str, key: &str| {
+            Command::new(env!("CARGO_BIN_EXE_tally"))
+                .args(["post", "racer", &resource, amount, "--key", key])
+                .env("TALLY_DATABASE_URL", &app.database_url)
+                .env("TALLY_PLANS", plans)
+                .env("RUST_LOG", "warn")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let (one, two) = (catalog(round, 1), catalog(round, 2));
+        let (a, b) = (
+            post(&one, "1.5", &format!("a{round}")),
+            post(&two, "1.55", &format!("b{round}")),
+        );
+        let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+        let written = [&a, &b].iter().filter(|o| o.status.success()).count();
+        assert_eq!(written, 1, "round {round}: {a:?} {b:?}");
+        let digits = app
+            .scalar_i64(&format!(
+                "SELECT CAST(digits AS BIGINT) FROM resource_digits WHERE resource = '{resource}'"
+            ))
+            .await;
+        let winner = if a.status.success() { 1 } else { 2 };
+        assert_eq!(digits, winner, "round {round}: the recorded digits are the writer's");
+    }
+}
 
 /// Review AP: amounts are stored as integers of the resource's minor unit, so
 /// a catalog that changes a resource's `decimals` would read them at another

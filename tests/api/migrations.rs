@@ -145,11 +145,25 @@ async fn on_postgres_a_select_only_role_exports_verifies_and_reads_usage() {
             text(&with_new.stderr)
         );
         assert!(
-            text(&with_new.stderr).contains("cannot record the resources' fractional digits"),
+            text(&with_new.stderr).contains("cannot record the fractional digits of gpu_seconds: ")
+                && text(&with_new.stderr).contains(if read_only { "read-only" } else { "permission denied" }),
             "read_only={read_only}: {}",
             text(&with_new.stderr)
         );
     }
+    // Review AT: a role granted SELECT before migration 0021 cannot read
+    // resource_digits; its reads go on, saying what is unchecked and why.
+    sqlx::raw_sql(&format!("REVOKE SELECT ON resource_digits FROM {role}"))
+        .execute(&mut owner)
+        .await
+        .unwrap();
+    let ungranted = run(&["usage", "acme"]);
+    assert!(ungranted.status.success(), "{}", text(&ungranted.stderr));
+    assert!(
+        text(&ungranted.stderr).contains("grant this role SELECT on resource_digits"),
+        "{}",
+        text(&ungranted.stderr)
+    );
     owner.close().await.ok();
 }
 
