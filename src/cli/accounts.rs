@@ -8,7 +8,7 @@ use chrono::{SubsecRound, Utc};
 
 use crate::app::Settings;
 use crate::domain::catalog::{Enforcement, Window};
-use crate::domain::entry::{parse_instant_or_date, parse_setting_instant};
+use crate::domain::entry::{parse_bound, parse_instant_or_date, parse_setting_instant};
 use crate::domain::plan::{Override, parse_limit};
 use crate::domain::{AccountId, Amount, Catalog, ResourceName};
 use crate::usage::account::account_view;
@@ -278,7 +278,12 @@ pub async fn feature(settings: &Settings, args: FeatureArgs) -> anyhow::Result<E
     let answer = async {
         let (store, catalog) = settings.open_existing_store().await?;
         let account = account(&args.account)?;
-        let at = instant(args.at.as_deref())?;
+        // No period is read at a feature's instant: December 9999 is fine,
+        // as over HTTP (review AT).
+        let at = match args.at.as_deref() {
+            None => Utc::now().trunc_subsecs(6),
+            Some(raw) => parse_bound(raw).map_err(|m| anyhow::anyhow!("--at: {m}"))?,
+        };
         let history = store.plan_history(&account).await?;
         feature_at(&catalog, &history, &args.feature, at).map_err(anyhow::Error::msg)
     };

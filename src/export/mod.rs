@@ -246,9 +246,11 @@ impl CsvOutput {
             Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
             _ => PathBuf::from("."),
         };
-        if dir.exists() && !dir.is_dir() {
+        // A file where the folder, or a folder above it, should be: the
+        // nearest existing part of the path says whether one can be made.
+        if let Some(file) = dir.ancestors().find(|part| part.exists()).filter(|part| !part.is_dir()) {
             return Err(ExportError::NotAFolder {
-                dir,
+                dir: file.to_owned(),
                 path: path.to_owned(),
             });
         }

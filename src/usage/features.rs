@@ -43,10 +43,15 @@ pub fn feature_at(
         } else {
             format!("'{feature}'")
         };
-        return Err(format!(
-            "feature {named} is not in the catalog; features: {}",
-            known.into_iter().cloned().collect::<Vec<_>>().join(", ")
-        ));
+        let known = if known.is_empty() {
+            "this catalog declares none".to_owned()
+        } else {
+            format!(
+                "features: {}",
+                known.into_iter().cloned().collect::<Vec<_>>().join(", ")
+            )
+        };
+        return Err(format!("feature {named} is not in the catalog; {known}"));
     }
     let plan = plan_at(catalog, history, at).to_owned();
     let value = catalog

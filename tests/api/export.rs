@@ -1228,6 +1228,23 @@ async fn bad_export_requests_fail_clearly_and_leave_no_file(app: TestApp) {
         stderr.contains(&format!("{out_str} is a file, not a folder (for {under_a_file})")),
         "{stderr}"
     );
+    // Review AT: deeper under it too (its folder cannot be created).
+    let deeper = format!("{out_str}/sub/x.csv");
+    let refused = app.cli(&[
+        "export",
+        "entries",
+        "--from",
+        "2026-09-01",
+        "--to",
+        "2026-10-01",
+        "-o",
+        &deeper,
+    ]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains(&format!("{out_str} is a file, not a folder (for {deeper})")),
+        "{stderr}"
+    );
     let stdout = app.cli(&[
         "export",
         "monthly",

@@ -1981,6 +1981,9 @@ async fn features_follow_the_plan(app: TestApp) {
     let cli = app.cli(&["feature", "acme", "multi_user"]);
     assert_eq!(cli.status.code(), Some(0), "{}", String::from_utf8_lossy(&cli.stderr));
     assert_eq!(serde_json::from_slice::<Value>(&cli.stdout).unwrap(), scale.body);
+    // Review AT: December 9999 as over HTTP (no period is read there).
+    let far = app.cli(&["feature", "acme", "multi_user", "--at", "9999-12-31"]);
+    assert_eq!(far.status.code(), Some(0), "{}", String::from_utf8_lossy(&far.stderr));
     let before = app.cli(&["feature", "acme", "multi_user", "--at", "2020-01-01"]);
     assert_eq!(before.status.code(), Some(1));
     assert_eq!(
