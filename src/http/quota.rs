@@ -337,10 +337,9 @@ async fn consume(
                         Some(s) if matches!(later, Some(Some(_))) => {
                             let window = later.as_ref().and_then(Option::as_ref).expect("a later window");
                             format!(
-                                "; with the changes scheduled for account '{}', the {} window that begins at {} (in {s} \
-                                 s) takes it ({} limit {} on plan '{}', {} used then)",
+                                "; with the changes scheduled for account '{}', it passes from {} (in {s} s): {} \
+                                 limit {} on plan '{}', {} used then",
                                 entry.account,
-                                window.status.window.as_str(),
                                 window.at.to_rfc3339_opts(SecondsFormat::Secs, true),
                                 window.status.window.as_str(),
                                 window.status.limit.as_deref().unwrap_or("unlimited"),

@@ -389,11 +389,11 @@ pub fn scheduled_changes(
     instants
 }
 
-/// A fresh window that takes a refused consume
-/// ([`Quotas::passes_in_a_later_window`]).
+/// An instant at which a refused consume passes: a scheduled change, or a
+/// fresh window beginning ([`Quotas::passes_in_a_later_window`]).
 #[derive(Debug, Clone)]
 pub struct LaterWindow {
-    /// When it begins.
+    /// The instant.
     pub at: DateTime<Utc>,
     /// The check of the same amount at `at`.
     pub status: QuotaStatus,
@@ -508,11 +508,12 @@ impl Quotas<'_> {
 
     /// For a consume that no scheduled change lets through in the window it
     /// counts in (see [`Quotas::passes_after_a_scheduled_change`]): the
-    /// first fresh window that takes it, among those that begin after now
-    /// and after each scheduled change, each under the limit then in force.
-    /// None when none of the first few does, so waiting does not help (a
-    /// downgrade at the window's end, say). Only asked when a change is
-    /// scheduled; without one, the next window's limit is this one's.
+    /// first instant it passes among the scheduled changes themselves (a
+    /// later one, past this window: review AT) and the fresh windows that
+    /// begin after now and after each change, each under the limit then in
+    /// force. None when none of the first few does, so waiting does not
+    /// help (a downgrade at the window's end, say). Only asked when a change
+    /// is scheduled; without one, the next window's limit is this one's.
     pub async fn passes_in_a_later_window(
         &self,
         account: &AccountId,
@@ -521,8 +522,9 @@ impl Quotas<'_> {
         (plans, override_changes): (&[PlanAssignment], &[OverrideChange]),
         now: DateTime<Utc>,
     ) -> Result<Option<LaterWindow>, StoreError> {
+        let changes = scheduled_changes(resource, (plans, override_changes), now);
         let mut starts: Vec<DateTime<Utc>> = std::iter::once(now)
-            .chain(scheduled_changes(resource, (plans, override_changes), now))
+            .chain(changes.iter().copied())
             .filter_map(|at| {
                 let then = effective_limit(
                     self.catalog,
@@ -534,6 +536,7 @@ impl Quotas<'_> {
                 Period::containing(then.window, at).ends_at()
             })
             .collect();
+        starts.extend(changes);
         starts.sort();
         starts.dedup();
         for at in starts.into_iter().take(LOOKED_AT) {

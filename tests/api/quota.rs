@@ -638,8 +638,8 @@ async fn a_scheduled_change_that_lets_a_refused_consume_through_sets_its_retry_a
     let message = later.body["error"]["message"].as_str().unwrap();
     assert!(
         message.contains(&format!(
-            "with the changes scheduled for account 'ex', the day window that begins at {} (in {to_tomorrow} s) takes \
-             it (day limit 1000 on plan 'free', 0 used then)",
+            "with the changes scheduled for account 'ex', it passes from {} (in {to_tomorrow} s): day limit 1000 on \
+             plan 'free', 0 used then",
             tomorrow.to_rfc3339_opts(SecondsFormat::Secs, true)
         )),
         "{message}"
@@ -696,6 +696,33 @@ async fn a_scheduled_change_that_lets_a_refused_consume_through_sets_its_retry_a
         ),
         "{:?}",
         never.body
+    );
+    // Review AT: a downgrade now, an upgrade in the middle of a later
+    // window: the upgrade itself is when it passes, not that window's end.
+    let mid_next_month = month_end + Duration::days(14) + Duration::hours(12);
+    for (plan, at) in [
+        ("pro", now - Duration::days(1)),
+        ("free", now + Duration::seconds(5)),
+        ("scale", mid_next_month),
+    ] {
+        let assigned = app
+            .put_admin("/v1/accounts/mid/plan", json!({"plan": plan, "effective_at": iso(at)}))
+            .await;
+        assert_eq!(assigned.status, 200, "{:?}", assigned.body);
+    }
+    assert_eq!(
+        app.post_entries(entry_at("mid", "agent_minutes", "60", "mid-0", &iso(now)))
+            .await
+            .status,
+        200
+    );
+    let upgrade = consume(&app, "mid", "agent_minutes", "10", "mid-1", None).await;
+    let to_upgrade = u64::try_from((mid_next_month - now).num_seconds()).unwrap();
+    assert_eq!(
+        (upgrade.status, retry_after(&upgrade)),
+        (429, Some(to_upgrade)),
+        "{:?}",
+        upgrade.body
     );
     // A total never gets a Retry-After (the contract), scheduled change or not.
     let gib = 1_u64 << 30;
