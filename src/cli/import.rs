@@ -47,6 +47,9 @@ pub struct ImportSummary {
     /// meant: a line break outside metadata, the mark of a double quote left
     /// open, which takes the rows after it into one field.
     pub notes: Vec<(u64, String)>,
+    /// The file's ids of refused rows, with their lines: a reversal of one
+    /// is told so, not to sort the file.
+    pub rejected_ids: HashMap<i64, u64>,
 }
 
 /// The rows an import refused: each one counted, the first
@@ -560,6 +563,9 @@ async fn import_file(settings: &Settings, args: &ImportArgs, summary: &mut Impor
             Ok(Validated::OnlyTooLate(entry, late)) => (entry, Some(late)),
             Err(errors) => {
                 summary.rejected.push(line, reasons(&errors));
+                if let Some(id) = source_id {
+                    summary.rejected_ids.insert(id, line);
+                }
                 continue;
             }
         };
@@ -583,13 +589,18 @@ async fn import_file(settings: &Settings, args: &ImportArgs, summary: &mut Impor
                     continue;
                 }
                 None => {
-                    summary.rejected.push(
-                        line,
-                        format!(
+                    let why = match summary.rejected_ids.get(&target) {
+                        // Review AT: refused rows are not missing rows.
+                        Some(refused) => format!(
+                            "reverses {target}, whose row (line {refused}) was rejected; correct that row and import \
+                             the file again (the rows already in count as duplicates)"
+                        ),
+                        None => format!(
                             "reverses {target}, which is not an entry imported from this file before this line; \
                              a reversal must come after the entry it reverses (sort the file by id)"
                         ),
-                    );
+                    };
+                    summary.rejected.push(line, why);
                     continue;
                 }
             };
@@ -680,9 +691,11 @@ async fn flush(
         let mut refused_rows = vec![false; batch.len()];
         for late in refused {
             refused_rows[late.index] = true;
-            summary
-                .rejected
-                .push(batch[late.index].line, reasons(std::slice::from_ref(&late)));
+            let row = &batch[late.index];
+            summary.rejected.push(row.line, reasons(std::slice::from_ref(&late)));
+            if let Some(id) = row.source_id {
+                summary.rejected_ids.insert(id, row.line);
+            }
         }
         let mut refused_rows = refused_rows.into_iter();
         batch.retain(|_| !refused_rows.next().unwrap_or(false));

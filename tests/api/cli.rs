@@ -371,6 +371,17 @@ async fn import_loads_valid_rows_and_reports_rejected_lines(app: TestApp) {
         stderr.contains("this machine's clock") && !stderr.contains("server"),
         "{stderr}"
     );
+    // Review AT: a reversal of a row refused as too late is told so, not
+    // to sort the file.
+    let (_dir, reversed) = entries_csv(
+        "1,acme,api_requests,5,2020-01-01T00:00:00Z,,old-1,,,\n2,acme,api_requests,-5,2020-01-01T00:00:00Z,,old-2,,1,\n",
+    );
+    let reversed = app.cli(&["import", reversed.to_str().unwrap()]);
+    let stderr = text(&reversed.stderr);
+    assert!(
+        stderr.contains("line 3: reverses 1, whose row (line 2) was rejected") && !stderr.contains("sort the file"),
+        "{stderr}"
+    );
     // Review AQ: a folder is named as one, with the path.
     let folder = tempfile::tempdir().unwrap();
     let refused = app.cli(&["import", folder.path().to_str().unwrap()]);
