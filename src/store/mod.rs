@@ -1064,6 +1064,26 @@ async fn clashes(
     Ok(clashes)
 }
 
+/// The conflict clause of [`Store::record_digits`]'s insert, the same on
+/// both engines: the first record of a resource wins unless `replace`.
+pub(crate) fn digits_on_conflict(replace: bool) -> &'static str {
+    if replace {
+        "ON CONFLICT (resource) DO UPDATE SET digits = excluded.digits, recorded_at = excluded.recorded_at"
+    } else {
+        "ON CONFLICT (resource) DO NOTHING"
+    }
+}
+
+/// [`Store::holds_keys`]'s answer: a flag per pair of `len`, set at the
+/// 0-based indexes the query found held.
+pub(crate) fn flags_at(len: usize, held: Vec<i64>) -> Vec<bool> {
+    let mut flags = vec![false; len];
+    for index in held {
+        flags[usize::try_from(index).expect("an index of the array")] = true;
+    }
+    flags
+}
+
 /// The ledger rows committed at one moment ([`Store::committed_so_far`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CommittedMark {

@@ -816,11 +816,7 @@ impl Store for PgStore {
         .bind(&idempotency_keys)
         .fetch_all(&self.pool)
         .await?;
-        let mut flags = vec![false; keys.len()];
-        for index in held {
-            flags[usize::try_from(index).expect("an index of the array")] = true;
-        }
-        Ok(flags)
+        Ok(super::flags_at(keys.len(), held))
     }
 
     async fn entry(&self, id: i64) -> Result<Entry, StoreError> {
@@ -1176,11 +1172,7 @@ impl Store for PgStore {
     }
 
     async fn record_digits(&self, digits: &[(String, u32)], replace: bool) -> Result<(), StoreError> {
-        let on_conflict = if replace {
-            "ON CONFLICT (resource) DO UPDATE SET digits = excluded.digits, recorded_at = excluded.recorded_at"
-        } else {
-            "ON CONFLICT (resource) DO NOTHING"
-        };
+        let on_conflict = super::digits_on_conflict(replace);
         let (resources, digits): (Vec<&str>, Vec<i32>) = digits
             .iter()
             .map(|(resource, digits)| (resource.as_str(), i32::try_from(*digits).unwrap_or(i32::MAX)))

@@ -571,11 +571,7 @@ impl Store for SqliteStore {
         .bind(serde_json::to_string(&pairs).expect("strings serialise"))
         .fetch_all(&self.reader)
         .await?;
-        let mut flags = vec![false; keys.len()];
-        for index in held {
-            flags[usize::try_from(index).expect("an index of the array")] = true;
-        }
-        Ok(flags)
+        Ok(super::flags_at(keys.len(), held))
     }
 
     async fn entry(&self, id: i64) -> Result<Entry, StoreError> {
@@ -938,11 +934,7 @@ impl Store for SqliteStore {
     }
 
     async fn record_digits(&self, digits: &[(String, u32)], replace: bool) -> Result<(), StoreError> {
-        let on_conflict = if replace {
-            "ON CONFLICT (resource) DO UPDATE SET digits = excluded.digits, recorded_at = excluded.recorded_at"
-        } else {
-            "ON CONFLICT (resource) DO NOTHING"
-        };
+        let on_conflict = super::digits_on_conflict(replace);
         let now = to_micros(Utc::now());
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         for (resource, digits) in digits {
