@@ -190,6 +190,18 @@ pub enum OpenError {
         /// How long it was given.
         seconds: u64,
     },
+    /// The PostgreSQL server answered, but kept refusing connections as
+    /// not ready (SQLSTATE 57P03) for all of `seconds`.
+    #[error(
+        "the PostgreSQL server did not accept connections within {seconds} s: {why}; if it is starting or \
+         recovering, start Tally again once it is up; if it is a standby, connect to the primary (or promote it)"
+    )]
+    NotAcceptingConnections {
+        /// How long it was waited for.
+        seconds: u64,
+        /// What the server said, with its detail.
+        why: String,
+    },
     /// The URL names a Unix socket that is not there.
     #[error(
         "no PostgreSQL socket at {path}: check the port in the URL (a server's socket is named after the port \
@@ -269,6 +281,7 @@ impl OpenError {
             Self::UnsupportedUrl(_)
                 | Self::PostgresUrl { .. }
                 | Self::NoAnswer { .. }
+                | Self::NotAcceptingConnections { .. }
                 | Self::NoSocket { .. }
                 | Self::SqliteNotWritable { .. }
         )

@@ -69,6 +69,70 @@ async fn connect_once(options: &PgConnectOptions, timeout: Duration) -> Result<(
     }
 }
 
+/// How long opening the store waits for a server that answers but does not
+/// accept connections yet (SQLSTATE 57P03: starting up, recovering after a
+/// crash, a standby not yet promoted). Such a server says it will be ready,
+/// unlike one that refuses the connection or is not there, which fail at
+/// once ([`connect_once`]); a minute covers an ordinary start and crash
+/// recovery, and a process manager's restart covers the rest.
+pub const START_WAIT: Duration = Duration::from_secs(60);
+
+/// How often a server that is starting is asked again.
+const START_POLL: Duration = Duration::from_millis(250);
+
+/// [`connect_once`], asked again every [`START_POLL`] for at most
+/// [`START_WAIT`] while the server answers that it cannot accept connections
+/// now (57P03). Logs once when it starts waiting.
+async fn wait_until_accepting(options: &PgConnectOptions) -> Result<(), OpenError> {
+    let started = tokio::time::Instant::now();
+    let mut told = false;
+    loop {
+        let error = match connect_once(options, CONNECT_TIMEOUT).await {
+            Ok(()) => {
+                if told {
+                    tracing::info!(
+                        waited_ms = started.elapsed().as_millis(),
+                        "PostgreSQL now accepts connections, after {} ms",
+                        started.elapsed().as_millis()
+                    );
+                }
+                return Ok(());
+            }
+            Err(OpenError::Database(sqlx::Error::Database(db))) if db.code().as_deref() == Some("57P03") => db,
+            Err(other) => return Err(other),
+        };
+        let why = not_accepting_why(error.as_ref());
+        if started.elapsed() >= START_WAIT {
+            return Err(OpenError::NotAcceptingConnections {
+                seconds: START_WAIT.as_secs(),
+                why,
+            });
+        }
+        if !told {
+            tracing::warn!(
+                why = %why,
+                "PostgreSQL does not accept connections yet ({why}); waiting for it, at most {} s",
+                START_WAIT.as_secs()
+            );
+            told = true;
+        }
+        tokio::time::sleep(START_POLL).await;
+    }
+}
+
+/// PostgreSQL's message for a refused start-up, with its detail when it
+/// has one ("Hot standby mode is disabled.").
+fn not_accepting_why(db: &dyn sqlx::error::DatabaseError) -> String {
+    let message = db.message();
+    match db
+        .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+        .and_then(|pg| pg.detail())
+    {
+        Some(detail) => format!("{message}: {detail}"),
+        None => message.to_owned(),
+    }
+}
+
 /// The Unix socket `options` connect through, if any: the folder (`host=`
 /// a path, or a socket of its own) joined with the name PostgreSQL gives it,
 /// `.s.PGSQL.<port>`, as the driver does.
@@ -330,7 +394,7 @@ impl PgStore {
             .application_name("tally")
             .options([("default_transaction_isolation", r"read\ committed")])
             .log_slow_statements(super::SLOW_STATEMENT_LEVEL, Duration::from_secs(1));
-        connect_once(&options, CONNECT_TIMEOUT).await?;
+        wait_until_accepting(&options).await?;
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(POOL_ACQUIRE_TIMEOUT)

@@ -445,6 +445,53 @@ impl PgCluster {
         check(&out, "pg_ctl stop")
     }
 
+    /// Stops the server cleanly and starts it again as a standby with hot
+    /// standby off: it answers every connection "the database system is not
+    /// accepting connections" (SQLSTATE 57P03, as while starting up or
+    /// recovering after a crash) until [`PgCluster::promote`].
+    ///
+    /// # Errors
+    ///
+    /// Fails if `pg_ctl stop`, writing the files or the restart fail.
+    pub fn restart_as_standby_not_accepting_connections(&self) -> anyhow::Result<()> {
+        let out = self
+            .server_command("pg_ctl")
+            .arg("-D")
+            .arg(&self.data_dir)
+            .args(["-w", "stop", "-m", "fast"])
+            .output()
+            .context("running pg_ctl stop")?;
+        check(&out, "pg_ctl stop")?;
+        let conf_path = self.data_dir.join("postgresql.conf");
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&conf_path)
+            .with_context(|| format!("opening {}", conf_path.display()))?;
+        std::io::Write::write_all(&mut file, b"\nhot_standby = off\n")
+            .with_context(|| format!("writing {}", conf_path.display()))?;
+        drop(file);
+        let signal = self.data_dir.join("standby.signal");
+        std::fs::write(&signal, "").with_context(|| format!("writing {}", signal.display()))?;
+        self.start_server()
+    }
+
+    /// Promotes a standby ([`PgCluster::restart_as_standby_not_accepting_connections`])
+    /// and waits until it accepts connections.
+    ///
+    /// # Errors
+    ///
+    /// Fails if `pg_ctl promote` fails.
+    pub fn promote(&self) -> anyhow::Result<()> {
+        let out = self
+            .server_command("pg_ctl")
+            .arg("-D")
+            .arg(&self.data_dir)
+            .args(["-w", "-t", "60", "promote"])
+            .output()
+            .context("running pg_ctl promote")?;
+        check(&out, "pg_ctl promote")
+    }
+
     /// Stops the server cleanly, moves its transaction ids to epoch `epoch`
     /// (`pg_resetwal -e`, which wants a clean shutdown) and starts it again:
     /// what an operator does after restoring a dump taken from a cluster whose

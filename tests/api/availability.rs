@@ -316,3 +316,59 @@ async fn on_postgres_healthz_and_metrics_answer_within_seconds_once_the_server_i
     assert_eq!(checked.headers()["retry-after"], "1");
     assert!(elapsed < std::time::Duration::from_secs(5), "the 503 took {elapsed:?}");
 }
+
+/// A server that answers but does not accept connections yet (starting up,
+/// recovering after a crash, a standby not yet promoted: SQLSTATE 57P03) is
+/// waited for, with one log line saying why, instead of failing the command
+/// at once: under a process manager Tally often starts beside its database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_commands_and_serve_wait_for_a_server_that_does_not_accept_connections_yet() {
+    let Some(cluster) = own_pg_cluster() else {
+        return;
+    };
+    let cluster = std::sync::Arc::new(cluster);
+    let url = cluster.admin_url();
+    let waiting = "PostgreSQL does not accept connections yet (the database system is not accepting \
+                   connections: Hot standby mode is disabled.); waiting for it, at most 60 s";
+    let promote_in = std::time::Duration::from_millis(1500);
+    let promote_later = |cluster: &std::sync::Arc<PgCluster>| {
+        cluster
+            .restart_as_standby_not_accepting_connections()
+            .expect("the server restarts as a standby");
+        let cluster = cluster.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(promote_in);
+            cluster.promote().expect("the standby is promoted");
+        })
+    };
+
+    // A one-off command.
+    let promoter = promote_later(&cluster);
+    let started = std::time::Instant::now();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .arg("migrate")
+        .env("TALLY_DATABASE_URL", &url)
+        .env("RUST_LOG", "warn")
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("tally runs");
+    let elapsed = started.elapsed();
+    promoter.join().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(elapsed >= promote_in, "migrate returned after {elapsed:?}: {stderr}");
+    assert_eq!(stderr.matches(waiting).count(), 1, "{stderr}");
+
+    // The server: it starts once the database does, and serves.
+    let promoter = promote_later(&cluster);
+    let serve = crate::helpers::ServeProcess::start(&url, &["--no-jobs"], &[("TALLY_ADMIN_KEY", "k")]).await;
+    promoter.join().unwrap();
+    assert!(serve.stderr().contains(waiting), "{}", serve.stderr());
+    assert!(
+        serve.stderr().contains("PostgreSQL now accepts connections"),
+        "{}",
+        serve.stderr()
+    );
+    let health = reqwest::get(format!("{}/healthz", serve.address)).await.unwrap();
+    assert_eq!(health.status(), 200);
+}
