@@ -21,8 +21,8 @@ pub fn router() -> Router<AppState> {
 
 /// How long `/healthz` and `/metrics` wait for the database: an outage is
 /// reported within it, inside Prometheus' 10 s scrape timeout and a probe
-/// given a few seconds, rather than after the pool's own 10 s wait for a
-/// connection (past both).
+/// given a few seconds, rather than after the pool's acquire timeout (3 s on
+/// PostgreSQL, 30 s on SQLite).
 const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The rollup lag, or why the database could not say within [`PROBE_TIMEOUT`].

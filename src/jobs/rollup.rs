@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use crate::store::{Store, StoreError};
 use crate::telemetry::Metrics;
 
-/// Rows in a run's first batch: large enough to amortise the per-batch
-/// statements, small enough to keep each transaction (and a post waiting
-/// behind it on SQLite) short when the rollup keeps up.
+/// The smallest batch: a batch takes the whole backlog, at least this many
+/// rows and at most the engine's cap ([`Store::rollup_batch_cap`]; see
+/// `next_batch_size`), so a run that keeps up folds in one batch.
 pub const DEFAULT_BATCH: u32 = 50_000;
 
 /// Where a deliberate failure is injected (tests and `TALLY_FAILPOINT`).
@@ -84,7 +84,7 @@ impl Failpoint {
 /// How to run the rollup.
 #[derive(Debug, Clone, Copy)]
 pub struct RollupOptions {
-    /// Rows in the first batch.
+    /// The smallest batch (a batch takes the whole backlog, up to the cap).
     pub batch_size: u32,
     /// The most rows a batch grows to while catching up; `None` takes the
     /// engine's own bound ([`Store::rollup_batch_cap`]).

@@ -328,9 +328,6 @@ pub trait Store: Send + Sync + 'static {
     /// ledger's). Every command that opens a store goes through here.
     async fn migrate(&self) -> Result<(), OpenError>;
 
-    /// Answers whether the database is reachable.
-    async fn ping(&self) -> Result<(), StoreError>;
-
     /// Why a new connection to the database fails now, from one attempt
     /// outside the pool (which retries a refused connection until its
     /// acquire timeout and then says only that it timed out); `None` when
@@ -341,8 +338,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Closes the store's connections at the end of a process, waiting a
     /// few seconds at most for those in use. On SQLite the write-ahead log
-    /// is checkpointed into the database file first, so that the file alone
-    /// (a copy of `tally.db` without `tally.db-wal`) holds every commit.
+    /// is checkpointed into the database file first (PASSIVE), so that the
+    /// file alone (a copy of `tally.db` without `tally.db-wal`) holds every
+    /// commit; while another process reads, commits may stay in the -wal
+    /// file (logged).
     /// Nothing may use the store afterwards.
     async fn close(&self);
 
@@ -459,9 +458,11 @@ pub trait Store: Send + Sync + 'static {
     /// refusal (the database's overflow error names none).
     async fn totals_past_64_bits(&self) -> Result<Vec<TotalName>, StoreError>;
 
-    /// Takes the lock that keeps two runs of a job apart across processes
-    /// (PostgreSQL advisory lock; SQLite needs none beyond its single writer).
-    /// `None` when another process holds it.
+    /// Takes the lock that keeps two runs of a job apart: across processes on
+    /// PostgreSQL (an advisory lock), within this process only on SQLite, so
+    /// every job tolerates a run of another process at the same time (the
+    /// rollup re-reads its cursor under the write lock; reports keep the
+    /// file the other run wrote). `None` when another run holds it.
     async fn try_job_lock(&self, job: &str) -> Result<Option<JobLock>, StoreError>;
 
     /// Records that `account` is on `plan` from `effective_at` (history is kept).
@@ -1076,6 +1077,10 @@ async fn clashes(
     }
     Ok(clashes)
 }
+
+/// The `api_keys` columns every key query returns, in the order of each
+/// engine's key row (the same on both engines).
+pub(crate) const API_KEY_COLUMNS: &str = "id, name, role, account, prefix, created_at, revoked_at";
 
 /// The conflict clause of [`Store::record_digits`]'s insert, the same on
 /// both engines: the first record of a resource wins unless `replace`.

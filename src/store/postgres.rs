@@ -23,6 +23,7 @@ use futures_util::stream::BoxStream;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{FromRow, PgPool, Postgres, QueryBuilder};
 
+use super::API_KEY_COLUMNS;
 use super::settled::{Settled, SettledSums, bounds};
 use super::{
     Backend, BeforeCommit, CheckInputs, CommittedMark, ConsumeDecider, ConsumeResult, ConsumeRules, CsvSink,
@@ -683,8 +684,6 @@ impl TryFrom<ApiKeyRow> for ApiKey {
     }
 }
 
-const API_KEY_COLUMNS: &str = "id, name, role, account, prefix, created_at, revoked_at";
-
 impl PgStore {
     /// Refuses a database whose ledger holds transaction ids this cluster has
     /// not reached yet: a `pg_dump` restored into another cluster. Its new
@@ -758,11 +757,6 @@ impl Store for PgStore {
         }
         drop(conn);
         self.refuse_a_cluster_behind_the_ledger().await
-    }
-
-    async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
     }
 
     async fn why_unreachable(&self) -> Option<String> {
@@ -897,19 +891,19 @@ impl Store for PgStore {
         let proven = self.proven_horizon().await?;
         // The page below the horizon already proven: when full, it needs no
         // wait; when a writer holds the rest back, it is what can be shown.
-        let settled = if proven > after_id {
+        let below_proven = if proven > after_id {
             self.entries_page(filter, after_id, proven).await?
         } else {
             Vec::new()
         };
-        if settled.len() == filter.limit as usize {
-            return Ok(settled);
+        if below_proven.len() == filter.limit as usize {
+            return Ok(below_proven);
         }
         match self.listing_horizon().await? {
             Horizon::Proven(horizon) => self.entries_page(filter, after_id, horizon).await,
             // A short page; the client comes back for the rest.
-            Horizon::Stuck(busy) if settled.is_empty() => Err(busy),
-            Horizon::Stuck(_) => Ok(settled),
+            Horizon::Stuck(busy) if below_proven.is_empty() => Err(busy),
+            Horizon::Stuck(_) => Ok(below_proven),
         }
     }
 

@@ -23,6 +23,7 @@ use futures_util::stream::BoxStream;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Connection as _, FromRow, QueryBuilder, Sqlite, SqlitePool};
 
+use super::API_KEY_COLUMNS;
 use super::settled::{Settled, SettledSums, bounds};
 use super::{
     Backend, BeforeCommit, CommittedMark, ConsumeDecider, ConsumeResult, CsvSink, ExportFilter, JobLock, NewApiKey,
@@ -417,8 +418,6 @@ impl TryFrom<ApiKeyRow> for ApiKey {
     }
 }
 
-const API_KEY_COLUMNS: &str = "id, name, role, account, prefix, created_at, revoked_at";
-
 /// Stores a key; with `only_if_none`, only when the table holds no key at all.
 async fn insert_api_key(
     executor: impl sqlx::SqliteExecutor<'_>,
@@ -467,11 +466,6 @@ impl Store for SqliteStore {
         .fetch_one(&mut *conn)
         .await?;
         super::run_migrations(&migrator, &mut *conn, table_exists).await
-    }
-
-    async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.reader).await?;
-        Ok(())
     }
 
     async fn close(&self) {

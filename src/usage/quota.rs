@@ -1010,7 +1010,7 @@ pub fn whole_seconds_until(now: DateTime<Utc>, at: DateTime<Utc>) -> Option<u64>
 }
 
 /// The outcome the database stores for a consume it decided
-/// (`tally_consume_group`, migrations 0012 and 0017): the limit it resolved, in minor units,
+/// (`tally_consume_group`, as migration 0020 last defines it): the limit it resolved, in minor units,
 /// and `used_after`. The check fields and warnings are rebuilt from it, the
 /// same way for the first answer and for every replay.
 #[derive(Debug, Deserialize)]
@@ -1024,7 +1024,7 @@ struct StoredLimit {
     period_end: Option<chrono::NaiveDate>,
     used_after: Option<i64>,
     /// For a dated consume also held to the limit in force when it was
-    /// answered (migration 0017): that limit, in the same window and period.
+    /// answered (since migration 0017): that limit, in the same window and period.
     now: Option<Box<StoredLimit>>,
 }
 

@@ -1,6 +1,7 @@
 //! Group commit for consume: the consumes waiting at one instant are decided
-//! by one call of `tally_consume_group` (migration 0012; `_dated`, 0016, when
-//! a consume of the group is dated by its caller): one round trip, one
+//! by one call of `tally_consume_group` (or `_dated`, when a consume of the
+//! group is dated by its caller; both as migration 0020 last defines them,
+//! first written in 0006 and 0016): one round trip, one
 //! transaction, one commit, and one `used` read per (account, resource, period)
 //! instead of one per consume.
 //!
@@ -61,7 +62,7 @@ pub(super) struct Request {
     /// The settled sum for `likely`, if cached.
     pub known: Option<Settled>,
     /// For a consume dated by its caller, the instant it is answered: it is
-    /// held to the limit in force then too (migration 0016).
+    /// held to the limit in force then too (since migration 0016).
     pub now: Option<chrono::DateTime<chrono::Utc>>,
 }
 
@@ -414,7 +415,8 @@ fn split_shared_keys(group: Vec<Waiting>) -> (Vec<Waiting>, Vec<Waiting>) {
 }
 
 /// Whether `tally_consume_group` refused the group as one to decide one
-/// consume at a time (SQLSTATE TL001, migration 0007): expected, not a fault.
+/// consume at a time (SQLSTATE TL001, raised since migration 0007; the body
+/// in force is 0020's): expected, not a fault.
 fn is_for_one_at_a_time(error: &StoreError) -> bool {
     matches!(error, StoreError::Internal(sqlx::Error::Database(db)) if db.code().as_deref() == Some("TL001"))
 }
@@ -439,7 +441,8 @@ fn by_position(group: Vec<Waiting>, rows: Vec<Decided>) -> Vec<(Waiting, Result<
         .collect()
 }
 
-/// One call of `tally_consume_group` in autocommit (one transaction).
+/// One call of `tally_consume_group` (`tally_consume_group_dated` when a
+/// consume of the group is dated) in autocommit (one transaction).
 async fn call(pool: &PgPool, requests: &[&Request]) -> Result<Vec<Decided>, StoreError> {
     let n = requests.len();
     let mut accounts = Vec::with_capacity(n);
