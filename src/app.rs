@@ -353,8 +353,8 @@ async fn record_default_plan(store: &dyn Store, catalog: &Catalog) {
             to = %to,
             kept,
             "default_plan changed from '{from}' to '{to}': accounts new from now on get '{to}'; the {kept} \
-             account(s) already on '{from}' by default stay on it (assigned it from {}; `tally accounts \
-             set-plan ACCOUNT PLAN` moves one)",
+             account(s) known now keep '{from}' wherever they have no plan of their own (assigned it from {}, \
+             before any assignment of theirs; `tally accounts set-plan ACCOUNT PLAN` moves one)",
             from_the_start().format("%Y-%m-%d")
         ),
         Ok(Some(DefaultPlanChange {

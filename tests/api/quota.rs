@@ -880,7 +880,7 @@ async fn a_new_default_plan_is_for_new_accounts_while_known_ones_keep_the_previo
     let said = serve_with(&pro_default).await;
     assert!(
         said.contains("default_plan changed from 'free' to 'pro'")
-            && said.contains("the 2 account(s) already on 'free' by default stay on it"),
+            && said.contains("the 2 account(s) known now keep 'free' wherever they have no plan of their own"),
         "{said}"
     );
     let acme = json(&app.cli_with_plans(&pro_default, &["accounts", "show", "acme"]));
@@ -940,7 +940,7 @@ async fn a_new_default_plan_is_for_new_accounts_while_known_ones_keep_the_previo
     // Back to the built-in catalog: newco, known now, stays on pro.
     let back = serve_with(&catalog("builtin.toml", builtin.to_owned())).await;
     assert!(
-        back.contains("the 1 account(s) already on 'pro' by default stay on it"),
+        back.contains("the 1 account(s) known now keep 'pro' wherever they have no plan of their own"),
         "{back}"
     );
     assert_eq!(json(&app.cli(&["accounts", "show", "newco"]))["plan"], "pro");
