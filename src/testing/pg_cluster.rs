@@ -384,14 +384,7 @@ impl PgCluster {
         for (key, value) in settings {
             writeln!(conf, "{key} = {value}").expect("writing to a String");
         }
-        let conf_path = self.data_dir.join("postgresql.conf");
-        let mut file = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&conf_path)
-            .with_context(|| format!("opening {}", conf_path.display()))?;
-        std::io::Write::write_all(&mut file, conf.as_bytes())
-            .with_context(|| format!("writing {}", conf_path.display()))?;
-        drop(file);
+        self.append_to_conf(&conf)?;
         self.start_server()
     }
 
@@ -435,14 +428,7 @@ impl PgCluster {
     ///
     /// Fails if `pg_ctl stop` fails.
     pub fn stop_server(&self) -> anyhow::Result<()> {
-        let out = self
-            .server_command("pg_ctl")
-            .arg("-D")
-            .arg(&self.data_dir)
-            .args(["-w", "stop", "-m", "immediate"])
-            .output()
-            .context("running pg_ctl stop")?;
-        check(&out, "pg_ctl stop")
+        self.pg_ctl("stop", &["-w", "-m", "immediate"])
     }
 
     /// Stops the server cleanly and starts it again as a standby with hot
@@ -454,22 +440,8 @@ impl PgCluster {
     ///
     /// Fails if `pg_ctl stop`, writing the files or the restart fail.
     pub fn restart_as_standby_not_accepting_connections(&self) -> anyhow::Result<()> {
-        let out = self
-            .server_command("pg_ctl")
-            .arg("-D")
-            .arg(&self.data_dir)
-            .args(["-w", "stop", "-m", "fast"])
-            .output()
-            .context("running pg_ctl stop")?;
-        check(&out, "pg_ctl stop")?;
-        let conf_path = self.data_dir.join("postgresql.conf");
-        let mut file = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&conf_path)
-            .with_context(|| format!("opening {}", conf_path.display()))?;
-        std::io::Write::write_all(&mut file, b"\nhot_standby = off\n")
-            .with_context(|| format!("writing {}", conf_path.display()))?;
-        drop(file);
+        self.pg_ctl("stop", &["-w", "-m", "fast"])?;
+        self.append_to_conf("\nhot_standby = off\n")?;
         let signal = self.data_dir.join("standby.signal");
         std::fs::write(&signal, "").with_context(|| format!("writing {}", signal.display()))?;
         self.start_server()
@@ -482,14 +454,7 @@ impl PgCluster {
     ///
     /// Fails if `pg_ctl promote` fails.
     pub fn promote(&self) -> anyhow::Result<()> {
-        let out = self
-            .server_command("pg_ctl")
-            .arg("-D")
-            .arg(&self.data_dir)
-            .args(["-w", "-t", "60", "promote"])
-            .output()
-            .context("running pg_ctl promote")?;
-        check(&out, "pg_ctl promote")
+        self.pg_ctl("promote", &["-w", "-t", "60"])
     }
 
     /// Stops the server cleanly, moves its transaction ids to epoch `epoch`
@@ -501,14 +466,7 @@ impl PgCluster {
     ///
     /// Fails if `pg_ctl stop`, `pg_resetwal` or the restart fail.
     pub fn set_transaction_epoch(&self, epoch: u32) -> anyhow::Result<()> {
-        let out = self
-            .server_command("pg_ctl")
-            .arg("-D")
-            .arg(&self.data_dir)
-            .args(["-w", "stop", "-m", "fast"])
-            .output()
-            .context("running pg_ctl stop")?;
-        check(&out, "pg_ctl stop")?;
+        self.pg_ctl("stop", &["-w", "-m", "fast"])?;
         let out = self
             .server_command("pg_resetwal")
             .arg("-e")
@@ -519,6 +477,32 @@ impl PgCluster {
             .context("running pg_resetwal")?;
         check(&out, "pg_resetwal")?;
         self.start_server()
+    }
+
+    /// Runs `pg_ctl -D DATA_DIR OPTIONS ACTION` and fails with its output
+    /// if it fails.
+    fn pg_ctl(&self, action: &str, options: &[&str]) -> anyhow::Result<()> {
+        let out = self
+            .server_command("pg_ctl")
+            .arg("-D")
+            .arg(&self.data_dir)
+            .args(options)
+            .arg(action)
+            .output()
+            .with_context(|| format!("running pg_ctl {action}"))?;
+        check(&out, &format!("pg_ctl {action}"))
+    }
+
+    /// Appends `text` to the cluster's `postgresql.conf` (read at the next
+    /// start; a later line wins over an earlier one).
+    fn append_to_conf(&self, text: &str) -> anyhow::Result<()> {
+        let conf_path = self.data_dir.join("postgresql.conf");
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&conf_path)
+            .with_context(|| format!("opening {}", conf_path.display()))?;
+        std::io::Write::write_all(&mut file, text.as_bytes())
+            .with_context(|| format!("writing {}", conf_path.display()))
     }
 
     /// A command running server program `program` from the bin dir, as the
