@@ -38,6 +38,10 @@ pub struct Settings {
     /// How long `serve` waits, from the signal, for the requests and the job
     /// run in flight once asked to stop.
     pub shutdown_grace: std::time::Duration,
+    /// How long `serve` waits for a request's head, and then for its body,
+    /// before it drops the connection (head) or answers 408 (body); also how
+    /// long an idle keep-alive connection is kept.
+    pub read_timeout: std::time::Duration,
     /// The stores opened with these settings (and their clones), for
     /// [`OpenedStores::close_all`] on the way out.
     pub opened: OpenedStores,
@@ -80,6 +84,12 @@ impl std::fmt::Debug for OpenedStores {
 /// client that never finishes its body cannot hold the process.
 pub const DEFAULT_SHUTDOWN_GRACE_SECONDS: u64 = 30;
 
+/// How long `serve` waits for a request's head and then for its body, by
+/// default: a client on a slow link sends 10 MiB well within it, and a
+/// client that holds a connection open without sending (slowloris) loses
+/// it then, so a few hosts cannot hold every file descriptor.
+pub const DEFAULT_READ_TIMEOUT_SECONDS: u64 = 30;
+
 impl Default for Settings {
     fn default() -> Self {
         Self {
@@ -91,6 +101,7 @@ impl Default for Settings {
             jobs: None,
             reports_dir: PathBuf::from("reports"),
             shutdown_grace: std::time::Duration::from_secs(DEFAULT_SHUTDOWN_GRACE_SECONDS),
+            read_timeout: std::time::Duration::from_secs(DEFAULT_READ_TIMEOUT_SECONDS),
             opened: OpenedStores::default(),
         }
     }
@@ -137,6 +148,16 @@ pub fn parse_shutdown_grace(raw: &str) -> Result<u64, String> {
     raw.trim().parse::<u64>().map_err(|_| {
         format!("{raw:?} is not a whole number of seconds, 0 or more; give e.g. 30 (the default), or 0 to stop at once")
     })
+}
+
+/// Parses `--read-timeout`: whole seconds, 1 or more.
+pub fn parse_read_timeout(raw: &str) -> Result<u64, String> {
+    match raw.trim().parse::<u64>() {
+        Ok(seconds) if seconds >= 1 => Ok(seconds),
+        _ => Err(format!(
+            "{raw:?} is not a whole number of seconds, 1 or more; give e.g. {DEFAULT_READ_TIMEOUT_SECONDS} (the default)"
+        )),
+    }
 }
 
 impl Settings {
@@ -225,7 +246,7 @@ impl Settings {
             };
             anyhow::Error::new(e).context(format!(
                 "cannot open database {} (set by --database-url or TALLY_DATABASE_URL{advice})",
-                redact_url(&self.database_url)
+                crate::store::redact_url(&self.database_url)
             ))
         })?;
         self.opened.add(store.clone());
@@ -407,43 +428,6 @@ async fn warn_about_missing_plans(store: &dyn Store, catalog: &Catalog) {
     }
 }
 
-/// A URL with its password hidden, for messages: in the user info
-/// (`user:secret@`) and in a `password=` query parameter, which PostgreSQL
-/// URLs take too.
-pub fn redact_url(url: &str) -> String {
-    // The user info ends at the last `@` before the host, so an unencoded `@`
-    // in the password is hidden with the rest of it: the last `@` before the
-    // path, query or fragment that follows the first `@` (a password may
-    // hold an unencoded `/` or `?` too, before its first `@`).
-    let last_at = url.find('@').and_then(|first| {
-        let end = url[first..].find(['/', '?', '#']).map_or(url.len(), |i| first + i);
-        url[..end].rfind('@')
-    });
-    let url = match (url.find("://"), last_at) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.find(':') {
-                Some(colon) => format!("{}{}:***{}", &url[..scheme + 3], &userinfo[..colon], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    };
-    match url.split_once('?') {
-        Some((base, query)) => {
-            let query: Vec<String> = query
-                .split('&')
-                .map(|pair| match pair.split_once('=') {
-                    Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
-                    _ => pair.to_owned(),
-                })
-                .collect();
-            format!("{base}?{}", query.join("&"))
-        }
-        None => url,
-    }
-}
-
 /// A running-ready Tally: store opened, migrated, server bound.
 pub struct Application {
     server: Server,
@@ -457,12 +441,15 @@ impl Application {
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
         let (store, catalog) = settings.open_store_recording_default_plan().await?;
         warn_about_missing_plans(store.as_ref(), &catalog).await;
-        let state = AppState::new(
-            store,
-            catalog,
-            settings.admin_key.as_deref(),
-            Duration::days(settings.late_horizon_days),
-        );
+        let state = AppState {
+            read_timeout: settings.read_timeout,
+            ..AppState::new(
+                store,
+                catalog,
+                settings.admin_key.as_deref(),
+                Duration::days(settings.late_horizon_days),
+            )
+        };
         let server = Server::bind(settings.listen, settings.shutdown_grace, state.clone())
             .await
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
@@ -619,7 +606,8 @@ pub fn stop_requested() -> std::io::Result<impl std::future::Future<Output = ()>
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_listen, redact_url};
+    use super::parse_listen;
+    use crate::store::redact_url;
 
     #[test]
     fn listen_takes_an_ip_or_a_host_name_with_a_port() {

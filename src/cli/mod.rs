@@ -76,6 +76,11 @@ pub enum Command {
         #[arg(long, env = "TALLY_SHUTDOWN_GRACE", default_value_t = app::DEFAULT_SHUTDOWN_GRACE_SECONDS,
               allow_negative_numbers = true, value_parser = app::parse_shutdown_grace)]
         shutdown_grace: u64,
+        /// Seconds to wait for a request's head (and for the next one on a kept-alive connection),
+        /// then for its body, before dropping the connection or answering 408.
+        #[arg(long, env = "TALLY_READ_TIMEOUT", default_value_t = app::DEFAULT_READ_TIMEOUT_SECONDS,
+              allow_negative_numbers = true, value_parser = app::parse_read_timeout)]
+        read_timeout: u64,
         /// Do not run the scheduled jobs in this process.
         #[arg(long)]
         no_jobs: bool,
@@ -374,6 +379,7 @@ async fn run_command(command: Command, settings: Settings) -> anyhow::Result<Exi
         Command::Serve {
             listen,
             shutdown_grace,
+            read_timeout,
             no_jobs,
         } => {
             let shutdown_grace = std::time::Duration::from_secs(shutdown_grace);
@@ -381,6 +387,7 @@ async fn run_command(command: Command, settings: Settings) -> anyhow::Result<Exi
                 Settings {
                     listen,
                     shutdown_grace,
+                    read_timeout: std::time::Duration::from_secs(read_timeout),
                     ..settings
                 },
                 !no_jobs,
@@ -396,7 +403,7 @@ async fn run_command(command: Command, settings: Settings) -> anyhow::Result<Exi
                 .map_or(0, |m| m.version);
             eprintln!(
                 "{} is at the latest schema, migration {latest:04} (the log lines above name any this run applied)",
-                app::redact_url(&settings.database_url)
+                crate::store::redact_url(&settings.database_url)
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -447,7 +454,7 @@ async fn serve(settings: Settings, with_jobs: bool) -> anyhow::Result<ExitCode> 
     }
     tracing::info!(
         listen = %settings.listen,
-        database = %app::redact_url(&settings.database_url),
+        database = %crate::store::redact_url(&settings.database_url),
         "tally listening on http://{}",
         std::net::SocketAddr::new(settings.listen.ip(), application.port())
     );

@@ -41,6 +41,9 @@ pub enum ApiError {
         /// Where: a batch entry's `index`, the reversed entry's `id`.
         details: serde_json::Value,
     },
+    /// 408: the body did not arrive within the read timeout.
+    #[error("{0}")]
+    RequestTimeout(String),
     /// 413: too many entries or too many bytes.
     #[error("{0}")]
     PayloadTooLarge(String),
@@ -165,6 +168,7 @@ impl ApiError {
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Self::Conflict { code, .. } => (StatusCode::CONFLICT, code),
+            Self::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::Validation { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, code),
             Self::TooManyRequests { code, .. } => (StatusCode::TOO_MANY_REQUESTS, code),

@@ -7,6 +7,7 @@ use axum::http::request::Parts;
 use futures_util::StreamExt as _;
 use serde::de::DeserializeOwned;
 
+use super::AppState;
 use super::error::ApiError;
 
 /// The most bytes a request body may have.
@@ -22,14 +23,17 @@ const REFUSED_BODY_BYTES: usize = 32 * 1024 * 1024;
 /// How long a refused body is read at most (see [`REFUSED_BODY_BYTES`]).
 const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// A request body as raw bytes, with 413 past [`MAX_BODY_BYTES`] and 400 on a
-/// broken stream.
+/// A request body as raw bytes, with 413 past [`MAX_BODY_BYTES`], 400 on a
+/// broken stream and 408 when it has not all arrived within the read
+/// timeout (`--read-timeout`, counted from the end of the head): a client
+/// that sends a byte now and then must not hold a connection for ever.
 pub struct Body(pub Bytes);
 
-impl<S: Send + Sync> FromRequest<S> for Body {
+impl FromRequest<AppState> for Body {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let deadline = tokio::time::Instant::now() + state.read_timeout;
         let path = req.uri().path().to_owned();
         // Compressed bodies are not decoded: say so rather than "not a JSON
         // object" about the compressed bytes (review AP). Told once the body
@@ -62,7 +66,17 @@ impl<S: Send + Sync> FromRequest<S> for Body {
         // Sized by what the client announces, but not reserved on its word
         // alone: a head is cheap to send, 10 MiB is not cheap to hold.
         let mut body = Vec::with_capacity(announced.unwrap_or(0).min(64 * 1024));
-        while let Some(chunk) = stream.next().await {
+        loop {
+            let Ok(next) = tokio::time::timeout_at(deadline, stream.next()).await else {
+                return Err(ApiError::RequestTimeout(format!(
+                    "the request body did not arrive within {} s ({} bytes of it did{}); send it at once, or raise \
+                     the server's --read-timeout if the link is that slow",
+                    state.read_timeout.as_secs(),
+                    body.len(),
+                    announced.map_or_else(String::new, |bytes| format!(" of the {bytes} announced"))
+                )));
+            };
+            let Some(chunk) = next else { break };
             let chunk = chunk.map_err(|e| ApiError::MalformedBody(format!("could not read the request body: {e}")))?;
             if body.len() + chunk.len() > MAX_BODY_BYTES {
                 let read = body.len() + chunk.len();

@@ -45,6 +45,9 @@ pub struct AppState {
     pub keys: Arc<auth::KeyCache>,
     /// "Now" for the handlers (tests freeze it).
     pub clock: Clock,
+    /// How long a request's head, and then its body, may take to arrive
+    /// (`--read-timeout`).
+    pub read_timeout: std::time::Duration,
 }
 
 impl AppState {
@@ -59,6 +62,7 @@ impl AppState {
             rates: Arc::new(RateLimits::default()),
             keys: Arc::new(auth::KeyCache::default()),
             clock: Clock::default(),
+            read_timeout: std::time::Duration::from_secs(crate::app::DEFAULT_READ_TIMEOUT_SECONDS),
         }
     }
 }
@@ -96,8 +100,11 @@ pub fn router(state: AppState) -> Router {
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {
+    // The path only: a query may carry what the caller did not mean to have
+    // repeated back (or logged).
     ApiError::NotFound(format!(
-        "no route for {uri}; the endpoints are listed in docs/api.md (all under /v1/, plus /healthz and /metrics)"
+        "no route for {}; the endpoints are listed in docs/api.md (all under /v1/, plus /healthz and /metrics)",
+        uri.path()
     ))
 }
 
@@ -114,6 +121,9 @@ pub struct Server {
     router: Router,
     /// How long requests in flight may finish after a stop request.
     grace: std::time::Duration,
+    /// How long a request's head may take to arrive, and an idle kept-alive
+    /// connection may wait for the next one.
+    read_timeout: std::time::Duration,
 }
 
 impl Server {
@@ -122,6 +132,7 @@ impl Server {
         let listener = TcpListener::bind(listen).await?;
         Ok(Self {
             listener,
+            read_timeout: state.read_timeout,
             router: router(state),
             grace,
         })
@@ -135,27 +146,67 @@ impl Server {
     /// Serves until `shutdown` resolves, then finishes requests in flight for
     /// at most the grace period: a client that never sends the rest of its
     /// body must not keep the process from stopping.
+    ///
+    /// Served through hyper rather than `axum::serve`, which gives hyper no
+    /// timer: without one a connection that sends its head a byte at a time,
+    /// or sends nothing after its first request, is kept for ever, and a few
+    /// hundred of them take every file descriptor (review AW).
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-        let stopping = Arc::new(tokio::sync::Notify::new());
-        let signalled = stopping.clone();
-        let serving = axum::serve(self.listener, self.router).with_graceful_shutdown(async move {
-            shutdown.await;
-            signalled.notify_one();
-        });
-        let grace = self.grace;
-        tokio::select! {
-            served = std::future::IntoFuture::into_future(serving) => served,
-            () = async {
-                stopping.notified().await;
-                tokio::time::sleep(grace).await;
-            } => {
-                tracing::warn!(
-                    grace_seconds = grace.as_secs(),
-                    "requests still in flight {} s after the stop request; stopping without them",
-                    grace.as_secs()
-                );
-                Ok(())
-            }
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(self.read_timeout);
+        let service = hyper_util::service::TowerToHyperService::new(self.router);
+        let connections = hyper_util::server::graceful::GracefulShutdown::new();
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            let stream = tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(error) => {
+                        wait_after_accept_error(&error).await;
+                        continue;
+                    }
+                },
+                () = &mut shutdown => break,
+            };
+            // Answers are small and sent whole: do not hold their last
+            // segment back for the client's acknowledgement.
+            let _ = stream.set_nodelay(true);
+            let connection = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service.clone());
+            let connection = connections.watch(connection);
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    // A head not sent within the read timeout, a client gone
+                    // mid-request: the connection's end, not the server's.
+                    tracing::debug!(error = %error, "connection ended: {error}");
+                }
+            });
         }
+        drop(self.listener);
+        let grace = self.grace;
+        if tokio::time::timeout(grace, connections.shutdown()).await.is_err() {
+            tracing::warn!(
+                grace_seconds = grace.as_secs(),
+                "requests still in flight {} s after the stop request; stopping without them",
+                grace.as_secs()
+            );
+        }
+        Ok(())
     }
+}
+
+/// After a failed accept: at once for an error of that one connection (it
+/// was reset before it was taken); otherwise (out of file descriptors, say)
+/// the error is logged and the loop pauses a second, as `axum::serve` does,
+/// rather than spin.
+async fn wait_after_accept_error(error: &std::io::Error) {
+    use std::io::ErrorKind;
+    if matches!(
+        error.kind(),
+        ErrorKind::ConnectionRefused | ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!(error = %error, "cannot accept a connection: {error}; trying again in 1 s");
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
 }

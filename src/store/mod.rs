@@ -162,7 +162,8 @@ pub(crate) const OVERFLOW_ADVICE: &str =
 /// migrating the database, and checking it can be used as it is.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    /// The URL names neither SQLite nor PostgreSQL.
+    /// The URL names neither SQLite nor PostgreSQL (given with its password
+    /// hidden, [`redact_url`]).
     #[error("unsupported database URL {0:?}; use sqlite://FILE or postgres://USER@HOST/DB")]
     UnsupportedUrl(String),
     /// A `sqlite:` URL sqlx cannot read.
@@ -1446,6 +1447,43 @@ pub(crate) fn sqlite_path(filename: &std::path::Path) -> std::path::PathBuf {
         .to_path_buf()
 }
 
+/// A URL with its password hidden, for messages: in the user info
+/// (`user:secret@`) and in a `password=` query parameter, which PostgreSQL
+/// URLs take too.
+pub fn redact_url(url: &str) -> String {
+    // The user info ends at the last `@` before the host, so an unencoded `@`
+    // in the password is hidden with the rest of it: the last `@` before the
+    // path, query or fragment that follows the first `@` (a password may
+    // hold an unencoded `/` or `?` too, before its first `@`).
+    let last_at = url.find('@').and_then(|first| {
+        let end = url[first..].find(['/', '?', '#']).map_or(url.len(), |i| first + i);
+        url[..end].rfind('@')
+    });
+    let url = match (url.find("://"), last_at) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!("{}{}:***{}", &url[..scheme + 3], &userinfo[..colon], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    };
+    match url.split_once('?') {
+        Some((base, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+                    _ => pair.to_owned(),
+                })
+                .collect();
+            format!("{base}?{}", query.join("&"))
+        }
+        None => url,
+    }
+}
+
 /// Opens the store a database URL names (`sqlite://…` or `postgres://…`).
 pub async fn connect(url: &str, catalog: Arc<Catalog>) -> Result<Arc<dyn Store>, OpenError> {
     if url.starts_with("sqlite:") {
@@ -1460,7 +1498,7 @@ pub async fn connect(url: &str, catalog: Arc<Catalog>) -> Result<Arc<dyn Store>,
     } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
         Ok(Arc::new(postgres::PgStore::connect(url, catalog).await?))
     } else {
-        Err(OpenError::UnsupportedUrl(url.to_owned()))
+        Err(OpenError::UnsupportedUrl(redact_url(url)))
     }
 }
 

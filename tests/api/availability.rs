@@ -239,6 +239,24 @@ fn on_postgres_a_url_naming_a_missing_socket_names_the_socket() {
     assert!(stderr.contains("check the port"), "{stderr}");
 }
 
+/// Review AW: a URL of another scheme (or a capitalised one) was repeated
+/// whole in the refusal, its password with it.
+#[test]
+fn an_unsupported_database_url_is_refused_without_repeating_its_password() {
+    for url in ["Postgres://u:SECRETPW@127.0.0.1:1/db", "mysql://u:SECRETPW@h/db"] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(["usage", "acme"])
+            .env("TALLY_DATABASE_URL", url)
+            .output()
+            .expect("tally runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{stderr}");
+        assert!(stderr.contains("unsupported database URL"), "{stderr}");
+        assert!(stderr.contains("u:***@"), "{stderr}");
+        assert!(!stderr.contains("SECRETPW"), "{stderr}");
+    }
+}
+
 /// libpq's socket form without a host (`postgres://USER@/DB?host=DIR`) is
 /// refused by sqlx as "empty host": the error gives the form that works,
 /// and does not repeat the URL (it may hold a password).

@@ -12,7 +12,119 @@ both!(
     a_server_error_is_logged_once_with_its_request,
     every_row_is_stamped_by_the_process_clock_whatever_the_database_server_reads,
     no_job_run_starts_after_the_stop_signal_while_requests_finish,
+    a_connection_that_sends_no_whole_head_within_the_read_timeout_is_closed,
+    a_body_that_does_not_arrive_within_the_read_timeout_is_answered_408_and_writes_nothing,
 );
+
+/// Reads from `stream` until the server closes it (or `limit` passes);
+/// returns what was read and whether it closed.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream, limit: Duration) -> (String, bool) {
+    use tokio::io::AsyncReadExt as _;
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => return (String::from_utf8_lossy(&got).into_owned(), true),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => return (String::from_utf8_lossy(&got).into_owned(), false),
+        }
+    }
+}
+
+/// Review AW: a client that sends its head a byte at a time (slowloris), or
+/// nothing after its first request, kept its connection for ever, and a
+/// few hundred such took every file descriptor. `--read-timeout` bounds both.
+async fn a_connection_that_sends_no_whole_head_within_the_read_timeout_is_closed(app: TestApp) {
+    use tokio::io::AsyncWriteExt as _;
+    let serve = ServeProcess::start(&app.database_url, &["--no-jobs", "--read-timeout", "1"], &[]).await;
+    let host = serve.address.trim_start_matches("http://").to_owned();
+
+    // A head sent a byte every 200 ms, never finished.
+    let mut slow = tokio::net::TcpStream::connect(&host).await.unwrap();
+    let started = Instant::now();
+    let mut closed = false;
+    for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa".iter() {
+        if slow.write_all(&[*byte]).await.is_err() {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if started.elapsed() > Duration::from_secs(5) {
+            break;
+        }
+    }
+    if !closed {
+        closed = read_until_closed(&mut slow, Duration::from_secs(1)).await.1;
+    }
+    assert!(
+        closed,
+        "a head trickled for {:?} kept its connection",
+        started.elapsed()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "closed after {:?}",
+        started.elapsed()
+    );
+
+    // A kept-alive connection with nothing more to say.
+    let mut idle = tokio::net::TcpStream::connect(&host).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let (answer, closed) = read_until_closed(&mut idle, Duration::from_secs(4)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(closed, "an idle connection was kept {:?}", started.elapsed());
+
+    // A client that sends its request at once is served as before.
+    let health = reqwest::get(format!("{}/healthz", serve.address)).await.unwrap();
+    assert_eq!(health.status(), 200);
+}
+
+/// Review AW: a body sent a byte now and then held its connection (and the
+/// shutdown) for as long as the client liked; it is answered 408 in the
+/// contract's format once the read timeout passes, and nothing is written.
+async fn a_body_that_does_not_arrive_within_the_read_timeout_is_answered_408_and_writes_nothing(app: TestApp) {
+    use tokio::io::AsyncWriteExt as _;
+    let admin_key = "tly_read_timeout_admin_key";
+    let serve = ServeProcess::start(
+        &app.database_url,
+        &["--no-jobs", "--read-timeout", "1"],
+        &[("TALLY_ADMIN_KEY", admin_key)],
+    )
+    .await;
+    let host = serve.address.trim_start_matches("http://").to_owned();
+    let body = format!(
+        r#"{{"account": "slow", "resource": "api_requests", "amount": "1", "idempotency_key": "s-1", "occurred_at": "{}T12:00:00Z"}}"#,
+        days_ago(1)
+    );
+    let head = format!(
+        "POST /v1/entries HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {admin_key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut stream = tokio::net::TcpStream::connect(&host).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&body.as_bytes()[..10]).await.unwrap();
+    let started = Instant::now();
+    let (answer, _) = read_until_closed(&mut stream, Duration::from_secs(5)).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 408"),
+        "after {:?}: {answer}",
+        started.elapsed()
+    );
+    assert!(answer.contains(r#""code":"request_timeout""#), "{answer}");
+    assert!(
+        answer.contains("did not arrive within 1 s (10 bytes of it did of the"),
+        "{answer}"
+    );
+    // The rest arrives late: nothing of it is recorded.
+    let _ = stream.write_all(&body.as_bytes()[10..]).await;
+    let listed = app.get("/v1/accounts/slow/entries").await;
+    assert_eq!(listed.status, 200, "{:?}", listed.body);
+    assert_eq!(listed.body["entries"], serde_json::json!([]), "{:?}", listed.body);
+}
 
 /// Review AS: from the stop signal on, no scheduled run starts, though the
 /// server still waits for a request in flight (a rollup run used to start in
