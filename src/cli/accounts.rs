@@ -158,11 +158,11 @@ pub async fn run(settings: &Settings, command: AccountsCommand) -> anyhow::Resul
             let now = Utc::now();
             let in_force = account_view(store.as_ref(), &catalog, account.clone(), now).await?.plan;
             if assignment.effective_at > now {
-                eprintln!("account {account} is on plan {plan} from {from}; until then it is on {in_force}");
+                stderr_line!("account {account} is on plan {plan} from {from}; until then it is on {in_force}");
             } else if in_force == plan {
-                eprintln!("account {account} is on plan {plan} from {from}");
+                stderr_line!("account {account} is on plan {plan} from {from}");
             } else {
-                eprintln!(
+                stderr_line!(
                     "account {account} is on plan {plan} from {from}, but an assignment that takes effect later \
                      puts it on {in_force} now; `tally accounts show {account}` lists its plan history"
                 );
@@ -235,7 +235,7 @@ pub async fn run(settings: &Settings, command: AccountsCommand) -> anyhow::Resul
                 // catalog can still be removed.
                 Err(unknown) => match ResourceName::parse(&resource) {
                     Ok(dropped) if store.delete_override(&account, &dropped, removed_at).await? => {
-                        eprintln!("removed the override of account {account} on {dropped} (not in the catalog)");
+                        stderr_line!("removed the override of account {account} on {dropped} (not in the catalog)");
                         return Ok(ExitCode::SUCCESS);
                     }
                     _ => return Err(unknown.into()),
@@ -244,7 +244,7 @@ pub async fn run(settings: &Settings, command: AccountsCommand) -> anyhow::Resul
             if !store.delete_override(&account, &resource, removed_at).await? {
                 anyhow::bail!("account '{account}' has no override for {resource}");
             }
-            eprintln!("removed the override of account {account} on {resource}");
+            stderr_line!("removed the override of account {account} on {resource}");
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -265,7 +265,7 @@ pub async fn check(settings: &Settings, args: CheckArgs) -> anyhow::Result<ExitC
             })
         }
         Err(error) => {
-            eprintln!("error: {}", crate::telemetry::cause_chain(error.as_ref()));
+            stderr_line!("error: {}", crate::telemetry::cause_chain(error.as_ref()));
             Ok(ExitCode::from(2))
         }
     }
@@ -297,7 +297,7 @@ pub async fn feature(settings: &Settings, args: FeatureArgs) -> anyhow::Result<E
             })
         }
         Err(error) => {
-            eprintln!("error: {}", crate::telemetry::cause_chain(error.as_ref()));
+            stderr_line!("error: {}", crate::telemetry::cause_chain(error.as_ref()));
             Ok(ExitCode::from(2))
         }
     }
@@ -307,7 +307,7 @@ pub async fn feature(settings: &Settings, args: FeatureArgs) -> anyhow::Result<E
 /// answer is then "unlimited" for every resource, which is rarely meant.
 fn warn_if_plan_missing(catalog: &Catalog, account: &str, plan: &str) {
     if !catalog.plans.contains_key(plan) {
-        eprintln!(
+        stderr_line!(
             "warning: account {account} is on plan '{plan}', which the catalog does not have: nothing limits it \
              (move it with tally accounts set-plan {account} PLAN; known plans: {})",
             catalog.plan_names()

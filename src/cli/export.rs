@@ -208,9 +208,9 @@ pub async fn run(settings: &Settings, command: ExportCommand) -> anyhow::Result<
         () = stop => {
             drop(out);
             if output.output.is_some() {
-                eprintln!("interrupted: the export stopped, and wrote no file");
+                stderr_line!("interrupted: the export stopped, and wrote no file");
             } else {
-                eprintln!("interrupted: the export stopped; what it wrote to stdout is incomplete");
+                stderr_line!("interrupted: the export stopped; what it wrote to stdout is incomplete");
             }
             return Ok(ExitCode::from(130));
         }
@@ -223,16 +223,16 @@ pub async fn run(settings: &Settings, command: ExportCommand) -> anyhow::Result<
         });
         match &account {
             Some(a) => {
-                eprintln!("note: no rows for account '{a}' in that range{as_of}; the file holds the header only")
+                stderr_line!("note: no rows for account '{a}' in that range{as_of}; the file holds the header only")
             }
-            None => eprintln!("note: no rows in that range{as_of}; the file holds the header only"),
+            None => stderr_line!("note: no rows in that range{as_of}; the file holds the header only"),
         }
     }
     match &output.output {
         Some(path) if path.as_os_str() == "-" || path.as_os_str() == "/dev/stdout" => {
-            eprintln!("wrote {rows} rows to standard output")
+            stderr_line!("wrote {rows} rows to standard output")
         }
-        Some(path) => eprintln!("wrote {rows} rows to {}", path.display()),
+        Some(path) => stderr_line!("wrote {rows} rows to {}", path.display()),
         None => {}
     }
     Ok(ExitCode::SUCCESS)

@@ -359,9 +359,9 @@ pub async fn run(settings: &Settings, args: ImportArgs) -> anyhow::Result<ExitCo
         Ok(()) if summary.rejected.is_empty() => ExitCode::SUCCESS,
         Ok(()) => ExitCode::from(1),
         Err(error) => {
-            eprintln!("error: {}", crate::telemetry::cause_chain(error.as_ref()));
+            stderr_line!("error: {}", crate::telemetry::cause_chain(error.as_ref()));
             if summary.created > 0 {
-                eprintln!(
+                stderr_line!(
                     "note: the {} rows created before the import stopped stay; importing the same file \
                      again is safe (they come back as duplicates)",
                     summary.created
@@ -374,7 +374,7 @@ pub async fn run(settings: &Settings, args: ImportArgs) -> anyhow::Result<ExitCo
 
 /// The summary line, then each rejected row and each note, by line.
 fn print_summary(file: &std::path::Path, summary: &mut ImportSummary) {
-    eprintln!(
+    stderr_line!(
         "{}: {} created, {} duplicate, {} rejected",
         file.display(),
         summary.created,
@@ -393,10 +393,10 @@ fn print_summary(file: &std::path::Path, summary: &mut ImportSummary) {
     );
     lines.sort_by_key(|(line, _)| *line);
     for (line, text) in &lines {
-        eprintln!("  line {line}: {text}");
+        stderr_line!("  line {line}: {text}");
     }
     if summary.rejected.len() > listed_count {
-        eprintln!(
+        stderr_line!(
             "  … and {} more rejected rows, not listed (the first {} by line are); mend those and import \
              the file again: the rows created come back as duplicates",
             summary.rejected.len() - listed_count,

@@ -86,7 +86,7 @@ pub async fn rollup(settings: &Settings, args: RollupArgs) -> anyhow::Result<Exi
         return Ok(ExitCode::SUCCESS);
     };
     match store.oldest_unfolded_by(&committed_before).await {
-        Ok(Some(oldest)) => eprintln!(
+        Ok(Some(oldest)) => stderr_line!(
             "note: entries recorded since {}, waiting before this run began, are not folded yet: on \
              PostgreSQL a transaction older than them is still open somewhere in the cluster and holds \
              the fold back, since it follows commit order (docs/operations.md, \"The rollup and \
@@ -111,7 +111,7 @@ pub async fn verify(settings: &Settings, args: VerifyArgs) -> anyhow::Result<Exi
     match compare_totals(settings, args.repair).await {
         Ok(code) => Ok(code),
         Err(error) => {
-            eprintln!("error: {}", crate::telemetry::cause_chain(error.as_ref()));
+            stderr_line!("error: {}", crate::telemetry::cause_chain(error.as_ref()));
             Ok(ExitCode::from(2))
         }
     }
@@ -133,13 +133,13 @@ async fn compare_totals(settings: &Settings, repair: bool) -> anyhow::Result<Exi
         // A repair has committed by now: what it rewrote must still be told.
         Err(e) if repair => {
             let why = crate::telemetry::cause_chain(&e);
-            eprintln!("note: could not read how far behind the rollup is ({why})");
+            stderr_line!("note: could not read how far behind the rollup is ({why})");
             0
         }
         Err(e) => return Err(e.into()),
     };
     if lag > 60 {
-        eprintln!(
+        stderr_line!(
             "note: the oldest entry not yet folded was recorded {lag} s ago, and verify judges folded rows \
              only. Either no process runs the rollup (every server started with --no-jobs, or a jobs \
              directory without it: `tally jobs list`), or the rollup fails (`tally rollup` says why; \
@@ -181,12 +181,12 @@ async fn compare_totals(settings: &Settings, repair: bool) -> anyhow::Result<Exi
     };
     if !repair {
         let verb = if mismatches.len() == 1 { "differs" } else { "differ" };
-        eprintln!("{totals} {verb} from the ledger; `tally verify --repair` rewrites them to what it says");
+        stderr_line!("{totals} {verb} from the ledger; `tally verify --repair` rewrites them to what it says");
         return Ok(ExitCode::FAILURE);
     }
     // A process caches the sums it has read (store/settled.rs); one read
     // from a wrong total keeps its error for that period.
-    eprintln!(
+    stderr_line!(
         "{totals} put right from the ledger (rewritten, or removed where it has no folded entry). Restart the `serve` processes: a sum one of them \
          read from a wrong total stays in its cache until then (docs/operations.md, \"`tally verify`\")"
     );
@@ -199,7 +199,7 @@ pub async fn run(settings: &Settings, command: JobsCommand) -> anyhow::Result<Ex
     match command {
         JobsCommand::List => {
             let now = Utc::now();
-            eprintln!("jobs from {}", scheduled::source(settings.jobs.as_deref()));
+            stderr_line!("jobs from {}", scheduled::source(settings.jobs.as_deref()));
             outln!("{:<20} {:<20} {:<16} next run (UTC)", "name", "schedule", "runs")?;
             for job in &definitions {
                 outln!(
@@ -229,7 +229,7 @@ pub async fn run(settings: &Settings, command: JobsCommand) -> anyhow::Result<Ex
                 // Not a success: the run elsewhere may still be writing what
                 // a script's next step reads (last month's reports, say).
                 JobOutcome::Skipped(why) => {
-                    eprintln!(
+                    stderr_line!(
                         "{name}: skipped: {why}; it is not done yet: run this again when that run has ended \
                          (exit {SKIPPED})"
                     );

@@ -101,13 +101,13 @@ pub async fn run(settings: &Settings, command: KeysCommand) -> anyhow::Result<Ex
             let asked = chrono::Utc::now();
             let key = store.revoke_api_key(id).await?;
             match key.revoked_at {
-                Some(when) if when < asked - chrono::Duration::seconds(1) => eprintln!(
+                Some(when) if when < asked - chrono::Duration::seconds(1) => stderr_line!(
                     "key {} ({}) was already revoked at {}; nothing changed",
                     key.id,
                     key.prefix,
                     when.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
                 ),
-                _ => eprintln!("revoked key {} ({})", key.id, key.prefix),
+                _ => stderr_line!("revoked key {} ({})", key.id, key.prefix),
             }
         }
     }

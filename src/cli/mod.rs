@@ -151,7 +151,7 @@ pub fn main() -> ExitCode {
         // clap's message: print, note and exit with clap's code by hand.
         if let Some(variable) = from_environment {
             let _ = error.print();
-            eprintln!(
+            stderr_line!(
                 "note: that value came from the environment variable {variable}, not from the command line; \
                  correct or unset {variable}"
             );
@@ -163,7 +163,7 @@ pub fn main() -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            stderr_line!("error: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -181,11 +181,11 @@ pub fn main() -> ExitCode {
         // error of ours: stop quietly, as the classic tools do on SIGPIPE.
         Ok(Err(e)) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
-            eprintln!("error: {}", crate::telemetry::cause_chain(e.as_ref()));
+            stderr_line!("error: {}", crate::telemetry::cause_chain(e.as_ref()));
             ExitCode::FAILURE
         }
         Err(e) => {
-            eprintln!("error: the command failed: {e}");
+            stderr_line!("error: the command failed: {e}");
             ExitCode::FAILURE
         }
     }
@@ -401,7 +401,7 @@ async fn run_command(command: Command, settings: Settings) -> anyhow::Result<Exi
                 .migrations
                 .last()
                 .map_or(0, |m| m.version);
-            eprintln!(
+            stderr_line!(
                 "{} is at the latest schema, migration {latest:04} (the log lines above name any this run applied)",
                 crate::store::redact_url(&settings.database_url)
             );
@@ -444,8 +444,8 @@ async fn serve(settings: Settings, with_jobs: bool) -> anyhow::Result<ExitCode> 
     if settings.admin_key.is_some() {
         tracing::info!("no bootstrap key created: TALLY_ADMIN_KEY is accepted as the admin key");
     } else if let Some(secret) = application.bootstrap_admin_key().await? {
-        eprintln!("No API key existed, so Tally created this admin key. It is shown once; keep it:");
-        eprintln!("{}", secret.expose());
+        stderr_line!("No API key existed, so Tally created this admin key. It is shown once; keep it:");
+        stderr_line!("{}", secret.expose());
     } else {
         tracing::info!(
             "no bootstrap key created: the database has keys (revoked ones count); \

@@ -39,8 +39,8 @@ pub fn run(settings: &Settings, command: PlansCommand) -> anyhow::Result<ExitCod
                 Err(errors) => {
                     for e in errors.0 {
                         match e.line {
-                            Some(line) => eprintln!("{}:{line}: {}", file.display(), e.message),
-                            None => eprintln!("{}: {}", file.display(), e.message),
+                            Some(line) => stderr_line!("{}:{line}: {}", file.display(), e.message),
+                            None => stderr_line!("{}: {}", file.display(), e.message),
                         }
                     }
                     Ok(ExitCode::FAILURE)

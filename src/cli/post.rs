@@ -59,7 +59,7 @@ pub async fn run(settings: &Settings, args: PostArgs) -> anyhow::Result<ExitCode
     };
     let refuse = |errors: Vec<FieldError>| {
         for e in errors {
-            eprintln!("error: {}", in_the_cli_words(e.field, &e.message));
+            stderr_line!("error: {}", in_the_cli_words(e.field, &e.message));
         }
         Ok(ExitCode::from(2))
     };

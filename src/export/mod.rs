@@ -373,7 +373,7 @@ impl CsvOutput {
                 Some(Progress::Bar(bar)) => bar.set_position(self.rows),
                 Some(Progress::Lines { started, last_line }) if last_line.elapsed() >= Duration::from_secs(1) => {
                     *last_line = Instant::now();
-                    eprintln!("{}", progress_line(self.rows, started.elapsed()));
+                    stderr_line!("{}", progress_line(self.rows, started.elapsed()));
                 }
                 _ => {}
             }
@@ -392,7 +392,7 @@ impl CsvOutput {
         match &self.progress {
             Some(Progress::Bar(bar)) => bar.finish_and_clear(),
             // The whole count: a short export may have written no line yet.
-            Some(Progress::Lines { started, .. }) => eprintln!("{}", progress_line(rows, started.elapsed())),
+            Some(Progress::Lines { started, .. }) => stderr_line!("{}", progress_line(rows, started.elapsed())),
             None => {}
         }
         let mut writer = self.writer;

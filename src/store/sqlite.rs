@@ -487,8 +487,8 @@ impl Store for SqliteStore {
             Ok(Ok((_, log, copied))) if log == copied => {}
             Ok(Ok(_)) => tracing::warn!(
                 "the write-ahead log could not be checkpointed: another process reads the database; its \
-                 commits stay in the -wal file until a later checkpoint (copy all three files, or use \
-                 `sqlite3 tally.db .backup`)"
+                 commits stay in the -wal file until a later checkpoint (copy all three files, or take a \
+                 copy with `sqlite3 tally.db \"VACUUM INTO 'copy.db'\"`)"
             ),
             Ok(Err(e)) => tracing::warn!(error = %e, "cannot checkpoint the write-ahead log: {e}"),
             Err(_) => tracing::warn!(

@@ -1580,3 +1580,26 @@ fn a_refused_value_from_the_environment_names_its_variable() {
         assert!(!said.contains("environment variable"), "{said}");
     }
 }
+
+/// Review AX: with stderr a closed pipe (`tally … 2>&1 | head -c 100`), a
+/// command's error message panicked on the write and the command exited 101
+/// instead of its own code.
+#[test]
+fn a_command_whose_stderr_is_a_closed_pipe_exits_with_its_own_code() {
+    let folder = tempfile::tempdir().unwrap();
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    // The read end is gone before the command starts: every write to its
+    // stderr fails.
+    drop(reader);
+    let status = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["usage", "acme"])
+        .env(
+            "TALLY_DATABASE_URL",
+            format!("sqlite://{}/missing/tally.db", folder.path().display()),
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(writer)
+        .status()
+        .expect("tally runs");
+    assert_eq!(status.code(), Some(1), "{status:?}");
+}
