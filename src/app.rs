@@ -142,20 +142,30 @@ pub fn parse_listen(raw: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("{raw:?} resolves to no address; {hint}"))
 }
 
-/// Parses `--shutdown-grace`: whole seconds, 0 or more (0 stops at once,
-/// dropping requests in flight).
+/// The longest `--shutdown-grace` and `--read-timeout` taken: a day. Far
+/// past any use, and far below what overflows a clock instant (a timer set
+/// u64::MAX seconds ahead panics).
+pub const MAX_WAIT_SECONDS: u64 = 86_400;
+
+/// Parses `--shutdown-grace`: whole seconds, 0 to [`MAX_WAIT_SECONDS`] (0
+/// stops at once, dropping requests in flight).
 pub fn parse_shutdown_grace(raw: &str) -> Result<u64, String> {
-    raw.trim().parse::<u64>().map_err(|_| {
-        format!("{raw:?} is not a whole number of seconds, 0 or more; give e.g. 30 (the default), or 0 to stop at once")
-    })
+    match raw.trim().parse::<u64>() {
+        Ok(seconds) if seconds <= MAX_WAIT_SECONDS => Ok(seconds),
+        _ => Err(format!(
+            "{raw:?} is not a whole number of seconds from 0 to {MAX_WAIT_SECONDS} (a day); give e.g. 30 (the \
+             default), or 0 to stop at once"
+        )),
+    }
 }
 
-/// Parses `--read-timeout`: whole seconds, 1 or more.
+/// Parses `--read-timeout`: whole seconds, 1 to [`MAX_WAIT_SECONDS`].
 pub fn parse_read_timeout(raw: &str) -> Result<u64, String> {
     match raw.trim().parse::<u64>() {
-        Ok(seconds) if seconds >= 1 => Ok(seconds),
+        Ok(seconds) if (1..=MAX_WAIT_SECONDS).contains(&seconds) => Ok(seconds),
         _ => Err(format!(
-            "{raw:?} is not a whole number of seconds, 1 or more; give e.g. {DEFAULT_READ_TIMEOUT_SECONDS} (the default)"
+            "{raw:?} is not a whole number of seconds from 1 to {MAX_WAIT_SECONDS} (a day); give e.g. \
+             {DEFAULT_READ_TIMEOUT_SECONDS} (the default)"
         )),
     }
 }

@@ -530,10 +530,28 @@ mod tests {
         let error = Cli::try_parse_from(["tally", "serve", "--shutdown-grace", "-1"]).unwrap_err();
         let message = error.to_string();
         assert!(
-            message.contains("\"-1\" is not a whole number of seconds, 0 or more"),
+            message.contains("\"-1\" is not a whole number of seconds from 0 to 86400"),
             "{message}"
         );
         let parsed = Cli::try_parse_from(["tally", "serve", "--shutdown-grace", "0"]);
         assert!(parsed.is_ok(), "{:?}", parsed.err());
+    }
+
+    /// Review AY: a read timeout of u64::MAX seconds was taken, and every
+    /// connection then panicked setting its timer; a grace as long would
+    /// panic at the stop. Both are capped at a day.
+    #[test]
+    fn waits_past_a_day_are_refused_before_they_overflow_a_timer() {
+        for flag in ["--shutdown-grace", "--read-timeout"] {
+            for huge in ["86401", "18446744073709551615"] {
+                let error = Cli::try_parse_from(["tally", "serve", flag, huge]).unwrap_err();
+                let message = error.to_string();
+                assert!(message.contains("(a day)"), "{flag} {huge}: {message}");
+            }
+            let parsed = Cli::try_parse_from(["tally", "serve", flag, "86400"]);
+            assert!(parsed.is_ok(), "{flag}: {:?}", parsed.err());
+        }
+        let error = Cli::try_parse_from(["tally", "serve", "--read-timeout", "0"]).unwrap_err();
+        assert!(error.to_string().contains("from 1 to 86400"), "{error}");
     }
 }
