@@ -83,12 +83,17 @@ const START_POLL: Duration = Duration::from_millis(250);
 
 /// [`connect_once`], asked again every [`START_POLL`] for at most
 /// [`START_WAIT`] while the server answers that it cannot accept connections
-/// now (57P03). Logs once when it starts waiting.
+/// now (57P03). Logs once when it starts waiting. Once it has answered so,
+/// a refused connection or a missing socket is waited through as well: a
+/// server shutting down answers 57P03 too, and in a restart it then goes
+/// away for a moment before it starts (review AY).
 async fn wait_until_accepting(options: &PgConnectOptions) -> Result<(), OpenError> {
     let started = tokio::time::Instant::now();
+    let deadline = started + START_WAIT;
     let mut told = false;
     loop {
-        let error = match connect_once(options, CONNECT_TIMEOUT).await {
+        let attempt = CONNECT_TIMEOUT.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        let error = match connect_once(options, attempt.max(START_POLL)).await {
             Ok(()) => {
                 if told {
                     tracing::info!(
@@ -99,17 +104,25 @@ async fn wait_until_accepting(options: &PgConnectOptions) -> Result<(), OpenErro
                 }
                 return Ok(());
             }
-            Err(OpenError::Database(sqlx::Error::Database(db))) if db.code().as_deref() == Some("57P03") => db,
+            Err(OpenError::Database(sqlx::Error::Database(db))) if db.code().as_deref() == Some("57P03") => {
+                OpenError::NotAcceptingConnections {
+                    seconds: START_WAIT.as_secs(),
+                    why: not_accepting_why(db.as_ref()),
+                }
+            }
+            Err(
+                gone @ (OpenError::NoSocket { .. }
+                | OpenError::NoAnswer { .. }
+                | OpenError::Database(sqlx::Error::Io(_))),
+            ) if told => gone,
             Err(other) => return Err(other),
         };
-        let why = not_accepting_why(error.as_ref());
-        if started.elapsed() >= START_WAIT {
-            return Err(OpenError::NotAcceptingConnections {
-                seconds: START_WAIT.as_secs(),
-                why,
-            });
+        if tokio::time::Instant::now() + START_POLL >= deadline {
+            return Err(error);
         }
-        if !told {
+        if let OpenError::NotAcceptingConnections { why, .. } = &error
+            && !told
+        {
             tracing::warn!(
                 why = %why,
                 "PostgreSQL does not accept connections yet ({why}); waiting for it, at most {} s",

@@ -447,6 +447,18 @@ impl PgCluster {
         self.start_server()
     }
 
+    /// Starts a stopped standby ([`PgCluster::restart_as_standby_not_accepting_connections`],
+    /// then [`PgCluster::stop_server`]) as a primary again.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the standby signal cannot be removed or the start fails.
+    pub fn start_as_primary(&self) -> anyhow::Result<()> {
+        let signal = self.data_dir.join("standby.signal");
+        std::fs::remove_file(&signal).with_context(|| format!("removing {}", signal.display()))?;
+        self.start_server()
+    }
+
     /// Promotes a standby ([`PgCluster::restart_as_standby_not_accepting_connections`])
     /// and waits until it accepts connections.
     ///

@@ -389,4 +389,32 @@ async fn on_postgres_commands_and_serve_wait_for_a_server_that_does_not_accept_c
     );
     let health = reqwest::get(format!("{}/healthz", serve.address)).await.unwrap();
     assert_eq!(health.status(), 200);
+    drop(serve);
+
+    // Review AY: a restart. The server first refuses as not ready (57P03,
+    // as while shutting down), then is gone for a moment (no socket), then
+    // accepts; the command waited until the first refusal only.
+    cluster
+        .restart_as_standby_not_accepting_connections()
+        .expect("the server restarts as a standby");
+    let restarter = {
+        let cluster = cluster.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(promote_in);
+            cluster.stop_server().expect("the server stops");
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            cluster.start_as_primary().expect("the server starts again");
+        })
+    };
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["accounts", "show", "acme"])
+        .env("TALLY_DATABASE_URL", &url)
+        .env("RUST_LOG", "warn")
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("tally runs");
+    restarter.join().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert_eq!(stderr.matches(waiting).count(), 1, "{stderr}");
 }
