@@ -3,6 +3,7 @@
 pub mod accounts;
 pub mod admin;
 pub mod auth;
+pub mod connection;
 pub mod entries;
 pub mod error;
 pub mod extract;
@@ -121,8 +122,9 @@ pub struct Server {
     router: Router,
     /// How long requests in flight may finish after a stop request.
     grace: std::time::Duration,
-    /// How long a request's head may take to arrive, and an idle kept-alive
-    /// connection may wait for the next one.
+    /// How long a request's head may take to arrive, an idle kept-alive
+    /// connection may wait for the next one, and an answer may wait for the
+    /// client to read it.
     read_timeout: std::time::Duration,
 }
 
@@ -172,7 +174,8 @@ impl Server {
             // Answers are small and sent whole: do not hold their last
             // segment back for the client's acknowledgement.
             let _ = stream.set_nodelay(true);
-            let connection = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service.clone());
+            let io = connection::WriteDeadline::new(hyper_util::rt::TokioIo::new(stream), self.read_timeout);
+            let connection = http.serve_connection(io, service.clone());
             let connection = connections.watch(connection);
             tokio::spawn(async move {
                 if let Err(error) = connection.await {

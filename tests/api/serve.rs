@@ -14,6 +14,7 @@ both!(
     no_job_run_starts_after_the_stop_signal_while_requests_finish,
     a_connection_that_sends_no_whole_head_within_the_read_timeout_is_closed,
     a_body_that_does_not_arrive_within_the_read_timeout_is_answered_408_and_writes_nothing,
+    a_client_that_reads_no_answer_loses_its_connection_after_the_read_timeout,
 );
 
 /// Reads from `stream` until the server closes it (or `limit` passes);
@@ -79,6 +80,33 @@ async fn a_connection_that_sends_no_whole_head_within_the_read_timeout_is_closed
     assert!(closed, "an idle connection was kept {:?}", started.elapsed());
 
     // A client that sends its request at once is served as before.
+    let health = reqwest::get(format!("{}/healthz", serve.address)).await.unwrap();
+    assert_eq!(health.status(), 200);
+}
+
+/// Review AY: a client that pipelines requests and reads none of the
+/// answers kept its connection, and the answers queued for it, for ever.
+async fn a_client_that_reads_no_answer_loses_its_connection_after_the_read_timeout(app: TestApp) {
+    use tokio::io::AsyncWriteExt as _;
+    let serve = ServeProcess::start(&app.database_url, &["--no-jobs", "--read-timeout", "1"], &[]).await;
+    let address: std::net::SocketAddr = serve.address.trim_start_matches("http://").parse().unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    // A small window; the answers (about 1 KiB each) still need to pass
+    // the server's own send buffer (up to 4 MiB) before its writes wait.
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(address).await.unwrap();
+    let requests = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(20_000);
+    // The server stops reading requests once its answers back up, so the
+    // sending stops too; it fails once the server gives up.
+    let _ = tokio::time::timeout(Duration::from_secs(3), stream.write_all(requests.as_bytes())).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (answers, closed) = read_until_closed(&mut stream, Duration::from_secs(20)).await;
+    let answered = answers.matches("HTTP/1.1 200").count();
+    assert!(closed, "the connection stayed open ({answered} answers read)");
+    assert!(
+        answered < 20_000,
+        "all {answered} answers were kept for a client that read none"
+    );
     let health = reqwest::get(format!("{}/healthz", serve.address)).await.unwrap();
     assert_eq!(health.status(), 200);
 }
