@@ -38,9 +38,10 @@ pub struct Settings {
     /// How long `serve` waits, from the signal, for the requests and the job
     /// run in flight once asked to stop.
     pub shutdown_grace: std::time::Duration,
-    /// How long `serve` waits for a request's head, and then for its body,
-    /// before it drops the connection (head) or answers 408 (body); also how
-    /// long an idle keep-alive connection is kept.
+    /// How long `serve` waits for a request's head (and an idle kept-alive
+    /// connection for its next one) and for the client to take an answer
+    /// before it drops the connection, and for a body (plus a second per
+    /// 16 KiB received) before it answers 408.
     pub read_timeout: std::time::Duration,
     /// The stores opened with these settings (and their clones), for
     /// [`OpenedStores::close_all`] on the way out.
@@ -84,10 +85,11 @@ impl std::fmt::Debug for OpenedStores {
 /// client that never finishes its body cannot hold the process.
 pub const DEFAULT_SHUTDOWN_GRACE_SECONDS: u64 = 30;
 
-/// How long `serve` waits for a request's head and then for its body, by
-/// default: a client on a slow link sends 10 MiB well within it, and a
-/// client that holds a connection open without sending (slowloris) loses
-/// it then, so a few hosts cannot hold every file descriptor.
+/// How long `serve` waits for a request's head, for its body (plus a second
+/// per 16 KiB received, so a slow but steady upload finishes) and for the
+/// client to take an answer, by default: a client that holds a connection
+/// open without sending or reading (slowloris) loses it then, so a few
+/// hosts cannot hold every file descriptor.
 pub const DEFAULT_READ_TIMEOUT_SECONDS: u64 = 30;
 
 impl Default for Settings {

@@ -30,7 +30,7 @@ pub fn cause_chain(e: &dyn std::error::Error) -> String {
 const DEFAULT_LOG_FILTER: &str = "info,sqlx=warn,tower_http=warn,tokio_cron_scheduler=warn";
 
 /// Sets up `tracing` to stderr, filtered by `RUST_LOG` (default
-/// [`DEFAULT_LOG_FILTER`]). A `RUST_LOG` that does not parse is said, not
+/// `DEFAULT_LOG_FILTER`). A `RUST_LOG` that does not parse is said, not
 /// silently replaced: an operator who asked for debug logs would wait for
 /// them in vain.
 pub fn init_tracing() {

@@ -76,8 +76,9 @@ pub enum Command {
         #[arg(long, env = "TALLY_SHUTDOWN_GRACE", default_value_t = app::DEFAULT_SHUTDOWN_GRACE_SECONDS,
               allow_negative_numbers = true, value_parser = app::parse_shutdown_grace)]
         shutdown_grace: u64,
-        /// Seconds to wait for a request's head (and for the next one on a kept-alive connection),
-        /// then for its body, before dropping the connection or answering 408.
+        /// Seconds to wait for a request's head (and for the next one on a kept-alive connection) and
+        /// for the client to take an answer, before dropping the connection; and for a body (plus a
+        /// second per 16 KiB received), before answering 408.
         #[arg(long, env = "TALLY_READ_TIMEOUT", default_value_t = app::DEFAULT_READ_TIMEOUT_SECONDS,
               allow_negative_numbers = true, value_parser = app::parse_read_timeout)]
         read_timeout: u64,

@@ -257,7 +257,7 @@ const MAX_DIGITS: usize = 28;
 /// Parses decimal text exactly, never rounding: `[+-]digits[.digits]`, with an
 /// optional exponent (`e`/`E`, then `[+-]digits`). The digits are shifted by
 /// the exponent as text, so "2.9999999999999999999999999999999e0" is refused
-/// (more than [`MAX_DIGITS`] significant digits) where `Decimal::from_scientific`
+/// (more than `MAX_DIGITS` significant digits) where `Decimal::from_scientific`
 /// would round it to 3; trailing fractional zeros are dropped first, so
 /// "1.000…0" of any length is 1.
 pub fn parse_decimal(text: &str) -> Result<Decimal, AmountError> {

@@ -338,7 +338,7 @@ impl CsvOutput {
         self.record(columns).map_err(ExportError::Header)
     }
 
-    /// Writes one row (RFC 4180 quoting: [`format::push_field`]).
+    /// Writes one row (RFC 4180 quoting: `format::push_field`).
     pub fn row<I, T>(&mut self, fields: I) -> Result<(), ExportError>
     where
         I: IntoIterator<Item = T>,

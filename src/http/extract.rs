@@ -45,7 +45,7 @@ fn body_deadline(
 /// A request body as raw bytes, with 413 past [`MAX_BODY_BYTES`], 400 on a
 /// broken stream and 408 when it arrives slower than the read timeout
 /// allows (`--read-timeout`, counted from the end of the head, extended by
-/// what arrives: [`body_deadline`]): a client that sends a byte now and
+/// what arrives: `body_deadline`): a client that sends a byte now and
 /// then must not hold a connection for ever.
 pub struct Body(pub Bytes);
 

@@ -46,8 +46,9 @@ pub struct AppState {
     pub keys: Arc<auth::KeyCache>,
     /// "Now" for the handlers (tests freeze it).
     pub clock: Clock,
-    /// How long a request's head, and then its body, may take to arrive
-    /// (`--read-timeout`).
+    /// How long a request's body may take to arrive, plus a second per
+    /// 16 KiB received (`--read-timeout`; the head and the answers are held
+    /// to it by [`Server::run`]).
     pub read_timeout: std::time::Duration,
 }
 
@@ -152,7 +153,8 @@ impl Server {
     /// Served through hyper rather than `axum::serve`, which gives hyper no
     /// timer: without one a connection that sends its head a byte at a time,
     /// or sends nothing after its first request, is kept for ever, and a few
-    /// hundred of them take every file descriptor (review AW).
+    /// hundred of them take every file descriptor (review AW). A client that
+    /// takes no answer is ended by [`connection::WriteDeadline`] (review AY).
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(hyper_util::rt::TokioTimer::new())

@@ -74,7 +74,7 @@ async fn connect_once(options: &PgConnectOptions, timeout: Duration) -> Result<(
 /// accept connections yet (SQLSTATE 57P03: starting up, recovering after a
 /// crash, a standby not yet promoted). Such a server says it will be ready,
 /// unlike one that refuses the connection or is not there, which fail at
-/// once ([`connect_once`]); a minute covers an ordinary start and crash
+/// once (`connect_once`); a minute covers an ordinary start and crash
 /// recovery, and a process manager's restart covers the rest.
 pub const START_WAIT: Duration = Duration::from_secs(60);
 
@@ -396,7 +396,7 @@ impl PgStore {
     }
 
     /// Connects to the database a `postgres://` URL names. One direct
-    /// connection is tried first ([`connect_once`], for at most
+    /// connection is tried first (`connect_once`, for at most
     /// [`CONNECT_TIMEOUT`]), so that a server that is down or out of reach
     /// fails at once with its cause rather than after the pool's wait.
     pub async fn connect(url: &str, catalog: Arc<Catalog>) -> Result<Self, OpenError> {
