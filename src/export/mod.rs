@@ -206,7 +206,7 @@ fn progress_line(rows: u64, elapsed: Duration) -> String {
     format!("{rows} {noun} after {:.1} s", elapsed.as_secs_f64())
 }
 
-/// Where an export goes. Lines are formatted by [`format`] (by the stores for
+/// Where an export goes. Lines are formatted by [`format`](mod@format) (by the stores for
 /// ledger and totals exports) and arrive here as whole lines.
 pub struct CsvOutput {
     writer: Box<dyn Write + Send>,
