@@ -5,7 +5,8 @@
 //! that pipelines requests and never reads kept its connection, and the
 //! answers queued for it, for ever (review AY). [`WriteDeadline`] fails a
 //! write that has made no progress for the read timeout, which ends the
-//! connection.
+//! connection; [`wake_writes_often`] makes sure a client that reads, however
+//! slowly, lets a write make progress well within it.
 
 use std::future::Future as _;
 use std::io;
@@ -14,6 +15,27 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::rt::{Read, ReadBufCursor, Write};
+
+/// Unsent bytes a socket holds before a write waits: TCP_NOTSENT_LOWAT. A
+/// waiting write is woken once half of them have been sent, that is, once
+/// the client has read about 16 KiB. Without it Linux wakes a writer only
+/// when a third of the send buffer is free, and the buffer grows to 4 MiB:
+/// a client reading a large answer at 20 KB/s was cut off by the stall
+/// timeout while it read (review AZ). What is in flight stays unbounded, so
+/// a fast client's throughput is not held back.
+const NOT_SENT_LOW_WATER: u32 = 32 * 1024;
+
+/// Sets [`NOT_SENT_LOW_WATER`] on an accepted socket (Linux; elsewhere the
+/// kernel's own wake-up applies, and a very slow reader of a large answer
+/// may be cut off by the write stall timeout).
+pub fn wake_writes_often(stream: &tokio::net::TcpStream) {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Err(error) = socket2::SockRef::from(stream).set_tcp_notsent_lowat(NOT_SENT_LOW_WATER) {
+        tracing::debug!(error = %error, "cannot set TCP_NOTSENT_LOWAT: {error}");
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = stream;
+}
 
 /// An I/O whose writes fail once one has waited `timeout` without progress.
 pub struct WriteDeadline<T> {

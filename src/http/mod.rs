@@ -176,6 +176,7 @@ impl Server {
             // Answers are small and sent whole: do not hold their last
             // segment back for the client's acknowledgement.
             let _ = stream.set_nodelay(true);
+            connection::wake_writes_often(&stream);
             let io = connection::WriteDeadline::new(hyper_util::rt::TokioIo::new(stream), self.read_timeout);
             let connection = http.serve_connection(io, service.clone());
             let connection = connections.watch(connection);

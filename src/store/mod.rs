@@ -1451,13 +1451,22 @@ pub(crate) fn sqlite_path(filename: &std::path::Path) -> std::path::PathBuf {
 /// (`user:secret@`) and in a `password=` query parameter, which PostgreSQL
 /// URLs take too.
 pub fn redact_url(url: &str) -> String {
-    // The user info ends at the last `@` before the query or fragment that
-    // follows the first `@`, so a password holding an unencoded `@`, `/`
-    // or `?` is hidden whole (review AY: `u:s3@cr/et@h` showed `cr/et` when
-    // the path's `/` ended it). A `@` in a path without a query hides the
-    // host too: more than needed, never less.
+    // The user info ends at the last `@` before the query or fragment, so a
+    // password holding an unencoded `@`, `/`, `?` or `#` is hidden whole
+    // (review AY: `u:s3@cr/et@h` showed `cr/et` when the path's `/` ended
+    // it). A `?` or `#` after the first `@` starts the query or fragment
+    // once a `/` has come before it, or when no `@` follows it before the
+    // next `/`; otherwise it is the password's (review AZ: `u:a@b?c@host`).
+    // A `@` in a path without a query hides the host too: more than
+    // needed, never less.
     let last_at = url.find('@').and_then(|first| {
-        let end = url[first..].find(['?', '#']).map_or(url.len(), |i| first + i);
+        let end = url[first..]
+            .match_indices(['?', '#'])
+            .map(|(i, _)| first + i)
+            .find(|&mark| {
+                url[first..mark].contains('/') || !url[mark..].split('/').next().is_some_and(|part| part.contains('@'))
+            })
+            .unwrap_or(url.len());
         url[..end].rfind('@')
     });
     let url = match last_at {
@@ -1772,6 +1781,11 @@ mod tests {
         assert_eq!(redact_url("u:s3cret@h/db"), "u:***@h/db");
         assert_eq!(redact_url("postgres:/u:s3cret@h/db"), "postgres:***@h/db");
         assert_eq!(redact_url("mysql://u:s3@cr/et@h/db"), "mysql://u:***@h/db");
+        assert_eq!(
+            redact_url("postgres://u:a@b?c@127.0.0.1:1/db"),
+            "postgres://u:***@127.0.0.1:1/db"
+        );
+        assert_eq!(redact_url("postgres://u:a@b#c@h/db"), "postgres://u:***@h/db");
     }
 
     use super::{AscendingKeys, sqlite_in_memory};

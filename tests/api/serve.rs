@@ -15,6 +15,7 @@ both!(
     a_connection_that_sends_no_whole_head_within_the_read_timeout_is_closed,
     a_body_that_does_not_arrive_within_the_read_timeout_is_answered_408_and_writes_nothing,
     a_client_that_reads_no_answer_loses_its_connection_after_the_read_timeout,
+    a_client_that_reads_a_large_answer_slowly_gets_all_of_it,
 );
 
 /// Reads from `stream` until the server closes it (or `limit` passes);
@@ -109,6 +110,63 @@ async fn a_client_that_reads_no_answer_loses_its_connection_after_the_read_timeo
     );
     let health = reqwest::get(format!("{}/healthz", serve.address)).await.unwrap();
     assert_eq!(health.status(), 200);
+}
+
+/// Review AZ: the write stall timeout cut off a client that was reading a
+/// large answer steadily but slowly (the kernel woke the waiting write only
+/// after megabytes had drained).
+async fn a_client_that_reads_a_large_answer_slowly_gets_all_of_it(app: TestApp) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let padding = "x".repeat(3_900);
+    let entries: Vec<serde_json::Value> = (0..1_000)
+        .map(|i| {
+            serde_json::json!({"account": "big", "resource": "api_requests", "amount": "1",
+                "idempotency_key": format!("big-{i}"), "metadata": {"pad": padding}})
+        })
+        .collect();
+    let posted = app.post_entries(serde_json::json!({ "entries": entries })).await;
+    assert_eq!(posted.status, 200, "{:?}", posted.body);
+    let admin_key = "tly_slow_reader_admin_key";
+    let serve = ServeProcess::start(
+        &app.database_url,
+        &["--no-jobs", "--read-timeout", "1"],
+        &[("TALLY_ADMIN_KEY", admin_key)],
+    )
+    .await;
+    let address: std::net::SocketAddr = serve.address.trim_start_matches("http://").parse().unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(address).await.unwrap();
+    let request = format!(
+        "GET /v1/accounts/big/entries?limit=1000 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {admin_key}\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    // About 80 KB/s for 3 s, three read timeouts: far slower than the
+    // answer (about 4 MB) could go, but never still.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let slow_until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < slow_until {
+        match tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => break,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("no byte for 2 s"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (rest, _) = read_until_closed(&mut stream, Duration::from_secs(20)).await;
+    got.extend_from_slice(rest.as_bytes());
+    let text = String::from_utf8_lossy(&got);
+    let (head, body) = text.split_once("\r\n\r\n").expect("a head");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length: "))
+        .expect("a content-length")
+        .parse()
+        .unwrap();
+    assert!(length > 3_000_000, "{length}");
+    assert_eq!(body.len(), length, "the answer was cut off");
 }
 
 /// Review AW: a body sent a byte now and then held its connection (and the
