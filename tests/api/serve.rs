@@ -18,6 +18,19 @@ both!(
     a_client_that_reads_a_large_answer_slowly_gets_all_of_it,
 );
 
+/// `tally serve --read-timeout 1` on `app`'s database with the admin key
+/// `admin_key`, and the address it listens on.
+async fn serve_with_a_one_second_read_timeout(app: &TestApp, admin_key: &str) -> (ServeProcess, std::net::SocketAddr) {
+    let serve = ServeProcess::start(
+        &app.database_url,
+        &["--no-jobs", "--read-timeout", "1"],
+        &[("TALLY_ADMIN_KEY", admin_key)],
+    )
+    .await;
+    let address = serve.address.trim_start_matches("http://").parse().expect("an address");
+    (serve, address)
+}
+
 /// Reads from `stream` until the server closes it (or `limit` passes);
 /// returns what was read and whether it closed.
 async fn read_until_closed(stream: &mut tokio::net::TcpStream, limit: Duration) -> (String, bool) {
@@ -39,11 +52,10 @@ async fn read_until_closed(stream: &mut tokio::net::TcpStream, limit: Duration) 
 /// few hundred such took every file descriptor. `--read-timeout` bounds both.
 async fn a_connection_that_sends_no_whole_head_within_the_read_timeout_is_closed(app: TestApp) {
     use tokio::io::AsyncWriteExt as _;
-    let serve = ServeProcess::start(&app.database_url, &["--no-jobs", "--read-timeout", "1"], &[]).await;
-    let host = serve.address.trim_start_matches("http://").to_owned();
+    let (serve, host) = serve_with_a_one_second_read_timeout(&app, "tly_read_timeout_admin_key").await;
 
     // A head sent a byte every 200 ms, never finished.
-    let mut slow = tokio::net::TcpStream::connect(&host).await.unwrap();
+    let mut slow = tokio::net::TcpStream::connect(host).await.unwrap();
     let started = Instant::now();
     let mut closed = false;
     for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa".iter() {
@@ -71,7 +83,7 @@ async fn a_connection_that_sends_no_whole_head_within_the_read_timeout_is_closed
     );
 
     // A kept-alive connection with nothing more to say.
-    let mut idle = tokio::net::TcpStream::connect(&host).await.unwrap();
+    let mut idle = tokio::net::TcpStream::connect(host).await.unwrap();
     idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
@@ -89,8 +101,7 @@ async fn a_connection_that_sends_no_whole_head_within_the_read_timeout_is_closed
 /// answers kept its connection, and the answers queued for it, for ever.
 async fn a_client_that_reads_no_answer_loses_its_connection_after_the_read_timeout(app: TestApp) {
     use tokio::io::AsyncWriteExt as _;
-    let serve = ServeProcess::start(&app.database_url, &["--no-jobs", "--read-timeout", "1"], &[]).await;
-    let address: std::net::SocketAddr = serve.address.trim_start_matches("http://").parse().unwrap();
+    let (serve, address) = serve_with_a_one_second_read_timeout(&app, "tly_read_timeout_admin_key").await;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     // A small window; the answers (about 1 KiB each) still need to pass
     // the server's own send buffer (up to 4 MiB) before its writes wait.
@@ -126,14 +137,8 @@ async fn a_client_that_reads_a_large_answer_slowly_gets_all_of_it(app: TestApp) 
         .collect();
     let posted = app.post_entries(serde_json::json!({ "entries": entries })).await;
     assert_eq!(posted.status, 200, "{:?}", posted.body);
-    let admin_key = "tly_slow_reader_admin_key";
-    let serve = ServeProcess::start(
-        &app.database_url,
-        &["--no-jobs", "--read-timeout", "1"],
-        &[("TALLY_ADMIN_KEY", admin_key)],
-    )
-    .await;
-    let address: std::net::SocketAddr = serve.address.trim_start_matches("http://").parse().unwrap();
+    let admin_key = "tly_read_timeout_admin_key";
+    let (_serve, address) = serve_with_a_one_second_read_timeout(&app, admin_key).await;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut stream = socket.connect(address).await.unwrap();
@@ -175,13 +180,7 @@ async fn a_client_that_reads_a_large_answer_slowly_gets_all_of_it(app: TestApp) 
 async fn a_body_that_does_not_arrive_within_the_read_timeout_is_answered_408_and_writes_nothing(app: TestApp) {
     use tokio::io::AsyncWriteExt as _;
     let admin_key = "tly_read_timeout_admin_key";
-    let serve = ServeProcess::start(
-        &app.database_url,
-        &["--no-jobs", "--read-timeout", "1"],
-        &[("TALLY_ADMIN_KEY", admin_key)],
-    )
-    .await;
-    let host = serve.address.trim_start_matches("http://").to_owned();
+    let (_serve, host) = serve_with_a_one_second_read_timeout(&app, admin_key).await;
     let body = format!(
         r#"{{"account": "slow", "resource": "api_requests", "amount": "1", "idempotency_key": "s-1", "occurred_at": "{}T12:00:00Z"}}"#,
         days_ago(1)
@@ -190,7 +189,7 @@ async fn a_body_that_does_not_arrive_within_the_read_timeout_is_answered_408_and
         "POST /v1/entries HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {admin_key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
-    let mut stream = tokio::net::TcpStream::connect(&host).await.unwrap();
+    let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
     stream.write_all(head.as_bytes()).await.unwrap();
     stream.write_all(&body.as_bytes()[..10]).await.unwrap();
     let started = Instant::now();
@@ -220,7 +219,7 @@ async fn a_body_that_does_not_arrive_within_the_read_timeout_is_answered_408_and
         &format!("Content-Length: {}", body.len()),
         &format!("Content-Length: {}", padded.len()),
     );
-    let mut stream = tokio::net::TcpStream::connect(&host).await.unwrap();
+    let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
     stream.write_all(head.as_bytes()).await.unwrap();
     let started = Instant::now();
     for chunk in padded.as_bytes().chunks(4096) {
