@@ -18,6 +18,28 @@ both!(
     a_client_that_reads_a_large_answer_slowly_gets_all_of_it,
 );
 
+/// Sends `serve` the head of an authorised POST and the first bytes of its
+/// 100-byte body, never the rest; returns the connection (to keep it open)
+/// and the log line saying the request is in flight (its headers read;
+/// tower_http logs it at debug), if it came within 10 s.
+async fn start_a_post_that_never_finishes(
+    serve: &mut ServeProcess,
+    admin_key: &str,
+) -> (std::net::TcpStream, Option<String>) {
+    let host_port = serve.address.trim_start_matches("http://").to_owned();
+    let mut slow = std::net::TcpStream::connect(&host_port).unwrap();
+    // Authorised, so that the handler waits for the body (a 401 reads none).
+    let head = format!(
+        "POST /v1/entries HTTP/1.1\r\nHost: tally\r\nAuthorization: Bearer {admin_key}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"account\": "
+    );
+    slow.write_all(head.as_bytes()).unwrap();
+    let in_flight = serve
+        .wait_for_stderr("method=POST path=/v1/entries", Duration::from_secs(10))
+        .await;
+    (slow, in_flight)
+}
+
 /// `tally serve --read-timeout 1` on `app`'s database with the admin key
 /// `admin_key`, and the address it listens on.
 async fn serve_with_a_one_second_read_timeout(app: &TestApp, admin_key: &str) -> (ServeProcess, std::net::SocketAddr) {
@@ -251,16 +273,7 @@ async fn no_job_run_starts_after_the_stop_signal_while_requests_finish(app: Test
         ],
     )
     .await;
-    let host_port = serve.address.trim_start_matches("http://").to_owned();
-    let mut slow = std::net::TcpStream::connect(&host_port).unwrap();
-    let head = format!(
-        "POST /v1/entries HTTP/1.1\r\nHost: tally\r\nAuthorization: Bearer {admin_key}\r\n\
-         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"account\": "
-    );
-    slow.write_all(head.as_bytes()).unwrap();
-    let in_flight = serve
-        .wait_for_stderr("method=POST path=/v1/entries", Duration::from_secs(10))
-        .await;
+    let (slow, in_flight) = start_a_post_that_never_finishes(&mut serve, admin_key).await;
     assert!(in_flight.is_some(), "{}", serve.stderr());
     serve.terminate();
     let stopping = serve
@@ -308,18 +321,7 @@ async fn a_hangup_is_ignored_and_a_client_that_never_finishes_cannot_hold_the_sh
     let health = reqwest::get(format!("{}/healthz", serve.address)).await.unwrap();
     assert_eq!(health.status(), 200);
 
-    let host_port = serve.address.trim_start_matches("http://");
-    let mut slow = std::net::TcpStream::connect(host_port).unwrap();
-    // Authorised, so that the handler waits for the body (a 401 reads none).
-    let head = format!(
-        "POST /v1/entries HTTP/1.1\r\nHost: tally\r\nAuthorization: Bearer {admin_key}\r\n\
-         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"account\": "
-    );
-    slow.write_all(head.as_bytes()).unwrap();
-    // The request is in flight once the server has read its headers.
-    let in_flight = serve
-        .wait_for_stderr("method=POST path=/v1/entries", Duration::from_secs(10))
-        .await;
+    let (slow, in_flight) = start_a_post_that_never_finishes(&mut serve, admin_key).await;
     assert!(
         in_flight.is_some_and(|line| line.contains("started processing request")),
         "{}",
