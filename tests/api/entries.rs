@@ -17,6 +17,7 @@ both!(
     a_batch_reports_every_entry_in_request_order,
     a_batch_with_one_conflict_writes_nothing,
     a_key_repeated_inside_one_batch_is_created_once,
+    a_key_repeated_inside_one_batch_with_another_instant_or_resource_is_a_conflict,
     amounts_given_as_json_numbers_are_parsed_exactly,
     a_reversal_appends_the_opposite_amount_once,
     reversing_a_missing_entry_is_404,
@@ -192,6 +193,24 @@ async fn a_key_repeated_inside_one_batch_is_created_once(app: TestApp) {
         .await;
     assert_eq!(conflicting.status, 409);
     assert_eq!(app.count_entries().await, 1);
+}
+
+async fn a_key_repeated_inside_one_batch_with_another_instant_or_resource_is_a_conflict(app: TestApp) {
+    let at = |days: i64| {
+        json!({"account": "acme", "resource": "api_requests", "amount": "1",
+               "idempotency_key": "twice", "occurred_at": days_ago_at(days, "10:00:00")})
+    };
+    let other_instant = app.post_entries(json!({"entries": [at(1), at(2)]})).await;
+    assert_eq!(other_instant.status, 409, "{:?}", other_instant.body);
+    assert_eq!(other_instant.code(), "idempotency_conflict");
+    let other_resource = app
+        .post_entries(json!({"entries": [
+            entry("acme", "api_requests", "1", "twice"),
+            entry("acme", "llm_tokens", "1", "twice"),
+        ]}))
+        .await;
+    assert_eq!(other_resource.status, 409, "{:?}", other_resource.body);
+    assert_eq!(app.count_entries().await, 0);
 }
 
 async fn amounts_given_as_json_numbers_are_parsed_exactly(app: TestApp) {

@@ -24,6 +24,7 @@ const INVOICE_HEADER_OF_API_MD: [&str; 8] = [
 both!(
     an_export_stopped_by_ctrl_c_or_sigterm_leaves_no_file_behind,
     an_entries_export_matches_the_ledger_row_by_row_with_rfc4180_quoting,
+    an_entries_export_takes_from_its_first_instant_and_stops_before_to,
     daily_and_monthly_exports_match_an_independent_sum_of_the_ledger,
     an_entries_export_reimports_to_the_same_ledger,
     an_as_of_export_is_reproducible_after_late_entries_and_reversals,
@@ -176,6 +177,22 @@ async fn an_entries_export_matches_the_ledger_row_by_row_with_rfc4180_quoting(ap
     let keys: Vec<_> = filtered[1..].iter().map(|r| r[6].as_str()).collect();
     // The reversal takes the instant of what it reverses, so it falls in the range.
     assert_eq!(keys, ["a1", "a2", "undo-a2"]);
+}
+
+async fn an_entries_export_takes_from_its_first_instant_and_stops_before_to(app: TestApp) {
+    seed(&app).await;
+    let dir = tempfile::tempdir().unwrap();
+    // No filter: g1 (2026-09-30T23:59:59Z) is the range's last row, g2 (exactly
+    // 2026-10-01T00:00:00Z) the first past it; a4 (2026-08-31) is before it.
+    let rows = export(
+        &app,
+        dir.path(),
+        "september.csv",
+        &["export", "entries", "--from", "2026-09-01", "--to", "2026-10-01"],
+    );
+    let mut keys: Vec<_> = rows[1..].iter().map(|r| r[6].as_str()).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["a1", "a2", "a3", "g1"]);
 }
 
 async fn daily_and_monthly_exports_match_an_independent_sum_of_the_ledger(app: TestApp) {
