@@ -1242,6 +1242,63 @@ async fn on_postgres_rows_committed_below_the_cursors_id_still_fold_in_bounded_b
     assert!(app.store.verify_totals().await.unwrap().is_empty());
 }
 
+/// A backlog of more than one batch behind an open transaction waits for it:
+/// the batch walk folds no row of a transaction newer than the oldest one
+/// still open, or the cursor would pass that one's rows and never fold them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_backlog_of_several_batches_waits_for_an_older_open_transaction() {
+    let Some(app) = TestApp::spawn(Backend::Postgres).await else {
+        return;
+    };
+    let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
+    let mut open = pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *open)
+        .await
+        .unwrap();
+    for i in 0..25 {
+        sqlx::query(
+            "INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key)
+             VALUES ('acme', 'api_requests', 2, '2026-05-01T12:00:00Z', now(), $1)",
+        )
+        .bind(format!("later-{i}"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let options = RollupOptions {
+        batch_size: 10,
+        max_batch_size: Some(10),
+        failpoint: None,
+    };
+    let report = app.rollup_with(options).await.unwrap();
+    assert_eq!(
+        report.entries, 0,
+        "every committed row is newer than the open transaction"
+    );
+    sqlx::query(
+        "INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key)
+         VALUES ('acme', 'api_requests', 7, '2026-05-01T13:00:00Z', now(), 'open')",
+    )
+    .execute(&mut *open)
+    .await
+    .unwrap();
+    open.commit().await.unwrap();
+    // xmin is cluster-wide: another test's open transaction can hold a run
+    // back, so retry until every row is folded.
+    let mut folded = 0;
+    for _ in 0..200 {
+        folded += app.rollup_with(options).await.unwrap().entries;
+        if folded >= 26 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(folded, 26);
+    assert_eq!(app.daily_total("acme", "api_requests", "2026-05-01").await, 57);
+    assert!(app.store.verify_totals().await.unwrap().is_empty());
+}
+
 /// Two `tally serve` processes on one PostgreSQL, both firing the rollup every
 /// second while entries arrive: every entry is folded exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
