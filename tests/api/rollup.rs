@@ -1174,6 +1174,23 @@ async fn on_sqlite_a_rollup_that_folds_everything_adds_no_note() {
     assert!(!String::from_utf8_lossy(&run.stderr).contains("note:"), "{run:?}");
 }
 
+/// Rollup runs until `expected` entries are folded (or 200 tries): PostgreSQL's
+/// xmin is cluster-wide, so another test's open transaction can hold a run
+/// back. The entries and batches of all the runs.
+async fn fold_until(app: &TestApp, options: RollupOptions, expected: u64) -> (u64, u64) {
+    let (mut entries, mut batches) = (0, 0);
+    for _ in 0..200 {
+        let report = app.rollup_with(options).await.unwrap();
+        entries += report.entries;
+        batches += report.batches;
+        if entries >= expected {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    (entries, batches)
+}
+
 /// A batch stays within its bound even when the backlog hides below the
 /// cursor's id: rows of a long transaction (ids taken early) commit after an
 /// older transaction's later id was folded.
@@ -1213,30 +1230,14 @@ async fn on_postgres_rows_committed_below_the_cursors_id_still_fold_in_bounded_b
         max_batch_size: Some(10),
         failpoint: None,
     };
-    // xmin is cluster-wide: another test's open transaction can hold a run
-    // back, so each step retries until its rows are folded.
-    let app = &app;
-    let fold_until = |expected: u64| async move {
-        let (mut entries, mut batches) = (0, 0);
-        for _ in 0..200 {
-            let report = app.rollup_with(options).await.unwrap();
-            entries += report.entries;
-            batches += report.batches;
-            if entries >= expected {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-        }
-        (entries, batches)
-    };
     assert_eq!(
-        fold_until(1).await,
+        fold_until(&app, options, 1).await,
         (1, 1),
         "only the older transaction's row (the highest id) is foldable"
     );
     long.commit().await.unwrap();
     // Its 25 rows all have ids below the cursor's: by ids nothing is left.
-    assert_eq!(fold_until(25).await, (25, 3), "batches of at most 10");
+    assert_eq!(fold_until(&app, options, 25).await, (25, 3), "batches of at most 10");
     assert_eq!(app.daily_total("acme", "api_requests", "2026-05-01").await, 50);
     assert_eq!(app.daily_total("acme", "api_requests", "2026-05-02").await, 7);
     assert!(app.store.verify_totals().await.unwrap().is_empty());
@@ -1284,17 +1285,7 @@ async fn on_postgres_a_backlog_of_several_batches_waits_for_an_older_open_transa
     .await
     .unwrap();
     open.commit().await.unwrap();
-    // xmin is cluster-wide: another test's open transaction can hold a run
-    // back, so retry until every row is folded.
-    let mut folded = 0;
-    for _ in 0..200 {
-        folded += app.rollup_with(options).await.unwrap().entries;
-        if folded >= 26 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
-    assert_eq!(folded, 26);
+    assert_eq!(fold_until(&app, options, 26).await.0, 26);
     assert_eq!(app.daily_total("acme", "api_requests", "2026-05-01").await, 57);
     assert!(app.store.verify_totals().await.unwrap().is_empty());
 }
