@@ -1087,12 +1087,7 @@ async fn on_postgres_a_rollup_held_back_by_an_open_transaction_says_so() {
         return;
     };
     let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
-    let mut open = pool.begin().await.unwrap();
-    // A transaction id taken and held: the cluster's xmin stays below it.
-    sqlx::query("SELECT pg_current_xact_id()")
-        .execute(&mut *open)
-        .await
-        .unwrap();
+    let open = transaction_holding_an_id(&pool).await;
     let posted = app
         .post_entries(
             serde_json::json!({"account": "acme", "resource": "api_requests", "amount": 5,
@@ -1141,11 +1136,7 @@ async fn on_postgres_a_rollup_that_folds_some_still_names_the_held_back_rest() {
     let entry = |key: &str| serde_json::json!({"account": "acme", "resource": "api_requests", "amount": 1, "idempotency_key": key});
     assert_eq!(app.post_entries(entry("early")).await.status, 200);
     let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
-    let mut open = pool.begin().await.unwrap();
-    sqlx::query("SELECT pg_current_xact_id()")
-        .execute(&mut *open)
-        .await
-        .unwrap();
+    let open = transaction_holding_an_id(&pool).await;
     assert_eq!(app.post_entries(entry("held")).await.status, 200);
     // Usually this run folds "early" (other tests' transactions may hold it
     // back too); either way "held" stays out, and the note must say so.
@@ -1172,6 +1163,17 @@ async fn on_sqlite_a_rollup_that_folds_everything_adds_no_note() {
         "{run:?}"
     );
     assert!(!String::from_utf8_lossy(&run.stderr).contains("note:"), "{run:?}");
+}
+
+/// A transaction that has taken its id and stays open: PostgreSQL's xmin
+/// stays at or below it until it ends, so newer transactions' rows wait.
+async fn transaction_holding_an_id(pool: &sqlx::PgPool) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut open = pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *open)
+        .await
+        .unwrap();
+    open
 }
 
 /// Rollup runs until `expected` entries are folded (or 200 tries): PostgreSQL's
@@ -1201,11 +1203,7 @@ async fn on_postgres_rows_committed_below_the_cursors_id_still_fold_in_bounded_b
     };
     let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
     // `older` takes its transaction id first, so it sorts before `long`.
-    let mut older = pool.begin().await.unwrap();
-    sqlx::query("SELECT pg_current_xact_id()")
-        .execute(&mut *older)
-        .await
-        .unwrap();
+    let mut older = transaction_holding_an_id(&pool).await;
     let mut long = pool.begin().await.unwrap();
     for i in 0..25 {
         sqlx::query(
@@ -1252,11 +1250,7 @@ async fn on_postgres_a_backlog_of_several_batches_waits_for_an_older_open_transa
         return;
     };
     let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
-    let mut open = pool.begin().await.unwrap();
-    sqlx::query("SELECT pg_current_xact_id()")
-        .execute(&mut *open)
-        .await
-        .unwrap();
+    let mut open = transaction_holding_an_id(&pool).await;
     for i in 0..25 {
         sqlx::query(
             "INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key)
