@@ -9,7 +9,9 @@ use tally::domain::entry::EntryRules;
 use tally::domain::{Amount, EntryFilter, EntryInput};
 
 use crate::both;
-use crate::helpers::{TestApp, batch_at, days_ago, entry};
+use sqlx::Connection;
+
+use crate::helpers::{Backend, TestApp, batch_at, days_ago, entry, entry_at, fresh_database};
 
 both!(
     the_database_refuses_to_update_or_delete_ledger_rows,
@@ -321,4 +323,150 @@ proptest! {
         let parsed = Amount::parse(&amount.to_string(), decimals).unwrap();
         prop_assert_eq!(parsed, amount);
     }
+}
+
+/// The day and the month of an instant are UTC's even when the operator's
+/// database defaults to another time zone (here UTC+14, where 23:30 UTC is
+/// already the next day). PostgreSQL turns instants into dates in the
+/// session's `TimeZone`; two guards keep that UTC: sqlx starts every session
+/// with `TimeZone=UTC` (a startup parameter, which beats database, role and
+/// `postgresql.conf` defaults), and Tally's SQL takes every date
+/// `AT TIME ZONE 'UTC'`. Either alone passes this test (review BA found that
+/// dropping the second fails nothing); it fails when both go, say with a
+/// driver that sets no `TimeZone`.
+#[tokio::test]
+async fn on_postgres_a_server_in_another_time_zone_still_counts_utc_days_and_months() {
+    let Some((url, _)) = fresh_database(Backend::Postgres).await else {
+        return;
+    };
+    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::raw_sql(
+        "DO $$ BEGIN
+             EXECUTE format('ALTER DATABASE %I SET timezone = %L', current_database(), 'Pacific/Kiritimati');
+         END $$",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    conn.close().await.unwrap();
+    let app = TestApp::spawn_on(Backend::Postgres, url, None, None).await;
+    assert_eq!(
+        app.scalar_i64(
+            "SELECT COUNT(*) FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase
+             WHERE d.datname = current_database() AND 'TimeZone=Pacific/Kiritimati' = ANY (s.setconfig)"
+        )
+        .await,
+        1,
+        "the premise: the database defaults to UTC+14"
+    );
+
+    let (day, next, after) = (days_ago(3), days_ago(2), days_ago(1));
+    for (amount, key, at) in [
+        ("3", "d1", format!("{day}T10:00:00Z")),
+        ("7", "d2", format!("{day}T23:30:00Z")),
+        ("5", "d3", format!("{next}T00:30:00Z")),
+    ] {
+        let posted = app.post_entries(entry_at("acme", "llm_tokens", amount, key, &at)).await;
+        assert_eq!(posted.status, 200, "{:?}", posted.body);
+    }
+    // A month boundary needs fixed dates, past the late-arrival horizon.
+    app.insert(&[
+        ("acme", "api_requests", "1", "m1", "2026-10-31T23:30:00Z"),
+        ("acme", "api_requests", "10", "m2", "2026-11-01T00:30:00Z"),
+    ])
+    .await;
+
+    let late_on_day = format!("{day}T23:45:00Z");
+    let reads = [
+        ("llm_tokens", late_on_day.as_str(), "10", format!("{day}T00:00:00Z")),
+        (
+            "api_requests",
+            "2026-10-31T23:45:00Z",
+            "1",
+            "2026-10-01T00:00:00Z".to_owned(),
+        ),
+    ];
+    for folded in [false, true] {
+        if folded {
+            assert_eq!(app.rollup().await.entries, 5);
+        }
+        for (resource, at, used, period_start) in &reads {
+            let check = app
+                .post(
+                    "/v1/quota/check",
+                    serde_json::json!({"account": "acme", "resource": resource, "at": at}),
+                )
+                .await;
+            assert_eq!(check.status, 200, "{:?}", check.body);
+            assert_eq!(
+                (&check.body["used"], &check.body["period_start"]),
+                (&serde_json::json!(used), &serde_json::json!(period_start)),
+                "check of {resource}, folded: {folded}"
+            );
+        }
+        assert_eq!(
+            series_points(&app, "llm_tokens", "day", &day, &after).await,
+            [(day.clone(), "10".to_owned()), (next.clone(), "5".to_owned())],
+            "folded: {folded}"
+        );
+        assert_eq!(
+            series_points(&app, "api_requests", "month", "2026-10-01", "2026-12-01").await,
+            [
+                ("2026-10-01".to_owned(), "1".to_owned()),
+                ("2026-11-01".to_owned(), "10".to_owned())
+            ],
+            "folded: {folded}"
+        );
+    }
+    assert_eq!(app.daily_total("acme", "llm_tokens", &day).await, 10);
+    assert_eq!(app.daily_total("acme", "llm_tokens", &next).await, 5);
+    assert_eq!(app.monthly_total("acme", "api_requests", "2026-10-01").await, 1);
+    assert_eq!(app.monthly_total("acme", "api_requests", "2026-11-01").await, 10);
+    assert!(app.store.verify_totals().await.unwrap().is_empty());
+
+    // A dated consume's window is the UTC day too: 2 more on top of the 10.
+    let consumed = app
+        .post(
+            "/v1/quota/consume",
+            serde_json::json!({"account": "acme", "resource": "llm_tokens", "amount": "2",
+                               "idempotency_key": "c1", "occurred_at": format!("{day}T23:50:00Z")}),
+        )
+        .await;
+    assert_eq!(consumed.status, 200, "{:?}", consumed.body);
+    assert_eq!(consumed.body["used"], "12");
+    let output = app.cli(&["export", "daily", "--from", &day, "--to", &after]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let csv = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        csv.contains(&format!("acme,llm_tokens,{day},12,3\n"))
+            && csv.contains(&format!("acme,llm_tokens,{next},5,1\n")),
+        "{csv}"
+    );
+}
+
+/// The points of a timeseries of `acme`, as (start, amount).
+async fn series_points(
+    app: &TestApp,
+    resource: &str,
+    granularity: &str,
+    from: &str,
+    to: &str,
+) -> Vec<(String, String)> {
+    let reply = app
+        .get(&format!(
+            "/v1/accounts/acme/timeseries?resource={resource}&granularity={granularity}&from={from}&to={to}"
+        ))
+        .await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    reply.body["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["start"].as_str().unwrap().to_owned(),
+                p["amount"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
 }
