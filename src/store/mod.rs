@@ -1450,54 +1450,54 @@ pub(crate) fn sqlite_path(filename: &std::path::Path) -> std::path::PathBuf {
 /// A URL with its password hidden, for messages: in the user info
 /// (`user:secret@`) and in a `password=` query parameter, which PostgreSQL
 /// URLs take too.
+///
+/// The rule is safe by construction rather than by parsing, because the URL
+/// a message shows may be the malformed one that failed (a password with an
+/// unencoded `@`, `/`, `?` or `#`), and each parsing heuristic before this
+/// one left some spelling showing part of a password (reviews AY, AZ, BB).
+/// A password sits between the user info's first `:` and an `@`, so
+/// everything from the first `:` after the scheme's `//` up to the *last*
+/// `@` anywhere is hidden; when a query value holds an `@` this hides the
+/// host and path too: more than needed, never less. `password=` query values
+/// are hidden first, each up to the next `&`, so one after the last `@`
+/// does not show either.
 pub fn redact_url(url: &str) -> String {
-    // The user info ends at the last `@` before the query or fragment, so a
-    // password holding an unencoded `@`, `/`, `?` or `#` is hidden whole
-    // (review AY: `u:s3@cr/et@h` showed `cr/et` when the path's `/` ended
-    // it). A `?` or `#` after the first `@` starts the query or fragment
-    // once a `/` has come before it, or when no `@` follows it before the
-    // next `/`; otherwise it is the password's (review AZ: `u:a@b?c@host`).
-    // A `@` in a path without a query hides the host too: more than
-    // needed, never less.
-    let last_at = url.find('@').and_then(|first| {
-        let end = url[first..]
-            .match_indices(['?', '#'])
-            .map(|(i, _)| first + i)
-            .find(|&mark| {
-                url[first..mark].contains('/') || !url[mark..].split('/').next().is_some_and(|part| part.contains('@'))
-            })
-            .unwrap_or(url.len());
-        url[..end].rfind('@')
-    });
-    let url = match last_at {
-        Some(at) => {
-            // The user info starts after `scheme://`, or at the start of a
-            // URL without it (`u:secret@host/db`, `postgres:/u:secret@…`),
-            // where everything from the first `:` is hidden.
-            let from = url
-                .find("://")
-                .filter(|&scheme| scheme < at)
-                .map_or(0, |scheme| scheme + 3);
-            match url[from..at].find(':') {
-                Some(colon) => format!("{}:***{}", &url[..from + colon], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        None => url.to_owned(),
+    let url = hide_query_passwords(url);
+    let Some(last_at) = url.rfind('@') else {
+        return url;
     };
-    match url.split_once('?') {
-        Some((base, query)) => {
-            let query: Vec<String> = query
-                .split('&')
-                .map(|pair| match pair.split_once('=') {
-                    Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
-                    _ => pair.to_owned(),
-                })
-                .collect();
-            format!("{base}?{}", query.join("&"))
-        }
+    // Without `//` (`u:secret@host/db`, `postgres:/u:secret@…`) everything
+    // from the first `:` is hidden.
+    let from = url
+        .find("://")
+        .filter(|&scheme| scheme < last_at)
+        .map_or(0, |scheme| scheme + 3);
+    match url[from..last_at].find(':') {
+        Some(colon) => format!("{}:***{}", &url[..from + colon], &url[last_at..]),
         None => url,
     }
+}
+
+/// `url` with the value of every `password=` parameter (any case, after a
+/// `?` or `&`) replaced by `***`, up to the next `&`.
+fn hide_query_passwords(url: &str) -> String {
+    const KEY: &str = "password=";
+    // ASCII lowercasing keeps every byte offset, so matches index `url` too.
+    let lower = url.to_ascii_lowercase();
+    let mut hidden = String::with_capacity(url.len());
+    let mut shown_from = 0;
+    for (key_at, _) in lower.match_indices(KEY) {
+        let starts_a_parameter = url[..key_at].ends_with(['?', '&']);
+        if key_at < shown_from || !starts_a_parameter {
+            continue;
+        }
+        let value_at = key_at + KEY.len();
+        hidden.push_str(&url[shown_from..value_at]);
+        hidden.push_str("***");
+        shown_from = url[value_at..].find('&').map_or(url.len(), |end| value_at + end);
+    }
+    hidden.push_str(&url[shown_from..]);
+    hidden
 }
 
 /// Opens the store a database URL names (`sqlite://…` or `postgres://…`).
@@ -1769,9 +1769,35 @@ mod tests {
             redact_url("postgres://tally:s3c/r?t@db/tally"),
             "postgres://tally:***@db/tally"
         );
+        // An `@` in a query value hides the host and path too: more than
+        // needed, never less.
         assert_eq!(
             redact_url("postgres://tally:s3cret@db/tally?application_name=a@b"),
-            "postgres://tally:***@db/tally?application_name=a@b"
+            "postgres://tally:***@b"
+        );
+    }
+
+    /// Review BB: an `@` in the query made the port's `:` look like the
+    /// password's, and the query pass then missed `password=`; an unencoded
+    /// `?` and `/` in a password showed the rest of it.
+    #[test]
+    fn a_password_stays_hidden_when_the_query_holds_an_at_sign() {
+        assert_eq!(
+            redact_url("postgres://db.example:5432/tally?application_name=ops@x&password=s3cret"),
+            "postgres://db.example:***@x&password=***"
+        );
+        assert_eq!(redact_url("postgres://u:a@b?c/d@host/db"), "postgres://u:***@host/db");
+        assert_eq!(
+            redact_url("postgres://h/db?PassWord=a@b&sslmode=require&password=c"),
+            "postgres://h/db?PassWord=***&sslmode=require&password=***"
+        );
+        assert_eq!(
+            redact_url("postgres://h/db?xpassword=shown"),
+            "postgres://h/db?xpassword=shown"
+        );
+        assert_eq!(
+            redact_url("postgres://u:p@[::1]:5432/db"),
+            "postgres://u:***@[::1]:5432/db"
         );
     }
 
