@@ -27,26 +27,31 @@ const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
 /// byte received moves the body's deadline on by 1/16 384 s, so a steady
 /// upload on a slow link finishes (10 MiB at 2 Mbit/s takes 42 s; review AY
 /// saw a fixed 30 s refuse one at 92 %), while a client that trickles a byte
-/// now and then is cut off after the read timeout.
+/// now and then is cut off after the read timeout. Credit earned this way
+/// never outlasts a silence longer than the read timeout (review BB: 10 MiB
+/// sent at once and then nothing held the connection for 11 minutes).
 pub const MIN_BODY_BYTES_PER_SECOND: u64 = 16 * 1024;
 
-/// When a body of which `received` bytes arrived must be done: the read
-/// timeout after `start`, plus a second for every
-/// [`MIN_BODY_BYTES_PER_SECOND`] received.
+/// When the next piece of a body of which `received` bytes arrived must
+/// come: the read timeout after `start`, plus a second for every
+/// [`MIN_BODY_BYTES_PER_SECOND`] received, but no later than the read
+/// timeout after the last piece (`last_arrival`).
 fn body_deadline(
     start: tokio::time::Instant,
+    last_arrival: tokio::time::Instant,
     read_timeout: std::time::Duration,
     received: usize,
 ) -> tokio::time::Instant {
     let received = u64::try_from(received).unwrap_or(u64::MAX);
-    start + read_timeout + std::time::Duration::from_millis(received.saturating_mul(1000) / MIN_BODY_BYTES_PER_SECOND)
+    let earned = std::time::Duration::from_millis(received.saturating_mul(1000) / MIN_BODY_BYTES_PER_SECOND);
+    (start + read_timeout + earned).min(last_arrival + read_timeout)
 }
 
 /// A request body as raw bytes, with 413 past [`MAX_BODY_BYTES`], 400 on a
 /// broken stream and 408 when it arrives slower than the read timeout
 /// allows (`--read-timeout`, counted from the end of the head, extended by
-/// what arrives: `body_deadline`): a client that sends a byte now and
-/// then must not hold a connection for ever.
+/// what arrives, and never a longer silence: `body_deadline`): a client that
+/// sends a byte now and then must not hold a connection for ever.
 pub struct Body(pub Bytes);
 
 impl FromRequest<AppState> for Body {
@@ -86,9 +91,12 @@ impl FromRequest<AppState> for Body {
         // Sized by what the client announces, but not reserved on its word
         // alone: a head is cheap to send, 10 MiB is not cheap to hold.
         let mut body = Vec::with_capacity(announced.unwrap_or(0).min(64 * 1024));
+        let mut last_arrival = start;
         loop {
-            let deadline = body_deadline(start, state.read_timeout, body.len());
+            let deadline = body_deadline(start, last_arrival, state.read_timeout, body.len());
             let Ok(next) = tokio::time::timeout_at(deadline, stream.next()).await else {
+                // Read before the drain, which may take seconds more.
+                let waited = start.elapsed();
                 let received = body.len();
                 drop(body);
                 // As for a 413: the client may still be sending, and closing
@@ -96,10 +104,11 @@ impl FromRequest<AppState> for Body {
                 drain(stream, received).await;
                 return Err(ApiError::RequestTimeout(format!(
                     "the request body came too slowly: {received} bytes{} in {} s, where the server waits \
-                     --read-timeout ({} s) plus a second for every {} bytes received; send it at once, or raise \
-                     the server's --read-timeout if the link is that slow",
+                     --read-timeout ({} s) plus a second for every {} bytes received, and never longer than \
+                     --read-timeout for the next piece; send it at once, or raise the server's --read-timeout \
+                     if the link is that slow",
                     announced.map_or_else(String::new, |bytes| format!(" of the {bytes} announced")),
-                    start.elapsed().as_secs(),
+                    waited.as_secs(),
                     state.read_timeout.as_secs(),
                     MIN_BODY_BYTES_PER_SECOND,
                 )));
@@ -113,6 +122,7 @@ impl FromRequest<AppState> for Body {
                 return Err(ApiError::PayloadTooLarge(too_large_message(&path)));
             }
             body.extend_from_slice(&chunk);
+            last_arrival = tokio::time::Instant::now();
         }
         if let Some(encoding) = encoding {
             return Err(ApiError::MalformedBody(format!(
