@@ -192,16 +192,23 @@ pub enum OpenError {
         seconds: u64,
     },
     /// The PostgreSQL server answered, but kept refusing connections as
-    /// not ready (SQLSTATE 57P03) for all of `seconds`.
+    /// not ready (SQLSTATE 57P03) for all of `seconds`, or answered so and
+    /// then could not be reached until then (`then_gone`).
     #[error(
-        "the PostgreSQL server did not accept connections within {seconds} s: {why}; if it is starting or \
-         recovering, start Tally again once it is up; if it is a standby, connect to the primary (or promote it)"
+        "the PostgreSQL server did not accept connections within {seconds} s: it answered {why:?}{}; if it is \
+         starting or recovering, start Tally again once it is up; if it is a standby, connect to the primary \
+         (or promote it)",
+        then_gone.as_ref().map_or_else(String::new, |gone| format!(", and later could not be reached: {gone}"))
     )]
     NotAcceptingConnections {
         /// How long it was waited for.
         seconds: u64,
-        /// What the server said, with its detail.
+        /// What the server last said, with its detail.
         why: String,
+        /// Why the last attempt failed, when the server had gone away
+        /// (restarting) rather than refused again.
+        #[source]
+        then_gone: Option<Box<OpenError>>,
     },
     /// The URL names a Unix socket that is not there.
     #[error(

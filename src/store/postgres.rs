@@ -64,8 +64,9 @@ async fn connect_once(options: &PgConnectOptions, timeout: Duration) -> Result<(
             None => Err(sqlx::Error::Io(source).into()),
         },
         Ok(Err(e)) => Err(e.into()),
+        // Rounded up: a last attempt of 250 ms did not answer "within 0 s".
         Err(_) => Err(OpenError::NoAnswer {
-            seconds: timeout.as_secs(),
+            seconds: timeout.as_secs() + u64::from(timeout.subsec_nanos() > 0),
         }),
     }
 }
@@ -74,7 +75,8 @@ async fn connect_once(options: &PgConnectOptions, timeout: Duration) -> Result<(
 /// accept connections yet (SQLSTATE 57P03: starting up, recovering after a
 /// crash, a standby not yet promoted). Such a server says it will be ready,
 /// unlike one that refuses the connection or is not there, which fail at
-/// once (`connect_once`); a minute covers an ordinary start and crash
+/// once (`connect_once`) unless the server has already answered 57P03 (see
+/// `wait_until_accepting`); a minute covers an ordinary start and crash
 /// recovery, and a process manager's restart covers the rest.
 pub const START_WAIT: Duration = Duration::from_secs(60);
 
@@ -90,12 +92,14 @@ const START_POLL: Duration = Duration::from_millis(250);
 async fn wait_until_accepting(options: &PgConnectOptions) -> Result<(), OpenError> {
     let started = tokio::time::Instant::now();
     let deadline = started + START_WAIT;
-    let mut told = false;
+    // What the server last said while refusing; set once it has.
+    let mut refused_why: Option<String> = None;
     loop {
         let attempt = CONNECT_TIMEOUT.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        // `Some` when the server went away after refusing.
         let error = match connect_once(options, attempt.max(START_POLL)).await {
             Ok(()) => {
-                if told {
+                if refused_why.is_some() {
                     tracing::info!(
                         waited_ms = started.elapsed().as_millis(),
                         "PostgreSQL now accepts connections, after {} ms",
@@ -105,30 +109,33 @@ async fn wait_until_accepting(options: &PgConnectOptions) -> Result<(), OpenErro
                 return Ok(());
             }
             Err(OpenError::Database(sqlx::Error::Database(db))) if db.code().as_deref() == Some("57P03") => {
-                OpenError::NotAcceptingConnections {
-                    seconds: START_WAIT.as_secs(),
-                    why: not_accepting_why(db.as_ref()),
+                let why = not_accepting_why(db.as_ref());
+                if refused_why.is_none() {
+                    tracing::warn!(
+                        why = %why,
+                        "PostgreSQL does not accept connections yet ({why}); waiting for it, at most {} s",
+                        START_WAIT.as_secs()
+                    );
                 }
+                refused_why = Some(why);
+                None
             }
             Err(
                 gone @ (OpenError::NoSocket { .. }
                 | OpenError::NoAnswer { .. }
                 | OpenError::Database(sqlx::Error::Io(_))),
-            ) if told => gone,
+            ) if refused_why.is_some() => Some(gone),
             Err(other) => return Err(other),
         };
         if tokio::time::Instant::now() + START_POLL >= deadline {
-            return Err(error);
-        }
-        if let OpenError::NotAcceptingConnections { why, .. } = &error
-            && !told
-        {
-            tracing::warn!(
-                why = %why,
-                "PostgreSQL does not accept connections yet ({why}); waiting for it, at most {} s",
-                START_WAIT.as_secs()
-            );
-            told = true;
+            // Only a refusal (57P03), or a failure after one, comes here, so
+            // the refusal is known: say it, with what ended the wait, rather
+            // than the last failure alone (review BB).
+            return Err(OpenError::NotAcceptingConnections {
+                seconds: START_WAIT.as_secs(),
+                why: refused_why.unwrap_or_default(),
+                then_gone: error.map(Box::new),
+            });
         }
         tokio::time::sleep(START_POLL).await;
     }
@@ -398,7 +405,9 @@ impl PgStore {
     /// Connects to the database a `postgres://` URL names. One direct
     /// connection is tried first (`connect_once`, for at most
     /// [`CONNECT_TIMEOUT`]), so that a server that is down or out of reach
-    /// fails at once with its cause rather than after the pool's wait.
+    /// fails at once with its cause rather than after the pool's wait; one
+    /// that answers it is not ready yet (57P03) is waited for, at most
+    /// [`START_WAIT`], and through a restart once it has answered so.
     pub async fn connect(url: &str, catalog: Arc<Catalog>) -> Result<Self, OpenError> {
         let options: PgConnectOptions = url.parse().map_err(|source| OpenError::PostgresUrl { source })?;
         // Consume's no-overshoot rests on READ COMMITTED (the total is read

@@ -392,8 +392,9 @@ async fn on_postgres_commands_and_serve_wait_for_a_server_that_does_not_accept_c
     drop(serve);
 
     // Review AY: a restart. The server first refuses as not ready (57P03,
-    // as while shutting down), then is gone for a moment (no socket), then
-    // accepts; the command waited until the first refusal only.
+    // as while shutting down), then is gone for a second (no socket), then
+    // accepts. The command waits through the gap: it used to stop waiting,
+    // and fail, at the first missing socket after the refusals.
     cluster
         .restart_as_standby_not_accepting_connections()
         .expect("the server restarts as a standby");
@@ -406,6 +407,7 @@ async fn on_postgres_commands_and_serve_wait_for_a_server_that_does_not_accept_c
             cluster.start_as_primary().expect("the server starts again");
         })
     };
+    let started = std::time::Instant::now();
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
         .args(["accounts", "show", "acme"])
         .env("TALLY_DATABASE_URL", &url)
@@ -413,8 +415,61 @@ async fn on_postgres_commands_and_serve_wait_for_a_server_that_does_not_accept_c
         .env("NO_COLOR", "1")
         .output()
         .expect("tally runs");
+    let elapsed = started.elapsed();
     restarter.join().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
     assert_eq!(stderr.matches(waiting).count(), 1, "{stderr}");
+    // The refusals, then the second without a server.
+    assert!(
+        elapsed >= std::time::Duration::from_millis(2500),
+        "the command answered after {elapsed:?}, before the server was back: {stderr}"
+    );
+}
+
+/// Review BB: a server that answered 57P03 and was then gone until the wait
+/// ended was reported by the last failure alone ("no socket", or "did not
+/// answer within 0 s"), as if Tally had not waited; the message says it
+/// waited, what the server answered, and that it then went away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_server_that_refused_and_then_went_away_is_reported_with_both() {
+    let Some(cluster) = own_pg_cluster() else {
+        return;
+    };
+    let cluster = std::sync::Arc::new(cluster);
+    cluster
+        .restart_as_standby_not_accepting_connections()
+        .expect("the server restarts as a standby");
+    let stopper = {
+        let cluster = cluster.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_secs(2));
+            cluster.stop_server().expect("the server stops");
+        })
+    };
+    // The whole start wait (tally::store::postgres::START_WAIT, a minute).
+    let started = std::time::Instant::now();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["accounts", "show", "acme"])
+        .env("TALLY_DATABASE_URL", cluster.admin_url())
+        .env("RUST_LOG", "warn")
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("tally runs");
+    let elapsed = started.elapsed();
+    stopper.join().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    // Less the last poll's quarter second, which would end past it.
+    assert!(
+        elapsed >= tally::store::postgres::START_WAIT - std::time::Duration::from_secs(1),
+        "{elapsed:?}: {stderr}"
+    );
+    assert!(
+        stderr.contains(
+            "the PostgreSQL server did not accept connections within 60 s: it answered \"the database system is \
+             not accepting connections: Hot standby mode is disabled.\", and later could not be reached: "
+        ),
+        "{stderr}"
+    );
 }
