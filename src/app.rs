@@ -496,14 +496,20 @@ impl Application {
         &self.state
     }
 
-    /// On a database with no key at all, creates one admin key and returns its
-    /// plaintext, to be shown once.
-    pub async fn bootstrap_admin_key(&self) -> anyhow::Result<Option<KeySecret>> {
+    /// On a database with no key at all, creates one admin key and hands its
+    /// plaintext to `show`, once; `false` when the database has keys. When
+    /// `show` fails the key is revoked: a key that valid that nobody saw
+    /// would be a secret lost somewhere (review BB: a failed stderr write
+    /// was ignored), and the error says how to make one instead.
+    pub async fn bootstrap_admin_key(
+        &self,
+        show: impl FnOnce(&KeySecret) -> std::io::Result<()>,
+    ) -> anyhow::Result<bool> {
         // Read first: a database that has keys needs no write here, so serve
         // starts on one that cannot be written (a standby, or
         // default_transaction_read_only) when its keys are in place.
         if !self.state.store.list_api_keys().await?.is_empty() {
-            return Ok(None);
+            return Ok(false);
         }
         let (secret, new) = new_key(Role::Admin, None, Some("bootstrap".into()))?;
         let created = self.state.store.create_first_api_key(&new).await.context(
@@ -511,7 +517,26 @@ impl Application {
              read-only (a standby, or default_transaction_read_only), create a key where it can be written \
              (`tally keys create --role admin`) or set TALLY_ADMIN_KEY",
         )?;
-        Ok(created.map(|_| secret))
+        let Some(created) = created else {
+            // Another replica stored its key first, and shows it.
+            return Ok(false);
+        };
+        if let Err(shown) = show(&secret) {
+            self.state.store.revoke_api_key(created.id).await.with_context(|| {
+                format!(
+                    "the bootstrap admin key (id {}) could not be shown ({shown}), and revoking it failed: revoke \
+                     it with `tally keys revoke {}`",
+                    created.id, created.id
+                )
+            })?;
+            return Err(anyhow::Error::new(shown).context(format!(
+                "the database had no API key, and the bootstrap admin key Tally created (id {}) could not be \
+                 written to stderr, so it was revoked; create an admin key with `tally keys create --role admin` \
+                 (it prints the key on stdout) or set TALLY_ADMIN_KEY, then start again",
+                created.id
+            )));
+        }
+        Ok(true)
     }
 
     /// A job runner over this application's store and metrics.

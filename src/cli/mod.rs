@@ -444,9 +444,20 @@ async fn serve(settings: Settings, with_jobs: bool) -> anyhow::Result<ExitCode> 
     // TALLY_ADMIN_KEY is a key: API.md creates one only where there is none.
     if settings.admin_key.is_some() {
         tracing::info!("no bootstrap key created: TALLY_ADMIN_KEY is accepted as the admin key");
-    } else if let Some(secret) = application.bootstrap_admin_key().await? {
-        stderr_line!("No API key existed, so Tally created this admin key. It is shown once; keep it:");
-        stderr_line!("{}", secret.expose());
+    } else if application
+        .bootstrap_admin_key(|secret| {
+            use std::io::Write as _;
+            let mut stderr = std::io::stderr().lock();
+            writeln!(
+                stderr,
+                "No API key existed, so Tally created this admin key. It is shown once; keep it:"
+            )?;
+            writeln!(stderr, "{}", secret.expose())?;
+            stderr.flush()
+        })
+        .await?
+    {
+        tracing::info!("created the bootstrap admin key, shown above");
     } else {
         tracing::info!(
             "no bootstrap key created: the database has keys (revoked ones count); \

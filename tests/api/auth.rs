@@ -20,6 +20,7 @@ both!(
     serve_on_a_database_without_keys_prints_one_admin_key_once_and_it_works,
     serve_with_tally_admin_key_creates_no_bootstrap_key,
     replicas_starting_at_once_on_a_database_without_keys_create_one_admin_key,
+    a_bootstrap_key_that_cannot_be_shown_is_revoked_and_serve_stops,
     the_bearer_scheme_is_read_whatever_its_case,
 );
 
@@ -331,6 +332,36 @@ async fn replicas_starting_at_once_on_a_database_without_keys_create_one_admin_k
     for mut replica in replicas {
         assert!(replica.stop().await.success(), "{}", replica.stderr());
     }
+}
+
+/// Review BB: the bootstrap key is shown once, on stderr; when that write
+/// failed (a full disk under the log) it was ignored, leaving a valid admin
+/// key nobody had seen. Now the key is revoked and serve stops, saying so.
+async fn a_bootstrap_key_that_cannot_be_shown_is_revoked_and_serve_stops(app: TestApp) {
+    assert_eq!(app.scalar_i64("SELECT COUNT(*) FROM api_keys").await, 0);
+    // Every write to /dev/full fails with "No space left on device".
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--no-jobs"])
+        .env("TALLY_DATABASE_URL", &app.database_url)
+        .env_remove("TALLY_ADMIN_KEY")
+        .stdout(std::process::Stdio::null())
+        .stderr(full)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("tally serve starts");
+    let status = tokio::time::timeout(std::time::Duration::from_secs(30), serve.wait())
+        .await
+        .expect("serve stops when it cannot show the key")
+        .unwrap();
+    assert!(!status.success(), "{status:?}");
+    assert_eq!(app.scalar_i64("SELECT COUNT(*) FROM api_keys").await, 1);
+    assert_eq!(
+        app.scalar_i64("SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL")
+            .await,
+        0,
+        "the key nobody saw is revoked"
+    );
 }
 
 /// API.md: `serve` on a database with no key at all creates one admin key and
