@@ -491,6 +491,18 @@ impl TestApp {
     /// rows whose transaction is below the cluster-wide xmin, and other tests'
     /// transactions in the same cluster hold that back for a moment.
     pub async fn rollup(&self) -> tally::jobs::rollup::RollupReport {
+        self.rollup_until(tally::jobs::rollup::RollupOptions::default(), None)
+            .await
+    }
+
+    /// [`TestApp::rollup`] with `options`, until `entries` entries are folded
+    /// (`None`: until none is left unfolded), for a test that holds some back
+    /// on purpose. Panics after 5 s.
+    pub async fn rollup_until(
+        &self,
+        options: tally::jobs::rollup::RollupOptions,
+        entries: Option<u64>,
+    ) -> tally::jobs::rollup::RollupReport {
         let mut total = tally::jobs::rollup::RollupReport {
             batches: 0,
             entries: 0,
@@ -498,18 +510,22 @@ impl TestApp {
             stopped: false,
         };
         for _ in 0..500 {
-            let report = self
-                .rollup_with(tally::jobs::rollup::RollupOptions::default())
-                .await
-                .unwrap();
+            let report = self.rollup_with(options).await.unwrap();
             total.batches += report.batches;
             total.entries += report.entries;
-            if self.store.oldest_unfolded().await.unwrap().is_none() {
+            let done = match entries {
+                Some(expected) => total.entries >= expected,
+                None => self.store.oldest_unfolded().await.unwrap().is_none(),
+            };
+            if done {
                 return total;
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        panic!("the rollup did not catch up within 5 s");
+        panic!(
+            "the rollup did not catch up within 5 s: {} entries folded, {entries:?} expected",
+            total.entries
+        );
     }
 
     /// Retries a rollup that should fail at a failpoint until it does (on
@@ -929,4 +945,15 @@ pub async fn until_a_backend_waits_on_a_lock(pool: &sqlx::PgPool, never: &str) {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     panic!("{never}");
+}
+
+/// A transaction that has taken its id and stays open: PostgreSQL's xmin
+/// stays at or below it until it ends, so newer transactions' rows wait.
+pub async fn transaction_holding_an_id(pool: &sqlx::PgPool) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut open = pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *open)
+        .await
+        .unwrap();
+    open
 }

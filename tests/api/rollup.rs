@@ -10,7 +10,7 @@ use tally::jobs::rollup::{FailAction, Failpoint, RollupOptions, Stage};
 use crate::both;
 use crate::helpers::{
     Backend, ServeProcess, TestApp, assert_used_exact_while_posting_and_rolling_up, days_ago_at, entry_at, metric,
-    rollup_every_second_jobs_dir, scrape_metrics, usage_row,
+    rollup_every_second_jobs_dir, scrape_metrics, transaction_holding_an_id, usage_row,
 };
 
 both!(
@@ -1165,34 +1165,6 @@ async fn on_sqlite_a_rollup_that_folds_everything_adds_no_note() {
     assert!(!String::from_utf8_lossy(&run.stderr).contains("note:"), "{run:?}");
 }
 
-/// A transaction that has taken its id and stays open: PostgreSQL's xmin
-/// stays at or below it until it ends, so newer transactions' rows wait.
-async fn transaction_holding_an_id(pool: &sqlx::PgPool) -> sqlx::Transaction<'static, sqlx::Postgres> {
-    let mut open = pool.begin().await.unwrap();
-    sqlx::query("SELECT pg_current_xact_id()")
-        .execute(&mut *open)
-        .await
-        .unwrap();
-    open
-}
-
-/// Rollup runs until `expected` entries are folded (or 200 tries): PostgreSQL's
-/// xmin is cluster-wide, so another test's open transaction can hold a run
-/// back. The entries and batches of all the runs.
-async fn fold_until(app: &TestApp, options: RollupOptions, expected: u64) -> (u64, u64) {
-    let (mut entries, mut batches) = (0, 0);
-    for _ in 0..200 {
-        let report = app.rollup_with(options).await.unwrap();
-        entries += report.entries;
-        batches += report.batches;
-        if entries >= expected {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
-    (entries, batches)
-}
-
 /// A batch stays within its bound even when the backlog hides below the
 /// cursor's id: rows of a long transaction (ids taken early) commit after an
 /// older transaction's later id was folded.
@@ -1229,13 +1201,17 @@ async fn on_postgres_rows_committed_below_the_cursors_id_still_fold_in_bounded_b
         failpoint: None,
     };
     assert_eq!(
-        fold_until(&app, options, 1).await,
+        {
+            let report = app.rollup_until(options, Some(1)).await;
+            (report.entries, report.batches)
+        },
         (1, 1),
         "only the older transaction's row (the highest id) is foldable"
     );
     long.commit().await.unwrap();
     // Its 25 rows all have ids below the cursor's: by ids nothing is left.
-    assert_eq!(fold_until(&app, options, 25).await, (25, 3), "batches of at most 10");
+    let report = app.rollup_until(options, Some(25)).await;
+    assert_eq!((report.entries, report.batches), (25, 3), "batches of at most 10");
     assert_eq!(app.daily_total("acme", "api_requests", "2026-05-01").await, 50);
     assert_eq!(app.daily_total("acme", "api_requests", "2026-05-02").await, 7);
     assert!(app.store.verify_totals().await.unwrap().is_empty());
@@ -1279,7 +1255,7 @@ async fn on_postgres_a_backlog_of_several_batches_waits_for_an_older_open_transa
     .await
     .unwrap();
     open.commit().await.unwrap();
-    assert_eq!(fold_until(&app, options, 26).await.0, 26);
+    assert_eq!(app.rollup_until(options, Some(26)).await.entries, 26);
     assert_eq!(app.daily_total("acme", "api_requests", "2026-05-01").await, 57);
     assert!(app.store.verify_totals().await.unwrap().is_empty());
 }
