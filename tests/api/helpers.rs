@@ -634,6 +634,8 @@ pub struct ServeProcess {
     stderr: Arc<std::sync::Mutex<Vec<String>>>,
     /// `http://127.0.0.1:PORT`, read from the process's own log.
     pub address: String,
+    /// The same address, for raw TCP.
+    socket: std::net::SocketAddr,
 }
 
 impl ServeProcess {
@@ -670,6 +672,7 @@ impl ServeProcess {
             child,
             stderr,
             address: String::new(),
+            socket: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
         };
         let marker = "tally listening on http://";
         let line = process
@@ -682,7 +685,13 @@ impl ServeProcess {
             .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
             .collect();
         process.address = format!("http://{host_port}");
+        process.socket = host_port.parse().expect("a socket address");
         process
+    }
+
+    /// The address it listens on, for raw TCP (`address` without `http://`).
+    pub fn socket_addr(&self) -> std::net::SocketAddr {
+        self.socket
     }
 
     /// Everything the process wrote on stderr so far.

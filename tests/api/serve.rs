@@ -26,8 +26,7 @@ async fn start_a_post_that_never_finishes(
     serve: &mut ServeProcess,
     admin_key: &str,
 ) -> (std::net::TcpStream, Option<String>) {
-    let host_port = serve.address.trim_start_matches("http://").to_owned();
-    let mut slow = std::net::TcpStream::connect(&host_port).unwrap();
+    let mut slow = std::net::TcpStream::connect(serve.socket_addr()).unwrap();
     // Authorised, so that the handler waits for the body (a 401 reads none).
     let head = format!(
         "POST /v1/entries HTTP/1.1\r\nHost: tally\r\nAuthorization: Bearer {admin_key}\r\n\
@@ -49,7 +48,7 @@ async fn serve_with_a_one_second_read_timeout(app: &TestApp, admin_key: &str) ->
         &[("TALLY_ADMIN_KEY", admin_key)],
     )
     .await;
-    let address = serve.address.trim_start_matches("http://").parse().expect("an address");
+    let address = serve.socket_addr();
     (serve, address)
 }
 
