@@ -163,9 +163,9 @@ impl Server {
         let connections = hyper_util::server::graceful::GracefulShutdown::new();
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
-            let stream = tokio::select! {
+            let (stream, peer) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
-                    Ok((stream, _)) => stream,
+                    Ok(accepted) => accepted,
                     Err(error) => {
                         wait_after_accept_error(&error).await;
                         continue;
@@ -183,8 +183,13 @@ impl Server {
             tokio::spawn(async move {
                 if let Err(error) = connection.await {
                     // A head not sent within the read timeout, a client gone
-                    // mid-request: the connection's end, not the server's.
-                    tracing::debug!(error = %error, "connection ended: {error}");
+                    // mid-request, one that took no answer: the
+                    // connection's end, not the server's. The peer says
+                    // which client, for an operator following one up.
+                    // hyper's own words ("error writing a body") hide the
+                    // cause: give the chain.
+                    let error = crate::telemetry::cause_chain(&error);
+                    tracing::debug!(peer = %peer, error = %error, "connection from {peer} ended: {error}");
                 }
             });
         }

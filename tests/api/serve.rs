@@ -45,7 +45,11 @@ async fn serve_with_a_one_second_read_timeout(app: &TestApp, admin_key: &str) ->
     let serve = ServeProcess::start(
         &app.database_url,
         &["--no-jobs", "--read-timeout", "1"],
-        &[("TALLY_ADMIN_KEY", admin_key)],
+        &[
+            ("TALLY_ADMIN_KEY", admin_key),
+            // Debug: a connection's end is logged at debug.
+            ("RUST_LOG", "info,tally::http=debug,sqlx=warn,tokio_cron_scheduler=warn"),
+        ],
     )
     .await;
     let address = serve.socket_addr();
@@ -122,7 +126,7 @@ async fn a_connection_that_sends_no_whole_head_within_the_read_timeout_is_closed
 /// answers kept its connection, and the answers queued for it, for ever.
 async fn a_client_that_reads_no_answer_loses_its_connection_after_the_read_timeout(app: TestApp) {
     use tokio::io::AsyncWriteExt as _;
-    let (serve, address) = serve_with_a_one_second_read_timeout(&app, "tly_read_timeout_admin_key").await;
+    let (mut serve, address) = serve_with_a_one_second_read_timeout(&app, "tly_read_timeout_admin_key").await;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     // A small window; the answers (about 1 KiB each) still need to pass
     // the server's own send buffer (up to 4 MiB) before its writes wait.
@@ -142,6 +146,14 @@ async fn a_client_that_reads_no_answer_loses_its_connection_after_the_read_timeo
     );
     let health = reqwest::get(format!("{}/healthz", serve.address)).await.unwrap();
     assert_eq!(health.status(), 200);
+    // Review BB: the log says which client, in the message and a field.
+    let client = stream.local_addr().unwrap();
+    let ended = serve
+        .wait_for_stderr(&format!("connection from {client} ended: "), Duration::from_secs(5))
+        .await;
+    let ended = ended.unwrap_or_else(|| panic!("no log of the connection's end: {}", serve.stderr()));
+    assert!(ended.contains("the client took no answer for 1 s"), "{ended}");
+    assert!(ended.contains(&format!("peer={client}")), "{ended}");
 }
 
 /// Review AZ: the write stall timeout cut off a client that was reading a
