@@ -193,12 +193,7 @@ async fn on_postgres_commands_and_serve_against_a_refused_port_fail_at_once_nami
         &["serve", "--listen", "127.0.0.1:0", "--no-jobs"],
     ] {
         let started = std::time::Instant::now();
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
-            .args(args)
-            .env("TALLY_DATABASE_URL", &url)
-            .env("RUST_LOG", "warn")
-            .output()
-            .expect("tally runs");
+        let output = tally_on(&url, args);
         let elapsed = started.elapsed();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success(), "{args:?}: {stderr}");
@@ -227,11 +222,7 @@ fn on_postgres_a_url_naming_a_missing_socket_names_the_socket() {
         "postgres://tally@localhost/tally?host={}&port=5999",
         folder.path().display()
     );
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["verify"])
-        .env("TALLY_DATABASE_URL", &url)
-        .output()
-        .expect("tally runs");
+    let output = tally_on(&url, &["verify"]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "{stderr}");
     let socket = format!("no PostgreSQL socket at {}/.s.PGSQL.5999", folder.path().display());
@@ -244,11 +235,7 @@ fn on_postgres_a_url_naming_a_missing_socket_names_the_socket() {
 #[test]
 fn an_unsupported_database_url_is_refused_without_repeating_its_password() {
     for url in ["Postgres://u:SECRETPW@127.0.0.1:1/db", "mysql://u:SECRETPW@h/db"] {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
-            .args(["usage", "acme"])
-            .env("TALLY_DATABASE_URL", url)
-            .output()
-            .expect("tally runs");
+        let output = tally_on(url, &["usage", "acme"]);
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success(), "{stderr}");
         assert!(stderr.contains("unsupported database URL"), "{stderr}");
@@ -262,14 +249,7 @@ fn an_unsupported_database_url_is_refused_without_repeating_its_password() {
 /// and does not repeat the URL (it may hold a password).
 #[test]
 fn a_postgres_url_without_a_host_is_told_the_form_that_works() {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["verify"])
-        .env(
-            "TALLY_DATABASE_URL",
-            "postgres://tally:s3cret@/tally?host=/run/postgresql",
-        )
-        .output()
-        .expect("tally runs");
+    let output = tally_on("postgres://tally:s3cret@/tally?host=/run/postgresql", &["verify"]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(
@@ -363,13 +343,7 @@ async fn on_postgres_commands_and_serve_wait_for_a_server_that_does_not_accept_c
     // A one-off command.
     let promoter = promote_later(&cluster);
     let started = std::time::Instant::now();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
-        .arg("migrate")
-        .env("TALLY_DATABASE_URL", &url)
-        .env("RUST_LOG", "warn")
-        .env("NO_COLOR", "1")
-        .output()
-        .expect("tally runs");
+    let output = tally_on(&url, &["migrate"]);
     let elapsed = started.elapsed();
     promoter.join().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -408,13 +382,7 @@ async fn on_postgres_commands_and_serve_wait_for_a_server_that_does_not_accept_c
         })
     };
     let started = std::time::Instant::now();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["accounts", "show", "acme"])
-        .env("TALLY_DATABASE_URL", &url)
-        .env("RUST_LOG", "warn")
-        .env("NO_COLOR", "1")
-        .output()
-        .expect("tally runs");
+    let output = tally_on(&url, &["accounts", "show", "acme"]);
     let elapsed = started.elapsed();
     restarter.join().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -449,13 +417,7 @@ async fn on_postgres_a_server_that_refused_and_then_went_away_is_reported_with_b
     };
     // The whole start wait (tally::store::postgres::START_WAIT, a minute).
     let started = std::time::Instant::now();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["accounts", "show", "acme"])
-        .env("TALLY_DATABASE_URL", cluster.admin_url())
-        .env("RUST_LOG", "warn")
-        .env("NO_COLOR", "1")
-        .output()
-        .expect("tally runs");
+    let output = tally_on(&cluster.admin_url(), &["accounts", "show", "acme"]);
     let elapsed = started.elapsed();
     stopper.join().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -472,4 +434,16 @@ async fn on_postgres_a_server_that_refused_and_then_went_away_is_reported_with_b
         ),
         "{stderr}"
     );
+}
+
+/// Runs `tally ARGS` on the database `url`, warnings and errors only, without
+/// colour, and waits for it.
+fn tally_on(url: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(args)
+        .env("TALLY_DATABASE_URL", url)
+        .env("RUST_LOG", "warn")
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("tally runs")
 }
