@@ -498,9 +498,12 @@ impl Application {
 
     /// On a database with no key at all, creates one admin key and hands its
     /// plaintext to `show`, once; `false` when the database has keys. When
-    /// `show` fails the key is revoked: a key that valid that nobody saw
-    /// would be a secret lost somewhere (review BB: a failed stderr write
-    /// was ignored), and the error says how to make one instead.
+    /// `show` fails the key is revoked: a valid key that nobody saw would be
+    /// a secret lost somewhere (review BB: a failed stderr write was
+    /// ignored), and the error says how to make one instead. The error
+    /// quotes `show`'s failure rather than keeping it as its cause, so a
+    /// broken pipe there is not taken for a reader that stopped reading,
+    /// which the command line ends quietly (review BC).
     pub async fn bootstrap_admin_key(
         &self,
         show: impl FnOnce(&KeySecret) -> std::io::Result<()>,
@@ -529,14 +532,22 @@ impl Application {
                     created.id, created.id
                 )
             })?;
-            return Err(anyhow::Error::new(shown).context(format!(
+            anyhow::bail!(
                 "the database had no API key, and the bootstrap admin key Tally created (id {}) could not be \
-                 written to stderr, so it was revoked; create an admin key with `tally keys create --role admin` \
+                 shown ({shown}), so it was revoked; create an admin key with `tally keys create --role admin` \
                  (it prints the key on stdout) or set TALLY_ADMIN_KEY, then start again",
                 created.id
-            )));
+            );
         }
         Ok(true)
+    }
+
+    /// Whether the database holds an admin key that is not revoked.
+    pub async fn has_active_admin_key(&self) -> anyhow::Result<bool> {
+        let keys = self.state.store.list_api_keys().await?;
+        Ok(keys
+            .iter()
+            .any(|key| key.role == Role::Admin && key.revoked_at.is_none()))
     }
 
     /// A job runner over this application's store and metrics.

@@ -21,6 +21,7 @@ both!(
     serve_with_tally_admin_key_creates_no_bootstrap_key,
     replicas_starting_at_once_on_a_database_without_keys_create_one_admin_key,
     a_bootstrap_key_that_cannot_be_shown_is_revoked_and_serve_stops,
+    a_bootstrap_key_lost_to_a_closed_stderr_pipe_is_a_failure_not_a_quiet_stop,
     the_bearer_scheme_is_read_whatever_its_case,
 );
 
@@ -350,6 +351,48 @@ async fn a_bootstrap_key_that_cannot_be_shown_is_revoked_and_serve_stops(app: Te
         .kill_on_drop(true)
         .spawn()
         .expect("tally serve starts");
+    let status = tokio::time::timeout(std::time::Duration::from_secs(30), serve.wait())
+        .await
+        .expect("serve stops when it cannot show the key")
+        .unwrap();
+    assert!(!status.success(), "{status:?}");
+    assert_eq!(app.scalar_i64("SELECT COUNT(*) FROM api_keys").await, 1);
+    assert_eq!(
+        app.scalar_i64("SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL")
+            .await,
+        0,
+        "the key nobody saw is revoked"
+    );
+    // Review BC: the revoked key counts as a key, so no bootstrap key comes
+    // again; the next start says that nobody can administer it.
+    let mut serve = ServeProcess::start(&app.database_url, &["--no-jobs"], &[]).await;
+    let warned = serve
+        .wait_for_stderr(
+            "no admin key is valid in this database",
+            std::time::Duration::from_secs(5),
+        )
+        .await;
+    assert!(warned.is_some_and(|line| line.contains("WARN")), "{}", serve.stderr());
+    assert!(serve.stop().await.success(), "{}", serve.stderr());
+}
+
+/// Review BC: a write to a pipe nobody reads fails with "broken pipe", which
+/// the command line takes for `tally export … | head` and ends quietly with
+/// status 0: a serve that revoked its unseen key and stopped looked to a
+/// process manager like a clean stop.
+async fn a_bootstrap_key_lost_to_a_closed_stderr_pipe_is_a_failure_not_a_quiet_stop(app: TestApp) {
+    let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--no-jobs"])
+        .env("TALLY_DATABASE_URL", &app.database_url)
+        .env_remove("TALLY_ADMIN_KEY")
+        // Nothing is logged before the key, which is the first write.
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("tally serve starts");
+    drop(serve.stderr.take());
     let status = tokio::time::timeout(std::time::Duration::from_secs(30), serve.wait())
         .await
         .expect("serve stops when it cannot show the key")
