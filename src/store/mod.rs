@@ -1460,51 +1460,64 @@ pub(crate) fn sqlite_path(filename: &std::path::Path) -> std::path::PathBuf {
 ///
 /// The rule is safe by construction rather than by parsing, because the URL
 /// a message shows may be the malformed one that failed (a password with an
-/// unencoded `@`, `/`, `?` or `#`), and each parsing heuristic before this
-/// one left some spelling showing part of a password (reviews AY, AZ, BB).
-/// A password sits between the user info's first `:` and an `@`, so
-/// everything from the first `:` after the scheme's `//` up to the *last*
-/// `@` anywhere is hidden; when a query value holds an `@` this hides the
-/// host and path too: more than needed, never less. `password=` query values
-/// are hidden first, each up to the next `&`, so one after the last `@`
-/// does not show either.
+/// unencoded `@`, `/`, `?`, `&` or `://`), and each parsing heuristic before
+/// this one left some spelling showing part of a password (reviews AY, AZ,
+/// BB, BC). Two kinds of span are found on the URL as given, and their union
+/// is hidden: a password sits between the user info's first `:` and an `@`,
+/// so everything from the first `:` after the scheme's `//` up to the *last*
+/// `@` anywhere; and the value of every parameter whose key decodes, as
+/// sqlx decodes it, to `password` in any case (`%70assword=` too), up to the
+/// next `&`. When a query value holds an `@` this hides the host and path
+/// too: more than needed, never less.
 pub fn redact_url(url: &str) -> String {
-    let url = hide_query_passwords(url);
-    let Some(last_at) = url.rfind('@') else {
-        return url;
-    };
-    // Without `//` (`u:secret@host/db`, `postgres:/u:secret@…`) everything
-    // from the first `:` is hidden.
-    let from = url
-        .find("://")
-        .filter(|&scheme| scheme < last_at)
-        .map_or(0, |scheme| scheme + 3);
-    match url[from..last_at].find(':') {
-        Some(colon) => format!("{}:***{}", &url[..from + colon], &url[last_at..]),
-        None => url,
+    let mut hidden: Vec<std::ops::Range<usize>> = query_password_spans(url).collect();
+    if let Some(last_at) = url.rfind('@') {
+        // Only a real scheme's `//` starts the user info; without one
+        // (`u:secret@host/db`, `postgres:/u:secret@…`) everything from the
+        // first `:` is hidden, a `://` inside a password included.
+        let from = scheme_with_slashes(url).filter(|&end| end < last_at).unwrap_or(0);
+        if let Some(colon) = url[from..last_at].find(':') {
+            hidden.push(from + colon + 1..last_at);
+        }
     }
+    hidden.sort_by_key(|span| span.start);
+    let mut redacted = String::with_capacity(url.len());
+    let mut shown_from = 0;
+    for span in hidden {
+        if span.start >= shown_from {
+            redacted.push_str(&url[shown_from..span.start]);
+            redacted.push_str("***");
+        }
+        shown_from = shown_from.max(span.end);
+    }
+    redacted.push_str(&url[shown_from..]);
+    redacted
 }
 
-/// `url` with the value of every `password=` parameter (any case, after a
-/// `?` or `&`) replaced by `***`, up to the next `&`.
-fn hide_query_passwords(url: &str) -> String {
-    const KEY: &str = "password=";
-    // ASCII lowercasing keeps every byte offset, so matches index `url` too.
-    let lower = url.to_ascii_lowercase();
-    let mut hidden = String::with_capacity(url.len());
-    let mut shown_from = 0;
-    for (key_at, _) in lower.match_indices(KEY) {
-        let starts_a_parameter = url[..key_at].ends_with(['?', '&']);
-        if key_at < shown_from || !starts_a_parameter {
-            continue;
-        }
-        let value_at = key_at + KEY.len();
-        hidden.push_str(&url[shown_from..value_at]);
-        hidden.push_str("***");
-        shown_from = url[value_at..].find('&').map_or(url.len(), |end| value_at + end);
-    }
-    hidden.push_str(&url[shown_from..]);
-    hidden
+/// Where the user info can start: just past `scheme://` when `url` starts
+/// with a valid scheme (RFC 3986: a letter, then letters, digits, `+`, `-`
+/// or `.`) followed by `://`.
+fn scheme_with_slashes(url: &str) -> Option<usize> {
+    let colon = url.find(':')?;
+    let scheme = &url[..colon];
+    let valid = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    (valid && url[colon..].starts_with("://")).then_some(colon + 3)
+}
+
+/// The spans of `url` holding a password parameter's value: after every
+/// `?` or `&`, a key that decodes to `password` (any case), from its `=` to
+/// the next `&` or the end.
+fn query_password_spans(url: &str) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+    url.match_indices(['?', '&']).filter_map(|(mark, _)| {
+        let key_at = mark + 1;
+        let pair_end = url[key_at..].find('&').map_or(url.len(), |end| key_at + end);
+        let equals = url[key_at..pair_end].find('=')? + key_at;
+        let (key, _) = form_urlencoded::parse(&url.as_bytes()[key_at..equals]).next()?;
+        key.eq_ignore_ascii_case("password").then_some(equals + 1..pair_end)
+    })
 }
 
 /// Opens the store a database URL names (`sqlite://…` or `postgres://…`).
@@ -1806,6 +1819,27 @@ mod tests {
             redact_url("postgres://u:p@[::1]:5432/db"),
             "postgres://u:***@[::1]:5432/db"
         );
+    }
+
+    /// Review BC: a percent-encoded key is the password to sqlx; a `://` in
+    /// a password without a scheme's `//`; `password=` inside a user-info
+    /// password swallowed the `@` when the query pass ran first.
+    #[test]
+    fn a_password_stays_hidden_however_its_key_or_its_text_is_spelled() {
+        assert_eq!(
+            redact_url("postgres://u@h/db?%70assword=SECRET"),
+            "postgres://u@h/db?%70assword=***"
+        );
+        assert_eq!(
+            redact_url("postgres://u@h/db?passw%6Frd=SECRET&x=1"),
+            "postgres://u@h/db?passw%6Frd=***&x=1"
+        );
+        assert_eq!(redact_url("u:SEC://RET@h/db"), "u:***@h/db");
+        assert_eq!(redact_url("postgres:/u:SEC://RET@h/db"), "postgres:***@h/db");
+        assert_eq!(redact_url("postgres:u:SEC://RET@h"), "postgres:***@h");
+        assert_eq!(redact_url("postgres://u:pw&password=x@h/db"), "postgres://u:***");
+        assert_eq!(redact_url("postgres://u:SEC?password=x@h/db"), "postgres://u:***");
+        assert_eq!(redact_url("postgres://h:1/db?password=p@x"), "postgres://h:***");
     }
 
     /// Review AY: forms the first rule missed, each shown whole.
