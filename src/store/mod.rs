@@ -195,10 +195,10 @@ pub enum OpenError {
     /// not ready (SQLSTATE 57P03) for all of `seconds`, or answered so and
     /// then could not be reached until then (`then_gone`).
     #[error(
-        "the PostgreSQL server did not accept connections within {seconds} s: it answered {why:?}{}; if it is \
+        "the PostgreSQL server did not accept connections within {seconds} s: it answered \"{why}\"{}; if it is \
          starting or recovering, start Tally again once it is up; if it is a standby, connect to the primary \
          (or promote it)",
-        then_gone.as_ref().map_or_else(String::new, |gone| format!(", and later could not be reached: {gone}"))
+        then_gone.as_deref().map_or_else(String::new, |gone| format!(", and later could not be reached ({})", gone.briefly()))
     )]
     NotAcceptingConnections {
         /// How long it was waited for.
@@ -206,8 +206,9 @@ pub enum OpenError {
         /// What the server last said, with its detail.
         why: String,
         /// Why the last attempt failed, when the server had gone away
-        /// (restarting) rather than refused again.
-        #[source]
+        /// (restarting) rather than refused again. Said in the message in
+        /// brief, without its advice on the URL (the URL had reached the
+        /// server), so not a source too.
         then_gone: Option<Box<OpenError>>,
     },
     /// The URL names a Unix socket that is not there.
@@ -280,6 +281,16 @@ pub enum OpenError {
 }
 
 impl OpenError {
+    /// What went wrong without the advice: for a failure quoted inside
+    /// another message.
+    fn briefly(&self) -> String {
+        match self {
+            Self::NoSocket { path, source } => format!("no socket at {path}: {source}"),
+            Self::NoAnswer { seconds } => format!("no answer within {seconds} s"),
+            other => crate::telemetry::cause_chain(other),
+        }
+    }
+
     /// Whether the error already says what to check, so a caller's general
     /// advice on opening a database would only mislead (a folder that must
     /// exist, for a folder that exists but is read-only).
