@@ -448,6 +448,18 @@ pub struct Application {
     reports_dir: PathBuf,
 }
 
+/// What [`Application::bootstrap_admin_key`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bootstrap {
+    /// The database had no key: one admin key was created and shown.
+    Created,
+    /// The database had keys, so none was created.
+    HadKeys {
+        /// Whether one of them is an admin key that is not revoked.
+        admin_valid: bool,
+    },
+}
+
 impl Application {
     /// Opens the store, runs migrations and binds the listener.
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
@@ -497,7 +509,8 @@ impl Application {
     }
 
     /// On a database with no key at all, creates one admin key and hands its
-    /// plaintext to `show`, once; `false` when the database has keys. When
+    /// plaintext to `show`, once; else says whether a valid admin key is
+    /// there, from the same read (revoked keys count as keys). When
     /// `show` fails the key is revoked: a valid key that nobody saw would be
     /// a secret lost somewhere (review BB: a failed stderr write was
     /// ignored), and the error says how to make one instead. The error
@@ -507,12 +520,16 @@ impl Application {
     pub async fn bootstrap_admin_key(
         &self,
         show: impl FnOnce(&KeySecret) -> std::io::Result<()>,
-    ) -> anyhow::Result<bool> {
+    ) -> anyhow::Result<Bootstrap> {
         // Read first: a database that has keys needs no write here, so serve
         // starts on one that cannot be written (a standby, or
         // default_transaction_read_only) when its keys are in place.
-        if !self.state.store.list_api_keys().await?.is_empty() {
-            return Ok(false);
+        let keys = self.state.store.list_api_keys().await?;
+        if !keys.is_empty() {
+            let admin_valid = keys
+                .iter()
+                .any(|key| key.role == Role::Admin && key.revoked_at.is_none());
+            return Ok(Bootstrap::HadKeys { admin_valid });
         }
         let (secret, new) = new_key(Role::Admin, None, Some("bootstrap".into()))?;
         let created = self.state.store.create_first_api_key(&new).await.context(
@@ -522,7 +539,7 @@ impl Application {
         )?;
         let Some(created) = created else {
             // Another replica stored its key first, and shows it.
-            return Ok(false);
+            return Ok(Bootstrap::HadKeys { admin_valid: true });
         };
         if let Err(shown) = show(&secret) {
             self.state.store.revoke_api_key(created.id).await.with_context(|| {
@@ -539,15 +556,7 @@ impl Application {
                 created.id
             );
         }
-        Ok(true)
-    }
-
-    /// Whether the database holds an admin key that is not revoked.
-    pub async fn has_active_admin_key(&self) -> anyhow::Result<bool> {
-        let keys = self.state.store.list_api_keys().await?;
-        Ok(keys
-            .iter()
-            .any(|key| key.role == Role::Admin && key.revoked_at.is_none()))
+        Ok(Bootstrap::Created)
     }
 
     /// A job runner over this application's store and metrics.

@@ -444,35 +444,35 @@ async fn serve(settings: Settings, with_jobs: bool) -> anyhow::Result<ExitCode> 
     // TALLY_ADMIN_KEY is a key: API.md creates one only where there is none.
     if settings.admin_key.is_some() {
         tracing::info!("no bootstrap key created: TALLY_ADMIN_KEY is accepted as the admin key");
-    } else if application
-        .bootstrap_admin_key(|secret| {
-            use std::io::Write as _;
-            let mut stderr = std::io::stderr().lock();
-            let shown = writeln!(
-                stderr,
-                "No API key existed, so Tally created this admin key. It is shown once; keep it:"
-            )
-            .and_then(|()| writeln!(stderr, "{}", secret.expose()))
-            .and_then(|()| stderr.flush());
-            shown.map_err(|e| std::io::Error::new(e.kind(), format!("writing it to stderr failed: {e}")))
-        })
-        .await?
-    {
-        tracing::info!("created the bootstrap admin key, shown above");
-    } else if application.has_active_admin_key().await? {
-        tracing::info!(
-            "no bootstrap key created: the database has keys (revoked ones count); \
-             `tally keys list` shows them, `tally keys create --role admin` makes another"
-        );
     } else {
-        // Revoked keys count as keys, so no bootstrap key comes again: say
-        // that nobody can administer this server (review BC: after a
-        // bootstrap key was revoked unseen, restarts were silent).
-        tracing::warn!(
-            "no admin key is valid in this database and TALLY_ADMIN_KEY is unset, so no request can use the \
-             admin endpoints; create one with `tally keys create --role admin` (revoked keys count as keys, so no \
-             bootstrap key is created)"
-        );
+        let bootstrap = application
+            .bootstrap_admin_key(|secret| {
+                use std::io::Write as _;
+                let mut stderr = std::io::stderr().lock();
+                let shown = writeln!(
+                    stderr,
+                    "No API key existed, so Tally created this admin key. It is shown once; keep it:"
+                )
+                .and_then(|()| writeln!(stderr, "{}", secret.expose()))
+                .and_then(|()| stderr.flush());
+                shown.map_err(|e| std::io::Error::new(e.kind(), format!("writing it to stderr failed: {e}")))
+            })
+            .await?;
+        match bootstrap {
+            app::Bootstrap::Created => tracing::info!("created the bootstrap admin key, shown above"),
+            app::Bootstrap::HadKeys { admin_valid: true } => tracing::info!(
+                "no bootstrap key created: the database has keys (revoked ones count); \
+                 `tally keys list` shows them, `tally keys create --role admin` makes another"
+            ),
+            // Revoked keys count as keys, so no bootstrap key comes again:
+            // say that nobody can administer this server (review BC: after a
+            // bootstrap key was revoked unseen, restarts were silent).
+            app::Bootstrap::HadKeys { admin_valid: false } => tracing::warn!(
+                "no admin key is valid in this database and TALLY_ADMIN_KEY is unset, so no request can use \
+                 the admin endpoints; create one with `tally keys create --role admin` (revoked keys count as \
+                 keys, so no bootstrap key is created)"
+            ),
+        }
     }
     tracing::info!(
         listen = %settings.listen,
