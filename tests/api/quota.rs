@@ -89,6 +89,39 @@ fn retry_after(reply: &Reply) -> Option<u64> {
 }
 
 async fn sixty_four_concurrent_consumers_at_a_hard_limit_of_1000_land_exactly_1000(app: TestApp) {
+    sixty_four_consumers_of_ai_generations_land_exactly_1000(app).await;
+}
+
+/// `ai_generations` with a per-minute rate far above what the test sends: a
+/// rate-limited consume is decided in Rust between the store's statements
+/// (`Store::consume`), not in the grouped call, so its no-overshoot rests on
+/// the per-(account, resource) lock alone.
+const RATED_AI_GENERATIONS: &str = r#"
+default_plan = "free"
+
+[resources.ai_generations]
+decimals = 0
+
+[plans.free]
+price = "0"
+
+[plans.free.limits.ai_generations]
+window = "month"
+limit = "50"
+enforcement = "hard"
+rate_per_minute = 1000000
+"#;
+
+/// The same 64 consumers on a rate-limited resource: the path that decides
+/// each consume in Rust, with the rate limiter's own state beside it.
+async fn sixty_four_concurrent_rate_limited_consumers_at_a_hard_limit_of_1000_land_exactly_1000(app: TestApp) {
+    sixty_four_consumers_of_ai_generations_land_exactly_1000(app).await;
+}
+both!(plans = RATED_AI_GENERATIONS; sixty_four_concurrent_rate_limited_consumers_at_a_hard_limit_of_1000_land_exactly_1000);
+
+/// 64 workers send 1 500 consumes of 1 `ai_generations` for `hot` (limit
+/// 1 000 by override) while rollups run: exactly 1 000 pass, 500 are 429.
+async fn sixty_four_consumers_of_ai_generations_land_exactly_1000(app: TestApp) {
     let set = app
         .put_admin(
             "/v1/accounts/hot/overrides/ai_generations",
