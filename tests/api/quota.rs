@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use chrono::{Datelike, Duration, SecondsFormat, Utc};
+use chrono::{Datelike, Duration, SecondsFormat, SubsecRound, Utc};
 use serde_json::{Value, json};
 
 use crate::both;
@@ -55,6 +55,7 @@ both!(
     an_override_with_another_window_counts_over_that_window_in_check_and_consume,
     a_consume_recorded_on_a_plan_without_a_rate_replays_its_first_outcome_after_a_downgrade_to_one,
     a_limit_lowered_while_a_consume_waits_for_the_lock_applies_to_it,
+    usage_recorded_while_a_consume_waits_for_the_lock_counts_against_it,
     plans_missing_from_the_catalog_count_the_accounts_on_them_now_or_later,
     a_stored_outcome_that_cannot_be_read_back_is_a_500_not_a_validation_error,
 );
@@ -1807,6 +1808,8 @@ async fn a_consume_with_the_key_of_a_posted_entry_records_nothing_and_answers_th
     assert_eq!(posted.status, 200, "{:?}", posted.body);
     let reply = consume(&app, "acme", "ai_generations", "45", "posted", None).await;
     assert_eq!(reply.status, 200, "{:?}", reply.body);
+    // The entry is recorded: allowed, though 45 more would not fit now.
+    assert_eq!(reply.body["allowed"], true, "{:?}", reply.body);
     assert_eq!(reply.body["used"], "45");
     assert_eq!(reply.body["status"], "warning");
     assert_eq!(
@@ -2588,15 +2591,6 @@ async fn a_limit_lowered_while_a_consume_waits_for_the_lock_applies_to_it(app: T
         .await;
     assert_eq!(put.status, 200, "{:?}", put.body);
     assert_eq!(consume(&app, "acme", "api_requests", "5", "a", None).await.status, 200);
-    let app = Arc::new(app);
-    // Answers the reply and when the request was sent.
-    let waiting_consume = |app: &Arc<TestApp>| {
-        let app = app.clone();
-        tokio::spawn(async move {
-            let sent = std::time::Instant::now();
-            (consume(&app, "acme", "api_requests", "1", "b", None).await, sent)
-        })
-    };
     // As the store writes an override: the current row and its history,
     // which decides (the override in force at an instant).
     let (changed_at, kept) = match app.backend {
@@ -2610,20 +2604,88 @@ async fn a_limit_lowered_while_a_consume_waits_for_the_lock_applies_to_it(app: T
              VALUES ('acme', 'api_requests', 5, {changed_at}, {kept})"
         ),
     ];
-    // The other process holds the consume lock (SQLite's write lock, taken
-    // by its UPDATE; PostgreSQL's advisory lock) with the lower limit
-    // written, until the consume has read what it reads before the lock.
-    let reply = match app.backend {
+    let app = Arc::new(app);
+    let reply = consume_1_while_another_process_writes_under_the_lock(&app, "api_requests", &lower).await;
+    assert_eq!(
+        (reply.status, reply.code()),
+        (429, "quota_exceeded"),
+        "{:?}",
+        reply.body
+    );
+    assert_eq!(reply.body["error"]["details"]["limit"], "5");
+    assert_eq!(reply.body["error"]["details"]["used"], "5");
+    assert_eq!(app.ledger_sum("acme", "api_requests").await, 5);
+}
+
+/// Usage another process records while a consume waits for the lock counts
+/// against that consume, on both of PostgreSQL's consume paths: a
+/// rate-limited resource (`api_requests`, decided in Rust between the
+/// store's statements) and one without a rate (`ai_generations`, decided
+/// in the grouped call). A `used` read before the lock, or no lock, lets the
+/// consume through past the limit.
+async fn usage_recorded_while_a_consume_waits_for_the_lock_counts_against_it(app: TestApp) {
+    let app = Arc::new(app);
+    for resource in ["api_requests", "ai_generations"] {
+        let put = app
+            .put_admin(
+                &format!("/v1/accounts/acme/overrides/{resource}"),
+                json!({"limit": "10"}),
+            )
+            .await;
+        assert_eq!(put.status, 200, "{:?}", put.body);
+        let first = consume(&app, "acme", resource, "5", &format!("first-{resource}"), None).await;
+        assert_eq!(first.status, 200, "{resource}: {:?}", first.body);
+        let now = match app.backend {
+            Backend::Sqlite => Utc::now().timestamp_micros().to_string(),
+            Backend::Postgres => "now()".to_owned(),
+        };
+        let five_more = format!(
+            "INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key) \
+             VALUES ('acme', '{resource}', 5, {now}, {now}, 'other-{resource}')"
+        );
+        let reply = consume_1_while_another_process_writes_under_the_lock(&app, resource, &[five_more]).await;
+        assert_eq!(
+            (reply.status, reply.code()),
+            (429, "quota_exceeded"),
+            "{resource}: {:?}",
+            reply.body
+        );
+        assert_eq!(reply.body["error"]["details"]["used"], "10", "{resource}");
+        assert_eq!(app.ledger_sum("acme", resource).await, 10, "{resource}");
+    }
+}
+
+/// Consumes 1 of `resource` for `acme` while another process holds the
+/// consume lock (SQLite's write lock, taken by its first write;
+/// PostgreSQL's advisory lock) and runs `writes`, committing them once the
+/// consume waits (PostgreSQL) or could be waiting (SQLite shows no waiter
+/// from outside). The consume's answer.
+async fn consume_1_while_another_process_writes_under_the_lock(
+    app: &Arc<TestApp>,
+    resource: &str,
+    writes: &[String],
+) -> Reply {
+    let consuming = {
+        let (app, resource) = (app.clone(), resource.to_owned());
+        move || {
+            tokio::spawn(async move {
+                let sent = std::time::Instant::now();
+                let key = format!("waiting-{resource}");
+                (consume(&app, "acme", &resource, "1", &key, None).await, sent)
+            })
+        }
+    };
+    match app.backend {
         Backend::Sqlite => {
             let pool = sqlx::SqlitePool::connect(&app.database_url).await.unwrap();
             let mut other = pool.begin().await.unwrap();
-            for sql in &lower {
+            for sql in writes {
                 sqlx::query(sql).execute(&mut *other).await.unwrap();
             }
-            let consuming = waiting_consume(&app);
-            // SQLite shows no waiter from outside: a settle time, and a
-            // check below that the request went out before the commit (it
-            // cannot show the consume waited on the lock, only that it could).
+            let consuming = consuming();
+            // A settle time, and a check below that the request went out
+            // before the commit (it cannot show the consume waited on the
+            // lock, only that it could).
             tokio::time::sleep(std::time::Duration::from_millis(300)).await;
             let committed = std::time::Instant::now();
             other.commit().await.unwrap();
@@ -2637,28 +2699,20 @@ async fn a_limit_lowered_while_a_consume_waits_for_the_lock_applies_to_it(app: T
         Backend::Postgres => {
             let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
             let mut other = pool.begin().await.unwrap();
-            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('acme' || chr(31) || 'api_requests', 7))")
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('acme' || chr(31) || $1, 7))")
+                .bind(resource)
                 .execute(&mut *other)
                 .await
                 .unwrap();
-            for sql in &lower {
+            for sql in writes {
                 sqlx::query(sql).execute(&mut *other).await.unwrap();
             }
-            let consuming = waiting_consume(&app);
+            let consuming = consuming();
             until_a_backend_waits_on_a_lock(&pool, "the consume never waited on the consume lock").await;
             other.commit().await.unwrap();
             consuming.await.unwrap().0
         }
-    };
-    assert_eq!(
-        (reply.status, reply.code()),
-        (429, "quota_exceeded"),
-        "{:?}",
-        reply.body
-    );
-    assert_eq!(reply.body["error"]["details"]["limit"], "5");
-    assert_eq!(reply.body["error"]["details"]["used"], "5");
-    assert_eq!(app.ledger_sum("acme", "api_requests").await, 5);
+    }
 }
 
 /// A plan whose rate limits a resource with decimals, 2 units a minute of
@@ -3488,4 +3542,166 @@ async fn a_consume_that_would_take_an_unlimited_or_soft_total_past_64_bits_is_42
         let fits = consume(&app, account, resource, "1", "fits", Some(&at)).await;
         assert_eq!(fits.status, 200, "{:?}", fits.body);
     }
+}
+
+both!(
+    an_amount_equal_to_the_whole_limit_is_told_to_retry_when_the_window_ends,
+    a_consume_up_to_a_soft_limit_warns_limit_reached_and_one_past_it_warns_of_overage,
+    an_undated_consume_at_the_instant_a_plan_takes_effect_is_judged_on_that_plan,
+    a_consume_dated_at_the_end_of_the_current_window_is_not_held_to_the_limit_in_force_now,
+    a_check_right_after_a_rollup_counts_the_last_folded_entry_once,
+);
+
+/// An amount equal to the whole limit fits a fresh window, so its refusal
+/// says when that window starts; only an amount over the whole limit is
+/// told that waiting does not help.
+async fn an_amount_equal_to_the_whole_limit_is_told_to_retry_when_the_window_ends(app: TestApp) {
+    let month_start = Utc::now()
+        .date_naive()
+        .with_day(1)
+        .unwrap()
+        .and_hms_opt(0, 0, 0)
+        .unwrap()
+        .and_utc();
+    let late = month_start - Duration::seconds(30);
+    app.clock.freeze_at(late);
+    let first = consume(&app, "acme", "ai_generations", "1", "a", Some(&iso(late))).await;
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    let refused = consume(&app, "acme", "ai_generations", "50", "b", Some(&iso(late))).await;
+    assert_eq!(
+        (refused.status, refused.code()),
+        (429, "quota_exceeded"),
+        "{:?}",
+        refused.body
+    );
+    assert_eq!(
+        retry_after(&refused),
+        Some(30),
+        "a fresh month takes 50 of 50: {:?}",
+        refused.body
+    );
+}
+
+/// On `pro`, `llm_tokens` has a soft limit of 50 000 a day: a consume that
+/// lands exactly on it is `limit_reached` (no overage is due), the next
+/// unit is recorded with `soft_limit_exceeded` — undated (PostgreSQL
+/// decides those in its grouped call) and dated alike.
+async fn a_consume_up_to_a_soft_limit_warns_limit_reached_and_one_past_it_warns_of_overage(app: TestApp) {
+    for (account, dated) in [("undated", false), ("dated", true)] {
+        let set = app
+            .put_admin(&format!("/v1/accounts/{account}/plan"), json!({"plan": "pro"}))
+            .await;
+        assert_eq!(set.status, 200, "{:?}", set.body);
+        // Dated after the plan change: pro is in force from then.
+        let at = dated.then(|| iso(Utc::now()));
+        let at = at.as_deref();
+        let full = consume(&app, account, "llm_tokens", "50000", "full", at).await;
+        assert_eq!(full.status, 200, "{account}: {:?}", full.body);
+        assert_eq!(full.body["status"], "exceeded", "{account}: {:?}", full.body);
+        assert_eq!(
+            full.body["warnings"][0]["code"], "limit_reached",
+            "{account}: {:?}",
+            full.body
+        );
+        let over = consume(&app, account, "llm_tokens", "1", "over", at).await;
+        assert_eq!(over.status, 200, "{account}: {:?}", over.body);
+        assert_eq!(over.body["used"], "50001", "{account}");
+        assert_eq!(
+            over.body["warnings"][0]["code"], "soft_limit_exceeded",
+            "{account}: {:?}",
+            over.body
+        );
+        assert_eq!(app.ledger_sum(account, "llm_tokens").await, 50001, "{account}");
+    }
+}
+
+/// A plan takes effect at its `effective_at` itself: an undated consume at
+/// that very instant is judged on it, as a check then is (free allows 50
+/// `ai_generations` a month, pro more).
+async fn an_undated_consume_at_the_instant_a_plan_takes_effect_is_judged_on_that_plan(app: TestApp) {
+    let effective = (Utc::now() - Duration::seconds(60)).trunc_subsecs(0);
+    app.clock.freeze_at(effective);
+    let set = app
+        .put_admin(
+            "/v1/accounts/acme/plan",
+            json!({"plan": "pro", "effective_at": iso(effective)}),
+        )
+        .await;
+    assert_eq!(set.status, 200, "{:?}", set.body);
+    let reply = consume(&app, "acme", "ai_generations", "51", "k", None).await;
+    app.clock.thaw();
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    assert_eq!(reply.body["plan"], "pro");
+}
+
+/// A consume dated at the instant the current day ends counts in the next
+/// day, under the plan in force then (pro from midnight): it is not also
+/// held to today's limit (free: 1 000 `llm_tokens` a day).
+async fn a_consume_dated_at_the_end_of_the_current_window_is_not_held_to_the_limit_in_force_now(app: TestApp) {
+    let midnight = Utc::now().date_naive().and_hms_opt(0, 0, 0).unwrap().and_utc();
+    app.clock.freeze_at(midnight - Duration::milliseconds(1));
+    let set = app
+        .put_admin(
+            "/v1/accounts/acme/plan",
+            json!({"plan": "pro", "effective_at": iso(midnight)}),
+        )
+        .await;
+    assert_eq!(set.status, 200, "{:?}", set.body);
+    let reply = consume(&app, "acme", "llm_tokens", "2000", "k", Some(&iso(midnight))).await;
+    app.clock.thaw();
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    assert_eq!(reply.body["plan"], "pro");
+}
+
+/// The first check of a period in a process reads the folded totals and the
+/// tail after the rollup's cursor: the entry the cursor stands on is in the
+/// totals and must not be counted again.
+async fn a_check_right_after_a_rollup_counts_the_last_folded_entry_once(app: TestApp) {
+    let at = iso(Utc::now());
+    let posted = app.post_entries(entry_at("acme", "llm_tokens", "5", "e", &at)).await;
+    assert_eq!(posted.status, 200, "{:?}", posted.body);
+    app.rollup().await;
+    assert_eq!(check(&app, "acme", "llm_tokens", "1", Some(&at)).await["used"], "5");
+}
+
+/// Two resources with the same per-minute rate.
+const TWO_RATED_RESOURCES: &str = r#"
+default_plan = "free"
+
+[resources.alpha]
+decimals = 0
+
+[resources.beta]
+decimals = 0
+
+[plans.free]
+price = "0"
+
+[plans.free.limits.alpha]
+window = "month"
+limit = "unlimited"
+rate_per_minute = 2
+
+[plans.free.limits.beta]
+window = "month"
+limit = "unlimited"
+rate_per_minute = 2
+"#;
+
+both!(plans = TWO_RATED_RESOURCES; each_resource_has_its_own_rate_budget);
+
+/// A rate is per account and resource: spending `alpha`'s budget leaves
+/// `beta`'s whole, though both allow the same 2 a minute.
+async fn each_resource_has_its_own_rate_budget(app: TestApp) {
+    let alpha = consume(&app, "acme", "alpha", "2", "a", None).await;
+    assert_eq!(alpha.status, 200, "{:?}", alpha.body);
+    let beta = consume(&app, "acme", "beta", "1", "b", None).await;
+    assert_eq!(beta.status, 200, "{:?}", beta.body);
+    let alpha_again = consume(&app, "acme", "alpha", "1", "c", None).await;
+    assert_eq!(
+        (alpha_again.status, alpha_again.code()),
+        (429, "rate_limited"),
+        "{:?}",
+        alpha_again.body
+    );
 }
