@@ -38,6 +38,9 @@ both!(
     an_export_file_gets_the_umask_permissions_and_a_closed_pipe_is_not_an_error,
     progress_is_written_as_lines_when_stderr_is_not_a_terminal,
     the_output_dash_is_stdout_a_symlink_is_followed_and_a_device_is_refused,
+    a_totals_export_takes_unfolded_entries_from_its_first_instant_and_stops_before_to,
+    an_as_of_export_counts_an_entry_recorded_at_that_very_instant,
+    top_accounts_with_equal_usage_come_in_account_order,
 );
 
 fn read_csv(path: &Path) -> Vec<Vec<String>> {
@@ -1580,5 +1583,114 @@ async fn the_output_dash_is_stdout_a_symlink_is_followed_and_a_device_is_refused
     assert!(
         std::fs::metadata(&pipe).unwrap().file_type().is_fifo(),
         "the pipe is untouched"
+    );
+}
+
+/// The unfolded tail of a daily or monthly export is bounded as the folded
+/// totals are, [from, to): an entry not yet rolled up at `from`'s first
+/// instant is in the file, one at `to`'s first instant is not (no row for a
+/// bucket past the range).
+async fn a_totals_export_takes_unfolded_entries_from_its_first_instant_and_stops_before_to(app: TestApp) {
+    app.insert(&[
+        ("acme", "api_requests", "3", "first", "2026-09-01T00:00:00Z"),
+        ("acme", "api_requests", "5", "past", "2026-10-01T00:00:00Z"),
+    ])
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let daily = export(
+        &app,
+        dir.path(),
+        "daily.csv",
+        &["export", "daily", "--from", "2026-09-01", "--to", "2026-10-01"],
+    );
+    assert_eq!(
+        daily[1..].to_vec(),
+        [["acme", "api_requests", "2026-09-01", "3", "1"]
+            .map(str::to_owned)
+            .to_vec()]
+    );
+    let monthly = export(
+        &app,
+        dir.path(),
+        "monthly.csv",
+        &["export", "monthly", "--from", "2026-09", "--to", "2026-10"],
+    );
+    assert_eq!(
+        monthly[1..].to_vec(),
+        [["acme", "api_requests", "2026-09", "3", "1"]
+            .map(str::to_owned)
+            .to_vec()]
+    );
+}
+
+/// `--as-of T` is the ledger as it stood at T, T included, as the entries
+/// export takes it: an entry recorded at exactly T (its `recorded_at`, as the
+/// listing shows it) is counted in the daily and monthly files.
+async fn an_as_of_export_counts_an_entry_recorded_at_that_very_instant(app: TestApp) {
+    app.insert(&[("acme", "api_requests", "6", "a", "2026-09-03T00:00:00Z")])
+        .await;
+    let listed = app.get("/v1/accounts/acme/entries").await;
+    assert_eq!(listed.status, 200, "{:?}", listed.body);
+    let recorded_at = listed.body["entries"][0]["recorded_at"].as_str().unwrap().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let entries = export(
+        &app,
+        dir.path(),
+        "entries.csv",
+        &[
+            "export",
+            "entries",
+            "--from",
+            "2026-09-01",
+            "--to",
+            "2026-10-01",
+            "--as-of",
+            &recorded_at,
+        ],
+    );
+    assert_eq!(entries.len(), 2, "the entries file holds it: {entries:?}");
+    for (kind, from, to, bucket) in [
+        ("daily", "2026-09-01", "2026-10-01", "2026-09-03"),
+        ("monthly", "2026-09", "2026-10", "2026-09"),
+    ] {
+        let rows = export(
+            &app,
+            dir.path(),
+            &format!("{kind}.csv"),
+            &["export", kind, "--from", from, "--to", to, "--as-of", &recorded_at],
+        );
+        assert_eq!(
+            rows[1..].to_vec(),
+            [["acme", "api_requests", bucket, "6", "1"].map(str::to_owned).to_vec()],
+            "{kind} as of {recorded_at}"
+        );
+    }
+}
+
+/// A top list breaks ties by account id, ascending, and a limit keeps the
+/// first of the tied accounts.
+async fn top_accounts_with_equal_usage_come_in_account_order(app: TestApp) {
+    app.insert(&[
+        ("bravo", "api_requests", "5", "b", "2026-09-02T00:00:00Z"),
+        ("alpha", "api_requests", "5", "a", "2026-09-03T00:00:00Z"),
+        ("charlie", "api_requests", "9", "c", "2026-09-04T00:00:00Z"),
+    ])
+    .await;
+    let all = app.get("/v1/admin/top?resource=api_requests&period=2026-09").await;
+    assert_eq!(all.status, 200, "{:?}", all.body);
+    assert_eq!(
+        all.body["accounts"],
+        json!([
+            {"account": "charlie", "amount": "9"},
+            {"account": "alpha", "amount": "5"},
+            {"account": "bravo", "amount": "5"},
+        ])
+    );
+    let two = app
+        .get("/v1/admin/top?resource=api_requests&period=2026-09&limit=2")
+        .await;
+    assert_eq!(
+        two.body["accounts"],
+        json!([{"account": "charlie", "amount": "9"}, {"account": "alpha", "amount": "5"}])
     );
 }

@@ -470,10 +470,27 @@ impl TestApp {
         self.cli_command(Path::new("."), Some(plans), args)
     }
 
+    /// [`TestApp::cli`] with more environment variables (`TZ`, say).
+    pub fn cli_with_env(&self, env: &[(&str, &str)], args: &[&str]) -> std::process::Output {
+        self.cli_command_with_env(Path::new("."), self.plans_file.as_ref().map(|f| f.path()), env, args)
+    }
+
     /// Runs `tally ARGS` in `dir` on this app's database with the catalog
     /// `plans` (None: the built-in one).
     fn cli_command(&self, dir: &Path, plans: Option<&Path>, args: &[&str]) -> std::process::Output {
+        self.cli_command_with_env(dir, plans, &[], args)
+    }
+
+    /// [`TestApp::cli_command`] with `env` added to the environment.
+    fn cli_command_with_env(
+        &self,
+        dir: &Path,
+        plans: Option<&Path>,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> std::process::Output {
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_tally"));
+        command.envs(env.iter().copied());
         command.current_dir(dir);
         command
             .args(args)
@@ -484,6 +501,29 @@ impl TestApp {
             command.env("TALLY_PLANS", plans);
         }
         command.output().expect("tally runs")
+    }
+
+    /// On PostgreSQL, waits until every committed ledger row is below the
+    /// cluster's xmin, so that one rollup run folds them all (other tests'
+    /// transactions in the same cluster hold it back for a moment); for a
+    /// test that counts what one run does. Panics after 5 s.
+    pub async fn until_every_row_is_foldable(&self) {
+        if self.backend != Backend::Postgres {
+            return;
+        }
+        for _ in 0..500 {
+            let foldable = self
+                .scalar_i64(
+                    "SELECT CAST(CASE WHEN pg_snapshot_xmin(pg_current_snapshot()) > \
+                     (SELECT MAX(tx_id) FROM entries) THEN 1 ELSE 0 END AS BIGINT)",
+                )
+                .await;
+            if foldable == 1 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("the cluster's xmin never passed the ledger's rows");
     }
 
     /// Runs the rollup until every committed entry is folded; returns the sum

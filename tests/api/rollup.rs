@@ -32,6 +32,9 @@ both!(
     a_repair_beside_rollups_finds_nothing_to_rewrite_and_leaves_totals_exact,
     usage_is_exact_at_any_instant_while_posting_and_rolling_up,
     random_interleavings_of_posting_and_rolling_up_keep_totals_equal_to_the_ledger,
+    a_rollup_run_under_another_time_zone_still_folds_into_utc_days,
+    a_batch_holds_exactly_the_most_rows_it_may,
+    verify_repair_puts_a_wrong_entry_count_right,
 );
 
 async fn entries_fold_into_their_utc_day_and_month_across_boundaries(app: TestApp) {
@@ -1343,5 +1346,112 @@ async fn on_sqlite_two_processes_rolling_up_at_once_never_double_count() {
     folded += app.rollup().await.entries;
     assert_eq!(folded, 1000, "every entry folded by exactly one of the two");
     assert_eq!(app.monthly_total("acme", "api_requests", "2026-06-01").await, 2000);
+    assert!(app.store.verify_totals().await.unwrap().is_empty());
+}
+
+/// DESIGN.md §7: days are UTC whatever the process's time zone. SQLite turns
+/// instants into dates in SQL (`date(…, 'unixepoch')`), where a 'localtime'
+/// would follow `TZ`: a rollup run fourteen hours east of UTC must still fold
+/// an entry at 23:30Z into its own UTC day and month.
+async fn a_rollup_run_under_another_time_zone_still_folds_into_utc_days(app: TestApp) {
+    app.insert(&[("acme", "api_requests", "7", "late-evening", "2026-03-31T23:30:00Z")])
+        .await;
+    app.until_every_row_is_foldable().await;
+    // POSIX TZ: "XYZ-14" is fourteen hours east of UTC, with no tzdata needed.
+    let run = app.cli_with_env(&[("TZ", "XYZ-14")], &["rollup"]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(app.store.oldest_unfolded().await.unwrap().is_none(), "folded");
+    assert_eq!(app.daily_total("acme", "api_requests", "2026-03-31").await, 7);
+    assert_eq!(app.daily_total("acme", "api_requests", "2026-04-01").await, 0);
+    assert_eq!(app.monthly_total("acme", "api_requests", "2026-03-01").await, 7);
+    assert_eq!(app.monthly_total("acme", "api_requests", "2026-04-01").await, 0);
+}
+
+/// `max_batch_size` (`tally rollup --max-batch-size`) bounds each batch: a
+/// backlog larger than it is walked in batches of exactly that many rows, not
+/// one more.
+async fn a_batch_holds_exactly_the_most_rows_it_may(app: TestApp) {
+    twenty_five_entries(&app).await;
+    app.until_every_row_is_foldable().await;
+    let stop_after_the_first = RollupOptions {
+        batch_size: 10,
+        max_batch_size: Some(10),
+        failpoint: Some(Failpoint {
+            batch: 1,
+            stage: Stage::AfterCommit,
+            action: FailAction::Error,
+        }),
+    };
+    let failed = app.rollup_with(stop_after_the_first).await.unwrap_err();
+    assert_eq!((failed.done.batches, failed.done.entries), (1, 10), "{failed}");
+    assert_eq!(app.monthly_total("acme", "api_requests", "2026-05-01").await, 20);
+    assert!(app.store.verify_totals().await.unwrap().is_empty());
+}
+
+/// `tally verify --repair` rewrites a total's entry count as well as its
+/// amount: a total whose amount is right but whose count is not is put right,
+/// and verify finds nothing afterwards.
+async fn verify_repair_puts_a_wrong_entry_count_right(app: TestApp) {
+    app.insert(&[
+        ("acme", "api_requests", "3", "a", "2026-04-01T00:00:00Z"),
+        ("acme", "api_requests", "4", "b", "2026-04-01T12:00:00Z"),
+    ])
+    .await;
+    app.rollup().await;
+    app.execute_raw("UPDATE daily_totals SET entries = entries + 1")
+        .await
+        .unwrap();
+    app.execute_raw("UPDATE monthly_totals SET entries = entries + 1")
+        .await
+        .unwrap();
+    let repaired = app.cli(&["verify", "--repair"]);
+    let stdout = String::from_utf8_lossy(&repaired.stdout);
+    assert_eq!(repaired.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains(
+            "daily total of acme / api_requests / 2026-04-01: stored 7 from 3 entries, ledger says 7 from 2 entries; \
+             rewritten"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        app.store.verify_totals().await.unwrap().is_empty(),
+        "the counts were rewritten too"
+    );
+    let verified = app.cli(&["verify"]);
+    assert_eq!(
+        verified.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&verified.stdout)
+    );
+}
+
+/// DESIGN.md §3: a run folds in (transaction, id) order up to the last
+/// foldable row in that order, not the highest id: when an older transaction
+/// commits the higher id, one run still folds every committed row, and a
+/// newer transaction's lower id is not left for the next run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_one_run_folds_rows_whose_ids_run_against_their_transactions() {
+    let Some(app) = TestApp::spawn(Backend::Postgres).await else {
+        return;
+    };
+    let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
+    // `older` takes its transaction id first and its row's id last.
+    let mut older = transaction_holding_an_id(&pool).await;
+    app.insert(&[("acme", "api_requests", "1", "newer", "2026-05-01T12:00:00Z")])
+        .await;
+    sqlx::query(
+        "INSERT INTO entries (account, resource, amount, occurred_at, recorded_at, idempotency_key)
+         VALUES ('acme', 'api_requests', 10, '2026-05-01T13:00:00Z', now(), 'older')",
+    )
+    .execute(&mut *older)
+    .await
+    .unwrap();
+    older.commit().await.unwrap();
+    app.until_every_row_is_foldable().await;
+    let report = app.rollup_with(RollupOptions::default()).await.unwrap();
+    assert_eq!(report.entries, 2, "one run folds both committed rows");
+    assert_eq!(app.daily_total("acme", "api_requests", "2026-05-01").await, 11);
     assert!(app.store.verify_totals().await.unwrap().is_empty());
 }

@@ -12,6 +12,7 @@ both!(
     a_late_entry_for_a_folded_day_counts_before_the_next_rollup,
     bad_series_requests_are_422,
     a_reader_sees_only_its_own_series,
+    an_unfolded_entry_at_the_first_instant_of_the_range_counts_in_its_first_point,
 );
 
 async fn a_daily_series_is_zero_filled_and_counts_folded_and_unfolded_entries(app: TestApp) {
@@ -173,4 +174,22 @@ async fn a_reader_sees_only_its_own_series(app: TestApp) {
         )
         .await;
     assert_eq!(other.status, 403);
+}
+
+/// `from` is inclusive for the unfolded tail as for the folded totals: an
+/// entry not yet rolled up at exactly 00:00:00Z of `from` counts in the first
+/// point, by day and by month.
+async fn an_unfolded_entry_at_the_first_instant_of_the_range_counts_in_its_first_point(app: TestApp) {
+    app.insert(&[("acme", "api_requests", "4", "midnight", "2026-09-01T00:00:00Z")])
+        .await;
+    assert_eq!(
+        app.series_sum("acme", "api_requests", "2026-09-01", "2026-09-02", "day")
+            .await,
+        4
+    );
+    assert_eq!(
+        app.series_sum("acme", "api_requests", "2026-09-01", "2026-10-01", "month")
+            .await,
+        4
+    );
 }
