@@ -438,3 +438,44 @@ fn take_back(billed: &mut Vec<(i64, Decimal)>, mut units: i64) {
 fn closing_instant(day: NaiveDate) -> DateTime<Utc> {
     start_of(day.succ_opt().expect("a day before the end of time")) - chrono::Duration::microseconds(1)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Review BF: an account's total (admin stats' estimated revenue) is
+    /// rounded once to the cent, half away from zero, as the module says:
+    /// 10.005 is 10.01 (half to even, banker's rounding, made it 10.00).
+    #[test]
+    fn an_accounts_total_is_rounded_half_away_from_zero() {
+        let catalog = Catalog::builtin();
+        let month = NaiveDate::from_ymd_opt(2026, 9, 1).expect("a date");
+        let pro = PlanAssignment {
+            plan: "pro".into(),
+            effective_at: start_of(month),
+            created_at: start_of(month),
+        };
+        let context = InvoiceContext {
+            catalog: &catalog,
+            month,
+            days: month
+                .iter_days()
+                .take_while(|d| *d < Granularity::Month.next(month))
+                .collect(),
+            assignments: HashMap::from([("acme".to_owned(), vec![pro])]),
+            overrides: HashMap::new(),
+        };
+        // Pro all month (10) and 250 tokens over its daily 50 000 at 0.00002.
+        let day = TotalRow {
+            account: "acme".into(),
+            resource: "llm_tokens".into(),
+            bucket: month,
+            amount: 50_250,
+            entries: 1,
+        };
+        let invoice = context.invoice("acme", &[day]).expect("an invoice");
+        let lines: Decimal = invoice.lines.iter().map(|l| l.amount_due).sum();
+        assert_eq!(lines, Decimal::new(10_005, 3));
+        assert_eq!(invoice.total, Decimal::new(1_001, 2));
+    }
+}

@@ -1611,11 +1611,16 @@ pub(crate) fn resolve_outcomes(
         .collect()
 }
 
-fn same_new_content(a: &NewEntry, b: &NewEntry) -> bool {
-    a.resource == b.resource
-        && a.amount == b.amount
-        && a.reverses == b.reverses
-        && (!(a.occurred_at_given && b.occurred_at_given) || a.occurred_at == b.occurred_at)
+/// Whether `repeat`, a later entry of the batch with `first`'s key, is a
+/// retry of it, by the rule a retry in another request meets
+/// ([`NewEntry::same_content_as`]): a repeat that leaves `occurred_at` out
+/// matches any instant; one that names it must name the instant `first` is
+/// recorded at (the request's time when `first` left it out).
+fn same_new_content(first: &NewEntry, repeat: &NewEntry) -> bool {
+    first.resource == repeat.resource
+        && first.amount == repeat.amount
+        && first.reverses == repeat.reverses
+        && (!repeat.occurred_at_given || first.occurred_at == repeat.occurred_at)
 }
 
 /// What of an entry its idempotency key stands for, to compare a retry

@@ -13,6 +13,7 @@ both!(
     a_service_key_posts_and_reads_any_account,
     a_reader_key_reads_only_its_own_account_and_cannot_post,
     a_service_key_bound_to_an_account_cannot_post_for_another,
+    a_service_key_bound_to_an_account_cannot_read_another,
     a_revoked_key_is_401,
     a_key_revoked_after_use_is_refused_once_the_key_cache_expires,
     the_role_and_the_account_are_checked_before_the_body,
@@ -155,6 +156,25 @@ async fn a_service_key_bound_to_an_account_cannot_post_for_another(app: TestApp)
         .request("POST", "/v1/entries", Some(&key), Some(body.to_string()))
         .await;
     assert_eq!((reply.status, reply.code()), (403, "forbidden"), "{:?}", reply.body);
+}
+
+/// Review BF: a service key bound to an account reads that account only,
+/// as it writes to it only; "service reads any account" is for unbound keys.
+async fn a_service_key_bound_to_an_account_cannot_read_another(app: TestApp) {
+    let key = app.key(Role::Service, Some("acme")).await;
+    for path in ["/v1/accounts/acme/entries", "/v1/accounts/acme/usage"] {
+        let own = app.request("GET", path, Some(&key), None).await;
+        assert_eq!(own.status, 200, "{path}: {:?}", own.body);
+    }
+    for path in ["/v1/accounts/globex/entries", "/v1/accounts/globex/usage"] {
+        let other = app.request("GET", path, Some(&key), None).await;
+        assert_eq!(
+            (other.status, other.code()),
+            (403, "forbidden"),
+            "{path}: {:?}",
+            other.body
+        );
+    }
 }
 
 /// RFC 7235: the scheme name is case-insensitive.

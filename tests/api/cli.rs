@@ -12,6 +12,7 @@ both!(
     post_appends_an_entry_and_refuses_bad_input,
     import_loads_valid_rows_and_reports_rejected_lines,
     import_follows_reversals_to_their_new_ids,
+    import_refuses_a_reversal_of_another_amount_or_instant,
     import_refuses_a_header_with_an_unknown_or_repeated_column_and_writes_nothing,
     import_reports_rejected_lines_in_file_order_by_line_not_batch_position,
     import_lists_the_first_thousand_rejected_lines_and_counts_the_rest,
@@ -847,6 +848,33 @@ async fn import_follows_reversals_to_their_new_ids(app: TestApp) {
     let by_key = |key: &str| rows.iter().find(|r| r["idempotency_key"] == key).unwrap();
     assert_eq!(by_key("same-undo")["reverses"], by_key("same")["id"]);
     assert_eq!(rows.len(), 4, "{rows:?}");
+}
+
+/// Review BF: an imported reversal is the exact opposite of its target, in
+/// its bucket, as the API's is: another amount or instant would link a
+/// partial or misdated correction to the entry and take its one reversal.
+async fn import_refuses_a_reversal_of_another_amount_or_instant(app: TestApp) {
+    let at = (chrono::Utc::now() - chrono::Duration::days(2)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let later = (chrono::Utc::now() - chrono::Duration::days(1)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let (_dir, file) = entries_csv(&format!(
+        "\
+         1,acme,api_requests,7,{at},,orig,,,\n\
+         2,acme,api_requests,-5,{at},,part,reversal,1,\n\
+         3,acme,api_requests,-7,{later},,moved,reversal,1,\n"
+    ));
+    let output = app.cli(&["import", file.to_str().unwrap()]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("1 created, 0 duplicate, 2 rejected"), "{stderr}");
+    assert!(
+        stderr.contains("line 3: reverses 1, but a reversal of it is acme api_requests -7"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("line 4: reverses 1, but a reversal of it is"),
+        "{stderr}"
+    );
+    assert_eq!(app.count_entries().await, 1);
 }
 
 /// Creates a key with the CLI and returns (its plaintext, its id in `tally keys list`).

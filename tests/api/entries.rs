@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::both;
-use crate::helpers::{Backend, Reply, TestApp, days_ago, days_ago_at, entry};
+use crate::helpers::{Backend, Reply, TestApp, days_ago, days_ago_at, entry, entry_at};
 
 both!(
     posting_an_entry_creates_it_and_lists_it_with_its_exact_amount,
@@ -18,6 +18,7 @@ both!(
     a_batch_with_one_conflict_writes_nothing,
     a_key_repeated_inside_one_batch_is_created_once,
     a_key_repeated_inside_one_batch_with_another_instant_or_resource_is_a_conflict,
+    a_key_repeated_inside_one_batch_without_occurred_at_is_a_duplicate_of_the_dated_one,
     amounts_given_as_json_numbers_are_parsed_exactly,
     a_reversal_appends_the_opposite_amount_once,
     reversing_a_missing_entry_is_404,
@@ -211,6 +212,52 @@ async fn a_key_repeated_inside_one_batch_with_another_instant_or_resource_is_a_c
         .await;
     assert_eq!(other_resource.status, 409, "{:?}", other_resource.body);
     assert_eq!(app.count_entries().await, 0);
+}
+
+/// A repeat inside one batch is judged as a retry in a later request is: one
+/// that leaves `occurred_at` out is a duplicate of the dated entry before it;
+/// one that names an instant after an entry that left it out (recorded at
+/// the request's time) is a conflict, as it is across two requests (review
+/// BF: inside a batch it used to pass as a duplicate).
+async fn a_key_repeated_inside_one_batch_without_occurred_at_is_a_duplicate_of_the_dated_one(app: TestApp) {
+    let dated = entry_at("acme", "api_requests", "1", "twice", &days_ago_at(2, "10:00:00"));
+    let reply = app
+        .post_entries(json!({"entries": [dated, entry("acme", "api_requests", "1", "twice")]}))
+        .await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    assert_eq!(
+        (reply.body["created"].as_i64(), reply.body["duplicates"].as_i64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(reply.body["entries"][1]["status"], "duplicate");
+    assert_eq!(app.count_entries().await, 1);
+
+    let dated = entry_at(
+        "acme",
+        "api_requests",
+        "1",
+        "undated-first",
+        &days_ago_at(2, "10:00:00"),
+    );
+    let undated = entry("acme", "api_requests", "1", "undated-first");
+    let in_one_batch = app
+        .post_entries(json!({"entries": [undated.clone(), dated.clone()]}))
+        .await;
+    assert_eq!(
+        (in_one_batch.status, in_one_batch.code()),
+        (409, "idempotency_conflict"),
+        "{:?}",
+        in_one_batch.body
+    );
+    assert_eq!(app.count_entries().await, 1, "the batch wrote nothing");
+    assert_eq!(app.post_entries(undated).await.status, 200);
+    let in_two_requests = app.post_entries(dated).await;
+    assert_eq!(
+        (in_two_requests.status, in_two_requests.code()),
+        (409, "idempotency_conflict"),
+        "{:?}",
+        in_two_requests.body
+    );
 }
 
 async fn amounts_given_as_json_numbers_are_parsed_exactly(app: TestApp) {

@@ -12,7 +12,9 @@ both!(
     a_body_with_both_one_entry_and_entries_is_400,
     a_body_that_is_an_array_is_400_on_every_route_that_takes_one,
     a_batch_over_10000_entries_is_413,
+    a_batch_of_exactly_10000_entries_is_accepted,
     a_body_over_10_mib_is_413,
+    a_body_of_exactly_10_mib_is_read_and_one_byte_more_is_413,
     a_body_announced_over_10_mib_is_413_before_it_is_sent,
     a_body_far_over_10_mib_sent_without_waiting_still_reads_its_413,
     an_empty_batch_is_422,
@@ -28,12 +30,15 @@ both!(
     an_account_with_bad_characters_is_422,
     an_account_over_128_characters_is_422,
     an_idempotency_key_over_255_characters_is_422,
+    an_idempotency_key_of_exactly_255_characters_is_accepted,
     a_missing_idempotency_key_is_422,
     metadata_over_4_kib_is_422,
+    metadata_of_exactly_4_kib_is_accepted,
     metadata_that_is_not_an_object_is_422,
     text_holding_the_nul_character_is_422_on_every_write,
     occurred_at_more_than_5_minutes_ahead_is_in_future,
     occurred_at_older_than_the_horizon_is_too_late,
+    the_horizon_refuses_from_the_first_second_past_it_not_from_the_next_day,
     occurred_at_that_is_not_rfc3339_is_422,
     one_bad_entry_fails_the_whole_batch_with_its_index,
     reversing_an_entry_older_than_the_horizon_is_too_late_for_a_service,
@@ -244,6 +249,23 @@ async fn a_batch_over_10000_entries_is_413(app: TestApp) {
     assert_eq!(app.count_entries().await, 0);
 }
 
+/// Review BF: 1 to 10 000 entries is the contract; a count checked after
+/// the push refused the 10 000th.
+async fn a_batch_of_exactly_10000_entries_is_accepted(app: TestApp) {
+    let batch: Vec<_> = (0..10_000)
+        .map(|i| entry("acme", "api_requests", "1", &format!("k{i}")))
+        .collect();
+    let reply = app.post_entries(json!({ "entries": batch })).await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        reply.text.chars().take(300).collect::<String>()
+    );
+    assert_eq!(reply.body["created"], 10_000);
+    assert_eq!(app.count_entries().await, 10_000);
+}
+
 async fn a_body_over_10_mib_is_413(app: TestApp) {
     let mut body = entry("acme", "api_requests", "1", "k1");
     body["source"] = json!("x".repeat(11 * 1024 * 1024));
@@ -251,6 +273,28 @@ async fn a_body_over_10_mib_is_413(app: TestApp) {
     assert_eq!(reply.status, 413);
     assert_eq!(reply.code(), "payload_too_large");
     assert_eq!(app.count_entries().await, 0);
+}
+
+/// Review BF: a body *over* 10 MiB is 413; one of exactly 10 MiB is read
+/// (a `>=` refused it).
+async fn a_body_of_exactly_10_mib_is_read_and_one_byte_more_is_413(app: TestApp) {
+    const LIMIT: usize = 10 * 1024 * 1024;
+    let entry = entry("acme", "api_requests", "1", "k1").to_string();
+    let padded = |len: usize| format!("{entry}{}", " ".repeat(len - entry.len()));
+    let over = app
+        .request("POST", "/v1/entries", Some(&app.admin_key), Some(padded(LIMIT + 1)))
+        .await;
+    assert_eq!(
+        (over.status, over.code()),
+        (413, "payload_too_large"),
+        "{:?}",
+        over.body
+    );
+    let at_limit = app
+        .request("POST", "/v1/entries", Some(&app.admin_key), Some(padded(LIMIT)))
+        .await;
+    assert_eq!(at_limit.status, 200, "{:?}", at_limit.body);
+    assert_eq!(app.count_entries().await, 1);
 }
 
 /// A client that announces too large a body (curl does, with `Expect:
@@ -524,6 +568,17 @@ async fn an_idempotency_key_over_255_characters_is_422(app: TestApp) {
     .await;
 }
 
+/// Review BF: 255 characters is the limit, not one past it; counted in
+/// characters, not bytes.
+async fn an_idempotency_key_of_exactly_255_characters_is_accepted(app: TestApp) {
+    for key in ["k".repeat(255), "\u{e9}".repeat(255)] {
+        let reply = app.post_entries(with("idempotency_key", json!(key))).await;
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+        assert_eq!(reply.body["entries"][0]["idempotency_key"], key.as_str());
+    }
+    assert_eq!(app.count_entries().await, 2);
+}
+
 async fn a_missing_idempotency_key_is_422(app: TestApp) {
     let mut body = entry("acme", "api_requests", "1", "k1");
     body.as_object_mut().unwrap().remove("idempotency_key");
@@ -539,6 +594,17 @@ async fn metadata_over_4_kib_is_422(app: TestApp) {
         "metadata",
     )
     .await;
+}
+
+/// Review BF: "at most 4 KiB": metadata of exactly 4096 bytes as compact
+/// JSON is taken (a `>=` refused it), 4097 is not.
+async fn metadata_of_exactly_4_kib_is_accepted(app: TestApp) {
+    // {"blob":"…"} is 11 bytes around the text.
+    let of_len = |len: usize| json!({ "blob": "x".repeat(len - 11) });
+    assert_eq!(of_len(4096).to_string().len(), 4096);
+    assert_rejected(&app, with("metadata", of_len(4097)), "validation_failed", 0, "metadata").await;
+    let reply = app.post_entries(with("metadata", of_len(4096))).await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
 }
 
 /// PostgreSQL cannot store U+0000 in text or JSON; both engines refuse it
@@ -630,6 +696,32 @@ async fn occurred_at_older_than_the_horizon_is_too_late(app: TestApp) {
     assert!(reply.body["error"]["message"].as_str().unwrap().contains("35 days"));
     let recent = (Utc::now() - Duration::days(34)).to_rfc3339_opts(SecondsFormat::Secs, true);
     assert_eq!(app.post_entries(with("occurred_at", json!(recent))).await.status, 200);
+}
+
+/// Review BF: the horizon is an instant (now − 35 days), not a day: an
+/// entry a second older than it is too late even on the same UTC day
+/// (comparing dates let the whole of that day in).
+async fn the_horizon_refuses_from_the_first_second_past_it_not_from_the_next_day(app: TestApp) {
+    let noon = (Utc::now() - Duration::days(1))
+        .date_naive()
+        .and_hms_opt(12, 0, 0)
+        .unwrap()
+        .and_utc();
+    app.clock.freeze_at(noon);
+    let at = |t: chrono::DateTime<Utc>| json!(t.to_rfc3339_opts(SecondsFormat::Secs, true));
+    let horizon = noon - Duration::days(35);
+    let reply = assert_rejected(
+        &app,
+        with("occurred_at", at(horizon - Duration::seconds(1))),
+        "too_late",
+        0,
+        "occurred_at",
+    )
+    .await;
+    assert!(reply.body["error"]["message"].as_str().unwrap().contains("35 days"));
+    let on_it = app.post_entries(with("occurred_at", at(horizon))).await;
+    assert_eq!(on_it.status, 200, "{:?}", on_it.body);
+    app.clock.thaw();
 }
 
 async fn occurred_at_that_is_not_rfc3339_is_422(app: TestApp) {
