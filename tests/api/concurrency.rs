@@ -71,6 +71,14 @@ async fn on_postgres_a_batch_cancelled_to_break_a_deadlock_is_a_503_to_send_agai
     };
     // The other writer holds k1; the batch takes k0, then waits for k1.
     let mut other = pool.begin().await.unwrap();
+    // Which of two waiters breaks a cycle is whichever checks first, after
+    // its deadlock_timeout (1 s): on a loaded machine the batch's check could
+    // come after the other's. A long timeout for the other writer makes the
+    // batch the one cancelled (the test role is the cluster's superuser).
+    sqlx::query("SET LOCAL deadlock_timeout = '1min'")
+        .execute(&mut *other)
+        .await
+        .unwrap();
     insert("k1").execute(&mut *other).await.unwrap();
     let app = std::sync::Arc::new(app);
     let batch =
@@ -80,8 +88,8 @@ async fn on_postgres_a_batch_cancelled_to_break_a_deadlock_is_a_503_to_send_agai
         tokio::spawn(async move { app.post_entries(batch).await })
     };
     until_a_backend_waits_on_a_lock(&pool, "the batch never waited on k1").await;
-    // Now the other writer waits for k0: a cycle. The batch, waiting longer,
-    // finds it first (deadlock_timeout) and is cancelled.
+    // Now the other writer waits for k0: a cycle. The batch finds it (its
+    // deadlock_timeout runs out first) and is cancelled.
     let closing = tokio::spawn(async move { insert("k0").execute(&mut *other).await.map(|_| other) });
     let reply = posting.await.unwrap();
     assert_eq!(reply.status, 503, "{:?}", reply.body);
