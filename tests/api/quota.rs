@@ -3705,3 +3705,78 @@ async fn each_resource_has_its_own_rate_budget(app: TestApp) {
         alpha_again.body
     );
 }
+
+both!(
+    an_override_reads_expired_from_the_very_instant_of_its_expires_at,
+    an_override_expiring_at_the_instant_it_is_set_is_refused,
+    the_plan_history_lists_assignments_by_effective_at_not_by_when_they_were_made,
+    clearing_an_override_the_account_does_not_have_fails_in_the_cli,
+);
+
+/// The account view's `expired` agrees with where the override stops
+/// applying: `expires_at` is exclusive, so at that very instant it is expired.
+async fn an_override_reads_expired_from_the_very_instant_of_its_expires_at(app: TestApp) {
+    // To the microsecond, as stored: frozen at it, the clock reads it exactly.
+    let expires = (Utc::now() - Duration::minutes(3)).trunc_subsecs(6);
+    let set = app
+        .put_override_since(
+            "acme",
+            "llm_tokens",
+            json!({"limit": "3", "expires_at": iso(expires)}),
+            expires - Duration::hours(1),
+        )
+        .await;
+    assert_eq!(set.status, 200, "{:?}", set.body);
+    app.clock.freeze_at(expires);
+    let at_expiry = app.get("/v1/accounts/acme").await;
+    app.clock.thaw();
+    assert_eq!(at_expiry.body["overrides"][0]["expired"], true, "{:?}", at_expiry.body);
+}
+
+/// An override whose `expires_at` is the instant it is set would never apply:
+/// refused like one in the past, not stored.
+async fn an_override_expiring_at_the_instant_it_is_set_is_refused(app: TestApp) {
+    let now = Utc::now().trunc_subsecs(0) - Duration::minutes(1);
+    let set = app
+        .put_override_since("acme", "llm_tokens", json!({"limit": "3", "expires_at": iso(now)}), now)
+        .await;
+    assert_eq!((set.status, set.code()), (422, "validation_failed"), "{:?}", set.body);
+    assert_eq!(
+        set.body["error"]["details"]["errors"][0]["field"], "expires_at",
+        "{:?}",
+        set.body
+    );
+    assert_eq!(app.get("/v1/accounts/acme").await.body["overrides"], json!([]));
+}
+
+/// `plan_history` is in `effective_at` order, alike on both stores: a
+/// backdated assignment made last is listed before one that takes effect
+/// later.
+async fn the_plan_history_lists_assignments_by_effective_at_not_by_when_they_were_made(app: TestApp) {
+    let now = Utc::now();
+    for (plan, at) in [("pro", now + Duration::days(1)), ("free", now - Duration::days(1))] {
+        let set = app
+            .put_admin("/v1/accounts/acme/plan", json!({"plan": plan, "effective_at": iso(at)}))
+            .await;
+        assert_eq!(set.status, 200, "{:?}", set.body);
+    }
+    let account = app.get("/v1/accounts/acme").await;
+    let plans: Vec<&str> = account.body["plan_history"]
+        .as_array()
+        .expect("a plan history")
+        .iter()
+        .map(|a| a["plan"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(plans, ["free", "pro"], "{:?}", account.body);
+}
+
+/// `tally accounts clear-override` on a resource the account has no override
+/// for fails (exit non-zero, saying so), as the API's DELETE answers 404.
+async fn clearing_an_override_the_account_does_not_have_fails_in_the_cli(app: TestApp) {
+    let cleared = app.cli(&["accounts", "clear-override", "acme", "llm_tokens"]);
+    assert!(!cleared.status.success(), "{cleared:?}");
+    assert!(
+        String::from_utf8_lossy(&cleared.stderr).contains("has no override"),
+        "{cleared:?}"
+    );
+}

@@ -979,3 +979,34 @@ async fn a_path_that_is_not_utf_8_is_422_in_the_contract_format(app: TestApp) {
         .await;
     assert_eq!(sent.code(), "unknown_resource", "{:?}", sent.body);
 }
+
+both!(the_admin_top_limit_outside_1_to_1000_is_refused,);
+
+/// `GET /v1/admin/top` takes `limit` from 1 to 1000: 0 and 1001 are refused
+/// naming the parameter, not answered with an empty or oversized list.
+async fn the_admin_top_limit_outside_1_to_1000_is_refused(app: TestApp) {
+    for limit in ["0", "1001"] {
+        let reply = app
+            .get(&format!(
+                "/v1/admin/top?resource=api_requests&period=2026-09&limit={limit}"
+            ))
+            .await;
+        assert_eq!(
+            (reply.status, reply.code()),
+            (422, "validation_failed"),
+            "limit={limit}: {:?}",
+            reply.body
+        );
+        let error = &reply.body["error"]["details"]["errors"][0];
+        assert_eq!(error["field"], "limit", "{:?}", reply.body);
+        assert!(
+            error["message"].as_str().unwrap().contains("from 1 to 1000"),
+            "limit={limit}: {:?}",
+            reply.body
+        );
+    }
+    let ok = app
+        .get("/v1/admin/top?resource=api_requests&period=2026-09&limit=1000")
+        .await;
+    assert_eq!(ok.status, 200, "{:?}", ok.body);
+}
