@@ -13,6 +13,7 @@ use crate::helpers::{
 };
 
 both!(
+    requests_to_unknown_paths_share_one_unmatched_metrics_series,
     a_job_run_by_name_folds_the_ledger,
     a_run_is_skipped_while_another_process_holds_the_job,
     jobs_list_shows_each_job_and_its_next_run,
@@ -725,4 +726,16 @@ async fn a_report_run_names_the_partial_files_a_killed_run_left(app: TestApp) {
     );
     assert!(!stderr.contains("Ef34Gh"), "{stderr}");
     assert!(left.exists(), "named, not removed");
+}
+
+/// Requests to paths no route matches are counted under one `route="unmatched"`
+/// series, never under the raw path: a scanner probing random paths must not
+/// add a metrics series per path for as long as the process lives.
+async fn requests_to_unknown_paths_share_one_unmatched_metrics_series(app: TestApp) {
+    app.request("GET", "/no-such-route-a1b2c3", None, None).await;
+    let metrics = app.metrics_text().await;
+    assert!(
+        metrics.contains(r#"route="unmatched",method="GET",status="404""#) && !metrics.contains("no-such-route-a1b2c3"),
+        "{metrics}"
+    );
 }
