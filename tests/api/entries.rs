@@ -867,6 +867,17 @@ async fn a_resource_dropped_from_the_catalog_stays_readable_by_name(app: TestApp
     assert_eq!(series.status, 200, "{:?}", series.body);
     assert_eq!(series.body["points"][0]["amount"], "5");
     let (from, to) = (today.to_string(), tomorrow.to_string());
+    // The CLI twin judges by the account's own entries too (review BH).
+    let series_of = |account| app.cli(&["timeseries", account, "nano", "--from", &from, "--to", &to]);
+    let acme = series_of("acme");
+    assert!(acme.status.success(), "{}", String::from_utf8_lossy(&acme.stderr));
+    assert!(String::from_utf8_lossy(&acme.stdout).contains(",5"), "{acme:?}");
+    let zed = series_of("zed");
+    assert!(!zed.status.success(), "{zed:?}");
+    assert!(
+        String::from_utf8_lossy(&zed.stderr).contains("is not in the catalog"),
+        "{zed:?}"
+    );
     let export = app.cli(&["export", "entries", "--from", &from, "--to", &to, "--resource", "nano"]);
     assert!(export.status.success(), "{}", String::from_utf8_lossy(&export.stderr));
     assert!(String::from_utf8_lossy(&export.stdout).contains(",acme,nano,5,"));
