@@ -184,11 +184,11 @@ async fn compare_totals(settings: &Settings, repair: bool) -> anyhow::Result<Exi
         stderr_line!("{totals} {verb} from the ledger; `tally verify --repair` rewrites them to what it says");
         return Ok(ExitCode::FAILURE);
     }
-    // A process caches the sums it has read (store/settled.rs); one read
-    // from a wrong total keeps its error for that period.
+    // A process caches the sums it has read (store/settled.rs); the repair
+    // is counted, and each process forgets them when it sees the count move.
     stderr_line!(
-        "{totals} put right from the ledger (rewritten, or removed where it has no folded entry). Restart the `serve` processes: a sum one of them \
-         read from a wrong total stays in its cache until then (docs/operations.md, \"`tally verify`\")"
+        "{totals} put right from the ledger (rewritten, or removed where it has no folded entry). Running `serve` processes \
+         drop the sums they had read from the old totals within 1 s"
     );
     Ok(ExitCode::SUCCESS)
 }

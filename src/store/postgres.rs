@@ -725,6 +725,19 @@ impl PgStore {
         }
         Err(OpenError::ClusterBehindLedger { newest, next })
     }
+
+    /// The settled sums, once this process has noticed every `tally verify
+    /// --repair` counted more than [`SettledSums::REPAIRS_CHECK_INTERVAL`]
+    /// ago, by any process (see [`super::settled`]).
+    async fn settled_sums(&self) -> Result<&SettledSums, StoreError> {
+        if self.settled.repairs_check_due() {
+            let repairs: i64 = sqlx::query_scalar("SELECT repairs FROM totals_repairs")
+                .fetch_one(&self.pool)
+                .await?;
+            self.settled.repairs_counted(repairs);
+        }
+        Ok(&self.settled)
+    }
 }
 
 /// Stores a key; with `only_if_none`, only when the table holds no key at all.
@@ -1152,8 +1165,15 @@ impl Store for PgStore {
             .execute(&mut *tx)
             .await?;
         }
+        if !mismatches.is_empty() {
+            // Counted with the rewrite: every process forgets the settled
+            // sums it read from the old totals (store/settled.rs).
+            sqlx::query("UPDATE totals_repairs SET repairs = repairs + 1")
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
-        // Sums this process read from a total just rewritten are stale.
+        // This process need not wait for its next look at the count.
         self.forget_settled_sums();
         Ok(mismatches)
     }
@@ -1426,7 +1446,10 @@ impl Store for PgStore {
         // One statement, so one round trip and one snapshot: `used` (from the
         // settled watermark, see used_on) beside the plan history and the
         // overrides as arrays.
-        let known = self.settled.get(account.as_str(), resource.as_str(), bounds(likely));
+        let lookup = self
+            .settled_sums()
+            .await?
+            .get(account.as_str(), resource.as_str(), bounds(likely));
         let row: CheckRow = sqlx::query_as(
             "SELECT u.used, u.mark, u.settled, p.names, p.effective, p.created,
                     o.resources, o.limits, o.enforcements, o.windows, o.expires, o.updated, o.removed
@@ -1451,8 +1474,8 @@ impl Store for PgStore {
         .bind(likely.start)
         .bind(likely.starts_at())
         .bind(likely.ends_at())
-        .bind(known.map(|k| k.mark))
-        .bind(known.map(|k| k.sum))
+        .bind(lookup.known.map(|k| k.mark))
+        .bind(lookup.known.map(|k| k.sum))
         .fetch_one(&self.pool)
         .await
         .map_err(|e| StoreError::from(e).naming_used(account, resource))?;
@@ -1464,6 +1487,7 @@ impl Store for PgStore {
                 mark: row.mark,
                 sum: row.settled,
             },
+            lookup.epoch,
         );
         let plans = row
             .names
@@ -1515,8 +1539,9 @@ impl Store for PgStore {
         now: DateTime<Utc>,
     ) -> Result<Option<DecidedConsume>, StoreError> {
         let likely = bounds(&rules.likely_period);
-        let known = self
-            .settled
+        let lookup = self
+            .settled_sums()
+            .await?
             .get(entry.account.as_str(), entry.resource.as_str(), likely);
         // Decided with the consumes waiting beside it: one call, one
         // transaction, one commit for all of them (see consume_group).
@@ -1527,7 +1552,7 @@ impl Store for PgStore {
                 entry: entry.clone(),
                 rules,
                 likely,
-                known,
+                known: lookup.known,
                 now: entry.occurred_at_given.then_some(now),
             })
             .await?;
@@ -1537,6 +1562,7 @@ impl Store for PgStore {
                 entry.resource.as_str(),
                 (row.period_start, row.period_end),
                 Settled { mark, sum },
+                lookup.epoch,
             );
         }
         let decided = match (row.outcome.as_str(), row.entry_id, row.used, row.context) {
@@ -1572,8 +1598,9 @@ impl Store for PgStore {
     }
 
     async fn used(&self, account: &AccountId, resource: &ResourceName, period: &Period) -> Result<i64, StoreError> {
+        let settled = self.settled_sums().await?;
         let mut conn = self.pool.acquire().await?;
-        used_on(&mut conn, &self.settled, account, resource, period).await
+        used_on(&mut conn, settled, account, resource, period).await
     }
 
     async fn used_resources(&self, account: &AccountId) -> Result<Vec<String>, StoreError> {
@@ -1590,6 +1617,7 @@ impl Store for PgStore {
     }
 
     async fn consume(&self, entry: &NewEntry, decide: &dyn ConsumeDecider) -> Result<ConsumeResult, StoreError> {
+        let settled = self.settled_sums().await?;
         let mut tx = self.pool.begin().await?;
         // One lock per (account, resource), held to commit. Under READ
         // COMMITTED the `used` read below starts after the lock is granted, so
@@ -1607,7 +1635,7 @@ impl Store for PgStore {
         let (plans, overrides) = self.plans_and_override_changes_on(&mut tx, &entry.account).await?;
         let mut used = Vec::with_capacity(2);
         for period in decide.periods(&plans, &overrides) {
-            used.push(used_on(&mut tx, &self.settled, &entry.account, &entry.resource, &period).await?);
+            used.push(used_on(&mut tx, settled, &entry.account, &entry.resource, &period).await?);
         }
         let response = match decide.decide(&plans, &overrides, &used) {
             Ok(response) => response,
@@ -1801,7 +1829,7 @@ async fn used_on(
     period: &Period,
 ) -> Result<i64, StoreError> {
     let table = window_table(period.window);
-    let known = settled.get(account.as_str(), resource.as_str(), bounds(period));
+    let lookup = settled.get(account.as_str(), resource.as_str(), bounds(period));
     let (used, mark, sum): (i64, i64, i64) = sqlx::query_as(
         "SELECT used, mark, settled FROM tally_used_settled($1, $2, $3, $4,
              COALESCE($5::timestamptz, '-infinity'), COALESCE($6::timestamptz, 'infinity'), $7, $8)",
@@ -1812,8 +1840,8 @@ async fn used_on(
     .bind(period.start)
     .bind(period.starts_at())
     .bind(period.ends_at())
-    .bind(known.map(|k| k.mark))
-    .bind(known.map(|k| k.sum))
+    .bind(lookup.known.map(|k| k.mark))
+    .bind(lookup.known.map(|k| k.sum))
     .fetch_one(&mut *conn)
     .await
     .map_err(|e| StoreError::from(e).naming_used(account, resource))?;
@@ -1822,6 +1850,7 @@ async fn used_on(
         resource.as_str(),
         bounds(period),
         Settled { mark, sum },
+        lookup.epoch,
     );
     Ok(used)
 }

@@ -21,9 +21,21 @@
 //!
 //! Memory is bounded: past [`SettledSums::CAPACITY`] entries, an arbitrary
 //! eighth is dropped (a dropped entry only costs one cold read).
+//!
+//! The one thing that breaks "right forever" is a folded total rewritten by
+//! `tally verify --repair`: a settled sum read from the wrong total keeps its
+//! error. Repairs are counted in the database (`totals_repairs`, migration
+//! 0022); a store reads that count at most once every
+//! [`SettledSums::REPAIRS_CHECK_INTERVAL`] before it uses the cache, and a
+//! new count forgets every sum ([`SettledSums::repairs_counted`]). A read in
+//! flight across that moment may have summed the old totals, so every offer
+//! carries the [`Epoch`] its lookup saw, and an offer from before the last
+//! forgetting is refused.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use chrono::NaiveDate;
 
@@ -49,10 +61,47 @@ pub struct Settled {
     pub sum: i64,
 }
 
+/// How often the cache has been forgotten when a lookup was made; an offer
+/// is taken only in the epoch of its lookup (see the module's doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Epoch(u64);
+
+/// What [`SettledSums::get`] found, and the epoch to offer the read's new
+/// watermark in.
+#[derive(Debug, Clone, Copy)]
+pub struct Lookup {
+    /// The watermark for the period, if known.
+    pub known: Option<Settled>,
+    /// Pass to [`SettledSums::offer`].
+    pub epoch: Epoch,
+}
+
 /// Settled sums by (account, resource, period).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SettledSums {
-    map: Mutex<HashMap<Key, Settled>>,
+    cache: Mutex<Cache>,
+    /// When the repairs count was last read, in ms since `created` plus one
+    /// (0: never).
+    repairs_checked: AtomicU64,
+    created: Instant,
+}
+
+#[derive(Debug, Default)]
+struct Cache {
+    map: HashMap<Key, Settled>,
+    epoch: u64,
+    /// The database's count of repairs when last read.
+    repairs: Option<i64>,
+}
+
+impl Default for SettledSums {
+    fn default() -> Self {
+        Self {
+            cache: Mutex::default(),
+            repairs_checked: AtomicU64::new(0),
+            created: Instant::now(),
+        }
+    }
 }
 
 fn key(account: &str, resource: &str, (start, end): Bounds) -> Key {
@@ -63,14 +112,29 @@ impl SettledSums {
     /// Entries kept at most (≈ 100 bytes each).
     pub const CAPACITY: usize = 100_000;
 
-    /// The watermark for one period, if known.
-    pub fn get(&self, account: &str, resource: &str, period: Bounds) -> Option<Settled> {
-        self.lock().get(&key(account, resource, period)).copied()
+    /// How long a repair made by another process may go unnoticed: the
+    /// longest a sum read from a total it rewrote is still used.
+    pub const REPAIRS_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+    /// The watermark for one period, if known, and the epoch to offer the
+    /// read's new one in.
+    pub fn get(&self, account: &str, resource: &str, period: Bounds) -> Lookup {
+        let cache = self.lock();
+        Lookup {
+            known: cache.map.get(&key(account, resource, period)).copied(),
+            epoch: Epoch(cache.epoch),
+        }
     }
 
-    /// Remembers a watermark unless a higher one is already known.
-    pub fn offer(&self, account: &str, resource: &str, period: Bounds, settled: Settled) {
-        let mut map = self.lock();
+    /// Remembers a watermark unless a higher one is already known, or the
+    /// cache was forgotten since the lookup the read began with (`epoch`):
+    /// that read may have summed totals a repair has since rewritten.
+    pub fn offer(&self, account: &str, resource: &str, period: Bounds, settled: Settled, epoch: Epoch) {
+        let mut cache = self.lock();
+        if Epoch(cache.epoch) != epoch {
+            return;
+        }
+        let map = &mut cache.map;
         let key = key(account, resource, period);
         if let Some(known) = map.get_mut(&key) {
             if settled.mark > known.mark {
@@ -88,19 +152,50 @@ impl SettledSums {
         map.insert(key, settled);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Settled>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
         // A poisoned map holds only complete (mark, sum) pairs: still valid.
-        self.map.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Forgets every watermark: the next read of each period is cold.
+    /// Forgets every watermark: the next read of each period is cold, and
+    /// reads in flight offer theirs in vain.
     pub fn clear(&self) {
-        self.lock().clear();
+        let mut cache = self.lock();
+        cache.map.clear();
+        cache.epoch += 1;
+    }
+
+    /// Whether the caller should read the database's count of repairs (and
+    /// pass it to [`Self::repairs_counted`]) before using the cache: true
+    /// at first, then once every [`Self::REPAIRS_CHECK_INTERVAL`], to one
+    /// caller only.
+    pub fn repairs_check_due(&self) -> bool {
+        let now = u64::try_from(self.created.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1;
+        let last = self.repairs_checked.load(Ordering::Acquire);
+        let interval = u64::try_from(Self::REPAIRS_CHECK_INTERVAL.as_millis()).unwrap_or(u64::MAX);
+        if last != 0 && now.saturating_sub(last) < interval {
+            return false;
+        }
+        self.repairs_checked
+            .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// The database's count of repairs, just read: a count other than the
+    /// last one seen (or the first one seen, which may postdate sums read
+    /// while it was on its way) forgets every watermark.
+    pub fn repairs_counted(&self, repairs: i64) {
+        let mut cache = self.lock();
+        if cache.repairs != Some(repairs) {
+            cache.repairs = Some(repairs);
+            cache.map.clear();
+            cache.epoch += 1;
+        }
     }
 
     /// How many periods are cached (tests).
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().map.len()
     }
 
     /// Whether nothing is cached.
@@ -118,20 +213,71 @@ mod tests {
     fn a_higher_mark_replaces_a_lower_one_and_never_the_reverse() {
         let sums = SettledSums::default();
         let period = bounds(&Period::containing(Window::Total, chrono::Utc::now()));
-        sums.offer("a", "r", period, Settled { mark: 10, sum: 5 });
-        sums.offer("a", "r", period, Settled { mark: 7, sum: 3 });
-        assert_eq!(sums.get("a", "r", period), Some(Settled { mark: 10, sum: 5 }));
-        sums.offer("a", "r", period, Settled { mark: 12, sum: 6 });
-        assert_eq!(sums.get("a", "r", period), Some(Settled { mark: 12, sum: 6 }));
+        let epoch = sums.get("a", "r", period).epoch;
+        sums.offer("a", "r", period, Settled { mark: 10, sum: 5 }, epoch);
+        sums.offer("a", "r", period, Settled { mark: 7, sum: 3 }, epoch);
+        assert_eq!(sums.get("a", "r", period).known, Some(Settled { mark: 10, sum: 5 }));
+        sums.offer("a", "r", period, Settled { mark: 12, sum: 6 }, epoch);
+        assert_eq!(sums.get("a", "r", period).known, Some(Settled { mark: 12, sum: 6 }));
     }
 
     #[test]
     fn the_cache_stays_within_its_capacity() {
         let sums = SettledSums::default();
         let period = bounds(&Period::containing(Window::Total, chrono::Utc::now()));
+        let epoch = sums.get("a", "r", period).epoch;
         for i in 0..SettledSums::CAPACITY + 10 {
-            sums.offer(&format!("a{i}"), "r", period, Settled { mark: 1, sum: 1 });
+            sums.offer(&format!("a{i}"), "r", period, Settled { mark: 1, sum: 1 }, epoch);
         }
         assert!(sums.len() <= SettledSums::CAPACITY);
+    }
+
+    #[test]
+    fn a_new_repairs_count_forgets_every_sum_and_refuses_reads_that_began_before_it() {
+        let sums = SettledSums::default();
+        let period = bounds(&Period::containing(Window::Total, chrono::Utc::now()));
+        sums.repairs_counted(0);
+        let before = sums.get("a", "r", period).epoch;
+        sums.offer("a", "r", period, Settled { mark: 10, sum: 5 }, before);
+        let in_flight = sums.get("b", "r", period).epoch;
+
+        // The same count again: nothing forgotten.
+        sums.repairs_counted(0);
+        assert_eq!(sums.get("a", "r", period).known, Some(Settled { mark: 10, sum: 5 }));
+
+        sums.repairs_counted(1);
+        assert_eq!(sums.get("a", "r", period).known, None);
+        // A read that looked up before the repair was noticed may hold the old total.
+        sums.offer("b", "r", period, Settled { mark: 11, sum: 9 }, in_flight);
+        assert_eq!(sums.get("b", "r", period).known, None);
+        // A read that began after it is taken.
+        let after = sums.get("b", "r", period).epoch;
+        sums.offer("b", "r", period, Settled { mark: 11, sum: 9 }, after);
+        assert_eq!(sums.get("b", "r", period).known, Some(Settled { mark: 11, sum: 9 }));
+    }
+
+    #[test]
+    fn clearing_refuses_reads_in_flight() {
+        let sums = SettledSums::default();
+        let period = bounds(&Period::containing(Window::Total, chrono::Utc::now()));
+        let in_flight = sums.get("a", "r", period).epoch;
+        sums.clear();
+        sums.offer("a", "r", period, Settled { mark: 1, sum: 1 }, in_flight);
+        assert!(sums.is_empty());
+    }
+
+    #[test]
+    fn the_repairs_count_is_due_at_first_then_once_an_interval_to_one_caller() {
+        let sums = SettledSums::default();
+        assert!(sums.repairs_check_due());
+        assert!(!sums.repairs_check_due(), "claimed by the first caller");
+        // As if the interval had passed since the last check.
+        sums.repairs_checked.store(1, Ordering::Release);
+        let sums = SettledSums {
+            created: Instant::now() - SettledSums::REPAIRS_CHECK_INTERVAL - Duration::from_millis(5),
+            ..sums
+        };
+        assert!(sums.repairs_check_due());
+        assert!(!sums.repairs_check_due());
     }
 }

@@ -327,6 +327,19 @@ impl SqliteStore {
             reverses: row.reverses,
         })
     }
+
+    /// The settled sums, once this process has noticed every `tally verify
+    /// --repair` counted more than [`SettledSums::REPAIRS_CHECK_INTERVAL`]
+    /// ago, by any process (see [`super::settled`]).
+    async fn settled_sums(&self) -> Result<&SettledSums, StoreError> {
+        if self.settled.repairs_check_due() {
+            let repairs: i64 = sqlx::query_scalar("SELECT repairs FROM totals_repairs")
+                .fetch_one(&self.reader)
+                .await?;
+            self.settled.repairs_counted(repairs);
+        }
+        Ok(&self.settled)
+    }
 }
 
 /// The table, bucket column and bucket-of-an-entry expression of a granularity:
@@ -834,8 +847,15 @@ impl Store for SqliteStore {
                 .await?;
             }
         }
+        if !mismatches.is_empty() {
+            // Counted with the rewrite: every process forgets the settled
+            // sums it read from the old totals (store/settled.rs).
+            sqlx::query("UPDATE totals_repairs SET repairs = repairs + 1")
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
-        // Sums this process read from a total just rewritten are stale.
+        // This process need not wait for its next look at the count.
         self.forget_settled_sums();
         Ok(mismatches)
     }
@@ -1087,8 +1107,9 @@ impl Store for SqliteStore {
     }
 
     async fn used(&self, account: &AccountId, resource: &ResourceName, period: &Period) -> Result<i64, StoreError> {
+        let settled = self.settled_sums().await?;
         let mut conn = self.reader.acquire().await?;
-        used_on(&mut conn, &self.settled, account, resource, period).await
+        used_on(&mut conn, settled, account, resource, period).await
     }
 
     async fn used_resources(&self, account: &AccountId) -> Result<Vec<String>, StoreError> {
@@ -1108,6 +1129,7 @@ impl Store for SqliteStore {
         // BEGIN IMMEDIATE takes SQLite's one write lock before reading the
         // limits and `used`: no other writer can append, or change a plan or
         // an override, between the check and the insert.
+        let settled = self.settled_sums().await?;
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let stored: Option<(EntryRow, Option<String>)> = fetch_with_outcome(&mut tx, entry).await?;
         if let Some((row, response)) = stored {
@@ -1117,7 +1139,7 @@ impl Store for SqliteStore {
         let overrides = self.override_changes_on(&mut tx, &entry.account).await?;
         let mut used = Vec::with_capacity(2);
         for period in decide.periods(&plans, &overrides) {
-            used.push(used_on(&mut tx, &self.settled, &entry.account, &entry.resource, &period).await?);
+            used.push(used_on(&mut tx, settled, &entry.account, &entry.resource, &period).await?);
         }
         let response = match decide.decide(&plans, &overrides, &used) {
             Ok(response) => response,
@@ -1778,7 +1800,8 @@ async fn read_used_as(
         (Some(from), Some(to)) => (to_micros(from), to_micros(to)),
         _ => (i64::MIN, i64::MAX),
     };
-    if let Some(known) = settled.get(account.as_str(), resource.as_str(), bounds(period)) {
+    let lookup = settled.get(account.as_str(), resource.as_str(), bounds(period));
+    if let Some(known) = lookup.known {
         let (high, low, mark): (i64, i64, i64) = sqlx::query_as(after_sql)
             .bind(account.as_str())
             .bind(resource.as_str())
@@ -1797,6 +1820,7 @@ async fn read_used_as(
                 resource.as_str(),
                 bounds(period),
                 Settled { mark, sum: used },
+                lookup.epoch,
             );
             return Ok(used);
         }
@@ -1830,6 +1854,7 @@ async fn read_used_as(
         resource.as_str(),
         bounds(period),
         Settled { mark, sum: used },
+        lookup.epoch,
     );
     Ok(used)
 }

@@ -9,8 +9,8 @@ use tally::jobs::rollup::{FailAction, Failpoint, RollupOptions, Stage};
 
 use crate::both;
 use crate::helpers::{
-    Backend, ServeProcess, TestApp, assert_used_exact_while_posting_and_rolling_up, days_ago_at, entry_at, metric,
-    rollup_every_second_jobs_dir, scrape_metrics, transaction_holding_an_id, usage_row,
+    Backend, ServeProcess, TestApp, assert_used_exact_while_posting_and_rolling_up, days_ago_at, entry, entry_at,
+    metric, rollup_every_second_jobs_dir, scrape_metrics, transaction_holding_an_id, usage_row,
 };
 
 both!(
@@ -35,6 +35,7 @@ both!(
     a_rollup_run_under_another_time_zone_still_folds_into_utc_days,
     a_batch_holds_exactly_the_most_rows_it_may,
     verify_repair_puts_a_wrong_entry_count_right,
+    a_running_server_answers_from_the_repaired_totals_within_a_second,
 );
 
 async fn entries_fold_into_their_utc_day_and_month_across_boundaries(app: TestApp) {
@@ -287,8 +288,8 @@ async fn verify_repair_rewrites_each_differing_total_to_what_the_ledger_says(app
     }
     assert!(
         stderr.contains(
-            "5 totals put right from the ledger (rewritten, or removed where it has no folded entry). Restart the \
-             `serve` processes"
+            "5 totals put right from the ledger (rewritten, or removed where it has no folded entry). Running \
+             `serve` processes drop the sums they had read from the old totals within 1 s"
         ),
         "{stderr}"
     );
@@ -1425,6 +1426,59 @@ async fn verify_repair_puts_a_wrong_entry_count_right(app: TestApp) {
         "{}",
         String::from_utf8_lossy(&verified.stdout)
     );
+}
+
+/// A server caches the sums it has read (store/settled.rs), so one read from
+/// a wrong total would keep its error. `tally verify --repair`, run as
+/// another process, counts itself in the database; the server notices within
+/// a second, without a restart, and its checks, usage and consumes read the
+/// repaired totals.
+async fn a_running_server_answers_from_the_repaired_totals_within_a_second(app: TestApp) {
+    let entries: Vec<_> = (0..30)
+        .map(|i| entry("acme", "ai_generations", "1", &format!("gen-{i}")))
+        .collect();
+    assert_eq!(app.post_entries(json!({ "entries": entries })).await.status, 200);
+    app.rollup().await;
+    app.execute_raw("UPDATE monthly_totals SET amount = 5 WHERE account = 'acme'")
+        .await
+        .unwrap();
+    let check = json!({"account": "acme", "resource": "ai_generations", "amount": 1});
+    // Read from the wrong total, and cached.
+    for _ in 0..2 {
+        let checked = app.post("/v1/quota/check", check.clone()).await;
+        assert_eq!(checked.body["used"], "5", "{checked:?}");
+    }
+
+    let repaired = app.cli(&["verify", "--repair"]);
+    assert_eq!(repaired.status.code(), Some(0), "{repaired:?}");
+    let repaired_at = std::time::Instant::now();
+    loop {
+        let checked = app.post("/v1/quota/check", check.clone()).await;
+        if checked.body["used"] == "30" {
+            break;
+        }
+        assert_eq!(checked.body["used"], "5", "{checked:?}");
+        assert!(
+            repaired_at.elapsed() < std::time::Duration::from_secs(5),
+            "the server still answers from the sum it read before the repair: {checked:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let usage = app.get("/v1/accounts/acme/usage").await;
+    assert_eq!(usage_row(&usage.body, "ai_generations")["used"], "30", "{usage:?}");
+    // free allows 50 a month: 21 more would pass on the old sum (5 + 21).
+    let consumed = app
+        .post(
+            "/v1/quota/consume",
+            json!({"account": "acme", "resource": "ai_generations", "amount": 21, "idempotency_key": "more"}),
+        )
+        .await;
+    assert_eq!(
+        (consumed.status, consumed.code()),
+        (429, "quota_exceeded"),
+        "{consumed:?}"
+    );
+    assert_eq!(consumed.body["error"]["details"]["used"], "30", "{consumed:?}");
 }
 
 /// DESIGN.md §3: a run folds in (transaction, id) order up to the last
