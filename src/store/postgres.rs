@@ -24,7 +24,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{FromRow, PgPool, Postgres, QueryBuilder};
 
 use super::API_KEY_COLUMNS;
-use super::settled::{Settled, SettledSums, bounds};
+use super::settled::{COUNT_REPAIRS_SQL, Settled, SettledSums, bounds};
 use super::{
     Backend, BeforeCommit, CheckInputs, CommittedMark, ConsumeDecider, ConsumeResult, ConsumeRules, CsvSink,
     DecidedConsume, ExportFilter, JobLock, NewApiKey, OpenError, Store, StoreError, StreamError, TotalMismatch,
@@ -730,13 +730,8 @@ impl PgStore {
     /// --repair` counted more than [`SettledSums::REPAIRS_CHECK_INTERVAL`]
     /// ago, by any process (see [`super::settled`]).
     async fn settled_sums(&self) -> Result<&SettledSums, StoreError> {
-        if self.settled.repairs_check_due() {
-            let repairs: i64 = sqlx::query_scalar("SELECT repairs FROM totals_repairs")
-                .fetch_one(&self.pool)
-                .await?;
-            self.settled.repairs_counted(repairs);
-        }
-        Ok(&self.settled)
+        let count_repairs = || sqlx::query_scalar(COUNT_REPAIRS_SQL).fetch_one(&self.pool);
+        Ok(self.settled.noticing_repairs(count_repairs).await?)
     }
 }
 

@@ -41,6 +41,10 @@ use chrono::NaiveDate;
 
 use crate::domain::plan::Period;
 
+/// How many times `tally verify --repair` has rewritten totals (migration
+/// 0022), the same on both engines.
+pub const COUNT_REPAIRS_SQL: &str = "SELECT repairs FROM totals_repairs";
+
 /// A period's first day and the day after its last (both None: all time).
 pub type Bounds = (Option<NaiveDate>, Option<NaiveDate>);
 
@@ -165,11 +169,26 @@ impl SettledSums {
         cache.epoch += 1;
     }
 
+    /// The cache, once the repairs counted more than
+    /// [`Self::REPAIRS_CHECK_INTERVAL`] ago (by any process) are noticed:
+    /// when a look is due, `count_repairs` reads the database's count
+    /// ([`COUNT_REPAIRS_SQL`]) first. A store calls this before every
+    /// [`Self::get`].
+    pub async fn noticing_repairs<Count>(&self, count_repairs: impl FnOnce() -> Count) -> Result<&Self, sqlx::Error>
+    where
+        Count: Future<Output = Result<i64, sqlx::Error>>,
+    {
+        if self.repairs_check_due() {
+            self.repairs_counted(count_repairs().await?);
+        }
+        Ok(self)
+    }
+
     /// Whether the caller should read the database's count of repairs (and
     /// pass it to [`Self::repairs_counted`]) before using the cache: true
     /// at first, then once every [`Self::REPAIRS_CHECK_INTERVAL`], to one
     /// caller only.
-    pub fn repairs_check_due(&self) -> bool {
+    fn repairs_check_due(&self) -> bool {
         let now = u64::try_from(self.created.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1;
         let last = self.repairs_checked.load(Ordering::Acquire);
         let interval = u64::try_from(Self::REPAIRS_CHECK_INTERVAL.as_millis()).unwrap_or(u64::MAX);
@@ -184,7 +203,7 @@ impl SettledSums {
     /// The database's count of repairs, just read: a count other than the
     /// last one seen (or the first one seen, which may postdate sums read
     /// while it was on its way) forgets every watermark.
-    pub fn repairs_counted(&self, repairs: i64) {
+    fn repairs_counted(&self, repairs: i64) {
         let mut cache = self.lock();
         if cache.repairs != Some(repairs) {
             cache.repairs = Some(repairs);

@@ -24,7 +24,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Connection as _, FromRow, QueryBuilder, Sqlite, SqlitePool};
 
 use super::API_KEY_COLUMNS;
-use super::settled::{Settled, SettledSums, bounds};
+use super::settled::{COUNT_REPAIRS_SQL, Settled, SettledSums, bounds};
 use super::{
     Backend, BeforeCommit, CommittedMark, ConsumeDecider, ConsumeResult, CsvSink, ExportFilter, JobLock, NewApiKey,
     OpenError, Store, StoreError, StreamError, TotalMismatch, TotalName, TotalRow, diff_totals, natural_key, replay,
@@ -332,13 +332,8 @@ impl SqliteStore {
     /// --repair` counted more than [`SettledSums::REPAIRS_CHECK_INTERVAL`]
     /// ago, by any process (see [`super::settled`]).
     async fn settled_sums(&self) -> Result<&SettledSums, StoreError> {
-        if self.settled.repairs_check_due() {
-            let repairs: i64 = sqlx::query_scalar("SELECT repairs FROM totals_repairs")
-                .fetch_one(&self.reader)
-                .await?;
-            self.settled.repairs_counted(repairs);
-        }
-        Ok(&self.settled)
+        let count_repairs = || sqlx::query_scalar(COUNT_REPAIRS_SQL).fetch_one(&self.reader);
+        Ok(self.settled.noticing_repairs(count_repairs).await?)
     }
 }
 
