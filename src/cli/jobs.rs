@@ -188,7 +188,7 @@ async fn compare_totals(settings: &Settings, repair: bool) -> anyhow::Result<Exi
     // is counted, and each process forgets them when it sees the count move.
     stderr_line!(
         "{totals} put right from the ledger (rewritten, or removed where it has no folded entry). Running `serve` processes \
-         drop the sums they had read from the old totals within 1 s"
+         drop the sums they had read from the old totals within about a second"
     );
     Ok(ExitCode::SUCCESS)
 }

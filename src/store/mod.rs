@@ -425,7 +425,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Forgets the settled sums behind `used` (see [`settled`]), so that the
     /// next read of each period is cold: sums its folded totals and its whole
-    /// unfolded tail. For the benchmark, which times that read too.
+    /// unfolded tail. After `repair_totals`, and for the benchmark, which
+    /// times that read too.
     fn forget_settled_sums(&self);
 
     /// Whether the ledger holds any entry of `resource` (of `account`, when

@@ -726,12 +726,12 @@ impl PgStore {
         Err(OpenError::ClusterBehindLedger { newest, next })
     }
 
-    /// The settled sums, once this process has noticed every `tally verify
-    /// --repair` counted more than [`SettledSums::REPAIRS_CHECK_INTERVAL`]
-    /// ago, by any process (see [`super::settled`]).
-    async fn settled_sums(&self) -> Result<&SettledSums, StoreError> {
-        let count_repairs = || sqlx::query_scalar(COUNT_REPAIRS_SQL).fetch_one(&self.pool);
-        Ok(self.settled.noticing_repairs(count_repairs).await?)
+    /// The settled sums, after this process's look at the count of `tally
+    /// verify --repair` runs when one is due, read through `executor` (see
+    /// [`SettledSums::noticing_repairs`]).
+    async fn settled_sums<'c>(&self, executor: impl sqlx::PgExecutor<'c>) -> Result<&SettledSums, StoreError> {
+        let count_repairs = || sqlx::query_scalar(COUNT_REPAIRS_SQL).fetch_one(executor);
+        self.settled.noticing_repairs(count_repairs).await
     }
 }
 
@@ -1442,7 +1442,7 @@ impl Store for PgStore {
         // settled watermark, see used_on) beside the plan history and the
         // overrides as arrays.
         let lookup = self
-            .settled_sums()
+            .settled_sums(&self.pool)
             .await?
             .get(account.as_str(), resource.as_str(), bounds(likely));
         let row: CheckRow = sqlx::query_as(
@@ -1535,7 +1535,7 @@ impl Store for PgStore {
     ) -> Result<Option<DecidedConsume>, StoreError> {
         let likely = bounds(&rules.likely_period);
         let lookup = self
-            .settled_sums()
+            .settled_sums(&self.pool)
             .await?
             .get(entry.account.as_str(), entry.resource.as_str(), likely);
         // Decided with the consumes waiting beside it: one call, one
@@ -1548,6 +1548,7 @@ impl Store for PgStore {
                 rules,
                 likely,
                 known: lookup.known,
+                epoch: lookup.epoch,
                 now: entry.occurred_at_given.then_some(now),
             })
             .await?;
@@ -1593,8 +1594,8 @@ impl Store for PgStore {
     }
 
     async fn used(&self, account: &AccountId, resource: &ResourceName, period: &Period) -> Result<i64, StoreError> {
-        let settled = self.settled_sums().await?;
         let mut conn = self.pool.acquire().await?;
+        let settled = self.settled_sums(&mut *conn).await?;
         used_on(&mut conn, settled, account, resource, period).await
     }
 
@@ -1612,7 +1613,6 @@ impl Store for PgStore {
     }
 
     async fn consume(&self, entry: &NewEntry, decide: &dyn ConsumeDecider) -> Result<ConsumeResult, StoreError> {
-        let settled = self.settled_sums().await?;
         let mut tx = self.pool.begin().await?;
         // One lock per (account, resource), held to commit. Under READ
         // COMMITTED the `used` read below starts after the lock is granted, so
@@ -1626,7 +1626,9 @@ impl Store for PgStore {
             return Ok(replayed);
         }
         // The limits too are read after the lock: a plan or override committed
-        // before it was granted applies to this consume.
+        // before it was granted applies to this consume. So is a look at the
+        // repairs count, when due: a repair this consume waited for counts.
+        let settled = self.settled_sums(&mut *tx).await?;
         let (plans, overrides) = self.plans_and_override_changes_on(&mut tx, &entry.account).await?;
         let mut used = Vec::with_capacity(2);
         for period in decide.periods(&plans, &overrides) {

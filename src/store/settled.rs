@@ -34,10 +34,12 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::NaiveDate;
+
+use super::StoreError;
 
 use crate::domain::plan::Period;
 
@@ -67,7 +69,7 @@ pub struct Settled {
 
 /// How often the cache has been forgotten when a lookup was made; an offer
 /// is taken only in the epoch of its lookup (see the module's doc).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Epoch(u64);
 
 /// What [`SettledSums::get`] found, and the epoch to offer the read's new
@@ -80,6 +82,14 @@ pub struct Lookup {
     pub epoch: Epoch,
 }
 
+/// A look at the repairs count one caller has claimed: when it was claimed
+/// and when the previous look was (as in [`SettledSums::repairs_checked`]).
+#[derive(Debug, Clone, Copy)]
+struct RepairsLook {
+    previous: u64,
+    now: u64,
+}
+
 /// Settled sums by (account, resource, period).
 #[derive(Debug)]
 pub struct SettledSums {
@@ -88,6 +98,8 @@ pub struct SettledSums {
     /// (0: never).
     repairs_checked: AtomicU64,
     created: Instant,
+    /// Whether this process was refused the repairs count, and said so.
+    refused_the_count: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -104,6 +116,7 @@ impl Default for SettledSums {
             cache: Mutex::default(),
             repairs_checked: AtomicU64::new(0),
             created: Instant::now(),
+            refused_the_count: AtomicBool::new(false),
         }
     }
 }
@@ -116,8 +129,10 @@ impl SettledSums {
     /// Entries kept at most (≈ 100 bytes each).
     pub const CAPACITY: usize = 100_000;
 
-    /// How long a repair made by another process may go unnoticed: the
-    /// longest a sum read from a total it rewrote is still used.
+    /// How often a process looks at the repairs count: after a repair
+    /// commits, the process answers from sums read from the old totals until
+    /// its next look, made by the first read of the cache at least this long
+    /// after its previous look.
     pub const REPAIRS_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
     /// The watermark for one period, if known, and the epoch to offer the
@@ -169,35 +184,60 @@ impl SettledSums {
         cache.epoch += 1;
     }
 
-    /// The cache, once the repairs counted more than
-    /// [`Self::REPAIRS_CHECK_INTERVAL`] ago (by any process) are noticed:
-    /// when a look is due, `count_repairs` reads the database's count
-    /// ([`COUNT_REPAIRS_SQL`]) first. A store calls this before every
-    /// [`Self::get`].
-    pub async fn noticing_repairs<Count>(&self, count_repairs: impl FnOnce() -> Count) -> Result<&Self, sqlx::Error>
+    /// The cache, after a look at the repairs count when one is due (once
+    /// every [`Self::REPAIRS_CHECK_INTERVAL`]): `count_repairs` reads the
+    /// database's count ([`COUNT_REPAIRS_SQL`]). A store calls this before
+    /// every [`Self::get`]. A role refused the count (granted SELECT before
+    /// migration 0022) keeps no sum past one interval instead; any other
+    /// failure is the caller's, and the next caller looks again.
+    pub async fn noticing_repairs<Count>(&self, count_repairs: impl FnOnce() -> Count) -> Result<&Self, StoreError>
     where
         Count: Future<Output = Result<i64, sqlx::Error>>,
     {
-        if self.repairs_check_due() {
-            self.repairs_counted(count_repairs().await?);
+        let Some(claim) = self.repairs_check_due() else {
+            return Ok(self);
+        };
+        match count_repairs().await.map_err(StoreError::from) {
+            Ok(repairs) => self.repairs_counted(repairs),
+            Err(e) if e.is_permission_denied() => {
+                if !self.refused_the_count.swap(true, Ordering::AcqRel) {
+                    let why = crate::telemetry::cause_chain(&e);
+                    tracing::warn!(
+                        error = %why,
+                        "cannot read how many times the totals were repaired ({why}): this process keeps the \
+                         sums behind `used` for a second at most; grant this role SELECT on totals_repairs \
+                         (docs/operations.md, \"Read-only access\")"
+                    );
+                }
+                self.clear();
+            }
+            Err(e) => {
+                // Not looked: the next caller looks at once.
+                let _ = self.repairs_checked.compare_exchange(
+                    claim.now,
+                    claim.previous,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+                return Err(e);
+            }
         }
         Ok(self)
     }
 
-    /// Whether the caller should read the database's count of repairs (and
-    /// pass it to [`Self::repairs_counted`]) before using the cache: true
-    /// at first, then once every [`Self::REPAIRS_CHECK_INTERVAL`], to one
-    /// caller only.
-    fn repairs_check_due(&self) -> bool {
+    /// A claim on the look at the repairs count when one is due: at first,
+    /// then once every [`Self::REPAIRS_CHECK_INTERVAL`], to one caller only.
+    fn repairs_check_due(&self) -> Option<RepairsLook> {
         let now = u64::try_from(self.created.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1;
-        let last = self.repairs_checked.load(Ordering::Acquire);
+        let previous = self.repairs_checked.load(Ordering::Acquire);
         let interval = u64::try_from(Self::REPAIRS_CHECK_INTERVAL.as_millis()).unwrap_or(u64::MAX);
-        if last != 0 && now.saturating_sub(last) < interval {
-            return false;
+        if previous != 0 && now.saturating_sub(previous) < interval {
+            return None;
         }
         self.repairs_checked
-            .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+            .compare_exchange(previous, now, Ordering::AcqRel, Ordering::Acquire)
+            .ok()
+            .map(|_| RepairsLook { previous, now })
     }
 
     /// The database's count of repairs, just read: a count other than the
@@ -275,6 +315,23 @@ mod tests {
         assert_eq!(sums.get("b", "r", period).known, Some(Settled { mark: 11, sum: 9 }));
     }
 
+    /// The first count a process reads may already include a repair that
+    /// came after sums it read while the count was on its way: it forgets
+    /// them, and refuses the reads in flight, as a new count does.
+    #[test]
+    fn the_first_repairs_count_forgets_the_sums_read_before_it() {
+        let sums = SettledSums::default();
+        let period = bounds(&Period::containing(Window::Total, chrono::Utc::now()));
+        let before = sums.get("a", "r", period).epoch;
+        sums.offer("a", "r", period, Settled { mark: 10, sum: 5 }, before);
+        let in_flight = sums.get("b", "r", period).epoch;
+
+        sums.repairs_counted(3);
+        assert_eq!(sums.get("a", "r", period).known, None);
+        sums.offer("b", "r", period, Settled { mark: 11, sum: 9 }, in_flight);
+        assert_eq!(sums.get("b", "r", period).known, None);
+    }
+
     #[test]
     fn clearing_refuses_reads_in_flight() {
         let sums = SettledSums::default();
@@ -288,15 +345,15 @@ mod tests {
     #[test]
     fn the_repairs_count_is_due_at_first_then_once_an_interval_to_one_caller() {
         let sums = SettledSums::default();
-        assert!(sums.repairs_check_due());
-        assert!(!sums.repairs_check_due(), "claimed by the first caller");
+        assert!(sums.repairs_check_due().is_some());
+        assert!(sums.repairs_check_due().is_none(), "claimed by the first caller");
         // As if the interval had passed since the last check.
         sums.repairs_checked.store(1, Ordering::Release);
         let sums = SettledSums {
             created: Instant::now() - SettledSums::REPAIRS_CHECK_INTERVAL - Duration::from_millis(5),
             ..sums
         };
-        assert!(sums.repairs_check_due());
-        assert!(!sums.repairs_check_due());
+        assert!(sums.repairs_check_due().is_some());
+        assert!(sums.repairs_check_due().is_none());
     }
 }

@@ -328,12 +328,12 @@ impl SqliteStore {
         })
     }
 
-    /// The settled sums, once this process has noticed every `tally verify
-    /// --repair` counted more than [`SettledSums::REPAIRS_CHECK_INTERVAL`]
-    /// ago, by any process (see [`super::settled`]).
-    async fn settled_sums(&self) -> Result<&SettledSums, StoreError> {
-        let count_repairs = || sqlx::query_scalar(COUNT_REPAIRS_SQL).fetch_one(&self.reader);
-        Ok(self.settled.noticing_repairs(count_repairs).await?)
+    /// The settled sums, after this process's look at the count of `tally
+    /// verify --repair` runs when one is due, read through `executor` (see
+    /// [`SettledSums::noticing_repairs`]).
+    async fn settled_sums<'c>(&self, executor: impl sqlx::SqliteExecutor<'c>) -> Result<&SettledSums, StoreError> {
+        let count_repairs = || sqlx::query_scalar(COUNT_REPAIRS_SQL).fetch_one(executor);
+        self.settled.noticing_repairs(count_repairs).await
     }
 }
 
@@ -1102,8 +1102,8 @@ impl Store for SqliteStore {
     }
 
     async fn used(&self, account: &AccountId, resource: &ResourceName, period: &Period) -> Result<i64, StoreError> {
-        let settled = self.settled_sums().await?;
         let mut conn = self.reader.acquire().await?;
+        let settled = self.settled_sums(&mut *conn).await?;
         used_on(&mut conn, settled, account, resource, period).await
     }
 
@@ -1124,8 +1124,9 @@ impl Store for SqliteStore {
         // BEGIN IMMEDIATE takes SQLite's one write lock before reading the
         // limits and `used`: no other writer can append, or change a plan or
         // an override, between the check and the insert.
-        let settled = self.settled_sums().await?;
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        // Under the write lock, so a repair this consume waited for counts.
+        let settled = self.settled_sums(&mut *tx).await?;
         let stored: Option<(EntryRow, Option<String>)> = fetch_with_outcome(&mut tx, entry).await?;
         if let Some((row, response)) = stored {
             return replay(entry, &self.entry_from_row(row)?, response);

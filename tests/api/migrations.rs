@@ -167,6 +167,34 @@ async fn on_postgres_a_select_only_role_exports_verifies_and_reads_usage() {
     owner.close().await.ok();
 }
 
+/// A reporting role granted SELECT before migration 0022 cannot read
+/// totals_repairs: its reads of `used` still run, as they do without
+/// resource_digits (review AT).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_role_granted_before_0022_still_reads_usage_and_checks() {
+    let Some(app) = TestApp::spawn(Backend::Postgres).await else {
+        return;
+    };
+    let posted = app.post_entries(entry("acme", "api_requests", "2", "k1")).await;
+    assert_eq!(posted.status, 200, "{posted:?}");
+    let (role, url, mut owner) = select_only_role(&app, "reporter").await;
+    sqlx::raw_sql(&format!("REVOKE SELECT ON totals_repairs FROM {role}"))
+        .execute(&mut owner)
+        .await
+        .unwrap();
+    for args in [&["usage", "acme"][..], &["check", "acme", "api_requests"]] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(args)
+            .env("TALLY_DATABASE_URL", &url)
+            .env_remove("TALLY_PLANS")
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("tally runs");
+        assert!(output.status.success(), "{args:?}: {}", text(&output.stderr));
+    }
+    owner.close().await.ok();
+}
+
 /// `serve` as a role whose transactions are read-only (a standby is the
 /// same): with a key in the database it starts and answers, since it writes
 /// nothing to start; with none it cannot store the bootstrap key, and says

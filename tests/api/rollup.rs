@@ -10,7 +10,8 @@ use tally::jobs::rollup::{FailAction, Failpoint, RollupOptions, Stage};
 use crate::both;
 use crate::helpers::{
     Backend, ServeProcess, TestApp, assert_used_exact_while_posting_and_rolling_up, days_ago_at, entry, entry_at,
-    metric, rollup_every_second_jobs_dir, scrape_metrics, transaction_holding_an_id, usage_row,
+    metric, rollup_every_second_jobs_dir, scrape_metrics, transaction_holding_an_id, until_a_backend_waits_on_a_lock,
+    usage_row,
 };
 
 both!(
@@ -36,6 +37,7 @@ both!(
     a_batch_holds_exactly_the_most_rows_it_may,
     verify_repair_puts_a_wrong_entry_count_right,
     a_running_server_answers_from_the_repaired_totals_within_a_second,
+    every_way_in_notices_a_repair_on_its_own,
 );
 
 async fn entries_fold_into_their_utc_day_and_month_across_boundaries(app: TestApp) {
@@ -289,7 +291,7 @@ async fn verify_repair_rewrites_each_differing_total_to_what_the_ledger_says(app
     assert!(
         stderr.contains(
             "5 totals put right from the ledger (rewritten, or removed where it has no folded entry). Running \
-             `serve` processes drop the sums they had read from the old totals within 1 s"
+             `serve` processes drop the sums they had read from the old totals within about a second"
         ),
         "{stderr}"
     );
@@ -318,6 +320,9 @@ async fn verify_repair_rewrites_each_differing_total_to_what_the_ledger_says(app
     let nothing_left = app.cli(&["verify", "--repair"]);
     assert_eq!(nothing_left.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&nothing_left.stdout).starts_with("ok: every daily and monthly total equals"));
+    // Counted once, for the repair that put something right: a repair with
+    // nothing to put right leaves every process's settled sums alone.
+    assert_eq!(app.scalar_i64("SELECT repairs FROM totals_repairs").await, 1);
     // Without --repair, a difference names the way to put it right.
     app.execute_raw("DELETE FROM daily_totals WHERE account = 'acme'")
         .await
@@ -1459,7 +1464,7 @@ async fn a_running_server_answers_from_the_repaired_totals_within_a_second(app: 
         }
         assert_eq!(checked.body["used"], "5", "{checked:?}");
         assert!(
-            repaired_at.elapsed() < std::time::Duration::from_secs(5),
+            repaired_at.elapsed() < std::time::Duration::from_millis(2500),
             "the server still answers from the sum it read before the repair: {checked:?}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -1479,6 +1484,333 @@ async fn a_running_server_answers_from_the_repaired_totals_within_a_second(app: 
         "{consumed:?}"
     );
     assert_eq!(consumed.body["error"]["details"]["used"], "30", "{consumed:?}");
+}
+
+/// A way into the settled sums, and the account whose sum it caches.
+#[derive(Debug, Clone, Copy)]
+enum WayIn {
+    /// GET usage (`used` alone).
+    Usage,
+    /// A consume of ai_generations (no rate: on PostgreSQL, decided by the
+    /// database in a group), 46 at a time: refused whatever the sum.
+    Consume,
+    /// A consume of api_requests (a rate: the multi-statement path), 1 at a
+    /// time: recorded.
+    RatedConsume,
+}
+
+impl WayIn {
+    fn account(self) -> &'static str {
+        match self {
+            Self::Usage => "by-usage",
+            Self::Consume => "by-consume",
+            Self::RatedConsume => "by-rated-consume",
+        }
+    }
+
+    /// `used` as this way answers it (the `i`th time), and the ledger's.
+    async fn used(self, app: &TestApp, i: usize) -> (String, i64) {
+        let account = self.account();
+        match self {
+            Self::Usage => {
+                let usage = app.get(&format!("/v1/accounts/{account}/usage")).await;
+                let used = usage_row(&usage.body, "ai_generations")["used"].clone();
+                (used.as_str().unwrap_or_default().to_owned(), 30)
+            }
+            Self::Consume => {
+                let body = json!({"account": account, "resource": "ai_generations", "amount": 46,
+                                  "idempotency_key": format!("over-{i}")});
+                let refused = app.post("/v1/quota/consume", body).await;
+                assert_eq!(refused.status, 429, "{refused:?}");
+                let used = &refused.body["error"]["details"]["used"];
+                (used.as_str().unwrap_or_default().to_owned(), 30)
+            }
+            Self::RatedConsume => {
+                let body = json!({"account": account, "resource": "api_requests", "amount": 1,
+                                  "idempotency_key": format!("one-{i}")});
+                let recorded = app.post("/v1/quota/consume", body).await;
+                assert_eq!(recorded.status, 200, "{recorded:?}");
+                let used = recorded.body["used"].as_str().unwrap_or_default().to_owned();
+                (used, app.ledger_sum(account, "api_requests").await)
+            }
+        }
+    }
+}
+
+/// Each way into the settled sums looks at the repairs count itself, not
+/// only the check: a server that answers only usage, or only consumes (of
+/// either path), notices a repair by another process within a second too.
+/// Each round caches a sum read from a wrong total (25 short) through one way
+/// in, repairs, and asks that way alone.
+async fn every_way_in_notices_a_repair_on_its_own(app: TestApp) {
+    let ways = [WayIn::Usage, WayIn::Consume, WayIn::RatedConsume];
+    let entries: Vec<_> = ways
+        .iter()
+        .flat_map(|way| {
+            ["ai_generations", "api_requests"]
+                .into_iter()
+                .flat_map(move |resource| {
+                    (0..30).map(move |i| entry(way.account(), resource, "1", &format!("{resource}-{i}")))
+                })
+        })
+        .collect();
+    assert_eq!(app.post_entries(json!({ "entries": entries })).await.status, 200);
+    app.rollup().await;
+    for way in ways {
+        let account = way.account();
+        app.execute_raw(&format!(
+            "UPDATE monthly_totals SET amount = 5 WHERE account = '{account}'"
+        ))
+        .await
+        .unwrap();
+        let (used, ledger) = way.used(&app, 0).await;
+        assert_eq!(used, (ledger - 25).to_string(), "{way:?}: read from the wrong total");
+        let repaired = app.cli(&["verify", "--repair"]);
+        assert_eq!(repaired.status.code(), Some(0), "{repaired:?}");
+        let repaired_at = std::time::Instant::now();
+        for i in 1.. {
+            let (used, ledger) = way.used(&app, i).await;
+            if used == ledger.to_string() {
+                break;
+            }
+            assert_eq!(used, (ledger - 25).to_string(), "{way:?}");
+            assert!(
+                repaired_at.elapsed() < std::time::Duration::from_secs(5),
+                "{way:?} still answers from the sum read before the repair"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// A PostgreSQL consume group reads a period's `used` once, from its first
+/// consume's cached sum, and every consume of the period offers the result
+/// back under the epoch of its own lookup. One that looked up before the
+/// server noticed a repair, grouped ahead of one that looked up after, must
+/// not put the sum read from the old total back into the cache.
+/// (PostgreSQL only: SQLite decides consumes one at a time.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_consume_group_puts_back_no_sum_read_before_a_repair() {
+    let Some(app) = TestApp::spawn(Backend::Postgres).await else {
+        return;
+    };
+    let app = Arc::new(app);
+    let entries: Vec<_> = (0..30)
+        .map(|i| entry("acme", "ai_generations", "1", &format!("gen-{i}")))
+        .collect();
+    assert_eq!(app.post_entries(json!({ "entries": entries })).await.status, 200);
+    app.rollup().await;
+    app.execute_raw("UPDATE monthly_totals SET amount = 5 WHERE account = 'acme'")
+        .await
+        .unwrap();
+    let check = json!({"account": "acme", "resource": "ai_generations", "amount": 1});
+    let checked = app.post("/v1/quota/check", check.clone()).await;
+    assert_eq!(
+        checked.body["used"], "5",
+        "read from the wrong total, and cached: {checked:?}"
+    );
+
+    // Another process holds the consume lock: each worker waits on it with a
+    // consume of its own, and a third consume waits in the queue. All three
+    // looked up the sum read from the wrong total.
+    let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('acme' || chr(31) || 'ai_generations', 7))")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let consume = |key: &str| {
+        let (app, key) = (app.clone(), key.to_owned());
+        tokio::spawn(async move {
+            let body = json!({"account": "acme", "resource": "ai_generations", "amount": 1, "idempotency_key": key});
+            app.post("/v1/quota/consume", body).await
+        })
+    };
+    let waiting = |n: i64| {
+        let pool = pool.clone();
+        async move {
+            for _ in 0..200 {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                )
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                if waiting >= n {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            panic!("{n} consumes never waited on the consume lock");
+        }
+    };
+    let mut sent = vec![consume("first-worker")];
+    waiting(1).await;
+    sent.push(consume("second-worker"));
+    waiting(2).await;
+    sent.push(consume("queued-before"));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+
+    let repaired = app.cli(&["verify", "--repair"]);
+    assert_eq!(repaired.status.code(), Some(0), "{repaired:?}");
+    // Past the interval: this consume reads the count, forgets every sum and
+    // looks up nothing; it joins the queued one's group.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    sent.push(consume("queued-after"));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    holder.rollback().await.unwrap();
+    for consumed in sent {
+        let consumed = consumed.await.unwrap();
+        assert_eq!(consumed.status, 200, "{consumed:?}");
+    }
+
+    // Well past the repair: 30 posted, 4 consumed.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let checked = app.post("/v1/quota/check", check).await;
+    assert_eq!(
+        checked.body["used"], "34",
+        "a sum read from the old total came back into the cache: {checked:?}"
+    );
+}
+
+/// A check and a consume (PostgreSQL's group path) that looked up the sum
+/// read from a wrong total, then waited while another process repaired it
+/// and this server noticed, answer from the old sum (they were in flight)
+/// but offer theirs in vain: the next check reads the repaired totals.
+/// (PostgreSQL only: a SQLite reader waits on nothing, and a consume waits
+/// on the write lock the repair needs too.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_reads_in_flight_across_a_repair_put_back_no_old_sum() {
+    let Some(app) = TestApp::spawn(Backend::Postgres).await else {
+        return;
+    };
+    let app = Arc::new(app);
+    let entries: Vec<_> = (0..30)
+        .map(|i| entry("acme", "ai_generations", "1", &format!("gen-{i}")))
+        .collect();
+    assert_eq!(app.post_entries(json!({ "entries": entries })).await.status, 200);
+    app.rollup().await;
+    app.execute_raw("UPDATE monthly_totals SET amount = 5 WHERE account = 'acme'")
+        .await
+        .unwrap();
+    let check = |account: &str| json!({"account": account, "resource": "ai_generations", "amount": 1});
+    let checked = app.post("/v1/quota/check", check("acme")).await;
+    assert_eq!(
+        checked.body["used"], "5",
+        "read from the wrong total, and cached: {checked:?}"
+    );
+
+    // The consume waits on its lock, the check on account_plans (which the
+    // repair does not read), each after its lookup.
+    let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
+    let mut consume_lock = pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('acme' || chr(31) || 'ai_generations', 7))")
+        .execute(&mut *consume_lock)
+        .await
+        .unwrap();
+    let mut plans_lock = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE account_plans IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *plans_lock)
+        .await
+        .unwrap();
+    let send = |path: &'static str, body: serde_json::Value| {
+        let app = app.clone();
+        tokio::spawn(async move { app.post(path, body).await })
+    };
+    let waiting = |n: i64| {
+        let pool = pool.clone();
+        async move {
+            for _ in 0..200 {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                )
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                if waiting >= n {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            panic!("never {n} requests waiting on a lock");
+        }
+    };
+    let consuming = send(
+        "/v1/quota/consume",
+        json!({"account": "acme", "resource": "ai_generations", "amount": 1, "idempotency_key": "in-flight"}),
+    );
+    waiting(1).await;
+    let checking = send("/v1/quota/check", check("acme"));
+    waiting(2).await;
+
+    let repaired = app.cli(&["verify", "--repair"]);
+    assert_eq!(repaired.status.code(), Some(0), "{repaired:?}");
+    // Past the interval: this check reads the count and forgets every sum
+    // (then waits on account_plans too).
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let noticing = send("/v1/quota/check", check("other"));
+    waiting(3).await;
+    plans_lock.rollback().await.unwrap();
+    consume_lock.rollback().await.unwrap();
+    let consumed = consuming.await.unwrap();
+    assert_eq!(consumed.status, 200, "{consumed:?}");
+    let checked = checking.await.unwrap();
+    assert_eq!(checked.body["used"], "5", "in flight, from the old sum: {checked:?}");
+    assert_eq!(noticing.await.unwrap().status, 200);
+
+    let checked = app.post("/v1/quota/check", check("acme")).await;
+    assert_eq!(
+        checked.body["used"], "31",
+        "a read in flight put its old sum back: {checked:?}"
+    );
+}
+
+/// In the repairing process: the repair rewrites a total, then forgets the
+/// settled sums. A `used` read that looked up the sum read from the old total
+/// before the forgetting, and offers after it, offers in vain (PostgreSQL:
+/// the read waits on a lock on `entries` in between).
+/// (PostgreSQL only: a SQLite reader waits on nothing.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_used_read_in_flight_across_a_forgetting_puts_back_no_old_sum() {
+    let Some(app) = TestApp::spawn(Backend::Postgres).await else {
+        return;
+    };
+    let entries: Vec<_> = (0..30)
+        .map(|i| entry("acme", "ai_generations", "1", &format!("gen-{i}")))
+        .collect();
+    assert_eq!(app.post_entries(json!({ "entries": entries })).await.status, 200);
+    app.rollup().await;
+    let account = tally::domain::AccountId::parse("acme").unwrap();
+    let resource = tally::domain::ResourceName::parse("ai_generations").unwrap();
+    let month = tally::domain::plan::Period::containing(tally::domain::catalog::Window::Month, chrono::Utc::now());
+    app.execute_raw("UPDATE monthly_totals SET amount = 5 WHERE account = 'acme'")
+        .await
+        .unwrap();
+    assert_eq!(app.store.used(&account, &resource, &month).await.unwrap(), 5, "cached");
+    // The repair, as this process makes it: the total rewritten, then every
+    // sum forgotten; a read looks its sum up in between and waits.
+    app.execute_raw("UPDATE monthly_totals SET amount = 30 WHERE account = 'acme'")
+        .await
+        .unwrap();
+    let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
+    let mut entries_lock = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE entries IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *entries_lock)
+        .await
+        .unwrap();
+    let reading = {
+        let (store, account, resource, month) = (app.store.clone(), account.clone(), resource.clone(), month);
+        tokio::spawn(async move { store.used(&account, &resource, &month).await.unwrap() })
+    };
+    until_a_backend_waits_on_a_lock(&pool, "the read never waited on entries").await;
+    app.store.forget_settled_sums();
+    entries_lock.rollback().await.unwrap();
+    assert_eq!(reading.await.unwrap(), 5, "in flight, from the old sum");
+    assert_eq!(
+        app.store.used(&account, &resource, &month).await.unwrap(),
+        30,
+        "the read in flight put its old sum back"
+    );
 }
 
 /// DESIGN.md §3: a run folds in (transaction, id) order up to the last

@@ -27,7 +27,7 @@ use serde_json::{Map, Value, json};
 use sqlx::{FromRow, PgPool};
 use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 
-use super::super::settled::{Bounds, Settled};
+use super::super::settled::{Bounds, Epoch, Settled};
 use super::super::{ConsumeRules, StoreError};
 use crate::domain::NewEntry;
 
@@ -61,6 +61,8 @@ pub(super) struct Request {
     pub likely: Bounds,
     /// The settled sum for `likely`, if cached.
     pub known: Option<Settled>,
+    /// The epoch `known` was looked up in.
+    pub epoch: Epoch,
     /// For a consume dated by its caller, the instant it is answered: it is
     /// held to the limit in force then too (since migration 0016).
     pub now: Option<chrono::DateTime<chrono::Utc>>,
@@ -459,6 +461,10 @@ async fn call(pool: &PgPool, requests: &[&Request]) -> Result<Vec<Decided>, Stor
     let mut settled = Vec::with_capacity(n);
     let mut nows = Vec::with_capacity(n);
     let mut rules = Map::new();
+    // The group's `used` of a period is read from its first consume's sum and
+    // offered by every consume of the period: a sum looked up before the
+    // cache was last forgotten must not feed a later lookup's offer.
+    let newest = requests.iter().map(|r| r.epoch).max();
     for request in requests {
         let entry = &request.entry;
         accounts.push(entry.account.as_str());
@@ -471,8 +477,9 @@ async fn call(pool: &PgPool, requests: &[&Request]) -> Result<Vec<Decided>, Stor
         reverses.push(entry.reverses);
         mark_starts.push(request.likely.0);
         mark_ends.push(request.likely.1);
-        marks.push(request.known.map(|k| k.mark));
-        settled.push(request.known.map(|k| k.sum));
+        let known = request.known.filter(|_| Some(request.epoch) == newest);
+        marks.push(known.map(|k| k.mark));
+        settled.push(known.map(|k| k.sum));
         nows.push(request.now);
         rules
             .entry(entry.resource.as_str())
