@@ -16,6 +16,7 @@ both!(
     requests_to_unknown_paths_share_one_unmatched_metrics_series,
     a_job_run_by_name_folds_the_ledger,
     a_run_is_skipped_while_another_process_holds_the_job,
+    a_second_run_in_one_process_is_skipped_while_the_first_is_in_flight,
     jobs_list_shows_each_job_and_its_next_run,
     a_jobs_directory_without_the_rollup_is_accepted_with_a_warning,
     health_reports_rollup_lag_and_metrics_count_what_happened,
@@ -160,6 +161,90 @@ async fn a_job_run_by_name_folds_the_ledger(app: TestApp) {
     }
     assert_eq!(folded_by_cli, 1, "tally jobs run rollup folded the second entry");
     assert_eq!(app.daily_total("acme", "api_requests", &day).await, 10);
+}
+
+/// A session that keeps a rollup batch from writing its totals until it
+/// ends: another writer's lock on SQLite, a lock on `daily_totals` on
+/// PostgreSQL (it takes no transaction id, so it holds back no fold point).
+enum TotalsBlocker {
+    Sqlite(sqlx::SqliteConnection),
+    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
+}
+
+impl TotalsBlocker {
+    async fn hold(app: &TestApp) -> Self {
+        use sqlx::Connection as _;
+        match app.backend {
+            Backend::Sqlite => {
+                let mut writer = sqlx::SqliteConnection::connect(&app.database_url).await.unwrap();
+                sqlx::raw_sql("BEGIN IMMEDIATE").execute(&mut writer).await.unwrap();
+                Self::Sqlite(writer)
+            }
+            Backend::Postgres => {
+                let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
+                let mut holder = pool.begin().await.unwrap();
+                sqlx::query("LOCK TABLE daily_totals IN SHARE MODE")
+                    .execute(&mut *holder)
+                    .await
+                    .unwrap();
+                let xid: Option<String> = sqlx::query_scalar("SELECT pg_current_xact_id_if_assigned()::text")
+                    .fetch_one(&mut *holder)
+                    .await
+                    .unwrap();
+                assert_eq!(xid, None, "a lock alone takes no transaction id");
+                Self::Postgres(holder)
+            }
+        }
+    }
+
+    async fn release(self) {
+        match self {
+            Self::Sqlite(mut writer) => {
+                sqlx::raw_sql("ROLLBACK").execute(&mut writer).await.unwrap();
+            }
+            Self::Postgres(holder) => holder.rollback().await.unwrap(),
+        }
+    }
+}
+
+/// One process runs a job once at a time: a run asked for while another
+/// is in flight (held inside its batch) is skipped, named as running in
+/// this process, and the run in flight then finishes its work. The drained
+/// guards of the test above do not show that a run holds its own.
+async fn a_second_run_in_one_process_is_skipped_while_the_first_is_in_flight(app: TestApp) {
+    app.insert(&[("acme", "api_requests", "3", "a", "2026-05-01T12:00:00Z")])
+        .await;
+    app.until_every_row_is_foldable().await;
+    let runner = std::sync::Arc::new(runner(&app));
+    let blocker = TotalsBlocker::hold(&app).await;
+    let first = {
+        let runner = runner.clone();
+        tokio::spawn(async move { runner.run("rollup").await })
+    };
+    let mut running = Vec::new();
+    for _ in 0..400 {
+        running = runner.running();
+        if !running.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(running, ["rollup"], "the first run holds its guard while in flight");
+
+    let second = runner.run("rollup").await.unwrap();
+    assert!(
+        matches!(&second, JobOutcome::Skipped(why) if why == "job 'rollup' is already running in this process"),
+        "{second:?}"
+    );
+    assert!(!first.is_finished(), "the first run is still held in its batch");
+    blocker.release().await;
+    let first = first.await.unwrap().unwrap();
+    assert!(
+        matches!(&first, JobOutcome::Ran(summary) if folded_in(summary) == 1),
+        "{first:?}"
+    );
+    assert_eq!(app.daily_total("acme", "api_requests", "2026-05-01").await, 3);
+    assert!(runner.running().is_empty());
 }
 
 async fn a_run_is_skipped_while_another_process_holds_the_job(app: TestApp) {
@@ -489,29 +574,14 @@ const WAITING_ON_THE_TOTALS: &str = "SELECT COUNT(*) FROM pg_locks AS l JOIN pg_
 
 /// Starts `serve` (rollup every second, `args` added) and stops its first
 /// rollup run inside its batch, behind a lock on the daily totals held by the
-/// transaction returned: the run is in flight until that ends.
-async fn serve_with_a_rollup_run_blocked_in_its_batch(
-    app: &TestApp,
-    args: &[&str],
-) -> (ServeProcess, sqlx::Transaction<'static, sqlx::Postgres>) {
+/// blocker returned: the run is in flight until it is released.
+async fn serve_with_a_rollup_run_blocked_in_its_batch(app: &TestApp, args: &[&str]) -> (ServeProcess, TotalsBlocker) {
     let jobs = rollup_every_second_jobs_dir();
     let mut all_args = vec!["--jobs", jobs.path().to_str().unwrap()];
     all_args.extend_from_slice(args);
     let serve = ServeProcess::start(&app.database_url, &all_args, &[("TALLY_ADMIN_KEY", "k")]).await;
 
-    let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
-    let mut holder = pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE daily_totals IN SHARE MODE")
-        .execute(&mut *holder)
-        .await
-        .unwrap();
-    // A lock alone takes no transaction id, so it holds back no rollup's
-    // fold point: the run below does pick the entries up.
-    let xid: Option<String> = sqlx::query_scalar("SELECT pg_current_xact_id_if_assigned()::text")
-        .fetch_one(&mut *holder)
-        .await
-        .unwrap();
-    assert_eq!(xid, None);
+    let holder = TotalsBlocker::hold(app).await;
     app.insert(&[
         ("acme", "api_requests", "3", "a", "2026-05-01T12:00:00Z"),
         ("acme", "api_requests", "4", "b", "2026-05-01T13:00:00Z"),
@@ -561,7 +631,7 @@ async fn on_postgres_a_shutdown_leaves_a_rollup_run_that_outlasts_the_grace() {
     );
     assert!(!log.contains("jobs stopped"), "{log}");
 
-    holder.rollback().await.unwrap();
+    holder.release().await;
     // The left batch was rolled back; the next run folds it.
     app.rollup().await;
     assert_eq!(app.daily_total("acme", "api_requests", "2026-05-01").await, 7);
@@ -603,7 +673,7 @@ async fn on_postgres_a_shutdown_waits_for_the_rollup_run_in_flight() {
     assert!(!serve.stderr().contains("jobs stopped"), "{}", serve.stderr());
     assert_eq!(app.scalar_i64(WAITING_ON_THE_TOTALS).await, 1, "the run still waits");
 
-    holder.rollback().await.unwrap();
+    holder.release().await;
     let status = serve.wait_for_exit(std::time::Duration::from_secs(30)).await;
     assert!(status.success(), "{status:?}:\n{}", serve.stderr());
     assert!(serve.stderr().contains("jobs stopped"), "{}", serve.stderr());
