@@ -24,7 +24,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{FromRow, PgPool, Postgres, QueryBuilder};
 
 use super::API_KEY_COLUMNS;
-use super::settled::{COUNT_REPAIRS_SQL, Settled, SettledSums, bounds};
+use super::settled::{COUNT_A_REPAIR_SQL, COUNT_REPAIRS_SQL, Settled, SettledSums, bounds};
 use super::{
     Backend, BeforeCommit, CheckInputs, CommittedMark, ConsumeDecider, ConsumeResult, ConsumeRules, CsvSink,
     DecidedConsume, ExportFilter, JobLock, NewApiKey, OpenError, Store, StoreError, StreamError, TotalMismatch,
@@ -1163,9 +1163,7 @@ impl Store for PgStore {
         if !mismatches.is_empty() {
             // Counted with the rewrite: every process forgets the settled
             // sums it read from the old totals (store/settled.rs).
-            sqlx::query("UPDATE totals_repairs SET repairs = repairs + 1")
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(COUNT_A_REPAIR_SQL).execute(&mut *tx).await?;
         }
         tx.commit().await?;
         // This process need not wait for its next look at the count.
@@ -1628,7 +1626,12 @@ impl Store for PgStore {
         // The limits too are read after the lock: a plan or override committed
         // before it was granted applies to this consume. So is a look at the
         // repairs count, when due: a repair this consume waited for counts.
-        let settled = self.settled_sums(&mut *tx).await?;
+        // In a savepoint: a role refused the count goes on without the sums,
+        // and the refused statement must not abort this transaction.
+        let settled = self
+            .settled
+            .noticing_repairs(|| count_repairs_in_a_savepoint(&mut tx))
+            .await?;
         let (plans, overrides) = self.plans_and_override_changes_on(&mut tx, &entry.account).await?;
         let mut used = Vec::with_capacity(2);
         for period in decide.periods(&plans, &overrides) {
@@ -1850,6 +1853,21 @@ async fn used_on(
         lookup.epoch,
     );
     Ok(used)
+}
+
+/// The count of `tally verify --repair` runs ([`COUNT_REPAIRS_SQL`]), read
+/// inside the transaction on `conn` in a savepoint of its own: a refused read
+/// (a role granted before migration 0022) rolls back to the savepoint, and
+/// the transaction goes on.
+async fn count_repairs_in_a_savepoint(conn: &mut sqlx::PgConnection) -> Result<i64, sqlx::Error> {
+    let mut savepoint = sqlx::Connection::begin(conn).await?;
+    let count = sqlx::query_scalar(COUNT_REPAIRS_SQL).fetch_one(&mut *savepoint).await;
+    if count.is_ok() {
+        savepoint.commit().await?;
+    } else {
+        savepoint.rollback().await?;
+    }
+    count
 }
 
 /// The `p_table` argument of tally_used_settled for a window.

@@ -24,7 +24,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Connection as _, FromRow, QueryBuilder, Sqlite, SqlitePool};
 
 use super::API_KEY_COLUMNS;
-use super::settled::{COUNT_REPAIRS_SQL, Settled, SettledSums, bounds};
+use super::settled::{COUNT_A_REPAIR_SQL, COUNT_REPAIRS_SQL, Settled, SettledSums, bounds};
 use super::{
     Backend, BeforeCommit, CommittedMark, ConsumeDecider, ConsumeResult, CsvSink, ExportFilter, JobLock, NewApiKey,
     OpenError, Store, StoreError, StreamError, TotalMismatch, TotalName, TotalRow, diff_totals, natural_key, replay,
@@ -845,9 +845,7 @@ impl Store for SqliteStore {
         if !mismatches.is_empty() {
             // Counted with the rewrite: every process forgets the settled
             // sums it read from the old totals (store/settled.rs).
-            sqlx::query("UPDATE totals_repairs SET repairs = repairs + 1")
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(COUNT_A_REPAIR_SQL).execute(&mut *tx).await?;
         }
         tx.commit().await?;
         // This process need not wait for its next look at the count.
@@ -1910,6 +1908,61 @@ fn parse_date(text: &str) -> Result<NaiveDate, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `used` read that looked its sum up before the settled sums were
+    /// forgotten (a repair noticed meanwhile), and offers after, offers in
+    /// vain: it may have summed the old totals. The read is made slow with a
+    /// view, the one way to hold a SQLite read between its lookup and its
+    /// offer (a SQLite reader waits on no lock).
+    #[tokio::test]
+    async fn a_used_read_in_flight_across_a_forgetting_offers_in_vain() {
+        let mut conn = sqlx::SqliteConnection::connect("sqlite::memory:").await.unwrap();
+        sqlx::raw_sql(
+            "CREATE TABLE ledger (id INTEGER PRIMARY KEY, account TEXT, resource TEXT, amount INTEGER,
+                                  occurred_at INTEGER);
+             INSERT INTO ledger VALUES (1, 'acme', 'ai_generations', 1, 0);
+             -- Every read of `entries` counts to two million first.
+             CREATE VIEW entries AS
+             SELECT l.* FROM ledger AS l,
+                    (WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000000)
+                     SELECT MAX(i) AS m FROM n) AS slow
+              WHERE slow.m > 0",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        let account = AccountId::parse("acme").unwrap();
+        let resource = ResourceName::parse("ai_generations").unwrap();
+        let period = Period::containing(Window::Total, Utc::now());
+        let sums = SettledSums::default();
+        let epoch = sums.get("acme", "ai_generations", bounds(&period)).epoch;
+        sums.offer(
+            "acme",
+            "ai_generations",
+            bounds(&period),
+            Settled { mark: 0, sum: 5 },
+            epoch,
+        );
+
+        let started = std::time::Instant::now();
+        let reading = read_used_as(&mut conn, &sums, &account, &resource, &period, SumForm::Plain);
+        let forgetting = async {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            sums.clear();
+            started.elapsed()
+        };
+        let (used, forgot_after) = tokio::join!(reading, forgetting);
+        assert_eq!(used.unwrap(), 6, "from the sum looked up: the read was in flight");
+        assert!(
+            started.elapsed() > forgot_after,
+            "the read ended before the forgetting: make the view slower"
+        );
+        assert_eq!(
+            sums.get("acme", "ai_generations", bounds(&period)).known,
+            None,
+            "the read in flight put its sum back after the forgetting"
+        );
+    }
 
     #[tokio::test]
     async fn an_in_memory_database_keeps_a_connection_for_the_life_of_the_store() {

@@ -195,6 +195,114 @@ async fn on_postgres_a_role_granted_before_0022_still_reads_usage_and_checks() {
     owner.close().await.ok();
 }
 
+/// `serve` as a reporting role granted SELECT before migration 0022: it
+/// cannot see a repair, so it keeps no sum behind `used` past its next look
+/// at the count (a second): a check after another process repaired the
+/// totals answers from the repaired ones, and the refusal is said once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_role_granted_before_0022_keeps_no_sum_past_a_second() {
+    let Some(app) = TestApp::spawn(Backend::Postgres).await else {
+        return;
+    };
+    let entries: Vec<_> = (0..30)
+        .map(|i| entry("acme", "ai_generations", "1", &format!("gen-{i}")))
+        .collect();
+    assert_eq!(
+        app.post_entries(serde_json::json!({ "entries": entries })).await.status,
+        200
+    );
+    app.rollup().await;
+    app.execute_raw("UPDATE monthly_totals SET amount = 5 WHERE account = 'acme'")
+        .await
+        .unwrap();
+    let (role, url, mut owner) = select_only_role(&app, "reporter").await;
+    sqlx::raw_sql(&format!("REVOKE SELECT ON totals_repairs FROM {role}"))
+        .execute(&mut owner)
+        .await
+        .unwrap();
+    let key = app.key(tally::domain::Role::Admin, None).await;
+    let serve = crate::helpers::ServeProcess::start(&url, &["--no-jobs"], &[]).await;
+    let client = reqwest::Client::new();
+    let check = || async {
+        let reply = client
+            .post(format!("{}/v1/quota/check", serve.address))
+            .bearer_auth(&key)
+            .json(&serde_json::json!({"account": "acme", "resource": "ai_generations", "amount": 1}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reply.status(), 200);
+        let body: serde_json::Value = reply.json().await.unwrap();
+        body["used"].as_str().unwrap_or_default().to_owned()
+    };
+    assert_eq!(check().await, "5", "read from the wrong total");
+
+    let repaired = app.cli(&["verify", "--repair"]);
+    assert_eq!(repaired.status.code(), Some(0), "{repaired:?}");
+    let repaired_at = std::time::Instant::now();
+    loop {
+        let used = check().await;
+        if used == "30" {
+            break;
+        }
+        assert_eq!(used, "5");
+        assert!(
+            repaired_at.elapsed() < std::time::Duration::from_millis(2500),
+            "a role refused the repairs count kept a sum read before the repair"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let warned = serve
+        .stderr()
+        .matches("grant this role SELECT on totals_repairs")
+        .count();
+    assert_eq!(warned, 1, "{}", serve.stderr());
+    owner.close().await.ok();
+}
+
+/// `serve` as a role granted its tables (reads and writes) before migration
+/// 0022: a consume of a rated resource (the multi-statement path) looks at
+/// the repairs count inside its transaction; the refused look must not abort
+/// that transaction (each look, once a second, answered 500: "current
+/// transaction is aborted").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_role_granted_before_0022_still_consumes_a_rated_resource() {
+    let Some(app) = TestApp::spawn(Backend::Postgres).await else {
+        return;
+    };
+    let (role, url, mut owner) = select_only_role(&app, "writer").await;
+    for statement in [
+        format!("GRANT INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}"),
+        format!("GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {role}"),
+        format!("REVOKE SELECT ON totals_repairs FROM {role}"),
+    ] {
+        sqlx::raw_sql(&statement).execute(&mut owner).await.unwrap();
+    }
+    let key = app.key(tally::domain::Role::Admin, None).await;
+    let serve = crate::helpers::ServeProcess::start(&url, &["--no-jobs"], &[]).await;
+    let client = reqwest::Client::new();
+    for i in 0..2 {
+        if i > 0 {
+            // Past the interval: the next consume looks again.
+            tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        }
+        let reply = client
+            .post(format!("{}/v1/quota/consume", serve.address))
+            .bearer_auth(&key)
+            .json(
+                &serde_json::json!({"account": "acme", "resource": "api_requests", "amount": 1,
+                                       "idempotency_key": format!("rated-{i}")}),
+            )
+            .send()
+            .await
+            .unwrap();
+        let status = reply.status();
+        let body = reply.text().await.unwrap();
+        assert_eq!(status, 200, "consume {i}: {body}\n{}", serve.stderr());
+    }
+    owner.close().await.ok();
+}
+
 /// `serve` as a role whose transactions are read-only (a standby is the
 /// same): with a key in the database it starts and answers, since it writes
 /// nothing to start; with none it cannot store the bootstrap key, and says

@@ -37,7 +37,9 @@ both!(
     a_batch_holds_exactly_the_most_rows_it_may,
     verify_repair_puts_a_wrong_entry_count_right,
     a_running_server_answers_from_the_repaired_totals_within_a_second,
+    the_repairs_count_survives_its_row_deleted_by_hand,
     every_way_in_notices_a_repair_on_its_own,
+    a_consume_that_waited_for_its_lock_notices_a_repair_made_meanwhile,
 );
 
 async fn entries_fold_into_their_utc_day_and_month_across_boundaries(app: TestApp) {
@@ -1486,6 +1488,47 @@ async fn a_running_server_answers_from_the_repaired_totals_within_a_second(app: 
     assert_eq!(consumed.body["error"]["details"]["used"], "30", "{consumed:?}");
 }
 
+/// The repairs count's one row deleted by hand (review BJ): reads of `used`
+/// go on (the count reads 0), and the next repair puts the row back and
+/// counts itself, so a running server still notices it.
+async fn the_repairs_count_survives_its_row_deleted_by_hand(app: TestApp) {
+    let entries: Vec<_> = (0..30)
+        .map(|i| entry("acme", "ai_generations", "1", &format!("gen-{i}")))
+        .collect();
+    assert_eq!(app.post_entries(json!({ "entries": entries })).await.status, 200);
+    app.rollup().await;
+    app.execute_raw("DELETE FROM totals_repairs").await.unwrap();
+    app.execute_raw("UPDATE monthly_totals SET amount = 5 WHERE account = 'acme'")
+        .await
+        .unwrap();
+    let check = json!({"account": "acme", "resource": "ai_generations", "amount": 1});
+    let checked = app.post("/v1/quota/check", check.clone()).await;
+    assert_eq!(
+        (checked.status, &checked.body["used"]),
+        (200, &json!("5")),
+        "{checked:?}"
+    );
+
+    let repaired = app.cli(&["verify", "--repair"]);
+    assert_eq!(repaired.status.code(), Some(0), "{repaired:?}");
+    assert_eq!(
+        app.scalar_i64("SELECT repairs FROM totals_repairs WHERE id = 1").await,
+        1
+    );
+    let repaired_at = std::time::Instant::now();
+    loop {
+        let checked = app.post("/v1/quota/check", check.clone()).await;
+        if checked.body["used"] == "30" {
+            break;
+        }
+        assert!(
+            repaired_at.elapsed() < std::time::Duration::from_millis(2500),
+            "the server still answers from the sum it read before the repair: {checked:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// A way into the settled sums, and the account whose sum it caches.
 #[derive(Debug, Clone, Copy)]
 enum WayIn {
@@ -1581,6 +1624,83 @@ async fn every_way_in_notices_a_repair_on_its_own(app: TestApp) {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
     }
+}
+
+/// The multi-statement consume (a rated resource) looks at the repairs count
+/// after its lock (PostgreSQL: the consume lock; SQLite: the write lock), not
+/// before: a consume that waited while a repair committed, and was granted
+/// the lock more than a second after this server's last look, decides from
+/// the repaired totals, not from the sum it would have looked up before
+/// waiting. The repair is made by hand in the transaction holding the lock,
+/// as `tally verify --repair` makes it (the totals rewritten and counted in
+/// one transaction): on SQLite the repair needs the write lock too.
+async fn a_consume_that_waited_for_its_lock_notices_a_repair_made_meanwhile(app: TestApp) {
+    let app = Arc::new(app);
+    let entries: Vec<_> = (0..30)
+        .map(|i| entry("acme", "api_requests", "1", &format!("req-{i}")))
+        .collect();
+    assert_eq!(app.post_entries(json!({ "entries": entries })).await.status, 200);
+    app.rollup().await;
+    app.execute_raw("UPDATE monthly_totals SET amount = 5 WHERE account = 'acme' AND resource = 'api_requests'")
+        .await
+        .unwrap();
+    let consume =
+        |key: &str| json!({"account": "acme", "resource": "api_requests", "amount": 1, "idempotency_key": key});
+    let first = app.post("/v1/quota/consume", consume("first")).await;
+    assert_eq!(first.status, 200, "{first:?}");
+    assert_eq!(
+        first.body["used"], "6",
+        "read from the wrong total, and cached: {first:?}"
+    );
+
+    let repair = [
+        "UPDATE monthly_totals SET amount = 30 WHERE account = 'acme' AND resource = 'api_requests'",
+        "UPDATE totals_repairs SET repairs = repairs + 1",
+    ];
+    let send = || {
+        let app = app.clone();
+        tokio::spawn(async move { app.post("/v1/quota/consume", consume("after-the-wait")).await })
+    };
+    let waited = match app.backend {
+        Backend::Postgres => {
+            let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
+            let mut holder = pool.begin().await.unwrap();
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('acme' || chr(31) || 'api_requests', 7))")
+                .execute(&mut *holder)
+                .await
+                .unwrap();
+            let waiting = send();
+            until_a_backend_waits_on_a_lock(&pool, "the consume never waited on its lock").await;
+            for statement in repair {
+                sqlx::query(statement).execute(&mut *holder).await.unwrap();
+            }
+            // Past the interval since the first consume's look.
+            tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+            holder.commit().await.unwrap();
+            waiting.await.unwrap()
+        }
+        Backend::Sqlite => {
+            use sqlx::Connection as _;
+            let mut holder = sqlx::SqliteConnection::connect(&app.database_url).await.unwrap();
+            sqlx::query("BEGIN IMMEDIATE").execute(&mut holder).await.unwrap();
+            let waiting = send();
+            // Nothing shows a SQLite writer waiting: give it time to get there.
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            for statement in repair {
+                sqlx::query(statement).execute(&mut holder).await.unwrap();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+            sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+            waiting.await.unwrap()
+        }
+    };
+    assert_eq!(waited.status, 200, "{waited:?}");
+    let ledger = app.ledger_sum("acme", "api_requests").await;
+    assert_eq!(ledger, 32);
+    assert_eq!(
+        waited.body["used"], "32",
+        "the consume decided from the sum read before the repair it waited for: {waited:?}"
+    );
 }
 
 /// A PostgreSQL consume group reads a period's `used` once, from its first
