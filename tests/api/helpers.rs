@@ -978,9 +978,34 @@ pub fn batch_at(account: &str, resource: &str, amount: &str, count: usize, at: &
     serde_json::json!({ "entries": entries })
 }
 
+/// A transaction holding PostgreSQL's consume lock of (`account`,
+/// `resource`), the key store/postgres.rs takes it by, on a pool of its own
+/// (returned too, to watch consumes wait on it).
+pub async fn holding_the_consume_lock(
+    app: &TestApp,
+    account: &str,
+    resource: &str,
+) -> (sqlx::PgPool, sqlx::Transaction<'static, sqlx::Postgres>) {
+    let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(31) || $2, 7))")
+        .bind(account)
+        .bind(resource)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    (pool, holder)
+}
+
 /// Returns once a backend of this test's database waits on a lock (polled
 /// every 50 ms, at most 10 s; `never` is the failure's message).
 pub async fn until_a_backend_waits_on_a_lock(pool: &sqlx::PgPool, never: &str) {
+    until_backends_wait_on_locks(pool, 1, never).await;
+}
+
+/// Waits (10 s at most, else panics with `never`) until at least `count`
+/// sessions of the test's database wait on a lock.
+pub async fn until_backends_wait_on_locks(pool: &sqlx::PgPool, count: i64, never: &str) {
     for _ in 0..200 {
         let waiting: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
@@ -988,7 +1013,7 @@ pub async fn until_a_backend_waits_on_a_lock(pool: &sqlx::PgPool, never: &str) {
         .fetch_one(pool)
         .await
         .unwrap();
-        if waiting > 0 {
+        if waiting >= count {
             return;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use crate::both;
 use crate::helpers::{
     Backend, Reply, ServeProcess, TestApp, assert_used_exact_while_posting_and_rolling_up, batch_at, days_ago_at,
-    entry, entry_at, until_a_backend_waits_on_a_lock, usage_row,
+    entry, entry_at, holding_the_consume_lock, until_a_backend_waits_on_a_lock, usage_row,
 };
 
 both!(
@@ -2697,13 +2697,7 @@ async fn consume_1_while_another_process_writes_under_the_lock(
             reply
         }
         Backend::Postgres => {
-            let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
-            let mut other = pool.begin().await.unwrap();
-            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('acme' || chr(31) || $1, 7))")
-                .bind(resource)
-                .execute(&mut *other)
-                .await
-                .unwrap();
+            let (pool, mut other) = holding_the_consume_lock(app, "acme", resource).await;
             for sql in writes {
                 sqlx::query(sql).execute(&mut *other).await.unwrap();
             }

@@ -10,8 +10,8 @@ use tally::jobs::rollup::{FailAction, Failpoint, RollupOptions, Stage};
 use crate::both;
 use crate::helpers::{
     Backend, ServeProcess, TestApp, assert_used_exact_while_posting_and_rolling_up, days_ago_at, entry, entry_at,
-    metric, rollup_every_second_jobs_dir, scrape_metrics, transaction_holding_an_id, until_a_backend_waits_on_a_lock,
-    usage_row,
+    holding_the_consume_lock, metric, rollup_every_second_jobs_dir, scrape_metrics, transaction_holding_an_id,
+    until_a_backend_waits_on_a_lock, until_backends_wait_on_locks, usage_row,
 };
 
 both!(
@@ -1441,14 +1441,7 @@ async fn verify_repair_puts_a_wrong_entry_count_right(app: TestApp) {
 /// a second, without a restart, and its checks, usage and consumes read the
 /// repaired totals.
 async fn a_running_server_answers_from_the_repaired_totals_within_a_second(app: TestApp) {
-    let entries: Vec<_> = (0..30)
-        .map(|i| entry("acme", "ai_generations", "1", &format!("gen-{i}")))
-        .collect();
-    assert_eq!(app.post_entries(json!({ "entries": entries })).await.status, 200);
-    app.rollup().await;
-    app.execute_raw("UPDATE monthly_totals SET amount = 5 WHERE account = 'acme'")
-        .await
-        .unwrap();
+    fold_thirty_into_a_total_25_short(&app, "ai_generations").await;
     let check = json!({"account": "acme", "resource": "ai_generations", "amount": 1});
     // Read from the wrong total, and cached.
     for _ in 0..2 {
@@ -1492,15 +1485,8 @@ async fn a_running_server_answers_from_the_repaired_totals_within_a_second(app: 
 /// go on (the count reads 0), and the next repair puts the row back and
 /// counts itself, so a running server still notices it.
 async fn the_repairs_count_survives_its_row_deleted_by_hand(app: TestApp) {
-    let entries: Vec<_> = (0..30)
-        .map(|i| entry("acme", "ai_generations", "1", &format!("gen-{i}")))
-        .collect();
-    assert_eq!(app.post_entries(json!({ "entries": entries })).await.status, 200);
-    app.rollup().await;
+    fold_thirty_into_a_total_25_short(&app, "ai_generations").await;
     app.execute_raw("DELETE FROM totals_repairs").await.unwrap();
-    app.execute_raw("UPDATE monthly_totals SET amount = 5 WHERE account = 'acme'")
-        .await
-        .unwrap();
     let check = json!({"account": "acme", "resource": "ai_generations", "amount": 1});
     let checked = app.post("/v1/quota/check", check.clone()).await;
     assert_eq!(
@@ -1527,6 +1513,22 @@ async fn the_repairs_count_survives_its_row_deleted_by_hand(app: TestApp) {
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+}
+
+/// Posts 30 units of `resource` for acme, folds them, and sets the month's
+/// total to 5 by hand: 25 short of the ledger, for a server to cache a sum
+/// read from it before a repair.
+async fn fold_thirty_into_a_total_25_short(app: &TestApp, resource: &str) {
+    let entries: Vec<_> = (0..30)
+        .map(|i| entry("acme", resource, "1", &format!("{resource}-{i}")))
+        .collect();
+    assert_eq!(app.post_entries(json!({ "entries": entries })).await.status, 200);
+    app.rollup().await;
+    app.execute_raw(&format!(
+        "UPDATE monthly_totals SET amount = 5 WHERE account = 'acme' AND resource = '{resource}'"
+    ))
+    .await
+    .unwrap();
 }
 
 /// A way into the settled sums, and the account whose sum it caches.
@@ -1636,14 +1638,7 @@ async fn every_way_in_notices_a_repair_on_its_own(app: TestApp) {
 /// one transaction): on SQLite the repair needs the write lock too.
 async fn a_consume_that_waited_for_its_lock_notices_a_repair_made_meanwhile(app: TestApp) {
     let app = Arc::new(app);
-    let entries: Vec<_> = (0..30)
-        .map(|i| entry("acme", "api_requests", "1", &format!("req-{i}")))
-        .collect();
-    assert_eq!(app.post_entries(json!({ "entries": entries })).await.status, 200);
-    app.rollup().await;
-    app.execute_raw("UPDATE monthly_totals SET amount = 5 WHERE account = 'acme' AND resource = 'api_requests'")
-        .await
-        .unwrap();
+    fold_thirty_into_a_total_25_short(&app, "api_requests").await;
     let consume =
         |key: &str| json!({"account": "acme", "resource": "api_requests", "amount": 1, "idempotency_key": key});
     let first = app.post("/v1/quota/consume", consume("first")).await;
@@ -1663,12 +1658,7 @@ async fn a_consume_that_waited_for_its_lock_notices_a_repair_made_meanwhile(app:
     };
     let waited = match app.backend {
         Backend::Postgres => {
-            let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
-            let mut holder = pool.begin().await.unwrap();
-            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('acme' || chr(31) || 'api_requests', 7))")
-                .execute(&mut *holder)
-                .await
-                .unwrap();
+            let (pool, mut holder) = holding_the_consume_lock(&app, "acme", "api_requests").await;
             let waiting = send();
             until_a_backend_waits_on_a_lock(&pool, "the consume never waited on its lock").await;
             for statement in repair {
@@ -1715,14 +1705,7 @@ async fn on_postgres_a_consume_group_puts_back_no_sum_read_before_a_repair() {
         return;
     };
     let app = Arc::new(app);
-    let entries: Vec<_> = (0..30)
-        .map(|i| entry("acme", "ai_generations", "1", &format!("gen-{i}")))
-        .collect();
-    assert_eq!(app.post_entries(json!({ "entries": entries })).await.status, 200);
-    app.rollup().await;
-    app.execute_raw("UPDATE monthly_totals SET amount = 5 WHERE account = 'acme'")
-        .await
-        .unwrap();
+    fold_thirty_into_a_total_25_short(&app, "ai_generations").await;
     let check = json!({"account": "acme", "resource": "ai_generations", "amount": 1});
     let checked = app.post("/v1/quota/check", check.clone()).await;
     assert_eq!(
@@ -1733,12 +1716,7 @@ async fn on_postgres_a_consume_group_puts_back_no_sum_read_before_a_repair() {
     // Another process holds the consume lock: each worker waits on it with a
     // consume of its own, and a third consume waits in the queue. All three
     // looked up the sum read from the wrong total.
-    let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
-    let mut holder = pool.begin().await.unwrap();
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('acme' || chr(31) || 'ai_generations', 7))")
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+    let (pool, holder) = holding_the_consume_lock(&app, "acme", "ai_generations").await;
     let consume = |key: &str| {
         let (app, key) = (app.clone(), key.to_owned());
         tokio::spawn(async move {
@@ -1746,28 +1724,10 @@ async fn on_postgres_a_consume_group_puts_back_no_sum_read_before_a_repair() {
             app.post("/v1/quota/consume", body).await
         })
     };
-    let waiting = |n: i64| {
-        let pool = pool.clone();
-        async move {
-            for _ in 0..200 {
-                let waiting: i64 = sqlx::query_scalar(
-                    "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                )
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-                if waiting >= n {
-                    return;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-            panic!("{n} consumes never waited on the consume lock");
-        }
-    };
     let mut sent = vec![consume("first-worker")];
-    waiting(1).await;
+    until_backends_wait_on_locks(&pool, 1, "1 consumes never waited on the consume lock").await;
     sent.push(consume("second-worker"));
-    waiting(2).await;
+    until_backends_wait_on_locks(&pool, 2, "2 consumes never waited on the consume lock").await;
     sent.push(consume("queued-before"));
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
 
@@ -1805,14 +1765,7 @@ async fn on_postgres_reads_in_flight_across_a_repair_put_back_no_old_sum() {
         return;
     };
     let app = Arc::new(app);
-    let entries: Vec<_> = (0..30)
-        .map(|i| entry("acme", "ai_generations", "1", &format!("gen-{i}")))
-        .collect();
-    assert_eq!(app.post_entries(json!({ "entries": entries })).await.status, 200);
-    app.rollup().await;
-    app.execute_raw("UPDATE monthly_totals SET amount = 5 WHERE account = 'acme'")
-        .await
-        .unwrap();
+    fold_thirty_into_a_total_25_short(&app, "ai_generations").await;
     let check = |account: &str| json!({"account": account, "resource": "ai_generations", "amount": 1});
     let checked = app.post("/v1/quota/check", check("acme")).await;
     assert_eq!(
@@ -1822,12 +1775,7 @@ async fn on_postgres_reads_in_flight_across_a_repair_put_back_no_old_sum() {
 
     // The consume waits on its lock, the check on account_plans (which the
     // repair does not read), each after its lookup.
-    let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
-    let mut consume_lock = pool.begin().await.unwrap();
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('acme' || chr(31) || 'ai_generations', 7))")
-        .execute(&mut *consume_lock)
-        .await
-        .unwrap();
+    let (pool, consume_lock) = holding_the_consume_lock(&app, "acme", "ai_generations").await;
     let mut plans_lock = pool.begin().await.unwrap();
     sqlx::query("LOCK TABLE account_plans IN ACCESS EXCLUSIVE MODE")
         .execute(&mut *plans_lock)
@@ -1837,31 +1785,13 @@ async fn on_postgres_reads_in_flight_across_a_repair_put_back_no_old_sum() {
         let app = app.clone();
         tokio::spawn(async move { app.post(path, body).await })
     };
-    let waiting = |n: i64| {
-        let pool = pool.clone();
-        async move {
-            for _ in 0..200 {
-                let waiting: i64 = sqlx::query_scalar(
-                    "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                )
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-                if waiting >= n {
-                    return;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-            panic!("never {n} requests waiting on a lock");
-        }
-    };
     let consuming = send(
         "/v1/quota/consume",
         json!({"account": "acme", "resource": "ai_generations", "amount": 1, "idempotency_key": "in-flight"}),
     );
-    waiting(1).await;
+    until_backends_wait_on_locks(&pool, 1, "never 1 requests waiting on a lock").await;
     let checking = send("/v1/quota/check", check("acme"));
-    waiting(2).await;
+    until_backends_wait_on_locks(&pool, 2, "never 2 requests waiting on a lock").await;
 
     let repaired = app.cli(&["verify", "--repair"]);
     assert_eq!(repaired.status.code(), Some(0), "{repaired:?}");
@@ -1869,7 +1799,7 @@ async fn on_postgres_reads_in_flight_across_a_repair_put_back_no_old_sum() {
     // (then waits on account_plans too).
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     let noticing = send("/v1/quota/check", check("other"));
-    waiting(3).await;
+    until_backends_wait_on_locks(&pool, 3, "never 3 requests waiting on a lock").await;
     plans_lock.rollback().await.unwrap();
     consume_lock.rollback().await.unwrap();
     let consumed = consuming.await.unwrap();
@@ -1895,17 +1825,10 @@ async fn on_postgres_a_used_read_in_flight_across_a_forgetting_puts_back_no_old_
     let Some(app) = TestApp::spawn(Backend::Postgres).await else {
         return;
     };
-    let entries: Vec<_> = (0..30)
-        .map(|i| entry("acme", "ai_generations", "1", &format!("gen-{i}")))
-        .collect();
-    assert_eq!(app.post_entries(json!({ "entries": entries })).await.status, 200);
-    app.rollup().await;
+    fold_thirty_into_a_total_25_short(&app, "ai_generations").await;
     let account = tally::domain::AccountId::parse("acme").unwrap();
     let resource = tally::domain::ResourceName::parse("ai_generations").unwrap();
     let month = tally::domain::plan::Period::containing(tally::domain::catalog::Window::Month, chrono::Utc::now());
-    app.execute_raw("UPDATE monthly_totals SET amount = 5 WHERE account = 'acme'")
-        .await
-        .unwrap();
     assert_eq!(app.store.used(&account, &resource, &month).await.unwrap(), 5, "cached");
     // The repair, as this process makes it: the total rewritten, then every
     // sum forgotten; a read looks its sum up in between and waits.
