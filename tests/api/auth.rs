@@ -332,7 +332,7 @@ async fn serve_with_tally_admin_key_creates_no_bootstrap_key(app: TestApp) {
     let stderr = serve.stderr();
     assert!(!stderr.contains("shown once"), "{stderr}");
     assert!(!stderr.lines().any(|l| l.trim().starts_with("tly_")), "{stderr}");
-    assert_eq!(admin_stats_status(&app, &serve.address, "env-admin").await, 200);
+    assert_eq!(admin_stats_status(&app, &serve.address(), "env-admin").await, 200);
     assert!(serve.stop().await.success(), "{}", serve.stderr());
     assert_eq!(app.scalar_i64("SELECT COUNT(*) FROM api_keys").await, 0);
 }
@@ -435,8 +435,8 @@ async fn serve_on_a_database_without_keys_prints_one_admin_key_once_and_it_works
     assert!(stderr.contains("shown once"), "{stderr}");
     let key = &keys[0];
     // An admin-only read: the key is an admin key.
-    assert_eq!(admin_stats_status(&app, &first.address, key).await, 200);
-    assert_eq!(admin_stats_status(&app, &first.address, "tly_not_it").await, 401);
+    assert_eq!(admin_stats_status(&app, &first.address(), key).await, 200);
+    assert_eq!(admin_stats_status(&app, &first.address(), "tly_not_it").await, 401);
     assert!(first.stop().await.success(), "{}", first.stderr());
 
     let mut second = ServeProcess::start(&app.database_url, &["--no-jobs"], &[]).await;
@@ -444,7 +444,7 @@ async fn serve_on_a_database_without_keys_prints_one_admin_key_once_and_it_works
     assert_eq!(printed_keys(&stderr), Vec::<String>::new(), "{stderr}");
     assert!(!stderr.contains("shown once"), "{stderr}");
     assert_eq!(
-        admin_stats_status(&app, &second.address, key).await,
+        admin_stats_status(&app, &second.address(), key).await,
         200,
         "the key was kept"
     );

@@ -271,7 +271,7 @@ async fn on_postgres_healthz_and_metrics_answer_within_seconds_once_the_server_i
     let url = cluster.tcp_url("postgres");
     let mut serve = crate::helpers::ServeProcess::start(&url, &["--no-jobs"], &[("TALLY_ADMIN_KEY", "k")]).await;
     let client = reqwest::Client::new();
-    let health = client.get(format!("{}/healthz", serve.address)).send().await.unwrap();
+    let health = client.get(format!("{}/healthz", serve.address())).send().await.unwrap();
     assert_eq!(health.status(), 200);
 
     cluster.stop_server().expect("the server stops");
@@ -279,7 +279,7 @@ async fn on_postgres_healthz_and_metrics_answer_within_seconds_once_the_server_i
     // Kubernetes' probes give up after 1 s by default and Prometheus'
     // scrapes after 10 s: the pool's own wait (10 s then) was past both.
     let started = std::time::Instant::now();
-    let health = client.get(format!("{}/healthz", serve.address)).send().await.unwrap();
+    let health = client.get(format!("{}/healthz", serve.address())).send().await.unwrap();
     let elapsed = started.elapsed();
     assert_eq!(health.status(), 503);
     let body: Value = health.json().await.unwrap();
@@ -294,7 +294,7 @@ async fn on_postgres_healthz_and_metrics_answer_within_seconds_once_the_server_i
     assert!(logged.contains("Connection refused"), "{logged}");
 
     let started = std::time::Instant::now();
-    let metrics = crate::helpers::scrape_metrics(&client, &serve.address).await;
+    let metrics = crate::helpers::scrape_metrics(&client, &serve.address()).await;
     let elapsed = started.elapsed();
     assert_eq!(metric(&metrics, "tally_database_up"), Some(0), "{metrics}");
     assert!(elapsed < std::time::Duration::from_secs(4), "metrics took {elapsed:?}");
@@ -303,7 +303,7 @@ async fn on_postgres_healthz_and_metrics_answer_within_seconds_once_the_server_i
     // it once waited out the pool's 10 s.
     let started = std::time::Instant::now();
     let checked = client
-        .post(format!("{}/v1/quota/check", serve.address))
+        .post(format!("{}/v1/quota/check", serve.address()))
         .bearer_auth("k")
         .json(&serde_json::json!({"account": "acme", "resource": "api_requests"}))
         .send()
@@ -361,7 +361,7 @@ async fn on_postgres_commands_and_serve_wait_for_a_server_that_does_not_accept_c
         "{}",
         serve.stderr()
     );
-    let health = reqwest::get(format!("{}/healthz", serve.address)).await.unwrap();
+    let health = reqwest::get(format!("{}/healthz", serve.address())).await.unwrap();
     assert_eq!(health.status(), 200);
     drop(serve);
 

@@ -1515,7 +1515,7 @@ async fn on_sqlite_a_cleanly_stopped_process_leaves_every_commit_in_the_database
 
     let mut serve = crate::helpers::ServeProcess::start(&url, &["--no-jobs"], &[("TALLY_ADMIN_KEY", "k")]).await;
     let reply = reqwest::Client::new()
-        .post(format!("{}/v1/entries", serve.address))
+        .post(format!("{}/v1/entries", serve.address()))
         .bearer_auth("k")
         .json(&json!({"account": "acme", "resource": "api_requests", "amount": "2", "idempotency_key": "by-http"}))
         .send()

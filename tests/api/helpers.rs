@@ -672,9 +672,7 @@ pub fn metric(text: &str, name: &str) -> Option<u64> {
 pub struct ServeProcess {
     child: std::process::Child,
     stderr: Arc<std::sync::Mutex<Vec<String>>>,
-    /// `http://127.0.0.1:PORT`, read from the process's own log.
-    pub address: String,
-    /// The same address, for raw TCP.
+    /// The address it listens on, read from the process's own log.
     socket: std::net::SocketAddr,
 }
 
@@ -711,7 +709,6 @@ impl ServeProcess {
         let mut process = Self {
             child,
             stderr,
-            address: String::new(),
             socket: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
         };
         let marker = "tally listening on http://";
@@ -724,12 +721,16 @@ impl ServeProcess {
             .chars()
             .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
             .collect();
-        process.address = format!("http://{host_port}");
         process.socket = host_port.parse().expect("a socket address");
         process
     }
 
-    /// The address it listens on, for raw TCP (`address` without `http://`).
+    /// `http://127.0.0.1:PORT`, the base of its URLs.
+    pub fn address(&self) -> String {
+        format!("http://{}", self.socket)
+    }
+
+    /// The address it listens on, for raw TCP.
     pub fn socket_addr(&self) -> std::net::SocketAddr {
         self.socket
     }

@@ -661,7 +661,7 @@ async fn on_postgres_a_shutdown_waits_for_the_rollup_run_in_flight() {
         .expect("the process saw SIGTERM");
     // The HTTP side stops first; once it has, only the wait for the job
     // keeps the process alive.
-    let port = serve.address.rsplit(':').next().unwrap().to_owned();
+    let port = serve.address().rsplit(':').next().unwrap().to_owned();
     for _ in 0..400 {
         if std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_err() {
             break;
@@ -756,7 +756,7 @@ async fn serve_warns_at_start_of_a_reports_directory_the_reports_job_cannot_use(
     let line = warned.unwrap_or_else(|| panic!("no warning:\n{}", serve.stderr()));
     assert!(line.contains("job monthly-reports will fail"), "{line}");
     assert!(line.contains("is a file, not a folder"), "{line}");
-    let health = reqwest::get(format!("{}/healthz", serve.address)).await.unwrap();
+    let health = reqwest::get(format!("{}/healthz", serve.address())).await.unwrap();
     assert_eq!(health.status(), 200);
     assert!(serve.stop().await.success());
 }

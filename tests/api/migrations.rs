@@ -225,7 +225,7 @@ async fn on_postgres_a_role_granted_before_0022_keeps_no_sum_past_a_second() {
     let client = reqwest::Client::new();
     let check = || async {
         let reply = client
-            .post(format!("{}/v1/quota/check", serve.address))
+            .post(format!("{}/v1/quota/check", serve.address()))
             .bearer_auth(&key)
             .json(&serde_json::json!({"account": "acme", "resource": "ai_generations", "amount": 1}))
             .send()
@@ -287,7 +287,7 @@ async fn on_postgres_a_role_granted_before_0022_still_consumes_a_rated_resource(
             tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
         }
         let reply = client
-            .post(format!("{}/v1/quota/consume", serve.address))
+            .post(format!("{}/v1/quota/consume", serve.address()))
             .bearer_auth(&key)
             .json(
                 &serde_json::json!({"account": "acme", "resource": "api_requests", "amount": 1,
@@ -348,7 +348,7 @@ async fn on_postgres_serve_starts_read_only_when_keys_exist_and_says_why_it_cann
 
     app.key(tally::domain::Role::Admin, None).await;
     let serve = crate::helpers::ServeProcess::start(&url, &["--no-jobs"], &[]).await;
-    let health = reqwest::get(format!("{}/healthz", serve.address)).await.unwrap();
+    let health = reqwest::get(format!("{}/healthz", serve.address())).await.unwrap();
     assert_eq!(health.status(), 200);
     owner.close().await.ok();
 }

@@ -1342,7 +1342,7 @@ async fn a_dated_consume_is_given_no_wait_that_would_take_it_past_the_late_horiz
     let client = reqwest::Client::new();
     let send = async |method: reqwest::Method, path: &str, body: Value| {
         let reply = client
-            .request(method, format!("{}{path}", serve.address))
+            .request(method, format!("{}{path}", serve.address()))
             .bearer_auth("horizon-admin")
             .json(&body)
             .send()

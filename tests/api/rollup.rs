@@ -1300,9 +1300,13 @@ async fn on_postgres_two_serve_processes_firing_the_rollup_never_double_count() 
     let mut folded_by_replicas = 0;
     for replica in &mut replicas {
         assert!(replica.is_running(), "a replica exited early:\n{}", replica.stderr());
-        let metrics = scrape_metrics(&app.client, &replica.address).await;
+        let metrics = scrape_metrics(&app.client, &replica.address()).await;
         let runs = metric(&metrics, "tally_rollup_runs_total").unwrap();
-        assert!(runs > 0, "replica {} never ran the rollup:\n{metrics}", replica.address);
+        assert!(
+            runs > 0,
+            "replica {} never ran the rollup:\n{metrics}",
+            replica.address()
+        );
         folded_by_replicas += metric(&metrics, "tally_entries_folded_total").unwrap();
     }
     assert_eq!(

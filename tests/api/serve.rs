@@ -118,7 +118,7 @@ async fn a_connection_that_sends_no_whole_head_within_the_read_timeout_is_closed
     assert!(closed, "an idle connection was kept {:?}", started.elapsed());
 
     // A client that sends its request at once is served as before.
-    let health = reqwest::get(format!("{}/healthz", serve.address)).await.unwrap();
+    let health = reqwest::get(format!("{}/healthz", serve.address())).await.unwrap();
     assert_eq!(health.status(), 200);
 }
 
@@ -144,7 +144,7 @@ async fn a_client_that_reads_no_answer_loses_its_connection_after_the_read_timeo
         answered < 20_000,
         "all {answered} answers were kept for a client that read none"
     );
-    let health = reqwest::get(format!("{}/healthz", serve.address)).await.unwrap();
+    let health = reqwest::get(format!("{}/healthz", serve.address())).await.unwrap();
     assert_eq!(health.status(), 200);
     // Review BB: the log says which client, in the message and a field.
     let client = stream.local_addr().unwrap();
@@ -351,7 +351,7 @@ async fn a_hangup_is_ignored_and_a_client_that_never_finishes_cannot_hold_the_sh
     let ignored = serve.wait_for_stderr("SIGHUP ignored", Duration::from_secs(10)).await;
     assert!(ignored.is_some(), "{}", serve.stderr());
     assert!(serve.is_running(), "{}", serve.stderr());
-    let health = reqwest::get(format!("{}/healthz", serve.address)).await.unwrap();
+    let health = reqwest::get(format!("{}/healthz", serve.address())).await.unwrap();
     assert_eq!(health.status(), 200);
 
     let (slow, in_flight) = start_a_post_that_never_finishes(&mut serve, admin_key).await;
@@ -383,7 +383,7 @@ async fn a_server_error_is_logged_once_with_its_request(app: TestApp) {
     let admin_key = "tly_serve_test_admin_key";
     let mut serve = ServeProcess::start(&app.database_url, &["--no-jobs"], &[("TALLY_ADMIN_KEY", admin_key)]).await;
     let usage = reqwest::Client::new()
-        .get(format!("{}/v1/accounts/huge/usage", serve.address))
+        .get(format!("{}/v1/accounts/huge/usage", serve.address()))
         .bearer_auth(admin_key)
         .send()
         .await
@@ -426,7 +426,7 @@ async fn every_row_is_stamped_by_the_process_clock_whatever_the_database_server_
     let client = reqwest::Client::new();
     let send = async |method: reqwest::Method, path: &str, body: Option<serde_json::Value>| {
         let mut request = client
-            .request(method, format!("{}{path}", serve.address))
+            .request(method, format!("{}{path}", serve.address()))
             .bearer_auth("clock-admin");
         if let Some(body) = body {
             request = request.json(&body);
