@@ -1436,9 +1436,10 @@ impl Store for PgStore {
         resource: &ResourceName,
         likely: &Period,
     ) -> Result<CheckInputs, StoreError> {
-        // One statement, so one round trip and one snapshot: `used` (from the
-        // settled watermark, see used_on) beside the plan history and the
-        // overrides as arrays.
+        // One statement, so one snapshot (and one round trip, but for the
+        // look at the repairs count once a second): `used` (from the settled
+        // watermark, see used_on) beside the plan history and the overrides
+        // as arrays.
         let lookup = self
             .settled_sums(&self.pool)
             .await?

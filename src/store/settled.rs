@@ -48,8 +48,10 @@ use crate::domain::plan::Period;
 /// (a move the processes notice) rather than failing every read of `used`.
 pub const COUNT_REPAIRS_SQL: &str = "SELECT COALESCE((SELECT repairs FROM totals_repairs WHERE id = 1), 0)";
 
-/// Counts one repair, in the repair's transaction; puts the row back if it
-/// was deleted by hand, so the count moves all the same.
+/// Counts one repair, in the repair's transaction; puts the row back (at 1)
+/// if it was deleted by hand, so later repairs count again. A process that
+/// last saw 1 and did not look while the row was missing takes the new 1
+/// for the old: after deleting the row by hand, restart `serve`.
 pub const COUNT_A_REPAIR_SQL: &str = "INSERT INTO totals_repairs (id, repairs) VALUES (1, 1)
      ON CONFLICT (id) DO UPDATE SET repairs = totals_repairs.repairs + 1";
 
@@ -100,8 +102,9 @@ struct RepairsLook {
 #[derive(Debug)]
 pub struct SettledSums {
     cache: Mutex<Cache>,
-    /// When the repairs count was last read, in ms since `created` plus one
-    /// (0: never).
+    /// When a look at the repairs count was last claimed (it may still be
+    /// on its way; a failed one is given back), in ms since `created` plus
+    /// one (0: never).
     repairs_checked: AtomicU64,
     created: Instant,
     /// Whether this process was refused the repairs count, and said so.

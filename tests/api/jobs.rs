@@ -210,7 +210,7 @@ impl TotalsBlocker {
 /// One process runs a job once at a time: a run asked for while another
 /// is in flight (held inside its batch) is skipped, named as running in
 /// this process, and the run in flight then finishes its work. The drained
-/// guards of the test above do not show that a run holds its own.
+/// guards of `a_run_is_skipped_while_another_process_holds_the_job` do not show that a run holds its own.
 async fn a_second_run_in_one_process_is_skipped_while_the_first_is_in_flight(app: TestApp) {
     app.insert(&[("acme", "api_requests", "3", "a", "2026-05-01T12:00:00Z")])
         .await;

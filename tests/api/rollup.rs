@@ -1804,13 +1804,15 @@ async fn on_postgres_reads_in_flight_across_a_repair_put_back_no_old_sum() {
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     let noticing = send("/v1/quota/check", check("other"));
     until_backends_wait_on_locks(&pool, 3, "never 3 requests waiting on a lock").await;
+    // The checks first: the consume, still waiting, cannot commit a row
+    // into the waiting check's snapshot (taken once its lock is granted).
     plans_lock.rollback().await.unwrap();
-    consume_lock.rollback().await.unwrap();
-    let consumed = consuming.await.unwrap();
-    assert_eq!(consumed.status, 200, "{consumed:?}");
     let checked = checking.await.unwrap();
     assert_eq!(checked.body["used"], "5", "in flight, from the old sum: {checked:?}");
     assert_eq!(noticing.await.unwrap().status, 200);
+    consume_lock.rollback().await.unwrap();
+    let consumed = consuming.await.unwrap();
+    assert_eq!(consumed.status, 200, "{consumed:?}");
 
     let checked = app.post("/v1/quota/check", check("acme")).await;
     assert_eq!(
