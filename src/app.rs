@@ -43,6 +43,9 @@ pub struct Settings {
     /// before it drops the connection, and for a body (plus a second per
     /// 16 KiB received) before it answers 408.
     pub read_timeout: std::time::Duration,
+    /// How many HTTP connections `serve` holds open at once; more wait in
+    /// the listen queue.
+    pub max_connections: usize,
     /// The stores opened with these settings (and their clones), for
     /// [`OpenedStores::close_all`] on the way out.
     pub opened: OpenedStores,
@@ -92,6 +95,17 @@ pub const DEFAULT_SHUTDOWN_GRACE_SECONDS: u64 = 30;
 /// hosts cannot hold every file descriptor.
 pub const DEFAULT_READ_TIMEOUT_SECONDS: u64 = 30;
 
+/// How many HTTP connections `serve` holds open at once, by default: far
+/// more than the callers of a usage ledger keep (a pool per service
+/// replica), and few enough for the open-file limit a service manager
+/// usually grants (systemd's hard limit is 524 288; the soft one, 1 024, is
+/// raised as needed).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+
+/// The largest `--max-connections` taken: past it, the open-file limit
+/// rather than the flag is what bounds a process.
+pub const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
+
 impl Default for Settings {
     fn default() -> Self {
         Self {
@@ -104,6 +118,7 @@ impl Default for Settings {
             reports_dir: PathBuf::from("reports"),
             shutdown_grace: std::time::Duration::from_secs(DEFAULT_SHUTDOWN_GRACE_SECONDS),
             read_timeout: std::time::Duration::from_secs(DEFAULT_READ_TIMEOUT_SECONDS),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             opened: OpenedStores::default(),
         }
     }
@@ -168,6 +183,17 @@ pub fn parse_read_timeout(raw: &str) -> Result<u64, String> {
         _ => Err(format!(
             "{raw:?} is not a whole number of seconds from 1 to {MAX_WAIT_SECONDS} (a day); give e.g. \
              {DEFAULT_READ_TIMEOUT_SECONDS} (the default)"
+        )),
+    }
+}
+
+/// Parses `--max-connections`: a whole number from 1 to [`MAX_CONNECTIONS_LIMIT`].
+pub fn parse_max_connections(raw: &str) -> Result<usize, String> {
+    match raw.trim().parse::<usize>() {
+        Ok(connections) if (1..=MAX_CONNECTIONS_LIMIT).contains(&connections) => Ok(connections),
+        _ => Err(format!(
+            "{raw:?} is not a whole number of connections from 1 to {MAX_CONNECTIONS_LIMIT}; give e.g. \
+             {DEFAULT_MAX_CONNECTIONS} (the default)"
         )),
     }
 }
@@ -474,9 +500,14 @@ impl Application {
                 Duration::days(settings.late_horizon_days),
             )
         };
-        let server = Server::bind(settings.listen, settings.shutdown_grace, state.clone())
-            .await
-            .with_context(|| format!("cannot listen on {}", settings.listen))?;
+        let server = Server::bind(
+            settings.listen,
+            settings.shutdown_grace,
+            settings.max_connections,
+            state.clone(),
+        )
+        .await
+        .with_context(|| format!("cannot listen on {}", settings.listen))?;
         let port = server.local_addr()?.port();
         // Keep the rate limiters' memory bounded by the keys active lately.
         let rates = Arc::downgrade(&state.rates);

@@ -96,6 +96,8 @@ pub struct Metrics {
     pub database_up: Gauge,
     /// HTTP requests by route, method and status.
     pub http_requests: Family<HttpLabels, Counter>,
+    /// HTTP connections open now (at most `serve --max-connections`).
+    pub http_connections_open: Gauge,
     /// Job runs of this process that failed, by job (any job; the rollup's
     /// are also in `rollup_failures`).
     pub job_failures: Family<JobLabels, Counter>,
@@ -112,6 +114,7 @@ impl Default for Metrics {
         let rollup_lag_seconds = Gauge::default();
         let database_up = Gauge::default();
         let http_requests = Family::<HttpLabels, Counter>::default();
+        let http_connections_open = Gauge::default();
         let job_failures = Family::<JobLabels, Counter>::default();
         registry.register("entries_ingested", "Ledger entries created", entries_ingested.clone());
         registry.register(
@@ -141,6 +144,11 @@ impl Default for Metrics {
             "HTTP requests by route, method and status",
             http_requests.clone(),
         );
+        registry.register(
+            "http_connections_open",
+            "HTTP connections open now (at most serve --max-connections)",
+            http_connections_open.clone(),
+        );
         registry.register("job_failures", "Job runs that failed, by job", job_failures.clone());
         Self {
             registry,
@@ -152,6 +160,7 @@ impl Default for Metrics {
             rollup_lag_seconds,
             database_up,
             http_requests,
+            http_connections_open,
             job_failures,
         }
     }

@@ -82,6 +82,11 @@ pub enum Command {
         #[arg(long, env = "TALLY_READ_TIMEOUT", default_value_t = app::DEFAULT_READ_TIMEOUT_SECONDS,
               allow_negative_numbers = true, value_parser = app::parse_read_timeout)]
         read_timeout: u64,
+        /// Connections to hold open at once; more wait in the listen queue until one closes. The
+        /// open-file limit is raised to fit them, or the number lowered to fit it (with a warning).
+        #[arg(long, env = "TALLY_MAX_CONNECTIONS", default_value_t = app::DEFAULT_MAX_CONNECTIONS,
+              allow_negative_numbers = true, value_parser = app::parse_max_connections)]
+        max_connections: usize,
         /// Do not run the scheduled jobs in this process.
         #[arg(long)]
         no_jobs: bool,
@@ -381,6 +386,7 @@ async fn run_command(command: Command, settings: Settings) -> anyhow::Result<Exi
             listen,
             shutdown_grace,
             read_timeout,
+            max_connections,
             no_jobs,
         } => {
             let shutdown_grace = std::time::Duration::from_secs(shutdown_grace);
@@ -389,6 +395,7 @@ async fn run_command(command: Command, settings: Settings) -> anyhow::Result<Exi
                     listen,
                     shutdown_grace,
                     read_timeout: std::time::Duration::from_secs(read_timeout),
+                    max_connections,
                     ..settings
                 },
                 !no_jobs,
@@ -575,5 +582,21 @@ mod tests {
         }
         let error = Cli::try_parse_from(["tally", "serve", "--read-timeout", "0"]).unwrap_err();
         assert!(error.to_string().contains("from 1 to 86400"), "{error}");
+    }
+
+    #[test]
+    fn max_connections_takes_one_to_a_million() {
+        for bad in ["0", "-1", "1000001", "many"] {
+            let error = Cli::try_parse_from(["tally", "serve", "--max-connections", bad]).unwrap_err();
+            let message = error.to_string();
+            assert!(
+                message.contains("is not a whole number of connections from 1 to 1000000"),
+                "{bad}: {message}"
+            );
+        }
+        for good in ["1", "1000000"] {
+            let parsed = Cli::try_parse_from(["tally", "serve", "--max-connections", good]);
+            assert!(parsed.is_ok(), "{good}: {:?}", parsed.err());
+        }
     }
 }

@@ -37,6 +37,48 @@ pub fn wake_writes_often(stream: &tokio::net::TcpStream) {
     let _ = stream;
 }
 
+/// File descriptors `serve` keeps for everything but client connections:
+/// the database pools (16 PostgreSQL sockets, or ten SQLite connections of
+/// three files each), report files, the listener, stdio and the runtime's own.
+const FILES_BESIDES_CONNECTIONS: u64 = 256;
+
+/// How many client connections `serve` may hold open at once: `requested`
+/// (`--max-connections`) when the process may open that many files besides
+/// [`FILES_BESIDES_CONNECTIONS`]. The soft open-file limit (`ulimit -n`) is
+/// raised toward the hard one as far as that needs, as Go's runtime and
+/// most servers do; past the hard limit the cap is lowered to what fits,
+/// with a warning. Without a cap, clients could take every file descriptor,
+/// and the database connections and report files would fail instead.
+pub fn connection_cap(requested: usize) -> usize {
+    let requested = u64::try_from(requested).unwrap_or(u64::MAX);
+    let wanted = requested.saturating_add(FILES_BESIDES_CONNECTIONS);
+    let files = match rlimit::increase_nofile_limit(wanted) {
+        Ok(files) => files,
+        Err(error) => {
+            tracing::warn!(error = %error, "cannot read or raise the open-file limit: {error}; keeping --max-connections {requested}");
+            wanted
+        }
+    };
+    let cap = cap_within(requested, files);
+    if cap < requested {
+        tracing::warn!(
+            max_connections = requested,
+            open_file_limit = files,
+            serving_at_most = cap,
+            "--max-connections {requested} does not fit the open-file limit of {files} (ulimit -n; {FILES_BESIDES_CONNECTIONS} \
+             are kept for the database and files): serving at most {cap} connections at once; raise the hard limit \
+             (LimitNOFILE= in a systemd unit) or lower --max-connections"
+        );
+    }
+    usize::try_from(cap).unwrap_or(usize::MAX)
+}
+
+/// The cap for `requested` connections when the process may open `files`
+/// files: never below one, so a server always answers.
+fn cap_within(requested: u64, files: u64) -> u64 {
+    requested.min(files.saturating_sub(FILES_BESIDES_CONNECTIONS)).max(1)
+}
+
 /// An I/O whose writes fail once one has waited `timeout` without progress.
 pub struct WriteDeadline<T> {
     inner: T,
@@ -114,5 +156,23 @@ impl<T: Write + Unpin> Write for WriteDeadline<T> {
         let this = self.get_mut();
         let poll = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         this.judge(poll, cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connection_cap_is_what_was_asked_when_the_files_allow_it() {
+        assert_eq!(cap_within(1024, 1024 + FILES_BESIDES_CONNECTIONS), 1024);
+        assert_eq!(cap_within(1024, 1_048_576), 1024);
+    }
+
+    #[test]
+    fn the_connection_cap_leaves_room_for_the_database_when_the_files_do_not() {
+        assert_eq!(cap_within(1024, 1024), 1024 - FILES_BESIDES_CONNECTIONS);
+        // A limit below the room kept still serves one connection at a time.
+        assert_eq!(cap_within(1024, 100), 1);
     }
 }

@@ -127,15 +127,32 @@ pub struct Server {
     /// connection may wait for the next one, and an answer may wait for the
     /// client to read it.
     read_timeout: std::time::Duration,
+    /// How many connections may be open at once ([`connection::connection_cap`]).
+    max_connections: usize,
+    /// For the open-connections gauge.
+    metrics: Arc<Metrics>,
 }
 
+/// How often, at most, `serve` warns that it holds as many connections as
+/// `--max-connections` allows: once per stretch of load, not once per client.
+const FULL_WARNING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl Server {
-    /// Binds `listen` (port 0 picks a free port).
-    pub async fn bind(listen: SocketAddr, grace: std::time::Duration, state: AppState) -> std::io::Result<Self> {
+    /// Binds `listen` (port 0 picks a free port), to serve at most
+    /// `max_connections` at once (fewer when the open-file limit cannot
+    /// hold them: [`connection::connection_cap`]).
+    pub async fn bind(
+        listen: SocketAddr,
+        grace: std::time::Duration,
+        max_connections: usize,
+        state: AppState,
+    ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(listen).await?;
         Ok(Self {
             listener,
             read_timeout: state.read_timeout,
+            max_connections: connection::connection_cap(max_connections),
+            metrics: state.metrics.clone(),
             router: router(state),
             grace,
         })
@@ -155,6 +172,10 @@ impl Server {
     /// or sends nothing after its first request, is kept for ever, and a few
     /// hundred of them take every file descriptor (review AW). A client that
     /// takes no answer is ended by [`connection::WriteDeadline`] (review AY).
+    ///
+    /// At `max_connections` open, the loop stops accepting until one closes:
+    /// new clients wait in the kernel's listen queue (as behind Go's
+    /// `LimitListener`) rather than take file descriptors the database needs.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(hyper_util::rt::TokioTimer::new())
@@ -162,7 +183,27 @@ impl Server {
         let service = hyper_util::service::TowerToHyperService::new(self.router);
         let connections = hyper_util::server::graceful::GracefulShutdown::new();
         let mut shutdown = std::pin::pin!(shutdown);
+        let slots = Arc::new(tokio::sync::Semaphore::new(self.max_connections));
+        let mut warned_full_at: Option<std::time::Instant> = None;
         loop {
+            let slot = match slots.clone().try_acquire_owned() {
+                Ok(slot) => slot,
+                Err(_) => {
+                    if warned_full_at.is_none_or(|at| at.elapsed() >= FULL_WARNING_INTERVAL) {
+                        warned_full_at = Some(std::time::Instant::now());
+                        tracing::warn!(
+                            max_connections = self.max_connections,
+                            "{} connections open, as many as --max-connections allows: new ones wait in the \
+                             listen queue until one closes (warned at most once a minute)",
+                            self.max_connections
+                        );
+                    }
+                    tokio::select! {
+                        slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+                        () = &mut shutdown => break,
+                    }
+                }
+            };
             let (stream, peer) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
                     Ok(accepted) => accepted,
@@ -180,6 +221,8 @@ impl Server {
             let io = connection::WriteDeadline::new(hyper_util::rt::TokioIo::new(stream), self.read_timeout);
             let connection = http.serve_connection(io, service.clone());
             let connection = connections.watch(connection);
+            let open = self.metrics.http_connections_open.clone();
+            open.inc();
             tokio::spawn(async move {
                 if let Err(error) = connection.await {
                     // A head not sent within the read timeout, a client gone
@@ -191,6 +234,8 @@ impl Server {
                     let error = crate::telemetry::cause_chain(&error);
                     tracing::debug!(peer = %peer, error = %error, "connection from {peer} ended: {error}");
                 }
+                open.dec();
+                drop(slot);
             });
         }
         drop(self.listener);

@@ -5,7 +5,7 @@ use std::io::Write as _;
 use std::time::{Duration, Instant};
 
 use crate::both;
-use crate::helpers::{ServeProcess, TestApp, batch_at, days_ago, faketime_library};
+use crate::helpers::{ServeProcess, TestApp, batch_at, days_ago, faketime_library, metric};
 
 both!(
     a_hangup_is_ignored_and_a_client_that_never_finishes_cannot_hold_the_shutdown,
@@ -16,6 +16,7 @@ both!(
     a_body_that_does_not_arrive_within_the_read_timeout_is_answered_408_and_writes_nothing,
     a_client_that_reads_no_answer_loses_its_connection_after_the_read_timeout,
     a_client_that_reads_a_large_answer_slowly_gets_all_of_it,
+    a_client_past_max_connections_waits_until_one_closes_then_is_served,
 );
 
 /// Sends `serve` the head of an authorised POST and the first bytes of its
@@ -120,6 +121,60 @@ async fn a_connection_that_sends_no_whole_head_within_the_read_timeout_is_closed
     // A client that sends its request at once is served as before.
     let health = reqwest::get(format!("{}/healthz", serve.address())).await.unwrap();
     assert_eq!(health.status(), 200);
+}
+
+/// Reads from `stream` until what arrived contains `needle` (or `limit`
+/// passes, or the server closes it); returns what was read.
+async fn read_until_it_holds(stream: &mut tokio::net::TcpStream, needle: &str, limit: Duration) -> String {
+    use tokio::io::AsyncReadExt as _;
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains(needle) {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// Without a cap, clients could hold every file descriptor, and the
+/// database's connections would fail instead. At `--max-connections` the
+/// server stops accepting: a client past it waits in the listen queue,
+/// unanswered, until a connection closes, and is then served.
+async fn a_client_past_max_connections_waits_until_one_closes_then_is_served(app: TestApp) {
+    use tokio::io::AsyncWriteExt as _;
+    let mut serve = ServeProcess::start(&app.database_url, &["--no-jobs", "--max-connections", "2"], &[]).await;
+    let address = serve.socket_addr();
+    let first = tokio::net::TcpStream::connect(address).await.unwrap();
+    let _second = tokio::net::TcpStream::connect(address).await.unwrap();
+    // Logged once both are taken and the server finds no slot for a third.
+    let full = serve
+        .wait_for_stderr("as many as --max-connections allows", Duration::from_secs(10))
+        .await;
+    assert!(full.is_some(), "no warning at the cap:\n{}", serve.stderr());
+    assert!(full.unwrap().contains("max_connections=2"), "{}", serve.stderr());
+
+    let mut third = tokio::net::TcpStream::connect(address).await.unwrap();
+    third
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let early = read_until_it_holds(&mut third, "HTTP/1.1", Duration::from_secs(1)).await;
+    assert!(early.is_empty(), "answered past the cap: {early}");
+
+    drop(first);
+    let answer = read_until_it_holds(&mut third, "\r\n\r\n", Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "once a slot was free: {answer:?}");
+
+    // The gauge counts the idle second connection and this one.
+    third
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let metrics = read_until_it_holds(&mut third, "# EOF", Duration::from_secs(5)).await;
+    assert_eq!(metric(&metrics, "tally_http_connections_open"), Some(2), "{metrics}");
 }
 
 /// Review AY: a client that pipelines requests and reads none of the
