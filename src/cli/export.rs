@@ -1,7 +1,7 @@
 //! `tally export …`, `tally stats`, `tally top`.
 
 use anyhow::Context;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use chrono::NaiveDate;
@@ -103,19 +103,47 @@ pub struct TopArgs {
 }
 
 /// `period`, or this month when absent, as the HTTP admin reads take it.
+/// Refuses an `-o` that is the SQLite database itself, or its `-wal`,
+/// `-shm` or `-journal` file, however reached (a symlink, a hard link,
+/// another spelling of the path): with `--overwrite` the export would be
+/// renamed over the ledger (review BM: `-o tally.db` for `-o tally.csv`, one
+/// word in a cron line, replaced the database with a CSV and exited 0).
+fn refuse_the_database_as_output(database_url: &str, output: &Path) -> anyhow::Result<()> {
+    let Some(database) = crate::store::sqlite_file(database_url)? else {
+        return Ok(());
+    };
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut file = database.clone().into_os_string();
+        file.push(suffix);
+        // An output that does not exist yet is no database file.
+        if same_file::is_same_file(output, &file).unwrap_or(false) {
+            anyhow::bail!(
+                "-o {} is the database file {} (from --database-url or TALLY_DATABASE_URL): the export would \
+                 replace the ledger; name a file of its own, such as export.csv. Nothing was written",
+                output.display(),
+                Path::new(&file).display()
+            );
+        }
+    }
+    Ok(())
+}
+
 fn month_or_this_one(period: Option<NaiveDate>) -> NaiveDate {
     period.unwrap_or_else(|| admin::this_month(chrono::Utc::now()))
 }
 
 /// Runs an export.
 pub async fn run(settings: &Settings, command: ExportCommand) -> anyhow::Result<ExitCode> {
-    let (store, catalog) = settings.open_existing_store().await?;
     let (output, granularity) = match &command {
         ExportCommand::Entries(r) => (&r.output, None),
         ExportCommand::Daily(r) => (&r.output, Some(Granularity::Day)),
         ExportCommand::Monthly(r) => (&r.output, Some(Granularity::Month)),
         ExportCommand::Invoice(i) => (&i.output, None),
     };
+    if let Some(path) = &output.output {
+        refuse_the_database_as_output(&settings.database_url, path)?;
+    }
+    let (store, catalog) = settings.open_existing_store().await?;
     let account = output
         .account
         .as_deref()

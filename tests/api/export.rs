@@ -1694,3 +1694,62 @@ async fn top_accounts_with_equal_usage_come_in_account_order(app: TestApp) {
         json!([{"account": "charlie", "amount": "9"}, {"account": "alpha", "amount": "5"}])
     );
 }
+
+/// Review BM: `export … -o tally.db --overwrite` (one word off `tally.csv`
+/// in a cron line) renamed the CSV over the live database and exited 0. The
+/// database file, its write-ahead log and any link to them are refused,
+/// before anything is read, and the ledger is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_sqlite_an_export_refuses_the_database_file_as_its_output() {
+    let Some(app) = TestApp::spawn(Backend::Sqlite).await else {
+        return;
+    };
+    seed(&app).await;
+    let database = std::path::PathBuf::from(app.database_url.strip_prefix("sqlite://").unwrap());
+    let folder = database.parent().unwrap();
+    let symlink = folder.join("report.csv");
+    std::os::unix::fs::symlink(&database, &symlink).unwrap();
+    let hard_link = folder.join("hard-link.csv");
+    std::fs::hard_link(&database, &hard_link).unwrap();
+    let wal = folder.join("tally.db-wal");
+    assert!(wal.exists(), "the running app keeps a write-ahead log");
+    let other_spelling = folder.join(".").join("tally.db");
+
+    for output in [&database, &symlink, &hard_link, &wal, &other_spelling] {
+        let refused = app.cli(&[
+            "export",
+            "daily",
+            "--from",
+            "2026-09-01",
+            "--to",
+            "2026-10-01",
+            "-o",
+            output.to_str().unwrap(),
+            "--overwrite",
+        ]);
+        assert_eq!(refused.status.code(), Some(1), "{}", output.display());
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            stderr.contains("is the database file") && stderr.contains("the export would replace the ledger"),
+            "{}: {stderr}",
+            output.display()
+        );
+    }
+    let header = std::fs::read(&database).unwrap();
+    assert!(header.starts_with(b"SQLite format 3\0"), "the database is still one");
+    let usage = app.cli(&["usage", "acme", "--at", "2026-09-15T00:00:00Z"]);
+    assert!(usage.status.success(), "{}", String::from_utf8_lossy(&usage.stderr));
+
+    // A file of its own beside the database is written as before.
+    let fine = app.cli(&[
+        "export",
+        "daily",
+        "--from",
+        "2026-09-01",
+        "--to",
+        "2026-10-01",
+        "-o",
+        folder.join("daily.csv").to_str().unwrap(),
+    ]);
+    assert!(fine.status.success(), "{}", String::from_utf8_lossy(&fine.stderr));
+}
