@@ -253,7 +253,20 @@ impl Settings {
     /// command that checks its input against it first: bad input then
     /// fails before the database is opened, so it leaves no new SQLite file
     /// behind (a typo run from the wrong folder would otherwise create one).
+    ///
+    /// An in-memory SQLite database is refused here: it lives only as long
+    /// as the process, so a command's writes would be gone when it exits
+    /// (review BM: `post` said "created entry 1" into nothing) and its reads
+    /// would report on an empty ledger. Only `serve` lives long enough to use
+    /// one.
     pub async fn open_store_with(&self, catalog: Arc<Catalog>) -> anyhow::Result<Arc<dyn Store>> {
+        anyhow::ensure!(
+            !store::sqlite_in_memory(&self.database_url),
+            "{} is an in-memory database, which lives only as long as the process: this command's writes \
+             would be gone when it exits, and its reads would find nothing. Give a file (--database-url \
+             sqlite://tally.db), or run `tally serve` on it, which keeps it as long as the server runs",
+            self.database_url
+        );
         let store = self.open_and_migrate(catalog.clone(), DigitsChange::Refused).await?;
         warn_if_default_plan_differs(store.as_ref(), &catalog).await;
         Ok(store)

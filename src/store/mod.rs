@@ -175,6 +175,11 @@ pub enum OpenError {
         #[source]
         source: sqlx::Error,
     },
+    /// A `sqlite:` URL with no file name (`sqlite://`): SQLite would open a
+    /// private temporary database per connection, so the schema one made
+    /// would be missing from the next.
+    #[error("the SQLite URL {0:?} names no file; give one, such as sqlite://tally.db (the default)")]
+    SqliteNoFile(String),
     /// A `postgres:` URL sqlx cannot read. The URL is not repeated: it may
     /// hold a password.
     #[error("cannot read the PostgreSQL URL: {source}{}", postgres_url_hint(source))]
@@ -303,6 +308,7 @@ impl OpenError {
                 | Self::NotAcceptingConnections { .. }
                 | Self::NoSocket { .. }
                 | Self::SqliteNotWritable { .. }
+                | Self::SqliteNoFile(_)
         )
     }
 }
@@ -1421,7 +1427,7 @@ fn log_applied_migrations(migrator: &sqlx::migrate::Migrator, before: &[i64]) {
 /// (`sqlite::memory:`, `sqlite:file::memory:`, `sqlite:x?mode=memory`). Read
 /// as sqlx reads the URL: a folder or file whose name merely contains
 /// `:memory:` or `mode=memory` is a file.
-pub(crate) fn sqlite_in_memory(url: &str) -> bool {
+pub fn sqlite_in_memory(url: &str) -> bool {
     let Some(rest) = url.strip_prefix("sqlite:") else {
         return false;
     };
@@ -1442,7 +1448,7 @@ fn sqlite_read_only(error: &sqlx::Error) -> bool {
 }
 
 /// The file a `sqlite:` URL names; `None` for another engine or an
-/// in-memory database.
+/// in-memory database; an error for a URL naming no file.
 pub fn sqlite_file(url: &str) -> Result<Option<std::path::PathBuf>, OpenError> {
     if !url.starts_with("sqlite:") || sqlite_in_memory(url) {
         return Ok(None);
@@ -1453,7 +1459,11 @@ pub fn sqlite_file(url: &str) -> Result<Option<std::path::PathBuf>, OpenError> {
             source,
         }
     })?;
-    Ok(Some(sqlite_path(options.get_filename())))
+    let file = sqlite_path(options.get_filename());
+    if file.as_os_str().is_empty() {
+        return Err(OpenError::SqliteNoFile(url.to_owned()));
+    }
+    Ok(Some(file))
 }
 
 /// The path of the file sqlx's SQLite `filename` opens: `sqlite:file:x.db`
@@ -1535,6 +1545,8 @@ fn query_password_spans(url: &str) -> impl Iterator<Item = std::ops::Range<usize
 /// Opens the store a database URL names (`sqlite://…` or `postgres://…`).
 pub async fn connect(url: &str, catalog: Arc<Catalog>) -> Result<Arc<dyn Store>, OpenError> {
     if url.starts_with("sqlite:") {
+        // Refuses a URL naming no file before SQLite opens temporary ones.
+        sqlite_file(url)?;
         match sqlite::SqliteStore::connect(url, catalog).await {
             Ok(store) => Ok(Arc::new(store)),
             Err(source) if sqlite_read_only(&source) => match sqlite_file(url) {

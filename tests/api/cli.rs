@@ -1416,9 +1416,7 @@ async fn reads_of_a_database_that_is_not_there_fail_and_create_nothing(app: Test
             .unwrap();
         assert!(created.status.success(), "{}", text(&created.stderr));
         assert!(typo.exists(), "post creates the database");
-        // `file:` names the file after it; an in-memory database, however
-        // spelt, is never "missing" and is one database for every
-        // connection; a folder is said to be one.
+        // `file:` names the file after it; a folder is said to be one.
         let run = |url: &str| {
             Command::new(env!("CARGO_BIN_EXE_tally"))
                 .args(["check", "acme", "api_requests"])
@@ -1427,15 +1425,51 @@ async fn reads_of_a_database_that_is_not_there_fail_and_create_nothing(app: Test
                 .output()
                 .unwrap()
         };
+        let out = run("sqlite:file:typo.db");
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        // Review BM: an in-memory database, however spelt, dies with the
+        // command: `post` said "created entry 1" into nothing. Every command
+        // but `serve` refuses one.
         for url in [
-            "sqlite:file:typo.db",
             "sqlite::memory:",
             "sqlite:file::memory:",
             "sqlite:?mode=memory",
             "sqlite:file:named?mode=memory",
+            "sqlite://?mode=memory",
         ] {
             let out = run(url);
-            assert!(out.status.success(), "{url}: {}", text(&out.stderr));
+            // `check` keeps 1 for "over the limit": its errors exit 2.
+            assert_eq!(out.status.code(), Some(2), "{url}: {}", text(&out.stdout));
+            assert!(
+                text(&out.stderr).contains("is an in-memory database, which lives only as long as the process"),
+                "{url}: {}",
+                text(&out.stderr)
+            );
+            let posted = Command::new(env!("CARGO_BIN_EXE_tally"))
+                .args(["post", "acme", "api_requests", "1"])
+                .env("TALLY_DATABASE_URL", url)
+                .output()
+                .unwrap();
+            assert_eq!(posted.status.code(), Some(1), "{url}: {}", text(&posted.stdout));
+            assert!(posted.stdout.is_empty(), "{url}: {}", text(&posted.stdout));
+        }
+        // Review BM: a URL naming no file made SQLite open a temporary
+        // database per connection: "created the schema", then "no such
+        // table". Said plainly, for reads and writes alike.
+        for url in ["sqlite://", "sqlite:", "sqlite://?mode=rwc"] {
+            for args in [&["migrate"][..], &["usage", "acme"]] {
+                let out = Command::new(env!("CARGO_BIN_EXE_tally"))
+                    .args(args)
+                    .env("TALLY_DATABASE_URL", url)
+                    .current_dir(dir.path())
+                    .output()
+                    .unwrap();
+                let said = text(&out.stderr);
+                assert_eq!(out.status.code(), Some(1), "{url} {args:?}: {said}");
+                assert!(said.contains("names no file; give one"), "{url} {args:?}: {said}");
+                assert!(!said.contains("created the schema"), "{url} {args:?}: {said}");
+                assert!(!said.contains("PostgreSQL server"), "{url} {args:?}: {said}");
+            }
         }
         // A folder whose name merely contains `mode=memory` holds a file.
         let odd = dir.path().join("part=mode=memory");
