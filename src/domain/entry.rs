@@ -303,22 +303,52 @@ fn json_holds_nul(value: &serde_json::Value) -> bool {
     }
 }
 
-/// `value` with every negative zero (`-0`, `-0.0`, which serde_json keeps
-/// and writes as `-0.0`) made `0.0`: PostgreSQL's JSON numbers have no
-/// negative zero, so SQLite would otherwise give back `-0.0` where
-/// PostgreSQL gives `0.0`. Told by its text, with no arithmetic: metadata is
-/// not an amount, but nothing here needs a float either.
-fn without_negative_zero(value: serde_json::Value) -> serde_json::Value {
+/// `value` with its numbers as PostgreSQL's JSON keeps them, so that both
+/// engines give back the same metadata:
+/// - a negative zero (`-0`, `-0.0`, which serde_json keeps and writes as
+///   `-0.0`) is `0.0`: PostgreSQL's JSON numbers have no negative zero
+///   (review N);
+/// - a float serde_json writes with an exponent that is a whole number
+///   within 64 bits (`1e19`, `1.2345678901234567e19`) is that integer:
+///   PostgreSQL writes it out in full, which reads back as an integer,
+///   while SQLite kept the float (review BL).
+///
+/// Told by its text, with no float arithmetic: metadata is not an amount,
+/// but nothing here needs a float either.
+fn as_postgresql_keeps_it(value: serde_json::Value) -> serde_json::Value {
     match value {
-        serde_json::Value::Number(n) if n.to_string() == "-0.0" => {
-            serde_json::Value::Number("0.0".parse().expect("0.0 is a JSON number"))
+        serde_json::Value::Number(n) if n.is_f64() => {
+            let text = n.to_string();
+            if text == "-0.0" {
+                return serde_json::Value::Number("0.0".parse().expect("0.0 is a JSON number"));
+            }
+            whole_number_written_with_an_exponent(&text).map_or(serde_json::Value::Number(n), serde_json::Value::Number)
         }
-        serde_json::Value::Array(items) => items.into_iter().map(without_negative_zero).collect(),
+        serde_json::Value::Array(items) => items.into_iter().map(as_postgresql_keeps_it).collect(),
         serde_json::Value::Object(fields) => fields
             .into_iter()
-            .map(|(key, value)| (key, without_negative_zero(value)))
+            .map(|(key, value)| (key, as_postgresql_keeps_it(value)))
             .collect(),
         other => other,
+    }
+}
+
+/// The integer a number written with an exponent (`1.5e19`) stands for,
+/// when it is a whole one within `i64` (negative) or `u64` (positive):
+/// the range serde_json reads back as an integer.
+fn whole_number_written_with_an_exponent(text: &str) -> Option<serde_json::Number> {
+    use rust_decimal::prelude::ToPrimitive as _;
+    if !text.contains(['e', 'E']) {
+        return None;
+    }
+    let number = rust_decimal::Decimal::from_scientific(text).ok()?;
+    if !number.fract().is_zero() {
+        return None;
+    }
+    if number.is_sign_negative() {
+        number.to_i64().map(serde_json::Number::from)
+    } else {
+        number.to_u64().map(serde_json::Number::from)
     }
 }
 
@@ -457,7 +487,7 @@ impl EntryInput {
         let metadata = match self.metadata {
             None | Some(serde_json::Value::Null) => None,
             Some(value @ serde_json::Value::Object(_)) => {
-                let value = without_negative_zero(value);
+                let value = as_postgresql_keeps_it(value);
                 let text = value.to_string();
                 if json_holds_nul(&value) {
                     fail(
@@ -658,6 +688,23 @@ pub struct ValidBatch {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_whole_numbers_within_64_bits_written_with_an_exponent_become_integers() {
+        let integer = |text: &str| super::whole_number_written_with_an_exponent(text).map(|n| n.to_string());
+        assert_eq!(integer("1e19").as_deref(), Some("10000000000000000000"));
+        assert_eq!(
+            integer("1.2345678901234567e19").as_deref(),
+            Some("12345678901234567000"),
+            "the digits written, not the float's own"
+        );
+        assert_eq!(integer("-1e18").as_deref(), Some("-1000000000000000000"));
+        assert_eq!(integer("1.8446744073709552e19"), None, "past u64");
+        assert_eq!(integer("-1e19"), None, "past i64");
+        assert_eq!(integer("1.5e-7"), None, "not whole");
+        assert_eq!(integer("1e300"), None, "past what a decimal holds");
+        assert_eq!(integer("1000000000000000.0"), None, "no exponent: kept as written");
+    }
+
     #[test]
     fn a_bad_timestamp_is_told_what_is_wrong_with_it() {
         let message = |text: &str| super::parse_timestamp(text).unwrap_err();

@@ -25,6 +25,7 @@ both!(
     listing_pages_through_the_ledger_in_id_order,
     paging_while_batches_are_posted_misses_no_entry,
     a_negative_zero_in_metadata_comes_back_as_zero_on_both_engines,
+    a_large_float_in_metadata_comes_back_alike_on_both_engines,
     listing_filters_by_resource_and_time,
     a_resource_dropped_from_the_catalog_stays_readable_by_name,
     health_reports_the_database,
@@ -673,6 +674,38 @@ async fn a_negative_zero_in_metadata_comes_back_as_zero_on_both_engines(app: Tes
     assert_eq!(
         metadata.to_string(),
         r#"{"half":-0.5,"list":[0.0,{"deep":0.0}],"one":1,"z":0.0}"#
+    );
+}
+
+/// PostgreSQL writes a float such as `1e19` out in full, which reads back
+/// as an integer; SQLite kept the float, so the engines answered
+/// `10000000000000000000` and `1e+19` for one entry (review BL). Both now
+/// store what PostgreSQL keeps; floats that are not whole, or past 64 bits,
+/// stay floats on both.
+async fn a_large_float_in_metadata_comes_back_alike_on_both_engines(app: TestApp) {
+    let mut body = entry("acme", "api_requests", "1", "large");
+    body["metadata"] = json!({
+        "whole": 1e19,
+        "digits": 1.2345678901234567e19,
+        "negative": -1e18,
+        "past_64_bits": 1e20,
+        "small": 1.5e-7,
+        "plain": 1e15,
+    });
+    let posted = app.post_entries(body).await;
+    assert_eq!(posted.status, 200, "{:?}", posted.body);
+    let listed = app.get("/v1/accounts/acme/entries").await;
+    // As text: the question is how each number is written.
+    assert_eq!(
+        listed.body["entries"][0]["metadata"].to_string(),
+        r#"{"digits":12345678901234567000,"negative":-1000000000000000000,"past_64_bits":1e+20,"plain":1000000000000000.0,"small":1.5e-7,"whole":10000000000000000000}"#
+    );
+    let export = app.cli(&["export", "entries", "--from", "2000-01-01", "--to", "2100-01-01"]);
+    let csv = String::from_utf8_lossy(&export.stdout);
+    assert!(export.status.success(), "{}", String::from_utf8_lossy(&export.stderr));
+    assert!(
+        csv.contains(r#"""digits"":12345678901234567000,"#) && csv.contains(r#"""whole"":10000000000000000000}"#),
+        "{csv}"
     );
 }
 
