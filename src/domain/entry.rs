@@ -140,6 +140,11 @@ pub fn parse_setting_instant(field: &str, text: &str, instead: &str) -> Result<D
 /// An RFC 3339 text as a UTC instant truncated to microseconds, leap
 /// seconds refused; no range check.
 fn read_timestamp(text: &str) -> Result<DateTime<Utc>, String> {
+    Ok(read_timestamp_to_the_nanosecond(text)?.trunc_subsecs(6))
+}
+
+/// [`read_timestamp`] before its truncation.
+fn read_timestamp_to_the_nanosecond(text: &str) -> Result<DateTime<Utc>, String> {
     use chrono::Timelike;
     let parsed = DateTime::parse_from_rfc3339(text).map_err(|e| not_rfc3339(text, e))?;
     if parsed.nanosecond() >= 1_000_000_000 {
@@ -147,7 +152,7 @@ fn read_timestamp(text: &str) -> Result<DateTime<Utc>, String> {
             "{text:?} is a leap second (:60), which Tally does not store; write :59.999999 or the next second"
         ));
     }
-    Ok(parsed.with_timezone(&Utc).trunc_subsecs(6))
+    Ok(parsed.with_timezone(&Utc))
 }
 
 /// Refuses an instant in December 9999: its month ends in year 10000, a
@@ -272,6 +277,29 @@ pub fn parse_bound(raw: &str) -> Result<DateTime<Utc>, String> {
         return Err(format!("{raw:?} is outside the years 1 to 9999"));
     }
     Ok(t)
+}
+
+/// [`parse_bound`] for a bound of a range of stored instants (`from`
+/// inclusive, `to` exclusive), rounded *up* to the microsecond rather than
+/// truncated: a stored instant (whole microseconds) is at or past
+/// `…59.9999991` exactly when it is at or past `…00.000000`, and before it
+/// exactly when it is before that too. Truncated, `from=…59.9999991Z` took
+/// in the rows of `…59.999999` (review BL).
+pub fn parse_range_bound(raw: &str) -> Result<DateTime<Utc>, String> {
+    use chrono::Timelike;
+    let bound = parse_bound(raw)?;
+    if super::period::date_shaped(raw) && chrono::NaiveDate::parse_from_str(raw, "%Y-%m-%d").is_ok() {
+        return Ok(bound);
+    }
+    let exact = read_timestamp_to_the_nanosecond(raw)?;
+    if exact.nanosecond() % 1_000 == 0 {
+        return Ok(bound);
+    }
+    let rounded_up = bound + chrono::Duration::microseconds(1);
+    if chrono::Datelike::year(&rounded_up) > 9999 {
+        return Err(format!("{raw:?} is outside the years 1 to 9999"));
+    }
+    Ok(rounded_up)
 }
 
 /// Why U+0000 is refused, for error messages.

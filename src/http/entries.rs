@@ -395,8 +395,8 @@ fn entry_filter(
     query: &HashMap<String, String>,
 ) -> Result<EntryFilter, ApiError> {
     params::reject_unknown(query, &["from", "to", "resource", "after_id", "limit"])?;
-    let from = query.get("from").map(|v| params::bound("from", v)).transpose()?;
-    let to = query.get("to").map(|v| params::bound("to", v)).transpose()?;
+    let from = query.get("from").map(|v| params::range_bound("from", v)).transpose()?;
+    let to = query.get("to").map(|v| params::range_bound("to", v)).transpose()?;
     if let (Some(from), Some(to)) = (from, to)
         && from > to
     {

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, NaiveDate, Utc};
 
 use super::error::ApiError;
-use crate::domain::entry::{parse_bound, parse_instant_or_date};
+use crate::domain::entry::{parse_bound, parse_instant_or_date, parse_range_bound};
 use crate::domain::{AccountId, Catalog, ResourceName};
 
 /// An account id from the path.
@@ -48,6 +48,12 @@ pub fn instant(field: &'static str, raw: &str) -> Result<DateTime<Utc>, ApiError
 /// read at ([`parse_bound`]): as [`instant`], December 9999 included.
 pub fn bound(field: &'static str, raw: &str) -> Result<DateTime<Utc>, ApiError> {
     parse_bound(raw).map_err(|m| ApiError::invalid(field, format!("{field}: {m}")))
+}
+
+/// A `from` or `to` query parameter bounding a range of stored instants
+/// ([`parse_range_bound`]: a finer-than-microsecond bound is rounded up).
+pub fn range_bound(field: &'static str, raw: &str) -> Result<DateTime<Utc>, ApiError> {
+    parse_range_bound(raw).map_err(|m| ApiError::invalid(field, format!("{field}: {m}")))
 }
 
 /// The `at` query parameter (see [`instant`]): the instant a read is

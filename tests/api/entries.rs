@@ -26,6 +26,7 @@ both!(
     paging_while_batches_are_posted_misses_no_entry,
     a_negative_zero_in_metadata_comes_back_as_zero_on_both_engines,
     a_large_float_in_metadata_comes_back_alike_on_both_engines,
+    a_listing_bound_finer_than_a_microsecond_is_rounded_up_not_down,
     listing_filters_by_resource_and_time,
     a_resource_dropped_from_the_catalog_stays_readable_by_name,
     health_reports_the_database,
@@ -707,6 +708,37 @@ async fn a_large_float_in_metadata_comes_back_alike_on_both_engines(app: TestApp
         csv.contains(r#"""digits"":12345678901234567000,"#) && csv.contains(r#"""whole"":10000000000000000000}"#),
         "{csv}"
     );
+}
+
+/// Both engines keep whole microseconds. A bound between two of them was
+/// truncated, so `from=…59.9999991Z` took in the rows of `…59.999999`,
+/// before it (review BL); rounded up, `from` and `to` select exactly the
+/// stored instants on their side of the bound.
+async fn a_listing_bound_finer_than_a_microsecond_is_rounded_up_not_down(app: TestApp) {
+    let (day, next_day) = (days_ago(3), days_ago(2));
+    app.post_entries(json!({"entries": [
+        {"account": "acme", "resource": "api_requests", "amount": "1", "idempotency_key": "early", "occurred_at": format!("{day}T23:59:59.999999Z")},
+        {"account": "acme", "resource": "api_requests", "amount": "2", "idempotency_key": "late", "occurred_at": format!("{next_day}T00:00:00Z")},
+    ]}))
+    .await;
+    let keys = |page: &crate::helpers::Reply| -> Vec<String> {
+        page.body["entries"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{:?}", page.body))
+            .iter()
+            .map(|e| e["idempotency_key"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let between = format!("{day}T23:59:59.9999991Z");
+    let from = app.get(&format!("/v1/accounts/acme/entries?from={between}")).await;
+    assert_eq!(keys(&from), ["late"]);
+    let to = app.get(&format!("/v1/accounts/acme/entries?to={between}")).await;
+    assert_eq!(keys(&to), ["early"]);
+    // On a whole microsecond nothing moves: `from` takes its own instant.
+    let exact = app
+        .get(&format!("/v1/accounts/acme/entries?from={day}T23:59:59.999999000Z"))
+        .await;
+    assert_eq!(keys(&exact), ["early", "late"]);
 }
 
 async fn listing_filters_by_resource_and_time(app: TestApp) {
