@@ -305,6 +305,22 @@ impl ReportsOutcome {
     }
 }
 
+/// Whether `path` is an empty file. That is never a report: each has at
+/// least its header, and is renamed into place whole. So it is replaced,
+/// with a warning, rather than kept for good as one (review BM: a file
+/// made by `touch`, or a copy cut short, was "kept existing" every run).
+fn an_empty_file_in_the_way(path: &Path) -> bool {
+    let empty = std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() == 0);
+    if empty {
+        tracing::warn!(
+            file = %path.display(),
+            "{} is empty, so it is no report (each has at least its header): writing the report in its place",
+            path.display()
+        );
+    }
+    empty
+}
+
 /// Writes `month`'s monthly totals and invoices into `dir`.
 pub async fn write_monthly_reports(
     store: &dyn Store,
@@ -327,7 +343,8 @@ pub async fn write_monthly_reports(
     // export … --as-of` that instant gives them again, byte for byte.
     let taken_at = Utc::now();
     let mut outcome = ReportsOutcome::default();
-    if overwrite || !monthly.exists() {
+    let replace_monthly = overwrite || an_empty_file_in_the_way(&monthly);
+    if replace_monthly || !monthly.exists() {
         let filter = ExportFilter {
             from: month,
             to: Granularity::Month.next(month),
@@ -336,7 +353,7 @@ pub async fn write_monthly_reports(
             as_of: Some(taken_at),
         };
         let written = async {
-            let mut out = CsvOutput::file(&monthly, overwrite)?;
+            let mut out = CsvOutput::file(&monthly, replace_monthly)?;
             export_totals(store, Granularity::Month, &filter, &mut out).await?;
             out.finish()?;
             Ok::<_, ReportsError>(())
@@ -346,9 +363,10 @@ pub async fn write_monthly_reports(
     } else {
         outcome.kept.push(monthly);
     }
-    if overwrite || !invoice.exists() {
+    let replace_invoice = overwrite || an_empty_file_in_the_way(&invoice);
+    if replace_invoice || !invoice.exists() {
         let written = async {
-            let mut out = CsvOutput::file(&invoice, overwrite)?;
+            let mut out = CsvOutput::file(&invoice, replace_invoice)?;
             export_invoices(store, catalog, month, None, Some(taken_at), &mut out).await?;
             out.finish()?;
             Ok::<_, ReportsError>(())

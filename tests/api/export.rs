@@ -999,6 +999,16 @@ async fn the_monthly_reports_job_writes_each_report_once(app: TestApp) {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(leftovers.len(), 2, "no temp files left: {leftovers:?}");
+    // Review BM: an empty file is no report (each has its header), and was
+    // kept for good; it is written over, the other file kept.
+    std::fs::write(dir.path().join("invoice-2026-09.csv"), "").unwrap();
+    let over_empty = write(false).await.unwrap();
+    assert_eq!(over_empty.written, [dir.path().join("invoice-2026-09.csv")]);
+    assert_eq!(over_empty.kept, [dir.path().join("monthly-2026-09.csv")]);
+    assert_eq!(
+        read_csv(&dir.path().join("invoice-2026-09.csv"))[0],
+        INVOICE_HEADER_OF_API_MD
+    );
     // A reports directory that is a file is said to be one.
     let not_a_folder = dir.path().join("reports-file");
     std::fs::write(&not_a_folder, "").unwrap();
