@@ -1,4 +1,4 @@
-//! Scheduled jobs. Definitions live in `jobs/*.toml` (name, 6-field cron in
+//! Scheduled jobs. Definitions live in `jobs/*.toml` (name, 6- or 7-field cron in
 //! UTC, what to run); `serve` fires them with tokio-cron-scheduler, and every
 //! job can be run by hand (`tally jobs run NAME`, `tally rollup`).
 //!
@@ -25,8 +25,8 @@ use crate::telemetry::Metrics;
 /// What can go wrong loading, scheduling or running jobs.
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
-    /// A schedule that is not a 6-field cron.
-    #[error("schedule {schedule:?} is not a 6-field cron (sec min hour dom month dow)")]
+    /// A schedule that is not a cron of 6 fields (7 with a year).
+    #[error("schedule {schedule:?} is not a cron of 6 fields, or 7 with a year (sec min hour dom month dow [year])")]
     BadSchedule {
         /// The schedule as written.
         schedule: String,

@@ -67,14 +67,17 @@ pub enum ReportsError {
         .0.display()
     )]
     DanglingLink(PathBuf),
-    /// No file can be created in the reports directory.
+    /// No file can be created in the reports directory, or, while it is
+    /// still to be created, in the nearest folder on its path that exists.
     #[error(
-        "cannot write in the reports directory {} (make it writable, or set --reports-dir / TALLY_REPORTS_DIR \
-         to a folder that is)",
-        .dir.display()
+        "{} (make it writable, or set --reports-dir / TALLY_REPORTS_DIR to a folder that is)",
+        where_not_writable(.reports_dir, .dir)
     )]
     NotWritable {
-        /// The directory (or, while it is still to be created, the folder it goes in).
+        /// The reports directory.
+        reports_dir: PathBuf,
+        /// The folder no file can be created in: the reports directory, or
+        /// while it is still to be created, the nearest one on its path.
         dir: PathBuf,
         /// Why not.
         #[source]
@@ -83,6 +86,22 @@ pub enum ReportsError {
     /// Writing a report failed.
     #[error("{0}")]
     Export(#[from] ExportError),
+}
+
+/// The start of [`ReportsError::NotWritable`]'s message: review BM found a
+/// missing reports directory named by its parent's path, as if it were the
+/// parent that was the reports directory.
+fn where_not_writable(reports_dir: &Path, dir: &Path) -> String {
+    if reports_dir == dir {
+        format!("cannot write in the reports directory {}", dir.display())
+    } else {
+        format!(
+            "cannot create the reports directory {}: no file can be created in {}, the nearest folder on its path \
+             that exists",
+            reports_dir.display(),
+            dir.display()
+        )
+    }
 }
 
 /// Why the monthly reports could not be written in `dir`, found without
@@ -118,6 +137,7 @@ pub fn unusable_directory(dir: &Path) -> Option<ReportsError> {
     tempfile::tempfile_in(existing)
         .err()
         .map(|source| ReportsError::NotWritable {
+            reports_dir: dir.to_owned(),
             dir: existing.to_owned(),
             source,
         })
@@ -392,6 +412,20 @@ mod tests {
         for name in names {
             std::fs::write(dir.join(name), "x").unwrap();
         }
+    }
+
+    #[test]
+    fn a_reports_directory_still_to_create_is_not_named_by_its_parent() {
+        let reports = Path::new("/srv/tally/reports");
+        assert_eq!(
+            where_not_writable(reports, reports),
+            "cannot write in the reports directory /srv/tally/reports"
+        );
+        let said = where_not_writable(reports, Path::new("/srv"));
+        assert!(
+            said.starts_with("cannot create the reports directory /srv/tally/reports: no file can be created in /srv,"),
+            "{said}"
+        );
     }
 
     #[test]

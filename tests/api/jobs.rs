@@ -491,7 +491,7 @@ fn a_job_file_with_a_bad_schedule_is_refused_with_its_path() {
     let error = tally::jobs::load(Some(dir.path())).unwrap_err();
     let message = tally::telemetry::cause_chain(&error);
     assert!(
-        message.contains("bad.toml") && message.contains("6-field cron"),
+        message.contains("bad.toml") && message.contains("is not a cron of 6 fields, or 7 with a year"),
         "{message}"
     );
 }
