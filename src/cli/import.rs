@@ -4,7 +4,7 @@
 use std::collections::{BinaryHeap, HashMap};
 use std::fs::File;
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -26,6 +26,7 @@ pub struct ImportArgs {
     /// CSV with a header row; columns as in `tally export entries`
     /// (account, resource, amount, idempotency_key required; occurred_at,
     /// source, metadata, reverses, id optional; recorded_at ignored).
+    /// `-` reads standard input, as `export -o -` writes standard output.
     file: PathBuf,
     /// Accept entries older than the late-arrival horizon (backfills).
     #[arg(long)]
@@ -407,7 +408,14 @@ fn print_summary(file: &std::path::Path, summary: &mut ImportSummary) {
 
 /// [`run`]'s work, counted in `summary`, or the error that stopped it.
 async fn import_file(settings: &Settings, args: &ImportArgs, summary: &mut ImportSummary) -> anyhow::Result<()> {
-    let file = File::open(&args.file).with_context(|| format!("cannot open {}", args.file.display()))?;
+    // `-` is standard input, as for `export -o -` (review BM: it was taken
+    // for a file named `-`).
+    let path = if args.file == Path::new("-") {
+        Path::new("/dev/stdin")
+    } else {
+        args.file.as_path()
+    };
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     // Linux opens a folder for reading; only the first read fails ("Is a
     // directory"), far from the path (review AQ).
     if file.metadata().is_ok_and(|m| m.is_dir()) {

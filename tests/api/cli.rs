@@ -706,6 +706,26 @@ async fn import_reads_a_pipe_once_and_loads_every_row(app: TestApp) {
     let expected: i64 = (1..=rows).filter(|&n| n != 2_000).map(|n| n % 97 + 1).sum();
     let sum: i64 = sum_over_the_seven_accounts(&app).await;
     assert_eq!(sum, expected, "every amount as written");
+
+    // `-` is standard input too, as `export -o -` is standard output.
+    let mut dash = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["import", "-"])
+        .env("TALLY_DATABASE_URL", &app.database_url)
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    dash.stdin
+        .take()
+        .unwrap()
+        .write_all(b"account,resource,amount,idempotency_key\nacct-0,api_requests,5,from-dash\n")
+        .unwrap();
+    let output = dash.wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(text(&output.stderr).contains("1 created"), "{}", text(&output.stderr));
+    assert_eq!(app.count_entries().await, 3_000);
 }
 
 async fn sum_over_the_seven_accounts(app: &TestApp) -> i64 {
