@@ -187,6 +187,20 @@ pub fn parse_read_timeout(raw: &str) -> Result<u64, String> {
     }
 }
 
+/// Parses `--database-url`: any text but an empty one, which is most often
+/// `TALLY_DATABASE_URL=` set to nothing (review BM: it was answered
+/// `unsupported database URL ""`); the URL itself is read when the database
+/// is opened.
+pub fn parse_database_url(raw: &str) -> Result<String, String> {
+    if raw.trim().is_empty() {
+        return Err(format!(
+            "the database URL is empty (is TALLY_DATABASE_URL set to nothing?); unset it for the default \
+             {DEFAULT_DATABASE_URL}, or give one: sqlite://FILE or postgres://USER@HOST/DB"
+        ));
+    }
+    Ok(raw.to_owned())
+}
+
 /// Parses `--max-connections`: a whole number from 1 to [`MAX_CONNECTIONS_LIMIT`].
 pub fn parse_max_connections(raw: &str) -> Result<usize, String> {
     match raw.trim().parse::<usize>() {

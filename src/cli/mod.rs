@@ -40,7 +40,8 @@ const GLOBAL_OPTIONS: &str = "Global options";
 #[command(name = "tally", version, about)]
 pub struct Cli {
     /// Database URL: sqlite://FILE (created if missing by the commands that write; those that only read refuse a missing file) or postgres://…
-    #[arg(long, env = "TALLY_DATABASE_URL", default_value = app::DEFAULT_DATABASE_URL, global = true, help_heading = GLOBAL_OPTIONS)]
+    #[arg(long, env = "TALLY_DATABASE_URL", default_value = app::DEFAULT_DATABASE_URL, global = true,
+          help_heading = GLOBAL_OPTIONS, value_parser = app::parse_database_url)]
     pub database_url: String,
     /// Plan catalog (TOML); the built-in catalog when absent.
     #[arg(long, env = "TALLY_PLANS", global = true, help_heading = GLOBAL_OPTIONS)]
@@ -582,6 +583,18 @@ mod tests {
         }
         let error = Cli::try_parse_from(["tally", "serve", "--read-timeout", "0"]).unwrap_err();
         assert!(error.to_string().contains("from 1 to 86400"), "{error}");
+    }
+
+    #[test]
+    fn an_empty_database_url_says_where_it_may_come_from() {
+        for empty in ["", " "] {
+            let error = Cli::try_parse_from(["tally", "--database-url", empty, "migrate"]).unwrap_err();
+            let message = error.to_string();
+            assert!(
+                message.contains("the database URL is empty (is TALLY_DATABASE_URL set to nothing?)"),
+                "{message}"
+            );
+        }
     }
 
     #[test]
