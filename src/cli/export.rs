@@ -115,8 +115,7 @@ fn refuse_the_database_as_output(database_url: &str, output: &Path) -> anyhow::R
     for suffix in ["", "-wal", "-shm", "-journal"] {
         let mut file = database.clone().into_os_string();
         file.push(suffix);
-        // An output that does not exist yet is no database file.
-        if same_file::is_same_file(output, &file).unwrap_or(false) {
+        if same_file(output, Path::new(&file)) {
             anyhow::bail!(
                 "-o {} is the database file {} (from --database-url or TALLY_DATABASE_URL): the export would \
                  replace the ledger; name a file of its own, such as export.csv. Nothing was written",
@@ -126,6 +125,29 @@ fn refuse_the_database_as_output(database_url: &str, output: &Path) -> anyhow::R
         }
     }
     Ok(())
+}
+
+/// Whether `a` and `b` are one file, told from their metadata: the
+/// `same-file` crate opens both, and opening a named pipe waits for a
+/// writer (`-o FIFO`, which the export then refuses, hung there). A path
+/// that does not exist is no file of the database.
+#[cfg(unix)]
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// Whether `a` and `b` are one file (elsewhere than Unix: by their
+/// canonical paths, which misses hard links).
+#[cfg(not(unix))]
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
 }
 
 fn month_or_this_one(period: Option<NaiveDate>) -> NaiveDate {
