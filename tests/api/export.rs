@@ -1725,18 +1725,9 @@ async fn on_sqlite_an_export_refuses_the_database_file_as_its_output() {
     assert!(wal.exists(), "the running app keeps a write-ahead log");
     let other_spelling = folder.join(".").join("tally.db");
 
+    let daily = ["export", "daily", "--from", "2026-09-01", "--to", "2026-10-01"];
     for output in [&database, &symlink, &hard_link, &wal, &other_spelling] {
-        let refused = app.cli(&[
-            "export",
-            "daily",
-            "--from",
-            "2026-09-01",
-            "--to",
-            "2026-10-01",
-            "-o",
-            output.to_str().unwrap(),
-            "--overwrite",
-        ]);
+        let refused = app.cli(&[&daily[..], &["-o", output.to_str().unwrap(), "--overwrite"]].concat());
         assert_eq!(refused.status.code(), Some(1), "{}", output.display());
         let stderr = String::from_utf8_lossy(&refused.stderr);
         assert!(
@@ -1751,15 +1742,6 @@ async fn on_sqlite_an_export_refuses_the_database_file_as_its_output() {
     assert!(usage.status.success(), "{}", String::from_utf8_lossy(&usage.stderr));
 
     // A file of its own beside the database is written as before.
-    let fine = app.cli(&[
-        "export",
-        "daily",
-        "--from",
-        "2026-09-01",
-        "--to",
-        "2026-10-01",
-        "-o",
-        folder.join("daily.csv").to_str().unwrap(),
-    ]);
+    let fine = app.cli(&[&daily[..], &["-o", folder.join("daily.csv").to_str().unwrap()]].concat());
     assert!(fine.status.success(), "{}", String::from_utf8_lossy(&fine.stderr));
 }
