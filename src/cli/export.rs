@@ -102,20 +102,28 @@ pub struct TopArgs {
     limit: u16,
 }
 
-/// `period`, or this month when absent, as the HTTP admin reads take it.
 /// Refuses an `-o` that is the SQLite database itself, or its `-wal`,
 /// `-shm` or `-journal` file, however reached (a symlink, a hard link,
-/// another spelling of the path): with `--overwrite` the export would be
-/// renamed over the ledger (review BM: `-o tally.db` for `-o tally.csv`, one
-/// word in a cron line, replaced the database with a CSV and exited 0).
+/// another spelling of the path), whether that file exists now or not: with
+/// `--overwrite` the export would be renamed over the ledger (review BM:
+/// `-o tally.db` for `-o tally.csv`, one word in a cron line, replaced the
+/// database with a CSV and exited 0), and a journal or WAL file SQLite finds
+/// later is taken as its own.
 fn refuse_the_database_as_output(database_url: &str, output: &Path) -> anyhow::Result<()> {
     let Some(database) = crate::store::sqlite_file(database_url)? else {
         return Ok(());
     };
+    // SQLite follows a database that is a symlink and keeps its WAL beside
+    // the target (review BN: `-o target.db-wal` replaced the live log when
+    // the URL named the link).
+    let database = where_it_lands(&database).unwrap_or(database);
+    let output_lands = crate::export::through_symlinks(output)
+        .ok()
+        .and_then(|target| where_it_lands(&target));
     for suffix in ["", "-wal", "-shm", "-journal"] {
         let mut file = database.clone().into_os_string();
         file.push(suffix);
-        if same_file(output, Path::new(&file)) {
+        if output_lands.as_deref() == Some(Path::new(&file)) || same_file(output, Path::new(&file)) {
             anyhow::bail!(
                 "-o {} is the database file {} (from --database-url or TALLY_DATABASE_URL): the export would \
                  replace the ledger; name a file of its own, such as export.csv. Nothing was written",
@@ -125,6 +133,21 @@ fn refuse_the_database_as_output(database_url: &str, output: &Path) -> anyhow::R
         }
     }
     Ok(())
+}
+
+/// The path `path` names with every link and `.`/`..` resolved, whether the
+/// file exists or not (then its folder's, joined with its name); `None`
+/// when its folder does not exist either.
+fn where_it_lands(path: &Path) -> Option<PathBuf> {
+    if let Ok(resolved) = std::fs::canonicalize(path) {
+        return Some(resolved);
+    }
+    let name = path.file_name()?;
+    let folder = match path.parent() {
+        Some(folder) if !folder.as_os_str().is_empty() => folder,
+        _ => Path::new("."),
+    };
+    Some(std::fs::canonicalize(folder).ok()?.join(name))
 }
 
 /// Whether `a` and `b` are one file, told from their metadata: the
@@ -150,6 +173,7 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// `period`, or this month when absent, as the HTTP admin reads take it.
 fn month_or_this_one(period: Option<NaiveDate>) -> NaiveDate {
     period.unwrap_or_else(|| admin::this_month(chrono::Utc::now()))
 }

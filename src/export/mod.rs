@@ -182,7 +182,7 @@ pub const TEMP_PREFIX: &str = ".tally-export-";
 /// The file `path` names once its symlinks are followed (the link's target,
 /// even one not created yet), so that the rename into place replaces the
 /// target rather than the link.
-fn through_symlinks(path: &Path) -> Result<PathBuf, ExportError> {
+pub(crate) fn through_symlinks(path: &Path) -> Result<PathBuf, ExportError> {
     let mut path = path.to_owned();
     // As many links as Linux follows (ELOOP past 40).
     for _ in 0..40 {

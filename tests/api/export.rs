@@ -1723,11 +1723,29 @@ async fn on_sqlite_an_export_refuses_the_database_file_as_its_output() {
     std::fs::hard_link(&database, &hard_link).unwrap();
     let wal = folder.join("tally.db-wal");
     assert!(wal.exists(), "the running app keeps a write-ahead log");
+    let shm = folder.join("tally.db-shm");
+    // Not there now; SQLite would take a file by that name as its own.
+    let journal = folder.join("tally.db-journal");
+    assert!(!journal.exists());
     let other_spelling = folder.join(".").join("tally.db");
 
     let daily = ["export", "daily", "--from", "2026-09-01", "--to", "2026-10-01"];
-    for output in [&database, &symlink, &hard_link, &wal, &other_spelling] {
-        let refused = app.cli(&[&daily[..], &["-o", output.to_str().unwrap(), "--overwrite"]].concat());
+    // Review BN: with the URL naming a link to the database, SQLite keeps
+    // the WAL beside the target, which the guard did not look at.
+    let link_url = format!("sqlite://{}", symlink.display());
+    let through_the_link = ["--database-url", &link_url];
+    for (output, url) in [
+        (&database, &[][..]),
+        (&symlink, &[]),
+        (&hard_link, &[]),
+        (&wal, &[]),
+        (&shm, &[]),
+        (&journal, &[]),
+        (&other_spelling, &[]),
+        (&wal, &through_the_link),
+        (&database, &through_the_link),
+    ] {
+        let refused = app.cli(&[url, &daily[..], &["-o", output.to_str().unwrap(), "--overwrite"]].concat());
         assert_eq!(refused.status.code(), Some(1), "{}", output.display());
         let stderr = String::from_utf8_lossy(&refused.stderr);
         assert!(
