@@ -515,6 +515,9 @@ impl EntryInput {
         let metadata = match self.metadata {
             None | Some(serde_json::Value::Null) => None,
             Some(value @ serde_json::Value::Object(_)) => {
+                // Measured as sent: a number such as `1e19` is kept written
+                // out in full, longer than the client wrote it (review BN).
+                let sent_bytes = value.to_string().len();
                 let value = as_postgresql_keeps_it(value);
                 let text = value.to_string();
                 if json_holds_nul(&value) {
@@ -526,14 +529,11 @@ impl EntryInput {
                         ),
                     );
                     None
-                } else if text.len() > MAX_METADATA_BYTES {
+                } else if sent_bytes > MAX_METADATA_BYTES {
                     fail(
                         "metadata",
                         "invalid",
-                        format!(
-                            "metadata is {} bytes as JSON; the limit is {MAX_METADATA_BYTES}",
-                            text.len()
-                        ),
+                        format!("metadata is {sent_bytes} bytes as JSON; the limit is {MAX_METADATA_BYTES}"),
                     );
                     None
                 } else {

@@ -632,6 +632,16 @@ async fn metadata_of_exactly_4_kib_is_accepted(app: TestApp) {
     assert_rejected(&app, with("metadata", of_len(4097)), "validation_failed", 0, "metadata").await;
     let reply = app.post_entries(with("metadata", of_len(4096))).await;
     assert_eq!(reply.status, 200, "{:?}", reply.body);
+    // Review BN: measured as sent, not as stored: `1e19` is kept as
+    // `10000000000000000000`, 16 bytes more, and 4096 bytes were refused.
+    let mut with_a_float = json!({ "n": 1e19, "blob": "" });
+    let around = with_a_float.to_string().len();
+    with_a_float["blob"] = json!("x".repeat(4096 - around));
+    assert_eq!(with_a_float.to_string().len(), 4096);
+    let mut body = with("metadata", with_a_float);
+    body["idempotency_key"] = json!("k2");
+    let reply = app.post_entries(body).await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
 }
 
 /// PostgreSQL cannot store U+0000 in text or JSON; both engines refuse it
