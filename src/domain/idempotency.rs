@@ -11,10 +11,7 @@ pub const MAX_KEY_LEN: usize = 255;
 pub struct IdempotencyKey(String);
 
 impl IdempotencyKey {
-    /// Validates a key: 1 to 255 characters, not all of them spaces, no
-    /// control characters. A blank key is a client's bug (an unset
-    /// variable padded out), and every blank event of an account would
-    /// share it: the second would be taken for a retry of the first.
+    /// Validates a key: 1 to 255 characters, no control characters.
     pub fn parse(raw: &str) -> Result<Self, String> {
         let len = raw.chars().count();
         if len == 0 {
@@ -24,13 +21,6 @@ impl IdempotencyKey {
             return Err(format!(
                 "idempotency_key is {len} characters long; the limit is {MAX_KEY_LEN}"
             ));
-        }
-        if raw.chars().all(char::is_whitespace) {
-            return Err(
-                "idempotency_key is only spaces; send the id that names this event (a request or message id), the \
-                 same on every retry of it"
-                    .into(),
-            );
         }
         if raw.chars().any(char::is_control) {
             return Err("idempotency_key must not contain control characters".into());
