@@ -105,7 +105,7 @@ fn line_breaks(text: &str) -> u64 {
 /// named twice, or a required column missing.
 fn check_header(file: &std::path::Path, headers: &csv::StringRecord) -> anyhow::Result<()> {
     let expected = ENTRIES_HEADER.join(",");
-    let file = file.display();
+    let file = input_name(file);
     anyhow::ensure!(
         !headers.is_empty(),
         "{file} is empty; an import needs a header row, the entries export's: {expected}"
@@ -377,7 +377,7 @@ pub async fn run(settings: &Settings, args: ImportArgs) -> anyhow::Result<ExitCo
 fn print_summary(file: &std::path::Path, summary: &mut ImportSummary) {
     stderr_line!(
         "{}: {} created, {} duplicate, {} rejected",
-        file.display(),
+        input_name(file),
         summary.created,
         summary.duplicates,
         summary.rejected.len()
@@ -406,20 +406,49 @@ fn print_summary(file: &std::path::Path, summary: &mut ImportSummary) {
     }
 }
 
+/// How messages name the input: its path, or "standard input" for `-`.
+fn input_name(file: &Path) -> String {
+    if file == Path::new("-") {
+        "standard input".to_owned()
+    } else {
+        file.display().to_string()
+    }
+}
+
+/// Standard input as a file: a duplicate of descriptor 0, read from where
+/// it stands. Reopening `/dev/stdin` fails when it is a socket (systemd's
+/// `StandardInput=socket`) and starts a file already partly read over from
+/// its first byte (review BN).
+#[cfg(unix)]
+fn standard_input() -> anyhow::Result<File> {
+    use std::os::fd::AsFd as _;
+    let descriptor = std::io::stdin()
+        .as_fd()
+        .try_clone_to_owned()
+        .context("cannot read standard input")?;
+    Ok(File::from(descriptor))
+}
+
+/// Standard input as a file (Unix only).
+#[cfg(not(unix))]
+fn standard_input() -> anyhow::Result<File> {
+    anyhow::bail!("tally import - reads standard input on Unix only; give the CSV file's path")
+}
+
 /// [`run`]'s work, counted in `summary`, or the error that stopped it.
 async fn import_file(settings: &Settings, args: &ImportArgs, summary: &mut ImportSummary) -> anyhow::Result<()> {
+    let name = input_name(&args.file);
     // `-` is standard input, as for `export -o -` (review BM: it was taken
     // for a file named `-`).
-    let path = if args.file == Path::new("-") {
-        Path::new("/dev/stdin")
+    let file = if args.file == Path::new("-") {
+        standard_input()?
     } else {
-        args.file.as_path()
+        File::open(&args.file).with_context(|| format!("cannot open {name}"))?
     };
-    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     // Linux opens a folder for reading; only the first read fails ("Is a
     // directory"), far from the path (review AQ).
     if file.metadata().is_ok_and(|m| m.is_dir()) {
-        anyhow::bail!("{} is a folder; give tally import a CSV file", args.file.display());
+        anyhow::bail!("{name} is a folder; give tally import a CSV file");
     }
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
     let progress = ProgressBar::new(size)
@@ -435,13 +464,11 @@ async fn import_file(settings: &Settings, args: &ImportArgs, summary: &mut Impor
             // The csv crate's words count fields from 0.
             csv::ErrorKind::Utf8 { err, .. } => anyhow::bail!(
                 "{}: the header row is not UTF-8 (column {}); save the file as UTF-8",
-                args.file.display(),
+                name,
                 err.field() + 1
             ),
             _ => {
-                return Err(
-                    anyhow::Error::new(e).context(format!("cannot read the CSV header row of {}", args.file.display()))
-                );
+                return Err(anyhow::Error::new(e).context(format!("cannot read the CSV header row of {name}")));
             }
         },
     };
@@ -475,8 +502,7 @@ async fn import_file(settings: &Settings, args: &ImportArgs, summary: &mut Impor
             Err(e) if e.is_io_error() => {
                 let line = line_ends.lock().unwrap_or_else(std::sync::PoisonError::into_inner).line;
                 return Err(anyhow::Error::new(e).context(format!(
-                    "cannot read {} after line {line}; the rows after it were not imported",
-                    args.file.display()
+                    "cannot read {name} after line {line}; the rows after it were not imported"
                 )));
             }
             Err(e) => {

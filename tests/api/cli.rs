@@ -724,8 +724,35 @@ async fn import_reads_a_pipe_once_and_loads_every_row(app: TestApp) {
         .unwrap();
     let output = dash.wait_with_output().unwrap();
     assert!(output.status.success(), "{}", text(&output.stderr));
-    assert!(text(&output.stderr).contains("1 created"), "{}", text(&output.stderr));
+    assert!(
+        text(&output.stderr).contains("standard input: 1 created"),
+        "{}",
+        text(&output.stderr)
+    );
     assert_eq!(app.count_entries().await, 3_000);
+
+    // Review BN: `-` is descriptor 0 as it stands; reopening /dev/stdin read
+    // a file from its first byte again, the line the shell had read too.
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("after-a-preamble.csv");
+    std::fs::write(
+        &csv,
+        "read by the shell first\naccount,resource,amount,idempotency_key\nacct-0,api_requests,5,after-read\n",
+    )
+    .unwrap();
+    let output = Command::new("sh")
+        .args([
+            "-c",
+            "read -r preamble; exec \"$0\" import -",
+            env!("CARGO_BIN_EXE_tally"),
+        ])
+        .env("TALLY_DATABASE_URL", &app.database_url)
+        .env("RUST_LOG", "warn")
+        .stdin(std::fs::File::open(&csv).unwrap())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert_eq!(app.count_entries().await, 3_001);
 }
 
 async fn sum_over_the_seven_accounts(app: &TestApp) -> i64 {
