@@ -193,8 +193,9 @@ impl Server {
                         warned_full_at = Some(std::time::Instant::now());
                         tracing::warn!(
                             max_connections = self.max_connections,
-                            "{} connections open, as many as --max-connections allows: new ones wait in the \
-                             listen queue until one closes (warned at most once a minute)",
+                            "at the cap of {} open connections (--max-connections, or what the open-file limit \
+                             left of it at start): new ones wait in the listen queue until one closes (warned at \
+                             most once a minute)",
                             self.max_connections
                         );
                     }

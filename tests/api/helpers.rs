@@ -681,7 +681,20 @@ impl ServeProcess {
     /// the extra environment `envs` (no `TALLY_ADMIN_KEY` unless given), and
     /// waits until it logs the address it listens on.
     pub async fn start(database_url: &str, args: &[&str], envs: &[(&str, &str)]) -> Self {
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_tally"));
+        Self::start_under(&[], database_url, args, envs).await
+    }
+
+    /// [`ServeProcess::start`] through the command `wrapper`, which runs
+    /// tally in its own place (`prlimit --nofile=300:300`, say).
+    pub async fn start_under(wrapper: &[&str], database_url: &str, args: &[&str], envs: &[(&str, &str)]) -> Self {
+        let mut command = match wrapper.split_first() {
+            None => std::process::Command::new(env!("CARGO_BIN_EXE_tally")),
+            Some((program, wrapper_args)) => {
+                let mut command = std::process::Command::new(program);
+                command.args(wrapper_args).arg(env!("CARGO_BIN_EXE_tally"));
+                command
+            }
+        };
         command
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(args)
