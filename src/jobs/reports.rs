@@ -325,20 +325,30 @@ impl ReportsOutcome {
     }
 }
 
-/// Whether `path` is an empty file. That is never a report: each has at
-/// least its header, and is renamed into place whole. So it is replaced,
-/// with a warning, rather than kept for good as one (review BM: a file
-/// made by `touch`, or a copy cut short, was "kept existing" every run).
-fn an_empty_file_in_the_way(path: &Path) -> bool {
-    let empty = std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() == 0);
-    if empty {
-        tracing::warn!(
-            file = %path.display(),
-            "{} is empty, so it is no report (each has at least its header): writing the report in its place",
-            path.display()
-        );
+/// Removes `path` when it is an empty file, with a warning. That is never a
+/// report: each has at least its header, and is renamed into place whole.
+/// It was kept for good as one (review BM: a file made by `touch`, or a
+/// copy cut short, was "kept existing" every run). Removed rather than
+/// written over, the report then goes in only where nothing is (review BN:
+/// a file filled meanwhile, say an annotated report copied into place, was
+/// replaced); the look and the removal are a moment apart.
+fn remove_an_empty_file_in_the_way(path: &Path) {
+    if !std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() == 0) {
+        return;
     }
-    empty
+    match std::fs::remove_file(path) {
+        Ok(()) => tracing::warn!(
+            file = %path.display(),
+            "{} was empty, so it was no report (each has at least its header): removed, to write the report in its place",
+            path.display()
+        ),
+        Err(error) => tracing::warn!(
+            file = %path.display(),
+            error = %error,
+            "{} is empty, so it is no report, and cannot be removed: {error}",
+            path.display()
+        ),
+    }
 }
 
 /// Writes `month`'s monthly totals and invoices into `dir`.
@@ -363,8 +373,8 @@ pub async fn write_monthly_reports(
     // export … --as-of` that instant gives them again, byte for byte.
     let taken_at = Utc::now();
     let mut outcome = ReportsOutcome::default();
-    let replace_monthly = overwrite || an_empty_file_in_the_way(&monthly);
-    if replace_monthly || !monthly.exists() {
+    remove_an_empty_file_in_the_way(&monthly);
+    if overwrite || !monthly.exists() {
         let filter = ExportFilter {
             from: month,
             to: Granularity::Month.next(month),
@@ -373,7 +383,7 @@ pub async fn write_monthly_reports(
             as_of: Some(taken_at),
         };
         let written = async {
-            let mut out = CsvOutput::file(&monthly, replace_monthly)?;
+            let mut out = CsvOutput::file(&monthly, overwrite)?;
             export_totals(store, Granularity::Month, &filter, &mut out).await?;
             out.finish()?;
             Ok::<_, ReportsError>(())
@@ -383,10 +393,10 @@ pub async fn write_monthly_reports(
     } else {
         outcome.kept.push(monthly);
     }
-    let replace_invoice = overwrite || an_empty_file_in_the_way(&invoice);
-    if replace_invoice || !invoice.exists() {
+    remove_an_empty_file_in_the_way(&invoice);
+    if overwrite || !invoice.exists() {
         let written = async {
-            let mut out = CsvOutput::file(&invoice, replace_invoice)?;
+            let mut out = CsvOutput::file(&invoice, overwrite)?;
             export_invoices(store, catalog, month, None, Some(taken_at), &mut out).await?;
             out.finish()?;
             Ok::<_, ReportsError>(())
@@ -411,6 +421,20 @@ mod tests {
     fn touch(dir: &Path, names: &[&str]) {
         for name in names {
             std::fs::write(dir.join(name), "x").unwrap();
+        }
+    }
+
+    /// /proc takes no new file, even from root.
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_reports_directory_that_cannot_be_created_is_named_with_the_folder_in_the_way() {
+        let reports = Path::new("/proc/tally-reports");
+        match unusable_directory(reports) {
+            Some(ReportsError::NotWritable { reports_dir, dir, .. }) => {
+                assert_eq!(reports_dir, reports);
+                assert_eq!(dir, Path::new("/proc"));
+            }
+            other => panic!("{other:?}"),
         }
     }
 

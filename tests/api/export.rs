@@ -1009,6 +1009,10 @@ async fn the_monthly_reports_job_writes_each_report_once(app: TestApp) {
         read_csv(&dir.path().join("invoice-2026-09.csv"))[0],
         INVOICE_HEADER_OF_API_MD
     );
+    std::fs::write(dir.path().join("monthly-2026-09.csv"), "").unwrap();
+    let over_empty = write(false).await.unwrap();
+    assert_eq!(over_empty.written, [dir.path().join("monthly-2026-09.csv")]);
+    assert_eq!(read_csv(&dir.path().join("monthly-2026-09.csv"))[0][0], "account");
     // A reports directory that is a file is said to be one.
     let not_a_folder = dir.path().join("reports-file");
     std::fs::write(&not_a_folder, "").unwrap();
