@@ -296,8 +296,11 @@ pub fn parse_range_bound(raw: &str) -> Result<DateTime<Utc>, String> {
         return Ok(bound);
     }
     let rounded_up = bound + chrono::Duration::microseconds(1);
+    // Rounded up into year 10000, which RFC 3339 cannot write: the last
+    // microsecond of 9999 selects the same rows, since no entry can be in
+    // December 9999 (review BN: such a `to` was refused).
     if chrono::Datelike::year(&rounded_up) > 9999 {
-        return Err(format!("{raw:?} is outside the years 1 to 9999"));
+        return Ok(bound);
     }
     Ok(rounded_up)
 }
@@ -716,6 +719,20 @@ pub struct ValidBatch {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_range_bound_between_microseconds_is_rounded_up_but_not_past_9999() {
+        let bound = |text: &str| {
+            super::parse_range_bound(text)
+                .unwrap()
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+        };
+        assert_eq!(bound("2026-11-30T23:59:59.9999991Z"), "2026-12-01T00:00:00.000000Z");
+        assert_eq!(bound("1969-12-31T23:59:59.9999991Z"), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(bound("2026-11-30T23:59:59.999999000Z"), "2026-11-30T23:59:59.999999Z");
+        assert_eq!(bound("2026-11-30"), "2026-11-30T00:00:00.000000Z");
+        assert_eq!(bound("9999-12-31T23:59:59.9999991Z"), "9999-12-31T23:59:59.999999Z");
+    }
+
     #[test]
     fn only_whole_numbers_within_64_bits_written_with_an_exponent_become_integers() {
         let integer = |text: &str| super::whole_number_written_with_an_exponent(text).map(|n| n.to_string());
