@@ -325,10 +325,18 @@ fn postgres_url_hint(error: &sqlx::Error) -> &'static str {
     }
 }
 
-/// SQLite BUSY/LOCKED and PostgreSQL's "cannot connect now"/"too many connections"
-/// mean "try again later", not a bug.
+/// "Try again later", not a bug: SQLite's BUSY and LOCKED (5, 6, 517) and
+/// FULL (13: the disk is full, until an operator frees it); PostgreSQL's
+/// "cannot connect now", "too many connections", "insufficient resources",
+/// a server shutting down or restarting under the session (57P01
+/// admin_shutdown, 57P02 crash_shutdown: review BO found these answered 500
+/// while consumes in the same restart got 503) and the connection
+/// exceptions of class 08.
 fn is_unavailable_code(code: Option<&str>) -> bool {
-    matches!(code, Some("5" | "6" | "517" | "57P03" | "53300" | "53000"))
+    matches!(
+        code,
+        Some("5" | "6" | "517" | "13" | "57P01" | "57P02" | "57P03" | "53300" | "53000")
+    ) || code.is_some_and(|code| code.starts_with("08"))
 }
 
 /// PostgreSQL's `numeric_value_out_of_range` (a `bigint` sum or cast) and

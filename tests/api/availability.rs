@@ -459,3 +459,36 @@ fn tally_on(url: &str, args: &[&str]) -> std::process::Output {
         .output()
         .expect("tally runs")
 }
+
+/// Review BO: a statement ended by a PostgreSQL restart or
+/// `pg_terminate_backend` (SQLSTATE 57P01) was answered 500 `internal`,
+/// which clients do not retry, while consumes caught in the same restart got
+/// 503. A consume waiting on its lock when its backend is terminated is now
+/// a 503 too, with its Retry-After, and records nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_statement_ended_by_a_terminated_backend_is_answered_503() {
+    let Some(app) = TestApp::spawn(Backend::Postgres).await else {
+        return;
+    };
+    let (pool, holder) = crate::helpers::holding_the_consume_lock(&app, "acme", "api_requests").await;
+    let consume = app.post(
+        "/v1/quota/consume",
+        json!({"account": "acme", "resource": "api_requests", "amount": "1", "idempotency_key": "cut-off"}),
+    );
+    let terminate = async {
+        crate::helpers::until_a_backend_waits_on_a_lock(&pool, "the consume never waited on its lock").await;
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+    };
+    let (reply, ()) = tokio::join!(consume, terminate);
+    holder.rollback().await.unwrap();
+    assert_eq!(reply.status, 503, "{:?}", reply.body);
+    assert_eq!(reply.code(), "database_unavailable", "{:?}", reply.body);
+    assert_eq!(reply.headers["retry-after"], "1");
+    assert_eq!(app.count_entries().await, 0);
+}
