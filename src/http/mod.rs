@@ -180,7 +180,7 @@ impl Server {
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(self.read_timeout);
-        let service = hyper_util::service::TowerToHyperService::new(self.router);
+        let service = RunToCompletion(self.router);
         let connections = hyper_util::server::graceful::GracefulShutdown::new();
         let mut shutdown = std::pin::pin!(shutdown);
         let slots = Arc::new(tokio::sync::Semaphore::new(self.max_connections));
@@ -249,6 +249,46 @@ impl Server {
             );
         }
         Ok(())
+    }
+}
+
+/// The router as hyper's service, each request handled in a task of its own
+/// that runs to its end whatever becomes of the connection.
+///
+/// hyper drops a request's future when its client goes away, and sqlx is
+/// not safe to drop mid-transaction: a write cancelled inside `BEGIN` or
+/// while waiting for its lock left its transaction open on the pooled
+/// connection (review BO). On SQLite the writer then held the write lock
+/// and answered every later write 500 ("attempted to call begin_with at
+/// non-zero transaction depth") until a restart; on PostgreSQL the next
+/// request on that connection ran inside the leaked transaction, which was
+/// rolled back later, and a plan change answered 200 was lost. Run in its
+/// own task, a request whose client has gone finishes, commits or rolls
+/// back, and only its answer is dropped (a retry with the same key gets
+/// the recorded outcome).
+#[derive(Clone)]
+struct RunToCompletion(Router);
+
+impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for RunToCompletion {
+    type Response = axum::response::Response;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn call(&self, request: hyper::Request<hyper::body::Incoming>) -> Self::Future {
+        use tower::ServiceExt as _;
+        let router = self.0.clone();
+        // The request's span goes with it, so that its logs still name it.
+        let handled = tokio::spawn(tracing::Instrument::in_current_span(router.oneshot(request)));
+        Box::pin(async move {
+            match handled.await {
+                Ok(answered) => answered,
+                // A panic in a handler: its task ended, the server goes on;
+                // the 500 logs it, with its request's span.
+                Err(failed) => Ok(axum::response::IntoResponse::into_response(ApiError::Internal(
+                    failed.into(),
+                ))),
+            }
+        })
     }
 }
 

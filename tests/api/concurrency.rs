@@ -5,7 +5,121 @@ use serde_json::json;
 use crate::both;
 use crate::helpers::{Backend, TestApp, entry, until_a_backend_waits_on_a_lock};
 
-both!(thirty_two_concurrent_clients_posting_the_same_1000_keys_land_exactly_1000_rows);
+both!(
+    thirty_two_concurrent_clients_posting_the_same_1000_keys_land_exactly_1000_rows,
+    a_write_whose_client_hangs_up_while_it_waits_for_its_lock_runs_to_its_end,
+);
+
+/// The lock a consume of (`account`, `resource`) waits for, held until the
+/// returned guard is released: the advisory lock on PostgreSQL, the write
+/// lock (another connection's `BEGIN IMMEDIATE`) on SQLite.
+enum HeldLock {
+    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
+    Sqlite(sqlx::SqliteConnection),
+}
+
+impl HeldLock {
+    async fn take(app: &TestApp, account: &str, resource: &str) -> (Self, Option<sqlx::PgPool>) {
+        use sqlx::Connection as _;
+        match app.backend {
+            Backend::Postgres => {
+                let (pool, holder) = crate::helpers::holding_the_consume_lock(app, account, resource).await;
+                (Self::Postgres(holder), Some(pool))
+            }
+            Backend::Sqlite => {
+                let mut other = sqlx::SqliteConnection::connect(&app.database_url).await.unwrap();
+                sqlx::raw_sql("BEGIN IMMEDIATE").execute(&mut other).await.unwrap();
+                (Self::Sqlite(other), None)
+            }
+        }
+    }
+
+    async fn release(self) {
+        match self {
+            Self::Postgres(holder) => holder.rollback().await.unwrap(),
+            Self::Sqlite(mut other) => {
+                sqlx::raw_sql("ROLLBACK").execute(&mut other).await.unwrap();
+            }
+        }
+    }
+}
+
+/// Review BO: hyper drops a request's future when its client goes away, and
+/// a write dropped while it waited for its lock left its transaction open on
+/// the pooled connection: on SQLite every later write answered 500 until a
+/// restart, on PostgreSQL later statements ran inside the leaked
+/// transaction and were lost with it. Each request now runs to its end in a
+/// task of its own: the consume is recorded once its lock is free (a retry
+/// gets that outcome), and the next writes answer and stay.
+async fn a_write_whose_client_hangs_up_while_it_waits_for_its_lock_runs_to_its_end(app: TestApp) {
+    use tokio::io::AsyncWriteExt as _;
+    let (lock, pool) = HeldLock::take(&app, "acme", "api_requests").await;
+    let body =
+        json!({"account": "acme", "resource": "api_requests", "amount": "1", "idempotency_key": "hung-up"}).to_string();
+    let mut client = tokio::net::TcpStream::connect(app.address.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let request = format!(
+        "POST /v1/quota/consume HTTP/1.1\r\nHost: tally\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        app.admin_key,
+        body.len()
+    );
+    client.write_all(request.as_bytes()).await.unwrap();
+    match &pool {
+        Some(pool) => until_a_backend_waits_on_a_lock(pool, "the consume never waited on its lock").await,
+        // SQLite's busy handler waits inside `BEGIN IMMEDIATE`, unseen.
+        None => tokio::time::sleep(std::time::Duration::from_millis(500)).await,
+    }
+    // Gone at once (a reset), as a client that timed out is.
+    socket2::SockRef::from(&client)
+        .set_linger(Some(std::time::Duration::ZERO))
+        .unwrap();
+    drop(client);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    lock.release().await;
+
+    let mut recorded = 0;
+    for _ in 0..100 {
+        recorded = app.count_entries().await;
+        if recorded == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(recorded, 1, "the consume whose client hung up was not recorded");
+    let retry = app
+        .post("/v1/quota/consume", serde_json::from_str(&body).unwrap())
+        .await;
+    assert_eq!(retry.status, 200, "{:?}", retry.body);
+    assert_eq!(
+        retry.body["used"], "1",
+        "the retry gets the recorded outcome: {:?}",
+        retry.body
+    );
+
+    // The writes after it answer, and what they answered stays.
+    for n in 0..20 {
+        let posted = app
+            .post_entries(entry("acme", "llm_tokens", "1", &format!("after-{n}")))
+            .await;
+        assert_eq!(posted.status, 200, "{:?}", posted.body);
+        let planned = app
+            .request(
+                "PUT",
+                &format!("/v1/accounts/planned-{n}/plan"),
+                Some(&app.admin_key),
+                Some(json!({"plan": "pro"}).to_string()),
+            )
+            .await;
+        assert_eq!(planned.status, 200, "{:?}", planned.body);
+    }
+    for n in 0..20 {
+        let account = app.get(&format!("/v1/accounts/planned-{n}")).await;
+        assert_eq!(account.body["plan"], "pro", "{:?}", account.body);
+    }
+    assert_eq!(app.count_entries().await, 21);
+}
 
 async fn thirty_two_concurrent_clients_posting_the_same_1000_keys_land_exactly_1000_rows(app: TestApp) {
     let app = std::sync::Arc::new(app);
