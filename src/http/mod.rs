@@ -120,7 +120,8 @@ async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) ->
 /// A bound server, ready to run. Tests build it on port 0 and read the port.
 pub struct Server {
     listener: TcpListener,
-    router: Router,
+    /// The routes, as hyper's service.
+    service: RunToCompletion,
     /// How long requests in flight may finish after a stop request.
     grace: std::time::Duration,
     /// How long a request's head may take to arrive, an idle kept-alive
@@ -153,7 +154,10 @@ impl Server {
             read_timeout: state.read_timeout,
             max_connections: connection::connection_cap(max_connections),
             metrics: state.metrics.clone(),
-            router: router(state),
+            service: RunToCompletion {
+                router: router(state),
+                crowded: Arc::default(),
+            },
             grace,
         })
     }
@@ -173,38 +177,20 @@ impl Server {
     /// hundred of them take every file descriptor (review AW). A client that
     /// takes no answer is ended by [`connection::WriteDeadline`] (review AY).
     ///
-    /// At `max_connections` open, the loop stops accepting until one closes:
-    /// new clients wait in the kernel's listen queue (as behind Go's
-    /// `LimitListener`) rather than take file descriptors the database needs.
+    /// At `max_connections` open, the loop holds the next client it takes
+    /// until a connection closes, and the clients after it wait in the
+    /// kernel's listen queue, rather than take file descriptors the database
+    /// needs; meanwhile every answer closes its connection.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(self.read_timeout);
-        let service = RunToCompletion(self.router);
+        let service = self.service.clone();
         let connections = hyper_util::server::graceful::GracefulShutdown::new();
         let mut shutdown = std::pin::pin!(shutdown);
         let slots = Arc::new(tokio::sync::Semaphore::new(self.max_connections));
         let mut warned_full_at: Option<std::time::Instant> = None;
         loop {
-            let slot = match slots.clone().try_acquire_owned() {
-                Ok(slot) => slot,
-                Err(_) => {
-                    if warned_full_at.is_none_or(|at| at.elapsed() >= FULL_WARNING_INTERVAL) {
-                        warned_full_at = Some(std::time::Instant::now());
-                        tracing::warn!(
-                            max_connections = self.max_connections,
-                            "at the cap of {} open connections (--max-connections, or what the open-file limit \
-                             left of it at start): new ones wait in the listen queue until one closes (warned at \
-                             most once a minute)",
-                            self.max_connections
-                        );
-                    }
-                    tokio::select! {
-                        slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
-                        () = &mut shutdown => break,
-                    }
-                }
-            };
             let (stream, peer) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
                     Ok(accepted) => accepted,
@@ -214,6 +200,34 @@ impl Server {
                     }
                 },
                 () = &mut shutdown => break,
+            };
+            // At the cap, the client just taken (one past it) waits for a
+            // slot, and every answer meanwhile ends its connection
+            // (`Connection: close`): busy kept-alive clients would otherwise
+            // hold every slot for as long as they keep sending, and the
+            // ones waiting, `/healthz` among them, would never get in
+            // (review BO).
+            let slot = match slots.clone().try_acquire_owned() {
+                Ok(slot) => slot,
+                Err(_) => {
+                    if warned_full_at.is_none_or(|at| at.elapsed() >= FULL_WARNING_INTERVAL) {
+                        warned_full_at = Some(std::time::Instant::now());
+                        tracing::warn!(
+                            max_connections = self.max_connections,
+                            "at the cap of {} open connections (--max-connections, or what the open-file limit \
+                             left of it at start): new ones wait until one closes, and each answer meanwhile \
+                             closes its connection (warned at most once a minute)",
+                            self.max_connections
+                        );
+                    }
+                    service.crowded.store(true, std::sync::atomic::Ordering::Relaxed);
+                    let slot = tokio::select! {
+                        slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+                        () = &mut shutdown => break,
+                    };
+                    service.crowded.store(false, std::sync::atomic::Ordering::Relaxed);
+                    slot
+                }
             };
             // Answers are small and sent whole: do not hold their last
             // segment back for the client's acknowledgement.
@@ -266,8 +280,15 @@ impl Server {
 /// own task, a request whose client has gone finishes, commits or rolls
 /// back, and only its answer is dropped (a retry with the same key gets
 /// the recorded outcome).
+///
+/// While a client waits for a connection slot (`crowded`), each answer
+/// carries `Connection: close`, so that hyper ends its connection and frees
+/// a slot ([`Server::run`]).
 #[derive(Clone)]
-struct RunToCompletion(Router);
+struct RunToCompletion {
+    router: Router,
+    crowded: Arc<std::sync::atomic::AtomicBool>,
+}
 
 impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for RunToCompletion {
     type Response = axum::response::Response;
@@ -276,18 +297,25 @@ impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for RunToCom
 
     fn call(&self, request: hyper::Request<hyper::body::Incoming>) -> Self::Future {
         use tower::ServiceExt as _;
-        let router = self.0.clone();
+        let router = self.router.clone();
+        let crowded = self.crowded.clone();
         // The request's span goes with it, so that its logs still name it.
         let handled = tokio::spawn(tracing::Instrument::in_current_span(router.oneshot(request)));
         Box::pin(async move {
-            match handled.await {
-                Ok(answered) => answered,
+            let mut response = match handled.await {
+                Ok(Ok(response)) => response,
+                Ok(Err(never)) => match never {},
                 // A panic in a handler: its task ended, the server goes on;
-                // the 500 logs it, with its request's span.
-                Err(failed) => Ok(axum::response::IntoResponse::into_response(ApiError::Internal(
-                    failed.into(),
-                ))),
+                // the 500 logs it.
+                Err(failed) => axum::response::IntoResponse::into_response(ApiError::Internal(failed.into())),
+            };
+            if crowded.load(std::sync::atomic::Ordering::Relaxed) {
+                response.headers_mut().insert(
+                    axum::http::header::CONNECTION,
+                    axum::http::HeaderValue::from_static("close"),
+                );
             }
+            Ok(response)
         })
     }
 }

@@ -2,6 +2,7 @@
 //! signals it answers and how long it takes to stop.
 
 use std::io::Write as _;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::both;
@@ -18,6 +19,7 @@ both!(
     a_client_that_reads_a_large_answer_slowly_gets_all_of_it,
     a_client_past_max_connections_waits_until_one_closes_then_is_served,
     a_connection_cap_past_the_open_file_limit_is_lowered_to_fit_with_a_warning,
+    busy_kept_alive_clients_at_the_cap_let_a_waiting_client_in,
 );
 
 /// Sends `serve` the head of an authorised POST and the first bytes of its
@@ -150,18 +152,17 @@ async fn a_client_past_max_connections_waits_until_one_closes_then_is_served(app
     let address = serve.socket_addr();
     let first = tokio::net::TcpStream::connect(address).await.unwrap();
     let _second = tokio::net::TcpStream::connect(address).await.unwrap();
-    // Logged once both are taken and the server finds no slot for a third.
-    let full = serve
-        .wait_for_stderr("at the cap of 2 open connections", Duration::from_secs(10))
-        .await;
-    assert!(full.is_some(), "no warning at the cap:\n{}", serve.stderr());
-    assert!(full.unwrap().contains("max_connections=2"), "{}", serve.stderr());
-
     let mut third = tokio::net::TcpStream::connect(address).await.unwrap();
     third
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
+    // Logged once the server takes a third client and has no slot for it.
+    let full = serve
+        .wait_for_stderr("at the cap of 2 open connections", Duration::from_secs(10))
+        .await;
+    assert!(full.is_some(), "no warning at the cap:\n{}", serve.stderr());
+    assert!(full.unwrap().contains("max_connections=2"), "{}", serve.stderr());
     let early = read_until_it_holds(&mut third, "HTTP/1.1", Duration::from_secs(1)).await;
     assert!(early.is_empty(), "answered past the cap: {early}");
 
@@ -179,7 +180,10 @@ async fn a_client_past_max_connections_waits_until_one_closes_then_is_served(app
 
     // Waiting for a slot does not hold up a stop: the idle connections are
     // closed at once and the process ends (review BN: a mutant that waited
-    // for a slot before looking at the stop went untested).
+    // for a slot before looking at the stop went untested). A fourth client
+    // puts the server back to waiting for a slot.
+    let _fourth = tokio::net::TcpStream::connect(address).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let asked = Instant::now();
     serve.terminate();
     let status = serve.wait_for_exit(Duration::from_secs(10)).await;
@@ -189,6 +193,60 @@ async fn a_client_past_max_connections_waits_until_one_closes_then_is_served(app
         "stopped after {:?}",
         asked.elapsed()
     );
+}
+
+/// Review BO: at the cap, kept-alive clients that kept sending held every
+/// slot for as long as they sent, and a client waiting (a liveness probe on
+/// `/healthz`) got no answer until they stopped. While one waits, every
+/// answer now closes its connection, so the next answer frees a slot.
+async fn busy_kept_alive_clients_at_the_cap_let_a_waiting_client_in(app: TestApp) {
+    use tokio::io::AsyncWriteExt as _;
+    let serve = ServeProcess::start(&app.database_url, &["--no-jobs", "--max-connections", "2"], &[]).await;
+    let address = serve.socket_addr();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut busy = Vec::new();
+    for _ in 0..2 {
+        let stop = stop.clone();
+        let mut client = tokio::net::TcpStream::connect(address).await.unwrap();
+        busy.push(tokio::spawn(async move {
+            // Requests one after another on one connection, until the server
+            // closes it (returns true) or the test is over.
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if client
+                    .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                    .await
+                    .is_err()
+                {
+                    return true;
+                }
+                let answer = read_until_it_holds(&mut client, "\r\n\r\n", Duration::from_secs(5)).await;
+                if answer.is_empty() || answer.to_ascii_lowercase().contains("connection: close") {
+                    return true;
+                }
+            }
+            false
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let mut probe = tokio::net::TcpStream::connect(address).await.unwrap();
+    probe
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_until_it_holds(&mut probe, "\r\n\r\n", Duration::from_secs(5)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "a probe waited {:?}: {answer:?}",
+        started.elapsed()
+    );
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    let mut closed = 0;
+    for client in busy {
+        closed += usize::from(client.await.unwrap());
+    }
+    assert!(closed >= 1, "no busy client was told to close");
 }
 
 /// Under a hard open-file limit of 300, `TALLY_MAX_CONNECTIONS=1000` cannot
