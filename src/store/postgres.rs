@@ -933,7 +933,12 @@ impl Store for PgStore {
             Horizon::Proven(horizon) => self.entries_page(filter, after_id, horizon).await,
             // A short page; the client comes back for the rest.
             Horizon::Stuck(busy) if below_proven.is_empty() => Err(busy),
-            Horizon::Stuck(_) => Ok(below_proven),
+            // Said in the log as the 503 is (review BO: the short page was
+            // silent, though docs/api.md says the log names the writer).
+            Horizon::Stuck(busy) => {
+                tracing::warn!(error = %busy, "the entries listing answers a short page: {busy}");
+                Ok(below_proven)
+            }
         }
     }
 

@@ -609,6 +609,56 @@ async fn on_postgres_a_listing_waits_for_a_write_in_flight_that_holds_a_lower_id
     assert_eq!(page_ids(&after).len(), 4);
 }
 
+/// Review BO: a listing that showed only what it had proven, because a
+/// writer stayed open, said nothing in the log, though the 503 of the same
+/// wait names the writer there. Both now do.
+#[tokio::test]
+async fn on_postgres_a_short_page_held_back_by_an_open_writer_is_logged_with_the_writer() {
+    let Some(app) = TestApp::spawn(Backend::Postgres).await else {
+        return;
+    };
+    let mut serve = crate::helpers::ServeProcess::start(
+        &app.database_url,
+        &["--no-jobs"],
+        &[("TALLY_ADMIN_KEY", "short-page-admin")],
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let list = |after_id: i64| {
+        client
+            .get(format!(
+                "{}/v1/accounts/acme/entries?after_id={after_id}",
+                serve.address()
+            ))
+            .bearer_auth("short-page-admin")
+            .send()
+    };
+    for key in ["first", "second"] {
+        let posted = client
+            .post(format!("{}/v1/entries", serve.address()))
+            .bearer_auth("short-page-admin")
+            .json(&entry("acme", "api_requests", "1", key))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(posted.status(), 200);
+    }
+    // A first listing proves the rows so far.
+    let proving: serde_json::Value = list(0).await.unwrap().json().await.unwrap();
+    let first_id = proving["entries"][0]["id"].as_i64().unwrap();
+    let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
+    let stuck = insert_left_open(&pool, "stuck").await;
+    let short: serde_json::Value = list(first_id).await.unwrap().json().await.unwrap();
+    assert_eq!(short["entries"].as_array().unwrap().len(), 1, "{short}");
+    assert_eq!(short["next_after_id"], serde_json::Value::Null, "{short}");
+    let logged = serve
+        .wait_for_stderr("the entries listing answers a short page", Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|| panic!("not logged:\n{}", serve.stderr()));
+    assert!(logged.contains("backend pid"), "{logged}");
+    stuck.rollback().await.unwrap();
+}
+
 /// A horizon the listing proved no longer holds once the ledger goes back
 /// below it (a restore, a failover that lost commits): it is proved again,
 /// rather than trusted to page past a row still in flight (review Q). And a
