@@ -74,6 +74,33 @@ fn database_of(url: &str) -> Result<(SqliteConnectOptions, export::Source), sqlx
     Ok((options.filename(name).in_memory(true).shared_cache(true), source))
 }
 
+/// `options` with a hook that closes, rather than hands out, a connection
+/// sqlx still counts inside a transaction. A `COMMIT` that fails on a full
+/// disk is rolled back by SQLite itself, but sqlx keeps counting the
+/// transaction, and its rollback at the drop then fails in turn: every
+/// later `BEGIN IMMEDIATE` on that connection failed ("attempted to call
+/// begin_with at non-zero transaction depth", 500) until a restart, and a
+/// plain statement ran in no transaction sqlx knew of (review BO). The pool
+/// pings a connection before handing it out, so the rollback a dropped
+/// transaction queued has run by the time the hook looks.
+fn without_leaked_transactions(options: SqlitePoolOptions) -> SqlitePoolOptions {
+    use sqlx::TransactionManager as _;
+    options.before_acquire(|connection, _| {
+        Box::pin(async move {
+            let depth = <sqlx::Sqlite as sqlx::Database>::TransactionManager::get_transaction_depth(connection);
+            if depth > 0 {
+                tracing::warn!(
+                    depth,
+                    "a database connection is still counted inside a transaction ({depth} deep) after its \
+                     transaction ended (a commit that failed, such as on a full disk): closing it and opening \
+                     another"
+                );
+            }
+            Ok(depth == 0)
+        })
+    })
+}
+
 /// How long a process waits for another to finish opening or migrating the
 /// database before it goes on without the lock, as SQLite's own busy timeout.
 const LOCK_WAIT: Duration = Duration::from_secs(10);
@@ -209,7 +236,7 @@ impl SqliteStore {
             .clone()
             .pragma("cache_size", "-65536")
             .pragma("wal_autocheckpoint", "10000");
-        let mut writer_pool = SqlitePoolOptions::new()
+        let mut writer_pool = without_leaked_transactions(SqlitePoolOptions::new())
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(30));
         if file.is_none() {
@@ -222,7 +249,7 @@ impl SqliteStore {
         let writer = writer_pool.connect_with(writer_options.clone()).await?;
         // A second rollup of this process waits for the batch in flight,
         // which may be a large one while catching up.
-        let rollup = SqlitePoolOptions::new()
+        let rollup = without_leaked_transactions(SqlitePoolOptions::new())
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(600))
             .connect_with(writer_options)
@@ -1965,6 +1992,34 @@ mod tests {
             None,
             "the read in flight put its sum back after the forgetting"
         );
+    }
+
+    #[tokio::test]
+    async fn a_connection_left_counted_inside_a_transaction_is_replaced_not_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let store = SqliteStore::connect(&url, Arc::new(Catalog::builtin())).await.unwrap();
+        store.migrate().await.unwrap();
+        {
+            // sqlx counts a transaction that never ends: what a failed
+            // commit leaves (its rollback at the drop fails too).
+            let mut connection = store.writer.acquire().await.unwrap();
+            let never_ended = sqlx::Connection::begin(&mut *connection).await.unwrap();
+            std::mem::forget(never_ended);
+        }
+        let entry = NewEntry {
+            account: crate::domain::AccountId::parse("acme").unwrap(),
+            resource: crate::domain::ResourceName::parse("api_requests").unwrap(),
+            amount: crate::domain::Amount::from_minor(1, 0),
+            idempotency_key: crate::domain::IdempotencyKey::parse("after-a-leak").unwrap(),
+            occurred_at: Utc::now().trunc_subsecs(6),
+            occurred_at_given: false,
+            source: None,
+            metadata: None,
+            reverses: None,
+        };
+        let posted = store.insert_entries(std::slice::from_ref(&entry)).await;
+        assert!(posted.is_ok(), "{posted:?}");
     }
 
     #[tokio::test]
