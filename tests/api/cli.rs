@@ -678,15 +678,7 @@ async fn import_reads_a_pipe_once_and_loads_every_row(app: TestApp) {
         };
         csv += &format!("acct-{},api_requests,{amount},key-{n:05}\n", n % 7);
     }
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["import", "/dev/stdin"])
-        .env("TALLY_DATABASE_URL", &app.database_url)
-        .env("RUST_LOG", "warn")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = import_from_a_pipe(&app, "/dev/stdin");
     let mut stdin = child.stdin.take().unwrap();
     // A byte-order mark alone in the pipe first, as a slow writer sends it:
     // the csv reader looks for one only in its first read.
@@ -708,15 +700,7 @@ async fn import_reads_a_pipe_once_and_loads_every_row(app: TestApp) {
     assert_eq!(sum, expected, "every amount as written");
 
     // `-` is standard input too, as `export -o -` is standard output.
-    let mut dash = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["import", "-"])
-        .env("TALLY_DATABASE_URL", &app.database_url)
-        .env("RUST_LOG", "warn")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut dash = import_from_a_pipe(&app, "-");
     dash.stdin
         .take()
         .unwrap()
@@ -753,6 +737,20 @@ async fn import_reads_a_pipe_once_and_loads_every_row(app: TestApp) {
         .unwrap();
     assert!(output.status.success(), "{}", text(&output.stderr));
     assert_eq!(app.count_entries().await, 3_001);
+}
+
+/// `tally import FILE` on `app`'s database, its standard input a pipe to
+/// write the CSV into (and its output piped, for `wait_with_output`).
+fn import_from_a_pipe(app: &TestApp, file: &str) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["import", file])
+        .env("TALLY_DATABASE_URL", &app.database_url)
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 async fn sum_over_the_seven_accounts(app: &TestApp) -> i64 {
