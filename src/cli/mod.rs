@@ -83,7 +83,7 @@ pub enum Command {
         #[arg(long, env = "TALLY_READ_TIMEOUT", default_value_t = app::DEFAULT_READ_TIMEOUT_SECONDS,
               allow_negative_numbers = true, value_parser = app::parse_read_timeout)]
         read_timeout: u64,
-        /// Connections to hold open at once; more wait until one closes, and answers meanwhile close theirs. The
+        /// Connections to hold open at once; more wait until one closes (a busy one is closed for each). The
         /// open-file limit is raised to fit them, or the number lowered to fit it (with a warning).
         #[arg(long, env = "TALLY_MAX_CONNECTIONS", default_value_t = app::DEFAULT_MAX_CONNECTIONS,
               allow_negative_numbers = true, value_parser = app::parse_max_connections)]

@@ -156,7 +156,7 @@ impl Server {
             metrics: state.metrics.clone(),
             service: RunToCompletion {
                 router: router(state),
-                crowded: Arc::default(),
+                closes_owed: Arc::default(),
             },
             grace,
         })
@@ -202,11 +202,12 @@ impl Server {
                 () = &mut shutdown => break,
             };
             // At the cap, the client just taken (one past it) waits for a
-            // slot, and every answer meanwhile ends its connection
-            // (`Connection: close`): busy kept-alive clients would otherwise
-            // hold every slot for as long as they keep sending, and the
-            // ones waiting, `/healthz` among them, would never get in
-            // (review BO).
+            // slot, and the next answer ends its connection (`Connection:
+            // close`): busy kept-alive clients would otherwise hold every
+            // slot for as long as they keep sending, and the ones waiting,
+            // `/healthz` among them, would never get in (review BO). One
+            // answer, not every answer until the slot is taken: that would
+            // close many connections for one waiting client (review BP).
             let slot = match slots.clone().try_acquire_owned() {
                 Ok(slot) => slot,
                 Err(_) => {
@@ -215,17 +216,17 @@ impl Server {
                         tracing::warn!(
                             max_connections = self.max_connections,
                             "at the cap of {} open connections (--max-connections, or what the open-file limit \
-                             left of it at start): new ones wait until one closes, and each answer meanwhile \
-                             closes its connection (warned at most once a minute)",
+                             left of it at start): new ones wait until one closes, and the next answer closes its \
+                             connection for each (warned at most once a minute)",
                             self.max_connections
                         );
                     }
-                    service.crowded.store(true, std::sync::atomic::Ordering::Relaxed);
+                    service.closes_owed.store(1, std::sync::atomic::Ordering::Relaxed);
                     let slot = tokio::select! {
                         slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
                         () = &mut shutdown => break,
                     };
-                    service.crowded.store(false, std::sync::atomic::Ordering::Relaxed);
+                    service.closes_owed.store(0, std::sync::atomic::Ordering::Relaxed);
                     slot
                 }
             };
@@ -281,13 +282,13 @@ impl Server {
 /// back, and only its answer is dropped (a retry with the same key gets
 /// the recorded outcome).
 ///
-/// While a client waits for a connection slot (`crowded`), each answer
-/// carries `Connection: close`, so that hyper ends its connection and frees
-/// a slot ([`Server::run`]).
+/// While a client waits for a connection slot, the next answer (one per
+/// waiting client: `closes_owed`) carries `Connection: close`, so that
+/// hyper ends its connection and frees a slot ([`Server::run`]).
 #[derive(Clone)]
 struct RunToCompletion {
     router: Router,
-    crowded: Arc<std::sync::atomic::AtomicBool>,
+    closes_owed: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for RunToCompletion {
@@ -298,18 +299,20 @@ impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for RunToCom
     fn call(&self, request: hyper::Request<hyper::body::Incoming>) -> Self::Future {
         use tower::ServiceExt as _;
         let router = self.router.clone();
-        let crowded = self.crowded.clone();
-        // The request's span goes with it, so that its logs still name it.
-        let handled = tokio::spawn(tracing::Instrument::in_current_span(router.oneshot(request)));
+        let closes_owed = self.closes_owed.clone();
+        // The request's span (`request{method path}`) is made inside the
+        // router, by its TraceLayer: the task carries it.
+        let handled = tokio::spawn(router.oneshot(request));
         Box::pin(async move {
             let mut response = match handled.await {
                 Ok(Ok(response)) => response,
                 Ok(Err(never)) => match never {},
                 // A panic in a handler: its task ended, the server goes on;
-                // the 500 logs it.
+                // the 500 logs it (outside the request's span, which ended
+                // with the task).
                 Err(failed) => axum::response::IntoResponse::into_response(ApiError::Internal(failed.into())),
             };
-            if crowded.load(std::sync::atomic::Ordering::Relaxed) {
+            if take_one_owed(&closes_owed) {
                 response.headers_mut().insert(
                     axum::http::header::CONNECTION,
                     axum::http::HeaderValue::from_static("close"),
@@ -318,6 +321,18 @@ impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for RunToCom
             Ok(response)
         })
     }
+}
+
+/// Whether this answer closes its connection: yes while one is owed to a
+/// waiting client, and then no more ([`RunToCompletion`]).
+fn take_one_owed(closes_owed: &std::sync::atomic::AtomicUsize) -> bool {
+    closes_owed
+        .fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |owed| owed.checked_sub(1),
+        )
+        .is_ok()
 }
 
 /// After a failed accept: at once for an error of that one connection (it
@@ -334,4 +349,16 @@ async fn wait_after_accept_error(error: &std::io::Error) {
     }
     tracing::error!(error = %error, "cannot accept a connection: {error}; trying again in 1 s");
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn one_waiting_client_closes_one_connection() {
+        let owed = std::sync::atomic::AtomicUsize::new(0);
+        assert!(!super::take_one_owed(&owed), "no one waits");
+        owed.store(1, std::sync::atomic::Ordering::Relaxed);
+        assert!(super::take_one_owed(&owed));
+        assert!(!super::take_one_owed(&owed), "the close owed was given");
+    }
 }

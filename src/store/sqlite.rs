@@ -236,14 +236,18 @@ impl SqliteStore {
             .clone()
             .pragma("cache_size", "-65536")
             .pragma("wal_autocheckpoint", "10000");
-        let mut writer_pool = without_leaked_transactions(SqlitePoolOptions::new())
+        let mut writer_pool = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(30));
-        if file.is_none() {
+        if file.is_some() {
+            writer_pool = without_leaked_transactions(writer_pool);
+        } else {
             // An in-memory database lives while one of its connections
             // does: the pool's idle timeout (10 min) and connection lifetime
             // (30 min) closed them all on a quiet server and dropped it.
-            // The writer's one connection is kept for the life of the store.
+            // The writer's one connection is kept for the life of the store,
+            // and is not given the hook: closing it could drop the database
+            // (review BP).
             writer_pool = writer_pool.min_connections(1).idle_timeout(None).max_lifetime(None);
         }
         let writer = writer_pool.connect_with(writer_options.clone()).await?;
