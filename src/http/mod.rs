@@ -149,14 +149,18 @@ impl Server {
         state: AppState,
     ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(listen).await?;
+        let max_connections = connection::connection_cap(max_connections);
         Ok(Self {
             listener,
             read_timeout: state.read_timeout,
-            max_connections: connection::connection_cap(max_connections),
+            max_connections,
             metrics: state.metrics.clone(),
             service: RunToCompletion {
                 router: router(state),
                 closes_owed: Arc::default(),
+                running: Arc::new(tokio::sync::Semaphore::new(
+                    max_connections.saturating_mul(REQUESTS_PER_CONNECTION_SLOT),
+                )),
             },
             grace,
         })
@@ -285,11 +289,22 @@ impl Server {
 /// While a client waits for a connection slot, the next answer (one per
 /// waiting client: `closes_owed`) carries `Connection: close`, so that
 /// hyper ends its connection and frees a slot ([`Server::run`]).
+///
+/// A request whose client has gone keeps running, outside the connection
+/// cap: `running` bounds all of them, so that clients that time out and
+/// retry cannot pile up work, and bodies of up to 10 MiB, without end
+/// (review BP). A request waits for a place before it starts, when nothing
+/// of it has run yet.
 #[derive(Clone)]
 struct RunToCompletion {
     router: Router,
     closes_owed: Arc<std::sync::atomic::AtomicUsize>,
+    running: Arc<tokio::sync::Semaphore>,
 }
+
+/// Requests that may run at once per connection slot: one on each open
+/// connection, and as many again whose clients have gone.
+const REQUESTS_PER_CONNECTION_SLOT: usize = 2;
 
 impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for RunToCompletion {
     type Response = axum::response::Response;
@@ -300,10 +315,16 @@ impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for RunToCom
         use tower::ServiceExt as _;
         let router = self.router.clone();
         let closes_owed = self.closes_owed.clone();
-        // The request's span (`request{method path}`) is made inside the
-        // router, by its TraceLayer: the task carries it.
-        let handled = tokio::spawn(router.oneshot(request));
+        let running = self.running.clone();
         Box::pin(async move {
+            let place = running.acquire_owned().await.expect("the semaphore is never closed");
+            // The request's span (`request{method path}`) is made inside the
+            // router, by its TraceLayer: the task carries it.
+            let handled = tokio::spawn(async move {
+                let answered = router.oneshot(request).await;
+                drop(place);
+                answered
+            });
             let mut response = match handled.await {
                 Ok(Ok(response)) => response,
                 Ok(Err(never)) => match never {},

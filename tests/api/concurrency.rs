@@ -8,7 +8,57 @@ use crate::helpers::{Backend, TestApp, entry, until_a_backend_waits_on_a_lock};
 both!(
     thirty_two_concurrent_clients_posting_the_same_1000_keys_land_exactly_1000_rows,
     a_write_whose_client_hangs_up_while_it_waits_for_its_lock_runs_to_its_end,
+    requests_whose_clients_hung_up_hold_places_that_bound_the_work_in_flight,
 );
+
+/// Review BP: a request whose client has gone keeps running, outside the
+/// connection cap, so clients that time out and retry could pile up work
+/// without end. Requests in flight are bounded at twice the cap: with
+/// `--max-connections 1`, two abandoned consumes waiting for their lock
+/// hold both places, and a third request waits until they end.
+async fn requests_whose_clients_hung_up_hold_places_that_bound_the_work_in_flight(app: TestApp) {
+    use tokio::io::AsyncWriteExt as _;
+    let serve = crate::helpers::ServeProcess::start(
+        &app.database_url,
+        &["--no-jobs", "--max-connections", "1"],
+        &[("TALLY_ADMIN_KEY", "places-admin")],
+    )
+    .await;
+    let (lock, pool) = HeldLock::take(&app, "acme", "api_requests").await;
+    for (n, key) in ["gone-1", "gone-2"].into_iter().enumerate() {
+        let waiting = i64::try_from(n).unwrap() + 1;
+        consume_then_hang_up(&serve.address(), "places-admin", key, pool.as_ref(), waiting).await;
+    }
+    let mut third = tokio::net::TcpStream::connect(serve.socket_addr()).await.unwrap();
+    third
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let early = read_for(&mut third, std::time::Duration::from_secs(1)).await;
+    assert!(
+        early.is_empty(),
+        "a third request ran beside two abandoned ones: {early}"
+    );
+    lock.release().await;
+    let answer = read_for(&mut third, std::time::Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert_eq!(app.count_entries().await, 2, "both abandoned consumes were recorded");
+}
+
+/// What `stream` sends within `limit` (or until its first complete head).
+async fn read_for(stream: &mut tokio::net::TcpStream, limit: std::time::Duration) -> String {
+    use tokio::io::AsyncReadExt as _;
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&got).contains("\r\n\r\n") {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
 
 /// The lock a consume of (`account`, `resource`) waits for, held until the
 /// returned guard is released: the advisory lock on PostgreSQL, the write
@@ -51,32 +101,40 @@ impl HeldLock {
 /// transaction and were lost with it. Each request now runs to its end in a
 /// task of its own: the consume is recorded once its lock is free (a retry
 /// gets that outcome), and the next writes answer and stay.
-async fn a_write_whose_client_hangs_up_while_it_waits_for_its_lock_runs_to_its_end(app: TestApp) {
+/// Sends a consume of 1 `api_requests` for acme under `key` to the server
+/// at `address`, waits until it waits for its lock (the `waiting`-th
+/// backend to wait on PostgreSQL, when `pool` is given; half a second on
+/// SQLite, whose busy handler waits unseen), then resets the connection, as
+/// a client that timed out does.
+async fn consume_then_hang_up(address: &str, admin_key: &str, key: &str, pool: Option<&sqlx::PgPool>, waiting: i64) {
     use tokio::io::AsyncWriteExt as _;
-    let (lock, pool) = HeldLock::take(&app, "acme", "api_requests").await;
     let body =
-        json!({"account": "acme", "resource": "api_requests", "amount": "1", "idempotency_key": "hung-up"}).to_string();
-    let mut client = tokio::net::TcpStream::connect(app.address.trim_start_matches("http://"))
+        json!({"account": "acme", "resource": "api_requests", "amount": "1", "idempotency_key": key}).to_string();
+    let mut client = tokio::net::TcpStream::connect(address.trim_start_matches("http://"))
         .await
         .unwrap();
     let request = format!(
-        "POST /v1/quota/consume HTTP/1.1\r\nHost: tally\r\nAuthorization: Bearer {}\r\n\
+        "POST /v1/quota/consume HTTP/1.1\r\nHost: tally\r\nAuthorization: Bearer {admin_key}\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        app.admin_key,
         body.len()
     );
     client.write_all(request.as_bytes()).await.unwrap();
-    match &pool {
-        Some(pool) => until_a_backend_waits_on_a_lock(pool, "the consume never waited on its lock").await,
-        // SQLite's busy handler waits inside `BEGIN IMMEDIATE`, unseen.
+    match pool {
+        Some(pool) => crate::helpers::until_backends_wait_on_locks(pool, waiting, "the consume never waited").await,
         None => tokio::time::sleep(std::time::Duration::from_millis(500)).await,
     }
-    // Gone at once (a reset), as a client that timed out is.
     socket2::SockRef::from(&client)
         .set_linger(Some(std::time::Duration::ZERO))
         .unwrap();
     drop(client);
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+}
+
+async fn a_write_whose_client_hangs_up_while_it_waits_for_its_lock_runs_to_its_end(app: TestApp) {
+    let (lock, pool) = HeldLock::take(&app, "acme", "api_requests").await;
+    let body =
+        json!({"account": "acme", "resource": "api_requests", "amount": "1", "idempotency_key": "hung-up"}).to_string();
+    consume_then_hang_up(&app.address, &app.admin_key, "hung-up", pool.as_ref(), 1).await;
     lock.release().await;
 
     let mut recorded = 0;
