@@ -72,7 +72,7 @@ impl AppState {
 /// All routes, with request tracing. (Bodies are limited where they are
 /// read, by `extract::Body`, which every route that takes one uses.)
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let routes = Router::new()
         .merge(entries::router())
         .merge(timeseries::router())
         .merge(quota::router())
@@ -81,7 +81,18 @@ pub fn router(state: AppState) -> Router {
         .merge(operations::router())
         .fallback(not_found)
         // After the merges: it applies to the routes present when called.
-        .method_not_allowed_fallback(method_not_allowed)
+        .method_not_allowed_fallback(method_not_allowed);
+    with_layers(routes, state)
+}
+
+/// `routes` with what every request passes through, innermost first: a
+/// handler's panic made a 500, the request counter, the request's span.
+fn with_layers(routes: Router<AppState>, state: AppState) -> Router {
+    routes
+        // Inside the counter and the span: a panic's 500 is counted in
+        // `tally_http_requests_total` and logged with its request, as any
+        // other 500 (it was answered outside both, by the task's end).
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(answer_a_panic))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             operations::count_requests,
@@ -99,6 +110,18 @@ pub fn router(state: AppState) -> Router {
                 .on_failure(()),
         )
         .with_state(state)
+}
+
+/// A handler's panic as the contract's 500, its message logged as the cause.
+fn answer_a_panic(panic: Box<dyn std::any::Any + Send + 'static>) -> axum::response::Response {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|m| (*m).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic with no message".to_owned());
+    axum::response::IntoResponse::into_response(ApiError::Internal(
+        format!("the request's handler panicked: {message}").into(),
+    ))
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {
@@ -158,9 +181,7 @@ impl Server {
             service: RunToCompletion {
                 router: router(state),
                 closes_owed: Arc::default(),
-                running: Arc::new(tokio::sync::Semaphore::new(
-                    max_connections.saturating_mul(REQUESTS_PER_CONNECTION_SLOT),
-                )),
+                running: Arc::new(tokio::sync::Semaphore::new(places_for(max_connections) as usize)),
             },
             grace,
         })
@@ -171,8 +192,8 @@ impl Server {
         self.listener.local_addr()
     }
 
-    /// Serves until `shutdown` resolves, then finishes requests in flight for
-    /// at most the grace period: a client that never sends the rest of its
+    /// Serves until `shutdown` resolves, then finishes requests in flight,
+    /// those whose clients have gone too, for at most the grace period: a client that never sends the rest of its
     /// body must not keep the process from stopping.
     ///
     /// Served through hyper rather than `axum::serve`, which gives hyper no
@@ -260,7 +281,15 @@ impl Server {
         }
         drop(self.listener);
         let grace = self.grace;
-        if tokio::time::timeout(grace, connections.shutdown()).await.is_err() {
+        let finished = async {
+            connections.shutdown().await;
+            // Requests whose clients have gone run on in tasks of their own
+            // (`RunToCompletion`): wait for them too, or the process would
+            // end them mid-transaction once the pools' close gave up (5 s),
+            // and a write a client may retry would be lost.
+            let _every_place = service.running.acquire_many(places_for(self.max_connections)).await;
+        };
+        if tokio::time::timeout(grace, finished).await.is_err() {
             tracing::warn!(
                 grace_seconds = grace.as_secs(),
                 "requests still in flight {} s after the stop request; stopping without them",
@@ -306,6 +335,12 @@ struct RunToCompletion {
 /// connection, and as many again whose clients have gone.
 const REQUESTS_PER_CONNECTION_SLOT: usize = 2;
 
+/// The places for requests in flight under `max_connections`
+/// ([`RunToCompletion`]), as a count a stop can wait for all of at once.
+fn places_for(max_connections: usize) -> u32 {
+    u32::try_from(max_connections.saturating_mul(REQUESTS_PER_CONNECTION_SLOT)).unwrap_or(u32::MAX)
+}
+
 impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for RunToCompletion {
     type Response = axum::response::Response;
     type Error = std::convert::Infallible;
@@ -328,9 +363,8 @@ impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for RunToCom
             let mut response = match handled.await {
                 Ok(Ok(response)) => response,
                 Ok(Err(never)) => match never {},
-                // A panic in a handler: its task ended, the server goes on;
-                // the 500 logs it (outside the request's span, which ended
-                // with the task).
+                // A handler's panic is answered inside the router
+                // (`answer_a_panic`); this is for one outside it, in a layer.
                 Err(failed) => axum::response::IntoResponse::into_response(ApiError::Internal(failed.into())),
             };
             if take_one_owed(&closes_owed) {
@@ -374,6 +408,52 @@ async fn wait_after_accept_error(error: &std::io::Error) {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use tower::ServiceExt as _;
+
+    use crate::telemetry::HttpLabels;
+
+    /// A handler's panic answers the contract's 500 from inside the router,
+    /// so the request counter counts it (it was answered past the counter,
+    /// when the request's task ended, and not counted).
+    #[tokio::test]
+    async fn a_handler_that_panics_answers_500_and_is_counted() {
+        let catalog = Arc::new(crate::domain::Catalog::builtin());
+        let store = crate::store::connect("sqlite::memory:", catalog.clone()).await.unwrap();
+        let state = super::AppState::new(store, catalog, None, chrono::Duration::days(35));
+        let routes = axum::Router::new().route(
+            "/boom",
+            axum::routing::get(|| async {
+                if true {
+                    panic!("boom");
+                }
+            }),
+        );
+        let answer = super::with_layers(routes, state.clone())
+            .oneshot(
+                axum::http::Request::get("/boom")
+                    .body(axum::body::Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 500);
+        let body = axum::body::to_bytes(answer.into_body(), 1 << 16).await.unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"]["code"], "internal", "{body}");
+        let counted = state
+            .metrics
+            .http_requests
+            .get_or_create(&HttpLabels {
+                route: "/boom".into(),
+                method: "GET".into(),
+                status: 500,
+            })
+            .get();
+        assert_eq!(counted, 1);
+    }
+
     #[test]
     fn one_waiting_client_closes_one_connection() {
         let owed = std::sync::atomic::AtomicUsize::new(0);
