@@ -7,6 +7,7 @@ pub mod connection;
 pub mod entries;
 pub mod error;
 pub mod extract;
+pub mod open_connections;
 pub mod operations;
 pub mod params;
 pub mod quota;
@@ -205,13 +206,14 @@ impl Server {
     /// At `max_connections` open, the loop holds the next client it takes
     /// until a connection closes, and the clients after it wait in the
     /// kernel's listen queue, rather than take file descriptors the database
-    /// needs; meanwhile every answer closes its connection.
+    /// needs. For that client one connection closes: an idle kept-alive one
+    /// at once ([`open_connections`]), failing that the next to answer.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(self.read_timeout);
         let service = self.service.clone();
-        let connections = hyper_util::server::graceful::GracefulShutdown::new();
+        let connections = Arc::new(open_connections::OpenConnections::default());
         let mut shutdown = std::pin::pin!(shutdown);
         let slots = Arc::new(tokio::sync::Semaphore::new(self.max_connections));
         let mut warned_full_at: Option<std::time::Instant> = None;
@@ -227,12 +229,14 @@ impl Server {
                 () = &mut shutdown => break,
             };
             // At the cap, the client just taken (one past it) waits for a
-            // slot, and the next answer ends its connection (`Connection:
-            // close`): busy kept-alive clients would otherwise hold every
-            // slot for as long as they keep sending, and the ones waiting,
+            // slot, and one connection is closed for it: an idle kept-alive
+            // one, which would otherwise hold its slot until the read
+            // timeout, or else the next to answer (`Connection: close`),
+            // since busy kept-alive clients would otherwise hold every slot
+            // for as long as they keep sending, and the ones waiting,
             // `/healthz` among them, would never get in (review BO). One
-            // answer, not every answer until the slot is taken: that would
-            // close many connections for one waiting client (review BP).
+            // connection, not every answer until the slot is taken: that
+            // would close many for one waiting client (review BP).
             let slot = match slots.clone().try_acquire_owned() {
                 Ok(slot) => slot,
                 Err(_) => {
@@ -241,12 +245,14 @@ impl Server {
                         tracing::warn!(
                             max_connections = self.max_connections,
                             "at the cap of {} open connections (--max-connections, or what the open-file limit \
-                             left of it at start): new ones wait until one closes, and the next answer closes its \
-                             connection for each (warned at most once a minute)",
+                             left of it at start): new ones wait until one closes, and one is closed for each, an idle \
+                             kept-alive one or else the next to answer (warned at most once a minute)",
                             self.max_connections
                         );
                     }
-                    service.closes_owed.store(1, std::sync::atomic::Ordering::Relaxed);
+                    if !connections.close_one_idle() {
+                        service.closes_owed.store(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     let slot = tokio::select! {
                         slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
                         () = &mut shutdown => break,
@@ -260,12 +266,29 @@ impl Server {
             let _ = stream.set_nodelay(true);
             connection::wake_writes_often(&stream);
             let io = connection::WriteDeadline::new(hyper_util::rt::TokioIo::new(stream), self.read_timeout);
-            let connection = http.serve_connection(io, service.clone());
-            let connection = connections.watch(connection);
+            let (number, this_connection) = connections.opened();
+            let connection = http.serve_connection(
+                io,
+                OnConnection {
+                    requests: service.clone(),
+                    connection: this_connection.clone(),
+                },
+            );
             let open = self.metrics.http_connections_open.clone();
             open.inc();
+            let connections = connections.clone();
             tokio::spawn(async move {
-                if let Err(error) = connection.await {
+                let mut connection = std::pin::pin!(connection);
+                let ended = tokio::select! {
+                    ended = connection.as_mut() => ended,
+                    () = this_connection.told_to_close() => {
+                        // Closes now if idle, else after the request in flight.
+                        connection.as_mut().graceful_shutdown();
+                        connection.await
+                    }
+                };
+                connections.closed(number);
+                if let Err(error) = ended {
                     // A head not sent within the read timeout, a client gone
                     // mid-request, one that took no answer: the
                     // connection's end, not the server's. The peer says
@@ -281,8 +304,12 @@ impl Server {
         }
         drop(self.listener);
         let grace = self.grace;
+        connections.close_all();
         let finished = async {
-            connections.shutdown().await;
+            // Every connection has closed once every slot is back.
+            let _every_slot = slots
+                .acquire_many(u32::try_from(self.max_connections).unwrap_or(u32::MAX))
+                .await;
             // Requests whose clients have gone run on in tasks of their own
             // (`RunToCompletion`): wait for them too, or the process would
             // end them mid-transaction once the pools' close gave up (5 s),
@@ -329,6 +356,30 @@ struct RunToCompletion {
     router: Router,
     closes_owed: Arc<std::sync::atomic::AtomicUsize>,
     running: Arc<tokio::sync::Semaphore>,
+}
+
+/// [`RunToCompletion`] on one connection, which it tells whether a request
+/// is in flight ([`open_connections::OpenConnection::handling`]).
+#[derive(Clone)]
+struct OnConnection {
+    requests: RunToCompletion,
+    connection: Arc<open_connections::OpenConnection>,
+}
+
+impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for OnConnection {
+    type Response = axum::response::Response;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn call(&self, request: hyper::Request<hyper::body::Incoming>) -> Self::Future {
+        let handling = self.connection.handling();
+        let answer = self.requests.call(request);
+        Box::pin(async move {
+            let answer = answer.await;
+            drop(handling);
+            answer
+        })
+    }
 }
 
 /// Requests that may run at once per connection slot: one on each open

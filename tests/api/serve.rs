@@ -20,6 +20,7 @@ both!(
     a_client_past_max_connections_waits_until_one_closes_then_is_served,
     a_connection_cap_past_the_open_file_limit_is_lowered_to_fit_with_a_warning,
     busy_kept_alive_clients_at_the_cap_let_a_waiting_client_in,
+    an_idle_kept_alive_connection_at_the_cap_is_closed_for_a_waiting_client,
 );
 
 /// Sends `serve` the head of an authorised POST and the first bytes of its
@@ -249,6 +250,52 @@ async fn busy_kept_alive_clients_at_the_cap_let_a_waiting_client_in(app: TestApp
     // One waiting client, one connection closed (review BP: every answer
     // until the slot was taken closed them all).
     assert_eq!(closed, 1, "busy clients told to close");
+}
+
+/// At the cap, a connection kept alive with no request in flight held its
+/// slot until the read timeout, so with every slot held by callers' idle
+/// pooled connections a client waiting (a probe) waited that long (30 s by
+/// default). One idle connection is now closed for it at once, and only one.
+async fn an_idle_kept_alive_connection_at_the_cap_is_closed_for_a_waiting_client(app: TestApp) {
+    use tokio::io::AsyncWriteExt as _;
+    const HEALTH: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+    let serve = ServeProcess::start(
+        &app.database_url,
+        &["--no-jobs", "--max-connections", "2", "--read-timeout", "60"],
+        &[],
+    )
+    .await;
+    let address = serve.socket_addr();
+    let mut idle = Vec::new();
+    for _ in 0..2 {
+        let mut client = tokio::net::TcpStream::connect(address).await.unwrap();
+        client.write_all(HEALTH).await.unwrap();
+        let answer = read_until_it_holds(&mut client, "\r\n\r\n", Duration::from_secs(5)).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+        idle.push(client);
+    }
+    let started = Instant::now();
+    let mut probe = tokio::net::TcpStream::connect(address).await.unwrap();
+    probe.write_all(HEALTH).await.unwrap();
+    let answer = read_until_it_holds(&mut probe, "\r\n\r\n", Duration::from_secs(10)).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "a probe waited {:?}: {answer:?}",
+        started.elapsed()
+    );
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    let mut closed = 0;
+    for client in &mut idle {
+        // A write to a closed connection may still succeed; its read ends.
+        let _ = client.write_all(HEALTH).await;
+        let answer = read_until_it_holds(client, "\r\n\r\n", Duration::from_secs(5)).await;
+        if answer.is_empty() {
+            closed += 1;
+        } else {
+            assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+        }
+    }
+    assert_eq!(closed, 1, "idle connections closed for one waiting client");
 }
 
 /// Under a hard open-file limit of 300, `TALLY_MAX_CONNECTIONS=1000` cannot
