@@ -47,6 +47,11 @@ pub fn init_tracing() {
         .with_writer(std::io::stderr)
         // Colour codes only for a person at a terminal, not in a log file.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // A line stderr cannot take (a full disk under the log file) is
+        // dropped. The default reports the failed write with `eprintln!`,
+        // which panics when stderr fails: `serve` died at its first log line,
+        // and a request that logged answered 500 (review BQ).
+        .log_internal_errors(false)
         .try_init();
     if let Some((raw, e)) = refused {
         tracing::warn!(

@@ -370,6 +370,22 @@ fn is_broken_pipe(error: &anyhow::Error) -> bool {
         .any(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
+/// Whether stderr is `/dev/null`, which takes every write and keeps none: a
+/// bootstrap key shown there is lost as surely as one whose write failed
+/// (review BQ: `serve 2>&-` kept a valid admin key nobody had seen).
+fn stderr_is_dev_null() -> bool {
+    use std::os::fd::AsFd as _;
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+    let stderr = std::io::stderr()
+        .as_fd()
+        .try_clone_to_owned()
+        .and_then(|fd| std::fs::File::from(fd).metadata());
+    match (stderr, std::fs::metadata("/dev/null")) {
+        (Ok(stderr), Ok(null)) => stderr.file_type().is_char_device() && stderr.rdev() == null.rdev(),
+        _ => false,
+    }
+}
+
 /// Runs one parsed command.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let settings = cli.settings();
@@ -456,6 +472,12 @@ async fn serve(settings: Settings, with_jobs: bool) -> anyhow::Result<ExitCode> 
         let bootstrap = application
             .bootstrap_admin_key(|secret| {
                 use std::io::Write as _;
+                if stderr_is_dev_null() {
+                    return Err(std::io::Error::other(
+                        "stderr is /dev/null (sent there, or closed, which the runtime reopens on \
+                         /dev/null), where nobody can read it",
+                    ));
+                }
                 let mut stderr = std::io::stderr().lock();
                 let shown = writeln!(
                     stderr,

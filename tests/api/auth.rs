@@ -23,6 +23,8 @@ both!(
     replicas_starting_at_once_on_a_database_without_keys_create_one_admin_key,
     a_bootstrap_key_that_cannot_be_shown_is_revoked_and_serve_stops,
     a_bootstrap_key_lost_to_a_closed_stderr_pipe_is_a_failure_not_a_quiet_stop,
+    a_bootstrap_key_that_cannot_be_shown_among_log_lines_that_cannot_be_written_is_revoked,
+    a_bootstrap_key_that_would_be_shown_to_dev_null_is_revoked,
     the_bearer_scheme_is_read_whatever_its_case,
 );
 
@@ -361,7 +363,7 @@ async fn replicas_starting_at_once_on_a_database_without_keys_create_one_admin_k
 async fn a_bootstrap_key_that_cannot_be_shown_is_revoked_and_serve_stops(app: TestApp) {
     // Every write to /dev/full fails with "No space left on device".
     let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
-    assert_serve_revokes_the_bootstrap_key_it_cannot_show(&app, full.into()).await;
+    assert_serve_revokes_the_bootstrap_key_it_cannot_show(&app, full.into(), "error").await;
     // Review BC: the revoked key counts as a key, so no bootstrap key comes
     // again; the next start says that nobody can administer it.
     let mut serve = ServeProcess::start(&app.database_url, &["--no-jobs"], &[]).await;
@@ -381,20 +383,41 @@ async fn a_bootstrap_key_that_cannot_be_shown_is_revoked_and_serve_stops(app: Te
 /// process manager like a clean stop.
 async fn a_bootstrap_key_lost_to_a_closed_stderr_pipe_is_a_failure_not_a_quiet_stop(app: TestApp) {
     // A pipe whose read end is closed at once.
-    assert_serve_revokes_the_bootstrap_key_it_cannot_show(&app, std::process::Stdio::piped()).await;
+    assert_serve_revokes_the_bootstrap_key_it_cannot_show(&app, std::process::Stdio::piped(), "error").await;
+}
+
+/// Review BQ: with the log lines before the key on, the first of them, which
+/// a full disk refused, made `serve` panic before it created the key, and
+/// the next start on a disk with room created one: the key is now revoked
+/// as when it is the first write.
+async fn a_bootstrap_key_that_cannot_be_shown_among_log_lines_that_cannot_be_written_is_revoked(app: TestApp) {
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    assert_serve_revokes_the_bootstrap_key_it_cannot_show(&app, full.into(), "debug").await;
+}
+
+/// Review BQ: with stderr closed (`serve 2>&-`), the runtime reopens it on
+/// /dev/null, which takes every write: the key was "shown" there and kept,
+/// valid, unseen. /dev/null is now refused as a failed write is.
+async fn a_bootstrap_key_that_would_be_shown_to_dev_null_is_revoked(app: TestApp) {
+    assert_serve_revokes_the_bootstrap_key_it_cannot_show(&app, std::process::Stdio::null(), "error").await;
 }
 
 /// Starts `serve` on `app`'s database, which holds no key, with its stderr
 /// on `stderr` (a pipe is closed at once), where the bootstrap key cannot be
-/// written; asserts that serve fails and that the one key it made is revoked.
-async fn assert_serve_revokes_the_bootstrap_key_it_cannot_show(app: &TestApp, stderr: std::process::Stdio) {
+/// written, and logs filtered by `rust_log`; asserts that serve fails and
+/// that the one key it made is revoked.
+async fn assert_serve_revokes_the_bootstrap_key_it_cannot_show(
+    app: &TestApp,
+    stderr: std::process::Stdio,
+    rust_log: &str,
+) {
     assert_eq!(app.scalar_i64("SELECT COUNT(*) FROM api_keys").await, 0);
     let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
         .args(["serve", "--listen", "127.0.0.1:0", "--no-jobs"])
         .env("TALLY_DATABASE_URL", &app.database_url)
         .env_remove("TALLY_ADMIN_KEY")
-        // Nothing is logged before the key, which is the first write.
-        .env("RUST_LOG", "error")
+        // At `error`, nothing is logged before the key, the first write.
+        .env("RUST_LOG", rust_log)
         .stdout(std::process::Stdio::null())
         .stderr(stderr)
         .kill_on_drop(true)

@@ -21,6 +21,7 @@ both!(
     a_connection_cap_past_the_open_file_limit_is_lowered_to_fit_with_a_warning,
     busy_kept_alive_clients_at_the_cap_let_a_waiting_client_in,
     an_idle_kept_alive_connection_at_the_cap_is_closed_for_a_waiting_client,
+    serve_goes_on_when_its_log_lines_cannot_be_written,
 );
 
 /// Sends `serve` the head of an authorised POST and the first bytes of its
@@ -296,6 +297,69 @@ async fn an_idle_kept_alive_connection_at_the_cap_is_closed_for_a_waiting_client
         }
     }
     assert_eq!(closed, 1, "idle connections closed for one waiting client");
+}
+
+/// Review BQ: tracing reported a log line stderr refused (a full disk under
+/// the log file) with `eprintln!`, which panics when stderr fails: `serve`
+/// died at its first log line. Such lines are now dropped, and requests,
+/// each of which logs at debug, are answered.
+async fn serve_goes_on_when_its_log_lines_cannot_be_written(app: TestApp) {
+    // A free port, read before `serve` binds it (its own log, which names
+    // the port, cannot be read).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--no-jobs"])
+        .env("TALLY_DATABASE_URL", &app.database_url)
+        .env("TALLY_ADMIN_KEY", "full-log-admin")
+        .env("RUST_LOG", "debug")
+        .stdout(std::process::Stdio::null())
+        .stderr(full)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("tally serve starts");
+    let client = reqwest::Client::new();
+    let address = format!("http://127.0.0.1:{port}");
+    let mut health = None;
+    for _ in 0..100 {
+        if let Ok(answer) = client.get(format!("{address}/healthz")).send().await {
+            health = Some(answer.status());
+            break;
+        }
+        assert!(serve.try_wait().unwrap().is_none(), "serve ended");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(health, Some(reqwest::StatusCode::OK));
+    for n in 0..3 {
+        let posted = client
+            .post(format!("{address}/v1/entries"))
+            .bearer_auth("full-log-admin")
+            .json(&crate::helpers::entry(
+                "acme",
+                "api_requests",
+                "1",
+                &format!("full-log-{n}"),
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(posted.status(), 200);
+    }
+    assert_eq!(app.count_entries().await, 3);
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &serve.id().unwrap().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::time::timeout(Duration::from_secs(15), serve.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
 }
 
 /// Under a hard open-file limit of 300, `TALLY_MAX_CONNECTIONS=1000` cannot
