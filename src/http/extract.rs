@@ -22,6 +22,12 @@ pub const MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
 const REFUSED_BODY_BYTES: usize = 32 * 1024 * 1024;
 /// How long a refused body is read at most (see [`REFUSED_BODY_BYTES`]).
 const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a body that came too slowly (408) is read after it was refused,
+/// at most, for bytes the client had on their way: it has been silent for
+/// the read timeout, so the 408 goes out without waiting [`DRAIN_TIME`]
+/// for more (review BQ: it came 5 s after the read timeout, after a client
+/// with the same 30 s timeout had given up).
+const SLOW_BODY_DRAIN_TIME: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// The slowest pace a body may keep once the read timeout has passed: each
 /// byte received moves the body's deadline on by 1/16 384 s, so a steady
@@ -85,7 +91,7 @@ impl FromRequest<AppState> for Body {
         }
         let mut stream = req.into_body().into_data_stream();
         if announced.is_some_and(|bytes| bytes > MAX_BODY_BYTES) {
-            drain(stream, 0).await;
+            drain(stream, 0, DRAIN_TIME).await;
             return Err(ApiError::PayloadTooLarge(too_large_message(&path)));
         }
         // Sized by what the client announces, but not reserved on its word
@@ -101,7 +107,7 @@ impl FromRequest<AppState> for Body {
                 drop(body);
                 // As for a 413: the client may still be sending, and closing
                 // on its unread bytes would show it a broken pipe instead.
-                drain(stream, received).await;
+                drain(stream, received, SLOW_BODY_DRAIN_TIME).await;
                 return Err(ApiError::RequestTimeout(format!(
                     "the request body came too slowly: {received} bytes{} in {} s, where the server waits \
                      --read-timeout ({} s) plus a second for every {} bytes received, and never longer than \
@@ -118,7 +124,7 @@ impl FromRequest<AppState> for Body {
             if body.len() + chunk.len() > MAX_BODY_BYTES {
                 let read = body.len() + chunk.len();
                 drop(body);
-                drain(stream, read).await;
+                drain(stream, read, DRAIN_TIME).await;
                 return Err(ApiError::PayloadTooLarge(too_large_message(&path)));
             }
             body.extend_from_slice(&chunk);
@@ -135,8 +141,12 @@ impl FromRequest<AppState> for Body {
 }
 
 /// Reads and drops what is left of a refused body of which `read` bytes
-/// were read, up to [`REFUSED_BODY_BYTES`] in all and [`DRAIN_TIME`].
-async fn drain(mut rest: impl futures_util::Stream<Item = Result<Bytes, axum::Error>> + Unpin, read: usize) {
+/// were read, up to [`REFUSED_BODY_BYTES`] in all and `for_at_most`.
+async fn drain(
+    mut rest: impl futures_util::Stream<Item = Result<Bytes, axum::Error>> + Unpin,
+    read: usize,
+    for_at_most: std::time::Duration,
+) {
     let mut left = REFUSED_BODY_BYTES.saturating_sub(read);
     let reading = async {
         while let Some(Ok(chunk)) = rest.next().await {
@@ -146,8 +156,8 @@ async fn drain(mut rest: impl futures_util::Stream<Item = Result<Bytes, axum::Er
             }
         }
     };
-    // Whatever stopped it, the 413 goes out next.
-    let _ = tokio::time::timeout(DRAIN_TIME, reading).await;
+    // Whatever stopped it, the 413 or 408 goes out next.
+    let _ = tokio::time::timeout(for_at_most, reading).await;
 }
 
 /// The 413 for a body over [`MAX_BODY_BYTES`] sent to `path`: what to do

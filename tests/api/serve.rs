@@ -491,14 +491,15 @@ async fn a_body_that_does_not_arrive_within_the_read_timeout_is_answered_408_and
     stream.write_all(head.as_bytes()).await.unwrap();
     stream.write_all(&body.as_bytes()[..10]).await.unwrap();
     let started = Instant::now();
-    // The read timeout, then the 5 s a refused body is given to finish (so
-    // that a client still sending sees the answer, not a broken pipe).
     let (answer, _) = read_until_closed(&mut stream, Duration::from_secs(10)).await;
     assert!(
         answer.starts_with("HTTP/1.1 408"),
         "after {:?}: {answer}",
         started.elapsed()
     );
+    // At the read timeout (1 s), not 5 s later: the client has been silent,
+    // so the 408 is not held back for the rest of the body (review BQ).
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
     assert!(answer.contains(r#""code":"request_timeout""#), "{answer}");
     assert!(
         answer.contains("the request body came too slowly: 10 bytes of the"),
@@ -535,7 +536,7 @@ async fn a_body_that_does_not_arrive_within_the_read_timeout_is_answered_408_and
 
     // Review BB: what arrived earns time, but never a silence longer than
     // the read timeout. 1 MiB at once earned 64 s more; the client then
-    // stalls and is answered after the 1 s read timeout and the 5 s drain.
+    // stalls and is answered after the 1 s read timeout.
     let head = head.replace(
         &format!("Content-Length: {}", padded.len()),
         &format!("Content-Length: {}", 2 * 1024 * 1024),
