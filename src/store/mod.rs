@@ -309,6 +309,10 @@ impl OpenError {
                 | Self::NoSocket { .. }
                 | Self::SqliteNotWritable { .. }
                 | Self::SqliteNoFile(_)
+                // A URL refused for what it says (an in-memory database
+                // spelt in a way Tally does not take, a parameter sqlx does
+                // not know): advice on folders and servers would mislead.
+                | Self::Database(sqlx::Error::Configuration(_))
         )
     }
 }

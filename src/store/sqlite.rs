@@ -74,6 +74,29 @@ fn database_of(url: &str) -> Result<(SqliteConnectOptions, export::Source), sqlx
     Ok((options.filename(name).in_memory(true).shared_cache(true), source))
 }
 
+/// Refuses a URL that SQLite opened as an in-memory database though it did
+/// not look like one to [`super::sqlite_in_memory`] (`?vfs=memdb`, a
+/// percent-encoded `mode=memory`): each connection of the pools would get a
+/// database of its own, and every command failed with "no such table" after
+/// migrating another (review BN). SQLite names no file for such a database.
+async fn refuse_an_unrecognised_in_memory_database(writer: &SqlitePool, url: &str) -> Result<(), sqlx::Error> {
+    let main_file: String = sqlx::query_scalar("SELECT file FROM pragma_database_list WHERE name = 'main'")
+        .fetch_one(writer)
+        .await?;
+    if main_file.is_empty() {
+        return Err(sqlx::Error::Configuration(
+            format!(
+                "{} opens an in-memory database, written in a way Tally does not take for one: write it \
+                 sqlite::memory: (for `serve`; every other command needs a file, since the database dies \
+                 with the process)",
+                super::redact_url(url)
+            )
+            .into(),
+        ));
+    }
+    Ok(())
+}
+
 /// `options` with a hook that closes, rather than hands out, a connection
 /// sqlx still counts inside a transaction. A `COMMIT` that fails on a full
 /// disk is rolled back by SQLite itself, but sqlx keeps counting the
@@ -251,6 +274,9 @@ impl SqliteStore {
             writer_pool = writer_pool.min_connections(1).idle_timeout(None).max_lifetime(None);
         }
         let writer = writer_pool.connect_with(writer_options.clone()).await?;
+        if file.is_some() {
+            refuse_an_unrecognised_in_memory_database(&writer, url).await?;
+        }
         // A second rollup of this process waits for the batch in flight,
         // which may be a large one while catching up.
         let rollup = without_leaked_transactions(SqlitePoolOptions::new())
@@ -1939,6 +1965,27 @@ fn parse_date(text: &str) -> Result<NaiveDate, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Review BN: spellings of an in-memory database that the URL check
+    /// does not know gave each pooled connection a database of its own
+    /// ("no such table" after migrating another); SQLite's own answer
+    /// refuses them.
+    #[tokio::test]
+    async fn an_in_memory_database_spelt_in_an_unrecognised_way_is_refused() {
+        let catalog = Arc::new(Catalog::builtin());
+        for url in ["sqlite:file:x?vfs=memdb", "sqlite:?mode=%6Demory"] {
+            assert!(
+                !super::super::sqlite_in_memory(url),
+                "{url} is recognised now: test another"
+            );
+            let refused = SqliteStore::connect(url, catalog.clone()).await;
+            let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(message.contains("opens an in-memory database"), "{url}: {message:?}");
+        }
+        let folder = tempfile::tempdir().unwrap();
+        let file = format!("sqlite://{}/tally.db", folder.path().display());
+        assert!(SqliteStore::connect(&file, catalog).await.is_ok(), "a file is taken");
+    }
 
     /// A `used` read that looked its sum up before the settled sums were
     /// forgotten (a repair noticed meanwhile), and offers after, offers in
