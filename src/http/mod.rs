@@ -358,6 +358,11 @@ struct RunToCompletion {
     running: Arc<tokio::sync::Semaphore>,
 }
 
+/// An answer on its way, as hyper's services here give it.
+type Answer = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<axum::response::Response, std::convert::Infallible>> + Send>,
+>;
+
 /// [`RunToCompletion`] on one connection, which it tells whether a request
 /// is in flight ([`open_connections::OpenConnection::handling`]).
 #[derive(Clone)]
@@ -369,7 +374,7 @@ struct OnConnection {
 impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for OnConnection {
     type Response = axum::response::Response;
     type Error = std::convert::Infallible;
-    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+    type Future = Answer;
 
     fn call(&self, request: hyper::Request<hyper::body::Incoming>) -> Self::Future {
         let handling = self.connection.handling();
@@ -395,7 +400,7 @@ fn places_for(max_connections: usize) -> u32 {
 impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for RunToCompletion {
     type Response = axum::response::Response;
     type Error = std::convert::Infallible;
-    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+    type Future = Answer;
 
     fn call(&self, request: hyper::Request<hyper::body::Incoming>) -> Self::Future {
         use tower::ServiceExt as _;

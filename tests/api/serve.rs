@@ -230,20 +230,8 @@ async fn busy_kept_alive_clients_at_the_cap_let_a_waiting_client_in(app: TestApp
         }));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let started = Instant::now();
-    let mut probe = tokio::net::TcpStream::connect(address).await.unwrap();
-    probe
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let answer = read_until_it_holds(&mut probe, "\r\n\r\n", Duration::from_secs(5)).await;
+    a_probe_is_answered_within_3_s(address).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    assert!(
-        answer.starts_with("HTTP/1.1 200"),
-        "a probe waited {:?}: {answer:?}",
-        started.elapsed()
-    );
-    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
     let mut closed = 0;
     for client in busy {
         closed += usize::from(client.await.unwrap());
@@ -275,16 +263,7 @@ async fn an_idle_kept_alive_connection_at_the_cap_is_closed_for_a_waiting_client
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
         idle.push(client);
     }
-    let started = Instant::now();
-    let mut probe = tokio::net::TcpStream::connect(address).await.unwrap();
-    probe.write_all(HEALTH).await.unwrap();
-    let answer = read_until_it_holds(&mut probe, "\r\n\r\n", Duration::from_secs(10)).await;
-    assert!(
-        answer.starts_with("HTTP/1.1 200"),
-        "a probe waited {:?}: {answer:?}",
-        started.elapsed()
-    );
-    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    a_probe_is_answered_within_3_s(address).await;
     let mut closed = 0;
     for client in &mut idle {
         // A write to a closed connection may still succeed; its read ends.
@@ -360,6 +339,25 @@ async fn serve_goes_on_when_its_log_lines_cannot_be_written(app: TestApp) {
         .unwrap()
         .unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// Asserts that a new client's `GET /healthz` at `address` (a server at its
+/// connection cap) is answered 200 within 3 s.
+async fn a_probe_is_answered_within_3_s(address: std::net::SocketAddr) {
+    use tokio::io::AsyncWriteExt as _;
+    let started = Instant::now();
+    let mut probe = tokio::net::TcpStream::connect(address).await.unwrap();
+    probe
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_until_it_holds(&mut probe, "\r\n\r\n", Duration::from_secs(10)).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "a probe waited {:?}: {answer:?}",
+        started.elapsed()
+    );
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
 }
 
 /// Under a hard open-file limit of 300, `TALLY_MAX_CONNECTIONS=1000` cannot
