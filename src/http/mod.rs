@@ -364,7 +364,8 @@ type Answer = std::pin::Pin<
 >;
 
 /// [`RunToCompletion`] on one connection, which it tells whether a request
-/// is in flight ([`open_connections::OpenConnection::handling`]).
+/// is in flight or its answer still being sent
+/// ([`open_connections::OpenConnection::handling`]).
 #[derive(Clone)]
 struct OnConnection {
     requests: RunToCompletion,
@@ -377,12 +378,19 @@ impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for OnConnec
     type Future = Answer;
 
     fn call(&self, request: hyper::Request<hyper::body::Incoming>) -> Self::Future {
+        use http_body_util::BodyExt as _;
         let handling = self.connection.handling();
         let answer = self.requests.call(request);
         Box::pin(async move {
-            let answer = answer.await;
-            drop(handling);
-            answer
+            let Ok(response) = answer.await;
+            // Busy until hyper has sent the whole answer and drops its body:
+            // a connection still writing one is not idle.
+            Ok(response.map(|body| {
+                axum::body::Body::new(body.map_frame(move |frame| {
+                    let _busy = &handling;
+                    frame
+                }))
+            }))
         })
     }
 }
