@@ -309,9 +309,11 @@ impl OpenError {
                 | Self::NoSocket { .. }
                 | Self::SqliteNotWritable { .. }
                 | Self::SqliteNoFile(_)
-                // A URL refused for what it says (an in-memory database
-                // spelt in a way Tally does not take, a parameter sqlx does
-                // not know): advice on folders and servers would mislead.
+                // A URL refused for what it says (a parameter sqlx does not
+                // know; an in-memory database spelt in a way Tally does not
+                // take, found once SQLite opened it): advice on folders and
+                // servers would mislead.
+                | Self::SqliteUrl { .. }
                 | Self::Database(sqlx::Error::Configuration(_))
         )
     }

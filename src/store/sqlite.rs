@@ -1973,17 +1973,23 @@ mod tests {
     #[tokio::test]
     async fn an_in_memory_database_spelt_in_an_unrecognised_way_is_refused() {
         let catalog = Arc::new(Catalog::builtin());
-        for url in ["sqlite:file:x?vfs=memdb", "sqlite:?mode=%6Demory"] {
+        // In a folder of the test's own: the store takes its lock file
+        // beside the file the URL names before SQLite opens it.
+        let folder = tempfile::tempdir().unwrap();
+        let folder_name = folder.path().display();
+        for url in [
+            format!("sqlite:file:{folder_name}/x?vfs=memdb"),
+            format!("sqlite:file:{folder_name}/y?mode=%6Demory"),
+        ] {
             assert!(
-                !super::super::sqlite_in_memory(url),
+                !super::super::sqlite_in_memory(&url),
                 "{url} is recognised now: test another"
             );
-            let refused = SqliteStore::connect(url, catalog.clone()).await;
+            let refused = SqliteStore::connect(&url, catalog.clone()).await;
             let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
             assert!(message.contains("opens an in-memory database"), "{url}: {message:?}");
         }
-        let folder = tempfile::tempdir().unwrap();
-        let file = format!("sqlite://{}/tally.db", folder.path().display());
+        let file = format!("sqlite://{folder_name}/tally.db");
         assert!(SqliteStore::connect(&file, catalog).await.is_ok(), "a file is taken");
     }
 
