@@ -83,8 +83,9 @@ pub enum Command {
         #[arg(long, env = "TALLY_READ_TIMEOUT", default_value_t = app::DEFAULT_READ_TIMEOUT_SECONDS,
               allow_negative_numbers = true, value_parser = app::parse_read_timeout)]
         read_timeout: u64,
-        /// Connections to hold open at once; more wait until one closes (a busy one is closed for each). The
-        /// open-file limit is raised to fit them, or the number lowered to fit it (with a warning).
+        /// Connections to hold open at once; more wait until one closes (for each, one kept alive and idle
+        /// for a second is closed, or else the next to answer). The open-file limit is raised to fit them, or
+        /// the number lowered to fit it (with a warning).
         #[arg(long, env = "TALLY_MAX_CONNECTIONS", default_value_t = app::DEFAULT_MAX_CONNECTIONS,
               allow_negative_numbers = true, value_parser = app::parse_max_connections)]
         max_connections: usize,
@@ -375,13 +376,18 @@ fn is_broken_pipe(error: &anyhow::Error) -> bool {
 /// (review BQ: `serve 2>&-` kept a valid admin key nobody had seen).
 fn stderr_is_dev_null() -> bool {
     use std::os::fd::AsFd as _;
-    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
-    let stderr = std::io::stderr()
+    std::io::stderr()
         .as_fd()
         .try_clone_to_owned()
-        .and_then(|fd| std::fs::File::from(fd).metadata());
-    match (stderr, std::fs::metadata("/dev/null")) {
-        (Ok(stderr), Ok(null)) => stderr.file_type().is_char_device() && stderr.rdev() == null.rdev(),
+        .is_ok_and(|fd| is_dev_null(&std::fs::File::from(fd)))
+}
+
+/// Whether `file` is `/dev/null` (another character device, a terminal
+/// say, is not).
+fn is_dev_null(file: &std::fs::File) -> bool {
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+    match (file.metadata(), std::fs::metadata("/dev/null")) {
+        (Ok(file), Ok(null)) => file.file_type().is_char_device() && file.rdev() == null.rdev(),
         _ => false,
     }
 }
@@ -536,6 +542,17 @@ async fn serve(settings: Settings, with_jobs: bool) -> anyhow::Result<ExitCode> 
 #[cfg(test)]
 mod tests {
     use chrono::NaiveDate;
+
+    /// The bootstrap key is refused to /dev/null only: a terminal, another
+    /// character device, must still show it (review BR: a mutant refusing
+    /// every character device went untested).
+    #[test]
+    fn only_dev_null_is_taken_for_dev_null() {
+        let open = |path: &str| std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        assert!(super::is_dev_null(&open("/dev/null")));
+        assert!(!super::is_dev_null(&open("/dev/zero")), "a character device, not null");
+        assert!(!super::is_dev_null(&tempfile::tempfile().unwrap()));
+    }
     use clap::Parser as _;
 
     use super::{Cli, Granularity, ReadScope, TotalName};

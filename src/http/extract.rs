@@ -23,10 +23,12 @@ const REFUSED_BODY_BYTES: usize = 32 * 1024 * 1024;
 /// How long a refused body is read at most (see [`REFUSED_BODY_BYTES`]).
 const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
 /// How long a body that came too slowly (408) is read after it was refused,
-/// at most, for bytes the client had on their way: it has been silent for
-/// the read timeout, so the 408 goes out without waiting [`DRAIN_TIME`]
-/// for more (review BQ: it came 5 s after the read timeout, after a client
-/// with the same 30 s timeout had given up).
+/// at most, for bytes the client had on their way, rather than
+/// [`DRAIN_TIME`] (review BQ: the 408 came 5 s after the read timeout, after
+/// a client with the same 30 s timeout had given up). A client refused for
+/// its pace while it still sends, and that reads only once all is sent, may
+/// see a reset rather than the 408; it did with the 5 s read too whenever
+/// more than 5 s of its body remained (review BR).
 const SLOW_BODY_DRAIN_TIME: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// The slowest pace a body may keep once the read timeout has passed: each

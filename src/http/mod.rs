@@ -194,8 +194,9 @@ impl Server {
     }
 
     /// Serves until `shutdown` resolves, then finishes requests in flight,
-    /// those whose clients have gone too, for at most the grace period: a client that never sends the rest of its
-    /// body must not keep the process from stopping.
+    /// those whose clients have gone too, for at most the grace period: a
+    /// client that never sends the rest of its body must not keep the
+    /// process from stopping.
     ///
     /// Served through hyper rather than `axum::serve`, which gives hyper no
     /// timer: without one a connection that sends its head a byte at a time,
@@ -206,8 +207,9 @@ impl Server {
     /// At `max_connections` open, the loop holds the next client it takes
     /// until a connection closes, and the clients after it wait in the
     /// kernel's listen queue, rather than take file descriptors the database
-    /// needs. For that client one connection closes: an idle kept-alive one
-    /// at once ([`open_connections`]), failing that the next to answer.
+    /// needs. For that client one connection closes: one kept alive and idle
+    /// for a second at once ([`open_connections`]), failing that the next to
+    /// answer.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(hyper_util::rt::TokioTimer::new())
