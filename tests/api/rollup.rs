@@ -1099,6 +1099,8 @@ async fn on_postgres_a_rollup_held_back_by_an_open_transaction_says_so() {
     };
     let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
     let open = transaction_holding_an_id(&pool).await;
+    // From before the post: the entry's `recorded_at` is no earlier.
+    let started = std::time::Instant::now();
     let posted = app
         .post_entries(
             serde_json::json!({"account": "acme", "resource": "api_requests", "amount": 5,
@@ -1108,7 +1110,6 @@ async fn on_postgres_a_rollup_held_back_by_an_open_transaction_says_so() {
     assert_eq!(posted.status, 200, "{:?}", posted.body);
     // Held back for a moment, as writes in flight under steady load hold
     // the newest entries: no note (review BO: one at every run said nothing).
-    let started = std::time::Instant::now();
     let moment = app.cli(&["rollup"]);
     if started.elapsed() < std::time::Duration::from_millis(1500) {
         assert!(!String::from_utf8_lossy(&moment.stderr).contains("note:"), "{moment:?}");

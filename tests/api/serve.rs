@@ -305,16 +305,9 @@ async fn an_idle_kept_alive_connection_at_the_cap_is_closed_for_a_waiting_client
 /// died at its first log line. Such lines are now dropped, and requests,
 /// each of which logs at debug, are answered.
 async fn serve_goes_on_when_its_log_lines_cannot_be_written(app: TestApp) {
-    // A free port, read before `serve` binds it (its own log, which names
-    // the port, cannot be read).
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
     let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--no-jobs"])
+        .args(["serve", "--listen", "127.0.0.1:0", "--no-jobs"])
         .env("TALLY_DATABASE_URL", &app.database_url)
         .env("TALLY_ADMIN_KEY", "full-log-admin")
         .env("RUST_LOG", "debug")
@@ -323,6 +316,19 @@ async fn serve_goes_on_when_its_log_lines_cannot_be_written(app: TestApp) {
         .kill_on_drop(true)
         .spawn()
         .expect("tally serve starts");
+    // Its own log, which names the port, cannot be read: the kernel's can
+    // (review BR: a port picked beforehand could be taken by another test).
+    let pid = serve.id().unwrap();
+    let mut port = None;
+    for _ in 0..100 {
+        port = listening_port_of(pid);
+        if port.is_some() {
+            break;
+        }
+        assert!(serve.try_wait().unwrap().is_none(), "serve ended");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let port = port.expect("serve listens within 10 s");
     let client = reqwest::Client::new();
     let address = format!("http://127.0.0.1:{port}");
     let mut health = None;
@@ -377,6 +383,28 @@ async fn a_probe_is_answered_within_3_s(address: std::net::SocketAddr) {
         started.elapsed()
     );
     assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+}
+
+/// The TCP port process `pid` listens on, from /proc (Linux): its sockets'
+/// inodes, looked up among the listening sockets of /proc/net/tcp.
+fn listening_port_of(pid: u32) -> Option<u16> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|target| {
+            let target = target.to_string_lossy().into_owned();
+            Some(target.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        // sl local_address rem_address st … inode (the tenth field).
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let listening = fields.get(3) == Some(&"0A");
+        let ours = fields.get(9).is_some_and(|inode| inodes.iter().any(|i| i == inode));
+        let port = fields.get(1)?.rsplit_once(':')?.1;
+        (listening && ours).then(|| u16::from_str_radix(port, 16).ok())?
+    })
 }
 
 /// Under a hard open-file limit of 300, `TALLY_MAX_CONNECTIONS=1000` cannot
