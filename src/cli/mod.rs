@@ -83,9 +83,9 @@ pub enum Command {
         #[arg(long, env = "TALLY_READ_TIMEOUT", default_value_t = app::DEFAULT_READ_TIMEOUT_SECONDS,
               allow_negative_numbers = true, value_parser = app::parse_read_timeout)]
         read_timeout: u64,
-        /// Connections to hold open at once; more wait until one closes (for each, one kept alive and idle
-        /// for a second is closed, or else the next to answer). The open-file limit is raised to fit them, or
-        /// the number lowered to fit it (with a warning).
+        /// Connections to hold open at once; more wait until one closes (for each, the next answer closes
+        /// its connection, or one kept alive and idle for a second is closed). The open-file limit is raised
+        /// to fit them, or the number lowered to fit it (with a warning).
         #[arg(long, env = "TALLY_MAX_CONNECTIONS", default_value_t = app::DEFAULT_MAX_CONNECTIONS,
               allow_negative_numbers = true, value_parser = app::parse_max_connections)]
         max_connections: usize,

@@ -207,9 +207,9 @@ impl Server {
     /// At `max_connections` open, the loop holds the next client it takes
     /// until a connection closes, and the clients after it wait in the
     /// kernel's listen queue, rather than take file descriptors the database
-    /// needs. For that client one connection closes: one kept alive and idle
-    /// for a second at once ([`open_connections`]), failing that the next to
-    /// answer.
+    /// needs. For that client one connection closes: the next to answer, or
+    /// one kept alive and idle for a second ([`open_connections`]),
+    /// whichever comes first.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(hyper_util::rt::TokioTimer::new())
@@ -219,7 +219,7 @@ impl Server {
         let mut shutdown = std::pin::pin!(shutdown);
         let slots = Arc::new(tokio::sync::Semaphore::new(self.max_connections));
         let mut warned_full_at: Option<std::time::Instant> = None;
-        loop {
+        'serving: loop {
             let (stream, peer) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
                     Ok(accepted) => accepted,
@@ -252,12 +252,29 @@ impl Server {
                             self.max_connections
                         );
                     }
-                    if !connections.close_one_idle() {
+                    let mut closed_one = connections.close_one_idle();
+                    if !closed_one {
                         service.closes_owed.store(1, std::sync::atomic::Ordering::Relaxed);
                     }
-                    let slot = tokio::select! {
-                        slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
-                        () = &mut shutdown => break,
+                    let slot = loop {
+                        tokio::select! {
+                            slot = slots.clone().acquire_owned() => break slot.expect("the semaphore is never closed"),
+                            () = &mut shutdown => break 'serving,
+                            // Connections idle for less than a second when
+                            // the client came may have no next answer to
+                            // close them (a pool's quiet ones): look again as
+                            // they age (review BS: a probe waited the read
+                            // timeout).
+                            () = tokio::time::sleep(open_connections::IDLE_BEFORE_CLOSING / 4), if !closed_one => {
+                                // An answer that took the close owed has
+                                // closed one already: one per waiting client.
+                                closed_one = service.closes_owed.load(std::sync::atomic::Ordering::Relaxed) == 0
+                                    || connections.close_one_idle();
+                                if closed_one {
+                                    service.closes_owed.store(0, std::sync::atomic::Ordering::Relaxed);
+                                }
+                            }
+                        }
                     };
                     service.closes_owed.store(0, std::sync::atomic::Ordering::Relaxed);
                     slot
@@ -267,8 +284,11 @@ impl Server {
             // segment back for the client's acknowledgement.
             let _ = stream.set_nodelay(true);
             connection::wake_writes_often(&stream);
-            let io = connection::WriteDeadline::new(hyper_util::rt::TokioIo::new(stream), self.read_timeout);
             let (number, this_connection) = connections.opened();
+            let io = connection::WriteDeadline::new(
+                open_connections::Activity::new(hyper_util::rt::TokioIo::new(stream), this_connection.clone()),
+                self.read_timeout,
+            );
             let connection = http.serve_connection(
                 io,
                 OnConnection {
@@ -366,8 +386,7 @@ type Answer = std::pin::Pin<
 >;
 
 /// [`RunToCompletion`] on one connection, which it tells whether a request
-/// is in flight or its answer still being sent
-/// ([`open_connections::OpenConnection::handling`]).
+/// is in flight ([`open_connections::OpenConnection::handling`]).
 #[derive(Clone)]
 struct OnConnection {
     requests: RunToCompletion,
@@ -380,19 +399,15 @@ impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for OnConnec
     type Future = Answer;
 
     fn call(&self, request: hyper::Request<hyper::body::Incoming>) -> Self::Future {
-        use http_body_util::BodyExt as _;
         let handling = self.connection.handling();
         let answer = self.requests.call(request);
         Box::pin(async move {
-            let Ok(response) = answer.await;
-            // Busy until hyper has sent the whole answer and drops its body:
-            // a connection still writing one is not idle.
-            Ok(response.map(|body| {
-                axum::body::Body::new(body.map_frame(move |frame| {
-                    let _busy = &handling;
-                    frame
-                }))
-            }))
+            let answer = answer.await;
+            // The answer is handed to hyper whole; while it is written, the
+            // connection's I/O keeps it from looking idle
+            // (`open_connections::Activity`).
+            drop(handling);
+            answer
         })
     }
 }

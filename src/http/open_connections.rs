@@ -13,12 +13,19 @@
 //! back to back is never idle that long, and is told to close by its next
 //! answer instead (`Connection: close`, which loses nothing; review BR saw
 //! 1 340 of 84 000 requests lost when any connection between two requests
-//! could be closed).
+//! could be closed). Idle means no request in flight and no byte read or
+//! written ([`Activity`]): hyper takes an answer whole and writes it on
+//! after the request is done, and a request's first bytes arrive before
+//! hyper hands it on (review BS).
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+
+use hyper::rt::{Read, ReadBufCursor, Write};
 
 use tokio::sync::Notify;
 
@@ -33,10 +40,12 @@ pub struct OpenConnection {
     /// Requests of this connection being handled or answered (at most one:
     /// HTTP/1.1 answers in order).
     handling: AtomicUsize,
-    /// When its last answer was sent whole, in µs after `epoch`, plus one;
-    /// 0 while it has had none (one that has not may be a client about to
-    /// send its first request, and is left alone).
+    /// When its last request was answered (handed to hyper), in µs after
+    /// `epoch`, plus one; 0 while it has had none (one that has not may be a
+    /// client about to send its first request, and is left alone).
     last_answered: AtomicU64,
+    /// When its socket last gave or took bytes, in µs after `epoch`.
+    last_active: AtomicU64,
     /// Whether it has been told to close: not told twice, nor counted twice
     /// for two waiting clients.
     told: AtomicBool,
@@ -51,6 +60,7 @@ impl OpenConnection {
             epoch,
             handling: AtomicUsize::new(0),
             last_answered: AtomicU64::new(0),
+            last_active: AtomicU64::new(0),
             told: AtomicBool::new(false),
             close: Notify::new(),
         }
@@ -79,15 +89,83 @@ impl OpenConnection {
     }
 
     /// How long, at `now`, it has been kept alive with nothing to do since
-    /// its last answer; None while a request is in flight, before its first
-    /// answer, or once told to close.
+    /// its last answer and its last byte read or written; None while a
+    /// request is in flight, before its first answer, or once told to close.
     fn idle_for(&self, now: Instant) -> Option<Duration> {
         if self.told.load(Ordering::Acquire) || self.handling.load(Ordering::Acquire) > 0 {
             return None;
         }
         let answered = self.last_answered.load(Ordering::Acquire).checked_sub(1)?;
-        let answered_at = self.epoch + Duration::from_micros(answered);
-        Some(now.saturating_duration_since(answered_at))
+        let busy_until = answered.max(self.last_active.load(Ordering::Acquire));
+        Some(now.saturating_duration_since(self.epoch + Duration::from_micros(busy_until)))
+    }
+
+    /// µs from `epoch` to now.
+    fn now_since_epoch(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX - 1)
+    }
+}
+
+/// A connection's I/O, stamping its [`OpenConnection`] active at each read
+/// or write that moves bytes: a connection still writing a large answer to a
+/// slow reader, or whose next request is arriving, is not idle.
+pub struct Activity<T> {
+    inner: T,
+    connection: Arc<OpenConnection>,
+}
+
+impl<T> Activity<T> {
+    /// `inner`, stamping `connection`.
+    pub fn new(inner: T, connection: Arc<OpenConnection>) -> Self {
+        Self { inner, connection }
+    }
+
+    fn stamp_if_moved<R>(&self, poll: &Poll<std::io::Result<R>>) {
+        if matches!(poll, Poll::Ready(Ok(_))) {
+            let now = self.connection.now_since_epoch();
+            self.connection.last_active.store(now, Ordering::Release);
+        }
+    }
+}
+
+impl<T: Read + Unpin> Read for Activity<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: ReadBufCursor<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
+        this.stamp_if_moved(&poll);
+        poll
+    }
+}
+
+impl<T: Write + Unpin> Write for Activity<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.stamp_if_moved(&poll);
+        poll
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.stamp_if_moved(&poll);
+        poll
     }
 }
 
@@ -96,7 +174,7 @@ pub struct Handling(Arc<OpenConnection>);
 
 impl Drop for Handling {
     fn drop(&mut self) {
-        let since_epoch = u64::try_from(self.0.epoch.elapsed().as_micros()).unwrap_or(u64::MAX - 1);
+        let since_epoch = self.0.now_since_epoch();
         self.0.last_answered.store(since_epoch + 1, Ordering::Release);
         self.0.handling.fetch_sub(1, Ordering::AcqRel);
     }
