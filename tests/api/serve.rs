@@ -486,13 +486,7 @@ async fn a_connection_writing_a_large_answer_is_not_taken_for_idle(app: TestApp)
     )
     .await;
     let address = serve.socket_addr();
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut large = socket.connect(address).await.unwrap();
-    let request = format!(
-        "GET /v1/accounts/big/entries?limit=1000 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {admin_key}\r\n\r\n"
-    );
-    large.write_all(request.as_bytes()).await.unwrap();
+    let mut large = ask_for_the_4_mb_listing(address, admin_key).await;
     // About 80 KB/s: the 4 MB answer takes far longer than the test's probe.
     let reading = tokio::spawn(async move {
         let mut got = 0usize;
@@ -527,6 +521,21 @@ async fn a_connection_writing_a_large_answer_is_not_taken_for_idle(app: TestApp)
     assert!(!closed, "the large answer's connection was closed after {got} bytes");
 }
 
+/// Asks `address` for the listing [`post_4_mb_of_entries`] made, on a
+/// connection with a small receive buffer (so that the answer goes no faster
+/// than it is read); returns the connection, the answer to be read.
+async fn ask_for_the_4_mb_listing(address: std::net::SocketAddr, admin_key: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt as _;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(address).await.unwrap();
+    let request = format!(
+        "GET /v1/accounts/big/entries?limit=1000 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {admin_key}\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    stream
+}
+
 /// Posts 1 000 entries of about 4 KB each for account `big`: its listing of
 /// 1 000 is an answer of about 4 MB.
 async fn post_4_mb_of_entries(app: &TestApp) {
@@ -547,17 +556,11 @@ async fn post_4_mb_of_entries(app: &TestApp) {
 /// answer to be sent whole (review BR: no test held the stop's wait for
 /// open connections, which alone covers an answer still being written).
 async fn a_client_that_reads_a_large_answer_slowly_gets_all_of_it(app: TestApp) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::io::AsyncReadExt as _;
     post_4_mb_of_entries(&app).await;
     let admin_key = "tly_read_timeout_admin_key";
     let (mut serve, address) = serve_with_a_one_second_read_timeout(&app, admin_key).await;
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut stream = socket.connect(address).await.unwrap();
-    let request = format!(
-        "GET /v1/accounts/big/entries?limit=1000 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {admin_key}\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut stream = ask_for_the_4_mb_listing(address, admin_key).await;
     // About 80 KB/s for 3 s, three read timeouts: far slower than the
     // answer (about 4 MB) could go, but never still.
     let mut got = Vec::new();
