@@ -282,6 +282,9 @@ async fn an_idle_kept_alive_connection_at_the_cap_is_closed_for_a_waiting_client
     );
     in_flight.write_all(head.as_bytes()).await.unwrap();
     in_flight.write_all(&body.as_bytes()[..10]).await.unwrap();
+    // Its bytes read well before the idle one's answer, so that it would be
+    // the one idle longest were its request in flight not counted.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     // Answered last, and idle since.
     let mut idle = tokio::net::TcpStream::connect(address).await.unwrap();
     idle.write_all(HEALTH).await.unwrap();
