@@ -67,7 +67,8 @@ impl OpenConnection {
     }
 
     /// Marks a request of this connection in flight until the guard drops,
-    /// which should be once its answer is sent whole.
+    /// once its answer is handed to hyper (the bytes hyper writes after
+    /// that are stamped by [`Activity`]).
     pub fn handling(self: &Arc<Self>) -> Handling {
         self.handling.fetch_add(1, Ordering::AcqRel);
         Handling(self.clone())

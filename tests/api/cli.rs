@@ -1462,14 +1462,15 @@ async fn reads_of_a_database_that_is_not_there_fail_and_create_nothing(app: Test
         assert!(created.status.success(), "{}", text(&created.stderr));
         assert!(typo.exists(), "post creates the database");
         // `file:` names the file after it; a folder is said to be one.
-        let run = |url: &str| {
+        let tally_in_dir = |args: &[&str], url: &str| {
             Command::new(env!("CARGO_BIN_EXE_tally"))
-                .args(["check", "acme", "api_requests"])
+                .args(args)
                 .env("TALLY_DATABASE_URL", url)
                 .current_dir(dir.path())
                 .output()
                 .unwrap()
         };
+        let run = |url: &str| tally_in_dir(&["check", "acme", "api_requests"], url);
         let out = run("sqlite:file:typo.db");
         assert!(out.status.success(), "{}", text(&out.stderr));
         // Review BM: an in-memory database, however spelt, dies with the
@@ -1503,12 +1504,7 @@ async fn reads_of_a_database_that_is_not_there_fail_and_create_nothing(app: Test
         // table". Said plainly, for reads and writes alike.
         for url in ["sqlite://", "sqlite:", "sqlite://?mode=rwc"] {
             for args in [&["migrate"][..], &["usage", "acme"]] {
-                let out = Command::new(env!("CARGO_BIN_EXE_tally"))
-                    .args(args)
-                    .env("TALLY_DATABASE_URL", url)
-                    .current_dir(dir.path())
-                    .output()
-                    .unwrap();
+                let out = tally_in_dir(args, url);
                 let said = text(&out.stderr);
                 assert_eq!(out.status.code(), Some(1), "{url} {args:?}: {said}");
                 assert!(said.contains("names no file; give one"), "{url} {args:?}: {said}");
@@ -1523,12 +1519,7 @@ async fn reads_of_a_database_that_is_not_there_fail_and_create_nothing(app: Test
             ("sqlite:file:memdb-typo?vfs=memdb", "opens an in-memory database"),
             ("sqlite://typo.db?nonsense=1", "unknown query parameter `nonsense`"),
         ] {
-            let out = Command::new(env!("CARGO_BIN_EXE_tally"))
-                .arg("migrate")
-                .env("TALLY_DATABASE_URL", url)
-                .current_dir(dir.path())
-                .output()
-                .unwrap();
+            let out = tally_in_dir(&["migrate"], url);
             let said = text(&out.stderr);
             assert_eq!(out.status.code(), Some(1), "{url}: {said}");
             assert!(said.contains(says), "{url}: {said}");
