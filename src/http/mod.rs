@@ -182,6 +182,7 @@ impl Server {
             service: RunToCompletion {
                 router: router(state),
                 closes_owed: Arc::default(),
+                stopping: Arc::default(),
                 running: Arc::new(tokio::sync::Semaphore::new(places_for(max_connections) as usize)),
             },
             grace,
@@ -196,7 +197,9 @@ impl Server {
     /// Serves until `shutdown` resolves, then finishes requests in flight,
     /// those whose clients have gone too, for at most the grace period: a
     /// client that never sends the rest of its body must not keep the
-    /// process from stopping.
+    /// process from stopping. Each connection closes after its next answer
+    /// or once quiet for a second ([`open_connections`]), whichever comes
+    /// first.
     ///
     /// Served through hyper rather than `axum::serve`, which gives hyper no
     /// timer: without one a connection that sends its head a byte at a time,
@@ -326,12 +329,22 @@ impl Server {
         }
         drop(self.listener);
         let grace = self.grace;
-        connections.close_all();
+        // From here every answer closes its connection; connections quiet
+        // for a second are closed, looked for again as they age. Closing
+        // every one at once dropped the request a client sending back to
+        // back had just sent (review BS).
+        service.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
         let finished = async {
             // Every connection has closed once every slot is back.
-            let _every_slot = slots
-                .acquire_many(u32::try_from(self.max_connections).unwrap_or(u32::MAX))
-                .await;
+            let every_slot = slots.acquire_many(u32::try_from(self.max_connections).unwrap_or(u32::MAX));
+            let mut every_slot = std::pin::pin!(every_slot);
+            loop {
+                connections.close_quiet();
+                tokio::select! {
+                    _every_slot = every_slot.as_mut() => break,
+                    () = tokio::time::sleep(open_connections::IDLE_BEFORE_CLOSING / 4) => {}
+                }
+            }
             // Requests whose clients have gone run on in tasks of their own
             // (`RunToCompletion`): wait for them too, or the process would
             // end them mid-transaction once the pools' close gave up (5 s),
@@ -366,7 +379,8 @@ impl Server {
 ///
 /// While a client waits for a connection slot, the next answer (one per
 /// waiting client: `closes_owed`) carries `Connection: close`, so that
-/// hyper ends its connection and frees a slot ([`Server::run`]).
+/// hyper ends its connection and frees a slot ([`Server::run`]); from a
+/// stop on (`stopping`), every answer does.
 ///
 /// A request whose client has gone keeps running, outside the connection
 /// cap: `running` bounds all of them, so that clients that time out and
@@ -377,6 +391,7 @@ impl Server {
 struct RunToCompletion {
     router: Router,
     closes_owed: Arc<std::sync::atomic::AtomicUsize>,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
     running: Arc<tokio::sync::Semaphore>,
 }
 
@@ -431,6 +446,7 @@ impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for RunToCom
         use tower::ServiceExt as _;
         let router = self.router.clone();
         let closes_owed = self.closes_owed.clone();
+        let stopping = self.stopping.clone();
         let running = self.running.clone();
         Box::pin(async move {
             let place = running.acquire_owned().await.expect("the semaphore is never closed");
@@ -448,7 +464,7 @@ impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for RunToCom
                 // (`answer_a_panic`); this is for one outside it, in a layer.
                 Err(failed) => axum::response::IntoResponse::into_response(ApiError::Internal(failed.into())),
             };
-            if take_one_owed(&closes_owed) {
+            if stopping.load(std::sync::atomic::Ordering::Relaxed) || take_one_owed(&closes_owed) {
                 response.headers_mut().insert(
                     axum::http::header::CONNECTION,
                     axum::http::HeaderValue::from_static("close"),

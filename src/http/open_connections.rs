@@ -1,6 +1,6 @@
 //! The connections `serve` holds open, so that it can close one kept alive
-//! and idle when a client waits at the connection cap, and all of them at a
-//! stop.
+//! and idle when a client waits at the connection cap, and the quiet ones at
+//! a stop.
 //!
 //! A kept-alive connection with no request in flight gave up its slot only
 //! at the read timeout (30 s): at the cap, with every slot held by idle
@@ -17,6 +17,12 @@
 //! written ([`Activity`]): hyper takes an answer whole and writes it on
 //! after the request is done, and a request's first bytes arrive before
 //! hyper hands it on (review BS).
+//!
+//! A stop closes, the same way, only connections quiet for
+//! [`IDLE_BEFORE_CLOSING`] ([`OpenConnections::close_quiet`]): closing every
+//! one at once dropped the request a client sending back to back had just
+//! sent (review BS: 13 of 16 connections). The others are told to close by
+//! their next answer, which carries `Connection: close` from the stop on.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -44,7 +50,8 @@ pub struct OpenConnection {
     /// `epoch`, plus one; 0 while it has had none (one that has not may be a
     /// client about to send its first request, and is left alone).
     last_answered: AtomicU64,
-    /// When its socket last gave or took bytes, in µs after `epoch`.
+    /// When its socket last gave or took bytes, or else when it was
+    /// accepted, in µs after `epoch`.
     last_active: AtomicU64,
     /// Whether it has been told to close: not told twice, nor counted twice
     /// for two waiting clients.
@@ -56,11 +63,12 @@ pub struct OpenConnection {
 
 impl OpenConnection {
     fn new(epoch: Instant) -> Self {
+        let accepted = u64::try_from(epoch.elapsed().as_micros()).unwrap_or(u64::MAX - 1);
         Self {
             epoch,
             handling: AtomicUsize::new(0),
             last_answered: AtomicU64::new(0),
-            last_active: AtomicU64::new(0),
+            last_active: AtomicU64::new(accepted),
             told: AtomicBool::new(false),
             close: Notify::new(),
         }
@@ -93,10 +101,20 @@ impl OpenConnection {
     /// its last answer and its last byte read or written; None while a
     /// request is in flight, before its first answer, or once told to close.
     fn idle_for(&self, now: Instant) -> Option<Duration> {
+        if self.last_answered.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        self.quiet_for(now)
+    }
+
+    /// How long, at `now`, it has had nothing to do since it was accepted,
+    /// its last answer, and its last byte read or written; None while a
+    /// request is in flight or once told to close.
+    fn quiet_for(&self, now: Instant) -> Option<Duration> {
         if self.told.load(Ordering::Acquire) || self.handling.load(Ordering::Acquire) > 0 {
             return None;
         }
-        let answered = self.last_answered.load(Ordering::Acquire).checked_sub(1)?;
+        let answered = self.last_answered.load(Ordering::Acquire).saturating_sub(1);
         let busy_until = answered.max(self.last_active.load(Ordering::Acquire));
         Some(now.saturating_duration_since(self.epoch + Duration::from_micros(busy_until)))
     }
@@ -228,11 +246,21 @@ impl OpenConnections {
             .is_some_and(|(_, connection)| connection.tell_to_close())
     }
 
-    /// Tells every connection to close once its request in flight, if any,
-    /// is answered (a stop).
-    pub fn close_all(&self) {
+    /// Tells every connection quiet for [`IDLE_BEFORE_CLOSING`] (kept alive
+    /// with nothing to do, or sent nothing since it was accepted) to close:
+    /// a stop, which looks again as connections age.
+    pub fn close_quiet(&self) {
+        self.close_quiet_at(Instant::now());
+    }
+
+    fn close_quiet_at(&self, now: Instant) {
         for connection in self.lock().values() {
-            connection.tell_to_close();
+            if connection
+                .quiet_for(now)
+                .is_some_and(|quiet| quiet >= IDLE_BEFORE_CLOSING)
+            {
+                connection.tell_to_close();
+            }
         }
     }
 
@@ -290,6 +318,32 @@ mod tests {
             "the other, for a second waiting client"
         );
         assert!(second.told.load(std::sync::atomic::Ordering::Acquire));
+    }
+
+    #[test]
+    fn a_stop_closes_only_connections_quiet_for_a_while_whether_answered_or_not() {
+        let open = OpenConnections::default();
+        let (_, silent) = open.opened();
+        let (_, answered) = open.opened();
+        drop(answered.handling());
+        let (_, in_flight) = open.opened();
+        let _request = in_flight.handling();
+        open.close_quiet();
+        assert!(
+            !silent.told.load(std::sync::atomic::Ordering::Acquire),
+            "just accepted: its client may be sending its first request"
+        );
+        assert!(
+            !answered.told.load(std::sync::atomic::Ordering::Acquire),
+            "just answered: its client may be sending the next request"
+        );
+        open.close_quiet_at(later());
+        assert!(silent.told.load(std::sync::atomic::Ordering::Acquire));
+        assert!(answered.told.load(std::sync::atomic::Ordering::Acquire));
+        assert!(
+            !in_flight.told.load(std::sync::atomic::Ordering::Acquire),
+            "its answer will say it closes"
+        );
     }
 
     #[test]
