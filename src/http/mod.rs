@@ -211,8 +211,8 @@ impl Server {
     /// until a connection closes, and the clients after it wait in the
     /// kernel's listen queue, rather than take file descriptors the database
     /// needs. For that client one connection closes: the next to answer, or
-    /// one kept alive and idle for a second ([`open_connections`]),
-    /// whichever comes first.
+    /// one quiet for a second (kept alive and idle, or silent since it was
+    /// accepted: [`open_connections`]), whichever comes first.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(hyper_util::rt::TokioTimer::new())
@@ -234,9 +234,10 @@ impl Server {
                 () = &mut shutdown => break,
             };
             // At the cap, the client just taken (one past it) waits for a
-            // slot, and one connection is closed for it: an idle kept-alive
-            // one, which would otherwise hold its slot until the read
-            // timeout, or else the next to answer (`Connection: close`),
+            // slot, and one connection is closed for it: a quiet one (kept
+            // alive and idle, or silent since it was accepted), which would
+            // otherwise hold its slot until the read timeout, or else the
+            // next to answer (`Connection: close`),
             // since busy kept-alive clients would otherwise hold every slot
             // for as long as they keep sending, and the ones waiting,
             // `/healthz` among them, would never get in (review BO). One
@@ -250,12 +251,12 @@ impl Server {
                         tracing::warn!(
                             max_connections = self.max_connections,
                             "at the cap of {} open connections (--max-connections, or what the open-file limit \
-                             left of it at start): new ones wait until one closes, and one is closed for each, an idle \
-                             kept-alive one or else the next to answer (warned at most once a minute)",
+                             left of it at start): new ones wait until one closes, and one is closed for each, one quiet \
+                             for a second or else the next to answer (warned at most once a minute)",
                             self.max_connections
                         );
                     }
-                    let mut closed_one = connections.close_one_idle();
+                    let mut closed_one = connections.close_one_quiet();
                     if !closed_one {
                         service.closes_owed.store(1, std::sync::atomic::Ordering::Relaxed);
                     }
@@ -263,16 +264,16 @@ impl Server {
                         tokio::select! {
                             slot = slots.clone().acquire_owned() => break slot.expect("the semaphore is never closed"),
                             () = &mut shutdown => break 'serving,
-                            // Connections idle for less than a second when
+                            // Connections quiet for less than a second when
                             // the client came may have no next answer to
-                            // close them (a pool's quiet ones): look again as
+                            // close them (a pool's idle ones): look again as
                             // they age (review BS: a probe waited the read
                             // timeout).
                             () = tokio::time::sleep(open_connections::IDLE_BEFORE_CLOSING / 4), if !closed_one => {
                                 // An answer that took the close owed has
                                 // closed one already: one per waiting client.
                                 closed_one = service.closes_owed.load(std::sync::atomic::Ordering::Relaxed) == 0
-                                    || connections.close_one_idle();
+                                    || connections.close_one_quiet();
                                 if closed_one {
                                     service.closes_owed.store(0, std::sync::atomic::Ordering::Relaxed);
                                 }

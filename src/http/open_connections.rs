@@ -1,20 +1,22 @@
-//! The connections `serve` holds open, so that it can close one kept alive
-//! and idle when a client waits at the connection cap, and the quiet ones at
-//! a stop.
+//! The connections `serve` holds open, so that it can close a quiet one when
+//! a client waits at the connection cap, and the quiet ones at a stop.
 //!
 //! A kept-alive connection with no request in flight gave up its slot only
 //! at the read timeout (30 s): at the cap, with every slot held by idle
 //! connections of callers' pools, a client waiting (a liveness probe) waited
-//! that long. HTTP/1.1 lets a server close an idle connection at any time,
+//! that long; so did it behind connections that sent nothing at all (a
+//! pool's connections opened ahead of need), as nginx, which closes those
+//! too when it runs out of connections, does not make it wait. HTTP/1.1 lets a server close an idle connection at any time,
 //! but a client may be sending its next request on it at that very moment,
-//! and that request is then lost unanswered. So only a connection idle for
-//! [`IDLE_BEFORE_CLOSING`] is closed for a waiting client, the one idle
+//! and that request is then lost unanswered. So only a connection quiet for
+//! [`IDLE_BEFORE_CLOSING`] is closed for a waiting client, the one quiet
 //! longest (clients' pools reuse the one used last); a client that sends
 //! back to back is never idle that long, and is told to close by its next
 //! answer instead (`Connection: close`, which loses nothing; review BR saw
 //! 1 340 of 84 000 requests lost when any connection between two requests
-//! could be closed). Idle means no request in flight and no byte read or
-//! written ([`Activity`]): hyper takes an answer whole and writes it on
+//! could be closed). Quiet means no request in flight and no byte read or
+//! written since it was accepted or last answered ([`Activity`]): hyper
+//! takes an answer whole and writes it on
 //! after the request is done, and a request's first bytes arrive before
 //! hyper hands it on (review BS).
 //!
@@ -35,8 +37,8 @@ use hyper::rt::{Read, ReadBufCursor, Write};
 
 use tokio::sync::Notify;
 
-/// How long a kept-alive connection must have had nothing to do before it
-/// may be closed for a client waiting at the cap.
+/// How long a connection must have had nothing to do before it may be
+/// closed for a client waiting at the cap, or at a stop.
 pub const IDLE_BEFORE_CLOSING: Duration = Duration::from_secs(1);
 
 /// One open connection, as the serve loop sees it.
@@ -47,8 +49,7 @@ pub struct OpenConnection {
     /// HTTP/1.1 answers in order).
     handling: AtomicUsize,
     /// When its last request was answered (handed to hyper), in µs after
-    /// `epoch`, plus one; 0 while it has had none (one that has not may be a
-    /// client about to send its first request, and is left alone).
+    /// `epoch`, plus one; 0 while it has had none.
     last_answered: AtomicU64,
     /// When its socket last gave or took bytes, or else when it was
     /// accepted, in µs after `epoch`.
@@ -95,16 +96,6 @@ impl OpenConnection {
         // A stored permit: the task sees it even if it is not waiting yet.
         self.close.notify_one();
         true
-    }
-
-    /// How long, at `now`, it has been kept alive with nothing to do since
-    /// its last answer and its last byte read or written; None while a
-    /// request is in flight, before its first answer, or once told to close.
-    fn idle_for(&self, now: Instant) -> Option<Duration> {
-        if self.last_answered.load(Ordering::Acquire) == 0 {
-            return None;
-        }
-        self.quiet_for(now)
     }
 
     /// How long, at `now`, it has had nothing to do since it was accepted,
@@ -231,18 +222,19 @@ impl OpenConnections {
         self.lock().remove(&number);
     }
 
-    /// Tells the kept-alive connection idle longest, if it has been idle for
+    /// Tells the connection quiet longest (kept alive with nothing to do,
+    /// or sent nothing since it was accepted), if it has been quiet for
     /// [`IDLE_BEFORE_CLOSING`], to close; false when none has.
-    pub fn close_one_idle(&self) -> bool {
-        self.close_one_idle_at(Instant::now())
+    pub fn close_one_quiet(&self) -> bool {
+        self.close_one_quiet_at(Instant::now())
     }
 
-    fn close_one_idle_at(&self, now: Instant) -> bool {
+    fn close_one_quiet_at(&self, now: Instant) -> bool {
         self.lock()
             .values()
-            .filter_map(|connection| Some((connection.idle_for(now)?, connection)))
-            .filter(|(idle, _)| *idle >= IDLE_BEFORE_CLOSING)
-            .max_by_key(|(idle, _)| *idle)
+            .filter_map(|connection| Some((connection.quiet_for(now)?, connection)))
+            .filter(|(quiet, _)| *quiet >= IDLE_BEFORE_CLOSING)
+            .max_by_key(|(quiet, _)| *quiet)
             .is_some_and(|(_, connection)| connection.tell_to_close())
     }
 
@@ -281,25 +273,31 @@ mod tests {
     }
 
     #[test]
-    fn only_a_connection_answered_and_idle_for_a_while_is_closed_for_a_waiting_client() {
+    fn only_a_connection_quiet_for_a_while_is_closed_for_a_waiting_client() {
         let open = OpenConnections::default();
         let (_, fresh) = open.opened();
         assert!(
-            !open.close_one_idle_at(later()),
-            "a connection not yet answered is left alone"
+            !open.close_one_quiet(),
+            "just accepted: its client may be sending its first request"
         );
         let in_flight = fresh.handling();
-        assert!(!open.close_one_idle_at(later()), "a request is in flight");
+        assert!(!open.close_one_quiet_at(later()), "a request is in flight");
         drop(in_flight);
         assert!(
-            !open.close_one_idle(),
+            !open.close_one_quiet(),
             "just answered: its client may be sending the next request"
         );
-        assert!(open.close_one_idle_at(later()), "answered, and idle a while since");
+        assert!(open.close_one_quiet_at(later()), "answered, and idle a while since");
         assert!(
-            !open.close_one_idle_at(later()),
+            !open.close_one_quiet_at(later()),
             "told once, and counted for one waiting client"
         );
+        let (_, silent) = open.opened();
+        assert!(
+            open.close_one_quiet_at(later()),
+            "sent nothing for a while since it was accepted"
+        );
+        assert!(silent.told.load(std::sync::atomic::Ordering::Acquire));
     }
 
     #[test]
@@ -310,11 +308,11 @@ mod tests {
         drop(first.handling());
         std::thread::sleep(Duration::from_millis(20));
         drop(second.handling());
-        assert!(open.close_one_idle_at(later()));
+        assert!(open.close_one_quiet_at(later()));
         assert!(first.told.load(std::sync::atomic::Ordering::Acquire), "idle longest");
         assert!(!second.told.load(std::sync::atomic::Ordering::Acquire));
         assert!(
-            open.close_one_idle_at(later()),
+            open.close_one_quiet_at(later()),
             "the other, for a second waiting client"
         );
         assert!(second.told.load(std::sync::atomic::Ordering::Acquire));
@@ -352,6 +350,6 @@ mod tests {
         let (number, connection) = open.opened();
         drop(connection.handling());
         open.closed(number);
-        assert!(!open.close_one_idle_at(later()));
+        assert!(!open.close_one_quiet_at(later()));
     }
 }
