@@ -266,7 +266,11 @@ impl OpenConnections {
 mod tests {
     use std::time::{Duration, Instant};
 
-    use super::{IDLE_BEFORE_CLOSING, OpenConnections};
+    use super::{IDLE_BEFORE_CLOSING, OpenConnection, OpenConnections};
+
+    fn told(connection: &OpenConnection) -> bool {
+        connection.told.load(std::sync::atomic::Ordering::Acquire)
+    }
 
     fn later() -> Instant {
         Instant::now() + IDLE_BEFORE_CLOSING + Duration::from_millis(100)
@@ -297,7 +301,7 @@ mod tests {
             open.close_one_quiet_at(later()),
             "sent nothing for a while since it was accepted"
         );
-        assert!(silent.told.load(std::sync::atomic::Ordering::Acquire));
+        assert!(told(&silent));
     }
 
     #[test]
@@ -309,13 +313,13 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         drop(second.handling());
         assert!(open.close_one_quiet_at(later()));
-        assert!(first.told.load(std::sync::atomic::Ordering::Acquire), "idle longest");
-        assert!(!second.told.load(std::sync::atomic::Ordering::Acquire));
+        assert!(told(&first), "idle longest");
+        assert!(!told(&second));
         assert!(
             open.close_one_quiet_at(later()),
             "the other, for a second waiting client"
         );
-        assert!(second.told.load(std::sync::atomic::Ordering::Acquire));
+        assert!(told(&second));
     }
 
     #[test]
@@ -328,20 +332,17 @@ mod tests {
         let _request = in_flight.handling();
         open.close_quiet();
         assert!(
-            !silent.told.load(std::sync::atomic::Ordering::Acquire),
+            !told(&silent),
             "just accepted: its client may be sending its first request"
         );
         assert!(
-            !answered.told.load(std::sync::atomic::Ordering::Acquire),
+            !told(&answered),
             "just answered: its client may be sending the next request"
         );
         open.close_quiet_at(later());
-        assert!(silent.told.load(std::sync::atomic::Ordering::Acquire));
-        assert!(answered.told.load(std::sync::atomic::Ordering::Acquire));
-        assert!(
-            !in_flight.told.load(std::sync::atomic::Ordering::Acquire),
-            "its answer will say it closes"
-        );
+        assert!(told(&silent));
+        assert!(told(&answered));
+        assert!(!told(&in_flight), "its answer will say it closes");
     }
 
     #[test]

@@ -187,15 +187,17 @@ async fn a_client_past_max_connections_waits_until_one_closes_then_is_served(app
     // puts the server back to waiting for a slot.
     let _fourth = tokio::net::TcpStream::connect(address).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
+    stop_within(&mut serve, Duration::from_secs(5)).await;
+}
+
+/// Sends `serve` SIGTERM and asserts that it exits 0 within `limit`.
+async fn stop_within(serve: &mut ServeProcess, limit: Duration) {
     let asked = Instant::now();
     serve.terminate();
-    let status = serve.wait_for_exit(Duration::from_secs(10)).await;
-    assert!(status.success(), "{}", serve.stderr());
-    assert!(
-        asked.elapsed() < Duration::from_secs(5),
-        "stopped after {:?}",
-        asked.elapsed()
-    );
+    let status = serve.wait_for_exit(limit + Duration::from_secs(10)).await;
+    let took = asked.elapsed();
+    assert!(status.success(), "{status:?}: {}", serve.stderr());
+    assert!(took < limit, "stopped after {took:?}: {}", serve.stderr());
 }
 
 /// Review BO: at the cap, kept-alive clients that kept sending held every
@@ -220,31 +222,15 @@ async fn busy_kept_alive_clients_at_the_cap_let_a_waiting_client_in(app: TestApp
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut busy = Vec::new();
     for _ in 0..2 {
-        let stop = stop.clone();
-        let mut client = tokio::net::TcpStream::connect(address).await.unwrap();
-        busy.push(tokio::spawn(async move {
-            // Requests one after another on one connection, until an answer
-            // closes it (returns true) or the test is over.
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                client.write_all(HEALTH).await.expect("a request is sent");
-                let answer = read_until_it_holds(&mut client, "\r\n\r\n", Duration::from_secs(5)).await;
-                assert!(
-                    answer.starts_with("HTTP/1.1 200"),
-                    "a request sent was dropped: {answer:?}"
-                );
-                if answer.to_ascii_lowercase().contains("connection: close") {
-                    return true;
-                }
-            }
-            false
-        }));
+        let client = tokio::net::TcpStream::connect(address).await.unwrap();
+        busy.push(tokio::spawn(ask_back_to_back(client, Duration::ZERO, stop.clone())));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     a_probe_is_answered_within_3_s(address).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut closed = 0;
     for client in busy {
-        closed += usize::from(client.await.unwrap());
+        closed += usize::from(client.await.unwrap().is_some());
     }
     // One waiting client, one connection closed (review BP: every answer
     // until the slot was taken closed them all).
@@ -258,45 +244,52 @@ async fn busy_kept_alive_clients_at_the_cap_let_a_waiting_client_in(app: TestApp
 /// next answer (`Connection: close`), and a stop closes only connections
 /// quiet for a second.
 async fn a_stop_answers_every_request_busy_kept_alive_clients_send(app: TestApp) {
-    use tokio::io::AsyncWriteExt as _;
     let mut serve = ServeProcess::start(&app.database_url, &["--no-jobs", "--shutdown-grace", "10"], &[]).await;
     let address = serve.socket_addr();
     let mut busy = Vec::new();
+    let never = Arc::new(std::sync::atomic::AtomicBool::new(false));
     for _ in 0..4 {
-        let mut client = tokio::net::TcpStream::connect(address).await.unwrap();
-        busy.push(tokio::spawn(async move {
-            // Requests one after another on one connection, 20 ms apart
-            // (the stop most likely comes between two), until an answer
-            // says it closes it; returns how many were answered.
-            for answered in 1.. {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                client.write_all(HEALTH).await.expect("a request is sent");
-                let answer = read_until_it_holds(&mut client, "\r\n\r\n", Duration::from_secs(5)).await;
-                assert!(
-                    answer.starts_with("HTTP/1.1 "),
-                    "request {answered} was sent and never answered: {answer:?}"
-                );
-                if answer.to_ascii_lowercase().contains("connection: close") {
-                    return answered;
-                }
-            }
-            unreachable!()
-        }));
+        let client = tokio::net::TcpStream::connect(address).await.unwrap();
+        // 20 ms apart: the stop most likely comes between two requests.
+        busy.push(tokio::spawn(ask_back_to_back(
+            client,
+            Duration::from_millis(20),
+            never.clone(),
+        )));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let asked = Instant::now();
-    serve.terminate();
+    stop_within(&mut serve, Duration::from_secs(5)).await;
     for client in busy {
         let answered = client.await.unwrap();
-        assert!(answered > 1, "{answered}");
+        assert!(answered.is_some_and(|answered| answered > 1), "{answered:?}");
     }
-    let status = serve.wait_for_exit(Duration::from_secs(15)).await;
-    assert!(status.success(), "{status:?}: {}", serve.stderr());
-    assert!(
-        asked.elapsed() < Duration::from_secs(5),
-        "stopped after {:?}",
-        asked.elapsed()
-    );
+}
+
+/// Sends [`HEALTH`] on `client` request after request, `pause` before each,
+/// asserting that each is answered, until an answer says it closes the
+/// connection (returns how many were answered) or `done` is set (None).
+async fn ask_back_to_back(
+    mut client: tokio::net::TcpStream,
+    pause: Duration,
+    done: Arc<std::sync::atomic::AtomicBool>,
+) -> Option<usize> {
+    use tokio::io::AsyncWriteExt as _;
+    for answered in 1.. {
+        if done.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        tokio::time::sleep(pause).await;
+        client.write_all(HEALTH).await.expect("a request is sent");
+        let answer = read_until_it_holds(&mut client, "\r\n\r\n", Duration::from_secs(5)).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 "),
+            "request {answered} was sent and never answered: {answer:?}"
+        );
+        if answer.to_ascii_lowercase().contains("connection: close") {
+            return Some(answered);
+        }
+    }
+    unreachable!("an unbounded range")
 }
 
 /// A stop closes a kept-alive connection with nothing to do, and one that
@@ -316,16 +309,7 @@ async fn a_stop_closes_quiet_connections_without_waiting_for_the_grace(app: Test
     let answer = read_until_it_holds(&mut kept_alive, "\r\n\r\n", Duration::from_secs(5)).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
     let mut silent = tokio::net::TcpStream::connect(address).await.unwrap();
-    let asked = Instant::now();
-    serve.terminate();
-    let status = serve.wait_for_exit(Duration::from_secs(30)).await;
-    let took = asked.elapsed();
-    assert!(status.success(), "{status:?}: {}", serve.stderr());
-    assert!(
-        took < Duration::from_secs(5),
-        "stopped after {took:?}: {}",
-        serve.stderr()
-    );
+    stop_within(&mut serve, Duration::from_secs(5)).await;
     assert!(!serve.stderr().contains("stopping without them"), "{}", serve.stderr());
     for stream in [&mut kept_alive, &mut silent] {
         let (answer, closed) = read_until_closed(stream, Duration::from_secs(1)).await;
@@ -867,12 +851,7 @@ async fn a_hangup_is_ignored_and_a_client_that_never_finishes_cannot_hold_the_sh
         "{}",
         serve.stderr()
     );
-    let asked = Instant::now();
-    serve.terminate();
-    let status = serve.wait_for_exit(Duration::from_secs(15)).await;
-    let took = asked.elapsed();
-    assert!(status.success(), "{status:?}: {}", serve.stderr());
-    assert!(took < Duration::from_secs(8), "stopped after {took:?}");
+    stop_within(&mut serve, Duration::from_secs(8)).await;
     assert!(serve.stderr().contains("stopping without them"), "{}", serve.stderr());
     drop(slow);
 }
