@@ -181,8 +181,8 @@ async fn a_client_past_max_connections_waits_until_one_closes_then_is_served(app
     let metrics = read_until_it_holds(&mut third, "# EOF", Duration::from_secs(5)).await;
     assert_eq!(metric(&metrics, "tally_http_connections_open"), Some(2), "{metrics}");
 
-    // Waiting for a slot does not hold up a stop: the idle connections are
-    // closed at once and the process ends (review BN: a mutant that waited
+    // Waiting for a slot does not hold up a stop: the quiet connections are
+    // closed and the process ends (review BN: a mutant that waited
     // for a slot before looking at the stop went untested). A fourth client
     // puts the server back to waiting for a slot.
     let _fourth = tokio::net::TcpStream::connect(address).await.unwrap();
