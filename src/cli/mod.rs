@@ -84,8 +84,9 @@ pub enum Command {
               allow_negative_numbers = true, value_parser = app::parse_read_timeout)]
         read_timeout: u64,
         /// Connections to hold open at once; more wait until one closes (for each, the next answer closes
-        /// its connection, or one kept alive and idle for a second is closed). The open-file limit is raised
-        /// to fit them, or the number lowered to fit it (with a warning).
+        /// its connection, or one quiet for a second, kept alive and idle or silent since it was accepted,
+        /// is closed). The open-file limit is raised to fit them, or the number lowered to fit it (with a
+        /// warning).
         #[arg(long, env = "TALLY_MAX_CONNECTIONS", default_value_t = app::DEFAULT_MAX_CONNECTIONS,
               allow_negative_numbers = true, value_parser = app::parse_max_connections)]
         max_connections: usize,
