@@ -199,7 +199,8 @@ impl Server {
     /// client that never sends the rest of its body must not keep the
     /// process from stopping. Each connection closes after its next answer
     /// or once quiet for a second ([`open_connections`]), whichever comes
-    /// first.
+    /// first. The clients already waiting (held at the cap, or queued by the
+    /// kernel) are taken and answered too, within the grace.
     ///
     /// Served through hyper rather than `axum::serve`, which gives hyper no
     /// timer: without one a connection that sends its head a byte at a time,
@@ -222,16 +223,40 @@ impl Server {
         let mut shutdown = std::pin::pin!(shutdown);
         let slots = Arc::new(tokio::sync::Semaphore::new(self.max_connections));
         let mut warned_full_at: Option<std::time::Instant> = None;
+        // When the stop was asked for; the grace counts from it.
+        let mut stop_asked: Option<tokio::time::Instant> = None;
         'serving: loop {
-            let (stream, peer) = tokio::select! {
-                accepted = self.listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(error) => {
-                        wait_after_accept_error(&error).await;
+            let (stream, peer) = match stop_asked {
+                None => tokio::select! {
+                    accepted = self.listener.accept() => match accepted {
+                        Ok(accepted) => accepted,
+                        Err(error) => {
+                            wait_after_accept_error(&error).await;
+                            continue;
+                        }
+                    },
+                    () = &mut shutdown => {
+                        stop_asked = Some(tokio::time::Instant::now());
+                        service.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
                         continue;
                     }
                 },
-                () = &mut shutdown => break,
+                // Stopping: the clients the kernel has queued already, which
+                // may have sent a request, are taken and answered (with
+                // `Connection: close`) rather than reset with the listener
+                // (review BT); the listener closes once none is waiting.
+                // Unconstrained: a task out of its cooperative budget would
+                // see none waiting.
+                Some(_) => match tokio::time::timeout(
+                    std::time::Duration::ZERO,
+                    tokio::task::unconstrained(self.listener.accept()),
+                )
+                .await
+                {
+                    Ok(Ok(accepted)) => accepted,
+                    Ok(Err(error)) if is_one_connections_error(&error) => continue,
+                    Ok(Err(_)) | Err(_) => break,
+                },
             };
             // At the cap, the client just taken (one past it) waits for a
             // slot, and one connection is closed for it: a quiet one (kept
@@ -256,13 +281,22 @@ impl Server {
                             self.max_connections
                         );
                     }
-                    if !connections.close_one_quiet() {
+                    if stop_asked.is_none() && !connections.close_one_quiet() {
                         service.closes_owed.store(1, std::sync::atomic::Ordering::Relaxed);
                     }
                     let slot = loop {
+                        let grace_over = stop_asked.unwrap_or_else(tokio::time::Instant::now) + self.grace;
                         tokio::select! {
                             slot = slots.clone().acquire_owned() => break slot.expect("the semaphore is never closed"),
-                            () = &mut shutdown => break 'serving,
+                            // A stop while a client waits: it waits on, for
+                            // a slot the stop frees (every answer closes its
+                            // connection, quiet ones are closed), within the
+                            // grace; it was reset before (review BT).
+                            () = &mut shutdown, if stop_asked.is_none() => {
+                                stop_asked = Some(tokio::time::Instant::now());
+                                service.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            () = tokio::time::sleep_until(grace_over), if stop_asked.is_some() => break 'serving,
                             // Still no slot a quarter second on. Connections
                             // quiet for less than a second when the client
                             // came may have no next answer to close them (a
@@ -279,7 +313,9 @@ impl Server {
                             // first is slow to go (half a head, a long answer
                             // to a slow reader).
                             () = tokio::time::sleep(open_connections::IDLE_BEFORE_CLOSING / 4) => {
-                                if connections.close_one_quiet() {
+                                if stop_asked.is_some() {
+                                    connections.close_quiet();
+                                } else if connections.close_one_quiet() {
                                     service.closes_owed.store(0, std::sync::atomic::Ordering::Relaxed);
                                 }
                             }
@@ -335,11 +371,11 @@ impl Server {
         }
         drop(self.listener);
         let grace = self.grace;
-        // From here every answer closes its connection; connections quiet
-        // for a second are closed, looked for again as they age. Closing
-        // every one at once dropped the request a client sending back to
-        // back had just sent (review BS).
-        service.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
+        let stop_asked = stop_asked.unwrap_or_else(tokio::time::Instant::now);
+        // Since the stop every answer closes its connection; connections
+        // quiet for a second are closed, looked for again as they age.
+        // Closing every one at once dropped the request a client sending
+        // back to back had just sent (review BS).
         let finished = async {
             // Every connection has closed once every slot is back.
             let every_slot = slots.acquire_many(u32::try_from(self.max_connections).unwrap_or(u32::MAX));
@@ -357,7 +393,7 @@ impl Server {
             // and a write a client may retry would be lost.
             let _every_place = service.running.acquire_many(places_for(self.max_connections)).await;
         };
-        if tokio::time::timeout(grace, finished).await.is_err() {
+        if tokio::time::timeout_at(stop_asked + grace, finished).await.is_err() {
             tracing::warn!(
                 grace_seconds = grace.as_secs(),
                 "requests still in flight {} s after the stop request; stopping without them",
@@ -498,15 +534,21 @@ fn take_one_owed(closes_owed: &std::sync::atomic::AtomicUsize) -> bool {
 /// the error is logged and the loop pauses a second, as `axum::serve` does,
 /// rather than spin.
 async fn wait_after_accept_error(error: &std::io::Error) {
-    use std::io::ErrorKind;
-    if matches!(
-        error.kind(),
-        ErrorKind::ConnectionRefused | ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset
-    ) {
+    if is_one_connections_error(error) {
         return;
     }
     tracing::error!(error = %error, "cannot accept a connection: {error}; trying again in 1 s");
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+}
+
+/// Whether a failed accept failed for that one connection (reset before it
+/// was taken), not for the listener.
+fn is_one_connections_error(error: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        error.kind(),
+        ErrorKind::ConnectionRefused | ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset
+    )
 }
 
 #[cfg(test)]

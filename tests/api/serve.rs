@@ -24,6 +24,8 @@ both!(
     a_silent_connection_at_the_cap_is_closed_for_a_waiting_client,
     a_connection_is_quiet_from_its_accept_not_from_the_servers_start,
     a_half_sent_first_head_at_the_cap_does_not_keep_a_waiting_client_out,
+    a_stop_answers_the_clients_waiting_at_the_cap_and_in_the_listen_queue,
+    a_client_waiting_at_the_cap_cannot_hold_a_stop_past_the_grace,
     a_connection_writing_a_large_answer_is_not_taken_for_idle,
     serve_goes_on_when_its_log_lines_cannot_be_written,
     a_stop_answers_every_request_busy_kept_alive_clients_send,
@@ -292,6 +294,85 @@ async fn ask_back_to_back(
         }
     }
     unreachable!("an unbounded range")
+}
+
+/// Review BT: at a stop, the client held at the cap and the clients the
+/// kernel had queued were reset, though each had sent its request. They are
+/// now taken and answered (with `Connection: close`) as the stop frees
+/// slots, within the grace.
+async fn a_stop_answers_the_clients_waiting_at_the_cap_and_in_the_listen_queue(app: TestApp) {
+    use tokio::io::AsyncWriteExt as _;
+    let mut serve = ServeProcess::start(
+        &app.database_url,
+        &[
+            "--no-jobs",
+            "--max-connections",
+            "1",
+            "--read-timeout",
+            "2",
+            "--shutdown-grace",
+            "15",
+        ],
+        &[],
+    )
+    .await;
+    let address = serve.socket_addr();
+    // Holds the one slot until the read timeout: hyper waits for the rest
+    // of a head, even at a stop.
+    let mut half = tokio::net::TcpStream::connect(address).await.unwrap();
+    half.write_all(&HEALTH[..20]).await.unwrap();
+    let mut waiting = Vec::new();
+    for _ in 0..3 {
+        let mut client = tokio::net::TcpStream::connect(address).await.unwrap();
+        client.write_all(HEALTH).await.unwrap();
+        waiting.push(client);
+    }
+    // The first is held at the cap, the others in the listen queue.
+    let full = serve
+        .wait_for_stderr("at the cap of 1 open connections", Duration::from_secs(10))
+        .await;
+    assert!(full.is_some(), "{}", serve.stderr());
+    stop_within(&mut serve, Duration::from_secs(8)).await;
+    for (number, client) in waiting.iter_mut().enumerate() {
+        let answer = read_until_it_holds(client, "\r\n\r\n", Duration::from_secs(1)).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.to_ascii_lowercase().contains("connection: close"),
+            "waiting client {number}: {answer:?}"
+        );
+    }
+    assert!(!serve.stderr().contains("stopping without them"), "{}", serve.stderr());
+    drop(half);
+}
+
+/// A client held at the cap through a stop waits for a slot within the
+/// grace only: here the slot's holder keeps it for the 60 s read timeout.
+async fn a_client_waiting_at_the_cap_cannot_hold_a_stop_past_the_grace(app: TestApp) {
+    use tokio::io::AsyncWriteExt as _;
+    let mut serve = ServeProcess::start(
+        &app.database_url,
+        &[
+            "--no-jobs",
+            "--max-connections",
+            "1",
+            "--read-timeout",
+            "60",
+            "--shutdown-grace",
+            "1",
+        ],
+        &[],
+    )
+    .await;
+    let address = serve.socket_addr();
+    let mut half = tokio::net::TcpStream::connect(address).await.unwrap();
+    half.write_all(&HEALTH[..20]).await.unwrap();
+    let mut held = tokio::net::TcpStream::connect(address).await.unwrap();
+    held.write_all(HEALTH).await.unwrap();
+    let full = serve
+        .wait_for_stderr("at the cap of 1 open connections", Duration::from_secs(10))
+        .await;
+    assert!(full.is_some(), "{}", serve.stderr());
+    stop_within(&mut serve, Duration::from_secs(5)).await;
+    assert!(serve.stderr().contains("stopping without them"), "{}", serve.stderr());
 }
 
 /// A stop closes a kept-alive connection with nothing to do, and one that
