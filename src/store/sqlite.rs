@@ -274,8 +274,16 @@ impl SqliteStore {
             writer_pool = writer_pool.min_connections(1).idle_timeout(None).max_lifetime(None);
         }
         let writer = writer_pool.connect_with(writer_options.clone()).await?;
-        if file.is_some() {
-            refuse_an_unrecognised_in_memory_database(&writer, url).await?;
+        if let Some(file) = &file
+            && let Err(refused) = refuse_an_unrecognised_in_memory_database(&writer, url).await
+        {
+            // SQLite wrote no file: leave no lock file for one either.
+            if !file.exists()
+                && let Ok(lock) = lock_path_of(file)
+            {
+                let _ = std::fs::remove_file(lock);
+            }
+            return Err(refused);
         }
         // A second rollup of this process waits for the batch in flight,
         // which may be a large one while catching up.

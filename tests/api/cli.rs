@@ -1525,6 +1525,8 @@ async fn reads_of_a_database_that_is_not_there_fail_and_create_nothing(app: Test
             assert!(said.contains(says), "{url}: {said}");
             assert!(!said.contains("folder must exist"), "{url}: {said}");
         }
+        // Nor is a lock file left for the in-memory one, which has no file.
+        assert!(!dir.path().join("memdb-typo.tally-lock").exists());
         // A folder whose name merely contains `mode=memory` holds a file.
         let odd = dir.path().join("part=mode=memory");
         std::fs::create_dir(&odd).unwrap();
