@@ -246,7 +246,9 @@ impl Server {
                 // `Connection: close`) rather than reset with the listener
                 // (review BT); the listener closes once none is waiting.
                 // Unconstrained: a task out of its cooperative budget would
-                // see none waiting.
+                // see none waiting. Within the grace only: clients that keep
+                // coming would keep the queue from ever being empty.
+                Some(asked) if tokio::time::Instant::now() >= asked + self.grace => break,
                 Some(_) => match tokio::time::timeout(
                     std::time::Duration::ZERO,
                     tokio::task::unconstrained(self.listener.accept()),
