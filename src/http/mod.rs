@@ -7,11 +7,11 @@ pub mod connection;
 pub mod entries;
 pub mod error;
 pub mod extract;
-pub mod listen_queue;
 pub mod open_connections;
 pub mod operations;
 pub mod params;
 pub mod quota;
+pub mod stop_accepting;
 pub mod timeseries;
 
 use std::net::SocketAddr;
@@ -163,33 +163,6 @@ pub struct Server {
 /// `--max-connections` allows: once per stretch of load, not once per client.
 const FULL_WARNING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// How long a stop takes new clients from the listener when the system does
-/// not say how many were queued at the signal ([`listen_queue::waiting`]).
-const DRAIN_WITHOUT_A_COUNT: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// A stop in progress.
-struct Stopping {
-    /// When it was asked for; the grace counts from it.
-    asked: tokio::time::Instant,
-    /// How many of the clients queued at the signal are still to be taken;
-    /// None when the system does not say.
-    queued_left: Option<u64>,
-}
-
-impl Stopping {
-    /// Whether the stop has taken the clients it owes an answer: those
-    /// queued at the signal, or (their count unknown) those that came within
-    /// [`DRAIN_WITHOUT_A_COUNT`]. Clients that keep coming, reconnecting
-    /// after each `Connection: close`, are not owed one (review BV: at the
-    /// cap they kept a stop serving for its whole grace).
-    fn has_taken_the_queued(&self) -> bool {
-        match self.queued_left {
-            Some(left) => left == 0,
-            None => self.asked.elapsed() >= DRAIN_WITHOUT_A_COUNT,
-        }
-    }
-}
-
 impl Server {
     /// Binds `listen` (port 0 picks a free port), to serve at most
     /// `max_connections` at once (fewer when the open-file limit cannot
@@ -223,16 +196,16 @@ impl Server {
     }
 
     /// Begins the stop: from now on every answer closes its connection, and
-    /// the clients the listener holds queued are the ones still to be taken.
-    fn stop(&self, service: &RunToCompletion) -> Stopping {
+    /// new clients are kept out of the listener's queue, so that the ones in
+    /// it can be taken to the last ([`stop_accepting`]). Returns when the
+    /// stop was asked for; the grace counts from it.
+    fn stop(&self, service: &RunToCompletion) -> tokio::time::Instant {
         let asked = tokio::time::Instant::now();
         service.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
-        let queued_left = listen_queue::waiting(&self.listener);
-        match queued_left {
-            Some(queued) => tracing::debug!(queued, "stopping: {queued} clients queued are taken and answered"),
-            None => tracing::debug!("stopping: clients are taken and answered for a second"),
+        if stop_accepting::refuse_new_clients(&self.listener) {
+            tracing::debug!("stopping: new clients are kept out; the queued ones are taken and answered");
         }
-        Stopping { asked, queued_left }
+        asked
     }
 
     /// Serves until `shutdown` resolves, then finishes requests in flight,
@@ -242,7 +215,7 @@ impl Server {
     /// or once quiet for a second ([`open_connections`]), whichever comes
     /// first. The clients already waiting at the signal (held at the cap, or
     /// queued by the kernel) are taken and answered too, within the grace;
-    /// later ones are refused.
+    /// later ones are refused ([`stop_accepting`]).
     ///
     /// Served through hyper rather than `axum::serve`, which gives hyper no
     /// timer: without one a connection that sends its head a byte at a time,
@@ -265,9 +238,10 @@ impl Server {
         let mut shutdown = std::pin::pin!(shutdown);
         let slots = Arc::new(tokio::sync::Semaphore::new(self.max_connections));
         let mut warned_full_at: Option<std::time::Instant> = None;
-        let mut stopping: Option<Stopping> = None;
+        // When the stop was asked for; the grace counts from it.
+        let mut stop_asked: Option<tokio::time::Instant> = None;
         'serving: loop {
-            let (stream, peer) = match &mut stopping {
+            let (stream, peer) = match stop_asked {
                 None => tokio::select! {
                     accepted = self.listener.accept() => match accepted {
                         Ok(accepted) => accepted,
@@ -277,32 +251,27 @@ impl Server {
                         }
                     },
                     () = &mut shutdown => {
-                        stopping = Some(self.stop(&service));
+                        stop_asked = Some(self.stop(&service));
                         continue;
                     }
                 },
                 // Stopping: the clients the kernel had queued at the signal,
                 // which may have sent a request, are taken and answered (with
                 // `Connection: close`) rather than reset with the listener
-                // (review BT); the listener closes once they are taken, or
-                // none is waiting, or the grace is over. Unconstrained: a
-                // task out of its cooperative budget would see none waiting.
-                Some(stop) => {
-                    if stop.has_taken_the_queued() || stop.asked.elapsed() >= self.grace {
+                // (review BT); it closes once none is waiting (no new one
+                // can join: `stop`) or the grace is over.
+                Some(asked) => {
+                    if asked.elapsed() >= self.grace {
                         break;
                     }
-                    let accepted = tokio::time::timeout(
-                        std::time::Duration::ZERO,
-                        tokio::task::unconstrained(self.listener.accept()),
-                    )
-                    .await;
-                    if let (Ok(_), Some(left)) = (&accepted, stop.queued_left.as_mut()) {
-                        *left = left.saturating_sub(1);
-                    }
-                    match accepted {
-                        Ok(Ok(accepted)) => accepted,
-                        Ok(Err(error)) if is_one_connections_error(&error) => continue,
-                        Ok(Err(_)) | Err(_) => break,
+                    match stop_accepting::take_waiting(&self.listener) {
+                        Ok(Some(accepted)) => accepted,
+                        Ok(None) => break,
+                        Err(error) if is_one_connections_error(&error) => continue,
+                        Err(error) => {
+                            tracing::debug!(error = %error, "stopping: cannot take the next queued client: {error}");
+                            break;
+                        }
                     }
                 }
             };
@@ -329,22 +298,19 @@ impl Server {
                             self.max_connections
                         );
                     }
-                    if stopping.is_none() && !connections.close_one_quiet() {
+                    if stop_asked.is_none() && !connections.close_one_quiet() {
                         service.closes_owed.store(1, std::sync::atomic::Ordering::Relaxed);
                     }
                     let slot = loop {
-                        let grace_over = stopping
-                            .as_ref()
-                            .map_or_else(tokio::time::Instant::now, |stop| stop.asked)
-                            + self.grace;
+                        let grace_over = stop_asked.unwrap_or_else(tokio::time::Instant::now) + self.grace;
                         tokio::select! {
                             slot = slots.clone().acquire_owned() => break slot.expect("the semaphore is never closed"),
                             // A stop while a client waits: it waits on, for
                             // a slot the stop frees (every answer closes its
                             // connection, quiet ones are closed), within the
                             // grace; it was reset before (review BT).
-                            () = &mut shutdown, if stopping.is_none() => stopping = Some(self.stop(&service)),
-                            () = tokio::time::sleep_until(grace_over), if stopping.is_some() => break 'serving,
+                            () = &mut shutdown, if stop_asked.is_none() => stop_asked = Some(self.stop(&service)),
+                            () = tokio::time::sleep_until(grace_over), if stop_asked.is_some() => break 'serving,
                             // Still no slot a quarter second on. Connections
                             // quiet for less than a second when the client
                             // came may have no next answer to close them (a
@@ -361,7 +327,7 @@ impl Server {
                             // first is slow to go (half a head, a long answer
                             // to a slow reader).
                             () = tokio::time::sleep(open_connections::IDLE_BEFORE_CLOSING / 4) => {
-                                if stopping.is_some() {
+                                if stop_asked.is_some() {
                                     connections.close_quiet();
                                 } else if connections.close_one_quiet() {
                                     service.closes_owed.store(0, std::sync::atomic::Ordering::Relaxed);
@@ -419,7 +385,7 @@ impl Server {
         }
         drop(self.listener);
         let grace = self.grace;
-        let stop_asked = stopping.map_or_else(tokio::time::Instant::now, |stop| stop.asked);
+        let stop_asked = stop_asked.unwrap_or_else(tokio::time::Instant::now);
         // Since the stop every answer closes its connection; connections
         // quiet for a second are closed, looked for again as they age.
         // Closing every one at once dropped the request a client sending
