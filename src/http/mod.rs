@@ -264,7 +264,19 @@ impl Server {
                     if asked.elapsed() >= self.grace {
                         break;
                     }
-                    match stop_accepting::take_waiting(&self.listener) {
+                    let taken = match stop_accepting::take_waiting(&self.listener) {
+                        // None queued now: a handshake under way at the
+                        // signal completes a round trip later (review BX).
+                        Ok(None) => {
+                            let until = asked + stop_accepting::HANDSHAKES_UNDER_WAY.min(self.grace);
+                            match tokio::time::timeout_at(until, self.listener.accept()).await {
+                                Ok(accepted) => accepted.map(Some),
+                                Err(_) => Ok(None),
+                            }
+                        }
+                        taken => taken,
+                    };
+                    match taken {
                         Ok(Some(accepted)) => accepted,
                         Ok(None) => break,
                         Err(error) if is_one_connections_error(&error) => continue,

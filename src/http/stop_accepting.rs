@@ -8,30 +8,34 @@
 //! the connection cap served them for its whole grace (review BV); counting
 //! the queue at the signal instead reset every client that joined while the
 //! counted ones were served, after it had sent its request (review BW). On
-//! Linux a socket filter that drops every packet shuts the door: a new
-//! client's SYN is dropped, so it never connects, and is refused once the
-//! listener closes; clients already queued are sockets of their own, which
-//! the filter does not reach.
+//! Linux a socket filter on the listener shuts the door: it drops a new
+//! client's SYN, so that client never connects, and is refused once the
+//! listener closes. It drops nothing else: a client whose handshake was
+//! under way at the signal has our SYN-ACK and may have sent its request
+//! with its ACK, and is let in (review BX: a filter dropping every packet
+//! reset it); clients already queued are sockets of their own, which the
+//! filter does not reach.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
+
+/// How long, from the signal, a stop waits for the handshakes under way at
+/// the signal to complete: a client's ACK comes a round trip after our
+/// SYN-ACK. A client further away than this is reset with the listener.
+pub const HANDSHAKES_UNDER_WAY: Duration = Duration::from_millis(250);
 
 /// Keeps new clients out of `listener`'s queue from now on; false where
 /// this system cannot (then clients that keep coming are taken until the
 /// queue is found empty or the grace is over).
 pub fn refuse_new_clients(listener: &TcpListener) -> bool {
     #[cfg(any(target_os = "linux", target_os = "android"))]
-    {
-        // Classic BPF, one instruction: `ret #0`, keep 0 bytes of every
-        // packet, i.e. drop it.
-        const DROP_EVERY_PACKET: socket2::SockFilter = socket2::SockFilter::new(0x06, 0, 0, 0);
-        match socket2::SockRef::from(listener).attach_filter(&[DROP_EVERY_PACKET]) {
-            Ok(()) => true,
-            Err(error) => {
-                tracing::warn!(error = %error, "cannot keep new clients out at the stop: {error}; clients that keep coming are served until the grace is over");
-                false
-            }
+    match drop_new_clients_first_segments(socket2::SockRef::from(listener)) {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::warn!(error = %error, "cannot keep new clients out at the stop: {error}; clients are taken until none is waiting or the grace is over");
+            false
         }
     }
     #[cfg(not(any(target_os = "linux", target_os = "android")))]
@@ -39,6 +43,24 @@ pub fn refuse_new_clients(listener: &TcpListener) -> bool {
         let _ = listener;
         false
     }
+}
+
+/// Attaches to `socket` a filter that drops every segment with SYN set and
+/// ACK clear, a new client's first, and keeps every other whole.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn drop_new_clients_first_segments(socket: socket2::SockRef<'_>) -> std::io::Result<()> {
+    use socket2::SockFilter;
+    const SYN: u32 = 0x02;
+    const ACK: u32 = 0x10;
+    // Classic BPF over the TCP header, where a TCP socket's filter starts.
+    const PROGRAM: [SockFilter; 5] = [
+        SockFilter::new(0x30, 0, 0, 13),        // ldb [13]: the flags byte
+        SockFilter::new(0x54, 0, 0, SYN | ACK), // and #(SYN | ACK)
+        SockFilter::new(0x15, 0, 1, SYN),       // jeq #SYN: next, else skip it
+        SockFilter::new(0x06, 0, 0, 0),         // ret #0: drop
+        SockFilter::new(0x06, 0, 0, u32::MAX),  // ret #-1: keep all
+    ];
+    socket.attach_filter(&PROGRAM)
 }
 
 /// The next client waiting in `listener`'s queue, or None when none is.
@@ -73,12 +95,14 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let mut queued = Vec::new();
-        for number in 0..3u8 {
-            let mut client = TcpStream::connect(address).await.unwrap();
-            client.write_all(&[number]).await.unwrap();
-            queued.push(client);
+        for _ in 0..3u8 {
+            queued.push(TcpStream::connect(address).await.unwrap());
         }
         let door_shut = refuse_new_clients(&listener);
+        // Sent after the door shut: a queued client's request gets through.
+        for (number, client) in (0u8..).zip(&mut queued) {
+            client.write_all(&[number]).await.unwrap();
+        }
         let late = tokio::spawn(async move { TcpStream::connect(address).await });
         // A late client's SYN is dropped: it is not connected, nor queued.
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -102,6 +126,28 @@ mod tests {
                 .unwrap();
             assert_eq!(refused.unwrap_err().kind(), std::io::ErrorKind::ConnectionRefused);
         }
+    }
+
+    /// The other half of the filter: what a client sends once connected
+    /// (every segment with ACK set) gets through. A client whose handshake
+    /// was under way at the signal becomes a socket under the listener's
+    /// filter; one dropping every packet reset it (review BX). Loopback
+    /// cannot hold a handshake half done, so the filter is tried on a
+    /// connected socket instead.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    #[tokio::test]
+    async fn the_filter_lets_through_what_a_connected_client_sends() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (mut server_side, _) = listener.accept().await.unwrap();
+        drop_new_clients_first_segments(socket2::SockRef::from(&server_side)).unwrap();
+        client.write_all(b"GET").await.unwrap();
+        let mut sent = [0u8; 3];
+        tokio::time::timeout(Duration::from_secs(5), server_side.read_exact(&mut sent))
+            .await
+            .expect("the client's bytes within 5 s")
+            .unwrap();
+        assert_eq!(&sent, b"GET");
     }
 
     #[tokio::test]
