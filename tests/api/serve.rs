@@ -298,42 +298,58 @@ async fn ask_back_to_back(
     unreachable!("an unbounded range")
 }
 
-/// Review BT: at a stop, the client held at the cap and the clients the
-/// kernel had queued were reset, though each had sent its request. They are
-/// now taken and answered (with `Connection: close`) as the stop frees
-/// slots, within the grace.
-async fn a_stop_answers_the_clients_waiting_at_the_cap_and_in_the_listen_queue(app: TestApp) {
-    use tokio::io::AsyncWriteExt as _;
-    let mut serve = ServeProcess::start(
+/// Starts `serve` with one connection slot, a read timeout of
+/// `read_timeout` seconds and a grace of `grace`.
+async fn serve_with_one_slot(app: &TestApp, read_timeout: u64, grace: u64) -> ServeProcess {
+    let (read_timeout, grace) = (read_timeout.to_string(), grace.to_string());
+    ServeProcess::start(
         &app.database_url,
         &[
             "--no-jobs",
             "--max-connections",
             "1",
             "--read-timeout",
-            "2",
+            &read_timeout,
             "--shutdown-grace",
-            "15",
+            &grace,
         ],
         &[],
     )
-    .await;
+    .await
+}
+
+/// A client that has sent [`HEALTH`] to `serve` (started by
+/// [`serve_with_one_slot`], its slot taken) and is held at the cap.
+async fn hold_a_client_at_the_cap(serve: &mut ServeProcess) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt as _;
+    let mut held = tokio::net::TcpStream::connect(serve.socket_addr()).await.unwrap();
+    held.write_all(HEALTH).await.unwrap();
+    let full = serve
+        .wait_for_stderr("at the cap of 1 open connections", Duration::from_secs(10))
+        .await;
+    assert!(full.is_some(), "{}", serve.stderr());
+    held
+}
+
+/// Review BT: at a stop, the client held at the cap and the clients the
+/// kernel had queued were reset, though each had sent its request. They are
+/// now taken and answered (with `Connection: close`) as the stop frees
+/// slots, within the grace.
+async fn a_stop_answers_the_clients_waiting_at_the_cap_and_in_the_listen_queue(app: TestApp) {
+    use tokio::io::AsyncWriteExt as _;
+    let mut serve = serve_with_one_slot(&app, 2, 15).await;
     let address = serve.socket_addr();
     // Holds the one slot until the read timeout: hyper waits for the rest
     // of a head, even at a stop.
     let mut half = tokio::net::TcpStream::connect(address).await.unwrap();
     half.write_all(&HEALTH[..20]).await.unwrap();
-    let mut waiting = Vec::new();
-    for _ in 0..3 {
+    // The first is held at the cap, the others in the listen queue.
+    let mut waiting = vec![hold_a_client_at_the_cap(&mut serve).await];
+    for _ in 0..2 {
         let mut client = tokio::net::TcpStream::connect(address).await.unwrap();
         client.write_all(HEALTH).await.unwrap();
         waiting.push(client);
     }
-    // The first is held at the cap, the others in the listen queue.
-    let full = serve
-        .wait_for_stderr("at the cap of 1 open connections", Duration::from_secs(10))
-        .await;
-    assert!(full.is_some(), "{}", serve.stderr());
     stop_within(&mut serve, Duration::from_secs(8)).await;
     for (number, client) in waiting.iter_mut().enumerate() {
         let answer = read_until_it_holds(client, "\r\n\r\n", Duration::from_secs(1)).await;
@@ -426,31 +442,13 @@ async fn a_stop_does_not_serve_clients_that_keep_reconnecting_until_its_grace_is
 /// quiet connections while the client waited.
 async fn a_stop_closes_an_idle_connection_for_the_client_waiting_at_the_cap(app: TestApp) {
     use tokio::io::AsyncWriteExt as _;
-    let mut serve = ServeProcess::start(
-        &app.database_url,
-        &[
-            "--no-jobs",
-            "--max-connections",
-            "1",
-            "--read-timeout",
-            "60",
-            "--shutdown-grace",
-            "20",
-        ],
-        &[],
-    )
-    .await;
+    let mut serve = serve_with_one_slot(&app, 60, 20).await;
     let address = serve.socket_addr();
     let mut idle = tokio::net::TcpStream::connect(address).await.unwrap();
     idle.write_all(HEALTH).await.unwrap();
     let answer = read_until_it_holds(&mut idle, "\r\n\r\n", Duration::from_secs(5)).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
-    let mut held = tokio::net::TcpStream::connect(address).await.unwrap();
-    held.write_all(HEALTH).await.unwrap();
-    let full = serve
-        .wait_for_stderr("at the cap of 1 open connections", Duration::from_secs(10))
-        .await;
-    assert!(full.is_some(), "{}", serve.stderr());
+    let mut held = hold_a_client_at_the_cap(&mut serve).await;
     // Before the idle one has been quiet a second: the stop must close it.
     let asked = Instant::now();
     serve.terminate();
@@ -470,29 +468,11 @@ async fn a_stop_closes_an_idle_connection_for_the_client_waiting_at_the_cap(app:
 /// grace only: here the slot's holder keeps it for the 60 s read timeout.
 async fn a_client_waiting_at_the_cap_cannot_hold_a_stop_past_the_grace(app: TestApp) {
     use tokio::io::AsyncWriteExt as _;
-    let mut serve = ServeProcess::start(
-        &app.database_url,
-        &[
-            "--no-jobs",
-            "--max-connections",
-            "1",
-            "--read-timeout",
-            "60",
-            "--shutdown-grace",
-            "2",
-        ],
-        &[],
-    )
-    .await;
+    let mut serve = serve_with_one_slot(&app, 60, 2).await;
     let address = serve.socket_addr();
     let mut half = tokio::net::TcpStream::connect(address).await.unwrap();
     half.write_all(&HEALTH[..20]).await.unwrap();
-    let mut held = tokio::net::TcpStream::connect(address).await.unwrap();
-    held.write_all(HEALTH).await.unwrap();
-    let full = serve
-        .wait_for_stderr("at the cap of 1 open connections", Duration::from_secs(10))
-        .await;
-    assert!(full.is_some(), "{}", serve.stderr());
+    let _held = hold_a_client_at_the_cap(&mut serve).await;
     // Within the grace counted from the signal, not a second grace after
     // the wait for a slot (review BV: 6 s for a grace of 3).
     stop_within(&mut serve, Duration::from_secs(3)).await;
