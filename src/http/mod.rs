@@ -258,8 +258,9 @@ impl Server {
                 // Stopping: the clients the kernel had queued at the signal,
                 // which may have sent a request, are taken and answered (with
                 // `Connection: close`) rather than reset with the listener
-                // (review BT); it closes once none is waiting (no new one
-                // can join: `stop`) or the grace is over.
+                // (review BT); it closes once none is waiting and the
+                // handshakes under way at the signal have had a quarter
+                // second (no new one can join: `stop`), or the grace is over.
                 Some(asked) => {
                     if asked.elapsed() >= self.grace {
                         break;
