@@ -268,6 +268,8 @@ impl Server {
                     let taken = match stop_accepting::take_waiting(&self.listener) {
                         // None queued now: a handshake under way at the
                         // signal completes a round trip later (review BX).
+                        // tokio's accept serves here: it waits for the
+                        // next readiness event, which such a client raises.
                         Ok(None) => {
                             let until = asked + stop_accepting::HANDSHAKES_UNDER_WAY.min(self.grace);
                             match tokio::time::timeout_at(until, self.listener.accept()).await {

@@ -28,7 +28,7 @@ pub const HANDSHAKES_UNDER_WAY: Duration = Duration::from_millis(250);
 
 /// Keeps new clients out of `listener`'s queue from now on; false where
 /// this system cannot (then clients that keep coming are taken until the
-/// queue is found empty or the grace is over).
+/// queue is found empty after [`HANDSHAKES_UNDER_WAY`], or the grace is over).
 pub fn refuse_new_clients(listener: &TcpListener) -> bool {
     #[cfg(any(target_os = "linux", target_os = "android"))]
     match drop_new_clients_first_segments(socket2::SockRef::from(listener)) {
@@ -84,8 +84,6 @@ pub fn take_waiting(listener: &TcpListener) -> std::io::Result<Option<(TcpStream
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     use super::*;
