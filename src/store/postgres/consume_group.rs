@@ -39,6 +39,8 @@ use crate::domain::NewEntry;
 /// 3 against 2 (fsync on, 2026-12-02): spread within noise, hot worse
 /// (docs/performance.md, "Fifth session"). With shares ([`gather_share`]),
 /// 3 and 4 workers were worse than 2 on both (fsync on, "Sixth session").
+/// One worker against two after migration 0008 (fsync on, 2026-12-07):
+/// no gain at 16 callers, 9–20 % less spread at 64 ("Thirty-seventh session").
 const WORKERS: usize = 2;
 
 /// How many times a worker lets other tasks run before it takes its group.
